@@ -1,0 +1,159 @@
+"""Batched sampling with a KV cache: prefill each prompt once, fan it out to K samples.
+
+    python -m llama.generate --checkpoint DIR --tokenizer FILE --prompt "..." --samples K
+
+Prompts of different lengths are left-padded; pad slots get their own doc id so no real token
+attends to them (the model's row rule). Every row stops at its own stop token; finished rows are
+dropped from the batch as they accumulate, so long and short samples don't pay for each other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from llama.model import KVCache, Transformer
+
+PAD_DOC = 1  # doc id of left padding; real tokens are doc 0
+
+
+def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, generator=None) -> Tensor:
+    """logits (N, V) -> next token ids (N,). temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model: Transformer,
+    prompts: list[list[int]],
+    num_samples: int = 1,
+    max_new_tokens: int = 64,
+    stop_ids=(),
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    pad_id: int = 0,
+    generator: torch.Generator | None = None,
+) -> list[list[list[int]]]:
+    """-> out[p][k]: the tokens sampled for prompt p, sample k (ending with a stop id if one was hit)."""
+    if model.head != "lm":
+        raise ValueError("generate needs a model with the LM head")
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    device = model.tok_embeddings.weight.device
+    P, K, L = len(prompts), num_samples, max(len(p) for p in prompts)
+    if L + max_new_tokens > model.config.max_seq_len:
+        raise ValueError(
+            f"prompt ({L}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len {model.config.max_seq_len}"
+        )
+
+    tokens = torch.full((P, L), pad_id, dtype=torch.long)
+    doc = torch.full((P, L), PAD_DOC, dtype=torch.long)
+    positions = torch.zeros((P, L), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        tokens[i, L - len(p) :] = torch.tensor(p)
+        doc[i, L - len(p) :] = 0
+        positions[i, L - len(p) :] = torch.arange(len(p))
+    tokens, doc, positions = tokens.to(device), doc.to(device), positions.to(device)
+
+    # Prefill once per prompt, then fan the cache out to K rows per prompt.
+    cache = KVCache(model.config, P, L + max_new_tokens, dtype=model.tok_embeddings.weight.dtype, device=device)
+    h = model.trunk(tokens, positions, doc_ids=doc, cache=cache)[:, -1]  # (P, dim)
+    logits = F.linear(h, model.output_weight).repeat_interleave(K, dim=0)  # (P*K, V)
+    cache = cache.repeat_interleave(K)
+    next_pos = torch.tensor([len(p) for p in prompts], device=device).repeat_interleave(K)  # (P*K,)
+
+    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+    rows = torch.arange(P * K, device=device)  # original row of each live batch row
+    finished = torch.zeros(P * K, dtype=torch.bool, device=device)
+    out: list[list[int]] = [[] for _ in range(P * K)]
+    for _ in range(max_new_tokens):
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (N,)
+        for r, t, f in zip(rows.tolist(), nxt.tolist(), finished.tolist()):
+            if not f:
+                out[r].append(t)
+        finished |= torch.isin(nxt, stop)
+        if finished.all():
+            break
+        if finished.sum() * 4 >= len(rows):  # drop finished rows once they are a quarter of the batch
+            keep = (~finished).nonzero().squeeze(-1)
+            cache.select(keep)
+            rows, nxt, next_pos, finished = rows[keep], nxt[keep], next_pos[keep], finished[keep]
+        h = model.trunk(nxt[:, None], next_pos[:, None], cache=cache)  # (N, 1, dim)
+        logits = F.linear(h[:, -1], model.output_weight)
+        next_pos = next_pos + 1
+    return [out[p * K : (p + 1) * K] for p in range(P)]
+
+
+def main(argv=None):
+    from llama.chat import ChatFormat
+    from llama.checkpoint import load_model
+    from llama.config import get_preset
+    from llama.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", help="native, HF or Meta checkpoint directory")
+    ap.add_argument("--preset", help="a randomly initialized model of this preset instead of a checkpoint")
+    ap.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER))
+    ap.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
+    ap.add_argument("--samples", type=int, default=1)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.8)
+    ap.add_argument("--top-p", type=float, default=0.95)
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--raw", action="store_true", help="plain text prompt instead of a user turn")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+    if bool(args.checkpoint) == bool(args.preset):
+        ap.error("give exactly one of --checkpoint and --preset")
+
+    torch.manual_seed(args.seed)
+    tok = load_tokenizer(args.tokenizer)
+    if args.checkpoint:
+        model = load_model(args.checkpoint, device=args.device)
+    else:
+        model = Transformer(get_preset(args.preset)).to(args.device)
+    if model.config.vocab_size < tok.vocab_size:
+        raise SystemExit(
+            f"tokenizer {args.tokenizer} has {tok.vocab_size} ids, the model only {model.config.vocab_size}"
+        )
+    model.eval()
+    chat = ChatFormat(tok)
+    prompts = [
+        tok.encode(p, bos=True) if args.raw else chat.encode_dialog([{"role": "user", "content": p}], True).tokens
+        for p in args.prompt
+    ]
+    gen = torch.Generator(args.device).manual_seed(args.seed)
+    t0 = time.perf_counter()
+    out = generate(
+        model, prompts, args.samples, args.max_new_tokens, tok.stop_ids, args.temperature, args.top_k, args.top_p,
+        tok.pad_id, gen,
+    )  # fmt: skip
+    dt = time.perf_counter() - t0
+    n = sum(len(s) for samples in out for s in samples)
+    for prompt, samples in zip(args.prompt, out):
+        print(f"### {prompt!r}")
+        for k, s in enumerate(samples):
+            print(f"[{k}] {tok.decode([t for t in s if t not in tok.stop_ids])!r}")
+    print(f"{n} tokens in {dt:.2f}s ({n / dt:.0f} tokens/s)")
+
+
+if __name__ == "__main__":
+    main()

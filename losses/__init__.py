@@ -1,0 +1,1 @@
+"""losses: filled in by later issues."""

@@ -1,0 +1,25 @@
+from setuptools import setup
+
+setup(
+    name="llama-posttrain",
+    version="0.1.0",
+    description="Llama 3 style post-training (reward model, rejection sampling + SFT, DPO, averaging) in PyTorch",
+    python_requires=">=3.10",
+    packages=["llama", "losses", "data", "kernels", "train"],
+    package_data={"llama": ["assets/*"]},
+    install_requires=[
+        "torch>=2.6",
+        "numpy",
+        "sentencepiece",
+        "tiktoken",
+        "safetensors",
+        "einops",
+        "wandb",
+        "triton; platform_system == 'Linux'",
+        "pyyaml",
+    ],
+    extras_require={
+        # test-only references; never imported by the packages
+        "dev": ["pytest", "ruff", "transformers", "tokenizers", "jinja2", "trl"],
+    },
+)
