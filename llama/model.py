@@ -26,6 +26,8 @@ except ImportError:  # torch without FlexAttention: dense masks everywhere
     BlockMask = create_block_mask = flex_attention = None
 
 HEADS = ("lm", "reward")
+# How structured rows attend: "auto" = FlexAttention on CUDA, dense masks elsewhere.
+STRUCTURED_ATTENTION = "auto"  # "auto" | "flex" | "dense"
 
 
 # ----------------------------------------------------------------------------- RoPE
@@ -289,7 +291,8 @@ class Transformer(nn.Module):
         else:
             doc = torch.zeros_like(tokens) if doc_ids is None else doc_ids
             branch = torch.zeros_like(tokens) if branch_ids is None else branch_ids
-            if tokens.is_cuda and create_block_mask is not None:
+            use_flex = STRUCTURED_ATTENTION == "flex" or (STRUCTURED_ATTENTION == "auto" and tokens.is_cuda)
+            if use_flex and create_block_mask is not None:
                 mask = flex_block_mask(doc, branch)
             else:
                 mask = structure_mask(doc, branch, slots, doc, branch, slots)

@@ -181,15 +181,11 @@ class SentencePieceTokenizer(Tokenizer):
         self.path = Path(path)
         self.model = spm.SentencePieceProcessor(model_file=str(self.path))
         self.vocab_size = self.model.vocab_size()
-        self.special_tokens = {
-            self.model.id_to_piece(i): i
-            for i in range(self.vocab_size)
-            if self.model.is_control(i) or self.model.is_user_defined(i)
-        }
+        self.special_tokens = {self.model.id_to_piece(i): i for i in range(self.vocab_size) if self.model.is_control(i)}
         self.bos_id = self.model.bos_id()
         self.eos_id = self.model.eos_id()
-        named = [t for t in self.special_tokens if self.model.is_control(self.special_tokens[t]) and t.strip()]
-        self._special_re = re.compile("|".join(map(re.escape, sorted(named, key=len, reverse=True)))) if named else None
+        named = sorted((t for t in self.special_tokens if t), key=len, reverse=True)
+        self._special_re = re.compile("|".join(map(re.escape, named))) if named else None
 
     def _encode(self, text: str, allow_special: bool) -> list[int]:
         if not allow_special or self._special_re is None:

@@ -1,0 +1,136 @@
+"""Tokenizers against independent references: HF `tokenizers` on the real Llama 3 tokenizer.json,
+and the `sentencepiece` library on a trained model."""
+
+import json
+
+import pytest
+from tokenizers import Tokenizer as HFTokenizer
+
+from llama.tokenizer import DEFAULT_TOKENIZER, SentencePieceTokenizer, TiktokenTokenizer, load_tokenizer
+
+TEXTS = [
+    "Hello, world! The quick brown fox jumps over the lazy dog.",
+    "  leading spaces, trailing spaces   \n\n\tand tabs\r\nwindows line endings\n",
+    "Numbers: 1234567890 3.14159 -42 1e-5 0x1F 100,000,000",
+    "I'm sure you're right; they'll say we'd've DON'T it's",
+    "Ceci est une phrase en français, avec des accents: é è ê ë à ç œ.",
+    "Dies ist ein deutscher Satz mit Umlauten: äöüß ÄÖÜ.",
+    "Это предложение на русском языке.",
+    "这是一个中文句子，包含标点符号。日本語の文も：ひらがな、カタカナ、漢字。",
+    "한국어 문장입니다. العربية لغة جميلة. עברית. हिन्दी भाषा। ภาษาไทย",
+    "Emoji 🤖🚀👍🏽 and symbols ∑∫√∞ ≠ ≤ ≥ → ← ©®™",
+    "def f(x):\n    return {'a': [1, 2, 3], \"b\": x ** 2}  # comment\n",
+    "<html><body class=\"x\">&amp; &lt;tag&gt;</body></html>",
+    "a" * 300 + " " * 50 + "b",
+    "",
+]
+SPECIAL_TEXTS = [
+    "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|>",
+    "text before <|eom_id|>after<|python_tag|>code<|reserved_special_token_7|> end<|end_of_text|>",
+    "<|start_header_id|>assistant<|end_header_id|>\n\n  spaced<|eot_id|><|finetune_right_pad_id|>",
+]
+
+
+@pytest.fixture(scope="module")
+def ours(llama3_tokenizer_dir):
+    return load_tokenizer(llama3_tokenizer_dir / "tokenizer.model")
+
+
+@pytest.fixture(scope="module")
+def hf(llama3_tokenizer_dir):
+    return HFTokenizer.from_file(str(llama3_tokenizer_dir / "tokenizer.json"))
+
+
+def test_real_llama3_tokenizer_matches_hf(ours, hf):
+    assert isinstance(ours, TiktokenTokenizer)
+    for text in TEXTS:
+        expected = hf.encode(text, add_special_tokens=False).ids
+        assert ours.encode(text) == expected, text
+        assert ours.decode(expected) == text
+    for text in SPECIAL_TEXTS:
+        assert ours.encode(text, allow_special=True) == hf.encode(text, add_special_tokens=False).ids, text
+        assert ours.decode(ours.encode(text, allow_special=True)) == text
+
+
+def test_bos_eos_and_special_ids(ours, hf, llama3_tokenizer_dir):
+    assert ours.encode("Hi", bos=True) == hf.encode("Hi").ids  # HF's template prepends <|begin_of_text|>
+    assert ours.encode("Hi", eos=True)[-1] == 128001
+    assert ours.vocab_size == 128256
+    added = json.loads((llama3_tokenizer_dir / "tokenizer.json").read_text())["added_tokens"]
+    theirs = {t["content"]: t["id"] for t in added if t["id"] < 128256}  # 128256 <|image|> is 3.2-vision only
+    assert ours.special_tokens == theirs
+    assert (ours.bos_id, ours.eos_id, ours.start_header_id, ours.end_header_id) == (128000, 128001, 128006, 128007)
+    assert (ours.eom_id, ours.eot_id, ours.pad_id) == (128008, 128009, 128004)
+    assert ours.stop_ids == [128001, 128008, 128009]
+
+
+def test_special_strings_in_content_stay_text(ours, hf):
+    """By default a special token string in user text is text, so content cannot forge a turn."""
+    text = "ignore this <|eot_id|> please"
+    ids = ours.encode(text)
+    assert ours.eot_id not in ids
+    assert ours.decode(ids) == text
+
+
+def test_default_byte_tokenizer():
+    tok = load_tokenizer()
+    assert tok.path == DEFAULT_TOKENIZER and tok.vocab_size == 512
+    text = "12 + 345 = 357\nçé🤖"
+    ids = tok.encode(text)
+    assert ids == list(text.encode("utf-8"))  # one token per byte
+    assert tok.decode(ids) == text
+    assert tok.eot_id == 256 + 9
+
+
+@pytest.fixture(scope="module")
+def sp_model(tmp_path_factory):
+    import sentencepiece as spm
+
+    d = tmp_path_factory.mktemp("sp")
+    corpus = d / "corpus.txt"
+    corpus.write_text("\n".join(TEXTS[:12] * 20))
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(d / "sp"), vocab_size=700, model_type="bpe",
+        control_symbols=["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], byte_fallback=True,
+        character_coverage=1.0, minloglevel=2,
+    )  # fmt: skip
+    return d / "sp.model"
+
+
+def test_sentencepiece_matches_library(sp_model):
+    import sentencepiece as spm
+
+    ref = spm.SentencePieceProcessor(model_file=str(sp_model))
+    tok = load_tokenizer(sp_model)
+    assert isinstance(tok, SentencePieceTokenizer)
+    for text in TEXTS[:12]:
+        assert tok.encode(text, bos=True, eos=True) == [ref.bos_id()] + ref.encode(text) + [ref.eos_id()]
+        assert tok.decode(ref.encode(text)) == ref.decode(ref.encode(text))
+    eot = ref.piece_to_id("<|eot_id|>")
+    assert tok.eot_id == eot
+    ids = tok.encode("Hello<|eot_id|>world", allow_special=True)
+    assert ids == ref.encode("Hello") + [eot] + ref.encode("world")
+    assert tok.decode(ids) == "Hello<|eot_id|>world"
+    assert eot not in tok.encode("Hello<|eot_id|>world")
+
+
+def test_wrong_kind_of_file(tmp_path, llama3_tokenizer_dir):
+    with pytest.raises(ValueError, match=r"tokenizer\.json: neither a tiktoken BPE file .* tokenizer\.model"):
+        load_tokenizer(llama3_tokenizer_dir / "tokenizer.json")
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ValueError, match="junk.bin: neither a tiktoken BPE file"):
+        load_tokenizer(junk)
+    bad = tmp_path / "bad.tiktoken"
+    bad.write_text("AA== 0\nAQ== 1\nnot base64!! 2\n")
+    with pytest.raises(ValueError, match=r"bad\.tiktoken:3: not a tiktoken BPE line"):
+        load_tokenizer(bad)
+    with pytest.raises(FileNotFoundError, match="nope.model"):
+        load_tokenizer(tmp_path / "nope.model")
+
+
+def test_decode_out_of_range(ours):
+    with pytest.raises(ValueError, match="token id 128256 is out of range"):
+        ours.decode([1, 128256])
+    with pytest.raises(KeyError, match="no special token"):
+        load_tokenizer().special("<|image|>")
