@@ -98,9 +98,12 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask) -> Tensor:
         return _compiled_flex(q, k, v, block_mask=mask, enable_gqa=True)
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    n_rep = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)  # (B, nh, Tk, hd)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    # GQA without copying k/v: fold the n_rep query heads that share a kv head into the query axis.
+    B, nh, Tq, hd = q.shape
+    nkv, n_rep = k.shape[1], nh // k.shape[1]
+    q = q.reshape(B, nkv, n_rep * Tq, hd)  # query head h uses kv head h // n_rep
+    mask = mask[:, :, None].expand(-1, -1, n_rep, -1, -1).reshape(B, 1, n_rep * Tq, -1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).view(B, nh, Tq, hd)
 
 
 # ----------------------------------------------------------------------------- KV cache

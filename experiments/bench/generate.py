@@ -1,0 +1,152 @@
+"""Throughput of batched sampling: P prompts x K samples.
+
+Compares, on the same weights and the same sampling settings (temperature 1, no top-k/top-p,
+no stop token, so every row produces exactly --new tokens):
+  ours: fan-out      prefill each prompt once, copy its KV cache to K rows, decode P*K rows together
+  ours: no fan-out   the P*K rows prefilled separately (each prompt repeated K times), then decoded together
+  ours: naive        one sample at a time (P*K calls of batch 1)
+  HF generate        transformers' LlamaForCausalLM.generate(num_return_sequences=K), left-padded batch
+
+    python experiments/bench/generate.py                 # CPU table, both model sizes
+    python experiments/bench/generate.py --sizes 1b      # on a GPU: a Llama 3.2 1B-size config
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import tempfile
+import time
+
+import torch
+
+from llama import Transformer, get_preset, save_model
+from llama.generate import generate
+
+SIZES = {
+    "tiny": lambda: get_preset("tiny"),  # 0.8M params, byte vocabulary (512)
+    "small": lambda: get_preset("tiny", dim=512, n_layers=8, n_heads=8, n_kv_heads=2, ffn_dim=1536, vocab_size=128256),
+    "1b": lambda: get_preset("llama3.2-1b"),
+}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeats):
+    fn()  # warm-up
+    sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def bench_size(name, args, device, dtype):
+    config = SIZES[name]()
+    torch.manual_seed(0)
+    model = Transformer(config).to(device=device, dtype=dtype).eval()
+    P, K, new = args.prompts, args.samples, args.new
+    g = torch.Generator().manual_seed(0)
+    lengths = [args.prompt_len - 3 * i for i in range(P)]  # unequal lengths: padding is exercised
+    prompts = [torch.randint(0, config.vocab_size, (n,), generator=g).tolist() for n in lengths]
+    gen = torch.Generator(device).manual_seed(0)
+    kw = dict(max_new_tokens=new, temperature=1.0, generator=gen)
+
+    def fanout():
+        out = generate(model, prompts, num_samples=K, **kw)
+        assert all(len(s) == new for ss in out for s in ss)
+
+    def no_fanout():
+        generate(model, [p for p in prompts for _ in range(K)], num_samples=1, **kw)
+
+    def naive():
+        for p in prompts:
+            for _ in range(K):
+                generate(model, [p], num_samples=1, **kw)
+
+    rows = [
+        ("ours: fan-out", timed(fanout, device, args.repeats)),
+        ("ours: no fan-out", timed(no_fanout, device, args.repeats)),
+        ("ours: naive per-sample", timed(naive, device, 1)),
+    ]
+    try:
+        from transformers import LlamaForCausalLM
+
+        with tempfile.TemporaryDirectory() as d:
+            save_model(model, d, format="hf")
+            hf = LlamaForCausalLM.from_pretrained(d, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+        L = max(lengths)
+        ids = torch.zeros(P, L, dtype=torch.long)
+        mask = torch.zeros(P, L, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, L - len(p) :], mask[i, L - len(p) :] = torch.tensor(p), 1
+        ids, mask = ids.to(device), mask.to(device)
+
+        def hf_generate():
+            with torch.no_grad():
+                out = hf.generate(
+                    input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                    num_return_sequences=K, max_new_tokens=new, min_new_tokens=new, pad_token_id=0,
+                )  # fmt: skip
+            assert out.shape == (P * K, L + new)
+
+        rows.append(("HF generate", timed(hf_generate, device, args.repeats)))
+    except ImportError:
+        rows.append(("HF generate (transformers not installed)", float("nan")))
+
+    n_tokens = P * K * new
+    ref = rows[0][1]
+    lines = [
+        f"\n### {name}: {config.num_params() / 1e6:.1f}M params, {P} prompts x {K} samples, "
+        f"prompt {min(lengths)}-{max(lengths)} tokens, {new} new tokens, {str(dtype).removeprefix('torch.')}",
+        "",
+        "| method | time (s) | generated tokens/s | vs fan-out |",
+        "|---|---:|---:|---:|",
+    ]
+    for label, t in rows:
+        lines.append(f"| {label} | {t:.3f} | {n_tokens / t:,.0f} | {t / ref:.2f}x |")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", nargs="+", default=["tiny", "small"], choices=list(SIZES))
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--prompt-len", type=int, default=256)
+    ap.add_argument("--new", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", help="append the table to this markdown file")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    hw = (
+        torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"{platform.processor() or 'CPU'}, {torch.get_num_threads()} threads"
+    )
+    header = (
+        f"## generate benchmark, {datetime.date.today()}\n\ndevice: {hw}; torch {torch.__version__}\n"
+        f"command: python experiments/bench/generate.py --sizes {' '.join(args.sizes)} --prompts {args.prompts} "
+        f"--samples {args.samples} --prompt-len {args.prompt_len} --new {args.new}"
+    )
+    print(header)
+    tables = [header]
+    for name in args.sizes:
+        tables.append(bench_size(name, args, device, dtype))
+        print(tables[-1], flush=True)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write("\n".join(tables) + "\n\n")
+
+
+if __name__ == "__main__":
+    main()
