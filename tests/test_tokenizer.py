@@ -20,7 +20,7 @@ TEXTS = [
     "한국어 문장입니다. العربية لغة جميلة. עברית. हिन्दी भाषा। ภาษาไทย",
     "Emoji 🤖🚀👍🏽 and symbols ∑∫√∞ ≠ ≤ ≥ → ← ©®™",
     "def f(x):\n    return {'a': [1, 2, 3], \"b\": x ** 2}  # comment\n",
-    "<html><body class=\"x\">&amp; &lt;tag&gt;</body></html>",
+    '<html><body class="x">&amp; &lt;tag&gt;</body></html>',
     "a" * 300 + " " * 50 + "b",
     "",
 ]
