@@ -1,0 +1,173 @@
+"""Reading records, and the deterministic, resumable, rank-sharded loader.
+
+`load_examples(path, kind, ...)` reads JSONL (or Parquet, with pyarrow), validates each record,
+encodes it into an `Example` and prints a report of everything skipped, dropped or truncated.
+
+`DataLoader` yields one `Step` per optimizer step: this rank's micro-batches plus the global
+counts (targets, sequences, pairs) that losses divide by, so that neither gradient accumulation
+nor world size changes the loss. Every rank computes the packing of every rank (cheap) so that
+all ranks run the same number of micro-batches, as FSDP requires; a rank with fewer gets empty
+ones. Order: a permutation per epoch from (seed, epoch); `state_dict()` is (epoch, step).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from data.rows import OVERLENGTH, Batch, Example, collate, encode_preference, encode_sft, pack
+from data.schema import ValidationError, parse_preference, parse_sft
+from llama.chat import ChatFormat
+
+KINDS = ("sft", "rm", "dpo")
+
+
+def read_records(path):
+    """Yield (where, obj) from a .jsonl/.json-lines or .parquet file; where = 'file:line'."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for i, obj in enumerate(pq.read_table(path).to_pylist(), 1):
+            yield f"{path}:{i}", obj
+        return
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield where, ValidationError(f"{where}: json: malformed JSON ({e.msg} at column {e.colno})")
+                continue
+            yield where, obj
+
+
+def load_examples(
+    path,
+    kind: str,
+    chat: ChatFormat,
+    max_len: int,
+    overlength: str = "truncate",
+    skip_invalid: bool = False,
+    keep_strengths: tuple[str, ...] | None = None,
+    seed: int = 0,
+    verbose: bool = True,
+) -> tuple[list[Example], Counter]:
+    """Read, validate and encode a file. kind: sft | rm (responses shuffled) | dpo (best vs worst)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown data kind {kind!r}; expected one of {KINDS}")
+    if overlength not in OVERLENGTH:
+        raise ValueError(f"overlength must be one of {OVERLENGTH}, got {overlength!r}")
+    report, examples = Counter(), []
+    for index, (where, obj) in enumerate(read_records(path)):
+        report["records"] += 1
+        try:
+            if isinstance(obj, ValidationError):
+                raise obj
+            record = parse_sft(obj, where) if kind == "sft" else parse_preference(obj, where)
+        except ValidationError as e:
+            if not skip_invalid:
+                raise
+            report[f"skipped invalid: {str(e).split(': ', 2)[1]}"] += 1
+            continue
+        if kind == "sft":
+            ex = encode_sft(record, chat, max_len, overlength, report)
+        else:
+            if keep_strengths is not None and record.strength not in keep_strengths:
+                report[f"filtered: strength {record.strength}"] += 1
+                continue
+            shuffle = seed * 1_000_003 + index if kind == "rm" else None
+            ex = encode_preference(record, chat, max_len, overlength, report, shuffle, 2 if kind == "dpo" else None)
+        if ex is not None:
+            examples.append(ex)
+    report["examples"] = len(examples)
+    if verbose:
+        print(f"{path}: " + ", ".join(f"{k} {v}" for k, v in report.items()))
+    return examples, report
+
+
+@dataclass
+class Step:
+    micro_batches: list[Batch]  # this rank's
+    num_targets: int  # over all micro-batches of all ranks
+    num_seqs: int
+    num_groups: int
+    num_pairs: int  # ordered (better, worse) pairs
+
+
+def _num_pairs(ex: Example) -> int:
+    n = len(ex.seqs)
+    return n * (n - 1) // 2
+
+
+class DataLoader:
+    def __init__(
+        self,
+        examples: list[Example],
+        batch_size: int,
+        max_len: int,
+        tokens_per_microbatch: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        pad_id: int = 0,
+    ):
+        """batch_size: examples per optimizer step, over all ranks."""
+        if batch_size < world_size:
+            raise ValueError(f"batch_size {batch_size} is smaller than world_size {world_size}")
+        if len(examples) < batch_size:
+            raise ValueError(f"{len(examples)} examples are fewer than one batch of {batch_size}")
+        self.examples, self.batch_size, self.max_len = examples, batch_size, max_len
+        self.tokens_per_microbatch, self.rank, self.world_size = tokens_per_microbatch, rank, world_size
+        self.seed, self.shuffle, self.pad_id = seed, shuffle, pad_id
+        self.epoch, self.step = 0, 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.examples) // self.batch_size  # the last partial batch is dropped
+
+    def order(self, epoch: int) -> list[int]:
+        idx = list(range(len(self.examples)))
+        if self.shuffle:
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(idx)
+        return idx
+
+    def build_step(self, epoch: int, step: int) -> Step:
+        ids = self.order(epoch)[step * self.batch_size : (step + 1) * self.batch_size]
+        per_rank = [[self.examples[i] for i in ids[r :: self.world_size]] for r in range(self.world_size)]
+        packed = [pack(exs, self.max_len, self.tokens_per_microbatch, self.pad_id) for exs in per_rank]
+        mine = packed[self.rank]
+        n_micro = max(len(p) for p in packed)
+        mine += [collate([[]], self.pad_id)] * (n_micro - len(mine))  # empty: no targets, no sequences
+        exs = [self.examples[i] for i in ids]
+        return Step(
+            mine,
+            num_targets=sum(len(e.targets) for e in exs),
+            num_seqs=sum(len(e.seqs) for e in exs),
+            num_groups=len(exs),
+            num_pairs=sum(_num_pairs(e) for e in exs),
+        )
+
+    def __iter__(self):
+        while True:
+            if self.step >= self.steps_per_epoch:
+                self.epoch, self.step = self.epoch + 1, 0
+            step = self.build_step(self.epoch, self.step)
+            self.step += 1
+            yield step
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "step": self.step, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["seed"] != self.seed:
+            raise ValueError(f"loader state was saved with seed {state['seed']}, this loader has seed {self.seed}")
+        self.epoch, self.step = state["epoch"], state["step"]

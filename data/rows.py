@@ -1,0 +1,239 @@
+"""Records -> examples -> packed rows: the one representation behind RM, SFT and DPO.
+
+An example is a prompt (branch 0) and zero or more responses (branches 1..k) whose positions all
+continue from the end of the prompt, so each response sees only the prompt and itself:
+- SFT:    [dialog]                          one branch-0 segment, targets = assistant tokens
+- reward: [prompt][r_a][r_b][r_c]           responses shuffled by seed, a score at each one's end
+- DPO:    [prompt][chosen][rejected]        the prompt computed once for both
+Targets are listed, not shifted: each one names the index of the hidden state that predicts it
+(the previous token of its branch; for a response's first token, the prompt's last token).
+
+Rows hold several examples, one doc id each (padding: doc -1). A micro-batch is up to
+`tokens_per_microbatch // max_len` rows, filled first-fit in order.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from data.schema import STRENGTHS, PreferenceRecord, SFTRecord
+from llama.chat import ChatFormat, EncodedDialog
+
+PAD_DOC = -1
+OVERLENGTH = ("truncate", "drop")
+
+
+@dataclass
+class Example:
+    tokens: list[int]
+    positions: list[int]
+    branch: list[int]
+    targets: list[tuple[int, int, int, bool]] = field(default_factory=list)  # (parent, token, seq, is_format)
+    seqs: list[tuple[int, int]] = field(default_factory=list)  # (index of final token, rank: 0 = best)
+    strength: int = -1  # index into STRENGTHS, -1 if unknown
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass
+class Batch:
+    """One micro-batch. Flat indices address the (B*T) hidden states of `model.trunk(...)`."""
+
+    tokens: torch.Tensor  # (B, T)
+    positions: torch.Tensor  # (B, T)
+    doc_ids: torch.Tensor  # (B, T), -1 = padding
+    branch_ids: torch.Tensor  # (B, T)
+    target_index: torch.Tensor  # (N,) hidden state predicting each target
+    target_token: torch.Tensor  # (N,)
+    target_seq: torch.Tensor  # (N,) sequence (response, or SFT dialog) of each target
+    target_format: torch.Tensor  # (N,) bool: header span or turn terminator
+    seq_score_index: torch.Tensor  # (S,) final token of each sequence: where its reward is read
+    seq_group: torch.Tensor  # (S,) example (prompt group) of each sequence
+    seq_rank: torch.Tensor  # (S,) 0 = best within its group
+    group_strength: torch.Tensor  # (G,) index into STRENGTHS, -1 unknown
+
+    @property
+    def num_targets(self) -> int:
+        return self.target_token.numel()
+
+    def to(self, device) -> Batch:
+        return Batch(**{k: v.to(device, non_blocking=True) for k, v in vars(self).items()})
+
+
+# ----------------------------------------------------------------------------- encoding
+
+
+def encode_response(chat: ChatFormat, messages: list[dict]) -> EncodedDialog:
+    """A response continues a prompt that ends with the assistant header: drop its first header."""
+    out = EncodedDialog()
+    for i, message in enumerate(messages):
+        part = EncodedDialog()
+        chat.encode_message(message, part)
+        skip = len(chat.encode_header(message["role"])) if i == 0 else 0
+        out.tokens += part.tokens[skip:]
+        out.is_target += part.is_target[skip:]
+        out.is_format += part.is_format[skip:]
+    return out
+
+
+def _truncate(enc: EncodedDialog, n: int, terminator: int) -> EncodedDialog:
+    """Keep n tokens, the last one the terminator (so the model still learns to stop)."""
+    out = EncodedDialog(enc.tokens[: n - 1], enc.is_target[: n - 1], enc.is_format[: n - 1])
+    out.add([terminator], target=enc.is_target[n - 1], fmt=True)
+    return out
+
+
+def encode_sft(record: SFTRecord, chat: ChatFormat, max_len: int, overlength: str, report: Counter):
+    enc = chat.encode_dialog(record.messages)
+    if len(enc) > max_len:
+        if overlength == "drop":
+            report["dropped: over max_len"] += 1
+            return None
+        report["truncated: over max_len"] += 1
+        if enc.is_target[max_len - 1] and enc.tokens[max_len - 1] not in chat.tokenizer.stop_ids:
+            enc = _truncate(enc, max_len, chat.tokenizer.eot_id)  # cut inside an assistant turn
+        else:
+            enc = EncodedDialog(enc.tokens[:max_len], enc.is_target[:max_len], enc.is_format[:max_len])
+    targets = [(i - 1, t, 0, f) for i, (t, m, f) in enumerate(zip(enc.tokens, enc.is_target, enc.is_format)) if m]
+    if not targets:
+        report["dropped: no target left after truncation"] += 1
+        return None
+    n = len(enc)
+    return Example(enc.tokens, list(range(n)), [0] * n, targets, [(n - 1, 0)])
+
+
+def _cap(lengths: list[int], budget: int) -> int:
+    """Largest c with sum(min(l, c)) <= budget: cut the longest responses first."""
+    c = max(lengths)
+    while sum(min(n, c) for n in lengths) > budget:
+        c -= 1
+    return c
+
+
+def encode_preference(
+    record: PreferenceRecord,
+    chat: ChatFormat,
+    max_len: int,
+    overlength: str,
+    report: Counter,
+    shuffle_seed: int | None = None,
+    max_responses: int | None = None,
+):
+    """-> Example [prompt][responses...], responses in shuffled order if shuffle_seed is given.
+
+    max_responses=2 keeps the best and the worst (a DPO pair: chosen, rejected).
+    """
+    unique, seen = [], set()
+    for r in record.responses:
+        key = tuple((m["role"], m["content"].strip()) for m in r)
+        if key in seen:
+            report["dropped responses: identical to a better one"] += 1
+            continue
+        seen.add(key)
+        unique.append(r)
+    if len(unique) < 2:
+        report["dropped: fewer than 2 distinct responses"] += 1
+        return None
+    if max_responses is not None and len(unique) > max_responses:
+        unique = unique[: max_responses - 1] + [unique[-1]]
+    prompt = chat.encode_dialog(record.prompt, add_generation_prompt=True)
+    responses = [encode_response(chat, r) for r in unique]
+    lengths = [len(r) for r in responses]
+    if len(prompt) + sum(lengths) > max_len:
+        budget = max_len - len(prompt)
+        if budget < 2 * len(responses):
+            report["dropped: prompt too long for max_len"] += 1
+            return None
+        if overlength == "drop":
+            report["dropped: over max_len"] += 1
+            return None
+        report["truncated: over max_len"] += 1
+        c = _cap(lengths, budget)
+        responses = [_truncate(r, c, chat.tokenizer.eot_id) if len(r) > c else r for r in responses]
+        if len({tuple(r.tokens) for r in responses}) < len(responses):
+            report["dropped: responses identical after truncation"] += 1
+            return None
+
+    order = list(range(len(responses)))
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(order)
+    P = len(prompt)
+    ex = Example(list(prompt.tokens), list(range(P)), [0] * P)
+    for slot, rank in enumerate(order):
+        r, start = responses[rank], len(ex.tokens)
+        ex.tokens += r.tokens
+        ex.positions += range(P, P + len(r))
+        ex.branch += [slot + 1] * len(r)
+        for j, (t, m, f) in enumerate(zip(r.tokens, r.is_target, r.is_format)):
+            if m:
+                ex.targets.append((start + j - 1 if j else P - 1, t, rank, f))
+        ex.seqs.append((start + len(r) - 1, rank))
+    ex.seqs.sort(key=lambda s: s[1])  # sequence k of the example = rank k
+    ex.strength = STRENGTHS.index(record.strength) if record.strength else -1
+    return ex
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+def pack(examples: list[Example], max_len: int, tokens_per_microbatch: int, pad_id: int = 0, pad_multiple: int = 8):
+    """Pack examples (in order, first-fit) into rows of <= max_len, rows into micro-batches."""
+    rows_per_batch = max(1, tokens_per_microbatch // max_len)
+    batches, rows = [], []  # rows: list of lists of examples
+    for ex in examples:
+        if len(ex) > max_len:
+            raise ValueError(f"example of {len(ex)} tokens exceeds max_len {max_len}")
+        row = next((r for r in rows if sum(map(len, r)) + len(ex) <= max_len), None)
+        if row is None:
+            if len(rows) == rows_per_batch:
+                batches.append(collate(rows, pad_id, pad_multiple))
+                rows = []
+            row = []
+            rows.append(row)
+        row.append(ex)
+    if rows:
+        batches.append(collate(rows, pad_id, pad_multiple))
+    return batches
+
+
+def collate(rows: list[list[Example]], pad_id: int = 0, pad_multiple: int = 8) -> Batch:
+    longest = max([sum(map(len, r)) for r in rows] + [1])
+    T = -(-longest // pad_multiple) * pad_multiple
+    B = len(rows)
+    tokens = torch.full((B, T), pad_id, dtype=torch.long)
+    positions = torch.zeros((B, T), dtype=torch.long)
+    doc = torch.full((B, T), PAD_DOC, dtype=torch.long)
+    branch = torch.zeros((B, T), dtype=torch.long)
+    t_index, t_token, t_seq, t_fmt, s_score, s_group, s_rank, g_strength = ([] for _ in range(8))
+    for b, row in enumerate(rows):
+        start = 0
+        for d, ex in enumerate(row):
+            n, base, seq0, group = len(ex), b * T + start, len(s_score), len(g_strength)
+            tokens[b, start : start + n] = torch.tensor(ex.tokens)
+            positions[b, start : start + n] = torch.tensor(ex.positions)
+            branch[b, start : start + n] = torch.tensor(ex.branch)
+            doc[b, start : start + n] = d
+            for parent, tok, seq, fmt in ex.targets:
+                t_index.append(base + parent)
+                t_token.append(tok)
+                t_seq.append(seq0 + seq)
+                t_fmt.append(fmt)
+            for last, rank in ex.seqs:
+                s_score.append(base + last)
+                s_group.append(group)
+                s_rank.append(rank)
+            g_strength.append(ex.strength)
+            start += n
+
+    def long(x):
+        return torch.tensor(x, dtype=torch.long)
+
+    return Batch(
+        tokens, positions, doc, branch, long(t_index), long(t_token), long(t_seq), torch.tensor(t_fmt, dtype=torch.bool),
+        long(s_score), long(s_group), long(s_rank), long(g_strength),
+    )  # fmt: skip

@@ -1,0 +1,156 @@
+"""Records -> examples -> rows: validation errors, counted skips, the row layout, the loader."""
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+
+from data.loader import DataLoader, load_examples
+from data.rows import encode_preference, pack
+from data.schema import PreferenceRecord, ValidationError
+from llama.chat import ChatFormat
+from llama.tokenizer import load_tokenizer
+
+CHAT = ChatFormat(load_tokenizer())  # byte-level: one token per byte, easy to count
+
+
+def write(tmp_path, lines, name="d.jsonl"):
+    p = tmp_path / name
+    p.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
+    return p
+
+
+def test_errors_name_file_line_and_field(tmp_path):
+    cases = [
+        ('{"prompt": "hi", "chosen": "a", ', "json: malformed JSON"),
+        ({"prompt": "hi", "chosen": "a"}, "rejected: missing"),
+        ({"chosen": "a", "rejected": "b"}, "prompt: missing"),
+        ({"prompt": "hi", "chosen": "  ", "rejected": "b"}, "chosen: empty response"),
+        ({"prompt": "hi", "responses": ["a"]}, "responses: must be a list of at least 2"),
+        (
+            {"prompt": [{"role": "user", "content": 3}], "chosen": "a", "rejected": "b"},
+            r"prompt\[0\]\.content: must be",
+        ),
+        ({"prompt": "hi", "chosen": "a", "rejected": "b", "strength": "meh"}, "strength: must be one of"),
+    ]
+    for record, message in cases:
+        p = write(tmp_path, [{"prompt": "ok", "chosen": "a", "rejected": "b"}, record])
+        with pytest.raises(ValidationError, match=rf"d\.jsonl:2: {message}"):
+            load_examples(p, "rm", CHAT, max_len=256, verbose=False)
+    p = write(tmp_path, [{"messages": [{"role": "user", "content": "hi"}]}])
+    with pytest.raises(ValidationError, match=r"d\.jsonl:1: messages: no non-empty assistant message"):
+        load_examples(p, "sft", CHAT, max_len=256, verbose=False)
+    p = write(tmp_path, [{"messages": [{"role": "robot", "content": "hi"}]}])
+    with pytest.raises(ValidationError, match=r"d\.jsonl:1: messages\[0\]\.role: must be one of"):
+        load_examples(p, "sft", CHAT, max_len=256, verbose=False)
+
+
+def test_skip_invalid_counts_everything(tmp_path, capsys):
+    lines = [
+        {"prompt": "p1", "chosen": "good", "rejected": "bad", "strength": "better"},
+        "not json",
+        {"prompt": "p2", "chosen": "same", "rejected": "same"},  # identical: no pair left
+        {"prompt": "p3", "responses": ["x", "y", "x"]},  # one duplicate dropped, 2 remain
+        {"prompt": "p4", "chosen": "a", "rejected": ""},
+        {"prompt": "q" * 300, "chosen": "a", "rejected": "b"},  # prompt longer than max_len
+        {"prompt": "p5", "chosen": "c" * 100, "rejected": "d" * 40},  # truncated
+        {"prompt": "p6", "chosen": "c", "rejected": "d", "strength": "slightly_better"},
+    ]
+    p = write(tmp_path, lines)
+    examples, report = load_examples(p, "rm", CHAT, max_len=128, skip_invalid=True, keep_strengths=None)
+    out = capsys.readouterr().out
+    assert "skipped invalid: json 1" in out and "skipped invalid: rejected 1" in out
+    assert report["records"] == 8 and report["examples"] == 4
+    assert report["dropped: fewer than 2 distinct responses"] == 1
+    assert report["dropped responses: identical to a better one"] == 2
+    assert report["dropped: prompt too long for max_len"] == 1
+    assert report["truncated: over max_len"] == 1
+    assert all(len(e) <= 128 for e in examples)
+    # Llama 3 keeps only significantly_better / better
+    examples, report = load_examples(
+        p, "rm", CHAT, max_len=128, skip_invalid=True, keep_strengths=("significantly_better", "better"), verbose=False
+    )
+    assert report["examples"] == 1 and report["filtered: strength slightly_better"] == 1
+    _, report = load_examples(p, "rm", CHAT, max_len=128, overlength="drop", skip_invalid=True, verbose=False)
+    assert report["dropped: over max_len"] == 1
+
+
+def test_truncation_keeps_terminator_and_cuts_longest_first():
+    rec = PreferenceRecord(
+        [{"role": "user", "content": "p"}], [[{"role": "assistant", "content": c}] for c in ("a" * 50, "b" * 5)]
+    )
+    ex = encode_preference(rec, CHAT, 40, "truncate", Counter())
+    prompt_len = len(CHAT.encode_dialog(rec.prompt, add_generation_prompt=True))
+    assert len(ex) == 40
+    tok = CHAT.tokenizer
+    branch = torch.tensor(ex.branch)
+    long_resp = [t for t, b in zip(ex.tokens, ex.branch) if b == 1]
+    short_resp = [t for t, b in zip(ex.tokens, ex.branch) if b == 2]
+    assert short_resp == tok.encode("b" * 5) + [tok.eot_id]  # untouched
+    assert long_resp[-1] == tok.eot_id and len(long_resp) == 40 - prompt_len - 6
+    assert (branch == 0).sum() == prompt_len
+
+
+def test_reward_row_layout():
+    """[prompt][r_a][r_b][r_c]: positions continue the prompt, targets point at their parents."""
+    responses = [[{"role": "assistant", "content": c}] for c in ("4", "five", "22")]
+    rec = PreferenceRecord([{"role": "user", "content": "2+2?"}], responses)
+    prompt = CHAT.encode_dialog(rec.prompt, add_generation_prompt=True).tokens
+    P, orders = len(prompt), set()
+    for seed in range(20):
+        ex = encode_preference(rec, CHAT, 256, "truncate", Counter(), shuffle_seed=seed)
+        assert ex.tokens[:P] == prompt and ex.branch[:P] == [0] * P
+        for k, (end, rank) in enumerate(ex.seqs):  # sequence k is the k-th best response
+            assert rank == k
+            idx = [i for i, b in enumerate(ex.branch) if b == ex.branch[end]]
+            assert [ex.tokens[i] for i in idx] == CHAT.tokenizer.encode(responses[k][0]["content"]) + [
+                CHAT.tokenizer.eot_id
+            ]
+            assert [ex.positions[i] for i in idx] == list(range(P, P + len(idx)))
+            assert end == idx[-1]
+            ts = [t for t in ex.targets if t[2] == k]
+            assert [t[1] for t in ts] == [ex.tokens[i] for i in idx]
+            assert [t[0] for t in ts] == [P - 1] + idx[:-1]  # the prompt's last token predicts the first
+            assert [t[3] for t in ts] == [False] * (len(idx) - 1) + [True]  # the terminator is formatting
+        orders.add(tuple(ex.branch[end] for end, _ in ex.seqs))
+    assert len(orders) == 6  # every order of 3 responses occurs across seeds
+
+
+def test_pack_and_loader_resume(tmp_path):
+    lines = [
+        {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a" * (i % 7 + 1)}]}
+        for i in range(40)
+    ]
+    examples, _ = load_examples(write(tmp_path, lines), "sft", CHAT, max_len=64, verbose=False)
+    batches = pack(examples[:10], max_len=64, tokens_per_microbatch=128)
+    for b in batches:
+        assert b.tokens.shape[0] <= 2 and b.tokens.shape[1] <= 64
+        flat = b.tokens.flatten()
+        assert torch.equal(flat[b.target_index + 1], b.target_token)  # SFT: parent = previous token
+    assert sum(b.num_targets for b in batches) == sum(len(e.targets) for e in examples[:10])
+
+    def run(world, rank, steps, state=None):
+        dl = DataLoader(
+            examples, batch_size=8, max_len=64, tokens_per_microbatch=128, rank=rank, world_size=world, seed=3
+        )
+        if state:
+            dl.load_state_dict(state)
+        it = iter(dl)
+        return [next(it) for _ in range(steps)], dl
+
+    full, _ = run(1, 0, 12)  # crosses an epoch boundary (5 steps per epoch)
+    first, dl = run(1, 0, 7)
+    resumed, _ = run(1, 0, 5, dl.state_dict())
+    for a, b in zip(full, first + resumed):
+        assert [torch.equal(x.tokens, y.tokens) for x, y in zip(a.micro_batches, b.micro_batches)] == [True] * len(
+            a.micro_batches
+        )
+    # two ranks split each step's examples; both run the same number of micro-batches
+    r0, _ = run(2, 0, 3)
+    r1, _ = run(2, 1, 3)
+    for s_full, s0, s1 in zip(full, r0, r1):
+        assert len(s0.micro_batches) == len(s1.micro_batches)
+        assert s0.num_targets == s1.num_targets == s_full.num_targets
+        got = sum(b.num_targets for b in s0.micro_batches + s1.micro_batches)
+        assert got == s_full.num_targets

@@ -1,0 +1,34 @@
+"""2 ranks (torchrun, gloo) give the same SFT loss and gradient as 1 rank on the same global batch."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+WORKER = Path(__file__).parent / "dist_sft_worker.py"
+ROOT = Path(__file__).parent.parent
+
+
+def run(nproc, out):
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(WORKER),
+        str(out),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    subprocess.run(cmd, check=True, env=env, cwd=ROOT, capture_output=True, timeout=300)
+    return torch.load(out, weights_only=True)
+
+
+def test_sft_two_ranks_equal_one(tmp_path):
+    one, two = run(1, tmp_path / "one.pt"), run(2, tmp_path / "two.pt")
+    assert torch.allclose(one["loss"], two["loss"], atol=1e-12, rtol=0)
+    for k in one["grads"]:
+        assert torch.allclose(one["grads"][k], two["grads"][k], atol=1e-12, rtol=0), k
+    assert one["loss"] > 0
