@@ -154,3 +154,14 @@ def test_pack_and_loader_resume(tmp_path):
         assert s0.num_targets == s1.num_targets == s_full.num_targets
         got = sum(b.num_targets for b in s0.micro_batches + s1.micro_batches)
         assert got == s_full.num_targets
+
+
+def test_parquet_reads_like_jsonl(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = [{"prompt": f"p{i}", "chosen": "yes" * (i + 1), "rejected": "no"} for i in range(5)]
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "d.parquet")
+    a, _ = load_examples(tmp_path / "d.parquet", "dpo", CHAT, max_len=128, verbose=False)
+    b, _ = load_examples(write(tmp_path, records), "dpo", CHAT, max_len=128, verbose=False)
+    assert [e.tokens for e in a] == [e.tokens for e in b]
