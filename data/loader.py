@@ -59,6 +59,7 @@ def load_examples(
     keep_strengths: tuple[str, ...] | None = None,
     seed: int = 0,
     verbose: bool = True,
+    train_on_prompt: bool = False,
 ) -> tuple[list[Example], Counter]:
     """Read, validate and encode a file. kind: sft | rm (responses shuffled) | dpo (best vs worst)."""
     if kind not in KINDS:
@@ -78,7 +79,7 @@ def load_examples(
             report[f"skipped invalid: {str(e).split(': ', 2)[1]}"] += 1
             continue
         if kind == "sft":
-            ex = encode_sft(record, chat, max_len, overlength, report)
+            ex = encode_sft(record, chat, max_len, overlength, report, train_on_prompt)
         else:
             if keep_strengths is not None and record.strength not in keep_strengths:
                 report[f"filtered: strength {record.strength}"] += 1
@@ -86,6 +87,7 @@ def load_examples(
             shuffle = seed * 1_000_003 + index if kind == "rm" else None
             ex = encode_preference(record, chat, max_len, overlength, report, shuffle, 2 if kind == "dpo" else None)
         if ex is not None:
+            ex.uid = len(examples)
             examples.append(ex)
     report["examples"] = len(examples)
     if verbose:
@@ -100,6 +102,7 @@ class Step:
     num_seqs: int
     num_groups: int
     num_pairs: int  # ordered (better, worse) pairs
+    num_best_targets: int  # targets of the best-ranked sequences (DPO: chosen tokens)
 
 
 def _num_pairs(ex: Example) -> int:
@@ -154,6 +157,7 @@ class DataLoader:
             num_seqs=sum(len(e.seqs) for e in exs),
             num_groups=len(exs),
             num_pairs=sum(_num_pairs(e) for e in exs),
+            num_best_targets=sum(1 for e in exs for t in e.targets if t[2] == 0),
         )
 
     def __iter__(self):

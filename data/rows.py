@@ -35,6 +35,7 @@ class Example:
     targets: list[tuple[int, int, int, bool]] = field(default_factory=list)  # (parent, token, seq, is_format)
     seqs: list[tuple[int, int]] = field(default_factory=list)  # (index of final token, rank: 0 = best)
     strength: int = -1  # index into STRENGTHS, -1 if unknown
+    uid: int = -1  # index in its dataset
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -56,6 +57,7 @@ class Batch:
     seq_group: torch.Tensor  # (S,) example (prompt group) of each sequence
     seq_rank: torch.Tensor  # (S,) 0 = best within its group
     group_strength: torch.Tensor  # (G,) index into STRENGTHS, -1 unknown
+    group_uid: torch.Tensor  # (G,) Example.uid of each group
 
     @property
     def num_targets(self) -> int:
@@ -88,8 +90,17 @@ def _truncate(enc: EncodedDialog, n: int, terminator: int) -> EncodedDialog:
     return out
 
 
-def encode_sft(record: SFTRecord, chat: ChatFormat, max_len: int, overlength: str, report: Counter):
-    enc = chat.encode_dialog(record.messages)
+def encode_sft(
+    record: SFTRecord, chat: ChatFormat, max_len: int, overlength: str, report: Counter, train_on_prompt: bool = False
+):
+    """A dialog (targets: assistant turns; every token with train_on_prompt) or plain text (all tokens)."""
+    if record.text is not None:
+        ids = chat.tokenizer.encode(record.text, bos=True, eos=True)
+        enc = EncodedDialog(ids, [False] + [True] * (len(ids) - 1), [False] * len(ids))
+    else:
+        enc = chat.encode_dialog(record.messages)
+        if train_on_prompt:
+            enc.is_target = [False] + [True] * (len(enc) - 1)
     if len(enc) > max_len:
         if overlength == "drop":
             report["dropped: over max_len"] += 1
@@ -209,7 +220,7 @@ def collate(rows: list[list[Example]], pad_id: int = 0, pad_multiple: int = 8) -
     positions = torch.zeros((B, T), dtype=torch.long)
     doc = torch.full((B, T), PAD_DOC, dtype=torch.long)
     branch = torch.zeros((B, T), dtype=torch.long)
-    t_index, t_token, t_seq, t_fmt, s_score, s_group, s_rank, g_strength = ([] for _ in range(8))
+    t_index, t_token, t_seq, t_fmt, s_score, s_group, s_rank, g_strength, g_uid = ([] for _ in range(9))
     for b, row in enumerate(rows):
         start = 0
         for d, ex in enumerate(row):
@@ -228,6 +239,7 @@ def collate(rows: list[list[Example]], pad_id: int = 0, pad_multiple: int = 8) -
                 s_group.append(group)
                 s_rank.append(rank)
             g_strength.append(ex.strength)
+            g_uid.append(ex.uid)
             start += n
 
     def long(x):
@@ -235,5 +247,5 @@ def collate(rows: list[list[Example]], pad_id: int = 0, pad_multiple: int = 8) -
 
     return Batch(
         tokens, positions, doc, branch, long(t_index), long(t_token), long(t_seq), torch.tensor(t_fmt, dtype=torch.bool),
-        long(s_score), long(s_group), long(s_rank), long(g_strength),
+        long(s_score), long(s_group), long(s_rank), long(g_strength), long(g_uid),
     )  # fmt: skip

@@ -1,6 +1,7 @@
 """Record schemas and their validation.
 
 SFT:        {"messages": [{"role": "system"|"user"|"assistant"|"ipython", "content": str}, ...]}
+            {"text": str}  plain text, every token a target (pre-training the tiny experiment models)
 Preference: {"prompt": str | messages, "responses": [response, ...], "strength": ...}  ranked best first
             {"prompt": ..., "chosen": response, "rejected": response, "edited": response?}
             (edited > chosen > rejected)
@@ -27,8 +28,9 @@ class ValidationError(ValueError):
 
 @dataclass
 class SFTRecord:
-    messages: list[dict]
+    messages: list[dict] | None = None
     where: str = ""
+    text: str | None = None
 
 
 @dataclass
@@ -63,8 +65,12 @@ def _messages(value, where: str, fld: str) -> list[dict]:
 def parse_sft(obj, where: str) -> SFTRecord:
     if not isinstance(obj, dict):
         _fail(where, "record", f"must be a JSON object, got {type(obj).__name__}")
+    if "text" in obj and "messages" not in obj:
+        if not isinstance(obj["text"], str) or not obj["text"].strip():
+            _fail(where, "text", "must be a non-empty string")
+        return SFTRecord(where=where, text=obj["text"])
     if "messages" not in obj:
-        _fail(where, "messages", "missing")
+        _fail(where, "messages", "missing (or give 'text' for plain text)")
     messages = _messages(obj["messages"], where, "messages")
     if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
         _fail(where, "messages", "no non-empty assistant message to train on")

@@ -307,9 +307,16 @@ class Transformer(nn.Module):
             cache.length += T
         return self.norm(h)
 
-    def forward(self, tokens: Tensor, positions=None, doc_ids=None, branch_ids=None, cache=None) -> Tensor:
-        """LM head: logits (B, T, vocab). Reward head: rewards (B, T), one per position."""
+    def forward(self, tokens: Tensor, positions=None, doc_ids=None, branch_ids=None, cache=None, head_fn=None):
+        """LM head: logits (B, T, vocab). Reward head: rewards (B, T), one per position.
+
+        head_fn(hidden (B, T, dim), output_weight (V, dim)) replaces the LM head's projection, so a
+        loss can fuse it (e.g. project only the target positions) inside the forward, where a
+        sharded model has its weights gathered.
+        """
         h = self.trunk(tokens, positions, doc_ids, branch_ids, cache)
         if self.head == "reward":
             return self.score(h).squeeze(-1)
+        if head_fn is not None:
+            return head_fn(h, self.output_weight)
         return F.linear(h, self.output_weight)

@@ -1,0 +1,1 @@
+"""Small synthetic tasks with verifiable answers, for experiments and tests."""

@@ -1,0 +1,131 @@
+"""Process group from torchrun's environment, and FSDP2 applied to the (pure) model from outside.
+
+NCCL on CUDA, gloo on CPU; one process per GPU; several nodes work as torchrun sets them up.
+`parallelize` shards each transformer block and then the root with `fully_shard`, optionally
+with activation checkpointing and `torch.compile` per block, and bf16 params with fp32 gradient
+reduction on CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from llama import Transformer, get_preset, load_model
+
+
+@dataclass
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    mesh: object
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    """Set up from torchrun's env (RANK, WORLD_SIZE, LOCAL_RANK); a plain `python` run is 1 rank."""
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device, mesh)
+
+
+def param_dtype(mixed_precision: str, device: torch.device) -> torch.dtype:
+    if mixed_precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[mixed_precision]
+
+
+def parallelize(
+    model: nn.Module,
+    d: Dist,
+    mixed_precision: str = "auto",
+    activation_checkpointing: bool = False,
+    compile: bool = False,
+    trainable: bool = True,
+) -> nn.Module:
+    """FSDP2 per block, then the root. Parameters stay fp32 (the optimizer's master copy);
+    `trainable=False` (a frozen reference model) skips activation checkpointing and grads."""
+    compute = param_dtype(mixed_precision, d.device)
+    mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
+    for i, block in enumerate(model.layers):
+        if activation_checkpointing and trainable:
+            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+            block = checkpoint_wrapper(block, preserve_rng_state=False)
+        if compile:
+            block.compile()
+        fully_shard(block, mesh=d.mesh, mp_policy=mp)
+        model.layers[i] = block
+    fully_shard(model, mesh=d.mesh, mp_policy=mp)
+    if not trainable:
+        model.requires_grad_(False).eval()
+    return model
+
+
+def all_reduce_sum(values: dict[str, float], device) -> dict[str, float]:
+    """Sum a dict of floats over ranks in one collective (keys must match on every rank)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(keys, t.tolist()))
+
+
+def build_model(
+    d: Dist,
+    checkpoint: str | None,
+    preset: str | None,
+    head: str,
+    seed: int,
+    mixed_precision: str = "auto",
+    activation_checkpointing: bool = False,
+    compile: bool = False,
+    trainable: bool = True,
+) -> Transformer:
+    """Rank 0 reads the full weights (a checkpoint, or a seeded random init) and broadcasts them
+    into a model that every rank built on the meta device and sharded: one full copy, on rank 0."""
+    if bool(checkpoint) == bool(preset):
+        raise ValueError("give exactly one of model.checkpoint and model.preset")
+    torch.manual_seed(seed)  # a fresh reward head or a random init: the same on any world size
+    full, config = {}, [None]
+    if d.is_main:
+        if checkpoint:
+            source = load_model(checkpoint, head=head, dtype=torch.float32)
+        else:
+            source = Transformer(get_preset(preset), head=head)
+        config, full = [source.config], source.state_dict()
+    if d.world_size > 1:
+        dist.broadcast_object_list(config, src=0)
+    config = config[0]
+    with torch.device("meta"):
+        model = Transformer(config, head=head)
+    parallelize(model, d, mixed_precision, activation_checkpointing, compile, trainable)
+    model.to_empty(device=d.device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, full, options=options)
+    return model
