@@ -137,7 +137,9 @@ def run(cfg: Config, d: Dist, model, task: Task, train_loader: DataLoader, eval_
             for mb in s.micro_batches:
                 mb = mb.to(d.device)
                 loss, m = task.loss(mb, s)
-                loss.backward()
+                # losses are divided by the step's global counts, so rank gradients must be summed;
+                # FSDP averages them over ranks, which the world_size factor undoes
+                (loss * d.world_size).backward()
                 loss_sum += float(loss.detach())
                 tokens += int((mb.doc_ids >= 0).sum())
                 for k, v in m.items():

@@ -1,0 +1,217 @@
+"""The training loops under torchrun on the CPU (gloo): quickstart runs, FSDP equivalence,
+kill -9 and resume, a crash while checkpointing, wandb offline, non-finite steps."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).parent.parent
+QUICK = ROOT / "experiments" / "quickstart"
+
+
+def torchrun_cmd(entry, config, run_dir, overrides=(), nproc=2):
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        str(ROOT / "train" / f"{entry}.py"), "--config", str(config), f"train.run_dir={run_dir}",
+        "logging.progress=false", *overrides,
+    ]  # fmt: skip
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def torchrun(*args, **kw):
+    out = subprocess.run(torchrun_cmd(*args, **kw), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def evals(run_dir, key):
+    return [m[f"eval/{key}"] for m in read_metrics(run_dir) if f"eval/{key}" in m]
+
+
+def test_quickstart_rm(tmp_path):
+    torchrun("rm", QUICK / "rm.yaml", tmp_path)
+    acc = evals(tmp_path, "accuracy")
+    assert acc[-1] > 0.6, acc  # held-out pairwise accuracy, chance = 0.5
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+
+
+def test_quickstart_sft(tmp_path):
+    torchrun("sft", QUICK / "sft.yaml", tmp_path)
+    loss = evals(tmp_path, "loss")
+    assert loss[-1] < 0.5 * loss[0], loss
+
+
+def test_quickstart_dpo(tmp_path):
+    torchrun("dpo", QUICK / "dpo.yaml", tmp_path, ["dpo.reference=precompute"])
+    acc = evals(tmp_path, "rewards/accuracies")
+    assert acc[-1] > acc[0] + 0.05 and acc[-1] > 0.55, acc
+
+
+SHORT = ["data.eval=null", "train.save_every=0", "optim.warmup_steps=2"]
+
+
+def test_fsdp_two_ranks_match_one(tmp_path):
+    torchrun("sft", QUICK / "sft.yaml", tmp_path / "one", [*SHORT, "train.steps=5"], nproc=1)
+    torchrun("sft", QUICK / "sft.yaml", tmp_path / "two", [*SHORT, "train.steps=5"], nproc=2)
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [m["step"] for m in one] == [1, 2, 3, 4, 5]
+    for a, b in zip(one, two):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and a["tokens"] == b["tokens"]
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], abs=1e-5)
+    wa, wb = load_file(tmp_path / "one/model/model.safetensors"), load_file(tmp_path / "two/model/model.safetensors")
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-5), k
+
+
+DETERMINISTIC = ("loss", "nll", "grad_norm", "lr", "tokens")
+
+
+def test_kill_9_and_resume_logs_the_same(tmp_path):
+    args = [*SHORT, "train.steps=14", "train.save_every=3", "train.keep_last=2"]
+    torchrun("sft", QUICK / "sft.yaml", tmp_path / "ref", args)
+    kill_after = random.Random().randint(4, 12)
+    proc = subprocess.Popen(
+        torchrun_cmd("sft", QUICK / "sft.yaml", tmp_path / "run", args), cwd=ROOT, env=ENV,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= kill_after:
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    torchrun("sft", QUICK / "sft.yaml", tmp_path / "run", args)  # resume: auto
+    ref, run = read_metrics(tmp_path / "ref"), read_metrics(tmp_path / "run")
+    assert [m["step"] for m in run] == list(range(1, 15)), f"killed after {kill_after}"
+    for a, b in zip(ref, run):
+        assert {k: a[k] for k in DETERMINISTIC} == {k: b[k] for k in DETERMINISTIC}, f"killed after {kill_after}"
+
+
+def in_process(entry, argv):
+    import importlib
+
+    return importlib.import_module(f"train.{entry}").main(argv)
+
+
+@pytest.fixture
+def one_rank(monkeypatch):
+    monkeypatch.setenv("MASTER_PORT", str(29000 + os.getpid() % 500))
+    yield
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def test_crash_while_writing_a_checkpoint_keeps_the_previous(tmp_path, one_rank, monkeypatch):
+    import torch.distributed.checkpoint as dcp
+
+    from train import checkpointing
+
+    argv = ["--config", str(QUICK / "sft.yaml"), f"train.run_dir={tmp_path}", "logging.progress=false", *SHORT]
+    argv += ["train.steps=6", "train.save_every=2", "train.keep_last=5"]
+    real_save, calls = dcp.save, []
+
+    def crashing_save(state, checkpoint_id):
+        calls.append(checkpoint_id)
+        if len(calls) == 2:  # the step-4 checkpoint: half written, then the process dies
+            (Path(checkpoint_id) / "__0_0.distcp").write_bytes(b"partial")
+            raise KeyboardInterrupt("simulated crash")
+        return real_save(state, checkpoint_id=checkpoint_id)
+
+    monkeypatch.setattr(checkpointing.dcp, "save", crashing_save)
+    with pytest.raises(KeyboardInterrupt):
+        in_process("sft", argv)
+    assert [p.name for p in checkpointing.list_checkpoints(tmp_path)] == ["step_00000002"]
+    assert (tmp_path / "checkpoints" / "step_00000004.tmp").exists()
+    monkeypatch.setattr(checkpointing.dcp, "save", real_save)
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+    in_process("sft", argv)  # resumes from step 2, cleans the partial one up
+    assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
+    names = [p.name for p in (tmp_path / "checkpoints").iterdir()]
+    assert sorted(names) == ["step_00000002", "step_00000004", "step_00000006"]
+
+
+def read_wandb_history(path: Path) -> list[dict]:
+    """History rows of an offline .wandb file: a LevelDB-style log (32 KiB blocks, 7-byte record
+    headers: crc32, length, type) of wandb `Record` protobufs, after a 7-byte ':W&B' header."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, pos, rows, parts = path.read_bytes(), 7, [], b""
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # block trailer padding
+            pos += 32768 - pos % 32768
+            continue
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        parts += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST
+            rec = wandb_internal_pb2.Record()
+            rec.ParseFromString(parts)
+            parts = b""
+            if rec.WhichOneof("record_type") == "history":
+                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item})
+    return rows
+
+
+def test_wandb_offline_run_holds_the_metrics(tmp_path, one_rank):
+    argv = ["--config", str(QUICK / "sft.yaml"), f"train.run_dir={tmp_path}", "logging.progress=false", *SHORT]
+    in_process("sft", [*argv, "train.steps=3", "logging.wandb=offline"])
+    files = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 1
+    history = read_wandb_history(files[0])
+    logged = read_metrics(tmp_path)
+    assert [h["_step"] for h in history] == [1, 2, 3]
+    for h, m in zip(history, logged):
+        assert h["loss"] == pytest.approx(m["loss"], rel=1e-6) and h["lr"] == pytest.approx(m["lr"])
+
+
+def test_non_finite_steps_are_skipped_then_stop(tmp_path, one_rank):
+    from train import loop
+    from train.sft import SFTConfig, make_task
+
+    argv = ["--config", str(QUICK / "sft.yaml"), f"train.run_dir={tmp_path}", "logging.progress=false", *SHORT]
+    cfg = loop.parse_args(SFTConfig, [*argv, "train.steps=10", "train.max_bad_steps=3"])
+    from llama.chat import ChatFormat
+    from llama.tokenizer import load_tokenizer
+    from train.distributed import build_model, init_distributed
+
+    d = init_distributed()
+    train_loader, _ = loop.build_loaders(cfg, "sft", ChatFormat(load_tokenizer()), d)
+    model = build_model(d, None, "tiny", "lm", 0)
+    task = make_task(model, "torch")
+    calls = []
+
+    def loss(batch, step):
+        value, m = task.loss(batch, step)
+        if not calls or calls[-1] is not step:  # count optimizer steps, not micro-batches
+            calls.append(step)
+        bad = len(calls) in (2, 5, 6, 7)  # step 2 alone, then steps 5, 6, 7 in a row
+        return (value * float("nan") if bad else value), m
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match="step 7: 3 steps in a row with a non-finite loss"):
+        loop.run(cfg, d, model, loop.Task(loss, task.summarize), train_loader, None)
+    logged = read_metrics(tmp_path)
+    assert [m["skipped_steps"] for m in logged] == [0, 1, 1, 1, 2, 3]
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values())
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
