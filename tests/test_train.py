@@ -215,3 +215,14 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, one_rank):
     assert [m["skipped_steps"] for m in logged] == [0, 1, 1, 1, 2, 3]
     assert all(torch.isfinite(v).all() for v in model.state_dict().values())
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_dpo_precomputed_reference_equals_live_reference(tmp_path):
+    args = [*SHORT, "train.steps=3"]
+    torchrun("dpo", QUICK / "dpo.yaml", tmp_path / "live", [*args, "dpo.reference=model"])
+    torchrun("dpo", QUICK / "dpo.yaml", tmp_path / "pre", [*args, "dpo.reference=precompute"])
+    for a, b in zip(read_metrics(tmp_path / "live"), read_metrics(tmp_path / "pre")):
+        for k in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "nll"):
+            assert a[k] == pytest.approx(b[k], abs=1e-5), k
+    first = read_metrics(tmp_path / "live")[0]
+    assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)  # policy == reference at step 1
