@@ -1,0 +1,137 @@
+"""The Triton target_logprobs kernel under TRITON_INTERPRET=1, against float64.
+
+Cut Cross-Entropy's bound: the kernel's error against float64 is no larger than plain torch's
+error in the same precision, plus a small tolerance."""
+
+import pytest
+import torch
+
+import kernels
+from kernels import IGNORE, naive_target_logprobs
+from kernels import triton_logprobs as tk
+
+SIZES = [(37, 24, 101), (64, 48, 300), (5, 16, 33), (130, 40, 517)]  # odd N, H, V
+
+
+def inputs(N, H, V, dtype, seed=0, ignore_every=5):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, H, generator=g)
+    w = torch.randn(V, H, generator=g) * (2.0 / H**0.5)
+    t = torch.randint(0, V, (N,), generator=g)
+    t[::ignore_every] = IGNORE
+    return h.to(dtype), w.to(dtype), t
+
+
+def grads(fn, h, w, t, up):
+    h, w = h.detach().requires_grad_(), w.detach().requires_grad_()
+    out = fn(h, w, t)
+    return (out, *torch.autograd.grad((out * up).sum(), (h, w)))
+
+
+def err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+# tolerance relative to the largest exact value: 1e-5 in fp32; 2^-7 (two bf16 ulps) in bf16
+@pytest.mark.parametrize("dtype,rel", [(torch.float32, 1e-5), (torch.bfloat16, 2**-7)])
+@pytest.mark.parametrize("N,H,V", SIZES)
+def test_values_and_gradients_within_torch_error(N, H, V, dtype, rel):
+    h, w, t = inputs(N, H, V, dtype, seed=N + V)
+    up = torch.randn(N, generator=torch.Generator().manual_seed(1))
+    exact = grads(naive_target_logprobs, h.double(), w.double(), t, up.double())
+    torch_same = grads(naive_target_logprobs, h, w, t, up)
+    kernel = grads(lambda a, b, c: kernels.target_logprobs(a, b, c, backend="triton"), h, w, t, up)
+    assert kernel[0].dtype == torch.float32 and (kernel[0][t == IGNORE] == 0).all()
+    for k, name in enumerate(("logp", "d hidden", "d weight")):
+        tol = rel * exact[k].abs().max().item()
+        assert err(kernel[k], exact[k]) <= err(torch_same[k], exact[k]) + tol, name
+    assert kernel[1].dtype == dtype and kernel[2].dtype == dtype
+
+
+def test_vocab_splits_combine():
+    h, w, t = inputs(20, 16, 200, torch.float32)
+    exact = naive_target_logprobs(h.double(), w.double(), t)
+    for split in (32, 64, 96, 224):  # 7, 4, 3, 1 splits, the last one partial
+        logp, *_ = tk.forward(h, w, t, v_per_split=split)
+        assert err(logp, exact) < 1e-5, split
+
+
+def test_stats_entropy_and_argmax():
+    h, w, t = inputs(40, 16, 90, torch.float32, ignore_every=7)
+    logits = h.double() @ w.double().T
+    t[1::3] = logits.argmax(-1)[1::3]  # a third of the targets are the argmax
+    t[::7] = IGNORE
+    logp, entropy, is_argmax = kernels.triton_logprobs.target_logprobs(h, w, t, with_stats=True)
+    lp = logits.log_softmax(-1)
+    valid = t != IGNORE
+    assert err(entropy[valid], -(lp.exp() * lp).sum(-1)[valid]) < 1e-5
+    assert torch.equal(is_argmax, valid & (logits.argmax(-1) == t))
+    assert is_argmax.sum() >= 10
+
+
+def test_forward_only_saves_nothing_and_matches():
+    h, w, t = inputs(30, 16, 70, torch.float32)
+    with torch.no_grad():
+        a = kernels.target_logprobs(h, w, t, backend="triton")
+    assert a.grad_fn is None
+    assert err(a, naive_target_logprobs(h.double(), w.double(), t)) < 1e-5
+
+
+def test_tied_weights_accumulate_both_gradients():
+    """Hidden states that come from the same embedding the head projects with (tied weights)."""
+    g = torch.Generator().manual_seed(3)
+    emb = torch.randn(50, 16, generator=g, dtype=torch.float64) * 0.3
+    ids, t = torch.randint(0, 50, (21,), generator=g), torch.randint(0, 50, (21,), generator=g)
+
+    def run(fn, dtype):
+        e = emb.to(dtype).detach().requires_grad_()
+        out = fn(torch.tanh(e[ids]), e, t)
+        out.sum().backward()
+        return e.grad
+
+    exact = run(naive_target_logprobs, torch.float64)
+    ours = run(lambda a, b, c: kernels.target_logprobs(a, b, c, backend="triton"), torch.float32)
+    assert err(ours, exact) < 1e-5
+
+
+def test_dispatch_and_errors(monkeypatch):
+    h, w, t = inputs(8, 16, 20, torch.float32)
+    assert torch.equal(kernels.target_logprobs(h, w, t, backend="auto"), kernels.torch_target_logprobs(h, w, t))
+    with pytest.raises(ValueError, match="unknown kernels backend"):
+        kernels.target_logprobs(h, w, t, backend="cuda")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        kernels.target_logprobs(h, w, t, backend="triton")
+
+
+def test_losses_through_the_kernel_match_torch():
+    """The SFT loss of a tiny model through the Triton backend equals the torch backend, grads too."""
+    from collections import Counter
+
+    from conftest import random_model
+
+    from data.rows import encode_sft, pack
+    from data.schema import SFTRecord
+    from llama import get_preset
+    from llama.chat import ChatFormat
+    from llama.tokenizer import load_tokenizer
+    from losses import sft_loss, target_logps
+
+    chat = ChatFormat(load_tokenizer())
+    recs = [
+        SFTRecord([{"role": "user", "content": f"{i}+1="}, {"role": "assistant", "content": str(i + 1)}])
+        for i in range(6)
+    ]
+    batch = pack([encode_sft(r, chat, 64, "truncate", Counter()) for r in recs], 64, 256)[0]
+    model = random_model(get_preset("debug"))
+    results = []
+    for backend in ("torch", "triton"):
+        model.zero_grad()
+        logps = model(
+            batch.tokens, batch.positions, batch.doc_ids, head_fn=lambda h, w, b=backend: target_logps(h, w, batch, b)
+        )
+        loss, _ = sft_loss(logps, batch.num_targets)
+        loss.backward()
+        results.append((loss.item(), model.tok_embeddings.weight.grad.clone()))
+    assert results[0][0] == pytest.approx(results[1][0], abs=1e-5)
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-6)
