@@ -173,6 +173,14 @@ def encode_preference(
     order = list(range(len(responses)))
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(order)
+    ex = build_group(prompt, responses, order)
+    ex.strength = STRENGTHS.index(record.strength) if record.strength else -1
+    return ex
+
+
+def build_group(prompt: EncodedDialog, responses: list[EncodedDialog], order: list[int] | None = None) -> Example:
+    """[prompt][responses in `order`]: sequence k of the example is responses[k] (its rank)."""
+    order = list(range(len(responses))) if order is None else order
     P = len(prompt)
     ex = Example(list(prompt.tokens), list(range(P)), [0] * P)
     for slot, rank in enumerate(order):
@@ -184,8 +192,7 @@ def encode_preference(
             if m:
                 ex.targets.append((start + j - 1 if j else P - 1, t, rank, f))
         ex.seqs.append((start + len(r) - 1, rank))
-    ex.seqs.sort(key=lambda s: s[1])  # sequence k of the example = rank k
-    ex.strength = STRENGTHS.index(record.strength) if record.strength else -1
+    ex.seqs.sort(key=lambda s: s[1])
     return ex
 
 
