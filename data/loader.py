@@ -60,6 +60,7 @@ def load_examples(
     seed: int = 0,
     verbose: bool = True,
     train_on_prompt: bool = False,
+    one_row: bool = True,
 ) -> tuple[list[Example], Counter]:
     """Read, validate and encode a file. kind: sft | rm (responses shuffled) | dpo (best vs worst)."""
     if kind not in KINDS:
@@ -85,7 +86,9 @@ def load_examples(
                 report[f"filtered: strength {record.strength}"] += 1
                 continue
             shuffle = seed * 1_000_003 + index if kind == "rm" else None
-            ex = encode_preference(record, chat, max_len, overlength, report, shuffle, 2 if kind == "dpo" else None)
+            ex = encode_preference(
+                record, chat, max_len, overlength, report, shuffle, 2 if kind == "dpo" else None, one_row
+            )
         if ex is not None:
             ex.uid = len(examples)
             examples.append(ex)
@@ -132,16 +135,19 @@ class DataLoader:
         self.tokens_per_microbatch, self.rank, self.world_size = tokens_per_microbatch, rank, world_size
         self.seed, self.shuffle, self.pad_id = seed, shuffle, pad_id
         self.epoch, self.step = 0, 0
+        self._order: tuple[int | None, list[int]] = (None, [])
 
     @property
     def steps_per_epoch(self) -> int:
         return len(self.examples) // self.batch_size  # the last partial batch is dropped
 
     def order(self, epoch: int) -> list[int]:
-        idx = list(range(len(self.examples)))
-        if self.shuffle:
-            random.Random(self.seed * 1_000_003 + epoch).shuffle(idx)
-        return idx
+        if self._order[0] != epoch:  # one permutation per epoch, computed once
+            idx = list(range(len(self.examples)))
+            if self.shuffle:
+                random.Random(self.seed * 1_000_003 + epoch).shuffle(idx)
+            self._order = (epoch, idx)
+        return self._order[1]
 
     def build_step(self, epoch: int, step: int) -> Step:
         ids = self.order(epoch)[step * self.batch_size : (step + 1) * self.batch_size]

@@ -36,6 +36,7 @@ class Example:
     seqs: list[tuple[int, int]] = field(default_factory=list)  # (index of final token, rank: 0 = best)
     strength: int = -1  # index into STRENGTHS, -1 if unknown
     uid: int = -1  # index in its dataset
+    docs: list[int] | None = None  # per-token sub-document, when the example spans several (separate rows)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -134,6 +135,7 @@ def encode_preference(
     report: Counter,
     shuffle_seed: int | None = None,
     max_responses: int | None = None,
+    one_row: bool = True,
 ):
     """-> Example [prompt][responses...], responses in shuffled order if shuffle_seed is given.
 
@@ -155,6 +157,9 @@ def encode_preference(
     prompt = chat.encode_dialog(record.prompt, add_generation_prompt=True)
     responses = [encode_response(chat, r) for r in unique]
     lengths = [len(r) for r in responses]
+    if not one_row and len(prompt) * len(responses) + sum(lengths) > max_len:
+        report["dropped: over max_len (separate rows)"] += 1
+        return None
     if len(prompt) + sum(lengths) > max_len:
         budget = max_len - len(prompt)
         if budget < 2 * len(responses):
@@ -173,8 +178,28 @@ def encode_preference(
     order = list(range(len(responses)))
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(order)
-    ex = build_group(prompt, responses, order)
+    ex = (build_group if one_row else build_separate)(prompt, responses, order)
     ex.strength = STRENGTHS.index(record.strength) if record.strength else -1
+    return ex
+
+
+def build_separate(prompt: EncodedDialog, responses: list[EncodedDialog], order: list[int] | None = None) -> Example:
+    """The baseline the one-row layout replaces: each response after its own copy of the prompt,
+    [prompt][r_a] [prompt][r_b] ..., each copy a document of its own (the same sequences and ranks)."""
+    order = list(range(len(responses))) if order is None else order
+    P = len(prompt)
+    ex = Example([], [], [], docs=[])
+    for slot, rank in enumerate(order):
+        r, start = responses[rank], len(ex.tokens)
+        ex.tokens += prompt.tokens + r.tokens
+        ex.positions += range(P + len(r))
+        ex.branch += [0] * (P + len(r))
+        ex.docs += [slot] * (P + len(r))
+        for j, (t, m, f) in enumerate(zip(r.tokens, r.is_target, r.is_format)):
+            if m:
+                ex.targets.append((start + P + j - 1, t, rank, f))
+        ex.seqs.append((start + P + len(r) - 1, rank))
+    ex.seqs.sort(key=lambda s: s[1])
     return ex
 
 
@@ -229,13 +254,15 @@ def collate(rows: list[list[Example]], pad_id: int = 0, pad_multiple: int = 8) -
     branch = torch.zeros((B, T), dtype=torch.long)
     t_index, t_token, t_seq, t_fmt, s_score, s_group, s_rank, g_strength, g_uid = ([] for _ in range(9))
     for b, row in enumerate(rows):
-        start = 0
-        for d, ex in enumerate(row):
+        start, next_doc = 0, 0
+        for ex in row:
             n, base, seq0, group = len(ex), b * T + start, len(s_score), len(g_strength)
             tokens[b, start : start + n] = torch.tensor(ex.tokens)
             positions[b, start : start + n] = torch.tensor(ex.positions)
             branch[b, start : start + n] = torch.tensor(ex.branch)
-            doc[b, start : start + n] = d
+            local = torch.tensor(ex.docs) if ex.docs is not None else torch.zeros(n, dtype=torch.long)
+            doc[b, start : start + n] = next_doc + local
+            next_doc += int(local.max()) + 1
             for parent, tok, seq, fmt in ex.targets:
                 t_index.append(base + parent)
                 t_token.append(tok)

@@ -220,3 +220,20 @@ def test_sft_accumulation_equals_one_batch():
     b = pack(examples, 128, 128 * 8)[0]
     logp = model(b.tokens, b.positions, b.doc_ids).log_softmax(-1).flatten(0, 1)
     assert one == pytest.approx(-logp[b.target_index, b.target_token].mean().item(), abs=1e-12)
+
+
+def test_separate_rows_baseline_gives_the_same_rewards_and_loss():
+    """The ablation baseline (each response after its own prompt copy) computes the same thing."""
+    torch.manual_seed(0)
+    model = Transformer(get_preset("debug"), head="reward").eval()
+    rec = pref("What is 12+30?", "42", "It is 42.", "41")
+    out = []
+    for one_row in (True, False):
+        ex = encode_preference(rec, CHAT, 256, "truncate", Counter(), shuffle_seed=3, one_row=one_row)
+        b = collate([[ex]])
+        with torch.no_grad():
+            r = model(b.tokens, b.positions, b.doc_ids, b.branch_ids).flatten()[b.seq_score_index]
+        out.append((r, ranking_loss(r, b.seq_group, b.seq_rank)[0], len(ex)))
+    assert torch.allclose(out[0][0], out[1][0], atol=1e-5)
+    assert out[0][1].item() == pytest.approx(out[1][1].item(), abs=1e-5)
+    assert out[1][2] > out[0][2]  # the prompt is repeated

@@ -24,6 +24,7 @@ from train.distributed import build_model, init_distributed
 @dataclass
 class RMSection:
     margin: str | None = None  # None (Llama 3) | small | large (Llama 2's margins by strength)
+    one_row: bool = True  # [prompt][r_a][r_b][r_c] (Llama 3); false: each response with its own prompt copy
 
 
 @dataclass
@@ -72,7 +73,7 @@ def main(argv=None):
         raise ValueError(f"rm.margin must be null or one of {list(LLAMA2_MARGINS)}, got {cfg.rm.margin!r}")
     d = init_distributed()
     chat = ChatFormat(load_tokenizer(cfg.model.tokenizer or DEFAULT_TOKENIZER))
-    train_loader, eval_loader = loop.build_loaders(cfg, "rm", chat, d)
+    train_loader, eval_loader = loop.build_loaders(cfg, "rm", chat, d, one_row=cfg.rm.one_row)
     t = cfg.train
     model = build_model(
         d,

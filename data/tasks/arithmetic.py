@@ -67,6 +67,23 @@ def preference_record(rng: random.Random, max_digits: int = 3) -> dict:
     return {"prompt": q, "chosen": a, "rejected": wrong, "strength": strength}
 
 
+def noisy_corpus(n: int, seed: int, noise: float, max_digits: int = 3) -> list[dict]:
+    """Pre-training dialogs whose answers are wrong with probability `noise`: an imperfect base."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        q, a = problem(rng, max_digits)
+        if rng.random() < noise:
+            a = wrong_answer(rng, q)[0]
+        out.append(sft_record(q, a))
+    return out
+
+
+def prompts(n: int, seed: int, max_digits: int = 3, prefix: str = "p") -> list[dict]:
+    rng = random.Random(seed)
+    return [{"id": f"{prefix}{i}", "prompt": problem(rng, max_digits)[0]} for i in range(n)]
+
+
 def write_jsonl(path: Path, records) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
