@@ -127,6 +127,8 @@ class Pipeline:
                     "train.run_dir": str(run_dir),
                     "logging.progress": False,
                 }
+                if "model.checkpoint" in args:  # the stage's own start, not the config file's preset
+                    args["model.preset"] = None
                 cmd = [
                     sys.executable,
                     "-m",

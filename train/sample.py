@@ -49,7 +49,7 @@ def read_prompts(path) -> list[dict]:
 
 
 @torch.no_grad()
-def sample(policy, chat: ChatFormat, prompts: list[list[dict]], k: int, max_new_tokens: int, batch: int = 16, **kw):
+def sample(policy, chat: ChatFormat, prompts: list[list[dict]], k: int, max_new_tokens: int, batch: int = 64, **kw):
     """-> texts[p][j], finished[p][j]: K decoded samples per prompt and whether each hit a stop token."""
     tok = chat.tokenizer
     texts, finished = [], []
