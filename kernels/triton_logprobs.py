@@ -25,6 +25,31 @@ IGNORE = -100
 
 
 @triton.jit
+def _logits_tile(
+    H, W, rn, rv, row_ok, col_ok, D, stride_hn, stride_hd, stride_wv, stride_wd,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """hidden[rn] @ weight[rv].T as a (BLOCK_N, BLOCK_V) fp32 tile, accumulated over D in BLOCK_D steps."""
+    acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        rd = d0 + tl.arange(0, BLOCK_D)
+        d_ok = rd < D
+        h = tl.load(
+            H + rn[:, None] * stride_hn + rd[None, :] * stride_hd, mask=row_ok[:, None] & d_ok[None, :], other=0.0
+        )
+        w = tl.load(
+            W + rv[:, None] * stride_wv + rd[None, :] * stride_wd, mask=col_ok[:, None] & d_ok[None, :], other=0.0
+        )
+        if UPCAST:
+            h, w = h.to(tl.float32), w.to(tl.float32)
+        if IEEE:
+            acc = tl.dot(h, tl.trans(w), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(h, tl.trans(w), acc)
+    return acc
+
+
+@triton.jit
 def _forward_kernel(
     H, W, T, M_OUT, S_OUT, E_OUT, TL_OUT,
     N, V, D, n_splits, v_per_split,
@@ -45,22 +70,9 @@ def _forward_kernel(
     for v0 in range(v_start, v_end, BLOCK_V):
         rv = v0 + tl.arange(0, BLOCK_V)
         col_ok = rv < v_end
-        acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            rd = d0 + tl.arange(0, BLOCK_D)
-            d_ok = rd < D
-            h = tl.load(
-                H + rn[:, None] * stride_hn + rd[None, :] * stride_hd, mask=row_ok[:, None] & d_ok[None, :], other=0.0
-            )
-            w = tl.load(
-                W + rv[:, None] * stride_wv + rd[None, :] * stride_wd, mask=col_ok[:, None] & d_ok[None, :], other=0.0
-            )
-            if UPCAST:
-                h, w = h.to(tl.float32), w.to(tl.float32)
-            if IEEE:
-                acc = tl.dot(h, tl.trans(w), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(h, tl.trans(w), acc)
+        acc = _logits_tile(
+            H, W, rn, rv, row_ok, col_ok, D, stride_hn, stride_hd, stride_wv, stride_wd, BLOCK_N, BLOCK_V, BLOCK_D, IEEE, UPCAST
+        )  # fmt: skip
         logits = tl.where(col_ok[None, :], acc, float("-inf"))
         m_new = tl.maximum(m, tl.max(logits, axis=1))
         scale = tl.exp(m - m_new)
@@ -90,22 +102,9 @@ def _backward_kernel(
     rv = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     row_ok = rn < N
     col_ok = rv < V
-    acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        rd = d0 + tl.arange(0, BLOCK_D)
-        d_ok = rd < D
-        h = tl.load(
-            H + rn[:, None] * stride_hn + rd[None, :] * stride_hd, mask=row_ok[:, None] & d_ok[None, :], other=0.0
-        )
-        w = tl.load(
-            W + rv[:, None] * stride_wv + rd[None, :] * stride_wd, mask=col_ok[:, None] & d_ok[None, :], other=0.0
-        )
-        if UPCAST:
-            h, w = h.to(tl.float32), w.to(tl.float32)
-        if IEEE:
-            acc = tl.dot(h, tl.trans(w), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(h, tl.trans(w), acc)
+    acc = _logits_tile(
+        H, W, rn, rv, row_ok, col_ok, D, stride_hn, stride_hd, stride_wv, stride_wd, BLOCK_N, BLOCK_V, BLOCK_D, IEEE, UPCAST
+    )  # fmt: skip
     lse = tl.load(LSE + rn, mask=row_ok, other=0.0)
     g = tl.load(G + rn, mask=row_ok, other=0.0)  # 0 for ignored targets
     tgt = tl.load(T + rn, mask=row_ok, other=-1)
