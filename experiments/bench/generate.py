@@ -1,4 +1,4 @@
-"""Throughput of batched sampling: P prompts x K samples.
+"""Throughput of batched sampling, as in rejection sampling: P prompts x K samples each.
 
 Compares, on the same weights and the same sampling settings (temperature 1, no top-k/top-p,
 no stop token, so every row produces exactly --new tokens):
@@ -107,11 +107,11 @@ def bench_size(name, args, device, dtype):
         f"\n### {name}: {config.num_params() / 1e6:.1f}M params, {P} prompts x {K} samples, "
         f"prompt {min(lengths)}-{max(lengths)} tokens, {new} new tokens, {str(dtype).removeprefix('torch.')}",
         "",
-        "| method | time (s) | generated tokens/s | vs fan-out |",
-        "|---|---:|---:|---:|",
+        "| method | time (s) | samples/s | generated tokens/s | vs fan-out |",
+        "|---|---:|---:|---:|---:|",
     ]
     for label, t in rows:
-        lines.append(f"| {label} | {t:.3f} | {n_tokens / t:,.0f} | {t / ref:.2f}x |")
+        lines.append(f"| {label} | {t:.3f} | {P * K / t:,.1f} | {n_tokens / t:,.0f} | {t / ref:.2f}x |")
     return "\n".join(lines)
 
 
