@@ -14,10 +14,10 @@ ROOT = Path(__file__).parent.parent
 
 MICRO = {
     "name": "micro", "rounds": 1, "nproc": 1, "preset": "debug", "max_digits": 1, "pretrain_examples": 200,
-    "seed_pairs": 64, "rs_prompts": 16, "pref_prompts": 16, "eval_prompts": 10, "k": 3, "max_new_tokens": 4,
-    "pretrain": {"train.steps": 4, "data.batch_size": 16, "train.save_every": 2},
-    "rm": {"train.steps": 3, "data.batch_size": 16}, "sft": {"train.steps": 3, "data.batch_size": 8},
-    "dpo": {"train.steps": 3, "data.batch_size": 4, "dpo.reference": "precompute"},
+    "seed_pairs": 64, "rs_prompts": 24, "pref_prompts": 96, "eval_prompts": 10, "k": 4, "max_new_tokens": 6,
+    "pretrain": {"train.steps": 60, "data.batch_size": 32, "train.save_every": 30, "optim.lr": 1.0e-2},
+    "rm": {"train.steps": 3, "data.batch_size": 16}, "sft": {"train.steps": 3, "data.batch_size": 2},
+    "dpo": {"train.steps": 3, "data.batch_size": 1, "dpo.reference": "precompute"},
     "variants": {"dpo": [{"train.seed": 0}, {"train.seed": 1}]},
 }  # fmt: skip
 
