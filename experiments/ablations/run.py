@@ -102,10 +102,7 @@ def main():
 
     # 2. RM: one row against separate rows
     lines += ["", "### Reward model: one row per prompt against separate rows", ""]
-    lines += [
-        "| layout | eval pairwise acc | tokens / step | step time (s) | RM acc (averaged over seeds) |",
-        "|---|---:|---:|---:|---:|",
-    ]
+    lines += ["| layout | eval pairwise acc (per seed) | tokens / step | step time (s) |", "|---|---:|---:|---:|"]
     rm = dict(cfg.rm)
     for one_row in (True, False):
         accs, toks, times = [], [], []
@@ -135,7 +132,8 @@ def main():
             times.append(sum(m["tokens"] / m["tokens_per_s"] for m in steps[1:]) / max(1, len(steps) - 1))
         mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
         layout = "one row [prompt][r_a][r_b]" if one_row else "separate rows [prompt][r_a] [prompt][r_b]"
-        lines.append(f"| {layout} | {mean(accs):.3f} | {mean(toks):.0f} | {mean(times):.3f} |")
+        per_seed = ", ".join(f"{a:.3f}" for a in accs)
+        lines.append(f"| {layout} | {mean(accs):.3f} ({per_seed}) | {mean(toks):.0f} | {mean(times):.3f} |")
         print(lines[-1], flush=True)
 
     # 3. averaged vs single, from the pipeline's own DPO variants
