@@ -1,11 +1,11 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="llama-posttrain",
     version="0.1.0",
     description="Llama 3 style post-training (reward model, rejection sampling + SFT, DPO, averaging) in PyTorch",
     python_requires=">=3.10",
-    packages=["llama", "losses", "data", "kernels", "train"],
+    packages=find_packages(include=["llama*", "losses*", "data*", "kernels*", "train*"]),
     package_data={"llama": ["assets/*"]},
     install_requires=[
         "torch>=2.6",
