@@ -346,12 +346,25 @@ class Pipeline:
             from train.plots import line_chart
 
             acc = [r for r in self.results if "task_accuracy" in r]
-            labels = ["BASE" if r["stage"] == "pretrain" else f"R{r['round']} {r['stage']}" for r in acc]
+            short = len(acc) > 7  # many rounds: "2S" = round 2 SFT, "2D" = round 2 DPO
+            labels = [
+                "BASE"
+                if r["stage"] == "pretrain"
+                else f"{r['round']}{r['stage'][0]}"
+                if short
+                else f"R{r['round']} {r['stage']}"
+                for r in acc
+            ]
             series = {
                 "greedy": [r["task_accuracy"] for r in acc],
                 "sampled t=1": [r["task_accuracy_sampled"] for r in acc],
             }
-            line_chart(self.dir / "accuracy.png", "TASK ACCURACY BY STAGE", labels, series)
+            line_chart(
+                self.dir / "accuracy.png",
+                "TASK ACCURACY BY STAGE" + (" (S=SFT D=DPO)" if short else ""),
+                labels,
+                series,
+            )
             rounds = list(range(1, self.cfg.rounds + 1))
 
             def per_round(stage, key):
