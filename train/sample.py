@@ -239,7 +239,7 @@ def main(argv=None):
     rm = load_model(args.rm, head="reward", dtype=dtype, device=device).eval() if args.rm else None
     safety = load_model(args.safety_rm, head="reward", dtype=dtype, device=device).eval() if args.safety_rm else None
     generator = torch.Generator(device).manual_seed(args.seed * 1000 + rank)
-    mine = records[rank::world]
+    mine = [{**r, "_order": i} for i, r in enumerate(records)][rank::world]
     out = rejection_sample(
         mine, policy, rm, chat, args.k, args.max_new_tokens, generator, args.temperature, args.top_p, args.top_k,
         safety, _annotator(args.annotate), args.max_chars,
@@ -252,12 +252,9 @@ def main(argv=None):
         gathered = [out]
     if rank == 0:
         for i, path in enumerate((args.out_sft, args.out_pairs, args.out_sets)):
-            if path:  # interleave the ranks' records back into prompt order
-                shards = [g[i] for g in gathered]
-                merged = [
-                    rec for j in range(max(map(len, shards), default=0)) for s in shards if j < len(s) for rec in [s[j]]
-                ]
-                write_jsonl(path, merged)
+            if path:  # back into prompt order
+                merged = sorted((rec for g in gathered for rec in g[i]), key=lambda rec: rec["_order"])
+                write_jsonl(path, [{k: v for k, v in rec.items() if k != "_order"} for rec in merged])
         print(
             json.dumps(
                 {
