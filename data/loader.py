@@ -102,8 +102,6 @@ def load_examples(
 class Step:
     micro_batches: list[Batch]  # this rank's
     num_targets: int  # over all micro-batches of all ranks
-    num_seqs: int
-    num_groups: int
     num_pairs: int  # ordered (better, worse) pairs
     num_best_targets: int  # targets of the best-ranked sequences (DPO: chosen tokens)
 
@@ -160,8 +158,6 @@ class DataLoader:
         return Step(
             mine,
             num_targets=sum(len(e.targets) for e in exs),
-            num_seqs=sum(len(e.seqs) for e in exs),
-            num_groups=len(exs),
             num_pairs=sum(_num_pairs(e) for e in exs),
             num_best_targets=sum(1 for e in exs for t in e.targets if t[2] == 0),
         )

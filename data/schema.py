@@ -89,21 +89,25 @@ def _response(value, where: str, fld: str) -> list[dict]:
     return msgs
 
 
+def parse_prompt(prompt, where: str) -> list[dict]:
+    """A prompt: text (one user turn) or messages that do not end with the assistant's."""
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            _fail(where, "prompt", "empty")
+        return [{"role": "user", "content": prompt}]
+    prompt = _messages(prompt, where, "prompt")
+    if prompt[-1]["role"] == "assistant":
+        _fail(where, f"prompt[{len(prompt) - 1}].role", "the prompt must not end with an assistant message")
+    return prompt
+
+
 def parse_preference(obj, where: str) -> PreferenceRecord:
     """-> PreferenceRecord with responses ranked best first. Duplicates are left to the caller."""
     if not isinstance(obj, dict):
         _fail(where, "record", f"must be a JSON object, got {type(obj).__name__}")
     if "prompt" not in obj:
         _fail(where, "prompt", "missing")
-    prompt = obj["prompt"]
-    if isinstance(prompt, str):
-        if not prompt.strip():
-            _fail(where, "prompt", "empty")
-        prompt = [{"role": "user", "content": prompt}]
-    else:
-        prompt = _messages(prompt, where, "prompt")
-        if prompt[-1]["role"] == "assistant":
-            _fail(where, f"prompt[{len(prompt) - 1}].role", "the prompt must not end with an assistant message")
+    prompt = parse_prompt(obj["prompt"], where)
     if "responses" in obj:
         raw = obj["responses"]
         if not isinstance(raw, list) or len(raw) < 2:

@@ -124,10 +124,6 @@ class KVCache:
         self.branch = torch.zeros(batch, max_len, dtype=torch.long, device=device)
         self.length = 0
 
-    @property
-    def max_len(self) -> int:
-        return self.k.shape[3]
-
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write k/v (B, nkv, T, hd) at the next T slots; return all filled slots."""
         end = self.length + k.shape[2]

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from data.loader import read_records
 from data.rows import build_group, encode_response, pack
-from data.schema import ValidationError, parse_preference
+from data.schema import ValidationError, parse_prompt
 from llama import load_model
 from llama.chat import ChatFormat
 from llama.generate import generate
@@ -42,9 +42,9 @@ def read_prompts(path) -> list[dict]:
     for where, obj in read_records(path):
         if isinstance(obj, ValidationError):
             raise obj
-        fake = {**obj, "chosen": "x", "rejected": "y"} if isinstance(obj, dict) else obj
-        record = parse_preference(fake, where)  # validates the prompt
-        out.append({**obj, "messages": record.prompt})
+        if not isinstance(obj, dict) or "prompt" not in obj:
+            raise ValidationError(f"{where}: prompt: missing (a prompt record is an object with a 'prompt')")
+        out.append({**obj, "messages": parse_prompt(obj["prompt"], where)})
     return out
 
 

@@ -22,10 +22,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent.parent
-sys.path.insert(0, str(ROOT))
+from train.pipeline import Pipeline, load_pipeline_config
 
-from train.pipeline import Pipeline, load_pipeline_config  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 def torchrun(kind: str, config: str, overrides: dict, log: Path) -> None:
