@@ -3,12 +3,15 @@
 Formats (told apart by the files in the directory):
 - native: `config.json` {"format": "llama-native", "head", "model": ModelConfig} + safetensors
   with our (Meta) parameter names, one file or shards with `model.safetensors.index.json`.
+  Only the files the index names (or the single `model.safetensors`) are read: a stray extra
+  `*.safetensors` in the folder cannot override tensors.
 - hf: `config.json` (LlamaForCausalLM / LlamaForSequenceClassification) + safetensors with HF
   names; HF stores q/k rows permuted for its rotate-half RoPE, which we undo on import.
 - meta: `params.json` + `consolidated.NN.pth` model-parallel shards (read with weights_only=True).
 
 Loading builds the model on the meta device and assigns the loaded tensors by name, so the
-weights are in memory once.
+weights are in memory once. Saving never deletes a file this project did not write (see
+`save_checkpoint`), and model files are safetensors only: no pickle is ever written.
 """
 
 from __future__ import annotations
@@ -17,11 +20,12 @@ import json
 import os
 import re
 import shutil
+import sys
 import uuid
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from llama.config import ModelConfig, RopeScaling
@@ -29,6 +33,11 @@ from llama.model import Transformer
 
 NATIVE = "llama-native"
 MAX_SHARD_BYTES = 5 * 2**30
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+# Tag in the safetensors metadata of every weight file we write: a later save into the same folder
+# may remove such a file once its new index no longer names it; files without the tag are never removed.
+WRITER = "llama-posttrain"
 
 # native name -> HF name; {} is the layer index.
 _HF_NAMES = {
@@ -79,6 +88,16 @@ def _rope_permute(w: torch.Tensor, n_heads: int, to_hf: bool) -> torch.Tensor:
 # ----------------------------------------------------------------------------- configs
 
 
+def _read_json(file: Path) -> dict:
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: invalid JSON or not UTF-8
+        raise CheckpointError(f"{file}: cannot read it as JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(raw).__name__}")
+    return raw
+
+
 def detect_format(path) -> str:
     path = Path(path)
     if (path / "params.json").is_file():
@@ -86,7 +105,7 @@ def detect_format(path) -> str:
     cfg = path / "config.json"
     if not cfg.is_file():
         raise CheckpointError(f"{path}: not a checkpoint directory (no config.json or params.json)")
-    return "native" if json.loads(cfg.read_text()).get("format") == NATIVE else "hf"
+    return "native" if _read_json(cfg).get("format") == NATIVE else "hf"
 
 
 def config_from_hf(hf: dict, source: str = "config.json") -> tuple[ModelConfig, str]:
@@ -192,29 +211,88 @@ def config_from_meta(params: dict, source: str = "params.json") -> ModelConfig:
 
 
 def read_config(path) -> tuple[ModelConfig, str, str]:
-    """-> (config, head stored in the checkpoint, format)."""
+    """-> (config, head stored in the checkpoint, format). Errors name the config file."""
     path = Path(path)
     fmt = detect_format(path)
-    if fmt == "meta":
-        return config_from_meta(json.loads((path / "params.json").read_text()), str(path / "params.json")), "lm", fmt
-    raw = json.loads((path / "config.json").read_text())
-    if fmt == "native":
-        return ModelConfig.from_dict(raw["model"], str(path / "config.json")), raw.get("head", "lm"), fmt
-    cfg, head = config_from_hf(raw, str(path / "config.json"))
-    return cfg, head, fmt
+    file = path / ("params.json" if fmt == "meta" else "config.json")
+    raw = _read_json(file)
+    try:
+        if fmt == "meta":
+            return config_from_meta(raw, str(file)), "lm", fmt
+        if fmt == "native":
+            head = raw.get("head", "lm")
+            if head not in _HF_ARCH:
+                raise CheckpointError(f"{file}: head {head!r} is not one of {sorted(_HF_ARCH)}")
+            return ModelConfig.from_dict(raw["model"], str(file)), head, fmt
+        cfg, head = config_from_hf(raw, str(file))
+        return cfg, head, fmt
+    except CheckpointError:
+        raise
+    except KeyError as e:
+        raise CheckpointError(f"{file}: missing key {e}") from None
+    except (TypeError, ValueError, AttributeError) as e:  # wrong types or values in the JSON
+        msg = str(e)
+        raise CheckpointError(msg if msg.startswith(str(file)) else f"{file}: {msg}") from None
 
 
 # ----------------------------------------------------------------------------- tensors
 
 
-def _safetensors_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        return [path / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{path}: no safetensors files")
+def _index_files(index: Path) -> list[str]:
+    """The file names an index's weight_map names (plain names in the same folder)."""
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: no weight_map")
+    names = sorted(set(weight_map.values()))
+    bad = [n for n in names if not isinstance(n, str) or Path(n).name != n]
+    if bad:
+        raise CheckpointError(f"{index}: weight_map names files outside the folder: {bad[:3]}")
+    return names
+
+
+def weight_files(path) -> list[Path]:
+    """The weight files of a safetensors checkpoint: those its index names, else `model.safetensors`.
+
+    Any other `*.safetensors` in the folder is not read (counted and printed)."""
+    path = Path(path)
+    if (path / INDEX).is_file():
+        files = [path / n for n in _index_files(path / INDEX)]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{path / INDEX} names weight file(s) that are missing: {', '.join(missing)}")
+    elif (path / SINGLE).is_file():
+        files = [path / SINGLE]
+    else:
+        found = sorted(p.name for p in path.glob("*.safetensors"))
+        hint = f" (found {', '.join(found)}: not read without an index naming them)" if found else ""
+        raise CheckpointError(f"{path}: no {SINGLE} or {INDEX}{hint}")
+    ignored = sorted(p.name for p in set(path.glob("*.safetensors")) - set(files))
+    if ignored:
+        print(
+            f"{path}: ignoring {len(ignored)} safetensors file(s) the checkpoint does not name: {', '.join(ignored)}",
+            file=sys.stderr,
+        )
     return files
+
+
+def open_weights(file: Path, device="cpu"):
+    """safe_open, with the file named if it is truncated or corrupt."""
+    try:
+        return safe_open(str(file), framework="pt", device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+
+
+def tensor_files(path) -> dict[str, Path]:
+    """tensor name -> the weight file holding it. A name held by two files is an error."""
+    out = {}
+    for file in weight_files(path):
+        with open_weights(file) as f:
+            for name in f.keys():
+                if name in out:
+                    raise CheckpointError(f"tensor {name} is in two weight files: {out[name]} and {file}")
+                out[name] = file
+    return out
 
 
 def read_tensors(path, fmt: str, config: ModelConfig, device="cpu") -> dict[str, torch.Tensor]:
@@ -222,10 +300,13 @@ def read_tensors(path, fmt: str, config: ModelConfig, device="cpu") -> dict[str,
     path = Path(path)
     if fmt == "meta":
         return _read_meta(path, config)
+    by_file: dict[Path, list[str]] = {}
+    for name, file in tensor_files(path).items():
+        by_file.setdefault(file, []).append(name)
     out = {}
-    for file in _safetensors_files(path):
-        with safe_open(str(file), framework="pt", device=str(device)) as f:
-            for name in f.keys():
+    for file, names in by_file.items():
+        with open_weights(file, device) as f:
+            for name in names:
                 t = f.get_tensor(name)
                 if fmt == "hf":
                     native = _rename(name, _FROM_HF)
@@ -256,16 +337,24 @@ def _read_meta(path: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------- load / save
 
 
-def load_model(path, head: str | None = None, dtype: torch.dtype | None = None, device="cpu") -> Transformer:
+def load_model(
+    path, head: str | None = None, dtype: torch.dtype | None = None, device="cpu", new_head_ok: bool = False
+) -> Transformer:
     """Load a native, Hugging Face or Meta checkpoint directory (auto-detected) into our model.
 
-    `head` defaults to the checkpoint's. It may differ: an LM checkpoint loaded with head="reward"
-    drops the LM head and gets a freshly initialized scalar head (how the reward model starts).
+    `head` defaults to the checkpoint's. head="reward" on a checkpoint without a reward head is an
+    error (it would score with random weights) unless `new_head_ok`: then the LM head is dropped and
+    a freshly initialized scalar head is made (how reward-model training starts from an LM).
     `dtype` defaults to the stored one.
     """
     path = Path(path)
     config, stored_head, fmt = read_config(path)
     head = head or stored_head
+    if head == "reward" and stored_head != "reward" and not new_head_ok:
+        raise CheckpointError(
+            f"{path} is a language-model checkpoint with no reward head: pass a reward-model checkpoint "
+            "(a fresh scalar head is made only where asked for, e.g. to start reward-model training)"
+        )
     tensors = read_tensors(path, fmt, config, device)
     if (
         fmt == "meta"
@@ -312,25 +401,8 @@ def load_model(path, head: str | None = None, dtype: torch.dtype | None = None, 
     return model
 
 
-def _atomic_dir(path: Path):
-    """A temp dir beside `path`; `commit()` swaps it into place in one rename."""
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-
-    def commit():
-        old = None
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old)
-
-    return tmp, commit
-
-
-def save_tensors(state: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
-    """model.safetensors, or model-0000k-of-0000n.safetensors + model.safetensors.index.json."""
+def _shard_plan(state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[tuple[str, list[str]]]:
+    """-> [(file name, tensor names)]: model.safetensors, or model-0000k-of-0000n.safetensors."""
     shards, size = [[]], 0
     for name, t in state.items():
         nbytes = t.numel() * t.element_size()
@@ -339,21 +411,114 @@ def save_tensors(state: dict[str, torch.Tensor], directory: Path, max_shard_byte
             size = 0
         shards[-1].append(name)
         size += nbytes
-    weight_map = {}
-    for i, names in enumerate(shards):
-        file = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file({n: state[n].contiguous() for n in names}, str(directory / file), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(names, file))
-    if len(shards) > 1:
-        total = sum(t.numel() * t.element_size() for t in state.values())
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    if len(shards) == 1:
+        return [(SINGLE, shards[0])]
+    return [(f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors", names) for i, names in enumerate(shards)]
+
+
+def _write_files(directory: Path, state: dict, cfg: dict, max_shard_bytes: int, index: bool) -> set[str]:
+    """Write the weight files, the index (if sharded or `index`) and config.json into `directory`.
+
+    Each is written under a temp name first; all are then renamed into place, config.json last.
+    -> the names written."""
+    plan = _shard_plan(state, max_shard_bytes)
+    tag = uuid.uuid4().hex[:8]
+    pending = []  # (temp path, final path)
+    try:
+        for file, names in plan:
+            tmp = directory / f".{file}.tmp-{tag}"
+            pending.append((tmp, directory / file))
+            save_file({n: state[n].contiguous() for n in names}, str(tmp), metadata={"format": "pt", "writer": WRITER})
+        if index or len(plan) > 1:
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            weight_map = {n: file for file, names in plan for n in names}
+            tmp = directory / f".{INDEX}.tmp-{tag}"
+            pending.append((tmp, directory / INDEX))
+            tmp.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        tmp = directory / f".config.json.tmp-{tag}"
+        pending.append((tmp, directory / "config.json"))
+        tmp.write_text(json.dumps(cfg, indent=2))
+        for tmp, final in pending:
+            os.replace(tmp, final)
+    finally:
+        for tmp, _ in pending:
+            tmp.unlink(missing_ok=True)
+    return {final.name for _, final in pending}
+
+
+def _written_by_us(file: Path) -> bool:
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return (f.metadata() or {}).get("writer") == WRITER
+    except (SafetensorError, OSError):
+        return False
+
+
+def _previous_weight_files(path: Path) -> set[str]:
+    """Weight file names of the checkpoint already in `path` (its index's, and model.safetensors)."""
+    names = {SINGLE} if (path / SINGLE).is_file() else set()
+    if (path / INDEX).is_file():
+        try:
+            names |= set(_index_files(path / INDEX))
+        except CheckpointError:
+            pass  # a broken index: its files are not known to be ours, so none is removed
+    return names
+
+
+def _is_new(path: Path) -> bool:
+    return not path.exists() or (path.is_dir() and not any(path.iterdir()))
+
+
+def _is_weight_name(name: str) -> bool:
+    return name in (SINGLE, INDEX) or re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", name) is not None
+
+
+def check_destination(path) -> None:
+    """Raise unless `save_checkpoint` may write to `path`. Call it before long work whose result goes there.
+
+    Allowed: a missing or empty directory; a (native or HF) checkpoint directory, whose config and
+    weights are replaced and the rest kept; a folder of other files (a tokenizer, a README) that holds
+    no config.json or weight file we did not write, to which ours are added. Anything else is refused
+    rather than overwritten."""
+    path = Path(path)
+    if _is_new(path):
+        return
+    if not path.is_dir():
+        raise CheckpointError(f"{path} exists and is not a directory")
+    if (path / "params.json").exists():
+        raise CheckpointError(
+            f"{path} holds a Meta checkpoint (params.json): writing another checkpoint beside it would leave two "
+            "in one folder; write to a new directory"
+        )
+    if (path / "config.json").exists():
+        try:
+            read_config(path)
+        except CheckpointError as e:
+            raise CheckpointError(
+                f"refusing to write a checkpoint into {path}: its config.json is not a Llama checkpoint's and would "
+                f"be overwritten ({e}); choose a new or empty directory"
+            ) from None
+        return
+    clash = sorted(p.name for p in path.iterdir() if _is_weight_name(p.name) and not _written_by_us(p))
+    if clash:
+        raise CheckpointError(
+            f"refusing to write a checkpoint into {path}: it holds weight files this project did not write and no "
+            f"config.json ({', '.join(clash)}); choose a new or empty directory"
+        )
 
 
 def save_checkpoint(
     state, config: ModelConfig, head: str, path, format: str = "native", max_shard_bytes=MAX_SHARD_BYTES
 ):
-    """Write a full (unsharded) state dict in native or HF format, atomically."""
+    """Write a full (unsharded) state dict in native or HF format, safetensors only.
+
+    A new or empty `path` is built as a temp directory beside it and renamed into place: all or nothing.
+    Into an existing folder (an earlier save, the source of an in-place conversion, a folder holding a
+    tokenizer; see `check_destination` for what is refused) only config.json, the index and the weight
+    files are written, each through a temp name, config.json last; every other file is kept. Weight
+    files of the previous checkpoint that the new one does not name are removed only if this project
+    wrote them (the WRITER tag); others are left, listed, and not read.
+    """
     if format not in ("native", "hf"):
         raise ValueError(f"unknown checkpoint format {format!r}; expected 'native' or 'hf'")
     path = Path(path)
@@ -370,10 +535,34 @@ def save_checkpoint(
         state, cfg = out, config_to_hf(config, head, dtype)
     else:
         cfg = {"format": NATIVE, "head": head, "model": config.to_dict()}
-    tmp, commit = _atomic_dir(path)
-    save_tensors(state, tmp, max_shard_bytes)
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-    commit()
+
+    if _is_new(path):
+        tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(parents=True)
+        try:
+            _write_files(tmp, state, cfg, max_shard_bytes, index=False)
+            os.replace(tmp, path)  # onto a missing or empty directory: one rename
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        return
+
+    check_destination(path)
+    previous = _previous_weight_files(path)
+    # Keep an existing index (replaced, naming the new files) rather than deleting it.
+    written = _write_files(path, state, cfg, max_shard_bytes, index=(path / INDEX).is_file())
+    left = []
+    for name in sorted(previous - written):
+        if _written_by_us(path / name):
+            (path / name).unlink()
+        else:
+            left.append(name)
+    if left:
+        print(
+            f"{path}: left {len(left)} weight file(s) of the previous checkpoint that this project did not write "
+            f"(not read: the new checkpoint does not name them; delete them if not needed): {', '.join(left)}",
+            file=sys.stderr,
+        )
 
 
 def save_model(model: Transformer, path, format: str = "native", max_shard_bytes: int = MAX_SHARD_BYTES) -> None:

@@ -1,6 +1,9 @@
 """Batched sampling with a KV cache: prefill each prompt once, fan it out to K samples.
 
-    python -m llama.generate --checkpoint DIR --tokenizer FILE --prompt "..." --samples K
+    python -m llama.generate --checkpoint DIR [--tokenizer FILE] --prompt "..." --samples K
+
+The tokenizer defaults to the checkpoint folder's (llama.tokenizer.resolve_tokenizer); a model whose
+vocabulary is not the shipped byte tokenizer's fails at start without one.
 
 Prompts of different lengths are left-padded; pad slots get their own doc id so no real token
 attends to them (the model's row rule). Every row stops at its own stop token; finished rows are
@@ -105,14 +108,18 @@ def generate(
 
 def main(argv=None):
     from llama.chat import ChatFormat
-    from llama.checkpoint import load_model
+    from llama.checkpoint import CheckpointError, load_model, read_config
     from llama.config import get_preset
-    from llama.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
+    from llama.tokenizer import resolve_tokenizer
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", help="native, HF or Meta checkpoint directory")
     ap.add_argument("--preset", help="a randomly initialized model of this preset instead of a checkpoint")
-    ap.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER))
+    ap.add_argument(
+        "--tokenizer",
+        help="tokenizer file (or a folder holding one); default: the checkpoint folder's, else the shipped "
+        "byte tokenizer if the model's vocabulary is its 512 ids",
+    )
     ap.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     ap.add_argument("--samples", type=int, default=1)
     ap.add_argument("--max-new-tokens", type=int, default=64)
@@ -127,16 +134,13 @@ def main(argv=None):
         ap.error("give exactly one of --checkpoint and --preset")
 
     torch.manual_seed(args.seed)
-    tok = load_tokenizer(args.tokenizer)
-    if args.checkpoint:
-        model = load_model(args.checkpoint, device=args.device)
-    else:
-        model = Transformer(get_preset(args.preset)).to(args.device)
-    if model.config.vocab_size < tok.vocab_size:
-        raise SystemExit(
-            f"tokenizer {args.tokenizer} has {tok.vocab_size} ids, the model only {model.config.vocab_size}"
-        )
-    model.eval()
+    try:
+        config = read_config(args.checkpoint)[0] if args.checkpoint else get_preset(args.preset)
+        tok = resolve_tokenizer(args.tokenizer, args.checkpoint, config.vocab_size)  # before the (long) load
+        model = load_model(args.checkpoint, device=args.device) if args.checkpoint else Transformer(config)
+    except (CheckpointError, ValueError, OSError) as e:
+        raise SystemExit(f"error: {e}") from None
+    model = model.to(args.device).eval()
     chat = ChatFormat(tok)
     prompts = [
         tok.encode(p, bos=True) if args.raw else chat.encode_dialog([{"role": "user", "content": p}], True).tokens

@@ -1,6 +1,8 @@
 """Tokenizers: Llama 3's tiktoken BPE (plus its 256 special tokens) and SentencePiece models.
 
-`load_tokenizer(path)` tells the two apart by content. Both expose the same small surface:
+`load_tokenizer(path)` tells the two apart by content; `resolve_tokenizer` picks the one for a model
+(given, else the checkpoint folder's, else the byte tokenizer only if the vocabulary matches).
+Both kinds expose the same small surface:
 `encode(text, bos=False, eos=False, allow_special=False)`, `decode(ids)`, `vocab_size`, and
 special-token ids by name (`tok.special_tokens["<|eot_id|>"]`, `tok.eot_id`, `tok.bos_id`, ...).
 
@@ -207,9 +209,31 @@ class SentencePieceTokenizer(Tokenizer):
         return "".join(out) + self.model.decode(run)
 
 
+# Where a model folder keeps its tokenizer: ours and HF Llama 2 at the top, HF Llama 3 under original/.
+TOKENIZER_FILES_IN_DIR = ("tokenizer.model", "original/tokenizer.model")
+
+
+def tokenizer_in_dir(directory) -> Path | None:
+    """The tokenizer file a model folder holds (TOKENIZER_FILES_IN_DIR, first found), or None."""
+    for name in TOKENIZER_FILES_IN_DIR:
+        if (Path(directory) / name).is_file():
+            return Path(directory) / name
+    return None
+
+
 def load_tokenizer(path=DEFAULT_TOKENIZER) -> Tokenizer:
-    """Load a tiktoken BPE file or a SentencePiece model, told apart by the file's content."""
+    """Load a tiktoken BPE file or a SentencePiece model, told apart by the file's content.
+
+    `path` may also be a model folder holding one of TOKENIZER_FILES_IN_DIR."""
     path = Path(path)
+    if path.is_dir():
+        found = tokenizer_in_dir(path)
+        if found is None:
+            raise IsADirectoryError(
+                f"tokenizer {path} is a directory with no tokenizer file in it "
+                f"(looked for {' and '.join(TOKENIZER_FILES_IN_DIR)}); pass the tokenizer file"
+            )
+        path = found
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer file not found: {path}")
     with open(path, "rb") as f:
@@ -223,3 +247,35 @@ def load_tokenizer(path=DEFAULT_TOKENIZER) -> Tokenizer:
         raise ValueError(
             f"{path}: neither a tiktoken BPE file (lines '<base64 token> <rank>') nor a SentencePiece model{hint}: {e}"
         ) from None
+
+
+def resolve_tokenizer(tokenizer_arg, checkpoint_dir, vocab_size: int | None) -> Tokenizer:
+    """The tokenizer for a model, never silently the wrong one. For every entry point that loads a model.
+
+    - `tokenizer_arg` (a file, or a folder holding one) given: that tokenizer.
+    - else `checkpoint_dir` holds a tokenizer (TOKENIZER_FILES_IN_DIR): that one, and the choice is printed.
+    - else the shipped byte tokenizer (DEFAULT_TOKENIZER), only if `vocab_size` equals its vocabulary (512):
+      a model with another vocabulary was trained with another tokenizer, so this raises ValueError
+      saying to pass one.
+    `vocab_size` is the model's embedding rows (None: not checked). A tokenizer with more ids than the
+    model has rows is an error; fewer is allowed (embeddings padded beyond the tokenizer).
+    """
+    if tokenizer_arg:
+        tok, source = load_tokenizer(tokenizer_arg), "given"
+    elif checkpoint_dir and tokenizer_in_dir(checkpoint_dir) is not None:
+        tok, source = load_tokenizer(tokenizer_in_dir(checkpoint_dir)), "from the checkpoint folder"
+        print(f"tokenizer: {tok.path} ({source})", flush=True)
+    else:
+        tok, source = load_tokenizer(DEFAULT_TOKENIZER), "the shipped byte tokenizer"
+        if vocab_size is not None and vocab_size != tok.vocab_size:
+            where = f"checkpoint {checkpoint_dir}" if checkpoint_dir else "the model"
+            looked = f" (no {' or '.join(TOKENIZER_FILES_IN_DIR)} in it)" if checkpoint_dir else ""
+            raise ValueError(
+                f"{where} has vocab_size {vocab_size}{looked}, but no tokenizer was given and the shipped byte "
+                f"tokenizer has {tok.vocab_size} ids: pass the model's tokenizer (--tokenizer / model.tokenizer)"
+            )
+    if vocab_size is not None and tok.vocab_size > vocab_size:
+        raise ValueError(
+            f"tokenizer {tok.path} ({source}) has {tok.vocab_size} ids, more than the model's vocab_size {vocab_size}"
+        )
+    return tok

@@ -113,7 +113,7 @@ def test_meta_two_shards_same_logits(name, tmp_path):
 def test_reward_head_exports_as_sequence_classifier(tmp_path):
     config = CONFIGS["gqa-tied-scaled"]
     save_model(random_model(config), tmp_path / "lm")
-    rm = load_model(tmp_path / "lm", head="reward")  # LM checkpoint -> fresh scalar head
+    rm = load_model(tmp_path / "lm", head="reward", new_head_ok=True)  # LM checkpoint -> fresh scalar head
     assert rm.head == "reward" and not hasattr(rm, "output")
     save_model(rm, tmp_path / "rm", format="hf")
     assert read_config(tmp_path / "rm")[1] == "reward"

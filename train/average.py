@@ -2,8 +2,9 @@
 
     python train/average.py --out runs/avg CKPT_A CKPT_B CKPT_C [--weights 0.5 0.25 0.25]
 
-Checkpoints must be native (`python -m llama.convert` the others first) and share one config and
-head; anything else is refused. The average is taken tensor by tensor (fp64 accumulation, stored
+Checkpoints must be native (`python -m llama.convert` the others first), share one config and
+head, and hold only finite values; anything else is refused. `--out` may be new, empty or an
+earlier checkpoint (its other files are kept); any other non-empty folder is refused. The average is taken tensor by tensor (fp64 accumulation, stored
 in the checkpoints' dtype), reading each tensor lazily, so memory is about one model.
 `greedy_soup` (Wortsman et al., 2022) adds checkpoints best-first while a metric does not drop.
 """
@@ -16,17 +17,21 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
-from llama.checkpoint import _safetensors_files, read_config, save_checkpoint
+from llama.checkpoint import check_destination, open_weights, read_config, save_checkpoint, tensor_files
 
 
-def _tensor_index(path: Path) -> dict[str, Path]:
-    index = {}
-    for file in _safetensors_files(path):
-        with safe_open(str(file), framework="pt") as f:
-            index.update(dict.fromkeys(f.keys(), file))
-    return index
+def _read_finite(path: Path, file: Path, name: str) -> torch.Tensor:
+    with open_weights(file) as f:
+        t = f.get_tensor(name)
+    finite = torch.isfinite(t)
+    if not finite.all():
+        n_nan = int(torch.isnan(t).sum())
+        raise ValueError(
+            f"{path}: tensor {name} ({file.name}) has non-finite values ({n_nan} NaN, "
+            f"{int((~finite).sum()) - n_nan} inf); refusing to average it"
+        )
+    return t
 
 
 def average_checkpoints(paths: list, out, weights: list[float] | None = None) -> Path:
@@ -49,7 +54,8 @@ def average_checkpoints(paths: list, out, weights: list[float] | None = None) ->
             raise ValueError(
                 f"cannot average {paths[0]} and {p}: model configs or heads differ:\n  {configs[0]}\n  {c}"
             )
-    indexes = [_tensor_index(p) for p in paths]
+    check_destination(out)  # before reading every tensor
+    indexes = [tensor_files(p) for p in paths]
     names = list(indexes[0])
     for p, idx in zip(paths[1:], indexes[1:]):
         if set(idx) != set(names):
@@ -60,9 +66,8 @@ def average_checkpoints(paths: list, out, weights: list[float] | None = None) ->
     averaged = {}
     for name in names:
         acc, dtype = None, None
-        for w, idx in zip(weights, indexes):
-            with safe_open(str(idx[name]), framework="pt") as f:
-                t = f.get_tensor(name)
+        for p, w, idx in zip(paths, weights, indexes):
+            t = _read_finite(p, idx[name], name)  # a NaN would poison the average silently
             dtype = t.dtype
             acc = t.double() * w if acc is None else acc.add_(t.double(), alpha=w)
         averaged[name] = acc.to(dtype)
@@ -89,7 +94,10 @@ def main(argv=None):
     ap.add_argument("--out", required=True)
     ap.add_argument("--weights", type=float, nargs="+")
     args = ap.parse_args(argv)
-    out = average_checkpoints(args.checkpoints, args.out, args.weights)
+    try:
+        out = average_checkpoints(args.checkpoints, args.out, args.weights)
+    except ValueError as e:  # bad input (CheckpointError included): the message names it
+        raise SystemExit(f"error: {e}") from None
     print(json.dumps({"averaged": args.checkpoints, "weights": args.weights, "out": str(out)}))
 
 

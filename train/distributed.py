@@ -115,7 +115,7 @@ def build_model(
     full, config = {}, [None]
     if d.is_main:
         if checkpoint:
-            source = load_model(checkpoint, head=head, dtype=torch.float32)
+            source = load_model(checkpoint, head=head, dtype=torch.float32, new_head_ok=True)  # RM from an LM
         else:
             source = Transformer(get_preset(preset), head=head)
         config, full = [source.config], source.state_dict()
