@@ -8,6 +8,7 @@ counts (targets, sequences, pairs) that losses divide by, so that neither gradie
 nor world size changes the loss. Every rank computes the packing of every rank (cheap) so that
 all ranks run the same number of micro-batches, as FSDP requires; a rank with fewer gets empty
 ones. Order: a permutation per epoch from (seed, epoch); `state_dict()` is (epoch, step).
+Training drops each epoch's last partial batch; `eval_steps()` covers every example exactly once.
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from data.rows import OVERLENGTH, Batch, Example, collate, encode_preference, encode_sft, pack
-from data.schema import ValidationError, parse_preference, parse_sft
+from data.schema import STRENGTHS, ValidationError, parse_preference, parse_sft
 from llama.chat import ChatFormat
 
 KINDS = ("sft", "rm", "dpo")
@@ -28,6 +29,8 @@ KINDS = ("sft", "rm", "dpo")
 def read_records(path):
     """Yield (where, obj) from a .jsonl/.json-lines or .parquet file; where = 'file:line'."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"data file {path} is a directory; give a .jsonl or .parquet file")
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     if path.suffix == ".parquet":
@@ -36,11 +39,17 @@ def read_records(path):
         for i, obj in enumerate(pq.read_table(path).to_pylist(), 1):
             yield f"{path}:{i}", obj
         return
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # bytes, decoded per line: a bad byte is one bad record, not a crash
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                bad = raw[e.start : e.start + 1].hex()
+                yield where, ValidationError(f"{where}: encoding: not UTF-8 (byte 0x{bad} at byte {e.start + 1})")
+                continue
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
@@ -67,6 +76,12 @@ def load_examples(
         raise ValueError(f"unknown data kind {kind!r}; expected one of {KINDS}")
     if overlength not in OVERLENGTH:
         raise ValueError(f"overlength must be one of {OVERLENGTH}, got {overlength!r}")
+    if keep_strengths is not None and (
+        not isinstance(keep_strengths, (list, tuple)) or any(s not in STRENGTHS for s in keep_strengths)
+    ):  # a typo would otherwise filter out every record
+        raise ValueError(
+            f"data.keep_strengths must be a list of known strengths ({', '.join(STRENGTHS)}), got {keep_strengths!r}"
+        )
     report, examples = Counter(), []
     for index, (where, obj) in enumerate(read_records(path)):
         report["records"] += 1
@@ -111,6 +126,15 @@ def _num_pairs(ex: Example) -> int:
     return n * (n - 1) // 2
 
 
+def _counts(exs: list[Example]) -> dict:
+    """The counts a Step's losses divide by."""
+    return dict(
+        num_targets=sum(len(e.targets) for e in exs),
+        num_pairs=sum(_num_pairs(e) for e in exs),
+        num_best_targets=sum(1 for e in exs for t in e.targets if t[2] == 0),
+    )
+
+
 class DataLoader:
     def __init__(
         self,
@@ -123,21 +147,30 @@ class DataLoader:
         seed: int = 0,
         shuffle: bool = True,
         pad_id: int = 0,
+        drop_last: bool = True,
     ):
-        """batch_size: examples per optimizer step, over all ranks."""
-        if batch_size < world_size:
+        """batch_size: examples per optimizer step, over all ranks.
+
+        drop_last=False (evaluation): the last partial batch is kept, so a set smaller than a batch,
+        or than the number of ranks (those without an example run empty micro-batches), is fine."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not examples:
+            raise ValueError("no examples")
+        if drop_last and batch_size < world_size:
             raise ValueError(f"batch_size {batch_size} is smaller than world_size {world_size}")
-        if len(examples) < batch_size:
+        if drop_last and len(examples) < batch_size:
             raise ValueError(f"{len(examples)} examples are fewer than one batch of {batch_size}")
         self.examples, self.batch_size, self.max_len = examples, batch_size, max_len
         self.tokens_per_microbatch, self.rank, self.world_size = tokens_per_microbatch, rank, world_size
-        self.seed, self.shuffle, self.pad_id = seed, shuffle, pad_id
+        self.seed, self.shuffle, self.pad_id, self.drop_last = seed, shuffle, pad_id, drop_last
         self.epoch, self.step = 0, 0
         self._order: tuple[int | None, list[int]] = (None, [])
 
     @property
     def steps_per_epoch(self) -> int:
-        return len(self.examples) // self.batch_size  # the last partial batch is dropped
+        n = len(self.examples)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def order(self, epoch: int) -> list[int]:
         if self._order[0] != epoch:  # one permutation per epoch, computed once
@@ -154,13 +187,15 @@ class DataLoader:
         mine = packed[self.rank]
         n_micro = max(len(p) for p in packed)
         mine += [collate([[]], self.pad_id)] * (n_micro - len(mine))  # empty: no targets, no sequences
-        exs = [self.examples[i] for i in ids]
-        return Step(
-            mine,
-            num_targets=sum(len(e.targets) for e in exs),
-            num_pairs=sum(_num_pairs(e) for e in exs),
-            num_best_targets=sum(1 for e in exs for t in e.targets if t[2] == 0),
-        )
+        return Step(mine, **_counts([self.examples[i] for i in ids]))
+
+    def eval_steps(self):
+        """Every example exactly once (epoch 0's order, the last step partial). Each step carries the
+        counts of the whole set, so the micro-batch losses of all steps and ranks sum to the loss of
+        the whole set as one batch, whatever the batch size, world size or partial last step."""
+        whole = _counts(self.examples)
+        for i in range(-(-len(self.examples) // self.batch_size)):
+            yield replace(self.build_step(0, i), **whole)
 
     def __iter__(self):
         while True:
