@@ -72,20 +72,22 @@ def _norm(x) -> float:
 
 
 def evaluate(task: Task, loader: DataLoader, model, d: Dist) -> dict:
+    """Every eval example once. The steps carry the whole set's counts, so the summed micro-batch
+    losses are the loss of the whole set as one batch; `examples` counts what was evaluated."""
     was_training = model.training
     model.eval()
     sums = defaultdict(float)
     with torch.no_grad():
-        for i in range(loader.steps_per_epoch):
-            step = loader.build_step(0, i)
+        for step in loader.eval_steps():
             for mb in step.micro_batches:
                 loss, m = task.loss(mb.to(d.device), step)
                 sums["loss"] += float(loss)
+                sums["examples"] += mb.group_uid.numel()
                 for k, v in m.items():
                     sums[k] += float(v)
     reduced = all_reduce_sum(dict(sums), d.device)
     model.train(was_training)
-    out = {"loss": reduced["loss"] / max(loader.steps_per_epoch, 1), **task.summarize(reduced)}
+    out = {"loss": reduced["loss"], "examples": int(reduced["examples"]), **task.summarize(reduced)}
     return {f"eval/{k}": v for k, v in out.items()}
 
 
@@ -216,20 +218,25 @@ def build_loaders(cfg: Config, kind: str, chat, d: Dist, **encode_kw):
     from data.loader import load_examples
 
     dc = cfg.data
-    strengths = tuple(dc.keep_strengths) if dc.keep_strengths is not None else None
     kw = dict(kind=kind, chat=chat, max_len=dc.max_len, overlength=dc.overlength, skip_invalid=dc.skip_invalid)
-    kw.update(keep_strengths=strengths, verbose=d.is_main, **encode_kw)
+    kw.update(keep_strengths=dc.keep_strengths, verbose=d.is_main, **encode_kw)
     loader_kw = dict(
         max_len=dc.max_len, tokens_per_microbatch=dc.tokens_per_microbatch, rank=d.rank, world_size=d.world_size
     )
     loader_kw["pad_id"] = chat.tokenizer.pad_id
     train_examples, _ = load_examples(dc.train, seed=dc.seed, **kw)
+    if len(train_examples) < dc.batch_size:
+        raise ValueError(
+            f"data.train {dc.train}: {len(train_examples) or 'no'} examples (after the drops reported above), "
+            f"fewer than one batch of data.batch_size={dc.batch_size}"
+        )
     train = DataLoader(train_examples, dc.batch_size, seed=dc.seed, **loader_kw)
     evaluation = None
     if dc.eval:
         eval_examples, _ = load_examples(dc.eval, seed=dc.seed + 1, **kw)
-        batch = min(dc.batch_size, len(eval_examples))
-        evaluation = DataLoader(eval_examples, batch, shuffle=False, **loader_kw)
+        if not eval_examples:
+            raise ValueError(f"data.eval {dc.eval}: no examples (after the drops reported above)")
+        evaluation = DataLoader(eval_examples, dc.batch_size, shuffle=False, drop_last=False, **loader_kw)
     return train, evaluation
 
 
