@@ -1,5 +1,7 @@
 """Rejection sampling: scores of a shared reward row, best-of-K selection, pairs, annotators."""
 
+import base64
+import dataclasses
 import json
 import math
 import os
@@ -11,10 +13,12 @@ import pytest
 import torch
 from conftest import random_model
 
+from data.schema import ValidationError, parse_preference
 from llama import get_preset, save_model
 from llama.chat import ChatFormat
 from llama.tokenizer import load_tokenizer
 from train.sample import combine_llama2, file_annotator, read_prompts, rejection_sample, score, verifier_annotator
+from train.sample import main as sample_main
 
 CHAT = ChatFormat(load_tokenizer())
 ROOT = Path(__file__).parent.parent
@@ -101,3 +105,119 @@ def test_cli_two_ranks_write_every_prompt(tmp_path):
     sets = [json.loads(line) for line in (tmp_path / "sets.jsonl").read_text().splitlines()]
     assert [s["id"] for s in sets] == list(range(5))
     assert all(len(s["responses"]) == 4 for s in sets)
+
+
+def test_generated_fields_win_over_the_prompt_records_own(monkeypatch):
+    import train.sample
+
+    rm = random_model(get_preset("debug"), head="reward", seed=1)
+    texts = ["1", "22", "333", "4444", "55555", "666666"]  # a stand-in policy: all finished, distinct lengths
+    monkeypatch.setattr(
+        train.sample,
+        "sample",
+        lambda policy, chat, prompts, k, *a, **kw: ([texts] * len(prompts), [[True] * k] * len(prompts)),
+    )
+    own = {"chosen": "IN-C", "rejected": "IN-R", "responses": ["IN-1", "IN-2"], "score": 99.0, "scores": [9.0]}
+    own |= {"rm_scores": [8.0], "finished": [False], "strength": "slightly_better", "edited": "IN-E", "source": "x"}
+    records = [{"id": i, "messages": [{"role": "user", "content": f"{i}+{i}="}], **own} for i in range(3)]
+    gen = torch.Generator().manual_seed(0)
+    sft, pairs, sets = rejection_sample(
+        records, None, rm, CHAT, 6, 12, gen, annotate=lambda r, ts: [float(len(t)) for t in ts]
+    )
+    assert len(sft) == len(pairs) == len(sets) == 3
+    generated = {"id", "source"}  # besides the generated fields, only these: nothing of the input on top
+    for outputs, keys in ((sft, {"messages", "score", "scores"}), (pairs, {"prompt", "chosen", "rejected", "scores"})):
+        assert all(set(out) == generated | keys for out in outputs)
+    assert all(set(s) == generated | {"prompt", "responses", "finished", "rm_scores"} for s in sets)
+    for out in sft + pairs + sets:
+        assert out["source"] == {"id": out["id"], **own}, "the input record's fields go under 'source'"
+    for s in sets:
+        assert s["responses"] == texts and s["finished"] == [True] * 6 and len(s["rm_scores"]) == 6
+    for r in sft:
+        assert r["score"] == max(r["scores"]) != 99.0 and len(r["scores"]) == 6
+    for p in pairs:
+        assert (p["chosen"], p["rejected"], p["scores"]) == ("666666", "1", [6.0, 1.0])
+        # what DPO reads from the written pair: the generated responses, not the input's
+        parsed = parse_preference(p, "pairs.jsonl:1")
+        assert [m[0]["content"] for m in parsed.responses] == [p["chosen"], p["rejected"]]
+        assert parsed.strength is None
+
+
+def test_prompt_record_with_its_own_messages_is_refused(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps({"prompt": "1+1=", "messages": [{"role": "user", "content": "2+2="}]}) + "\n")
+    with pytest.raises(ValidationError, match=r"prompts.jsonl:1: messages"):
+        read_prompts(path)
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--k", "0"),
+        ("--k", "-1"),
+        ("--max-new-tokens", "0"),
+        ("--temperature", "-0.5"),
+        ("--top-p", "0"),
+        ("--top-p", "1.5"),
+    ],
+)
+def test_cli_rejects_bad_numbers(flag, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        sample_main(["--policy", "p", "--prompts", "x.jsonl", flag, value])
+    assert e.value.code == 2
+    assert f"argument {flag}" in capsys.readouterr().err
+
+
+def _prompts(tmp_path, n=3):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "prompt": f"{i}+1="}) + "\n" for i in range(n)))
+    return path
+
+
+def test_cli_refuses_an_lm_checkpoint_as_reward_model(tmp_path):
+    save_model(random_model(get_preset("debug")), tmp_path / "policy")
+    argv = ["--policy", str(tmp_path / "policy"), "--prompts", str(_prompts(tmp_path)), "--k", "2"]
+    for flag in ("--rm", "--safety-rm"):
+        with pytest.raises(SystemExit, match=rf"{flag} .*policy: not a reward model .*freshly initialized"):
+            sample_main([*argv, flag, str(tmp_path / "policy")])
+
+
+def test_cli_takes_the_tokenizer_from_the_policy_folder(tmp_path):
+    """A 513-id model (the byte tokenizer plus one merge): without a tokenizer in its folder it must not
+    sample with the shipped 512-id byte tokenizer; with one there, that one is used."""
+    config = dataclasses.replace(get_preset("debug"), vocab_size=513)
+    save_model(random_model(config), tmp_path / "policy")
+    argv = ["--policy", str(tmp_path / "policy"), "--prompts", str(_prompts(tmp_path)), "--k", "2"]
+    with pytest.raises(
+        SystemExit, match=r"policy: checkpoint .*policy has vocab_size 513 .*pass the model's tokenizer"
+    ):
+        sample_main([*argv, "--max-new-tokens", "4"])
+    merges = (ROOT / "llama" / "assets" / "bytes.tiktoken").read_text() + f"{base64.b64encode(b'+1').decode()} 256\n"
+    (tmp_path / "policy" / "tokenizer.model").write_text(merges)
+    cmd = [sys.executable, str(ROOT / "train" / "sample.py"), *argv, "--max-new-tokens", "4"]
+    cmd += ["--out-sets", str(tmp_path / "sets.jsonl")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"tokenizer: {tmp_path / 'policy' / 'tokenizer.model'} (from the checkpoint folder)" in out.stdout
+    assert len((tmp_path / "sets.jsonl").read_text().splitlines()) == 3
+
+
+def test_single_process_run_uses_init_distributed_and_tears_the_group_down(tmp_path, monkeypatch):
+    """The one process-group setup (it sets the CUDA device per local rank) serves sample.py too."""
+    import torch.distributed as dist
+
+    import train.sample
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)  # restored afterwards: init_distributed sets them
+    calls = []
+    real = train.sample.init_distributed
+    monkeypatch.setattr(train.sample, "init_distributed", lambda: calls.append(1) or real())
+    save_model(random_model(get_preset("debug")), tmp_path / "policy")
+    save_model(random_model(get_preset("debug"), head="reward"), tmp_path / "rm")
+    argv = ["--policy", str(tmp_path / "policy"), "--rm", str(tmp_path / "rm"), "--prompts", str(_prompts(tmp_path))]
+    sample_main([*argv, "--k", "3", "--max-new-tokens", "4", "--out-sets", str(tmp_path / "sets.jsonl")])
+    assert calls == [1] and not dist.is_initialized()
+    sets = [json.loads(line) for line in (tmp_path / "sets.jsonl").read_text().splitlines()]
+    assert [s["id"] for s in sets] == [0, 1, 2] and all(len(s["rm_scores"]) == 3 for s in sets)

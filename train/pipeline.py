@@ -14,6 +14,11 @@ Training stages run `torchrun train/{rm,sft,dpo}.py` once per variant (`variants
 e.g. seeds or data orders) and average the variants' models (train/average.py). Each stage writes
 a DONE marker with its results last: rerunning skips finished stages, and an interrupted training
 run resumes from its own checkpoints.
+
+A run folder holds the results of one config: the first start records it (pipeline.yaml, and the
+stage config files' contents in stage_configs.yaml) and a later start with a different config is
+refused, listing the differing keys, except for keys that change no stage's result (HARMLESS).
+The record is never rewritten. To start over, choose a new `name` or delete the folder.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import os
 import subprocess
 import sys
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +38,7 @@ import torch
 import yaml
 
 from data.tasks import arithmetic
-from llama import load_model
+from llama import PRESETS, load_model
 from llama.chat import ChatFormat
 from llama.generate import generate
 from llama.tokenizer import load_tokenizer
@@ -40,6 +46,7 @@ from train.average import average_checkpoints
 from train.sample import read_prompts, rejection_sample, score, verifier_annotator, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
+STAGE_KINDS = ("rm", "sft", "dpo")  # the training scripts; "pretrain" runs sft.py
 
 
 @dataclass
@@ -60,25 +67,137 @@ class PipelineConfig:
     k: int = 8  # samples per prompt
     temperature: float = 1.0
     max_new_tokens: int = 8
-    configs: dict = field(default_factory=lambda: {k: f"experiments/quickstart/{k}.yaml" for k in ("rm", "sft", "dpo")})
-    pretrain: dict = field(default_factory=dict)  # "section.key": value overrides of each stage's run
-    rm: dict = field(default_factory=dict)
-    sft: dict = field(default_factory=dict)
-    dpo: dict = field(default_factory=dict)
-    variants: dict = field(default_factory=dict)  # stage -> [overrides, ...]: trained separately, averaged
+    configs: dict[str, str] = field(
+        default_factory=lambda: {k: f"experiments/quickstart/{k}.yaml" for k in STAGE_KINDS}
+    )  # the stage config files, relative to the repository
+    pretrain: dict[str, typing.Any] = field(default_factory=dict)  # "section.key": value overrides of each stage's run
+    rm: dict[str, typing.Any] = field(default_factory=dict)
+    sft: dict[str, typing.Any] = field(default_factory=dict)
+    dpo: dict[str, typing.Any] = field(default_factory=dict)
+    # stage -> [overrides, ...]: trained separately, averaged
+    variants: dict[str, list[dict[str, typing.Any]]] = field(default_factory=dict)
     plots: bool = True
 
 
+# Lower bounds of numeric keys: checked with the types before any stage runs.
+AT_LEAST = {
+    "rounds": 0, "nproc": 1, "max_digits": 1, "pretrain_examples": 1, "pretrain_noise": 0.0, "seed_pairs": 1,
+    "rs_prompts": 1, "pref_prompts": 1, "eval_prompts": 1, "k": 2, "temperature": 0.0, "max_new_tokens": 1,
+}  # fmt: skip
+# Keys whose change leaves every stage's result as it was: a run folder may be continued with new values.
+HARMLESS = {"name", "root", "rounds", "plots"}
+
+
+class PipelineError(RuntimeError):
+    """A problem the pipeline reports as one message (no traceback): bad config, refused folder, failed stage."""
+
+
+def _check_type(value, tp, where: str):
+    """`value` against an annotation (str, int, float, bool, Any, dict[K, V], list[V]) -> value; ints pass as floats."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is typing.Any:
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise PipelineError(f"{where}: expected a mapping, got {value!r}")
+        return {_check_type(k, args[0], where): _check_type(v, args[1], f"{where}.{k}") for k, v in value.items()}
+    if origin is list:
+        if not isinstance(value, list):
+            raise PipelineError(f"{where}: expected a list, got {value!r}")
+        return [_check_type(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, tp) or (tp in (int, float) and isinstance(value, bool)):
+        raise PipelineError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
 def load_pipeline_config(path: str | None, overrides=()) -> PipelineConfig:
-    raw = yaml.safe_load(Path(path).read_text()) if path else {}
+    """YAML file + key=value overrides -> PipelineConfig; every key's type and range checked, errors
+    naming the file (or the override) and the key."""
+    raw, source = {}, {}
+    if path:
+        raw = _read_yaml(Path(path)) or {}
+        if not isinstance(raw, dict):
+            raise PipelineError(f"{path}: expected a mapping of keys, got {type(raw).__name__}")
+        source = dict.fromkeys(raw, str(path))
     for item in overrides:
-        key, _, value = item.partition("=")
-        raw[key] = yaml.safe_load(value)
-    known = {f.name for f in dataclasses.fields(PipelineConfig)}
-    unknown = sorted(set(raw) - known)
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise PipelineError(f"override {item!r} must look like key=value")
+        try:
+            raw[key] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise PipelineError(f"override {item!r}: not valid YAML: {e}") from None
+        source[key] = f"override {item!r}"
+    hints = typing.get_type_hints(PipelineConfig)
+    unknown = sorted(set(raw) - set(hints))
     if unknown:
-        raise ValueError(f"{path}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        where = ", ".join(sorted({source[k] for k in unknown}))
+        raise PipelineError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(hints))})")
+    for key, value in raw.items():
+        where = f"{source[key]}: {key}"
+        raw[key] = value = _check_type(value, hints[key], where)
+        if key in AT_LEAST and value < AT_LEAST[key]:
+            raise PipelineError(f"{where}: must be >= {AT_LEAST[key]}, got {value!r}")
+        if key == "pretrain_noise" and value > 1:
+            raise PipelineError(f"{where}: a fraction, must be <= 1, got {value!r}")
+        if key == "preset" and value not in PRESETS:
+            raise PipelineError(f"{where}: unknown model preset {value!r} (known: {', '.join(PRESETS)})")
+        if key == "name" and (not value or "/" in value):
+            raise PipelineError(f"{where}: must be a non-empty folder name, got {value!r}")
+        if key == "configs":
+            for kind in set(STAGE_KINDS) - set(value):
+                raise PipelineError(f"{where}: no config file for {kind!r} (give one for each of {STAGE_KINDS})")
+            for kind, file in value.items():
+                if kind not in STAGE_KINDS:
+                    raise PipelineError(f"{where}.{kind}: not a training stage (one of {', '.join(STAGE_KINDS)})")
+                if not (ROOT / file).is_file():
+                    raise PipelineError(f"{where}.{kind}: {ROOT / file} is not a file")
+        if key == "variants" and set(value) - {"pretrain", *STAGE_KINDS}:
+            raise PipelineError(f"{where}: stages are pretrain, {', '.join(STAGE_KINDS)}; got {sorted(value)}")
     return PipelineConfig(**raw)
+
+
+def _read_yaml(path: Path):
+    try:
+        return yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise PipelineError(f"{path}: cannot read it as YAML: {e}") from None
+
+
+def _write_yaml(path: Path, data) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+    os.replace(tmp, path)
+
+
+def _differences(saved, now, key: str = "") -> dict[str, tuple]:
+    """Dotted key -> (saved value, new value) for every leaf that differs; a missing key reads as '<absent>'."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        out = {}
+        for k in [*saved, *(k for k in now if k not in saved)]:
+            out |= _differences(saved.get(k, "<absent>"), now.get(k, "<absent>"), f"{key}.{k}" if key else str(k))
+        return out
+    return {} if saved == now else {key: (saved, now)}
+
+
+ATTEMPT = "=== pipeline: "  # starts each attempt's part of a stage's log
+
+
+def _tail(path: Path, n: int = 30) -> str:
+    """The last n lines of the latest attempt in a log, without torchrun's own traceback (ChildFailedError)
+    that ends a failed run: the worker's error before it is what tells what went wrong."""
+    lines = path.read_text(errors="replace").splitlines() if path.is_file() else []
+    starts = [i for i, line in enumerate(lines) if line.startswith(ATTEMPT)]
+    lines = lines[starts[-1] + 1 :] if starts else lines
+    tracebacks = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last):")]
+    if tracebacks and any("ChildFailedError" in line for line in lines[tracebacks[-1] :]):
+        lines = lines[: tracebacks[-1]]
+    return "\n".join("  | " + line for line in lines[-n:]) or "  | (empty)"
+
+
+START_OVER = "a run folder holds the results of one config: to start over, choose a new `name` or delete the folder"
 
 
 def _overrides(d: dict) -> list[str]:
@@ -94,6 +213,38 @@ class Pipeline:
 
     # ------------------------------------------------------------------ mechanics
 
+    def stage_configs(self) -> dict:
+        return {kind: _read_yaml(ROOT / file) for kind, file in sorted(self.cfg.configs.items())}
+
+    def check_run_folder(self) -> None:
+        """Record the config at the first start; refuse a later start whose config differs (HARMLESS
+        keys aside), so the results of two configs never mix. The record is never rewritten."""
+        record, stages = self.dir / "pipeline.yaml", self.dir / "stage_configs.yaml"
+        now = {**dataclasses.asdict(self.cfg), "stage_configs": self.stage_configs()}
+        if not record.is_file():
+            own = {stages.name, stages.name + ".tmp", record.name + ".tmp"}  # a first start killed mid-record
+            results = sorted(p.name for p in self.dir.iterdir() if p.name not in own) if self.dir.is_dir() else []
+            if results:
+                raise PipelineError(
+                    f"{self.dir} holds results ({', '.join(results[:5])}) but no pipeline.yaml recording the config "
+                    f"that made them; {START_OVER}"
+                )
+            self.dir.mkdir(parents=True, exist_ok=True)
+            _write_yaml(stages, now["stage_configs"])
+            _write_yaml(record, {k: v for k, v in now.items() if k != "stage_configs"})  # last: the record is whole
+            return
+        saved = {**(_read_yaml(record) or {}), "stage_configs": _read_yaml(stages) if stages.is_file() else {}}
+        changed = _differences(saved, now)
+        refused = [k for k in changed if k.split(".")[0] not in HARMLESS]
+        if refused:
+            lines = "".join(f"\n  {k}: {changed[k][0]!r} there, {changed[k][1]!r} now" for k in refused)
+            raise PipelineError(
+                f"{self.dir} was made with another config (recorded in {record.name} and {stages.name}); "
+                f"differing:{lines}\n{START_OVER}"
+            )
+        if changed:
+            print(f"{record}: {', '.join(changed)} changed (no stage's result depends on them); the record is kept")
+
     def stage(self, rnd: int, name: str, fn) -> dict:
         """Run fn(stage_dir) unless its DONE marker exists; the marker holds the stage's results."""
         d = self.dir / f"round_{rnd}" / name
@@ -104,7 +255,10 @@ class Pipeline:
         else:
             d.mkdir(parents=True, exist_ok=True)
             t0 = time.time()
-            result = {"round": rnd, "stage": name, **fn(d), "seconds": round(time.time() - t0, 1)}
+            try:
+                result = {"round": rnd, "stage": name, **fn(d), "seconds": round(time.time() - t0, 1)}
+            except PipelineError as e:
+                raise PipelineError(f"[round {rnd}] {name}: {e}") from None
             tmp = marker.with_suffix(".tmp")
             tmp.write_text(json.dumps(result, indent=1))
             tmp.replace(marker)
@@ -143,8 +297,16 @@ class Pipeline:
                     *_overrides(args),
                 ]
                 env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // self.cfg.nproc))}
-                with open(run_dir.parent / f"variant_{v}.log", "a") as log:
-                    subprocess.run(cmd, check=True, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+                log_path = run_dir.parent / f"variant_{v}.log"
+                with open(log_path, "a") as log:
+                    log.write(f"{ATTEMPT}{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(cmd)}\n")
+                    log.flush()
+                    rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+                if rc != 0:
+                    raise PipelineError(
+                        f"train/{kind}.py failed (exit code {rc}) for {run_dir}; the end of its log {log_path}\n"
+                        f"{_tail(log_path)}\nRerunning the pipeline resumes from the last finished stage."
+                    )
             models.append(run_dir / "model")
         return average_checkpoints(models, d / "model")
 
@@ -188,6 +350,7 @@ class Pipeline:
     # ------------------------------------------------------------------ the recipe
 
     def run(self) -> list[dict]:
+        self.check_run_folder()
         c, data = self.cfg, self.dir / "round_0" / "data"
         torch.manual_seed(c.seed)
 
@@ -392,7 +555,10 @@ def main(argv=None):
     ap.add_argument("overrides", nargs="*", help="key=value")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    Pipeline(load_pipeline_config(args.config, args.overrides)).run()
+    try:
+        Pipeline(load_pipeline_config(args.config, args.overrides)).run()
+    except PipelineError as e:
+        raise SystemExit(f"pipeline: {e}") from None
 
 
 if __name__ == "__main__":

@@ -12,6 +12,9 @@ scored in one reward row per prompt, [prompt][s_1]...[s_K], each sample seeing o
   sets to annotate (`--out-sets`), whose labels come back with `--annotate file:labels.jsonl`.
 With `--safety-rm`, scores combine as in Llama 2: the safety score where the prompt is marked
 `"safety": true` or the sample looks unsafe (sigmoid(safety) < 0.15), the helpfulness score elsewhere.
+Every output record holds the generated fields; the prompt record's own fields (its metadata) go
+under "source", so a prompt file that carries e.g. `chosen` or `scores` can never stand in for the
+generated ones. A prompt record's "id" is also copied to the top level: labels join on it.
 Each rank takes every world_size-th prompt; rank 0 writes the files in prompt order.
 """
 
@@ -20,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,18 +34,23 @@ from data.rows import build_group, encode_response, pack
 from data.schema import ValidationError, parse_prompt
 from llama import load_model
 from llama.chat import ChatFormat
+from llama.checkpoint import read_config
 from llama.generate import generate
-from llama.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
+from llama.tokenizer import resolve_tokenizer
+from train.distributed import init_distributed
 
 
 def read_prompts(path) -> list[dict]:
-    """JSONL records with a "prompt" (text or messages) and any other fields, kept as metadata."""
+    """JSONL records with a "prompt" (text or messages) and any other fields, kept as metadata.
+    -> the records with the parsed prompt as "messages"."""
     out = []
     for where, obj in read_records(path):
         if isinstance(obj, ValidationError):
             raise obj
         if not isinstance(obj, dict) or "prompt" not in obj:
             raise ValidationError(f"{where}: prompt: missing (a prompt record is an object with a 'prompt')")
+        if "messages" in obj:  # it would be replaced by the parsed prompt, and lost
+            raise ValidationError(f"{where}: messages: a prompt record gives its prompt as 'prompt' only")
         out.append({**obj, "messages": parse_prompt(obj["prompt"], where)})
     return out
 
@@ -154,11 +161,21 @@ def filter_ok(text: str, finished: bool, max_chars: int | None) -> bool:
 # ----------------------------------------------------------------------------- driver
 
 
-def rejection_sample(
+def rejection_sample(records, *args, **kw):
+    """-> (SFT records, preference records, sets to annotate) for these records; arguments as sample_records."""
+    return split_outputs(sample_records(records, *args, **kw))
+
+
+def split_outputs(per_record: list[tuple]) -> tuple[list[dict], list[dict], list[dict]]:
+    """Per-record (SFT record or None, pair or None, set) -> the three lists, Nones dropped."""
+    return tuple([x for x in column if x is not None] for column in zip(*per_record)) if per_record else ([], [], [])
+
+
+def sample_records(
     records, policy, rm, chat, k, max_new_tokens, generator, temperature=1.0, top_p=1.0, top_k=0,
     safety_rm=None, annotate=None, max_chars=None, max_len=4096,
-):  # fmt: skip
-    """-> (SFT records, preference records, sets to annotate) for this rank's records."""
+) -> list[tuple[dict | None, dict | None, dict]]:  # fmt: skip
+    """-> per record: (its SFT record or None, its preference pair or None, its set to annotate)."""
     prompts = [r["messages"] for r in records]
     texts, finished = sample(
         policy, chat, prompts, k, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, generator=generator
@@ -170,20 +187,26 @@ def rejection_sample(
             [combine_llama2(h, s, bool(r.get("safety"))) for h, s in zip(hs, ss)]
             for r, hs, ss in zip(records, helpful, safety)
         ]
-    sft, pairs, sets = [], [], []
+    out = []
     for r, ts, fs, ss in zip(records, texts, finished, helpful):
         keep = [j for j in range(k) if filter_ok(ts[j], fs[j], max_chars)]
-        meta = {key: v for key, v in r.items() if key not in ("prompt", "messages")}
+        meta = provenance(r)  # first, so that the generated fields written after it win
+        sft = None
         if keep:
             best = max(keep, key=lambda j: ss[j])
             messages = r["messages"] + [{"role": "assistant", "content": ts[best]}]
-            sft.append({"messages": messages, "score": ss[best], "scores": ss, **meta})
-        sets.append({"prompt": r["messages"], "responses": ts, "finished": fs, "rm_scores": ss, **meta})
+            sft = {**meta, "messages": messages, "score": ss[best], "scores": ss}
         labels = annotate(r, ts) if annotate is not None else ss
         pair = preference_pair(r, [ts[j] for j in keep], [labels[j] for j in keep]) if len(keep) >= 2 else None
-        if pair is not None:
-            pairs.append({**pair, **meta})
-    return sft, pairs, sets
+        pair = {**meta, **pair} if pair is not None else None
+        out.append((sft, pair, {**meta, "prompt": r["messages"], "responses": ts, "finished": fs, "rm_scores": ss}))
+    return out
+
+
+def provenance(record: dict) -> dict:
+    """The prompt record's own fields under "source" (its "id" also on top, the key labels join on)."""
+    source = {key: v for key, v in record.items() if key not in ("prompt", "messages")}
+    return ({"id": record["id"]} if "id" in record else {}) | {"source": source}
 
 
 def write_jsonl(path, records) -> None:
@@ -207,63 +230,94 @@ def _annotator(spec: str | None):
     raise ValueError(f"--annotate must be rm, verifier:arithmetic or file:PATH, got {spec!r}")
 
 
+def _at_least(low, kind=int):
+    """An argparse type: a number >= low."""
+
+    def parse(text):
+        value = kind(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its "invalid int value" message
+    return parse
+
+
+def check_checkpoints(args, vocab_size: int) -> None:
+    """Fail before any work: a reward model must have its trained head (an LM checkpoint would get a
+    freshly initialized one: random scores), and must know all the tokenizer's ids."""
+    for flag, path in (("--rm", args.rm), ("--safety-rm", args.safety_rm)):
+        if not path:
+            continue
+        config, head, _ = read_config(path)
+        if head != "reward":
+            raise SystemExit(
+                f"{flag} {path}: not a reward model (its head is {head!r}): scoring with it would use a freshly "
+                "initialized reward head; pass a checkpoint from train/rm.py"
+            )
+        if config.vocab_size < vocab_size:
+            raise SystemExit(f"{flag} {path}: the model has {config.vocab_size} ids, the tokenizer {vocab_size}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--policy", required=True)
     ap.add_argument("--rm", help="reward model checkpoint (helpfulness)")
     ap.add_argument("--safety-rm", help="safety reward model, combined as in Llama 2")
     ap.add_argument("--prompts", required=True)
-    ap.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER))
-    ap.add_argument("--k", type=int, default=16)
-    ap.add_argument("--max-new-tokens", type=int, default=256)
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--top-k", type=int, default=0)
-    ap.add_argument("--max-chars", type=int)
+    ap.add_argument("--tokenizer", help="default: the policy folder's tokenizer.model, else the shipped byte tokenizer")
+    ap.add_argument("--k", type=_at_least(1), default=16, help="samples per prompt")
+    ap.add_argument("--max-new-tokens", type=_at_least(1), default=256)
+    ap.add_argument("--temperature", type=_at_least(0.0, float), default=1.0, help="0: greedy")
+    ap.add_argument("--top-p", type=float, default=1.0, help="in (0, 1]; 1: off")
+    ap.add_argument("--top-k", type=_at_least(0), default=0, help="0: off")
+    ap.add_argument("--max-chars", type=_at_least(1))
     ap.add_argument("--annotate", help="rm (default) | verifier:arithmetic | file:labels.jsonl")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out-sft")
     ap.add_argument("--out-pairs")
     ap.add_argument("--out-sets")
     args = ap.parse_args(argv)
+    if not 0 < args.top_p <= 1:
+        ap.error(f"argument --top-p: must be in (0, 1], got {args.top_p}")
 
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), 0
-    if world > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        rank = dist.get_rank()
-    device = torch.device("cuda", rank % max(1, torch.cuda.device_count())) if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    chat = ChatFormat(load_tokenizer(args.tokenizer))
+    try:  # --tokenizer, else the policy folder's, else the byte tokenizer if the vocabularies match
+        tokenizer = resolve_tokenizer(args.tokenizer, args.policy, read_config(args.policy)[0].vocab_size)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"--policy {args.policy}: {e}") from None
+    check_checkpoints(args, tokenizer.vocab_size)
     records = read_prompts(args.prompts)
-    policy = load_model(args.policy, head="lm", dtype=dtype, device=device).eval()
-    rm = load_model(args.rm, head="reward", dtype=dtype, device=device).eval() if args.rm else None
-    safety = load_model(args.safety_rm, head="reward", dtype=dtype, device=device).eval() if args.safety_rm else None
-    generator = torch.Generator(device).manual_seed(args.seed * 1000 + rank)
-    mine = [{**r, "_order": i} for i, r in enumerate(records)][rank::world]
-    out = rejection_sample(
-        mine, policy, rm, chat, args.k, args.max_new_tokens, generator, args.temperature, args.top_p, args.top_k,
-        safety, _annotator(args.annotate), args.max_chars,
-    )  # fmt: skip
-    if world > 1:
-        gathered = [None] * world
-        dist.all_gather_object(gathered, out)
+    annotate = _annotator(args.annotate)
+    d = init_distributed()  # one process per GPU (cuda:LOCAL_RANK); a plain `python` run is 1 rank
+    try:
+        sample_and_write(args, d, ChatFormat(tokenizer), records, annotate)
+        dist.barrier()  # no rank tears the group down while another still uses it
+    finally:
         dist.destroy_process_group()
-    else:
-        gathered = [out]
-    if rank == 0:
-        for i, path in enumerate((args.out_sft, args.out_pairs, args.out_sets)):
-            if path:  # back into prompt order
-                merged = sorted((rec for g in gathered for rec in g[i]), key=lambda rec: rec["_order"])
-                write_jsonl(path, [{k: v for k, v in rec.items() if k != "_order"} for rec in merged])
-        print(
-            json.dumps(
-                {
-                    "prompts": len(records),
-                    "sft": sum(len(g[0]) for g in gathered),
-                    "pairs": sum(len(g[1]) for g in gathered),
-                }
-            )
-        )
+
+
+def sample_and_write(args, d, chat: ChatFormat, records: list[dict], annotate) -> None:
+    dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
+    policy = load_model(args.policy, head="lm", dtype=dtype, device=d.device).eval()
+    rm = load_model(args.rm, head="reward", dtype=dtype, device=d.device).eval() if args.rm else None
+    safety = load_model(args.safety_rm, head="reward", dtype=dtype, device=d.device).eval() if args.safety_rm else None
+    generator = torch.Generator(d.device).manual_seed(args.seed * 1000 + d.rank)
+    out = sample_records(
+        records[d.rank :: d.world_size], policy, rm, chat, args.k, args.max_new_tokens, generator, args.temperature,
+        args.top_p, args.top_k, safety, annotate, args.max_chars,
+    )  # fmt: skip
+    gathered = [None] * d.world_size
+    dist.all_gather_object(gathered, out)
+    if not d.is_main:
+        return
+    ordered = [None] * len(records)
+    for rank, results in enumerate(gathered):  # rank r sampled prompts r, r + world, ...: back into prompt order
+        ordered[rank :: d.world_size] = results
+    sft, pairs, sets = split_outputs(ordered)
+    for path, recs in ((args.out_sft, sft), (args.out_pairs, pairs), (args.out_sets, sets)):
+        if path:
+            write_jsonl(path, recs)
+    print(json.dumps({"prompts": len(records), "sft": len(sft), "pairs": len(pairs)}), flush=True)
 
 
 if __name__ == "__main__":
