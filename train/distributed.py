@@ -19,6 +19,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from llama import Transformer, get_preset, load_model
+from llama.checkpoint import read_config
+from llama.tokenizer import Tokenizer, resolve_tokenizer
 
 
 @dataclass
@@ -94,6 +96,15 @@ def all_reduce_sum(values: dict[str, float], device) -> dict[str, float]:
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return dict(zip(keys, t.tolist()))
+
+
+def model_tokenizer(checkpoint: str | None, preset: str | None, tokenizer: str | None) -> Tokenizer:
+    """`model.tokenizer`, else the checkpoint folder's, else the byte tokenizer if the vocabularies match:
+    checked against the model's vocab_size before anything is trained (llama.tokenizer.resolve_tokenizer)."""
+    if bool(checkpoint) == bool(preset):
+        raise ValueError("give exactly one of model.checkpoint and model.preset")
+    vocab_size = read_config(checkpoint)[0].vocab_size if checkpoint else get_preset(preset).vocab_size
+    return resolve_tokenizer(tokenizer, checkpoint, vocab_size)
 
 
 def build_model(

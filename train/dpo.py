@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -19,11 +20,10 @@ import torch.distributed as dist
 from data.loader import DataLoader
 from data.rows import pack
 from llama.chat import ChatFormat
-from llama.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
 from losses import chosen_nll, dpo_logps, dpo_loss, target_logps
 from train import loop
-from train.config import Config, OptimSection
-from train.distributed import build_model, init_distributed
+from train.config import Config, OptimSection, parse_args
+from train.distributed import build_model, init_distributed, model_tokenizer
 
 METRICS = (
     "rewards/chosen",
@@ -42,8 +42,8 @@ class DPOSection:
     alpha: float = 0.2  # weight of the NLL term on chosen
     label_smoothing: float = 0.0  # cDPO
     mask_format: bool = True  # drop header spans and turn terminators from the DPO log-probs
-    nll_norm: str = "sequence"  # sequence | token
-    reference: str = "model"  # model (kept alongside) | precompute (one pass, then freed)
+    nll_norm: Literal["sequence", "token"] = "sequence"  # NLL per chosen sequence, or over the step's chosen tokens
+    reference: Literal["model", "precompute"] = "model"  # kept alongside, or one pass then freed
     reference_checkpoint: str | None = None  # default: model.checkpoint (the SFT model)
 
 
@@ -103,11 +103,9 @@ def make_task(model, ref, tables, cfg: DPOSection, backend: str) -> loop.Task:
 
 
 def main(argv=None):
-    cfg = loop.parse_args(DPOConfig, argv)
-    if cfg.dpo.reference not in ("model", "precompute") or cfg.dpo.nll_norm not in ("sequence", "token"):
-        raise ValueError("dpo.reference must be model|precompute and dpo.nll_norm sequence|token")
+    cfg = parse_args(DPOConfig, argv)
     d = init_distributed()
-    chat = ChatFormat(load_tokenizer(cfg.model.tokenizer or DEFAULT_TOKENIZER))
+    chat = ChatFormat(model_tokenizer(cfg.model.checkpoint, cfg.model.preset, cfg.model.tokenizer))
     train_loader, eval_loader = loop.build_loaders(cfg, "dpo", chat, d)
     t, m = cfg.train, cfg.model
     model = build_model(

@@ -1,4 +1,8 @@
-"""Metrics: <run_dir>/metrics.jsonl (every logged step), wandb (offline by default), a console line."""
+"""Metrics: <run_dir>/metrics.jsonl (every logged step), wandb (offline by default), a console line.
+
+`read_metrics(path)` is the one reader of metrics.jsonl; a line cut short by a crash mid-write is
+dropped with a warning, so a killed run still resumes.
+"""
 
 from __future__ import annotations
 
@@ -9,28 +13,26 @@ from pathlib import Path
 
 
 class Logger:
-    def __init__(self, run_dir, cfg, config_dict: dict, enabled: bool, total_steps: int, resume_step: int = 0):
+    def __init__(self, run_dir, cfg, config_dict: dict, enabled: bool, total_steps: int, resume_step: int | None):
+        """resume_step: the checkpoint's step (lines after it are dropped: they will be logged again),
+        or None for a fresh start (the file starts empty, wandb gets a new run id)."""
         self.enabled, self.total, self.progress = enabled, total_steps, cfg.progress
         self.path = Path(run_dir) / "metrics.jsonl"
         self.wandb = None
         self.t0 = time.time()
         if not enabled:
             return
-        self._truncate_after(resume_step)
+        keep = [m for m in read_metrics(self.path) if m["step"] <= resume_step] if resume_step is not None else []
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(m) + "\n" for m in keep))
+        tmp.replace(self.path)
         if cfg.wandb != "disabled":
             import wandb  # only when logging to it
 
             self.wandb = wandb.init(
                 project=cfg.project, name=cfg.name or Path(run_dir).name, dir=str(run_dir), mode=cfg.wandb,
-                config=config_dict, resume="allow", id=_run_id(run_dir),
+                config=config_dict, resume="allow", id=_run_id(run_dir, fresh=resume_step is None),
             )  # fmt: skip
-
-    def _truncate_after(self, step: int) -> None:
-        """On resume, drop lines logged after the checkpoint: they will be logged again."""
-        if not self.path.exists():
-            return
-        keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in keep))
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -60,7 +62,29 @@ class Logger:
             self.wandb.finish()
 
 
-def _run_id(run_dir) -> str:
+def read_metrics(path) -> list[dict]:
+    """The records of a metrics.jsonl (missing file: none); an unparsable line is dropped, with a warning."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    out = []
+    for lineno, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        try:
+            record = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            record = None
+            print(f"WARNING: {path}:{lineno}: dropped an unparsable line (cut short by a crash?)", file=sys.stderr)
+        if isinstance(record, dict) and "step" in record:
+            out.append(record)
+    return out
+
+
+def _run_id(run_dir, fresh: bool) -> str:
+    """One wandb run per run folder and start: a resume continues it, a fresh start gets a new one."""
     import hashlib
 
-    return hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:12]
+    id_file = Path(run_dir) / "wandb_id"
+    if fresh or not id_file.exists():
+        seed = f"{Path(run_dir).resolve()}:{time.time_ns()}"
+        id_file.write_text(hashlib.sha1(seed.encode()).hexdigest()[:12])
+    return id_file.read_text().strip()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import resource
 import signal
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -25,7 +26,7 @@ import torch.distributed as dist
 
 from data.loader import DataLoader, Step
 from train import checkpointing
-from train.config import Config, save_config, to_dict
+from train.config import Config, to_dict
 from train.distributed import Dist, all_reduce_sum
 from train.logger import Logger
 
@@ -71,14 +72,37 @@ def _norm(x) -> float:
     return float(x.full_tensor() if hasattr(x, "full_tensor") else x)
 
 
-def evaluate(task: Task, loader: DataLoader, model, d: Dist) -> dict:
+class _Stop:
+    """SIGTERM (a scheduler, torchrun forwarding it) or SIGINT (Ctrl-C): finish the micro-batch,
+    save, exit. torchrun kills workers `--shutdown-timeout` seconds (default 30) after forwarding
+    the signal, so the flag is checked between micro-batches, not only between steps."""
+
+    signal: int | None = None
+
+    @classmethod
+    def handler(cls, signum, frame):
+        if cls.signal is not None and signum == signal.SIGINT:  # a second Ctrl-C: stop without saving
+            raise KeyboardInterrupt
+        cls.signal = signum
+
+    @classmethod
+    def agreed(cls, device) -> bool:
+        """Whether any rank was signalled (a collective: every rank must call it at the same point)."""
+        return all_reduce_sum({"stop": float(cls.signal is not None)}, device)["stop"] > 0
+
+
+def evaluate(task: Task, loader: DataLoader, model, d: Dist) -> dict | None:
     """Every eval example once. The steps carry the whole set's counts, so the summed micro-batch
-    losses are the loss of the whole set as one batch; `examples` counts what was evaluated."""
+    losses are the loss of the whole set as one batch; `examples` counts what was evaluated.
+    None: a signal arrived (checked between eval steps), the caller saves and exits."""
     was_training = model.training
     model.eval()
     sums = defaultdict(float)
     with torch.no_grad():
         for step in loader.eval_steps():
+            if _Stop.agreed(d.device):
+                model.train(was_training)
+                return None
             for mb in step.micro_batches:
                 loss, m = task.loss(mb.to(d.device), step)
                 sums["loss"] += float(loss)
@@ -91,52 +115,56 @@ def evaluate(task: Task, loader: DataLoader, model, d: Dist) -> dict:
     return {f"eval/{k}": v for k, v in out.items()}
 
 
-class _Stop:
-    requested = False
-
-
 def run(cfg: Config, d: Dist, model, task: Task, train_loader: DataLoader, eval_loader: DataLoader | None) -> dict:
+    resume_from = checkpointing.prepare_run_dir(cfg, d.rank, d.world_size)
     run_dir = Path(cfg.train.run_dir)
-    if d.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
     o = cfg.optim
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o, cfg.train.steps))
 
     start, bad_in_a_row, skipped = 0, 0, 0
-    ckpts = checkpointing.list_checkpoints(run_dir) if cfg.train.resume == "auto" else []
-    if ckpts:
-        extra = checkpointing.load(ckpts[-1], model, optimizer, d.rank)
+    if resume_from is not None:
+        extra = checkpointing.load(resume_from, model, optimizer, d.rank)
         start, skipped = extra["step"], extra["skipped"]
         scheduler.load_state_dict(extra["scheduler"])
         train_loader.load_state_dict(extra["loader"])
         if d.is_main:
-            print(f"resumed from {ckpts[-1]} (step {start})", flush=True)
-    logger = Logger(run_dir, cfg.logging, to_dict(cfg), d.is_main, cfg.train.steps, resume_step=start)
+            print(f"resumed from {resume_from} (step {start})", flush=True)
+    logger = Logger(
+        run_dir, cfg.logging, to_dict(cfg), d.is_main, cfg.train.steps, resume_step=start if resume_from else None
+    )
 
-    def save(step):
-        extra = {
-            "step": step,
-            "skipped": skipped,
-            "scheduler": scheduler.state_dict(),
-            "loader": train_loader.state_dict(),
-        }
+    def save(step, loader_state):
+        extra = {"step": step, "skipped": skipped, "scheduler": scheduler.state_dict(), "loader": loader_state}
         checkpointing.save(run_dir, step, model, optimizer, extra, d.rank, cfg.train.keep_last)
 
-    previous = signal.signal(signal.SIGTERM, lambda *_: setattr(_Stop, "requested", True))
-    if eval_loader is not None and start == 0:
-        logger.log(0, evaluate(task, eval_loader, model, d))  # the starting point
-    model.train()
+    def stop(step, loader_state):
+        """Save the last finished step (unless it is saved already) and exit 128 + signal."""
+        name = signal.Signals(_Stop.signal or signal.SIGTERM).name
+        if step > start and not (run_dir / "checkpoints" / f"step_{step:08d}").is_dir():
+            save(step, loader_state)
+        if d.is_main:
+            print(f"\n{name}: saved step {step}; rerun the same command to resume", flush=True)
+        raise SystemExit(128 + (_Stop.signal or signal.SIGTERM))
+
+    previous = {s: signal.signal(s, _Stop.handler) for s in (signal.SIGTERM, signal.SIGINT)}
     batches = iter(train_loader)
-    metrics, step = {}, start
+    metrics, step, loader_state = {}, start, train_loader.state_dict()
     try:
+        if eval_loader is not None and start == 0:
+            logger.log(0, evaluate(task, eval_loader, model, d) or stop(0, loader_state))  # the starting point
+        model.train()
         for step in range(start + 1, cfg.train.steps + 1):
+            done_state = loader_state  # the loader's position after step - 1: what a stop saves
             s: Step = next(batches)
+            loader_state = train_loader.state_dict()
             t0 = time.perf_counter()
             sums, loss_sum, tokens = defaultdict(float), 0.0, 0
             for mb in s.micro_batches:
+                if _Stop.agreed(d.device):  # drop this step's gradients, keep the last finished step
+                    optimizer.zero_grad(set_to_none=True)
+                    stop(step - 1, done_state)
                 mb = mb.to(d.device)
                 loss, m = task.loss(mb, s)
                 # losses are divided by the step's global counts, so rank gradients must be summed;
@@ -148,9 +176,7 @@ def run(cfg: Config, d: Dist, model, task: Task, train_loader: DataLoader, eval_
                     sums[k] += float(v)
             clip = o.grad_clip if o.grad_clip > 0 else float("inf")
             grad_norm = _norm(torch.nn.utils.clip_grad_norm_(params, clip))
-            reduced = all_reduce_sum(
-                {**sums, "loss": loss_sum, "tokens": tokens, "stop": float(_Stop.requested)}, d.device
-            )
+            reduced = all_reduce_sum({**sums, "loss": loss_sum, "tokens": tokens}, d.device)
             if math.isfinite(reduced["loss"]) and math.isfinite(grad_norm):
                 optimizer.step()
                 bad_in_a_row = 0
@@ -180,37 +206,22 @@ def run(cfg: Config, d: Dist, model, task: Task, train_loader: DataLoader, eval_
             if step % cfg.logging.log_every == 0 or step == cfg.train.steps:
                 logger.log(step, metrics)
             if eval_loader is not None and cfg.train.eval_every and step % cfg.train.eval_every == 0:
-                logger.log(step, evaluate(task, eval_loader, model, d))
+                logger.log(step, evaluate(task, eval_loader, model, d) or stop(step, loader_state))
             if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.steps:
-                save(step)
-            if reduced["stop"]:
-                save(step)
-                if d.is_main:
-                    print(f"\nSIGTERM: saved step {step}, exiting", flush=True)
-                return metrics
+                save(step, loader_state)
+            if _Stop.agreed(d.device):
+                stop(step, loader_state)
         if eval_loader is not None and not (cfg.train.eval_every and step % cfg.train.eval_every == 0):
-            final_eval = evaluate(task, eval_loader, model, d)
+            final_eval = evaluate(task, eval_loader, model, d) or stop(step, loader_state)
             logger.log(cfg.train.steps, final_eval)
             metrics.update(final_eval)
-        save(cfg.train.steps)
+        save(cfg.train.steps, loader_state)
         checkpointing.export(model, run_dir / "model", d.rank, hf=cfg.train.export_hf)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
         logger.finish()
     return metrics
-
-
-def parse_args(config_cls, argv=None):
-    """`--config FILE section.key=value ...` -> config instance."""
-    import argparse
-
-    from train.config import load_config
-
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--config", help="YAML file")
-    ap.add_argument("overrides", nargs="*", help="section.key=value")
-    args = ap.parse_args(argv)
-    return load_config(config_cls, args.config, args.overrides)
 
 
 def build_loaders(cfg: Config, kind: str, chat, d: Dist, **encode_kw):
@@ -241,9 +252,27 @@ def build_loaders(cfg: Config, kind: str, chat, d: Dist, **encode_kw):
 
 
 def main_guard(fn):
-    """Run an entry point; tear the process group down even on errors."""
+    """Run an entry point and end it cleanly on every rank.
+
+    On success (or a signal-stop, which every rank agreed on) all ranks meet at a barrier before
+    the process group is destroyed, so no rank tears down its gloo/NCCL connections while a peer
+    still has work in flight on them; then stdio is flushed. On an exception the group is left
+    alone: destroying it while other ranks wait in a collective can hang, and torchrun stops them.
+    """
     try:
-        return fn()
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        result = fn()
+    except SystemExit as e:
+        if e.code not in (None, 0) and not _Stop.signal:
+            raise
+        _teardown()
+        raise
+    _teardown()
+    return result
+
+
+def _teardown() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()

@@ -11,19 +11,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 from data.schema import STRENGTHS
 from llama.chat import ChatFormat
-from llama.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
 from losses import LLAMA2_MARGINS, ranked_pairs, ranking_loss, strength_margins
 from train import loop
-from train.config import Config
-from train.distributed import build_model, init_distributed
+from train.config import Config, parse_args
+from train.distributed import build_model, init_distributed, model_tokenizer
 
 
 @dataclass
 class RMSection:
-    margin: str | None = None  # None (Llama 3) | small | large (Llama 2's margins by strength)
+    margin: Literal["small", "large"] | None = None  # None (Llama 3) | small | large (Llama 2's margins by strength)
     one_row: bool = True  # [prompt][r_a][r_b][r_c] (Llama 3); false: each response with its own prompt copy
 
 
@@ -68,11 +68,9 @@ def make_task(model, margin: str | None) -> loop.Task:
 
 
 def main(argv=None):
-    cfg = loop.parse_args(RMConfig, argv)
-    if cfg.rm.margin not in (None, *LLAMA2_MARGINS):
-        raise ValueError(f"rm.margin must be null or one of {list(LLAMA2_MARGINS)}, got {cfg.rm.margin!r}")
+    cfg = parse_args(RMConfig, argv)
     d = init_distributed()
-    chat = ChatFormat(load_tokenizer(cfg.model.tokenizer or DEFAULT_TOKENIZER))
+    chat = ChatFormat(model_tokenizer(cfg.model.checkpoint, cfg.model.preset, cfg.model.tokenizer))
     train_loader, eval_loader = loop.build_loaders(cfg, "rm", chat, d, one_row=cfg.rm.one_row)
     t = cfg.train
     model = build_model(

@@ -12,11 +12,10 @@ import math
 from dataclasses import dataclass, field
 
 from llama.chat import ChatFormat
-from llama.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
 from losses import sft_loss, target_logps
 from train import loop
-from train.config import Config
-from train.distributed import build_model, init_distributed
+from train.config import Config, parse_args
+from train.distributed import build_model, init_distributed, model_tokenizer
 
 
 @dataclass
@@ -46,9 +45,9 @@ def make_task(model, backend: str) -> loop.Task:
 
 
 def main(argv=None):
-    cfg = loop.parse_args(SFTConfig, argv)
+    cfg = parse_args(SFTConfig, argv)
     d = init_distributed()
-    chat = ChatFormat(load_tokenizer(cfg.model.tokenizer or DEFAULT_TOKENIZER))
+    chat = ChatFormat(model_tokenizer(cfg.model.checkpoint, cfg.model.preset, cfg.model.tokenizer))
     train_loader, eval_loader = loop.build_loaders(cfg, "sft", chat, d, train_on_prompt=not cfg.sft.mask_prompt)
     t = cfg.train
     model = build_model(
