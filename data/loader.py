@@ -131,7 +131,7 @@ def _counts(exs: list[Example]) -> dict:
     return dict(
         num_targets=sum(len(e.targets) for e in exs),
         num_pairs=sum(_num_pairs(e) for e in exs),
-        num_best_targets=sum(1 for e in exs for t in e.targets if t[2] == 0),
+        num_best_targets=sum(1 for e in exs for t in e.targets if t.seq == 0),  # seq 0 is the best
     )
 
 

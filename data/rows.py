@@ -8,7 +8,7 @@ continue from the end of the prompt, so each response sees only the prompt and i
 Targets are listed, not shifted: each one names the index of the hidden state that predicts it
 (the previous token of its branch; for a response's first token, the prompt's last token).
 
-Rows hold several examples, one doc id each (padding: doc -1). A micro-batch is up to
+Rows hold several examples, one doc id each (padding: PAD_DOC). A micro-batch is up to
 `tokens_per_microbatch // max_len` rows, filled first-fit in order.
 """
 
@@ -17,14 +17,27 @@ from __future__ import annotations
 import random
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
 from data.schema import STRENGTHS, PreferenceRecord, SFTRecord
 from llama.chat import ChatFormat, EncodedDialog
+from llama.model import PAD_DOC
 
-PAD_DOC = -1
 OVERLENGTH = ("truncate", "drop")
+
+
+class Target(NamedTuple):
+    parent: int  # index (in the example) of the hidden state that predicts the token
+    token: int
+    seq: int  # index into Example.seqs; those are sorted best first, so seq k is the k-th best
+    is_format: bool  # header span or turn terminator
+
+
+class Seq(NamedTuple):
+    score_index: int  # index (in the example) of its final token: where its reward is read
+    rank: int  # 0 = best within the example
 
 
 @dataclass
@@ -32,8 +45,8 @@ class Example:
     tokens: list[int]
     positions: list[int]
     branch: list[int]
-    targets: list[tuple[int, int, int, bool]] = field(default_factory=list)  # (parent, token, seq, is_format)
-    seqs: list[tuple[int, int]] = field(default_factory=list)  # (index of final token, rank: 0 = best)
+    targets: list[Target] = field(default_factory=list)
+    seqs: list[Seq] = field(default_factory=list)  # sorted by rank, best first
     strength: int = -1  # index into STRENGTHS, -1 if unknown
     uid: int = -1  # index in its dataset
     docs: list[int] | None = None  # per-token sub-document, when the example spans several (separate rows)
@@ -48,7 +61,7 @@ class Batch:
 
     tokens: torch.Tensor  # (B, T)
     positions: torch.Tensor  # (B, T)
-    doc_ids: torch.Tensor  # (B, T), -1 = padding
+    doc_ids: torch.Tensor  # (B, T), PAD_DOC = padding
     branch_ids: torch.Tensor  # (B, T)
     target_index: torch.Tensor  # (N,) hidden state predicting each target
     target_token: torch.Tensor  # (N,)
@@ -111,12 +124,12 @@ def encode_sft(
             enc = _truncate(enc, max_len, chat.tokenizer.eot_id)  # cut inside an assistant turn
         else:
             enc = EncodedDialog(enc.tokens[:max_len], enc.is_target[:max_len], enc.is_format[:max_len])
-    targets = [(i - 1, t, 0, f) for i, (t, m, f) in enumerate(zip(enc.tokens, enc.is_target, enc.is_format)) if m]
+    targets = [Target(i - 1, t, 0, f) for i, (t, m, f) in enumerate(zip(enc.tokens, enc.is_target, enc.is_format)) if m]
     if not targets:
         report["dropped: no target left after truncation"] += 1
         return None
     n = len(enc)
-    return Example(enc.tokens, list(range(n)), [0] * n, targets, [(n - 1, 0)])
+    return Example(enc.tokens, list(range(n)), [0] * n, targets, [Seq(n - 1, 0)])
 
 
 def _cap(lengths: list[int], budget: int) -> int:
@@ -197,9 +210,9 @@ def build_separate(prompt: EncodedDialog, responses: list[EncodedDialog], order:
         ex.docs += [slot] * (P + len(r))
         for j, (t, m, f) in enumerate(zip(r.tokens, r.is_target, r.is_format)):
             if m:
-                ex.targets.append((start + P + j - 1, t, rank, f))
-        ex.seqs.append((start + P + len(r) - 1, rank))
-    ex.seqs.sort(key=lambda s: s[1])
+                ex.targets.append(Target(start + P + j - 1, t, rank, f))
+        ex.seqs.append(Seq(start + P + len(r) - 1, rank))
+    ex.seqs.sort(key=lambda s: s.rank)
     return ex
 
 
@@ -215,9 +228,9 @@ def build_group(prompt: EncodedDialog, responses: list[EncodedDialog], order: li
         ex.branch += [slot + 1] * len(r)
         for j, (t, m, f) in enumerate(zip(r.tokens, r.is_target, r.is_format)):
             if m:
-                ex.targets.append((start + j - 1 if j else P - 1, t, rank, f))
-        ex.seqs.append((start + len(r) - 1, rank))
-    ex.seqs.sort(key=lambda s: s[1])
+                ex.targets.append(Target(start + j - 1 if j else P - 1, t, rank, f))
+        ex.seqs.append(Seq(start + len(r) - 1, rank))
+    ex.seqs.sort(key=lambda s: s.rank)
     return ex
 
 
@@ -263,15 +276,15 @@ def collate(rows: list[list[Example]], pad_id: int = 0, pad_multiple: int = 8) -
             local = torch.tensor(ex.docs) if ex.docs is not None else torch.zeros(n, dtype=torch.long)
             doc[b, start : start + n] = next_doc + local
             next_doc += int(local.max()) + 1
-            for parent, tok, seq, fmt in ex.targets:
-                t_index.append(base + parent)
-                t_token.append(tok)
-                t_seq.append(seq0 + seq)
-                t_fmt.append(fmt)
-            for last, rank in ex.seqs:
-                s_score.append(base + last)
+            for t in ex.targets:
+                t_index.append(base + t.parent)
+                t_token.append(t.token)
+                t_seq.append(seq0 + t.seq)
+                t_fmt.append(t.is_format)
+            for s in ex.seqs:
+                s_score.append(base + s.score_index)
                 s_group.append(group)
-                s_rank.append(rank)
+                s_rank.append(s.rank)
             g_strength.append(ex.strength)
             g_uid.append(ex.uid)
             start += n

@@ -15,11 +15,10 @@ Every problem is reported as `file:line: field: problem`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 ROLES = ("system", "user", "assistant", "ipython", "tool")
 STRENGTHS = ("significantly_better", "better", "slightly_better", "marginally_better")
-LLAMA3_STRENGTHS = STRENGTHS[:2]
 
 
 class ValidationError(ValueError):
@@ -29,7 +28,6 @@ class ValidationError(ValueError):
 @dataclass
 class SFTRecord:
     messages: list[dict] | None = None
-    where: str = ""
     text: str | None = None
 
 
@@ -38,8 +36,6 @@ class PreferenceRecord:
     prompt: list[dict]
     responses: list[list[dict]]  # ranked best first, each a list of messages
     strength: str | None = None
-    where: str = ""
-    meta: dict = field(default_factory=dict)
 
 
 def _fail(where: str, fld: str, problem: str):
@@ -68,13 +64,13 @@ def parse_sft(obj, where: str) -> SFTRecord:
     if "text" in obj and "messages" not in obj:
         if not isinstance(obj["text"], str) or not obj["text"].strip():
             _fail(where, "text", "must be a non-empty string")
-        return SFTRecord(where=where, text=obj["text"])
+        return SFTRecord(text=obj["text"])
     if "messages" not in obj:
         _fail(where, "messages", "missing (or give 'text' for plain text)")
     messages = _messages(obj["messages"], where, "messages")
     if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
         _fail(where, "messages", "no non-empty assistant message to train on")
-    return SFTRecord(messages, where)
+    return SFTRecord(messages)
 
 
 def _response(value, where: str, fld: str) -> list[dict]:
@@ -122,4 +118,4 @@ def parse_preference(obj, where: str) -> PreferenceRecord:
     strength = obj.get("strength")
     if strength is not None and strength not in STRENGTHS:
         _fail(where, "strength", f"must be one of {', '.join(STRENGTHS)}, got {strength!r}")
-    return PreferenceRecord(prompt, responses, strength, where)
+    return PreferenceRecord(prompt, responses, strength)

@@ -1,11 +1,10 @@
-"""Pure-torch reference for the log-prob hot path, chunked so that it never holds [N, V] logits.
+"""The contract every log-prob backend implements, and the naive formula that defines it.
 
     target_logprobs(hidden [N, H], weight [V, H], targets [N]) -> [N]
     out[i] = log softmax(hidden[i] @ weight.T)[targets[i]]      (0 where targets[i] == IGNORE)
 
-The forward keeps only the per-row log-sum-exp; the backward recomputes each chunk's logits:
-    d out_i / d logits_i = onehot(t_i) - softmax(logits_i)
-so peak extra memory is one [chunk, V] block in fp32. The weight gradient is accumulated in fp32.
+in fp32 (fp64 for fp64 inputs). `naive_target_logprobs` writes the formula out and materializes the
+[N, V] logits: it is what tests and benchmarks compare the backends against, not a training path.
 """
 
 from __future__ import annotations
@@ -14,67 +13,22 @@ import torch
 from torch import Tensor
 
 IGNORE = -100
-CHUNK_BYTES = 64 * 2**20  # fp32 logits per chunk
 
 
-def _chunk_rows(n: int, vocab: int, chunk_size: int | None) -> int:
-    return chunk_size or max(1, min(n, CHUNK_BYTES // (4 * vocab)))
-
-
-def naive_target_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
-    """The unfused formula (materializes [N, V]); for tests and benchmarks."""
-    logits = (hidden @ weight.T).to(torch.promote_types(hidden.dtype, torch.float32))
-    valid = targets != IGNORE
-    out = logits.log_softmax(-1).gather(-1, targets.clamp(min=0)[:, None]).squeeze(-1)
-    return torch.where(valid, out, 0.0)
-
-
-class _ChunkedTargetLogprobs(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size):
-        N, V = hidden.shape[0], weight.shape[0]
-        rows = _chunk_rows(N, V, chunk_size)
-        acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
-        out = torch.empty(N, dtype=acc, device=hidden.device)
-        lse = torch.empty(N, dtype=acc, device=hidden.device)
-        valid = targets != IGNORE
-        safe = targets.clamp(min=0)
-        for s in range(0, N, rows):
-            logits = (hidden[s : s + rows] @ weight.T).to(acc)  # (rows, V)
-            lse[s : s + rows] = logits.logsumexp(-1)
-            out[s : s + rows] = logits.gather(-1, safe[s : s + rows, None]).squeeze(-1) - lse[s : s + rows]
-        out = torch.where(valid, out, 0.0)
-        ctx.save_for_backward(hidden, weight, safe, valid, lse)
-        ctx.rows = rows
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        hidden, weight, safe, valid, lse = ctx.saved_tensors
-        rows = ctx.rows
-        acc = lse.dtype
-        g = torch.where(valid, grad_out.to(acc), 0.0)
-        grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if ctx.needs_input_grad[1] else None
-        for s in range(0, hidden.shape[0], rows):
-            h = hidden[s : s + rows]
-            logits = (h @ weight.T).to(acc)
-            # d logits = g * (onehot(target) - softmax)
-            d = torch.exp(logits - lse[s : s + rows, None]).mul_(-g[s : s + rows, None])
-            d.scatter_add_(-1, safe[s : s + rows, None], g[s : s + rows, None])
-            if grad_h is not None:
-                grad_h[s : s + rows] = (d.to(weight.dtype) @ weight).to(hidden.dtype)
-            if grad_w is not None:
-                grad_w.addmm_(d.T, h.to(acc))
-        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None
-
-
-def target_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int | None = None) -> Tensor:
-    """log softmax(hidden @ weight.T)[targets] in fp32 (fp64 for fp64 inputs), chunked; IGNORE gives 0."""
+def check_shapes(hidden: Tensor, weight: Tensor, targets: Tensor) -> None:
+    """The one shape check of every backend: hidden (N, H), weight (V, H), targets (N,)."""
     if hidden.ndim != 2 or weight.ndim != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(
             f"expected hidden (N, H) and weight (V, H), got {tuple(hidden.shape)} and {tuple(weight.shape)}"
         )
     if targets.shape != hidden.shape[:1]:
         raise ValueError(f"targets {tuple(targets.shape)} must be (N,) with N = {hidden.shape[0]}")
-    return _ChunkedTargetLogprobs.apply(hidden, weight, targets, chunk_size)
+
+
+def naive_target_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
+    """The formula as written (full [N, V] logits, autograd's backward)."""
+    check_shapes(hidden, weight, targets)
+    logits = (hidden @ weight.T).to(torch.promote_types(hidden.dtype, torch.float32))
+    valid = targets != IGNORE
+    out = logits.log_softmax(-1).gather(-1, targets.clamp(min=0)[:, None]).squeeze(-1)
+    return torch.where(valid, out, 0.0)

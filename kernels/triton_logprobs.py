@@ -4,15 +4,16 @@
 
 Forward: a grid of (token block, vocabulary split). Each program walks its split tile by tile,
 computing a [BLOCK_N, BLOCK_V] logits tile in registers (fp32 accumulation over H) and folding it
-into an online log-sum-exp (running max m, running sum s), the target's logit when it falls in
-the tile, and for logging sum(p * logit) (entropy) — then writes only those O(N) numbers per split.
-Torch combines the splits.
+into an online log-sum-exp (running max m, running sum s) and the target's logit when it falls in
+the tile, then writes only those O(N) numbers per split. Torch combines the splits.
 
 Backward: a grid of (token block, vocabulary block). Each program recomputes its logits tile and
 forms d logits = g * (onehot(t) - softmax) in registers, then adds d @ W into dH and d^T @ H into
 dW with fp32 atomics. Neither pass ever holds more than a tile of logits; dW is accumulated in fp32.
 
 fp32 inputs use IEEE fp32 dot products (no TF32), so the result tracks torch's fp32 matmul.
+Same contract as kernels/reference.py; an empty input (N == 0) launches nothing and gives empty
+log-probs and zero gradients (ranks pad with empty micro-batches).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-IGNORE = -100
+from kernels.reference import IGNORE, check_shapes
 
 
 @triton.jit
@@ -51,7 +52,7 @@ def _logits_tile(
 
 @triton.jit
 def _forward_kernel(
-    H, W, T, M_OUT, S_OUT, E_OUT, TL_OUT,
+    H, W, T, M_OUT, S_OUT, TL_OUT,
     N, V, D, n_splits, v_per_split,
     stride_hn, stride_hd, stride_wv, stride_wd,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
@@ -63,7 +64,6 @@ def _forward_kernel(
     tgt = tl.load(T + rn, mask=row_ok, other=-1)
     m = tl.full([BLOCK_N], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_N], tl.float32)
-    e = tl.zeros([BLOCK_N], tl.float32)  # sum exp(logit - m) * logit, for the entropy
     t_logit = tl.zeros([BLOCK_N], tl.float32)
     v_start = pid_s * v_per_split
     v_end = tl.minimum(v_start + v_per_split, V)
@@ -78,13 +78,11 @@ def _forward_kernel(
         scale = tl.exp(m - m_new)
         p = tl.exp(logits - m_new[:, None])
         s = s * scale + tl.sum(p, axis=1)
-        e = e * scale + tl.sum(p * tl.where(col_ok[None, :], acc, 0.0), axis=1)
         t_logit += tl.sum(tl.where(rv[None, :] == tgt[:, None], acc, 0.0), axis=1)
         m = m_new
     out = rn * n_splits + pid_s
     tl.store(M_OUT + out, m, mask=row_ok)
     tl.store(S_OUT + out, s, mask=row_ok)
-    tl.store(E_OUT + out, e, mask=row_ok)
     tl.store(TL_OUT + out, t_logit, mask=row_ok)
 
 
@@ -150,32 +148,28 @@ def _blocks(hidden: torch.Tensor) -> dict:
 
 
 def forward(hidden, weight, targets, v_per_split: int | None = None):
-    """-> (log-probs (N,), lse (N,), entropy (N,), target is argmax (N,)), all fp32."""
+    """-> (log-probs (N,), lse (N,)), both fp32."""
     N, D = hidden.shape
     V = weight.shape[0]
     b = _blocks(hidden)
+    n_blocks = triton.cdiv(N, b["BLOCK_N"])
     if v_per_split is None:  # enough programs to fill the GPU when N is small
-        splits_wanted = max(1, 256 // triton.cdiv(N, b["BLOCK_N"]))
+        splits_wanted = max(1, 256 // max(1, n_blocks))
         v_per_split = triton.cdiv(triton.cdiv(V, splits_wanted), b["BLOCK_V"]) * b["BLOCK_V"]
     n_splits = triton.cdiv(V, v_per_split)
-    out = torch.empty(4, N, n_splits, dtype=torch.float32, device=hidden.device)
-    grid = (triton.cdiv(N, b["BLOCK_N"]), n_splits)
-    _forward_kernel[grid](
-        hidden, weight, targets, out[0], out[1], out[2], out[3],
-        N, V, D, n_splits, v_per_split,
-        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        IEEE=hidden.dtype == torch.float32, **b,
-    )  # fmt: skip
-    m, s, e, t_logit = out
+    out = torch.empty(3, N, n_splits, dtype=torch.float32, device=hidden.device)
+    if N > 0:
+        _forward_kernel[(n_blocks, n_splits)](
+            hidden, weight, targets, out[0], out[1], out[2],
+            N, V, D, n_splits, v_per_split,
+            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+            IEEE=hidden.dtype == torch.float32, **b,
+        )  # fmt: skip
+    m, s, t_logit = out
     big_m = m.max(dim=1).values  # (N,) the largest logit
-    scale = torch.exp(m - big_m[:, None])
-    total = (s * scale).sum(1)
-    lse = big_m + total.log()
-    entropy = lse - (e * scale).sum(1) / total
-    t_logit = t_logit.sum(1)
-    valid = targets != IGNORE
-    logp = torch.where(valid, t_logit - lse, 0.0)
-    return logp, lse, torch.where(valid, entropy, 0.0), valid & (t_logit >= big_m)
+    lse = big_m + (s * torch.exp(m - big_m[:, None])).sum(1).log()
+    logp = torch.where(targets != IGNORE, t_logit.sum(1) - lse, 0.0)
+    return logp, lse
 
 
 def backward(hidden, weight, targets, lse, grad, need_dh=True, need_dw=True):
@@ -185,36 +179,34 @@ def backward(hidden, weight, targets, lse, grad, need_dh=True, need_dw=True):
     g = torch.where(targets != IGNORE, grad.float(), 0.0).contiguous()
     dh = torch.zeros(N, D, dtype=torch.float32, device=hidden.device) if need_dh else None
     dw = torch.zeros(V, D, dtype=torch.float32, device=hidden.device) if need_dw else None
-    grid = (triton.cdiv(N, b["BLOCK_N"]), triton.cdiv(V, b["BLOCK_V"]))
-    _backward_kernel[grid](
-        hidden, weight, targets, lse, g, dh if need_dh else g, dw if need_dw else g,
-        N, V, D,
-        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        IEEE=hidden.dtype == torch.float32, NEED_DH=need_dh, NEED_DW=need_dw, **b,
-    )  # fmt: skip
+    if N > 0:  # nothing to add to the zeros otherwise
+        _backward_kernel[(triton.cdiv(N, b["BLOCK_N"]), triton.cdiv(V, b["BLOCK_V"]))](
+            hidden, weight, targets, lse, g, dh if need_dh else g, dw if need_dw else g,
+            N, V, D,
+            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+            IEEE=hidden.dtype == torch.float32, NEED_DH=need_dh, NEED_DW=need_dw, **b,
+        )  # fmt: skip
     return (dh.to(hidden.dtype) if need_dh else None), (dw.to(weight.dtype) if need_dw else None)
 
 
 class TritonTargetLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets):
-        logp, lse, entropy, is_argmax = forward(hidden, weight, targets)
+        logp, lse = forward(hidden, weight, targets)
         ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.mark_non_differentiable(entropy, is_argmax)
-        return logp, entropy, is_argmax
+        return logp
 
     @staticmethod
-    def backward(ctx, grad_logp, _grad_entropy, _grad_argmax):
+    def backward(ctx, grad_logp):
         hidden, weight, targets, lse = ctx.saved_tensors
         dh, dw = backward(hidden, weight, targets, lse, grad_logp, *ctx.needs_input_grad[:2])
         return dh, dw, None
 
 
-def target_logprobs(hidden, weight, targets, with_stats: bool = False):
-    """Same contract as kernels.reference.target_logprobs; with_stats adds (entropy, target is argmax)."""
+def target_logprobs(hidden, weight, targets):
+    """log softmax(hidden @ weight.T)[targets] in fp32, fused; IGNORE gives 0 (kernels/reference.py)."""
+    check_shapes(hidden, weight, targets)
     hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.contiguous()
     if not (hidden.requires_grad or weight.requires_grad) or not torch.is_grad_enabled():
-        logp, _, entropy, is_argmax = forward(hidden, weight, targets)  # forward only: nothing saved
-    else:
-        logp, entropy, is_argmax = TritonTargetLogprobs.apply(hidden, weight, targets)
-    return (logp, entropy, is_argmax) if with_stats else logp
+        return forward(hidden, weight, targets)[0]  # forward only: nothing saved
+    return TritonTargetLogprobs.apply(hidden, weight, targets)

@@ -5,9 +5,10 @@
 The tokenizer defaults to the checkpoint folder's (llama.tokenizer.resolve_tokenizer); a model whose
 vocabulary is not the shipped byte tokenizer's fails at start without one.
 
-Prompts of different lengths are left-padded; pad slots get their own doc id so no real token
-attends to them (the model's row rule). Every row stops at its own stop token; finished rows are
-dropped from the batch as they accumulate, so long and short samples don't pay for each other.
+Prompts of different lengths are left-padded; pad slots get doc PAD_DOC and real tokens doc 0,
+so no real token attends to them (the model's row rule). Every row stops at its own stop token;
+finished rows are dropped from the batch as they accumulate, so long and short samples don't pay
+for each other.
 """
 
 from __future__ import annotations
@@ -19,9 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from llama.model import KVCache, Transformer
-
-PAD_DOC = 1  # doc id of left padding; real tokens are doc 0
+from llama.model import PAD_DOC, KVCache, Transformer
 
 
 def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, generator=None) -> Tensor:

@@ -16,6 +16,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from llama.config import ModelConfig
@@ -28,6 +29,9 @@ except ImportError:  # torch without FlexAttention: dense masks everywhere
 HEADS = ("lm", "reward")
 # How structured rows attend: "auto" = FlexAttention on CUDA, dense masks elsewhere.
 STRUCTURED_ATTENTION = "auto"  # "auto" | "flex" | "dense"
+# The doc id of padding: real tokens' doc ids count up from 0, so no real token attends to a pad
+# (nor a pad to a real token) and `doc_ids >= 0` marks the real tokens.
+PAD_DOC = -1
 
 
 # ----------------------------------------------------------------------------- RoPE
@@ -98,12 +102,13 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask) -> Tensor:
         return _compiled_flex(q, k, v, block_mask=mask, enable_gqa=True)
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    # GQA without copying k/v: fold the n_rep query heads that share a kv head into the query axis.
-    B, nh, Tq, hd = q.shape
-    nkv, n_rep = k.shape[1], nh // k.shape[1]
-    q = q.reshape(B, nkv, n_rep * Tq, hd)  # query head h uses kv head h // n_rep
-    mask = mask[:, :, None].expand(-1, -1, n_rep, -1, -1).reshape(B, 1, n_rep * Tq, -1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).view(B, nh, Tq, hd)
+    # GQA without copying k/v: query head h uses kv head g = h // r, so the r query heads of group g
+    # become one longer query axis (r t) against that kv head, each copy with the same mask rows.
+    r = q.shape[1] // k.shape[1]
+    q = rearrange(q, "b (g r) t d -> b g (r t) d", r=r)
+    mask = repeat(mask, "b 1 t s -> b 1 (r t) s", r=r)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return rearrange(y, "b g (r t) d -> b (g r) t d", r=r)
 
 
 # ----------------------------------------------------------------------------- KV cache
@@ -113,7 +118,7 @@ class KVCache:
     """Static per-layer key/value buffers plus each slot's doc and branch id, for decoding.
 
     Slots are filled left to right; all rows advance together (`length`). Padding is expressed
-    with ids: a pad slot gets a doc id no real token has, so nothing attends to it.
+    with ids: a pad slot gets doc PAD_DOC, which no real token has, so nothing real attends to it.
     """
 
     def __init__(self, config: ModelConfig, batch: int, max_len: int, dtype=torch.float32, device=None):

@@ -109,10 +109,10 @@ def test_reward_row_layout():
             ]
             assert [ex.positions[i] for i in idx] == list(range(P, P + len(idx)))
             assert end == idx[-1]
-            ts = [t for t in ex.targets if t[2] == k]
-            assert [t[1] for t in ts] == [ex.tokens[i] for i in idx]
-            assert [t[0] for t in ts] == [P - 1] + idx[:-1]  # the prompt's last token predicts the first
-            assert [t[3] for t in ts] == [False] * (len(idx) - 1) + [True]  # the terminator is formatting
+            ts = [t for t in ex.targets if t.seq == k]
+            assert [t.token for t in ts] == [ex.tokens[i] for i in idx]
+            assert [t.parent for t in ts] == [P - 1] + idx[:-1]  # the prompt's last token predicts the first
+            assert [t.is_format for t in ts] == [False] * (len(idx) - 1) + [True]  # the terminator is formatting
         orders.add(tuple(ex.branch[end] for end, _ in ex.seqs))
     assert len(orders) == 6  # every order of 3 responses occurs across seeds
 

@@ -41,11 +41,10 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, str(REPO))
+from llama import ModelConfig, Transformer, load_model, save_model
+from llama.model import PAD_DOC
 
-from llama import ModelConfig, Transformer, load_model, save_model  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 WORDS = (
     "the a river stone light quiet garden number table window morning letter yellow bright small old new "
@@ -200,7 +199,7 @@ def run_ours(args, device: torch.device) -> None:
         sync(device)
         times.append(time.perf_counter() - t0)
         cpu_times.append(time.process_time() - c0)
-        tokens.append(sum(int((mb.doc_ids >= 0).sum()) for mb in step.micro_batches))
+        tokens.append(sum(int((mb.doc_ids != PAD_DOC).sum()) for mb in step.micro_batches))
         padded.append(sum(mb.tokens.numel() for mb in step.micro_batches))
         micro.append(len(step.micro_batches))
         if first_loss is None:

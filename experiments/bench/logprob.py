@@ -2,10 +2,10 @@
 
     log softmax(hidden @ weight.T)[target],  hidden (N, H), weight (V, H), both requiring grad
 
-Methods: the naive torch formula (full [N, V] logits), the same under torch.compile,
+Methods: the naive torch formula (kernels/reference.py: full [N, V] logits), the same under torch.compile,
 torch.nn.functional.linear_cross_entropy (reference path, and its chunked path where the torch has
 LinearCrossEntropyOptions), Liger's fused linear cross-entropy where installed, our chunked torch
-reference (kernels/reference.py) and our Triton kernel (kernels/triton_logprobs.py, CUDA only).
+path (kernels/chunked.py) and our Triton kernel (kernels/triton_logprobs.py, CUDA only).
 Throughput counts 6*N*H*V flops (forward logits, backward dH and dW) against a plain bf16 matmul
 of the same shape timed in the same run. The memory floor is what a step must hold anyway:
 dH (N*H in the input dtype) + fp32 dW (V*H*4) + O(N).
@@ -36,8 +36,8 @@ METHODS = ["matmul", "naive", "compile", "torch_lce", "torch_lce_chunked", "lige
 def make_fn(method: str):
     import torch.nn.functional as F
 
+    from kernels.chunked import target_logprobs as chunked
     from kernels.reference import naive_target_logprobs
-    from kernels.reference import target_logprobs as chunked
 
     if method == "naive":
         return naive_target_logprobs
