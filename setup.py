@@ -19,7 +19,8 @@ setup(
         "pyyaml",
     ],
     extras_require={
-        # test-only references; never imported by the packages
-        "dev": ["pytest", "ruff", "transformers", "tokenizers", "jinja2", "trl"],
+        "plots": ["matplotlib"],  # the pipeline's accuracy.png and rewards.png (train/plots.py)
+        # test-only references (never imported by the packages), and matplotlib so that the plots are tested
+        "dev": ["pytest", "ruff", "transformers", "tokenizers", "jinja2", "trl", "matplotlib"],
     },
 )

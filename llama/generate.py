@@ -156,8 +156,14 @@ def main(argv=None):
     for prompt, samples in zip(args.prompt, out):
         print(f"### {prompt!r}")
         for k, s in enumerate(samples):
-            print(f"[{k}] {tok.decode([t for t in s if t not in tok.stop_ids])!r}")
+            print(f"[{k}] {decode_sample(tok, s)!r}")
     print(f"{n} tokens in {dt:.2f}s ({n / dt:.0f} tokens/s)")
+
+
+def decode_sample(tokenizer, ids: list[int]) -> str:
+    """A sample's text: its ids decoded without the stop token(s) that ended it."""
+    stop = set(tokenizer.stop_ids)
+    return tokenizer.decode([t for t in ids if t not in stop])
 
 
 if __name__ == "__main__":

@@ -2,25 +2,18 @@
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import torch
+
+from train.distributed import torchrun_command
 
 WORKER = Path(__file__).parent / "dist_sft_worker.py"
 ROOT = Path(__file__).parent.parent
 
 
 def run(nproc, out):
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        str(WORKER),
-        str(out),
-    ]
+    cmd = torchrun_command(str(WORKER), nproc, [str(out)])
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     subprocess.run(cmd, check=True, env=env, cwd=ROOT, capture_output=True, timeout=300)
     return torch.load(out, weights_only=True)

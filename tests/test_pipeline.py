@@ -1,4 +1,5 @@
-"""The round driver: a tiny 1-round pipeline killed mid-stage resumes without redoing finished stages."""
+"""The round driver: a tiny 1-round pipeline killed mid-stage resumes without redoing finished stages;
+its config checks, the task plug-in, the report's plots."""
 
 import json
 import os
@@ -16,7 +17,8 @@ from train.pipeline import Pipeline, PipelineError, load_pipeline_config
 ROOT = Path(__file__).parent.parent
 
 MICRO = {
-    "name": "micro", "rounds": 1, "nproc": 1, "preset": "debug", "max_digits": 1, "pretrain_examples": 200,
+    "name": "micro", "rounds": 1, "nproc": 1, "preset": "debug", "task": "arithmetic", "task_args": {"max_digits": 1},
+    "pretrain_examples": 200,
     "seed_pairs": 64, "rs_prompts": 24, "pref_prompts": 96, "eval_prompts": 10, "k": 4, "max_new_tokens": 6,
     "pretrain": {"train.steps": 60, "data.batch_size": 32, "train.save_every": 30, "optim.lr": 1.0e-2},
     "rm": {"train.steps": 3, "data.batch_size": 16}, "sft": {"train.steps": 3, "data.batch_size": 2},
@@ -25,6 +27,7 @@ MICRO = {
 }  # fmt: skip
 
 
+@pytest.mark.slow
 def test_killed_pipeline_resumes_without_redoing_stages(tmp_path):
     cfg = tmp_path / "micro.yaml"
     cfg.write_text(yaml.safe_dump({**MICRO, "root": str(tmp_path / "runs")}))
@@ -73,7 +76,13 @@ def test_killed_pipeline_resumes_without_redoing_stages(tmp_path):
             {"configs": {"rm": "nope.yaml", "sft": "experiments/quickstart/sft.yaml", "dpo": "x"}},
             r"configs.dpo: .*main/x is not a file",
         ),
-        ({"preset": "huge"}, r"preset: unknown model preset 'huge'"),
+        ({"preset": "huge"}, r"preset must be one of \(.*'tiny'.*\), got 'huge'"),
+        ({"task": "chess"}, r"task: unknown task 'chess': give one of arithmetic or a 'package.module:factory' path"),
+        ({"task_args": {"max_digits": "two"}}, r"task_args: max_digits: expected int, got 'two'"),
+        ({"task_args": {"max_digits": 0}}, r"task_args: max_digits: must be >= 1, got 0"),
+        ({"task_args": {"noise": 1.5}}, r"task_args: noise: a fraction, must be in \[0, 1\], got 1.5"),
+        ({"task_args": {"digits": 1}}, r"task_args: unknown key\(s\) digits \(known: max_digits, noise\)"),
+        ({"base": "no/such/folder"}, r"base: no/such/folder is not a checkpoint folder"),
     ],
 )
 def test_config_with_wrong_types_is_refused_naming_file_and_key(tmp_path, raw, error):
@@ -134,6 +143,7 @@ def test_a_changed_config_is_refused_and_the_record_never_rewritten(tmp_path, ca
         Pipeline(load_pipeline_config(_micro(tmp_path))).check_run_folder()
 
 
+@pytest.mark.slow
 def test_a_failing_stage_prints_its_log_path_and_last_lines(tmp_path):
     cmd = [
         sys.executable,
@@ -149,3 +159,83 @@ def test_a_failing_stage_prints_its_log_path_and_last_lines(tmp_path):
     assert f"the end of its log {log}\n" in out.stderr
     assert "unknown key train.bogus" in out.stderr and "unknown key train.bogus" in log.read_text()
     assert "CalledProcessError" not in out.stderr
+
+
+def test_a_task_is_found_by_name_or_module_path_and_the_sampler_uses_the_same_registry():
+    from data.tasks.arithmetic import Arithmetic
+    from train.sample import _annotator
+
+    by_name = load_pipeline_config(None, ["task_args={max_digits: 1, noise: 0.1}"])
+    by_path = load_pipeline_config(None, ["task=data.tasks.arithmetic:Arithmetic", "task_args={max_digits: 1}"])
+    assert Pipeline(by_name).task == Arithmetic(max_digits=1, noise=0.1)
+    assert Pipeline(by_path).task == Arithmetic(max_digits=1)
+    record = {"messages": [{"role": "user", "content": "3+4="}]}
+    assert _annotator("verifier:arithmetic")(record, ["7", "8", " 7\n"]) == [1.0, 0.0, 1.0]
+    with pytest.raises(ValueError, match="unknown task 'chess'"):
+        _annotator("verifier:chess")
+    with pytest.raises(PipelineError, match=r"^override 'task=data.tasks:nope': task: task 'data.tasks:nope': cannot"):
+        load_pipeline_config(None, ["task=data.tasks:nope"])
+
+
+def test_a_task_without_a_pretraining_corpus_needs_a_base_checkpoint(tmp_path, monkeypatch):
+    import data.tasks.arithmetic as arithmetic
+
+    class NoCorpus:  # prompts, verifier and seed data, but nothing to pre-train on
+        prompts, verify, seed_data = arithmetic.Arithmetic.prompts, arithmetic.Arithmetic.verify, None
+
+    monkeypatch.setattr(arithmetic, "NoCorpus", NoCorpus, raising=False)
+    with pytest.raises(PipelineError, match=r"task: task '.*NoCorpus' has no pre-training corpus .*give `base:"):
+        load_pipeline_config(None, ["task=data.tasks.arithmetic:NoCorpus"])
+
+
+def _report(tmp_path, capsys, monkeypatch=None):
+    """The report of a finished 2-round run (made-up results), its printed output."""
+    pipe = Pipeline(load_pipeline_config(None, [f"root={tmp_path}", "rounds=2"]))
+    pipe.dir.mkdir(parents=True)
+    pipe.results = [{"round": 0, "stage": "data"}, {"round": 0, "stage": "pretrain", "task_accuracy": 0.25,
+                    "task_accuracy_sampled": 0.2}]  # fmt: skip
+    for k in (1, 2):
+        pipe.results += [
+            {"round": k, "stage": "rm", "rm_accuracy": 0.6 + k / 10},
+            {"round": k, "stage": "rs", "rm_pick_accuracy": 0.5 + k / 10},
+            {"round": k, "stage": "sft", "sft_loss": 1.0 / k, "task_accuracy": 0.3 * k, "task_accuracy_sampled": 0.2},
+            {"round": k, "stage": "pref"},
+            {"round": k, "stage": "dpo", "dpo_reward_accuracy": 0.7, "task_accuracy": 0.4 * k,
+             "task_accuracy_sampled": 0.3},
+        ]  # fmt: skip
+    pipe.report()
+    return pipe.dir, capsys.readouterr().out
+
+
+def test_report_names_stages_and_rounds_and_draws_the_plots(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from train.pipeline import accuracy_by_stage, rewards_by_round
+
+    run, out = _report(tmp_path, capsys)
+    assert out.startswith("| round | stage |") and "| 2 | dpo |  |  |  | 0.700 | 0.800 | 0.300 |" in out
+    for name in ("accuracy.png", "rewards.png"):
+        assert (run / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"{run / name}" in out
+    pipe_results = json.loads((run / "summary.json").read_text())["stages"]
+    labels, series = accuracy_by_stage(pipe_results)
+    assert labels == ["base", "R1 SFT", "R1 DPO", "R2 SFT", "R2 DPO"]
+    assert series["greedy"] == [0.25, 0.3, 0.4, 0.6, 0.8]
+    labels, series = rewards_by_round(pipe_results, 2)
+    assert labels == ["round 1", "round 2"] and series["reward model (200 held-out pairs)"] == [0.7, 0.8]
+
+
+def test_report_without_matplotlib_says_how_to_get_plots_and_goes_on(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    run, out = _report(tmp_path, capsys)
+    assert "plots: skipped (matplotlib is not installed); to get them: pip install -e '.[plots]'" in out
+    assert (run / "summary.md").is_file() and not (run / "accuracy.png").exists()
+
+
+def test_help_lists_every_key_with_its_default_and_comment(capsys):
+    from train.pipeline import PipelineConfig, main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and "  k = 8  # samples per prompt" in out and "  task = 'arithmetic'  # a task" in out
+    for key in PipelineConfig.__dataclass_fields__:
+        assert f"\n  {key} = " in out, key

@@ -16,6 +16,7 @@ from test_train import ENV, QUICK, ROOT, SHORT, in_process, torchrun_cmd
 
 from train import logger, loop
 from train.config import load_config
+from train.distributed import torchrun_command
 from train.sft import SFTConfig
 
 
@@ -210,12 +211,11 @@ def test_every_entry_point_exits_0_on_a_busy_machine(tmp_path):
             out = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
             assert out.returncode == 0, entry + ": " + out.stderr[-3000:]
             assert "terminate called" not in out.stderr, out.stderr[-3000:]
-        sample = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-            str(ROOT / "train" / "sample.py"), "--policy", str(tmp_path / "sft" / "model"),
-            "--rm", str(tmp_path / "rm" / "model"), "--prompts", str(QUICK / "data" / "pref_eval.jsonl"),
-            "--k", "2", "--max-new-tokens", "4", "--out-sft", str(tmp_path / "sampled.jsonl"),
-        ]  # fmt: skip
+        sample = torchrun_command(str(ROOT / "train" / "sample.py"), 2, [
+            "--policy", str(tmp_path / "sft" / "model"), "--rm", str(tmp_path / "rm" / "model"),
+            "--prompts", str(QUICK / "data" / "pref_eval.jsonl"), "--k", "2", "--max-new-tokens", "4",
+            "--out-sft", str(tmp_path / "sampled.jsonl"),
+        ])  # fmt: skip
         out = subprocess.run(sample, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
         assert out.returncode == 0 and "terminate called" not in out.stderr, "sample: " + out.stderr[-3000:]
     finally:

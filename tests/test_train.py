@@ -6,7 +6,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,18 +13,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from train import logger
 from train.config import parse_args
+from train.distributed import torchrun_command
 
 ROOT = Path(__file__).parent.parent
 QUICK = ROOT / "experiments" / "quickstart"
 
 
 def torchrun_cmd(entry, config, run_dir, overrides=(), nproc=2):
-    return [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-        str(ROOT / "train" / f"{entry}.py"), "--config", str(config), f"train.run_dir={run_dir}",
-        "logging.progress=false", *overrides,
-    ]  # fmt: skip
+    args = ["--config", str(config), f"train.run_dir={run_dir}", "logging.progress=false", *overrides]
+    return torchrun_command(str(ROOT / "train" / f"{entry}.py"), nproc, args)
 
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -38,7 +36,7 @@ def torchrun(*args, **kw):
 
 
 def read_metrics(run_dir):
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return logger.read_metrics(Path(run_dir) / "metrics.jsonl")
 
 
 def evals(run_dir, key):

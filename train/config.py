@@ -253,3 +253,37 @@ def save_config(config, path: Path) -> None:
     tmp = Path(path).with_suffix(".tmp")
     tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
     tmp.replace(path)
+
+
+def from_flat_dict(cls, raw: dict, source: str | dict[str, str]):
+    """A flat dataclass (keys, no sections: the pipeline's config, a task's arguments) from key -> value,
+    checked as the training configs are. `source` says where the values came from: one name for all,
+    or key -> name (the file, or the override that set it); every error names it and the key. A
+    ValueError from the dataclass's own checks (__post_init__) is prefixed with the source too."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{source}: expected a mapping of keys, got {type(raw).__name__}")
+    where = source if isinstance(source, dict) else dict.fromkeys(raw, source)
+    hints = _hints(cls)
+    unknown = [key for key in raw if key not in hints]
+    if unknown:
+        names = ", ".join(sorted({str(where[key]) for key in unknown}))
+        raise ValueError(f"{names}: unknown key(s) {', '.join(map(str, unknown))} (known: {', '.join(hints)})")
+    values = {key: _check_nested(v, hints[key], f"{where[key]}: {key}") for key, v in raw.items()}
+    try:
+        return cls(**values)
+    except ValueError as e:
+        names = source if isinstance(source, str) else ", ".join(sorted(set(where.values()))) or "defaults"
+        raise ValueError(f"{names}: {e}") from None
+
+
+def _check_nested(value, tp, where: str):
+    """_check_type, descending into dict[K, V] and list[V] values so that an error names the entry
+    (`variants.dpo[0]`); typing.Any accepts anything."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is typing.Any:
+        return value
+    if origin is list and args and isinstance(value, list):
+        return [_check_nested(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict and args and isinstance(value, dict):
+        return {_check_nested(k, args[0], where): _check_nested(v, args[1], f"{where}.{k}") for k, v in value.items()}
+    return _check_type(value, tp, where)  # a leaf, or a value that is not the container it should be: the error

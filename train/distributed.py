@@ -140,3 +140,11 @@ def build_model(
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_model_state_dict(model, full, options=options)
     return model
+
+
+def torchrun_command(script: str, nproc: int, args: list[str]) -> list[str]:
+    """The command that runs `script args...` as `nproc` ranks on this machine (torchrun, one node):
+    the one builder the pipeline, the experiment scripts and the tests use."""
+    import sys
+
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *args]

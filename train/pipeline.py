@@ -3,13 +3,15 @@
     python train/pipeline.py --config experiments/quickstart/pipeline.yaml [key=value ...]
 
 runs/<name>/round_0/data       task data: seed preference pairs ("human" labels), eval sets, pre-training corpus
-            round_0/pretrain   the base: a causal LM pre-trained on a noisy corpus, so it is imperfect
+            round_0/pretrain   the base: a causal LM pre-trained on the task's noisy corpus, so it is imperfect
             round_k/rm         reward model from the base on ALL preference data so far
             round_k/rs         rejection sampling: K samples per fresh prompt from the latest policy, RM picks the best
             round_k/sft        SFT from the base on all rejection-sampled data so far
-            round_k/pref       new preference pairs sampled from the SFT model, labeled by the verifier
+            round_k/pref       new preference pairs sampled from the SFT model, labeled by the task's verifier
             round_k/dpo        DPO from the SFT model on this round's (the latest) pairs
-            summary.json, accuracy.png, rewards.png
+            summary.json, summary.md, accuracy.png, rewards.png (plots: pip install -e '.[plots]')
+The task is a plug-in named in the config (`task`, `task_args`): its prompts, verifier, seed data and
+pre-training corpus; the interface is in data/tasks/__init__.py, data/tasks/arithmetic.py an example.
 Training stages run `torchrun train/{rm,sft,dpo}.py` once per variant (`variants`: override sets,
 e.g. seeds or data orders) and average the variants' models (train/average.py). Each stage writes
 a DONE marker with its results last: rerunning skips finished stages, and an interrupted training
@@ -28,62 +30,64 @@ import dataclasses
 import json
 import os
 import subprocess
-import sys
 import time
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal
 
 import torch
 import yaml
 
-from data.tasks import arithmetic
+from data.jsonl import write_jsonl
+from data.schema import parse_prompt
+from data.tasks import load_task, task_factory
 from llama import PRESETS, load_model
 from llama.chat import ChatFormat
-from llama.generate import generate
-from llama.tokenizer import load_tokenizer
+from llama.checkpoint import read_config
+from llama.generate import decode_sample, generate
+from llama.tokenizer import load_tokenizer, resolve_tokenizer
 from train.average import average_checkpoints
-from train.sample import read_prompts, rejection_sample, score, verifier_annotator, write_jsonl
+from train.config import AtLeast, NonNegFloat, NonNegInt, PosInt, _comments, from_flat_dict
+from train.distributed import torchrun_command
+from train.logger import read_metrics
+from train.sample import read_prompts, rejection_sample, score, verifier_annotator
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGE_KINDS = ("rm", "sft", "dpo")  # the training scripts; "pretrain" runs sft.py
+Preset = Literal[tuple(PRESETS)]  # a model preset's name (llama/config.py)
+EVAL_SIZE = 200  # held-out preference pairs, SFT records and pre-training dialogs
+QUICKSTART_CONFIGS = {kind: f"experiments/quickstart/{kind}.yaml" for kind in STAGE_KINDS}
 
 
 @dataclass
 class PipelineConfig:
-    name: str = "quickstart"
+    name: str = "quickstart"  # the run folder: <root>/<name>
     root: str = "runs"
-    rounds: int = 2
-    nproc: int = 2  # torchrun ranks per training stage
+    task: str = "arithmetic"  # a task in data/tasks (TASKS), or a 'package.module:factory' path
+    task_args: dict[str, typing.Any] = field(default_factory=dict)  # the task's settings, e.g. {max_digits: 1}
+    base: str | None = None  # a checkpoint to start from instead of pre-training on the task's corpus
+    rounds: NonNegInt = 2
+    nproc: PosInt = 2  # torchrun ranks per training stage
     seed: int = 0
-    preset: str = "tiny"
-    max_digits: int = 2
-    pretrain_examples: int = 20000
-    pretrain_noise: float = 0.35  # fraction of wrong answers in the pre-training corpus
-    seed_pairs: int = 1000  # initial "human" preference pairs (right > wrong)
-    rs_prompts: int = 400  # fresh prompts per round for rejection sampling
-    pref_prompts: int = 400  # fresh prompts per round for new preference pairs
-    eval_prompts: int = 200
-    k: int = 8  # samples per prompt
-    temperature: float = 1.0
-    max_new_tokens: int = 8
-    configs: dict[str, str] = field(
-        default_factory=lambda: {k: f"experiments/quickstart/{k}.yaml" for k in STAGE_KINDS}
-    )  # the stage config files, relative to the repository
+    preset: Preset = "tiny"  # the pre-trained base's architecture
+    pretrain_examples: PosInt = 20000  # size of the pre-training corpus
+    seed_pairs: PosInt = 1000  # initial "human" preference pairs
+    rs_prompts: PosInt = 400  # fresh prompts per round for rejection sampling
+    pref_prompts: PosInt = 400  # fresh prompts per round for new preference pairs
+    eval_prompts: PosInt = 200  # held-out prompts of the task accuracy
+    k: Annotated[int, AtLeast(2)] = 8  # samples per prompt
+    temperature: NonNegFloat = 1.0  # of the rounds' sampling
+    max_new_tokens: PosInt = 8
+    configs: dict[str, str] = field(default_factory=lambda: dict(QUICKSTART_CONFIGS))  # rm/sft/dpo -> config file
     pretrain: dict[str, typing.Any] = field(default_factory=dict)  # "section.key": value overrides of each stage's run
     rm: dict[str, typing.Any] = field(default_factory=dict)
     sft: dict[str, typing.Any] = field(default_factory=dict)
     dpo: dict[str, typing.Any] = field(default_factory=dict)
-    # stage -> [overrides, ...]: trained separately, averaged
-    variants: dict[str, list[dict[str, typing.Any]]] = field(default_factory=dict)
-    plots: bool = True
+    variants: dict[str, list[dict[str, typing.Any]]] = field(default_factory=dict)  # stage -> [overrides]: averaged
+    plots: bool = True  # accuracy.png, rewards.png (matplotlib)
 
 
-# Lower bounds of numeric keys: checked with the types before any stage runs.
-AT_LEAST = {
-    "rounds": 0, "nproc": 1, "max_digits": 1, "pretrain_examples": 1, "pretrain_noise": 0.0, "seed_pairs": 1,
-    "rs_prompts": 1, "pref_prompts": 1, "eval_prompts": 1, "k": 2, "temperature": 0.0, "max_new_tokens": 1,
-}  # fmt: skip
 # Keys whose change leaves every stage's result as it was: a run folder may be continued with new values.
 HARMLESS = {"name", "root", "rounds", "plots"}
 
@@ -92,29 +96,12 @@ class PipelineError(RuntimeError):
     """A problem the pipeline reports as one message (no traceback): bad config, refused folder, failed stage."""
 
 
-def _check_type(value, tp, where: str):
-    """`value` against an annotation (str, int, float, bool, Any, dict[K, V], list[V]) -> value; ints pass as floats."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is typing.Any:
-        return value
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise PipelineError(f"{where}: expected a mapping, got {value!r}")
-        return {_check_type(k, args[0], where): _check_type(v, args[1], f"{where}.{k}") for k, v in value.items()}
-    if origin is list:
-        if not isinstance(value, list):
-            raise PipelineError(f"{where}: expected a list, got {value!r}")
-        return [_check_type(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, tp) or (tp in (int, float) and isinstance(value, bool)):
-        raise PipelineError(f"{where}: expected {tp.__name__}, got {value!r}")
-    return value
+# ---------------------------------------------------------------------------------------------- config
 
 
 def load_pipeline_config(path: str | None, overrides=()) -> PipelineConfig:
-    """YAML file + key=value overrides -> PipelineConfig; every key's type and range checked, errors
-    naming the file (or the override) and the key."""
+    """YAML file + key=value overrides -> PipelineConfig; every key's type and range checked (train/config.py),
+    then the values types cannot check; errors name the file (or the override) and the key."""
     raw, source = {}, {}
     if path:
         raw = _read_yaml(Path(path)) or {}
@@ -130,33 +117,61 @@ def load_pipeline_config(path: str | None, overrides=()) -> PipelineConfig:
         except yaml.YAMLError as e:
             raise PipelineError(f"override {item!r}: not valid YAML: {e}") from None
         source[key] = f"override {item!r}"
-    hints = typing.get_type_hints(PipelineConfig)
-    unknown = sorted(set(raw) - set(hints))
-    if unknown:
-        where = ", ".join(sorted({source[k] for k in unknown}))
-        raise PipelineError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(hints))})")
-    for key, value in raw.items():
-        where = f"{source[key]}: {key}"
-        raw[key] = value = _check_type(value, hints[key], where)
-        if key in AT_LEAST and value < AT_LEAST[key]:
-            raise PipelineError(f"{where}: must be >= {AT_LEAST[key]}, got {value!r}")
-        if key == "pretrain_noise" and value > 1:
-            raise PipelineError(f"{where}: a fraction, must be <= 1, got {value!r}")
-        if key == "preset" and value not in PRESETS:
-            raise PipelineError(f"{where}: unknown model preset {value!r} (known: {', '.join(PRESETS)})")
-        if key == "name" and (not value or "/" in value):
-            raise PipelineError(f"{where}: must be a non-empty folder name, got {value!r}")
-        if key == "configs":
-            for kind in set(STAGE_KINDS) - set(value):
-                raise PipelineError(f"{where}: no config file for {kind!r} (give one for each of {STAGE_KINDS})")
-            for kind, file in value.items():
-                if kind not in STAGE_KINDS:
-                    raise PipelineError(f"{where}.{kind}: not a training stage (one of {', '.join(STAGE_KINDS)})")
-                if not (ROOT / file).is_file():
-                    raise PipelineError(f"{where}.{kind}: {ROOT / file} is not a file")
-        if key == "variants" and set(value) - {"pretrain", *STAGE_KINDS}:
-            raise PipelineError(f"{where}: stages are pretrain, {', '.join(STAGE_KINDS)}; got {sorted(value)}")
-    return PipelineConfig(**raw)
+    try:
+        cfg = from_flat_dict(PipelineConfig, raw, source)
+    except ValueError as e:
+        raise PipelineError(str(e)) from None
+    _check_values(cfg, source)
+    return cfg
+
+
+def _check_values(cfg: PipelineConfig, source: dict[str, str]) -> None:
+    """What the types do not say: a folder name, one stage config file per training script, the variants'
+    stages, the task and its settings, a starting checkpoint or a corpus to pre-train on."""
+
+    def where(key: str) -> str:
+        return f"{source.get(key, 'default')}: {key}"
+
+    if not cfg.name or "/" in cfg.name:
+        raise PipelineError(f"{where('name')}: must be a non-empty folder name, got {cfg.name!r}")
+    for kind in set(STAGE_KINDS) - set(cfg.configs):
+        raise PipelineError(f"{where('configs')}: no config file for {kind!r} (give one for each of {STAGE_KINDS})")
+    for kind, file in cfg.configs.items():
+        if kind not in STAGE_KINDS:
+            raise PipelineError(f"{where('configs')}.{kind}: not a training stage (one of {', '.join(STAGE_KINDS)})")
+        if not (ROOT / file).is_file():
+            raise PipelineError(f"{where('configs')}.{kind}: {ROOT / file} is not a file")
+    if set(cfg.variants) - {"pretrain", *STAGE_KINDS}:
+        stages = ", ".join(["pretrain", *STAGE_KINDS])
+        raise PipelineError(f"{where('variants')}: stages are {stages}; got {sorted(cfg.variants)}")
+    task = make_task(cfg.task, cfg.task_args, source)
+    if cfg.base is not None and not Path(cfg.base).is_dir():
+        raise PipelineError(f"{where('base')}: {cfg.base} is not a checkpoint folder")
+    if cfg.base is None and not hasattr(task, "pretrain_corpus"):
+        raise PipelineError(
+            f"{where('task')}: task {cfg.task!r} has no pre-training corpus (pretrain_corpus): "
+            "give `base: <checkpoint folder>` to start from"
+        )
+
+
+def make_task(task: str, args: dict, source: dict[str, str] | None = None):
+    """The config's task (data/tasks), made with its task_args: a dataclass task's arguments are checked
+    like the config's keys. Errors name the file or override that set the task or its arguments."""
+    source = source or {}
+    try:
+        factory = task_factory(task)
+    except ValueError as e:
+        raise PipelineError(f"{source.get('task', 'default')}: task: {e}") from None
+    where = f"{source.get('task_args', source.get('task', 'default'))}: task_args"
+    if dataclasses.is_dataclass(factory):
+        try:
+            return from_flat_dict(factory, args, where)
+        except ValueError as e:
+            raise PipelineError(str(e)) from None  # it names `where` and the argument
+    try:
+        return load_task(task, args)
+    except ValueError as e:
+        raise PipelineError(f"{where}: {e}") from None
 
 
 def _read_yaml(path: Path):
@@ -166,9 +181,9 @@ def _read_yaml(path: Path):
         raise PipelineError(f"{path}: cannot read it as YAML: {e}") from None
 
 
-def _write_yaml(path: Path, data) -> None:
+def _write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
@@ -182,6 +197,7 @@ def _differences(saved, now, key: str = "") -> dict[str, tuple]:
     return {} if saved == now else {key: (saved, now)}
 
 
+START_OVER = "a run folder holds the results of one config: to start over, choose a new `name` or delete the folder"
 ATTEMPT = "=== pipeline: "  # starts each attempt's part of a stage's log
 
 
@@ -197,21 +213,167 @@ def _tail(path: Path, n: int = 30) -> str:
     return "\n".join("  | " + line for line in lines[-n:]) or "  | (empty)"
 
 
-START_OVER = "a run folder holds the results of one config: to start over, choose a new `name` or delete the folder"
+def override_args(overrides: dict) -> list[str]:
+    """{"train.steps": 3} -> ["train.steps=3"]: a training script's command-line overrides (values as JSON)."""
+    return [f"{k}={json.dumps(v)}" for k, v in overrides.items()]
 
 
-def _overrides(d: dict) -> list[str]:
-    return [f"{k}={json.dumps(v)}" for k, v in d.items()]
+def last_eval(run_dir: Path, key: str) -> float | None:
+    """The last logged `eval/<key>` of a training run, None if it never evaluated."""
+    values = [m[f"eval/{key}"] for m in read_metrics(Path(run_dir) / "metrics.jsonl") if f"eval/{key}" in m]
+    return values[-1] if values else None
+
+
+def _concat_jsonl(files: list[Path], out: Path) -> None:
+    write_jsonl(out, [json.loads(line) for f in files for line in f.read_text().splitlines()])
 
 
 class Pipeline:
     def __init__(self, cfg: PipelineConfig):
         self.cfg = cfg
         self.dir = Path(cfg.root) / cfg.name
-        self.chat = ChatFormat(load_tokenizer())
+        self.task = make_task(cfg.task, cfg.task_args)
+        if cfg.base is None:
+            tokenizer = load_tokenizer()  # the presets' byte tokenizer
+        else:
+            tokenizer = resolve_tokenizer(None, cfg.base, read_config(cfg.base)[0].vocab_size)
+        self.chat = ChatFormat(tokenizer)
         self.results: list[dict] = []
 
-    # ------------------------------------------------------------------ mechanics
+    @property
+    def data(self) -> Path:
+        return self.dir / "round_0" / "data"
+
+    # ------------------------------------------------------------------------------------- the recipe
+
+    def run(self) -> list[dict]:
+        self.check_run_folder()
+        torch.manual_seed(self.cfg.seed)
+        self.stage(0, "data", self.make_data)
+        base = Path(self.stage(0, "pretrain", self.pretrain)["model"])
+        policy = base
+        for k in range(1, self.cfg.rounds + 1):
+            rm = Path(self.stage(k, "rm", self.train_rm, base)["model"])
+            self.stage(k, "rs", self.rejection_sampling, policy, rm)
+            sft = Path(self.stage(k, "sft", self.train_sft, base)["model"])
+            self.stage(k, "pref", self.new_pairs, sft, rm)
+            policy = Path(self.stage(k, "dpo", self.train_dpo, sft)["model"])
+        self.report()
+        return self.results
+
+    def make_data(self, d: Path, k: int) -> dict:
+        """The task's data for every round: the seed preference pairs, the eval sets, the pre-training corpus."""
+        c, seed = self.cfg, self.cfg.seed * 7919
+        if c.base is None:
+            write_jsonl(d / "pretrain.jsonl", self.task.pretrain_corpus(c.pretrain_examples, seed))
+            write_jsonl(d / "pretrain_eval.jsonl", self.task.pretrain_corpus(EVAL_SIZE, seed + 1))
+        pairs, eval_pairs, eval_sft = self.task.seed_data(c.seed_pairs, EVAL_SIZE, seed + 2)
+        write_jsonl(d / "seed_pairs.jsonl", pairs)
+        write_jsonl(d / "eval_pairs.jsonl", eval_pairs)
+        write_jsonl(d / "eval_prompts.jsonl", self.task.prompts(c.eval_prompts, seed + 3, "eval"))
+        write_jsonl(d / "eval_sft.jsonl", eval_sft)
+        return {"seed_pairs": c.seed_pairs}
+
+    def pretrain(self, d: Path, k: int) -> dict:
+        """The base: an LM pre-trained on the task's corpus (every token a target), or the config's `base`."""
+        c = self.cfg
+        if c.base is not None:
+            return {"model": c.base, **self.task_accuracy(Path(c.base))}
+        overrides = {
+            "model.preset": c.preset,
+            "data.train": str(self.data / "pretrain.jsonl"),
+            "data.eval": str(self.data / "pretrain_eval.jsonl"),
+            "sft.mask_prompt": False,
+        }
+        model = self.train("sft", d, overrides, c.pretrain, c.variants.get("pretrain"))
+        return {"model": str(model), **self.task_accuracy(model)}
+
+    def train_rm(self, d: Path, k: int, base: Path) -> dict:
+        """Reward model from the base on all preference pairs so far: the seed pairs and every earlier round's."""
+        files = [self.data / "seed_pairs.jsonl"] + [
+            self.dir / f"round_{j}" / "pref" / "pairs.jsonl" for j in range(1, k)
+        ]
+        _concat_jsonl(files, d / "train.jsonl")
+        overrides = {
+            "model.checkpoint": str(base),
+            "data.train": str(d / "train.jsonl"),
+            "data.eval": str(self.data / "eval_pairs.jsonl"),
+        }
+        model = self.train("rm", d, overrides, self.cfg.rm, self.cfg.variants.get("rm"))
+        single = last_eval(d / "variant_0", "accuracy")
+        return {"model": str(model), "rm_accuracy": self.rm_accuracy(model), "rm_accuracy_variant_0": single}
+
+    def rejection_sampling(self, d: Path, k: int, policy: Path, rm: Path) -> dict:
+        """K samples per fresh prompt from the latest policy; the reward model's best of each is SFT data."""
+        sft, _, sets = self.sample(d, k, "rs", self.cfg.rs_prompts, policy, rm, annotate=None)
+        write_jsonl(d / "sft.jsonl", sft)
+        write_jsonl(d / "sets.jsonl", sets)
+        return self.sample_metrics(sft, sets, records=len(sft))
+
+    def train_sft(self, d: Path, k: int, base: Path) -> dict:
+        """SFT from the base on all rejection-sampled data so far."""
+        files = [self.dir / f"round_{j}" / "rs" / "sft.jsonl" for j in range(1, k + 1)]
+        _concat_jsonl(files, d / "train.jsonl")
+        overrides = {
+            "model.checkpoint": str(base),
+            "data.train": str(d / "train.jsonl"),
+            "data.eval": str(self.data / "eval_sft.jsonl"),
+        }
+        model = self.train("sft", d, overrides, self.cfg.sft, self.cfg.variants.get("sft"))
+        return {"model": str(model), "sft_loss": last_eval(d / "variant_0", "loss"), **self.task_accuracy(model)}
+
+    def new_pairs(self, d: Path, k: int, sft_model: Path, rm: Path) -> dict:
+        """New preference pairs: K samples per fresh prompt from this round's SFT model, the verifier's best
+        against its worst (the labels are exact, so every pair counts as significantly better)."""
+        annotate = verifier_annotator(self.task.verify)
+        sft, pairs, sets = self.sample(d, k, "pref", self.cfg.pref_prompts, sft_model, rm, annotate)
+        write_jsonl(d / "pairs.jsonl", [{**p, "strength": "significantly_better"} for p in pairs])
+        write_jsonl(d / "sets.jsonl", sets)
+        return self.sample_metrics(sft, sets, records=len(pairs))
+
+    def train_dpo(self, d: Path, k: int, sft_model: Path) -> dict:
+        """DPO from this round's SFT model on this round's pairs; with several variants, each is evaluated
+        beside their average."""
+        variants = self.cfg.variants.get("dpo")
+        overrides = {
+            "model.checkpoint": str(sft_model),
+            "data.train": str(self.dir / f"round_{k}" / "pref" / "pairs.jsonl"),
+            "data.eval": str(self.data / "eval_pairs.jsonl"),
+        }
+        model = self.train("dpo", d, overrides, self.cfg.dpo, variants)
+        out = {"model": str(model), "dpo_reward_accuracy": last_eval(d / "variant_0", "rewards/accuracies")}
+        out.update(self.task_accuracy(model))
+        if len(variants or []) > 1:  # the averaged model against the single ones
+            out["variants"] = [self.task_accuracy(d / f"variant_{v}" / "model") for v in range(len(variants))]
+        return out
+
+    def report(self) -> None:
+        """summary.json (the config and every stage's results), summary.md (a table), and the plots."""
+        summary = {"config": dataclasses.asdict(self.cfg), "stages": self.results}
+        _write_text(self.dir / "summary.json", json.dumps(summary, indent=1))
+        table = summary_table(self.results)
+        _write_text(self.dir / "summary.md", table + "\n")
+        print(table)
+        if self.cfg.plots:
+            self.plot()
+
+    def plot(self) -> None:
+        from train.plots import HOW_TO_GET, have_matplotlib, line_chart
+
+        if not have_matplotlib():
+            print(f"plots: skipped (matplotlib is not installed); to get them: {HOW_TO_GET}, and rerun the pipeline")
+            return
+        labels, series = accuracy_by_stage(self.results)
+        ylabel = f"fraction right ({self.cfg.eval_prompts} held-out prompts)"
+        line_chart(self.dir / "accuracy.png", "Task accuracy by stage", labels, series, "stage", ylabel)
+        drawn = [self.dir / "accuracy.png"]
+        if self.cfg.rounds:
+            labels, series = rewards_by_round(self.results, self.cfg.rounds)
+            line_chart(self.dir / "rewards.png", "Reward accuracy by round", labels, series, "round", "fraction right")
+            drawn.append(self.dir / "rewards.png")
+        print("plots:", ", ".join(map(str, drawn)))
+
+    # ------------------------------------------------------------------------------------- mechanics
 
     def stage_configs(self) -> dict:
         return {kind: _read_yaml(ROOT / file) for kind, file in sorted(self.cfg.configs.items())}
@@ -230,8 +392,9 @@ class Pipeline:
                     f"that made them; {START_OVER}"
                 )
             self.dir.mkdir(parents=True, exist_ok=True)
-            _write_yaml(stages, now["stage_configs"])
-            _write_yaml(record, {k: v for k, v in now.items() if k != "stage_configs"})  # last: the record is whole
+            _write_text(stages, yaml.safe_dump(now["stage_configs"], sort_keys=False))
+            config = {k: v for k, v in now.items() if k != "stage_configs"}
+            _write_text(record, yaml.safe_dump(config, sort_keys=False))  # last: the record is whole
             return
         saved = {**(_read_yaml(record) or {}), "stage_configs": _read_yaml(stages) if stages.is_file() else {}}
         changed = _differences(saved, now)
@@ -245,8 +408,8 @@ class Pipeline:
         if changed:
             print(f"{record}: {', '.join(changed)} changed (no stage's result depends on them); the record is kept")
 
-    def stage(self, rnd: int, name: str, fn) -> dict:
-        """Run fn(stage_dir) unless its DONE marker exists; the marker holds the stage's results."""
+    def stage(self, rnd: int, name: str, fn, *args) -> dict:
+        """fn(stage_dir, rnd, *args) -> results, unless the stage's DONE marker exists: it holds the results."""
         d = self.dir / f"round_{rnd}" / name
         marker = d / "DONE"
         if marker.exists():
@@ -256,15 +419,12 @@ class Pipeline:
             d.mkdir(parents=True, exist_ok=True)
             t0 = time.time()
             try:
-                result = {"round": rnd, "stage": name, **fn(d), "seconds": round(time.time() - t0, 1)}
+                result = {"round": rnd, "stage": name, **fn(d, rnd, *args), "seconds": round(time.time() - t0, 1)}
             except PipelineError as e:
                 raise PipelineError(f"[round {rnd}] {name}: {e}") from None
-            tmp = marker.with_suffix(".tmp")
-            tmp.write_text(json.dumps(result, indent=1))
-            tmp.replace(marker)
-            print(
-                f"[round {rnd}] {name}: {json.dumps({k: v for k, v in result.items() if k not in ('round', 'stage')})}"
-            )
+            _write_text(marker, json.dumps(result, indent=1))
+            shown = {k: v for k, v in result.items() if k not in ("round", "stage")}
+            print(f"[round {rnd}] {name}: {json.dumps(shown)}")
         self.results.append(result)
         return result
 
@@ -281,49 +441,58 @@ class Pipeline:
                     "train.run_dir": str(run_dir),
                     "logging.progress": False,
                 }
-                if "model.checkpoint" in args:  # the stage's own start, not the config file's preset
-                    args["model.preset"] = None
-                cmd = [
-                    sys.executable,
-                    "-m",
-                    "torch.distributed.run",
-                    "--standalone",
-                    f"--nproc_per_node={self.cfg.nproc}",
-                ]
-                cmd += [
-                    str(ROOT / "train" / f"{kind}.py"),
-                    "--config",
-                    str(ROOT / self.cfg.configs[kind]),
-                    *_overrides(args),
-                ]
-                env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // self.cfg.nproc))}
-                log_path = run_dir.parent / f"variant_{v}.log"
-                with open(log_path, "a") as log:
-                    log.write(f"{ATTEMPT}{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(cmd)}\n")
-                    log.flush()
-                    rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode
-                if rc != 0:
-                    raise PipelineError(
-                        f"train/{kind}.py failed (exit code {rc}) for {run_dir}; the end of its log {log_path}\n"
-                        f"{_tail(log_path)}\nRerunning the pipeline resumes from the last finished stage."
-                    )
+                self.torchrun(kind, run_dir, args, d / f"variant_{v}.log")
             models.append(run_dir / "model")
         return average_checkpoints(models, d / "model")
 
-    @staticmethod
-    def last_eval(run_dir: Path, key: str) -> float | None:
-        values = [
-            m[f"eval/{key}"]
-            for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-            if f"eval/{key}" in m
-        ]
-        return values[-1] if values else None
+    def torchrun(self, kind: str, run_dir: Path, args: dict, log_path: Path) -> None:
+        """One training run, its output appended to log_path; a failure raises with the log's end."""
+        if "model.checkpoint" in args:  # the stage's own start, not the config file's preset
+            args["model.preset"] = None
+        script, config = str(ROOT / "train" / f"{kind}.py"), str(ROOT / self.cfg.configs[kind])
+        cmd = torchrun_command(script, self.cfg.nproc, ["--config", config, *override_args(args)])
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // self.cfg.nproc))}
+        with open(log_path, "a") as log:
+            log.write(f"{ATTEMPT}{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(cmd)}\n")
+            log.flush()
+            rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+        if rc != 0:
+            raise PipelineError(
+                f"train/{kind}.py failed (exit code {rc}) for {run_dir}; the end of its log {log_path}\n"
+                f"{_tail(log_path)}\nRerunning the pipeline resumes from the last finished stage."
+            )
+
+    def sample(self, d: Path, k: int, split: str, n: int, model: Path, rm: Path, annotate):
+        """K samples for each of n fresh prompts (saved as prompts.jsonl), scored by the reward model
+        -> (SFT records, preference pairs by `annotate`, else by the RM, sets) as train/sample.py."""
+        c = self.cfg
+        prompts = self.task.prompts(n, c.seed * 1000 + 2 * k + (split == "pref"), f"r{k}{split}")
+        write_jsonl(d / "prompts.jsonl", prompts)
+        records = read_prompts(d / "prompts.jsonl")  # parsed as sample.py parses a prompt file
+        generator = torch.Generator().manual_seed(c.seed * 1000 + k)
+        policy, reward = load_model(model).eval(), load_model(rm).eval()
+        return rejection_sample(
+            records, policy, reward, self.chat, c.k, c.max_new_tokens, generator, c.temperature, annotate=annotate
+        )
+
+    def sample_metrics(self, sft: list[dict], sets: list[dict], records: int) -> dict:
+        """How good the samples are by the verifier: all of them, the best of K (an oracle), the RM's picks."""
+        verify = self.task.verify
+        right = [[verify(s["prompt"][-1]["content"], t) for t in s["responses"]] for s in sets]
+        picked = [verify(r["messages"][-2]["content"], r["messages"][-1]["content"]) for r in sft]
+        return {
+            "sample_accuracy": sum(map(sum, right)) / max(1, sum(map(len, right))),
+            "best_of_k_oracle": sum(max(x) for x in right) / max(1, len(right)),
+            "rm_pick_accuracy": sum(picked) / max(1, len(picked)),
+            "mean_best_score": sum(r["score"] for r in sft) / max(1, len(sft)),
+            "records": records,
+        }
 
     @torch.no_grad()
     def task_accuracy(self, model_path: Path) -> dict:
-        """Fraction of held-out prompts answered right: greedy, and over 4 samples at temperature 1."""
+        """The verifier's mean score on the held-out prompts: greedy, and over 4 samples at temperature 1."""
         model = load_model(model_path).eval()
-        records = read_prompts(self.dir / "round_0" / "data" / "eval_prompts.jsonl")
+        records = read_prompts(self.data / "eval_prompts.jsonl")
         ids = [self.chat.encode_dialog(r["messages"], add_generation_prompt=True).tokens for r in records]
         tok, out = self.chat.tokenizer, {}
         gen = torch.Generator().manual_seed(self.cfg.seed)
@@ -331,226 +500,90 @@ class Pipeline:
             samples = generate(
                 model, ids, n, self.cfg.max_new_tokens, tok.stop_ids, temp, pad_id=tok.pad_id, generator=gen
             )
-            right = [
-                arithmetic.verify(r["prompt"], tok.decode([t for t in s if t not in tok.stop_ids]))
+            scores = [
+                self.task.verify(r["messages"][-1]["content"], decode_sample(tok, s))
                 for r, ss in zip(records, samples)
                 for s in ss
             ]
-            out[key] = sum(right) / len(right)
+            out[key] = sum(scores) / len(scores)
         return out
 
     @torch.no_grad()
     def rm_accuracy(self, rm_path: Path) -> float:
+        """Fraction of held-out pairs the reward model ranks right."""
         rm = load_model(rm_path).eval()
-        pairs = [json.loads(x) for x in (self.dir / "round_0" / "data" / "eval_pairs.jsonl").read_text().splitlines()]
-        prompts = [[{"role": "user", "content": p["prompt"]}] for p in pairs]
+        path = self.data / "eval_pairs.jsonl"
+        pairs = [json.loads(line) for line in path.read_text().splitlines()]
+        prompts = [parse_prompt(p["prompt"], f"{path}:{i}") for i, p in enumerate(pairs, 1)]
         scores = score(rm, self.chat, prompts, [[p["chosen"], p["rejected"]] for p in pairs])
         return sum(s[0] > s[1] for s in scores) / len(scores)
 
-    # ------------------------------------------------------------------ the recipe
 
-    def run(self) -> list[dict]:
-        self.check_run_folder()
-        c, data = self.cfg, self.dir / "round_0" / "data"
-        torch.manual_seed(c.seed)
+# ---------------------------------------------------------------------------------------------- report
 
-        def make_data(d):
-            rng_seed = c.seed * 7919
-            write_jsonl(
-                d / "pretrain.jsonl",
-                arithmetic.noisy_corpus(c.pretrain_examples, rng_seed, c.pretrain_noise, c.max_digits),
-            )
-            write_jsonl(
-                d / "pretrain_eval.jsonl", arithmetic.noisy_corpus(200, rng_seed + 1, c.pretrain_noise, c.max_digits)
-            )
-            import random
+TABLE_COLUMNS = [
+    "rm_accuracy", "rm_pick_accuracy", "sft_loss", "dpo_reward_accuracy", "task_accuracy", "task_accuracy_sampled",
+]  # fmt: skip
 
-            rng = random.Random(rng_seed + 2)
-            write_jsonl(
-                d / "seed_pairs.jsonl", [arithmetic.preference_record(rng, c.max_digits) for _ in range(c.seed_pairs)]
-            )
-            write_jsonl(d / "eval_pairs.jsonl", [arithmetic.preference_record(rng, c.max_digits) for _ in range(200)])
-            write_jsonl(
-                d / "eval_prompts.jsonl", arithmetic.prompts(c.eval_prompts, rng_seed + 3, c.max_digits, "eval")
-            )
-            write_jsonl(
-                d / "eval_sft.jsonl",
-                [arithmetic.sft_record(*arithmetic.problem(rng, c.max_digits)) for _ in range(200)],
-            )
-            return {"seed_pairs": c.seed_pairs}
 
-        self.stage(0, "data", make_data)
+def summary_table(results: list[dict]) -> str:
+    """A markdown table: one row per stage (the data stage aside), one column per metric."""
+    lines = ["| round | stage | " + " | ".join(TABLE_COLUMNS) + " |", "|---|---|" + "---:|" * len(TABLE_COLUMNS)]
+    for r in results:
+        if r["stage"] == "data":
+            continue
+        cells = [f"{r[c]:.3f}" if isinstance(r.get(c), float) else "" for c in TABLE_COLUMNS]
+        lines.append(f"| {r['round']} | {r['stage']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
-        def pretrain(d):
-            o = {
-                "model.preset": c.preset,
-                "data.train": str(data / "pretrain.jsonl"),
-                "data.eval": str(data / "pretrain_eval.jsonl"),
-            }
-            model = self.train("sft", d, {**o, "sft.mask_prompt": False}, c.pretrain, c.variants.get("pretrain"))
-            return {"model": str(model), **self.task_accuracy(model)}
 
-        base = Path(self.stage(0, "pretrain", pretrain)["model"])
-        policy = base
-        for k in range(1, c.rounds + 1):
-            rd = self.dir / f"round_{k}"
+def stage_label(result: dict) -> str:
+    """ "base" for the pre-trained model, else round and stage: "R1 SFT", "R1 DPO"."""
+    return "base" if result["stage"] == "pretrain" else f"R{result['round']} {result['stage'].upper()}"
 
-            def rm_stage(d, k=k):
-                files = [data / "seed_pairs.jsonl"] + [
-                    self.dir / f"round_{j}" / "pref" / "pairs.jsonl" for j in range(1, k)
-                ]
-                write_jsonl(d / "train.jsonl", [json.loads(x) for f in files for x in f.read_text().splitlines()])
-                o = {
-                    "model.checkpoint": str(base),
-                    "data.train": str(d / "train.jsonl"),
-                    "data.eval": str(data / "eval_pairs.jsonl"),
-                }
-                model = self.train("rm", d, o, c.rm, c.variants.get("rm"))
-                single = self.last_eval(d / "variant_0", "accuracy")
-                return {"model": str(model), "rm_accuracy": self.rm_accuracy(model), "rm_accuracy_variant_0": single}
 
-            rm = Path(self.stage(k, "rm", rm_stage)["model"])
+def accuracy_by_stage(results: list[dict]) -> tuple[list[str], dict[str, list]]:
+    """x labels and series of the task accuracy chart: every stage that made a model."""
+    models = [r for r in results if "task_accuracy" in r]
+    series = {
+        "greedy": [r["task_accuracy"] for r in models],
+        "sampled (temperature 1)": [r["task_accuracy_sampled"] for r in models],
+    }
+    return [stage_label(r) for r in models], series
 
-            def sample_stage(d, source, kind, k=k, rm=rm):
-                records = read_prompts_from(
-                    arithmetic.prompts(
-                        c.rs_prompts if kind == "rs" else c.pref_prompts,
-                        c.seed * 1000 + 2 * k + (kind == "pref"),
-                        c.max_digits,
-                        f"r{k}{kind}",
-                    ),
-                    d,
-                )
-                gen = torch.Generator().manual_seed(c.seed * 1000 + k)
-                model, reward = load_model(source).eval(), load_model(rm).eval()
-                ann = verifier_annotator(arithmetic.verify) if kind == "pref" else None
-                sft, pairs, sets = rejection_sample(
-                    records, model, reward, self.chat, c.k, c.max_new_tokens, gen, c.temperature, annotate=ann
-                )
-                correct = [[arithmetic.verify(s["prompt"][-1]["content"], t) for t in s["responses"]] for s in sets]
-                picked = [arithmetic.verify(r["messages"][0]["content"], r["messages"][-1]["content"]) for r in sft]
-                write_jsonl(
-                    d / ("sft.jsonl" if kind == "rs" else "pairs.jsonl"),
-                    sft if kind == "rs" else [{**p, "strength": "significantly_better"} for p in pairs],
-                )
-                write_jsonl(d / "sets.jsonl", sets)
-                return {
-                    "sample_accuracy": sum(map(sum, correct)) / max(1, sum(map(len, correct))),
-                    "best_of_k_oracle": sum(any(x) for x in correct) / max(1, len(correct)),
-                    "rm_pick_accuracy": sum(picked) / max(1, len(picked)),
-                    "mean_best_score": sum(r["score"] for r in sft) / max(1, len(sft)),
-                    "records": len(sft) if kind == "rs" else len(pairs),
-                }
 
-            self.stage(k, "rs", lambda d, p=policy: sample_stage(d, p, "rs"))
+def rewards_by_round(results: list[dict], rounds: int) -> tuple[list[str], dict[str, list]]:
+    """x labels and series of the reward chart: per round, how often each reward signal ranks right."""
 
-            def sft_stage(d, k=k):
-                files = [self.dir / f"round_{j}" / "rs" / "sft.jsonl" for j in range(1, k + 1)]
-                write_jsonl(d / "train.jsonl", [json.loads(x) for f in files for x in f.read_text().splitlines()])
-                o = {
-                    "model.checkpoint": str(base),
-                    "data.train": str(d / "train.jsonl"),
-                    "data.eval": str(data / "eval_sft.jsonl"),
-                }
-                model = self.train("sft", d, o, c.sft, c.variants.get("sft"))
-                return {
-                    "model": str(model),
-                    "sft_loss": self.last_eval(d / "variant_0", "loss"),
-                    **self.task_accuracy(model),
-                }
-
-            sft_model = Path(self.stage(k, "sft", sft_stage)["model"])
-            self.stage(k, "pref", lambda d, s=sft_model: sample_stage(d, s, "pref"))
-
-            def dpo_stage(d, k=k, sft_model=sft_model, rd=rd):
-                o = {
-                    "model.checkpoint": str(sft_model),
-                    "data.train": str(rd / "pref" / "pairs.jsonl"),
-                    "data.eval": str(data / "eval_pairs.jsonl"),
-                }
-                model = self.train("dpo", d, o, c.dpo, c.variants.get("dpo"))
-                out = {
-                    "model": str(model),
-                    "dpo_reward_accuracy": self.last_eval(d / "variant_0", "rewards/accuracies"),
-                }
-                out.update(self.task_accuracy(model))
-                if len(c.variants.get("dpo") or []) > 1:  # the averaged model against the single ones
-                    out["variants"] = [
-                        self.task_accuracy(d / f"variant_{v}" / "model") for v in range(len(c.variants["dpo"]))
-                    ]
-                return out
-
-            policy = Path(self.stage(k, "dpo", dpo_stage)["model"])
-        self.report()
-        return self.results
-
-    def report(self) -> None:
-        (self.dir / "summary.json").write_text(
-            json.dumps({"config": dataclasses.asdict(self.cfg), "stages": self.results}, indent=1)
-        )
-        cols = [
-            "rm_accuracy",
-            "rm_pick_accuracy",
-            "sft_loss",
-            "dpo_reward_accuracy",
-            "task_accuracy",
-            "task_accuracy_sampled",
+    def per_round(stage: str, key: str) -> list:
+        return [
+            next((r.get(key) for r in results if r["round"] == k and r["stage"] == stage), None)
+            for k in range(1, rounds + 1)
         ]
-        lines = ["| round | stage | " + " | ".join(cols) + " |", "|---|---|" + "---:|" * len(cols)]
-        for r in self.results:
-            if r["stage"] in ("data",):
-                continue
-            cells = [f"{r[c]:.3f}" if isinstance(r.get(c), float) else "" for c in cols]
-            lines.append(f"| {r['round']} | {r['stage']} | " + " | ".join(cells) + " |")
-        table = "\n".join(lines)
-        (self.dir / "summary.md").write_text(table + "\n")
-        print(table)
-        if self.cfg.plots:
-            from train.plots import line_chart
 
-            acc = [r for r in self.results if "task_accuracy" in r]
-            short = len(acc) > 7  # many rounds: "2S" = round 2 SFT, "2D" = round 2 DPO
-            labels = [
-                "BASE"
-                if r["stage"] == "pretrain"
-                else f"{r['round']}{r['stage'][0]}"
-                if short
-                else f"R{r['round']} {r['stage']}"
-                for r in acc
-            ]
-            series = {
-                "greedy": [r["task_accuracy"] for r in acc],
-                "sampled t=1": [r["task_accuracy_sampled"] for r in acc],
-            }
-            line_chart(
-                self.dir / "accuracy.png",
-                "TASK ACCURACY BY STAGE" + (" (S=SFT D=DPO)" if short else ""),
-                labels,
-                series,
-            )
-            rounds = list(range(1, self.cfg.rounds + 1))
-
-            def per_round(stage, key):
-                return [
-                    next((r.get(key) for r in self.results if r["round"] == k and r["stage"] == stage), None)
-                    for k in rounds
-                ]
-
-            series = {
-                "rm acc": per_round("rm", "rm_accuracy"),
-                "dpo reward acc": per_round("dpo", "dpo_reward_accuracy"),
-                "rm pick acc": per_round("rs", "rm_pick_accuracy"),
-            }
-            line_chart(self.dir / "rewards.png", "REWARDS BY ROUND", [f"R{k}" for k in rounds], series)
+    series = {
+        f"reward model ({EVAL_SIZE} held-out pairs)": per_round("rm", "rm_accuracy"),
+        f"DPO implicit reward ({EVAL_SIZE} held-out pairs)": per_round("dpo", "dpo_reward_accuracy"),
+        "the RM's pick is right (rejection sampling)": per_round("rs", "rm_pick_accuracy"),
+    }
+    return [f"round {k}" for k in range(1, rounds + 1)], series
 
 
-def read_prompts_from(records: list[dict], d: Path) -> list[dict]:
-    write_jsonl(d / "prompts.jsonl", records)
-    return read_prompts(d / "prompts.jsonl")
+def describe() -> str:
+    """Every key with its default and comment: the `--help` epilog."""
+    comments = _comments(PipelineConfig)
+    lines = []
+    for f in dataclasses.fields(PipelineConfig):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        lines.append(f"  {f.name} = {default!r}" + (f"  # {comments[f.name]}" if f.name in comments else ""))
+    return "\n".join(lines)
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, epilog="keys (key = default):\n" + describe(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
     ap.add_argument("--config")
     ap.add_argument("overrides", nargs="*", help="key=value")
     args = ap.parse_args(argv)

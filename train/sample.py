@@ -24,18 +24,18 @@ import argparse
 import json
 import math
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from data.jsonl import write_jsonl
 from data.loader import read_records
 from data.rows import build_group, encode_response, pack
 from data.schema import ValidationError, parse_prompt
 from llama import load_model
 from llama.chat import ChatFormat
 from llama.checkpoint import read_config
-from llama.generate import generate
+from llama.generate import decode_sample, generate
 from llama.tokenizer import resolve_tokenizer
 from train.distributed import init_distributed
 
@@ -64,7 +64,7 @@ def sample(policy, chat: ChatFormat, prompts: list[list[dict]], k: int, max_new_
         ids = [chat.encode_dialog(m, add_generation_prompt=True).tokens for m in prompts[start : start + batch]]
         out = generate(policy, ids, k, max_new_tokens, tok.stop_ids, pad_id=tok.pad_id, **kw)
         for samples in out:
-            texts.append([tok.decode([t for t in s if t not in tok.stop_ids]) for s in samples])
+            texts.append([decode_sample(tok, s) for s in samples])
             finished.append([bool(s) and s[-1] in tok.stop_ids for s in samples])
     return texts, finished
 
@@ -113,8 +113,8 @@ def combine_llama2(helpful: float, safety: float, is_safety_prompt: bool, thresh
 # ----------------------------------------------------------------------------- annotators
 
 
-def verifier_annotator(verify: Callable[[str, str], bool]):
-    """Scores 1 / 0 from a checker of (prompt text, response)."""
+def verifier_annotator(verify: Callable[[str, str], float]):
+    """Scores from a verifier of (the prompt's last message's text, response): 1 / 0 for right / wrong."""
     return lambda record, texts: [float(verify(record["messages"][-1]["content"], t)) for t in texts]
 
 
@@ -209,25 +209,17 @@ def provenance(record: dict) -> dict:
     return ({"id": record["id"]} if "id" in record else {}) | {"source": source}
 
 
-def write_jsonl(path, records) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    tmp.replace(path)
-
-
 def _annotator(spec: str | None):
     if spec is None or spec == "rm":
         return None
     kind, _, arg = spec.partition(":")
-    if kind == "verifier" and arg == "arithmetic":
-        from data.tasks.arithmetic import verify
+    if kind == "verifier" and arg:  # a task's verifier, the task made with its default settings
+        from data.tasks import load_task
 
-        return verifier_annotator(verify)
+        return verifier_annotator(load_task(arg).verify)
     if kind == "file":
         return file_annotator(arg)
-    raise ValueError(f"--annotate must be rm, verifier:arithmetic or file:PATH, got {spec!r}")
+    raise ValueError(f"--annotate must be rm, verifier:TASK (e.g. verifier:arithmetic) or file:PATH, got {spec!r}")
 
 
 def _at_least(low, kind=int):
@@ -272,7 +264,7 @@ def main(argv=None):
     ap.add_argument("--top-p", type=float, default=1.0, help="in (0, 1]; 1: off")
     ap.add_argument("--top-k", type=_at_least(0), default=0, help="0: off")
     ap.add_argument("--max-chars", type=_at_least(1))
-    ap.add_argument("--annotate", help="rm (default) | verifier:arithmetic | file:labels.jsonl")
+    ap.add_argument("--annotate", help="rm (default) | verifier:TASK (data/tasks, e.g. arithmetic) | file:labels.jsonl")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out-sft")
     ap.add_argument("--out-pairs")

@@ -4,6 +4,7 @@
 
     python -m data.tasks.arithmetic --out DIR --seed 0     # writes the quickstart files
 
+`Arithmetic` is the task as the pipeline uses it (the interface: data/tasks/__init__.py).
 Preference records pair a correct answer with a wrong one: off by a small amount (the digits that
 matter most), a slipped carry, or a digit dropped. `strength` follows how wrong the rejected
 answer is.
@@ -12,10 +13,13 @@ answer is.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import re
+from dataclasses import dataclass
 from pathlib import Path
+
+from data.jsonl import write_jsonl
+from data.tasks import SeedData
 
 _QUESTION = re.compile(r"^\s*(\d+)\+(\d+)=\s*$")
 
@@ -84,9 +88,35 @@ def prompts(n: int, seed: int, max_digits: int = 3, prefix: str = "p") -> list[d
     return [{"id": f"{prefix}{i}", "prompt": problem(rng, max_digits)[0]} for i in range(n)]
 
 
-def write_jsonl(path: Path, records) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+@dataclass
+class Arithmetic:
+    """Addition of numbers of 1 to max_digits digits; a base pre-trained on a corpus whose answers are
+    wrong with probability `noise` starts imperfect, so the rounds have something to improve."""
+
+    max_digits: int = 2
+    noise: float = 0.35  # fraction of wrong answers in the pre-training corpus
+
+    def __post_init__(self):
+        if self.max_digits < 1:
+            raise ValueError(f"max_digits: must be >= 1, got {self.max_digits!r}")
+        if not 0 <= self.noise <= 1:
+            raise ValueError(f"noise: a fraction, must be in [0, 1], got {self.noise!r}")
+
+    def prompts(self, n: int, seed: int, split: str) -> list[dict]:
+        return prompts(n, seed, self.max_digits, split)
+
+    def verify(self, prompt: str, response: str) -> float:
+        return float(verify(prompt, response))
+
+    def seed_data(self, pairs: int, eval_size: int, seed: int) -> SeedData:
+        rng = random.Random(seed)  # one stream, drawn in this order: the sets follow from the seed
+        train = [preference_record(rng, self.max_digits) for _ in range(pairs)]
+        held_out = [preference_record(rng, self.max_digits) for _ in range(eval_size)]
+        sft = [sft_record(*problem(rng, self.max_digits)) for _ in range(eval_size)]
+        return SeedData(train, held_out, sft)
+
+    def pretrain_corpus(self, n: int, seed: int) -> list[dict]:
+        return noisy_corpus(n, seed, self.noise, self.max_digits)
 
 
 def main(argv=None):

@@ -22,29 +22,22 @@ import subprocess
 import sys
 from pathlib import Path
 
-from train.pipeline import Pipeline, load_pipeline_config
+from train.distributed import torchrun_command
+from train.logger import read_metrics
+from train.pipeline import Pipeline, last_eval, load_pipeline_config, override_args
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 def torchrun(kind: str, config: str, overrides: dict, log: Path) -> None:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(ROOT / "train" / f"{kind}.py"),
-    ]
-    cmd += ["--config", str(ROOT / config), *[f"{k}={json.dumps(v)}" for k, v in overrides.items()]]
+    """train/<kind>.py on 2 ranks with the pipeline's stage config and these overrides; output to `log`."""
+    cmd = torchrun_command(
+        str(ROOT / "train" / f"{kind}.py"), 2, ["--config", str(ROOT / config), *override_args(overrides)]
+    )
     with open(log, "w") as f:
         subprocess.run(
             cmd, check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=f, stderr=subprocess.STDOUT
         )
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def main():
@@ -94,7 +87,7 @@ def main():
                 acc = pipe.task_accuracy(d / "model")
                 accs.append(acc["task_accuracy"])
                 samp.append(acc["task_accuracy_sampled"])
-                rew.append(Pipeline.last_eval(d, "rewards/accuracies"))
+                rew.append(last_eval(d, "rewards/accuracies"))
             mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
             lines.append(f"| {mask} | {alpha} | {mean(accs):.3f} | {mean(samp):.3f} | {mean(rew):.3f} |")
             print(lines[-1], flush=True)
@@ -125,8 +118,8 @@ def main():
                     }
                 )
                 torchrun("rm", cfg.configs["rm"], o, work / f"{d.name}.log")
-            steps = [m for m in metrics(d) if "tokens" in m]
-            accs.append(Pipeline.last_eval(d, "accuracy"))
+            steps = [m for m in read_metrics(d / "metrics.jsonl") if "tokens" in m]
+            accs.append(last_eval(d, "accuracy"))
             toks.append(sum(m["tokens"] for m in steps) / len(steps))
             times.append(sum(m["tokens"] / m["tokens_per_s"] for m in steps[1:]) / max(1, len(steps) - 1))
         mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
