@@ -212,3 +212,30 @@ class DataLoader:
         if state["seed"] != self.seed:
             raise ValueError(f"loader state was saved with seed {state['seed']}, this loader has seed {self.seed}")
         self.epoch, self.step = state["epoch"], state["step"]
+
+
+def build_loaders(
+    dc, kind: str, chat: ChatFormat, rank: int = 0, world_size: int = 1, verbose: bool = True, **encode_kw
+):
+    """Train and (optional) eval loaders for this rank from a config's data section `dc`
+    (train/config.py DataSection); the load reports are printed when `verbose`."""
+    kw = dict(kind=kind, chat=chat, max_len=dc.max_len, overlength=dc.overlength, skip_invalid=dc.skip_invalid)
+    kw.update(keep_strengths=dc.keep_strengths, verbose=verbose, **encode_kw)
+    loader_kw = dict(
+        max_len=dc.max_len, tokens_per_microbatch=dc.tokens_per_microbatch, rank=rank, world_size=world_size
+    )
+    loader_kw["pad_id"] = chat.tokenizer.pad_id
+    train_examples, _ = load_examples(dc.train, seed=dc.seed, **kw)
+    if len(train_examples) < dc.batch_size:
+        raise ValueError(
+            f"data.train {dc.train}: {len(train_examples) or 'no'} examples (after the drops reported above), "
+            f"fewer than one batch of data.batch_size={dc.batch_size}"
+        )
+    train = DataLoader(train_examples, dc.batch_size, seed=dc.seed, **loader_kw)
+    evaluation = None
+    if dc.eval:
+        eval_examples, _ = load_examples(dc.eval, seed=dc.seed + 1, **kw)
+        if not eval_examples:
+            raise ValueError(f"data.eval {dc.eval}: no examples (after the drops reported above)")
+        evaluation = DataLoader(eval_examples, dc.batch_size, shuffle=False, drop_last=False, **loader_kw)
+    return train, evaluation

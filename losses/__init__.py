@@ -1,20 +1,15 @@
-"""The three objectives, as pure functions of tensors; each file's docstring holds its formula."""
+"""The three objectives, as functions of tensors; each file's docstring holds its formula.
 
-from losses.common import sequence_sums, target_logps
-from losses.dpo import chosen_nll, dpo_logps, dpo_loss, dpo_pairs
-from losses.ranking import LLAMA2_MARGINS, ranked_pairs, ranking_loss, strength_margins
+Contract: a loss takes tensors only and returns `(loss, sums)`. `sums` are on-device sums over
+this micro-batch, each with a denominator declared in the module's `RATIOS` (logged metric ->
+(sum, denominator)); the loop adds them over micro-batches and ranks and divides once per logged
+step, so an empty micro-batch adds zeros, never NaN. Turning a packed `Batch` into these tensors
+(gathering target positions, per-sequence sums, chosen/rejected indices) is train/tasks.py's job.
+"""
+
+from losses.common import sequence_sums
+from losses.dpo import dpo_loss
+from losses.ranking import LLAMA2_MARGINS, ranked_pairs, ranking_loss
 from losses.sft import sft_loss
 
-__all__ = [
-    "LLAMA2_MARGINS",
-    "chosen_nll",
-    "dpo_logps",
-    "dpo_loss",
-    "dpo_pairs",
-    "ranked_pairs",
-    "ranking_loss",
-    "sequence_sums",
-    "sft_loss",
-    "strength_margins",
-    "target_logps",
-]
+__all__ = ["LLAMA2_MARGINS", "dpo_loss", "ranked_pairs", "ranking_loss", "sequence_sums", "sft_loss"]

@@ -9,11 +9,8 @@ passed in (the whole step's count) so accumulation and world size do not change 
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-from data.schema import STRENGTHS
 
 # Llama 2, Table 28: margin m(r) by how much better the chosen response is.
 LLAMA2_MARGINS = {
@@ -21,11 +18,13 @@ LLAMA2_MARGINS = {
     "large": {"significantly_better": 3.0, "better": 2.0, "slightly_better": 1.0, "marginally_better": 0.0},
 }
 
-
-def strength_margins(group_strength: Tensor, table: dict[str, float]) -> Tensor:
-    """(G,) strength indices (-1 unknown) -> (G,) margins (0 for unknown)."""
-    values = torch.tensor([table[s] for s in STRENGTHS] + [0.0], device=group_strength.device)
-    return values[group_strength]  # index -1 picks the trailing 0
+# logged metric -> (sum, denominator); reward_std is derived from reward_sq_mean and reward_mean
+RATIOS = {
+    "accuracy": ("correct", "pairs"),
+    "margin_mean": ("margin", "pairs"),
+    "reward_mean": ("reward", "seqs"),
+    "reward_sq_mean": ("reward_sq", "seqs"),
+}
 
 
 def ranked_pairs(group: Tensor, rank: Tensor) -> tuple[Tensor, Tensor]:
@@ -36,19 +35,29 @@ def ranked_pairs(group: Tensor, rank: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def ranking_loss(
-    rewards: Tensor, group: Tensor, rank: Tensor, margin: Tensor | None = None, num_pairs: int | None = None
-) -> tuple[Tensor, dict]:
-    """rewards (S,) one per sequence; group (S,), rank (S,) with 0 = best; margin (G,) per group."""
+    rewards: Tensor,
+    group: Tensor,
+    rank: Tensor,
+    margin: Tensor | None = None,
+    num_pairs: int | None = None,
+    group_class: Tensor | None = None,
+    class_names: tuple[str, ...] = (),
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """rewards (S,) one per sequence; group (S,), rank (S,) with 0 = best; margin (G,) per group.
+    group_class (G,) indexes class_names (e.g. preference strengths; -1: none): the sums then also
+    hold `pairs/<name>` and `correct/<name>` per class."""
     i, j = ranked_pairs(group, rank)
     diff = rewards[i] - rewards[j]  # (P,)
     m = margin[group[i]] if margin is not None else 0.0
     loss = -F.logsigmoid(diff - m).sum() / max(num_pairs if num_pairs is not None else len(i), 1)
-    d = diff.detach()
-    metrics = {
-        "accuracy": (d > 0).float().mean() if len(d) else d.new_tensor(float("nan")),
-        "reward_mean": rewards.detach().mean(),
-        "reward_std": rewards.detach().std() if len(rewards) > 1 else rewards.new_tensor(0.0),
-        "margin_mean": d.mean() if len(d) else d.new_tensor(float("nan")),
-        "pairs": len(i),
-    }
-    return loss, metrics
+    d, r = diff.detach(), rewards.detach()
+    sums = {
+        "pairs": d.new_tensor(len(d)), "correct": (d > 0).sum().to(d.dtype), "margin": d.sum(),
+        "seqs": r.new_tensor(len(r)), "reward": r.sum(), "reward_sq": (r * r).sum(),
+    }  # fmt: skip
+    if class_names:
+        pair_class = group_class[group[i]]  # (P,)
+        for k, name in enumerate(class_names):
+            sums[f"pairs/{name}"] = (pair_class == k).sum().to(d.dtype)
+            sums[f"correct/{name}"] = ((pair_class == k) & (d > 0)).sum().to(d.dtype)
+    return loss, sums

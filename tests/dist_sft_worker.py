@@ -16,7 +16,8 @@ from data.schema import SFTRecord
 from llama import Transformer, get_preset
 from llama.chat import ChatFormat
 from llama.tokenizer import load_tokenizer
-from losses import sft_loss, target_logps
+from losses import sft_loss
+from train.targets import target_logps
 
 
 def main(out_path):

@@ -12,8 +12,9 @@ from data.schema import PreferenceRecord
 from llama import Transformer, get_preset
 from llama.chat import ChatFormat
 from llama.tokenizer import load_tokenizer
-from losses import chosen_nll, dpo_logps, dpo_loss, ranking_loss, sft_loss, strength_margins, target_logps
+from losses import dpo_loss, ranking_loss, sft_loss
 from losses.ranking import LLAMA2_MARGINS
+from train.targets import chosen_nll, dpo_logps, strength_margins, target_logps
 
 CHAT = ChatFormat(load_tokenizer())
 
@@ -50,7 +51,7 @@ def test_ranking_loss_equals_pairwise_formula():
                     correct += r[a] > r[b]
         assert len(terms) == 3 + 1 + 1  # edited > chosen > rejected gives 3 pairs
         assert loss.item() == pytest.approx(sum(terms) / len(terms), abs=1e-12)
-        assert metrics["accuracy"].item() == pytest.approx(correct / len(terms))
+        assert (metrics["correct"] / metrics["pairs"]).item() == pytest.approx(correct / len(terms))
     loss, _ = ranking_loss(rewards, group, rank, num_pairs=10)  # the step's count, for accumulation
     assert loss.item() == pytest.approx(ranking_loss(rewards, group, rank)[0].item() * 5 / 10)
 
@@ -114,9 +115,10 @@ def test_dpo_loss_equals_float64_formula():
         expected += -(1 - eps) * log_sigmoid(h) - eps * log_sigmoid(-h) + alpha * (-s(pi, c, False) / n_c)
         rewards.append((beta * (s(pi, c) - s(ref, c)), beta * (s(pi, r) - s(ref, r))))
     assert loss.item() == pytest.approx(expected / 2, abs=1e-12)
-    assert m["rewards/chosen"].item() == pytest.approx(sum(c for c, _ in rewards) / 2)
-    assert m["rewards/margins"].item() == pytest.approx(sum(c - r for c, r in rewards) / 2)
-    assert m["rewards/accuracies"].item() == pytest.approx(sum(c > r for c, r in rewards) / 2)
+    assert m["pairs"].item() == 2
+    assert m["rewards/chosen"].item() / 2 == pytest.approx(sum(c for c, _ in rewards) / 2)
+    assert m["rewards/margins"].item() / 2 == pytest.approx(sum(c - r for c, r in rewards) / 2)
+    assert m["rewards/accuracies"].item() / 2 == pytest.approx(sum(c > r for c, r in rewards) / 2)
     assert sum(fmt) == 4  # one terminator per response
 
 

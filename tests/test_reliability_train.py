@@ -109,7 +109,7 @@ def test_a_signal_mid_step_saves_the_last_finished_step_and_resumes_exactly(tmp_
                 loop._Stop.signal = signal.SIGTERM
             return task.loss(batch, step)
 
-        return loop.Task(loss, task.summarize)
+        return loop.Task(loss, task.ratios, task.derive)
 
     monkeypatch.setattr(sft, "make_task", signalled_task)
     monkeypatch.setattr(loop._Stop, "signal", None)

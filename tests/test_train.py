@@ -113,7 +113,7 @@ def in_process(entry, argv):
 def test_crash_while_writing_a_checkpoint_keeps_the_previous(tmp_path, one_rank, monkeypatch):
     import torch.distributed.checkpoint as dcp
 
-    from train import checkpointing
+    from train import train_state
 
     argv = ["--config", str(QUICK / "sft.yaml"), f"train.run_dir={tmp_path}", "logging.progress=false", *SHORT]
     argv += ["train.steps=6", "train.save_every=2", "train.keep_last=5"]
@@ -126,12 +126,12 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous(tmp_path, one_rank,
             raise KeyboardInterrupt("simulated crash")
         return real_save(state, checkpoint_id=checkpoint_id)
 
-    monkeypatch.setattr(checkpointing.dcp, "save", crashing_save)
+    monkeypatch.setattr(train_state.dcp, "save", crashing_save)
     with pytest.raises(KeyboardInterrupt):
         in_process("sft", argv)
-    assert [p.name for p in checkpointing.list_checkpoints(tmp_path)] == ["step_00000002"]
+    assert [p.name for p in train_state.list_checkpoints(tmp_path)] == ["step_00000002"]
     assert (tmp_path / "checkpoints" / "step_00000004.tmp").exists()
-    monkeypatch.setattr(checkpointing.dcp, "save", real_save)
+    monkeypatch.setattr(train_state.dcp, "save", real_save)
     import torch.distributed as dist
 
     dist.destroy_process_group()
@@ -181,13 +181,10 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, one_rank):
 
     argv = ["--config", str(QUICK / "sft.yaml"), f"train.run_dir={tmp_path}", "logging.progress=false", *SHORT]
     cfg = parse_args(SFTConfig, [*argv, "train.steps=10", "train.max_bad_steps=3"])
-    from llama.chat import ChatFormat
-    from llama.tokenizer import load_tokenizer
-    from train.distributed import build_model, init_distributed
+    from train.entry import setup
 
-    d = init_distributed()
-    train_loader, _ = loop.build_loaders(cfg, "sft", ChatFormat(load_tokenizer()), d)
-    model = build_model(d, None, "tiny", "lm", 0)
+    s = setup(cfg, kind="sft", head="lm")
+    model = s.model
     task = make_task(model, "torch")
     calls = []
 
@@ -200,7 +197,7 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, one_rank):
 
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(RuntimeError, match="step 7: 3 steps in a row with a non-finite loss"):
-        loop.run(cfg, d, model, loop.Task(loss, task.summarize), train_loader, None)
+        loop.run(s, loop.Task(loss, task.ratios, task.derive))
     logged = read_metrics(tmp_path)
     assert [m["skipped_steps"] for m in logged] == [0, 1, 1, 1, 2, 3]
     assert all(torch.isfinite(v).all() for v in model.state_dict().values())

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from llama import Transformer, get_preset, load_model
 from llama.checkpoint import read_config
@@ -85,16 +85,22 @@ def parallelize(
     fully_shard(model, mesh=d.mesh, mp_policy=mp)
     if not trainable:
         model.requires_grad_(False).eval()
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            # Our losses divide by the whole step's counts (all ranks), so rank gradients must be
+            # summed, not averaged: divide factor 1 and a plain SUM reduce-scatter (gloo has no PREMUL_SUM).
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
     return model
 
 
-def all_reduce_sum(values: dict[str, float], device) -> dict[str, float]:
-    """Sum a dict of floats over ranks in one collective (keys must match on every rank)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return dict(values)
+def all_reduce_sum(values: dict, device) -> dict[str, float]:
+    """Sum a dict of numbers or scalar tensors over ranks: one collective, one device-to-host
+    transfer (keys must match on every rank). -> Python floats."""
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
+    t = torch.stack([torch.as_tensor(values[k], dtype=torch.float64, device=device).reshape(()) for k in keys])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
     return dict(zip(keys, t.tolist()))
 
 

@@ -18,22 +18,12 @@ import torch
 import torch.distributed as dist
 
 from data.loader import DataLoader
-from data.rows import pack
-from llama.chat import ChatFormat
-from losses import chosen_nll, dpo_logps, dpo_loss, target_logps
+from losses import dpo
 from train import loop
 from train.config import Config, OptimSection, parse_args
-from train.distributed import build_model, init_distributed, model_tokenizer
-
-METRICS = (
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/margins",
-    "rewards/accuracies",
-    "logps/chosen",
-    "logps/rejected",
-    "nll",
-)
+from train.distributed import build_model
+from train.entry import main_guard, setup
+from train.targets import chosen_nll, dpo_logps, target_logps
 
 
 @dataclass
@@ -61,68 +51,58 @@ def _logps(model, batch, backend):
 
 
 @torch.no_grad()
-def precompute_reference(ref, loader: DataLoader, backend: str, mask_format: bool, d) -> torch.Tensor:
-    """(num_examples, 2) reference log-prob sums of (chosen, rejected), every rank its share."""
-    table = torch.zeros(len(loader.examples), 2, dtype=torch.float32, device=d.device)
-    shares = [loader.examples[r :: d.world_size] for r in range(d.world_size)]
-    packed = [pack(s, loader.max_len, loader.tokens_per_microbatch, loader.pad_id) for s in shares]
-    n = max(len(p) for p in packed)
-    mine = packed[d.rank] + [pack(shares[0][:1], loader.max_len, loader.tokens_per_microbatch, loader.pad_id)[0]] * (
-        n - len(packed[d.rank])
-    )  # ranks with fewer batches redo one (FSDP needs every rank in every forward); written only once
-    for k, batch in enumerate(mine):
-        batch = batch.to(d.device)
-        c, r = dpo_logps(_logps(ref, batch, backend), batch, mask_format)
-        if k < len(packed[d.rank]):
+def precompute_reference(ref, loader: DataLoader, backend: str, mask_format: bool, device) -> torch.Tensor:
+    """(num_examples, 2) reference log-prob sums of (chosen, rejected): one pass in order, every
+    rank its share of the examples (each computed once), summed over ranks."""
+    every = DataLoader(
+        loader.examples, len(loader.examples), loader.max_len, loader.tokens_per_microbatch, loader.rank,
+        loader.world_size, shuffle=False, pad_id=loader.pad_id, drop_last=False,
+    )  # fmt: skip
+    table = torch.zeros(len(loader.examples), 2, dtype=torch.float32, device=device)
+    for step in every.eval_steps():
+        for batch in step.micro_batches:
+            batch = batch.to(device)
+            c, r = dpo_logps(_logps(ref, batch, backend), batch, mask_format)
             table[batch.group_uid] = torch.stack([c, r], dim=-1).float()
-    if d.world_size > 1:
+    if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(table)
     return table
 
 
-def make_task(model, ref, tables, cfg: DPOSection, backend: str) -> loop.Task:
+def make_task(model, reference, cfg: DPOSection, backend: str) -> loop.Task:
+    """reference: the frozen reference model, or its precomputed (num_examples, 2) table."""
+
     def loss(batch, step):
-        pol = _logps(model, batch, backend)
+        pol = _logps(model, batch, backend)  # (N,) policy log p of every target
         pc, pr = dpo_logps(pol, batch, cfg.mask_format)
         nll, _ = chosen_nll(pol, batch, cfg.nll_norm)
-        if ref is not None:
-            with torch.no_grad():
-                rc, rr = dpo_logps(_logps(ref, batch, backend), batch, cfg.mask_format)
+        if isinstance(reference, torch.Tensor):
+            rc, rr = reference[batch.group_uid].unbind(-1)
         else:
-            table = tables["eval" if not model.training else "train"][batch.group_uid]
-            rc, rr = table[:, 0], table[:, 1]
+            with torch.no_grad():
+                rc, rr = dpo_logps(_logps(reference, batch, backend), batch, cfg.mask_format)
         denom = step.num_best_targets if cfg.nll_norm == "token" else step.num_pairs
-        value, m = dpo_loss(pc, pr, rc, rr, nll, cfg.beta, cfg.alpha, cfg.label_smoothing, step.num_pairs, denom)
-        n = m["pairs"]
-        return value, {"pairs": n, **{k: m[k] * n for k in METRICS}}
+        return dpo.dpo_loss(pc, pr, rc, rr, nll, cfg.beta, cfg.alpha, cfg.label_smoothing, step.num_pairs, denom)
 
-    def summarize(s):
-        return {k: s[k] / max(s["pairs"], 1) for k in METRICS}
-
-    return loop.Task(loss, summarize)
+    return loop.Task(loss, dpo.RATIOS)
 
 
 def main(argv=None):
-    cfg = parse_args(DPOConfig, argv)
-    d = init_distributed()
-    chat = ChatFormat(model_tokenizer(cfg.model.checkpoint, cfg.model.preset, cfg.model.tokenizer))
-    train_loader, eval_loader = loop.build_loaders(cfg, "dpo", chat, d)
+    cfg = parse_args(DPOConfig, argv, __doc__)
+    s = setup(cfg, kind="dpo", head="lm")
     t, m = cfg.train, cfg.model
-    model = build_model(
-        d, m.checkpoint, m.preset, "lm", t.seed, t.mixed_precision, t.activation_checkpointing, t.compile
-    )
     ref_ckpt = cfg.dpo.reference_checkpoint or m.checkpoint
-    ref = build_model(d, ref_ckpt, None if ref_ckpt else m.preset, "lm", t.seed, t.mixed_precision, trainable=False)
-    tables = None
+    ref = build_model(s.d, ref_ckpt, None if ref_ckpt else m.preset, "lm", t.seed, t.mixed_precision, trainable=False)
+    train_ref = eval_ref = ref
     if cfg.dpo.reference == "precompute":
-        tables = {"train": precompute_reference(ref, train_loader, t.kernels, cfg.dpo.mask_format, d)}
-        if eval_loader is not None:
-            tables["eval"] = precompute_reference(ref, eval_loader, t.kernels, cfg.dpo.mask_format, d)
+        train_ref = precompute_reference(ref, s.train_loader, t.kernels, cfg.dpo.mask_format, s.d.device)
+        if s.eval_loader is not None:
+            eval_ref = precompute_reference(ref, s.eval_loader, t.kernels, cfg.dpo.mask_format, s.d.device)
         del ref
         gc.collect()
-        ref = None
-    return loop.run(cfg, d, model, make_task(model, ref, tables, cfg.dpo, t.kernels), train_loader, eval_loader)
+    task = make_task(s.model, train_ref, cfg.dpo, t.kernels)
+    return loop.run(s, task, eval_task=make_task(s.model, eval_ref, cfg.dpo, t.kernels))
 
 
 if __name__ == "__main__":
-    loop.main_guard(main)
+    main_guard(main)

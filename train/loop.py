@@ -1,12 +1,14 @@
 """The training loop shared by rm.py, sft.py and dpo.py.
 
-An entry point builds the model(s), the data and a `Task` (the loss of one micro-batch, and how to
-turn summed metrics into logged ones), then calls `run`. Per optimizer step:
+An entry point builds the model(s) and a `Task` (the loss of one micro-batch and the ratios it
+logs), then calls `run`. Per optimizer step:
 
-    for each micro-batch of this rank: loss = task.loss(batch, step); loss.backward()
-    (losses are divided by the step's global counts, so the gradients just add up)
+    for each micro-batch of this rank: loss, sums = task.loss(batch, step); loss.backward()
+        (losses are divided by the step's global counts, so the rank gradients are summed)
     clip the global grad norm; skip the update if the loss or the norm is not finite
-    AdamW step, LR schedule step; log; eval / checkpoint every N steps; on SIGTERM save and exit
+    AdamW step, LR schedule step
+    one all-reduce of the step's sums -> logged ratios; eval / checkpoint every N steps
+    SIGTERM / SIGINT: checked between micro-batches; save the last finished step and exit
 """
 
 from __future__ import annotations
@@ -14,18 +16,15 @@ from __future__ import annotations
 import math
 import resource
 import signal
-import sys
 import time
-from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from data.loader import DataLoader, Step
-from train import checkpointing
+from train import train_state
 from train.config import Config, to_dict
 from train.distributed import Dist, all_reduce_sum
 from train.logger import Logger
@@ -36,8 +35,16 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}
 
 @dataclass
 class Task:
-    loss: Callable  # (batch, step) -> (loss tensor, {metric: sum over this micro-batch})
-    summarize: Callable  # {metric: sum over a step, all ranks} -> {metric: value to log}
+    loss: Callable  # (batch, step) -> (loss tensor, {name: on-device sum over this micro-batch})
+    ratios: dict[str, tuple[str, str]]  # logged metric -> (sum, denominator), divided once per logged step
+    derive: Callable | None = None  # {metric: value} -> {metric: value}: metrics that are not ratios
+
+
+def summarize(task: Task, sums: dict[str, float]) -> dict[str, float]:
+    """Step (or eval set) sums over all micro-batches and ranks -> logged metrics. A ratio whose
+    denominator is 0 (e.g. no pairs of some strength) is not logged."""
+    out = {name: sums[num] / sums[den] for name, (num, den) in task.ratios.items() if sums.get(den)}
+    return task.derive(out) if task.derive else out
 
 
 def lr_lambda(cfg, total_steps: int):
@@ -72,6 +79,12 @@ def _norm(x) -> float:
     return float(x.full_tensor() if hasattr(x, "full_tensor") else x)
 
 
+def _add(acc: dict, loss, sums: dict, mb) -> None:
+    """Accumulate a micro-batch's loss, sums and real tokens on the device, in fp64 (no host sync)."""
+    for k, v in {"loss": loss.detach(), "tokens": (mb.doc_ids >= 0).sum(), **sums}.items():
+        acc[k] = acc[k] + v.double() if k in acc else v.double()
+
+
 class _Stop:
     """SIGTERM (a scheduler, torchrun forwarding it) or SIGINT (Ctrl-C): finish the micro-batch,
     save, exit. torchrun kills workers `--shutdown-timeout` seconds (default 30) after forwarding
@@ -97,182 +110,179 @@ def evaluate(task: Task, loader: DataLoader, model, d: Dist) -> dict | None:
     None: a signal arrived (checked between eval steps), the caller saves and exits."""
     was_training = model.training
     model.eval()
-    sums = defaultdict(float)
+    acc = {}
     with torch.no_grad():
         for step in loader.eval_steps():
             if _Stop.agreed(d.device):
                 model.train(was_training)
                 return None
             for mb in step.micro_batches:
-                loss, m = task.loss(mb.to(d.device), step)
-                sums["loss"] += float(loss)
-                sums["examples"] += mb.group_uid.numel()
-                for k, v in m.items():
-                    sums[k] += float(v)
-    reduced = all_reduce_sum(dict(sums), d.device)
+                mb = mb.to(d.device)
+                loss, sums = task.loss(mb, step)
+                _add(acc, loss, {**sums, "examples": mb.group_uid.new_tensor(mb.group_uid.numel())}, mb)
+    reduced = all_reduce_sum(acc, d.device)
     model.train(was_training)
-    out = {"loss": reduced["loss"], "examples": int(reduced["examples"]), **task.summarize(reduced)}
+    out = {"loss": reduced["loss"], "examples": int(reduced["examples"]), **summarize(task, reduced)}
     return {f"eval/{k}": v for k, v in out.items()}
 
 
-def run(cfg: Config, d: Dist, model, task: Task, train_loader: DataLoader, eval_loader: DataLoader | None) -> dict:
-    resume_from = checkpointing.prepare_run_dir(cfg, d.rank, d.world_size)
-    run_dir = Path(cfg.train.run_dir)
-    o = cfg.optim
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o, cfg.train.steps))
+@dataclass
+class Trainer:
+    """One run's moving parts; `run` drives them. Each method is one thing the loop does."""
 
-    start, bad_in_a_row, skipped = 0, 0, 0
-    if resume_from is not None:
-        extra = checkpointing.load(resume_from, model, optimizer, d.rank)
-        start, skipped = extra["step"], extra["skipped"]
-        scheduler.load_state_dict(extra["scheduler"])
-        train_loader.load_state_dict(extra["loader"])
-        if d.is_main:
-            print(f"resumed from {resume_from} (step {start})", flush=True)
-    logger = Logger(
-        run_dir, cfg.logging, to_dict(cfg), d.is_main, cfg.train.steps, resume_step=start if resume_from else None
+    cfg: Config
+    d: Dist
+    model: torch.nn.Module
+    task: Task
+    train_loader: DataLoader
+    eval_loader: DataLoader | None
+    eval_task: Task
+    optimizer: torch.optim.Optimizer = field(init=False)
+    scheduler: torch.optim.lr_scheduler.LambdaLR = field(init=False)
+    start: int = 0  # the step resumed from
+    skipped: int = 0  # non-finite steps skipped so far
+    bad_in_a_row: int = 0
+
+    def __post_init__(self):
+        o = self.cfg.optim
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(o, self.cfg.train.steps))
+        self.run_dir = Path(self.cfg.train.run_dir)
+
+    def resume(self, checkpoint: Path | None) -> None:
+        if checkpoint is None:
+            return
+        extra = train_state.load(checkpoint, self.model, self.optimizer, self.d.rank)
+        self.start, self.skipped = extra["step"], extra["skipped"]
+        self.scheduler.load_state_dict(extra["scheduler"])
+        self.train_loader.load_state_dict(extra["loader"])
+        if self.d.is_main:
+            print(f"resumed from {checkpoint} (step {self.start})", flush=True)
+
+    def train_step(self, s: Step, step: int) -> dict:
+        """Forward/backward every micro-batch, then clip, step (or skip a non-finite step), schedule.
+        -> the step's metrics. Raises _Interrupted (gradients dropped) if a signal arrived mid-step."""
+        t0 = time.perf_counter()
+        acc = {}
+        for mb in s.micro_batches:
+            if _Stop.agreed(self.d.device):
+                self.optimizer.zero_grad(set_to_none=True)
+                raise _Interrupted
+            mb = mb.to(self.d.device)
+            loss, sums = self.task.loss(mb, s)
+            loss.backward()  # FSDP sums the ranks' gradients (train/distributed.py)
+            _add(acc, loss, sums, mb)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = _norm(torch.nn.utils.clip_grad_norm_(params, clip))
+        reduced = all_reduce_sum(acc, self.d.device)  # one collective and one transfer per step
+        if math.isfinite(reduced["loss"]) and math.isfinite(grad_norm):
+            self.optimizer.step()
+            self.bad_in_a_row = 0
+        else:
+            self.bad_in_a_row, self.skipped = self.bad_in_a_row + 1, self.skipped + 1
+            if self.bad_in_a_row >= self.cfg.train.max_bad_steps:
+                raise RuntimeError(
+                    f"step {step}: {self.bad_in_a_row} steps in a row with a non-finite loss or gradient"
+                )
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        dt = time.perf_counter() - t0
+        metrics = {
+            "loss": reduced["loss"],
+            **summarize(self.task, reduced),
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "tokens": int(reduced["tokens"]),
+            "tokens_per_s": reduced["tokens"] / dt,
+            "peak_memory_gib": peak_memory_gib(self.d.device),
+            "skipped_steps": self.skipped,
+        }
+        if self.d.device.type == "cuda":
+            peak = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name()), None)
+            rows = sum(int(mb.tokens.shape[0]) for mb in s.micro_batches) * self.d.world_size
+            if peak:
+                flops = flops_per_token(self.model, reduced["tokens"] / max(1, rows))
+                metrics["mfu"] = reduced["tokens"] * flops / dt / (peak * self.d.world_size)
+        return metrics
+
+    def evaluate(self) -> dict | None:
+        return evaluate(self.eval_task, self.eval_loader, self.model, self.d)
+
+    def save(self, step: int, loader_state: dict) -> None:
+        extra = {
+            "step": step,
+            "skipped": self.skipped,
+            "scheduler": self.scheduler.state_dict(),
+            "loader": loader_state,
+        }
+        train_state.save(self.run_dir, step, self.model, self.optimizer, extra, self.d.rank, self.cfg.train.keep_last)
+
+    def stop(self, step: int, loader_state: dict):
+        """Save the last finished step (unless it is saved already) and exit with 128 + the signal."""
+        signum = _Stop.signal or signal.SIGTERM
+        if step > self.start and not (self.run_dir / "checkpoints" / f"step_{step:08d}").is_dir():
+            self.save(step, loader_state)
+        if self.d.is_main:
+            print(f"\n{signal.Signals(signum).name}: saved step {step}; rerun the same command to resume", flush=True)
+        raise SystemExit(128 + signum)
+
+
+class _Interrupted(Exception):
+    """A signal arrived in the middle of a step: its gradients were dropped."""
+
+
+def run(s, task: Task, eval_task: Task | None = None) -> dict:
+    """Train `s.cfg.train.steps` steps of `s.model` (a train/entry.py Setup) from `s.resume_from`
+    (None: a fresh start); -> the last metrics. eval_task: the eval set's loss, if not `task`'s
+    (DPO's precomputed reference table of the eval set)."""
+    cfg, d, model, train_loader, eval_loader, resume_from = (
+        s.cfg,
+        s.d,
+        s.model,
+        s.train_loader,
+        s.eval_loader,
+        s.resume_from,
     )
-
-    def save(step, loader_state):
-        extra = {"step": step, "skipped": skipped, "scheduler": scheduler.state_dict(), "loader": loader_state}
-        checkpointing.save(run_dir, step, model, optimizer, extra, d.rank, cfg.train.keep_last)
-
-    def stop(step, loader_state):
-        """Save the last finished step (unless it is saved already) and exit 128 + signal."""
-        name = signal.Signals(_Stop.signal or signal.SIGTERM).name
-        if step > start and not (run_dir / "checkpoints" / f"step_{step:08d}").is_dir():
-            save(step, loader_state)
-        if d.is_main:
-            print(f"\n{name}: saved step {step}; rerun the same command to resume", flush=True)
-        raise SystemExit(128 + (_Stop.signal or signal.SIGTERM))
-
+    t = Trainer(cfg, d, model, task, train_loader, eval_loader, eval_task or task)
+    t.resume(resume_from)
+    fresh = resume_from is None
+    logger = Logger(t.run_dir, cfg.logging, to_dict(cfg), d.is_main, cfg.train.steps, None if fresh else t.start)
+    every = cfg.train
     previous = {s: signal.signal(s, _Stop.handler) for s in (signal.SIGTERM, signal.SIGINT)}
-    batches = iter(train_loader)
-    metrics, step, loader_state = {}, start, train_loader.state_dict()
+    batches, metrics, step, position = iter(train_loader), {}, t.start, train_loader.state_dict()
     try:
-        if eval_loader is not None and start == 0:
-            logger.log(0, evaluate(task, eval_loader, model, d) or stop(0, loader_state))  # the starting point
+        if eval_loader is not None and fresh:
+            logger.log(0, t.evaluate() or t.stop(0, position))  # the starting point
         model.train()
-        for step in range(start + 1, cfg.train.steps + 1):
-            done_state = loader_state  # the loader's position after step - 1: what a stop saves
-            s: Step = next(batches)
-            loader_state = train_loader.state_dict()
-            t0 = time.perf_counter()
-            sums, loss_sum, tokens = defaultdict(float), 0.0, 0
-            for mb in s.micro_batches:
-                if _Stop.agreed(d.device):  # drop this step's gradients, keep the last finished step
-                    optimizer.zero_grad(set_to_none=True)
-                    stop(step - 1, done_state)
-                mb = mb.to(d.device)
-                loss, m = task.loss(mb, s)
-                # losses are divided by the step's global counts, so rank gradients must be summed;
-                # FSDP averages them over ranks, which the world_size factor undoes
-                (loss * d.world_size).backward()
-                loss_sum += float(loss.detach())
-                tokens += int((mb.doc_ids >= 0).sum())
-                for k, v in m.items():
-                    sums[k] += float(v)
-            clip = o.grad_clip if o.grad_clip > 0 else float("inf")
-            grad_norm = _norm(torch.nn.utils.clip_grad_norm_(params, clip))
-            reduced = all_reduce_sum({**sums, "loss": loss_sum, "tokens": tokens}, d.device)
-            if math.isfinite(reduced["loss"]) and math.isfinite(grad_norm):
-                optimizer.step()
-                bad_in_a_row = 0
-            else:
-                bad_in_a_row, skipped = bad_in_a_row + 1, skipped + 1
-                if bad_in_a_row >= cfg.train.max_bad_steps:
-                    raise RuntimeError(f"step {step}: {bad_in_a_row} steps in a row with a non-finite loss or gradient")
-            optimizer.zero_grad(set_to_none=True)
-            lr = optimizer.param_groups[0]["lr"]
-            scheduler.step()
-            dt = time.perf_counter() - t0
-            metrics = {
-                "loss": reduced["loss"],
-                **task.summarize(reduced),
-                "grad_norm": grad_norm,
-                "lr": lr,
-                "tokens": int(reduced["tokens"]),
-                "tokens_per_s": reduced["tokens"] / dt,
-                "peak_memory_gib": peak_memory_gib(d.device),
-                "skipped_steps": skipped,
-            }
-            if d.device.type == "cuda":
-                peak = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name()), None)
-                seq = reduced["tokens"] / max(1, sum(int(mb.tokens.shape[0]) for mb in s.micro_batches) * d.world_size)
-                if peak:
-                    metrics["mfu"] = reduced["tokens"] * flops_per_token(model, seq) / dt / (peak * d.world_size)
+        for step in range(t.start + 1, cfg.train.steps + 1):
+            finished = position  # the loader's position after step - 1: what a mid-step stop saves
+            batch = next(batches)
+            position = train_loader.state_dict()
+            try:
+                metrics = t.train_step(batch, step)
+            except _Interrupted:
+                t.stop(step - 1, finished)
             if step % cfg.logging.log_every == 0 or step == cfg.train.steps:
                 logger.log(step, metrics)
-            if eval_loader is not None and cfg.train.eval_every and step % cfg.train.eval_every == 0:
-                logger.log(step, evaluate(task, eval_loader, model, d) or stop(step, loader_state))
-            if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.steps:
-                save(step, loader_state)
+            if eval_loader is not None and every.eval_every and step % every.eval_every == 0:
+                logger.log(step, t.evaluate() or t.stop(step, position))
+            if every.save_every and step % every.save_every == 0 and step < cfg.train.steps:
+                t.save(step, position)
             if _Stop.agreed(d.device):
-                stop(step, loader_state)
-        if eval_loader is not None and not (cfg.train.eval_every and step % cfg.train.eval_every == 0):
-            final_eval = evaluate(task, eval_loader, model, d) or stop(step, loader_state)
+                t.stop(step, position)
+        if eval_loader is not None and not (every.eval_every and step % every.eval_every == 0):
+            final_eval = t.evaluate() or t.stop(step, position)
             logger.log(cfg.train.steps, final_eval)
             metrics.update(final_eval)
-        save(cfg.train.steps, loader_state)
-        checkpointing.export(model, run_dir / "model", d.rank, hf=cfg.train.export_hf)
+        t.save(cfg.train.steps, position)
+        train_state.export(model, t.run_dir / "model", d.rank, hf=cfg.train.export_hf)
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         logger.finish()
     return metrics
-
-
-def build_loaders(cfg: Config, kind: str, chat, d: Dist, **encode_kw):
-    """Train and (optional) eval loaders for this rank; the load report is printed by rank 0."""
-    from data.loader import load_examples
-
-    dc = cfg.data
-    kw = dict(kind=kind, chat=chat, max_len=dc.max_len, overlength=dc.overlength, skip_invalid=dc.skip_invalid)
-    kw.update(keep_strengths=dc.keep_strengths, verbose=d.is_main, **encode_kw)
-    loader_kw = dict(
-        max_len=dc.max_len, tokens_per_microbatch=dc.tokens_per_microbatch, rank=d.rank, world_size=d.world_size
-    )
-    loader_kw["pad_id"] = chat.tokenizer.pad_id
-    train_examples, _ = load_examples(dc.train, seed=dc.seed, **kw)
-    if len(train_examples) < dc.batch_size:
-        raise ValueError(
-            f"data.train {dc.train}: {len(train_examples) or 'no'} examples (after the drops reported above), "
-            f"fewer than one batch of data.batch_size={dc.batch_size}"
-        )
-    train = DataLoader(train_examples, dc.batch_size, seed=dc.seed, **loader_kw)
-    evaluation = None
-    if dc.eval:
-        eval_examples, _ = load_examples(dc.eval, seed=dc.seed + 1, **kw)
-        if not eval_examples:
-            raise ValueError(f"data.eval {dc.eval}: no examples (after the drops reported above)")
-        evaluation = DataLoader(eval_examples, dc.batch_size, shuffle=False, drop_last=False, **loader_kw)
-    return train, evaluation
-
-
-def main_guard(fn):
-    """Run an entry point and end it cleanly on every rank.
-
-    On success (or a signal-stop, which every rank agreed on) all ranks meet at a barrier before
-    the process group is destroyed, so no rank tears down its gloo/NCCL connections while a peer
-    still has work in flight on them; then stdio is flushed. On an exception the group is left
-    alone: destroying it while other ranks wait in a collective can hang, and torchrun stops them.
-    """
-    try:
-        result = fn()
-    except SystemExit as e:
-        if e.code not in (None, 0) and not _Stop.signal:
-            raise
-        _teardown()
-        raise
-    _teardown()
-    return result
-
-
-def _teardown() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from data.schema import STRENGTHS
-from llama.chat import ChatFormat
-from losses import LLAMA2_MARGINS, ranked_pairs, ranking_loss, strength_margins
+from losses import ranking
 from train import loop
 from train.config import Config, parse_args
-from train.distributed import build_model, init_distributed, model_tokenizer
+from train.entry import main_guard, setup
+from train.targets import scores, strength_margins
 
 
 @dataclass
@@ -32,59 +32,32 @@ class RMConfig(Config):
     rm: RMSection = field(default_factory=RMSection)
 
 
+# pairwise accuracy per preference strength: pairs of the groups of that strength
+RATIOS = {**ranking.RATIOS, **{f"accuracy/{s}": (f"correct/{s}", f"pairs/{s}") for s in STRENGTHS}}
+
+
 def make_task(model, margin: str | None) -> loop.Task:
     def loss(batch, step):
-        rewards = model(batch.tokens, batch.positions, batch.doc_ids, batch.branch_ids).flatten()
-        r = rewards[batch.seq_score_index].float()  # (S,)
-        m = strength_margins(batch.group_strength, LLAMA2_MARGINS[margin]) if margin else None
-        value, _ = ranking_loss(r, batch.seq_group, batch.seq_rank, m, num_pairs=step.num_pairs)
-        i, j = ranked_pairs(batch.seq_group, batch.seq_rank)
-        correct = (r[i] > r[j]).float().detach()
-        strength = batch.group_strength[batch.seq_group[i]]
-        rd = r.detach()
-        sums = {
-            "pairs": len(i), "correct": correct.sum(), "margin_sum": (rd[i] - rd[j]).sum(),
-            "seqs": len(rd), "reward_sum": rd.sum(), "reward_sq_sum": (rd * rd).sum(),
-        }  # fmt: skip
-        for k, name in enumerate(STRENGTHS):
-            sel = strength == k
-            sums[f"pairs/{name}"], sums[f"correct/{name}"] = sel.sum(), correct[sel].sum()
-        return value, sums
+        r = scores(model(batch.tokens, batch.positions, batch.doc_ids, batch.branch_ids), batch)  # (S,)
+        m = strength_margins(batch.group_strength, ranking.LLAMA2_MARGINS[margin]) if margin else None
+        return ranking.ranking_loss(
+            r, batch.seq_group, batch.seq_rank, m, step.num_pairs, batch.group_strength, STRENGTHS
+        )  # fmt: skip
 
-    def summarize(s):
-        mean = s["reward_sum"] / max(s["seqs"], 1)
-        out = {
-            "accuracy": s["correct"] / max(s["pairs"], 1),
-            "reward_mean": mean,
-            "reward_std": math.sqrt(max(s["reward_sq_sum"] / max(s["seqs"], 1) - mean * mean, 0.0)),
-            "margin_mean": s["margin_sum"] / max(s["pairs"], 1),
-        }
-        for name in STRENGTHS:
-            if s[f"pairs/{name}"]:
-                out[f"accuracy/{name}"] = s[f"correct/{name}"] / s[f"pairs/{name}"]
-        return out
+    def derive(m):  # std from the means of r and r^2
+        sq = m.pop("reward_sq_mean", None)
+        if sq is not None:
+            m["reward_std"] = math.sqrt(max(sq - m["reward_mean"] ** 2, 0.0))
+        return m
 
-    return loop.Task(loss, summarize)
+    return loop.Task(loss, RATIOS, derive)
 
 
 def main(argv=None):
-    cfg = parse_args(RMConfig, argv)
-    d = init_distributed()
-    chat = ChatFormat(model_tokenizer(cfg.model.checkpoint, cfg.model.preset, cfg.model.tokenizer))
-    train_loader, eval_loader = loop.build_loaders(cfg, "rm", chat, d, one_row=cfg.rm.one_row)
-    t = cfg.train
-    model = build_model(
-        d,
-        cfg.model.checkpoint,
-        cfg.model.preset,
-        "reward",
-        t.seed,
-        t.mixed_precision,
-        t.activation_checkpointing,
-        t.compile,
-    )
-    return loop.run(cfg, d, model, make_task(model, cfg.rm.margin), train_loader, eval_loader)
+    cfg = parse_args(RMConfig, argv, __doc__)
+    s = setup(cfg, kind="rm", head="reward", one_row=cfg.rm.one_row)
+    return loop.run(s, make_task(s.model, cfg.rm.margin))
 
 
 if __name__ == "__main__":
-    loop.main_guard(main)
+    main_guard(main)

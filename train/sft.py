@@ -11,11 +11,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from llama.chat import ChatFormat
-from losses import sft_loss, target_logps
+from losses import sft
 from train import loop
 from train.config import Config, parse_args
-from train.distributed import build_model, init_distributed, model_tokenizer
+from train.entry import main_guard, setup
+from train.targets import target_logps
 
 
 @dataclass
@@ -31,37 +31,25 @@ class SFTConfig(Config):
 def make_task(model, backend: str) -> loop.Task:
     def loss(batch, step):
         logps = model(
-            batch.tokens, batch.positions, batch.doc_ids, batch.branch_ids,
+            batch.tokens,
+            batch.positions,
+            batch.doc_ids,
+            batch.branch_ids,
             head_fn=lambda h, w: target_logps(h, w, batch, backend),
-        )  # fmt: skip
-        value, m = sft_loss(logps, step.num_targets)
-        return value, {"nll_sum": m["nll_sum"], "targets": m["tokens"]}
+        )  # fmt: skip  (N,) log p of this micro-batch's targets
+        return sft.sft_loss(logps, step.num_targets)
 
-    def summarize(s):
-        nll = s["nll_sum"] / max(s["targets"], 1)
-        return {"nll": nll, "ppl": math.exp(min(nll, 50.0))}
+    def derive(m):
+        return {**m, "ppl": math.exp(min(m["nll"], 50.0))} if "nll" in m else m
 
-    return loop.Task(loss, summarize)
+    return loop.Task(loss, sft.RATIOS, derive)
 
 
 def main(argv=None):
-    cfg = parse_args(SFTConfig, argv)
-    d = init_distributed()
-    chat = ChatFormat(model_tokenizer(cfg.model.checkpoint, cfg.model.preset, cfg.model.tokenizer))
-    train_loader, eval_loader = loop.build_loaders(cfg, "sft", chat, d, train_on_prompt=not cfg.sft.mask_prompt)
-    t = cfg.train
-    model = build_model(
-        d,
-        cfg.model.checkpoint,
-        cfg.model.preset,
-        "lm",
-        t.seed,
-        t.mixed_precision,
-        t.activation_checkpointing,
-        t.compile,
-    )
-    return loop.run(cfg, d, model, make_task(model, t.kernels), train_loader, eval_loader)
+    cfg = parse_args(SFTConfig, argv, __doc__)
+    s = setup(cfg, kind="sft", head="lm", train_on_prompt=not cfg.sft.mask_prompt)
+    return loop.run(s, make_task(s.model, cfg.train.kernels))
 
 
 if __name__ == "__main__":
-    loop.main_guard(main)
+    main_guard(main)

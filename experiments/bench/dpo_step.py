@@ -159,8 +159,8 @@ def run_ours(args, device: torch.device) -> None:
     from data.loader import DataLoader, load_examples
     from llama.chat import ChatFormat
     from llama.tokenizer import load_tokenizer
-    from losses import chosen_nll, target_logps
     from train.dpo import DPOSection, make_task
+    from train.targets import chosen_nll, target_logps
 
     work = Path(args.workdir)
     model = load_model(work / "model", device=device)  # fp32, the weights TRL loads too
@@ -173,7 +173,7 @@ def run_ours(args, device: torch.device) -> None:
     loader = DataLoader(
         examples, args.batch, args.max_len, args.tokens_per_microbatch, shuffle=False, pad_id=tok.pad_id
     )
-    task = make_task(model, ref, None, DPOSection(), backend="torch")
+    task = make_task(model, ref, DPOSection(), backend="torch")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")

@@ -1,0 +1,63 @@
+"""From a packed micro-batch (data/rows.py `Batch`) to the tensors the losses take.
+
+The losses (losses/) see tensors only; this is the one place that knows the row layout: which
+hidden states predict a target, which sequence each target belongs to, where rewards are read,
+which sequences are chosen and rejected.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+import kernels
+from data.rows import Batch
+from data.schema import STRENGTHS
+from losses import sequence_sums
+
+
+def target_logps(hidden: Tensor, weight: Tensor, batch: Batch, backend: str = "auto") -> Tensor:
+    """hidden (B, T, H) from model.trunk -> log p(target) (N,) in fp32.
+
+    Only the N hidden states that predict a target reach the vocabulary projection.
+    """
+    h = hidden.flatten(0, 1)[batch.target_index]  # (N, H)
+    return kernels.target_logprobs(h, weight, batch.target_token, backend=backend)
+
+
+def scores(rewards: Tensor, batch: Batch) -> Tensor:
+    """rewards (B, T, 1) at every position -> (S,) one per sequence, read at its final token, fp32."""
+    return rewards.flatten()[batch.seq_score_index].float()
+
+
+def strength_margins(group_strength: Tensor, table: dict[str, float]) -> Tensor:
+    """(G,) strength indices (-1 unknown) -> (G,) margins by strength name (0 for unknown)."""
+    values = torch.tensor([table[s] for s in STRENGTHS] + [0.0], device=group_strength.device)
+    return values[group_strength]  # index -1 picks the trailing 0
+
+
+def dpo_pairs(batch: Batch) -> tuple[Tensor, Tensor]:
+    """Sequence indices of (chosen, rejected) per group: rank 0 against rank 1."""
+    return (batch.seq_rank == 0).nonzero().squeeze(-1), (batch.seq_rank == 1).nonzero().squeeze(-1)
+
+
+def dpo_logps(token_logps: Tensor, batch: Batch, mask_format: bool = True) -> tuple[Tensor, Tensor]:
+    """token_logps (N,) -> summed log-probs (chosen (P,), rejected (P,)), formatting tokens masked."""
+    keep = ~batch.target_format if mask_format else None
+    seq = sequence_sums(token_logps, batch.target_seq, len(batch.seq_rank), keep)
+    chosen, rejected = dpo_pairs(batch)
+    return seq[chosen], seq[rejected]
+
+
+def chosen_nll(token_logps: Tensor, batch: Batch, nll_norm: str = "sequence") -> tuple[Tensor, Tensor]:
+    """-> (NLL per chosen sequence (P,): divided by its length for "sequence", summed for "token";
+    the chosen sequences' token counts (P,))."""
+    chosen, _ = dpo_pairs(batch)
+    n = len(batch.seq_rank)
+    nll = -sequence_sums(token_logps, batch.target_seq, n)[chosen]
+    count = sequence_sums(torch.ones_like(token_logps), batch.target_seq, n)[chosen]
+    if nll_norm == "sequence":
+        return nll / count.clamp(min=1), count
+    if nll_norm == "token":
+        return nll, count
+    raise ValueError(f"nll_norm must be 'sequence' or 'token', got {nll_norm!r}")
