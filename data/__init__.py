@@ -1,1 +1,1 @@
-"""data: filled in by later issues."""
+"""Data: record schemas, rows (packing, targets), the loader, and tasks for the pipeline."""

@@ -4,6 +4,7 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
 import torch
 
 from train.distributed import torchrun_command
@@ -19,6 +20,7 @@ def run(nproc, out):
     return torch.load(out, weights_only=True)
 
 
+@pytest.mark.slow
 def test_sft_two_ranks_equal_one(tmp_path):
     one, two = run(1, tmp_path / "one.pt"), run(2, tmp_path / "two.pt")
     assert torch.allclose(one["loss"], two["loss"], atol=1e-12, rtol=0)

@@ -17,6 +17,7 @@ from data.schema import ValidationError, parse_preference
 from llama import get_preset, save_model
 from llama.chat import ChatFormat
 from llama.tokenizer import load_tokenizer
+from train.distributed import torchrun_command
 from train.sample import combine_llama2, file_annotator, read_prompts, rejection_sample, score, verifier_annotator
 from train.sample import main as sample_main
 
@@ -88,18 +89,18 @@ def test_llama2_score_combination():
     assert combine_llama2(helpful=logit(0.9), safety=logit(0.6), is_safety_prompt=True) == pytest.approx(logit(0.6))
 
 
+@pytest.mark.slow
 def test_cli_two_ranks_write_every_prompt(tmp_path):
     save_model(random_model(get_preset("debug")), tmp_path / "policy")
     save_model(random_model(get_preset("debug"), head="reward"), tmp_path / "rm")
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"id": i, "prompt": f"{i}+1="}) + "\n" for i in range(5)))
     assert [r["id"] for r in read_prompts(prompts)] == list(range(5))
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train" / "sample.py"),
+    cmd = torchrun_command(str(ROOT / "train" / "sample.py"), 2, [
         "--policy", str(tmp_path / "policy"), "--rm", str(tmp_path / "rm"), "--prompts", str(prompts), "--k", "4",
         "--max-new-tokens", "8", "--annotate", "verifier:arithmetic", "--out-sft", str(tmp_path / "sft.jsonl"),
         "--out-pairs", str(tmp_path / "pairs.jsonl"), "--out-sets", str(tmp_path / "sets.jsonl"),
-    ]  # fmt: skip
+    ])  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     subprocess.run(cmd, check=True, cwd=ROOT, env=env, capture_output=True, timeout=300)
     sets = [json.loads(line) for line in (tmp_path / "sets.jsonl").read_text().splitlines()]

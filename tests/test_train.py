@@ -43,6 +43,7 @@ def evals(run_dir, key):
     return [m[f"eval/{key}"] for m in read_metrics(run_dir) if f"eval/{key}" in m]
 
 
+@pytest.mark.slow
 def test_quickstart_rm(tmp_path):
     torchrun("rm", QUICK / "rm.yaml", tmp_path)
     acc = evals(tmp_path, "accuracy")
@@ -50,12 +51,14 @@ def test_quickstart_rm(tmp_path):
     assert (tmp_path / "model" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_quickstart_sft(tmp_path):
     torchrun("sft", QUICK / "sft.yaml", tmp_path)
     loss = evals(tmp_path, "loss")
     assert loss[-1] < 0.5 * loss[0], loss
 
 
+@pytest.mark.slow
 def test_quickstart_dpo(tmp_path):
     torchrun("dpo", QUICK / "dpo.yaml", tmp_path, ["dpo.reference=precompute"])
     acc = evals(tmp_path, "rewards/accuracies")
@@ -65,6 +68,7 @@ def test_quickstart_dpo(tmp_path):
 SHORT = ["data.eval=null", "train.save_every=0", "optim.warmup_steps=2"]
 
 
+@pytest.mark.slow
 def test_fsdp_two_ranks_match_one(tmp_path):
     torchrun("sft", QUICK / "sft.yaml", tmp_path / "one", [*SHORT, "train.steps=5"], nproc=1)
     torchrun("sft", QUICK / "sft.yaml", tmp_path / "two", [*SHORT, "train.steps=5"], nproc=2)
@@ -81,6 +85,7 @@ def test_fsdp_two_ranks_match_one(tmp_path):
 DETERMINISTIC = ("loss", "nll", "grad_norm", "lr", "tokens")
 
 
+@pytest.mark.slow
 def test_kill_9_and_resume_logs_the_same(tmp_path):
     args = [*SHORT, "train.steps=14", "train.save_every=3", "train.keep_last=2"]
     torchrun("sft", QUICK / "sft.yaml", tmp_path / "ref", args)
@@ -204,6 +209,7 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, one_rank):
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.slow
 def test_dpo_precomputed_reference_equals_live_reference(tmp_path):
     args = [*SHORT, "train.steps=3"]
     torchrun("dpo", QUICK / "dpo.yaml", tmp_path / "live", [*args, "dpo.reference=model"])

@@ -1,1 +1,1 @@
-"""train: filled in by later issues."""
+"""Training: the loop and its entry points (rm, sft, dpo), sampling, averaging, the round pipeline."""

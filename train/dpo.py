@@ -15,15 +15,13 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 
-from data.loader import DataLoader
 from losses import dpo
 from train import loop
 from train.config import Config, OptimSection, parse_args
 from train.distributed import build_model
 from train.entry import main_guard, setup
-from train.targets import chosen_nll, dpo_logps, target_logps
+from train.targets import chosen_nll, dpo_logps, model_logps, reference_table
 
 
 @dataclass
@@ -43,44 +41,18 @@ class DPOConfig(Config):
     dpo: DPOSection = field(default_factory=DPOSection)
 
 
-def _logps(model, batch, backend):
-    return model(
-        batch.tokens, batch.positions, batch.doc_ids, batch.branch_ids,
-        head_fn=lambda h, w: target_logps(h, w, batch, backend),
-    )  # fmt: skip
-
-
-@torch.no_grad()
-def precompute_reference(ref, loader: DataLoader, backend: str, mask_format: bool, device) -> torch.Tensor:
-    """(num_examples, 2) reference log-prob sums of (chosen, rejected): one pass in order, every
-    rank its share of the examples (each computed once), summed over ranks."""
-    every = DataLoader(
-        loader.examples, len(loader.examples), loader.max_len, loader.tokens_per_microbatch, loader.rank,
-        loader.world_size, shuffle=False, pad_id=loader.pad_id, drop_last=False,
-    )  # fmt: skip
-    table = torch.zeros(len(loader.examples), 2, dtype=torch.float32, device=device)
-    for step in every.eval_steps():
-        for batch in step.micro_batches:
-            batch = batch.to(device)
-            c, r = dpo_logps(_logps(ref, batch, backend), batch, mask_format)
-            table[batch.group_uid] = torch.stack([c, r], dim=-1).float()
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(table)
-    return table
-
-
 def make_task(model, reference, cfg: DPOSection, backend: str) -> loop.Task:
     """reference: the frozen reference model, or its precomputed (num_examples, 2) table."""
 
     def loss(batch, step):
-        pol = _logps(model, batch, backend)  # (N,) policy log p of every target
+        pol = model_logps(model, batch, backend)  # (N,) policy log p of every target
         pc, pr = dpo_logps(pol, batch, cfg.mask_format)
         nll, _ = chosen_nll(pol, batch, cfg.nll_norm)
         if isinstance(reference, torch.Tensor):
             rc, rr = reference[batch.group_uid].unbind(-1)
         else:
             with torch.no_grad():
-                rc, rr = dpo_logps(_logps(reference, batch, backend), batch, cfg.mask_format)
+                rc, rr = dpo_logps(model_logps(reference, batch, backend), batch, cfg.mask_format)
         denom = step.num_best_targets if cfg.nll_norm == "token" else step.num_pairs
         return dpo.dpo_loss(pc, pr, rc, rr, nll, cfg.beta, cfg.alpha, cfg.label_smoothing, step.num_pairs, denom)
 
@@ -95,9 +67,9 @@ def main(argv=None):
     ref = build_model(s.d, ref_ckpt, None if ref_ckpt else m.preset, "lm", t.seed, t.mixed_precision, trainable=False)
     train_ref = eval_ref = ref
     if cfg.dpo.reference == "precompute":
-        train_ref = precompute_reference(ref, s.train_loader, t.kernels, cfg.dpo.mask_format, s.d.device)
+        train_ref = reference_table(ref, s.train_loader, t.kernels, cfg.dpo.mask_format, s.d.device)
         if s.eval_loader is not None:
-            eval_ref = precompute_reference(ref, s.eval_loader, t.kernels, cfg.dpo.mask_format, s.d.device)
+            eval_ref = reference_table(ref, s.eval_loader, t.kernels, cfg.dpo.mask_format, s.d.device)
         del ref
         gc.collect()
     task = make_task(s.model, train_ref, cfg.dpo, t.kernels)

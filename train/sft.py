@@ -15,7 +15,7 @@ from losses import sft
 from train import loop
 from train.config import Config, parse_args
 from train.entry import main_guard, setup
-from train.targets import target_logps
+from train.targets import model_logps
 
 
 @dataclass
@@ -30,14 +30,7 @@ class SFTConfig(Config):
 
 def make_task(model, backend: str) -> loop.Task:
     def loss(batch, step):
-        logps = model(
-            batch.tokens,
-            batch.positions,
-            batch.doc_ids,
-            batch.branch_ids,
-            head_fn=lambda h, w: target_logps(h, w, batch, backend),
-        )  # fmt: skip  (N,) log p of this micro-batch's targets
-        return sft.sft_loss(logps, step.num_targets)
+        return sft.sft_loss(model_logps(model, batch, backend), step.num_targets)  # (N,) log p of the targets
 
     def derive(m):
         return {**m, "ppl": math.exp(min(m["nll"], 50.0))} if "nll" in m else m

@@ -8,9 +8,11 @@ which sequences are chosen and rejected.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 import kernels
+from data.loader import DataLoader
 from data.rows import Batch
 from data.schema import STRENGTHS
 from losses import sequence_sums
@@ -23,6 +25,14 @@ def target_logps(hidden: Tensor, weight: Tensor, batch: Batch, backend: str = "a
     """
     h = hidden.flatten(0, 1)[batch.target_index]  # (N, H)
     return kernels.target_logprobs(h, weight, batch.target_token, backend=backend)
+
+
+def model_logps(model, batch: Batch, backend: str = "auto") -> Tensor:
+    """The model's log p(target) (N,) for every listed target of a micro-batch (fp32)."""
+    return model(
+        batch.tokens, batch.positions, batch.doc_ids, batch.branch_ids,
+        head_fn=lambda h, w: target_logps(h, w, batch, backend),
+    )  # fmt: skip
 
 
 def scores(rewards: Tensor, batch: Batch) -> Tensor:
@@ -61,3 +71,22 @@ def chosen_nll(token_logps: Tensor, batch: Batch, nll_norm: str = "sequence") ->
     if nll_norm == "token":
         return nll, count
     raise ValueError(f"nll_norm must be 'sequence' or 'token', got {nll_norm!r}")
+
+
+@torch.no_grad()
+def reference_table(ref, loader: DataLoader, backend: str, mask_format: bool, device) -> Tensor:
+    """(num_examples, 2) reference log-prob sums of (chosen, rejected) of a DPO set: one pass in
+    order, every rank its share of the examples (each computed once), summed over ranks."""
+    every = DataLoader(
+        loader.examples, len(loader.examples), loader.max_len, loader.tokens_per_microbatch, loader.rank,
+        loader.world_size, shuffle=False, pad_id=loader.pad_id, drop_last=False,
+    )  # fmt: skip
+    table = torch.zeros(len(loader.examples), 2, dtype=torch.float32, device=device)
+    for step in every.eval_steps():
+        for batch in step.micro_batches:
+            batch = batch.to(device)
+            c, r = dpo_logps(model_logps(ref, batch, backend), batch, mask_format)
+            table[batch.group_uid] = torch.stack([c, r], dim=-1).float()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(table)
+    return table
