@@ -221,3 +221,15 @@ def test_every_entry_point_exits_0_on_a_busy_machine(tmp_path):
     finally:
         for p in busy:
             p.kill()
+
+
+def test_training_refuses_a_checkpoint_whose_vocabulary_is_not_the_byte_tokenizers(tmp_path):
+    from conftest import CONFIGS, random_model
+
+    from llama import save_model
+    from train.distributed import model_tokenizer
+
+    save_model(random_model(CONFIGS["gqa-tied-scaled"]), tmp_path / "ckpt")  # vocab 300, no tokenizer file
+    with pytest.raises(ValueError, match=r"checkpoint .*ckpt has vocab_size 300 .*pass the model's tokenizer"):
+        model_tokenizer(str(tmp_path / "ckpt"), None, None)
+    assert model_tokenizer(None, "tiny", None).vocab_size == 512  # the preset made for the byte tokenizer
