@@ -7,8 +7,9 @@ vocabulary is not the shipped byte tokenizer's fails at start without one.
 
 Prompts of different lengths are left-padded; pad slots get doc PAD_DOC and real tokens doc 0,
 so no real token attends to them (the model's row rule). Every row stops at its own stop token;
-finished rows are dropped from the batch as they accumulate, so long and short samples don't pay
-for each other.
+finished rows are dropped from the batch as they accumulate (checked every STOP_CHECK_EVERY steps),
+so long and short samples don't pay for each other. The KV cache is preallocated and written in place;
+sampling draws one uniform per row on the device (sample_categorical): no fp64, no host sync per step.
 """
 
 from __future__ import annotations
@@ -22,24 +23,54 @@ from torch import Tensor
 
 from llama.model import PAD_DOC, KVCache, Transformer
 
+# Steps between host syncs that check which rows have stopped (a sync per step stalls an accelerator).
+STOP_CHECK_EVERY = 8
+
 
 def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, generator=None) -> Tensor:
-    """logits (N, V) -> next token ids (N,). temperature 0 is greedy."""
+    """logits (N, V) -> next token ids (N,). temperature 0 is greedy. No host sync, no fp64."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
+    logits = logits.float() / temperature  # a new tensor: the filters and the sampler work on it in place
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        logits.masked_fill_(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    # Inverse-CDF sampling: one uniform per row (torch.multinomial draws an exponential per vocab entry).
-    cdf = logits.softmax(-1).double().cumsum(-1)  # (N, V)
-    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
+    return sample_categorical(logits, generator)
+
+
+def sample_categorical(logits: Tensor, generator=None, block: int = 256) -> Tensor:
+    """One draw per row from softmax(logits) (N, V), by inverse CDF in two levels; overwrites `logits`.
+
+    One uniform per row (the Gumbel/exponential tricks need one per vocabulary entry: on a CPU drawing
+    those 128k numbers costs as much as the vocabulary projection). A single fp32 cumsum over 128k
+    entries would lose the small probabilities, so the uniform first picks a block of `block` entries
+    by the blocks' cumulative masses, then an entry by the cumulative mass within that block: both
+    sums are short and exact enough in fp32.
+    """
+    N, V = logits.shape
+    w = logits.sub_(logits.amax(-1, keepdim=True)).exp_()  # unnormalized probabilities, the largest 1
+    if V % block:
+        w = F.pad(w, (0, -V % block))  # zero-weight tail: a whole number of blocks
+    blocks = w.view(N, -1, block)
+    mass = blocks.sum(-1)  # (N, nb)
+    cum = mass.cumsum(-1)
+    u = torch.rand(N, 1, generator=generator, device=w.device, dtype=w.dtype) * cum[:, -1:]
+    b = torch.searchsorted(cum, _below(u, cum[:, -1:]), right=True)  # (N, 1) first block whose mass passes u
+    inner = blocks.gather(1, b[:, :, None].expand(N, 1, block)).squeeze(1).cumsum(-1)  # (N, block)
+    rest = (u - (cum.gather(1, b) - mass.gather(1, b))).clamp_(min=0)
+    j = torch.searchsorted(inner, _below(rest, inner[:, -1:]), right=True)
+    return (b * block + j).squeeze(1)
+
+
+def _below(x: Tensor, total: Tensor) -> Tensor:
+    """x kept strictly below total, so that searchsorted(right=True) lands on an entry of non-zero weight
+    even when rounding puts x at the end of the cumulative sums."""
+    return torch.minimum(x, torch.nextafter(total, torch.zeros_like(total)))
 
 
 @torch.no_grad()
@@ -60,6 +91,11 @@ def generate(
         raise ValueError("generate needs a model with the LM head")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
+    V = model.config.vocab_size
+    for i, p in enumerate(prompts):  # checked here, on the host: the model checks ids only on the CPU
+        bad = next((t for t in p if not 0 <= t < V), None)
+        if bad is not None:
+            raise ValueError(f"prompt {i}: token id {bad} is out of range for vocab_size {V}")
     device = model.tok_embeddings.weight.device
     P, K, L = len(prompts), num_samples, max(len(p) for p in prompts)
     if L + max_new_tokens > model.config.max_seq_len:
@@ -86,22 +122,28 @@ def generate(
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     rows = torch.arange(P * K, device=device)  # original row of each live batch row
     finished = torch.zeros(P * K, dtype=torch.bool, device=device)
-    out: list[list[int]] = [[] for _ in range(P * K)]
-    for _ in range(max_new_tokens):
+    # Sampled ids stay on the device (-1: not sampled, the row had finished): one transfer at the end,
+    # and one host sync every STOP_CHECK_EVERY steps (how many rows are done). Between checks a finished
+    # row keeps decoding (its tokens are masked out): a few wasted rows instead of a stall per step.
+    sampled = torch.full((P * K, max_new_tokens), -1, dtype=torch.long, device=device)
+    for step in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (N,)
-        for r, t, f in zip(rows.tolist(), nxt.tolist(), finished.tolist()):
-            if not f:
-                out[r].append(t)
+        sampled[rows, step] = nxt.masked_fill(finished, -1)
         finished |= torch.isin(nxt, stop)
-        if finished.all():
+        if step == max_new_tokens - 1:
             break
-        if finished.sum() * 4 >= len(rows):  # drop finished rows once they are a quarter of the batch
-            keep = (~finished).nonzero().squeeze(-1)
-            cache.select(keep)
-            rows, nxt, next_pos, finished = rows[keep], nxt[keep], next_pos[keep], finished[keep]
+        if (step + 1) % STOP_CHECK_EVERY == 0:
+            done = int(finished.sum())
+            if done == len(rows):
+                break
+            if done * 4 >= len(rows):  # drop finished rows once they are a quarter of the batch
+                keep = (~finished).nonzero().squeeze(-1)
+                cache.select(keep)
+                rows, nxt, next_pos, finished = rows[keep], nxt[keep], next_pos[keep], finished[keep]
         h = model.trunk(nxt[:, None], next_pos[:, None], cache=cache)  # (N, 1, dim)
         logits = F.linear(h[:, -1], model.output_weight)
-        next_pos = next_pos + 1
+        next_pos += 1
+    out = [[t for t in row if t >= 0] for row in sampled.tolist()]
     return [out[p * K : (p + 1) * K] for p in range(P)]
 
 

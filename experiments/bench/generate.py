@@ -31,6 +31,9 @@ SIZES = {
 }
 
 
+_MISSING = object()
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -58,6 +61,33 @@ def bench_size(name, args, device, dtype):
     prompts = [torch.randint(0, config.vocab_size, (n,), generator=g).tolist() for n in lengths]
     gen = torch.Generator(device).manual_seed(0)
     kw = dict(max_new_tokens=new, temperature=1.0, generator=gen)
+    title = (
+        f"\n### {name}: {config.num_params() / 1e6:.1f}M params, {P} prompts x {K} samples, "
+        f"prompt {min(lengths)}-{max(lengths)} tokens, {new} new tokens, {str(dtype).removeprefix('torch.')}"
+    )
+    if args.profile:
+        generate(model, prompts, num_samples=K, **kw)  # warm-up
+        restore = []
+
+        def patch(obj, attr, value):
+            restore.append(
+                (
+                    obj,
+                    attr,
+                    obj.__dict__.get(attr, _MISSING) if isinstance(obj, torch.nn.Module) else getattr(obj, attr),
+                )
+            )
+            setattr(obj, attr, value)
+
+        try:
+            table = profile_decode(model, prompts, K, new, patch)
+        finally:
+            for obj, attr, old in reversed(restore):
+                if old is _MISSING:
+                    delattr(obj, attr)
+                else:
+                    setattr(obj, attr, old)
+        return f"{title}, decode profile\n\n{table}"
 
     def fanout():
         out = generate(model, prompts, num_samples=K, **kw)
@@ -104,14 +134,92 @@ def bench_size(name, args, device, dtype):
     n_tokens = P * K * new
     ref = rows[0][1]
     lines = [
-        f"\n### {name}: {config.num_params() / 1e6:.1f}M params, {P} prompts x {K} samples, "
-        f"prompt {min(lengths)}-{max(lengths)} tokens, {new} new tokens, {str(dtype).removeprefix('torch.')}",
+        title,
         "",
         "| method | time (s) | samples/s | generated tokens/s | vs fan-out |",
         "|---|---:|---:|---:|---:|",
     ]
     for label, t in rows:
         lines.append(f"| {label} | {t:.3f} | {P * K / t:,.1f} | {n_tokens / t:,.0f} | {t / ref:.2f}x |")
+    return "\n".join(lines)
+
+
+class StepProfile:
+    """Exclusive wall time per category of the decode loop, by wrapping the functions that do each part.
+    CPU only (ops are synchronous there). A wrapped call's time goes to its label, minus the time of the
+    wrapped calls inside it; what no label covers is the loop's own Python and glue."""
+
+    def __init__(self):
+        self.times: dict[str, float] = {}
+        self.stack: list[float] = []  # time spent in wrapped children of each open call
+        self.off = False  # inside the prefill: its parts are not counted as decode work
+
+    def wrap(self, fn, label):
+        def timed_fn(*a, **kw):
+            if self.off:
+                return fn(*a, **kw)
+            t0 = time.perf_counter()
+            self.stack.append(0.0)
+            try:
+                return fn(*a, **kw)
+            finally:
+                elapsed, children = time.perf_counter() - t0, self.stack.pop()
+                self.times[label] = self.times.get(label, 0.0) + elapsed - children
+                if self.stack:
+                    self.stack[-1] += elapsed
+
+        return timed_fn
+
+
+def profile_decode(model, prompts, K, new, patch) -> str:
+    """A markdown table: share of the decode loop's time per part (prefill and the final transfer excluded)."""
+    import torch.nn.functional as F
+
+    import llama.generate as gen_mod
+    import llama.model as model_mod
+
+    prof = StepProfile()
+    out_w = model.output_weight
+    real_linear = F.linear
+    vocab = prof.wrap(real_linear, "vocabulary projection")
+    patch(F, "linear", lambda x, w, *a: vocab(x, w, *a) if w is out_w else real_linear(x, w, *a))
+    for layer in model.layers:
+        patch(layer.attention, "forward", prof.wrap(layer.attention.forward, "attention (QKV, RoPE, SDPA, out proj)"))
+        patch(layer.feed_forward, "forward", prof.wrap(layer.feed_forward.forward, "MLP"))
+        for norm in (layer.attention_norm, layer.ffn_norm):
+            patch(norm, "forward", prof.wrap(norm.forward, "norms, embedding, RoPE tables"))
+    patch(model.norm, "forward", prof.wrap(model.norm.forward, "norms, embedding, RoPE tables"))
+    patch(model.tok_embeddings, "forward", prof.wrap(model.tok_embeddings.forward, "norms, embedding, RoPE tables"))
+    for name in ("rope_cos_sin", "rope_inv_freq"):
+        patch(model_mod, name, prof.wrap(getattr(model_mod, name), "norms, embedding, RoPE tables"))
+    cache_label = "KV-cache bookkeeping (writes, masks, row selection)"
+    for name in ("update", "repeat_interleave", "select"):
+        if hasattr(model_mod.KVCache, name):
+            patch(model_mod.KVCache, name, prof.wrap(getattr(model_mod.KVCache, name), cache_label))
+    patch(model_mod, "structure_mask", prof.wrap(model_mod.structure_mask, cache_label))
+    patch(gen_mod, "sample_next", prof.wrap(gen_mod.sample_next, "sampling"))
+    real_trunk = model.trunk
+
+    def trunk(tokens, *a, **kw):  # the prefill (T > 1) is timed as a whole, outside the decode loop
+        if tokens.shape[1] == 1:
+            return real_trunk(tokens, *a, **kw)
+        prof.off, t0 = True, time.perf_counter()
+        try:
+            return real_trunk(tokens, *a, **kw)
+        finally:
+            prof.off, prof.prefill = False, time.perf_counter() - t0
+
+    patch(model, "trunk", trunk)
+    total_label = "decode loop (total)"
+    t0 = time.perf_counter()
+    generate(model, prompts, num_samples=K, max_new_tokens=new, temperature=1.0)
+    total = time.perf_counter() - t0 - prof.prefill
+    parts = dict(prof.times)
+    parts["Python and glue (loop, indexing, stop checks)"] = total - sum(parts.values())
+    lines = ["| part of the decode loop | time (s) | share |", "|---|---:|---:|"]
+    for label, t in sorted(parts.items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {label} | {t:.3f} | {100 * t / total:.1f}% |")
+    lines.append(f"| **{total_label}** ({new} steps, prefill {prof.prefill:.2f}s excluded) | {total:.3f} | 100% |")
     return "\n".join(lines)
 
 
@@ -125,6 +233,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", help="append the table to this markdown file")
+    ap.add_argument("--profile", action="store_true", help="instead: the share of each part of the decode loop (CPU)")
     args = ap.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

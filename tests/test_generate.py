@@ -1,0 +1,48 @@
+"""The decode loop's sampler and host syncs (llama/generate.py); greedy equivalence is in test_model.py."""
+
+import torch
+from conftest import CONFIGS, random_model
+
+import llama.generate
+from llama.generate import generate, sample_categorical
+
+
+def test_sample_categorical_follows_softmax_over_a_padded_vocabulary():
+    """Frequencies match an fp64 softmax, including the padded last block (V = 700, blocks of 256)."""
+    V, n = 700, 40_000
+    logits = torch.randn(V, generator=torch.Generator().manual_seed(0)) * 2
+    logits[::7] = float("-inf")  # filtered entries (top-k / top-p) are never drawn
+    draws = sample_categorical(logits.repeat(n, 1), torch.Generator().manual_seed(1))
+    freq = torch.bincount(draws, minlength=V).double() / n
+    expected = torch.softmax(logits.double(), -1)
+    assert draws.max() < V and freq[::7].sum() == 0
+    assert (freq - expected).abs().max() < 0.006, (freq - expected).abs().max()
+    # mass on the last real entry only, or split across a block boundary
+    one_hot = torch.full((3, V), float("-inf"))
+    one_hot[0, V - 1] = 0
+    one_hot[1, 255] = one_hot[1, 256] = 0
+    one_hot[2, 0] = 0
+    out = sample_categorical(one_hot.repeat(200, 1), torch.Generator().manual_seed(2)).view(200, 3)
+    assert (out[:, 0] == V - 1).all() and set(out[:, 1].tolist()) == {255, 256} and (out[:, 2] == 0).all()
+
+
+def test_sampling_is_deterministic_given_the_generator():
+    model = random_model(CONFIGS["gqa-tied-scaled"], seed=3)
+    prompts = [[1, 2, 3], [4, 5]]
+    a = generate(model, prompts, 4, 10, generator=torch.Generator().manual_seed(7), top_k=50, top_p=0.9)
+    b = generate(model, prompts, 4, 10, generator=torch.Generator().manual_seed(7), top_k=50, top_p=0.9)
+    c = generate(model, prompts, 4, 10, generator=torch.Generator().manual_seed(8), top_k=50, top_p=0.9)
+    assert a == b and a != c
+
+
+def test_stop_checks_sync_the_host_once_every_few_steps(monkeypatch):
+    model = random_model(CONFIGS["gqa-tied-scaled"])
+    monkeypatch.setattr(llama.model, "check_token_range", lambda tokens, vocab_size: None)  # CPU-only check
+    reads = []
+    for name in ("__bool__", "__int__", "__float__", "__index__", "item", "tolist"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda t, *a, _real=real, _n=name: reads.append(_n) or _real(t, *a))
+    out = generate(model, [[1, 2, 3], [4, 5]], num_samples=3, max_new_tokens=32)
+    assert [len(s) for p in out for s in p] == [32] * 6
+    # a check after steps 8, 16, 24 (none after the last step), and one transfer of the samples at the end
+    assert len(reads) == 32 // llama.generate.STOP_CHECK_EVERY - 1 + 1, reads
