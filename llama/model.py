@@ -13,6 +13,7 @@ block mask on CUDA and a dense boolean mask elsewhere.
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +70,15 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return out.flatten(-2).type_as(x)  # (B, T, h, hd)
 
 
+def check_token_range(tokens: Tensor, vocab_size: int) -> None:
+    """Every id in [0, vocab_size), else ValueError naming the first bad id."""
+    if tokens.numel() == 0:
+        return
+    lo, hi = int(tokens.min()), int(tokens.max())
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"token id {lo if lo < 0 else hi} is out of range for vocab_size {vocab_size}")
+
+
 # ----------------------------------------------------------------------------- masks
 
 
@@ -81,24 +91,56 @@ def structure_mask(q_doc, q_branch, q_slot, k_doc, k_branch, k_slot) -> Tensor:
 
 
 def flex_block_mask(doc: Tensor, branch: Tensor):
-    """FlexAttention block mask for the same rule; fully masked tiles are skipped by the kernel."""
+    """FlexAttention block mask for the same rule; fully masked tiles are skipped by the kernel.
+    Built by a compiled create_block_mask (eager it takes seconds and GiBs at B=8, T=4096)."""
+    global _compiled_flex, _compiled_create_block_mask
 
     def mask_mod(b, h, q, k):
         return (k <= q) & (doc[b, q] == doc[b, k]) & ((branch[b, k] == 0) | (branch[b, k] == branch[b, q]))
 
+    # The compiled functions are made here, in eager code: made inside a compiled block (attend) the
+    # wrapper itself would be traced, costing an extra compile.
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention)
+    if _compiled_create_block_mask is None:
+        _compiled_create_block_mask = torch.compile(create_block_mask)
     B, T = doc.shape
-    return create_block_mask(mask_mod, B, None, T, T, device=doc.device)
+    return _compiled_create_block_mask(mask_mod, B, None, T, T, device=doc.device)
 
 
-_compiled_flex = None
+_compiled_flex = _compiled_create_block_mask = None  # torch.compile wrappers, made on first use
+# The last structured mask and the id tensors it was built from: the policy and the DPO reference
+# (and every layer) run on the same micro-batch, so its mask is built once.
+_last_mask: tuple | None = None  # (weakrefs to doc_ids, branch_ids, their versions, use_flex, mask)
+
+
+def _same(ref, t: Tensor | None) -> bool:
+    return (ref is None and t is None) or (ref is not None and t is not None and ref[0]() is t and ref[1] == t._version)
+
+
+def structured_mask(doc_ids: Tensor | None, branch_ids: Tensor | None, like: Tensor, use_flex: bool):
+    """The mask of rows with doc/branch ids (None: all 0): a BlockMask (flex) or a dense bool mask.
+    Cached on the identity (and in-place version) of the id tensors: same tensors, same mask."""
+    global _last_mask
+    if _last_mask is not None:
+        doc_ref, branch_ref, flex, mask = _last_mask
+        if flex == use_flex and _same(doc_ref, doc_ids) and _same(branch_ref, branch_ids):
+            return mask
+    doc = torch.zeros_like(like) if doc_ids is None else doc_ids
+    branch = torch.zeros_like(like) if branch_ids is None else branch_ids
+    if use_flex:
+        mask = flex_block_mask(doc, branch)
+    else:
+        slots = torch.arange(like.shape[1], device=like.device)
+        mask = structure_mask(doc, branch, slots, doc, branch, slots)
+    refs = [None if t is None else (weakref.ref(t), t._version) for t in (doc_ids, branch_ids)]
+    _last_mask = (*refs, use_flex, mask)
+    return mask
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask) -> Tensor:
     """q (B, nh, Tq, hd), k/v (B, nkv, Tk, hd), mask None (causal) | bool (B, 1, Tq, Tk) | BlockMask."""
-    global _compiled_flex
     if BlockMask is not None and isinstance(mask, BlockMask):
-        if _compiled_flex is None:
-            _compiled_flex = torch.compile(flex_attention)
         return _compiled_flex(q, k, v, block_mask=mask, enable_gqa=True)
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
@@ -197,6 +239,20 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+class RewardHead(nn.Linear):
+    """The scalar reward head, computed in fp32 whatever the trunk's dtype: rewards of ~1.6 in bf16
+    move in steps of 0.0078, coarser than early reward margins (~0.0025) and a source of ties."""
+
+    def __init__(self, dim: int, device=None, dtype=None):
+        super().__init__(dim, 1, bias=False, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(..., dim) -> (..., ) rewards in fp32. Projected on the weight row rather than
+        linear(x).squeeze(-1): the output is a tensor of its own, not a view, which FSDP2 warns
+        about on every rank (an in-place op on it would skip the backward hook)."""
+        return F.linear(x.float(), self.weight[0].float())
+
+
 class TransformerBlock(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -239,7 +295,7 @@ class Transformer(nn.Module):
                 self.config.dim, self.config.vocab_size, bias=False, device=ref.device, dtype=ref.dtype
             )
         if head == "reward":
-            self.score = nn.Linear(self.config.dim, 1, bias=False, device=ref.device, dtype=ref.dtype)
+            self.score = RewardHead(self.config.dim, device=ref.device, dtype=ref.dtype)
         if self.head is not None and ref.device.type != "meta":
             self._init_head()
         self.head = head
@@ -273,11 +329,11 @@ class Transformer(nn.Module):
     def trunk(self, tokens: Tensor, positions=None, doc_ids=None, branch_ids=None, cache: KVCache | None = None):
         """tokens (B, T) -> final normed hidden states (B, T, dim)."""
         B, T = tokens.shape
-        if not torch.compiler.is_compiling():
-            lo, hi = int(tokens.min()), int(tokens.max())
-            if lo < 0 or hi >= self.config.vocab_size:
-                bad = lo if lo < 0 else hi
-                raise ValueError(f"token id {bad} is out of range for vocab_size {self.config.vocab_size}")
+        if tokens.device.type == "cpu":
+            # On an accelerator this check would stall every forward and decode step on a host sync:
+            # there the ids are checked before they get on it (the tokenizer against vocab_size at
+            # start, llama/generate.py's prompts), and the embedding's own bounds check stays.
+            check_token_range(tokens, self.config.vocab_size)
         start = cache.length if cache is not None else 0
         slots = torch.arange(start, start + T, device=tokens.device)
         if positions is None:
@@ -293,13 +349,8 @@ class Transformer(nn.Module):
         elif doc_ids is None and branch_ids is None:
             mask = None
         else:
-            doc = torch.zeros_like(tokens) if doc_ids is None else doc_ids
-            branch = torch.zeros_like(tokens) if branch_ids is None else branch_ids
             use_flex = STRUCTURED_ATTENTION == "flex" or (STRUCTURED_ATTENTION == "auto" and tokens.is_cuda)
-            if use_flex and create_block_mask is not None:
-                mask = flex_block_mask(doc, branch)
-            else:
-                mask = structure_mask(doc, branch, slots, doc, branch, slots)
+            mask = structured_mask(doc_ids, branch_ids, tokens, use_flex and create_block_mask is not None)
         cos, sin = rope_cos_sin(positions, rope_inv_freq(self.config, tokens.device))
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for i, layer in enumerate(self.layers):
@@ -317,7 +368,7 @@ class Transformer(nn.Module):
         """
         h = self.trunk(tokens, positions, doc_ids, branch_ids, cache)
         if self.head == "reward":
-            return self.score(h).squeeze(-1)
+            return self.score(h)  # (B, T) fp32: RewardHead
         if head_fn is not None:
             return head_fn(h, self.output_weight)
         return F.linear(h, self.output_weight)

@@ -46,6 +46,41 @@ def test_shared_prompt_row_equals_separate_rows(config, backend, monkeypatch):
             start += n
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_structured_mask_is_built_once_per_micro_batch(monkeypatch):
+    """Policy and reference forwards on one micro-batch share one block mask; new or edited id
+    tensors get a new one; results equal the dense path. (Eager here: the compiled
+    create_block_mask runs in test_shared_prompt_row_equals_separate_rows.)"""
+    monkeypatch.setattr(llama.model, "STRUCTURED_ATTENTION", "flex")
+    monkeypatch.setattr(llama.model, "_compiled_flex", llama.model.flex_attention)  # eager flex on CPU
+    monkeypatch.setattr(llama.model, "_compiled_create_block_mask", llama.model.create_block_mask)
+    built, real = [], llama.model.flex_block_mask
+    monkeypatch.setattr(llama.model, "flex_block_mask", lambda doc, branch: built.append(1) or real(doc, branch))
+    config = CONFIGS["gqa-tied-scaled"]
+    policy, reference = random_model(config), random_model(config, seed=1)
+    V = config.vocab_size
+    tokens, positions, branch = reward_row(ids(7, V, 0), [ids(5, V, 1), ids(3, V, 2)], [1, 0])
+    doc = torch.zeros_like(tokens)
+
+    def both(doc, branch):
+        with torch.no_grad():
+            return policy(tokens, positions, doc, branch), reference(tokens, positions, doc, branch)
+
+    flex = both(doc, branch)
+    assert len(built) == 1
+    both(doc.clone(), branch)  # the next micro-batch's tensors
+    assert len(built) == 2
+    branch[0, -1] = 0  # edited in place: the last token now counts as prompt
+    edited = both(doc, branch)
+    assert len(built) == 3
+    monkeypatch.setattr(llama.model, "STRUCTURED_ATTENTION", "dense")
+    dense_edited = both(doc, branch)
+    branch[0, -1] = 1
+    for a, b in zip(flex + edited, both(doc, branch) + dense_edited):
+        assert (a - b).abs().max() <= 1e-5
+    assert (edited[0] - flex[0]).abs().max() > 1e-3  # the edit changed the attention
+
+
 def test_packed_docs_equal_separate_rows(config):
     model = random_model(config)
     docs = [ids(9, config.vocab_size, 4), ids(4, config.vocab_size, 5), ids(11, config.vocab_size, 6)]
@@ -88,6 +123,26 @@ def test_batched_greedy_equals_one_by_one():
     batched = generate(model, prompts, num_samples=3, max_new_tokens=10, stop_ids=stop, temperature=0)
     assert alone == expected
     assert batched == [[e] * 3 for e in expected]
+
+
+def test_token_ids_are_checked_without_a_device_sync(monkeypatch):
+    """Out-of-range ids fail on the host (CPU tensors, generate's prompts); decoding makes one
+    host sync per step (how many rows are done), not one per tensor it reads."""
+    model = random_model(CONFIGS["gqa-tied-scaled"])
+    with pytest.raises(ValueError, match="prompt 1: token id 300 is out of range for vocab_size 300"):
+        generate(model, [[1, 2], [3, 300]])
+    with torch.device("meta"):  # a device whose values cannot be read: a host sync would raise
+        meta = Transformer(CONFIGS["gqa-tied-scaled"])
+    x = torch.zeros(2, 8, dtype=torch.long, device="meta")
+    assert meta(x, doc_ids=x, branch_ids=x).shape == (2, 8, 300)
+    monkeypatch.setattr(llama.model, "check_token_range", lambda tokens, vocab_size: None)  # CPU-only check
+    reads = []
+    for name in ("__bool__", "__int__", "__float__", "__index__", "item", "tolist"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda t, *a, _real=real, _n=name: reads.append(_n) or _real(t, *a))
+    out = generate(model, [[1, 2, 3], [4, 5]], num_samples=3, max_new_tokens=12)
+    assert [len(s) for p in out for s in p] == [12] * 6
+    assert len(reads) <= 12 + 1, reads  # one per step, one transfer of the samples at the end
 
 
 def test_sampling_filters_and_seed():

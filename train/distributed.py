@@ -69,10 +69,14 @@ def parallelize(
     compile: bool = False,
     trainable: bool = True,
 ) -> nn.Module:
-    """FSDP2 per block, then the root. Parameters stay fp32 (the optimizer's master copy);
-    `trainable=False` (a frozen reference model) skips activation checkpointing and grads."""
+    """FSDP2 per block, the reward head, then the root. Parameters stay fp32 (the optimizer's master
+    copy) and are gathered in the compute dtype, except the reward head's: fp32 throughout
+    (llama.model.RewardHead). `trainable=False` (a frozen reference model): stored in the compute
+    dtype, no activation checkpointing, no grads, and the root resharded after each forward."""
     compute = param_dtype(mixed_precision, d.device)
     mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
+    if not trainable:  # nothing to update: no fp32 master copy, half the memory in bf16
+        model.to(compute)
     for i, block in enumerate(model.layers):
         if activation_checkpointing and trainable:
             from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
@@ -82,9 +86,15 @@ def parallelize(
             block.compile()
         fully_shard(block, mesh=d.mesh, mp_policy=mp)
         model.layers[i] = block
+    if hasattr(model, "score"):
+        model.score.float()
+        fully_shard(model.score, mesh=d.mesh, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32))
     fully_shard(model, mesh=d.mesh, mp_policy=mp)
     if not trainable:
         model.requires_grad_(False).eval()
+        # FSDP2 keeps the root (embeddings, final norm, LM head) gathered after forward, expecting the
+        # backward; a frozen model has none, so it would hold them (~2 GB at 8B) until the next forward.
+        model.register_forward_hook(lambda module, args, output: module.reshard())
     for module in model.modules():
         if isinstance(module, FSDPModule):
             # Our losses divide by the whole step's counts (all ranks), so rank gradients must be

@@ -56,7 +56,7 @@ def make_task(model, reference, cfg: DPOSection, backend: str) -> loop.Task:
         denom = step.num_best_targets if cfg.nll_norm == "token" else step.num_pairs
         return dpo.dpo_loss(pc, pr, rc, rr, nll, cfg.beta, cfg.alpha, cfg.label_smoothing, step.num_pairs, denom)
 
-    return loop.Task(loss, dpo.RATIOS)
+    return loop.Task(loss, dpo.RATIOS, reference_forward=not isinstance(reference, torch.Tensor))
 
 
 def main(argv=None):

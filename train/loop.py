@@ -38,6 +38,7 @@ class Task:
     loss: Callable  # (batch, step) -> (loss tensor, {name: on-device sum over this micro-batch})
     ratios: dict[str, tuple[str, str]]  # logged metric -> (sum, denominator), divided once per logged step
     derive: Callable | None = None  # {metric: value} -> {metric: value}: metrics that are not ratios
+    reference_forward: bool = False  # a frozen model's forward per micro-batch too (DPO's live reference): MFU
 
 
 def summarize(task: Task, sums: dict[str, float]) -> dict[str, float]:
@@ -60,19 +61,64 @@ def lr_lambda(cfg, total_steps: int):
     return f
 
 
+def peak_flops(device) -> float | None:
+    """The device's dense bf16 peak FLOP/s (PEAK_FLOPS by device name); None when unknown (no MFU logged)."""
+    if device.type != "cuda":
+        return None
+    return next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name(device)), None)
+
+
 def peak_memory_gib(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
 
 
-def flops_per_token(model, seq_len: float) -> float:
-    """6 N (matmul params, embedding lookup excluded) + 12 L d T for attention (PaLM appendix B)."""
-    c = model.config
-    n = sum(p.numel() for name, p in model.named_parameters() if "tok_embeddings" not in name)
-    if c.tie_embeddings:
-        n += c.vocab_size * c.dim
-    return 6 * n + 12 * c.n_layers * c.dim * seq_len
+def attended_keys(doc_ids: torch.Tensor, branch_ids: torch.Tensor) -> int:
+    """How many (query, key) pairs the row rule lets attend (llama/model.py): token i attends j iff
+    j <= i, same doc, and branch_j == 0 or branch_j == branch_i; pads (doc < 0) attend nothing.
+
+    Per query: the keys of (its doc, branch 0) up to it, plus, off branch 0, those of (its doc, its
+    branch). Each count is a difference of two searchsorted positions in the sorted (group, slot) codes.
+    """
+    B, T = doc_ids.shape
+    real = doc_ids >= 0
+    doc, branch = doc_ids.clamp(min=0), branch_ids
+    docs, branches = int(doc.max()) + 1 if doc.numel() else 1, int(branch.max()) + 1 if branch.numel() else 1
+    row = torch.arange(B)[:, None]
+    slot = torch.arange(T)[None, :]
+
+    def group(b):  # a (row, doc, branch) group -> one int64 code
+        return (row * docs + doc) * branches + b
+
+    codes = torch.where(real, group(branch) * T + slot, -1).flatten().sort().values
+
+    def upto(b):  # per query: the real keys of group (its row, its doc, b) at slots <= its own
+        g = group(b) * T
+        return torch.searchsorted(codes, (g + slot).flatten(), right=True) - torch.searchsorted(codes, g.flatten())
+
+    per_query = upto(torch.zeros_like(branch)) + (branch != 0).flatten() * upto(branch)
+    return int(per_query[real.flatten()].sum())
+
+
+def step_flops(config, head: str, micro_batches, reference_forward: bool = False) -> float:
+    """Model FLOPs of one training step over these micro-batches (what ran, not a per-token guess):
+    forward + backward = 3x the forward's matmuls, where the forward is
+      trunk:     2 * (block matmul params) per real token, + 4 * L * dim per attended (query, key) pair;
+      LM head:   2 * V * dim per listed target (only the target positions are projected);
+      reward:    2 * dim per position (the head runs on every position of the rows);
+    plus, with a live DPO reference, its forward alone (trunk and LM head, no backward). Embedding
+    lookups, norms, activation recomputation and the kernel's logit recomputation are not counted."""
+    c = config
+    block = c.dim * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads) + 3 * c.dim * c.ffn_dim
+    total = 0.0
+    for mb in micro_batches:
+        trunk = 2 * c.n_layers * block * int((mb.doc_ids >= 0).sum())
+        trunk += 4 * c.n_layers * c.dim * attended_keys(mb.doc_ids, mb.branch_ids)
+        lm_head = 2 * c.vocab_size * c.dim * mb.target_token.numel()
+        head_fwd = lm_head if head == "lm" else 2 * c.dim * mb.tokens.numel()
+        total += 3 * (trunk + head_fwd) + (trunk + lm_head if reference_forward else 0)
+    return total
 
 
 def _norm(x) -> float:
@@ -166,7 +212,7 @@ class Trainer:
         """Forward/backward every micro-batch, then clip, step (or skip a non-finite step), schedule.
         -> the step's metrics. Raises _Interrupted (gradients dropped) if a signal arrived mid-step."""
         t0 = time.perf_counter()
-        acc = {}
+        acc = {"flops": step_flops(self.model.config, self.model.head, s.micro_batches, self.task.reference_forward)}
         for mb in s.micro_batches:
             if _Stop.agreed(self.d.device):
                 self.optimizer.zero_grad(set_to_none=True)
@@ -199,15 +245,13 @@ class Trainer:
             "lr": lr,
             "tokens": int(reduced["tokens"]),
             "tokens_per_s": reduced["tokens"] / dt,
+            "tokens_per_s_per_gpu": reduced["tokens"] / dt / self.d.world_size,
             "peak_memory_gib": peak_memory_gib(self.d.device),
             "skipped_steps": self.skipped,
         }
-        if self.d.device.type == "cuda":
-            peak = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name()), None)
-            rows = sum(int(mb.tokens.shape[0]) for mb in s.micro_batches) * self.d.world_size
-            if peak:
-                flops = flops_per_token(self.model, reduced["tokens"] / max(1, rows))
-                metrics["mfu"] = reduced["tokens"] * flops / dt / (peak * self.d.world_size)
+        peak = peak_flops(self.d.device)
+        if peak:  # model FLOPs of all ranks over the step time, against every rank's bf16 peak
+            metrics["mfu"] = reduced["flops"] / dt / (peak * self.d.world_size)
         return metrics
 
     def evaluate(self) -> dict | None:

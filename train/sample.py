@@ -38,6 +38,7 @@ from llama.checkpoint import read_config
 from llama.generate import decode_sample, generate
 from llama.tokenizer import resolve_tokenizer
 from train.distributed import init_distributed
+from train.targets import scores as scores_of
 
 
 def read_prompts(path) -> list[dict]:
@@ -94,7 +95,7 @@ def score(rm, chat: ChatFormat, prompts: list[list[dict]], responses: list[list[
     scores = [[0.0] * len(r) for r in responses]
     for batch in pack(examples, max_len, 4 * max_len, chat.tokenizer.pad_id):
         b = batch.to(device)
-        rewards = rm(b.tokens, b.positions, b.doc_ids, b.branch_ids).flatten()[b.seq_score_index].float().tolist()
+        rewards = scores_of(rm(b.tokens, b.positions, b.doc_ids, b.branch_ids), b).tolist()  # fp32: no bf16 ties
         for reward, group, rank in zip(rewards, b.seq_group.tolist(), b.seq_rank.tolist()):
             p, idx = where[b.group_uid[group]]
             scores[p][idx[rank]] = reward

@@ -36,8 +36,14 @@ def model_logps(model, batch: Batch, backend: str = "auto") -> Tensor:
 
 
 def scores(rewards: Tensor, batch: Batch) -> Tensor:
-    """rewards (B, T, 1) at every position -> (S,) one per sequence, read at its final token, fp32."""
-    return rewards.flatten()[batch.seq_score_index].float()
+    """rewards (B, T) at every position -> (S,) one per sequence, read at its final token.
+
+    fp32 from the reward head (llama.model.RewardHead) and kept so through the ranking loss: a
+    reward rounded to bf16 (steps of 0.0078 near 1.6) hides early margins and ties best-of-K picks.
+    """
+    if rewards.dtype != torch.float32:
+        raise TypeError(f"rewards must be fp32 (the fp32 reward head), got {rewards.dtype}")
+    return rewards.flatten()[batch.seq_score_index]
 
 
 def strength_margins(group_strength: Tensor, table: dict[str, float]) -> Tensor:

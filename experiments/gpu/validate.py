@@ -1,0 +1,287 @@
+"""Every GPU-only check in one run, one results table: experiments/gpu/validate.sh calls this.
+
+    experiments/gpu/validate.sh                        # all parts, within --budget seconds (default 570)
+    experiments/gpu/validate.sh --parts kernels flex   # some of them
+    experiments/gpu/validate.sh --dry-run              # the plan: commands, budgets, what is skipped and why
+
+Parts, in order (each its own process, killed at its time budget; a part that would start with
+less than MIN_START_S seconds of the total budget left is skipped and says so):
+  kernels   the Triton kernel on real CUDA against float64, fp32 and bf16 (experiments/gpu/checks.py)
+  flex      FlexAttention forward/backward, compiled with activation checkpointing, vs the dense path
+  step      1-GPU SFT and DPO steps at the llama3.2-1b shape: tokens/s per GPU, MFU, peak memory
+  logprob   experiments/bench/logprob.py at H 4096 / V 128256: ours vs torch.compile,
+            F.linear_cross_entropy and Liger (each left out with a note where this torch / env lacks it)
+  generate  experiments/bench/generate.py at 1B: samples/s
+
+Writes experiments/gpu/results.md (device, versions, date, command; a summary per part; every
+check's row; the benchmark tables; the output tail of any part that failed). The benchmarks also
+append their tables to experiments/bench/results/. Needs nothing from the network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+CHECKS = "experiments/gpu/checks.py"
+ROW = "@@row "
+MIN_START_S = 20  # a part gets at least this long, or is skipped
+LOGPROB_METHODS = ["matmul", "compile", "torch_lce", "liger", "ours_torch", "ours_triton"]
+
+
+@dataclass
+class Part:
+    name: str
+    budget_s: int  # the part is killed after this long
+    argv: Callable  # args -> the command (after the python executable)
+    parse: Callable | None = None  # stdout -> rows, for the benchmark scripts that print markdown tables
+
+
+@dataclass
+class Result:
+    part: str
+    status: str  # pass | fail | timeout | skip
+    seconds: float = 0.0
+    budget_s: float = 0.0
+    note: str = ""
+    rows: list[dict] = field(default_factory=list)
+    tables: str = ""  # markdown printed by a benchmark script
+    tail: str = ""  # the end of the output, kept when the part failed
+
+
+# ----------------------------------------------------------------------------- what runs
+
+
+def missing_logprob_methods() -> dict[str, str]:
+    """Methods of experiments/bench/logprob.py this environment cannot run -> why."""
+    out = {}
+    if importlib.util.find_spec("liger_kernel") is None:
+        out["liger"] = "liger-kernel is not installed"
+    import torch.nn.functional as F
+
+    if not hasattr(F, "linear_cross_entropy"):
+        out["torch_lce"] = "this torch has no F.linear_cross_entropy"
+    return out
+
+
+def logprob_argv(args) -> list[str]:
+    methods = [m for m in LOGPROB_METHODS if m not in missing_logprob_methods()]
+    return [
+        "experiments/bench/logprob.py", "--ns", *map(str, args.logprob_ns), "--methods", *methods,
+        "--repeats", "3", "--out", "experiments/bench/results/logprob.md",
+    ]  # fmt: skip
+
+
+def generate_argv(args) -> list[str]:
+    return [
+        "experiments/bench/generate.py", "--sizes", "1b", "--prompts", "4", "--samples", "8", "--prompt-len", "256",
+        "--new", "64", "--repeats", "1", "--out", "experiments/bench/results/generate.md",
+    ]  # fmt: skip
+
+
+def table_rows(part: str, stdout: str, key_columns: int) -> list[dict]:
+    """The data lines of the markdown tables a benchmark printed -> rows: the first `key_columns`
+    cells name the check, the rest are its value (a cell starting with "n/a" marks a failure)."""
+    rows, header = [], None
+    for line in stdout.splitlines():
+        if not line.startswith("|"):
+            header = None
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if header is None:
+            header = cells
+        elif not set("".join(cells)) <= set("-: "):
+            check = " ".join(cells[:key_columns])
+            value = ", ".join(f"{h} {c}" for h, c in zip(header[key_columns:], cells[key_columns:]) if c)
+            failed = any(c.startswith("n/a") for c in cells[key_columns:])
+            rows.append({"part": part, "check": check, "status": "fail" if failed else "info", "value": value})
+    return rows
+
+
+PARTS = [
+    Part("kernels", 50, lambda args: [CHECKS, "kernels"]),
+    Part("flex", 80, lambda args: [CHECKS, "flex"]),
+    Part("step", 190, lambda args: [CHECKS, "step", "--tokens-per-microbatch", str(args.step_tokens)]),
+    Part("logprob", 150, logprob_argv, lambda out: table_rows("logprob", out, 2)),
+    Part("generate", 90, generate_argv, lambda out: table_rows("generate", out, 1)),
+]
+
+
+def plan_notes(parts: list[Part]) -> list[str]:
+    """What the plan leaves out and why (printed, and written into the results)."""
+    notes = []
+    if any(p.name == "logprob" for p in parts):
+        for method, why in missing_logprob_methods().items():
+            notes.append(f"logprob: method {method} left out: {why}")
+    if any(p.name == "generate" for p in parts) and importlib.util.find_spec("transformers") is None:
+        notes.append("generate: transformers is not installed: no HF generate row")
+    return notes
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def run_command(cmd: list[str], timeout: float, env: dict) -> tuple[int | None, str, float]:
+    """-> (exit code or None if killed at the timeout, stdout + stderr, seconds). The command runs
+    in its own session, so a timeout kills it with every process it started."""
+    t0 = time.monotonic()
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            rc = None
+        log.seek(0)
+        return rc, log.read(), time.monotonic() - t0
+
+
+def part_result(part: Part, rc: int | None, output: str, seconds: float, timeout: float) -> Result:
+    rows = [json.loads(line[len(ROW) :]) for line in output.splitlines() if line.startswith(ROW)]
+    tables = ""
+    if part.parse is not None:
+        rows += part.parse(output)
+        tables = "\n".join(line for line in output.splitlines() if line.startswith(("|", "##", "device:", "command:")))
+    failed_rows = sum(r["status"] == "fail" for r in rows)
+    if rc is None:
+        status, note = "timeout", f"killed after {timeout:.0f} s; rows so far kept"
+    elif rc != 0:
+        status, note = "fail", f"exit code {rc}"
+    elif failed_rows:
+        status, note = "fail", f"{failed_rows} failed check(s)"
+    else:
+        status, note = "pass", ""
+    if not rows and status == "pass":
+        status, note = "fail", "no results printed"
+    tail = "\n".join(output.splitlines()[-40:]) if status != "pass" else ""
+    return Result(part.name, status, seconds, timeout, note, rows, tables, tail)
+
+
+def run_parts(parts: list[Part], args, python: str = sys.executable) -> list[Result]:
+    """Each part in order within its budget and what is left of the total; -> one Result each."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the real kernels
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    start, results = time.monotonic(), []
+    for part in parts:
+        left = args.budget - (time.monotonic() - start)
+        timeout = min(part.budget_s, left)
+        if timeout < MIN_START_S:
+            results.append(
+                Result(part.name, "skip", 0.0, part.budget_s, f"only {max(left, 0):.0f} s of the budget left")
+            )
+            continue
+        print(f"== {part.name} (up to {timeout:.0f} s)", flush=True)
+        rc, output, seconds = run_command([python, *part.argv(args)], timeout, env)
+        results.append(part_result(part, rc, output, seconds, timeout))
+        r = results[-1]
+        print(f"   {r.status} in {seconds:.0f} s {r.note}", flush=True)
+    return results
+
+
+# ----------------------------------------------------------------------------- the results file
+
+
+def cell(x) -> str:
+    return str(x).replace("|", "\\|").replace("\n", " ")
+
+
+def render(results: list[Result], header: list[str], notes: list[str]) -> str:
+    lines = [*header, ""]
+    if notes:
+        lines += ["notes:", *[f"- {n}" for n in notes], ""]
+    lines += ["## summary", "", "| part | status | time (s) | budget (s) | note |", "|---|---|---:|---:|---|"]
+    for r in results:
+        lines.append(f"| {r.part} | {r.status} | {r.seconds:.0f} | {r.budget_s:.0f} | {cell(r.note)} |")
+    lines += ["", "## checks", "", "| part | check | status | value | note |", "|---|---|---|---|---|"]
+    for r in results:
+        for x in r.rows:
+            values = (x.get(k, "") for k in ("part", "check", "status", "value", "note"))
+            lines.append("| " + " | ".join(cell(v) for v in values) + " |")
+    for r in results:
+        if r.tables:
+            lines += ["", f"## {r.part}: benchmark output", "", r.tables]
+    for r in results:
+        if r.tail:
+            lines += ["", f"## {r.part}: output tail ({r.status})", "", "```", r.tail, "```"]
+    return "\n".join(lines) + "\n"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def environment_header(argv: list[str]) -> list[str]:
+    import torch
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
+    return [
+        f"# GPU validation, {datetime.datetime.now():%Y-%m-%d %H:%M}",
+        "",
+        f"device: {device}; torch {torch.__version__} (CUDA {torch.version.cuda}); triton {triton_version}; "
+        f"python {sys.version.split()[0]}",
+        f"command: experiments/gpu/validate.sh {' '.join(argv)}".rstrip(),
+    ]
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    names = [p.name for p in PARTS]
+    ap.add_argument("--parts", nargs="+", choices=names, default=names, help="default: all, in this order")
+    ap.add_argument("--budget", type=float, default=570, help="total seconds (default 570: under 10 minutes)")
+    ap.add_argument("--out", type=Path, default=REPO / "experiments/gpu/results.md")
+    ap.add_argument("--logprob-ns", type=int, nargs="+", default=[4096, 32768], help="token counts N")
+    ap.add_argument("--step-tokens", type=int, default=16384, help="tokens per micro-batch of the 1B steps")
+    ap.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    args = ap.parse_args(argv)
+    if args.budget <= 0:
+        ap.error(f"--budget must be positive, got {args.budget}")
+    return args
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    parts = [p for p in PARTS if p.name in args.parts]
+    notes = plan_notes(parts)
+    if args.dry_run:
+        for p in parts:
+            print(f"{p.name:9s} {p.budget_s:4d} s  python {' '.join(p.argv(args))}")
+        print("\n".join(notes))
+        return 0
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("validate.py: no CUDA device here; these are the GPU-only checks (--dry-run shows the plan)")
+    results = run_parts(parts, args)
+    write_atomic(args.out, render(results, environment_header(argv), notes))
+    print(f"results: {args.out}")
+    return 0 if all(r.status == "pass" for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
