@@ -222,3 +222,71 @@ def test_single_process_run_uses_init_distributed_and_tears_the_group_down(tmp_p
     assert calls == [1] and not dist.is_initialized()
     sets = [json.loads(line) for line in (tmp_path / "sets.jsonl").read_text().splitlines()]
     assert [s["id"] for s in sets] == [0, 1, 2] and all(len(s["rm_scores"]) == 3 for s in sets)
+
+
+class _StandInLLM:
+    """vllm.LLM's generate: per prompt n completions, the first ending on the stop id (kept in token_ids),
+    the second on it too (left out of token_ids, as some vLLM versions do), the third cut at max_tokens."""
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, prompts, params, use_tqdm=True):
+        from types import SimpleNamespace as NS
+
+        self.calls.append((prompts, params))
+        eot, tok = CHAT.tokenizer.eot_id, CHAT.tokenizer
+        outs = []
+        for i, _ in enumerate(prompts):
+            a, b, c = (tok.encode(f"answer {i}.{j}") for j in range(3))
+            outs.append(NS(outputs=[
+                NS(token_ids=(*a, eot), finish_reason="stop", stop_reason=eot),
+                NS(token_ids=tuple(b), finish_reason="stop", stop_reason=eot),
+                NS(token_ids=tuple(c), finish_reason="length", stop_reason=None),
+            ]))  # fmt: skip
+        return outs
+
+
+def test_vllm_engine_renders_prompts_to_ids_and_maps_samples_back():
+    from train.sample import VLLMEngine, score
+
+    llm = _StandInLLM()
+    engine = VLLMEngine(llm, lambda **kw: kw, seed=5)
+    rm = random_model(get_preset("debug"), head="reward", seed=1)
+    records = [{"id": i, "messages": [{"role": "user", "content": f"{i}+{i}="}]} for i in range(2)]
+    sft, pairs, sets = rejection_sample(records, engine, rm, CHAT, 3, 12, None, temperature=0.7, top_p=0.9)
+    ((prompts, params),) = llm.calls  # one call: vLLM batches all prompts itself
+    assert prompts == [
+        {"prompt_token_ids": CHAT.encode_dialog(r["messages"], add_generation_prompt=True).tokens} for r in records
+    ]
+    assert params == dict(
+        n=3, temperature=0.7, top_p=0.9, top_k=-1, max_tokens=12, seed=5,
+        stop_token_ids=list(CHAT.tokenizer.stop_ids), detokenize=False,
+    )  # fmt: skip
+    texts = [[f"answer {i}.{j}" for j in range(3)] for i in range(2)]
+    assert [s["responses"] for s in sets] == texts and [s["id"] for s in sets] == [0, 1]
+    assert all(s["finished"] == [True, True, False] for s in sets)  # the stop id restored on the second
+    expected = score(rm, CHAT, [r["messages"] for r in records], texts)
+    assert [x for s in sets for x in s["rm_scores"]] == pytest.approx([x for e in expected for x in e], abs=1e-6)
+    assert [r["messages"][-1]["content"] for r in sft] == [
+        texts[i][max((0, 1), key=lambda j: expected[i][j])] for i in range(2)
+    ]  # best of the finished samples by the reward model
+
+
+def test_vllm_engine_without_vllm_names_the_install(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+    monkeypatch.setattr(
+        builtins,
+        "__import__",
+        lambda name, *a, **kw: _raise_import(name) if name == "vllm" else real_import(name, *a, **kw),
+    )
+    save_model(random_model(get_preset("debug")), tmp_path / "policy")
+    argv = ["--policy", str(tmp_path / "policy"), "--prompts", str(_prompts(tmp_path)), "--engine", "vllm"]
+    with pytest.raises(SystemExit, match=r"--engine vllm needs vLLM and a CUDA GPU: pip install vllm .*not installed"):
+        sample_main(argv)
+
+
+def _raise_import(name):
+    raise ImportError(f"No module named {name!r}")

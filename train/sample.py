@@ -16,6 +16,13 @@ Every output record holds the generated fields; the prompt record's own fields (
 under "source", so a prompt file that carries e.g. `chosen` or `scores` can never stand in for the
 generated ones. A prompt record's "id" is also copied to the top level: labels join on it.
 Each rank takes every world_size-th prompt; rank 0 writes the files in prompt order.
+
+Engines (`--engine`): "native" (default) samples with llama/generate.py on every rank. "vllm" exports the
+policy to an HF folder (with its tokenizer and chat template) and samples with vLLM (PagedAttention,
+continuous batching; `pip install vllm`, needs a CUDA GPU): the engine to use at 8B+ scale. Run it as
+one process (`python train/sample.py ... --engine vllm`, vLLM spreads over `--tensor-parallel` GPUs
+itself); prompts are rendered to token ids here and the samples mapped back to the same records and
+fields, scored by the reward model(s) as with the native engine.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import tempfile
 from collections.abc import Callable
 
 import torch
@@ -37,7 +46,7 @@ from llama.chat import ChatFormat
 from llama.checkpoint import read_config
 from llama.generate import decode_sample, generate
 from llama.tokenizer import resolve_tokenizer
-from train.distributed import init_distributed
+from train.distributed import Dist, init_distributed
 from train.targets import scores as scores_of
 
 
@@ -58,12 +67,19 @@ def read_prompts(path) -> list[dict]:
 
 @torch.no_grad()
 def sample(policy, chat: ChatFormat, prompts: list[list[dict]], k: int, max_new_tokens: int, batch: int = 64, **kw):
-    """-> texts[p][j], finished[p][j]: K decoded samples per prompt and whether each hit a stop token."""
+    """-> texts[p][j], finished[p][j]: K decoded samples per prompt and whether each hit a stop token.
+    `policy`: the model (native engine), or an engine object with `sample_ids` (VLLMEngine)."""
     tok = chat.tokenizer
     texts, finished = [], []
+    engine = getattr(policy, "sample_ids", None)
+    if engine is not None:  # the engine batches on its own: all prompts at once
+        batch = max(len(prompts), 1)
     for start in range(0, len(prompts), batch):
         ids = [chat.encode_dialog(m, add_generation_prompt=True).tokens for m in prompts[start : start + batch]]
-        out = generate(policy, ids, k, max_new_tokens, tok.stop_ids, pad_id=tok.pad_id, **kw)
+        if engine is not None:
+            out = engine(ids, k, max_new_tokens, tok.stop_ids, **kw)
+        else:
+            out = generate(policy, ids, k, max_new_tokens, tok.stop_ids, pad_id=tok.pad_id, **kw)
         for samples in out:
             texts.append([decode_sample(tok, s) for s in samples])
             finished.append([bool(s) and s[-1] in tok.stop_ids for s in samples])
@@ -109,6 +125,63 @@ def combine_llama2(helpful: float, safety: float, is_safety_prompt: bool, thresh
     r = s if is_safety_prompt or s < threshold else h
     r = min(max(r, 1e-7), 1 - 1e-7)
     return math.log(r / (1 - r))
+
+
+# ----------------------------------------------------------------------------- vLLM engine
+
+VLLM_INSTALL = "--engine vllm needs vLLM and a CUDA GPU: pip install vllm (on a machine with an NVIDIA GPU)"
+
+
+class VLLMEngine:
+    """Sampling with vLLM: K samples per prompt from token ids, as llama.generate.generate returns them.
+
+    `llm` is a vllm.LLM (or a stand-in with the same `generate(prompts, sampling_params)`), and
+    `sampling_params` the SamplingParams class. Seeded per call: the same seed, the same samples.
+    """
+
+    def __init__(self, llm, sampling_params, seed: int):
+        self.llm, self.sampling_params, self.seed = llm, sampling_params, seed
+
+    def sample_ids(self, ids, k, max_new_tokens, stop_ids, temperature=1.0, top_p=1.0, top_k=0, generator=None):
+        """ids[p] (prompt token ids) -> out[p][j]: sample j's token ids, ending with a stop id if it hit one.
+        `generator` is the native engine's; vLLM draws from `seed`."""
+        params = self.sampling_params(
+            n=k, temperature=temperature, top_p=top_p, top_k=top_k if top_k > 0 else -1, max_tokens=max_new_tokens,
+            seed=self.seed, stop_token_ids=list(stop_ids), detokenize=False,
+        )  # fmt: skip
+        results = self.llm.generate([{"prompt_token_ids": p} for p in ids], params, use_tqdm=False)
+        if len(results) != len(ids):
+            raise RuntimeError(f"vLLM returned {len(results)} results for {len(ids)} prompts")
+        return [[_stop_terminated(c, stop_ids) for c in r.outputs] for r in results]
+
+
+def _stop_terminated(completion, stop_ids) -> list[int]:
+    """A vLLM completion's token ids, ending with the stop id that ended it (as the native engine's do):
+    whether vLLM keeps that id in `token_ids` depends on its version."""
+    ids = list(completion.token_ids)
+    if completion.finish_reason == "stop" and (not ids or ids[-1] not in stop_ids):
+        reason = getattr(completion, "stop_reason", None)
+        ids.append(reason if reason in stop_ids else next(iter(stop_ids)))
+    return ids
+
+
+def vllm_engine(policy_dir: str, chat: ChatFormat, seed: int, tensor_parallel: int, export_dir: str) -> VLLMEngine:
+    """Export the policy to an HF folder under export_dir (weights in bf16, tokenizer, chat template) and
+    start vLLM on it. SystemExit naming the install when vLLM or a CUDA GPU is missing."""
+    try:
+        import vllm
+    except ImportError:
+        raise SystemExit(f"error: {VLLM_INSTALL} (vllm is not installed)") from None
+    if not torch.cuda.is_available():
+        raise SystemExit(f"error: {VLLM_INSTALL} (no CUDA GPU is visible)")
+    from llama import save_model
+
+    folder = os.path.join(export_dir, "policy_hf")
+    policy = load_model(policy_dir, head="lm", dtype=torch.bfloat16)
+    save_model(policy, folder, format="hf", tokenizer=chat.tokenizer, chat_template=chat.template)
+    del policy
+    llm = vllm.LLM(model=folder, dtype="bfloat16", seed=seed, tensor_parallel_size=tensor_parallel)
+    return VLLMEngine(llm, vllm.SamplingParams, seed)
 
 
 # ----------------------------------------------------------------------------- annotators
@@ -258,7 +331,7 @@ def main(argv=None):
     ap.add_argument("--rm", help="reward model checkpoint (helpfulness)")
     ap.add_argument("--safety-rm", help="safety reward model, combined as in Llama 2")
     ap.add_argument("--prompts", required=True)
-    ap.add_argument("--tokenizer", help="default: the policy folder's tokenizer.model, else the shipped byte tokenizer")
+    ap.add_argument("--tokenizer", help="file or model folder; default: the policy folder's, else the byte tokenizer")
     ap.add_argument("--k", type=_at_least(1), default=16, help="samples per prompt")
     ap.add_argument("--max-new-tokens", type=_at_least(1), default=256)
     ap.add_argument("--temperature", type=_at_least(0.0, float), default=1.0, help="0: greedy")
@@ -267,6 +340,11 @@ def main(argv=None):
     ap.add_argument("--max-chars", type=_at_least(1))
     ap.add_argument("--annotate", help="rm (default) | verifier:TASK (data/tasks, e.g. arithmetic) | file:labels.jsonl")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--engine", choices=("native", "vllm"), default="native",
+        help="native: llama/generate.py; vllm: vLLM on CUDA GPUs (pip install vllm), the engine for 8B+ models",
+    )  # fmt: skip
+    ap.add_argument("--tensor-parallel", type=_at_least(1), default=1, help="GPUs per vLLM engine (--engine vllm)")
     ap.add_argument("--out-sft")
     ap.add_argument("--out-pairs")
     ap.add_argument("--out-sets")
@@ -276,22 +354,32 @@ def main(argv=None):
 
     try:  # --tokenizer, else the policy folder's, else the byte tokenizer if the vocabularies match
         tokenizer = resolve_tokenizer(args.tokenizer, args.policy, read_config(args.policy)[0].vocab_size)
+        chat = ChatFormat(tokenizer)
     except (ValueError, OSError) as e:
         raise SystemExit(f"--policy {args.policy}: {e}") from None
     check_checkpoints(args, tokenizer.vocab_size)
     records = read_prompts(args.prompts)
     annotate = _annotator(args.annotate)
+    if args.engine == "vllm":
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise SystemExit("error: run --engine vllm as one process (python, not torchrun): vLLM uses GPUs itself")
+        with tempfile.TemporaryDirectory(prefix="vllm_policy_") as export_dir:
+            engine = vllm_engine(args.policy, chat, args.seed, args.tensor_parallel, export_dir)
+            # one process, no process group: vLLM sets up its own workers
+            sample_and_write(args, Dist(0, 1, 0, torch.device("cuda"), None), chat, records, annotate, engine)
+        return
     d = init_distributed()  # one process per GPU (cuda:LOCAL_RANK); a plain `python` run is 1 rank
     try:
-        sample_and_write(args, d, ChatFormat(tokenizer), records, annotate)
+        sample_and_write(args, d, chat, records, annotate)
         dist.barrier()  # no rank tears the group down while another still uses it
     finally:
         dist.destroy_process_group()
 
 
-def sample_and_write(args, d, chat: ChatFormat, records: list[dict], annotate) -> None:
+def sample_and_write(args, d, chat: ChatFormat, records: list[dict], annotate, engine=None) -> None:
+    """`engine`: a VLLMEngine to sample with instead of loading the policy here."""
     dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
-    policy = load_model(args.policy, head="lm", dtype=dtype, device=d.device).eval()
+    policy = engine if engine is not None else load_model(args.policy, head="lm", dtype=dtype, device=d.device).eval()
     rm = load_model(args.rm, head="reward", dtype=dtype, device=d.device).eval() if args.rm else None
     safety = load_model(args.safety_rm, head="reward", dtype=dtype, device=d.device).eval() if args.safety_rm else None
     generator = torch.Generator(d.device).manual_seed(args.seed * 1000 + d.rank)
@@ -299,8 +387,10 @@ def sample_and_write(args, d, chat: ChatFormat, records: list[dict], annotate) -
         records[d.rank :: d.world_size], policy, rm, chat, args.k, args.max_new_tokens, generator, args.temperature,
         args.top_p, args.top_k, safety, annotate, args.max_chars,
     )  # fmt: skip
-    gathered = [None] * d.world_size
-    dist.all_gather_object(gathered, out)
+    gathered = [out]
+    if d.world_size > 1:
+        gathered = [None] * d.world_size
+        dist.all_gather_object(gathered, out)
     if not d.is_main:
         return
     ordered = [None] * len(records)
