@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import tempfile
 import time
@@ -39,16 +40,22 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed(fn, device, repeats):
-    fn()  # warm-up
-    sync(device)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def timed_interleaved(methods, device, repeats, warm_up=True):
+    """[(label, fn, repeats or None)] -> [(label, best time)]: the methods take turns, one run each per
+    round, so that load from other jobs on the machine falls on all of them alike."""
+    for _, fn, _ in methods if warm_up else ():
         fn()
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
+    sync(device)
+    best = {label: float("inf") for label, _, _ in methods}
+    for r in range(repeats):
+        for label, fn, n in methods:
+            if n is not None and r >= n:
+                continue
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            best[label] = min(best[label], time.perf_counter() - t0)
+    return [(label, best[label]) for label, _, _ in methods]
 
 
 def bench_size(name, args, device, dtype):
@@ -101,11 +108,10 @@ def bench_size(name, args, device, dtype):
             for _ in range(K):
                 generate(model, [p], num_samples=1, **kw)
 
-    rows = [
-        ("ours: fan-out", timed(fanout, device, args.repeats)),
-        ("ours: no fan-out", timed(no_fanout, device, args.repeats)),
-        ("ours: naive per-sample", timed(naive, device, 1)),
-    ]
+    methods = [("ours: fan-out", fanout, None)]
+    if not args.quick:
+        methods.append(("ours: no fan-out", no_fanout, None))
+        methods.append(("ours: naive per-sample", naive, 1))
     try:
         from transformers import LlamaForCausalLM
 
@@ -127,9 +133,10 @@ def bench_size(name, args, device, dtype):
                 )  # fmt: skip
             assert out.shape == (P * K, L + new)
 
-        rows.append(("HF generate", timed(hf_generate, device, args.repeats)))
+        methods.append(("HF generate", hf_generate, None))
     except ImportError:
-        rows.append(("HF generate (transformers not installed)", float("nan")))
+        print("HF generate: transformers is not installed, left out")
+    rows = timed_interleaved(methods, device, args.repeats, warm_up=not args.quick)
 
     n_tokens = P * K * new
     ref = rows[0][1]
@@ -231,6 +238,9 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--quick", action="store_true", help="only ours (fan-out) against HF generate, no warm-up runs (a loaded CPU)"
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", help="append the table to this markdown file")
     ap.add_argument("--profile", action="store_true", help="instead: the share of each part of the decode loop (CPU)")
@@ -246,6 +256,8 @@ def main():
         f"## generate benchmark, {datetime.date.today()}\n\ndevice: {hw}; torch {torch.__version__}\n"
         f"command: python experiments/bench/generate.py --sizes {' '.join(args.sizes)} --prompts {args.prompts} "
         f"--samples {args.samples} --prompt-len {args.prompt_len} --new {args.new}"
+        f"{' --profile' if args.profile else ''}{' --quick' if args.quick else ''} --repeats {args.repeats}\n"
+        f"load average at start (1, 5, 15 min): {', '.join(f'{x:.1f}' for x in os.getloadavg())}"
     )
     print(header)
     tables = [header]
