@@ -1,1 +1,2 @@
-"""Data: record schemas, rows (packing, targets), the loader, and tasks for the pipeline."""
+"""Data: reading files (records), record schemas, rows (encoding, packing, targets), the tokenized cache
+(prepare, cache), the loader, and tasks for the pipeline."""

@@ -1,61 +1,40 @@
-"""Reading records, and the deterministic, resumable, rank-sharded loader.
+"""Examples from data files, and the deterministic, resumable, rank-sharded loader.
 
-`load_examples(path, kind, ...)` reads JSONL (or Parquet, with pyarrow), validates each record,
-encodes it into an `Example` and prints a report of everything skipped, dropped or truncated.
+Two ways to the same examples:
+- `load_examples(path, kind, ...)`: read, validate and encode a file into a list of Examples in
+  memory (tests, benchmarks, small sets); prints a report of everything skipped, dropped, truncated.
+- the tokenized cache (data/prepare.py, data/cache.py): the same encoding done once, by rank 0 in
+  parallel processes, into memory-mapped arrays that every rank maps. `build_loaders` uses it unless
+  `data.cache: false`.
 
 `DataLoader` yields one `Step` per optimizer step: this rank's micro-batches plus the global
 counts (targets, sequences, pairs) that losses divide by, so that neither gradient accumulation
-nor world size changes the loss. Every rank computes the packing of every rank (cheap) so that
-all ranks run the same number of micro-batches, as FSDP requires; a rank with fewer gets empty
-ones. Order: a permutation per epoch from (seed, epoch); `state_dict()` is (epoch, step).
-Training drops each epoch's last partial batch; `eval_steps()` covers every example exactly once.
+nor world size changes the loss. Every rank plans the packing of every rank from the example
+lengths alone (data/rows.py `plan`), so that all ranks run the same number of micro-batches, as
+FSDP requires (a rank with fewer gets empty ones), and then reads only its own examples' tokens.
+Order: a permutation per epoch from (seed, epoch); `state_dict()` is (epoch, step). Training drops
+each epoch's last partial batch; `eval_steps()` covers every example exactly once.
+
+Mixtures (`data.train: [{path: a.jsonl, weight: 2}, {path: b.parquet, weight: 0.5}]`): a weight is
+how many times per epoch a file's examples are seen. Each epoch takes every example of a file
+floor(weight) times, plus a sample without replacement of the rest, drawn anew each epoch from
+(seed, epoch, file), so that the file contributes round(weight * examples) to the epoch; the epoch is
+then shuffled as a whole. Weight 1 everywhere: the files end to end, each example once per epoch.
 """
 
 from __future__ import annotations
 
-import json
 import random
 from collections import Counter
 from dataclasses import dataclass, replace
-from pathlib import Path
 
-from data.rows import OVERLENGTH, Batch, Example, collate, encode_preference, encode_sft, pack
-from data.schema import STRENGTHS, ValidationError, parse_preference, parse_sft
+import numpy as np
+
+from data.cache import TokenizedData
+from data.prepare import on_rank0, prepare_config
+from data.records import read_records, train_sources
+from data.rows import Batch, EncodeOptions, Example, collate, encode_record, plan
 from llama.chat import ChatFormat
-
-KINDS = ("sft", "rm", "dpo")
-
-
-def read_records(path):
-    """Yield (where, obj) from a .jsonl/.json-lines or .parquet file; where = 'file:line'."""
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"data file {path} is a directory; give a .jsonl or .parquet file")
-    if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        for i, obj in enumerate(pq.read_table(path).to_pylist(), 1):
-            yield f"{path}:{i}", obj
-        return
-    with open(path, "rb") as f:  # bytes, decoded per line: a bad byte is one bad record, not a crash
-        for lineno, raw in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                bad = raw[e.start : e.start + 1].hex()
-                yield where, ValidationError(f"{where}: encoding: not UTF-8 (byte 0x{bad} at byte {e.start + 1})")
-                continue
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield where, ValidationError(f"{where}: json: malformed JSON ({e.msg} at column {e.colno})")
-                continue
-            yield where, obj
 
 
 def load_examples(
@@ -71,39 +50,12 @@ def load_examples(
     train_on_prompt: bool = False,
     one_row: bool = True,
 ) -> tuple[list[Example], Counter]:
-    """Read, validate and encode a file. kind: sft | rm (responses shuffled) | dpo (best vs worst)."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown data kind {kind!r}; expected one of {KINDS}")
-    if overlength not in OVERLENGTH:
-        raise ValueError(f"overlength must be one of {OVERLENGTH}, got {overlength!r}")
-    if keep_strengths is not None and (
-        not isinstance(keep_strengths, (list, tuple)) or any(s not in STRENGTHS for s in keep_strengths)
-    ):  # a typo would otherwise filter out every record
-        raise ValueError(
-            f"data.keep_strengths must be a list of known strengths ({', '.join(STRENGTHS)}), got {keep_strengths!r}"
-        )
+    """Read, validate and encode a data path in memory. kind: sft | rm (responses shuffled) | dpo (best vs worst)."""
+    opts = EncodeOptions(kind, max_len, overlength, skip_invalid, keep_strengths, seed, train_on_prompt, one_row)
     report, examples = Counter(), []
     for index, (where, obj) in enumerate(read_records(path)):
         report["records"] += 1
-        try:
-            if isinstance(obj, ValidationError):
-                raise obj
-            record = parse_sft(obj, where) if kind == "sft" else parse_preference(obj, where)
-        except ValidationError as e:
-            if not skip_invalid:
-                raise
-            report[f"skipped invalid: {str(e).split(': ', 2)[1]}"] += 1
-            continue
-        if kind == "sft":
-            ex = encode_sft(record, chat, max_len, overlength, report, train_on_prompt)
-        else:
-            if keep_strengths is not None and record.strength not in keep_strengths:
-                report[f"filtered: strength {record.strength}"] += 1
-                continue
-            shuffle = seed * 1_000_003 + index if kind == "rm" else None
-            ex = encode_preference(
-                record, chat, max_len, overlength, report, shuffle, 2 if kind == "dpo" else None, one_row
-            )
+        ex = encode_record(obj, where, index, opts, chat, report)
         if ex is not None:
             ex.uid = len(examples)
             examples.append(ex)
@@ -111,6 +63,61 @@ def load_examples(
     if verbose:
         print(f"{path}: " + ", ".join(f"{k} {v}" for k, v in report.items()))
     return examples, report
+
+
+# ----------------------------------------------------------------------------- datasets
+# What the loader reads: `lengths`, `num_targets`, `num_pairs`, `num_best` (one entry per example),
+# len() and data[i] -> Example. TokenizedData (data/cache.py) is one; these are the others.
+
+
+class InMemory:
+    """A list of Examples."""
+
+    def __init__(self, examples: list[Example]):
+        self.examples = examples
+        self.lengths = np.array([len(e) for e in examples], dtype=np.int64)
+        self.num_targets = np.array([len(e.targets) for e in examples], dtype=np.int64)
+        self.num_pairs = np.array([len(e.seqs) * (len(e.seqs) - 1) // 2 for e in examples], dtype=np.int64)
+        self.num_best = np.array([sum(t.seq == 0 for t in e.targets) for e in examples], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> Example:
+        return self.examples[i]
+
+
+class Concat:
+    """Several datasets end to end (a mixture's files); an example's uid is its index over all of them."""
+
+    def __init__(self, parts: list):
+        self.parts = parts
+        self.starts = np.cumsum([0] + [len(p) for p in parts])
+        for name in ("lengths", "num_targets", "num_pairs", "num_best"):
+            setattr(self, name, np.concatenate([getattr(p, name) for p in parts]))
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, i: int) -> Example:
+        k = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return replace(self.parts[k][i - int(self.starts[k])], uid=i)
+
+
+def as_dataset(examples):
+    return examples if hasattr(examples, "lengths") else InMemory(examples)
+
+
+def epoch_examples(mixture: list[tuple[int, float]], seed: int, epoch: int) -> list[int]:
+    """One epoch's example indices, before shuffling: file f (its `n` examples after the previous
+    files') floor(w) times, plus round(w * n) - floor(w) * n of them sampled from (seed, epoch, f)."""
+    out, start = [], 0
+    for f, (n, w) in enumerate(mixture):
+        ids = range(start, start + n)
+        extra = round(w * n) - int(w) * n
+        out += list(ids) * int(w) + random.Random(f"{seed}:{epoch}:{f}").sample(ids, extra)
+        start += n
+    return out
 
 
 @dataclass
@@ -121,24 +128,10 @@ class Step:
     num_best_targets: int  # targets of the best-ranked sequences (DPO: chosen tokens)
 
 
-def _num_pairs(ex: Example) -> int:
-    n = len(ex.seqs)
-    return n * (n - 1) // 2
-
-
-def _counts(exs: list[Example]) -> dict:
-    """The counts a Step's losses divide by."""
-    return dict(
-        num_targets=sum(len(e.targets) for e in exs),
-        num_pairs=sum(_num_pairs(e) for e in exs),
-        num_best_targets=sum(1 for e in exs for t in e.targets if t.seq == 0),  # seq 0 is the best
-    )
-
-
 class DataLoader:
     def __init__(
         self,
-        examples: list[Example],
+        examples,
         batch_size: int,
         max_len: int,
         tokens_per_microbatch: int,
@@ -148,53 +141,73 @@ class DataLoader:
         shuffle: bool = True,
         pad_id: int = 0,
         drop_last: bool = True,
+        mixture: list[tuple[int, float]] | None = None,
     ):
-        """batch_size: examples per optimizer step, over all ranks.
+        """examples: a list of Examples or a dataset (TokenizedData, Concat). batch_size: examples per
+        optimizer step, over all ranks. mixture: (examples, weight) of each file, in order (default:
+        one file, weight 1).
 
         drop_last=False (evaluation): the last partial batch is kept, so a set smaller than a batch,
         or than the number of ranks (those without an example run empty micro-batches), is fine."""
+        data = as_dataset(examples)
+        mixture = mixture or [(len(data), 1.0)]
+        epoch_size = sum(round(w * n) for n, w in mixture)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if not examples:
+        if not len(data):
             raise ValueError("no examples")
+        if sum(n for n, _ in mixture) != len(data):
+            raise ValueError(f"the mixture's files hold {sum(n for n, _ in mixture)} examples, the data {len(data)}")
         if drop_last and batch_size < world_size:
             raise ValueError(f"batch_size {batch_size} is smaller than world_size {world_size}")
-        if drop_last and len(examples) < batch_size:
-            raise ValueError(f"{len(examples)} examples are fewer than one batch of {batch_size}")
-        self.examples, self.batch_size, self.max_len = examples, batch_size, max_len
+        if drop_last and epoch_size < batch_size:
+            raise ValueError(f"{epoch_size} examples are fewer than one batch of {batch_size}")
+        self.examples, self.data, self.mixture, self.epoch_size = examples, data, mixture, epoch_size
+        self.batch_size, self.max_len = batch_size, max_len
         self.tokens_per_microbatch, self.rank, self.world_size = tokens_per_microbatch, rank, world_size
         self.seed, self.shuffle, self.pad_id, self.drop_last = seed, shuffle, pad_id, drop_last
         self.epoch, self.step = 0, 0
-        self._order: tuple[int | None, list[int]] = (None, [])
+        self._order: tuple[int | None, np.ndarray] = (None, np.empty(0, dtype=np.int64))
 
     @property
     def steps_per_epoch(self) -> int:
-        n = len(self.examples)
+        n = self.epoch_size
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def order(self, epoch: int) -> list[int]:
+    def order(self, epoch: int) -> np.ndarray:
         if self._order[0] != epoch:  # one permutation per epoch, computed once
-            idx = list(range(len(self.examples)))
+            idx = epoch_examples(self.mixture, self.seed, epoch)
             if self.shuffle:
                 random.Random(self.seed * 1_000_003 + epoch).shuffle(idx)
-            self._order = (epoch, idx)
+            self._order = (epoch, np.array(idx, dtype=np.int64))
         return self._order[1]
+
+    def _counts(self, ids: np.ndarray) -> dict:
+        """The counts a Step's losses divide by."""
+        d = self.data
+        return dict(
+            num_targets=int(d.num_targets[ids].sum()),
+            num_pairs=int(d.num_pairs[ids].sum()),
+            num_best_targets=int(d.num_best[ids].sum()),
+        )
 
     def build_step(self, epoch: int, step: int) -> Step:
         ids = self.order(epoch)[step * self.batch_size : (step + 1) * self.batch_size]
-        per_rank = [[self.examples[i] for i in ids[r :: self.world_size]] for r in range(self.world_size)]
-        packed = [pack(exs, self.max_len, self.tokens_per_microbatch, self.pad_id) for exs in per_rank]
-        mine = packed[self.rank]
-        n_micro = max(len(p) for p in packed)
-        mine += [collate([[]], self.pad_id)] * (n_micro - len(mine))  # empty: no targets, no sequences
-        return Step(mine, **_counts([self.examples[i] for i in ids]))
+        shares = [ids[r :: self.world_size] for r in range(self.world_size)]
+        plans = [plan(self.data.lengths[s], self.max_len, self.tokens_per_microbatch) for s in shares]
+        mine = shares[self.rank]  # only this rank's examples are read
+        batches = [
+            collate([[self.data[int(mine[j])] for j in row] for row in rows], self.pad_id) for rows in plans[self.rank]
+        ]
+        batches += [collate([[]], self.pad_id)] * (max(map(len, plans)) - len(batches))  # no targets, no sequences
+        return Step(batches, **self._counts(ids))
 
     def eval_steps(self):
         """Every example exactly once (epoch 0's order, the last step partial). Each step carries the
         counts of the whole set, so the micro-batch losses of all steps and ranks sum to the loss of
         the whole set as one batch, whatever the batch size, world size or partial last step."""
-        whole = _counts(self.examples)
-        for i in range(-(-len(self.examples) // self.batch_size)):
+        whole = self._counts(np.arange(len(self.data)))
+        for i in range(-(-len(self.data) // self.batch_size)):
             yield replace(self.build_step(0, i), **whole)
 
     def __iter__(self):
@@ -214,28 +227,62 @@ class DataLoader:
         self.epoch, self.step = state["epoch"], state["step"]
 
 
+# ----------------------------------------------------------------------------- from a config
+
+
+def _cached(dc, kind: str, chat: ChatFormat, rank: int, world_size: int, verbose: bool, **encode_kw):
+    """Rank 0 finds or builds every cache the config needs while the other ranks wait; all map them."""
+    folders, eval_folder = on_rank0(lambda: prepare_config(dc, kind, chat, verbose, **encode_kw), rank, world_size)
+    parts = [TokenizedData(f) for f in folders]
+    evaluation = TokenizedData(eval_folder) if eval_folder else None
+    for data in [*parts, evaluation] if evaluation else parts:
+        if verbose:
+            print(f"{data.source}: " + ", ".join(f"{k} {v}" for k, v in data.report.items()) + f" [{data.folder}]")
+    return parts, evaluation
+
+
+def _in_memory(dc, kind: str, chat: ChatFormat, verbose: bool, **encode_kw):
+    kw = dict(kind=kind, chat=chat, max_len=dc.max_len, overlength=dc.overlength, skip_invalid=dc.skip_invalid)
+    kw.update(keep_strengths=dc.keep_strengths, verbose=verbose, **encode_kw)
+    parts = [InMemory(load_examples(path, seed=dc.seed, **kw)[0]) for path, _ in train_sources(dc.train)]
+    evaluation = InMemory(load_examples(dc.eval, seed=dc.seed + 1, **kw)[0]) if dc.eval else None
+    return parts, evaluation
+
+
 def build_loaders(
     dc, kind: str, chat: ChatFormat, rank: int = 0, world_size: int = 1, verbose: bool = True, **encode_kw
 ):
     """Train and (optional) eval loaders for this rank from a config's data section `dc`
-    (train/config.py DataSection); the load reports are printed when `verbose`."""
-    kw = dict(kind=kind, chat=chat, max_len=dc.max_len, overlength=dc.overlength, skip_invalid=dc.skip_invalid)
-    kw.update(keep_strengths=dc.keep_strengths, verbose=verbose, **encode_kw)
-    loader_kw = dict(
-        max_len=dc.max_len, tokens_per_microbatch=dc.tokens_per_microbatch, rank=rank, world_size=world_size
-    )
-    loader_kw["pad_id"] = chat.tokenizer.pad_id
-    train_examples, _ = load_examples(dc.train, seed=dc.seed, **kw)
-    if len(train_examples) < dc.batch_size:
+    (train/config.py DataSection); the load reports are printed when `verbose`.
+    encode_kw: the entry point's encoding options (train_on_prompt, one_row)."""
+    if dc.batch_size < world_size:  # before any tokenizing
         raise ValueError(
-            f"data.train {dc.train}: {len(train_examples) or 'no'} examples (after the drops reported above), "
+            f"data.batch_size={dc.batch_size} is smaller than the number of ranks ({world_size}): each rank "
+            "needs at least one example per step"
+        )
+    sources = train_sources(dc.train)
+    if dc.cache:
+        parts, evaluation = _cached(dc, kind, chat, rank, world_size, verbose, **encode_kw)
+    else:
+        parts, evaluation = _in_memory(dc, kind, chat, verbose, **encode_kw)
+    mixture = [(len(p), w) for p, (_, w) in zip(parts, sources)]
+    per_epoch = [round(w * n) for n, w in mixture]
+    if verbose and len(sources) > 1:
+        for (path, w), (n, _), k in zip(sources, mixture, per_epoch):
+            print(f"data.train mixture: {path}: {n} examples x weight {w:g} = {k} per epoch ({k / sum(per_epoch):.1%})")
+    if sum(per_epoch) < dc.batch_size:
+        name = dc.train if isinstance(dc.train, str) else ", ".join(p for p, _ in sources)
+        what = "examples" if len(sources) == 1 else "examples per epoch"
+        raise ValueError(
+            f"data.train {name}: {sum(per_epoch) or 'no'} {what} (after the drops reported above), "
             f"fewer than one batch of data.batch_size={dc.batch_size}"
         )
-    train = DataLoader(train_examples, dc.batch_size, seed=dc.seed, **loader_kw)
-    evaluation = None
-    if dc.eval:
-        eval_examples, _ = load_examples(dc.eval, seed=dc.seed + 1, **kw)
-        if not eval_examples:
-            raise ValueError(f"data.eval {dc.eval}: no examples (after the drops reported above)")
-        evaluation = DataLoader(eval_examples, dc.batch_size, shuffle=False, drop_last=False, **loader_kw)
-    return train, evaluation
+    loader_kw = dict(max_len=dc.max_len, tokens_per_microbatch=dc.tokens_per_microbatch, rank=rank)
+    loader_kw.update(world_size=world_size, pad_id=chat.tokenizer.pad_id)
+    data = parts[0] if len(parts) == 1 else Concat(parts)
+    train = DataLoader(data, dc.batch_size, seed=dc.seed, mixture=mixture, **loader_kw)
+    if evaluation is None:
+        return train, None
+    if not len(evaluation):
+        raise ValueError(f"data.eval {dc.eval}: no examples (after the drops reported above)")
+    return train, DataLoader(evaluation, dc.batch_size, shuffle=False, drop_last=False, **loader_kw)

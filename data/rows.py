@@ -8,8 +8,12 @@ continue from the end of the prompt, so each response sees only the prompt and i
 Targets are listed, not shifted: each one names the index of the hidden state that predicts it
 (the previous token of its branch; for a response's first token, the prompt's last token).
 
+`encode_record` is the one way from a record (data/records.py) to an Example, for the in-memory
+path (data/loader.py `load_examples`) and the tokenized cache (data/prepare.py) alike.
+
 Rows hold several examples, one doc id each (padding: PAD_DOC). A micro-batch is up to
-`tokens_per_microbatch // max_len` rows, filled first-fit in order.
+`tokens_per_microbatch // max_len` rows, filled first-fit in order. `plan` decides that packing from
+the lengths alone, so a loader can pack every rank's share without reading any tokens.
 """
 
 from __future__ import annotations
@@ -21,10 +25,11 @@ from typing import NamedTuple
 
 import torch
 
-from data.schema import STRENGTHS, PreferenceRecord, SFTRecord
+from data.schema import STRENGTHS, Drop, PreferenceRecord, SFTRecord, ValidationError, parse_preference, parse_sft
 from llama.chat import ChatFormat, EncodedDialog
 from llama.model import PAD_DOC
 
+KINDS = ("sft", "rm", "dpo")
 OVERLENGTH = ("truncate", "drop")
 
 
@@ -234,27 +239,108 @@ def build_group(prompt: EncodedDialog, responses: list[EncodedDialog], order: li
     return ex
 
 
+# ----------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    """Everything that decides how a record becomes an Example (part of the tokenized cache's key)."""
+
+    kind: str  # sft | rm (responses shuffled) | dpo (best vs worst)
+    max_len: int
+    overlength: str = "truncate"
+    skip_invalid: bool = False
+    keep_strengths: tuple[str, ...] | None = None  # preference data: keep only these strengths
+    seed: int = 0  # RM: the response shuffle
+    train_on_prompt: bool = False  # SFT: every token a target
+    one_row: bool = True  # preference data: [prompt][responses...] (false: a prompt copy per response)
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown data kind {self.kind!r}; expected one of {KINDS}")
+        if self.overlength not in OVERLENGTH:
+            raise ValueError(f"overlength must be one of {OVERLENGTH}, got {self.overlength!r}")
+        keep = self.keep_strengths
+        if keep is not None and (not isinstance(keep, (list, tuple)) or any(s not in STRENGTHS for s in keep)):
+            raise ValueError(  # a typo would otherwise filter out every record
+                f"data.keep_strengths must be a list of known strengths ({', '.join(STRENGTHS)}), got {keep!r}"
+            )
+        if keep is not None:
+            object.__setattr__(self, "keep_strengths", tuple(keep))
+
+    def key(self) -> dict:
+        """The options that change the examples (the seed only shuffles RM responses)."""
+        out = {k: v for k, v in vars(self).items() if k != "seed"}
+        return {**out, "seed": self.seed} if self.kind == "rm" else out
+
+
+def _check_turns(record, chat: ChatFormat, where: str) -> None:
+    """Turns the chat format cannot write (tool turns in the 3.1 format) are the record's error."""
+    parts = {"messages": record.messages or []} if isinstance(record, SFTRecord) else {"prompt": record.prompt}
+    parts |= {f"responses[{i}]": r for i, r in enumerate(getattr(record, "responses", []))}
+    for fld, messages in parts.items():
+        try:
+            chat.check_messages(messages)
+        except ValueError as e:
+            raise ValidationError(f"{where}: {fld}: {e}") from None
+
+
+def encode_record(obj, where: str, index: int, opts: EncodeOptions, chat: ChatFormat, report: Counter):
+    """One record (or the ValidationError read in its place) -> Example, or None with the reason counted
+    in `report`. index: the record's number in its data path (seeds the RM response shuffle)."""
+    try:
+        if isinstance(obj, ValidationError):
+            raise obj
+        record = parse_sft(obj, where) if opts.kind == "sft" else parse_preference(obj, where)
+        _check_turns(record, chat, where)
+    except ValidationError as e:
+        if not opts.skip_invalid:
+            raise
+        report[f"skipped invalid: {str(e).split(': ', 2)[1]}"] += 1
+        return None
+    except Drop as e:  # well-formed, nothing to train on (e.g. tied scores)
+        report[f"dropped: {e}"] += 1
+        return None
+    if opts.kind == "sft":
+        return encode_sft(record, chat, opts.max_len, opts.overlength, report, opts.train_on_prompt)
+    if opts.keep_strengths is not None and record.strength not in opts.keep_strengths:
+        report[f"filtered: strength {record.strength}"] += 1
+        return None
+    shuffle = opts.seed * 1_000_003 + index if opts.kind == "rm" else None
+    max_responses = 2 if opts.kind == "dpo" else None
+    return encode_preference(record, chat, opts.max_len, opts.overlength, report, shuffle, max_responses, opts.one_row)
+
+
 # ----------------------------------------------------------------------------- packing
+
+
+def plan(lengths, max_len: int, tokens_per_microbatch: int) -> list[list[list[int]]]:
+    """First-fit packing from lengths alone: micro-batches -> rows -> positions in `lengths`.
+    Each example goes to the first row of the current micro-batch with room, else a new row."""
+    rows_per_batch = max(1, tokens_per_microbatch // max_len)
+    batches, rows, fill = [], [], []
+    for i, n in enumerate(map(int, lengths)):
+        if n > max_len:
+            raise ValueError(f"example of {n} tokens exceeds max_len {max_len}")
+        r = next((k for k, used in enumerate(fill) if used + n <= max_len), None)
+        if r is None:
+            if len(rows) == rows_per_batch:
+                batches.append(rows)
+                rows, fill = [], []
+            rows.append([])
+            fill.append(0)
+            r = len(rows) - 1
+        rows[r].append(i)
+        fill[r] += n
+    if rows:
+        batches.append(rows)
+    return batches
 
 
 def pack(examples: list[Example], max_len: int, tokens_per_microbatch: int, pad_id: int = 0, pad_multiple: int = 8):
     """Pack examples (in order, first-fit) into rows of <= max_len, rows into micro-batches."""
-    rows_per_batch = max(1, tokens_per_microbatch // max_len)
-    batches, rows = [], []  # rows: list of lists of examples
-    for ex in examples:
-        if len(ex) > max_len:
-            raise ValueError(f"example of {len(ex)} tokens exceeds max_len {max_len}")
-        row = next((r for r in rows if sum(map(len, r)) + len(ex) <= max_len), None)
-        if row is None:
-            if len(rows) == rows_per_batch:
-                batches.append(collate(rows, pad_id, pad_multiple))
-                rows = []
-            row = []
-            rows.append(row)
-        row.append(ex)
-    if rows:
-        batches.append(collate(rows, pad_id, pad_multiple))
-    return batches
+    batches = plan([len(ex) for ex in examples], max_len, tokens_per_microbatch)
+    return [collate([[examples[i] for i in row] for row in rows], pad_id, pad_multiple) for rows in batches]
 
 
 def collate(rows: list[list[Example]], pad_id: int = 0, pad_multiple: int = 8) -> Batch:

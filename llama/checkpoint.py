@@ -7,6 +7,9 @@ Formats (told apart by the files in the directory):
   `*.safetensors` in the folder cannot override tensors.
 - hf: `config.json` (LlamaForCausalLM / LlamaForSequenceClassification) + safetensors with HF
   names; HF stores q/k rows permuted for its rotate-half RoPE, which we undo on import.
+  Given the tokenizer (and chat template), an HF save also writes what transformers needs to use the
+  folder on its own (`tokenizer_files`): tokenizer.json, tokenizer_config.json with the chat template,
+  special_tokens_map.json, generation_config.json, and the token ids in config.json.
 - meta: `params.json` + `consolidated.NN.pth` model-parallel shards (read with weights_only=True).
 
 Loading builds the model on the meta device and assigns the loaded tensors by name, so the
@@ -28,8 +31,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from llama.chat import jinja_template
 from llama.config import ModelConfig, RopeScaling
 from llama.model import Transformer
+from llama.tokenizer import SentencePieceTokenizer, Tokenizer, hf_tokenizer_json
 
 NATIVE = "llama-native"
 MAX_SHARD_BYTES = 5 * 2**30
@@ -147,7 +152,7 @@ def config_from_hf(hf: dict, source: str = "config.json") -> tuple[ModelConfig, 
     return cfg, "reward" if arch == "LlamaForSequenceClassification" else "lm"
 
 
-def config_to_hf(cfg: ModelConfig, head: str, dtype: torch.dtype) -> dict:
+def config_to_hf(cfg: ModelConfig, head: str, dtype: torch.dtype, tokenizer: Tokenizer | None = None) -> dict:
     hf = {
         "architectures": [_HF_ARCH[head]],
         "model_type": "llama",
@@ -177,11 +182,65 @@ def config_to_hf(cfg: ModelConfig, head: str, dtype: torch.dtype) -> dict:
             "high_freq_factor": s.high_freq_factor,
             "original_max_position_embeddings": s.original_max_seq_len,
         }
-    if cfg.vocab_size == 128256:  # the Llama 3 tokenizer's special tokens
-        hf.update(bos_token_id=128000, eos_token_id=[128001, 128008, 128009])
+    if tokenizer is not None:
+        hf.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.stop_ids, pad_token_id=tokenizer.pad_id)
+    elif cfg.vocab_size == 128256:  # no tokenizer given: the Llama 3 tokenizer's special tokens
+        hf.update(bos_token_id=128000, eos_token_id=[128001, 128008, 128009], pad_token_id=128004)
     if head == "reward":
+        # transformers scores a sequence at its last token that is not pad_token_id: without one it
+        # refuses batches of more than one sequence
         hf.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
     return hf
+
+
+def tokenizer_files(tokenizer: Tokenizer, chat_template: str | None, format: str) -> dict[str, bytes]:
+    """The tokenizer files of a checkpoint folder: name -> content.
+
+    A tiktoken (byte-level BPE) tokenizer: tokenizer.json, tokenizer_config.json (bos, eos = <|eot_id|>
+    as in Meta's Instruct folders, pad = <|finetune_right_pad_id|>, and the Jinja chat template of
+    `chat_template` if given), special_tokens_map.json; "hf" adds generation_config.json (stop ids: the
+    end of turn, of message and of text). llama.tokenizer reads tokenizer.json back, so a native folder
+    holds the same files. A SentencePiece tokenizer has no tokenizer.json form: its tokenizer.model is
+    copied, with the chat template as chat_template.jinja (transformers would treat it as Llama 2's)."""
+    template = {"chat_template": jinja_template(chat_template)} if chat_template else {}
+    if isinstance(tokenizer, SentencePieceTokenizer):
+        files = {"tokenizer.model": tokenizer.path.read_bytes()}
+        if chat_template:
+            files["chat_template.jinja"] = template["chat_template"].encode()
+        return files
+    names = {i: s for s, i in tokenizer.special_tokens.items()}
+    special = {
+        "bos_token": names[tokenizer.bos_id],
+        "eos_token": names[tokenizer.eot_id],
+        "pad_token": names[tokenizer.pad_id],
+    }
+    config = {
+        "added_tokens_decoder": {
+            str(i): {
+                "content": s,
+                "lstrip": False,
+                "normalized": False,
+                "rstrip": False,
+                "single_word": False,
+                "special": True,
+            }
+            for i, s in sorted(names.items())
+        },
+        **special,
+        **template,
+        "clean_up_tokenization_spaces": False,  # decode exactly as tiktoken does
+        "model_input_names": ["input_ids", "attention_mask"],
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }
+    files = {
+        "tokenizer.json": json.dumps(hf_tokenizer_json(tokenizer), ensure_ascii=False),
+        "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False),
+        "special_tokens_map.json": json.dumps(special, indent=2),
+    }
+    if format == "hf":
+        ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.stop_ids, "pad_token_id": tokenizer.pad_id}
+        files["generation_config.json"] = json.dumps(ids, indent=2)
+    return {name: text.encode() for name, text in files.items()}
 
 
 def config_from_meta(params: dict, source: str = "params.json") -> ModelConfig:
@@ -401,11 +460,16 @@ def load_model(
     return model
 
 
-def _shard_plan(state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[tuple[str, list[str]]]:
+def _nbytes(t: torch.Tensor, dtype: torch.dtype) -> int:
+    """Bytes of `t` once written (cast to `dtype` if floating point)."""
+    return t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size())
+
+
+def _shard_plan(state: dict[str, torch.Tensor], max_shard_bytes: int, dtype) -> list[tuple[str, list[str]]]:
     """-> [(file name, tensor names)]: model.safetensors, or model-0000k-of-0000n.safetensors."""
     shards, size = [[]], 0
     for name, t in state.items():
-        nbytes = t.numel() * t.element_size()
+        nbytes = _nbytes(t, dtype)
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
@@ -416,21 +480,30 @@ def _shard_plan(state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[tu
     return [(f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors", names) for i, names in enumerate(shards)]
 
 
-def _write_files(directory: Path, state: dict, cfg: dict, max_shard_bytes: int, index: bool) -> set[str]:
-    """Write the weight files, the index (if sharded or `index`) and config.json into `directory`.
+def _write_files(
+    directory: Path, state: dict, cfg: dict, max_shard_bytes: int, index: bool, dtype, extra: dict[str, bytes]
+) -> set[str]:
+    """Write the weight files (cast to `dtype` one shard at a time), the index (if sharded or `index`),
+    the `extra` files and config.json into `directory`.
 
     Each is written under a temp name first; all are then renamed into place, config.json last.
     -> the names written."""
-    plan = _shard_plan(state, max_shard_bytes)
+    plan = _shard_plan(state, max_shard_bytes, dtype)
     tag = uuid.uuid4().hex[:8]
     pending = []  # (temp path, final path)
     try:
         for file, names in plan:
             tmp = directory / f".{file}.tmp-{tag}"
             pending.append((tmp, directory / file))
-            save_file({n: state[n].contiguous() for n in names}, str(tmp), metadata={"format": "pt", "writer": WRITER})
+            shard = {n: _cast(state[n], dtype).contiguous() for n in names}
+            save_file(shard, str(tmp), metadata={"format": "pt", "writer": WRITER})
+            del shard
+        for file, content in extra.items():
+            tmp = directory / f".{file}.tmp-{tag}"
+            pending.append((tmp, directory / file))
+            tmp.write_bytes(content)
         if index or len(plan) > 1:
-            total = sum(t.numel() * t.element_size() for t in state.values())
+            total = sum(_nbytes(t, dtype) for t in state.values())
             weight_map = {n: file for file, names in plan for n in names}
             tmp = directory / f".{INDEX}.tmp-{tag}"
             pending.append((tmp, directory / INDEX))
@@ -507,23 +580,47 @@ def check_destination(path) -> None:
         )
 
 
+def state_dtype(state: dict) -> torch.dtype:
+    """The dtype of a state dict's floating-point tensors (what a checkpoint records as its dtype)."""
+    return next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(dtype) if t.is_floating_point() else t
+
+
 def save_checkpoint(
-    state, config: ModelConfig, head: str, path, format: str = "native", max_shard_bytes=MAX_SHARD_BYTES
+    state,
+    config: ModelConfig,
+    head: str,
+    path,
+    format: str = "native",
+    max_shard_bytes=MAX_SHARD_BYTES,
+    tokenizer: Tokenizer | None = None,
+    chat_template: str | None = None,
+    dtype: torch.dtype | None = None,
 ):
     """Write a full (unsharded) state dict in native or HF format, safetensors only.
 
+    `dtype`: cast the weights to it as they are written (default: as they are). `tokenizer` (and the
+    `chat_template` name, llama/chat.py): also write the tokenizer files (`tokenizer_files`), so that
+    the folder is complete for transformers (HF) or for this project's tools (native).
+
     A new or empty `path` is built as a temp directory beside it and renamed into place: all or nothing.
     Into an existing folder (an earlier save, the source of an in-place conversion, a folder holding a
-    tokenizer; see `check_destination` for what is refused) only config.json, the index and the weight
-    files are written, each through a temp name, config.json last; every other file is kept. Weight
-    files of the previous checkpoint that the new one does not name are removed only if this project
-    wrote them (the WRITER tag); others are left, listed, and not read.
+    tokenizer; see `check_destination` for what is refused) only config.json, the index, the weight
+    files and the tokenizer files (if given) are written, each through a temp name, config.json last;
+    every other file is kept. Weight files of the previous checkpoint that the new one does not name
+    are removed only if this project wrote them (the WRITER tag); others are left, listed, and not read.
     """
     if format not in ("native", "hf"):
         raise ValueError(f"unknown checkpoint format {format!r}; expected 'native' or 'hf'")
+    if chat_template is not None and tokenizer is None:
+        raise ValueError("a chat template is written with the tokenizer files: pass the tokenizer too")
     path = Path(path)
     state = {k: v.detach() for k, v in state.items()}
-    dtype = next(iter(state.values())).dtype
+    dtype = dtype or state_dtype(state)
+    extra = tokenizer_files(tokenizer, chat_template, format) if tokenizer is not None else {}
     if format == "hf":
         out = {}
         for name, t in state.items():
@@ -532,7 +629,7 @@ def save_checkpoint(
             elif name.endswith("attention.wk.weight"):
                 t = _rope_permute(t, config.n_kv_heads, to_hf=True)
             out[_rename(name, _HF_NAMES)] = t
-        state, cfg = out, config_to_hf(config, head, dtype)
+        state, cfg = out, config_to_hf(config, head, dtype, tokenizer)
     else:
         cfg = {"format": NATIVE, "head": head, "model": config.to_dict()}
 
@@ -540,7 +637,7 @@ def save_checkpoint(
         tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
         try:
-            _write_files(tmp, state, cfg, max_shard_bytes, index=False)
+            _write_files(tmp, state, cfg, max_shard_bytes, False, dtype, extra)
             os.replace(tmp, path)  # onto a missing or empty directory: one rename
         finally:
             if tmp.exists():
@@ -550,7 +647,7 @@ def save_checkpoint(
     check_destination(path)
     previous = _previous_weight_files(path)
     # Keep an existing index (replaced, naming the new files) rather than deleting it.
-    written = _write_files(path, state, cfg, max_shard_bytes, index=(path / INDEX).is_file())
+    written = _write_files(path, state, cfg, max_shard_bytes, (path / INDEX).is_file(), dtype, extra)
     left = []
     for name in sorted(previous - written):
         if _written_by_us(path / name):
@@ -565,5 +662,15 @@ def save_checkpoint(
         )
 
 
-def save_model(model: Transformer, path, format: str = "native", max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
-    save_checkpoint(model.state_dict(), model.config, model.head, path, format, max_shard_bytes)
+def save_model(
+    model: Transformer,
+    path,
+    format: str = "native",
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+    tokenizer: Tokenizer | None = None,
+    chat_template: str | None = None,
+    dtype: torch.dtype | None = None,
+) -> None:
+    """`save_checkpoint` of a model; with `tokenizer` (and `chat_template`) a folder transformers loads on its own."""
+    state = model.state_dict()
+    save_checkpoint(state, model.config, model.head, path, format, max_shard_bytes, tokenizer, chat_template, dtype)

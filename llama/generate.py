@@ -148,7 +148,7 @@ def generate(
 
 
 def main(argv=None):
-    from llama.chat import ChatFormat
+    from llama.chat import TEMPLATES, ChatFormat, resolve_chat_template
     from llama.checkpoint import CheckpointError, load_model, read_config
     from llama.config import get_preset
     from llama.tokenizer import resolve_tokenizer
@@ -158,9 +158,10 @@ def main(argv=None):
     ap.add_argument("--preset", help="a randomly initialized model of this preset instead of a checkpoint")
     ap.add_argument(
         "--tokenizer",
-        help="tokenizer file (or a folder holding one); default: the checkpoint folder's, else the shipped "
+        help="tokenizer file (or a model folder holding one); default: the checkpoint folder's, else the shipped "
         "byte tokenizer if the model's vocabulary is its 512 ids",
     )
+    ap.add_argument("--chat-template", choices=TEMPLATES, help="default: the checkpoint folder's, else llama3")
     ap.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     ap.add_argument("--samples", type=int, default=1)
     ap.add_argument("--max-new-tokens", type=int, default=64)
@@ -178,11 +179,11 @@ def main(argv=None):
     try:
         config = read_config(args.checkpoint)[0] if args.checkpoint else get_preset(args.preset)
         tok = resolve_tokenizer(args.tokenizer, args.checkpoint, config.vocab_size)  # before the (long) load
+        chat = ChatFormat(tok, resolve_chat_template(args.chat_template, args.checkpoint))
         model = load_model(args.checkpoint, device=args.device) if args.checkpoint else Transformer(config)
     except (CheckpointError, ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
     model = model.to(args.device).eval()
-    chat = ChatFormat(tok)
     prompts = [
         tok.encode(p, bos=True) if args.raw else chat.encode_dialog([{"role": "user", "content": p}], True).tokens
         for p in args.prompt

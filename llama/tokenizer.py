@@ -1,8 +1,13 @@
 """Tokenizers: Llama 3's tiktoken BPE (plus its 256 special tokens) and SentencePiece models.
 
-`load_tokenizer(path)` tells the two apart by content; `resolve_tokenizer` picks the one for a model
-(given, else the checkpoint folder's, else the byte tokenizer only if the vocabulary matches).
-Both kinds expose the same small surface:
+`load_tokenizer(path)` tells the kinds apart by content: a tiktoken BPE file (`tokenizer.model`, Meta's
+`original/tokenizer.model`), a Hugging Face byte-level BPE `tokenizer.json` (read into the same tiktoken
+encoder: its vocabulary ids are the BPE ranks, its added tokens the special tokens), or a SentencePiece
+model. `resolve_tokenizer` picks the one for a model (given, else the checkpoint folder's, else the byte
+tokenizer only if the vocabulary matches). `hf_tokenizer_json` writes a tiktoken tokenizer back as a
+`tokenizer.json` for Hugging Face exports.
+
+Both kinds (TiktokenTokenizer, SentencePieceTokenizer) expose the same small surface:
 `encode(text, bos=False, eos=False, allow_special=False)`, `decode(ids)`, `vocab_size`, and
 special-token ids by name (`tok.special_tokens["<|eot_id|>"]`, `tok.eot_id`, `tok.bos_id`, ...).
 
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import re
 from pathlib import Path
 
@@ -126,22 +132,32 @@ def read_tiktoken_bpe(path: Path) -> dict[bytes, int]:
     return ranks
 
 
-class TiktokenTokenizer(Tokenizer):
-    """Llama 3 tokenizer: a tiktoken BPE file and the 256 Llama 3 special tokens after it."""
+def llama3_special_tokens(n_ranks: int) -> dict[str, int]:
+    """The 256 Llama 3 special tokens, numbered after the `n_ranks` BPE tokens (a tokenizer.model holds none)."""
+    reserved = [
+        f"<|reserved_special_token_{2 + i}|>" for i in range(NUM_RESERVED_SPECIAL_TOKENS - len(LLAMA3_SPECIAL_TOKENS))
+    ]
+    return {tok: n_ranks + i for i, tok in enumerate(LLAMA3_SPECIAL_TOKENS + reserved)}
 
-    def __init__(self, path):
+
+class TiktokenTokenizer(Tokenizer):
+    """A byte-level BPE run by tiktoken: Llama 3's tokenizer.model (BPE ranks; the 256 Llama 3 special
+    tokens after them) or, through `read_hf_tokenizer_json`, a Hugging Face tokenizer.json."""
+
+    def __init__(self, path, ranks: dict[bytes, int] | None = None, special_tokens=None, pattern=LLAMA3_PATTERN):
         self.path = Path(path)
-        ranks = read_tiktoken_bpe(self.path)
-        n = len(ranks)
-        reserved = [
-            f"<|reserved_special_token_{2 + i}|>"
-            for i in range(NUM_RESERVED_SPECIAL_TOKENS - len(LLAMA3_SPECIAL_TOKENS))
-        ]
-        self.special_tokens = {tok: n + i for i, tok in enumerate(LLAMA3_SPECIAL_TOKENS + reserved)}
+        if ranks is None:
+            ranks = read_tiktoken_bpe(self.path)
+            special_tokens = llama3_special_tokens(len(ranks))
+        self.ranks, self.pattern = ranks, pattern  # kept for hf_tokenizer_json
+        self.special_tokens = dict(special_tokens)
+        for name in ("<|begin_of_text|>", "<|end_of_text|>"):
+            if name not in self.special_tokens:
+                raise ValueError(f"{self.path}: no {name} special token: not a Llama 3 tokenizer")
         self.model = tiktoken.Encoding(
-            name=self.path.name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens=self.special_tokens
+            name=self.path.name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=self.special_tokens
         )
-        self.vocab_size = n + NUM_RESERVED_SPECIAL_TOKENS
+        self.vocab_size = len(ranks) + len(self.special_tokens)  # ids are contiguous (checked by the readers)
         self.bos_id = self.special_tokens["<|begin_of_text|>"]
         self.eos_id = self.special_tokens["<|end_of_text|>"]
 
@@ -209,8 +225,163 @@ class SentencePieceTokenizer(Tokenizer):
         return "".join(out) + self.model.decode(run)
 
 
-# Where a model folder keeps its tokenizer: ours and HF Llama 2 at the top, HF Llama 3 under original/.
-TOKENIZER_FILES_IN_DIR = ("tokenizer.model", "original/tokenizer.model")
+# ----------------------------------------------------------------------------- tokenizer.json
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """Byte-level BPE's printable stand-in for each byte (GPT-2's table; tokenizer.json vocabularies use it)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {b: chr(b) for b in printable}, 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+_BYTE_LEVEL_HINT = (
+    "only byte-level BPE tokenizer.json files (Llama 3's) are read; for SentencePiece pass tokenizer.model"
+)
+
+
+def _split_pattern(pre, fail) -> str:
+    """The regex of Llama 3's pre-tokenizer: Split(regex, isolated) then ByteLevel without a regex of its own."""
+    steps = pre.get("pretokenizers", []) if isinstance(pre, dict) and pre.get("type") == "Sequence" else []
+    if (
+        len(steps) == 2
+        and steps[0].get("type") == "Split"
+        and steps[0].get("behavior") == "Isolated"
+        and not steps[0].get("invert")
+        and isinstance(steps[0].get("pattern"), dict)
+        and "Regex" in steps[0]["pattern"]
+        and steps[1].get("type") == "ByteLevel"
+        and not steps[1].get("use_regex", True)
+        and not steps[1].get("add_prefix_space", False)
+    ):
+        return steps[0]["pattern"]["Regex"]
+    fail("pre_tokenizer", "expected a Split regex (isolated) then ByteLevel(use_regex=false), as Llama 3's")
+
+
+def read_hf_tokenizer_json(path: Path) -> tuple[dict[bytes, int], dict[str, int], str]:
+    """A Hugging Face byte-level BPE tokenizer.json -> (BPE ranks, special tokens, split regex) for tiktoken.
+
+    The vocabulary ids are the ranks. tiktoken merges the adjacent pair whose result has the lowest rank,
+    `tokenizers` the pair listed first in `merges`: the same only when the merges are listed in the order
+    of their results' ids, which is checked. Every added token becomes a special token."""
+
+    def fail(fld: str, problem: str):
+        raise ValueError(f"{path}: {fld}: {problem} ({_BYTE_LEVEL_HINT})")
+
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read it as JSON: {e}") from None
+    model = raw.get("model") if isinstance(raw, dict) else None
+    if not isinstance(model, dict) or model.get("type") != "BPE":
+        fail("model.type", f"expected BPE, got {model.get('type') if isinstance(model, dict) else model!r}")
+    if raw.get("normalizer") is not None or model.get("byte_fallback"):
+        fail("normalizer" if raw.get("normalizer") is not None else "model.byte_fallback", "not supported")
+    pattern = _split_pattern(raw.get("pre_tokenizer"), fail)
+    # stand-in char -> the byte's own char; a byte's own char that is not a stand-in -> one latin-1 cannot encode
+    to_latin1 = {ord(c): b for b, c in _bytes_to_unicode().items()}
+    to_latin1 = {b: 0xFFFF for b in range(256) if b not in to_latin1} | to_latin1
+    vocab, ranks = model.get("vocab") or {}, {}
+    for token, rank in vocab.items():
+        try:
+            ranks[token.translate(to_latin1).encode("latin-1")] = rank
+        except UnicodeEncodeError:
+            fail("model.vocab", f"token {token!r} is not byte-level")
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        fail("model.vocab", f"ids are not the contiguous range 0..{len(ranks) - 1}")
+    last = -1
+    for i, merge in enumerate(model.get("merges") or []):
+        left, right = merge.split(" ") if isinstance(merge, str) else merge
+        rank = vocab.get(left + right)
+        if rank is None or rank < last:
+            fail(f"model.merges[{i}]", f"{merge!r} is out of vocabulary order, which tiktoken cannot reproduce")
+        last = rank
+    special = {t["content"]: t["id"] for t in raw.get("added_tokens") or []}
+    if sorted(special.values()) != list(range(len(ranks), len(ranks) + len(special))):
+        fail("added_tokens", f"ids must follow the vocabulary's without gaps ({len(ranks)}, {len(ranks) + 1}, ...)")
+    return ranks, special, pattern
+
+
+def hf_tokenizer_json(tok: Tokenizer) -> dict:
+    """A tiktoken tokenizer as a Hugging Face tokenizer.json (byte-level BPE), as transformers converts
+    Meta's tokenizer.model: every split of a token into two tokens is a merge, listed in the token's rank
+    order; ignore_merges, as tiktoken, takes a piece found whole in the vocabulary as one token."""
+    if not isinstance(tok, TiktokenTokenizer):
+        raise ValueError(f"{tok.path}: a SentencePiece tokenizer has no byte-level tokenizer.json form")
+    stand_in = _bytes_to_unicode()
+
+    def text(b: bytes) -> str:
+        return b.decode("latin-1").translate(stand_in)
+
+    ranks, merges = tok.ranks, []
+    for token, _ in sorted(ranks.items(), key=lambda kv: kv[1]):
+        splits = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks]
+        merges += [f"{text(a)} {text(b)}" for a, b in sorted(splits, key=lambda p: (ranks[p[0]], ranks[p[1]]))]
+    bos = tok.special_tokens["<|begin_of_text|>"]
+    added = [
+        {
+            "id": i,
+            "content": s,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": True,
+        }
+        for s, i in sorted(tok.special_tokens.items(), key=lambda kv: kv[1])
+    ]
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": None,
+        "pre_tokenizer": {
+            "type": "Sequence",
+            "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": tok.pattern}, "behavior": "Isolated", "invert": False},
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+            ],
+        },
+        "post_processor": {  # <|begin_of_text|> first when add_special_tokens (Meta's tokenizer.json does this)
+            "type": "TemplateProcessing",
+            "single": [
+                {"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 0}},
+                {"Sequence": {"id": "A", "type_id": 0}},
+            ],
+            "pair": [
+                {"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 0}},
+                {"Sequence": {"id": "A", "type_id": 0}},
+                {"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 1}},
+                {"Sequence": {"id": "B", "type_id": 1}},
+            ],
+            "special_tokens": {
+                "<|begin_of_text|>": {"id": "<|begin_of_text|>", "ids": [bos], "tokens": ["<|begin_of_text|>"]}
+            },
+        },
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": True,
+            "vocab": {text(b): r for b, r in sorted(ranks.items(), key=lambda kv: kv[1])},
+            "merges": merges,
+        },
+    }
+
+
+# Where a model folder keeps its tokenizer, in order of preference: ours and HF Llama 2 at the top, then
+# HF Llama 3's tokenizer.json (what a fine-tune on the hub updates), then Meta's original/tokenizer.model.
+TOKENIZER_FILES_IN_DIR = ("tokenizer.model", "tokenizer.json", "original/tokenizer.model")
 
 
 def tokenizer_in_dir(directory) -> Path | None:
@@ -222,7 +393,7 @@ def tokenizer_in_dir(directory) -> Path | None:
 
 
 def load_tokenizer(path=DEFAULT_TOKENIZER) -> Tokenizer:
-    """Load a tiktoken BPE file or a SentencePiece model, told apart by the file's content.
+    """Load a tiktoken BPE file, a Hugging Face tokenizer.json or a SentencePiece model, told apart by content.
 
     `path` may also be a model folder holding one of TOKENIZER_FILES_IN_DIR."""
     path = Path(path)
@@ -231,7 +402,7 @@ def load_tokenizer(path=DEFAULT_TOKENIZER) -> Tokenizer:
         if found is None:
             raise IsADirectoryError(
                 f"tokenizer {path} is a directory with no tokenizer file in it "
-                f"(looked for {' and '.join(TOKENIZER_FILES_IN_DIR)}); pass the tokenizer file"
+                f"(looked for {', '.join(TOKENIZER_FILES_IN_DIR)}); pass the tokenizer file"
             )
         path = found
     if not path.is_file():
@@ -240,19 +411,22 @@ def load_tokenizer(path=DEFAULT_TOKENIZER) -> Tokenizer:
         head = f.read(256).split(b"\n")[0]
     if _TIKTOKEN_LINE.match(head):
         return TiktokenTokenizer(path)
+    if head.lstrip().startswith(b"{"):
+        ranks, special, pattern = read_hf_tokenizer_json(path)
+        return TiktokenTokenizer(path, ranks, special, pattern)
     try:
         return SentencePieceTokenizer(path)
     except (RuntimeError, OSError) as e:
-        hint = " (a Hugging Face tokenizer.json: pass the tokenizer.model beside it)" if head.startswith(b"{") else ""
         raise ValueError(
-            f"{path}: neither a tiktoken BPE file (lines '<base64 token> <rank>') nor a SentencePiece model{hint}: {e}"
+            f"{path}: neither a tiktoken BPE file (lines '<base64 token> <rank>'), a tokenizer.json, "
+            f"nor a SentencePiece model: {e}"
         ) from None
 
 
 def resolve_tokenizer(tokenizer_arg, checkpoint_dir, vocab_size: int | None) -> Tokenizer:
     """The tokenizer for a model, never silently the wrong one. For every entry point that loads a model.
 
-    - `tokenizer_arg` (a file, or a folder holding one) given: that tokenizer.
+    - `tokenizer_arg` (a file, or a model folder holding one) given: that tokenizer.
     - else `checkpoint_dir` holds a tokenizer (TOKENIZER_FILES_IN_DIR): that one, and the choice is printed.
     - else the shipped byte tokenizer (DEFAULT_TOKENIZER), only if `vocab_size` equals its vocabulary (512):
       a model with another vocabulary was trained with another tokenizer, so this raises ValueError

@@ -165,3 +165,96 @@ def test_parquet_reads_like_jsonl(tmp_path):
     a, _ = load_examples(tmp_path / "d.parquet", "dpo", CHAT, max_len=128, verbose=False)
     b, _ = load_examples(write(tmp_path, records), "dpo", CHAT, max_len=128, verbose=False)
     assert [e.tokens for e in a] == [e.tokens for e in b]
+
+
+def _conv(*turns):
+    """("user", "hi"), ("assistant", "a") ... -> messages"""
+    return [{"role": r, "content": c} for r, c in turns]
+
+
+def test_trl_implicit_prompt_splits_at_the_longest_common_prefix(tmp_path):
+    sys_u = [("system", "be brief"), ("user", "2+2?")]
+    records = [
+        {"chosen": _conv(*sys_u, ("assistant", "4")), "rejected": _conv(*sys_u, ("assistant", "5"))},
+        {  # multi-turn: the shared first answer and second question are the prompt
+            "chosen": _conv(("user", "a"), ("assistant", "b"), ("user", "c"), ("assistant", "good")),
+            "rejected": _conv(("user", "a"), ("assistant", "b"), ("user", "c"), ("assistant", "bad"), ("user", "?")),
+        },
+        {  # a shared assistant turn at the end of the common prefix belongs to both responses
+            "chosen": _conv(("user", "q"), ("assistant", "x"), ("assistant", "y")),
+            "rejected": _conv(("user", "q"), ("assistant", "x"), ("assistant", "z")),
+        },
+        {  # UltraFeedback: a text prompt beside whole conversations, scores decide (rejected scored higher)
+            "prompt": "q2",
+            "chosen": _conv(("user", "q2"), ("assistant", "low")),
+            "rejected": _conv(("user", "q2"), ("assistant", "high")),
+            "score_chosen": 2.0,
+            "score_rejected": 7,
+        },
+    ]
+    implicit, _ = load_examples(write(tmp_path, records), "dpo", CHAT, max_len=256, verbose=False)
+    explicit = [
+        {"prompt": _conv(*sys_u), "chosen": "4", "rejected": "5"},
+        {
+            "prompt": _conv(("user", "a"), ("assistant", "b"), ("user", "c")),
+            "chosen": "good",
+            "rejected": _conv(("assistant", "bad"), ("user", "?")),
+        },
+        {
+            "prompt": "q",
+            "chosen": _conv(("assistant", "x"), ("assistant", "y")),
+            "rejected": _conv(("assistant", "x"), ("assistant", "z")),
+        },
+        {"prompt": "q2", "chosen": "high", "rejected": "low"},
+    ]
+    expected, _ = load_examples(write(tmp_path, explicit, "e.jsonl"), "dpo", CHAT, max_len=256, verbose=False)
+    assert [e.tokens for e in implicit] == [e.tokens for e in expected]
+    assert [e.targets for e in implicit] == [e.targets for e in expected]
+
+
+def test_scores_order_responses_and_ties_are_dropped_and_counted(tmp_path):
+    lines = [
+        {"prompt": "p", "chosen": "a", "rejected": "b", "score_chosen": 8, "score_rejected": 3},
+        {"prompt": "p", "chosen": "a", "rejected": "b", "score_chosen": 3, "score_rejected": 8.5},
+        {"prompt": "p", "chosen": "a", "rejected": "b", "score_chosen": 5, "score_rejected": 5.0},
+    ]
+    examples, report = load_examples(write(tmp_path, lines), "dpo", CHAT, max_len=64, verbose=False)
+    assert report["dropped: tied scores"] == 1 and report["examples"] == 2
+    best = [[t for t, b in zip(e.tokens, e.branch) if b == e.branch[e.seqs[0][0]]] for e in examples]
+    tok = CHAT.tokenizer
+    assert best == [tok.encode("a") + [tok.eot_id], tok.encode("b") + [tok.eot_id]]
+
+
+def test_implicit_prompt_and_score_errors_name_file_line_and_field(tmp_path):
+    u, a = ("user", "q"), ("assistant", "x")
+    cases = [
+        (
+            {"chosen": _conv(("user", "q1"), a), "rejected": _conv(("user", "q2"), a)},
+            r"chosen/rejected: no shared prompt",
+        ),
+        (
+            {"chosen": _conv(u, a, ("user", "more"), a), "rejected": _conv(u, a, ("user", "other"), a)},
+            r"chosen\[2\]: the conversations differ at a user turn",
+        ),
+        ({"chosen": _conv(u, a), "rejected": _conv(u, a, ("user", "?"), ("assistant", "y"))}, "chosen: ends inside"),
+        ({"chosen": _conv(u), "rejected": _conv(u)}, "chosen/rejected: identical conversations"),
+        ({"chosen": _conv(u, a), "rejected": "y"}, "rejected: must be a whole conversation"),
+        ({"chosen": _conv(u, a), "rejected": _conv(u, ("assistant", "y")), "prompt": "other"}, "prompt: differs"),
+        ({"chosen": "a", "rejected": "b"}, "prompt: missing"),
+        (
+            {"prompt": "p", "chosen": "a", "rejected": "b", "score_chosen": 1},
+            r"score_rejected: must be a finite number",
+        ),
+        (
+            {"prompt": "p", "chosen": "a", "rejected": "b", "score_chosen": "9", "score_rejected": 1},
+            "score_chosen: must",
+        ),
+        (
+            {"prompt": "p", "responses": ["a", "b"], "score_chosen": 1, "score_rejected": 2},
+            "score_chosen: scores order",
+        ),
+    ]
+    for record, message in cases:
+        p = write(tmp_path, [{"prompt": "ok", "chosen": "a", "rejected": "b"}, record])
+        with pytest.raises(ValidationError, match=rf"d\.jsonl:2: {message}"):
+            load_examples(p, "dpo", CHAT, max_len=256, verbose=False)

@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from data.loader import DataLoader, load_examples
+from data.loader import DataLoader, build_loaders, load_examples
 from data.schema import STRENGTHS, ValidationError
 from llama.chat import ChatFormat
 from llama.tokenizer import load_tokenizer
@@ -68,13 +68,14 @@ def test_evaluate_is_the_exact_loss_over_all_examples(tmp_path):
 
     def loss(batch, step):
         nll = sum((value[t] for t in batch.target_token.tolist()), 0.0)
-        return torch.tensor(nll / step.num_targets, dtype=torch.float64), {"targets": batch.num_targets}
+        return torch.tensor(nll / step.num_targets, dtype=torch.float64), {"targets": torch.tensor(batch.num_targets)}
 
-    task = loop.Task(loss, lambda s: {"targets": s["targets"]})
+    task = loop.Task(loss, {"targets_per_example": ("targets", "examples")})
     model = torch.nn.Linear(1, 1)
     out = loop.evaluate(task, eval_loader(examples, 0, 1), model, dist())
     assert out["eval/loss"] == pytest.approx(expected, rel=1e-9)
-    assert out["eval/examples"] == 30 and out["eval/targets"] == sum(len(e.targets) for e in examples)
+    assert out["eval/examples"] == 30
+    assert out["eval/targets_per_example"] == pytest.approx(sum(len(e.targets) for e in examples) / 30, rel=1e-12)
     # two ranks: without a process group each returns its own sums, which the all-reduce would add
     parts = [loop.evaluate(task, eval_loader(examples, r, 2), model, dist(r, 2)) for r in range(2)]
     assert sum(p["eval/loss"] for p in parts) == pytest.approx(expected, rel=1e-9)
@@ -96,7 +97,7 @@ def test_eval_set_smaller_than_ranks_is_evaluated(tmp_path):
     cfg = config(tmp_path, sft_lines(16), sft_lines(1))
     seen = []
     for rank in range(2):
-        _, ev = loop.build_loaders(cfg, "sft", CHAT, dist(rank, 2))
+        _, ev = build_loaders(cfg.data, "sft", CHAT, rank, 2)
         steps = list(ev.eval_steps())
         assert len(steps) == 1 and len(steps[0].micro_batches) == 1  # rank 1: one empty micro-batch
         seen += [u for mb in steps[0].micro_batches for u in mb.group_uid.tolist()]
@@ -106,13 +107,13 @@ def test_eval_set_smaller_than_ranks_is_evaluated(tmp_path):
 def test_empty_eval_file_and_small_train_set_name_file_and_key(tmp_path):
     cfg = config(tmp_path, sft_lines(16), [])
     with pytest.raises(ValueError, match=rf"data\.eval {re.escape(cfg.data.eval)}: no examples"):
-        loop.build_loaders(cfg, "sft", CHAT, dist())
+        build_loaders(cfg.data, "sft", CHAT)
     cfg = config(tmp_path, sft_lines(5))
     with pytest.raises(ValueError, match=rf"data\.train {re.escape(cfg.data.train)}: 5 examples .*data\.batch_size=8"):
-        loop.build_loaders(cfg, "sft", CHAT, dist())
+        build_loaders(cfg.data, "sft", CHAT)
     cfg = config(tmp_path, [])
     with pytest.raises(ValueError, match=r"train\.jsonl: no examples .*data\.batch_size=8"):
-        loop.build_loaders(cfg, "sft", CHAT, dist())
+        build_loaders(cfg.data, "sft", CHAT)
 
 
 def test_non_utf8_bytes_name_file_and_line_and_can_be_skipped(tmp_path, capsys):

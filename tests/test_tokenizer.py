@@ -2,11 +2,19 @@
 and the `sentencepiece` library on a trained model."""
 
 import json
+import shutil
 
 import pytest
 from tokenizers import Tokenizer as HFTokenizer
 
-from llama.tokenizer import DEFAULT_TOKENIZER, SentencePieceTokenizer, TiktokenTokenizer, load_tokenizer
+from llama.tokenizer import (
+    DEFAULT_TOKENIZER,
+    SentencePieceTokenizer,
+    TiktokenTokenizer,
+    hf_tokenizer_json,
+    load_tokenizer,
+    resolve_tokenizer,
+)
 
 TEXTS = [
     "Hello, world! The quick brown fox jumps over the lazy dog.",
@@ -114,9 +122,7 @@ def test_sentencepiece_matches_library(sp_model):
     assert eot not in tok.encode("Hello<|eot_id|>world")
 
 
-def test_wrong_kind_of_file(tmp_path, llama3_tokenizer_dir):
-    with pytest.raises(ValueError, match=r"tokenizer\.json: neither a tiktoken BPE file .* tokenizer\.model"):
-        load_tokenizer(llama3_tokenizer_dir / "tokenizer.json")
+def test_wrong_kind_of_file(tmp_path):
     junk = tmp_path / "junk.bin"
     junk.write_bytes(bytes(range(256)) * 4)
     with pytest.raises(ValueError, match="junk.bin: neither a tiktoken BPE file"):
@@ -134,3 +140,90 @@ def test_decode_out_of_range(ours):
         ours.decode([1, 128256])
     with pytest.raises(KeyError, match="no special token"):
         load_tokenizer().special("<|image|>")
+
+
+# ----------------------------------------------------------------------------- tokenizer.json and hub folders
+
+
+@pytest.fixture(scope="module")
+def from_json(llama3_tokenizer_dir):
+    return load_tokenizer(llama3_tokenizer_dir / "tokenizer.json")
+
+
+def test_tokenizer_json_matches_hf(from_json, ours, hf):
+    """The fixture is Llama 3.2's (the vision models' 257th token, <|image|>, included)."""
+    assert isinstance(from_json, TiktokenTokenizer) and from_json.vocab_size == 128257
+    for text in TEXTS:
+        expected = hf.encode(text, add_special_tokens=False).ids
+        assert from_json.encode(text) == expected == ours.encode(text), text
+        assert from_json.decode(expected) == text
+    for text in [*SPECIAL_TEXTS, "see <|image|> here"]:
+        assert from_json.encode(text, allow_special=True) == hf.encode(text, add_special_tokens=False).ids, text
+    assert from_json.special_tokens == {**ours.special_tokens, "<|image|>": 128256}
+    assert (from_json.bos_id, from_json.eos_id, from_json.eot_id, from_json.pad_id) == (128000, 128001, 128009, 128004)
+
+
+def text_model_tokenizer_json(src, dst):
+    """A text model's tokenizer.json (Llama-3.2-1B's): the fixture's without the vision-only <|image|>."""
+    raw = json.loads((src / "tokenizer.json").read_text())
+    raw["added_tokens"] = [t for t in raw["added_tokens"] if t["id"] < 128256]
+    dst.write_text(json.dumps(raw))
+
+
+def test_hub_folder_layouts(tmp_path, llama3_tokenizer_dir, ours, capsys):
+    """A model folder as the hub has it: tokenizer.json only, original/tokenizer.model, or both."""
+    only_json = tmp_path / "Llama-3.2-1B-Instruct"
+    only_json.mkdir()
+    text_model_tokenizer_json(llama3_tokenizer_dir, only_json / "tokenizer.json")
+    for arg in (only_json, only_json / "tokenizer.json"):
+        tok = resolve_tokenizer(arg, None, 128256)
+        assert tok.path == only_json / "tokenizer.json" and tok.vocab_size == 128256
+        assert tok.encode(TEXTS[8]) == ours.encode(TEXTS[8]) and tok.special_tokens == ours.special_tokens
+    assert resolve_tokenizer(None, only_json, 128256).path == only_json / "tokenizer.json"  # the checkpoint's
+    assert "tokenizer.json (from the checkpoint folder)" in capsys.readouterr().out
+    meta = tmp_path / "meta"
+    (meta / "original").mkdir(parents=True)
+    shutil.copy(llama3_tokenizer_dir / "tokenizer.model", meta / "original" / "tokenizer.model")
+    assert resolve_tokenizer(meta, None, 128256).path == meta / "original" / "tokenizer.model"
+    shutil.copy(only_json / "tokenizer.json", meta / "tokenizer.json")  # both: the top-level tokenizer.json
+    assert resolve_tokenizer(meta, None, 128256).path == meta / "tokenizer.json"
+    # the vision tokenizer has one id more than a text model's embeddings
+    with pytest.raises(ValueError, match=r"tokenizer\.json \(given\) has 128257 ids, more than the model's vocab_size"):
+        resolve_tokenizer(llama3_tokenizer_dir / "tokenizer.json", None, 128256)
+    with pytest.raises(IsADirectoryError, match="no tokenizer file in it .*tokenizer.json"):
+        load_tokenizer(tmp_path)
+
+
+def test_written_tokenizer_json_is_metas(from_json, ours, llama3_tokenizer_dir):
+    """hf_tokenizer_json of the tiktoken file gives Meta's own vocabulary and merges, and encodes as HF does."""
+    written = hf_tokenizer_json(ours)
+    theirs = json.loads((llama3_tokenizer_dir / "tokenizer.json").read_text())
+    assert written["model"]["vocab"] == theirs["model"]["vocab"]
+    assert written["model"]["merges"] == theirs["model"]["merges"]
+    assert written["added_tokens"] == [t for t in theirs["added_tokens"] if t["id"] < 128256]
+    hf = HFTokenizer.from_str(json.dumps(written))
+    for text in TEXTS + SPECIAL_TEXTS:
+        assert hf.encode(text, add_special_tokens=False).ids == ours.encode(text, allow_special=True), text
+    assert hf.encode("Hi").ids == ours.encode("Hi", bos=True)
+    byte_tok = load_tokenizer()  # no merges at all: one token per byte
+    hf_bytes = HFTokenizer.from_str(json.dumps(hf_tokenizer_json(byte_tok)))
+    text = "12 + 345 = 357\nçé🤖<|eot_id|>"
+    assert hf_bytes.encode(text, add_special_tokens=False).ids == byte_tok.encode(text, allow_special=True)
+
+
+def test_bad_tokenizer_json(tmp_path, llama3_tokenizer_dir):
+    raw = json.loads((llama3_tokenizer_dir / "tokenizer.json").read_text())
+    cases = {
+        "model.type": {**raw, "model": {**raw["model"], "type": "Unigram"}},
+        "pre_tokenizer": {**raw, "pre_tokenizer": {"type": "Metaspace"}},
+        r"model\.merges\[3\]": {**raw, "model": {**raw["model"], "merges": [*raw["model"]["merges"][:3], "Ġt Ġa"]}},
+        "added_tokens": {**raw, "added_tokens": raw["added_tokens"][1:]},
+    }
+    for field, bad in cases.items():
+        path = tmp_path / "tokenizer.json"
+        path.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=rf"tokenizer\.json: {field}: .*only byte-level BPE"):
+            load_tokenizer(path)
+    path.write_text('{"model": ')
+    with pytest.raises(ValueError, match=r"tokenizer\.json: cannot read it as JSON"):
+        load_tokenizer(path)

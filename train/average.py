@@ -1,24 +1,40 @@
 """Model averaging (Llama 3: average the models of runs with different data or hyperparameters).
 
-    python train/average.py --out runs/avg CKPT_A CKPT_B CKPT_C [--weights 0.5 0.25 0.25]
+    python train/average.py --out runs/avg CKPT_A CKPT_B CKPT_C [--weights 0.5 0.25 0.25] [--format hf]
 
-Checkpoints must be native (`python -m llama.convert` the others first), share one config and
-head, and hold only finite values; anything else is refused. `--out` may be new, empty or an
-earlier checkpoint (its other files are kept); any other non-empty folder is refused. The average is taken tensor by tensor (fp64 accumulation, stored
-in the checkpoints' dtype), reading each tensor lazily, so memory is about one model.
+Inputs are checkpoint folders in any format `llama.load_model` reads (native, Hugging Face, Meta);
+they must share one model config and head and hold only finite values; anything else is refused.
+The average is written native (or `--format hf`) in the inputs' dtype (`--dtype` when they differ).
+`--out` may be new, empty or an earlier checkpoint (its other files are kept); any other non-empty
+folder is refused. The average is taken tensor by tensor (fp64 accumulation), reading each tensor
+of a native input lazily, so memory is about one model. An HF or Meta input is first loaded whole
+(llama.load_model: names, RoPE layout, tied embeddings) and written as a native copy in a temp
+folder beside --out, removed at the end: one model in memory at a time, one copy per input on disk.
 `greedy_soup` (Wortsman et al., 2022) adds checkpoints best-first while a metric does not drop.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from llama.checkpoint import check_destination, open_weights, read_config, save_checkpoint, tensor_files
+from llama.checkpoint import (
+    check_destination,
+    load_model,
+    open_weights,
+    read_config,
+    save_checkpoint,
+    save_model,
+    tensor_files,
+)
+
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _read_finite(path: Path, file: Path, name: str) -> torch.Tensor:
@@ -34,45 +50,70 @@ def _read_finite(path: Path, file: Path, name: str) -> torch.Tensor:
     return t
 
 
-def average_checkpoints(paths: list, out, weights: list[float] | None = None) -> Path:
-    paths = [Path(p) for p in paths]
+def _native_copies(paths: list[Path], out: Path, stack) -> list[Path]:
+    """Each input as a native folder: itself if native, else a copy through llama.load_model in a
+    temp folder beside `out` (removed when `stack` closes)."""
+    natives, work = [], None
+    for i, p in enumerate(paths):
+        if read_config(p)[2] == "native":
+            natives.append(p)
+            continue
+        if work is None:
+            out.absolute().parent.mkdir(parents=True, exist_ok=True)
+            work = Path(
+                stack.enter_context(
+                    tempfile.TemporaryDirectory(prefix=f".{out.name}.inputs-", dir=out.absolute().parent)
+                )
+            )
+        save_model(load_model(p), work / str(i))  # checked against its config as every load is
+        natives.append(work / str(i))
+    return natives
+
+
+def average_checkpoints(
+    paths: list, out, weights: list[float] | None = None, format: str = "native", dtype: torch.dtype | None = None
+) -> Path:
+    paths, out = [Path(p) for p in paths], Path(out)
     if not paths:
         raise ValueError("nothing to average")
     weights = [1.0 / len(paths)] * len(paths) if weights is None else [float(w) for w in weights]
     if len(weights) != len(paths) or abs(sum(weights) - 1.0) > 1e-6 or min(weights) < 0:
         raise ValueError(f"weights must be {len(paths)} non-negative numbers summing to 1, got {weights}")
-    configs = []
     for p in paths:
-        config, head, fmt = read_config(p)
-        if fmt != "native":
-            raise ValueError(
-                f"{p} is a {fmt} checkpoint; convert it first: python -m llama.convert --from {fmt} --to native"
-            )
-        configs.append((config, head))
-    for p, c in zip(paths[1:], configs[1:]):
-        if c != configs[0]:
-            raise ValueError(
-                f"cannot average {paths[0]} and {p}: model configs or heads differ:\n  {configs[0]}\n  {c}"
-            )
-    check_destination(out)  # before reading every tensor
-    indexes = [tensor_files(p) for p in paths]
-    names = list(indexes[0])
-    for p, idx in zip(paths[1:], indexes[1:]):
-        if set(idx) != set(names):
-            raise ValueError(
-                f"cannot average {paths[0]} and {p}: tensor names differ ({sorted(set(idx) ^ set(names))[:5]})"
-            )
+        read_config(p)  # each input is a readable checkpoint, before any long work
+    check_destination(out)
+    with contextlib.ExitStack() as stack:
+        natives = _native_copies(paths, out, stack)
+        configs = [read_config(n)[:2] for n in natives]  # as loaded (a Meta checkpoint may turn out tied)
+        for p, c in zip(paths[1:], configs[1:]):
+            if c != configs[0]:
+                raise ValueError(
+                    f"cannot average {paths[0]} and {p}: model configs or heads differ:\n  {configs[0]}\n  {c}"
+                )
+        indexes = [tensor_files(n) for n in natives]
+        names = list(indexes[0])
+        for p, idx in zip(paths[1:], indexes[1:]):
+            if set(idx) != set(names):
+                raise ValueError(
+                    f"cannot average {paths[0]} and {p}: tensor names differ ({sorted(set(idx) ^ set(names))[:5]})"
+                )
+        averaged = {name: _average_tensor(name, paths, indexes, weights, dtype) for name in names}
+        save_checkpoint(averaged, configs[0][0], configs[0][1], out, format=format)
+    return out
 
-    averaged = {}
-    for name in names:
-        acc, dtype = None, None
-        for p, w, idx in zip(paths, weights, indexes):
-            t = _read_finite(p, idx[name], name)  # a NaN would poison the average silently
-            dtype = t.dtype
-            acc = t.double() * w if acc is None else acc.add_(t.double(), alpha=w)
-        averaged[name] = acc.to(dtype)
-    save_checkpoint(averaged, configs[0][0], configs[0][1], out, format="native")
-    return Path(out)
+
+def _average_tensor(name, paths, indexes, weights, dtype) -> torch.Tensor:
+    acc, dtypes = None, set()
+    for p, w, idx in zip(paths, weights, indexes):
+        t = _read_finite(p, idx[name], name)  # a NaN would poison the average silently
+        dtypes.add(t.dtype)
+        acc = t.double() * w if acc is None else acc.add_(t.double(), alpha=w)
+    if dtype is None and len(dtypes) > 1:
+        raise ValueError(
+            f"tensor {name}: the inputs store it in different dtypes ({', '.join(sorted(map(str, dtypes)))}); "
+            "choose the average's with --dtype"
+        )
+    return acc.to(dtype or dtypes.pop())
 
 
 def greedy_soup(paths: list, evaluate: Callable[[Path], float], out, workdir) -> tuple[Path, list[Path]]:
@@ -93,9 +134,12 @@ def main(argv=None):
     ap.add_argument("checkpoints", nargs="+")
     ap.add_argument("--out", required=True)
     ap.add_argument("--weights", type=float, nargs="+")
+    ap.add_argument("--format", choices=("native", "hf"), default="native", help="of the average")
+    ap.add_argument("--dtype", choices=DTYPES, default=None, help="of the average; default: the inputs'")
     args = ap.parse_args(argv)
     try:
-        out = average_checkpoints(args.checkpoints, args.out, args.weights)
+        dtype = getattr(torch, args.dtype) if args.dtype else None
+        out = average_checkpoints(args.checkpoints, args.out, args.weights, args.format, dtype)
     except ValueError as e:  # bad input (CheckpointError included): the message names it
         raise SystemExit(f"error: {e}") from None
     print(json.dumps({"averaged": args.checkpoints, "weights": args.weights, "out": str(out)}))

@@ -31,18 +31,20 @@ class AtLeast(typing.NamedTuple):
 PosInt = Annotated[int, AtLeast(1)]
 NonNegInt = Annotated[int, AtLeast(0)]
 NonNegFloat = Annotated[float, AtLeast(0.0)]
+ChatTemplate = Literal["llama3", "llama3.1", "llama3.2"]  # llama/chat.py TEMPLATES (3.3 uses llama3.1)
 
 
 @dataclass
 class ModelSection:
     checkpoint: str | None = None  # native / HF / Meta directory to start from
     preset: str | None = None  # or a randomly initialized preset (tiny experiments)
-    tokenizer: str | None = None  # default: the checkpoint folder's; the shipped byte tokenizer for presets
+    tokenizer: str | None = None  # file or model folder; default: the checkpoint folder's; byte tokenizer for presets
+    chat_template: ChatTemplate | None = None  # llama3|llama3.1|llama3.2; default: the checkpoint's, else llama3
 
 
 @dataclass
 class DataSection:
-    train: str = ""  # JSONL or Parquet file
+    train: str | list[str | dict] = ""  # data path (JSONL/Parquet file, .parquet folder, datasets folder) or [{path, weight}]
     eval: str | None = None  # held-out file, evaluated whole every train.eval_every steps
     max_len: PosInt = 2048  # tokens per row
     batch_size: PosInt = 32  # examples per optimizer step, over all ranks
@@ -51,6 +53,9 @@ class DataSection:
     skip_invalid: bool = False  # skip (and count) invalid records instead of stopping at the first
     keep_strengths: list[str] | None = None  # Llama 3: [significantly_better, better]
     seed: int = 0  # shuffling of the examples (and of RM responses)
+    cache: bool = True  # tokenize once into memory-mapped arrays (data/cache.py); false: encode in memory every start
+    cache_dir: str | None = None  # where the tokenized caches go; default: a .tokenized folder next to each data path
+    num_workers: NonNegInt = 0  # processes that tokenize a new cache; 0: one per CPU core (at most 32)
 
 
 @dataclass

@@ -11,14 +11,16 @@ model's vocabulary, the data is loaded; only then are weights read.
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch.distributed as dist
 
 from data.loader import DataLoader, build_loaders
-from llama.chat import ChatFormat
+from llama.chat import ChatFormat, resolve_chat_template
 from train import train_state
 from train.config import Config
 from train.distributed import Dist, build_model, init_distributed, model_tokenizer
@@ -41,7 +43,8 @@ def setup(cfg: Config, kind: str, head: str, **encode_kw) -> Setup:
     d = init_distributed()
     resume_from = train_state.prepare_run_dir(cfg, d.rank, d.world_size)
     m, t = cfg.model, cfg.train
-    chat = ChatFormat(model_tokenizer(m.checkpoint, m.preset, m.tokenizer))
+    tokenizer = model_tokenizer(m.checkpoint, m.preset, m.tokenizer)
+    chat = ChatFormat(tokenizer, resolve_chat_template(m.chat_template, m.checkpoint))
     train_loader, eval_loader = build_loaders(cfg.data, kind, chat, d.rank, d.world_size, d.is_main, **encode_kw)
     model = build_model(
         d, m.checkpoint, m.preset, head, t.seed, t.mixed_precision, t.activation_checkpointing, t.compile
@@ -56,11 +59,23 @@ def main_guard(fn):
     the process group is destroyed, so no rank tears down its gloo/NCCL connections while a peer
     still has work in flight on them; then stdio is flushed. On an exception the group is left
     alone: destroying it while other ranks wait in a collective can hang, and torchrun stops them.
-    """
-    from train.loop import _Stop
 
+    A ValueError or OSError raised before training starts (`loop.run` not reached: a bad key, data
+    file, batch size, checkpoint; every rank reads the same and fails alike) is printed once, as
+    `error: ...`, by local rank 0 (once per node: a file missing on one node is still reported; see
+    `_report_once`), and every rank exits with status 2, without tracebacks. Errors raised later
+    keep their tracebacks.
+    """
+    from train.loop import _Phase, _Stop
+
+    _Phase.training = False
     try:
         result = fn()
+    except (ValueError, OSError) as e:
+        if _Phase.training:
+            raise
+        _report_once(e)
+        raise SystemExit(2) from None
     except SystemExit as e:
         if e.code not in (None, 0) and not _Stop.signal:
             raise
@@ -68,6 +83,21 @@ def main_guard(fn):
         raise
     _teardown()
     return result
+
+
+# How long a rank other than local rank 0 waits before printing the error it failed with.
+OTHER_RANKS_WAIT_S = 3.0
+
+
+def _report_once(e: Exception) -> None:
+    """Local rank 0 prints the error at once. Another rank waits first: when every rank failed alike
+    (the usual case), torchrun stops it within ~0.1 s of rank 0's exit, so the error is printed once;
+    if it is still running, rank 0 did not fail this way, and it prints its own error."""
+    rank = os.environ.get("LOCAL_RANK", "0")
+    if rank != "0":
+        time.sleep(OTHER_RANKS_WAIT_S)
+    who = "" if rank == "0" else f" (rank {os.environ.get('RANK', '?')})"
+    print(f"error{who}: {e}", file=sys.stderr, flush=True)
 
 
 def _teardown() -> None:

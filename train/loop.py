@@ -26,7 +26,7 @@ import torch
 from data.loader import DataLoader, Step
 from train import train_state
 from train.config import Config, to_dict
-from train.distributed import Dist, all_reduce_sum
+from train.distributed import Dist, all_reduce_sum, param_dtype
 from train.logger import Logger
 
 # bf16 dense peak FLOP/s by device name, for MFU
@@ -129,6 +129,13 @@ def _add(acc: dict, loss, sums: dict, mb) -> None:
     """Accumulate a micro-batch's loss, sums and real tokens on the device, in fp64 (no host sync)."""
     for k, v in {"loss": loss.detach(), "tokens": (mb.doc_ids >= 0).sum(), **sums}.items():
         acc[k] = acc[k] + v.double() if k in acc else v.double()
+
+
+class _Phase:
+    """Set once `run` starts: main_guard (train/entry.py) reports a ValueError or OSError raised
+    before that (a config, data or checkpoint problem) once, without tracebacks."""
+
+    training = False
 
 
 class _Stop:
@@ -284,6 +291,7 @@ def run(s, task: Task, eval_task: Task | None = None) -> dict:
     """Train `s.cfg.train.steps` steps of `s.model` (a train/entry.py Setup) from `s.resume_from`
     (None: a fresh start); -> the last metrics. eval_task: the eval set's loss, if not `task`'s
     (DPO's precomputed reference table of the eval set)."""
+    _Phase.training = True
     cfg, d, model, train_loader, eval_loader, resume_from = (
         s.cfg,
         s.d,
@@ -324,7 +332,8 @@ def run(s, task: Task, eval_task: Task | None = None) -> dict:
             logger.log(cfg.train.steps, final_eval)
             metrics.update(final_eval)
         t.save(cfg.train.steps, position)
-        train_state.export(model, t.run_dir / "model", d.rank, hf=cfg.train.export_hf)
+        hf_dtype = param_dtype(cfg.train.mixed_precision, d.device)
+        train_state.export(model, t.run_dir / "model", d.rank, cfg.train.export_hf, s.chat, hf_dtype)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

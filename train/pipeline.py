@@ -43,7 +43,7 @@ from data.jsonl import write_jsonl
 from data.schema import parse_prompt
 from data.tasks import load_task, task_factory
 from llama import PRESETS, load_model
-from llama.chat import ChatFormat
+from llama.chat import ChatFormat, resolve_chat_template
 from llama.checkpoint import read_config
 from llama.generate import decode_sample, generate
 from llama.tokenizer import load_tokenizer, resolve_tokenizer
@@ -237,7 +237,7 @@ class Pipeline:
             tokenizer = load_tokenizer()  # the presets' byte tokenizer
         else:
             tokenizer = resolve_tokenizer(None, cfg.base, read_config(cfg.base)[0].vocab_size)
-        self.chat = ChatFormat(tokenizer)
+        self.chat = ChatFormat(tokenizer, resolve_chat_template(None, cfg.base))
         self.results: list[dict] = []
 
     @property
@@ -449,6 +449,10 @@ class Pipeline:
         """One training run, its output appended to log_path; a failure raises with the log's end."""
         if "model.checkpoint" in args:  # the stage's own start, not the config file's preset
             args["model.preset"] = None
+        # every stage trains with the pipeline's tokenizer and chat format, whatever its start folder holds
+        args.setdefault("model.chat_template", self.chat.template)
+        if self.cfg.base is not None:
+            args.setdefault("model.tokenizer", str(self.chat.tokenizer.path))
         script, config = str(ROOT / "train" / f"{kind}.py"), str(ROOT / self.cfg.configs[kind])
         cmd = torchrun_command(script, self.cfg.nproc, ["--config", config, *override_args(args)])
         env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // self.cfg.nproc))}

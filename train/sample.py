@@ -42,7 +42,7 @@ from data.loader import read_records
 from data.rows import build_group, encode_response, pack
 from data.schema import ValidationError, parse_prompt
 from llama import load_model
-from llama.chat import ChatFormat
+from llama.chat import TEMPLATES, ChatFormat, resolve_chat_template
 from llama.checkpoint import read_config
 from llama.generate import decode_sample, generate
 from llama.tokenizer import resolve_tokenizer
@@ -332,6 +332,7 @@ def main(argv=None):
     ap.add_argument("--safety-rm", help="safety reward model, combined as in Llama 2")
     ap.add_argument("--prompts", required=True)
     ap.add_argument("--tokenizer", help="file or model folder; default: the policy folder's, else the byte tokenizer")
+    ap.add_argument("--chat-template", choices=TEMPLATES, help="default: the policy folder's, else llama3")
     ap.add_argument("--k", type=_at_least(1), default=16, help="samples per prompt")
     ap.add_argument("--max-new-tokens", type=_at_least(1), default=256)
     ap.add_argument("--temperature", type=_at_least(0.0, float), default=1.0, help="0: greedy")
@@ -354,7 +355,7 @@ def main(argv=None):
 
     try:  # --tokenizer, else the policy folder's, else the byte tokenizer if the vocabularies match
         tokenizer = resolve_tokenizer(args.tokenizer, args.policy, read_config(args.policy)[0].vocab_size)
-        chat = ChatFormat(tokenizer)
+        chat = ChatFormat(tokenizer, resolve_chat_template(args.chat_template, args.policy))
     except (ValueError, OSError) as e:
         raise SystemExit(f"--policy {args.policy}: {e}") from None
     check_checkpoints(args, tokenizer.vocab_size)

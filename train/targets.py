@@ -82,9 +82,10 @@ def chosen_nll(token_logps: Tensor, batch: Batch, nll_norm: str = "sequence") ->
 @torch.no_grad()
 def reference_table(ref, loader: DataLoader, backend: str, mask_format: bool, device) -> Tensor:
     """(num_examples, 2) reference log-prob sums of (chosen, rejected) of a DPO set: one pass in
-    order, every rank its share of the examples (each computed once), summed over ranks."""
+    order, every rank its share of the examples (each computed once), summed over ranks. A step at
+    a time: a rank holds one step's micro-batches, not its whole share of the set."""
     every = DataLoader(
-        loader.examples, len(loader.examples), loader.max_len, loader.tokens_per_microbatch, loader.rank,
+        loader.examples, loader.batch_size, loader.max_len, loader.tokens_per_microbatch, loader.rank,
         loader.world_size, shuffle=False, pad_id=loader.pad_id, drop_last=False,
     )  # fmt: skip
     table = torch.zeros(len(loader.examples), 2, dtype=torch.float32, device=device)

@@ -82,6 +82,7 @@ def checkpoint_problem(path: Path, world_size: int) -> str | None:
 CHANGEABLE_ON_RESUME = (
     "train.steps", "train.eval_every", "train.save_every", "train.keep_last", "train.resume", "train.run_dir",
     "train.max_bad_steps", "train.export_hf", "train.activation_checkpointing", "logging.*",
+    "data.cache", "data.cache_dir", "data.num_workers",  # where and how the same examples are tokenized
 )  # fmt: skip
 
 RUN_FILES = ("checkpoints", "model", "model_hf", "metrics.jsonl", "config.yaml", "wandb_id")  # what a run writes
@@ -196,11 +197,15 @@ def load(path, model, optimizer, rank: int) -> dict:
     return extra
 
 
-def export(model, path, rank: int, hf: bool = False) -> None:
-    """Gather the full weights to rank 0 and write native safetensors (and HF with hf=True)."""
+def export(model, path, rank: int, hf: bool = False, chat=None, hf_dtype: torch.dtype | None = None) -> None:
+    """Gather the full weights to rank 0 and write `path` in the native format: the fp32 master weights,
+    for training on. With hf=True also `<path>_hf` in the Hugging Face format, in `hf_dtype` (the run's
+    compute dtype: bf16 for a bf16 run), for transformers and vLLM. Both get the run's tokenizer and chat
+    template (`chat`, a llama.chat.ChatFormat), so that they are used on their own."""
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
-        save_checkpoint(full, model.config, model.head, path, format="native")
+        tok = {"tokenizer": chat.tokenizer, "chat_template": chat.template} if chat is not None else {}
+        save_checkpoint(full, model.config, model.head, path, format="native", **tok)
         if hf:
-            save_checkpoint(full, model.config, model.head, str(path) + "_hf", format="hf")
+            save_checkpoint(full, model.config, model.head, str(path) + "_hf", format="hf", dtype=hf_dtype, **tok)
     _barrier()

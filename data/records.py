@@ -1,0 +1,199 @@
+"""Reading records from data files: JSONL, Parquet, Arrow (Hugging Face `datasets` folders).
+
+A data path is one of
+- a .jsonl file (any other suffix is read as JSON lines too), a .parquet or an .arrow file;
+- a folder of .parquet shards, read in name order (what the hub holds: `data/train-0000x-of-0000n.parquet`);
+- a `datasets.Dataset.save_to_disk` folder (its state.json names the .arrow files, in order);
+- a glob (`data/train-*.parquet`), its matches read in name order.
+Parquet and Arrow need pyarrow (optional: `pip install pyarrow`).
+
+`read_records(path)` yields (where, record), where = 'file:line' (JSONL) or 'file:row' (1-based). A
+line that is not UTF-8 or not JSON comes as a ValidationError in place of its record, so that the
+caller counts it (data.skip_invalid) or stops on it; blank lines are not records.
+
+`chunks(path, size)` cuts the same records into picklable pieces for tokenizer processes (raw lines,
+or an Arrow batch in IPC bytes) and `chunk_records(chunk)` turns one back into records: read_records is
+the two chained, so the in-memory and the cached paths read exactly the same records.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from data.schema import ValidationError
+
+GLOB_CHARS = "*?["
+
+
+def data_files(path) -> list[Path]:
+    """The files behind a data path, in reading order."""
+    text = str(path)
+    if any(c in text for c in GLOB_CHARS):
+        files = [Path(p) for p in sorted(glob.glob(text)) if Path(p).is_file()]
+        if not files:
+            raise FileNotFoundError(f"no data files match {text}")
+        return files
+    path = Path(path)
+    if path.is_dir():
+        if (path / "state.json").is_file():  # datasets.Dataset.save_to_disk
+            state = json.loads((path / "state.json").read_text())
+            return [path / f["filename"] for f in state["_data_files"]]
+        if (path / "dataset_dict.json").is_file():  # datasets.DatasetDict.save_to_disk: one folder per split
+            splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+            raise IsADirectoryError(
+                f"data file {path} is a datasets DatasetDict folder; give one split's folder: "
+                + ", ".join(str(path / s) for s in splits)
+            )
+        shards = sorted(path.glob("*.parquet"))
+        if shards:
+            return shards
+        raise IsADirectoryError(
+            f"data file {path} is a directory (no .parquet shards in it, not a datasets save_to_disk folder); "
+            "give a .jsonl or .parquet file"
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    return [path]
+
+
+@dataclass
+class Chunk:
+    """Consecutive records of one file; `first` numbers its first record over the whole data path
+    (the RM response shuffle is seeded by it)."""
+
+    path: str
+    first: int
+    lines: list[tuple[int, bytes]] | None = None  # JSON lines: (line number, raw bytes)
+    ipc: bytes | None = None  # Parquet / Arrow: the rows as an Arrow IPC stream
+    row: int = 1  # the file's row number of the first row in `ipc`
+
+
+def _blank(raw: bytes) -> bool:
+    """Whether a line is whitespace only, as its decoded text would say (non-ASCII lines are decoded)."""
+    if raw.isascii():
+        return not raw.strip()
+    try:
+        return not raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return False
+
+
+def _pyarrow(path):
+    try:
+        import pyarrow
+
+        return pyarrow
+    except ImportError:
+        raise ImportError(f"reading {path} needs pyarrow (an optional dependency): pip install pyarrow") from None
+
+
+def _arrow_batches(path: Path, size: int):
+    pa = _pyarrow(path)
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        yield from pq.ParquetFile(path).iter_batches(batch_size=size)
+        return
+    source = pa.memory_map(str(path))
+    is_file_format = source.read(6) == b"ARROW1"  # datasets writes the stream format; accept both
+    source.seek(0)
+    reader = pa.ipc.open_file(source) if is_file_format else pa.ipc.open_stream(source)
+    batches = (reader.get_batch(i) for i in range(reader.num_record_batches)) if is_file_format else reader
+    for batch in batches:
+        for start in range(0, batch.num_rows, size):
+            yield batch.slice(start, size)
+
+
+def _ipc(batch) -> bytes:
+    """A batch as IPC bytes: unlike pickling, this writes only a slice's own rows."""
+    pa = _pyarrow("an Arrow batch")
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, batch.schema) as writer:
+        writer.write_batch(batch)
+    return sink.getvalue().to_pybytes()
+
+
+def chunks(path, size: int = 1024):
+    """Yield Chunks of up to `size` records of a data path, in order."""
+    first = 0
+    for file in data_files(path):
+        if file.suffix in (".parquet", ".arrow"):
+            row = 1
+            for batch in _arrow_batches(file, size):
+                if batch.num_rows:
+                    yield Chunk(str(file), first, ipc=_ipc(batch), row=row)
+                row, first = row + batch.num_rows, first + batch.num_rows
+            continue
+        lines = []
+        with open(file, "rb") as f:  # bytes, decoded per record: a bad byte is one bad record, not a crash
+            for lineno, raw in enumerate(f, 1):
+                if _blank(raw):
+                    continue
+                lines.append((lineno, raw))
+                if len(lines) == size:
+                    yield Chunk(str(file), first, lines=lines)
+                    first, lines = first + len(lines), []
+        if lines:
+            yield Chunk(str(file), first, lines=lines)
+            first += len(lines)
+
+
+def chunk_records(chunk: Chunk):
+    """Yield (where, record or ValidationError) for each record of a chunk."""
+    if chunk.ipc is not None:
+        pa = _pyarrow(chunk.path)
+        rows = pa.ipc.open_stream(chunk.ipc).read_all().to_pylist()
+        for i, obj in enumerate(rows, chunk.row):
+            yield f"{chunk.path}:{i}", obj
+        return
+    for lineno, raw in chunk.lines:
+        where = f"{chunk.path}:{lineno}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            bad = raw[e.start : e.start + 1].hex()
+            yield where, ValidationError(f"{where}: encoding: not UTF-8 (byte 0x{bad} at byte {e.start + 1})")
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield where, ValidationError(f"{where}: json: malformed JSON ({e.msg} at column {e.colno})")
+            continue
+        yield where, obj
+
+
+def read_records(path):
+    """Yield (where, record) from a data path; where = 'file:line' or 'file:row'."""
+    for chunk in chunks(path):
+        yield from chunk_records(chunk)
+
+
+def train_sources(value) -> list[tuple[str, float]]:
+    """data.train -> [(path, weight)]: one data path (weight 1), or a mixture given as a list of
+    {path: ..., weight: ...} (weight 1 when left out; a plain path in the list is weight 1 too).
+    What a weight means: data/loader.py `epoch_examples`."""
+    if isinstance(value, str):
+        if not value:
+            raise ValueError("data.train is not set: give a data path, or a list of {path, weight}")
+        return [(value, 1.0)]
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"data.train must be a data path or a non-empty list of {{path, weight}}, got {value!r}")
+    out = []
+    for i, entry in enumerate(value):
+        where = f"data.train[{i}]"
+        entry = {"path": entry} if isinstance(entry, str) else entry
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where}: must be a path or a mapping {{path, weight}}, got {entry!r}")
+        unknown = sorted(set(entry) - {"path", "weight"})
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {', '.join(map(str, unknown))} (known: path, weight)")
+        path, weight = entry.get("path"), entry.get("weight", 1.0)
+        if not isinstance(path, str) or not path:
+            raise ValueError(f"{where}.path: must be a data path, got {path!r}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < float("inf"):
+            raise ValueError(f"{where}.weight: must be a positive number, got {weight!r}")
+        out.append((path, float(weight)))
+    return out
