@@ -204,7 +204,9 @@ def test_bad_config_json_names_the_path(tmp_path, text, message):
 
 
 def test_tokenizer_directory(tmp_path):
-    with pytest.raises(IsADirectoryError, match=r"is a directory .*looked for tokenizer.model, tokenizer.json, original/"):
+    with pytest.raises(
+        IsADirectoryError, match=r"is a directory .*looked for tokenizer.model, tokenizer.json, original/"
+    ):
         load_tokenizer(tmp_path)
     _bpe_with_one_merge((tmp_path / "original").mkdir() or tmp_path / "original" / "tokenizer.model")
     assert load_tokenizer(tmp_path).vocab_size == 513

@@ -44,7 +44,7 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    train: str | list[str | dict] = ""  # data path (JSONL/Parquet file, .parquet folder, datasets folder) or [{path, weight}]
+    train: str | list[str | dict] = ""  # JSONL/Parquet file, Parquet/datasets folder, or [{path, weight}]
     eval: str | None = None  # held-out file, evaluated whole every train.eval_every steps
     max_len: PosInt = 2048  # tokens per row
     batch_size: PosInt = 32  # examples per optimizer step, over all ranks
