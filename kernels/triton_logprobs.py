@@ -5,24 +5,68 @@
 Forward: a grid of (token block, vocabulary split). Each program walks its split tile by tile,
 computing a [BLOCK_N, BLOCK_V] logits tile in registers (fp32 accumulation over H) and folding it
 into an online log-sum-exp (running max m, running sum s) and the target's logit when it falls in
-the tile, then writes only those O(N) numbers per split. Torch combines the splits.
+the tile, then writes only those O(N) numbers per split, plus the largest logit of each tile (one
+float per tile: the skip map of the backward). Torch combines the splits. Tile sizes, warps and
+pipeline stages are autotuned per (V, H, dtype) on CUDA.
 
-Backward: a grid of (token block, vocabulary block). Each program recomputes its logits tile and
-forms d logits = g * (onehot(t) - softmax) in registers, then adds d @ W into dH and d^T @ H into
-dW with fp32 atomics. Neither pass ever holds more than a tile of logits; dW is accumulated in fp32.
+Backward, in vocabulary slabs of at most DL_BYTES of d logits:
+    d logits = g * (onehot(t) - softmax)            Triton: recomputes each logits tile, writes [N, slab]
+    dW[slab] = d logits^T @ H                       one cuBLAS matmul over all N rows (no accumulation)
+    dH      += d logits @ W[slab]                   cuBLAS, accumulated over the slabs in fp32
+No atomics: no two programs write the same element, so the backward is deterministic run to run.
+d logits is written in the input dtype (what the old fused kernel fed its MMA, and what autograd
+feeds the matmuls of the naive formula).
 
-fp32 inputs use IEEE fp32 dot products (no TF32), so the result tracks torch's fp32 matmul.
-Same contract as kernels/reference.py; an empty input (N == 0) launches nothing and gives empty
-log-probs and zero gradients (ranks pad with empty micro-batches).
+Tile skipping (Cut Cross-Entropy's gradient filtering, at fp32 resolution): a (token block,
+vocabulary tile) whose largest forward logit is more than 24 ln 2 below the largest logit of every
+row of the block has softmax < 2^-24 x that row's largest probability everywhere, below fp32
+resolution of the row's largest gradient entry. Its logits are not recomputed; its d logits is
+g * onehot. Summed over V columns the dropped terms are bounded like fp32 rounding over V terms,
+inside the tests' bound. `backward` returns how many tiles it skipped.
+
+Determinism: without atomics every run with the same tile config gives bitwise the same result
+(cuBLAS GEMMs are run-to-run reproducible on one GPU model and library version). The autotuner
+picks the config by timing, so two processes may pick different tiles and differ in the last
+bits; `deterministic=True` pins one config, so results also agree across processes and runs.
+
+fp32 inputs use IEEE fp32 dot products (no TF32) in Triton; the cuBLAS matmuls follow torch's
+TF32 setting (off by default). Same contract as kernels/reference.py; an empty input (N == 0)
+launches nothing and gives empty log-probs and zero gradients (ranks pad with empty micro-batches).
+Offsets into [N, H], [V, H] and d logits are int64 (N * V passes 2^31 at N = 16k, V = 128k).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
 import triton.language as tl
 
 from kernels.reference import IGNORE, check_shapes
+
+SKIP_BELOW = 24 * math.log(2)  # a logit this far below its row's max has softmax < 2^-24 of the max's
+DL_BYTES = 2**30  # d logits per backward slab: N rows x (slab columns); dW needs no fp32 [V, H] buffer
+
+
+def _config(bn, bv, bd, warps, stages):
+    return triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_D": bd}, num_warps=warps, num_stages=stages)
+
+
+# Hopper (228 KB shared memory) and Ampere (164 KB): stages x (BLOCK_N + BLOCK_V) x BLOCK_D x 2 bytes
+# of bf16 operands fit both; 8 warps for 128 x 128+ fp32 tiles so the accumulator and the exp tile
+# stay in registers. The first config is the pinned one (deterministic=True).
+GPU_CONFIGS = [
+    _config(128, 128, 64, 8, 3),
+    _config(128, 256, 64, 8, 3),
+    _config(64, 256, 64, 8, 4),
+    _config(128, 64, 64, 4, 4),
+    _config(64, 128, 64, 4, 4),
+    _config(128, 128, 32, 4, 4),
+]
+# The CPU interpreter: one small config (fast tests), and bf16 tiles upcast before tl.dot (the
+# interpreter's bf16 dot is wrong): exact bf16 products summed in fp32, as the GPU's MMA does.
+INTERPRETER_CONFIG = _config(32, 64, 32, 1, 1)
 
 
 @triton.jit
@@ -32,15 +76,13 @@ def _logits_tile(
 ):  # fmt: skip
     """hidden[rn] @ weight[rv].T as a (BLOCK_N, BLOCK_V) fp32 tile, accumulated over D in BLOCK_D steps."""
     acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+    h_rows = H + rn.to(tl.int64)[:, None] * stride_hn
+    w_rows = W + rv.to(tl.int64)[:, None] * stride_wv
     for d0 in range(0, D, BLOCK_D):
         rd = d0 + tl.arange(0, BLOCK_D)
         d_ok = rd < D
-        h = tl.load(
-            H + rn[:, None] * stride_hn + rd[None, :] * stride_hd, mask=row_ok[:, None] & d_ok[None, :], other=0.0
-        )
-        w = tl.load(
-            W + rv[:, None] * stride_wv + rd[None, :] * stride_wd, mask=col_ok[:, None] & d_ok[None, :], other=0.0
-        )
+        h = tl.load(h_rows + rd[None, :] * stride_hd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        w = tl.load(w_rows + rd[None, :] * stride_wd, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         if UPCAST:
             h, w = h.to(tl.float32), w.to(tl.float32)
         if IEEE:
@@ -52,7 +94,7 @@ def _logits_tile(
 
 @triton.jit
 def _forward_kernel(
-    H, W, T, M_OUT, S_OUT, TL_OUT,
+    H, W, T, M_OUT, S_OUT, TL_OUT, TILE_MAX,
     N, V, D, n_splits, v_per_split,
     stride_hn, stride_hd, stride_wv, stride_wd,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
@@ -65,8 +107,9 @@ def _forward_kernel(
     m = tl.full([BLOCK_N], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_N], tl.float32)
     t_logit = tl.zeros([BLOCK_N], tl.float32)
-    v_start = pid_s * v_per_split
+    v_start = pid_s * v_per_split  # a multiple of BLOCK_V: tiles line up with the backward's
     v_end = tl.minimum(v_start + v_per_split, V)
+    tile_row = TILE_MAX + pid_n.to(tl.int64) * tl.cdiv(V, BLOCK_V)
     for v0 in range(v_start, v_end, BLOCK_V):
         rv = v0 + tl.arange(0, BLOCK_V)
         col_ok = rv < v_end
@@ -74,139 +117,165 @@ def _forward_kernel(
             H, W, rn, rv, row_ok, col_ok, D, stride_hn, stride_hd, stride_wv, stride_wd, BLOCK_N, BLOCK_V, BLOCK_D, IEEE, UPCAST
         )  # fmt: skip
         logits = tl.where(col_ok[None, :], acc, float("-inf"))
+        tl.store(tile_row + v0 // BLOCK_V, tl.max(tl.max(tl.where(row_ok[:, None], logits, float("-inf")), 1), 0))
         m_new = tl.maximum(m, tl.max(logits, axis=1))
         scale = tl.exp(m - m_new)
         p = tl.exp(logits - m_new[:, None])
         s = s * scale + tl.sum(p, axis=1)
         t_logit += tl.sum(tl.where(rv[None, :] == tgt[:, None], acc, 0.0), axis=1)
         m = m_new
-    out = rn * n_splits + pid_s
+    out = rn.to(tl.int64) * n_splits + pid_s
     tl.store(M_OUT + out, m, mask=row_ok)
     tl.store(S_OUT + out, s, mask=row_ok)
     tl.store(TL_OUT + out, t_logit, mask=row_ok)
 
 
+_forward_tuned = triton.autotune(GPU_CONFIGS, key=["V", "D"])(_forward_kernel)  # + the dtypes, by Triton
+
+
 @triton.jit
-def _backward_kernel(
-    H, W, T, LSE, G, DH, DW,
-    N, V, D,
+def _dlogits_kernel(
+    H, W, T, LSE, ROW_MAX, G, TILE_MAX, SKIPPED, DL,
+    N, V, D, v0, v_slab, stride_dl, skip_below,
     stride_hn, stride_hd, stride_wv, stride_wd,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
-    NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
+    """d logits of rows [pid_n block] x columns [v0 + pid_v tile] into DL (N, v_slab), input dtype."""
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rv = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    rv = v0 + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     row_ok = rn < N
-    col_ok = rv < V
-    acc = _logits_tile(
-        H, W, rn, rv, row_ok, col_ok, D, stride_hn, stride_hd, stride_wv, stride_wd, BLOCK_N, BLOCK_V, BLOCK_D, IEEE, UPCAST
-    )  # fmt: skip
+    col_ok = rv < v0 + v_slab
     lse = tl.load(LSE + rn, mask=row_ok, other=0.0)
     g = tl.load(G + rn, mask=row_ok, other=0.0)  # 0 for ignored targets
     tgt = tl.load(T + rn, mask=row_ok, other=-1)
-    p = tl.where(col_ok[None, :], tl.exp(acc - lse[:, None]), 0.0)
+    tile = pid_n.to(tl.int64) * tl.cdiv(V, BLOCK_V) + v0 // BLOCK_V + pid_v
+    row_max = tl.load(ROW_MAX + rn, mask=row_ok, other=float("inf"))
+    if tl.load(TILE_MAX + tile) < tl.min(row_max, 0) - skip_below:  # softmax < 2^-24 of every row's max
+        p = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+        tl.store(SKIPPED + tile, 1)
+    else:
+        acc = _logits_tile(
+            H, W, rn, rv, row_ok, col_ok, D, stride_hn, stride_hd, stride_wv, stride_wd, BLOCK_N, BLOCK_V, BLOCK_D, IEEE, UPCAST
+        )  # fmt: skip
+        p = tl.where(col_ok[None, :], tl.exp(acc - lse[:, None]), 0.0)
     onehot = tl.where(rv[None, :] == tgt[:, None], 1.0, 0.0)
-    d_logits = g[:, None] * (onehot - p)  # (BLOCK_N, BLOCK_V), fp32
-    d_in = d_logits.to(H.dtype.element_ty)  # as the MMA sees it: rounded to the input dtype
-    if UPCAST:
-        d_in = d_in.to(tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        rd = d0 + tl.arange(0, BLOCK_D)
-        d_ok = rd < D
-        if NEED_DH:
-            w = tl.load(
-                W + rv[:, None] * stride_wv + rd[None, :] * stride_wd, mask=col_ok[:, None] & d_ok[None, :], other=0.0
-            )
-            if UPCAST:
-                w = w.to(tl.float32)
-            if IEEE:
-                dh = tl.dot(d_in, w, input_precision="ieee")
-            else:
-                dh = tl.dot(d_in, w)
-            tl.atomic_add(DH + rn[:, None] * D + rd[None, :], dh, mask=row_ok[:, None] & d_ok[None, :])
-        if NEED_DW:
-            h = tl.load(
-                H + rn[:, None] * stride_hn + rd[None, :] * stride_hd, mask=row_ok[:, None] & d_ok[None, :], other=0.0
-            )
-            if UPCAST:
-                h = h.to(tl.float32)
-            if IEEE:
-                dw = tl.dot(tl.trans(d_in), h, input_precision="ieee")
-            else:
-                dw = tl.dot(tl.trans(d_in), h)
-            tl.atomic_add(DW + rv[:, None] * D + rd[None, :], dw, mask=col_ok[:, None] & d_ok[None, :])
+    d_logits = g[:, None] * (onehot - p)
+    offs = rn.to(tl.int64)[:, None] * stride_dl + (rv - v0)[None, :]
+    tl.store(DL + offs, d_logits.to(DL.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _blocks(hidden: torch.Tensor) -> dict:
-    if hidden.device.type == "cuda":
-        return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, UPCAST=False)
-    # The CPU interpreter: small tiles, and bf16 tiles upcast before tl.dot (the interpreter's bf16
-    # dot is wrong); exact bf16 products summed in fp32, as the GPU's MMA does.
-    return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=16, UPCAST=True)
+def _launch_options(hidden: torch.Tensor, cfg: triton.Config) -> dict:
+    flags = dict(IEEE=hidden.dtype == torch.float32, UPCAST=hidden.device.type != "cuda")
+    return {**flags, **cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
 
 
-def forward(hidden, weight, targets, v_per_split: int | None = None):
-    """-> (log-probs (N,), lse (N,)), both fp32."""
+def _pinned_config(hidden: torch.Tensor, deterministic: bool) -> triton.Config | None:
+    """The config to run with, or None: autotune (CUDA, deterministic=False)."""
+    if hidden.device.type != "cuda":
+        return INTERPRETER_CONFIG
+    return GPU_CONFIGS[0] if deterministic else None
+
+
+def forward(hidden, weight, targets, v_per_split: int | None = None, deterministic: bool = False):
+    """-> (log-probs, lse, row max logit (all (N,) fp32), tile max logits (flat, fp32), the tile config)."""
     N, D = hidden.shape
     V = weight.shape[0]
-    b = _blocks(hidden)
-    n_blocks = triton.cdiv(N, b["BLOCK_N"])
+    cfg = _pinned_config(hidden, deterministic)
+    candidates = [cfg] if cfg is not None else GPU_CONFIGS
+    block_n = min(c.kwargs["BLOCK_N"] for c in candidates)
+    block_v = [c.kwargs["BLOCK_V"] for c in candidates]
     if v_per_split is None:  # enough programs to fill the GPU when N is small
-        splits_wanted = max(1, 256 // max(1, n_blocks))
-        v_per_split = triton.cdiv(triton.cdiv(V, splits_wanted), b["BLOCK_V"]) * b["BLOCK_V"]
+        splits_wanted = max(1, 256 // max(1, triton.cdiv(N, block_n)))
+        v_per_split = triton.cdiv(triton.cdiv(V, splits_wanted), max(block_v)) * max(block_v)
+    if v_per_split % max(block_v):
+        raise ValueError(f"v_per_split {v_per_split} must be a multiple of every BLOCK_V {block_v}")
     n_splits = triton.cdiv(V, v_per_split)
     out = torch.empty(3, N, n_splits, dtype=torch.float32, device=hidden.device)
+    # sized for the smallest tiles; the chosen config uses the first cdiv(N, BN) * cdiv(V, BV) entries
+    tile_max = torch.empty(
+        triton.cdiv(N, block_n) * triton.cdiv(V, min(block_v)), dtype=torch.float32, device=hidden.device
+    )
     if N > 0:
-        _forward_kernel[(n_blocks, n_splits)](
-            hidden, weight, targets, out[0], out[1], out[2],
-            N, V, D, n_splits, v_per_split,
-            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-            IEEE=hidden.dtype == torch.float32, **b,
-        )  # fmt: skip
+        args = (hidden, weight, targets, out[0], out[1], out[2], tile_max, N, V, D, n_splits, v_per_split)
+        args += (hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1))
+        if cfg is None:
+            grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), n_splits)  # noqa: E731
+            _forward_tuned[grid](*args, IEEE=hidden.dtype == torch.float32, UPCAST=False)
+            cfg = _forward_tuned.best_config
+        else:
+            _forward_kernel[(triton.cdiv(N, cfg.kwargs["BLOCK_N"]), n_splits)](*args, **_launch_options(hidden, cfg))
     m, s, t_logit = out
     big_m = m.max(dim=1).values  # (N,) the largest logit
     lse = big_m + (s * torch.exp(m - big_m[:, None])).sum(1).log()
     logp = torch.where(targets != IGNORE, t_logit.sum(1) - lse, 0.0)
-    return logp, lse
+    return logp, lse, big_m, tile_max, cfg or GPU_CONFIGS[0]
 
 
-def backward(hidden, weight, targets, lse, grad, need_dh=True, need_dw=True):
+def _add_matmul_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b with the products summed in fp32 and no rounding to a's dtype on the way."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif a.is_cuda:  # cuBLAS bf16 x bf16 -> fp32 (torch's addmm wants acc in the inputs' dtype)
+        acc.add_(torch.mm(a, b, out_dtype=torch.float32))
+    else:  # the CPU interpreter tests: exact bf16 products summed in fp32, as above
+        acc.addmm_(a.float(), b.float())
+
+
+def backward(hidden, weight, targets, lse, row_max, tile_max, cfg, grad, need_dh=True, need_dw=True, slab=None):
+    """-> (dH, dW (None where not needed), number of (token block, vocabulary tile) pairs skipped)."""
     N, D = hidden.shape
     V = weight.shape[0]
-    b = _blocks(hidden)
-    g = torch.where(targets != IGNORE, grad.float(), 0.0).contiguous()
     dh = torch.zeros(N, D, dtype=torch.float32, device=hidden.device) if need_dh else None
-    dw = torch.zeros(V, D, dtype=torch.float32, device=hidden.device) if need_dw else None
+    dw = (torch.empty_like(weight) if N > 0 else torch.zeros_like(weight)) if need_dw else None  # N > 0: all set
+    block_n, block_v = cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_V"]
+    skipped = torch.zeros(triton.cdiv(N, block_n) * triton.cdiv(V, block_v), dtype=torch.int32, device=hidden.device)
     if N > 0:  # nothing to add to the zeros otherwise
-        _backward_kernel[(triton.cdiv(N, b["BLOCK_N"]), triton.cdiv(V, b["BLOCK_V"]))](
-            hidden, weight, targets, lse, g, dh if need_dh else g, dw if need_dw else g,
-            N, V, D,
-            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-            IEEE=hidden.dtype == torch.float32, NEED_DH=need_dh, NEED_DW=need_dw, **b,
-        )  # fmt: skip
-    return (dh.to(hidden.dtype) if need_dh else None), (dw.to(weight.dtype) if need_dw else None)
+        g = torch.where(targets != IGNORE, grad.float(), 0.0).contiguous()
+        if slab is None:
+            slab = max(1, DL_BYTES // (N * hidden.element_size() * block_v)) * block_v
+        if slab % block_v:
+            raise ValueError(f"slab {slab} must be a multiple of BLOCK_V {block_v}")
+        dl = torch.empty(N, min(slab, V), dtype=hidden.dtype, device=hidden.device)
+        for v0 in range(0, V, slab):
+            v_slab = min(slab, V - v0)
+            _dlogits_kernel[(triton.cdiv(N, block_n), triton.cdiv(v_slab, block_v))](
+                hidden, weight, targets, lse, row_max, g, tile_max, skipped, dl,
+                N, V, D, v0, v_slab, dl.stride(0), SKIP_BELOW,
+                hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+                **_launch_options(hidden, cfg),
+            )  # fmt: skip
+            d = dl[:, :v_slab]
+            if need_dw:  # all N rows in one matmul: the slab's dW is rounded once, like autograd's
+                torch.mm(d.T, hidden, out=dw[v0 : v0 + v_slab])
+            if need_dh:
+                _add_matmul_fp32(dh, d, weight[v0 : v0 + v_slab])
+    return (dh.to(hidden.dtype) if need_dh else None), dw, skipped.sum()
 
 
 class TritonTargetLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets):
-        logp, lse = forward(hidden, weight, targets)
-        ctx.save_for_backward(hidden, weight, targets, lse)
+    def forward(ctx, hidden, weight, targets, deterministic):
+        logp, lse, row_max, tile_max, cfg = forward(hidden, weight, targets, deterministic=deterministic)
+        ctx.save_for_backward(hidden, weight, targets, lse, row_max, tile_max)
+        ctx.cfg = cfg
         return logp
 
     @staticmethod
     def backward(ctx, grad_logp):
-        hidden, weight, targets, lse = ctx.saved_tensors
-        dh, dw = backward(hidden, weight, targets, lse, grad_logp, *ctx.needs_input_grad[:2])
-        return dh, dw, None
+        hidden, weight, targets, lse, row_max, tile_max = ctx.saved_tensors
+        need_dh, need_dw = ctx.needs_input_grad[:2]
+        dh, dw, _ = backward(hidden, weight, targets, lse, row_max, tile_max, ctx.cfg, grad_logp, need_dh, need_dw)
+        return dh, dw, None, None
 
 
-def target_logprobs(hidden, weight, targets):
-    """log softmax(hidden @ weight.T)[targets] in fp32, fused; IGNORE gives 0 (kernels/reference.py)."""
+def target_logprobs(hidden, weight, targets, deterministic: bool = False):
+    """log softmax(hidden @ weight.T)[targets] in fp32, fused; IGNORE gives 0 (kernels/reference.py).
+
+    deterministic=True pins the tile config instead of autotuning it (module docstring)."""
     check_shapes(hidden, weight, targets)
     hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.contiguous()
     if not (hidden.requires_grad or weight.requires_grad) or not torch.is_grad_enabled():
-        return forward(hidden, weight, targets)[0]  # forward only: nothing saved
-    return TritonTargetLogprobs.apply(hidden, weight, targets)
+        return forward(hidden, weight, targets, deterministic=deterministic)[0]  # forward only: nothing saved
+    return TritonTargetLogprobs.apply(hidden, weight, targets, deterministic)
