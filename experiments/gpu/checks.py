@@ -115,6 +115,15 @@ def kernel_edge_cases(name: str) -> None:
     ok, text = _within_torch_error(tied(_triton, dtype), tied(naive_target_logprobs, dtype), exact, rel)
     row("kernels", f"{name} tied weights", "pass" if ok else "fail", text)
 
+    # no atomics in the backward: two runs give the same bits (the old atomic adds did not)
+    h = torch.randn(4096, 1024, generator=g, device=dev).to(dtype)
+    w = (torch.randn(32000, 1024, generator=g, device=dev) * 0.06).to(dtype)
+    t = torch.randint(0, 32000, (4096,), generator=g, device=dev)
+    up = torch.randn(4096, generator=g, device=dev)
+    first, second = (_grads(_triton, h, w, t, up) for _ in range(2))
+    same = all(torch.equal(a, b) for a, b in zip(first, second))
+    row("kernels", f"{name} backward bitwise deterministic", "pass" if same else "fail", "N=4096 H=1024 V=32000")
+
 
 def kernels() -> None:
     """The Triton kernel on CUDA (not the interpreter) against float64, fp32 and bf16, at odd sizes
