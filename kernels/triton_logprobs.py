@@ -71,24 +71,26 @@ INTERPRETER_CONFIG = _config(32, 64, 32, 1, 1)
 
 @triton.jit
 def _logits_tile(
-    H, W, rn, rv, row_ok, col_ok, D, stride_hn, stride_hd, stride_wv, stride_wd,
+    H, W, row0, col0, N, V, D, stride_hn, stride_hd, stride_wv, stride_wd,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    """hidden[rn] @ weight[rv].T as a (BLOCK_N, BLOCK_V) fp32 tile, accumulated over D in BLOCK_D steps."""
+    """hidden[row0:][:BLOCK_N] @ weight[col0:][:BLOCK_V].T as a (BLOCK_N, BLOCK_V) fp32 tile (0 past N or V),
+    accumulated over D in BLOCK_D steps. Block pointers: 64-bit addressing from one base, not a 64-bit
+    pointer per element (those spill registers)."""
+    h_blk = tl.make_block_ptr(H, (N, D), (stride_hn, stride_hd), (row0, 0), (BLOCK_N, BLOCK_D), (1, 0))
+    w_blk = tl.make_block_ptr(W, (V, D), (stride_wv, stride_wd), (col0, 0), (BLOCK_V, BLOCK_D), (1, 0))
     acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-    h_rows = H + rn.to(tl.int64)[:, None] * stride_hn
-    w_rows = W + rv.to(tl.int64)[:, None] * stride_wv
-    for d0 in range(0, D, BLOCK_D):
-        rd = d0 + tl.arange(0, BLOCK_D)
-        d_ok = rd < D
-        h = tl.load(h_rows + rd[None, :] * stride_hd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        w = tl.load(w_rows + rd[None, :] * stride_wd, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+    for _ in range(0, D, BLOCK_D):
+        h = tl.load(h_blk, boundary_check=(0, 1), padding_option="zero")
+        w = tl.load(w_blk, boundary_check=(0, 1), padding_option="zero")
         if UPCAST:
             h, w = h.to(tl.float32), w.to(tl.float32)
         if IEEE:
             acc = tl.dot(h, tl.trans(w), acc, input_precision="ieee")
         else:
             acc = tl.dot(h, tl.trans(w), acc)
+        h_blk = tl.advance(h_blk, (0, BLOCK_D))
+        w_blk = tl.advance(w_blk, (0, BLOCK_D))
     return acc
 
 
@@ -114,9 +116,9 @@ def _forward_kernel(
         rv = v0 + tl.arange(0, BLOCK_V)
         col_ok = rv < v_end
         acc = _logits_tile(
-            H, W, rn, rv, row_ok, col_ok, D, stride_hn, stride_hd, stride_wv, stride_wd, BLOCK_N, BLOCK_V, BLOCK_D, IEEE, UPCAST
+            H, W, pid_n * BLOCK_N, v0, N, V, D, stride_hn, stride_hd, stride_wv, stride_wd, BLOCK_N, BLOCK_V, BLOCK_D, IEEE, UPCAST
         )  # fmt: skip
-        logits = tl.where(col_ok[None, :], acc, float("-inf"))
+        logits = tl.where(col_ok[None, :], acc, float("-inf"))  # the split's end: the next split's columns
         tl.store(tile_row + v0 // BLOCK_V, tl.max(tl.max(tl.where(row_ok[:, None], logits, float("-inf")), 1), 0))
         m_new = tl.maximum(m, tl.max(logits, axis=1))
         scale = tl.exp(m - m_new)
@@ -157,7 +159,7 @@ def _dlogits_kernel(
         tl.store(SKIPPED + tile, 1)
     else:
         acc = _logits_tile(
-            H, W, rn, rv, row_ok, col_ok, D, stride_hn, stride_hd, stride_wv, stride_wd, BLOCK_N, BLOCK_V, BLOCK_D, IEEE, UPCAST
+            H, W, pid_n * BLOCK_N, v0 + pid_v * BLOCK_V, N, V, D, stride_hn, stride_hd, stride_wv, stride_wd, BLOCK_N, BLOCK_V, BLOCK_D, IEEE, UPCAST
         )  # fmt: skip
         p = tl.where(col_ok[None, :], tl.exp(acc - lse[:, None]), 0.0)
     onehot = tl.where(rv[None, :] == tgt[:, None], 1.0, 0.0)

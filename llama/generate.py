@@ -21,17 +21,33 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from llama.model import PAD_DOC, KVCache, Transformer
+from llama.model import PAD_DOC, KVCache, Transformer, rope_cos_sin, rope_inv_freq
 
 # Steps between host syncs that check which rows have stopped (a sync per step stalls an accelerator).
 STOP_CHECK_EVERY = 8
 
 
-def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, generator=None) -> Tensor:
-    """logits (N, V) -> next token ids (N,). temperature 0 is greedy. No host sync, no fp64."""
+def sample_next(
+    logits: Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator=None,
+    u: Tensor | None = None,
+    overwrite: bool = False,
+) -> Tensor:
+    """logits (N, V) -> next token ids (N,). temperature 0 is greedy. No host sync, no fp64.
+    u: the row's uniform draws (N, 1) in [0, 1), drawn from `generator` when not given.
+    overwrite: the logits are the caller's scratch, the sampler may work in them (saves an N x V copy)."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature  # a new tensor: the filters and the sampler work on it in place
+    if u is None:
+        u = torch.rand(logits.shape[0], 1, generator=generator, device=logits.device)
+    if overwrite and logits.dtype == torch.float32:
+        if temperature != 1:
+            logits.div_(temperature)
+    else:
+        logits = logits.float() / temperature  # a new tensor: the filters and the sampler work on it in place
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits.masked_fill_(logits < kth, float("-inf"))
@@ -40,26 +56,28 @@ def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p:
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return sample_categorical(logits, generator)
+    return sample_categorical(logits, u=u)
 
 
-def sample_categorical(logits: Tensor, generator=None, block: int = 256) -> Tensor:
+def sample_categorical(logits: Tensor, generator=None, block: int = 256, u: Tensor | None = None) -> Tensor:
     """One draw per row from softmax(logits) (N, V), by inverse CDF in two levels; overwrites `logits`.
 
-    One uniform per row (the Gumbel/exponential tricks need one per vocabulary entry: on a CPU drawing
-    those 128k numbers costs as much as the vocabulary projection). A single fp32 cumsum over 128k
-    entries would lose the small probabilities, so the uniform first picks a block of `block` entries
-    by the blocks' cumulative masses, then an entry by the cumulative mass within that block: both
-    sums are short and exact enough in fp32.
+    One uniform per row, `u` (N, 1) in [0, 1) or drawn from `generator` (the Gumbel/exponential tricks
+    need one per vocabulary entry: on a CPU drawing those 128k numbers costs as much as the vocabulary
+    projection). A single fp32 cumsum over 128k entries would lose the small probabilities, so the
+    uniform first picks a block of `block` entries by the blocks' cumulative masses, then an entry by
+    the cumulative mass within that block: both sums are short and exact enough in fp32.
     """
     N, V = logits.shape
+    if u is None:
+        u = torch.rand(N, 1, generator=generator, device=logits.device)
     w = logits.sub_(logits.amax(-1, keepdim=True)).exp_()  # unnormalized probabilities, the largest 1
     if V % block:
         w = F.pad(w, (0, -V % block))  # zero-weight tail: a whole number of blocks
     blocks = w.view(N, -1, block)
     mass = blocks.sum(-1)  # (N, nb)
     cum = mass.cumsum(-1)
-    u = torch.rand(N, 1, generator=generator, device=w.device, dtype=w.dtype) * cum[:, -1:]
+    u = u.to(w.dtype) * cum[:, -1:]
     b = torch.searchsorted(cum, _below(u, cum[:, -1:]), right=True)  # (N, 1) first block whose mass passes u
     inner = blocks.gather(1, b[:, :, None].expand(N, 1, block)).squeeze(1).cumsum(-1)  # (N, block)
     rest = (u - (cum.gather(1, b) - mass.gather(1, b))).clamp_(min=0)
@@ -71,6 +89,74 @@ def _below(x: Tensor, total: Tensor) -> Tensor:
     """x kept strictly below total, so that searchsorted(right=True) lands on an entry of non-zero weight
     even when rounding puts x at the end of the cumulative sums."""
     return torch.minimum(x, torch.nextafter(total, torch.zeros_like(total)))
+
+
+class DecodeCache(KVCache):
+    """A fanned-out KVCache for decoding with the same shapes at every step (gpt-fast's approach): the
+    step's token is written at `slot`, a tensor rather than a Python int, and attention reads all
+    max_len slots, those not yet written masked out. So a compiled step is compiled once per batch
+    size and cache length, and a GPU could capture it as a graph."""
+
+    def __init__(self, cache: KVCache):
+        self.k, self.v, self.doc, self.branch = cache.k, cache.v, cache.doc, cache.branch
+        self.length = cache.length
+        max_len = cache.k.shape[3]
+        self.slot = torch.tensor([cache.length], device=cache.k.device)  # (1,) the slot this step writes
+        self.slots = torch.arange(max_len, device=cache.k.device)
+        # Slots a decoded token may attend, besides being at or before its own slot: not padding
+        # (the prefill wrote doc ids; decoded tokens are doc 0, as the prompts' real tokens).
+        self.real = self.doc >= 0
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write one step's k/v (B, nkv, 1, hd) at `slot`; return all max_len slots."""
+        self.k[layer].index_copy_(2, self.slot, k)
+        self.v[layer].index_copy_(2, self.slot, v)
+        return self.k[layer], self.v[layer]
+
+    def select(self, rows: Tensor) -> None:
+        super().select(rows)
+        self.real = self.real[rows]
+
+    def advance(self) -> None:
+        self.slot += 1
+        self.length += 1
+
+
+def decode_step(
+    model: Transformer, tokens: Tensor, positions: Tensor, cache: DecodeCache, u: Tensor | None,
+    temperature: float, top_k: int, top_p: float, inv_freq: Tensor, logits_out: Tensor | None = None,
+) -> Tensor:  # fmt: skip
+    """tokens (N,) at positions (N,), written at cache.slot -> the next tokens (N,), sampled with
+    uniforms u (N, 1). No Python-int shapes or slices depend on the step: compilable once.
+    logits_out: an (N, V) buffer for the logits, reused across steps (eager: each fresh 30+ MB
+    allocation at a 128k vocabulary is a new mapping from the OS, page faults included)."""
+    mask = (cache.real & (cache.slots <= cache.slot))[:, None, None, :]  # (N, 1, 1, max_len)
+    cos, sin = rope_cos_sin(positions[:, None], inv_freq)
+    h = model.tok_embeddings(tokens[:, None])  # (N, 1, dim)
+    for i, layer in enumerate(model.layers):
+        h = layer(h, cos, sin, mask, cache, i)
+    h = model.norm(h)[:, 0]
+    if logits_out is None:
+        logits = F.linear(h, model.output_weight)
+    else:
+        logits = torch.mm(h, model.output_weight.t(), out=logits_out)
+    return sample_next(logits, temperature, top_k, top_p, u=u, overwrite=True)
+
+
+_compiled_decode_step = None  # torch.compile(decode_step), made on first use
+
+
+def compiled_decode_step():
+    global _compiled_decode_step
+    if _compiled_decode_step is None:
+        # dynamic=False: one specialized graph per (batch, cache length); row dropping is off when compiled.
+        _compiled_decode_step = torch.compile(decode_step, dynamic=False, fullgraph=True)
+    return _compiled_decode_step
+
+
+# Compiled decoding rounds the cache length up to a multiple of this, so that calls whose prompts
+# differ a little in length reuse one compiled step (the extra slots are masked: a little attention).
+COMPILE_LEN_MULTIPLE = 128
 
 
 @torch.no_grad()
@@ -85,8 +171,13 @@ def generate(
     top_p: float = 1.0,
     pad_id: int = 0,
     generator: torch.Generator | None = None,
+    compile: bool = False,
 ) -> list[list[list[int]]]:
-    """-> out[p][k]: the tokens sampled for prompt p, sample k (ending with a stop id if one was hit)."""
+    """-> out[p][k]: the tokens sampled for prompt p, sample k (ending with a stop id if one was hit).
+
+    compile: run the decode step through torch.compile (compiled once per batch size and cache length;
+    finished rows then stay in the batch until all are done, so the shapes stay the same).
+    """
     if model.head != "lm":
         raise ValueError("generate needs a model with the LM head")
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -102,6 +193,9 @@ def generate(
         raise ValueError(
             f"prompt ({L}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len {model.config.max_seq_len}"
         )
+    max_len = L + max_new_tokens
+    if compile:
+        max_len = min(-(-max_len // COMPILE_LEN_MULTIPLE) * COMPILE_LEN_MULTIPLE, model.config.max_seq_len)
 
     tokens = torch.full((P, L), pad_id, dtype=torch.long)
     doc = torch.full((P, L), PAD_DOC, dtype=torch.long)
@@ -113,11 +207,17 @@ def generate(
     tokens, doc, positions = tokens.to(device), doc.to(device), positions.to(device)
 
     # Prefill once per prompt, then fan the cache out to K rows per prompt.
-    cache = KVCache(model.config, P, L + max_new_tokens, dtype=model.tok_embeddings.weight.dtype, device=device)
+    cache = KVCache(model.config, P, max_len, dtype=model.tok_embeddings.weight.dtype, device=device)
     h = model.trunk(tokens, positions, doc_ids=doc, cache=cache)[:, -1]  # (P, dim)
     logits = F.linear(h, model.output_weight).repeat_interleave(K, dim=0)  # (P*K, V)
-    cache = cache.repeat_interleave(K)
+    cache = DecodeCache(cache.repeat_interleave(K))
     next_pos = torch.tensor([len(p) for p in prompts], device=device).repeat_interleave(K)  # (P*K,)
+    inv_freq = rope_inv_freq(model.config, device)
+    step_fn = compiled_decode_step() if compile else decode_step
+    logits_buf = None if compile else torch.empty_like(logits)  # compiled: inductor plans its own buffers
+
+    def uniforms(n):  # drawn outside the (compiled) step: a torch.Generator cannot enter a compiled graph
+        return torch.rand(n, 1, generator=generator, device=device) if temperature else None
 
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     rows = torch.arange(P * K, device=device)  # original row of each live batch row
@@ -126,8 +226,8 @@ def generate(
     # and one host sync every STOP_CHECK_EVERY steps (how many rows are done). Between checks a finished
     # row keeps decoding (its tokens are masked out): a few wasted rows instead of a stall per step.
     sampled = torch.full((P * K, max_new_tokens), -1, dtype=torch.long, device=device)
+    nxt = sample_next(logits, temperature, top_k, top_p, u=uniforms(P * K), overwrite=True)  # (N,)
     for step in range(max_new_tokens):
-        nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (N,)
         sampled[rows, step] = nxt.masked_fill(finished, -1)
         finished |= torch.isin(nxt, stop)
         if step == max_new_tokens - 1:
@@ -136,12 +236,13 @@ def generate(
             done = int(finished.sum())
             if done == len(rows):
                 break
-            if done * 4 >= len(rows):  # drop finished rows once they are a quarter of the batch
+            if not compile and done * 4 >= len(rows):  # drop finished rows once they are a quarter of the batch
                 keep = (~finished).nonzero().squeeze(-1)
                 cache.select(keep)
                 rows, nxt, next_pos, finished = rows[keep], nxt[keep], next_pos[keep], finished[keep]
-        h = model.trunk(nxt[:, None], next_pos[:, None], cache=cache)  # (N, 1, dim)
-        logits = F.linear(h[:, -1], model.output_weight)
+        out = None if logits_buf is None else logits_buf[: len(rows)]
+        nxt = step_fn(model, nxt, next_pos, cache, uniforms(len(rows)), temperature, top_k, top_p, inv_freq, out)
+        cache.advance()
         next_pos += 1
     out = [[t for t in row if t >= 0] for row in sampled.tolist()]
     return [out[p * K : (p + 1) * K] for p in range(P)]

@@ -1,5 +1,8 @@
 """The decode loop's sampler and host syncs (llama/generate.py); greedy equivalence is in test_model.py."""
 
+import os
+
+import pytest
 import torch
 from conftest import CONFIGS, random_model
 
@@ -46,3 +49,42 @@ def test_stop_checks_sync_the_host_once_every_few_steps(monkeypatch):
     assert [len(s) for p in out for s in p] == [32] * 6
     # a check after steps 8, 16, 24 (none after the last step), and one transfer of the samples at the end
     assert len(reads) == 32 // llama.generate.STOP_CHECK_EVERY - 1 + 1, reads
+
+
+def _count_compiles(monkeypatch):
+    """Route generate(compile=True) through a backend that counts compiled graphs and runs them eagerly."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    step = torch.compile(llama.generate.decode_step, backend=counter, dynamic=False, fullgraph=True)
+    monkeypatch.setattr(llama.generate, "_compiled_decode_step", step)
+    return counter
+
+
+def test_compiled_decode_step_has_static_shapes(monkeypatch):
+    """One graph for the whole decode (fullgraph: no breaks), reused by a second call whose prompts are a bit
+    longer (the cache length is rounded up): the step takes no shape from the step number."""
+    model = random_model(CONFIGS["gqa-tied-scaled"])
+    counter = _count_compiles(monkeypatch)
+    eager = generate(model, [[1, 2, 3], [4, 5]], 3, 20, stop_ids=[7], temperature=0)
+    compiled = generate(model, [[1, 2, 3], [4, 5]], 3, 20, stop_ids=[7], temperature=0, compile=True)
+    assert compiled == eager and counter.frame_count == 1
+    generate(model, [[1, 2, 3, 4, 5], [4, 5]], 3, 20, temperature=0.7, top_k=20, compile=True)
+    assert counter.frame_count == 2  # new sampling settings: a new graph; new prompt lengths alone would not
+    generate(model, [[1, 2, 3, 4, 5, 6], [4]], 3, 20, temperature=0.7, top_k=20, compile=True)
+    assert counter.frame_count == 2
+
+
+def test_inductor_compiled_decode_equals_eager_greedy():
+    """The real compiler (CPU inductor): the same greedy tokens as the eager step, and as one-by-one."""
+    import shutil
+
+    if shutil.which(os.environ.get("CXX", "g++")) is None:
+        pytest.skip("no C++ compiler for the CPU inductor")
+    torch._dynamo.reset()
+    model = random_model(CONFIGS["gqa-tied-scaled"], seed=1)
+    prompts = [[1, 2, 3], [4, 5], [9, 8, 7, 6]]
+    eager = generate(model, prompts, 2, 16, temperature=0)
+    assert generate(model, prompts, 2, 16, temperature=0, compile=True) == eager
+    assert [generate(model, [p], 1, 16, temperature=0)[0][0] for p in prompts] == [s[0] for s in eager]

@@ -28,6 +28,7 @@ MICRO = {
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_killed_pipeline_resumes_without_redoing_stages(tmp_path):
     cfg = tmp_path / "micro.yaml"
     cfg.write_text(yaml.safe_dump({**MICRO, "root": str(tmp_path / "runs")}))

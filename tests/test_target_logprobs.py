@@ -56,7 +56,7 @@ def test_shape_errors():
 PEAK_SCRIPT = """
 import resource, sys, torch
 torch.manual_seed(0)
-N, H, V = 4096, 64, 128256
+N, H, V = 2048, 16, 128256
 h = torch.randn(N, H, requires_grad=True); w = (torch.randn(V, H) * 0.02).requires_grad_()
 t = torch.randint(0, V, (N,))
 from kernels.chunked import target_logprobs
@@ -68,8 +68,9 @@ print(after - before, N * V * 4)
 
 
 def test_chunked_peak_memory_far_under_full_logits():
-    """Forward + backward at V = 128256 in a fresh process: peak RSS growth vs the [N, V] fp32 logits."""
+    """Forward + backward at V = 128256 in a fresh process: peak RSS growth vs the [N, V] fp32 logits.
+    The chunked path holds a few [64 MiB / (4 V), V] chunks (~260 MiB at any N), the full logits N*V*4 bytes."""
     out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT], capture_output=True, text=True, check=True)
     extra, full = map(int, out.stdout.split())
     print(f"peak extra {extra / 2**20:.0f} MiB vs N*V*4 = {full / 2**20:.0f} MiB")
-    assert extra < full / 4
+    assert extra < full / 3

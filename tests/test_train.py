@@ -44,6 +44,7 @@ def evals(run_dir, key):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_quickstart_rm(tmp_path):
     torchrun("rm", QUICK / "rm.yaml", tmp_path)
     acc = evals(tmp_path, "accuracy")
@@ -52,6 +53,7 @@ def test_quickstart_rm(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_quickstart_sft(tmp_path):
     torchrun("sft", QUICK / "sft.yaml", tmp_path)
     loss = evals(tmp_path, "loss")
@@ -59,6 +61,7 @@ def test_quickstart_sft(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_quickstart_dpo(tmp_path):
     torchrun("dpo", QUICK / "dpo.yaml", tmp_path, ["dpo.reference=precompute"])
     acc = evals(tmp_path, "rewards/accuracies")
@@ -146,12 +149,12 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous(tmp_path, one_rank,
     assert sorted(names) == ["step_00000002", "step_00000004", "step_00000006"]
 
 
-def read_wandb_history(path: Path) -> list[dict]:
-    """History rows of an offline .wandb file: a LevelDB-style log (32 KiB blocks, 7-byte record
+def read_wandb_records(path: Path) -> list:
+    """The records of an offline .wandb file: a LevelDB-style log (32 KiB blocks, 7-byte record
     headers: crc32, length, type) of wandb `Record` protobufs, after a 7-byte ':W&B' header."""
     from wandb.proto import wandb_internal_pb2
 
-    data, pos, rows, parts = path.read_bytes(), 7, [], b""
+    data, pos, records, parts = path.read_bytes(), 7, [], b""
     while pos + 7 <= len(data):
         if 32768 - pos % 32768 < 7:  # block trailer padding
             pos += 32768 - pos % 32768
@@ -163,9 +166,19 @@ def read_wandb_history(path: Path) -> list[dict]:
             rec = wandb_internal_pb2.Record()
             rec.ParseFromString(parts)
             parts = b""
-            if rec.WhichOneof("record_type") == "history":
-                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item})
-    return rows
+            records.append(rec)
+    return records
+
+
+def read_wandb_history(path: Path, timeout_s: float = 60) -> list[dict]:
+    """History rows, once the file is complete: wandb's service process writes it and may still be
+    flushing when `wandb.finish()` returns on a loaded machine (the run's exit record comes last)."""
+    deadline = time.time() + timeout_s
+    while not (records := read_wandb_records(path)) or records[-1].WhichOneof("record_type") != "exit":
+        assert time.time() < deadline, f"{path}: no exit record after {timeout_s} s"
+        time.sleep(0.2)
+    history = [r.history for r in records if r.WhichOneof("record_type") == "history"]
+    return [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in h.item} for h in history]
 
 
 def test_wandb_offline_run_holds_the_metrics(tmp_path, one_rank):
@@ -209,11 +222,10 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, one_rank):
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-@pytest.mark.slow
-def test_dpo_precomputed_reference_equals_live_reference(tmp_path):
-    args = [*SHORT, "train.steps=3"]
-    torchrun("dpo", QUICK / "dpo.yaml", tmp_path / "live", [*args, "dpo.reference=model"])
-    torchrun("dpo", QUICK / "dpo.yaml", tmp_path / "pre", [*args, "dpo.reference=precompute"])
+def test_dpo_precomputed_reference_equals_live_reference(tmp_path, one_rank):
+    for name, reference in (("live", "model"), ("pre", "precompute")):
+        argv = ["--config", str(QUICK / "dpo.yaml"), f"train.run_dir={tmp_path / name}", "logging.progress=false"]
+        in_process("dpo", [*argv, *SHORT, "train.steps=3", f"dpo.reference={reference}"])
     for a, b in zip(read_metrics(tmp_path / "live"), read_metrics(tmp_path / "pre")):
         for k in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "nll"):
             assert a[k] == pytest.approx(b[k], abs=1e-5), k
