@@ -22,6 +22,7 @@ def read_metrics(run_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_each_stage_config_runs_with_the_real_tokenizer(tmp_path, one_rank, llama3_tokenizer_dir):
     def run(stage, *extra):
         argv = ["--config", str(EXP / f"{stage}.yaml"), f"model.tokenizer={llama3_tokenizer_dir / 'tokenizer.model'}"]

@@ -21,6 +21,7 @@ def run(nproc, out):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_sft_two_ranks_equal_one(tmp_path):
     one, two = run(1, tmp_path / "one.pt"), run(2, tmp_path / "two.pt")
     assert torch.allclose(one["loss"], two["loss"], atol=1e-12, rtol=0)

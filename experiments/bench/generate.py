@@ -3,6 +3,7 @@
 Compares, on the same weights and the same sampling settings (temperature 1, no top-k/top-p,
 no stop token, so every row produces exactly --new tokens):
   ours: fan-out      prefill each prompt once, copy its KV cache to K rows, decode P*K rows together
+  ours: compiled     the same with generate(compile=True): the decode step through torch.compile (--compile)
   ours: no fan-out   the P*K rows prefilled separately (each prompt repeated K times), then decoded together
   ours: naive        one sample at a time (P*K calls of batch 1)
   HF generate        transformers' LlamaForCausalLM.generate(num_return_sequences=K), left-padded batch
@@ -109,6 +110,17 @@ def bench_size(name, args, device, dtype):
                 generate(model, [p], num_samples=1, **kw)
 
     methods = [("ours: fan-out", fanout, None)]
+    notes = []
+    if args.compile:
+
+        def fanout_compiled():
+            out = generate(model, prompts, num_samples=K, compile=True, **kw)
+            assert all(len(s) == new for ss in out for s in ss)
+
+        t0 = time.perf_counter()
+        fanout_compiled()  # compiles the decode step (the timed runs reuse it)
+        notes.append(f"compiled: compile + first call {time.perf_counter() - t0:.1f}s (not in the table)")
+        methods.append(("ours: fan-out, compiled", fanout_compiled, None))
     if not args.quick:
         methods.append(("ours: no fan-out", no_fanout, None))
         methods.append(("ours: naive per-sample", naive, 1))
@@ -148,7 +160,12 @@ def bench_size(name, args, device, dtype):
     ]
     for label, t in rows:
         lines.append(f"| {label} | {t:.3f} | {P * K / t:,.1f} | {n_tokens / t:,.0f} | {t / ref:.2f}x |")
+    lines += ["", *notes, f"load average at end (1, 5, 15 min): {_load()}"]
     return "\n".join(lines)
+
+
+def _load() -> str:
+    return ", ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 class StepProfile:
@@ -190,6 +207,9 @@ def profile_decode(model, prompts, K, new, patch) -> str:
     real_linear = F.linear
     vocab = prof.wrap(real_linear, "vocabulary projection")
     patch(F, "linear", lambda x, w, *a: vocab(x, w, *a) if w is out_w else real_linear(x, w, *a))
+    real_mm = torch.mm  # the eager decode step projects into a reused buffer: torch.mm(h, W.t(), out=...)
+    vocab_mm = prof.wrap(real_mm, "vocabulary projection")
+    patch(torch, "mm", lambda x, w, **kw: (vocab_mm if w.data_ptr() == out_w.data_ptr() else real_mm)(x, w, **kw))
     for layer in model.layers:
         patch(layer.attention, "forward", prof.wrap(layer.attention.forward, "attention (QKV, RoPE, SDPA, out proj)"))
         patch(layer.feed_forward, "forward", prof.wrap(layer.feed_forward.forward, "MLP"))
@@ -199,10 +219,12 @@ def profile_decode(model, prompts, K, new, patch) -> str:
     patch(model.tok_embeddings, "forward", prof.wrap(model.tok_embeddings.forward, "norms, embedding, RoPE tables"))
     for name in ("rope_cos_sin", "rope_inv_freq"):
         patch(model_mod, name, prof.wrap(getattr(model_mod, name), "norms, embedding, RoPE tables"))
+    patch(gen_mod, "rope_cos_sin", prof.wrap(gen_mod.rope_cos_sin, "norms, embedding, RoPE tables"))
     cache_label = "KV-cache bookkeeping (writes, masks, row selection)"
-    for name in ("update", "repeat_interleave", "select"):
-        if hasattr(model_mod.KVCache, name):
-            patch(model_mod.KVCache, name, prof.wrap(getattr(model_mod.KVCache, name), cache_label))
+    for cls in (model_mod.KVCache, gen_mod.DecodeCache):
+        for name in ("update", "repeat_interleave", "select", "advance"):
+            if name in cls.__dict__:
+                patch(cls, name, prof.wrap(cls.__dict__[name], cache_label))
     patch(model_mod, "structure_mask", prof.wrap(model_mod.structure_mask, cache_label))
     patch(gen_mod, "sample_next", prof.wrap(gen_mod.sample_next, "sampling"))
     real_trunk = model.trunk
@@ -244,6 +266,7 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", help="append the table to this markdown file")
     ap.add_argument("--profile", action="store_true", help="instead: the share of each part of the decode loop (CPU)")
+    ap.add_argument("--compile", action="store_true", help="also time generate(compile=True) (torch.compile'd step)")
     args = ap.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -256,8 +279,9 @@ def main():
         f"## generate benchmark, {datetime.date.today()}\n\ndevice: {hw}; torch {torch.__version__}\n"
         f"command: python experiments/bench/generate.py --sizes {' '.join(args.sizes)} --prompts {args.prompts} "
         f"--samples {args.samples} --prompt-len {args.prompt_len} --new {args.new}"
-        f"{' --profile' if args.profile else ''}{' --quick' if args.quick else ''} --repeats {args.repeats}\n"
-        f"load average at start (1, 5, 15 min): {', '.join(f'{x:.1f}' for x in os.getloadavg())}"
+        f"{' --profile' if args.profile else ''}{' --quick' if args.quick else ''}{' --compile' if args.compile else ''}"
+        f" --repeats {args.repeats}\n"
+        f"load average at start (1, 5, 15 min): {_load()}"
     )
     print(header)
     tables = [header]
