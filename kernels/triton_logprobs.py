@@ -9,13 +9,12 @@ the tile, then writes only those O(N) numbers per split, plus the largest logit 
 float per tile: the skip map of the backward). Torch combines the splits. Tile sizes, warps and
 pipeline stages are autotuned per (V, H, dtype) on CUDA.
 
-Backward, in vocabulary slabs of at most DL_BYTES of d logits:
+Backward, in vocabulary slabs of DL_BYTES of d logits (at least one tile wide):
     d logits = g * (onehot(t) - softmax)            Triton: recomputes each logits tile, writes [N, slab]
     dW[slab] = d logits^T @ H                       one cuBLAS matmul over all N rows (no accumulation)
     dH      += d logits @ W[slab]                   cuBLAS, accumulated over the slabs in fp32
 No atomics: no two programs write the same element, so the backward is deterministic run to run.
-d logits is written in the input dtype (what the old fused kernel fed its MMA, and what autograd
-feeds the matmuls of the naive formula).
+d logits is written in the input dtype, as autograd feeds it to the matmuls of the naive formula.
 
 Tile skipping (Cut Cross-Entropy's gradient filtering, at fp32 resolution): a (token block,
 vocabulary tile) whose largest forward logit is more than 24 ln 2 below the largest logit of every
