@@ -91,35 +91,37 @@ def _below(x: Tensor, total: Tensor) -> Tensor:
     return torch.minimum(x, torch.nextafter(total, torch.zeros_like(total)))
 
 
-class DecodeCache(KVCache):
-    """A fanned-out KVCache for decoding with the same shapes at every step (gpt-fast's approach): the
-    step's token is written at `slot`, a tensor rather than a Python int, and attention reads all
-    max_len slots, those not yet written masked out. So a compiled step is compiled once per batch
-    size and cache length, and a GPU could capture it as a graph."""
+class DecodeCache:
+    """The prefill's KVCache fanned out to `n` rows per prompt, for decoding with the same shapes at every
+    step (gpt-fast's approach): a step's token is written at `slot`, a tensor rather than a Python int, and
+    attention reads all max_len slots, those not yet written masked out. So a compiled step is compiled
+    once per batch size and cache length, and a GPU could capture it as a graph. Each layer's k/v is a
+    tensor of its own, written with an indexed assignment: torch.compile then writes it in place (a slice
+    of one stacked buffer is copied whole by the compiled step, every layer, every step)."""
 
-    def __init__(self, cache: KVCache):
-        self.k, self.v, self.doc, self.branch = cache.k, cache.v, cache.doc, cache.branch
-        self.length = cache.length
-        max_len = cache.k.shape[3]
-        self.slot = torch.tensor([cache.length], device=cache.k.device)  # (1,) the slot this step writes
-        self.slots = torch.arange(max_len, device=cache.k.device)
+    def __init__(self, cache: KVCache, n: int):
+        self.k = [k.repeat_interleave(n, dim=0) for k in cache.k]  # per layer (N, nkv, max_len, hd)
+        self.v = [v.repeat_interleave(n, dim=0) for v in cache.v]
+        max_len, device = cache.k.shape[3], cache.k.device
+        self.slot = torch.tensor([cache.length], device=device)  # (1,) the slot this step writes
+        self.slots = torch.arange(max_len, device=device)
         # Slots a decoded token may attend, besides being at or before its own slot: not padding
         # (the prefill wrote doc ids; decoded tokens are doc 0, as the prompts' real tokens).
-        self.real = self.doc >= 0
+        self.real = (cache.doc >= 0).repeat_interleave(n, dim=0)
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write one step's k/v (B, nkv, 1, hd) at `slot`; return all max_len slots."""
-        self.k[layer].index_copy_(2, self.slot, k)
-        self.v[layer].index_copy_(2, self.slot, v)
+        self.k[layer][:, :, self.slot] = k
+        self.v[layer][:, :, self.slot] = v
         return self.k[layer], self.v[layer]
 
     def select(self, rows: Tensor) -> None:
-        super().select(rows)
+        """Keep only `rows` (indices) of the batch, e.g. to drop finished samples (changes the shapes)."""
+        self.k, self.v = [k[rows] for k in self.k], [v[rows] for v in self.v]
         self.real = self.real[rows]
 
     def advance(self) -> None:
         self.slot += 1
-        self.length += 1
 
 
 def decode_step(
@@ -210,7 +212,7 @@ def generate(
     cache = KVCache(model.config, P, max_len, dtype=model.tok_embeddings.weight.dtype, device=device)
     h = model.trunk(tokens, positions, doc_ids=doc, cache=cache)[:, -1]  # (P, dim)
     logits = F.linear(h, model.output_weight).repeat_interleave(K, dim=0)  # (P*K, V)
-    cache = DecodeCache(cache.repeat_interleave(K))
+    cache = DecodeCache(cache, K)
     next_pos = torch.tensor([len(p) for p in prompts], device=device).repeat_interleave(K)  # (P*K,)
     inv_freq = rope_inv_freq(model.config, device)
     step_fn = compiled_decode_step() if compile else decode_step
