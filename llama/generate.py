@@ -10,6 +10,9 @@ so no real token attends to them (the model's row rule). Every row stops at its 
 finished rows are dropped from the batch as they accumulate (checked every STOP_CHECK_EVERY steps),
 so long and short samples don't pay for each other. The KV cache is preallocated and written in place;
 sampling draws one uniform per row on the device (sample_categorical): no fp64, no host sync per step.
+The decode step (decode_step) has the same shapes at every step, so `compile=True` compiles it once per
+batch size and cache length; compiled, finished rows stay in the batch (dropping them changes the shapes).
+On the CPU compiling does not pay at the benchmark's shapes (experiments/bench/results/generate.md).
 """
 
 from __future__ import annotations
@@ -273,6 +276,7 @@ def main(argv=None):
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--raw", action="store_true", help="plain text prompt instead of a user turn")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compile", action="store_true", help="torch.compile the decode step (pays on repeated calls)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
     if bool(args.checkpoint) == bool(args.preset):
@@ -295,7 +299,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     out = generate(
         model, prompts, args.samples, args.max_new_tokens, tok.stop_ids, args.temperature, args.top_k, args.top_p,
-        tok.pad_id, gen,
+        tok.pad_id, gen, compile=args.compile,
     )  # fmt: skip
     dt = time.perf_counter() - t0
     n = sum(len(s) for samples in out for s in samples)

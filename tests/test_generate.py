@@ -1,4 +1,5 @@
-"""The decode loop's sampler and host syncs (llama/generate.py); greedy equivalence is in test_model.py."""
+"""The decode loop (llama/generate.py): sampler, host syncs, the static-shape (compiled) step; greedy equivalence
+is in test_model.py."""
 
 import os
 
@@ -7,7 +8,7 @@ import torch
 from conftest import CONFIGS, random_model
 
 import llama.generate
-from llama.generate import generate, sample_categorical
+from llama.generate import generate, sample_categorical, sample_next
 
 
 def test_sample_categorical_follows_softmax_over_a_padded_vocabulary():
@@ -88,3 +89,18 @@ def test_inductor_compiled_decode_equals_eager_greedy():
     eager = generate(model, prompts, 2, 16, temperature=0)
     assert generate(model, prompts, 2, 16, temperature=0, compile=True) == eager
     assert [generate(model, [p], 1, 16, temperature=0)[0][0] for p in prompts] == [s[0] for s in eager]
+
+
+def test_sampling_in_place_equals_sampling_a_copy():
+    """overwrite=True (the decode loop's own logits buffer) draws the same tokens as the copying path, at
+    any temperature and filter, and overwrite=False leaves the caller's logits as they were."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(16, 700, generator=g) * 3
+    for temperature, top_k, top_p in ((1.0, 0, 1.0), (0.7, 0, 1.0), (2.0, 50, 1.0), (0.5, 0, 0.9), (1.0, 20, 0.8)):
+        u = torch.rand(16, 1, generator=g)
+        before = logits.clone()
+        copied = sample_next(logits, temperature, top_k, top_p, u=u)
+        assert torch.equal(logits, before)
+        in_place = sample_next(logits.clone(), temperature, top_k, top_p, u=u, overwrite=True)
+        assert torch.equal(in_place, copied), (temperature, top_k, top_p)
+    assert len(set(sample_next(logits, 1.0, u=torch.rand(16, 1, generator=g)).tolist())) > 8  # u is used
