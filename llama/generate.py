@@ -133,8 +133,9 @@ def decode_step(
 ) -> Tensor:  # fmt: skip
     """tokens (N,) at positions (N,), written at cache.slot -> the next tokens (N,), sampled with
     uniforms u (N, 1). No Python-int shapes or slices depend on the step: compilable once.
-    logits_out: an (N, V) buffer for the logits, reused across steps (eager: each fresh 30+ MB
-    allocation at a 128k vocabulary is a new mapping from the OS, page faults included)."""
+    logits_out: a (2 * N0, V) buffer (N0 >= N) for the logits and project_vocab's scratch, reused across
+    steps (eager: each fresh 30+ MB allocation at a 128k vocabulary is a new mapping from the OS, page
+    faults included)."""
     mask = (cache.real & (cache.slots <= cache.slot))[:, None, None, :]  # (N, 1, 1, max_len)
     cos, sin = rope_cos_sin(positions[:, None], inv_freq)
     h = model.tok_embeddings(tokens[:, None])  # (N, 1, dim)
@@ -144,8 +145,21 @@ def decode_step(
     if logits_out is None:
         logits = F.linear(h, model.output_weight)
     else:
-        logits = torch.mm(h, model.output_weight.t(), out=logits_out)
+        logits = project_vocab(h, model.output_weight, logits_out)
     return sample_next(logits, temperature, top_k, top_p, u=u, overwrite=True)
+
+
+def project_vocab(h: Tensor, weight: Tensor, out: Tensor) -> Tensor:
+    """h (n, dim) -> logits (n, V), written into out[:n] where `out` is a (2 * rows, V) scratch.
+    On the CPU it is computed as (weight @ h^T)^T, into the scratch's second half, then copied: with
+    decode's few rows, BLAS runs this order 1.3-1.5x faster than h @ weight^T (dim 512, V 128256,
+    n 32-64: 85 vs 113 ms at n 64, transpose copy included). Elsewhere, h @ weight^T directly."""
+    n, V = h.shape[0], weight.shape[0]
+    logits = out[:n]
+    if h.device.type != "cpu":
+        return torch.mm(h, weight.t(), out=logits)
+    vt = torch.mm(weight, h.t(), out=out[out.shape[0] // 2 :].view(-1)[: V * n].view(V, n))
+    return logits.copy_(vt.t())
 
 
 _compiled_decode_step = None  # torch.compile(decode_step), made on first use
@@ -219,7 +233,8 @@ def generate(
     next_pos = torch.tensor([len(p) for p in prompts], device=device).repeat_interleave(K)  # (P*K,)
     inv_freq = rope_inv_freq(model.config, device)
     step_fn = compiled_decode_step() if compile else decode_step
-    logits_buf = None if compile else torch.empty_like(logits)  # compiled: inductor plans its own buffers
+    # compiled: inductor plans its own buffers; eager: the logits and project_vocab's scratch
+    logits_buf = None if compile else torch.empty(2 * P * K, logits.shape[1], dtype=logits.dtype, device=device)
 
     def uniforms(n):  # drawn outside the (compiled) step: a torch.Generator cannot enter a compiled graph
         return torch.rand(n, 1, generator=generator, device=device) if temperature else None
@@ -245,8 +260,7 @@ def generate(
                 keep = (~finished).nonzero().squeeze(-1)
                 cache.select(keep)
                 rows, nxt, next_pos, finished = rows[keep], nxt[keep], next_pos[keep], finished[keep]
-        out = None if logits_buf is None else logits_buf[: len(rows)]
-        nxt = step_fn(model, nxt, next_pos, cache, uniforms(len(rows)), temperature, top_k, top_p, inv_freq, out)
+        nxt = step_fn(model, nxt, next_pos, cache, uniforms(len(rows)), temperature, top_k, top_p, inv_freq, logits_buf)
         cache.advance()
         next_pos += 1
     out = [[t for t in row if t >= 0] for row in sampled.tolist()]
