@@ -77,7 +77,8 @@ def test_compiled_decode_step_has_static_shapes(monkeypatch):
     assert counter.frame_count == 2
 
 
-@pytest.mark.slow  # ~5 s with inductor's on-disk cache warm, ~22 s cold (C++ kernels built on 2 cores)
+@pytest.mark.slow  # ~5 s with inductor's on-disk cache warm, ~22 s cold (C++ kernels built on 2 cores):
+@pytest.mark.long  # CI (a fresh clone) is always cold; test_compiled_decode_step_has_static_shapes stays in it
 def test_inductor_compiled_decode_equals_eager_greedy():
     """The real compiler (CPU inductor): the same greedy tokens as the eager step, and as one-by-one."""
     import shutil
