@@ -74,5 +74,8 @@ def one_rank(monkeypatch):
     yield
     import torch.distributed as dist
 
+    from train import run_lock
+
+    run_lock.release_all()  # an in-process run holds its folder until its process exits
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -156,9 +156,12 @@ def _hints(cls) -> dict:
     return typing.get_type_hints(cls, include_extras=True)
 
 
-def from_dict(cls, raw: dict, source: str):
+def from_dict(cls, raw: dict, source: str, overridden: dict[str, str] | None = None):
+    """Sections of raw -> cls. Errors name `source` (the file), or for a key in `overridden`
+    ("section.key" -> "override 'section.key=value'") the override that set it."""
     if not isinstance(raw, dict):
         raise ValueError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    overridden = overridden or {}
     hints = _hints(cls)
     sections = {}
     for name, values in raw.items():
@@ -171,9 +174,10 @@ def from_dict(cls, raw: dict, source: str):
             raise ValueError(f"{source}: section {name!r} must be a mapping")
         kwargs = {}
         for key, value in values.items():
+            where = overridden.get(f"{name}.{key}", source)
             if key not in sec_hints:
-                raise ValueError(f"{source}: unknown key {name}.{key} (known: {', '.join(sec_hints)})")
-            kwargs[key] = _check_type(value, sec_hints[key], f"{source}: {name}.{key}")
+                raise ValueError(f"{where}: unknown key {name}.{key} (known: {', '.join(sec_hints)})")
+            kwargs[key] = _check_type(value, sec_hints[key], f"{where}: {name}.{key}")
         sections[name] = sec_cls(**kwargs)
     return cls(**sections)
 
@@ -193,6 +197,7 @@ def load_config(cls, path: str | None, overrides: list[str] = ()):
             raise ValueError(f"{path}: the config file is empty")
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    overridden = {}
     for item in overrides:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise ValueError(f"override {item!r} must look like section.key=value")
@@ -205,7 +210,8 @@ def load_config(cls, path: str | None, overrides: list[str] = ()):
             raw[section][key] = yaml.safe_load(value)
         except yaml.YAMLError as e:
             raise ValueError(f"override {item!r}: YAML syntax error in the value: {e}") from None
-    return from_dict(cls, raw, path or "<overrides>")
+        overridden[dotted] = f"override {item!r}"
+    return from_dict(cls, raw, path or "<overrides>", overridden)
 
 
 def _comments(cls) -> dict[str, str]:

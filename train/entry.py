@@ -4,13 +4,14 @@
     s = setup(cfg, kind="sft", head="lm", train_on_prompt=not cfg.sft.mask_prompt)
     -> s.d (process group), s.chat, s.train_loader, s.eval_loader, s.model, s.resume_from
 
-Order matters for failing early: the config is parsed and checked, the run folder is checked
-against it (train/train_state.py `prepare_run_dir`), the tokenizer is checked against the
-model's vocabulary, the data is loaded; only then are weights read.
+Order matters for failing early: the config is parsed and checked, the run folder is locked and
+checked against it (train/run_folder.py `claim`), the tokenizer is checked against the model's
+vocabulary, the data is loaded and checked against the run's record of it; only then are weights read.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import time
@@ -21,7 +22,7 @@ import torch.distributed as dist
 
 from data.loader import DataLoader, build_loaders
 from llama.chat import ChatFormat, resolve_chat_template
-from train import train_state
+from train import run_folder, run_lock
 from train.config import Config
 from train.distributed import Dist, build_model, init_distributed, model_tokenizer
 
@@ -41,11 +42,13 @@ def setup(cfg: Config, kind: str, head: str, **encode_kw) -> Setup:
     """Process group, run folder, chat format, loaders, model: everything `loop.run` needs.
     encode_kw: passed to data.loader.load_examples (e.g. train_on_prompt, one_row)."""
     d = init_distributed()
-    resume_from = train_state.prepare_run_dir(cfg, d.rank, d.world_size)
+    resume_from = run_folder.claim(cfg, d.rank, d.world_size)
     m, t = cfg.model, cfg.train
     tokenizer = model_tokenizer(m.checkpoint, m.preset, m.tokenizer)
     chat = ChatFormat(tokenizer, resolve_chat_template(m.chat_template, m.checkpoint))
     train_loader, eval_loader = build_loaders(cfg.data, kind, chat, d.rank, d.world_size, d.is_main, **encode_kw)
+    data = {"train": getattr(train_loader, "fingerprints", {}), "eval": getattr(eval_loader, "fingerprints", {})}  # TEMP
+    run_folder.check_data(cfg, data, resume_from is None, d.rank, d.world_size)
     model = build_model(
         d, m.checkpoint, m.preset, head, t.seed, t.mixed_precision, t.activation_checkpointing, t.compile
     )  # fmt: skip
@@ -60,18 +63,28 @@ def main_guard(fn):
     still has work in flight on them; then stdio is flushed. On an exception the group is left
     alone: destroying it while other ranks wait in a collective can hang, and torchrun stops them.
 
+    The run folder's lock (train/run_lock.py) is released on the way out, however it ends.
+
     A ValueError or OSError raised before training starts (`loop.run` not reached: a bad key, data
     file, batch size, checkpoint; every rank reads the same and fails alike) is printed once, as
     `error: ...`, by local rank 0 (once per node: a file missing on one node is still reported; see
-    `_report_once`), and every rank exits with status 2, without tracebacks. Errors raised later
-    keep their tracebacks.
+    `_report_once`), and every rank exits with status 2, without tracebacks. A full disk at any time
+    is reported the same way (status 1). Other errors raised later keep their tracebacks.
     """
     from train.loop import _Phase, _Stop
 
     _Phase.training = False
     try:
         result = fn()
-    except (ValueError, OSError) as e:
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            _report_once(e)
+            raise SystemExit(1) from None
+        if _Phase.training:
+            raise
+        _report_once(e)
+        raise SystemExit(2) from None
+    except ValueError as e:
         if _Phase.training:
             raise
         _report_once(e)
@@ -81,6 +94,8 @@ def main_guard(fn):
             raise
         _teardown()
         raise
+    finally:
+        run_lock.release_all()
     _teardown()
     return result
 

@@ -8,10 +8,8 @@ place, so a crash while writing leaves the previous checkpoint as the newest com
 `extra_rank{r}.pt` holds what is not a tensor of the model or optimizer: step, scheduler, data
 position, RNG states (per rank), read back with weights_only=True.
 
-`prepare_run_dir` decides, before anything is trained, whether a run starts fresh or resumes:
-a run folder holds one run. `config.yaml` is the record of what its checkpoints were trained
-with: written once, at a fresh start; a resume whose config differs in anything but the keys in
-`CHANGEABLE_ON_RESUME` is refused with the differing keys listed.
+Whether a run starts fresh or resumes, and from which of these, is decided before anything is
+trained, by train/run_folder.py `claim`.
 
 Trust: DCP's `.metadata` is a pickle, so resuming from a run folder someone else wrote can run
 their code. Resume only your own runs; exchange models as safetensors (`<run_dir>/model`).
@@ -19,7 +17,8 @@ their code. Resume only your own runs; exchange models as safetensors (`<run_dir
 
 from __future__ import annotations
 
-import fnmatch
+import contextlib
+import errno
 import os
 import re
 import shutil
@@ -28,7 +27,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-import yaml
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -37,9 +35,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from llama import save_checkpoint
-from train.config import flatten, save_config, to_dict
 
-_STEP_DIR = re.compile(r"^step_(\d{8})$")
+STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
 def _barrier():
@@ -51,7 +48,7 @@ def list_checkpoints(run_dir) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name))
+    return sorted(p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name))
 
 
 def checkpoint_problem(path: Path, world_size: int) -> str | None:
@@ -78,79 +75,6 @@ def checkpoint_problem(path: Path, world_size: int) -> str | None:
     return None
 
 
-# What a resume may change: how long to train, when to eval/save/log, what to export.
-CHANGEABLE_ON_RESUME = (
-    "train.steps", "train.eval_every", "train.save_every", "train.keep_last", "train.resume", "train.run_dir",
-    "train.max_bad_steps", "train.export_hf", "train.activation_checkpointing", "logging.*",
-    "data.cache", "data.cache_dir", "data.num_workers",  # where and how the same examples are tokenized
-)  # fmt: skip
-
-RUN_FILES = ("checkpoints", "model", "model_hf", "metrics.jsonl", "config.yaml", "wandb_id")  # what a run writes
-
-
-def config_changes(saved: dict, current: dict) -> tuple[dict, dict]:
-    """-> (changes a resume may make, changes it may not): {"section.key": (saved, current)}."""
-    old, new = flatten(saved), flatten(current)
-    changed = {k: (old.get(k, "<absent>"), new.get(k, "<absent>")) for k in sorted(set(old) | set(new))}
-    changed = {k: v for k, v in changed.items() if v[0] != v[1]}
-    ok = {k: v for k, v in changed.items() if any(fnmatch.fnmatch(k, p) for p in CHANGEABLE_ON_RESUME)}
-    return ok, {k: v for k, v in changed.items() if k not in ok}
-
-
-def prepare_run_dir(cfg, rank: int, world_size: int) -> Path | None:
-    """Check the run folder against `train.resume` and the saved config; -> the checkpoint to resume
-    from (None: a fresh start). Rank 0 writes config.yaml (fresh starts only) or deletes the old run
-    (`resume: restart`); every rank returns the same answer."""
-    run_dir = Path(cfg.train.run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ValueError(f"train.run_dir {run_dir} is a file, not a folder")
-    found = [n for n in RUN_FILES if (run_dir / n).exists()]
-    mode = cfg.train.resume
-    if mode == "never" and found:
-        raise ValueError(
-            f"train.run_dir {run_dir} holds another run ({', '.join(found)}) and train.resume=never: choose a new "
-            "train.run_dir, or set train.resume=restart to delete that run and start over"
-        )
-    if mode == "restart":
-        _barrier()  # every rank has looked before rank 0 deletes
-        if rank == 0:
-            for name in found:
-                target = run_dir / name
-                shutil.rmtree(target) if target.is_dir() else target.unlink()
-            if found:
-                print(f"train.resume=restart: deleted the previous run's {', '.join(found)} in {run_dir}", flush=True)
-        _barrier()
-        found = []
-    resume = None
-    for ckpt in reversed(list_checkpoints(run_dir)) if mode == "auto" else []:
-        problem = checkpoint_problem(ckpt, world_size)
-        if problem is None:
-            resume = ckpt
-            break
-        if rank == 0:
-            print(f"WARNING: checkpoint {ckpt} is unusable: {problem}; falling back to the one before", flush=True)
-    if resume is None and mode == "auto" and list_checkpoints(run_dir):
-        raise ValueError(f"no usable checkpoint in {run_dir / 'checkpoints'} (see the warnings above)")
-    if resume is not None:
-        saved_path = run_dir / "config.yaml"
-        if not saved_path.is_file():
-            raise ValueError(f"{run_dir} has checkpoints but no config.yaml: not a run folder this code wrote")
-        ok, refused = config_changes(yaml.safe_load(saved_path.read_text()), to_dict(cfg))
-        if refused:
-            lines = "\n".join(f"  {k}: {a!r} (saved) -> {b!r} (now)" for k, (a, b) in refused.items())
-            raise ValueError(
-                f"{run_dir} holds a run trained with a different config; resuming would mix two runs:\n{lines}\n"
-                "Use the saved values, a new train.run_dir, or train.resume=restart to start over."
-            )
-        if rank == 0 and ok:
-            print("resuming with changed " + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in ok.items()), flush=True)
-    elif rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    _barrier()
-    return resume
-
-
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -164,17 +88,23 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def checkpoint_step(path: Path) -> int:
+    return int(STEP_DIR.match(Path(path).name).group(1))
+
+
 def save(run_dir, step: int, model, optimizer, extra: dict, rank: int, keep_last: int) -> Path:
     root = Path(run_dir) / "checkpoints"
     final, tmp = root / f"step_{step:08d}", root / f"step_{step:08d}.tmp"
-    if rank == 0:
-        for stale in root.glob("*.tmp"):  # a crash mid-write left these
-            shutil.rmtree(stale)
-        tmp.mkdir(parents=True)
-    _barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-    torch.save({**extra, "rng": rng_state()}, tmp / f"extra_rank{rank}.pt")
+    with _naming_a_full_disk(tmp, f"checkpoint step {step}", partial=tmp):
+        if rank == 0:
+            for stale in root.glob("step_*.tmp"):  # a crash mid-write left these (other files are not ours)
+                if stale.is_dir() and STEP_DIR.match(stale.name[: -len(".tmp")]):
+                    shutil.rmtree(stale)
+            tmp.mkdir(parents=True)
+        _barrier()
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        torch.save({**extra, "rng": rng_state()}, tmp / f"extra_rank{rank}.pt")
     _barrier()
     if rank == 0:
         if final.exists():
@@ -184,6 +114,24 @@ def save(run_dir, step: int, model, optimizer, extra: dict, rank: int, keep_last
             shutil.rmtree(old)
     _barrier()
     return final
+
+
+@contextlib.contextmanager
+def _naming_a_full_disk(path: Path, what: str, partial: Path | None = None):
+    """A full disk (or quota) while writing `what` to `path`: an error that names both (after removing the
+    `partial` write), instead of a bare `[Errno 28] No space left on device`."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        if partial is not None:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise OSError(
+            e.errno,
+            f"the disk holding {path} is full ({e.strerror}) while writing {what}; the checkpoints written before "
+            "are kept: free space (or move train.run_dir) and rerun the same command to resume",
+        ) from None
 
 
 def load(path, model, optimizer, rank: int) -> dict:
@@ -205,7 +153,8 @@ def export(model, path, rank: int, hf: bool = False, chat=None, hf_dtype: torch.
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         tok = {"tokenizer": chat.tokenizer, "chat_template": chat.template} if chat is not None else {}
-        save_checkpoint(full, model.config, model.head, path, format="native", **tok)
-        if hf:
-            save_checkpoint(full, model.config, model.head, str(path) + "_hf", format="hf", dtype=hf_dtype, **tok)
+        with _naming_a_full_disk(Path(path), "the exported model"):
+            save_checkpoint(full, model.config, model.head, path, format="native", **tok)
+            if hf:
+                save_checkpoint(full, model.config, model.head, str(path) + "_hf", format="hf", dtype=hf_dtype, **tok)
     _barrier()
