@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from torch import Tensor
 
-RATIOS = {"nll": ("nll", "tokens")}  # logged metric -> (sum, denominator)
+# logged metric -> (sum, denominator). "target_tokens", not "tokens": the loop counts every real token of
+# the step as "tokens" (train/loop.py LOOP_SUMS), so a loss never names its own sums that way.
+RATIOS = {"nll": ("nll", "target_tokens")}
 
 
 def sft_loss(target_logps: Tensor, num_targets: int) -> tuple[Tensor, dict[str, Tensor]]:
     """target_logps (N_local,): log p of this micro-batch's targets; num_targets: N of the whole step."""
     nll_sum = -target_logps.sum()
     loss = nll_sum / max(num_targets, 1)
-    return loss, {"nll": nll_sum.detach(), "tokens": target_logps.new_tensor(target_logps.numel())}
+    return loss, {"nll": nll_sum.detach(), "target_tokens": target_logps.new_tensor(target_logps.numel())}

@@ -121,13 +121,36 @@ def step_flops(config, head: str, micro_batches, reference_forward: bool = False
     return total
 
 
+def throughput(reduced: dict, dt: float, world_size: int) -> dict:
+    """A step's token counts and rates: `tokens` counts every real token the step ran (pads excluded),
+    `target_tokens` (a loss that has them: SFT) the tokens the loss is taken over."""
+    out = {}
+    for name in ("tokens", "target_tokens"):
+        if name in reduced:
+            out |= {
+                name: int(reduced[name]),
+                f"{name}_per_s": reduced[name] / dt,
+                f"{name}_per_s_per_gpu": reduced[name] / dt / world_size,
+            }
+    return out
+
+
 def _norm(x) -> float:
     return float(x.full_tensor() if hasattr(x, "full_tensor") else x)
 
 
-def _add(acc: dict, loss, sums: dict, mb) -> None:
-    """Accumulate a micro-batch's loss, sums and real tokens on the device, in fp64 (no host sync)."""
-    for k, v in {"loss": loss.detach(), "tokens": (mb.doc_ids >= 0).sum(), **sums}.items():
+# The loop's own sums, beside a loss's: a loss naming one of its sums so would overwrite the loop's count
+# (SFT's target count once replaced "tokens", the real tokens of the step).
+LOOP_SUMS = ("loss", "tokens", "flops", "examples")
+
+
+def _add(acc: dict, loss, sums: dict, mb, **own) -> None:
+    """Accumulate a micro-batch's loss, real tokens (pads excluded), the loss's sums and the loop's
+    `own` counts on the device, in fp64 (no host sync)."""
+    clash = sorted(set(sums) & set(LOOP_SUMS))
+    if clash:
+        raise ValueError(f"the loss's sums {clash} would overwrite the loop's own {LOOP_SUMS}: rename them")
+    for k, v in {"loss": loss.detach(), "tokens": (mb.doc_ids >= 0).sum(), **own, **sums}.items():
         acc[k] = acc[k] + v.double() if k in acc else v.double()
 
 
@@ -172,7 +195,7 @@ def evaluate(task: Task, loader: DataLoader, model, d: Dist) -> dict | None:
             for mb in step.micro_batches:
                 mb = mb.to(d.device)
                 loss, sums = task.loss(mb, step)
-                _add(acc, loss, {**sums, "examples": mb.group_uid.new_tensor(mb.group_uid.numel())}, mb)
+                _add(acc, loss, sums, mb, examples=mb.group_uid.new_tensor(mb.group_uid.numel()))
     reduced = all_reduce_sum(acc, d.device)
     model.train(was_training)
     out = {"loss": reduced["loss"], "examples": int(reduced["examples"]), **summarize(task, reduced)}
@@ -250,9 +273,7 @@ class Trainer:
             **summarize(self.task, reduced),
             "grad_norm": grad_norm,
             "lr": lr,
-            "tokens": int(reduced["tokens"]),
-            "tokens_per_s": reduced["tokens"] / dt,
-            "tokens_per_s_per_gpu": reduced["tokens"] / dt / self.d.world_size,
+            **throughput(reduced, dt, self.d.world_size),
             "peak_memory_gib": peak_memory_gib(self.d.device),
             "skipped_steps": self.skipped,
         }
