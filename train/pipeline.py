@@ -19,7 +19,8 @@ run resumes from its own checkpoints.
 
 A run folder holds the results of one config: the first start records it (pipeline.yaml, and the
 stage config files' contents in stage_configs.yaml) and a later start with a different config is
-refused, listing the differing keys, except for keys that change no stage's result (HARMLESS).
+refused, listing the differing keys, except for keys that change no stage's result (HARMLESS, and the
+stage configs' keys the pipeline sets for every stage run, STAGE_SETS: their own `train.run_dir`).
 The record is never rewritten. To start over, choose a new `name` or delete the folder.
 """
 
@@ -90,6 +91,9 @@ class PipelineConfig:
 
 # Keys whose change leaves every stage's result as it was: a run folder may be continued with new values.
 HARMLESS = {"name", "root", "rounds", "plots"}
+# Stage config keys the pipeline sets for every stage run (Pipeline.train): their values in the stage config
+# files are never used, so a change of them (a stage config's own run folder) is harmless too.
+STAGE_SETS = ("train.run_dir", "logging.progress")
 
 
 class PipelineError(RuntimeError):
@@ -195,6 +199,22 @@ def _differences(saved, now, key: str = "") -> dict[str, tuple]:
             out |= _differences(saved.get(k, "<absent>"), now.get(k, "<absent>"), f"{key}.{k}" if key else str(k))
         return out
     return {} if saved == now else {key: (saved, now)}
+
+
+def _without_stage_sets(config: dict) -> dict:
+    """A recorded config without the STAGE_SETS keys of its stage configs (sections left empty dropped)."""
+    stages = {}
+    for kind, stage in (config.get("stage_configs") or {}).items():
+        if isinstance(stage, dict):
+            stage = {section: dict(keys) if isinstance(keys, dict) else keys for section, keys in stage.items()}
+            for key in STAGE_SETS:
+                section, _, name = key.partition(".")
+                if isinstance(stage.get(section), dict):
+                    stage[section].pop(name, None)
+                    if not stage[section]:
+                        del stage[section]
+        stages[kind] = stage
+    return {**config, "stage_configs": stages}
 
 
 START_OVER = "a run folder holds the results of one config: to start over, choose a new `name` or delete the folder"
@@ -379,8 +399,9 @@ class Pipeline:
         return {kind: _read_yaml(ROOT / file) for kind, file in sorted(self.cfg.configs.items())}
 
     def check_run_folder(self) -> None:
-        """Record the config at the first start; refuse a later start whose config differs (HARMLESS
-        keys aside), so the results of two configs never mix. The record is never rewritten."""
+        """Record the config at the first start; refuse a later start whose config differs (HARMLESS and
+        the stage configs' STAGE_SETS keys aside), so the results of two configs never mix. The record is
+        never rewritten."""
         record, stages = self.dir / "pipeline.yaml", self.dir / "stage_configs.yaml"
         now = {**dataclasses.asdict(self.cfg), "stage_configs": self.stage_configs()}
         if not record.is_file():
@@ -398,9 +419,11 @@ class Pipeline:
             return
         saved = {**(_read_yaml(record) or {}), "stage_configs": _read_yaml(stages) if stages.is_file() else {}}
         changed = _differences(saved, now)
-        refused = [k for k in changed if k.split(".")[0] not in HARMLESS]
+        # the stage configs' STAGE_SETS keys aside: the pipeline sets them for every stage run
+        strict = _differences(_without_stage_sets(saved), _without_stage_sets(now))
+        refused = [k for k in strict if k.split(".")[0] not in HARMLESS]
         if refused:
-            lines = "".join(f"\n  {k}: {changed[k][0]!r} there, {changed[k][1]!r} now" for k in refused)
+            lines = "".join(f"\n  {k}: {strict[k][0]!r} there, {strict[k][1]!r} now" for k in refused)
             raise PipelineError(
                 f"{self.dir} was made with another config (recorded in {record.name} and {stages.name}); "
                 f"differing:{lines}\n{START_OVER}"
@@ -434,13 +457,8 @@ class Pipeline:
         for v, extra in enumerate(variants or [{}]):
             run_dir = d / f"variant_{v}"
             if not (run_dir / "model" / "config.json").exists():
-                args = {
-                    **stage_overrides,
-                    **overrides,
-                    **extra,
-                    "train.run_dir": str(run_dir),
-                    "logging.progress": False,
-                }
+                own = dict(zip(STAGE_SETS, (str(run_dir), False)))  # whatever the stage config file says
+                args = {**stage_overrides, **overrides, **extra, **own}
                 self.torchrun(kind, run_dir, args, d / f"variant_{v}.log")
             models.append(run_dir / "model")
         return average_checkpoints(models, d / "model")
