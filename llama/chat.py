@@ -26,6 +26,7 @@ Per token, `encode_dialog` also says whether it is
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,44 +131,190 @@ class ChatFormat:
 
 # ----------------------------------------------------------------------------- which template
 
+# A chat template is recognized by what it renders: the probe dialogs below (with and without a system
+# prompt, several turns, with and without the generation prompt, contents wrapped in whitespace that the
+# formats strip), rendered as transformers renders them, must give exactly the text of our ChatFormat's
+# ids. Once with `date_string` passed (PROBE_DATE); once without, where 3.1 writes its own default date
+# (DEFAULT_DATE) and 3.2 today's (strftime_now, fixed here to PROBE_TODAY): that tells 3.1 from 3.2.
+PROBES = (
+    ([{"role": "user", "content": " What is 2 + 2?\n"}], True),
+    (
+        [
+            {"role": "system", "content": "You are terse.\n"},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "  Hello.  "},
+            {"role": "user", "content": "Count to 3, please."},
+        ],
+        True,
+    ),
+    (
+        [
+            {"role": "system", "content": "S"},
+            {"role": "user", "content": "u"},
+            {"role": "assistant", "content": "a\n\n"},
+        ],
+        False,
+    ),
+    (
+        [
+            {"role": "user", "content": "Traduis \u00ab bonjour \u00bb."},
+            {"role": "assistant", "content": "\u3053\u3093\u306b\u3061\u306f"},
+            {"role": "user", "content": "\n```python\nprint(1)\n```"},
+            {"role": "assistant", "content": "1"},
+        ],
+        False,
+    ),
+)
+PROBE_DATE = "5 May 2030"  # passed as date_string
+PROBE_TODAY = (2031, 11, 15)  # what strftime_now returns when it is not ("15 Nov 2031")
 
-def recognize_template(text: str) -> str | None:
-    """A Jinja chat template's ChatFormat name: one of the shipped templates (whitespace aside), or any
-    revision of Meta's 3.1-3.3 templates (they write the knowledge-date line); None if neither."""
+
+def _shipped_text(name: str) -> str:
+    return "".join(jinja_template(name).split())
+
+
+@functools.cache
+def _expected_renders() -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
+    """name -> (the probes' text with date_string=PROBE_DATE, without a date_string): our ChatFormat's ids
+    decoded by the byte tokenizer (its special tokens decode to their names, bytes to themselves)."""
+    from datetime import date
+
+    from llama.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
+
+    tok = load_tokenizer(DEFAULT_TOKENIZER)
+    today = date(*PROBE_TODAY).strftime("%d %b %Y")
+    no_date = {"llama3": DEFAULT_DATE, "llama3.1": DEFAULT_DATE, "llama3.2": today}
+
+    def texts(name, date_string):
+        chat = ChatFormat(tok, name, date_string)
+        return tuple(tok.decode(chat.encode_dialog(m, gen).tokens) for m, gen in PROBES)
+
+    return {name: (texts(name, PROBE_DATE), texts(name, no_date[name])) for name in TEMPLATES}
+
+
+def render_probes(text: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The probe dialogs rendered by the Jinja template `text` as transformers' apply_chat_template renders
+    them (sandboxed, trim_blocks, lstrip_blocks, `{% generation %}` blocks, tojson, raise_exception,
+    strftime_now): -> (with date_string=PROBE_DATE, without). ImportError without jinja2; the template's
+    own errors (jinja2.TemplateError and what its expressions raise) propagate."""
+    import jinja2
+    import jinja2.ext
+    import jinja2.sandbox
+
+    class Generation(jinja2.ext.Extension):  # transformers' assistant-mask markers: render the body as is
+        tags = {"generation"}
+
+        def parse(self, parser):
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def strftime_now(fmt):
+        from datetime import datetime
+
+        return datetime(*PROBE_TODAY).strftime(fmt)
+
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False: json.dumps(
+        x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    template = env.from_string(text)
+    special = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "tools": None, "documents": None}
+
+    def render(**kw):
+        return tuple(template.render(messages=m, add_generation_prompt=gen, **special, **kw) for m, gen in PROBES)
+
+    return render(date_string=PROBE_DATE), render()
+
+
+def recognize_template(text) -> str:
+    """A Jinja chat template's ChatFormat name. One of the shipped templates (whitespace aside) is known
+    by its text; any other is rendered on the probe dialogs (render_probes, needs jinja2) and must give
+    exactly what one of our formats gives, with a date passed and without (Meta's 3.1-3.3 revisions, trl's
+    copies and training variants pass). Anything else is a ValueError saying how it differs."""
+    if not isinstance(text, str):
+        raise ValueError(f"expected a Jinja template as a string, got {type(text).__name__}")
     squeezed = "".join(text.split())
     for name in TEMPLATES:
-        if squeezed == "".join(jinja_template(name).split()):
+        if squeezed == _shipped_text(name):
             return name
-    if f"Cutting Knowledge Date: {KNOWLEDGE_CUTOFF}" in text and "Today Date: " in text:
-        return "llama3.2" if "strftime_now" in text else "llama3.1"  # 3.2's own date default is today's
-    return None
+    try:
+        rendered = render_probes(text)
+    except ImportError:
+        raise ValueError(
+            "it is not the text of a shipped Llama 3 template, and jinja2 is not installed to compare what it "
+            "renders (pip install jinja2)"
+        ) from None
+    except Exception as e:  # the template's own error, raised while compiling or rendering a probe
+        raise ValueError(f"it fails to render a plain dialog ({type(e).__name__}: {e})") from None
+    expected = _expected_renders()
+    for name in TEMPLATES:
+        if rendered == expected[name]:
+            return name
+    raise ValueError(_mismatch(rendered, expected))
+
+
+def _mismatch(rendered, expected) -> str:
+    """Why a template that renders none of our formats is refused: where it first differs from the format
+    it follows longest."""
+    got = rendered[0] + rendered[1]
+    closest = None  # (probe index, common prefix length, name)
+    for name in TEMPLATES:
+        want = expected[name][0] + expected[name][1]
+        i = next(i for i, (g, w) in enumerate(zip(got, want)) if g != w)
+        at = next((k for k, (x, y) in enumerate(zip(got[i], want[i])) if x != y), min(len(got[i]), len(want[i])))
+        if closest is None or (i, at) > closest[:2]:  # a tie goes to the first name (3.1 before 3.2)
+            closest = (i, at, name)
+    i, at, name = closest
+    want = (expected[name][0] + expected[name][1])[i]
+    probe = f"probe dialog {i % len(PROBES)} " + (f"(date_string={PROBE_DATE!r})" if i < len(PROBES) else "(no date)")
+    return (
+        f"it renders none of the Llama 3 formats ({', '.join(TEMPLATES)}); closest, {name}: on {probe} it writes "
+        f"{got[i][max(0, at - 30) : at + 40]!r} where {name} writes {want[max(0, at - 30) : at + 40]!r}"
+    )
 
 
 def template_in_dir(directory) -> tuple[str | None, Path | None]:
     """The chat template a Hugging Face model folder names -> (ChatFormat name, file), (None, None) if it
     names none. Read from chat_template.jinja, else tokenizer_config.json's "chat_template" (a string, or
-    a list of {"name", "template"} whose "default" is used). One it holds but is not ours is an error."""
+    a list of {"name", "template"} whose "default" is used), as transformers reads them. One it holds that
+    is not ours (recognize_template) is a ValueError naming the file and the key."""
     directory = Path(directory)
-    text, file = None, directory / "chat_template.jinja"
-    if file.is_file():
-        text = file.read_text(encoding="utf-8")
-    elif (directory / "tokenizer_config.json").is_file():
-        file = directory / "tokenizer_config.json"
-        try:
-            text = json.loads(file.read_text(encoding="utf-8")).get("chat_template")
-        except (OSError, ValueError, AttributeError) as e:
-            raise ValueError(f"{file}: cannot read it as a JSON object: {e}") from None
-        if isinstance(text, list):
-            text = next((t.get("template") for t in text if isinstance(t, dict) and t.get("name") == "default"), None)
+    file, key = directory / "chat_template.jinja", "the chat template"
+    try:
+        if file.is_file():
+            text = file.read_text(encoding="utf-8")
+        elif (directory / "tokenizer_config.json").is_file():
+            file, key = directory / "tokenizer_config.json", "chat_template"
+            raw = json.loads(file.read_text(encoding="utf-8"))
+            if not isinstance(raw, dict):
+                raise ValueError(f"expected a JSON object, got {type(raw).__name__}")
+            text = raw.get("chat_template")
+        else:
+            return None, None
+    except (OSError, ValueError) as e:  # ValueError: invalid JSON or not UTF-8
+        raise ValueError(f"{file}: cannot read it: {e}") from None
     if text is None:
         return None, None
-    name = recognize_template(text) if isinstance(text, str) else None
-    if name is None:
+    if isinstance(text, list):  # named templates: transformers uses the "default" one
+        names = [t.get("name") for t in text if isinstance(t, dict)]
+        text = next((t.get("template") for t in text if isinstance(t, dict) and t.get("name") == "default"), None)
+        if text is None:
+            raise ValueError(f"{file}: chat_template: a list of named templates {names} with no 'default' one")
+        key = "chat_template (its 'default' entry)"
+    try:
+        return recognize_template(text), file
+    except ValueError as e:
         raise ValueError(
-            f"{file}: its chat_template is none of the Llama 3 formats ({', '.join(TEMPLATES)}); training on "
-            "another format than the model's would go unnoticed, so choose one: model.chat_template (--chat-template)"
-        )
-    return name, file
+            f"{file}: {key}: {e}. Training or exporting in another format than the model's would go unnoticed: "
+            f"set the format by hand with model.chat_template (--chat-template): {', '.join(TEMPLATES)}"
+        ) from None
 
 
 def resolve_chat_template(name: str | None, checkpoint_dir=None) -> str:

@@ -3,6 +3,8 @@ as transformers renders them and tokenized by HF `tokenizers`; the masks against
 written independently."""
 
 import json
+import re
+import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import trl
 from tokenizers import Tokenizer as HFTokenizer
 
 from llama.chat import TEMPLATES, ChatFormat, jinja_template, resolve_chat_template
-from llama.tokenizer import load_tokenizer
+from llama.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
 
 TRL_TEMPLATES = Path(trl.__file__).parent / "chat_templates"
 TRL_FILES = {"llama3": "llama3.jinja", "llama3.1": "llama3_1.jinja", "llama3.2": "llama3_2.jinja"}
@@ -116,7 +118,9 @@ def test_shipped_templates_are_trls_and_recognized(tmp_path):
 
 def test_unknown_template_and_tools_are_errors(tmp_path, tok):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages[0].content }}"}))
-    with pytest.raises(ValueError, match=r"tokenizer_config\.json: its chat_template is none of the Llama 3 formats"):
+    with pytest.raises(
+        ValueError, match=r"tokenizer_config\.json: chat_template: it renders none of the Llama 3 formats"
+    ):
         resolve_chat_template(None, tmp_path)
     with pytest.raises(ValueError, match=r"chat template 'llama3\.3' is not one of .*3\.3 uses llama3\.1"):
         resolve_chat_template("llama3.3", tmp_path)
@@ -181,3 +185,105 @@ def test_eom_terminator_and_bad_messages(tok):
     assert enc.tokens[-1] == tok.eom_id and enc.is_format[-1] and enc.is_target[-1]
     with pytest.raises(ValueError, match="message 1: field 'content' must be a string"):
         chat.encode_dialog([{"role": "user", "content": "a"}, {"role": "assistant", "content": None}])
+
+
+# ----------------------------------------------------------------------------- recognized by rendering (issue 17)
+
+CHATML_WITH_DATES = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{% if loop.first %}You are a pirate. Cutting Knowledge Date: December 2023\nToday Date: "
+    "{{ date_string | default('26 Jul 2024') }}\n{% endif %}{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+PIRATE_31 = jinja_template("llama3.1").replace(
+    '{{- "Today Date: " + date_string + "\\n\\n" }}',
+    '{{- "Today Date: " + date_string + "\\n\\n" }}\n{{- "You are a pirate.\\n" }}',
+)
+
+
+def hub_tokenizer_config(d: Path, llama3_tokenizer_dir: Path, chat_template) -> Path:
+    """A folder with the real tokenizer_config.json (Llama 3's added tokens and settings) holding `chat_template`."""
+    d.mkdir()
+    config = json.loads((llama3_tokenizer_dir / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": chat_template}))
+    return d / "tokenizer_config.json"
+
+
+def revised(name: str) -> str:
+    """The model's template with a variable renamed: other text, the same output (as a repository's revision)."""
+    text = (TRL_TEMPLATES / TRL_FILES[name]).read_text().replace("system_message", "sys_msg")
+    assert "sys_msg" in text and "".join(text.split()) != "".join(jinja_template(name).split())
+    return text
+
+
+def test_templates_are_recognized_by_what_they_render(tmp_path, llama3_tokenizer_dir):
+    """trl's copies, revisions with the same output and trl's {% generation %} training variant are
+    recognized, in the real tokenizer_config.json; a 3.2 revision without its own "today" default is 3.1."""
+    no_today = revised("llama3.2").replace("strftime_now is defined", "false")
+    cases = {TRL_FILES[n]: (TRL_TEMPLATES / TRL_FILES[n]).read_text() for n in TEMPLATES}
+    cases |= {f"revised {n}": revised(n) for n in ("llama3.1", "llama3.2")}
+    cases |= {"llama3_training.jinja": (TRL_TEMPLATES / "llama3_training.jinja").read_text()}
+    cases |= {"3.2 without strftime_now": no_today}
+    expected = {"llama3.jinja": "llama3", "llama3_1.jinja": "llama3.1", "llama3_2.jinja": "llama3.2"}
+    expected |= {"revised llama3.1": "llama3.1", "revised llama3.2": "llama3.2", "llama3_training.jinja": "llama3"}
+    expected |= {"3.2 without strftime_now": "llama3.1"}
+    for i, (case, text) in enumerate(cases.items()):
+        hub_tokenizer_config(tmp_path / str(i), llama3_tokenizer_dir, text)
+        assert resolve_chat_template(None, tmp_path / str(i)) == expected[case], case
+    # the reference: what transformers' renderer writes with each template, against the name's ChatFormat
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    for case in ("revised llama3.1", "revised llama3.2", "3.2 without strftime_now"):
+        chat = ChatFormat(load_tokenizer(DEFAULT_TOKENIZER), expected[case])
+        for messages in DIALOGS:
+            text = env.from_string(cases[case]).render(messages=messages, bos_token="<|begin_of_text|>")
+            assert text == chat.tokenizer.decode(chat.encode_dialog(messages).tokens), case
+
+
+@pytest.mark.parametrize("case", ["chatml with the date lines", "llama3.1 with another system prompt"])
+def test_a_template_that_renders_otherwise_is_refused_naming_file_and_key(case, tmp_path, llama3_tokenizer_dir):
+    """Both hold the two date lines (taken for 3.1 by a substring test before); both render otherwise than
+    every format (checked here with transformers' renderer), so both are refused, naming the file and key."""
+    text = CHATML_WITH_DATES if case.startswith("chatml") else PIRATE_31
+    file = hub_tokenizer_config(tmp_path / "m", llama3_tokenizer_dir, text)
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    for name in TEMPLATES:
+        chat = ChatFormat(load_tokenizer(DEFAULT_TOKENIZER), name)
+        rendered = env.from_string(text).render(messages=DIALOGS[0], bos_token="<|begin_of_text|>")
+        assert rendered != chat.tokenizer.decode(chat.encode_dialog(DIALOGS[0]).tokens)
+    with pytest.raises(
+        ValueError, match=rf"^{re.escape(str(file))}: chat_template: it renders none of the Llama 3"
+    ) as e:
+        resolve_chat_template(None, tmp_path / "m")
+    assert "pirate" in str(e.value) and "model.chat_template" in str(e.value)
+    (tmp_path / "m" / "chat_template.jinja").write_text(text)  # transformers' newer file, read first
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / 'm' / 'chat_template.jinja'))}: "):
+        resolve_chat_template(None, tmp_path / "m")
+    assert resolve_chat_template("llama3.1", tmp_path / "m") == "llama3.1"  # set by hand: used
+
+
+def test_named_templates_without_default_and_non_strings_are_refused(tmp_path):
+    for value, message in [
+        (
+            [{"name": "tool_use", "template": "x"}],
+            r"chat_template: a list of named templates \['tool_use'\] with no 'default'",
+        ),
+        (5, r"chat_template: expected a Jinja template as a string, got int"),
+        ("{% for %}", r"chat_template: it fails to render a plain dialog \(TemplateSyntaxError"),
+    ]:
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": value}))
+        with pytest.raises(ValueError, match=rf"tokenizer_config\.json: {message}"):
+            resolve_chat_template(None, tmp_path)
+
+
+def test_without_jinja2_only_the_shipped_text_is_recognized(tmp_path, monkeypatch):
+    """jinja2 is not a dependency: without it the shipped templates are still known by their text, and
+    anything else is an error saying to install it or to set the key."""
+    monkeypatch.setitem(sys.modules, "jinja2", None)  # import jinja2 raises ImportError
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": jinja_template("llama3.2")}))
+    assert resolve_chat_template(None, tmp_path) == "llama3.2"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": revised("llama3.1")}))
+    with pytest.raises(
+        ValueError,
+        match=r"tokenizer_config\.json: chat_template: .*jinja2 is not installed .*pip install jinja2.*model\.chat_template",
+    ):
+        resolve_chat_template(None, tmp_path)
