@@ -82,6 +82,8 @@ class TrainSection:
     mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile each block
+    shard_degree: NonNegInt = 0  # ranks sharing one copy of the model; 0 = all (FSDP); N: HSDP, sharded within groups of N ranks (a node's GPUs), replicated across the nproc/N groups
+    cpu_offload: bool = False  # FSDP2 CPU offload: parameters, gradients and optimizer state in CPU memory (slower; for a model that does not fit)
     kernels: Literal["auto", "triton", "torch"] = "auto"  # target log-prob path
     max_bad_steps: PosInt = 5  # consecutive non-finite steps before stopping
     export_hf: bool = False  # also write <run_dir>/model_hf in the Hugging Face format

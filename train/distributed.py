@@ -3,7 +3,9 @@
 NCCL on CUDA, gloo on CPU; one process per GPU; several nodes work as torchrun sets them up.
 `parallelize` shards each transformer block and then the root with `fully_shard`, optionally
 with activation checkpointing and `torch.compile` per block, and bf16 params with fp32 gradient
-reduction on CUDA.
+reduction on CUDA; over all ranks (FSDP) or, for a model that outgrows a node's interconnect budget,
+within each node and replicated across nodes (HSDP, `train.shard_degree`), optionally with the
+sharded state in CPU memory (`train.cpu_offload`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from llama import Transformer, get_preset, load_model
 from llama.checkpoint import read_config
@@ -61,6 +63,27 @@ def param_dtype(mixed_precision: str, device: torch.device) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[mixed_precision]
 
 
+def shard_mesh(d: Dist, shard_degree: int = 0):
+    """The mesh FSDP2 shards over: all ranks (shard_degree 0 or the world size: FSDP), or HSDP's 2D mesh
+    (replicate, shard): the model sharded within each group of `shard_degree` consecutive ranks (one
+    node's GPUs, so the per-layer all-gathers and reduce-scatters stay on the node's fast links) and
+    replicated across the groups, whose gradients are all-reduced once per step."""
+    if shard_degree in (0, d.world_size):
+        return d.mesh
+    if shard_degree > d.world_size or d.world_size % shard_degree:
+        raise ValueError(f"train.shard_degree={shard_degree} must divide the number of ranks ({d.world_size})")
+    shape = (d.world_size // shard_degree, shard_degree)
+    return init_device_mesh(d.device.type, shape, mesh_dim_names=("replicate", "shard"))
+
+
+def describe_layout(d: Dist, shard_degree: int = 0, cpu_offload: bool = False) -> str:
+    if shard_degree in (0, d.world_size):
+        layout = f"FSDP, sharded over {d.world_size} rank(s)"
+    else:
+        layout = f"HSDP, {d.world_size // shard_degree} replicas x {shard_degree} shards"
+    return layout + (", state offloaded to CPU memory" if cpu_offload else "")
+
+
 def parallelize(
     model: nn.Module,
     d: Dist,
@@ -68,13 +91,24 @@ def parallelize(
     activation_checkpointing: bool = False,
     compile: bool = False,
     trainable: bool = True,
+    shard_degree: int = 0,
+    cpu_offload: bool = False,
 ) -> nn.Module:
     """FSDP2 per block, the reward head, then the root. Parameters stay fp32 (the optimizer's master
     copy) and are gathered in the compute dtype, except the reward head's: fp32 throughout
     (llama.model.RewardHead). `trainable=False` (a frozen reference model): stored in the compute
-    dtype, no activation checkpointing, no grads, and the root resharded after each forward."""
+    dtype, no activation checkpointing, no grads, and the root resharded after each forward.
+    shard_degree: see `shard_mesh`. cpu_offload: FSDP2's CPUOffloadPolicy, the sharded parameters,
+    their gradients and so the optimizer state live in CPU memory and each block is copied to the
+    device for its forward and backward."""
     compute = param_dtype(mixed_precision, d.device)
     mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
+    mesh = shard_mesh(d, shard_degree)
+    if cpu_offload and d.device.type != "cuda":
+        raise ValueError(
+            "train.cpu_offload moves the sharded state from GPU to CPU memory: it needs CUDA (on the CPU it is there)"
+        )
+    offload = {"offload_policy": CPUOffloadPolicy()} if cpu_offload else {}
     if not trainable:  # nothing to update: no fp32 master copy, half the memory in bf16
         model.to(compute)
     for i, block in enumerate(model.layers):
@@ -84,12 +118,12 @@ def parallelize(
             block = checkpoint_wrapper(block, preserve_rng_state=False)
         if compile:
             block.compile()
-        fully_shard(block, mesh=d.mesh, mp_policy=mp)
+        fully_shard(block, mesh=mesh, mp_policy=mp, **offload)
         model.layers[i] = block
     if hasattr(model, "score"):
         model.score.float()
-        fully_shard(model.score, mesh=d.mesh, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32))
-    fully_shard(model, mesh=d.mesh, mp_policy=mp)
+        fully_shard(model.score, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32), **offload)
+    fully_shard(model, mesh=mesh, mp_policy=mp, **offload)
     if not trainable:
         model.requires_grad_(False).eval()
         # FSDP2 keeps the root (embeddings, final norm, LM head) gathered after forward, expecting the
@@ -133,6 +167,8 @@ def build_model(
     activation_checkpointing: bool = False,
     compile: bool = False,
     trainable: bool = True,
+    shard_degree: int = 0,
+    cpu_offload: bool = False,
 ) -> Transformer:
     """Rank 0 reads the full weights (a checkpoint, or a seeded random init) and broadcasts them
     into a model that every rank built on the meta device and sharded: one full copy, on rank 0."""
@@ -151,8 +187,10 @@ def build_model(
     config = config[0]
     with torch.device("meta"):
         model = Transformer(config, head=head)
-    parallelize(model, d, mixed_precision, activation_checkpointing, compile, trainable)
-    model.to_empty(device=d.device)
+    parallelize(model, d, mixed_precision, activation_checkpointing, compile, trainable, shard_degree, cpu_offload)
+    model.to_empty(device="cpu" if cpu_offload else d.device)
+    if d.is_main and trainable:
+        print(f"model: {describe_layout(d, shard_degree, cpu_offload)}", flush=True)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_model_state_dict(model, full, options=options)
     return model

@@ -64,7 +64,10 @@ def main(argv=None):
     s = setup(cfg, kind="dpo", head="lm")
     t, m = cfg.train, cfg.model
     ref_ckpt = cfg.dpo.reference_checkpoint or m.checkpoint
-    ref = build_model(s.d, ref_ckpt, None if ref_ckpt else m.preset, "lm", t.seed, t.mixed_precision, trainable=False)
+    layout = {"shard_degree": t.shard_degree, "cpu_offload": t.cpu_offload}
+    ref = build_model(
+        s.d, ref_ckpt, None if ref_ckpt else m.preset, "lm", t.seed, t.mixed_precision, trainable=False, **layout
+    )
     train_ref = eval_ref = ref
     if cfg.dpo.reference == "precompute":
         train_ref = reference_table(ref, s.train_loader, t.kernels, cfg.dpo.mask_format, s.d.device)

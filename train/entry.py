@@ -47,10 +47,14 @@ def setup(cfg: Config, kind: str, head: str, **encode_kw) -> Setup:
     tokenizer = model_tokenizer(m.checkpoint, m.preset, m.tokenizer)
     chat = ChatFormat(tokenizer, resolve_chat_template(m.chat_template, m.checkpoint))
     train_loader, eval_loader = build_loaders(cfg.data, kind, chat, d.rank, d.world_size, d.is_main, **encode_kw)
-    data = {"train": getattr(train_loader, "fingerprints", {}), "eval": getattr(eval_loader, "fingerprints", {})}  # TEMP
+    data = {
+        "train": getattr(train_loader, "fingerprints", {}),
+        "eval": getattr(eval_loader, "fingerprints", {}),
+    }  # TEMP
     run_folder.check_data(cfg, data, resume_from is None, d.rank, d.world_size)
+    layout = {"shard_degree": t.shard_degree, "cpu_offload": t.cpu_offload}
     model = build_model(
-        d, m.checkpoint, m.preset, head, t.seed, t.mixed_precision, t.activation_checkpointing, t.compile
+        d, m.checkpoint, m.preset, head, t.seed, t.mixed_precision, t.activation_checkpointing, t.compile, **layout
     )  # fmt: skip
     return Setup(cfg, d, chat, train_loader, eval_loader, model, resume_from)
 

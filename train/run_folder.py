@@ -30,7 +30,8 @@ from train.config import flatten, save_config, to_dict
 # What a resume may change: how long to train, when to eval/save/log, what to export.
 CHANGEABLE_ON_RESUME = (
     "train.steps", "train.eval_every", "train.save_every", "train.keep_last", "train.resume", "train.run_dir",
-    "train.max_bad_steps", "train.export_hf", "train.activation_checkpointing", "logging.*",
+    "train.max_bad_steps", "train.export_hf", "train.activation_checkpointing", "train.shard_degree",
+    "train.cpu_offload", "logging.*",
     "data.cache", "data.cache_dir", "data.num_workers",  # where and how the same examples are tokenized
 )  # fmt: skip
 
