@@ -51,7 +51,7 @@ def test_rejection_sample_keeps_the_best_and_pairs_by_annotator():
         calls.append(texts)
         return [float(len(t)) for t in texts]  # a stand-in judge: longer is better
 
-    sft, pairs, sets = rejection_sample(records, policy, rm, CHAT, 6, 12, gen, temperature=1.5, annotate=annotate)
+    sft, pairs, sets, _ = rejection_sample(records, policy, rm, CHAT, 6, 12, gen, temperature=1.5, annotate=annotate)
     assert len(sets) == 3 and all(len(s["responses"]) == 6 for s in sets)
     for s in sets:
         ok = [j for j in range(6) if s["finished"][j] and s["responses"][j].strip()]
@@ -122,10 +122,10 @@ def test_generated_fields_win_over_the_prompt_records_own(monkeypatch):
     own |= {"rm_scores": [8.0], "finished": [False], "strength": "slightly_better", "edited": "IN-E", "source": "x"}
     records = [{"id": i, "messages": [{"role": "user", "content": f"{i}+{i}="}], **own} for i in range(3)]
     gen = torch.Generator().manual_seed(0)
-    sft, pairs, sets = rejection_sample(
+    sft, pairs, sets, dropped = rejection_sample(
         records, None, rm, CHAT, 6, 12, gen, annotate=lambda r, ts: [float(len(t)) for t in ts]
     )
-    assert len(sft) == len(pairs) == len(sets) == 3
+    assert len(sft) == len(pairs) == len(sets) == 3 and not dropped
     generated = {"id", "source"}  # besides the generated fields, only these: nothing of the input on top
     for outputs, keys in ((sft, {"messages", "score", "scores"}), (pairs, {"prompt", "chosen", "rejected", "scores"})):
         assert all(set(out) == generated | keys for out in outputs)
@@ -254,7 +254,7 @@ def test_vllm_engine_renders_prompts_to_ids_and_maps_samples_back():
     engine = VLLMEngine(llm, lambda **kw: kw, seed=5)
     rm = random_model(get_preset("debug"), head="reward", seed=1)
     records = [{"id": i, "messages": [{"role": "user", "content": f"{i}+{i}="}]} for i in range(2)]
-    sft, pairs, sets = rejection_sample(records, engine, rm, CHAT, 3, 12, None, temperature=0.7, top_p=0.9)
+    sft, pairs, sets, _ = rejection_sample(records, engine, rm, CHAT, 3, 12, None, temperature=0.7, top_p=0.9)
     ((prompts, params),) = llm.calls  # one call: vLLM batches all prompts itself
     assert prompts == [
         {"prompt_token_ids": CHAT.encode_dialog(r["messages"], add_generation_prompt=True).tokens} for r in records

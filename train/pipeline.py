@@ -31,6 +31,7 @@ import dataclasses
 import json
 import os
 import subprocess
+import sys
 import time
 import typing
 from dataclasses import dataclass, field
@@ -52,7 +53,7 @@ from train.average import average_checkpoints
 from train.config import AtLeast, NonNegFloat, NonNegInt, PosInt, _comments, from_flat_dict
 from train.distributed import torchrun_command
 from train.logger import read_metrics
-from train.sample import read_prompts, rejection_sample, score, verifier_annotator
+from train.sample import drop_report, drops_for, read_prompts, rejection_sample, score, verifier_annotator
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGE_KINDS = ("rm", "sft", "dpo")  # the training scripts; "pretrain" runs sft.py
@@ -325,10 +326,10 @@ class Pipeline:
 
     def rejection_sampling(self, d: Path, k: int, policy: Path, rm: Path) -> dict:
         """K samples per fresh prompt from the latest policy; the reward model's best of each is SFT data."""
-        sft, _, sets = self.sample(d, k, "rs", self.cfg.rs_prompts, policy, rm, annotate=None)
+        sft, _, sets, dropped = self.sample(d, k, "rs", self.cfg.rs_prompts, policy, rm, None, ("sft",))
         write_jsonl(d / "sft.jsonl", sft)
         write_jsonl(d / "sets.jsonl", sets)
-        return self.sample_metrics(sft, sets, records=len(sft))
+        return {**self.sample_metrics(sft, sets, records=len(sft)), "dropped": dropped}
 
     def train_sft(self, d: Path, k: int, base: Path) -> dict:
         """SFT from the base on all rejection-sampled data so far."""
@@ -346,10 +347,12 @@ class Pipeline:
         """New preference pairs: K samples per fresh prompt from this round's SFT model, the verifier's best
         against its worst (the labels are exact, so every pair counts as significantly better)."""
         annotate = verifier_annotator(self.task.verify)
-        sft, pairs, sets = self.sample(d, k, "pref", self.cfg.pref_prompts, sft_model, rm, annotate)
+        sft, pairs, sets, dropped = self.sample(
+            d, k, "pref", self.cfg.pref_prompts, sft_model, rm, annotate, ("pairs",)
+        )
         write_jsonl(d / "pairs.jsonl", [{**p, "strength": "significantly_better"} for p in pairs])
         write_jsonl(d / "sets.jsonl", sets)
-        return self.sample_metrics(sft, sets, records=len(pairs))
+        return {**self.sample_metrics(sft, sets, records=len(pairs)), "dropped": dropped}
 
     def train_dpo(self, d: Path, k: int, sft_model: Path) -> dict:
         """DPO from this round's SFT model on this round's pairs; with several variants, each is evaluated
@@ -484,18 +487,26 @@ class Pipeline:
                 f"{_tail(log_path)}\nRerunning the pipeline resumes from the last finished stage."
             )
 
-    def sample(self, d: Path, k: int, split: str, n: int, model: Path, rm: Path, annotate):
+    def sample(self, d: Path, k: int, split: str, n: int, model: Path, rm: Path, annotate, outputs: tuple):
         """K samples for each of n fresh prompts (saved as prompts.jsonl), scored by the reward model
-        -> (SFT records, preference pairs by `annotate`, else by the RM, sets) as train/sample.py."""
+        -> (SFT records, preference pairs by `annotate`, else by the RM, sets, drops) as train/sample.py.
+        What is dropped on the way to the stage's `outputs` ("sft", "pairs") is printed, and returned
+        as {DROPS key: count} (the stage's results keep it)."""
         c = self.cfg
         prompts = self.task.prompts(n, c.seed * 1000 + 2 * k + (split == "pref"), f"r{k}{split}")
         write_jsonl(d / "prompts.jsonl", prompts)
         records = read_prompts(d / "prompts.jsonl")  # parsed as sample.py parses a prompt file
         generator = torch.Generator().manual_seed(c.seed * 1000 + k)
         policy, reward = load_model(model).eval(), load_model(rm).eval()
-        return rejection_sample(
+        sft, pairs, sets, dropped = rejection_sample(
             records, policy, reward, self.chat, c.k, c.max_new_tokens, generator, c.temperature, annotate=annotate
         )
+        lines, warning = drop_report(dropped, len(records), c.k, f"max_new_tokens {c.max_new_tokens}", outputs)
+        for line in lines:
+            print(f"[round {k}] {d.name}: {line}", flush=True)
+        if warning:
+            print(f"[round {k}] {d.name}: {warning}", file=sys.stderr, flush=True)
+        return sft, pairs, sets, {key: dropped[key] for key in drops_for(outputs) if dropped.get(key)}
 
     def sample_metrics(self, sft: list[dict], sets: list[dict], records: int) -> dict:
         """How good the samples are by the verifier: all of them, the best of K (an oracle), the RM's picks."""

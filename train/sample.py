@@ -16,6 +16,10 @@ Every output record holds the generated fields; the prompt record's own fields (
 under "source", so a prompt file that carries e.g. `chosen` or `scores` can never stand in for the
 generated ones. A prompt record's "id" is also copied to the top level: labels join on it.
 Each rank takes every world_size-th prompt; rank 0 writes the files in prompt order.
+Nothing is dropped silently: every sample left out (no stop token within --max-new-tokens, empty, over
+--max-chars) and every prompt left without an SFT record or a pair (no sample left, fewer than 2, tied
+scores, best and worst the same text) is counted and printed (`DROPS`), with a warning when most samples
+reached no stop token.
 
 Engines (`--engine`): "native" (default) samples with llama/generate.py on every rank. "vllm" exports the
 policy to an HF folder (with its tokenizer and chat template) and samples with vLLM (PagedAttention,
@@ -31,7 +35,9 @@ import argparse
 import json
 import math
 import os
+import sys
 import tempfile
+from collections import Counter
 from collections.abc import Callable
 
 import torch
@@ -194,7 +200,7 @@ def verifier_annotator(verify: Callable[[str, str], float]):
 
 def file_annotator(path):
     """Labels imported from a JSONL file of {"id": ..., "scores": [...]} or {"id": ..., "ranking": [best, ...]}."""
-    labels = {}
+    labels, lines = {}, {}
     for where, obj in read_records(path):
         if isinstance(obj, ValidationError):
             raise obj
@@ -206,11 +212,20 @@ def file_annotator(path):
             for rank, j in enumerate(obj["ranking"]):
                 scores[j] = float(n - rank)
             obj = {**obj, "scores": scores}
-        labels[obj["id"]] = obj["scores"]
+        if obj["id"] in labels:  # the later one would replace the earlier, unseen
+            raise ValidationError(
+                f"{where}: id: a second label for id {obj['id']!r} (the first is at line {lines[obj['id']]})"
+            )
+        labels[obj["id"]], lines[obj["id"]] = obj["scores"], where.rpartition(":")[2]
 
     def annotate(record, texts):
         if record.get("id") not in labels:
             raise KeyError(f"{path}: no label for prompt id {record.get('id')!r}")
+        if len(labels[record["id"]]) != len(texts):
+            raise ValueError(
+                f"{path}: the label of prompt id {record['id']!r} scores {len(labels[record['id']])} samples, "
+                f"there are {len(texts)}"
+            )
         return labels[record["id"]]
 
     return annotate
@@ -227,29 +242,90 @@ def preference_pair(record: dict, texts: list[str], scores: list[float]) -> dict
     return out
 
 
-def filter_ok(text: str, finished: bool, max_chars: int | None) -> bool:
-    """Heuristic filters: the sample ended its turn, is not empty, and is not too long."""
-    return finished and bool(text.strip()) and (max_chars is None or len(text) <= max_chars)
+def drop_reason(text: str, finished: bool, max_chars: int | None) -> str | None:
+    """Heuristic filters: None if the sample ended its turn, is not empty, and is not too long; else the
+    first reason it fails (a DROPS key)."""
+    if not finished:
+        return "unfinished"
+    if not text.strip():
+        return "empty"
+    if max_chars is not None and len(text) > max_chars:
+        return "over_max_chars"
+    return None
+
+
+# Everything sampling drops, counted per key (sample_records) and printed (drop_report): samples first, then
+# the prompts that get no SFT record or no preference pair. "{limit}" is the max-new-tokens setting's name.
+DROPS = {
+    "unfinished": "samples that reached no stop token within {limit}",
+    "empty": "empty samples",
+    "over_max_chars": "samples longer than --max-chars",
+    "no_sft_record": "prompts with no sample left: no SFT record",
+    "no_pair_fewer_than_2": "prompts with fewer than 2 samples left: no pair",
+    "no_pair_tied_scores": "prompts whose samples left all scored the same: no pair",
+    "no_pair_same_text": "prompts whose best and worst samples are the same text: no pair",
+}
+SAMPLE_DROPS = ("unfinished", "empty", "over_max_chars")
+
+
+def drops_for(outputs) -> list[str]:
+    """The DROPS keys that lose something when `outputs` ("sft", "pairs") are wanted: the samples', then the prompts'."""
+    prompts = [key for key in DROPS if key not in SAMPLE_DROPS]
+    return [*SAMPLE_DROPS, *(key for key in prompts if ("sft" if key == "no_sft_record" else "pairs") in outputs)]
+
+
+def drop_report(dropped: dict, prompts: int, k: int, limit: str, outputs=("sft", "pairs")) -> tuple[list, str | None]:
+    """-> (lines that account for every sample and prompt dropped, a warning or None). `limit`: the max new
+    tokens setting as the user gave it ("--max-new-tokens 8", "max_new_tokens 6"); `outputs`: which of the
+    SFT records and pairs are wanted (a prompt without the other loses nothing). The warning: most samples
+    reached no stop token, so most of the work was dropped."""
+    samples = prompts * k
+    lost = sum(dropped.get(key, 0) for key in SAMPLE_DROPS)
+    head = f"samples: {samples} ({prompts} prompts x {k}), {samples - lost} kept, {lost} dropped"
+    parts = [f"{dropped[key]} {DROPS[key].format(limit=limit)}" for key in SAMPLE_DROPS if dropped.get(key)]
+    lines = ["; ".join([head, *parts])]
+    lines += [
+        f"{dropped[key]} of {prompts} {DROPS[key]}"
+        for key in drops_for(outputs)[len(SAMPLE_DROPS) :]
+        if dropped.get(key)
+    ]
+    unfinished = dropped.get("unfinished", 0)
+    if not samples or unfinished <= samples / 2:
+        return lines, None
+    setting = limit.rsplit(" ", 1)[0]
+    return lines, (
+        f"WARNING: {unfinished} of {samples} samples ({100 * unfinished / samples:.0f}%) reached no stop token "
+        f"within {limit} and were dropped: raise {setting}"
+    )
 
 
 # ----------------------------------------------------------------------------- driver
 
 
 def rejection_sample(records, *args, **kw):
-    """-> (SFT records, preference records, sets to annotate) for these records; arguments as sample_records."""
+    """-> (SFT records, preference records, sets to annotate, drops: {DROPS key: count}) for these records;
+    arguments as sample_records."""
     return split_outputs(sample_records(records, *args, **kw))
 
 
-def split_outputs(per_record: list[tuple]) -> tuple[list[dict], list[dict], list[dict]]:
-    """Per-record (SFT record or None, pair or None, set) -> the three lists, Nones dropped."""
-    return tuple([x for x in column if x is not None] for column in zip(*per_record)) if per_record else ([], [], [])
+def split_outputs(per_record: list[tuple]) -> tuple[list[dict], list[dict], list[dict], Counter]:
+    """Per-record (SFT record or None, pair or None, set, drops) -> the three lists (Nones left out: each
+    one counted in the drops) and the drops summed."""
+    sft, pairs, sets, dropped = [], [], [], Counter()
+    for record_sft, pair, set_, drops in per_record:
+        sft += [record_sft] if record_sft is not None else []
+        pairs += [pair] if pair is not None else []
+        sets.append(set_)
+        dropped.update(drops)
+    return sft, pairs, sets, dropped
 
 
 def sample_records(
     records, policy, rm, chat, k, max_new_tokens, generator, temperature=1.0, top_p=1.0, top_k=0,
     safety_rm=None, annotate=None, max_chars=None, max_len=4096,
-) -> list[tuple[dict | None, dict | None, dict]]:  # fmt: skip
-    """-> per record: (its SFT record or None, its preference pair or None, its set to annotate)."""
+) -> list[tuple[dict | None, dict | None, dict, Counter]]:  # fmt: skip
+    """-> per record: (its SFT record or None, its preference pair or None, its set to annotate, what was
+    dropped: {DROPS key: count}, every sample and every missing SFT record or pair counted once)."""
     prompts = [r["messages"] for r in records]
     texts, finished = sample(
         policy, chat, prompts, k, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, generator=generator
@@ -263,17 +339,30 @@ def sample_records(
         ]
     out = []
     for r, ts, fs, ss in zip(records, texts, finished, helpful):
-        keep = [j for j in range(k) if filter_ok(ts[j], fs[j], max_chars)]
+        reasons = [drop_reason(t, f, max_chars) for t, f in zip(ts, fs)]
+        dropped = Counter(reason for reason in reasons if reason is not None)
+        keep = [j for j, reason in enumerate(reasons) if reason is None]
         meta = provenance(r)  # first, so that the generated fields written after it win
         sft = None
         if keep:
             best = max(keep, key=lambda j: ss[j])
             messages = r["messages"] + [{"role": "assistant", "content": ts[best]}]
             sft = {**meta, "messages": messages, "score": ss[best], "scores": ss}
+        else:
+            dropped["no_sft_record"] += 1
         labels = annotate(r, ts) if annotate is not None else ss
-        pair = preference_pair(r, [ts[j] for j in keep], [labels[j] for j in keep]) if len(keep) >= 2 else None
-        pair = {**meta, **pair} if pair is not None else None
-        out.append((sft, pair, {**meta, "prompt": r["messages"], "responses": ts, "finished": fs, "rm_scores": ss}))
+        kept_texts, kept_labels = [ts[j] for j in keep], [labels[j] for j in keep]
+        pair = preference_pair(r, kept_texts, kept_labels) if len(keep) >= 2 else None
+        if pair is not None:
+            pair = {**meta, **pair}
+        elif len(keep) < 2:
+            dropped["no_pair_fewer_than_2"] += 1
+        elif max(kept_labels) == min(kept_labels):
+            dropped["no_pair_tied_scores"] += 1
+        else:  # preference_pair's other refusal: its best and worst sample are the same text
+            dropped["no_pair_same_text"] += 1
+        set_ = {**meta, "prompt": r["messages"], "responses": ts, "finished": fs, "rm_scores": ss}
+        out.append((sft, pair, set_, dropped))
     return out
 
 
@@ -397,11 +486,17 @@ def sample_and_write(args, d, chat: ChatFormat, records: list[dict], annotate, e
     ordered = [None] * len(records)
     for rank, results in enumerate(gathered):  # rank r sampled prompts r, r + world, ...: back into prompt order
         ordered[rank :: d.world_size] = results
-    sft, pairs, sets = split_outputs(ordered)
+    sft, pairs, sets, dropped = split_outputs(ordered)
     for path, recs in ((args.out_sft, sft), (args.out_pairs, pairs), (args.out_sets, sets)):
         if path:
             write_jsonl(path, recs)
-    print(json.dumps({"prompts": len(records), "sft": len(sft), "pairs": len(pairs)}), flush=True)
+    outputs = [name for name, path in (("sft", args.out_sft), ("pairs", args.out_pairs)) if path]
+    lines, warning = drop_report(dropped, len(records), args.k, f"--max-new-tokens {args.max_new_tokens}", outputs)
+    print("\n".join(lines), flush=True)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    counts = {"prompts": len(records), "samples": len(records) * args.k, "sft": len(sft), "pairs": len(pairs)}
+    print(json.dumps({**counts, "dropped": dict(sorted(dropped.items()))}), flush=True)
 
 
 if __name__ == "__main__":
