@@ -546,13 +546,20 @@ def _is_weight_name(name: str) -> bool:
     return name in (SINGLE, INDEX) or re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", name) is not None
 
 
-def check_destination(path) -> None:
+def check_destination(
+    path,
+    tokenizer: Tokenizer | None = None,
+    chat_template: str | None = None,
+    format: str = "native",
+    replace_tokenizer: bool = False,
+) -> None:
     """Raise unless `save_checkpoint` may write to `path`. Call it before long work whose result goes there.
 
     Allowed: a missing or empty directory; a (native or HF) checkpoint directory, whose config and
     weights are replaced and the rest kept; a folder of other files (a tokenizer, a README) that holds
     no config.json or weight file we did not write, to which ours are added. Anything else is refused
-    rather than overwritten."""
+    rather than overwritten. With `tokenizer` (and `chat_template`, `format`: what the save will write),
+    the folder's own tokenizer files are checked too (`check_tokenizer_files`)."""
     path = Path(path)
     if _is_new(path):
         return
@@ -571,13 +578,48 @@ def check_destination(path) -> None:
                 f"refusing to write a checkpoint into {path}: its config.json is not a Llama checkpoint's and would "
                 f"be overwritten ({e}); choose a new or empty directory"
             ) from None
-        return
-    clash = sorted(p.name for p in path.iterdir() if _is_weight_name(p.name) and not _written_by_us(p))
-    if clash:
+    else:
+        clash = sorted(p.name for p in path.iterdir() if _is_weight_name(p.name) and not _written_by_us(p))
+        if clash:
+            raise CheckpointError(
+                f"refusing to write a checkpoint into {path}: it holds weight files this project did not write and "
+                f"no config.json ({', '.join(clash)}); choose a new or empty directory"
+            )
+    if tokenizer is not None:
+        check_tokenizer_files(path, tokenizer_files(tokenizer, chat_template, format), replace_tokenizer)
+
+
+# A model folder's tokenizer and chat format: what tokenizer_files writes, and what would be read in place
+# of (or beside) what it writes. generation_config.json only counts where it is written (HF).
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+    "chat_template.jinja", "generation_config.json",
+)  # fmt: skip
+
+
+def check_tokenizer_files(path, files: dict[str, bytes], replace: bool = False) -> list[str]:
+    """Raise unless writing the tokenizer files `files` (name -> content) into the existing folder `path`
+    replaces nothing of the folder's own. A file there with other content than ours (another tokenizer,
+    chat template or generation config: a user's, or an earlier save's) is refused unless `replace`;
+    a tokenizer file there that `files` does not hold (a tokenizer.model read before our tokenizer.json,
+    a chat_template.jinja read before our tokenizer_config.json's template) is refused too, and with
+    `replace` returned, for the caller to remove once the new files are in place. Identical files pass."""
+    path = Path(path)
+    if not files or not path.is_dir():
+        return []
+    differ = [n for n in files if (path / n).is_file() and (path / n).read_bytes() != files[n]]
+    shadow = [n for n in TOKENIZER_FILES if n not in files and n != "generation_config.json" and (path / n).exists()]
+    if (differ or shadow) and not replace:
+        problems = []
+        if differ:
+            problems.append(f"{', '.join(differ)} would be replaced by this checkpoint's (they differ)")
+        if shadow:
+            problems.append(f"{', '.join(shadow)} would be read instead of the tokenizer files it writes")
         raise CheckpointError(
-            f"refusing to write a checkpoint into {path}: it holds weight files this project did not write and no "
-            f"config.json ({', '.join(clash)}); choose a new or empty directory"
+            f"refusing to write the tokenizer files into {path}: its own {'; '.join(problems)}. Keep them by "
+            "writing to a new folder, or replace them: --replace-tokenizer (replace_tokenizer=True)"
         )
+    return shadow
 
 
 def state_dtype(state: dict) -> torch.dtype:
@@ -599,6 +641,7 @@ def save_checkpoint(
     tokenizer: Tokenizer | None = None,
     chat_template: str | None = None,
     dtype: torch.dtype | None = None,
+    replace_tokenizer: bool = False,
 ):
     """Write a full (unsharded) state dict in native or HF format, safetensors only.
 
@@ -612,6 +655,9 @@ def save_checkpoint(
     files and the tokenizer files (if given) are written, each through a temp name, config.json last;
     every other file is kept. Weight files of the previous checkpoint that the new one does not name
     are removed only if this project wrote them (the WRITER tag); others are left, listed, and not read.
+    The folder's own tokenizer files are never replaced silently: any that differ from those written
+    here, or would be read in their place, are refused (`check_tokenizer_files`) unless
+    `replace_tokenizer`; then they are replaced, and those not written here removed (both printed).
     """
     if format not in ("native", "hf"):
         raise ValueError(f"unknown checkpoint format {format!r}; expected 'native' or 'hf'")
@@ -645,6 +691,8 @@ def save_checkpoint(
         return
 
     check_destination(path)
+    shadow = check_tokenizer_files(path, extra, replace_tokenizer)
+    replaced = [n for n in extra if (path / n).is_file() and (path / n).read_bytes() != extra[n]]
     previous = _previous_weight_files(path)
     # Keep an existing index (replaced, naming the new files) rather than deleting it.
     written = _write_files(path, state, cfg, max_shard_bytes, (path / INDEX).is_file(), dtype, extra)
@@ -654,6 +702,12 @@ def save_checkpoint(
             (path / name).unlink()
         else:
             left.append(name)
+    for name in shadow:
+        (path / name).unlink()
+    done = [f"replaced {', '.join(replaced)} with this checkpoint's"] if replaced else []
+    done += [f"removed {', '.join(shadow)}, which would have been read in place of them"] if shadow else []
+    if done:
+        print(f"{path}: the folder's own tokenizer files (replace_tokenizer): {'; '.join(done)}", file=sys.stderr)
     if left:
         print(
             f"{path}: left {len(left)} weight file(s) of the previous checkpoint that this project did not write "
@@ -670,7 +724,11 @@ def save_model(
     tokenizer: Tokenizer | None = None,
     chat_template: str | None = None,
     dtype: torch.dtype | None = None,
+    replace_tokenizer: bool = False,
 ) -> None:
     """`save_checkpoint` of a model; with `tokenizer` (and `chat_template`) a folder transformers loads on its own."""
     state = model.state_dict()
-    save_checkpoint(state, model.config, model.head, path, format, max_shard_bytes, tokenizer, chat_template, dtype)
+    save_checkpoint(
+        state, model.config, model.head, path, format, max_shard_bytes, tokenizer, chat_template, dtype,
+        replace_tokenizer,
+    )  # fmt: skip

@@ -4,13 +4,17 @@ python -m llama.convert --from hf|meta|native --to native|hf SRC DST [--dtype bf
 python -m llama.convert --from dcp --to native|hf RUN_DIR/checkpoints/step_N DST
 
 DST may be new, empty, or a checkpoint directory (SRC itself included): its config and weight files
-are replaced, everything else in it (tokenizer, README, ...) is kept. Any other non-empty DST is refused.
+are replaced, everything else in it (README, ...) is kept. Any other non-empty DST is refused.
 
 The tokenizer (--tokenizer, else SRC's) and the chat template (--chat-template, else the one SRC's
 tokenizer_config.json names, else llama3) are written beside the weights (llama.checkpoint.tokenizer_files):
 with --to hf a folder that transformers' AutoTokenizer and AutoModel* load on their own. With no
-tokenizer given or in SRC only the weights are written (printed); converting in place (DST = SRC)
-keeps SRC's tokenizer files as they are unless --tokenizer is given.
+tokenizer given or in SRC only the weights are written (printed), and DST's own tokenizer files stay.
+DST's own tokenizer files (tokenizer.json, tokenizer_config.json with its chat template,
+special_tokens_map.json, generation_config.json, ...) are never replaced silently: where they differ
+from those to write, or would be read in their place, the conversion is refused before any work,
+naming them, unless --replace-tokenizer. Converting in place (DST = SRC) keeps SRC's tokenizer files
+as they are unless --tokenizer (with --replace-tokenizer) is given.
 
 `--from dcp` takes the model out of a training checkpoint (train/train_state.py: DCP shards of the
 model and optimizer; the optimizer is not read), on one process, no process group. The model config
@@ -121,7 +125,9 @@ def tokenizer_to_write(args, folder, vocab_size: int) -> dict:
     """save_model's tokenizer and chat_template: --tokenizer, else the one in `folder`; {} (printed) if none,
     or if converting in place (the folder's own tokenizer files stay as they are)."""
     if not args.tokenizer and folder is not None and Path(folder).resolve() == Path(args.dst).resolve():
-        print(f"in place: the tokenizer files in {folder} are kept as they are (--tokenizer rewrites them)")
+        print(
+            f"in place: the tokenizer files in {folder} are kept (--tokenizer with --replace-tokenizer rewrites them)"
+        )
         return {}
     if not args.tokenizer and (folder is None or tokenizer_in_dir(folder) is None):
         print(f"no tokenizer given (--tokenizer) or in {args.src}: writing the weights only, no tokenizer files")
@@ -140,6 +146,11 @@ def main(argv=None):
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None, help="default: as stored")
     ap.add_argument("--tokenizer", help="tokenizer file or model folder to write beside the weights; default: SRC's")
     ap.add_argument("--chat-template", choices=TEMPLATES, help="default: the one SRC names, else llama3")
+    ap.add_argument(
+        "--replace-tokenizer",
+        action="store_true",
+        help="replace DST's own tokenizer files where they differ from those written (default: refuse, naming them)",
+    )
     ap.add_argument("src")
     ap.add_argument("dst")
     args = ap.parse_args(argv)
@@ -147,28 +158,30 @@ def main(argv=None):
     try:
         dtype = getattr(torch, args.dtype) if args.dtype else None
         if args.src_format == "dcp":
-            found, stored_head = "dcp", run_model_config(args.src)[1]
+            found, (config, stored_head, _) = "dcp", run_model_config(args.src)
             if args.head not in (None, stored_head):
                 raise SystemExit(
                     f"error: {args.src} is a checkpoint of a run with the {stored_head} head, not {args.head}"
                 )
             check_destination(args.dst)
-            model = load_training_checkpoint(args.src, dtype)
+            run = run_config(args.src)[0]["model"]  # the run's tokenizer and chat template, unless given
+            args.tokenizer = args.tokenizer or run.get("tokenizer")
+            args.chat_template = args.chat_template or run.get("chat_template")
+            tok = tokenizer_to_write(args, run.get("checkpoint"), config.vocab_size)
         else:
             found = detect_format(args.src)
             if found != args.src_format:
                 raise SystemExit(f"{args.src} is a {found} checkpoint, not {args.src_format}")
             check_destination(args.dst)  # before the (long) load
-            stored_head = read_config(args.src)[1]
-            tok = tokenizer_to_write(args, args.src, read_config(args.src)[0].vocab_size)
-            # --head reward on an LM is an explicit request for a fresh (random) scalar head
+            config, stored_head, _ = read_config(args.src)
+            tok = tokenizer_to_write(args, args.src, config.vocab_size)
+        if tok:  # DST's own tokenizer files are not replaced silently: checked before the load too
+            check_destination(args.dst, **tok, format=args.dst_format, replace_tokenizer=args.replace_tokenizer)
+        if args.src_format == "dcp":
+            model = load_training_checkpoint(args.src, dtype)
+        else:  # --head reward on an LM is an explicit request for a fresh (random) scalar head
             model = load_model(args.src, head=args.head, dtype=dtype, new_head_ok=args.head == "reward")
-        if args.src_format == "dcp":  # the run's tokenizer and chat template, unless given
-            run = run_config(args.src)[0]["model"]
-            args.tokenizer = args.tokenizer or run.get("tokenizer")
-            args.chat_template = args.chat_template or run.get("chat_template")
-            tok = tokenizer_to_write(args, run.get("checkpoint"), model.config.vocab_size)
-        save_model(model, args.dst, format=args.dst_format, **tok)
+        save_model(model, args.dst, format=args.dst_format, replace_tokenizer=args.replace_tokenizer, **tok)
     except (CheckpointError, ValueError) as e:  # ValueError: the tokenizer or chat template
         raise SystemExit(f"error: {e}") from None
     n = sum(p.numel() for p in model.parameters())

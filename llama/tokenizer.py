@@ -423,6 +423,16 @@ def load_tokenizer(path=DEFAULT_TOKENIZER) -> Tokenizer:
         ) from None
 
 
+def same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
+    """Whether two tokenizers give the same ids: the same BPE ranks, special tokens and split pattern (so a
+    tokenizer.model and the tokenizer.json written from it are the same), or the same SentencePiece model."""
+    if isinstance(a, TiktokenTokenizer) and isinstance(b, TiktokenTokenizer):
+        return (a.ranks, a.special_tokens, a.pattern) == (b.ranks, b.special_tokens, b.pattern)
+    if isinstance(a, SentencePieceTokenizer) and isinstance(b, SentencePieceTokenizer):
+        return a.model.serialized_model_proto() == b.model.serialized_model_proto()
+    return False
+
+
 def resolve_tokenizer(tokenizer_arg, checkpoint_dir, vocab_size: int | None) -> Tokenizer:
     """The tokenizer for a model, never silently the wrong one. For every entry point that loads a model.
 

@@ -11,6 +11,13 @@ of a native input lazily, so memory is about one model. An HF or Meta input is f
 (llama.load_model: names, RoPE layout, tied embeddings) and written as a native copy in a temp
 folder beside --out, removed at the end: one model in memory at a time, one copy per input on disk.
 `greedy_soup` (Wortsman et al., 2022) adds checkpoints best-first while a metric does not drop.
+
+The average is the model a user ships, so it carries the inputs' tokenizer and chat template (and, with
+`--format hf`, the generation config with the stop ids): `llama.generate` and transformers use it on its
+own. The inputs must agree on them: inputs whose tokenizers (compared by their vocabulary, special tokens
+and split pattern) or chat templates (llama.chat.template_in_dir) differ, or of which only some hold a
+tokenizer, are refused, naming both. Inputs without a tokenizer give an average without one (printed).
+A tokenizer file already in --out that differs from the average's is refused unless --replace-tokenizer.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from llama.chat import template_in_dir
 from llama.checkpoint import (
     check_destination,
     load_model,
@@ -33,6 +41,7 @@ from llama.checkpoint import (
     save_model,
     tensor_files,
 )
+from llama.tokenizer import Tokenizer, resolve_tokenizer, same_tokenizer, tokenizer_in_dir
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -70,8 +79,39 @@ def _native_copies(paths: list[Path], out: Path, stack) -> list[Path]:
     return natives
 
 
+def common_tokenizer(paths: list[Path]) -> tuple[Tokenizer | None, str | None]:
+    """-> (the tokenizer, the chat template name) that every input folder holds; (None, None) if none holds
+    a tokenizer. A ValueError naming both inputs where two differ (or only one holds a tokenizer)."""
+    found = []  # (path, tokenizer or None, its file, template name or None, its file)
+    for p in paths:
+        file = tokenizer_in_dir(p)
+        tok = resolve_tokenizer(file, None, read_config(p)[0].vocab_size) if file is not None else None
+        found.append((p, tok, file, *template_in_dir(p)))
+    p0, tok0, file0, name0, tfile0 = found[0]
+    for p, tok, file, name, tfile in found[1:]:
+        if (tok0 is None) != (tok is None):
+            has, lacks, has_file = (p0, p, file0) if tok is None else (p, p0, file)
+            raise ValueError(
+                f"cannot average {p0} and {p}: {has} holds a tokenizer ({has_file}) and {lacks} none, so they are "
+                "not known to share one; copy the tokenizer files into it, or average folders that hold them"
+            )
+        if tok0 is not None and not same_tokenizer(tok0, tok):
+            raise ValueError(f"cannot average {p0} and {p}: their tokenizers differ ({file0} and {file})")
+        if name0 != name:
+            names = [f"{n} ({f})" if n else "none (llama3 by default)" for n, f in ((name0, tfile0), (name, tfile))]
+            raise ValueError(f"cannot average {p0} and {p}: their chat templates differ: {names[0]} and {names[1]}")
+    if tok0 is None:
+        print(f"no tokenizer in the inputs ({', '.join(map(str, paths))}): the average holds the weights only")
+    return tok0, name0 if tok0 is not None else None
+
+
 def average_checkpoints(
-    paths: list, out, weights: list[float] | None = None, format: str = "native", dtype: torch.dtype | None = None
+    paths: list,
+    out,
+    weights: list[float] | None = None,
+    format: str = "native",
+    dtype: torch.dtype | None = None,
+    replace_tokenizer: bool = False,
 ) -> Path:
     paths, out = [Path(p) for p in paths], Path(out)
     if not paths:
@@ -81,7 +121,8 @@ def average_checkpoints(
         raise ValueError(f"weights must be {len(paths)} non-negative numbers summing to 1, got {weights}")
     for p in paths:
         read_config(p)  # each input is a readable checkpoint, before any long work
-    check_destination(out)
+    tokenizer, chat_template = common_tokenizer(paths)
+    check_destination(out, tokenizer, chat_template, format, replace_tokenizer)
     with contextlib.ExitStack() as stack:
         natives = _native_copies(paths, out, stack)
         configs = [read_config(n)[:2] for n in natives]  # as loaded (a Meta checkpoint may turn out tied)
@@ -98,7 +139,10 @@ def average_checkpoints(
                     f"cannot average {paths[0]} and {p}: tensor names differ ({sorted(set(idx) ^ set(names))[:5]})"
                 )
         averaged = {name: _average_tensor(name, paths, indexes, weights, dtype) for name in names}
-        save_checkpoint(averaged, configs[0][0], configs[0][1], out, format=format)
+        save_checkpoint(
+            averaged, configs[0][0], configs[0][1], out, format=format, tokenizer=tokenizer,
+            chat_template=chat_template, replace_tokenizer=replace_tokenizer,
+        )  # fmt: skip
     return out
 
 
@@ -136,10 +180,17 @@ def main(argv=None):
     ap.add_argument("--weights", type=float, nargs="+")
     ap.add_argument("--format", choices=("native", "hf"), default="native", help="of the average")
     ap.add_argument("--dtype", choices=DTYPES, default=None, help="of the average; default: the inputs'")
+    ap.add_argument(
+        "--replace-tokenizer",
+        action="store_true",
+        help="replace --out's own tokenizer files where they differ from the inputs' (default: refuse, naming them)",
+    )
     args = ap.parse_args(argv)
     try:
         dtype = getattr(torch, args.dtype) if args.dtype else None
-        out = average_checkpoints(args.checkpoints, args.out, args.weights, args.format, dtype)
+        out = average_checkpoints(
+            args.checkpoints, args.out, args.weights, args.format, dtype, replace_tokenizer=args.replace_tokenizer
+        )
     except ValueError as e:  # bad input (CheckpointError included): the message names it
         raise SystemExit(f"error: {e}") from None
     print(json.dumps({"averaged": args.checkpoints, "weights": args.weights, "out": str(out)}))
