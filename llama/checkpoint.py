@@ -14,7 +14,9 @@ Formats (told apart by the files in the directory):
 
 Loading builds the model on the meta device and assigns the loaded tensors by name, so the
 weights are in memory once. Saving never deletes a file this project did not write (see
-`save_checkpoint`), and model files are safetensors only: no pickle is ever written.
+`save_checkpoint`; `replace_tokenizer=True` asks it to replace the folder's own tokenizer files), never
+replaces a folder's own tokenizer files silently (`check_tokenizer_files`), and model files are
+safetensors only: no pickle is ever written.
 """
 
 from __future__ import annotations
