@@ -200,6 +200,12 @@ def test_a_foreign_model_folder_is_refused_before_training(tmp_path, one_rank):
     with pytest.raises(ValueError, match=r"train.run_dir: the run's export would fail: refusing to write .*model"):
         in_process("sft", sft_argv(tmp_path, "train.steps=1"))
     assert not (tmp_path / "metrics.jsonl").exists()
+    fresh_group()
+    (tmp_path / "model" / "config.json").unlink()  # a user's tokenizer files that the export would replace
+    (tmp_path / "model" / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
+    with pytest.raises(ValueError, match=r"the run's export would fail: .*tokenizer_config.json"):
+        in_process("sft", sft_argv(tmp_path, "train.steps=1"))
+    assert not (tmp_path / "metrics.jsonl").exists()
 
 
 def test_an_override_is_named_in_its_error(tmp_path):

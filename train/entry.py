@@ -46,6 +46,7 @@ def setup(cfg: Config, kind: str, head: str, **encode_kw) -> Setup:
     m, t = cfg.model, cfg.train
     tokenizer = model_tokenizer(m.checkpoint, m.preset, m.tokenizer)
     chat = ChatFormat(tokenizer, resolve_chat_template(m.chat_template, m.checkpoint))
+    run_folder.check_exports(cfg, chat, d.rank, d.world_size)
     train_loader, eval_loader = build_loaders(cfg.data, kind, chat, d.rank, d.world_size, d.is_main, **encode_kw)
     data = {
         "train": getattr(train_loader, "fingerprints", {}),

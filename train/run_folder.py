@@ -70,11 +70,6 @@ def _claim(cfg, world_size: int) -> Path | None:
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"train.run_dir {run_dir} is a file, not a folder")
     run_lock.hold(run_dir)
-    for out in ("model", "model_hf") if cfg.train.export_hf else ("model",):
-        try:  # a foreign folder there would be refused only at the export, after every step
-            check_destination(run_dir / out)
-        except ValueError as e:
-            raise ValueError(f"train.run_dir: the run's export would fail: {e}") from None
     found = [n for n in RUN_FILES if (run_dir / n).exists()]
     mode = cfg.train.resume
     if mode == "never" and found:
@@ -118,6 +113,22 @@ def _claim(cfg, world_size: int) -> Path | None:
     if ok:
         print("resuming with changed " + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in ok.items()), flush=True)
     return resume
+
+
+def check_exports(cfg, chat, rank: int, world_size: int) -> None:
+    """Refuse at start what the export would refuse after the last step: a foreign model/ or model_hf/
+    (another config.json, weights we did not write, tokenizer files that differ from the run's)."""
+    from data.prepare import on_rank0
+
+    def check():
+        outs = (("model", "native"), ("model_hf", "hf"))
+        for out, fmt in outs if cfg.train.export_hf else outs[:1]:
+            try:
+                check_destination(Path(cfg.train.run_dir) / out, chat.tokenizer, chat.template, fmt)
+            except ValueError as e:
+                raise ValueError(f"train.run_dir: the run's export would fail: {e}") from None
+
+    on_rank0(check, rank, world_size)
 
 
 # ------------------------------------------------------------------------------------- restart
