@@ -3,7 +3,6 @@ its config checks, the task plug-in, the report's plots."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_train import kill_9_tree
 
 from train.pipeline import Pipeline, PipelineError, load_pipeline_config
 
@@ -42,7 +42,7 @@ def test_killed_pipeline_resumes_without_redoing_stages(tmp_path):
     while time.time() < deadline and not (run / "round_1" / "sft" / "variant_0" / "metrics.jsonl").exists():
         assert proc.poll() is None, "the pipeline ended before the SFT stage"
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # in the middle of round 1's SFT training
+    kill_9_tree(proc.pid)  # in the middle of round 1's SFT training: the pipeline, its torchrun, the workers
     proc.wait()
     done = {p: p.stat().st_mtime_ns for p in run.glob("round_*/*/DONE")}
     assert {p.parent.name for p in done} == {"data", "pretrain", "rm", "rs"}

@@ -253,3 +253,226 @@ def test_a_labels_file_with_two_labels_for_one_id_or_the_wrong_count_is_refused(
     labels.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
     with pytest.raises(ValueError, match=r"the label of prompt id 'b' scores 2 samples, there are 3"):
         file_annotator(labels)({"id": "b"}, ["x", "y", "z"])
+
+
+# ------------------------------------------------------------------ the pipeline stopped by a signal
+
+FAKE_TORCHRUN = """
+import os, signal, subprocess, sys, time
+# a stand-in torchrun: a worker in a session of its own (as torchrun starts them), signals forwarded to it
+handle = lambda signum, frame: worker.send_signal(signum) if sys.argv[3] == "forward" else None
+for s in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(s, handle)
+worker = subprocess.Popen([sys.executable, "-c", sys.argv[2], sys.argv[1] + ".ready"], start_new_session=True)
+while not os.path.exists(sys.argv[1] + ".ready"):  # its handlers are in place
+    time.sleep(0.01)
+open(sys.argv[1] + ".tmp", "w").write(f"{os.getpid()} {worker.pid}")
+os.replace(sys.argv[1] + ".tmp", sys.argv[1])
+sys.exit(1 if worker.wait() else 0)
+"""
+FAKE_WORKER = """
+import signal, sys, time
+got = []
+for s in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(s, lambda signum, frame: got.append(signum))
+open(sys.argv[1], "w").close()
+while not got:  # training
+    time.sleep(0.01)
+time.sleep(0.3)  # saving
+print(f"{signal.Signals(got[0]).name}: saved step 7; signals received: {len(got)}", flush=True)
+sys.exit(128 + got[0])
+"""
+STUBBORN_WORKER = """
+import signal, sys, time
+for s in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(s, signal.SIG_IGN)
+open(sys.argv[1], "w").close()
+while True:
+    time.sleep(0.01)
+"""
+
+
+@pytest.fixture
+def signal_guard():
+    """The test process's own SIGTERM / SIGINT / SIGHUP handlers while a test signals it: should the pipeline
+    not handle them (a regression), they are recorded here instead of ending pytest."""
+    import signal
+
+    got = []
+    signums = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    previous = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in signums}
+    yield got
+    for s, handler in previous.items():
+        signal.signal(s, handler)
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _pipeline_with_a_fake_torchrun(tmp_path, monkeypatch, worker: str, forward: bool = True):
+    import sys
+
+    from test_pipeline import _micro
+
+    import train.pipeline
+    from train.pipeline import Pipeline, load_pipeline_config
+
+    (tmp_path / "torchrun.py").write_text(FAKE_TORCHRUN)
+    pids = tmp_path / "pids"
+    cmd = [sys.executable, str(tmp_path / "torchrun.py"), str(pids), worker, "forward" if forward else "ignore"]
+    monkeypatch.setattr(train.pipeline, "torchrun_command", lambda script, nproc, args: cmd)
+    pipe = Pipeline(load_pipeline_config(_micro(tmp_path)))
+
+    def train_stage(d, k):
+        pipe.torchrun("sft", d / "variant_0", {}, d / "variant_0.log")
+        return {}
+
+    return pipe, train_stage, pids
+
+
+def _signal_once_up(pids: Path, *signums) -> None:
+    """From another thread: once the fake torchrun and its worker are up, send the pipeline (this process)
+    each signal, 0.3 s apart."""
+    import os
+    import threading
+    import time
+
+    def send():
+        deadline = time.time() + 60
+        while not pids.exists() and time.time() < deadline:
+            time.sleep(0.01)
+        for signum in signums:
+            os.kill(os.getpid(), signum)
+            time.sleep(0.3)
+
+    threading.Thread(target=send, daemon=True).start()
+
+
+def test_sigterm_while_a_stage_trains_is_forwarded_and_the_pipeline_stops_after_the_save(
+    tmp_path, monkeypatch, signal_guard
+):
+    import signal
+
+    from train.pipeline import Interrupted
+
+    pipe, train_stage, pids = _pipeline_with_a_fake_torchrun(tmp_path, monkeypatch, FAKE_WORKER)
+    before = signal.getsignal(signal.SIGTERM)
+    _signal_once_up(pids, signal.SIGTERM)
+    with pytest.raises(Interrupted) as stopped, pipe.signals:
+        pipe.stage(1, "sft", train_stage)
+    torchrun, worker = map(int, pids.read_text().split())
+    assert stopped.value.signum == signal.SIGTERM
+    run_dir = pipe.dir / "round_1" / "sft" / "variant_0"
+    assert str(stopped.value) == (
+        f"SIGTERM: stopped in [round 1] sft (train/sft.py saved step 7 in {run_dir}); rerun the same command to "
+        "resume (finished stages are skipped, an interrupted training run resumes from its checkpoints)"
+    )
+    log = (pipe.dir / "round_1" / "sft" / "variant_0.log").read_text()
+    assert "SIGTERM: saved step 7; signals received: 1" in log  # forwarded once, the save waited for
+    assert not _alive(torchrun) and not _alive(worker)
+    assert not (pipe.dir / "round_1" / "sft" / "DONE").exists() and not signal_guard
+    assert signal.getsignal(signal.SIGTERM) is before  # the pipeline's handlers are gone with it
+
+
+def test_a_second_signal_kills_the_stages_torchrun_and_its_workers(tmp_path, monkeypatch, signal_guard):
+    import signal
+
+    from train.pipeline import Interrupted
+
+    pipe, train_stage, pids = _pipeline_with_a_fake_torchrun(tmp_path, monkeypatch, STUBBORN_WORKER, forward=False)
+    _signal_once_up(pids, signal.SIGINT, signal.SIGINT)  # Ctrl-C, then Ctrl-C again: do not wait for the save
+    with pytest.raises(Interrupted, match=r"^SIGINT: stopped in \[round 1\] sft \(train/sft.py killed by a second"):
+        with pipe.signals:
+            pipe.stage(1, "sft", train_stage)
+    torchrun, worker = map(int, pids.read_text().split())
+    for _ in range(100):  # the worker, orphaned by its killed torchrun, is reaped by init
+        if not _alive(worker):
+            break
+        import time
+
+        time.sleep(0.02)
+    assert not _alive(torchrun) and not _alive(worker)
+
+
+def test_a_signal_during_the_pipelines_own_work_exits_128_plus_it_without_a_done_marker(
+    tmp_path, monkeypatch, capsys, signal_guard
+):
+    import os
+    import signal
+    import time
+
+    from test_pipeline import _micro
+
+    from train.pipeline import Pipeline, main
+
+    def make_data(self, d, k):
+        (d / "seed_pairs.jsonl").write_text("half a file")
+        os.kill(os.getpid(), signal.SIGTERM)  # in the middle of the stage's work
+        time.sleep(30)
+        return {}
+
+    monkeypatch.setattr(Pipeline, "make_data", make_data)
+    t0 = time.time()
+    with pytest.raises(SystemExit) as exit_:
+        main(["--config", _micro(tmp_path)])
+    assert not signal_guard, "the pipeline did not handle the signal"
+    assert exit_.value.code == 128 + signal.SIGTERM and time.time() - t0 < 20
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("pipeline: SIGTERM: stopped in [round 0] data; rerun the same command to resume")
+    run = tmp_path / "runs" / "micro"
+    assert not (run / "round_0" / "data" / "DONE").exists() and (run / "pipeline.yaml").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.long
+def test_sigterm_to_the_pipeline_mid_training_saves_leaves_no_process_and_a_rerun_resumes(tmp_path):
+    """The real thing: the pipeline's pre-training stage under torchrun, SIGTERM to the pipeline alone (as a
+    scheduler sends it): exit 143, torchrun and its worker gone, the stage's last finished step saved, and
+    the same command resumes from it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+    from test_pipeline import MICRO
+    from test_train import process_tree
+
+    steps = 40
+    pretrain = {"train.steps": steps, "data.batch_size": 32, "train.save_every": 0, "optim.lr": 1.0e-2}
+    cfg = tmp_path / "micro.yaml"
+    cfg.write_text(yaml.safe_dump({**MICRO, "root": str(tmp_path / "runs"), "rounds": 0, "pretrain": pretrain}))
+    cmd = [sys.executable, str(ROOT / "train" / "pipeline.py"), "--config", str(cfg)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    stage = tmp_path / "runs" / "micro" / "round_0" / "pretrain"
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while max([m["step"] for m in read_metrics(stage / "variant_0") if "loss" in m], default=0) < 3:  # training
+        assert proc.poll() is None and time.time() < deadline, "the pipeline ended before pre-training"
+        time.sleep(0.05)
+    tree = process_tree(proc.pid)
+    assert len(tree) >= 3, tree  # the pipeline, torchrun, its worker
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("pipeline: SIGTERM: stopped in [round 0] pretrain (train/sft.py saved step "), err[-3000:]
+    saved = int(line.split("saved step ")[1].split()[0])
+    assert 3 <= saved < steps and (stage / "variant_0" / "checkpoints" / f"step_{saved:08d}").is_dir()
+    time.sleep(0.5)
+    left = [pid for pid in tree if Path(f"/proc/{pid}").exists()]
+    assert not left, f"left running: {left}"
+    assert not (stage / "DONE").exists()
+
+    rerun = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    log = (stage / "variant_0.log").read_text()
+    assert f"step_{saved:08d} (step {saved})" in log.rpartition("=== pipeline: ")[2]  # resumed, not restarted
+    assert [m["step"] for m in read_metrics(stage / "variant_0") if "loss" in m] == list(range(1, steps + 1))
+    assert (stage / "DONE").is_file() and "[round 0] data: done before, skipped" in rerun.stdout

@@ -29,6 +29,32 @@ def torchrun_cmd(entry, config, run_dir, overrides=(), nproc=2):
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
+def process_tree(pid: int) -> list[int]:
+    """pid and all its descendants, by their parents in /proc: torchrun starts each worker in a session of
+    its own, so killing torchrun's process group leaves its workers running."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        out.append(todo.pop())
+        todo += children.get(out[-1], [])
+    return out
+
+
+def kill_9_tree(pid: int) -> None:
+    """kill -9 a process and every descendant at once, as a machine crash would."""
+    for p in process_tree(pid):
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def torchrun(*args, **kw):
     out = subprocess.run(torchrun_cmd(*args, **kw), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -103,7 +129,7 @@ def test_kill_9_and_resume_logs_the_same(tmp_path):
         if metrics.exists() and len(metrics.read_text().splitlines()) >= kill_after:
             break
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
+    kill_9_tree(proc.pid)  # torchrun and its workers: a worker left running would write on into "run"
     proc.wait()
     torchrun("sft", QUICK / "sft.yaml", tmp_path / "run", args)  # resume: auto
     ref, run = read_metrics(tmp_path / "ref"), read_metrics(tmp_path / "run")

@@ -30,10 +30,14 @@ import argparse
 import dataclasses
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 import typing
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
@@ -99,6 +103,126 @@ STAGE_SETS = ("train.run_dir", "logging.progress")
 
 class PipelineError(RuntimeError):
     """A problem the pipeline reports as one message (no traceback): bad config, refused folder, failed stage."""
+
+
+class Interrupted(BaseException):
+    """A signal stopped the pipeline: `main` prints one line and exits 128 + the signal. A BaseException,
+    like KeyboardInterrupt, so that no `except Exception` on the way holds it up."""
+
+    def __init__(self, signum: int, detail: str = ""):
+        super().__init__(signum, detail)
+        self.signum, self.detail, self.where = signum, detail, ""
+
+    def __str__(self) -> str:
+        where = f" in {self.where}" if self.where else ""
+        detail = f" ({self.detail})" if self.detail else ""
+        return (
+            f"{signal.Signals(self.signum).name}: stopped{where}{detail}; rerun the same command to resume "
+            "(finished stages are skipped, an interrupted training run resumes from its checkpoints)"
+        )
+
+
+def _process_tree(pid: int) -> list[int]:
+    """pid and its descendants (Linux /proc; elsewhere pid alone). torchrun starts each worker in a session
+    of its own, so a process group does not reach them: they are found by parent."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rpartition(")")[2].split()[1])  # "pid (comm) state ppid ..."
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        out.append(todo.pop())
+        todo += children.get(out[-1], [])
+    return out
+
+
+def _send(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:  # it ended meanwhile
+        pass
+
+
+class Signals:
+    """SIGTERM, SIGINT (Ctrl-C) and SIGHUP while the pipeline runs (`with` installs the handlers, in the
+    main thread only; a SIGHUP ignored as under nohup stays ignored):
+    - while a stage's torchrun runs (`run`), the signal is forwarded to it, once (SIGHUP as SIGTERM, which
+      the training loop saves on); torchrun forwards it to its workers, which save their last finished step
+      and exit. The pipeline waits for torchrun, then stops. A second signal kills torchrun and its workers
+      at once, without waiting for the save (as a second Ctrl-C stops a training run without saving).
+    - during the pipeline's own work (data, sampling, evaluation, averaging), it stops at once: the stage
+      is left without its DONE marker, so a rerun does it again. Inside `deferred()` (a DONE marker being
+      written) the signal waits for the next `check`.
+    torchrun runs in a session of its own, so a Ctrl-C in the terminal reaches only the pipeline, and
+    torchrun gets each signal once, from the pipeline."""
+
+    HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.child: subprocess.Popen | None = None
+        self.killed = False  # a second signal killed the child
+        self.deferring = 0
+        self.previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in self.HANDLED:
+                if signal.getsignal(s) is not signal.SIG_IGN:
+                    self.previous[s] = signal.signal(s, self.handler)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        self.previous = {}
+
+    def handler(self, signum, frame):
+        first = self.signum is None
+        self.signum = self.signum or signum
+        if self.child is not None:
+            if first:
+                _send(self.child.pid, signal.SIGTERM if signum == signal.SIGHUP else signum)
+            else:
+                self.killed = True
+                for pid in reversed(_process_tree(self.child.pid)):  # the workers, then torchrun
+                    _send(pid, signal.SIGKILL)
+            return
+        if not self.deferring:
+            raise Interrupted(self.signum)
+
+    def check(self, where: str = "") -> None:
+        """Stop here if a signal came while it could not stop the pipeline at once."""
+        if self.signum is not None:
+            e = Interrupted(self.signum)
+            e.where = where
+            raise e
+
+    @contextmanager
+    def deferred(self):
+        self.deferring += 1
+        try:
+            yield
+        finally:
+            self.deferring -= 1
+
+    def run(self, cmd: list[str], **popen_kw) -> int:
+        """Run cmd in a session of its own, signals forwarded to it -> its exit code."""
+        with self.deferred():  # a signal now is forwarded once the child exists
+            self.child = subprocess.Popen(cmd, start_new_session=True, **popen_kw)
+        try:
+            if self.signum is not None:
+                _send(self.child.pid, signal.SIGTERM if self.signum == signal.SIGHUP else self.signum)
+            while True:  # polled: the handlers run promptly whichever thread the signal interrupted
+                try:
+                    return self.child.wait(timeout=0.2)
+                except subprocess.TimeoutExpired:
+                    pass
+        finally:
+            self.child = None
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -234,6 +358,20 @@ def _tail(path: Path, n: int = 30) -> str:
     return "\n".join("  | " + line for line in lines[-n:]) or "  | (empty)"
 
 
+def _saved(kind: str, run_dir: Path, log_path: Path, rc: int, killed: bool) -> str:
+    """What a training run stopped by a signal left, from its log's latest attempt ("SIGTERM: saved step N",
+    train/loop.py)."""
+    if killed:
+        return f"train/{kind}.py killed by a second signal, without saving; its log: {log_path}"
+    if rc == 0:
+        return f"train/{kind}.py finished {run_dir}"
+    text = log_path.read_text(errors="replace") if log_path.is_file() else ""
+    saved = re.findall(r"^SIG[A-Z]+: saved step (\d+)", text.rpartition(ATTEMPT)[2], re.MULTILINE)
+    if saved:
+        return f"train/{kind}.py saved step {saved[-1]} in {run_dir}"
+    return f"train/{kind}.py stopped before it saved a step (exit code {rc}); its log: {log_path}"
+
+
 def override_args(overrides: dict) -> list[str]:
     """{"train.steps": 3} -> ["train.steps=3"]: a training script's command-line overrides (values as JSON)."""
     return [f"{k}={json.dumps(v)}" for k, v in overrides.items()]
@@ -260,6 +398,7 @@ class Pipeline:
             tokenizer = resolve_tokenizer(None, cfg.base, read_config(cfg.base)[0].vocab_size)
         self.chat = ChatFormat(tokenizer, resolve_chat_template(None, cfg.base))
         self.results: list[dict] = []
+        self.signals = Signals()
 
     @property
     def data(self) -> Path:
@@ -268,18 +407,21 @@ class Pipeline:
     # ------------------------------------------------------------------------------------- the recipe
 
     def run(self) -> list[dict]:
-        self.check_run_folder()
-        torch.manual_seed(self.cfg.seed)
-        self.stage(0, "data", self.make_data)
-        base = Path(self.stage(0, "pretrain", self.pretrain)["model"])
-        policy = base
-        for k in range(1, self.cfg.rounds + 1):
-            rm = Path(self.stage(k, "rm", self.train_rm, base)["model"])
-            self.stage(k, "rs", self.rejection_sampling, policy, rm)
-            sft = Path(self.stage(k, "sft", self.train_sft, base)["model"])
-            self.stage(k, "pref", self.new_pairs, sft, rm)
-            policy = Path(self.stage(k, "dpo", self.train_dpo, sft)["model"])
-        self.report()
+        """Every stage not done before, then the report. A signal stops it (Interrupted, see Signals)."""
+        with self.signals:
+            self.check_run_folder()
+            torch.manual_seed(self.cfg.seed)
+            self.stage(0, "data", self.make_data)
+            base = Path(self.stage(0, "pretrain", self.pretrain)["model"])
+            policy = base
+            for k in range(1, self.cfg.rounds + 1):
+                rm = Path(self.stage(k, "rm", self.train_rm, base)["model"])
+                self.stage(k, "rs", self.rejection_sampling, policy, rm)
+                sft = Path(self.stage(k, "sft", self.train_sft, base)["model"])
+                self.stage(k, "pref", self.new_pairs, sft, rm)
+                policy = Path(self.stage(k, "dpo", self.train_dpo, sft)["model"])
+            self.signals.check("before the report")
+            self.report()
         return self.results
 
     def make_data(self, d: Path, k: int) -> dict:
@@ -438,6 +580,7 @@ class Pipeline:
         """fn(stage_dir, rnd, *args) -> results, unless the stage's DONE marker exists: it holds the results."""
         d = self.dir / f"round_{rnd}" / name
         marker = d / "DONE"
+        self.signals.check(f"before [round {rnd}] {name}")
         if marker.exists():
             result = json.loads(marker.read_text())
             print(f"[round {rnd}] {name}: done before, skipped", flush=True)
@@ -448,7 +591,11 @@ class Pipeline:
                 result = {"round": rnd, "stage": name, **fn(d, rnd, *args), "seconds": round(time.time() - t0, 1)}
             except PipelineError as e:
                 raise PipelineError(f"[round {rnd}] {name}: {e}") from None
-            _write_text(marker, json.dumps(result, indent=1))
+            except Interrupted as e:  # no DONE marker: a rerun does the stage again (its training resumes)
+                e.where = f"[round {rnd}] {name}"
+                raise
+            with self.signals.deferred():  # the marker is written whole, or not at all
+                _write_text(marker, json.dumps(result, indent=1))
             shown = {k: v for k, v in result.items() if k not in ("round", "stage")}
             print(f"[round {rnd}] {name}: {json.dumps(shown)}")
         self.results.append(result)
@@ -480,7 +627,9 @@ class Pipeline:
         with open(log_path, "a") as log:
             log.write(f"{ATTEMPT}{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(cmd)}\n")
             log.flush()
-            rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+            rc = self.signals.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        if self.signals.signum is not None:  # forwarded to it: it saved (or not) and stopped
+            raise Interrupted(self.signals.signum, _saved(kind, run_dir, log_path, rc, self.signals.killed))
         if rc != 0:
             raise PipelineError(
                 f"train/{kind}.py failed (exit code {rc}) for {run_dir}; the end of its log {log_path}\n"
@@ -625,6 +774,9 @@ def main(argv=None):
         Pipeline(load_pipeline_config(args.config, args.overrides)).run()
     except PipelineError as e:
         raise SystemExit(f"pipeline: {e}") from None
+    except Interrupted as e:
+        print(f"\npipeline: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + e.signum) from None
 
 
 if __name__ == "__main__":
