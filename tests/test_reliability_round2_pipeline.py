@@ -353,27 +353,29 @@ def _signal_once_up(pids: Path, *signums) -> None:
     threading.Thread(target=send, daemon=True).start()
 
 
-def test_sigterm_while_a_stage_trains_is_forwarded_and_the_pipeline_stops_after_the_save(
-    tmp_path, monkeypatch, signal_guard
+@pytest.mark.parametrize("sent, forwarded", [("SIGTERM", "SIGTERM"), ("SIGINT", "SIGINT"), ("SIGHUP", "SIGTERM")])
+def test_a_signal_while_a_stage_trains_is_forwarded_and_the_pipeline_stops_after_the_save(
+    tmp_path, monkeypatch, signal_guard, sent, forwarded
 ):
+    """SIGTERM (a scheduler), Ctrl-C, a closed terminal (SIGHUP, forwarded as the SIGTERM training saves on)."""
     import signal
 
     from train.pipeline import Interrupted
 
     pipe, train_stage, pids = _pipeline_with_a_fake_torchrun(tmp_path, monkeypatch, FAKE_WORKER)
     before = signal.getsignal(signal.SIGTERM)
-    _signal_once_up(pids, signal.SIGTERM)
+    _signal_once_up(pids, signal.Signals[sent])
     with pytest.raises(Interrupted) as stopped, pipe.signals:
         pipe.stage(1, "sft", train_stage)
     torchrun, worker = map(int, pids.read_text().split())
-    assert stopped.value.signum == signal.SIGTERM
+    assert stopped.value.signum == signal.Signals[sent]  # main exits 128 + it
     run_dir = pipe.dir / "round_1" / "sft" / "variant_0"
     assert str(stopped.value) == (
-        f"SIGTERM: stopped in [round 1] sft (train/sft.py saved step 7 in {run_dir}); rerun the same command to "
+        f"{sent}: stopped in [round 1] sft (train/sft.py saved step 7 in {run_dir}); rerun the same command to "
         "resume (finished stages are skipped, an interrupted training run resumes from its checkpoints)"
     )
     log = (pipe.dir / "round_1" / "sft" / "variant_0.log").read_text()
-    assert "SIGTERM: saved step 7; signals received: 1" in log  # forwarded once, the save waited for
+    assert f"{forwarded}: saved step 7; signals received: 1" in log  # forwarded once, the save waited for
     assert not _alive(torchrun) and not _alive(worker)
     assert not (pipe.dir / "round_1" / "sft" / "DONE").exists() and not signal_guard
     assert signal.getsignal(signal.SIGTERM) is before  # the pipeline's handlers are gone with it

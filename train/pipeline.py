@@ -15,7 +15,10 @@ pre-training corpus; the interface is in data/tasks/__init__.py, data/tasks/arit
 Training stages run `torchrun train/{rm,sft,dpo}.py` once per variant (`variants`: override sets,
 e.g. seeds or data orders) and average the variants' models (train/average.py). Each stage writes
 a DONE marker with its results last: rerunning skips finished stages, and an interrupted training
-run resumes from its own checkpoints.
+run resumes from its own checkpoints. SIGTERM or Ctrl-C is forwarded to the training run going on (it saves
+its last finished step), or stops the pipeline's own work (sampling, evaluation) at once; the pipeline then
+exits with 128 + the signal, naming the stage, and the same command resumes (Signals).
+Rejection sampling prints what it drops (train/sample.py DROPS) and each sampling stage's results count it.
 
 A run folder holds the results of one config: the first start records it (pipeline.yaml, and the
 stage config files' contents in stage_configs.yaml) and a later start with a different config is
@@ -114,7 +117,7 @@ class Interrupted(BaseException):
         self.signum, self.detail, self.where = signum, detail, ""
 
     def __str__(self) -> str:
-        where = f" in {self.where}" if self.where else ""
+        where = f" {self.where}" if self.where else ""  # "in [round 1] sft", "before the report"
         detail = f" ({self.detail})" if self.detail else ""
         return (
             f"{signal.Signals(self.signum).name}: stopped{where}{detail}; rerun the same command to resume "
@@ -589,13 +592,13 @@ class Pipeline:
             t0 = time.time()
             try:
                 result = {"round": rnd, "stage": name, **fn(d, rnd, *args), "seconds": round(time.time() - t0, 1)}
+                with self.signals.deferred():  # the marker is written whole, or not at all
+                    _write_text(marker, json.dumps(result, indent=1))
             except PipelineError as e:
                 raise PipelineError(f"[round {rnd}] {name}: {e}") from None
             except Interrupted as e:  # no DONE marker: a rerun does the stage again (its training resumes)
-                e.where = f"[round {rnd}] {name}"
+                e.where = f"in [round {rnd}] {name}"
                 raise
-            with self.signals.deferred():  # the marker is written whole, or not at all
-                _write_text(marker, json.dumps(result, indent=1))
             shown = {k: v for k, v in result.items() if k not in ("round", "stage")}
             print(f"[round {rnd}] {name}: {json.dumps(shown)}")
         self.results.append(result)
@@ -775,7 +778,10 @@ def main(argv=None):
     except PipelineError as e:
         raise SystemExit(f"pipeline: {e}") from None
     except Interrupted as e:
-        print(f"\npipeline: {e}", file=sys.stderr, flush=True)
+        try:
+            print(f"\npipeline: {e}", file=sys.stderr, flush=True)
+        except OSError:  # a SIGHUP: the terminal may be gone
+            pass
         raise SystemExit(128 + e.signum) from None
 
 
