@@ -95,7 +95,7 @@ def test_the_readme_stage_command_and_the_pipeline_use_separate_folders(tmp_path
         assert (stage / "model" / "config.json").is_file()
         Pipeline(load_pipeline_config(pipeline_yaml)).check_run_folder()  # neither order makes the pipeline refuse
         assert not stage.resolve().is_relative_to(pipeline.resolve()), "the stage run wrote inside the pipeline's"
-        assert sorted(p.name for p in pipeline.iterdir()) == ["pipeline.yaml", "stage_configs.yaml"]
+        assert sorted(p.name for p in pipeline.iterdir()) == ["pipeline.yaml", "run.lock", "stage_configs.yaml"]
 
 
 def yaml_of(kind: str) -> dict:

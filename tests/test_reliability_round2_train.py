@@ -218,3 +218,31 @@ def test_an_override_is_named_in_its_error(tmp_path):
     config.write_text((QUICK / "sft.yaml").read_text().replace("preset: tiny", "preset: tiny\n  chat_template: x"))
     with pytest.raises(ValueError, match=rf"^{config}: model.chat_template must be"):
         load_config(SFTConfig, str(config), ["model.preset=tiny"])
+
+
+def test_a_second_pipeline_on_a_held_folder_is_refused_naming_the_holder(tmp_path):
+    from train.pipeline import Pipeline, PipelineError, load_pipeline_config
+
+    child = hold_in_a_child(tmp_path / "quick")
+    try:
+        cfg = load_pipeline_config(None, [f"root={tmp_path}", "name=quick"])
+        with pytest.raises(PipelineError, match=rf"quick is in use by pid {child.pid} on host .* \(holder\)"):
+            Pipeline(cfg).run()
+        assert sorted(p.name for p in (tmp_path / "quick").iterdir()) == ["run.lock"]
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_rerunning_a_finished_run_changes_nothing_but_the_export(tmp_path, one_rank, capsys):
+    argv = sft_argv(tmp_path, "train.steps=2", f"data.eval={QUICK / 'data' / 'sft_eval.jsonl'}")
+    in_process("sft", argv)
+    fresh_group()
+    ckpt = {p: p.read_bytes() for p in (tmp_path / "checkpoints").rglob("*") if p.is_file()}
+    metrics = (tmp_path / "metrics.jsonl").read_bytes()
+    (tmp_path / "model" / "model.safetensors").unlink()  # as if killed while exporting
+    in_process("sft", argv)
+    assert "trained to step 2 before; nothing to train, exporting the model" in capsys.readouterr().out
+    assert {p: p.read_bytes() for p in (tmp_path / "checkpoints").rglob("*") if p.is_file()} == ckpt
+    assert (tmp_path / "metrics.jsonl").read_bytes() == metrics  # no second final eval line
+    assert (tmp_path / "model" / "model.safetensors").is_file()

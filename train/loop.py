@@ -348,11 +348,15 @@ def run(s, task: Task, eval_task: Task | None = None) -> dict:
                 t.save(step, position)
             if _Stop.agreed(d.device):
                 t.stop(step, position)
-        if eval_loader is not None and not (every.eval_every and step % every.eval_every == 0):
+        done_before = t.start == cfg.train.steps  # a rerun of a finished run (or one killed while exporting)
+        if done_before and d.is_main:
+            print(f"{t.run_dir}: trained to step {t.start} before; nothing to train, exporting the model", flush=True)
+        if eval_loader is not None and not done_before and not (every.eval_every and step % every.eval_every == 0):
             final_eval = t.evaluate() or t.stop(step, position)
             logger.log(cfg.train.steps, final_eval)
             metrics.update(final_eval)
-        t.save(cfg.train.steps, position)
+        if not done_before:  # the final checkpoint, unless it is the one resumed from
+            t.save(cfg.train.steps, position)
         hf_dtype = param_dtype(cfg.train.mixed_precision, d.device)
         train_state.export(model, t.run_dir / "model", d.rank, cfg.train.export_hf, s.chat, hf_dtype)
     finally:

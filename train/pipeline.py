@@ -56,6 +56,7 @@ from llama.chat import ChatFormat, resolve_chat_template
 from llama.checkpoint import read_config
 from llama.generate import decode_sample, generate
 from llama.tokenizer import load_tokenizer, resolve_tokenizer
+from train import run_lock
 from train.average import average_checkpoints
 from train.config import AtLeast, NonNegFloat, NonNegInt, PosInt, _comments, from_flat_dict
 from train.distributed import torchrun_command
@@ -552,8 +553,13 @@ class Pipeline:
         never rewritten."""
         record, stages = self.dir / "pipeline.yaml", self.dir / "stage_configs.yaml"
         now = {**dataclasses.asdict(self.cfg), "stage_configs": self.stage_configs()}
+        try:  # one pipeline per folder; each stage's training run also locks its own folder
+            run_lock.hold(self.dir, "train/pipeline.py " + " ".join(sys.argv[1:]))
+        except run_lock.FolderInUse as e:
+            raise PipelineError(str(e)) from None
         if not record.is_file():
-            own = {stages.name, stages.name + ".tmp", record.name + ".tmp"}  # a first start killed mid-record
+            own = {stages.name, stages.name + ".tmp", record.name + ".tmp", run_lock.LOCK_NAME}  # a first start
+            # killed mid-record left these
             results = sorted(p.name for p in self.dir.iterdir() if p.name not in own) if self.dir.is_dir() else []
             if results:
                 raise PipelineError(
