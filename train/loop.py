@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from data.loader import DataLoader, Step
-from train import train_state
+from train import progress, train_state
 from train.config import Config, to_dict
 from train.distributed import Dist, all_reduce_sum, param_dtype
 from train.logger import Logger
@@ -342,6 +342,7 @@ def run(s, task: Task, eval_task: Task | None = None) -> dict:
                 t.stop(step - 1, finished)
             if step % cfg.logging.log_every == 0 or step == cfg.train.steps:
                 logger.log(step, metrics)
+            progress.report(step, cfg.train.steps, "steps")
             if eval_loader is not None and every.eval_every and step % every.eval_every == 0:
                 logger.log(step, t.evaluate() or t.stop(step, position))
             if every.save_every and step % every.save_every == 0 and step < cfg.train.steps:
