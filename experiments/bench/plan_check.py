@@ -209,7 +209,16 @@ def write(rows: list[dict]) -> None:
             f"{mib(r['estimate_run'])} | {err:+.0%} | {mib(r['estimate_budget'])} | {mib(r['rss_peak'])} |"
         )
     RESULTS.mkdir(parents=True, exist_ok=True)
-    head = "# train/plan.py against measured CPU peaks (1 rank, fp32 unless noted)\n\n`python experiments/bench/plan_check.py`\n\n"
+    head = (
+        "# train/plan.py against measured CPU peaks\n\n`python experiments/bench/plan_check.py` (1 rank, fp32 unless"
+        " the case says bf16, 3 steps, no checkpoint save or export).\n\nMeasured: the peak of live tensor bytes"
+        " since just before the first model was built (torch.profiler, profile_memory=True: the CPU allocator's"
+        " events). Estimate at the run's micro-batch: train/plan.py with the largest rows x length and targets the"
+        " run had, gradients held only when a step had more than one micro-batch: the test of the formulas."
+        " Estimate at the config's budget: what `python -m train.plan` prints (full rows, every token a target,"
+        " gradients held). ru_maxrss - baseline: the same run without the profiler, for reference only (it"
+        " also counts library code paged in, threads and freed memory glibc keeps).\n\n"
+    )
     (RESULTS / "plan_check.md").write_text(head + "\n".join(lines) + "\n")
     (RESULTS / "plan_check.json").write_text(json.dumps(rows, indent=1) + "\n")
     print("\n".join(lines))
