@@ -32,6 +32,7 @@ fields, scored by the reward model(s) as with the native engine.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -43,6 +44,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from data.clean import RULES, CleanRules, dedup_key, reject_reason
 from data.jsonl import write_jsonl
 from data.loader import read_records
 from data.rows import build_group, encode_response, pack
@@ -52,6 +54,7 @@ from llama.chat import TEMPLATES, ChatFormat, resolve_chat_template
 from llama.checkpoint import read_config
 from llama.generate import decode_sample, generate
 from llama.tokenizer import resolve_tokenizer
+from train import progress
 from train.distributed import Dist, init_distributed
 from train.targets import scores as scores_of
 
@@ -72,9 +75,12 @@ def read_prompts(path) -> list[dict]:
 
 
 @torch.no_grad()
-def sample(policy, chat: ChatFormat, prompts: list[list[dict]], k: int, max_new_tokens: int, batch: int = 64, **kw):
+def sample(
+    policy, chat: ChatFormat, prompts: list[list[dict]], k: int, max_new_tokens: int, batch: int = 64, done=None, **kw
+):
     """-> texts[p][j], finished[p][j]: K decoded samples per prompt and whether each hit a stop token.
-    `policy`: the model (native engine), or an engine object with `sample_ids` (VLLMEngine)."""
+    `policy`: the model (native engine), or an engine object with `sample_ids` (VLLMEngine).
+    `done(n)`: called with the number of prompts sampled so far after each batch (progress)."""
     tok = chat.tokenizer
     texts, finished = [], []
     engine = getattr(policy, "sample_ids", None)
@@ -89,6 +95,8 @@ def sample(policy, chat: ChatFormat, prompts: list[list[dict]], k: int, max_new_
         for samples in out:
             texts.append([decode_sample(tok, s) for s in samples])
             finished.append([bool(s) and s[-1] in tok.stop_ids for s in samples])
+        if done is not None:
+            done(len(texts))
     return texts, finished
 
 
@@ -242,16 +250,16 @@ def preference_pair(record: dict, texts: list[str], scores: list[float]) -> dict
     return out
 
 
-def drop_reason(text: str, finished: bool, max_chars: int | None) -> str | None:
-    """Heuristic filters: None if the sample ended its turn, is not empty, and is not too long; else the
-    first reason it fails (a DROPS key)."""
+def drop_reason(text: str, finished: bool, max_chars: int | None, clean: CleanRules | None = None) -> str | None:
+    """Heuristic filters: None if the sample ended its turn, is not empty, is not too long and breaks none
+    of the cleaning rules (data/clean.py, each off by default); else the first reason it fails (a DROPS key)."""
     if not finished:
         return "unfinished"
     if not text.strip():
         return "empty"
     if max_chars is not None and len(text) > max_chars:
         return "over_max_chars"
-    return None
+    return reject_reason(text, clean) if clean is not None else None
 
 
 # Everything sampling drops, counted per key (sample_records) and printed (drop_report): samples first, then
@@ -260,18 +268,24 @@ DROPS = {
     "unfinished": "samples that reached no stop token within {limit}",
     "empty": "empty samples",
     "over_max_chars": "samples longer than --max-chars",
+    "repetition": "samples in which repeated word n-grams (--repeat-ngram) cover more than --max-repeat of the words",
+    "banned_phrase": "samples containing a --ban-phrase",
+    "too_many_emoji": "samples with more than --max-emoji emoji",
+    "too_many_exclamations": "samples with more than --max-exclamation exclamation marks",
     "no_sft_record": "prompts with no sample left: no SFT record",
+    "duplicate_sft": "prompts whose SFT record repeats an earlier one's prompt and response (--dedup): dropped",
     "no_pair_fewer_than_2": "prompts with fewer than 2 samples left: no pair",
     "no_pair_tied_scores": "prompts whose samples left all scored the same: no pair",
     "no_pair_same_text": "prompts whose best and worst samples are the same text: no pair",
 }
-SAMPLE_DROPS = ("unfinished", "empty", "over_max_chars")
+SAMPLE_DROPS = ("unfinished", "empty", "over_max_chars", *RULES)
+SFT_DROPS = ("no_sft_record", "duplicate_sft")  # the prompts' drops that lose an SFT record; the others, a pair
 
 
 def drops_for(outputs) -> list[str]:
     """The DROPS keys that lose something when `outputs` ("sft", "pairs") are wanted: the samples', then the prompts'."""
     prompts = [key for key in DROPS if key not in SAMPLE_DROPS]
-    return [*SAMPLE_DROPS, *(key for key in prompts if ("sft" if key == "no_sft_record" else "pairs") in outputs)]
+    return [*SAMPLE_DROPS, *(key for key in prompts if ("sft" if key in SFT_DROPS else "pairs") in outputs)]
 
 
 def drop_report(dropped: dict, prompts: int, k: int, limit: str, outputs=("sft", "pairs")) -> tuple[list, str | None]:
@@ -302,17 +316,24 @@ def drop_report(dropped: dict, prompts: int, k: int, limit: str, outputs=("sft",
 # ----------------------------------------------------------------------------- driver
 
 
-def rejection_sample(records, *args, **kw):
+def rejection_sample(records, *args, dedup: bool = False, **kw):
     """-> (SFT records, preference records, sets to annotate, drops: {DROPS key: count}) for these records;
-    arguments as sample_records."""
-    return split_outputs(sample_records(records, *args, **kw))
+    arguments as sample_records; `dedup` as split_outputs."""
+    return split_outputs(sample_records(records, *args, **kw), dedup)
 
 
-def split_outputs(per_record: list[tuple]) -> tuple[list[dict], list[dict], list[dict], Counter]:
+def split_outputs(per_record: list[tuple], dedup: bool = False) -> tuple[list[dict], list[dict], list[dict], Counter]:
     """Per-record (SFT record or None, pair or None, set, drops) -> the three lists (Nones left out: each
-    one counted in the drops) and the drops summed."""
-    sft, pairs, sets, dropped = [], [], [], Counter()
+    one counted in the drops) and the drops summed. `dedup`: an SFT record whose prompt and response
+    (data/clean.py dedup_key) repeat an earlier record's is left out too, counted as duplicate_sft."""
+    sft, pairs, sets, dropped, seen = [], [], [], Counter(), set()
     for record_sft, pair, set_, drops in per_record:
+        if dedup and record_sft is not None:
+            key = dedup_key(record_sft["messages"][:-1], record_sft["messages"][-1]["content"])
+            if key in seen:
+                dropped["duplicate_sft"] += 1
+                record_sft = None
+            seen.add(key)
         sft += [record_sft] if record_sft is not None else []
         pairs += [pair] if pair is not None else []
         sets.append(set_)
@@ -322,14 +343,16 @@ def split_outputs(per_record: list[tuple]) -> tuple[list[dict], list[dict], list
 
 def sample_records(
     records, policy, rm, chat, k, max_new_tokens, generator, temperature=1.0, top_p=1.0, top_k=0,
-    safety_rm=None, annotate=None, max_chars=None, max_len=4096,
+    safety_rm=None, annotate=None, max_chars=None, max_len=4096, clean: CleanRules | None = None, done=None,
 ) -> list[tuple[dict | None, dict | None, dict, Counter]]:  # fmt: skip
     """-> per record: (its SFT record or None, its preference pair or None, its set to annotate, what was
-    dropped: {DROPS key: count}, every sample and every missing SFT record or pair counted once)."""
+    dropped: {DROPS key: count}, every sample and every missing SFT record or pair counted once).
+    `clean`: the cleaning rules (data/clean.py), applied to every sample; `done`: progress, as `sample`'s."""
     prompts = [r["messages"] for r in records]
     texts, finished = sample(
-        policy, chat, prompts, k, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, generator=generator
-    )
+        policy, chat, prompts, k, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+        generator=generator, **({"done": done} if done is not None else {}),
+    )  # fmt: skip
     helpful = score(rm, chat, prompts, texts, max_len) if rm is not None else [[0.0] * k for _ in prompts]
     if safety_rm is not None:
         safety = score(safety_rm, chat, prompts, texts, max_len)
@@ -339,7 +362,7 @@ def sample_records(
         ]
     out = []
     for r, ts, fs, ss in zip(records, texts, finished, helpful):
-        reasons = [drop_reason(t, f, max_chars) for t, f in zip(ts, fs)]
+        reasons = [drop_reason(t, f, max_chars, clean) for t, f in zip(ts, fs)]
         dropped = Counter(reason for reason in reasons if reason is not None)
         keep = [j for j, reason in enumerate(reasons) if reason is None]
         meta = provenance(r)  # first, so that the generated fields written after it win
@@ -372,14 +395,36 @@ def provenance(record: dict) -> dict:
     return ({"id": record["id"]} if "id" in record else {}) | {"source": source}
 
 
-def _annotator(spec: str | None):
+def make_task(spec: str, args: dict | None, where: str = "--task-args"):
+    """A task (data/tasks) made with its arguments: a dataclass task's are type-checked as the pipeline's
+    config checks them (train/config.py from_flat_dict); ValueError naming `where` and the argument."""
+    from data.tasks import load_task, task_factory
+
+    factory = task_factory(spec)
+    if dataclasses.is_dataclass(factory):
+        from train.config import from_flat_dict
+
+        return from_flat_dict(factory, dict(args or {}), where)
+    return load_task(spec, args)
+
+
+def json_object(text: str) -> dict:
+    """An argparse type: a JSON object (--task-args)."""
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object such as '{{\"max_digits\": 1}}', got {text!r}")
+    return value
+
+
+def _annotator(spec: str | None, task_args: dict | None = None):
     if spec is None or spec == "rm":
         return None
     kind, _, arg = spec.partition(":")
-    if kind == "verifier" and arg:  # a task's verifier, the task made with its default settings
-        from data.tasks import load_task
-
-        return verifier_annotator(load_task(arg).verify)
+    if kind == "verifier" and arg:  # a task's verifier, the task made with its settings (--task-args)
+        return verifier_annotator(make_task(arg, task_args).verify)
     if kind == "file":
         return file_annotator(arg)
     raise ValueError(f"--annotate must be rm, verifier:TASK (e.g. verifier:arithmetic) or file:PATH, got {spec!r}")
@@ -429,7 +474,11 @@ def main(argv=None):
     ap.add_argument("--top-k", type=_at_least(0), default=0, help="0: off")
     ap.add_argument("--max-chars", type=_at_least(1))
     ap.add_argument("--annotate", help="rm (default) | verifier:TASK (data/tasks, e.g. arithmetic) | file:labels.jsonl")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--task-args", type=json_object, metavar="JSON",
+        help="the arguments of --annotate verifier:TASK's task, e.g. '{\"max_digits\": 1, \"noise\": 0.35}'",
+    )  # fmt: skip
+    ap.add_argument("--seed", type=int, default=0, help="rank r samples with seed + 1000003 * r (rank 0: the seed)")
     ap.add_argument(
         "--engine", choices=("native", "vllm"), default="native",
         help="native: llama/generate.py; vllm: vLLM on CUDA GPUs (pip install vllm), the engine for 8B+ models",
@@ -438,9 +487,34 @@ def main(argv=None):
     ap.add_argument("--out-sft")
     ap.add_argument("--out-pairs")
     ap.add_argument("--out-sets")
+    ap.add_argument("--out-report", help="the summary JSON (prompts, samples, sft, pairs, dropped) written here too")
+    clean = ap.add_argument_group("cleaning (data/clean.py; every rule off unless given, every drop counted)")
+    clean.add_argument("--dedup", action="store_true", help="drop an SFT record repeating an earlier prompt+response")
+    clean.add_argument(
+        "--max-repeat", type=float, metavar="FRACTION",
+        help="drop a sample in which repeated word n-grams cover more than FRACTION of its words",
+    )  # fmt: skip
+    clean.add_argument("--repeat-ngram", type=_at_least(1), default=3, metavar="N", help="n of --max-repeat")
+    clean.add_argument(
+        "--ban-phrase", action="append", default=[], metavar="TEXT",
+        help="drop a sample containing TEXT (case-insensitive); repeatable",
+    )  # fmt: skip
+    clean.add_argument("--max-emoji", type=_at_least(0), metavar="N", help="drop a sample with more than N emoji")
+    clean.add_argument(
+        "--max-exclamation", type=_at_least(0), metavar="N", help="drop a sample with more than N exclamation marks"
+    )
     args = ap.parse_args(argv)
     if not 0 < args.top_p <= 1:
         ap.error(f"argument --top-p: must be in (0, 1], got {args.top_p}")
+    if args.max_repeat is not None and not 0 <= args.max_repeat <= 1:
+        ap.error(f"argument --max-repeat: a fraction in [0, 1], got {args.max_repeat}")
+    if any(not p.strip() for p in args.ban_phrase):
+        ap.error("argument --ban-phrase: an empty phrase would ban every sample")
+    if args.task_args is not None and not (args.annotate or "").startswith("verifier:"):
+        ap.error("argument --task-args: the arguments of --annotate verifier:TASK's task; give that too")
+    args.clean = CleanRules(
+        args.max_repeat, args.repeat_ngram, tuple(args.ban_phrase), args.max_emoji, args.max_exclamation
+    )
 
     try:  # --tokenizer, else the policy folder's, else the byte tokenizer if the vocabularies match
         tokenizer = resolve_tokenizer(args.tokenizer, args.policy, read_config(args.policy)[0].vocab_size)
@@ -449,7 +523,10 @@ def main(argv=None):
         raise SystemExit(f"--policy {args.policy}: {e}") from None
     check_checkpoints(args, tokenizer.vocab_size)
     records = read_prompts(args.prompts)
-    annotate = _annotator(args.annotate)
+    try:
+        annotate = _annotator(args.annotate, args.task_args)
+    except ValueError as e:
+        raise SystemExit(f"--annotate {args.annotate}: {e}") from None
     if args.engine == "vllm":
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise SystemExit("error: run --engine vllm as one process (python, not torchrun): vLLM uses GPUs itself")
@@ -472,10 +549,17 @@ def sample_and_write(args, d, chat: ChatFormat, records: list[dict], annotate, e
     policy = engine if engine is not None else load_model(args.policy, head="lm", dtype=dtype, device=d.device).eval()
     rm = load_model(args.rm, head="reward", dtype=dtype, device=d.device).eval() if args.rm else None
     safety = load_model(args.safety_rm, head="reward", dtype=dtype, device=d.device).eval() if args.safety_rm else None
-    generator = torch.Generator(d.device).manual_seed(args.seed * 1000 + d.rank)
+    # rank 0 draws from the seed itself: a 1-rank job samples what an in-process call seeded so does
+    generator = torch.Generator(d.device).manual_seed(rank_seed(args.seed, d.rank))
+    total = len(records)
+
+    def done(n):  # rank 0's prompts done, scaled to the whole set (the ranks go at about the same pace)
+        progress.report(min(total, n * d.world_size), total, "prompts")
+
+    progress.report(0, total, "prompts")
     out = sample_records(
         records[d.rank :: d.world_size], policy, rm, chat, args.k, args.max_new_tokens, generator, args.temperature,
-        args.top_p, args.top_k, safety, annotate, args.max_chars,
+        args.top_p, args.top_k, safety, annotate, args.max_chars, clean=args.clean, done=done,
     )  # fmt: skip
     gathered = [out]
     if d.world_size > 1:
@@ -486,7 +570,7 @@ def sample_and_write(args, d, chat: ChatFormat, records: list[dict], annotate, e
     ordered = [None] * len(records)
     for rank, results in enumerate(gathered):  # rank r sampled prompts r, r + world, ...: back into prompt order
         ordered[rank :: d.world_size] = results
-    sft, pairs, sets, dropped = split_outputs(ordered)
+    sft, pairs, sets, dropped = split_outputs(ordered, args.dedup)
     for path, recs in ((args.out_sft, sft), (args.out_pairs, pairs), (args.out_sets, sets)):
         if path:
             write_jsonl(path, recs)
@@ -496,7 +580,24 @@ def sample_and_write(args, d, chat: ChatFormat, records: list[dict], annotate, e
     if warning:
         print(warning, file=sys.stderr, flush=True)
     counts = {"prompts": len(records), "samples": len(records) * args.k, "sft": len(sft), "pairs": len(pairs)}
-    print(json.dumps({**counts, "dropped": dict(sorted(dropped.items()))}), flush=True)
+    summary = json.dumps({**counts, "dropped": dict(sorted(dropped.items()))})
+    if args.out_report:
+        write_text(args.out_report, summary + "\n")
+    progress.report(total, total, "prompts")
+    print(summary, flush=True)
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank r's generator: rank 0 the seed itself, so a 1-rank job reproduces an in-process call."""
+    return seed + 1_000_003 * rank
+
+
+def write_text(path, text: str) -> None:
+    """Written under a temporary name and renamed into place: a reader never sees half of it."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
