@@ -91,21 +91,32 @@ def test_llama2_score_combination():
 
 @pytest.mark.slow
 def test_cli_two_ranks_write_every_prompt(tmp_path):
-    save_model(random_model(get_preset("debug")), tmp_path / "policy")
-    save_model(random_model(get_preset("debug"), head="reward"), tmp_path / "rm")
+    """Rank r samples prompts r, r + 2, ... with a generator seeded with --seed + 1000003 * r; rank 0
+    writes them all in prompt order."""
+    from train.sample import rank_seed, sample_records
+
+    policy, rm = stopping_policy(), random_model(get_preset("debug"), head="reward")
+    save_model(policy, tmp_path / "policy")
+    save_model(rm, tmp_path / "rm")
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"id": i, "prompt": f"{i}+1="}) + "\n" for i in range(5)))
     assert [r["id"] for r in read_prompts(prompts)] == list(range(5))
     cmd = torchrun_command(str(ROOT / "train" / "sample.py"), 2, [
         "--policy", str(tmp_path / "policy"), "--rm", str(tmp_path / "rm"), "--prompts", str(prompts), "--k", "4",
         "--max-new-tokens", "8", "--annotate", "verifier:arithmetic", "--out-sft", str(tmp_path / "sft.jsonl"),
-        "--out-pairs", str(tmp_path / "pairs.jsonl"), "--out-sets", str(tmp_path / "sets.jsonl"),
+        "--out-pairs", str(tmp_path / "pairs.jsonl"), "--out-sets", str(tmp_path / "sets.jsonl"), "--seed", "7",
     ])  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     subprocess.run(cmd, check=True, cwd=ROOT, env=env, capture_output=True, timeout=300)
     sets = [json.loads(line) for line in (tmp_path / "sets.jsonl").read_text().splitlines()]
     assert [s["id"] for s in sets] == list(range(5))
     assert all(len(s["responses"]) == 4 for s in sets)
+    assert rank_seed(7, 0) == 7 and rank_seed(7, 1) == 7 + 1000003
+    records = read_prompts(prompts)
+    for rank in (0, 1):
+        generator = torch.Generator().manual_seed(7 + 1000003 * rank)
+        mine = sample_records(records[rank::2], policy, rm, CHAT, 4, 8, generator)
+        assert [s["responses"] for _, _, s, _ in mine] == [s["responses"] for s in sets[rank::2]], rank
 
 
 def test_generated_fields_win_over_the_prompt_records_own(monkeypatch):
@@ -290,3 +301,87 @@ def test_vllm_engine_without_vllm_names_the_install(tmp_path, monkeypatch):
 
 def _raise_import(name):
     raise ImportError(f"No module named {name!r}")
+
+
+def stopping_policy(factor: float = 30.0):
+    """A random debug model (untied) whose stop tokens' output rows are scaled up: most samples end their
+    turn within a few tokens, so that sampling yields SFT records and pairs."""
+    model = random_model(dataclasses.replace(get_preset("debug"), tie_embeddings=False))
+    with torch.no_grad():
+        model.output.weight[list(CHAT.tokenizer.stop_ids)] *= factor
+    return model
+
+
+def _clear_dist_env(monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)  # restored afterwards: init_distributed sets them
+
+
+@pytest.mark.parametrize("annotator", ["rm", "verifier"])  # the rs stage's, the pref stage's
+def test_cli_one_rank_writes_what_the_in_process_rejection_sample_writes(tmp_path, monkeypatch, annotator):
+    """The driver's sampling job (--seed S, 1 rank) against the pipeline's in-process call (a generator
+    seeded with S, batch 64, default max_len): the same SFT records, pairs and sets, byte for byte. 70
+    prompts: two batches of 64 and 6. The summary goes to --out-report and the progress file."""
+    from data.jsonl import write_jsonl
+    from data.tasks.arithmetic import Arithmetic
+    from llama import load_model
+    from train import progress
+
+    _clear_dist_env(monkeypatch)
+    save_model(stopping_policy(), tmp_path / "policy")
+    save_model(random_model(get_preset("debug"), head="reward", seed=1), tmp_path / "rm")
+    task = Arithmetic(max_digits=1, noise=0.35)
+    prompts = tmp_path / "prompts.jsonl"
+    write_jsonl(prompts, task.prompts(70, 3, "r1rs"))
+    seed, k = 2001, 3  # the driver's seed * 1000 + round
+    records = read_prompts(prompts)
+    policy, reward = load_model(tmp_path / "policy").eval(), load_model(tmp_path / "rm").eval()
+    expected = rejection_sample(
+        records, policy, reward, CHAT, k, 8, torch.Generator().manual_seed(seed), 1.0,
+        annotate=verifier_annotator(task.verify) if annotator == "verifier" else None,
+    )  # fmt: skip
+    verifier = ["--annotate", "verifier:arithmetic", "--task-args", '{"max_digits": 1, "noise": 0.35}']
+    for name, recs in zip(("sft", "pairs", "sets"), expected):
+        write_jsonl(tmp_path / f"expected_{name}.jsonl", recs)
+    monkeypatch.setenv(progress.ENV, str(tmp_path / "progress.json"))
+    sample_main([
+        "--policy", str(tmp_path / "policy"), "--rm", str(tmp_path / "rm"), "--prompts", str(prompts),
+        "--k", str(k), "--max-new-tokens", "8", "--seed", str(seed), *(verifier if annotator == "verifier" else []),
+        "--out-report", str(tmp_path / "report.json"),
+        *(x for name in ("sft", "pairs", "sets") for x in (f"--out-{name}", str(tmp_path / f"{name}.jsonl"))),
+    ])  # fmt: skip
+    for name in ("sft", "pairs", "sets"):
+        assert (tmp_path / f"{name}.jsonl").read_bytes() == (tmp_path / f"expected_{name}.jsonl").read_bytes(), name
+    sft, pairs, _, dropped = expected
+    assert len(sft) > 50 and (len(pairs) > 20 if annotator == "rm" else dropped["no_pair_tied_scores"] > 20)
+    assert json.loads((tmp_path / "report.json").read_text()) == {
+        "prompts": 70, "samples": 210, "sft": len(sft), "pairs": len(pairs), "dropped": dict(sorted(dropped.items())),
+    }  # fmt: skip
+    assert {key: progress.read(tmp_path / "progress.json")[key] for key in ("done", "total", "unit")} == {
+        "done": 70, "total": 70, "unit": "prompts",
+    }  # fmt: skip
+
+
+def test_task_args_make_the_verifiers_task_and_bad_ones_are_refused(tmp_path, capsys):
+    from data.tasks.arithmetic import Arithmetic
+    from train.sample import make_task
+
+    assert make_task("arithmetic", {"max_digits": 1, "noise": 0.1}) == Arithmetic(max_digits=1, noise=0.1)
+    save_model(random_model(get_preset("debug")), tmp_path / "policy")
+    argv = ["--policy", str(tmp_path / "policy"), "--prompts", str(_prompts(tmp_path)), "--k", "2"]
+    for args, message in [
+        (["--task-args", "[1]"], "argument --task-args: must be a JSON object"),
+        (["--task-args", "{max_digits: 1}"], "argument --task-args: not valid JSON"),
+        (["--task-args", "{}"], "argument --task-args: the arguments of --annotate verifier:TASK's task"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            sample_main([*argv, *args])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    verifier = ["--annotate", "verifier:arithmetic"]
+    for task_args, message in [
+        ('{"max_digits": 0}', r"--task-args: max_digits: must be >= 1"),
+        ('{"digits": 2}', r"--task-args: unknown key\(s\) digits"),
+        ('{"max_digits": "two"}', r"--task-args: max_digits"),
+    ]:
+        with pytest.raises(SystemExit, match=rf"--annotate verifier:arithmetic: {message}"):
+            sample_main([*argv, *verifier, "--task-args", task_args])
