@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from data.cache import TokenizedData
+from data.cache import report_line
 from data.prepare import on_rank0, prepare_config
 from data.records import read_records, train_sources
 from data.rows import Batch, EncodeOptions, Example, collate, encode_record, plan
@@ -49,11 +49,14 @@ def load_examples(
     verbose: bool = True,
     train_on_prompt: bool = False,
     one_row: bool = True,
+    fingerprints: dict[str, str] | None = None,
 ) -> tuple[list[Example], Counter]:
-    """Read, validate and encode a data path in memory. kind: sft | rm (responses shuffled) | dpo (best vs worst)."""
+    """Read, validate and encode a data path in memory. kind: sft | rm (responses shuffled) | dpo (best vs worst).
+    fingerprints: filled with {data file (resolved absolute path): content sha256}, hashed as read
+    (data/records.py `chunks`)."""
     opts = EncodeOptions(kind, max_len, overlength, skip_invalid, keep_strengths, seed, train_on_prompt, one_row)
     report, examples = Counter(), []
-    for index, (where, obj) in enumerate(read_records(path)):
+    for index, (where, obj) in enumerate(read_records(path, fingerprints)):
         report["records"] += 1
         ex = encode_record(obj, where, index, opts, chat, report)
         if ex is not None:
@@ -71,10 +74,10 @@ def load_examples(
 
 
 class InMemory:
-    """A list of Examples."""
+    """A list of Examples; fingerprints: {data file: content sha256} of the files they were read from."""
 
-    def __init__(self, examples: list[Example]):
-        self.examples = examples
+    def __init__(self, examples: list[Example], fingerprints: dict[str, str] | None = None):
+        self.examples, self.fingerprints = examples, dict(fingerprints or {})
         self.lengths = np.array([len(e) for e in examples], dtype=np.int64)
         self.num_targets = np.array([len(e.targets) for e in examples], dtype=np.int64)
         self.num_pairs = np.array([len(e.seqs) * (len(e.seqs) - 1) // 2 for e in examples], dtype=np.int64)
@@ -93,6 +96,7 @@ class Concat:
     def __init__(self, parts: list):
         self.parts = parts
         self.starts = np.cumsum([0] + [len(p) for p in parts])
+        self.fingerprints = {k: v for p in parts for k, v in getattr(p, "fingerprints", {}).items()}
         for name in ("lengths", "num_targets", "num_pairs", "num_best"):
             setattr(self, name, np.concatenate([getattr(p, name) for p in parts]))
 
@@ -148,7 +152,14 @@ class DataLoader:
         one file, weight 1).
 
         drop_last=False (evaluation): the last partial batch is kept, so a set smaller than a batch,
-        or than the number of ranks (those without an example run empty micro-batches), is fine."""
+        or than the number of ranks (those without an example run empty micro-batches), is fine.
+
+        `fingerprints: dict[str, str]`: the data files this loader reads, each as its resolved absolute
+        path -> the sha256 hex of its content, taken from the dataset (its `fingerprints`; {} for a
+        plain list of Examples). `build_loaders` fills it for both paths without hashing twice: with
+        the cache, the hashes its key was made of (a build checks the bytes it tokenizes against
+        them); in memory, the hash of the bytes the records were read from. A resumed run compares
+        them to refuse changed data."""
         data = as_dataset(examples)
         mixture = mixture or [(len(data), 1.0)]
         epoch_size = sum(round(w * n) for n, w in mixture)
@@ -163,6 +174,7 @@ class DataLoader:
         if drop_last and epoch_size < batch_size:
             raise ValueError(f"{epoch_size} examples are fewer than one batch of {batch_size}")
         self.examples, self.data, self.mixture, self.epoch_size = examples, data, mixture, epoch_size
+        self.fingerprints: dict[str, str] = dict(getattr(data, "fingerprints", {}))
         self.batch_size, self.max_len = batch_size, max_len
         self.tokens_per_microbatch, self.rank, self.world_size = tokens_per_microbatch, rank, world_size
         self.seed, self.shuffle, self.pad_id, self.drop_last = seed, shuffle, pad_id, drop_last
@@ -232,21 +244,25 @@ class DataLoader:
 
 def _cached(dc, kind: str, chat: ChatFormat, rank: int, world_size: int, verbose: bool, **encode_kw):
     """Rank 0 finds or builds every cache the config needs while the other ranks wait; all map them."""
-    folders, eval_folder = on_rank0(lambda: prepare_config(dc, kind, chat, verbose, **encode_kw), rank, world_size)
-    parts = [TokenizedData(f) for f in folders]
-    evaluation = TokenizedData(eval_folder) if eval_folder else None
+    found, eval_found = on_rank0(lambda: prepare_config(dc, kind, chat, verbose, **encode_kw), rank, world_size)
+    parts = [p.open() for p in found]
+    evaluation = eval_found.open() if eval_found else None
     for data in [*parts, evaluation] if evaluation else parts:
         if verbose:
-            print(f"{data.source}: " + ", ".join(f"{k} {v}" for k, v in data.report.items()) + f" [{data.folder}]")
+            print(report_line(data))
     return parts, evaluation
 
 
 def _in_memory(dc, kind: str, chat: ChatFormat, verbose: bool, **encode_kw):
     kw = dict(kind=kind, chat=chat, max_len=dc.max_len, overlength=dc.overlength, skip_invalid=dc.skip_invalid)
     kw.update(keep_strengths=dc.keep_strengths, verbose=verbose, **encode_kw)
-    parts = [InMemory(load_examples(path, seed=dc.seed, **kw)[0]) for path, _ in train_sources(dc.train)]
-    evaluation = InMemory(load_examples(dc.eval, seed=dc.seed + 1, **kw)[0]) if dc.eval else None
-    return parts, evaluation
+
+    def one(path, seed):
+        digests = {}
+        return InMemory(load_examples(path, seed=seed, fingerprints=digests, **kw)[0], digests)
+
+    parts = [one(path, dc.seed) for path, _ in train_sources(dc.train)]
+    return parts, one(dc.eval, dc.seed + 1) if dc.eval else None
 
 
 def build_loaders(

@@ -3,37 +3,49 @@
     python -m data.prepare --kind sft --config experiments/quickstart/sft.yaml [section.key=value ...]
 
 prepares every data.train file and data.eval of a training config, printing each load report and
-cache folder; the training run started afterwards with the same config (and code) maps them and
-starts in seconds. Training runs do the same themselves when a cache is missing (data/loader.py).
+cache folder as training does; the training run started afterwards with the same config (and code)
+maps them and starts in seconds. Training runs do the same themselves when a cache is missing
+(data/loader.py). A bad config, data file or record is one line `error: ...` (exit status 2), as in
+training. `--verify` also checks every block of each cache against its checksum (data/cache.py).
 
 `prepare(path, opts, chat, cache_root, num_workers)` -> the cache folder, found by its key or built:
 the main process cuts the data into chunks of records (data/records.py), `num_workers` processes
 validate and encode them (data/rows.py `encode_record`, the same code as the in-memory path) into
 flat arrays, and the main process appends those, in order, to files in a temporary folder that is
 renamed into place once complete. A run killed mid-write leaves only the temporary folder, which the
-next run of this host deletes; the cache is then built again.
+next run of this host deletes; the cache is then built again. The data files are hashed for the key,
+and again from the bytes tokenized (data/records.py `chunks`): a file that changed in between fails
+the build, nothing written. A write that fails (a full disk) names the file and removes the folder.
 
 Workers come from a forkserver, not fork: a training process may already hold CUDA and NCCL threads.
+Each worker watches the process that started the pool and exits when it dies (kill -9 included), so
+no worker, and then no forkserver (it lives while a worker holds its pipe), outlives it.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import hashlib
 import itertools
 import multiprocessing
 import os
+import select
 import shutil
 import socket
 import sys
+import threading
 import time
 from collections import Counter, deque
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from data import cache
-from data.records import Chunk, chunk_records, chunks, data_files, train_sources
+from data.records import Chunk, chunk_records, chunks, data_files, file_id, train_sources
 from data.rows import EncodeOptions, encode_record
 from llama.chat import ChatFormat
 
@@ -94,9 +106,33 @@ def encode_chunk(chunk: Chunk, opts: EncodeOptions, chat: ChatFormat) -> tuple[d
 _WORKER: tuple[EncodeOptions, ChatFormat] | None = None
 
 
-def _init_worker(opts: EncodeOptions, chat: ChatFormat) -> None:
+def _exit_with(pid: int) -> None:
+    """Block until process `pid` is gone, then end this process at once (a daemon thread's job)."""
+    try:
+        fd = os.pidfd_open(pid)  # Linux >= 5.3: readable once the process has exited
+    except (AttributeError, OSError):
+        fd = None
+    if fd is not None:
+        select.select([fd], [], [])
+    else:
+        while True:  # elsewhere: poll (a pid reused within the second is the only miss)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            except PermissionError:
+                pass
+            time.sleep(1.0)
+    os._exit(1)
+
+
+def _init_worker(opts: EncodeOptions, chat: ChatFormat, parent: int) -> None:
+    """A pool worker: keep the encoding settings; exit when `parent` (the process that started the
+    pool, not the forkserver this worker was forked from) dies. Without this a worker killed parent
+    leaves it blocked on the pool's queues for good, and the forkserver with it."""
     global _WORKER
     _WORKER = (opts, chat)
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True, name="exit-with-parent").start()
 
 
 def _work(chunk: Chunk):
@@ -112,7 +148,7 @@ def _encoded(pieces, opts: EncodeOptions, chat: ChatFormat, workers: int):
         return
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["data.prepare"])
-    init = (opts, chat)  # pickled: the workers encode with this very tokenizer and template
+    init = (opts, chat, os.getpid())  # pickled: the workers encode with this very tokenizer and template
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=init) as pool:
         pending = deque()
         try:
@@ -127,34 +163,73 @@ def _encoded(pieces, opts: EncodeOptions, chat: ChatFormat, workers: int):
                 f.cancel()
 
 
+@contextmanager
+def _writing(path: Path):
+    """An OSError while writing the cache (Errno 28 says no path) as one naming the file written."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            what = "the disk is full" if e.errno == errno.ENOSPC else "the disk quota is exceeded"
+            raise OSError(
+                e.errno,
+                f"writing the tokenized cache {path}: {what} ({e.strerror}); the unfinished cache "
+                "was removed: free space there, or set data.cache_dir to a folder on another disk",
+            ) from None
+        raise OSError(e.errno, f"writing the tokenized cache {path}: {e.strerror or e}") from None
+
+
 class Writer:
-    """Appends encoded chunks to the cache's files in a temporary folder; `finish` renames it into place."""
+    """Appends encoded chunks to the cache's files in a temporary folder, and the crc32 of each block
+    to checksums.bin; `finish` renames the folder into place."""
 
     def __init__(self, folder: Path, opts: EncodeOptions):
         self.folder, self.dtypes = folder, cache.fields(opts)
         self.tmp = folder.with_name(f".tmp-{folder.name}-{socket.gethostname()}-{os.getpid()}")
-        self.tmp.mkdir(parents=True)
-        self.files = {name: open(self.tmp / f"{name}.bin", "wb") for name in self.dtypes}
+        self.files = {}
+        with _writing(self.tmp):
+            self.tmp.mkdir(parents=True)
+            self.files = {name: open(self.tmp / f"{name}.bin", "wb") for name in self.dtypes}
+        self.sums = {name: cache.BlockSums() for name in self.dtypes}
         self.lengths, self.totals = Counter(), Counter()
 
     def add(self, arrays: dict[str, np.ndarray]) -> None:
         for name, a in arrays.items():
             if name in ("token_end", "target_end", "seq_end"):
                 a = a + self.totals[name]  # ends relative to the chunk -> over the file
-            self.files[name].write(a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes())
+            data = a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
+            with _writing(self.tmp / f"{name}.bin"):
+                self.files[name].write(data)
+            self.sums[name].update(data)
             self.lengths[name] += len(a)
         for name in ("token_end", "target_end", "seq_end"):
             if len(arrays[name]):
                 self.totals[name] = int(arrays[name][-1]) + self.totals[name]
 
-    def finish(self, key: str, parts: dict, source: str, report: Counter) -> Path:
-        for f in self.files.values():
-            f.flush()
-            os.fsync(f.fileno())
-            f.close()
+    def finish(self, key: str, parts: dict, source: str, files: list[Path], report: Counter) -> Path:
+        for name, f in self.files.items():
+            with _writing(self.tmp / f"{name}.bin"):
+                f.flush()
+                os.fsync(f.fileno())
+                f.close()
+        sums, blocks = [], {}
+        for name in self.dtypes:
+            mine = self.sums[name].finish()
+            blocks[name] = [len(sums), len(mine)]
+            sums += mine
+        raw = np.asarray(sums, dtype="<u4").tobytes()
         arrays = {name: [str(dt), self.lengths[name]] for name, dt in self.dtypes.items()}
-        manifest = dict(key=key, parts=parts, source=source, arrays=arrays, report=dict(report))
-        cache.write_json(self.tmp / "manifest.json", manifest)
+        manifest = dict(version=cache.VERSION, key=key, parts=parts, source=source, report=dict(report))
+        manifest.update(files=[file_id(f) for f in files], arrays=arrays, blocks=blocks)
+        manifest.update(block_bytes=cache.BLOCK_BYTES, checksums_sha256=hashlib.sha256(raw).hexdigest())
+        manifest["manifest_sha256"] = cache.manifest_digest(manifest)
+        with _writing(self.tmp / cache.CHECKSUMS):
+            with open(self.tmp / cache.CHECKSUMS, "wb") as f:
+                f.write(raw)
+                f.flush()
+                os.fsync(f.fileno())
+        with _writing(self.tmp / "manifest.json"):
+            cache.write_json(self.tmp / "manifest.json", manifest)
         try:
             os.rename(self.tmp, self.folder)
         except OSError:  # another process finished the same cache first: keep theirs
@@ -170,7 +245,10 @@ class Writer:
 
     def abort(self) -> None:
         for f in self.files.values():
-            f.close()
+            try:
+                f.close()  # flushes: on a full disk, fails again
+            except OSError:
+                pass
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
@@ -191,19 +269,29 @@ def _remove_dead_temporaries(root: Path, verbose: bool) -> None:
             print(f"removed {tmp}: a cache left unfinished by a killed run", flush=True)
 
 
-def _report_line(path, report: Counter) -> str:
-    return f"{path}: " + ", ".join(f"{k} {v}" for k, v in report.items())
+def prepare(
+    path,
+    opts: EncodeOptions,
+    chat: ChatFormat,
+    cache_root=None,
+    num_workers: int = 0,
+    verbose: bool = True,
+    fingerprints: dict[str, str] | None = None,
+):
+    """-> the cache folder of `path` encoded with `opts`, built now if missing.
 
-
-def prepare(path, opts: EncodeOptions, chat: ChatFormat, cache_root=None, num_workers: int = 0, verbose: bool = True):
-    """-> the cache folder of `path` encoded with `opts`, built now if missing (printing its report)."""
+    fingerprints: filled with {data file (resolved absolute path): content sha256}, the hashes the
+    key was made of (each file read once for them; a build checks the bytes it tokenizes against them)."""
     files = data_files(path)
     root = Path(cache_root) if cache_root else default_root(path)
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OSError(f"cannot create the tokenized cache folder {root} ({e}); set data.cache_dir") from None
-    key, parts = cache.cache_key(files, opts, chat, root)
+    key, parts = cache.cache_key(files, opts, chat)
+    digests = cache.fingerprints(files, parts)
+    if fingerprints is not None:
+        fingerprints.update(digests)
     name = Path(str(path).rstrip("/")).name.replace("*", "_").replace("?", "_")
     folder = root / f"{name}-{key[:16]}"
     problem = cache.cache_problem(folder, key)
@@ -214,7 +302,7 @@ def prepare(path, opts: EncodeOptions, chat: ChatFormat, cache_root=None, num_wo
     if not os.access(root, os.W_OK):  # a read-only folder serves caches built before, builds none
         raise OSError(f"the tokenized cache folder {root} is not writable; set data.cache_dir")
     _remove_dead_temporaries(root, verbose)
-    pieces = chunks(path, CHUNK_RECORDS)
+    pieces = chunks(path, CHUNK_RECORDS, digests=dict(digests))  # fails on a file changed since hashed
     head = list(itertools.islice(pieces, 2))
     workers = worker_count(num_workers) if len(head) > 1 else 1  # one chunk: not worth starting processes
     if verbose:
@@ -226,7 +314,7 @@ def prepare(path, opts: EncodeOptions, chat: ChatFormat, cache_root=None, num_wo
             writer.add(arrays)
             report.update(counts)
         report["examples"] = writer.lengths["token_end"]
-        folder = writer.finish(key, parts, str(path), report)
+        folder = writer.finish(key, parts, str(path), files, report)
     except BaseException:
         writer.abort()
         raise
@@ -242,16 +330,29 @@ def encode_options(dc, kind: str, seed: int, **encode_kw) -> EncodeOptions:
     return EncodeOptions(kind, dc.max_len, dc.overlength, dc.skip_invalid, dc.keep_strengths, seed, **encode_kw)
 
 
+@dataclass
+class Prepared:
+    """A data path's cache folder and the content sha256 of each of its files (resolved path -> hex)."""
+
+    folder: Path
+    fingerprints: dict[str, str] = field(default_factory=dict)
+
+    def open(self) -> cache.TokenizedData:
+        return cache.TokenizedData(self.folder, fingerprints=self.fingerprints)
+
+
 def prepare_config(dc, kind: str, chat: ChatFormat, verbose: bool = True, **encode_kw):
-    """-> (cache folder of each data.train source, of data.eval or None), built where missing. The
+    """-> (a Prepared for each data.train source, for data.eval or None), built where missing. The
     eval set's RM responses are shuffled with seed + 1, as in the in-memory path."""
+
+    def one(path, opts):
+        digests = {}
+        return Prepared(prepare(path, opts, chat, dc.cache_dir, dc.num_workers, verbose, digests), digests)
+
     train = encode_options(dc, kind, dc.seed, **encode_kw)
-    folders = [prepare(path, train, chat, dc.cache_dir, dc.num_workers, verbose) for path, _ in train_sources(dc.train)]
-    evaluation = None
-    if dc.eval:
-        opts = encode_options(dc, kind, dc.seed + 1, **encode_kw)
-        evaluation = prepare(dc.eval, opts, chat, dc.cache_dir, dc.num_workers, verbose)
-    return folders, evaluation
+    parts = [one(path, train) for path, _ in train_sources(dc.train)]
+    evaluation = one(dc.eval, encode_options(dc, kind, dc.seed + 1, **encode_kw)) if dc.eval else None
+    return parts, evaluation
 
 
 def on_rank0(fn, rank: int, world_size: int):
@@ -299,24 +400,40 @@ def _entry_point(kind: str):
 
 
 def main(argv=None) -> None:
+    """The command line: a ValueError / OSError / ImportError (bad config, data, record, disk) is
+    printed as `error: ...` on stderr and the exit status is 2, as a training entry point does."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kind", required=True, choices=["sft", "rm", "dpo"], help="the training entry point")
+    ap.add_argument("--config", help="the training YAML file")
+    ap.add_argument("--verify", action="store_true", help="also check every block of each cache (reads it all)")
+    ap.add_argument("overrides", nargs="*", help="section.key=value, as for the training run")
+    args = ap.parse_args(argv)
+    try:
+        _main(args)
+    except (ValueError, OSError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+def _main(args) -> None:
     from llama.chat import resolve_chat_template
     from train.config import load_config
     from train.distributed import model_tokenizer
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--kind", required=True, choices=["sft", "rm", "dpo"], help="the training entry point")
-    ap.add_argument("--config", help="the training YAML file")
-    ap.add_argument("overrides", nargs="*", help="section.key=value, as for the training run")
-    args = ap.parse_args(argv)
     config_class, options = _entry_point(args.kind)
     cfg = load_config(config_class, args.config, args.overrides)
     m = cfg.model  # the chat format as train/entry.py `setup` builds it: the same cache key
     chat = ChatFormat(
         model_tokenizer(m.checkpoint, m.preset, m.tokenizer), resolve_chat_template(m.chat_template, m.checkpoint)
     )
-    folders, evaluation = prepare_config(cfg.data, args.kind, chat, verbose=True, **options(cfg))
-    for folder in [*folders, evaluation] if evaluation else folders:
-        print(f"{folder}: {cache.TokenizedData(folder).report['examples']} examples", flush=True)
+    parts, evaluation = prepare_config(cfg.data, args.kind, chat, verbose=True, **options(cfg))
+    for found in [*parts, evaluation] if evaluation else parts:
+        data = found.open()
+        if args.verify:
+            t0 = time.perf_counter()
+            data.verify()
+            print(f"{data.folder}: every block verified in {time.perf_counter() - t0:.1f} s", flush=True)
+        print(cache.report_line(data), flush=True)  # the load report, as training prints it
 
 
 if __name__ == "__main__":

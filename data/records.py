@@ -14,11 +14,17 @@ caller counts it (data.skip_invalid) or stops on it; blank lines are not records
 `chunks(path, size)` cuts the same records into picklable pieces for tokenizer processes (raw lines,
 or an Arrow batch in IPC bytes) and `chunk_records(chunk)` turns one back into records: read_records is
 the two chained, so the in-memory and the cached paths read exactly the same records.
+
+Content fingerprints (`digests`, the sha256 of each file): a JSON lines file is hashed from the very
+bytes its records are read from, as they are read; a Parquet / Arrow file (read by pyarrow, not in
+order) is hashed before and after its records are read. A file whose content differs from the
+digest it was given (its hash before the read) is an error naming it: it changed while it was read.
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,18 +35,18 @@ GLOB_CHARS = "*?["
 
 
 def data_files(path) -> list[Path]:
-    """The files behind a data path, in reading order."""
+    """The files behind a data path, in reading order. A path that exists is read as itself, even
+    with glob characters in its name (`d[1].jsonl`); only a path that does not exist is a glob."""
     text = str(path)
-    if any(c in text for c in GLOB_CHARS):
+    if any(c in text for c in GLOB_CHARS) and not Path(text).exists():
         files = [Path(p) for p in sorted(glob.glob(text)) if Path(p).is_file()]
         if not files:
-            raise FileNotFoundError(f"no data files match {text}")
+            raise FileNotFoundError(f"no data files match {text} (and no file has that name)")
         return files
     path = Path(path)
     if path.is_dir():
         if (path / "state.json").is_file():  # datasets.Dataset.save_to_disk
-            state = json.loads((path / "state.json").read_text())
-            return [path / f["filename"] for f in state["_data_files"]]
+            return _state_files(path / "state.json")
         if (path / "dataset_dict.json").is_file():  # datasets.DatasetDict.save_to_disk: one folder per split
             splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
             raise IsADirectoryError(
@@ -57,6 +63,45 @@ def data_files(path) -> list[Path]:
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     return [path]
+
+
+def _state_files(state_path: Path) -> list[Path]:
+    """The .arrow files a `datasets.Dataset.save_to_disk` folder's state.json names: plain file names
+    in that folder (a name outside it is refused, as a safetensors index's are)."""
+    try:
+        state = json.loads(state_path.read_text())
+        names = [f["filename"] for f in state["_data_files"]]
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{state_path}: not a readable datasets state.json ({e})") from None
+    except (KeyError, TypeError):
+        raise ValueError(f"{state_path}: _data_files: missing, or not a list of {{filename: ...}}") from None
+    bad = [n for n in names if not isinstance(n, str) or not n or Path(n).name != n or n in (".", "..")]
+    if bad:
+        raise ValueError(f"{state_path}: _data_files: names files outside its folder: {bad[:3]}")
+    if not names:
+        raise ValueError(f"{state_path}: _data_files: empty (no .arrow file named)")
+    return [state_path.parent / n for n in names]
+
+
+def sha256_file(path) -> str:
+    """The sha256 hex of a file's content."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 23):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_id(path) -> str:
+    """A data file's name in `digests` / fingerprints: its resolved absolute path."""
+    return str(Path(path).resolve())
+
+
+def _changed(file, before: str, after: str) -> ValueError:
+    return ValueError(
+        f"{file}: the file changed while it was read (its sha256 was {before[:16]}... before, "
+        f"{after[:16]}... as read); nothing was kept from it: run again once it is complete"
+    )
 
 
 @dataclass
@@ -91,20 +136,31 @@ def _pyarrow(path):
 
 
 def _arrow_batches(path: Path, size: int):
+    """Batches of up to `size` rows; a file pyarrow cannot read (truncated, damaged, not Arrow) is a
+    ValueError naming it and the rows read before the damage."""
     pa = _pyarrow(path)
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
+    rows = 0
+    try:
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
 
-        yield from pq.ParquetFile(path).iter_batches(batch_size=size)
-        return
-    source = pa.memory_map(str(path))
-    is_file_format = source.read(6) == b"ARROW1"  # datasets writes the stream format; accept both
-    source.seek(0)
-    reader = pa.ipc.open_file(source) if is_file_format else pa.ipc.open_stream(source)
-    batches = (reader.get_batch(i) for i in range(reader.num_record_batches)) if is_file_format else reader
-    for batch in batches:
-        for start in range(0, batch.num_rows, size):
-            yield batch.slice(start, size)
+            batches = pq.ParquetFile(path).iter_batches(batch_size=size)
+        else:
+            source = pa.memory_map(str(path))
+            is_file_format = source.read(6) == b"ARROW1"  # datasets writes the stream format; accept both
+            source.seek(0)
+            reader = pa.ipc.open_file(source) if is_file_format else pa.ipc.open_stream(source)
+            batches = (reader.get_batch(i) for i in range(reader.num_record_batches)) if is_file_format else reader
+        for batch in batches:
+            for start in range(0, batch.num_rows, size):
+                part = batch.slice(start, size)
+                yield part
+                rows += part.num_rows
+    except (pa.ArrowException, OSError) as e:
+        what = "Parquet" if path.suffix == ".parquet" else "Arrow"
+        raise ValueError(
+            f"{path}: truncated or damaged {what} file, unreadable after row {rows} ({type(e).__name__}: {e})"
+        ) from None
 
 
 def _ipc(batch) -> bytes:
@@ -116,29 +172,44 @@ def _ipc(batch) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def chunks(path, size: int = 1024):
-    """Yield Chunks of up to `size` records of a data path, in order."""
+def chunks(path, size: int = 1024, digests: dict[str, str] | None = None):
+    """Yield Chunks of up to `size` records of a data path, in order.
+
+    digests: {file_id(file): sha256 hex}, checked and filled as the files are read. A file already
+    in it must have that content as read (else ValueError: it changed since it was hashed, or while
+    it was read); the others are added once read whole (a JSON lines file hashed from the bytes read,
+    a Parquet / Arrow file hashed before and after, the two compared)."""
+    digests = {} if digests is None else digests
     first = 0
     for file in data_files(path):
+        name = file_id(file)
         if file.suffix in (".parquet", ".arrow"):
+            before = digests.get(name) or sha256_file(file)
             row = 1
             for batch in _arrow_batches(file, size):
                 if batch.num_rows:
                     yield Chunk(str(file), first, ipc=_ipc(batch), row=row)
                 row, first = row + batch.num_rows, first + batch.num_rows
-            continue
-        lines = []
-        with open(file, "rb") as f:  # bytes, decoded per record: a bad byte is one bad record, not a crash
-            for lineno, raw in enumerate(f, 1):
-                if _blank(raw):
-                    continue
-                lines.append((lineno, raw))
-                if len(lines) == size:
-                    yield Chunk(str(file), first, lines=lines)
-                    first, lines = first + len(lines), []
-        if lines:
-            yield Chunk(str(file), first, lines=lines)
-            first += len(lines)
+            after = sha256_file(file)
+        else:
+            lines, h = [], hashlib.sha256()
+            with open(file, "rb") as f:  # bytes, decoded per record: a bad byte is one bad record, not a crash
+                for lineno, raw in enumerate(f, 1):
+                    h.update(raw)  # every byte of the file, blank lines included
+                    if _blank(raw):
+                        continue
+                    lines.append((lineno, raw))
+                    if len(lines) == size:
+                        yield Chunk(str(file), first, lines=lines)
+                        first, lines = first + len(lines), []
+            after = h.hexdigest()
+            before = digests.get(name, after)
+            if lines and before == after:  # a file that changed: not one record of its last chunk given out
+                yield Chunk(str(file), first, lines=lines)
+                first += len(lines)
+        if before != after:
+            raise _changed(file, before, after)
+        digests[name] = after
 
 
 def chunk_records(chunk: Chunk):
@@ -165,9 +236,10 @@ def chunk_records(chunk: Chunk):
         yield where, obj
 
 
-def read_records(path):
-    """Yield (where, record) from a data path; where = 'file:line' or 'file:row'."""
-    for chunk in chunks(path):
+def read_records(path, digests: dict[str, str] | None = None):
+    """Yield (where, record) from a data path; where = 'file:line' or 'file:row'. digests: as for
+    `chunks` (filled with each file's sha256 once it is read whole)."""
+    for chunk in chunks(path, digests=digests):
         yield from chunk_records(chunk)
 
 

@@ -13,7 +13,9 @@ Preference: {"prompt": str | messages, "responses": [response, ...], "strength":
             better one, whatever its key. Equal scores carry no preference: the record is dropped and
             counted ("dropped: tied scores"), not an error.
 A response is the assistant's text, or a list of messages that continues the prompt (its first
-message from the assistant). `strength` says how much better the best response is than the next:
+message from the assistant). Every assistant message of an SFT dialog or a response is trained on, so
+an empty one (whitespace only) is an error, `messages[i].content: empty assistant message` (a counted
+skip with skip_invalid), not an end of turn learned from nothing. `strength` says how much better the best response is than the next:
 significantly_better > better > slightly_better > marginally_better. Llama 3 trains the reward
 model and DPO only on the first two levels (`keep_strengths`).
 
@@ -91,7 +93,19 @@ def parse_sft(obj, where: str) -> SFTRecord:
     messages = _messages(obj["messages"], where, "messages")
     if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
         _fail(where, "messages", "no non-empty assistant message to train on")
+    _no_empty_assistant(messages, where, "messages")
     return SFTRecord(messages)
+
+
+def _no_empty_assistant(messages: list[dict], where: str, fld: str) -> None:
+    """An assistant turn is trained on: an empty one would teach an immediate end of turn."""
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant" and not m["content"].strip():
+            _fail(
+                where,
+                f"{fld}[{i}].content",
+                "empty assistant message (it would be trained as an immediate end of turn)",
+            )
 
 
 def _response(value, where: str, fld: str) -> list[dict]:
@@ -103,6 +117,7 @@ def _response(value, where: str, fld: str) -> list[dict]:
             _fail(where, f"{fld}[0].role", "a response must start with an assistant message")
     if not "".join(m["content"] for m in msgs if m["role"] == "assistant").strip():
         _fail(where, fld, "empty response")
+    _no_empty_assistant(msgs, where, fld)
     return msgs
 
 
