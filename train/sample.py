@@ -15,11 +15,15 @@ With `--safety-rm`, scores combine as in Llama 2: the safety score where the pro
 Every output record holds the generated fields; the prompt record's own fields (its metadata) go
 under "source", so a prompt file that carries e.g. `chosen` or `scores` can never stand in for the
 generated ones. A prompt record's "id" is also copied to the top level: labels join on it.
-Each rank takes every world_size-th prompt; rank 0 writes the files in prompt order.
+Each rank takes every world_size-th prompt and samples with a generator seeded with --seed + 1000003 * rank
+(rank 0 with --seed itself: a 1-rank job writes what an in-process `rejection_sample` call with a generator
+seeded so writes); rank 0 writes the files in prompt order, the summary (`--out-report`) and its progress
+(train/progress.py, prompts). `--task-args JSON` makes `--annotate verifier:TASK`'s task with those settings.
 Nothing is dropped silently: every sample left out (no stop token within --max-new-tokens, empty, over
---max-chars) and every prompt left without an SFT record or a pair (no sample left, fewer than 2, tied
-scores, best and worst the same text) is counted and printed (`DROPS`), with a warning when most samples
-reached no stop token.
+--max-chars, and the cleaning rules of data/clean.py: --max-repeat, --ban-phrase, --max-emoji,
+--max-exclamation, each off unless given) and every prompt left without an SFT record or a pair (no sample
+left, fewer than 2, tied scores, best and worst the same text, an SFT pick repeating an earlier one with
+--dedup) is counted and printed (`DROPS`), with a warning when most samples reached no stop token.
 
 Engines (`--engine`): "native" (default) samples with llama/generate.py on every rank. "vllm" exports the
 policy to an HF folder (with its tokenizer and chat template) and samples with vLLM (PagedAttention,
