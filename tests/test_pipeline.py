@@ -78,7 +78,10 @@ def test_killed_pipeline_resumes_without_redoing_stages(tmp_path):
             r"configs.dpo: \S*/x is not a file",
         ),
         ({"preset": "huge"}, r"preset must be one of \(.*'tiny'.*\), got 'huge'"),
-        ({"task": "chess"}, r"task: unknown task 'chess': give one of arithmetic or a 'package.module:factory' path"),
+        (
+            {"task": "chess"},
+            r"task: unknown task 'chess': give one of arithmetic, files or a 'package.module:factory' path",
+        ),
         ({"task_args": {"max_digits": "two"}}, r"task_args: max_digits: expected int, got 'two'"),
         ({"task_args": {"max_digits": 0}}, r"task_args: max_digits: must be >= 1, got 0"),
         ({"task_args": {"noise": 1.5}}, r"task_args: noise: a fraction, must be in \[0, 1\], got 1.5"),
@@ -168,8 +171,8 @@ def test_a_task_is_found_by_name_or_module_path_and_the_sampler_uses_the_same_re
 
     by_name = load_pipeline_config(None, ["task_args={max_digits: 1, noise: 0.1}"])
     by_path = load_pipeline_config(None, ["task=data.tasks.arithmetic:Arithmetic", "task_args={max_digits: 1}"])
-    assert Pipeline(by_name).task == Arithmetic(max_digits=1, noise=0.1)
-    assert Pipeline(by_path).task == Arithmetic(max_digits=1)
+    assert Pipeline(by_name).recipe.task == Arithmetic(max_digits=1, noise=0.1)
+    assert Pipeline(by_path).recipe.task == Arithmetic(max_digits=1)
     record = {"messages": [{"role": "user", "content": "3+4="}]}
     assert _annotator("verifier:arithmetic")(record, ["7", "8", " 7\n"]) == [1.0, 0.0, 1.0]
     with pytest.raises(ValueError, match="unknown task 'chess'"):
@@ -191,12 +194,15 @@ def test_a_task_without_a_pretraining_corpus_needs_a_base_checkpoint(tmp_path, m
 
 def _report(tmp_path, capsys, monkeypatch=None):
     """The report of a finished 2-round run (made-up results), its printed output."""
-    pipe = Pipeline(load_pipeline_config(None, [f"root={tmp_path}", "rounds=2"]))
-    pipe.dir.mkdir(parents=True)
-    pipe.results = [{"round": 0, "stage": "data"}, {"round": 0, "stage": "pretrain", "task_accuracy": 0.25,
+    from train.report import write_report
+
+    cfg = load_pipeline_config(None, [f"root={tmp_path}", "rounds=2"])
+    run = tmp_path / cfg.name
+    run.mkdir(parents=True)
+    results = [{"round": 0, "stage": "data"}, {"round": 0, "stage": "pretrain", "task_accuracy": 0.25,
                     "task_accuracy_sampled": 0.2}]  # fmt: skip
     for k in (1, 2):
-        pipe.results += [
+        results += [
             {"round": k, "stage": "rm", "rm_accuracy": 0.6 + k / 10},
             {"round": k, "stage": "rs", "rm_pick_accuracy": 0.5 + k / 10},
             {"round": k, "stage": "sft", "sft_loss": 1.0 / k, "task_accuracy": 0.3 * k, "task_accuracy_sampled": 0.2},
@@ -204,13 +210,13 @@ def _report(tmp_path, capsys, monkeypatch=None):
             {"round": k, "stage": "dpo", "dpo_reward_accuracy": 0.7, "task_accuracy": 0.4 * k,
              "task_accuracy_sampled": 0.3},
         ]  # fmt: skip
-    pipe.report()
-    return pipe.dir, capsys.readouterr().out
+    write_report(run, {}, results, cfg.plots, cfg.rounds, cfg.eval_prompts)
+    return run, capsys.readouterr().out
 
 
 def test_report_names_stages_and_rounds_and_draws_the_plots(tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    from train.pipeline import accuracy_by_stage, rewards_by_round
+    from train.report import accuracy_by_stage, rewards_by_round
 
     run, out = _report(tmp_path, capsys)
     assert out.startswith("| round | stage |") and "| 2 | dpo |  |  |  | 0.700 | 0.800 | 0.300 |" in out

@@ -25,6 +25,12 @@ Optional:
     pretrain_corpus(n, seed) -> list[dict]
         n SFT records ({"messages": ...} or {"text": ...}) to pre-train the base model on. A task
         without one needs the config's `base: <checkpoint>` to start from.
+
+A task of the user's own files (data/tasks/files.py) has instead:
+    files() -> {"preferences": [paths], "sft": [paths], "eval_pairs"|"eval_prompts"|"eval_sft": path or None}
+    prompt_pool(seed) -> list[dict]
+        every prompt record of the pool in a fixed order: the rounds draw from it in order, never twice.
+and no verifier (new pairs are labeled by a reward model or by people).
 """
 
 from __future__ import annotations
@@ -33,7 +39,10 @@ import importlib
 import inspect
 from typing import NamedTuple
 
-TASKS = {"arithmetic": "data.tasks.arithmetic:Arithmetic"}  # name -> 'module:factory'
+TASKS = {
+    "arithmetic": "data.tasks.arithmetic:Arithmetic",
+    "files": "data.tasks.files:Files",
+}  # name -> 'module:factory'
 
 
 class SeedData(NamedTuple):
