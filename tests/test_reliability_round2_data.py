@@ -306,6 +306,14 @@ def test_prepare_cli_prints_error_lines_and_the_load_report(tmp_path, capsys):
     build_loaders(cfg.data, "sft", CHAT)  # the line training prints for the same cache
     report = capsys.readouterr().out.strip()
     assert report.startswith(f"{good}: records 7, examples 7 [") and report in printed.splitlines()
+    folder = Path(report.rsplit(" [", 1)[1][:-1])
+    prepare_main([*base, f"data.train={good}", "--verify"])  # every block checked, then the report
+    verified, last = capsys.readouterr().out.splitlines()[-2:]
+    assert re.fullmatch(rf"{re.escape(str(folder))}: every block verified in \d+\.\d s", verified) and last == report
+    _flip(folder / "target_token.bin", 5)  # opening the cache does not read this one; --verify does
+    with pytest.raises(SystemExit):
+        prepare_main([*base, f"data.train={good}", "--verify"])
+    assert capsys.readouterr().err.startswith(f"error: tokenized cache {folder} is damaged: target_token.bin bytes 0..")
 
 
 def test_an_empty_assistant_turn_is_refused_or_counted(tmp_path, capsys):
