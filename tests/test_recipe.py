@@ -1,0 +1,147 @@
+"""The recipe on the user's files (data/tasks/files.py), without running a model: the jobs it plans are
+recorded by a stand-in launcher. Prompts are drawn from the pool in order and never twice; the RM trains on
+all preference data so far, SFT on all rejection-sampled data plus the human files (weighted), DPO on the
+round's pairs; the human annotator stops for labels and continues from them."""
+
+import json
+
+import pytest
+
+from train.launch import Launcher
+from train.pipeline import PipelineError, load_pipeline_config
+from train.recipe import Recipe, StageError, WaitingForLabels
+
+
+class Recording(Launcher):
+    """Runs nothing: keeps each job (its script and arguments)."""
+
+    def __init__(self):
+        super().__init__("local")
+        self.jobs = []
+
+    def run(self, job):
+        self.jobs.append(job)
+
+
+def write(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+@pytest.fixture
+def files(tmp_path):
+    d = tmp_path / "data"
+    d.mkdir()
+    pool = [{"prompt": f"{i}+1="} for i in range(10)]
+    pair = {"prompt": "1+1=", "chosen": "2", "rejected": "3"}
+    return {
+        "prompts": write(d / "pool.jsonl", pool),
+        "preferences": [write(d / "prefs.jsonl", [pair])],
+        "sft": [write(d / "human_sft.jsonl", [{"messages": [{"role": "user", "content": "a"},
+                                                             {"role": "assistant", "content": "b"}]}])],
+        "eval_pairs": write(d / "eval_pairs.jsonl", [pair]),
+        "eval_prompts": write(d / "eval_prompts.jsonl", pool[:2]),
+    }  # fmt: skip
+
+
+def recipe(tmp_path, files, *overrides):
+    base = tmp_path / "base"
+    base.mkdir(exist_ok=True)
+    (base / "config.json").write_text("{}")
+    cfg = load_pipeline_config(
+        None,
+        [f"root={tmp_path}", "name=run", "task=files", f"task_args={json.dumps(files)}", "rs_prompts=3",
+         "pref_prompts=2", "rounds=2", f"base={base}", *overrides],
+    )  # fmt: skip
+    launcher = Recording()
+    r = Recipe(cfg, _task(cfg), _chat(), tmp_path / "run", launcher, {})
+    r.stage_config_file = {"rm": "rm.yaml", "sft": "sft.yaml", "dpo": "dpo.yaml"}
+    return r, launcher
+
+
+def _task(cfg):
+    from train.pipeline import make_task
+
+    return make_task(cfg.task, cfg.task_args)
+
+
+def _chat():
+    from llama.chat import ChatFormat
+    from llama.tokenizer import load_tokenizer
+
+    return ChatFormat(load_tokenizer())
+
+
+def args_of(job) -> dict:
+    """A training job's key=value overrides as a dict."""
+    return {a.split("=", 1)[0]: json.loads(a.split("=", 1)[1]) for a in job.args if "=" in a}
+
+
+def test_the_files_task_needs_a_base_and_a_pool(tmp_path, files):
+    with pytest.raises(PipelineError, match=r"task 'files' has no pre-training corpus .*give `base:"):
+        load_pipeline_config(None, ["task=files", f"task_args={json.dumps(files)}"])
+    with pytest.raises(PipelineError, match=r"task_args: .*prompts: .*nope.jsonl does not exist"):
+        load_pipeline_config(None, ["task=files", f"task_args={json.dumps({**files, 'prompts': 'nope.jsonl'})}"])
+    with pytest.raises(PipelineError, match=r"annotator: task 'files' has no verifier: use rm or human"):
+        load_pipeline_config(None, ["task=files", f"task_args={json.dumps(files)}", "annotator=verifier"])
+
+
+def test_prompts_are_drawn_in_order_and_never_twice(tmp_path, files):
+    r, _ = recipe(tmp_path, files)
+    drawn = [r.fresh_prompts(k, split, n) for k in (1, 2) for split, n in (("rs", 3), ("pref", 2))]
+    ids = [p["id"] for batch in drawn for p in batch]
+    assert len(ids) == len(set(ids)) == 10  # the whole pool, each prompt once
+    assert ids == [p["id"] for p in r.task.prompt_pool(0)]  # in the pool's (seeded) order
+    r.cfg.rounds = 3
+    with pytest.raises(StageError, match=r"the prompt pool has 10 prompts; round 3's rs needs prompts 11\.\.13"):
+        r.fresh_prompts(3, "rs", 3)
+
+
+def test_round_data_follows_llama3(tmp_path, files):
+    r, launcher = recipe(tmp_path, files, "sft_weights={rejection_sampled: 1.0, human: 0.25}")
+    r.stage(0, "data", r.make_data)
+    run, base = tmp_path / "run", tmp_path / "base"
+    for k in (1, 2):
+        for stage in ("pref", "rs", "rm", "sft", "dpo"):
+            (run / f"round_{k}" / stage).mkdir(parents=True, exist_ok=True)
+        write(run / f"round_{k}" / "pref" / "pairs.jsonl", [{"prompt": "p", "chosen": f"a{k}", "rejected": "b"}])
+        write(run / f"round_{k}" / "rs" / "sft.jsonl", [{"messages": [], "round": k}])
+    r.evaluate = lambda *args, **kw: {}  # no evaluation jobs here
+    r.train_rm(run / "round_2" / "rm", 2, base)
+    r.train_sft(run / "round_2" / "sft", 2, base, rm=None)
+    r.train_dpo(run / "round_2" / "dpo", 2, base, rm=None)
+    rm, _, sft, _, dpo, average = launcher.jobs  # each training job, then its averaging job
+    assert average.script == "train/average.py" and average.nproc == 0
+    rm_data = [json.loads(line) for line in open(args_of(rm)["data.train"])]
+    assert [p["chosen"] for p in rm_data] == ["2", "a1"]  # the seed pair and round 1's: all preference data so far
+    train = args_of(sft)["data.train"]
+    assert train[0]["weight"] == 1.0 and train[1] == {"path": files["sft"][0], "weight": 0.25}
+    assert [json.loads(line)["round"] for line in open(train[0]["path"])] == [1, 2]  # all rejection-sampled data
+    assert args_of(dpo)["data.train"] == str(run / "round_2" / "pref" / "pairs.jsonl")  # this round's pairs only
+    assert args_of(dpo)["data.eval"] == files["eval_pairs"]
+
+
+def test_the_human_annotator_stops_for_labels_then_continues(tmp_path, files):
+    r, launcher = recipe(tmp_path, files, "annotator=human")
+    r.stage(0, "data", r.make_data)
+    d = tmp_path / "run" / "round_1" / "pref"
+    d.mkdir(parents=True)
+    prompt = [{"role": "user", "content": "1+1="}]
+    sets = [
+        {"id": "a", "prompt": prompt, "responses": ["2", "3", "4"]},
+        {"id": "b", "prompt": prompt, "responses": ["5", "5"]},
+    ]
+    write(d / "sets.jsonl", sets)
+    (d / "prompts.jsonl").write_text("{}\n{}\n")
+    (d / "sample_report.json").write_text(json.dumps({"dropped": {}}))  # the sampling job ran
+    with pytest.raises(
+        WaitingForLabels, match=rf"2 sets to label in {d / 'to_label.jsonl'}: write {d / 'labels.jsonl'}"
+    ):
+        r.stage(1, "pref", r.new_pairs, tmp_path / "sft", tmp_path / "rm")
+    assert not (d / "DONE").exists() and launcher.jobs == []  # the samples are not drawn again
+    assert [json.loads(line)["id"] for line in (d / "to_label.jsonl").read_text().splitlines()] == ["a", "b"]
+    write(d / "labels.jsonl", [{"id": "a", "ranking": [1, 0, 2]}, {"id": "b", "scores": [1.0, 1.0]}])
+    result = r.stage(1, "pref", r.new_pairs, tmp_path / "sft", tmp_path / "rm")
+    pairs = [json.loads(line) for line in (d / "pairs.jsonl").read_text().splitlines()]
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [("3", "4")]  # ranked best 1, worst 2
+    assert result["records"] == 1 and result["dropped"] == {"no_pair": 1}
