@@ -128,8 +128,8 @@ def _exit_with(pid: int) -> None:
 
 def _init_worker(opts: EncodeOptions, chat: ChatFormat, parent: int) -> None:
     """A pool worker: keep the encoding settings; exit when `parent` (the process that started the
-    pool, not the forkserver this worker was forked from) dies. Without this a worker killed parent
-    leaves it blocked on the pool's queues for good, and the forkserver with it."""
+    pool, not the forkserver this worker was forked from) dies. Without this, a worker whose parent
+    was killed stays blocked on the pool's queues for good, and keeps the forkserver alive."""
     global _WORKER
     _WORKER = (opts, chat)
     threading.Thread(target=_exit_with, args=(parent,), daemon=True, name="exit-with-parent").start()
@@ -187,9 +187,14 @@ class Writer:
         self.folder, self.dtypes = folder, cache.fields(opts)
         self.tmp = folder.with_name(f".tmp-{folder.name}-{socket.gethostname()}-{os.getpid()}")
         self.files = {}
-        with _writing(self.tmp):
-            self.tmp.mkdir(parents=True)
-            self.files = {name: open(self.tmp / f"{name}.bin", "wb") for name in self.dtypes}
+        try:
+            with _writing(self.tmp):
+                self.tmp.mkdir(parents=True)
+                for name in self.dtypes:
+                    self.files[name] = open(self.tmp / f"{name}.bin", "wb")
+        except OSError:
+            self.abort()
+            raise
         self.sums = {name: cache.BlockSums() for name in self.dtypes}
         self.lengths, self.totals = Counter(), Counter()
 
