@@ -48,10 +48,7 @@ def setup(cfg: Config, kind: str, head: str, **encode_kw) -> Setup:
     chat = ChatFormat(tokenizer, resolve_chat_template(m.chat_template, m.checkpoint))
     run_folder.check_exports(cfg, chat, d.rank, d.world_size)
     train_loader, eval_loader = build_loaders(cfg.data, kind, chat, d.rank, d.world_size, d.is_main, **encode_kw)
-    data = {
-        "train": getattr(train_loader, "fingerprints", {}),
-        "eval": getattr(eval_loader, "fingerprints", {}),
-    }  # TEMP
+    data = {"train": train_loader.fingerprints, "eval": eval_loader.fingerprints if eval_loader else {}}
     run_folder.check_data(cfg, data, resume_from is None, d.rank, d.world_size)
     layout = {"shard_degree": t.shard_degree, "cpu_offload": t.cpu_offload}
     model = build_model(
