@@ -1,12 +1,6 @@
-"""Tokenize a data path once into the cache (data/cache.py), in parallel processes.
-
-    python -m data.prepare --kind sft --config experiments/quickstart/sft.yaml [section.key=value ...]
-
-prepares every data.train file and data.eval of a training config, printing each load report and
-cache folder as training does; the training run started afterwards with the same config (and code)
-maps them and starts in seconds. Training runs do the same themselves when a cache is missing
-(data/loader.py). A bad config, data file or record is one line `error: ...` (exit status 2), as in
-training. `--verify` also checks every block of each cache against its checksum (data/cache.py).
+"""Tokenize a data path once into the cache (data/cache.py), in parallel processes. Training runs do it
+themselves when a cache is missing (data/loader.py); `python -m train.prepare_data` does it ahead of a
+run, from the run's config (the command line lives in train/: data/ never imports train/).
 
 `prepare(path, opts, chat, cache_root, num_workers)` -> the cache folder, found by its key or built:
 the main process cuts the data into chunks of records (data/records.py), `num_workers` processes
@@ -24,7 +18,6 @@ no worker, and then no forkserver (it lives while a worker holds its pipe), outl
 
 from __future__ import annotations
 
-import argparse
 import errno
 import hashlib
 import itertools
@@ -33,7 +26,6 @@ import os
 import select
 import shutil
 import socket
-import sys
 import threading
 import time
 from collections import Counter, deque
@@ -387,59 +379,3 @@ def on_rank0(fn, rank: int, world_size: int):
     if status == "error":
         raise ValueError(f"rank 0 could not prepare the data: {value}")
     return value
-
-
-def _entry_point(kind: str):
-    """A training entry point's config class and the encoding options its main() passes to setup."""
-    if kind == "sft":
-        from train.sft import SFTConfig
-
-        return SFTConfig, lambda cfg: {"train_on_prompt": not cfg.sft.mask_prompt}
-    if kind == "rm":
-        from train.rm import RMConfig
-
-        return RMConfig, lambda cfg: {"one_row": cfg.rm.one_row}
-    from train.dpo import DPOConfig
-
-    return DPOConfig, lambda cfg: {}
-
-
-def main(argv=None) -> None:
-    """The command line: a ValueError / OSError / ImportError (bad config, data, record, disk) is
-    printed as `error: ...` on stderr and the exit status is 2, as a training entry point does."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--kind", required=True, choices=["sft", "rm", "dpo"], help="the training entry point")
-    ap.add_argument("--config", help="the training YAML file")
-    ap.add_argument("--verify", action="store_true", help="also check every block of each cache (reads it all)")
-    ap.add_argument("overrides", nargs="*", help="section.key=value, as for the training run")
-    args = ap.parse_args(argv)
-    try:
-        _main(args)
-    except (ValueError, OSError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
-
-
-def _main(args) -> None:
-    from llama.chat import resolve_chat_template
-    from train.config import load_config
-    from train.distributed import model_tokenizer
-
-    config_class, options = _entry_point(args.kind)
-    cfg = load_config(config_class, args.config, args.overrides)
-    m = cfg.model  # the chat format as train/entry.py `setup` builds it: the same cache key
-    chat = ChatFormat(
-        model_tokenizer(m.checkpoint, m.preset, m.tokenizer), resolve_chat_template(m.chat_template, m.checkpoint)
-    )
-    parts, evaluation = prepare_config(cfg.data, args.kind, chat, verbose=True, **options(cfg))
-    for found in [*parts, evaluation] if evaluation else parts:
-        data = found.open()
-        if args.verify:
-            t0 = time.perf_counter()
-            data.verify()
-            print(f"{data.folder}: every block verified in {time.perf_counter() - t0:.1f} s", flush=True)
-        print(cache.report_line(data), flush=True)  # the load report, as training prints it
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

@@ -17,7 +17,7 @@ import torch
 
 from data.cache import TokenizedData
 from data.loader import DataLoader, build_loaders, epoch_examples, load_examples
-from data.prepare import main as prepare_main
+from train.prepare_data import main as prepare_main
 from data.prepare import prepare
 from data.records import train_sources
 from data.rows import EncodeOptions, collate

@@ -1,7 +1,7 @@
 """Issue 17, round 2, data: the tokenized cache never serves stale or damaged data, the loaders
 expose the content fingerprints of the files they read, and bad inputs (a damaged manifest, a full
 disk, a truncated .arrow, a file name with '[', a state.json pointing outside its folder, an empty
-assistant turn, a bad `python -m data.prepare` run) are one clear error; the tokenizer processes
+assistant turn, a bad `python -m train.prepare_data` run) are one clear error; the tokenizer processes
 never outlive a killed parent."""
 
 import hashlib
@@ -20,7 +20,7 @@ import pytest
 from data import prepare as prepare_module
 from data.cache import TokenizedData
 from data.loader import build_loaders, load_examples
-from data.prepare import main as prepare_main
+from train.prepare_data import main as prepare_main
 from data.prepare import prepare
 from data.rows import EncodeOptions
 from data.schema import ValidationError
