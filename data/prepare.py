@@ -352,7 +352,7 @@ def prepare_config(dc, kind: str, chat: ChatFormat, verbose: bool = True, **enco
     return parts, evaluation
 
 
-def on_rank0(fn, rank: int, world_size: int):
+def on_rank0(fn, rank: int, world_size: int, what: str = "prepare the data"):
     """fn() on rank 0 while the other ranks wait; every rank gets its result, or raises its error.
 
     The wait is a broadcast on a gloo group with a one-day timeout: tokenizing a large set takes
@@ -377,5 +377,5 @@ def on_rank0(fn, rank: int, world_size: int):
         raise error
     status, value = message[0]
     if status == "error":
-        raise ValueError(f"rank 0 could not prepare the data: {value}")
+        raise ValueError(f"rank 0 could not {what}: {value}")
     return value

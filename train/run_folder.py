@@ -62,7 +62,7 @@ def claim(cfg, rank: int, world_size: int) -> Path | None:
     the work and the other ranks get its answer or its error (data/prepare.py `on_rank0`)."""
     from data.prepare import on_rank0
 
-    return on_rank0(lambda: _claim(cfg, world_size), rank, world_size)
+    return on_rank0(lambda: _claim(cfg, world_size), rank, world_size, "claim the run folder")
 
 
 def _claim(cfg, world_size: int) -> Path | None:
@@ -128,7 +128,7 @@ def check_exports(cfg, chat, rank: int, world_size: int) -> None:
             except ValueError as e:
                 raise ValueError(f"train.run_dir: the run's export would fail: {e}") from None
 
-    on_rank0(check, rank, world_size)
+    on_rank0(check, rank, world_size, "check the export folders")
 
 
 # ------------------------------------------------------------------------------------- restart
@@ -214,7 +214,9 @@ def check_data(cfg, fingerprints: dict[str, dict[str, str]], fresh: bool, rank: 
     gets its answer."""
     from data.prepare import on_rank0
 
-    on_rank0(lambda: _check_data(Path(cfg.train.run_dir), fingerprints, fresh), rank, world_size)
+    on_rank0(
+        lambda: _check_data(Path(cfg.train.run_dir), fingerprints, fresh), rank, world_size, "check the data record"
+    )
 
 
 def _check_data(run_dir: Path, now: dict[str, dict[str, str]], fresh: bool) -> None:
