@@ -41,6 +41,7 @@ def files(tmp_path):
                                                              {"role": "assistant", "content": "b"}]}])],
         "eval_pairs": write(d / "eval_pairs.jsonl", [pair]),
         "eval_prompts": write(d / "eval_prompts.jsonl", pool[:2]),
+        "eval_sft": str(d / "human_sft.jsonl"),
     }  # fmt: skip
 
 
@@ -145,3 +146,40 @@ def test_the_human_annotator_stops_for_labels_then_continues(tmp_path, files):
     pairs = [json.loads(line) for line in (d / "pairs.jsonl").read_text().splitlines()]
     assert [(p["chosen"], p["rejected"]) for p in pairs] == [("3", "4")]  # ranked best 1, worst 2
     assert result["records"] == 1 and result["dropped"] == {"no_pair": 1}
+
+
+@pytest.mark.slow
+@pytest.mark.long
+def test_a_files_pipeline_with_people_as_annotators_stops_for_labels_and_finishes(tmp_path, files):
+    """The real jobs, 1 round on the user's files from a (random) base: the driver stops for labels,
+    the labels are written, the same command finishes the round and the report."""
+    import subprocess
+    import sys
+
+    import yaml
+    from test_pipeline import MICRO, ROOT
+
+    from llama import Transformer, get_preset, save_model
+    from llama.tokenizer import load_tokenizer
+
+    base = tmp_path / "base"
+    save_model(Transformer(get_preset("debug")), base, tokenizer=load_tokenizer(), chat_template="llama3")
+    keep = ("nproc", "rm", "sft", "dpo", "k", "max_new_tokens")
+    cfg = {key: MICRO[key] for key in keep} | {"name": "files", "root": str(tmp_path / "runs"), "rounds": 1}
+    cfg |= {"task": "files", "task_args": files, "base": str(base), "annotator": "human"}
+    cfg |= {"rs_prompts": 4, "pref_prompts": 4, "cleaning": {"dedup": True}}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, str(ROOT / "train" / "pipeline.py"), "--config", str(tmp_path / "p.yaml")]
+    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    pref = tmp_path / "runs" / "files" / "round_1" / "pref"
+    assert first.returncode != 0 and f"pipeline: waiting for labels: 4 sets to label in {pref}" in first.stderr
+    sets = [json.loads(line) for line in (pref / "to_label.jsonl").read_text().splitlines()]
+    write(pref / "labels.jsonl", [{"id": s["id"], "scores": list(range(len(s["responses"])))} for s in sets])
+    second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "[round 1] rs: done before, skipped" in second.stdout
+    summary = json.loads((tmp_path / "runs" / "files" / "summary.json").read_text())
+    assert [s["stage"] for s in summary["stages"]] == ["data", "pretrain", "rm", "rs", "sft", "pref", "dpo"]
+    dpo = summary["stages"][-1]
+    assert "rm_score" in dpo and "nll" in dpo and "task_accuracy" not in dpo  # no verifier: the RM's score

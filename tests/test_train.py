@@ -30,20 +30,11 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
 def process_tree(pid: int) -> list[int]:
-    """pid and all its descendants, by their parents in /proc: torchrun starts each worker in a session of
-    its own, so killing torchrun's process group leaves its workers running."""
-    children = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rpartition(")")[2].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        out.append(todo.pop())
-        todo += children.get(out[-1], [])
-    return out
+    """pid and all its descendants (torchrun starts each worker in a session of its own, so killing
+    torchrun's process group leaves its workers running)."""
+    from train.launch import _process_tree
+
+    return _process_tree(pid)
 
 
 def kill_9_tree(pid: int) -> None:
