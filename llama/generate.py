@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from llama.model import PAD_DOC, KVCache, Transformer, rope_cos_sin, rope_inv_freq
+from llama.model import PAD_DOC, KVCache, Transformer, attention_mask, rope_cos_sin, rope_inv_freq
 
 # Steps between host syncs that check which rows have stopped (a sync per step stalls an accelerator).
 STOP_CHECK_EVERY = 8
@@ -225,9 +225,11 @@ def generate(
         positions[i, L - len(p) :] = torch.arange(len(p))
     tokens, doc, positions = tokens.to(device), doc.to(device), positions.to(device)
 
-    # Prefill once per prompt, then fan the cache out to K rows per prompt.
+    # Prefill once per prompt, then fan the cache out to K rows per prompt. The prompts' mask keeps real
+    # tokens off the pad slots; dense, as every step's that reads the cache (decode_step).
     cache = KVCache(model.config, P, max_len, dtype=model.tok_embeddings.weight.dtype, device=device)
-    h = model.trunk(tokens, positions, doc_ids=doc, cache=cache)[:, -1]  # (P, dim)
+    mask = attention_mask(doc, flex=False)  # (P, 1, L, L)
+    h = model.trunk(tokens, positions, doc_ids=doc, cache=cache, mask=mask)[:, -1]  # (P, dim)
     logits = F.linear(h, model.output_weight).repeat_interleave(K, dim=0)  # (P*K, V)
     cache = DecodeCache(cache, K)
     next_pos = torch.tensor([len(p) for p in prompts], device=device).repeat_interleave(K)  # (P*K,)

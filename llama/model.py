@@ -7,13 +7,13 @@ The model holds no distribution code; FSDP and activation checkpointing are appl
 Attention follows the row structure: per token a position, a `doc` id and a `branch` id.
 Token i attends token j iff j <= i, doc_i == doc_j and (branch_j == 0 or branch_j == branch_i).
 Plain causal rows (no ids given) take SDPA's causal kernel; structured rows use a FlexAttention
-block mask on CUDA and a dense boolean mask elsewhere.
+block mask on CUDA and a dense boolean mask elsewhere, built by `attention_mask` once per micro-batch
+by the caller and passed down (`mask=`); the model builds it from the ids only when none is passed.
 """
 
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +28,6 @@ except ImportError:  # torch without FlexAttention: dense masks everywhere
     BlockMask = create_block_mask = flex_attention = None
 
 HEADS = ("lm", "reward")
-# How structured rows attend: "auto" = FlexAttention on CUDA, dense masks elsewhere.
-STRUCTURED_ATTENTION = "auto"  # "auto" | "flex" | "dense"
 # The doc id of padding: real tokens' doc ids count up from 0, so no real token attends to a pad
 # (nor a pad to a real token) and `doc_ids >= 0` marks the real tokens.
 PAD_DOC = -1
@@ -99,7 +97,8 @@ def flex_block_mask(doc: Tensor, branch: Tensor):
         return (k <= q) & (doc[b, q] == doc[b, k]) & ((branch[b, k] == 0) | (branch[b, k] == branch[b, q]))
 
     # The compiled functions are made here, in eager code: made inside a compiled block (attend) the
-    # wrapper itself would be traced, costing an extra compile.
+    # wrapper itself would be traced, costing an extra compile. Not at import: that costs every
+    # process ~1.6 s (torch._dynamo) whether it uses FlexAttention or not.
     if _compiled_flex is None:
         _compiled_flex = torch.compile(flex_attention)
     if _compiled_create_block_mask is None:
@@ -109,33 +108,28 @@ def flex_block_mask(doc: Tensor, branch: Tensor):
 
 
 _compiled_flex = _compiled_create_block_mask = None  # torch.compile wrappers, made on first use
-# The last structured mask and the id tensors it was built from: the policy and the DPO reference
-# (and every layer) run on the same micro-batch, so its mask is built once.
-_last_mask: tuple | None = None  # (weakrefs to doc_ids, branch_ids, their versions, use_flex, mask)
 
 
-def _same(ref, t: Tensor | None) -> bool:
-    return (ref is None and t is None) or (ref is not None and t is not None and ref[0]() is t and ref[1] == t._version)
+def attention_mask(doc_ids: Tensor | None, branch_ids: Tensor | None = None, flex: bool | None = None):
+    """The attention mask of a micro-batch's rows from their doc and branch ids (B, T) (one of them None: all 0).
 
-
-def structured_mask(doc_ids: Tensor | None, branch_ids: Tensor | None, like: Tensor, use_flex: bool):
-    """The mask of rows with doc/branch ids (None: all 0): a BlockMask (flex) or a dense bool mask.
-    Cached on the identity (and in-place version) of the id tensors: same tensors, same mask."""
-    global _last_mask
-    if _last_mask is not None:
-        doc_ref, branch_ref, flex, mask = _last_mask
-        if flex == use_flex and _same(doc_ref, doc_ids) and _same(branch_ref, branch_ids):
-            return mask
+    Built once per micro-batch where its forward starts, and passed to every forward on it (the policy's
+    and the DPO reference's) and so to every layer. -> None for plain causal rows (both ids None: SDPA's
+    causal kernel), a FlexAttention BlockMask (`flex`; default: on CUDA) or a dense bool mask (B, 1, T, T).
+    """
+    if doc_ids is None and branch_ids is None:
+        return None
+    like = doc_ids if doc_ids is not None else branch_ids
     doc = torch.zeros_like(like) if doc_ids is None else doc_ids
     branch = torch.zeros_like(like) if branch_ids is None else branch_ids
-    if use_flex:
-        mask = flex_block_mask(doc, branch)
-    else:
-        slots = torch.arange(like.shape[1], device=like.device)
-        mask = structure_mask(doc, branch, slots, doc, branch, slots)
-    refs = [None if t is None else (weakref.ref(t), t._version) for t in (doc_ids, branch_ids)]
-    _last_mask = (*refs, use_flex, mask)
-    return mask
+    if flex is None:
+        flex = like.is_cuda and create_block_mask is not None
+    if flex:
+        if create_block_mask is None:
+            raise RuntimeError("flex=True needs FlexAttention (torch.nn.attention.flex_attention), absent here")
+        return flex_block_mask(doc, branch)
+    slots = torch.arange(like.shape[1], device=like.device)
+    return structure_mask(doc, branch, slots, doc, branch, slots)
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask) -> Tensor:
@@ -326,8 +320,15 @@ class Transformer(nn.Module):
         """The vocabulary projection (V, H), for losses that fuse it with the log-softmax."""
         return self.output.weight if hasattr(self, "output") else self.tok_embeddings.weight
 
-    def trunk(self, tokens: Tensor, positions=None, doc_ids=None, branch_ids=None, cache: KVCache | None = None):
-        """tokens (B, T) -> final normed hidden states (B, T, dim)."""
+    def trunk(
+        self, tokens: Tensor, positions=None, doc_ids=None, branch_ids=None, cache: KVCache | None = None, mask=None
+    ) -> Tensor:
+        """tokens (B, T) -> final normed hidden states (B, T, dim).
+
+        mask: `attention_mask(doc_ids, branch_ids)` of these rows, built once by the caller for every
+        forward on the micro-batch; None: built here from the ids. With a KV cache the ids are written
+        to it, and the mask (if not given) is the new rows' against every filled slot (dense).
+        """
         B, T = tokens.shape
         if tokens.device.type == "cpu":
             # On an accelerator this check would stall every forward and decode step on a host sync:
@@ -342,15 +343,12 @@ class Transformer(nn.Module):
             zeros = torch.zeros_like(tokens)
             cache.doc[:, start : start + T] = zeros if doc_ids is None else doc_ids
             cache.branch[:, start : start + T] = zeros if branch_ids is None else branch_ids
-            kd, kb = cache.doc[:, : start + T], cache.branch[:, : start + T]
-            mask = structure_mask(
-                kd[:, start:], kb[:, start:], slots, kd, kb, torch.arange(start + T, device=slots.device)
-            )
-        elif doc_ids is None and branch_ids is None:
-            mask = None
-        else:
-            use_flex = STRUCTURED_ATTENTION == "flex" or (STRUCTURED_ATTENTION == "auto" and tokens.is_cuda)
-            mask = structured_mask(doc_ids, branch_ids, tokens, use_flex and create_block_mask is not None)
+            if mask is None:
+                kd, kb = cache.doc[:, : start + T], cache.branch[:, : start + T]
+                keys = torch.arange(start + T, device=slots.device)
+                mask = structure_mask(kd[:, start:], kb[:, start:], slots, kd, kb, keys)  # (B, 1, T, start + T)
+        elif mask is None:
+            mask = attention_mask(doc_ids, branch_ids)
         cos, sin = rope_cos_sin(positions, rope_inv_freq(self.config, tokens.device))
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for i, layer in enumerate(self.layers):
@@ -359,14 +357,16 @@ class Transformer(nn.Module):
             cache.length += T
         return self.norm(h)
 
-    def forward(self, tokens: Tensor, positions=None, doc_ids=None, branch_ids=None, cache=None, head_fn=None):
+    def forward(
+        self, tokens: Tensor, positions=None, doc_ids=None, branch_ids=None, cache=None, head_fn=None, mask=None
+    ) -> Tensor:
         """LM head: logits (B, T, vocab). Reward head: rewards (B, T), one per position.
 
         head_fn(hidden (B, T, dim), output_weight (V, dim)) replaces the LM head's projection, so a
         loss can fuse it (e.g. project only the target positions) inside the forward, where a
-        sharded model has its weights gathered.
+        sharded model has its weights gathered. mask: see `trunk`.
         """
-        h = self.trunk(tokens, positions, doc_ids, branch_ids, cache)
+        h = self.trunk(tokens, positions, doc_ids, branch_ids, cache, mask)
         if self.head == "reward":
             return self.score(h)  # (B, T) fp32: RewardHead
         if head_fn is not None:

@@ -135,7 +135,6 @@ def flex_on_the_cpu(q, k, v, block_mask, enable_gqa):
 
 def test_flex_check_logic_on_the_cpu(one_rank, monkeypatch, capsys):
     """The check's own logic (FSDP on one rank, block masks vs dense, full gradients), fp32, small rows."""
-    monkeypatch.setattr(llama.model, "STRUCTURED_ATTENTION", llama.model.STRUCTURED_ATTENTION)  # restored after
     monkeypatch.setattr(llama.model, "_compiled_flex", flex_on_the_cpu)
     monkeypatch.setattr(llama.model, "_compiled_create_block_mask", llama.model.create_block_mask)
     checks.flex(precisions=("fp32",), modes=((False, False), (True, False)), max_len=256)

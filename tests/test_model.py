@@ -7,6 +7,7 @@ from conftest import CONFIGS, random_model
 import llama.model
 from llama import Transformer, get_preset
 from llama.generate import generate, sample_next
+from llama.model import attention_mask
 
 
 def ids(n, vocab, seed):
@@ -24,10 +25,9 @@ def reward_row(prompt, responses, order):
     return torch.cat(toks)[None], torch.cat(pos)[None], torch.cat(branch)[None]
 
 
-@pytest.mark.parametrize("backend", ["dense", "flex"])
+@pytest.mark.parametrize("flex", [False, True])
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-def test_shared_prompt_row_equals_separate_rows(config, backend, monkeypatch):
-    monkeypatch.setattr(llama.model, "STRUCTURED_ATTENTION", backend)
+def test_shared_prompt_row_equals_separate_rows(config, flex, monkeypatch):
     monkeypatch.setattr(llama.model, "_compiled_flex", llama.model.flex_attention)  # eager flex on CPU
     model = random_model(config)
     V = config.vocab_size
@@ -35,8 +35,10 @@ def test_shared_prompt_row_equals_separate_rows(config, backend, monkeypatch):
     responses = [ids(5, V, 1), ids(3, V, 2), ids(6, V, 3)]
     order = [2, 0, 1]  # shuffled, as in the reward-model row
     tokens, positions, branch = reward_row(prompt, responses, order)
+    mask = attention_mask(torch.zeros_like(tokens), branch, flex=flex)
+    assert isinstance(mask, llama.model.BlockMask) if flex else mask.shape == (1, 1, 21, 21)
     with torch.no_grad():
-        h = model.trunk(tokens, positions, doc_ids=torch.zeros_like(tokens), branch_ids=branch)[0]
+        h = model.trunk(tokens, positions, mask=mask)[0]
         start = len(prompt)
         for k in order:
             alone = model.trunk(torch.cat([prompt, responses[k]])[None])[0]
@@ -47,38 +49,38 @@ def test_shared_prompt_row_equals_separate_rows(config, backend, monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-def test_structured_mask_is_built_once_per_micro_batch(monkeypatch):
-    """Policy and reference forwards on one micro-batch share one block mask; new or edited id
-    tensors get a new one; results equal the dense path. (Eager here: the compiled
-    create_block_mask runs in test_shared_prompt_row_equals_separate_rows.)"""
-    monkeypatch.setattr(llama.model, "STRUCTURED_ATTENTION", "flex")
+def test_attention_mask_is_built_by_the_caller_once_per_micro_batch(monkeypatch):
+    """The caller builds a micro-batch's mask once and passes it to the policy's and the reference's
+    forward: the models build none. Without a mask a forward builds its own from the ids, and
+    holds none after (no cache): edited ids give another mask. Block mask and dense agree.
+    (Eager here: the compiled create_block_mask runs in test_shared_prompt_row_equals_separate_rows.)"""
     monkeypatch.setattr(llama.model, "_compiled_flex", llama.model.flex_attention)  # eager flex on CPU
-    monkeypatch.setattr(llama.model, "_compiled_create_block_mask", llama.model.create_block_mask)
-    built, real = [], llama.model.flex_block_mask
-    monkeypatch.setattr(llama.model, "flex_block_mask", lambda doc, branch: built.append(1) or real(doc, branch))
+    built, real = [], llama.model.create_block_mask
+    monkeypatch.setattr(llama.model, "_compiled_create_block_mask", lambda *a, **k: built.append(1) or real(*a, **k))
     config = CONFIGS["gqa-tied-scaled"]
     policy, reference = random_model(config), random_model(config, seed=1)
     V = config.vocab_size
     tokens, positions, branch = reward_row(ids(7, V, 0), [ids(5, V, 1), ids(3, V, 2)], [1, 0])
     doc = torch.zeros_like(tokens)
 
-    def both(doc, branch):
+    def both(mask):
         with torch.no_grad():
-            return policy(tokens, positions, doc, branch), reference(tokens, positions, doc, branch)
+            return policy(tokens, positions, mask=mask), reference(tokens, positions, mask=mask)
 
-    flex = both(doc, branch)
+    flex = both(attention_mask(doc, branch, flex=True))
     assert len(built) == 1
-    both(doc.clone(), branch)  # the next micro-batch's tensors
-    assert len(built) == 2
+    dense = both(attention_mask(doc, branch, flex=False))
+    assert len(built) == 1
+    with torch.no_grad():
+        assert torch.equal(policy(tokens, positions, doc, branch), dense[0])  # built from the ids: dense on CPU
     branch[0, -1] = 0  # edited in place: the last token now counts as prompt
-    edited = both(doc, branch)
-    assert len(built) == 3
-    monkeypatch.setattr(llama.model, "STRUCTURED_ATTENTION", "dense")
-    dense_edited = both(doc, branch)
-    branch[0, -1] = 1
-    for a, b in zip(flex + edited, both(doc, branch) + dense_edited):
+    with torch.no_grad():
+        edited = policy(tokens, positions, doc, branch)
+    assert torch.equal(edited, both(attention_mask(doc, branch, flex=False))[0])
+    assert (edited - dense[0]).abs().max() > 1e-3  # the edit changed the attention
+    for a, b in zip(flex, dense):
         assert (a - b).abs().max() <= 1e-5
-    assert (edited[0] - flex[0]).abs().max() > 1e-3  # the edit changed the attention
+    assert attention_mask(None, None) is None  # plain causal rows: SDPA's causal kernel
 
 
 def test_packed_docs_equal_separate_rows(config):

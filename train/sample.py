@@ -57,6 +57,7 @@ from llama import load_model
 from llama.chat import TEMPLATES, ChatFormat, resolve_chat_template
 from llama.checkpoint import read_config
 from llama.generate import decode_sample, generate
+from llama.model import attention_mask
 from llama.tokenizer import resolve_tokenizer
 from train import progress
 from train.distributed import Dist, init_distributed
@@ -129,7 +130,8 @@ def score(rm, chat: ChatFormat, prompts: list[list[dict]], responses: list[list[
     scores = [[0.0] * len(r) for r in responses]
     for batch in pack(examples, max_len, 4 * max_len, chat.tokenizer.pad_id):
         b = batch.to(device)
-        rewards = scores_of(rm(b.tokens, b.positions, b.doc_ids, b.branch_ids), b).tolist()  # fp32: no bf16 ties
+        mask = attention_mask(b.doc_ids, b.branch_ids)
+        rewards = scores_of(rm(b.tokens, b.positions, mask=mask), b).tolist()  # fp32: no bf16 ties
         for reward, group, rank in zip(rewards, b.seq_group.tolist(), b.seq_rank.tolist()):
             p, idx = where[b.group_uid[group]]
             scores[p][idx[rank]] = reward

@@ -15,6 +15,7 @@ import kernels
 from data.loader import DataLoader
 from data.rows import Batch
 from data.schema import STRENGTHS
+from llama.model import attention_mask
 from losses import sequence_sums
 
 
@@ -27,12 +28,13 @@ def target_logps(hidden: Tensor, weight: Tensor, batch: Batch, backend: str = "a
     return kernels.target_logprobs(h, weight, batch.target_token, backend=backend)
 
 
-def model_logps(model, batch: Batch, backend: str = "auto") -> Tensor:
-    """The model's log p(target) (N,) for every listed target of a micro-batch (fp32)."""
-    return model(
-        batch.tokens, batch.positions, batch.doc_ids, batch.branch_ids,
-        head_fn=lambda h, w: target_logps(h, w, batch, backend),
-    )  # fmt: skip
+def model_logps(model, batch: Batch, backend: str = "auto", mask=None) -> Tensor:
+    """The model's log p(target) (N,) for every listed target of a micro-batch (fp32).
+    mask: the micro-batch's llama.model.attention_mask, built here unless given (built once by the
+    caller for several models on one micro-batch: DPO's policy and reference)."""
+    if mask is None:
+        mask = attention_mask(batch.doc_ids, batch.branch_ids)
+    return model(batch.tokens, batch.positions, head_fn=lambda h, w: target_logps(h, w, batch, backend), mask=mask)
 
 
 def scores(rewards: Tensor, batch: Batch) -> Tensor:

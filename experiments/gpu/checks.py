@@ -166,8 +166,8 @@ def flex(precisions=("fp32", "bf16"), modes=((False, False), (True, True)), max_
     """Log-probs and gradients of a small model on structured rows: FlexAttention (compiled blocks,
     activation checkpointing, FSDP2 on one rank: the training path) against the dense-mask path.
     modes: (activation checkpointing, compile) pairs."""
-    import llama.model
     from llama import ModelConfig, Transformer
+    from llama.model import attention_mask
     from train.distributed import init_distributed, parallelize
     from train.targets import model_logps
 
@@ -176,11 +176,11 @@ def flex(precisions=("fp32", "bf16"), modes=((False, False), (True, True)), max_
     batch = structured_batch(config.vocab_size, max_len, 2, seed=0).to(d.device)
 
     def run(attention: str, mixed_precision: str, ac: bool, compile: bool):
-        llama.model.STRUCTURED_ATTENTION = attention
         torch.manual_seed(0)
         model = parallelize(Transformer(config), d, mixed_precision, activation_checkpointing=ac, compile=compile)
         t0 = time.perf_counter()
-        logp = model_logps(model, batch, backend="torch")
+        mask = attention_mask(batch.doc_ids, batch.branch_ids, flex=attention == "flex")
+        logp = model_logps(model, batch, backend="torch", mask=mask)
         (logp * torch.linspace(-1, 1, logp.numel(), device=d.device)).sum().backward()
         sync(d.device)
         grads = torch.cat([p.grad.full_tensor().flatten().double() for p in model.parameters()])
