@@ -11,7 +11,7 @@ from test_train import ENV, QUICK, ROOT, SHORT, torchrun_cmd
 
 from llama import Transformer, get_preset
 from train import loop, sft
-from train.entry import main_guard
+from train.lifecycle import main_guard
 
 
 def argv(tmp_path, *extra):

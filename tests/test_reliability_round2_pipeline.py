@@ -66,13 +66,13 @@ def test_a_loss_sum_named_like_the_loops_own_is_refused():
 def _stage_run(kind: str) -> None:
     """The README's stage command (torchrun ... train/sft.py --config experiments/quickstart/sft.yaml),
     in-process for 1 step in the current folder: its run folder is the config's own."""
-    from train.loop import _Stop
+    from train.lifecycle import Signals
 
     in_process(kind, [
         "--config", str(QUICK / f"{kind}.yaml"), "logging.progress=false", "data.eval=null", "train.steps=1",
         "train.save_every=0",
     ])  # fmt: skip
-    assert _Stop.signal is None
+    assert Signals.received is None
 
 
 def test_the_readme_stage_command_and_the_pipeline_use_separate_folders(tmp_path, one_rank, monkeypatch):

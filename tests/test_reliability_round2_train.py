@@ -14,7 +14,7 @@ from test_reliability_train import fresh_group, read_metrics, sft_argv
 from test_train import QUICK, ROOT, in_process
 
 from train import run_lock, train_state
-from train.entry import main_guard
+from train.lifecycle import main_guard
 
 
 def files_under(folder):

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from test_train import ENV, QUICK, ROOT, SHORT, in_process, torchrun_cmd
 
-from train import logger, loop
+from train import lifecycle, logger, loop
 from train.config import load_config
 from train.distributed import torchrun_command
 from train.sft import SFTConfig
@@ -106,19 +106,19 @@ def test_a_signal_mid_step_saves_the_last_finished_step_and_resumes_exactly(tmp_
                 calls.append([step, 0])
             calls[-1][1] += 1
             if len(calls) == 4 and calls[-1][1] == 2:  # step 4, its second micro-batch: as if SIGTERM came now
-                loop._Stop.signal = signal.SIGTERM
+                lifecycle.Signals.received = signal.SIGTERM
             return task.loss(batch, step)
 
         return loop.Task(loss, task.ratios, task.derive)
 
     monkeypatch.setattr(sft, "make_task", signalled_task)
-    monkeypatch.setattr(loop._Stop, "signal", None)
+    monkeypatch.setattr(lifecycle.Signals, "received", None)
     with pytest.raises(SystemExit) as stopped:
         in_process("sft", sft_argv(tmp_path / "run", *args))
     fresh_group()
     assert stopped.value.code == 128 + signal.SIGTERM
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step_00000003"]
-    monkeypatch.setattr(loop._Stop, "signal", None)
+    monkeypatch.setattr(lifecycle.Signals, "received", None)
     monkeypatch.setattr(sft, "make_task", real_make_task)
     in_process("sft", sft_argv(tmp_path / "run", *args))
     fresh_group()

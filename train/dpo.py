@@ -5,7 +5,8 @@
 Rows are [prompt][chosen][rejected]: the prompt is computed once for both responses, by the policy
 and by the frozen reference (sharded too, eval mode, no grad). `dpo.reference: precompute` runs
 the reference once over the train and eval sets first, keeps the per-response log-prob sums and
-frees the reference model. Loss: losses/dpo.py (beta 0.1, alpha 0.2, lr 1e-5 as in Llama 3).
+frees the reference model. Loss: losses/dpo.py (beta 0.1, alpha 0.2, lr 1e-5 as in Llama 3);
+`dpo.loss` picks another of its family (ipo, hinge, robust; simpo needs no reference model).
 """
 
 from __future__ import annotations
@@ -20,19 +21,26 @@ from losses import dpo
 from train import loop
 from train.config import Config, OptimSection, parse_args
 from train.distributed import build_model
-from train.entry import main_guard, setup
-from train.targets import chosen_nll, dpo_logps, model_logps, reference_table
+from train.entry import setup
+from train.lifecycle import main_guard
+from train.targets import chosen_nll, dpo_lengths, dpo_logps, model_logps, reference_table
 
 
 @dataclass
 class DPOSection:
-    beta: float = 0.1
-    alpha: float = 0.2  # weight of the NLL term on chosen
-    label_smoothing: float = 0.0  # cDPO
+    loss: Literal["sigmoid", "ipo", "hinge", "robust", "simpo"] = "sigmoid"  # losses/dpo.py LOSSES; sigmoid: Llama 3
+    beta: float = 0.1  # reward scale (IPO: its tau); SimPO's paper uses 2.0-2.5
+    alpha: float = 0.2  # weight of the NLL term on chosen, any loss (0: the papers' losses)
+    label_smoothing: float = 0.0  # flip probability: sigmoid (cDPO), robust (rDPO, < 0.5), simpo
+    gamma: float = 0.5  # simpo's target reward margin
     mask_format: bool = True  # drop header spans and turn terminators from the DPO log-probs
     nll_norm: Literal["sequence", "token"] = "sequence"  # NLL per chosen sequence, or over the step's chosen tokens
-    reference: Literal["model", "precompute"] = "model"  # kept alongside, or one pass then freed
+    reference: Literal["model", "precompute"] = "model"  # kept alongside, or one pass then freed (simpo: none)
     reference_checkpoint: str | None = None  # default: model.checkpoint (the SFT model)
+
+    def __post_init__(self):  # a flip probability, for the losses that have one
+        if not 0 <= self.label_smoothing < 0.5 or (self.label_smoothing and self.loss in ("ipo", "hinge")):
+            raise ValueError(f"dpo.label_smoothing must be in [0, 0.5) (0 for ipo, hinge), got {self.label_smoothing}")
 
 
 @dataclass
@@ -42,39 +50,49 @@ class DPOConfig(Config):
 
 
 def make_task(model, reference, cfg: DPOSection, backend: str) -> loop.Task:
-    """reference: the frozen reference model, or its precomputed (num_examples, 2) table."""
+    """reference: the frozen model, its precomputed (num_examples, 2) table, or None (reference-free)."""
 
     def loss(batch, step):
         pol = model_logps(model, batch, backend)  # (N,) policy log p of every target
-        pc, pr = dpo_logps(pol, batch, cfg.mask_format)
-        nll, _ = chosen_nll(pol, batch, cfg.nll_norm)
+        pc, pr = dpo_logps(pol, batch, cfg.mask_format)  # (P,) sums, formatting tokens masked
+        nc, nr = dpo_lengths(batch, cfg.mask_format)  # (P,) the tokens in those sums
+        nll, nll_tokens = chosen_nll(pol, batch)  # (P,) -sum log p over every chosen token, their count
+        rc = rr = None
         if isinstance(reference, torch.Tensor):
             rc, rr = reference[batch.group_uid].unbind(-1)
-        else:
+        elif reference is not None:
             with torch.no_grad():
                 rc, rr = dpo_logps(model_logps(reference, batch, backend), batch, cfg.mask_format)
-        denom = step.num_best_targets if cfg.nll_norm == "token" else step.num_pairs
-        return dpo.dpo_loss(pc, pr, rc, rr, nll, cfg.beta, cfg.alpha, cfg.label_smoothing, step.num_pairs, denom)
+        return dpo.dpo_loss(
+            policy_chosen=pc, policy_rejected=pr, reference_chosen=rc, reference_rejected=rr, chosen_tokens=nc,
+            rejected_tokens=nr, chosen_nll=nll, chosen_nll_tokens=nll_tokens, num_pairs=step.num_pairs,
+            num_chosen_tokens=step.num_best_targets, loss=cfg.loss, beta=cfg.beta, alpha=cfg.alpha,
+            label_smoothing=cfg.label_smoothing, gamma=cfg.gamma, nll_norm=cfg.nll_norm,
+        )  # fmt: skip
 
-    return loop.Task(loss, dpo.RATIOS, reference_forward=not isinstance(reference, torch.Tensor))
+    return loop.Task(loss, dpo.RATIOS, reference_forward=isinstance(reference, torch.nn.Module))
 
 
 def main(argv=None):
     cfg = parse_args(DPOConfig, argv, __doc__)
     s = setup(cfg, kind="dpo", head="lm")
     t, m = cfg.train, cfg.model
-    ref_ckpt = cfg.dpo.reference_checkpoint or m.checkpoint
-    layout = {"shard_degree": t.shard_degree, "cpu_offload": t.cpu_offload}
-    ref = build_model(
-        s.d, ref_ckpt, None if ref_ckpt else m.preset, "lm", t.seed, t.mixed_precision, trainable=False, **layout
-    )
-    train_ref = eval_ref = ref
-    if cfg.dpo.reference == "precompute":
-        train_ref = reference_table(ref, s.train_loader, t.kernels, cfg.dpo.mask_format, s.d.device)
-        if s.eval_loader is not None:
-            eval_ref = reference_table(ref, s.eval_loader, t.kernels, cfg.dpo.mask_format, s.d.device)
-        del ref
-        gc.collect()
+    train_ref = eval_ref = None
+    if dpo.LOSSES[cfg.dpo.loss].reference:
+        ref_ckpt = cfg.dpo.reference_checkpoint or m.checkpoint
+        layout = {"shard_degree": t.shard_degree, "cpu_offload": t.cpu_offload}
+        ref = build_model(
+            s.d, ref_ckpt, None if ref_ckpt else m.preset, "lm", t.seed, t.mixed_precision, trainable=False, **layout
+        )
+        train_ref = eval_ref = ref
+        if cfg.dpo.reference == "precompute":
+            train_ref = reference_table(ref, s.train_loader, t.kernels, cfg.dpo.mask_format, s.d.device)
+            if s.eval_loader is not None:
+                eval_ref = reference_table(ref, s.eval_loader, t.kernels, cfg.dpo.mask_format, s.d.device)
+            del ref
+            gc.collect()
+    elif s.d.is_main:
+        print(f"dpo.loss {cfg.dpo.loss}: reference-free, no reference model (dpo.reference ignored)", flush=True)
     task = make_task(s.model, train_ref, cfg.dpo, t.kernels)
     return loop.run(s, task, eval_task=make_task(s.model, eval_ref, cfg.dpo, t.kernels))
 

@@ -27,6 +27,8 @@ from data.loader import DataLoader, Step
 from train import progress, train_state
 from train.config import Config, to_dict
 from train.distributed import Dist, all_reduce_sum, param_dtype
+from train.entry import Setup
+from train.lifecycle import Interrupted, Signals, stop_requested, training
 from train.logger import Logger
 
 # bf16 dense peak FLOP/s by device name, for MFU
@@ -154,44 +156,18 @@ def _add(acc: dict, loss, sums: dict, mb, **own) -> None:
         acc[k] = acc[k] + v.double() if k in acc else v.double()
 
 
-class _Phase:
-    """Set once `run` starts: main_guard (train/entry.py) reports a ValueError or OSError raised
-    before that (a config, data or checkpoint problem) once, without tracebacks."""
-
-    training = False
-
-
-class _Stop:
-    """SIGTERM (a scheduler, torchrun forwarding it) or SIGINT (Ctrl-C): finish the micro-batch,
-    save, exit. torchrun kills workers `--shutdown-timeout` seconds (default 30) after forwarding
-    the signal, so the flag is checked between micro-batches, not only between steps."""
-
-    signal: int | None = None
-
-    @classmethod
-    def handler(cls, signum, frame):
-        if cls.signal is not None and signum == signal.SIGINT:  # a second Ctrl-C: stop without saving
-            raise KeyboardInterrupt
-        cls.signal = signum
-
-    @classmethod
-    def agreed(cls, device) -> bool:
-        """Whether any rank was signalled (a collective: every rank must call it at the same point)."""
-        return all_reduce_sum({"stop": float(cls.signal is not None)}, device)["stop"] > 0
-
-
 def evaluate(task: Task, loader: DataLoader, model, d: Dist) -> dict | None:
     """Every eval example once. The steps carry the whole set's counts, so the summed micro-batch
     losses are the loss of the whole set as one batch; `examples` counts what was evaluated.
-    None: a signal arrived (checked between eval steps), the caller saves and exits."""
+    Raises Interrupted if a signal arrived (checked between eval steps)."""
     was_training = model.training
     model.eval()
     acc = {}
     with torch.no_grad():
         for step in loader.eval_steps():
-            if _Stop.agreed(d.device):
+            if stop_requested(d.device):
                 model.train(was_training)
-                return None
+                raise Interrupted
             for mb in step.micro_batches:
                 mb = mb.to(d.device)
                 loss, sums = task.loss(mb, step)
@@ -238,17 +214,18 @@ class Trainer:
         if self.d.is_main:
             print(f"resumed from {checkpoint} (step {self.start})", flush=True)
 
-    def train_step(self, s: Step, step: int) -> dict:
+    def train_step(self, batch: Step, step: int) -> dict:
         """Forward/backward every micro-batch, then clip, step (or skip a non-finite step), schedule.
-        -> the step's metrics. Raises _Interrupted (gradients dropped) if a signal arrived mid-step."""
+        -> the step's metrics. Raises Interrupted (gradients dropped) if a signal arrived mid-step."""
         t0 = time.perf_counter()
-        acc = {"flops": step_flops(self.model.config, self.model.head, s.micro_batches, self.task.reference_forward)}
-        for mb in s.micro_batches:
-            if _Stop.agreed(self.d.device):
+        flops = step_flops(self.model.config, self.model.head, batch.micro_batches, self.task.reference_forward)
+        acc = {"flops": flops}
+        for mb in batch.micro_batches:
+            if stop_requested(self.d.device):
                 self.optimizer.zero_grad(set_to_none=True)
-                raise _Interrupted
+                raise Interrupted
             mb = mb.to(self.d.device)
-            loss, sums = self.task.loss(mb, s)
+            loss, sums = self.task.loss(mb, batch)
             loss.backward()  # FSDP sums the ranks' gradients (train/distributed.py)
             _add(acc, loss, sums, mb)
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -282,7 +259,7 @@ class Trainer:
             metrics["mfu"] = reduced["flops"] / dt / (peak * self.d.world_size)
         return metrics
 
-    def evaluate(self) -> dict | None:
+    def evaluate(self) -> dict:
         return evaluate(self.eval_task, self.eval_loader, self.model, self.d)
 
     def save(self, step: int, loader_state: dict) -> None:
@@ -296,7 +273,7 @@ class Trainer:
 
     def stop(self, step: int, loader_state: dict):
         """Save the last finished step (unless it is saved already) and exit with 128 + the signal."""
-        signum = _Stop.signal or signal.SIGTERM
+        signum = Signals.received or signal.SIGTERM
         if step > self.start and not (self.run_dir / "checkpoints" / f"step_{step:08d}").is_dir():
             self.save(step, loader_state)
         if self.d.is_main:
@@ -304,64 +281,53 @@ class Trainer:
         raise SystemExit(128 + signum)
 
 
-class _Interrupted(Exception):
-    """A signal arrived in the middle of a step: its gradients were dropped."""
-
-
-def run(s, task: Task, eval_task: Task | None = None) -> dict:
-    """Train `s.cfg.train.steps` steps of `s.model` (a train/entry.py Setup) from `s.resume_from`
-    (None: a fresh start); -> the last metrics. eval_task: the eval set's loss, if not `task`'s
-    (DPO's precomputed reference table of the eval set)."""
-    _Phase.training = True
-    cfg, d, model, train_loader, eval_loader, resume_from = (
-        s.cfg,
-        s.d,
-        s.model,
-        s.train_loader,
-        s.eval_loader,
-        s.resume_from,
-    )
+def run(setup: Setup, task: Task, eval_task: Task | None = None) -> dict:
+    """Train `cfg.train.steps` steps of `setup.model` from `setup.resume_from` (None: a fresh start);
+    -> the last metrics. eval_task: the eval set's loss, if not `task`'s (DPO's precomputed reference
+    table of the eval set). A signal (train/lifecycle.py) saves the last finished step and exits."""
+    cfg, d, model = setup.cfg, setup.d, setup.model
+    train_loader, eval_loader = setup.train_loader, setup.eval_loader
     t = Trainer(cfg, d, model, task, train_loader, eval_loader, eval_task or task)
-    t.resume(resume_from)
-    fresh = resume_from is None
+    t.resume(setup.resume_from)
+    fresh = setup.resume_from is None
     logger = Logger(t.run_dir, cfg.logging, to_dict(cfg), d.is_main, cfg.train.steps, None if fresh else t.start)
     every = cfg.train
-    previous = {s: signal.signal(s, _Stop.handler) for s in (signal.SIGTERM, signal.SIGINT)}
-    batches, metrics, step, position = iter(train_loader), {}, t.start, train_loader.state_dict()
-    try:
-        if eval_loader is not None and fresh:
-            logger.log(0, t.evaluate() or t.stop(0, position))  # the starting point
-        model.train()
-        for step in range(t.start + 1, cfg.train.steps + 1):
-            finished = position  # the loader's position after step - 1: what a mid-step stop saves
-            batch = next(batches)
-            position = train_loader.state_dict()
-            try:
+    batches, metrics = iter(train_loader), {}
+    finished, finished_at = t.start, train_loader.state_dict()  # the last finished step, the loader after it
+    with training():
+        try:
+            if eval_loader is not None and fresh:
+                logger.log(0, t.evaluate())  # the starting point
+            model.train()
+            for step in range(t.start + 1, cfg.train.steps + 1):
+                batch = next(batches)
                 metrics = t.train_step(batch, step)
-            except _Interrupted:
-                t.stop(step - 1, finished)
-            if step % cfg.logging.log_every == 0 or step == cfg.train.steps:
-                logger.log(step, metrics)
-            progress.report(step, cfg.train.steps, "steps")
-            if eval_loader is not None and every.eval_every and step % every.eval_every == 0:
-                logger.log(step, t.evaluate() or t.stop(step, position))
-            if every.save_every and step % every.save_every == 0 and step < cfg.train.steps:
-                t.save(step, position)
-            if _Stop.agreed(d.device):
-                t.stop(step, position)
-        done_before = t.start == cfg.train.steps  # a rerun of a finished run (or one killed while exporting)
-        if done_before and d.is_main:
-            print(f"{t.run_dir}: trained to step {t.start} before; nothing to train, exporting the model", flush=True)
-        if eval_loader is not None and not done_before and not (every.eval_every and step % every.eval_every == 0):
-            final_eval = t.evaluate() or t.stop(step, position)
-            logger.log(cfg.train.steps, final_eval)
-            metrics.update(final_eval)
-        if not done_before:  # the final checkpoint, unless it is the one resumed from
-            t.save(cfg.train.steps, position)
-        hf_dtype = param_dtype(cfg.train.mixed_precision, d.device)
-        train_state.export(model, t.run_dir / "model", d.rank, cfg.train.export_hf, s.chat, hf_dtype)
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        logger.finish()
+                finished, finished_at = step, train_loader.state_dict()
+                if step % cfg.logging.log_every == 0 or step == cfg.train.steps:
+                    logger.log(step, metrics)
+                progress.report(step, cfg.train.steps, "steps")
+                if eval_loader is not None and every.eval_every and step % every.eval_every == 0:
+                    logger.log(step, t.evaluate())
+                if every.save_every and step % every.save_every == 0 and step < cfg.train.steps:
+                    t.save(step, finished_at)
+                if stop_requested(d.device):
+                    raise Interrupted
+            done_before = t.start == cfg.train.steps  # a rerun of a finished run (or one killed while exporting)
+            if done_before and d.is_main:
+                print(
+                    f"{t.run_dir}: trained to step {t.start} before; nothing to train, exporting the model", flush=True
+                )
+            evaluated = every.eval_every and finished % every.eval_every == 0
+            if eval_loader is not None and not done_before and not evaluated:
+                final_eval = t.evaluate()
+                logger.log(cfg.train.steps, final_eval)
+                metrics.update(final_eval)
+            if not done_before:  # the final checkpoint, unless it is the one resumed from
+                t.save(cfg.train.steps, finished_at)
+            hf_dtype = param_dtype(cfg.train.mixed_precision, d.device)
+            train_state.export(model, t.run_dir / "model", d.rank, cfg.train.export_hf, setup.chat, hf_dtype)
+        except Interrupted:
+            t.stop(finished, finished_at)
+        finally:
+            logger.finish()
     return metrics

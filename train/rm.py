@@ -16,8 +16,9 @@ from typing import Literal
 from data.schema import STRENGTHS
 from losses import ranking
 from train import loop
-from train.config import Config, parse_args
-from train.entry import main_guard, setup
+from train.config import Config, NonNegFloat, parse_args
+from train.entry import setup
+from train.lifecycle import main_guard
 from train.targets import scores, strength_margins
 
 
@@ -25,6 +26,7 @@ from train.targets import scores, strength_margins
 class RMSection:
     margin: Literal["small", "large"] | None = None  # None (Llama 3) | small | large (Llama 2's margins by strength)
     one_row: bool = True  # [prompt][r_a][r_b][r_c] (Llama 3); false: each response with its own prompt copy
+    center_rewards: NonNegFloat = 0.0  # c: + c * mean over pairs of (r_i + r_j)^2 (TRL's center_rewards_coefficient)
 
 
 @dataclass
@@ -36,12 +38,13 @@ class RMConfig(Config):
 RATIOS = {**ranking.RATIOS, **{f"accuracy/{s}": (f"correct/{s}", f"pairs/{s}") for s in STRENGTHS}}
 
 
-def make_task(model, margin: str | None) -> loop.Task:
+def make_task(model, margin: str | None, center_rewards: float = 0.0) -> loop.Task:
     def loss(batch, step):
         r = scores(model(batch.tokens, batch.positions, batch.doc_ids, batch.branch_ids), batch)  # (S,)
         m = strength_margins(batch.group_strength, ranking.LLAMA2_MARGINS[margin]) if margin else None
         return ranking.ranking_loss(
-            r, batch.seq_group, batch.seq_rank, m, step.num_pairs, batch.group_strength, STRENGTHS
+            r, batch.seq_group, batch.seq_rank, m, step.num_pairs, batch.group_strength, STRENGTHS,
+            center_rewards=center_rewards,
         )  # fmt: skip
 
     def derive(m):  # std from the means of r and r^2
@@ -56,7 +59,7 @@ def make_task(model, margin: str | None) -> loop.Task:
 def main(argv=None):
     cfg = parse_args(RMConfig, argv, __doc__)
     s = setup(cfg, kind="rm", head="reward", one_row=cfg.rm.one_row)
-    return loop.run(s, make_task(s.model, cfg.rm.margin))
+    return loop.run(s, make_task(s.model, cfg.rm.margin, cfg.rm.center_rewards))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from losses import sft
 from train import loop
 from train.config import Config, parse_args
-from train.entry import main_guard, setup
+from train.entry import setup
+from train.lifecycle import main_guard
 from train.targets import model_logps
 
 
