@@ -17,7 +17,6 @@ import torch
 
 from data.cache import TokenizedData
 from data.loader import DataLoader, build_loaders, epoch_examples, load_examples
-from train.prepare_data import main as prepare_main
 from data.prepare import prepare
 from data.records import train_sources
 from data.rows import EncodeOptions, collate
@@ -25,6 +24,7 @@ from llama.chat import ChatFormat
 from llama.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
 from train.config import Config, load_config
 from train.dpo import DPOConfig
+from train.prepare_data import main as prepare_main
 from train.rm import RMConfig
 from train.sft import SFTConfig
 

@@ -20,13 +20,13 @@ import pytest
 from data import prepare as prepare_module
 from data.cache import TokenizedData
 from data.loader import build_loaders, load_examples
-from train.prepare_data import main as prepare_main
 from data.prepare import prepare
 from data.rows import EncodeOptions
 from data.schema import ValidationError
 from llama.chat import ChatFormat
 from llama.tokenizer import load_tokenizer
 from train.config import Config, load_config
+from train.prepare_data import main as prepare_main
 
 ROOT = Path(__file__).parent.parent
 QUICK = ROOT / "experiments" / "quickstart"
