@@ -5,6 +5,11 @@
 A prompt with edited > chosen > rejected contributes 3 pairs. Llama 3 uses no margin (m = 0,
 the default); Llama 2's margins by preference strength are available as an option. |pairs| is
 passed in (the whole step's count) so accumulation and world size do not change the loss.
+
+`center_rewards` c > 0 adds Eisenstein et al. 2023 (arXiv:2312.09244, eq. 2)'s push towards
+mean-zero rewards, TRL's `center_rewards_coefficient` (0.01 recommended there), over the same pairs:
+
+    L += c * (1 / |pairs|) * sum_{(i, j)} (r_i + r_j)^2
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ def ranking_loss(
     num_pairs: int | None = None,
     group_class: Tensor | None = None,
     class_names: tuple[str, ...] = (),
+    center_rewards: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """rewards (S,) one per sequence; group (S,), rank (S,) with 0 = best; margin (G,) per group.
     group_class (G,) indexes class_names (e.g. preference strengths; -1: none): the sums then also
@@ -49,7 +55,10 @@ def ranking_loss(
     i, j = ranked_pairs(group, rank)
     diff = rewards[i] - rewards[j]  # (P,)
     m = margin[group[i]] if margin is not None else 0.0
-    loss = -F.logsigmoid(diff - m).sum() / max(num_pairs if num_pairs is not None else len(i), 1)
+    pairs = max(num_pairs if num_pairs is not None else len(i), 1)
+    loss = -F.logsigmoid(diff - m).sum() / pairs
+    if center_rewards:
+        loss = loss + center_rewards * ((rewards[i] + rewards[j]) ** 2).sum() / pairs
     d, r = diff.detach(), rewards.detach()
     sums = {
         "pairs": d.new_tensor(len(d)), "correct": (d > 0).sum().to(d.dtype), "margin": d.sum(),

@@ -14,7 +14,7 @@ from llama.chat import ChatFormat
 from llama.tokenizer import load_tokenizer
 from losses import dpo_loss, ranking_loss, sft_loss
 from losses.ranking import LLAMA2_MARGINS
-from train.targets import chosen_nll, dpo_logps, strength_margins, target_logps
+from train.targets import chosen_nll, dpo_lengths, dpo_logps, strength_margins, target_logps
 
 CHAT = ChatFormat(load_tokenizer())
 
@@ -92,29 +92,46 @@ def dpo_batch(records, chat=CHAT):
     return collate([examples])
 
 
-def test_dpo_loss_equals_float64_formula():
-    batch = dpo_batch([pref("a?", "yes", "no way"), pref("b?", "maybe so", "x")])
+def dpo_inputs(pi, ref, batch, mask_format=True):
+    """dpo_loss's tensor arguments from per-token log-probs of policy and reference (ref None: none),
+    this micro-batch being the whole step."""
+    pc, pr = dpo_logps(pi, batch, mask_format)
+    rc, rr = dpo_logps(ref, batch, mask_format) if ref is not None else (None, None)
+    nc, nr = dpo_lengths(batch, mask_format)
+    nll, nll_tokens = chosen_nll(pi, batch)
+    return dict(
+        policy_chosen=pc, policy_rejected=pr, reference_chosen=rc, reference_rejected=rr, chosen_tokens=nc,
+        rejected_tokens=nr, chosen_nll=nll, chosen_nll_tokens=nll_tokens, num_pairs=len(pc),
+        num_chosen_tokens=int(nll_tokens.sum()),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("nll_norm", ["sequence", "token"])
+def test_dpo_loss_equals_float64_formula(nll_norm):
+    batch = dpo_batch([pref("a?", "yes", "no way"), pref("b?", "maybe so, I think", "x")])
     N = batch.num_targets
     g = torch.Generator().manual_seed(1)
     pi, ref = -torch.rand(N, generator=g, dtype=torch.float64) * 3, -torch.rand(N, generator=g, dtype=torch.float64) * 3
     beta, alpha, eps = 0.1, 0.2, 0.1
-    pc, pr = dpo_logps(pi, batch)
-    rc, rr = dpo_logps(ref, batch)
-    nll, _ = chosen_nll(pi, batch)
-    loss, m = dpo_loss(pc, pr, rc, rr, nll, beta=beta, alpha=alpha, label_smoothing=eps)
+    loss, m = dpo_loss(**dpo_inputs(pi, ref, batch), beta=beta, alpha=alpha, label_smoothing=eps, nll_norm=nll_norm)
 
     seq, fmt = batch.target_seq.tolist(), batch.target_format.tolist()
-    expected, rewards = 0.0, []
+    pref_sum, rewards, nll_of_means, nll_sum, chosen_tokens = 0.0, [], 0.0, 0.0, 0
     for c, r in ((0, 1), (2, 3)):
 
         def s(x, k, masked=True):
             return sum(x[i].item() for i in range(N) if seq[i] == k and not (masked and fmt[i]))
 
         h = beta * ((s(pi, c) - s(ref, c)) - (s(pi, r) - s(ref, r)))
-        n_c = sum(1 for i in range(N) if seq[i] == c)
-        expected += -(1 - eps) * log_sigmoid(h) - eps * log_sigmoid(-h) + alpha * (-s(pi, c, False) / n_c)
+        pref_sum += -(1 - eps) * log_sigmoid(h) - eps * log_sigmoid(-h)
+        n_c = sum(1 for i in range(N) if seq[i] == c)  # every chosen token, formatting ones too
+        nll_of_means += -s(pi, c, False) / n_c
+        nll_sum, chosen_tokens = nll_sum - s(pi, c, False), chosen_tokens + n_c
         rewards.append((beta * (s(pi, c) - s(ref, c)), beta * (s(pi, r) - s(ref, r))))
-    assert loss.item() == pytest.approx(expected / 2, abs=1e-12)
+    # sequence: the mean over pairs of each chosen sequence's mean NLL; token: the mean over all chosen tokens
+    nll = nll_of_means / 2 if nll_norm == "sequence" else nll_sum / chosen_tokens
+    assert loss.item() == pytest.approx(pref_sum / 2 + alpha * nll, abs=1e-12)
+    assert (m["nll"] / m["nll_terms"]).item() == pytest.approx(nll, abs=1e-12)  # the logged nll: the loss's term
     assert m["pairs"].item() == 2
     assert m["rewards/chosen"].item() / 2 == pytest.approx(sum(c for c, _ in rewards) / 2)
     assert m["rewards/margins"].item() / 2 == pytest.approx(sum(c - r for c, r in rewards) / 2)
@@ -126,9 +143,7 @@ def test_dpo_without_mask_and_nll_is_plain_dpo():
     batch = dpo_batch([pref("q", "good answer", "bad")])
     N = batch.num_targets
     pi, ref = -torch.rand(N, dtype=torch.float64), -torch.rand(N, dtype=torch.float64)
-    pc, pr = dpo_logps(pi, batch, mask_format=False)
-    rc, rr = dpo_logps(ref, batch, mask_format=False)
-    loss, _ = dpo_loss(pc, pr, rc, rr, chosen_nll(pi, batch)[0], beta=0.5, alpha=0.0)
+    loss, _ = dpo_loss(**dpo_inputs(pi, ref, batch, mask_format=False), beta=0.5, alpha=0.0)
     c, r = batch.target_seq == 0, batch.target_seq == 1
     h = 0.5 * ((pi[c].sum() - ref[c].sum()) - (pi[r].sum() - ref[r].sum()))
     assert loss.item() == pytest.approx(-torch.nn.functional.logsigmoid(h).item(), abs=1e-12)

@@ -67,18 +67,20 @@ def dpo_logps(token_logps: Tensor, batch: Batch, mask_format: bool = True) -> tu
     return seq[chosen], seq[rejected]
 
 
-def chosen_nll(token_logps: Tensor, batch: Batch, nll_norm: str = "sequence") -> tuple[Tensor, Tensor]:
-    """-> (NLL per chosen sequence (P,): divided by its length for "sequence", summed for "token";
-    the chosen sequences' token counts (P,))."""
+def dpo_lengths(batch: Batch, mask_format: bool = True) -> tuple[Tensor, Tensor]:
+    """The token counts of dpo_logps's sums: (chosen (P,), rejected (P,)), fp32."""
+    ones = torch.ones(batch.target_seq.shape, dtype=torch.float32, device=batch.target_seq.device)
+    return dpo_logps(ones, batch, mask_format)
+
+
+def chosen_nll(token_logps: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
+    """-> (-sum log p over every token of each chosen sequence (P,), formatting tokens included;
+    those token counts (P,)). Not normalized: losses/dpo.py divides."""
     chosen, _ = dpo_pairs(batch)
     n = len(batch.seq_rank)
     nll = -sequence_sums(token_logps, batch.target_seq, n)[chosen]
     count = sequence_sums(torch.ones_like(token_logps), batch.target_seq, n)[chosen]
-    if nll_norm == "sequence":
-        return nll / count.clamp(min=1), count
-    if nll_norm == "token":
-        return nll, count
-    raise ValueError(f"nll_norm must be 'sequence' or 'token', got {nll_norm!r}")
+    return nll, count
 
 
 @torch.no_grad()

@@ -1,0 +1,298 @@
+"""The DPO loss family (losses/dpo.py LOSSES) and the RM's reward centering, each against its formula
+written out in float64 and, where TRL has the loss, against TRL's value on the same inputs.
+
+TRL's values come from TRL's own code: DPOTrainer's per-loss branches (their source lines, run on our
+tensors: the trainer computes them inline), CPOTrainer.cpo_loss (SimPO) and RewardTrainer.compute_loss
+(called with stand-ins for the trainer and model). A new loss copies `test_<loss>_equals_float64_formula`.
+"""
+
+import inspect
+import math
+import textwrap
+import typing
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_losses import dpo_batch, dpo_inputs, pref
+
+from losses import dpo_loss, ranking_loss
+from losses.dpo import LOSSES
+from train.dpo import DPOSection
+
+P = 6
+
+
+def log_sigmoid(x):
+    return -math.log1p(math.exp(-x))
+
+
+def pairs(seed=0):
+    """dpo_loss's tensor arguments for P pairs: log-prob sums of responses of 3..40 tokens, float64."""
+    g = torch.Generator().manual_seed(seed)
+    nc, nr = torch.randint(3, 40, (P,), generator=g).double(), torch.randint(3, 40, (P,), generator=g).double()
+    pc, pr = (
+        -torch.rand(P, generator=g, dtype=torch.float64) * nc,
+        -torch.rand(P, generator=g, dtype=torch.float64) * nr,
+    )
+    rc, rr = pc + torch.randn(P, generator=g, dtype=torch.float64) * 4, pr + torch.randn(P, generator=g).double() * 4
+    nll_tokens = nc + 1  # the NLL keeps the terminator the log-prob sums leave out
+    return dict(
+        policy_chosen=pc, policy_rejected=pr, reference_chosen=rc, reference_rejected=rr, chosen_tokens=nc,
+        rejected_tokens=nr, chosen_nll=-pc + 0.5, chosen_nll_tokens=nll_tokens, num_pairs=P,
+        num_chosen_tokens=int(nll_tokens.sum()),
+    )  # fmt: skip
+
+
+def margins(x, k):
+    """Pair k's log-ratio margin, summed and per token, and its per-token policy margin (SimPO's)."""
+    pc, pr, rc, rr, nc, nr = (
+        x[name][k].item()
+        for name in (
+            "policy_chosen",
+            "policy_rejected",
+            "reference_chosen",
+            "reference_rejected",
+            "chosen_tokens",
+            "rejected_tokens",
+        )
+    )
+    return (pc - rc) - (pr - rr), (pc - rc) / nc - (pr - rr) / nr, pc / nc - pr / nr
+
+
+# ----------------------------------------------------------------------------- float64 formulas, one per loss
+
+
+def check(loss, expected_per_pair, **hyper):
+    """dpo_loss (alpha 0: the preference term alone) == the mean over pairs of the written-out terms."""
+    x = pairs()
+    got, sums = dpo_loss(**x, loss=loss, alpha=0.0, **hyper)
+    expected = sum(expected_per_pair(*margins(x, k)) for k in range(P)) / P
+    assert got.item() == pytest.approx(expected, abs=1e-12)
+    return x, sums
+
+
+def test_sigmoid_equals_float64_formula():  # DPO, cDPO label smoothing
+    b, e = 0.1, 0.1
+    x, sums = check(
+        "sigmoid", lambda d, d_tok, s_tok: -(1 - e) * log_sigmoid(b * d) - e * log_sigmoid(-b * d),
+        beta=b, label_smoothing=e,
+    )  # fmt: skip
+    assert sums["rewards/margins"].item() == pytest.approx(sum(b * margins(x, k)[0] for k in range(P)), abs=1e-12)
+
+
+def test_ipo_equals_float64_formula():  # per-token log-ratio margin, squared distance to 1 / (2 tau)
+    t = 0.1
+    x, sums = check("ipo", lambda d, d_tok, s_tok: (d_tok - 1 / (2 * t)) ** 2, beta=t)
+    assert sums["rewards/margins"].item() == pytest.approx(sum(t * margins(x, k)[1] for k in range(P)), abs=1e-12)
+
+
+def test_hinge_equals_float64_formula():
+    b = 0.1
+    check("hinge", lambda d, d_tok, s_tok: max(0.0, 1 - b * d), beta=b)
+    assert 0 < sum(b * margins(pairs(), k)[0] < 1 for k in range(P)) < P  # both sides of the hinge
+
+
+def test_robust_equals_float64_formula():
+    b, e = 0.1, 0.2
+    check(
+        "robust",
+        lambda d, d_tok, s_tok: ((1 - e) * -log_sigmoid(b * d) - e * -log_sigmoid(-b * d)) / (1 - 2 * e),
+        beta=b, label_smoothing=e,
+    )  # fmt: skip
+
+
+def test_simpo_equals_float64_formula():  # no reference: the policy's per-token log-probs, margin gamma
+    b, g, e = 2.0, 0.8, 0.1
+    h = lambda s_tok: b * s_tok - g  # noqa: E731
+    x, sums = check(
+        "simpo", lambda d, d_tok, s_tok: -(1 - e) * log_sigmoid(h(s_tok)) - e * log_sigmoid(-h(s_tok)),
+        beta=b, gamma=g, label_smoothing=e,
+    )  # fmt: skip
+    no_ref = {**x, "reference_chosen": None, "reference_rejected": None}
+    assert (
+        dpo_loss(**no_ref, loss="simpo", beta=b, gamma=g)[0].item()
+        == dpo_loss(**x, loss="simpo", beta=b, gamma=g)[0].item()
+    )
+    assert sums["rewards/chosen"].item() == pytest.approx((b * x["policy_chosen"] / x["chosen_tokens"]).sum().item())
+
+
+def test_every_loss_is_tested_and_configurable():
+    suffix = "_equals_float64_formula"
+    tested = {n.removeprefix("test_").removesuffix(suffix) for n in globals() if n.endswith(suffix)}
+    assert set(LOSSES) == tested
+    assert set(LOSSES) == set(typing.get_args(typing.get_type_hints(DPOSection)["loss"]))  # dpo.loss's choices
+
+
+def test_a_reference_loss_without_reference_is_an_error():
+    x = {**pairs(), "reference_chosen": None, "reference_rejected": None}
+    for loss, spec in LOSSES.items():
+        if spec.reference:
+            with pytest.raises(ValueError, match="reference"):
+                dpo_loss(**x, loss=loss)
+
+
+def test_label_smoothing_is_checked():
+    DPOSection(loss="robust", label_smoothing=0.2)
+    for bad in (dict(loss="robust", label_smoothing=0.5), dict(loss="ipo", label_smoothing=0.1)):
+        with pytest.raises(ValueError, match="label_smoothing"):
+            DPOSection(**bad)
+
+
+@pytest.mark.parametrize("nll_norm", ["sequence", "token"])
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_micro_batches_add_up_to_the_step(loss, nll_norm):
+    """Pairs split over micro-batches, each divided by the step's pairs and chosen tokens: the losses and
+    the sums add up to the one-batch values, so accumulation and world size do not change the loss."""
+    x, hyper = pairs(), dict(loss=loss, nll_norm=nll_norm, label_smoothing=0.1 if loss in ("sigmoid", "robust") else 0)
+    whole, whole_sums = dpo_loss(**x, **hyper)
+    parts = [
+        dpo_loss(**{k: v[s] if isinstance(v, torch.Tensor) else v for k, v in x.items()}, **hyper)
+        for s in (slice(0, 1), slice(1, 4), slice(4, P))
+    ]
+    assert sum(p[0] for p in parts).item() == pytest.approx(whole.item(), abs=1e-12)
+    for k, v in whole_sums.items():
+        assert sum(p[1][k] for p in parts).item() == pytest.approx(v.item(), abs=1e-9), k
+
+
+# ----------------------------------------------------------------------------- TRL's values
+
+
+def trl_dpo_branch(loss_type: str, **names) -> torch.Tensor:
+    """`per_sequence_loss` of trl's DPOTrainer._compute_loss for loss_type: that branch's source lines,
+    run on `names` (self: beta, label_smoothing; delta_score, chosen_scores, ..., completion_mask)."""
+    from trl import DPOTrainer
+
+    lines = inspect.getsource(DPOTrainer._compute_loss).splitlines()
+    start = next(i for i, line in enumerate(lines) if line.rstrip().endswith(f'loss_type == "{loss_type}":'))
+    indent = len(lines[start]) - len(lines[start].lstrip())
+    body = []
+    for line in lines[start + 1 :]:
+        if line.strip() and len(line) - len(line.lstrip()) <= indent:
+            break
+        body.append(line)
+    scope = {"F": F, "torch": torch, **names}
+    exec(textwrap.dedent("\n".join(body)), scope)
+    return scope["per_sequence_loss"]
+
+
+def completion_mask(*counts):
+    """(2P, L) mask with the given tokens per row: chosen rows, then rejected rows (TRL's layout)."""
+    n = torch.cat(counts).long()
+    return (torch.arange(int(n.max()))[None, :] < n[:, None]).long()
+
+
+@pytest.mark.parametrize(("loss", "label_smoothing"), [("sigmoid", 0.0), ("ipo", 0.0), ("hinge", 0.0), ("robust", 0.2)])
+def test_reference_losses_equal_trl(loss, label_smoothing):
+    x, beta = pairs(), 0.1
+    got, _ = dpo_loss(**x, loss=loss, beta=beta, alpha=0.0, label_smoothing=label_smoothing)
+    chosen_scores = x["policy_chosen"] - x["reference_chosen"]
+    rejected_scores = x["policy_rejected"] - x["reference_rejected"]
+    trl = trl_dpo_branch(
+        loss, self=SimpleNamespace(beta=beta, label_smoothing=label_smoothing), chosen_scores=chosen_scores,
+        rejected_scores=rejected_scores, delta_score=chosen_scores - rejected_scores,
+        completion_mask=completion_mask(x["chosen_tokens"], x["rejected_tokens"]),
+    )  # fmt: skip
+    assert got.item() == pytest.approx(trl.mean().item(), abs=1e-12)
+
+
+def test_simpo_equals_trl_cpo():
+    from trl.experimental.cpo import CPOTrainer
+
+    x, beta, gamma, eps = pairs(), 2.0, 0.8, 0.1
+    got, sums = dpo_loss(**x, loss="simpo", beta=beta, gamma=gamma, alpha=0.0, label_smoothing=eps)
+    trainer = SimpleNamespace(
+        alpha=0.0, beta=beta, simpo_gamma=gamma, label_smoothing=eps, loss_type="simpo",
+        accelerator=SimpleNamespace(device="cpu"),
+    )  # fmt: skip
+    # TRL's CPOTrainer averages the policy log-probs over the completion for simpo (average_log_prob)
+    avg_c, avg_r = x["policy_chosen"] / x["chosen_tokens"], x["policy_rejected"] / x["rejected_tokens"]
+    losses, chosen_rewards, rejected_rewards = CPOTrainer.cpo_loss(trainer, avg_c, avg_r)
+    assert got.item() == pytest.approx(losses.mean().item(), abs=1e-12)
+    assert sums["rewards/chosen"].item() == pytest.approx(chosen_rewards.sum().item(), abs=1e-12)
+    assert sums["rewards/rejected"].item() == pytest.approx(rejected_rewards.sum().item(), abs=1e-12)
+
+
+def test_sigmoid_with_token_nll_equals_trl_sigmoid_plus_sft():
+    """Llama 3's loss with `nll_norm: token` is TRL's loss_type [sigmoid, sft] weighted [1, alpha]: the
+    NLL averaged over every chosen token of the batch (real rows, formatting tokens in the NLL)."""
+    batch = dpo_batch([pref("a?", "yes", "no way"), pref("b?", "maybe so, I think", "x"), pref("c", "12", "1")])
+    g = torch.Generator().manual_seed(2)
+    pi = -torch.rand(batch.num_targets, generator=g, dtype=torch.float64) * 3
+    ref = -torch.rand(batch.num_targets, generator=g, dtype=torch.float64) * 3
+    beta, alpha = 0.1, 0.2
+    x = dpo_inputs(pi, ref, batch)
+    got, _ = dpo_loss(**x, beta=beta, alpha=alpha, nll_norm="token")
+
+    chosen_scores = x["policy_chosen"] - x["reference_chosen"]
+    rejected_scores = x["policy_rejected"] - x["reference_rejected"]
+    trainer = SimpleNamespace(beta=beta, label_smoothing=0.0)
+    dpo = trl_dpo_branch("sigmoid", self=trainer, delta_score=chosen_scores - rejected_scores)
+    # TRL's per-token layout: one row per response, chosen rows first, the completion's log-probs left-aligned
+    order = [k for k in range(len(batch.seq_rank)) if batch.seq_rank[k] == 0]
+    order += [k for k in range(len(batch.seq_rank)) if batch.seq_rank[k] == 1]
+    rows = [pi[batch.target_seq == k] for k in order]
+    per_token_logps = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
+    mask = completion_mask(torch.tensor([float(len(r)) for r in rows]))
+    sft = trl_dpo_branch("sft", shift_completion_mask=mask, per_token_logps=per_token_logps)
+    assert got.item() == pytest.approx(dpo.mean().item() + alpha * sft.mean().item(), abs=1e-12)
+
+
+# ----------------------------------------------------------------------------- RM: center_rewards
+
+
+def test_center_rewards_equals_float64_formula_and_trl():
+    g = torch.Generator().manual_seed(3)
+    rewards = torch.randn(7, generator=g, dtype=torch.float64) * 2
+    group, rank = torch.tensor([0, 0, 0, 1, 1, 2, 2]), torch.tensor([1, 0, 2, 0, 1, 1, 0])
+    c = 0.01
+    loss, _ = ranking_loss(rewards, group, rank, center_rewards=c)
+    r, terms = rewards.tolist(), []
+    for a in range(7):
+        for b in range(7):
+            if group[a] == group[b] and rank[a] < rank[b]:
+                terms.append(-log_sigmoid(r[a] - r[b]) + c * (r[a] + r[b]) ** 2)
+    assert loss.item() == pytest.approx(sum(terms) / len(terms), abs=1e-12)
+
+    # two responses per prompt: TRL's RewardTrainer.compute_loss, with stand-ins for the trainer and model
+    from collections import defaultdict
+
+    from trl import RewardTrainer
+
+    two = torch.tensor([3, 4, 5, 6])  # groups 1 and 2: (chosen, rejected) pairs
+    chosen, rejected = two[rank[two] == 0], two[rank[two] == 1]
+    ours, _ = ranking_loss(rewards[two], group[two], rank[two], center_rewards=c)
+    trainer = SimpleNamespace(
+        model=SimpleNamespace(training=True), args=SimpleNamespace(center_rewards_coefficient=c),
+        accelerator=SimpleNamespace(gather_for_metrics=lambda t: t, gather=lambda t: t),
+        _total_train_tokens=0, _tp_size=1, _metrics=defaultdict(lambda: defaultdict(list)),
+    )  # fmt: skip
+    logits = torch.cat([rewards[chosen], rewards[rejected]])[:, None]  # (2P, 1): chosen rows, then rejected
+    trl = RewardTrainer.compute_loss(
+        trainer, lambda **kw: SimpleNamespace(logits=logits), {"attention_mask": torch.ones(4, 3)}
+    )  # fmt: skip
+    assert ours.item() == pytest.approx(trl.item(), abs=1e-12)
+    assert ranking_loss(rewards, group, rank, center_rewards=0.0)[0].item() < loss.item()
+
+
+# ----------------------------------------------------------------------------- through train/dpo.py
+
+
+def test_simpo_task_runs_without_a_reference_model():
+    from conftest import random_model
+
+    from llama import get_preset
+    from train.dpo import make_task
+    from train.targets import model_logps
+
+    model = random_model(get_preset("debug"))
+    batch = dpo_batch([pref("a?", "yes", "no way"), pref("b?", "maybe so", "x")])
+    step = SimpleNamespace(num_pairs=2, num_best_targets=int((batch.target_seq % 2 == 0).sum()))
+    task = make_task(model, None, DPOSection(loss="simpo", beta=2.0), "torch")
+    assert not task.reference_forward  # no reference forward, counted nowhere (MFU)
+    loss, _ = task.loss(batch, step)
+    with torch.no_grad():
+        x = dpo_inputs(model_logps(model, batch, "torch"), None, batch)
+    assert loss.item() == pytest.approx(dpo_loss(**x, loss="simpo", beta=2.0)[0].item(), abs=1e-6)
+    assert make_task(model, model, DPOSection(), "torch").reference_forward
