@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -137,12 +136,6 @@ def cache_key(files: list[Path], opts: EncodeOptions, chat) -> tuple[str, dict]:
 def fingerprints(files: list[Path], parts: dict) -> dict[str, str]:
     """{resolved absolute path: content sha256} of the data files a key hashed."""
     return {file_id(f): digest for f, digest in zip(files, parts["data"])}
-
-
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- reading

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from data import cache
+from data.io import write_json
 from data.records import Chunk, chunk_records, chunks, data_files, file_id, train_sources
 from data.rows import EncodeOptions, encode_record
 from llama.chat import ChatFormat
@@ -226,7 +227,7 @@ class Writer:
                 f.flush()
                 os.fsync(f.fileno())
         with _writing(self.tmp / "manifest.json"):
-            cache.write_json(self.tmp / "manifest.json", manifest)
+            write_json(self.tmp / "manifest.json", manifest)
         try:
             os.rename(self.tmp, self.folder)
         except OSError:  # another process finished the same cache first: keep theirs

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import random_model
 
-from data.jsonl import write_jsonl
+from data.io import write_jsonl
 from data.tasks.arithmetic import Arithmetic
 from llama import get_preset, load_model, save_model
 from llama.chat import ChatFormat

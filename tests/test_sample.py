@@ -322,7 +322,7 @@ def test_cli_one_rank_writes_what_the_in_process_rejection_sample_writes(tmp_pat
     """The driver's sampling job (--seed S, 1 rank) against the pipeline's in-process call (a generator
     seeded with S, batch 64, default max_len): the same SFT records, pairs and sets, byte for byte. 70
     prompts: two batches of 64 and 6. The summary goes to --out-report and the progress file."""
-    from data.jsonl import write_jsonl
+    from data.io import write_jsonl
     from data.tasks.arithmetic import Arithmetic
     from llama import load_model
     from train import progress

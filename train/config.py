@@ -22,6 +22,8 @@ from typing import Annotated, Literal
 
 import yaml
 
+from data.io import write_text
+
 
 # Bounds ride on the annotation: Annotated[int, AtLeast(1)].
 class AtLeast(typing.NamedTuple):
@@ -188,13 +190,7 @@ def load_config(cls, path: str | None, overrides: list[str] = ()):
     """YAML file + `section.key=value` overrides -> cls instance."""
     raw: dict = {}
     if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ValueError(f"config {path}: {'is a directory' if p.is_dir() else 'not found'}")
-        try:
-            raw = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path}: YAML syntax error: {e}") from None
+        raw = read_yaml(path)
         if raw is None:
             raise ValueError(f"{path}: the config file is empty")
         if not isinstance(raw, dict):
@@ -216,6 +212,29 @@ def load_config(cls, path: str | None, overrides: list[str] = ()):
     return from_dict(cls, raw, path or "<overrides>", overridden)
 
 
+def read_yaml(path):
+    """A YAML file's content (yaml.safe_load); a missing file, a folder or a syntax error is a ValueError
+    naming the file. The one YAML reader of configs (training runs, the pipeline, its record)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"config {path}: {'is a directory' if p.is_dir() else 'not found'}")
+    try:
+        return yaml.safe_load(p.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"{path}: YAML syntax error: {e}") from None
+
+
+def differences(saved, now, key: str = "") -> dict[str, tuple]:
+    """Dotted key -> (saved value, new value) for every leaf of two configs (nested mappings) that differs;
+    a key missing on one side reads as '<absent>'. The one config diff (resume checks, the pipeline)."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        out = {}
+        for k in [*saved, *(k for k in now if k not in saved)]:
+            out |= differences(saved.get(k, "<absent>"), now.get(k, "<absent>"), f"{key}.{k}" if key else str(k))
+        return out
+    return {} if saved == now else {key: (saved, now)}
+
+
 def _comments(cls) -> dict[str, str]:
     """field -> its trailing `# comment` in the source: the documentation `--help` prints."""
     out = {}
@@ -227,7 +246,14 @@ def _comments(cls) -> dict[str, str]:
 
 
 def describe(cls) -> str:
-    """Every section.key with its type, default and comment (the `--help` epilog)."""
+    """Every section.key (or key, for a flat config such as the pipeline's) with its type, default and
+    comment (the `--help` epilog)."""
+    if not all(dataclasses.is_dataclass(tp) for tp in _hints(cls).values()):  # flat: keys, no sections
+        comments, lines = _comments(cls), []
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            lines.append(f"  {f.name} = {default!r}" + (f"  # {comments[f.name]}" if f.name in comments else ""))
+        return "\n".join(lines)
     lines = []
     for name, sec_cls in _hints(cls).items():
         comments = _comments(sec_cls)
@@ -257,15 +283,8 @@ def to_dict(config) -> dict:
     return dataclasses.asdict(config)
 
 
-def flatten(d: dict) -> dict[str, object]:
-    """{"train": {"steps": 3}} -> {"train.steps": 3}"""
-    return {f"{s}.{k}": v for s, values in d.items() for k, v in (values or {}).items()}
-
-
 def save_config(config, path: Path) -> None:
-    tmp = Path(path).with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-    tmp.replace(path)
+    write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
 def from_flat_dict(cls, raw: dict, source: str | dict[str, str]):

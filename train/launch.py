@@ -35,6 +35,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data.io import write_json
 from train import progress
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -139,16 +140,16 @@ class Launcher:
         self.queue.mkdir(parents=True, exist_ok=True)
         for old in self.queue.glob("*.json"):
             old.unlink()
-        _write_json(self.queue / "session.json", {"id": self._session, "host": socket.gethostname()})
+        write_json(self.queue / "session.json", {"id": self._session, "host": socket.gethostname()})
 
     def end_session(self, status: int) -> None:
         if self.kind == "torchrun" and self.nnodes > 1 and self.leader:
-            _write_json(self.queue / "end.json", {"id": self._session, "status": status})
+            write_json(self.queue / "end.json", {"id": self._session, "status": status})
 
     def _publish(self, job: Job, rdzv_id: str) -> None:
         spec = {"name": job.name, "script": job.script, "args": job.args, "nproc": job.nproc, "env": job.env}
         n = int(rdzv_id.rsplit("-", 1)[1])
-        _write_json(self.queue / f"job_{n:05d}.json", {**spec, "rdzv_id": rdzv_id, "log": str(job.log)})
+        write_json(self.queue / f"job_{n:05d}.json", {**spec, "rdzv_id": rdzv_id, "log": str(job.log)})
 
     def follow(self, poll_s: float = 0.5) -> int:
         """A follower node: start this node's agent of every distributed job the leader queues, in order,
@@ -190,12 +191,6 @@ class Launcher:
                 for pid in reversed(_process_tree(self.signals.child.pid)):
                     _send(pid, signal.SIGKILL)
                 return
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
 
 
 def _read_json(path: Path):

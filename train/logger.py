@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from data.io import write_jsonl
+
 
 class Logger:
     def __init__(self, run_dir, cfg, config_dict: dict, enabled: bool, total_steps: int, resume_step: int | None):
@@ -23,9 +25,7 @@ class Logger:
         if not enabled:
             return
         keep = [m for m in read_metrics(self.path) if m["step"] <= resume_step] if resume_step is not None else []
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(m) + "\n" for m in keep))
-        tmp.replace(self.path)
+        write_jsonl(self.path, keep)
         if cfg.wandb != "disabled":
             import wandb  # only when logging to it
 

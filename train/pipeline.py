@@ -35,13 +35,14 @@ from typing import Annotated, Literal
 
 import yaml
 
+from data.io import write_text
 from data.tasks import load_task, task_factory
 from llama import PRESETS
 from llama.chat import ChatFormat, resolve_chat_template
 from llama.checkpoint import read_config
 from llama.tokenizer import load_tokenizer, resolve_tokenizer
 from train import run_lock
-from train.config import AtLeast, NonNegFloat, NonNegInt, PosInt, _comments, from_flat_dict
+from train.config import AtLeast, NonNegFloat, NonNegInt, PosInt, describe, differences, from_flat_dict, read_yaml
 from train.launch import Interrupted, Launcher
 from train.recipe import STAGE_KINDS, STAGE_SETS, Recipe, StageError, WaitingForLabels
 from train.report import write_report
@@ -186,27 +187,11 @@ def make_task(task: str, args: dict, source: dict[str, str] | None = None):
         raise PipelineError(f"{where}: {e}") from None
 
 
-def _read_yaml(path: Path):
+def _read_yaml(path):
     try:
-        return yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise PipelineError(f"{path}: cannot read it as YAML: {e}") from None
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _differences(saved, now, key: str = "") -> dict[str, tuple]:
-    """Dotted key -> (saved value, new value) for every leaf that differs; a missing key reads as '<absent>'."""
-    if isinstance(saved, dict) and isinstance(now, dict):
-        out = {}
-        for k in [*saved, *(k for k in now if k not in saved)]:
-            out |= _differences(saved.get(k, "<absent>"), now.get(k, "<absent>"), f"{key}.{k}" if key else str(k))
-        return out
-    return {} if saved == now else {key: (saved, now)}
+        return read_yaml(path)
+    except ValueError as e:
+        raise PipelineError(str(e)) from None
 
 
 def _without_stage_sets(config: dict) -> dict:
@@ -290,14 +275,14 @@ class Pipeline:
                     f"that made them; {START_OVER}"
                 )
             self.dir.mkdir(parents=True, exist_ok=True)
-            _write_text(stages, yaml.safe_dump(now["stage_configs"], sort_keys=False))
+            write_text(stages, yaml.safe_dump(now["stage_configs"], sort_keys=False))
             config = {k: v for k, v in now.items() if k != "stage_configs"}
-            _write_text(record, yaml.safe_dump(config, sort_keys=False))  # last: the record is whole
+            write_text(record, yaml.safe_dump(config, sort_keys=False))  # last: the record is whole
             return
         saved = {**(_read_yaml(record) or {}), "stage_configs": _read_yaml(stages) if stages.is_file() else {}}
-        changed = _differences(saved, now)
+        changed = differences(saved, now)
         # the stage configs' STAGE_SETS keys aside: the pipeline sets them for every stage run
-        strict = _differences(_without_stage_sets(saved), _without_stage_sets(now))
+        strict = differences(_without_stage_sets(saved), _without_stage_sets(now))
         refused = [k for k in strict if k.split(".")[0] not in HARMLESS]
         if refused:
             lines = "".join(f"\n  {k}: {strict[k][0]!r} there, {strict[k][1]!r} now" for k in refused)
@@ -307,16 +292,6 @@ class Pipeline:
             )
         if changed:
             print(f"{record}: {', '.join(changed)} changed (no stage's result depends on them); the record is kept")
-
-
-def describe() -> str:
-    """Every key with its default and comment: the `--help` epilog."""
-    comments = _comments(PipelineConfig)
-    lines = []
-    for f in dataclasses.fields(PipelineConfig):
-        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        lines.append(f"  {f.name} = {default!r}" + (f"  # {comments[f.name]}" if f.name in comments else ""))
-    return "\n".join(lines)
 
 
 def make_launcher(cfg: PipelineConfig, run_dir: Path) -> Launcher:
@@ -334,7 +309,7 @@ def make_launcher(cfg: PipelineConfig, run_dir: Path) -> Launcher:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(
-        description=__doc__, epilog="keys (key = default):\n" + describe(),
+        description=__doc__, epilog="keys (key = default):\n" + describe(PipelineConfig),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     ap.add_argument("--config")

@@ -16,6 +16,8 @@ import os
 import time
 from pathlib import Path
 
+from data.io import write_json
+
 ENV = "POSTTRAIN_PROGRESS"
 MIN_INTERVAL_S = 0.5
 _last = [0.0]
@@ -29,10 +31,8 @@ def report(done: int, total: int, unit: str) -> None:
     if done < total and now - _last[0] < MIN_INTERVAL_S:
         return
     _last[0] = now
-    tmp = f"{path}.tmp{os.getpid()}"
     try:
-        Path(tmp).write_text(json.dumps({"done": done, "total": total, "unit": unit, "time": now}))
-        os.replace(tmp, path)
+        write_json(path, {"done": done, "total": total, "unit": unit, "time": now}, indent=None)
     except OSError:
         pass  # progress is a courtesy: never fail a job over it
 

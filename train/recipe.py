@@ -23,7 +23,7 @@ import os
 import time
 from pathlib import Path
 
-from data.jsonl import write_jsonl
+from data.io import write_jsonl, write_text
 from train.launch import Interrupted, Job, JobFailed, Launcher
 from train.logger import read_metrics
 from train.sample import drop_report, drops_for, file_annotator, preference_pair
@@ -70,12 +70,6 @@ def _flags(options: dict) -> list[str]:
         elif value not in (None, False):
             out += [flag, str(value)]
     return out
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 class Recipe:
@@ -258,7 +252,7 @@ class Recipe:
             try:
                 result = {"round": rnd, "stage": name, **fn(d, rnd, *args), "seconds": round(time.time() - t0, 1)}
                 with self.launcher.signals.deferred():  # the marker is written whole, or not at all
-                    _write_text(marker, json.dumps(result, indent=1))
+                    write_text(marker, json.dumps(result, indent=1))
             except (StageError, JobFailed) as e:
                 raise StageError(f"[round {rnd}] {name}: {e}") from None
             except Interrupted as e:  # no DONE marker: a rerun does the stage again (its training resumes)

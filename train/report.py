@@ -6,23 +6,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from data.io import write_text
 from train.recipe import EVAL_SIZE
 
 
 def write_report(folder: Path, config: dict, results: list[dict], plots: bool, rounds: int, eval_prompts: int) -> None:
     summary = {"config": config, "stages": results}
-    _write_text(folder / "summary.json", json.dumps(summary, indent=1))
+    write_text(folder / "summary.json", json.dumps(summary, indent=1))
     table = summary_table(results)
-    _write_text(folder / "summary.md", table + "\n")
+    write_text(folder / "summary.md", table + "\n")
     print(table)
     if plots:
         plot(folder, results, rounds, eval_prompts)
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def plot(folder: Path, results: list[dict], rounds: int, eval_prompts: int) -> None:

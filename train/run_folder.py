@@ -23,9 +23,10 @@ from pathlib import Path
 
 import yaml
 
+from data.io import write_text
 from llama.checkpoint import check_destination
 from train import run_lock, train_state
-from train.config import flatten, save_config, to_dict
+from train.config import differences, save_config, to_dict
 
 # What a resume may change: how long to train, when to eval/save/log, what to export.
 CHANGEABLE_ON_RESUME = (
@@ -49,9 +50,7 @@ _TMP_STEP = re.compile(r"^step_\d{8}\.tmp$")
 
 def config_changes(saved: dict, current: dict) -> tuple[dict, dict]:
     """-> (changes a resume may make, changes it may not): {"section.key": (saved, current)}."""
-    old, new = flatten(saved), flatten(current)
-    changed = {k: (old.get(k, "<absent>"), new.get(k, "<absent>")) for k in sorted(set(old) | set(new))}
-    changed = {k: v for k, v in changed.items() if v[0] != v[1]}
+    changed = dict(sorted(differences(saved, current).items()))
     ok = {k: v for k, v in changed.items() if any(fnmatch.fnmatch(k, p) for p in CHANGEABLE_ON_RESUME)}
     return ok, {k: v for k, v in changed.items() if k not in ok}
 
@@ -225,9 +224,7 @@ def _check_data(run_dir: Path, now: dict[str, dict[str, str]], fresh: bool) -> N
         if not fresh:
             print(f"WARNING: {run_dir} has no {DATA_RECORD} (a run of an older version): its data cannot be "
                   "checked against this resume's; recording this data now", flush=True)  # fmt: skip
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(now, indent=1, sort_keys=True))
-        tmp.replace(path)
+        write_text(path, json.dumps(now, indent=1, sort_keys=True))
         return
     saved = json.loads(path.read_text())
     changes = []

@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 
 from data.clean import RULES, CleanRules, dedup_key, reject_reason
-from data.jsonl import write_jsonl
+from data.io import write_jsonl, write_text
 from data.loader import read_records
 from data.rows import build_group, encode_response, pack
 from data.schema import ValidationError, parse_prompt
@@ -596,14 +596,6 @@ def sample_and_write(args, d, chat: ChatFormat, records: list[dict], annotate, e
 def rank_seed(seed: int, rank: int) -> int:
     """The seed of rank r's generator: rank 0 the seed itself, so a 1-rank job reproduces an in-process call."""
     return seed + 1_000_003 * rank
-
-
-def write_text(path, text: str) -> None:
-    """Written under a temporary name and renamed into place: a reader never sees half of it."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.jsonl import write_jsonl
+from data.io import write_jsonl
 from data.tasks import SeedData
 
 _QUESTION = re.compile(r"^\s*(\d+)\+(\d+)=\s*$")
