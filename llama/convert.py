@@ -7,7 +7,7 @@ DST may be new, empty, or a checkpoint directory (SRC itself included): its conf
 are replaced, everything else in it (README, ...) is kept. Any other non-empty DST is refused.
 
 The tokenizer (--tokenizer, else SRC's) and the chat template (--chat-template, else the one SRC's
-tokenizer_config.json names, else llama3) are written beside the weights (llama.checkpoint.tokenizer_files):
+tokenizer_config.json names, else llama3) are written beside the weights (llama/formats/hf.py tokenizer_files):
 with --to hf a folder that transformers' AutoTokenizer and AutoModel* load on their own. With no
 tokenizer given or in SRC only the weights are written (printed), and DST's own tokenizer files stay.
 DST's own tokenizer files (tokenizer.json, tokenizer_config.json with its chat template,

@@ -4,8 +4,8 @@
 `original/tokenizer.model`), a Hugging Face byte-level BPE `tokenizer.json` (read into the same tiktoken
 encoder: its vocabulary ids are the BPE ranks, its added tokens the special tokens), or a SentencePiece
 model. `resolve_tokenizer` picks the one for a model (given, else the checkpoint folder's, else the byte
-tokenizer only if the vocabulary matches). `hf_tokenizer_json` writes a tiktoken tokenizer back as a
-`tokenizer.json` for Hugging Face exports.
+tokenizer only if the vocabulary matches). llama/formats/hf.py `hf_tokenizer_json` writes a tiktoken
+tokenizer back as a `tokenizer.json` for Hugging Face exports.
 
 Both kinds (TiktokenTokenizer, SentencePieceTokenizer) expose the same small surface:
 `encode(text, bos=False, eos=False, allow_special=False)`, `decode(ids)`, `vocab_size`, and
@@ -228,7 +228,7 @@ class SentencePieceTokenizer(Tokenizer):
 # ----------------------------------------------------------------------------- tokenizer.json
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """Byte-level BPE's printable stand-in for each byte (GPT-2's table; tokenizer.json vocabularies use it)."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     table, extra = {b: chr(b) for b in printable}, 0
@@ -283,7 +283,7 @@ def read_hf_tokenizer_json(path: Path) -> tuple[dict[bytes, int], dict[str, int]
         fail("normalizer" if raw.get("normalizer") is not None else "model.byte_fallback", "not supported")
     pattern = _split_pattern(raw.get("pre_tokenizer"), fail)
     # stand-in char -> the byte's own char; a byte's own char that is not a stand-in -> one latin-1 cannot encode
-    to_latin1 = {ord(c): b for b, c in _bytes_to_unicode().items()}
+    to_latin1 = {ord(c): b for b, c in bytes_to_unicode().items()}
     to_latin1 = {b: 0xFFFF for b in range(256) if b not in to_latin1} | to_latin1
     vocab, ranks = model.get("vocab") or {}, {}
     for token, rank in vocab.items():
@@ -304,79 +304,6 @@ def read_hf_tokenizer_json(path: Path) -> tuple[dict[bytes, int], dict[str, int]
     if sorted(special.values()) != list(range(len(ranks), len(ranks) + len(special))):
         fail("added_tokens", f"ids must follow the vocabulary's without gaps ({len(ranks)}, {len(ranks) + 1}, ...)")
     return ranks, special, pattern
-
-
-def hf_tokenizer_json(tok: Tokenizer) -> dict:
-    """A tiktoken tokenizer as a Hugging Face tokenizer.json (byte-level BPE), as transformers converts
-    Meta's tokenizer.model: every split of a token into two tokens is a merge, listed in the token's rank
-    order; ignore_merges, as tiktoken, takes a piece found whole in the vocabulary as one token."""
-    if not isinstance(tok, TiktokenTokenizer):
-        raise ValueError(f"{tok.path}: a SentencePiece tokenizer has no byte-level tokenizer.json form")
-    stand_in = _bytes_to_unicode()
-
-    def text(b: bytes) -> str:
-        return b.decode("latin-1").translate(stand_in)
-
-    ranks, merges = tok.ranks, []
-    for token, _ in sorted(ranks.items(), key=lambda kv: kv[1]):
-        splits = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks]
-        merges += [f"{text(a)} {text(b)}" for a, b in sorted(splits, key=lambda p: (ranks[p[0]], ranks[p[1]]))]
-    bos = tok.special_tokens["<|begin_of_text|>"]
-    added = [
-        {
-            "id": i,
-            "content": s,
-            "single_word": False,
-            "lstrip": False,
-            "rstrip": False,
-            "normalized": False,
-            "special": True,
-        }
-        for s, i in sorted(tok.special_tokens.items(), key=lambda kv: kv[1])
-    ]
-    return {
-        "version": "1.0",
-        "truncation": None,
-        "padding": None,
-        "added_tokens": added,
-        "normalizer": None,
-        "pre_tokenizer": {
-            "type": "Sequence",
-            "pretokenizers": [
-                {"type": "Split", "pattern": {"Regex": tok.pattern}, "behavior": "Isolated", "invert": False},
-                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
-            ],
-        },
-        "post_processor": {  # <|begin_of_text|> first when add_special_tokens (Meta's tokenizer.json does this)
-            "type": "TemplateProcessing",
-            "single": [
-                {"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 0}},
-                {"Sequence": {"id": "A", "type_id": 0}},
-            ],
-            "pair": [
-                {"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 0}},
-                {"Sequence": {"id": "A", "type_id": 0}},
-                {"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 1}},
-                {"Sequence": {"id": "B", "type_id": 1}},
-            ],
-            "special_tokens": {
-                "<|begin_of_text|>": {"id": "<|begin_of_text|>", "ids": [bos], "tokens": ["<|begin_of_text|>"]}
-            },
-        },
-        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
-        "model": {
-            "type": "BPE",
-            "dropout": None,
-            "unk_token": None,
-            "continuing_subword_prefix": None,
-            "end_of_word_suffix": None,
-            "fuse_unk": False,
-            "byte_fallback": False,
-            "ignore_merges": True,
-            "vocab": {text(b): r for b, r in sorted(ranks.items(), key=lambda kv: kv[1])},
-            "merges": merges,
-        },
-    }
 
 
 # Where a model folder keeps its tokenizer, in order of preference: ours and HF Llama 2 at the top, then

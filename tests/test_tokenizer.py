@@ -7,11 +7,11 @@ import shutil
 import pytest
 from tokenizers import Tokenizer as HFTokenizer
 
+from llama.formats.hf import hf_tokenizer_json
 from llama.tokenizer import (
     DEFAULT_TOKENIZER,
     SentencePieceTokenizer,
     TiktokenTokenizer,
-    hf_tokenizer_json,
     load_tokenizer,
     resolve_tokenizer,
 )
