@@ -17,6 +17,7 @@ from typing import Literal
 
 import torch
 
+from llama.model import attention_mask
 from losses import dpo
 from train import loop
 from train.config import Config, OptimSection, parse_args
@@ -53,7 +54,8 @@ def make_task(model, reference, cfg: DPOSection, backend: str) -> loop.Task:
     """reference: the frozen model, its precomputed (num_examples, 2) table, or None (reference-free)."""
 
     def loss(batch, step):
-        pol = model_logps(model, batch, backend)  # (N,) policy log p of every target
+        mask = attention_mask(batch.doc_ids, batch.branch_ids)  # built once: the policy's and the reference's
+        pol = model_logps(model, batch, backend, mask)  # (N,) policy log p of every target
         pc, pr = dpo_logps(pol, batch, cfg.mask_format)  # (P,) sums, formatting tokens masked
         nc, nr = dpo_lengths(batch, cfg.mask_format)  # (P,) the tokens in those sums
         nll, nll_tokens = chosen_nll(pol, batch)  # (P,) -sum log p over every chosen token, their count
@@ -62,7 +64,7 @@ def make_task(model, reference, cfg: DPOSection, backend: str) -> loop.Task:
             rc, rr = reference[batch.group_uid].unbind(-1)
         elif reference is not None:
             with torch.no_grad():
-                rc, rr = dpo_logps(model_logps(reference, batch, backend), batch, cfg.mask_format)
+                rc, rr = dpo_logps(model_logps(reference, batch, backend, mask), batch, cfg.mask_format)
         return dpo.dpo_loss(
             policy_chosen=pc, policy_rejected=pr, reference_chosen=rc, reference_rejected=rr, chosen_tokens=nc,
             rejected_tokens=nr, chosen_nll=nll, chosen_nll_tokens=nll_tokens, num_pairs=step.num_pairs,
