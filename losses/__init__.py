@@ -4,7 +4,7 @@ Contract: a loss takes tensors only and returns `(loss, sums)`. `sums` are on-de
 this micro-batch, each with a denominator declared in the module's `RATIOS` (logged metric ->
 (sum, denominator)); the loop adds them over micro-batches and ranks and divides once per logged
 step, so an empty micro-batch adds zeros, never NaN. Turning a packed `Batch` into these tensors
-(gathering target positions, per-sequence sums, chosen/rejected indices) is train/tasks.py's job.
+(gathering target positions, per-sequence sums, chosen/rejected indices) is train/targets.py's job.
 """
 
 from losses.common import sequence_sums

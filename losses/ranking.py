@@ -51,7 +51,7 @@ def ranking_loss(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """rewards (S,) one per sequence; group (S,), rank (S,) with 0 = best; margin (G,) per group.
     group_class (G,) indexes class_names (e.g. preference strengths; -1: none): the sums then also
-    hold `pairs/<name>` and `correct/<name>` per class."""
+    hold `pairs/<name>` and `correct/<name>` per class. center_rewards: c above (0: off)."""
     i, j = ranked_pairs(group, rank)
     diff = rewards[i] - rewards[j]  # (P,)
     m = margin[group[i]] if margin is not None else 0.0

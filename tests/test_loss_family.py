@@ -31,12 +31,9 @@ def log_sigmoid(x):
 def pairs(seed=0):
     """dpo_loss's tensor arguments for P pairs: log-prob sums of responses of 3..40 tokens, float64."""
     g = torch.Generator().manual_seed(seed)
-    nc, nr = torch.randint(3, 40, (P,), generator=g).double(), torch.randint(3, 40, (P,), generator=g).double()
-    pc, pr = (
-        -torch.rand(P, generator=g, dtype=torch.float64) * nc,
-        -torch.rand(P, generator=g, dtype=torch.float64) * nr,
-    )
-    rc, rr = pc + torch.randn(P, generator=g, dtype=torch.float64) * 4, pr + torch.randn(P, generator=g).double() * 4
+    nc, nr = (torch.randint(3, 40, (P,), generator=g).double() for _ in range(2))  # tokens in the sums
+    pc, pr = (-torch.rand(P, generator=g, dtype=torch.float64) * n for n in (nc, nr))
+    rc, rr = (x + torch.randn(P, generator=g, dtype=torch.float64) * 4 for x in (pc, pr))
     nll_tokens = nc + 1  # the NLL keeps the terminator the log-prob sums leave out
     return dict(
         policy_chosen=pc, policy_rejected=pr, reference_chosen=rc, reference_rejected=rr, chosen_tokens=nc,
@@ -46,19 +43,11 @@ def pairs(seed=0):
 
 
 def margins(x, k):
-    """Pair k's log-ratio margin, summed and per token, and its per-token policy margin (SimPO's)."""
-    pc, pr, rc, rr, nc, nr = (
-        x[name][k].item()
-        for name in (
-            "policy_chosen",
-            "policy_rejected",
-            "reference_chosen",
-            "reference_rejected",
-            "chosen_tokens",
-            "rejected_tokens",
-        )
-    )
-    return (pc - rc) - (pr - rr), (pc - rc) / nc - (pr - rr) / nr, pc / nc - pr / nr
+    """Pair k's log-ratio margin d (summed) and d_tok (per token), and its per-token policy margin s_tok (SimPO's)."""
+    v = {name: t[k].item() for name, t in x.items() if isinstance(t, torch.Tensor)}
+    chosen, rejected = v["policy_chosen"] - v["reference_chosen"], v["policy_rejected"] - v["reference_rejected"]
+    nc, nr = v["chosen_tokens"], v["rejected_tokens"]
+    return chosen - rejected, chosen / nc - rejected / nr, v["policy_chosen"] / nc - v["policy_rejected"] / nr
 
 
 # ----------------------------------------------------------------------------- float64 formulas, one per loss
@@ -105,16 +94,14 @@ def test_robust_equals_float64_formula():
 
 def test_simpo_equals_float64_formula():  # no reference: the policy's per-token log-probs, margin gamma
     b, g, e = 2.0, 0.8, 0.1
-    h = lambda s_tok: b * s_tok - g  # noqa: E731
-    x, sums = check(
-        "simpo", lambda d, d_tok, s_tok: -(1 - e) * log_sigmoid(h(s_tok)) - e * log_sigmoid(-h(s_tok)),
-        beta=b, gamma=g, label_smoothing=e,
-    )  # fmt: skip
-    no_ref = {**x, "reference_chosen": None, "reference_rejected": None}
-    assert (
-        dpo_loss(**no_ref, loss="simpo", beta=b, gamma=g)[0].item()
-        == dpo_loss(**x, loss="simpo", beta=b, gamma=g)[0].item()
-    )
+
+    def simpo(d, d_tok, s_tok):
+        h = b * s_tok - g
+        return -(1 - e) * log_sigmoid(h) - e * log_sigmoid(-h)
+
+    x, sums = check("simpo", simpo, beta=b, gamma=g, label_smoothing=e)
+    no_ref = {**x, "reference_chosen": None, "reference_rejected": None}  # the reference is never read
+    assert dpo_loss(**no_ref, loss="simpo", beta=b, gamma=g)[0] == dpo_loss(**x, loss="simpo", beta=b, gamma=g)[0]
     assert sums["rewards/chosen"].item() == pytest.approx((b * x["policy_chosen"] / x["chosen_tokens"]).sum().item())
 
 
