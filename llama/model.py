@@ -97,8 +97,8 @@ def flex_block_mask(doc: Tensor, branch: Tensor):
         return (k <= q) & (doc[b, q] == doc[b, k]) & ((branch[b, k] == 0) | (branch[b, k] == branch[b, q]))
 
     # The compiled functions are made here, in eager code: made inside a compiled block (attend) the
-    # wrapper itself would be traced, costing an extra compile. Not at import: that costs every
-    # process ~1.6 s (torch._dynamo) whether it uses FlexAttention or not.
+    # wrapper itself would be traced, costing an extra compile. Not at import: importing torch._dynamo
+    # would cost every process ~1.6 s (on the CPU here) whether it uses FlexAttention or not.
     if _compiled_flex is None:
         _compiled_flex = torch.compile(flex_attention)
     if _compiled_create_block_mask is None:
