@@ -217,7 +217,7 @@ def run_ours(args, device: torch.device) -> None:
                 return target_logps(h, w, batch, "torch")
 
             logps = ref(mb.tokens, mb.positions, mb.doc_ids, mb.branch_ids, head_fn=head)
-            nll, count = chosen_nll(logps.float(), mb, "token")
+            nll, count = chosen_nll(logps.float(), mb)
             nll_sum, nll_count = nll_sum + float(nll.sum()), nll_count + float(count.sum())
     trl_style = math.log(2) + 0.2 * nll_sum / nll_count
     report(
