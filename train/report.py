@@ -40,17 +40,19 @@ def plot(folder: Path, results: list[dict], rounds: int, eval_prompts: int) -> N
 
 
 TABLE_COLUMNS = [
-    "rm_accuracy", "rm_pick_accuracy", "sft_loss", "dpo_reward_accuracy", "task_accuracy", "task_accuracy_sampled",
+    "rm_accuracy", "rm_pick_accuracy", "mean_best_score", "sft_loss", "dpo_reward_accuracy", "task_accuracy",
+    "task_accuracy_sampled", "nll", "rm_score",
 ]  # fmt: skip
 
 
 def summary_table(results: list[dict]) -> str:
-    """A markdown table: one row per stage (the data stage aside), one column per metric."""
-    lines = ["| round | stage | " + " | ".join(TABLE_COLUMNS) + " |", "|---|---|" + "---:|" * len(TABLE_COLUMNS)]
-    for r in results:
-        if r["stage"] == "data":
-            continue
-        cells = [f"{r[c]:.3f}" if isinstance(r.get(c), float) else "" for c in TABLE_COLUMNS]
+    """A markdown table: one row per stage (the data stage aside), one column per metric that some stage
+    has (a task without a verifier has no task accuracy; the RM's score and NLL stand in)."""
+    stages = [r for r in results if r["stage"] != "data"]
+    columns = [c for c in TABLE_COLUMNS if any(isinstance(r.get(c), float) for r in stages)]
+    lines = ["| round | stage | " + " | ".join(columns) + " |", "|---|---|" + "---:|" * len(columns)]
+    for r in stages:
+        cells = [f"{r[c]:.3f}" if isinstance(r.get(c), float) else "" for c in columns]
         lines.append(f"| {r['round']} | {r['stage']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

