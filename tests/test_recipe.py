@@ -33,12 +33,14 @@ def files(tmp_path):
     d = tmp_path / "data"
     d.mkdir()
     pool = [{"prompt": f"{i}+1="} for i in range(10)]
-    pair = {"prompt": "1+1=", "chosen": "2", "rejected": "3"}
+    pair = {"prompt": "1+1=", "chosen": "2", "rejected": "3", "strength": "significantly_better"}
+    pairs = [{**pair, "prompt": f"{i}+1=", "chosen": str(i + 1)} for i in range(32)]
     return {
         "prompts": write(d / "pool.jsonl", pool),
-        "preferences": [write(d / "prefs.jsonl", [pair])],
-        "sft": [write(d / "human_sft.jsonl", [{"messages": [{"role": "user", "content": "a"},
-                                                             {"role": "assistant", "content": "b"}]}])],
+        "preferences": [write(d / "prefs.jsonl", [pair, *pairs])],
+        "sft": [write(d / "human_sft.jsonl", [{"messages": [{"role": "user", "content": f"{i}+1="},
+                                                             {"role": "assistant", "content": str(i + 1)}]}
+                                              for i in range(8)])],
         "eval_pairs": write(d / "eval_pairs.jsonl", [pair]),
         "eval_prompts": write(d / "eval_prompts.jsonl", pool[:2]),
         "eval_sft": str(d / "human_sft.jsonl"),
@@ -114,7 +116,7 @@ def test_round_data_follows_llama3(tmp_path, files):
     rm, _, sft, _, dpo, average = launcher.jobs  # each training job, then its averaging job
     assert average.script == "train/average.py" and average.nproc == 0
     rm_data = [json.loads(line) for line in open(args_of(rm)["data.train"])]
-    assert [p["chosen"] for p in rm_data] == ["2", "a1"]  # the seed pair and round 1's: all preference data so far
+    assert [p["chosen"] for p in rm_data] == ["2", *(str(i + 1) for i in range(32)), "a1"]  # seed + round 1's
     train = args_of(sft)["data.train"]
     assert train[0]["weight"] == 1.0 and train[1] == {"path": files["sft"][0], "weight": 0.25}
     assert [json.loads(line)["round"] for line in open(train[0]["path"])] == [1, 2]  # all rejection-sampled data
