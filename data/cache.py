@@ -13,10 +13,10 @@ A cache folder `<root>/<name>-<key[:16]>/` holds
     <field>.bin     one little-endian array per field:
       per token      tokens int32, positions uint16 (int32 if max_len > 65535), branch uint8,
                      docs uint8 (only for preference data in separate rows, one_row=false)
-      per target     target_parent uint16|int32, target_token int32, target_seq uint8, target_format bool
+      per target     target_hidden_index uint16|int32, target_token int32, target_seq uint8, target_format bool
       per sequence   seq_score uint16|int32, seq_rank uint8
       per example    token_end, target_end, seq_end int64 (running totals), strength int8,
-                     num_best int32 (targets of the best sequence: the DPO chosen tokens)
+                     num_chosen_targets int32 (targets of the best sequence, rank 0: DPO's chosen tokens)
 The key hashes the data files' contents (read whole at every start, sha256: no size/mtime shortcut,
 which an edit that keeps both would fool), the tokenizer file, the chat format's settings (template),
 the encoding code (data/records.py, data/rows.py, data/schema.py, llama/chat.py, llama/tokenizer.py,
@@ -53,12 +53,12 @@ import numpy as np
 from data.records import file_id, sha256_file
 from data.rows import EncodeOptions, Example, Seq, Target
 
-VERSION = 2
+VERSION = 3  # 3: target_parent -> target_hidden_index, num_best -> num_chosen_targets
 REPO = Path(__file__).resolve().parent.parent
 CODE = ["data/records.py", "data/rows.py", "data/schema.py", "data/cache.py", "data/prepare.py"]
 CODE += ["llama/chat.py", "llama/tokenizer.py"]
-PER_EXAMPLE = ("token_end", "target_end", "seq_end", "strength", "num_best")
-REQUIRED = ("tokens", "positions", "branch", "target_parent", "target_token", "target_seq", "target_format")
+PER_EXAMPLE = ("token_end", "target_end", "seq_end", "strength", "num_chosen_targets")
+REQUIRED = ("tokens", "positions", "branch", "target_hidden_index", "target_token", "target_seq", "target_format")
 REQUIRED += ("seq_score", "seq_rank", *PER_EXAMPLE)
 BLOCK_BYTES = 1 << 16  # one crc32 per 64 KiB of an array file
 CHECKSUMS = "checksums.bin"
@@ -75,9 +75,9 @@ def fields(opts: EncodeOptions) -> dict[str, np.dtype]:
     out = dict(tokens=np.int32, positions=idx, branch=np.uint8)
     if opts.kind != "sft" and not opts.one_row:
         out["docs"] = np.uint8
-    out.update(target_parent=idx, target_token=np.int32, target_seq=np.uint8, target_format=np.bool_)
+    out.update(target_hidden_index=idx, target_token=np.int32, target_seq=np.uint8, target_format=np.bool_)
     out.update(seq_score=idx, seq_rank=np.uint8)
-    out.update(token_end=np.int64, target_end=np.int64, seq_end=np.int64, strength=np.int8, num_best=np.int32)
+    out.update(token_end=np.int64, target_end=np.int64, seq_end=np.int64, strength=np.int8, num_chosen_targets=np.int32)
     return {k: np.dtype(v) for k, v in out.items()}
 
 
@@ -254,7 +254,7 @@ class TokenizedData:
         self.num_targets = np.diff(self.offsets["target_end"])
         seqs = np.diff(self.offsets["seq_end"])
         self.num_pairs = seqs * (seqs - 1) // 2
-        self.num_best = np.asarray(self.arrays["num_best"], dtype=np.int64)
+        self.num_chosen_targets = np.asarray(self.arrays["num_chosen_targets"], dtype=np.int64)
 
     def _check(self, name: str, start: int, stop: int) -> None:
         """Elements [start, stop) of an array: each of their blocks not checked yet against its crc32."""
@@ -292,7 +292,7 @@ class TokenizedData:
 
     def __getitem__(self, i: int) -> Example:
         a, tok, tgt, seq = self.arrays, "token_end", "target_end", "seq_end"
-        targets = zip(*(self._slice(f"target_{f}", tgt, i) for f in ("parent", "token", "seq", "format")))
+        targets = zip(*(self._slice(f"target_{f}", tgt, i) for f in ("hidden_index", "token", "seq", "format")))
         seqs = zip(self._slice("seq_score", seq, i), self._slice("seq_rank", seq, i))
         return Example(
             tokens=self._slice("tokens", tok, i),

@@ -69,7 +69,7 @@ def load_examples(
 
 
 # ----------------------------------------------------------------------------- datasets
-# What the loader reads: `lengths`, `num_targets`, `num_pairs`, `num_best` (one entry per example),
+# What the loader reads: `lengths`, `num_targets`, `num_pairs`, `num_chosen_targets` (one entry per example),
 # len() and data[i] -> Example. TokenizedData (data/cache.py) is one; these are the others.
 
 
@@ -81,7 +81,7 @@ class InMemory:
         self.lengths = np.array([len(e) for e in examples], dtype=np.int64)
         self.num_targets = np.array([len(e.targets) for e in examples], dtype=np.int64)
         self.num_pairs = np.array([len(e.seqs) * (len(e.seqs) - 1) // 2 for e in examples], dtype=np.int64)
-        self.num_best = np.array([sum(t.seq == 0 for t in e.targets) for e in examples], dtype=np.int64)
+        self.num_chosen_targets = np.array([sum(t.seq == 0 for t in e.targets) for e in examples], dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -97,7 +97,7 @@ class Concat:
         self.parts = parts
         self.starts = np.cumsum([0] + [len(p) for p in parts])
         self.fingerprints = {k: v for p in parts for k, v in getattr(p, "fingerprints", {}).items()}
-        for name in ("lengths", "num_targets", "num_pairs", "num_best"):
+        for name in ("lengths", "num_targets", "num_pairs", "num_chosen_targets"):
             setattr(self, name, np.concatenate([getattr(p, name) for p in parts]))
 
     def __len__(self) -> int:
@@ -129,7 +129,7 @@ class Step:
     micro_batches: list[Batch]  # this rank's
     num_targets: int  # over all micro-batches of all ranks
     num_pairs: int  # ordered (better, worse) pairs
-    num_best_targets: int  # targets of the best-ranked sequences (DPO: chosen tokens)
+    num_chosen_targets: int  # targets of the best-ranked (rank 0) sequences: DPO's chosen tokens
 
 
 class DataLoader:
@@ -200,7 +200,7 @@ class DataLoader:
         return dict(
             num_targets=int(d.num_targets[ids].sum()),
             num_pairs=int(d.num_pairs[ids].sum()),
-            num_best_targets=int(d.num_best[ids].sum()),
+            num_chosen_targets=int(d.num_chosen_targets[ids].sum()),
         )
 
     def build_step(self, epoch: int, step: int) -> Step:

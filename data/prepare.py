@@ -83,7 +83,7 @@ def encode_chunk(chunk: Chunk, opts: EncodeOptions, chat: ChatFormat) -> tuple[d
             raise ValueError(f"{where}: {len(ex.seqs)} responses; the tokenized cache holds at most {MAX_SEQS}")
         for name in ("tokens", "positions", "branch", "docs") if "docs" in cols else ("tokens", "positions", "branch"):
             cols[name] += getattr(ex, name)
-        targets = dict(zip(("target_parent", "target_token", "target_seq", "target_format"), zip(*ex.targets)))
+        targets = dict(zip(("target_hidden_index", "target_token", "target_seq", "target_format"), zip(*ex.targets)))
         for name, column in targets.items():
             cols[name] += column
         for name, column in zip(("seq_score", "seq_rank"), zip(*ex.seqs)):
@@ -91,7 +91,7 @@ def encode_chunk(chunk: Chunk, opts: EncodeOptions, chat: ChatFormat) -> tuple[d
         for name, n in (("token_end", len(ex.tokens)), ("target_end", len(ex.targets)), ("seq_end", len(ex.seqs))):
             cols[name].append((cols[name][-1] if cols[name] else 0) + n)
         cols["strength"].append(ex.strength)
-        cols["num_best"].append(targets["target_seq"].count(0) if targets else 0)
+        cols["num_chosen_targets"].append(targets["target_seq"].count(0) if targets else 0)
     where = f"{chunk.path} (records {chunk.first + 1}..{chunk.first + report['records']})"
     return {name: _checked(cols[name], dtype, name, where) for name, dtype in dtypes.items()}, report
 

@@ -34,7 +34,7 @@ OVERLENGTH = ("truncate", "drop")
 
 
 class Target(NamedTuple):
-    parent: int  # index (in the example) of the hidden state that predicts the token
+    hidden_index: int  # index (in the example) of the hidden state that predicts the token
     token: int
     seq: int  # index into Example.seqs; those are sorted best first, so seq k is the k-th best
     is_format: bool  # header span or turn terminator
@@ -68,7 +68,7 @@ class Batch:
     positions: torch.Tensor  # (B, T)
     doc_ids: torch.Tensor  # (B, T), PAD_DOC = padding
     branch_ids: torch.Tensor  # (B, T)
-    target_index: torch.Tensor  # (N,) hidden state predicting each target
+    target_hidden_index: torch.Tensor  # (N,) hidden state predicting each target
     target_token: torch.Tensor  # (N,)
     target_seq: torch.Tensor  # (N,) sequence (response, or SFT dialog) of each target
     target_format: torch.Tensor  # (N,) bool: header span or turn terminator
@@ -351,7 +351,7 @@ def collate(rows: list[list[Example]], pad_id: int = 0, pad_multiple: int = 8) -
     positions = torch.zeros((B, T), dtype=torch.long)
     doc = torch.full((B, T), PAD_DOC, dtype=torch.long)
     branch = torch.zeros((B, T), dtype=torch.long)
-    t_index, t_token, t_seq, t_fmt, s_score, s_group, s_rank, g_strength, g_uid = ([] for _ in range(9))
+    t_hidden, t_token, t_seq, t_fmt, s_score, s_group, s_rank, g_strength, g_uid = ([] for _ in range(9))
     for b, row in enumerate(rows):
         start, next_doc = 0, 0
         for ex in row:
@@ -363,7 +363,7 @@ def collate(rows: list[list[Example]], pad_id: int = 0, pad_multiple: int = 8) -
             doc[b, start : start + n] = next_doc + local
             next_doc += int(local.max()) + 1
             for t in ex.targets:
-                t_index.append(base + t.parent)
+                t_hidden.append(base + t.hidden_index)
                 t_token.append(t.token)
                 t_seq.append(seq0 + t.seq)
                 t_fmt.append(t.is_format)
@@ -379,6 +379,6 @@ def collate(rows: list[list[Example]], pad_id: int = 0, pad_multiple: int = 8) -
         return torch.tensor(x, dtype=torch.long)
 
     return Batch(
-        tokens, positions, doc, branch, long(t_index), long(t_token), long(t_seq), torch.tensor(t_fmt, dtype=torch.bool),
+        tokens, positions, doc, branch, long(t_hidden), long(t_token), long(t_seq), torch.tensor(t_fmt, dtype=torch.bool),
         long(s_score), long(s_group), long(s_rank), long(g_strength), long(g_uid),
     )  # fmt: skip

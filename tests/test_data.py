@@ -93,7 +93,7 @@ def test_truncation_keeps_terminator_and_cuts_longest_first():
 
 
 def test_reward_row_layout():
-    """[prompt][r_a][r_b][r_c]: positions continue the prompt, targets point at their parents."""
+    """[prompt][r_a][r_b][r_c]: positions continue the prompt, targets point at the hidden states that predict them."""
     responses = [[{"role": "assistant", "content": c}] for c in ("4", "five", "22")]
     rec = PreferenceRecord([{"role": "user", "content": "2+2?"}], responses)
     prompt = CHAT.encode_dialog(rec.prompt, add_generation_prompt=True).tokens
@@ -111,7 +111,7 @@ def test_reward_row_layout():
             assert end == idx[-1]
             ts = [t for t in ex.targets if t.seq == k]
             assert [t.token for t in ts] == [ex.tokens[i] for i in idx]
-            assert [t.parent for t in ts] == [P - 1] + idx[:-1]  # the prompt's last token predicts the first
+            assert [t.hidden_index for t in ts] == [P - 1] + idx[:-1]  # the prompt's last token predicts the first
             assert [t.is_format for t in ts] == [False] * (len(idx) - 1) + [True]  # the terminator is formatting
         orders.add(tuple(ex.branch[end] for end, _ in ex.seqs))
     assert len(orders) == 6  # every order of 3 responses occurs across seeds
@@ -127,7 +127,7 @@ def test_pack_and_loader_resume(tmp_path):
     for b in batches:
         assert b.tokens.shape[0] <= 2 and b.tokens.shape[1] <= 64
         flat = b.tokens.flatten()
-        assert torch.equal(flat[b.target_index + 1], b.target_token)  # SFT: parent = previous token
+        assert torch.equal(flat[b.target_hidden_index + 1], b.target_token)  # SFT: the previous token's
     assert sum(b.num_targets for b in batches) == sum(len(e.targets) for e in examples[:10])
 
     def run(world, rank, steps, state=None):

@@ -124,7 +124,7 @@ def test_cached_micro_batches_equal_in_memory_path(tmp_path_factory, kind, confi
             per_epoch = len(train) // dc.batch_size
             want, counts = reference_step(train, dc, n // per_epoch, n % per_epoch, rank, world, pad)
             assert_same_batches(step.micro_batches, want)
-            assert (step.num_targets, step.num_pairs, step.num_best_targets) == counts
+            assert (step.num_targets, step.num_pairs, step.num_chosen_targets) == counts
         for n, step in enumerate(ev.eval_steps()):
             want, _ = reference_step(evaluation, dc, 0, n, rank, world, pad, shuffle=False)
             assert_same_batches(step.micro_batches, want)
@@ -319,7 +319,8 @@ def test_loader_reads_only_its_own_examples(tmp_path):
     read = []
 
     class Counting:
-        lengths, num_targets, num_pairs, num_best = data.lengths, data.num_targets, data.num_pairs, data.num_best
+        lengths, num_targets, num_pairs = data.lengths, data.num_targets, data.num_pairs
+        num_chosen_targets = data.num_chosen_targets
 
         def __len__(self):
             return len(data)

@@ -266,20 +266,20 @@ def test_center_rewards_equals_float64_formula_and_trl():
 # ----------------------------------------------------------------------------- through train/dpo.py
 
 
-def test_simpo_task_runs_without_a_reference_model():
+def test_simpo_objective_runs_without_a_reference_model():
     from conftest import random_model
 
     from llama import get_preset
-    from train.dpo import make_task
+    from train.dpo import make_objective
     from train.targets import model_logps
 
     model = random_model(get_preset("debug"))
     batch = dpo_batch([pref("a?", "yes", "no way"), pref("b?", "maybe so", "x")])
-    step = SimpleNamespace(num_pairs=2, num_best_targets=int((batch.target_seq % 2 == 0).sum()))
-    task = make_task(model, None, DPOSection(loss="simpo", beta=2.0), "torch")
-    assert not task.reference_forward  # no reference forward, counted nowhere (MFU)
-    loss, _ = task.loss(batch, step)
+    step = SimpleNamespace(num_pairs=2, num_chosen_targets=int((batch.target_seq % 2 == 0).sum()))
+    objective = make_objective(model, None, DPOSection(loss="simpo", beta=2.0), "torch")
+    assert not objective.reference_forward  # no reference forward, counted nowhere (MFU)
+    loss, _ = objective.loss(batch, step)
     with torch.no_grad():
         x = dpo_inputs(model_logps(model, batch, "torch"), None, batch)
     assert loss.item() == pytest.approx(dpo_loss(**x, loss="simpo", beta=2.0)[0].item(), abs=1e-6)
-    assert make_task(model, model, DPOSection(), "torch").reference_forward
+    assert make_objective(model, model, DPOSection(), "torch").reference_forward

@@ -236,7 +236,7 @@ def test_sft_accumulation_equals_one_batch():
     # and the loss is the formula: mean NLL over the targets, from plain logits
     b = pack(examples, 128, 128 * 8)[0]
     logp = model(b.tokens, b.positions, b.doc_ids).log_softmax(-1).flatten(0, 1)
-    assert one == pytest.approx(-logp[b.target_index, b.target_token].mean().item(), abs=1e-12)
+    assert one == pytest.approx(-logp[b.target_hidden_index, b.target_token].mean().item(), abs=1e-12)
 
 
 def test_separate_rows_baseline_gives_the_same_rewards_and_loss():

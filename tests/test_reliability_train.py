@@ -96,10 +96,10 @@ def test_a_signal_mid_step_saves_the_last_finished_step_and_resumes_exactly(tmp_
     args = ["train.steps=5", "data.tokens_per_microbatch=256"]  # several micro-batches per step
     in_process("sft", sft_argv(tmp_path / "ref", *args))
     fresh_group()
-    real_make_task, calls = sft.make_task, []
+    real_make_objective, calls = sft.make_objective, []
 
-    def signalled_task(model, backend):
-        task = real_make_task(model, backend)
+    def signalled_objective(model, backend):
+        objective = real_make_objective(model, backend)
 
         def loss(batch, step):
             if not calls or calls[-1][0] is not step:
@@ -107,11 +107,11 @@ def test_a_signal_mid_step_saves_the_last_finished_step_and_resumes_exactly(tmp_
             calls[-1][1] += 1
             if len(calls) == 4 and calls[-1][1] == 2:  # step 4, its second micro-batch: as if SIGTERM came now
                 lifecycle.Signals.received = signal.SIGTERM
-            return task.loss(batch, step)
+            return objective.loss(batch, step)
 
-        return loop.Task(loss, task.ratios, task.derive)
+        return loop.Objective(loss, objective.ratios, objective.derive)
 
-    monkeypatch.setattr(sft, "make_task", signalled_task)
+    monkeypatch.setattr(sft, "make_objective", signalled_objective)
     monkeypatch.setattr(lifecycle.Signals, "received", None)
     with pytest.raises(SystemExit) as stopped:
         in_process("sft", sft_argv(tmp_path / "run", *args))
@@ -119,7 +119,7 @@ def test_a_signal_mid_step_saves_the_last_finished_step_and_resumes_exactly(tmp_
     assert stopped.value.code == 128 + signal.SIGTERM
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step_00000003"]
     monkeypatch.setattr(lifecycle.Signals, "received", None)
-    monkeypatch.setattr(sft, "make_task", real_make_task)
+    monkeypatch.setattr(sft, "make_objective", real_make_objective)
     in_process("sft", sft_argv(tmp_path / "run", *args))
     fresh_group()
     ref, run = (

@@ -212,7 +212,7 @@ def test_wandb_offline_run_holds_the_metrics(tmp_path, one_rank):
 
 def test_non_finite_steps_are_skipped_then_stop(tmp_path, one_rank):
     from train import loop
-    from train.sft import SFTConfig, make_task
+    from train.sft import SFTConfig, make_objective
 
     argv = ["--config", str(QUICK / "sft.yaml"), f"train.run_dir={tmp_path}", "logging.progress=false", *SHORT]
     cfg = parse_args(SFTConfig, [*argv, "train.steps=10", "train.max_bad_steps=3"])
@@ -220,11 +220,11 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, one_rank):
 
     s = setup(cfg, kind="sft", head="lm")
     model = s.model
-    task = make_task(model, "torch")
+    objective = make_objective(model, "torch")
     calls = []
 
     def loss(batch, step):
-        value, m = task.loss(batch, step)
+        value, m = objective.loss(batch, step)
         if not calls or calls[-1] is not step:  # count optimizer steps, not micro-batches
             calls.append(step)
         bad = len(calls) in (2, 5, 6, 7)  # step 2 alone, then steps 5, 6, 7 in a row
@@ -232,7 +232,7 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, one_rank):
 
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(RuntimeError, match="step 7: 3 steps in a row with a non-finite loss"):
-        loop.run(s, loop.Task(loss, task.ratios, task.derive))
+        loop.run(s, loop.Objective(loss, objective.ratios, objective.derive))
     logged = read_metrics(tmp_path)
     assert [m["skipped_steps"] for m in logged] == [0, 1, 1, 1, 2, 3]
     assert all(torch.isfinite(v).all() for v in model.state_dict().values())

@@ -50,7 +50,7 @@ class DPOConfig(Config):
     dpo: DPOSection = field(default_factory=DPOSection)
 
 
-def make_task(model, reference, cfg: DPOSection, backend: str) -> loop.Task:
+def make_objective(model, reference, cfg: DPOSection, backend: str) -> loop.Objective:
     """reference: the frozen model, its precomputed (num_examples, 2) table, or None (reference-free)."""
 
     def loss(batch, step):
@@ -68,11 +68,11 @@ def make_task(model, reference, cfg: DPOSection, backend: str) -> loop.Task:
         return dpo.dpo_loss(
             policy_chosen=pc, policy_rejected=pr, reference_chosen=rc, reference_rejected=rr, chosen_tokens=nc,
             rejected_tokens=nr, chosen_nll=nll, chosen_nll_tokens=nll_tokens, num_pairs=step.num_pairs,
-            num_chosen_tokens=step.num_best_targets, loss=cfg.loss, beta=cfg.beta, alpha=cfg.alpha,
+            num_chosen_tokens=step.num_chosen_targets, loss=cfg.loss, beta=cfg.beta, alpha=cfg.alpha,
             label_smoothing=cfg.label_smoothing, gamma=cfg.gamma, nll_norm=cfg.nll_norm,
         )  # fmt: skip
 
-    return loop.Task(loss, dpo.RATIOS, reference_forward=isinstance(reference, torch.nn.Module))
+    return loop.Objective(loss, dpo.RATIOS, reference_forward=isinstance(reference, torch.nn.Module))
 
 
 def main(argv=None):
@@ -95,8 +95,8 @@ def main(argv=None):
             gc.collect()
     elif s.d.is_main:
         print(f"dpo.loss {cfg.dpo.loss}: reference-free, no reference model (dpo.reference ignored)", flush=True)
-    task = make_task(s.model, train_ref, cfg.dpo, t.kernels)
-    return loop.run(s, task, eval_task=make_task(s.model, eval_ref, cfg.dpo, t.kernels))
+    objective = make_objective(s.model, train_ref, cfg.dpo, t.kernels)
+    return loop.run(s, objective, eval_objective=make_objective(s.model, eval_ref, cfg.dpo, t.kernels))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """The training loop shared by rm.py, sft.py and dpo.py.
 
-An entry point builds the model(s) and a `Task` (the loss of one micro-batch and the ratios it
-logs), then calls `run`. Per optimizer step:
+An entry point builds the model(s) and an `Objective` (the loss of one micro-batch and the ratios
+it logs), then calls `run`. Per optimizer step:
 
-    for each micro-batch of this rank: loss, sums = task.loss(batch, step); loss.backward()
+    for each micro-batch of this rank: loss, sums = objective.loss(batch, step); loss.backward()
         (losses are divided by the step's global counts, so the rank gradients are summed)
     clip the global grad norm; skip the update if the loss or the norm is not finite
     AdamW step, LR schedule step
@@ -36,18 +36,18 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}
 
 
 @dataclass
-class Task:
+class Objective:
     loss: Callable  # (batch, step) -> (loss tensor, {name: on-device sum over this micro-batch})
     ratios: dict[str, tuple[str, str]]  # logged metric -> (sum, denominator), divided once per logged step
     derive: Callable | None = None  # {metric: value} -> {metric: value}: metrics that are not ratios
     reference_forward: bool = False  # a frozen model's forward per micro-batch too (DPO's live reference): MFU
 
 
-def summarize(task: Task, sums: dict[str, float]) -> dict[str, float]:
+def summarize(objective: Objective, sums: dict[str, float]) -> dict[str, float]:
     """Step (or eval set) sums over all micro-batches and ranks -> logged metrics. A ratio whose
     denominator is 0 (e.g. no pairs of some strength) is not logged."""
-    out = {name: sums[num] / sums[den] for name, (num, den) in task.ratios.items() if sums.get(den)}
-    return task.derive(out) if task.derive else out
+    out = {name: sums[num] / sums[den] for name, (num, den) in objective.ratios.items() if sums.get(den)}
+    return objective.derive(out) if objective.derive else out
 
 
 def lr_lambda(cfg, total_steps: int):
@@ -156,7 +156,7 @@ def _add(acc: dict, loss, sums: dict, mb, **own) -> None:
         acc[k] = acc[k] + v.double() if k in acc else v.double()
 
 
-def evaluate(task: Task, loader: DataLoader, model, d: Dist) -> dict | None:
+def evaluate(objective: Objective, loader: DataLoader, model, d: Dist) -> dict | None:
     """Every eval example once. The steps carry the whole set's counts, so the summed micro-batch
     losses are the loss of the whole set as one batch; `examples` counts what was evaluated.
     Raises Interrupted if a signal arrived (checked between eval steps)."""
@@ -170,11 +170,11 @@ def evaluate(task: Task, loader: DataLoader, model, d: Dist) -> dict | None:
                 raise Interrupted
             for mb in step.micro_batches:
                 mb = mb.to(d.device)
-                loss, sums = task.loss(mb, step)
+                loss, sums = objective.loss(mb, step)
                 _add(acc, loss, sums, mb, examples=mb.group_uid.new_tensor(mb.group_uid.numel()))
     reduced = all_reduce_sum(acc, d.device)
     model.train(was_training)
-    out = {"loss": reduced["loss"], "examples": int(reduced["examples"]), **summarize(task, reduced)}
+    out = {"loss": reduced["loss"], "examples": int(reduced["examples"]), **summarize(objective, reduced)}
     return {f"eval/{k}": v for k, v in out.items()}
 
 
@@ -185,10 +185,10 @@ class Trainer:
     cfg: Config
     d: Dist
     model: torch.nn.Module
-    task: Task
+    objective: Objective
     train_loader: DataLoader
     eval_loader: DataLoader | None
-    eval_task: Task
+    eval_objective: Objective
     optimizer: torch.optim.Optimizer = field(init=False)
     scheduler: torch.optim.lr_scheduler.LambdaLR = field(init=False)
     start: int = 0  # the step resumed from
@@ -218,14 +218,14 @@ class Trainer:
         """Forward/backward every micro-batch, then clip, step (or skip a non-finite step), schedule.
         -> the step's metrics. Raises Interrupted (gradients dropped) if a signal arrived mid-step."""
         t0 = time.perf_counter()
-        flops = step_flops(self.model.config, self.model.head, batch.micro_batches, self.task.reference_forward)
+        flops = step_flops(self.model.config, self.model.head, batch.micro_batches, self.objective.reference_forward)
         acc = {"flops": flops}
         for mb in batch.micro_batches:
             if stop_requested(self.d.device):
                 self.optimizer.zero_grad(set_to_none=True)
                 raise Interrupted
             mb = mb.to(self.d.device)
-            loss, sums = self.task.loss(mb, batch)
+            loss, sums = self.objective.loss(mb, batch)
             loss.backward()  # FSDP sums the ranks' gradients (train/distributed.py)
             _add(acc, loss, sums, mb)
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -247,7 +247,7 @@ class Trainer:
         dt = time.perf_counter() - t0
         metrics = {
             "loss": reduced["loss"],
-            **summarize(self.task, reduced),
+            **summarize(self.objective, reduced),
             "grad_norm": grad_norm,
             "lr": lr,
             **throughput(reduced, dt, self.d.world_size),
@@ -260,7 +260,7 @@ class Trainer:
         return metrics
 
     def evaluate(self) -> dict:
-        return evaluate(self.eval_task, self.eval_loader, self.model, self.d)
+        return evaluate(self.eval_objective, self.eval_loader, self.model, self.d)
 
     def save(self, step: int, loader_state: dict) -> None:
         extra = {
@@ -281,13 +281,13 @@ class Trainer:
         raise SystemExit(128 + signum)
 
 
-def run(setup: Setup, task: Task, eval_task: Task | None = None) -> dict:
+def run(setup: Setup, objective: Objective, eval_objective: Objective | None = None) -> dict:
     """Train `cfg.train.steps` steps of `setup.model` from `setup.resume_from` (None: a fresh start);
-    -> the last metrics. eval_task: the eval set's loss, if not `task`'s (DPO's precomputed reference
+    -> the last metrics. eval_objective: the eval set's loss, if not `objective`'s (DPO's precomputed reference
     table of the eval set). A signal (train/lifecycle.py) saves the last finished step and exits."""
     cfg, d, model = setup.cfg, setup.d, setup.model
     train_loader, eval_loader = setup.train_loader, setup.eval_loader
-    t = Trainer(cfg, d, model, task, train_loader, eval_loader, eval_task or task)
+    t = Trainer(cfg, d, model, objective, train_loader, eval_loader, eval_objective or objective)
     t.resume(setup.resume_from)
     fresh = setup.resume_from is None
     logger = Logger(t.run_dir, cfg.logging, to_dict(cfg), d.is_main, cfg.train.steps, None if fresh else t.start)
@@ -325,7 +325,8 @@ def run(setup: Setup, task: Task, eval_task: Task | None = None) -> dict:
             if not done_before:  # the final checkpoint, unless it is the one resumed from
                 t.save(cfg.train.steps, finished_at)
             hf_dtype = param_dtype(cfg.train.mixed_precision, d.device)
-            train_state.export(model, t.run_dir / "model", d.rank, cfg.train.export_hf, setup.chat, hf_dtype)
+            source = cfg.model.checkpoint  # the export keeps its generation defaults (temperature, top_p, ...)
+            train_state.export(model, t.run_dir / "model", d.rank, cfg.train.export_hf, setup.chat, hf_dtype, source)
         except Interrupted:
             t.stop(finished, finished_at)
         finally:

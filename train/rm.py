@@ -38,7 +38,7 @@ class RMConfig(Config):
 RATIOS = {**ranking.RATIOS, **{f"accuracy/{s}": (f"correct/{s}", f"pairs/{s}") for s in STRENGTHS}}
 
 
-def make_task(model, margin: str | None, center_rewards: float = 0.0) -> loop.Task:
+def make_objective(model, margin: str | None, center_rewards: float = 0.0) -> loop.Objective:
     def loss(batch, step):
         r = scores(model(batch.tokens, batch.positions, batch.doc_ids, batch.branch_ids), batch)  # (S,)
         m = strength_margins(batch.group_strength, ranking.LLAMA2_MARGINS[margin]) if margin else None
@@ -53,13 +53,13 @@ def make_task(model, margin: str | None, center_rewards: float = 0.0) -> loop.Ta
             m["reward_std"] = math.sqrt(max(sq - m["reward_mean"] ** 2, 0.0))
         return m
 
-    return loop.Task(loss, RATIOS, derive)
+    return loop.Objective(loss, RATIOS, derive)
 
 
 def main(argv=None):
     cfg = parse_args(RMConfig, argv, __doc__)
     s = setup(cfg, kind="rm", head="reward", one_row=cfg.rm.one_row)
-    return loop.run(s, make_task(s.model, cfg.rm.margin, cfg.rm.center_rewards))
+    return loop.run(s, make_objective(s.model, cfg.rm.margin, cfg.rm.center_rewards))
 
 
 if __name__ == "__main__":

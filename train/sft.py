@@ -29,20 +29,20 @@ class SFTConfig(Config):
     sft: SFTSection = field(default_factory=SFTSection)
 
 
-def make_task(model, backend: str) -> loop.Task:
+def make_objective(model, backend: str) -> loop.Objective:
     def loss(batch, step):
         return sft.sft_loss(model_logps(model, batch, backend), step.num_targets)  # (N,) log p of the targets
 
     def derive(m):
         return {**m, "ppl": math.exp(min(m["nll"], 50.0))} if "nll" in m else m
 
-    return loop.Task(loss, sft.RATIOS, derive)
+    return loop.Objective(loss, sft.RATIOS, derive)
 
 
 def main(argv=None):
     cfg = parse_args(SFTConfig, argv, __doc__)
     s = setup(cfg, kind="sft", head="lm", train_on_prompt=not cfg.sft.mask_prompt)
-    return loop.run(s, make_task(s.model, cfg.train.kernels))
+    return loop.run(s, make_objective(s.model, cfg.train.kernels))
 
 
 if __name__ == "__main__":

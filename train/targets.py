@@ -24,7 +24,7 @@ def target_logps(hidden: Tensor, weight: Tensor, batch: Batch, backend: str = "a
 
     Only the N hidden states that predict a target reach the vocabulary projection.
     """
-    h = hidden.flatten(0, 1)[batch.target_index]  # (N, H)
+    h = hidden.flatten(0, 1)[batch.target_hidden_index]  # (N, H)
     return kernels.target_logprobs(h, weight, batch.target_token, backend=backend)
 
 

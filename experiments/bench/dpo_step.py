@@ -6,7 +6,7 @@ with the same loss recipe (sigmoid DPO, beta 0.1, plus 0.2 x NLL on chosen), the
 (AdamW lr 1e-5, betas 0.9/0.95, no weight decay, constant LR, grad clip 1.0), no activation
 checkpointing, and the same number of pairs per optimizer step:
 
-  ours   train.dpo.make_task on unsharded models in one process: [prompt][chosen][rejected] packed
+  ours   train.dpo.make_objective on unsharded models in one process: [prompt][chosen][rejected] packed
          rows, the prompt computed once, log-probs projected only at the target positions;
          one step = forward/backward of each micro-batch, clip, AdamW step, zero_grad.
   TRL    trl.DPOTrainer: each pair as two padded rows, prompt+chosen and prompt+rejected.
@@ -159,7 +159,7 @@ def run_ours(args, device: torch.device) -> None:
     from data.loader import DataLoader, load_examples
     from llama.chat import ChatFormat
     from llama.tokenizer import load_tokenizer
-    from train.dpo import DPOSection, make_task
+    from train.dpo import DPOSection, make_objective
     from train.targets import chosen_nll, target_logps
 
     work = Path(args.workdir)
@@ -173,7 +173,7 @@ def run_ours(args, device: torch.device) -> None:
     loader = DataLoader(
         examples, args.batch, args.max_len, args.tokens_per_microbatch, shuffle=False, pad_id=tok.pad_id
     )
-    task = make_task(model, ref, DPOSection(), backend="torch")
+    objective = make_objective(model, ref, DPOSection(), backend="torch")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -190,7 +190,7 @@ def run_ours(args, device: torch.device) -> None:
         for mb in step.micro_batches:
             mb = mb.to(device)
             with autocast:
-                loss, _ = task.loss(mb, step)
+                loss, _ = objective.loss(mb, step)
             loss.backward()
             loss_sum += float(loss.detach())
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -263,10 +263,10 @@ def step(
             t0 = time.perf_counter()
             ref = build_model(d, None, preset, "lm", 0, "bf16", trainable=False)
             setup_s += time.perf_counter() - t0
-            task = dpo.make_task(model, ref, dpo.DPOSection(), "auto")
+            objective = dpo.make_objective(model, ref, dpo.DPOSection(), "auto")
         else:
-            task = sft.make_task(model, "auto")
-        trainer = Trainer(cfg, d, model, task, None, None, task)
+            objective = sft.make_objective(model, "auto")
+        trainer = Trainer(cfg, d, model, objective, None, None, objective)
         max_len = min(4096, tokens_per_microbatch)
         data = [
             random_step(kind, model.config.vocab_size, max_len, tokens_per_microbatch, rng) for _ in range(steps + 1)
