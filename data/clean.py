@@ -102,7 +102,7 @@ class CleanRules:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)!r}")
 
 
-# The reasons `reject_reason` returns, in the order the rules are checked (train/sample.py DROPS keys).
+# The reasons `reject_reason` returns, in the order the rules are checked (data/drops.py DROPS keys).
 RULES = ("repetition", "banned_phrase", "too_many_emoji", "too_many_exclamations")
 
 

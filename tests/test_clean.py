@@ -8,10 +8,11 @@ import torch
 from conftest import random_model
 
 from data.clean import CleanRules, banned_phrase, count_emoji, count_exclamations, dedup_key, repeat_fraction
+from data.drops import DROPS, drop_reason, drop_report, drops_for
 from llama import get_preset, save_model
 from llama.chat import ChatFormat
 from llama.tokenizer import load_tokenizer
-from train.sample import DROPS, drop_reason, drop_report, drops_for, rejection_sample
+from train.sample import rejection_sample
 
 CHAT = ChatFormat(load_tokenizer())
 

@@ -241,8 +241,8 @@ def test_sample_cli_prints_every_drop_and_warns_when_most_samples_are_unfinished
 
 
 def test_a_labels_file_with_two_labels_for_one_id_or_the_wrong_count_is_refused(tmp_path):
+    from data.annotators import file_annotator
     from data.schema import ValidationError
-    from train.sample import file_annotator
 
     labels = tmp_path / "labels.jsonl"
     rows = [{"id": "a", "scores": [1, 0]}, {"id": "b", "scores": [0, 1]}, {"id": "a", "ranking": [1, 0]}]

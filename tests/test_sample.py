@@ -13,12 +13,13 @@ import pytest
 import torch
 from conftest import random_model
 
+from data.annotators import file_annotator, verifier_annotator
 from data.schema import ValidationError, parse_preference
 from llama import get_preset, save_model
 from llama.chat import ChatFormat
 from llama.tokenizer import load_tokenizer
 from train.distributed import torchrun_command
-from train.sample import combine_llama2, file_annotator, read_prompts, rejection_sample, score, verifier_annotator
+from train.sample import combine_llama2, read_prompts, rejection_sample, score
 from train.sample import main as sample_main
 
 CHAT = ChatFormat(load_tokenizer())
@@ -259,7 +260,8 @@ class _StandInLLM:
 
 
 def test_vllm_engine_renders_prompts_to_ids_and_maps_samples_back():
-    from train.sample import VLLMEngine, score
+    from train.sample import score
+    from train.vllm_engine import VLLMEngine
 
     llm = _StandInLLM()
     engine = VLLMEngine(llm, lambda **kw: kw, seed=5)

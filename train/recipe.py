@@ -23,10 +23,11 @@ import os
 import time
 from pathlib import Path
 
+from data.annotators import file_annotator, preference_pair
+from data.drops import drop_report, drops_for
 from data.io import write_jsonl, write_text
 from train.launch import Interrupted, Job, JobFailed, Launcher
 from train.logger import read_metrics
-from train.sample import drop_report, drops_for, file_annotator, preference_pair
 
 STAGE_KINDS = ("rm", "sft", "dpo")  # the training scripts; "pretrain" runs sft.py
 EVAL_SIZE = 200  # a synthetic task's held-out preference pairs, SFT records and pre-training dialogs

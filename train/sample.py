@@ -7,9 +7,9 @@ Each prompt is prefilled once and fanned out to K samples (llama/generate.py). T
 scored in one reward row per prompt, [prompt][s_1]...[s_K], each sample seeing only the prompt
 (data/rows.py), so the prompt is computed once there too. Outputs:
 - SFT records: the prompt + the best sample (after the optional filters), with every score;
-- preference records from the samples: best vs worst by the annotator's scores (a verifier for
-  synthetic tasks, labels imported from a file, or the reward model), or all samples written as
-  sets to annotate (`--out-sets`), whose labels come back with `--annotate file:labels.jsonl`.
+- preference records from the samples: best vs worst by the annotator's scores (data/annotators.py:
+  a verifier for synthetic tasks, labels imported from a file; or the reward model), or all samples
+  written as sets to annotate (`--out-sets`), whose labels come back with `--annotate file:labels.jsonl`.
 With `--safety-rm`, scores combine as in Llama 2: the safety score where the prompt is marked
 `"safety": true` or the sample looks unsafe (sigmoid(safety) < 0.15), the helpfulness score elsewhere.
 Every output record holds the generated fields; the prompt record's own fields (its metadata) go
@@ -23,14 +23,15 @@ Nothing is dropped silently: every sample left out (no stop token within --max-n
 --max-chars, and the cleaning rules of data/clean.py: --max-repeat, --ban-phrase, --max-emoji,
 --max-exclamation, each off unless given) and every prompt left without an SFT record or a pair (no sample
 left, fewer than 2, tied scores, best and worst the same text, an SFT pick repeating an earlier one with
---dedup) is counted and printed (`DROPS`), with a warning when most samples reached no stop token.
+--dedup) is counted and printed (data/drops.py `DROPS`), with a warning when most samples reached no stop
+token.
 
-Engines (`--engine`): "native" (default) samples with llama/generate.py on every rank. "vllm" exports the
-policy to an HF folder (with its tokenizer and chat template) and samples with vLLM (PagedAttention,
-continuous batching; `pip install vllm`, needs a CUDA GPU): the engine to use at 8B+ scale. Run it as
-one process (`python train/sample.py ... --engine vllm`, vLLM spreads over `--tensor-parallel` GPUs
-itself); prompts are rendered to token ids here and the samples mapped back to the same records and
-fields, scored by the reward model(s) as with the native engine.
+Engines (`--engine`): "native" (default) samples with llama/generate.py on every rank. "vllm"
+(train/vllm_engine.py) exports the policy to an HF folder (with its tokenizer and chat template) and
+samples with vLLM (PagedAttention, continuous batching; `pip install vllm`, needs a CUDA GPU): the
+engine to use at 8B+ scale. Run it as one process (`python train/sample.py ... --engine vllm`, vLLM
+spreads over `--tensor-parallel` GPUs itself); prompts are rendered to token ids here and the samples
+mapped back to the same records and fields, scored by the reward model(s) as with the native engine.
 """
 
 from __future__ import annotations
@@ -43,12 +44,13 @@ import os
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 
-from data.clean import RULES, CleanRules, dedup_key, reject_reason
+from data.annotators import file_annotator, preference_pair, verifier_annotator
+from data.clean import CleanRules
+from data.drops import drop_reason, drop_report, split_outputs
 from data.io import write_jsonl, write_text
 from data.loader import read_records
 from data.rows import build_group, encode_response, pack
@@ -62,6 +64,7 @@ from llama.tokenizer import resolve_tokenizer
 from train import progress
 from train.distributed import Dist, init_distributed
 from train.targets import scores as scores_of
+from train.vllm_engine import vllm_engine
 
 
 def read_prompts(path) -> list[dict]:
@@ -147,178 +150,6 @@ def combine_llama2(helpful: float, safety: float, is_safety_prompt: bool, thresh
     return math.log(r / (1 - r))
 
 
-# ----------------------------------------------------------------------------- vLLM engine
-
-VLLM_INSTALL = "--engine vllm needs vLLM and a CUDA GPU: pip install vllm (on a machine with an NVIDIA GPU)"
-
-
-class VLLMEngine:
-    """Sampling with vLLM: K samples per prompt from token ids, as llama.generate.generate returns them.
-
-    `llm` is a vllm.LLM (or a stand-in with the same `generate(prompts, sampling_params)`), and
-    `sampling_params` the SamplingParams class. Seeded per call: the same seed, the same samples.
-    """
-
-    def __init__(self, llm, sampling_params, seed: int):
-        self.llm, self.sampling_params, self.seed = llm, sampling_params, seed
-
-    def sample_ids(self, ids, k, max_new_tokens, stop_ids, temperature=1.0, top_p=1.0, top_k=0, generator=None):
-        """ids[p] (prompt token ids) -> out[p][j]: sample j's token ids, ending with a stop id if it hit one.
-        `generator` is the native engine's; vLLM draws from `seed`."""
-        params = self.sampling_params(
-            n=k, temperature=temperature, top_p=top_p, top_k=top_k if top_k > 0 else -1, max_tokens=max_new_tokens,
-            seed=self.seed, stop_token_ids=list(stop_ids), detokenize=False,
-        )  # fmt: skip
-        results = self.llm.generate([{"prompt_token_ids": p} for p in ids], params, use_tqdm=False)
-        if len(results) != len(ids):
-            raise RuntimeError(f"vLLM returned {len(results)} results for {len(ids)} prompts")
-        return [[_stop_terminated(c, stop_ids) for c in r.outputs] for r in results]
-
-
-def _stop_terminated(completion, stop_ids) -> list[int]:
-    """A vLLM completion's token ids, ending with the stop id that ended it (as the native engine's do):
-    whether vLLM keeps that id in `token_ids` depends on its version."""
-    ids = list(completion.token_ids)
-    if completion.finish_reason == "stop" and (not ids or ids[-1] not in stop_ids):
-        reason = getattr(completion, "stop_reason", None)
-        ids.append(reason if reason in stop_ids else next(iter(stop_ids)))
-    return ids
-
-
-def vllm_engine(policy_dir: str, chat: ChatFormat, seed: int, tensor_parallel: int, export_dir: str) -> VLLMEngine:
-    """Export the policy to an HF folder under export_dir (weights in bf16, tokenizer, chat template) and
-    start vLLM on it. SystemExit naming the install when vLLM or a CUDA GPU is missing."""
-    try:
-        import vllm
-    except ImportError:
-        raise SystemExit(f"error: {VLLM_INSTALL} (vllm is not installed)") from None
-    if not torch.cuda.is_available():
-        raise SystemExit(f"error: {VLLM_INSTALL} (no CUDA GPU is visible)")
-    from llama import save_model
-
-    folder = os.path.join(export_dir, "policy_hf")
-    policy = load_model(policy_dir, head="lm", dtype=torch.bfloat16)
-    save_model(policy, folder, format="hf", tokenizer=chat.tokenizer, chat_template=chat.template)
-    del policy
-    llm = vllm.LLM(model=folder, dtype="bfloat16", seed=seed, tensor_parallel_size=tensor_parallel)
-    return VLLMEngine(llm, vllm.SamplingParams, seed)
-
-
-# ----------------------------------------------------------------------------- annotators
-
-
-def verifier_annotator(verify: Callable[[str, str], float]):
-    """Scores from a verifier of (the prompt's last message's text, response): 1 / 0 for right / wrong."""
-    return lambda record, texts: [float(verify(record["messages"][-1]["content"], t)) for t in texts]
-
-
-def file_annotator(path):
-    """Labels imported from a JSONL file of {"id": ..., "scores": [...]} or {"id": ..., "ranking": [best, ...]}."""
-    labels, lines = {}, {}
-    for where, obj in read_records(path):
-        if isinstance(obj, ValidationError):
-            raise obj
-        if "id" not in obj or not ("scores" in obj or "ranking" in obj):
-            raise ValidationError(f"{where}: id/scores: a label needs an 'id' and 'scores' or 'ranking'")
-        if "ranking" in obj:
-            n = len(obj["ranking"])
-            scores = [0.0] * n
-            for rank, j in enumerate(obj["ranking"]):
-                scores[j] = float(n - rank)
-            obj = {**obj, "scores": scores}
-        if obj["id"] in labels:  # the later one would replace the earlier, unseen
-            raise ValidationError(
-                f"{where}: id: a second label for id {obj['id']!r} (the first is at line {lines[obj['id']]})"
-            )
-        labels[obj["id"]], lines[obj["id"]] = obj["scores"], where.rpartition(":")[2]
-
-    def annotate(record, texts):
-        if record.get("id") not in labels:
-            raise KeyError(f"{path}: no label for prompt id {record.get('id')!r}")
-        if len(labels[record["id"]]) != len(texts):
-            raise ValueError(
-                f"{path}: the label of prompt id {record['id']!r} scores {len(labels[record['id']])} samples, "
-                f"there are {len(texts)}"
-            )
-        return labels[record["id"]]
-
-    return annotate
-
-
-def preference_pair(record: dict, texts: list[str], scores: list[float]) -> dict | None:
-    """Best vs worst distinct sample by score; None if there is no strict preference."""
-    order = sorted(range(len(texts)), key=lambda j: -scores[j])
-    best, worst = order[0], order[-1]
-    if scores[best] <= scores[worst] or texts[best].strip() == texts[worst].strip():
-        return None
-    out = {"prompt": record["messages"], "chosen": texts[best], "rejected": texts[worst]}
-    out["scores"] = [scores[best], scores[worst]]
-    return out
-
-
-def drop_reason(text: str, finished: bool, max_chars: int | None, clean: CleanRules | None = None) -> str | None:
-    """Heuristic filters: None if the sample ended its turn, is not empty, is not too long and breaks none
-    of the cleaning rules (data/clean.py, each off by default); else the first reason it fails (a DROPS key)."""
-    if not finished:
-        return "unfinished"
-    if not text.strip():
-        return "empty"
-    if max_chars is not None and len(text) > max_chars:
-        return "over_max_chars"
-    return reject_reason(text, clean) if clean is not None else None
-
-
-# Everything sampling drops, counted per key (sample_records) and printed (drop_report): samples first, then
-# the prompts that get no SFT record or no preference pair. "{limit}" is the max-new-tokens setting's name.
-DROPS = {
-    "unfinished": "samples that reached no stop token within {limit}",
-    "empty": "empty samples",
-    "over_max_chars": "samples longer than --max-chars",
-    "repetition": "samples in which repeated word n-grams (--repeat-ngram) cover more than --max-repeat of the words",
-    "banned_phrase": "samples containing a --ban-phrase",
-    "too_many_emoji": "samples with more than --max-emoji emoji",
-    "too_many_exclamations": "samples with more than --max-exclamation exclamation marks",
-    "no_sft_record": "prompts with no sample left: no SFT record",
-    "duplicate_sft": "prompts whose SFT record repeats an earlier one's prompt and response (--dedup): dropped",
-    "no_pair_fewer_than_2": "prompts with fewer than 2 samples left: no pair",
-    "no_pair_tied_scores": "prompts whose samples left all scored the same: no pair",
-    "no_pair_same_text": "prompts whose best and worst samples are the same text: no pair",
-}
-SAMPLE_DROPS = ("unfinished", "empty", "over_max_chars", *RULES)
-SFT_DROPS = ("no_sft_record", "duplicate_sft")  # the prompts' drops that lose an SFT record; the others, a pair
-
-
-def drops_for(outputs) -> list[str]:
-    """The DROPS keys that lose something when `outputs` ("sft", "pairs") are wanted: the samples', then the prompts'."""
-    prompts = [key for key in DROPS if key not in SAMPLE_DROPS]
-    return [*SAMPLE_DROPS, *(key for key in prompts if ("sft" if key in SFT_DROPS else "pairs") in outputs)]
-
-
-def drop_report(dropped: dict, prompts: int, k: int, limit: str, outputs=("sft", "pairs")) -> tuple[list, str | None]:
-    """-> (lines that account for every sample and prompt dropped, a warning or None). `limit`: the max new
-    tokens setting as the user gave it ("--max-new-tokens 8", "max_new_tokens 6"); `outputs`: which of the
-    SFT records and pairs are wanted (a prompt without the other loses nothing). The warning: most samples
-    reached no stop token, so most of the work was dropped."""
-    samples = prompts * k
-    lost = sum(dropped.get(key, 0) for key in SAMPLE_DROPS)
-    head = f"samples: {samples} ({prompts} prompts x {k}), {samples - lost} kept, {lost} dropped"
-    parts = [f"{dropped[key]} {DROPS[key].format(limit=limit)}" for key in SAMPLE_DROPS if dropped.get(key)]
-    lines = ["; ".join([head, *parts])]
-    lines += [
-        f"{dropped[key]} of {prompts} {DROPS[key]}"
-        for key in drops_for(outputs)[len(SAMPLE_DROPS) :]
-        if dropped.get(key)
-    ]
-    unfinished = dropped.get("unfinished", 0)
-    if not samples or unfinished <= samples / 2:
-        return lines, None
-    setting = limit.rsplit(" ", 1)[0]
-    return lines, (
-        f"WARNING: {unfinished} of {samples} samples ({100 * unfinished / samples:.0f}%) reached no stop token "
-        f"within {limit} and were dropped: raise {setting}"
-    )
-
-
 # ----------------------------------------------------------------------------- driver
 
 
@@ -326,25 +157,6 @@ def rejection_sample(records, *args, dedup: bool = False, **kw):
     """-> (SFT records, preference records, sets to annotate, drops: {DROPS key: count}) for these records;
     arguments as sample_records; `dedup` as split_outputs."""
     return split_outputs(sample_records(records, *args, **kw), dedup)
-
-
-def split_outputs(per_record: list[tuple], dedup: bool = False) -> tuple[list[dict], list[dict], list[dict], Counter]:
-    """Per-record (SFT record or None, pair or None, set, drops) -> the three lists (Nones left out: each
-    one counted in the drops) and the drops summed. `dedup`: an SFT record whose prompt and response
-    (data/clean.py dedup_key) repeat an earlier record's is left out too, counted as duplicate_sft."""
-    sft, pairs, sets, dropped, seen = [], [], [], Counter(), set()
-    for record_sft, pair, set_, drops in per_record:
-        if dedup and record_sft is not None:
-            key = dedup_key(record_sft["messages"][:-1], record_sft["messages"][-1]["content"])
-            if key in seen:
-                dropped["duplicate_sft"] += 1
-                record_sft = None
-            seen.add(key)
-        sft += [record_sft] if record_sft is not None else []
-        pairs += [pair] if pair is not None else []
-        sets.append(set_)
-        dropped.update(drops)
-    return sft, pairs, sets, dropped
 
 
 def sample_records(
