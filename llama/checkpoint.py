@@ -15,6 +15,7 @@ safetensors only: no pickle is ever written.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -25,7 +26,7 @@ import torch
 
 from llama.config import ModelConfig
 from llama.formats import CheckpointError, hf, meta, native, read_json
-from llama.formats.hf import tokenizer_files
+from llama.formats.hf import generation_defaults, is_generation_default, tokenizer_files
 from llama.formats.native import INDEX, MAX_SHARD_BYTES, NATIVE, open_weights, tensor_files
 from llama.model import Transformer
 from llama.tokenizer import Tokenizer
@@ -158,14 +159,19 @@ def check_destination(
     chat_template: str | None = None,
     format: str = "native",
     replace_tokenizer: bool = False,
+    config: ModelConfig | None = None,
+    source=None,
 ) -> None:
     """Raise unless `save_checkpoint` may write to `path`. Call it before long work whose result goes there.
 
     Allowed: a missing or empty directory; a (native or HF) checkpoint directory, whose config and
     weights are replaced and the rest kept; a folder of other files (a tokenizer, a README) that holds
     no config.json or weight file we did not write, to which ours are added. Anything else is refused
-    rather than overwritten. With `tokenizer` (and `chat_template`, `format`: what the save will write),
-    the folder's own tokenizer files are checked too (`check_tokenizer_files`)."""
+    rather than overwritten. With `tokenizer` (and `chat_template`, `format`, `config`, `source`: what the
+    save will write), the folder's own tokenizer files are checked too (`check_tokenizer_files`). Without
+    `config` (a check before the model is known) what depends on the model is not compared: the
+    `model_max_length` of tokenizer_config.json and the generation defaults (`source`'s) of
+    generation_config.json; the save compares them before it writes anything."""
     path = Path(path)
     if _is_new(path):
         return
@@ -192,7 +198,16 @@ def check_destination(
                 f"no config.json ({', '.join(clash)}); choose a new or empty directory"
             )
     if tokenizer is not None:
-        check_tokenizer_files(path, tokenizer_files(tokenizer, chat_template, format), replace_tokenizer)
+        if config is None:
+            files = tokenizer_files(tokenizer, chat_template, format)
+            unknown = {
+                "tokenizer_config.json": "model_max_length".__eq__,
+                "generation_config.json": is_generation_default,
+            }
+        else:
+            files = tokenizer_files(tokenizer, chat_template, format, config.max_seq_len, generation_defaults(source))
+            unknown = {}
+        check_tokenizer_files(path, files, replace_tokenizer, unknown)
 
 
 # A model folder's tokenizer and chat format: what tokenizer_files writes, and what would be read in place
@@ -203,17 +218,36 @@ TOKENIZER_FILES = (
 )  # fmt: skip
 
 
-def check_tokenizer_files(path, files: dict[str, bytes], replace: bool = False) -> list[str]:
+def _same_json_but(theirs: bytes, ours: bytes, unknown) -> bool:
+    """Whether two JSON objects are equal in every key but those `unknown(key)` says are not known yet."""
+    try:
+        a, b = json.loads(theirs), json.loads(ours)
+    except ValueError:
+        return False
+    if not isinstance(a, dict) or not isinstance(b, dict):
+        return False
+    return {k: v for k, v in a.items() if not unknown(k)} == {k: v for k, v in b.items() if not unknown(k)}
+
+
+def check_tokenizer_files(path, files: dict[str, bytes], replace: bool = False, unknown=None) -> list[str]:
     """Raise unless writing the tokenizer files `files` (name -> content) into the existing folder `path`
     replaces nothing of the folder's own. A file there with other content than ours (another tokenizer,
     chat template or generation config: a user's, or an earlier save's) is refused unless `replace`;
     a tokenizer file there that `files` does not hold (a tokenizer.model read before our tokenizer.json,
     a chat_template.jinja read before our tokenizer_config.json's template) is refused too, and with
-    `replace` returned, for the caller to remove once the new files are in place. Identical files pass."""
+    `replace` returned, for the caller to remove once the new files are in place. Identical files pass.
+    `unknown`: {file name: key -> bool}, the keys of a JSON file that an early check cannot know (what
+    the model decides); they are not compared there (`check_destination` without the model config)."""
     path = Path(path)
     if not files or not path.is_dir():
         return []
-    differ = [n for n in files if (path / n).is_file() and (path / n).read_bytes() != files[n]]
+    unknown = unknown or {}
+
+    def differs(n: str) -> bool:
+        theirs = (path / n).read_bytes()
+        return theirs != files[n] and not (n in unknown and _same_json_but(theirs, files[n], unknown[n]))
+
+    differ = [n for n in files if (path / n).is_file() and differs(n)]
     shadow = [n for n in TOKENIZER_FILES if n not in files and n != "generation_config.json" and (path / n).exists()]
     if (differ or shadow) and not replace:
         problems = []
@@ -244,12 +278,16 @@ def save_checkpoint(
     chat_template: str | None = None,
     dtype: torch.dtype | None = None,
     replace_tokenizer: bool = False,
+    source=None,
 ):
     """Write a full (unsharded) state dict in native or HF format, safetensors only.
 
     `dtype`: cast the weights to it as they are written (default: as they are). `tokenizer` (and the
     `chat_template` name, llama/chat.py): also write the tokenizer files (`tokenizer_files`), so that
-    the folder is complete for transformers (HF) or for this project's tools (native).
+    the folder is complete for transformers (HF) or for this project's tools (native); tokenizer_config.json
+    holds `model_max_length` = the config's max_seq_len. `source`: the model folder the weights came from
+    (a training run's model.checkpoint, convert's SRC); its generation_config.json's sampling defaults
+    (do_sample, temperature, top_p, ...) are kept in the generation_config.json written, beside our stop ids.
 
     A new or empty `path` is built as a temp directory beside it and renamed into place: all or nothing.
     Into an existing folder (an earlier save, the source of an in-place conversion, a folder holding a
@@ -268,7 +306,9 @@ def save_checkpoint(
     path = Path(path)
     state = {k: v.detach() for k, v in state.items()}
     dtype = dtype or state_dtype(state)
-    extra = tokenizer_files(tokenizer, chat_template, format) if tokenizer is not None else {}
+    extra = {}
+    if tokenizer is not None:
+        extra = tokenizer_files(tokenizer, chat_template, format, config.max_seq_len, generation_defaults(source))
     if format == "hf":
         state, cfg = hf.state_to_hf(state, config), hf.config_to_hf(config, head, dtype, tokenizer)
     else:
@@ -320,10 +360,12 @@ def save_model(
     chat_template: str | None = None,
     dtype: torch.dtype | None = None,
     replace_tokenizer: bool = False,
+    source=None,
 ) -> None:
-    """`save_checkpoint` of a model; with `tokenizer` (and `chat_template`) a folder transformers loads on its own."""
+    """`save_checkpoint` of a model; with `tokenizer` (and `chat_template`) a folder transformers loads on its own;
+    `source`: the model folder it came from, whose generation defaults are kept."""
     state = model.state_dict()
     save_checkpoint(
         state, model.config, model.head, path, format, max_shard_bytes, tokenizer, chat_template, dtype,
-        replace_tokenizer,
+        replace_tokenizer, source,
     )  # fmt: skip

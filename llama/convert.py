@@ -8,7 +8,10 @@ are replaced, everything else in it (README, ...) is kept. Any other non-empty D
 
 The tokenizer (--tokenizer, else SRC's) and the chat template (--chat-template, else the one SRC's
 tokenizer_config.json names, else llama3) are written beside the weights (llama/formats/hf.py tokenizer_files):
-with --to hf a folder that transformers' AutoTokenizer and AutoModel* load on their own. With no
+with --to hf a folder that transformers' AutoTokenizer and AutoModel* load on their own, whose
+tokenizer_config.json holds `model_max_length` (the model's max_seq_len) and whose generation_config.json
+holds our stop ids and the sampling defaults (do_sample, temperature, top_p, ...) of SRC's own
+generation_config.json, if it has one (--from dcp: of the run's model.checkpoint). With no
 tokenizer given or in SRC only the weights are written (printed), and DST's own tokenizer files stay.
 DST's own tokenizer files (tokenizer.json, tokenizer_config.json with its chat template,
 special_tokens_map.json, generation_config.json, ...) are never replaced silently: where they differ
@@ -168,6 +171,7 @@ def main(argv=None):
             args.tokenizer = args.tokenizer or run.get("tokenizer")
             args.chat_template = args.chat_template or run.get("chat_template")
             tok = tokenizer_to_write(args, run.get("checkpoint"), config.vocab_size)
+            source = run.get("checkpoint")  # the model the run trained: its generation defaults are kept
         else:
             found = detect_format(args.src)
             if found != args.src_format:
@@ -175,8 +179,12 @@ def main(argv=None):
             check_destination(args.dst)  # before the (long) load
             config, stored_head, _ = read_config(args.src)
             tok = tokenizer_to_write(args, args.src, config.vocab_size)
+            source = args.src
         if tok:  # DST's own tokenizer files are not replaced silently: checked before the load too
-            check_destination(args.dst, **tok, format=args.dst_format, replace_tokenizer=args.replace_tokenizer)
+            tok["source"] = source
+            check_destination(
+                args.dst, **tok, format=args.dst_format, replace_tokenizer=args.replace_tokenizer, config=config
+            )
         if args.src_format == "dcp":
             model = load_training_checkpoint(args.src, dtype)
         else:  # --head reward on an LM is an explicit request for a fresh (random) scalar head

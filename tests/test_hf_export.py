@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from llama import ModelConfig, RopeScaling, load_model, save_model
 from llama.chat import ChatFormat, jinja_template, resolve_chat_template
-from llama.tokenizer import load_tokenizer
+from llama.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
 
 REAL_VOCAB = ModelConfig(
     dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, vocab_size=128256, max_seq_len=512,
@@ -24,6 +24,13 @@ REAL_VOCAB = ModelConfig(
 )  # fmt: skip
 FILES = ["config.json", "generation_config.json", "model.safetensors", "special_tokens_map.json"]
 FILES += ["tokenizer.json", "tokenizer_config.json"]
+# Llama-3.2-1B-Instruct's generation_config.json as the hub has it
+HUB_GENERATION = {
+    "bos_token_id": 128000, "do_sample": True, "eos_token_id": [128001, 128008, 128009], "temperature": 0.6,
+    "top_p": 0.9, "transformers_version": "4.45.0.dev0",
+}  # fmt: skip
+TINY = dict(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64, vocab_size=512)
+SAMPLING = ("do_sample", "temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
 @pytest.fixture(scope="module")
@@ -144,9 +151,50 @@ def test_sentencepiece_tokenizer_is_copied(tmp_path, sp_model):  # noqa: F811
     assert resolve_chat_template(None, tmp_path / "hf") == "llama3.1"
 
 
+def check_generation_defaults(folder, source, tok, max_seq_len: int):
+    """transformers on `folder` alone: the source's sampling defaults (as transformers reads the source's
+    generation_config.json), our stop ids; AutoTokenizer's model_max_length is the model's max_seq_len."""
+    gen, theirs = GenerationConfig.from_pretrained(folder), GenerationConfig.from_pretrained(source)
+    assert theirs.do_sample and (theirs.temperature, theirs.top_p) == (0.6, 0.9)  # the reference itself
+    assert {k: getattr(gen, k) for k in SAMPLING} == {k: getattr(theirs, k) for k in SAMPLING}
+    assert (gen.bos_token_id, gen.eos_token_id, gen.pad_token_id) == (tok.bos_id, tok.stop_ids, tok.pad_id)
+    assert AutoTokenizer.from_pretrained(folder).model_max_length == max_seq_len
+
+
+def test_hf_export_keeps_the_sources_generation_defaults_and_writes_model_max_length(tmp_path, capsys):
+    """save_model(source=...) and `llama.convert --to hf SRC DST` from a folder holding a hub Instruct
+    model's generation_config.json (do_sample, temperature 0.6, top_p 0.9): kept, with our stop ids; no
+    source generation config: none invented. The same conversion again replaces nothing; a DST whose
+    generation config differs (other sampling defaults) is still refused without --replace-tokenizer.
+    (The byte tokenizer, for speed: the real vocabulary's run is test_training_export_hf_from_a_hub_folder.)"""
+    from llama.convert import main
+
+    tok, config = load_tokenizer(DEFAULT_TOKENIZER), ModelConfig(**{**TINY, "max_seq_len": 384})
+    src = tmp_path / "src"
+    save_model(random_model(config), src, tokenizer=tok, chat_template="llama3.2")
+    (src / "generation_config.json").write_text(json.dumps(HUB_GENERATION))
+    save_model(random_model(config), tmp_path / "saved", format="hf", tokenizer=tok, source=src)
+    check_generation_defaults(tmp_path / "saved", src, tok, 384)
+    main(["--from", "native", "--to", "hf", str(src), str(tmp_path / "dst")])
+    check_generation_defaults(tmp_path / "dst", src, tok, 384)
+    capsys.readouterr()
+    main(["--from", "native", "--to", "hf", str(src), str(tmp_path / "dst")])
+    assert "replaced" not in capsys.readouterr().err
+    (src / "generation_config.json").write_text(json.dumps({**HUB_GENERATION, "temperature": 0.9}))
+    with pytest.raises(SystemExit, match=r"generation_config\.json would be replaced"):
+        main(["--from", "native", "--to", "hf", str(src), str(tmp_path / "dst")])
+    assert GenerationConfig.from_pretrained(tmp_path / "dst").temperature == 0.6
+
+    save_model(random_model(config), tmp_path / "plain", format="hf", tokenizer=tok)
+    plain = GenerationConfig.from_pretrained(tmp_path / "plain")
+    assert not plain.do_sample and plain.eos_token_id == tok.stop_ids
+    assert AutoTokenizer.from_pretrained(tmp_path / "plain").model_max_length == 384
+
+
 def hub_folder(path, llama3_tokenizer_dir, template: str):
     """A model folder as the hub has it: transformers' own config and weights, tokenizer.json (a text
-    model's: no <|image|>) and tokenizer_config.json naming the model's chat template."""
+    model's: no <|image|>), tokenizer_config.json naming the model's chat template and an Instruct
+    model's generation_config.json (sampling defaults)."""
     save_model(random_model(REAL_VOCAB, seed=3), path.parent / "seed", format="hf")
     AutoModelForCausalLM.from_pretrained(path.parent / "seed").save_pretrained(path)
     raw = json.loads((llama3_tokenizer_dir / "tokenizer.json").read_text())
@@ -155,23 +203,28 @@ def hub_folder(path, llama3_tokenizer_dir, template: str):
     config = json.loads((llama3_tokenizer_dir / "tokenizer_config.json").read_text())
     config["added_tokens_decoder"] = {k: v for k, v in config["added_tokens_decoder"].items() if int(k) < 128256}
     (path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": jinja_template(template)}))
+    (path / "generation_config.json").write_text(json.dumps(HUB_GENERATION))
 
 
 def test_training_export_hf_from_a_hub_folder(tmp_path, tok, llama3_tokenizer_dir, one_rank, capsys):
     """SFT from a hub folder with nothing but model.checkpoint: its tokenizer.json and chat template are
-    used, and model_hf (bf16, as trained) is complete for transformers."""
-    from train.sft import main
+    used, and model_hf (bf16, as trained) is complete for transformers, with the hub folder's sampling
+    defaults; a rerun of the finished run exports the same files again (the check at its start passes)."""
+    from train import run_folder, train_state
+    from train.config import parse_args
+    from train.sft import SFTConfig, main
 
     hub = tmp_path / "Llama-3.2-1B-Instruct"
     hub_folder(hub, llama3_tokenizer_dir, "llama3.2")
     data = tmp_path / "sft.jsonl"
     data.write_text("\n".join(json.dumps({"messages": m + [{"role": "assistant", "content": "OK."}]}) for m in DIALOGS))
     run = tmp_path / "run"
-    main([
+    args = [
         "model.checkpoint=" + str(hub), f"data.train={data}", "data.max_len=256", "data.batch_size=2",
         "data.tokens_per_microbatch=512", "train.steps=2", "train.save_every=0", "train.mixed_precision=bf16",
         "train.export_hf=true", "train.kernels=torch", f"train.run_dir={run}", "logging.progress=false", "logging.wandb=disabled",
-    ])  # fmt: skip
+    ]  # fmt: skip
+    main(args)
     out = capsys.readouterr().out
     assert f"tokenizer: {hub / 'tokenizer.json'} (from the checkpoint folder)" in out
     assert f"chat template: llama3.2 (from {hub / 'tokenizer_config.json'})" in out
@@ -179,6 +232,16 @@ def test_training_export_hf_from_a_hub_folder(tmp_path, tok, llama3_tokenizer_di
     assert stored_dtypes(run / "model_hf") == {"BF16"}
     assert resolve_chat_template(None, run / "model") == "llama3.2"
     check_tokenizer(run / "model_hf", tok, "llama3.2")
+    check_generation_defaults(run / "model_hf", hub, tok, REAL_VOCAB.max_seq_len)
+    gen = (run / "model_hf" / "generation_config.json").read_bytes()
+    assert (run / "model" / "generation_config.json").read_bytes() == gen  # for a stage trained from model/
+    # a rerun of the finished run: the check at its start passes, and its export writes the same files
+    exported = {p.name: p.read_bytes() for p in (run / "model_hf").iterdir() if p.suffix != ".safetensors"}
+    chat = ChatFormat(tok, "llama3.2")
+    run_folder.check_exports(parse_args(SFTConfig, args), chat, 0, 1)
+    train_state.export(load_model(run / "model"), run / "model", 0, True, chat, torch.bfloat16, source=hub)
+    assert {p.name: p.read_bytes() for p in (run / "model_hf").iterdir() if p.suffix != ".safetensors"} == exported
+    assert "tokenizer files (replace_tokenizer)" not in capsys.readouterr().err
     hf = AutoModelForCausalLM.from_pretrained(run / "model_hf", dtype=torch.float32, attn_implementation="eager")
     ours = load_model(run / "model_hf", dtype=torch.float32)
     x = torch.tensor([ChatFormat(tok, "llama3.2").encode_dialog(DIALOGS[0]).tokens])

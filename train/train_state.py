@@ -145,16 +145,23 @@ def load(path, model, optimizer, rank: int) -> dict:
     return extra
 
 
-def export(model, path, rank: int, hf: bool = False, chat=None, hf_dtype: torch.dtype | None = None) -> None:
+def export(
+    model, path, rank: int, hf: bool = False, chat=None, hf_dtype: torch.dtype | None = None, source=None
+) -> None:
     """Gather the full weights to rank 0 and write `path` in the native format: the fp32 master weights,
     for training on. With hf=True also `<path>_hf` in the Hugging Face format, in `hf_dtype` (the run's
     compute dtype: bf16 for a bf16 run), for transformers and vLLM. Both get the run's tokenizer and chat
-    template (`chat`, a llama.chat.ChatFormat), so that they are used on their own."""
+    template (`chat`, a llama.chat.ChatFormat), so that they are used on their own, and the generation
+    defaults (do_sample, temperature, top_p, ...) of `source`'s generation_config.json (the run's
+    model.checkpoint; the native folder keeps them too, for a later stage trained from it)."""
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         tok = {"tokenizer": chat.tokenizer, "chat_template": chat.template} if chat is not None else {}
         with _naming_a_full_disk(Path(path), "the exported model"):
-            save_checkpoint(full, model.config, model.head, path, format="native", **tok)
+            save_checkpoint(full, model.config, model.head, path, format="native", source=source, **tok)
             if hf:
-                save_checkpoint(full, model.config, model.head, str(path) + "_hf", format="hf", dtype=hf_dtype, **tok)
+                hf_path = str(path) + "_hf"
+                save_checkpoint(
+                    full, model.config, model.head, hf_path, format="hf", dtype=hf_dtype, source=source, **tok
+                )
     _barrier()

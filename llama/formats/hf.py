@@ -5,20 +5,23 @@ tokenizer files of its folders.
 llama/formats/native.py) with HF names; HF stores q/k rows permuted for its rotate-half RoPE, which is
 undone on import (`state_from_hf`) and redone on export (`state_to_hf`). Given the tokenizer (and chat
 template), a save also writes what transformers needs to use the folder on its own (`tokenizer_files`):
-tokenizer.json, tokenizer_config.json with the chat template, special_tokens_map.json,
-generation_config.json, and the token ids in config.json.
+tokenizer.json, tokenizer_config.json with the chat template and `model_max_length`, special_tokens_map.json,
+generation_config.json (the stop ids, and the source model's sampling defaults: `generation_defaults`),
+and the token ids in config.json.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import weakref
+from pathlib import Path
 
 import torch
 
 from llama.chat import jinja_template
 from llama.config import ModelConfig, RopeScaling
-from llama.formats import CheckpointError
+from llama.formats import CheckpointError, read_json
 from llama.tokenizer import SentencePieceTokenizer, TiktokenTokenizer, Tokenizer, bytes_to_unicode
 
 # native name -> HF name; {} is the layer index.
@@ -175,15 +178,46 @@ def config_to_hf(cfg: ModelConfig, head: str, dtype: torch.dtype, tokenizer: Tok
 # ----------------------------------------------------------------------------- tokenizer files
 
 
-def tokenizer_files(tokenizer: Tokenizer, chat_template: str | None, format: str) -> dict[str, bytes]:
+# generation_config.json keys a save sets itself (the token ids of its tokenizer, ending in _token_id) or
+# that are transformers' bookkeeping: not taken from the source model's file.
+_NOT_GENERATION_DEFAULTS = ("transformers_version", "_from_model_config", "_commit_hash", "_original_object_hash")
+
+
+def is_generation_default(key: str) -> bool:
+    """Whether a generation_config.json key is a generation default kept from the source model (do_sample,
+    temperature, top_p, top_k, ...), not a token id or bookkeeping."""
+    return not key.endswith("_token_id") and key not in _NOT_GENERATION_DEFAULTS
+
+
+def generation_defaults(folder) -> dict:
+    """The generation defaults of the model folder `folder` (the source of a save: a hub Instruct model's
+    do_sample, temperature 0.6, top_p 0.9), from its generation_config.json: every key but the token ids
+    (a save writes its own tokenizer's) and transformers' bookkeeping. {} without a folder or a file; a
+    file that is not a JSON object is an error naming it."""
+    file = Path(folder) / "generation_config.json" if folder else None
+    if file is None or not file.is_file():
+        return {}
+    return {k: v for k, v in read_json(file).items() if is_generation_default(k)}
+
+
+def tokenizer_files(
+    tokenizer: Tokenizer,
+    chat_template: str | None,
+    format: str,
+    max_seq_len: int | None = None,
+    generation: dict | None = None,
+) -> dict[str, bytes]:
     """The tokenizer files of a checkpoint folder: name -> content.
 
     A tiktoken (byte-level BPE) tokenizer: tokenizer.json, tokenizer_config.json (bos, eos = <|eot_id|>
-    as in Meta's Instruct folders, pad = <|finetune_right_pad_id|>, and the Jinja chat template of
-    `chat_template` if given), special_tokens_map.json; "hf" adds generation_config.json (stop ids: the
-    end of turn, of message and of text). llama.tokenizer reads tokenizer.json back, so a native folder
-    holds the same files. A SentencePiece tokenizer has no tokenizer.json form: its tokenizer.model is
-    copied, with the chat template as chat_template.jinja (transformers would treat it as Llama 2's)."""
+    as in Meta's Instruct folders, pad = <|finetune_right_pad_id|>, the Jinja chat template of
+    `chat_template` if given, and `model_max_length` = `max_seq_len` if given), special_tokens_map.json;
+    "hf" adds generation_config.json (stop ids: the end of turn, of message and of text; then the
+    `generation` defaults, `generation_defaults` of the source folder), which a native folder holds too
+    where there are such defaults, so that a later stage's export from it keeps them. llama.tokenizer reads
+    tokenizer.json back, so a native folder holds the same files. A SentencePiece tokenizer has no
+    tokenizer.json form: its tokenizer.model is copied, with the chat template as chat_template.jinja
+    (transformers would treat it as Llama 2's)."""
     template = {"chat_template": jinja_template(chat_template)} if chat_template else {}
     if isinstance(tokenizer, SentencePieceTokenizer):
         files = {"tokenizer.model": tokenizer.path.read_bytes()}
@@ -210,19 +244,32 @@ def tokenizer_files(tokenizer: Tokenizer, chat_template: str | None, format: str
         },
         **special,
         **template,
+        **({"model_max_length": max_seq_len} if max_seq_len is not None else {}),
         "clean_up_tokenization_spaces": False,  # decode exactly as tiktoken does
         "model_input_names": ["input_ids", "attention_mask"],
         "tokenizer_class": "PreTrainedTokenizerFast",
     }
     files = {
-        "tokenizer.json": json.dumps(hf_tokenizer_json(tokenizer), ensure_ascii=False),
+        "tokenizer.json": _tokenizer_json_text(tokenizer),
         "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False),
         "special_tokens_map.json": json.dumps(special, indent=2),
     }
-    if format == "hf":
+    if format == "hf" or generation:
         ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.stop_ids, "pad_token_id": tokenizer.pad_id}
-        files["generation_config.json"] = json.dumps(ids, indent=2)
+        defaults = {k: v for k, v in (generation or {}).items() if is_generation_default(k)}
+        files["generation_config.json"] = json.dumps({**ids, **defaults}, indent=2, ensure_ascii=False)
     return {name: text.encode() for name, text in files.items()}
+
+
+_TOKENIZER_JSON = weakref.WeakKeyDictionary()  # tokenizer -> its tokenizer.json text (~2 s for 128k tokens)
+
+
+def _tokenizer_json_text(tok: Tokenizer) -> str:
+    """hf_tokenizer_json as written, made once per tokenizer: a run checks its export folders at start and
+    writes two exports, each of which needs it."""
+    if tok not in _TOKENIZER_JSON:
+        _TOKENIZER_JSON[tok] = json.dumps(hf_tokenizer_json(tok), ensure_ascii=False)
+    return _TOKENIZER_JSON[tok]
 
 
 def hf_tokenizer_json(tok: Tokenizer) -> dict:
