@@ -1,0 +1,583 @@
+"""What the side-by-side training-step benchmarks against TRL share (sft_step.py, rm_step.py).
+
+dpo_step.py came first: its model, data and measurement helpers are imported from it (one copy), and
+this module generalizes the rest of its structure: one child process per side (so that each side's
+peak RSS is its own), our timed step (forward/backward of each micro-batch, clip, AdamW, zero_grad),
+TRL's step timer (`on_step_begin` to `on_step_end`), the tokenizer both sides use, the training
+arguments both sides share, and the markdown report.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from dpo_step import (  # noqa: F401  (re-exported for sft_step.py and rm_step.py)
+    REPO,
+    _sentences,
+    make_records,
+    model_config,
+    peak_memory_gib,
+    report,
+    sync,
+    tokenizer_dir,
+    touch,
+)
+
+from llama.model import PAD_DOC
+
+# what every TRL trainer is given on both sides' common recipe: torch AdamW, lr 1e-5 constant, betas 0.9/0.95,
+# no weight decay, grad clip 1.0, no activation checkpointing (TRL's default is on), the data in order
+OPTIM = dict(lr=1e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+
+
+def trl_arguments(args, work: Path, device: torch.device, batch: int) -> dict:
+    """The TrainingArguments fields both TRL benchmarks set, `batch` records per optimizer step."""
+    cuda = device.type == "cuda"
+    return dict(
+        output_dir=str(work / "trl_out"),
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=1,
+        max_steps=args.warmup + args.steps,
+        learning_rate=OPTIM["lr"],
+        lr_scheduler_type="constant",
+        adam_beta1=OPTIM["betas"][0],
+        adam_beta2=OPTIM["betas"][1],
+        adam_epsilon=OPTIM["eps"],
+        weight_decay=OPTIM["weight_decay"],
+        max_grad_norm=1.0,
+        optim="adamw_torch",  # torch.optim.AdamW, as ours
+        gradient_checkpointing=False,  # TRL defaults to True; ours does not checkpoint
+        train_sampling_strategy="sequential",  # the same records per step as ours (loader without shuffle)
+        use_cpu=not cuda,
+        bf16=cuda,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        seed=0,
+    )
+
+
+def trl_tokenizer():
+    """The real Llama 3 tokenizer for transformers, with TRL's Llama 3 chat template (what dpo_step.py uses)."""
+    import trl
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_file=str(tokenizer_dir() / "tokenizer.json"),
+        bos_token="<|begin_of_text|>",
+        eos_token="<|eot_id|>",
+        pad_token="<|finetune_right_pad_id|>",
+    )
+    tokenizer.chat_template = (Path(trl.__file__).parent / "chat_templates" / "llama3.jinja").read_text()
+    return tokenizer
+
+
+def our_chat():
+    from llama.chat import ChatFormat
+    from llama.tokenizer import load_tokenizer
+
+    return ChatFormat(load_tokenizer(tokenizer_dir() / "tokenizer.model"))
+
+
+def step_timer(device: torch.device, times: list, cpu_times: list):
+    """A TrainerCallback timing each optimizer step (wall and process CPU time), as dpo_step.py does."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args_, state, control, **kwargs):
+            sync(device)
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
+
+        def on_step_end(self, args_, state, control, **kwargs):
+            sync(device)
+            times.append(time.perf_counter() - self.t0)
+            cpu_times.append(time.process_time() - self.c0)
+
+    return StepTimer()
+
+
+def setup_done(device: torch.device, *models) -> float:
+    """Make every weight resident, then the memory baseline that 'growth over setup' is taken from."""
+    touch(*models)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    return peak_memory_gib(device)
+
+
+def time_our_steps(objective, loader, params, optimizer, device: torch.device, n: int) -> dict:
+    """n optimizer steps of ours, each timed: forward/backward of every micro-batch, clip, AdamW, zero_grad."""
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    out = dict(times=[], cpu_times=[], tokens=[], padded=[], micro=[], targets=[], first_loss=None, first_step=None)
+    for _, step in zip(range(n), loader):
+        sync(device)
+        t0, c0 = time.perf_counter(), time.process_time()
+        loss_sum = 0.0
+        for mb in step.micro_batches:
+            mb = mb.to(device)
+            with autocast:
+                loss, _ = objective.loss(mb, step)
+            loss.backward()
+            loss_sum += float(loss.detach())
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync(device)
+        out["times"].append(time.perf_counter() - t0)
+        out["cpu_times"].append(time.process_time() - c0)
+        out["tokens"].append(sum(int((mb.doc_ids != PAD_DOC).sum()) for mb in step.micro_batches))
+        out["padded"].append(sum(mb.tokens.numel() for mb in step.micro_batches))
+        out["micro"].append(len(step.micro_batches))
+        out["targets"].append(step.num_targets)
+        if out["first_loss"] is None:
+            out["first_loss"], out["first_step"] = loss_sum, step
+    return out
+
+
+def report_side(side: str, device: torch.device, r: dict, first_loss: float, baseline: float, **extra) -> None:
+    """dpo_step's JSON line of a child, with each step's process CPU time too (`cpu_step_times`)."""
+    report(
+        side, device, r["times"], r["cpu_times"], r["tokens"], r["padded"], first_loss, baseline,
+        cpu_step_times=r["cpu_times"], **extra,
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- parent
+
+
+def run_child(script: str, side: str, args, workdir: str, names: tuple[str, ...]) -> dict:
+    """Run one side in a fresh process (`--side`), passing the options `names`; -> its JSON line."""
+    cmd = [sys.executable, script, "--side", side, "--workdir", workdir, "--device", args.device]
+    for name in names:
+        value = getattr(args, name)
+        if value is True:
+            cmd.append(f"--{name.replace('_', '-')}")
+        elif value is not None and value is not False:
+            cmd += [f"--{name.replace('_', '-')}", str(value)]
+    print(f"running {side} ...", flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith('{"side"')]
+    if proc.returncode or not lines:
+        sys.stderr.write(proc.stdout[-5000:] + proc.stderr[-5000:])
+        raise SystemExit(f"{side} failed (exit code {proc.returncode})")
+    return json.loads(lines[-1])
+
+
+def device_line(device: torch.device, sides: dict[str, dict]) -> str:
+    import transformers
+    import trl
+
+    cuda = device.type == "cuda"
+    hw = torch.cuda.get_device_name(device) if cuda else f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+    threads = ", ".join(f"{name} {r['threads']}" for name, r in sides.items())
+    return (
+        f"device: {hw}; torch threads: {threads}; torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"trl {trl.__version__}"
+    )
+
+
+def title(name: str, script: str) -> list[str]:
+    argv = " ".join(sys.argv[1:])
+    return [f"## {name} step benchmark, {datetime.date.today()}", "", f"command: python {script} {argv}".rstrip()]
+
+
+def side_row(label: str, r: dict, warmup: int, per_step: int, data_tokens: list[int] | None = None) -> dict:
+    """One side's numbers over its timed steps. per_step: records (dialogs, pairs) per step. tokens/s: the
+    side's own non-pad tokens; data_tokens: also the data's tokens per step (ours' count, the same records
+    on both sides), over this side's time."""
+    times, tokens = r["step_times"][warmup:], r["tokens"][warmup:]
+    row = {
+        "side": label,
+        "median step (s)": f"{r['median_s']:.3f}",
+        "min-max (s)": f"{r['min_s']:.3f}-{r['max_s']:.3f}",
+        "CPU s/step": f"{statistics.median(r['cpu_step_times'][warmup:]):.2f}",
+        "tokens/step": f"{statistics.mean(tokens):,.0f}",
+        "positions/step (padded)": f"{statistics.mean(r['padded'][warmup:]):,.0f}",
+        "tokens/s": f"{sum(tokens) / sum(times):,.0f}",
+        "data tokens/s": f"{sum(data_tokens[warmup:]) / sum(times):,.0f}" if data_tokens else None,
+        "records/s": f"{per_step / r['median_s']:.2f}",
+        "peak": f"{r['peak_gib']:.2f}",
+        "growth over setup (GiB)": f"{r['peak_gib'] - r['baseline_gib']:.2f}",
+        "throughput vs TRL": "",
+        "peak vs TRL": "",
+        "_median": r["median_s"],
+        "_peak": r["peak_gib"],
+    }
+    return {k: v for k, v in row.items() if v is not None}
+
+
+def table(rows: list[dict], trl_row: dict, device: torch.device, renames: dict[str, str]) -> list[str]:
+    """Markdown rows; the ratio columns against the TRL row (throughput: TRL's median step time / this one's)."""
+    mem = "peak allocated (GiB)" if device.type == "cuda" else "peak RSS (GiB)"
+    for row in rows:
+        row["throughput vs TRL"] = f"{trl_row['_median'] / row['_median']:.2f}x"
+        row["peak vs TRL"] = f"{row['_peak'] / trl_row['_peak']:.2f}x"
+    cols = [c for c in rows[0] if not c.startswith("_")]
+    names = [renames.get(c, mem if c == "peak" else c) for c in cols]
+    out = ["| " + " | ".join(names) + " |", "|---|" + "---:|" * (len(cols) - 1)]
+    out += ["| " + " | ".join(str(row[c]) for c in cols) + " |" for row in rows]
+    return out
+
+
+def load_notes(sides: dict[str, dict], load_before: float, device: torch.device) -> list[str]:
+    """CPU time per wall time over the timed steps, the load average before the run, a warning if starved."""
+    threads = max(r["threads"] for r in sides.values())
+    per_wall = ", ".join(f"{name} {r['cpu_per_wall']:.2f}" for name, r in sides.items())
+    out = [
+        f"CPU time / wall time over the timed steps: {per_wall} (with {threads} threads; well below that means the "
+        f"cores were shared with other work); 1-minute load average before the run: {load_before:.2f}",
+        "",
+    ]
+    starved = [name for name, r in sides.items() if r["cpu_per_wall"] < 0.8 * r["threads"]]
+    if starved and device.type != "cuda":
+        out += [
+            f"**warning: the {' and '.join(starved)} steps got well under {threads} cores of CPU time: other work "
+            "shared the machine, so those step times are inflated; rerun on an idle machine.**",
+            "",
+        ]
+    return out
+
+
+def write(text: str, out: str | None) -> None:
+    print(text)
+    if out:
+        with open(out, "a", encoding="utf-8") as f:
+            f.write(text + "\n\n")
+
+
+# ----------------------------------------------------------------------------- profile
+# python experiments/bench/common.py SCRIPT [its options] [--out FILE]: run a step benchmark (dpo_step,
+# sft_step, rm_step) with each side's timed steps under torch.profiler, and print where each side's step
+# time and memory go by component (what the side-by-side table alone cannot say). Not in the scripts
+# themselves: the profiler slows the steps, so these runs are not the benchmark's timings.
+
+COMPONENTS = {  # module class (ours, transformers) -> component
+    "Attention": "attention core (RoPE, SDPA)",
+    "LlamaAttention": "attention core (RoPE, SDPA)",
+    "FeedForward": "MLP",
+    "LlamaMLP": "MLP",
+    "RMSNorm": "norms, embedding, RoPE tables",
+    "LlamaRMSNorm": "norms, embedding, RoPE tables",
+    "Embedding": "norms, embedding, RoPE tables",
+    "LlamaRotaryEmbedding": "norms, embedding, RoPE tables",
+    "RewardHead": "head: vocab projection + log-probs (LM), score (RM)",
+}
+ATTN_PROJ = "attention projections (QKV, out)"
+HEAD = "head: vocab projection + log-probs (LM), score (RM)"
+MASK = "attention mask"
+OPTIMIZER = "optimizer (clip, AdamW, zero_grad)"
+DATA = "data (collate, batching)"
+GLUE = "loss, indexing, other ops"
+ORDER = [
+    ATTN_PROJ,
+    "attention core (RoPE, SDPA)",
+    MASK,
+    "MLP",
+    "norms, embedding, RoPE tables",
+    HEAD,
+    GLUE,
+    OPTIMIZER,
+    DATA,
+]
+
+
+def _scoped(fn, name: str):
+    """fn inside record_function('cat::name'); the wrapper keeps fn's name."""
+    import functools
+
+    from torch.autograd.profiler import record_function
+
+    @functools.wraps(fn)
+    def wrapper(*a, **kw):
+        with record_function(f"cat::{name}"):
+            return fn(*a, **kw)
+
+    return wrapper
+
+
+def _scope_modules() -> None:
+    """Forward hooks that open a 'cat::component' range around every module of a known kind, on every model
+    alive now; 'cat::ref|component' when it runs without grad (the reference model's forward, on both sides)."""
+    import gc
+
+    from torch.autograd.profiler import record_function
+
+    open_ranges: dict[int, list] = {}
+
+    def hook(component):
+        def pre(mod, inputs):
+            r = record_function(f"cat::{'' if torch.is_grad_enabled() else 'ref|'}{component}")
+            r.__enter__()
+            open_ranges.setdefault(id(mod), []).append(r)
+
+        return pre
+
+    def post(mod, inputs, output):
+        open_ranges[id(mod)].pop().__exit__(None, None, None)
+
+    models = [o for o in gc.get_objects() if isinstance(o, torch.nn.Module)]
+    roots = [m for m in models if type(m).__name__ == "Transformer" or type(m).__name__.startswith("LlamaFor")]
+    for root in roots:
+        for name, mod in root.named_modules():
+            kind, leaf = type(mod).__name__, name.rsplit(".", 1)[-1]
+            component = GLUE if mod is root else COMPONENTS.get(kind)  # the root: its ops outside the modules
+            if kind == "Linear" and leaf in ("wq", "wk", "wv", "wo", "q_proj", "k_proj", "v_proj", "o_proj"):
+                component = ATTN_PROJ
+            if kind == "Linear" and name == "score":
+                component = HEAD
+            if component:
+                mod.register_forward_pre_hook(hook(component))
+                mod.register_forward_hook(post)
+
+
+def _patch_scopes() -> None:
+    """Name the functions that are not modules: our log-prob head and masks, TRL's fused LM head, the
+    transformers mask, gradient clipping, data."""
+    import importlib
+
+    def patch(module: str, attr: str, name: str, owner: str | None = None):
+        try:
+            m = importlib.import_module(module)
+        except ImportError:
+            return
+        target = getattr(m, owner) if owner else m
+        if hasattr(target, attr):
+            setattr(target, attr, _scoped(getattr(target, attr), name))
+
+    patch("train.targets", "target_logps", HEAD)
+    for module in ("llama.model", "train.dpo", "train.targets"):
+        patch(module, "attention_mask", MASK)
+    patch("llama.model", "rope_cos_sin", "norms, embedding, RoPE tables")
+    patch("transformers.models.llama.modeling_llama", "create_causal_mask", MASK)
+    patch("torch.nn.utils", "clip_grad_norm_", OPTIMIZER)
+    patch("torch.nn.utils.clip_grad", "clip_grad_norm_", OPTIMIZER)
+    patch("data.loader", "build_step", DATA, owner="DataLoader")
+    patch("transformers", "get_batch_samples", DATA, owner="Trainer")
+    try:
+        from trl.trainer import utils as trl_utils
+    except ImportError:
+        return
+    fused = trl_utils._ChunkedLogProbFunction
+
+    class Scoped:
+        apply = staticmethod(_scoped(fused.apply, HEAD))
+
+    trl_utils._ChunkedLogProbFunction = Scoped
+
+
+def _attribute(roots, window_ns: int, steps: int) -> dict:
+    """Event tree -> {'time': {(component, phase): s/step}, 'memory': {(component, phase): bytes live at the
+    peak}, 'peak': bytes}. A backward op is the component whose forward op made its autograd node (the same
+    sequence number); memory counts the allocations made during the profiled steps only."""
+    from torch._C._profiler import _EventType
+
+    op, alloc = _EventType.TorchOp, _EventType.Allocation
+    seq_component: dict[int, str] = {}
+
+    def forward_pass(e, component, in_backward):
+        if e.tag != op:
+            return
+        if e.name.startswith("autograd::engine::evaluate_function"):
+            in_backward = True
+        elif e.name.startswith("cat::"):
+            component = e.name[5:].removeprefix("ref|")
+        seq = e.extra_fields.sequence_number
+        if not in_backward and seq >= 0:
+            seq_component[seq] = component
+        for c in e.children:
+            forward_pass(c, component, in_backward)
+
+    for r in roots:
+        forward_pass(r, GLUE, False)
+
+    times: dict = {}
+    allocs: list = []
+
+    def walk(e, key):
+        if e.tag == alloc:
+            allocs.append((e.start_time_ns, e.extra_fields.ptr, e.extra_fields.alloc_size, key))
+            return
+        if e.tag != op:
+            for c in e.children:
+                walk(c, key)
+            return
+        name = e.name
+        if name.startswith("autograd::engine::evaluate_function"):
+            seq = e.extra_fields.sequence_number
+            component = seq_component.get(seq) or (HEAD if "logprob" in name.lower() else GLUE)
+            key = (component, "backward")
+        elif name.startswith("cat::"):
+            component = name[5:].removeprefix("ref|")
+            if component in (OPTIMIZER, DATA):
+                key = (component, "-")
+            elif name.startswith("cat::ref|") or key[1] == "reference forward":
+                key = (component, "reference forward")
+            else:
+                key = (component, "backward" if key[1] == "backward" else "forward")
+        elif name.startswith("Optimizer."):
+            key = (OPTIMIZER, "-")
+        children = sum(c.duration_time_ns for c in e.children if c.tag == op)
+        times[key] = times.get(key, 0) + e.duration_time_ns - children
+        for c in e.children:
+            walk(c, key)
+
+    for r in roots:
+        walk(r, (GLUE, "forward"))
+    in_ops = sum(times.values())
+    times[("Python outside ops (loop, hooks, logging)", "-")] = max(window_ns - in_ops, 0)
+
+    allocs.sort(key=lambda a: a[0])
+    live: dict = {}
+    total = peak = peak_at = 0
+    for i, (_, ptr, size, _key) in enumerate(allocs):
+        if size > 0:
+            live[ptr] = size
+            total += size
+        elif ptr in live:
+            total -= live.pop(ptr)
+        if total > peak:
+            peak, peak_at = total, i
+    live, by_key = {}, {}
+    for _, ptr, size, key in allocs[: peak_at + 1]:
+        if size > 0:
+            live[ptr] = (size, key)
+        elif ptr in live:
+            live.pop(ptr)
+    for size, key in live.values():
+        by_key[key] = by_key.get(key, 0) + size
+    return {
+        "time": [[c, p, ns / 1e9 / steps] for (c, p), ns in times.items()],
+        "memory": [[c, p, b] for (c, p), b in by_key.items()],
+        "peak": peak,
+        "steps": steps,
+    }
+
+
+def profile_child(argv: list[str]) -> None:
+    """In a benchmark's child: start the profiler after the warm-up steps' last optimizer step, stop it
+    after the last timed one, then print the attribution as one JSON line after the child's own."""
+    import runpy
+
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    from torch.profiler import ProfilerActivity, profile
+
+    script = argv[0]
+    ap = __import__("argparse").ArgumentParser(add_help=False)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=6)
+    known, _ = ap.parse_known_args(argv[1:])
+    sys.argv = argv
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    state = {"steps": 0, "t0": 0.0, "t1": 0.0}
+
+    def after_step(optimizer, args, kwargs):
+        state["steps"] += 1
+        if state["steps"] == known.warmup:
+            _patch_scopes()
+            _scope_modules()
+            state["t0"] = time.perf_counter_ns()
+            prof.start()
+        elif state["steps"] == known.warmup + known.steps:
+            prof.stop()
+            state["t1"] = time.perf_counter_ns()
+
+    register_optimizer_step_post_hook(after_step)
+    if known.warmup == 0:
+        raise SystemExit("--profile needs --warmup >= 1 (the profiler starts after a step)")
+    runpy.run_path(script, run_name="__main__")
+    roots = prof.profiler.kineto_results.experimental_event_tree()
+    result = _attribute(roots, state["t1"] - state["t0"], known.steps)
+    print(json.dumps({"profile": result}), flush=True)
+
+
+def profile_main(argv: list[str]) -> None:
+    """Run SCRIPT's parent with every child under profile_child; then the attribution tables."""
+    import runpy
+
+    script = str(Path(__file__).resolve().parent / f"{argv[0].removesuffix('.py')}.py")
+    rest = argv[1:]
+    out = None
+    if "--out" in rest:
+        i = rest.index("--out")
+        out, rest = rest[i + 1], rest[:i] + rest[i + 2 :]
+    profiles: dict[str, dict] = {}
+    real_run = subprocess.run
+
+    def run(cmd, **kw):
+        side = cmd[cmd.index("--side") + 1]
+        proc = real_run([cmd[0], __file__, "--child", *cmd[1:]], **kw)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith('{"profile"')]
+        if lines:
+            profiles[side] = json.loads(lines[-1])["profile"]
+        return proc
+
+    subprocess.run = run
+    load_before = os.getloadavg()[0]
+    sys.argv = [script, *rest]
+    runpy.run_path(script, run_name="__main__")
+    subprocess.run = real_run
+    write("\n".join(profile_tables(Path(script).name, rest, profiles, load_before)), out)
+
+
+def profile_tables(script: str, rest: list[str], profiles: dict[str, dict], load_before: float) -> list[str]:
+    sides = list(profiles)
+    phases = ("forward", "backward", "reference forward", "-")
+    lines = [
+        f"## {script} profile, {datetime.date.today()}",
+        "",
+        f"command: python experiments/bench/common.py {script.removesuffix('.py')} {' '.join(rest)}".rstrip(),
+        f"CPU ({platform.machine()}, {os.cpu_count()} cores), torch {torch.__version__}; 1-minute load average "
+        f"before: {load_before:.2f}. torch.profiler (CPU, profile_memory) over each side's timed steps, after the "
+        "warm-up: every op's self time, assigned to the module or function it ran in (a backward op to the one "
+        "whose forward op made its autograd node). The profiler slows the steps: shares, not timings.",
+        "",
+        "### time per step (s): forward / backward / reference forward, total, share",
+        "",
+        "| component | " + " | ".join(f"{s} fwd / bwd / ref | {s} total | {s} share" for s in sides) + " |",
+        "|---|" + "---:|---:|---:|" * len(sides),
+    ]
+    tables = {s: {(c, p): v for c, p, v in profiles[s]["time"]} for s in sides}
+    components = ORDER + sorted({c for t in tables.values() for c, _ in t} - set(ORDER))
+    totals = {s: sum(t.values()) for s, t in tables.items()}
+    for c in components:
+        cells = []
+        for s in sides:
+            t = tables[s]
+            parts = [t.get((c, p), 0.0) for p in phases]
+            split = " / ".join(f"{x:.3f}" for x in parts[:3]) if any(parts[:3]) else "-"
+            cells += [split, f"{sum(parts):.3f}", f"{sum(parts) / totals[s]:.0%}"]
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    lines.append("| **step (profiled)** | " + " | ".join(f" | **{totals[s]:.3f}** | 100%" for s in sides) + " |")
+    lines += [
+        "",
+        "### memory: tensors allocated during the steps and live at their peak (MiB), by component and phase",
+        "",
+        "| component | " + " | ".join(sides) + " |",
+        "|---|" + "---:|" * len(sides),
+    ]
+    mems = {s: {(c, p): v for c, p, v in profiles[s]["memory"]} for s in sides}
+    keys = sorted(
+        {k for m in mems.values() for k in m}, key=lambda k: (ORDER.index(k[0]) if k[0] in ORDER else 99, k[1])
+    )
+    for k in keys:
+        label = k[0] if k[1] == "-" else f"{k[0]}, {k[1]}"
+        lines.append(f"| {label} | " + " | ".join(f"{mems[s].get(k, 0) / 2**20:,.0f}" for s in sides) + " |")
+    lines.append("| **peak** | " + " | ".join(f"**{profiles[s]['peak'] / 2**20:,.0f}**" for s in sides) + " |")
+    return lines
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--child"]:
+        profile_child(sys.argv[2:])
+    else:
+        profile_main(sys.argv[1:])

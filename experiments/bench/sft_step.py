@@ -1,0 +1,261 @@
+"""Step time and peak memory of our SFT training step against TRL's `SFTTrainer` (padding-free).
+
+dpo_step.py's setup (common.py): the same tiny Llama 3 (real 128256-token vocabulary, real Llama 3
+tokenizer and chat template) from the same weights, the same dialogs in the same order, the same loss
+(cross-entropy on the assistant tokens, the token mean over the step), the same optimizer (AdamW lr 1e-5,
+betas 0.9/0.95, no weight decay, constant LR, grad clip 1.0), no activation checkpointing, the same
+dialogs per optimizer step:
+
+  ours   train.sft.make_objective on an unsharded model in one process: dialogs packed first-fit into rows
+         of --max-len, a block-diagonal causal mask, log-probs projected only at the target positions.
+  TRL    trl.SFTTrainer with padding_free=True: the step's dialogs concatenated into one row, position
+         ids restarting at each dialog (transformers builds the block-diagonal mask from them), no pad.
+         A prompt-completion dataset: the loss on the completion (the assistant turn) only.
+         One step is timed from the `on_step_begin` to the `on_step_end` callback.
+
+TRL's `packing=True` (strategy bfd) turns padding-free on as well and computes the same way per token;
+it only regroups the dialogs into --max-len bins, so a step would no longer hold the same dialogs as
+ours. --all-tokens trains on every token on both sides (ours `sft.mask_prompt: false`, TRL
+`completion_only_loss=False`): the vocabulary projection is then the same work on both.
+
+Each side runs in its own subprocess (peak RSS, `ru_maxrss`, is its own); growth = peak at the end minus
+peak after model, optimizer and data were set up. On a GPU both run there, bf16 autocast over fp32
+weights (TRL `bf16=True`), memory `torch.cuda.max_memory_allocated`.
+
+    python experiments/bench/sft_step.py --out experiments/bench/results/sft_step.md
+    python experiments/bench/sft_step.py --all-tokens --out experiments/bench/results/sft_step.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+from common import (
+    OPTIM,
+    device_line,
+    load_notes,
+    make_records,
+    model_config,
+    our_chat,
+    report_side,
+    run_child,
+    setup_done,
+    side_row,
+    step_timer,
+    table,
+    time_our_steps,
+    title,
+    trl_arguments,
+    trl_tokenizer,
+    write,
+)
+
+from llama import Transformer, load_model, save_model
+
+
+def make_dialogs(n: int, seed: int) -> list[dict]:
+    """dpo_step's records as single-turn dialogs: the prompt, then the chosen answer (~20-60 tokens)."""
+    return [
+        {"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["chosen"]}]}
+        for r in make_records(n, seed)
+    ]
+
+
+def read_dialogs(work: Path) -> list[dict]:
+    return [json.loads(line) for line in (work / "dialogs.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+# ----------------------------------------------------------------------------- ours
+
+
+def run_ours(args, device: torch.device) -> None:
+    from data.loader import DataLoader, load_examples
+    from train.sft import make_objective
+
+    work = Path(args.workdir)
+    model = load_model(work / "model", device=device).train()  # fp32, the weights TRL loads too
+    chat = our_chat()
+    examples, counts = load_examples(
+        work / "dialogs.jsonl", "sft", chat, max_len=args.max_len, verbose=False, train_on_prompt=args.all_tokens
+    )
+    if counts["examples"] != counts["records"] or any(k.startswith(("truncated", "dropped")) for k in counts):
+        raise SystemExit(f"ours: data was truncated or dropped, raise --max-len: {dict(counts)}")
+    loader = DataLoader(
+        examples, args.batch, args.max_len, args.tokens_per_microbatch, shuffle=False, pad_id=chat.tokenizer.pad_id
+    )
+    objective = make_objective(model, backend="torch")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, **OPTIM)
+    baseline = setup_done(device, model)
+    r = time_our_steps(objective, loader, params, optimizer, device, args.warmup + args.steps)
+    report_side(
+        "ours", device, r, r["first_loss"], baseline,
+        warmup=args.warmup, micro_batches=r["micro"], targets=r["targets"],
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- TRL
+
+
+def run_trl(args, device: torch.device) -> None:
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    work = Path(args.workdir)
+    dialogs = read_dialogs(work)
+    dataset = Dataset.from_list([{"prompt": d["messages"][:1], "completion": d["messages"][1:]} for d in dialogs])
+    config = SFTConfig(
+        **trl_arguments(args, work, device, args.batch),
+        padding_free=True,  # the step's dialogs as one row, no pad
+        packing=False,  # the same dialogs per step as ours (see the module's docstring)
+        max_length=None,  # padding-free without packing requires it; nothing is over --max-len (ours checks)
+        completion_only_loss=not args.all_tokens,
+    )
+    times, cpu_times, tokens, padded, targets, losses = [], [], [], [], [], []
+
+    class CountingSFTTrainer(SFTTrainer):
+        """Records each step's inputs (tokens, positions, targets) and loss; no change to the step."""
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            mask = inputs.get("attention_mask")
+            tokens.append(int(mask.sum()) if mask is not None else int(inputs["position_ids"].numel()))
+            padded.append(inputs["input_ids"].numel())
+            targets.append(int((inputs["labels"][:, 1:] != -100).sum()))
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            losses.append(loss)
+            return loss
+
+    trainer = CountingSFTTrainer(
+        model=str(work / "model"),  # loaded in float32 (the checkpoint's dtype)
+        args=config,
+        train_dataset=dataset,
+        processing_class=trl_tokenizer(),
+        callbacks=[step_timer(device, times, cpu_times)],
+    )
+
+    # The token ids and target positions TRL trains on against ours, for the same dialogs (not timed).
+    chat = our_chat()
+    same_ids = same_targets = True
+    for d, row in zip(dialogs, trainer.train_dataset):
+        enc = chat.encode_dialog(d["messages"])
+        ours = [i for i, t in enumerate(enc.is_target) if t] if not args.all_tokens else list(range(1, len(enc)))
+        same_ids &= row["input_ids"] == enc.tokens
+        same_targets &= [i for i, t in enumerate(row["labels"]) if t != -100 and i > 0] == ours
+
+    baseline = setup_done(device, trainer.model)
+    trainer.train()
+    r = dict(times=times, cpu_times=cpu_times, tokens=tokens, padded=padded)
+    report_side(
+        "trl", device, r, float(losses[0]), baseline,
+        warmup=args.warmup, same_ids=same_ids, same_targets=same_targets, targets=targets,
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- parent
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=8, help="dialogs per optimizer step")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    ap.add_argument("--steps", type=int, default=6, help="timed steps")
+    ap.add_argument("--records", type=int, default=64, help="dialogs in the data set")
+    ap.add_argument("--max-len", type=int, default=1024, help="ours: packed row length (TRL: no limit, none is over)")
+    ap.add_argument("--tokens-per-microbatch", type=int, default=8192, help="ours; 8 rows of 1024 = one micro-batch")
+    ap.add_argument("--all-tokens", action="store_true", help="every token a target on both sides")
+    ap.add_argument("--dim", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in both children")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", help="append the results to this markdown file")
+    ap.add_argument("--side", choices=("ours", "trl"), help=argparse.SUPPRESS)
+    ap.add_argument("--workdir", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+
+    if args.side:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        (run_ours if args.side == "ours" else run_trl)(args, device)
+        return
+
+    load_before = os.getloadavg()[0]  # other work on the machine skews the times: see cpu_per_wall too
+    config = model_config(args)
+    dialogs = make_dialogs(args.records, seed=0)
+    names = ("batch", "warmup", "steps", "max_len", "tokens_per_microbatch", "all_tokens", "dim", "layers", "threads")
+    with tempfile.TemporaryDirectory() as workdir:
+        torch.manual_seed(0)
+        save_model(Transformer(config), Path(workdir) / "model", format="hf")
+        with open(Path(workdir) / "dialogs.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(d) + "\n" for d in dialogs)
+        ours = run_child(__file__, "ours", args, workdir, names)
+        theirs = run_child(__file__, "trl", args, workdir, names)
+
+    chat = our_chat()
+    lengths = [len(chat.encode_dialog(d["messages"])) for d in dialogs]
+    cuda = device.type == "cuda"
+    w = args.warmup
+    what = "every token" if args.all_tokens else "the assistant turn (content and <|eot_id|>)"
+    header = [
+        *title("SFT", "experiments/bench/sft_step.py"),
+        "",
+        device_line(device, {"ours": ours, "TRL": theirs}),
+        "",
+        f"model: dim {config.dim}, {config.n_layers} layers, {config.n_heads} heads / {config.n_kv_heads} kv, "
+        f"ffn {config.ffn_dim}, vocab {config.vocab_size}, untied, {config.num_params() / 1e6:.1f}M params, "
+        f"{'fp32 weights + bf16 autocast' if cuda else 'float32'}; data: {args.records} single-turn dialogs of "
+        f"{min(lengths)}-{max(lengths)} tokens, loss on {what}; {args.batch} dialogs per step "
+        f"(targets per step: {statistics.mean(ours['targets'][w:]):,.0f}), median of {args.steps} timed steps after "
+        f"{w} warm-up steps",
+        "",
+    ]
+    rows = [
+        side_row("ours (train.sft)", ours, w, args.batch),
+        side_row("TRL SFTTrainer, padding-free", theirs, w, args.batch),
+    ]
+    micro = "/".join(map(str, sorted(set(ours["micro_batches"]))))
+    notes = [
+        "",
+        *load_notes({"ours": ours, "TRL": theirs}, load_before, device),
+        f"first-step loss (the same weights, the token mean of -log p over the step's targets on both sides): ours "
+        f"{ours['first_loss']:.5f}, TRL {theirs['first_loss']:.5f}",
+        "",
+        "notes:",
+        f"- same token ids on both sides (TRL's tokenized prompt+completion == our chat format): "
+        f"{'yes' if theirs['same_ids'] else 'NO'}; same target positions: {'yes' if theirs['same_targets'] else 'NO'}; "
+        f"targets per step ours/TRL {sum(ours['targets'])}/{sum(theirs['targets'])} over all steps; the same dialogs "
+        "in the same order each step (no shuffling). tokens/step: non-pad tokens through the forward, the same on both.",
+        f"- ours: rows of up to {args.max_len} tokens, {args.tokens_per_microbatch} tokens per micro-batch ({micro} "
+        "micro-batch(es) per step), a dense block-diagonal causal mask (B, 1, T, T) on the CPU, log-probs projected "
+        "through the 128k vocabulary only at target positions (chunked, `kernels` torch backend).",
+        "- TRL: padding_free=True (packing=False, max_length=None): one row of all the step's tokens, position ids "
+        "restarting per dialog; transformers turns them into a block-diagonal mask for SDPA. Its fused LM head "
+        + (
+            "scores only the target positions with its Triton kernel"
+            if cuda
+            else "on the CPU (no Triton) projects every position of the row, prompt included"
+        )
+        + ", and computes entropy and top-1 accuracy per token for its metrics.",
+        "- optimizer: torch AdamW (TRL `optim=adamw_torch`), lr 1e-5 constant, betas 0.9/0.95, no weight decay, grad "
+        "clip 1.0; TRL's default gradient checkpointing is off to match ours.",
+        "- memory: each side in its own process. "
+        + (
+            "torch.cuda.max_memory_allocated over the run; growth = peak minus the peak after setup."
+            if cuda
+            else "Peak RSS includes the Python libraries each side imports (TRL: transformers, datasets, accelerate); "
+            "growth = peak RSS at the end minus peak RSS after model, data (and for ours the optimizer object) were "
+            "set up, i.e. what the training steps added (gradients, AdamW state, activations)."
+        ),
+    ]
+    rows = table(rows, rows[-1], device, {"records/s": "dialogs/s"})
+    write("\n".join(header + rows + notes), args.out)
+
+
+if __name__ == "__main__":
+    main()
