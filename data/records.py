@@ -9,7 +9,9 @@ Parquet and Arrow need pyarrow (optional: `pip install pyarrow`).
 
 `read_records(path)` yields (where, record), where = 'file:line' (JSONL) or 'file:row' (1-based). A
 line that is not UTF-8 or not JSON comes as a ValidationError in place of its record, so that the
-caller counts it (data.skip_invalid) or stops on it; blank lines are not records.
+caller counts it (data.skip_invalid) or stops on it; blank lines are not records. A Parquet / Arrow row
+is the object it stands for: every row has every column, null where the record has no value, so a null
+field is left out (in nested structs too: a message's null `tool_calls`), as a missing JSON key.
 
 `chunks(path, size)` cuts the same records into picklable pieces for tokenizer processes (raw lines,
 or an Arrow batch in IPC bytes) and `chunk_records(chunk)` turns one back into records: read_records is
@@ -218,7 +220,7 @@ def chunk_records(chunk: Chunk):
         pa = _pyarrow(chunk.path)
         rows = pa.ipc.open_stream(chunk.ipc).read_all().to_pylist()
         for i, obj in enumerate(rows, chunk.row):
-            yield f"{chunk.path}:{i}", obj
+            yield f"{chunk.path}:{i}", _without_nulls(obj)
         return
     for lineno, raw in chunk.lines:
         where = f"{chunk.path}:{lineno}"
@@ -234,6 +236,16 @@ def chunk_records(chunk: Chunk):
             yield where, ValidationError(f"{where}: json: malformed JSON ({e.msg} at column {e.colno})")
             continue
         yield where, obj
+
+
+def _without_nulls(value):
+    """An Arrow row as the record it stands for: struct fields (columns, a message's keys) that are null
+    left out, as the keys a JSON record does not have. Items of a list are kept, null or not."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
 
 
 def read_records(path, digests: dict[str, str] | None = None):

@@ -8,7 +8,9 @@ Preference: {"prompt": str | messages, "responses": [response, ...], "strength":
             {"chosen": messages, "rejected": messages}  TRL's implicit prompt: whole conversations that
             share their prompt messages; split at the longest common message prefix (a shared leading
             assistant turn stays in the responses, so the prompt ends with a user/system/tool turn).
-            A `prompt` given beside them (UltraFeedback) must equal that shared prefix.
+            A `prompt` given beside them (UltraFeedback's column) is not the prompt: the shared messages
+            are (as TRL's maybe_extract_prompt takes them). As text it must equal the content of their
+            last user message, as messages the shared messages; else an error that says to drop it.
             "score_chosen", "score_rejected": numbers (UltraFeedback); the higher-scored response is the
             better one, whatever its key. Equal scores carry no preference: the record is dropped and
             counted ("dropped: tied scores"), not an error.
@@ -18,6 +20,9 @@ an empty one (whitespace only) is an error, `messages[i].content: empty assistan
 skip with skip_invalid), not an end of turn learned from nothing. `strength` says how much better the best response is than the next:
 significantly_better > better > slightly_better > marginally_better. Llama 3 trains the reward
 model and DPO only on the first two levels (`keep_strengths`).
+
+A null field (JSON null; what Parquet / Arrow hold where a record has no value: data/records.py
+leaves those keys out) is an absent one: optional, it is not given; required, it is `missing`.
 
 Every problem is reported as `file:line: field: problem`.
 """
@@ -64,7 +69,7 @@ def _messages(value, where: str, fld: str) -> list[dict]:
         f = f"{fld}[{i}]"
         if not isinstance(m, dict):
             _fail(where, f, f"must be an object with 'role' and 'content', got {type(m).__name__}")
-        if "tool_calls" in m:  # dropping them would train on an empty turn
+        if m.get("tool_calls") not in (None, []):  # dropping them would train on an empty turn
             _fail(where, f"{f}.tool_calls", "tool calls are not supported (the content is the whole message)")
         if m.get("role") not in ROLES:
             _fail(where, f"{f}.role", f"must be one of {', '.join(ROLES)}, got {m.get('role')!r}")
@@ -80,9 +85,15 @@ def _no_tools(obj: dict, where: str) -> None:
         _fail(where, "tools", "tool definitions are not supported: the chat formats here write no tools")
 
 
+def _given(obj: dict) -> dict:
+    """A record without its null fields: a null is an absent field (a JSON null, an Arrow null)."""
+    return {k: v for k, v in obj.items() if v is not None}
+
+
 def parse_sft(obj, where: str) -> SFTRecord:
     if not isinstance(obj, dict):
         _fail(where, "record", f"must be a JSON object, got {type(obj).__name__}")
+    obj = _given(obj)
     _no_tools(obj, where)
     if "text" in obj and "messages" not in obj:
         if not isinstance(obj["text"], str) or not obj["text"].strip():
@@ -138,6 +149,7 @@ def parse_preference(obj, where: str) -> PreferenceRecord:
     raises Drop for a record whose scores tie."""
     if not isinstance(obj, dict):
         _fail(where, "record", f"must be a JSON object, got {type(obj).__name__}")
+    obj = _given(obj)
     _no_tools(obj, where)
     keys = (["edited"] if obj.get("edited") is not None else []) + ["chosen", "rejected"]
     if "responses" not in obj and _is_implicit(obj):
@@ -208,9 +220,29 @@ def _split_implicit_prompt(obj: dict, keys: list[str], where: str) -> tuple[list
     if end == len(first):
         _fail(where, "/".join(keys), "identical conversations that end without an assistant response")
     prompt = first[:end]
-    if "prompt" in obj and parse_prompt(obj["prompt"], where) != prompt:
-        _fail(where, "prompt", f"differs from the prompt messages that {' and '.join(keys)} share")
+    if "prompt" in obj:
+        _check_prompt_column(obj["prompt"], prompt, " and ".join(keys), where)
     return prompt, [_response(c[end:], where, k) for k, c in convs.items()]
+
+
+def _check_prompt_column(given, prompt: list[dict], shared: str, where: str) -> None:
+    """A `prompt` beside whole conversations (UltraFeedback's column). The messages they share are the
+    prompt the model sees, as TRL's maybe_extract_prompt takes them (it ignores a text prompt there); the
+    column must agree with them: as text, the content of their last user message (the system turn and
+    earlier turns are not in it); as messages, the shared messages themselves."""
+    fix = f"drop the 'prompt' column (the messages that {shared} share are the prompt) or make it equal them"
+    if isinstance(given, str):
+        last = next((m["content"] for m in reversed(prompt) if m["role"] == "user"), None)
+        if last is not None and given.strip() == last.strip():
+            return
+        said = f"{_clip(last)!r}" if last is not None else "none: they hold no user message"
+        _fail(where, "prompt", f"differs from the last user message of the prompt that {shared} share ({said}); {fix}")
+    if parse_prompt(given, where) != prompt:
+        _fail(where, "prompt", f"differs from the prompt messages that {shared} share; {fix}")
+
+
+def _clip(text: str, n: int = 60) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 def _order_by_scores(obj: dict, keys: list[str], responses: list[list[dict]], where: str) -> list[list[dict]]:
