@@ -230,15 +230,17 @@ def _check_prompt_column(given, prompt: list[dict], shared: str, where: str) -> 
     prompt the model sees, as TRL's maybe_extract_prompt takes them (it ignores a text prompt there); the
     column must agree with them: as text, the content of their last user message (the system turn and
     earlier turns are not in it); as messages, the shared messages themselves."""
-    fix = f"drop the 'prompt' column (the messages that {shared} share are the prompt) or make it equal them"
+    fix = f"drop the 'prompt' column (the messages that {shared} share are the prompt) or make it equal"
     if isinstance(given, str):
         last = next((m["content"] for m in reversed(prompt) if m["role"] == "user"), None)
         if last is not None and given.strip() == last.strip():
             return
         said = f"{_clip(last)!r}" if last is not None else "none: they hold no user message"
-        _fail(where, "prompt", f"differs from the last user message of the prompt that {shared} share ({said}); {fix}")
+        _fail(
+            where, "prompt", f"differs from the last user message of the prompt that {shared} share ({said}); {fix} it"
+        )
     if parse_prompt(given, where) != prompt:
-        _fail(where, "prompt", f"differs from the prompt messages that {shared} share; {fix}")
+        _fail(where, "prompt", f"differs from the prompt messages that {shared} share; {fix} them")
 
 
 def _clip(text: str, n: int = 60) -> str:
