@@ -131,23 +131,30 @@ def test_the_human_annotator_stops_for_labels_then_continues(tmp_path, files):
     d.mkdir(parents=True)
     prompt = [{"role": "user", "content": "1+1="}]
     sets = [
-        {"id": "a", "prompt": prompt, "responses": ["2", "3", "4"]},
-        {"id": "b", "prompt": prompt, "responses": ["5", "5"]},
+        {
+            "id": "a",
+            "prompt": prompt,
+            "responses": ["2", "", "3", "4", "9"],
+            "finished": [True, True, True, True, False],
+        },
+        {"id": "b", "prompt": prompt, "responses": ["5", "5"], "finished": [True, True]},
+        {"id": "c", "prompt": prompt, "responses": ["5", "6"], "finished": [True, False]},  # 1 usable sample
     ]
     write(d / "sets.jsonl", sets)
     (d / "prompts.jsonl").write_text("{}\n{}\n")
     (d / "sample_report.json").write_text(json.dumps({"dropped": {}}))  # the sampling job ran
     with pytest.raises(
-        WaitingForLabels, match=rf"2 sets to label in {d / 'to_label.jsonl'}: write {d / 'labels.jsonl'}"
+        WaitingForLabels, match=rf"2 sets to label in {d / 'to_label.jsonl'} \(1 prompts with fewer than 2 usable"
     ):
         r.stage(1, "pref", r.new_pairs, tmp_path / "sft", tmp_path / "rm")
     assert not (d / "DONE").exists() and launcher.jobs == []  # the samples are not drawn again
-    assert [json.loads(line)["id"] for line in (d / "to_label.jsonl").read_text().splitlines()] == ["a", "b"]
+    to_label = [json.loads(line) for line in (d / "to_label.jsonl").read_text().splitlines()]
+    assert [(s["id"], s["responses"]) for s in to_label] == [("a", ["2", "3", "4"]), ("b", ["5", "5"])]  # usable only
     write(d / "labels.jsonl", [{"id": "a", "ranking": [1, 0, 2]}, {"id": "b", "scores": [1.0, 1.0]}])
     result = r.stage(1, "pref", r.new_pairs, tmp_path / "sft", tmp_path / "rm")
     pairs = [json.loads(line) for line in (d / "pairs.jsonl").read_text().splitlines()]
     assert [(p["chosen"], p["rejected"]) for p in pairs] == [("3", "4")]  # ranked best 1, worst 2
-    assert result["records"] == 1 and result["dropped"] == {"no_pair": 1}
+    assert result["records"] == 1 and result["dropped"] == {"no_pair": 1, "no_pair_fewer_than_2": 1}
 
 
 @pytest.mark.slow
@@ -161,21 +168,22 @@ def test_a_files_pipeline_with_people_as_annotators_stops_for_labels_and_finishe
     import yaml
     from test_pipeline import MICRO, ROOT
 
-    from llama import Transformer, get_preset, save_model
-    from llama.tokenizer import load_tokenizer
-
-    base = tmp_path / "base"
-    save_model(Transformer(get_preset("debug")), base, tokenizer=load_tokenizer(), chat_template="llama3")
+    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    base_run = tmp_path / "base_run"  # a base that has learned to answer and end its turn
+    sft = [sys.executable, str(ROOT / "train" / "sft.py"), "--config", str(ROOT / "experiments/quickstart/sft.yaml")]
+    sft += ["model.preset=debug", "data.eval=null", "train.steps=60", "data.batch_size=32", "optim.lr=1e-2"]
+    sft += [f"train.run_dir={base_run}", "logging.progress=false", "train.save_every=0"]
+    assert subprocess.run(sft, cwd=ROOT, env=env, capture_output=True, timeout=600).returncode == 0
+    base = base_run / "model"
     keep = ("nproc", "rm", "sft", "dpo", "k", "max_new_tokens")
     cfg = {key: MICRO[key] for key in keep} | {"name": "files", "root": str(tmp_path / "runs"), "rounds": 1}
     cfg |= {"task": "files", "task_args": files, "base": str(base), "annotator": "human"}
     cfg |= {"rs_prompts": 4, "pref_prompts": 4, "cleaning": {"dedup": True}}
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(cfg))
     cmd = [sys.executable, str(ROOT / "train" / "pipeline.py"), "--config", str(tmp_path / "p.yaml")]
-    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     pref = tmp_path / "runs" / "files" / "round_1" / "pref"
-    assert first.returncode != 0 and f"pipeline: waiting for labels: 4 sets to label in {pref}" in first.stderr
+    assert first.returncode != 0 and "pipeline: waiting for labels: " in first.stderr and str(pref) in first.stderr
     sets = [json.loads(line) for line in (pref / "to_label.jsonl").read_text().splitlines()]
     write(pref / "labels.jsonl", [{"id": s["id"], "scores": list(range(len(s["responses"])))} for s in sets])
     second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -24,8 +24,9 @@ import time
 from pathlib import Path
 
 from data.annotators import file_annotator, preference_pair
-from data.drops import drop_report, drops_for
-from data.io import write_jsonl, write_text
+from data.clean import CleanRules
+from data.drops import drop_reason, drop_report, drops_for
+from data.io import write_json, write_jsonl, write_text
 from train.launch import Interrupted, Job, JobFailed, Launcher
 from train.logger import read_metrics
 
@@ -196,20 +197,37 @@ class Recipe:
         return {**self.sample_metrics(d, sft), "records": len(pairs), "dropped": report}
 
     def human_pairs(self, d: Path) -> dict:
-        """The human annotator: the sets to label are written; once labels.jsonl is there, pairs from it."""
-        labels = d / "labels.jsonl"
+        """The human annotator: the sets to label (each prompt's samples that the drop rules keep: finished,
+        not empty, the cleaning rules) are written; once labels.jsonl is there, pairs from it."""
+        labels, to_label = d / "labels.jsonl", d / "to_label.jsonl"
+        dropped = {"no_pair_fewer_than_2": 0, "no_pair": 0}
         if not labels.is_file():
-            sets = [json.loads(line) for line in (d / "sets.jsonl").read_text().splitlines()]
-            write_jsonl(d / "to_label.jsonl", [{"id": s["id"], "prompt": s["prompt"], "responses": s["responses"]}
-                                               for s in sets])  # fmt: skip
+            c = self.cfg.cleaning
+            rules = CleanRules(
+                c.get("max_repeat"), c.get("repeat_ngram", 3), tuple(c.get("ban_phrase", ())), c.get("max_emoji"),
+                c.get("max_exclamation"),
+            )  # fmt: skip
+            sets = []
+            for s in map(json.loads, (d / "sets.jsonl").read_text().splitlines()):
+                kept = [
+                    t for t, f in zip(s["responses"], s["finished"]) if not drop_reason(t, f, c.get("max_chars"), rules)
+                ]
+                if len(kept) < 2:
+                    dropped["no_pair_fewer_than_2"] += 1
+                else:
+                    sets.append({"id": s["id"], "prompt": s["prompt"], "responses": kept})
+            write_jsonl(to_label, sets)
+            write_json(d / "to_label_dropped.json", dropped)
             raise WaitingForLabels(
-                f"{len(sets)} sets to label in {d / 'to_label.jsonl'}: write {labels}, one JSON line per set, "
+                f"{len(sets)} sets to label in {to_label} ({dropped['no_pair_fewer_than_2']} prompts with fewer than "
+                f"2 usable samples left out): write {labels}, one JSON line per set, "
                 '{"id": ..., "ranking": [best response index, ..., worst]} or {"id": ..., "scores": [...]}; '
                 "then rerun the same command (it continues from this stage)"
             )
+        dropped = json.loads((d / "to_label_dropped.json").read_text())
         annotate = file_annotator(labels)
-        pairs, dropped = [], {"no_pair": 0}
-        for s in map(json.loads, (d / "sets.jsonl").read_text().splitlines()):
+        pairs = []
+        for s in map(json.loads, to_label.read_text().splitlines()):
             pair = preference_pair({"messages": s["prompt"]}, s["responses"], annotate(s, s["responses"]))
             if pair is None:
                 dropped["no_pair"] += 1
@@ -217,7 +235,7 @@ class Recipe:
                 pairs.append({"id": s["id"], **pair})
         write_jsonl(d / "sampled_pairs.jsonl", pairs)
         print(f"pref: {len(pairs)} pairs from {labels}; {dropped['no_pair']} sets without a strict preference")
-        return dropped
+        return {key: n for key, n in dropped.items() if n}
 
     def train_dpo(self, d: Path, k: int, sft_model: Path, rm: Path) -> dict:
         """DPO from this round's SFT model on this round's pairs; with several variants, each is evaluated
