@@ -24,7 +24,8 @@ from pathlib import Path
 import yaml
 
 from data.io import write_text
-from llama.checkpoint import check_destination
+from llama import get_preset
+from llama.checkpoint import check_destination, read_config
 from train import run_lock, train_state
 from train.config import differences, save_config, to_dict
 
@@ -120,10 +121,15 @@ def check_exports(cfg, chat, rank: int, world_size: int) -> None:
     from data.prepare import on_rank0
 
     def check():
+        m = cfg.model
+        model_config = read_config(m.checkpoint)[0] if m.checkpoint else get_preset(m.preset)
         outs = (("model", "native"), ("model_hf", "hf"))
         for out, fmt in outs if cfg.train.export_hf else outs[:1]:
             try:
-                check_destination(Path(cfg.train.run_dir) / out, chat.tokenizer, chat.template, fmt)
+                check_destination(
+                    Path(cfg.train.run_dir) / out, chat.tokenizer, chat.template, fmt, config=model_config,
+                    source=cfg.model.checkpoint,
+                )  # fmt: skip
             except ValueError as e:
                 raise ValueError(f"train.run_dir: the run's export would fail: {e}") from None
 
