@@ -317,9 +317,9 @@ def template_in_dir(directory) -> tuple[str | None, Path | None]:
         ) from None
 
 
-def resolve_chat_template(name: str | None, checkpoint_dir=None) -> str:
+def resolve_chat_template(name: str | None, checkpoint_dir=None, verbose: bool = True) -> str:
     """The chat format for a model: `name` if given; else the one the checkpoint folder's tokenizer files
-    name (printed); else "llama3" (printed when a checkpoint folder was given)."""
+    name (printed); else "llama3" (printed when a checkpoint folder was given). verbose=False: nothing printed."""
     if name:
         _check_name(name, "chat template")
         return name
@@ -327,7 +327,9 @@ def resolve_chat_template(name: str | None, checkpoint_dir=None) -> str:
         return "llama3"
     found, file = template_in_dir(checkpoint_dir)
     if found is not None:
-        print(f"chat template: {found} (from {file})", flush=True)
+        if verbose:
+            print(f"chat template: {found} (from {file})", flush=True)
         return found
-    print(f"chat template: llama3 (the default: {checkpoint_dir} names none; set model.chat_template)", flush=True)
+    if verbose:
+        print(f"chat template: llama3 (the default: {checkpoint_dir} names none; set model.chat_template)", flush=True)
     return "llama3"

@@ -360,7 +360,7 @@ def same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
     return False
 
 
-def resolve_tokenizer(tokenizer_arg, checkpoint_dir, vocab_size: int | None) -> Tokenizer:
+def resolve_tokenizer(tokenizer_arg, checkpoint_dir, vocab_size: int | None, verbose: bool = True) -> Tokenizer:
     """The tokenizer for a model, never silently the wrong one. For every entry point that loads a model.
 
     - `tokenizer_arg` (a file, or a model folder holding one) given: that tokenizer.
@@ -370,12 +370,14 @@ def resolve_tokenizer(tokenizer_arg, checkpoint_dir, vocab_size: int | None) -> 
       saying to pass one.
     `vocab_size` is the model's embedding rows (None: not checked). A tokenizer with more ids than the
     model has rows is an error; fewer is allowed (embeddings padded beyond the tokenizer).
+    verbose=False: the choice is not printed (a rank other than local rank 0).
     """
     if tokenizer_arg:
         tok, source = load_tokenizer(tokenizer_arg), "given"
     elif checkpoint_dir and tokenizer_in_dir(checkpoint_dir) is not None:
         tok, source = load_tokenizer(tokenizer_in_dir(checkpoint_dir)), "from the checkpoint folder"
-        print(f"tokenizer: {tok.path} ({source})", flush=True)
+        if verbose:
+            print(f"tokenizer: {tok.path} ({source})", flush=True)
     else:
         tok, source = load_tokenizer(DEFAULT_TOKENIZER), "the shipped byte tokenizer"
         if vocab_size is not None and vocab_size != tok.vocab_size:

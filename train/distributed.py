@@ -148,13 +148,16 @@ def all_reduce_sum(values: dict, device) -> dict[str, float]:
     return dict(zip(keys, t.tolist()))
 
 
-def model_tokenizer(checkpoint: str | None, preset: str | None, tokenizer: str | None) -> Tokenizer:
+def model_tokenizer(
+    checkpoint: str | None, preset: str | None, tokenizer: str | None, verbose: bool = True
+) -> Tokenizer:
     """`model.tokenizer`, else the checkpoint folder's, else the byte tokenizer if the vocabularies match:
-    checked against the model's vocab_size before anything is trained (llama.tokenizer.resolve_tokenizer)."""
+    checked against the model's vocab_size before anything is trained (llama.tokenizer.resolve_tokenizer).
+    verbose: print the choice (local rank 0 only, so a node prints it once)."""
     if bool(checkpoint) == bool(preset):
         raise ValueError("give exactly one of model.checkpoint and model.preset")
     vocab_size = read_config(checkpoint)[0].vocab_size if checkpoint else get_preset(preset).vocab_size
-    return resolve_tokenizer(tokenizer, checkpoint, vocab_size)
+    return resolve_tokenizer(tokenizer, checkpoint, vocab_size, verbose)
 
 
 def build_model(

@@ -39,8 +39,9 @@ def setup(cfg: Config, kind: str, head: str, **encode_kw) -> Setup:
     d = init_distributed()
     resume_from = run_folder.claim(cfg, d.rank, d.world_size)
     m, t = cfg.model, cfg.train
-    tokenizer = model_tokenizer(m.checkpoint, m.preset, m.tokenizer)
-    chat = ChatFormat(tokenizer, resolve_chat_template(m.chat_template, m.checkpoint))
+    verbose = d.local_rank == 0  # `tokenizer:` / `chat template:` printed once per node, not once per rank
+    tokenizer = model_tokenizer(m.checkpoint, m.preset, m.tokenizer, verbose)
+    chat = ChatFormat(tokenizer, resolve_chat_template(m.chat_template, m.checkpoint, verbose))
     run_folder.check_exports(cfg, chat, d.rank, d.world_size)
     train_loader, eval_loader = build_loaders(cfg.data, kind, chat, d.rank, d.world_size, d.is_main, **encode_kw)
     data = {"train": train_loader.fingerprints, "eval": eval_loader.fingerprints if eval_loader else {}}
