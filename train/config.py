@@ -96,6 +96,8 @@ class LoggingSection:
     wandb: Literal["offline", "online", "disabled"] = "offline"
     project: str = "llama-posttrain"
     name: str | None = None  # default: the run_dir's name
+    group: str | None = None  # wandb run group (the pipeline sets its run's name: every stage in one group)
+    job_type: str | None = None  # wandb job type (the pipeline sets the stage: rm, sft, dpo, pretrain)
     log_every: PosInt = 1  # steps between metric lines
     progress: bool = True  # progress bar on stderr
 

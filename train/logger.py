@@ -1,7 +1,13 @@
 """Metrics: <run_dir>/metrics.jsonl (every logged step), wandb (offline by default), a console line.
 
 `read_metrics(path)` is the one reader of metrics.jsonl; a line cut short by a crash mid-write is
-dropped with a warning, so a killed run still resumes.
+dropped with a warning, so a killed run still resumes. metrics.jsonl keeps the project's own keys
+(`loss`, `lr`, `eval/loss`, ...); wandb gets the dashboard names (`dashboard_names`): train metrics
+under `train/`, eval metrics under `eval/`, TRL's name where TRL logs the metric (`learning_rate`,
+DPO's `nll_loss`, the RM's `margin` and `mean_reward`), plus `train/global_step` (every chart's x-axis,
+`define_metric`) and `train/num_tokens` (the real tokens trained on so far, the other x-axis). The
+run's group, job type and name come from `logging.group`, `logging.job_type`, `logging.name` (the
+pipeline sets them for every stage run: group = the pipeline run, job type = the stage).
 """
 
 from __future__ import annotations
@@ -32,7 +38,13 @@ class Logger:
             self.wandb = wandb.init(
                 project=cfg.project, name=cfg.name or Path(run_dir).name, dir=str(run_dir), mode=cfg.wandb,
                 config=config_dict, resume="allow", id=_run_id(run_dir, fresh=resume_step is None),
+                group=cfg.group, job_type=cfg.job_type,
             )  # fmt: skip
+            define_metrics(self.wandb)
+        self.kind = next((k for k in ("dpo", "rm", "sft") if k in config_dict), None)  # the entry's own section
+        self.num_tokens, self.last_step = 0, 0
+        for record in keep:  # a resumed run counts on from its kept records
+            self._count(record["step"], record)
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -41,9 +53,25 @@ class Logger:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
-            self.wandb.log(metrics, step=step)
+            self._count(step, metrics)
+            self.wandb.log(self.dashboard(step, metrics), step=step)
         if self.progress:
             print(self._line(step, metrics), end="", file=sys.stderr, flush=True)
+
+    def _count(self, step: int, metrics: dict) -> None:
+        """train/num_tokens: each train record's `tokens` for every step since the last one logged (exact with
+        log_every 1; with more, the steps between count as the logged one)."""
+        if "tokens" in metrics:
+            self.num_tokens += metrics["tokens"] * (step - self.last_step)
+            self.last_step = step
+
+    def dashboard(self, step: int, metrics: dict) -> dict:
+        """A record as wandb gets it: the dashboard names, the step and the tokens seen so far."""
+        return {
+            **dashboard_names(metrics, self.kind),
+            "train/global_step": step,
+            "train/num_tokens": self.num_tokens,
+        }
 
     def _line(self, step: int, metrics: dict) -> str:
         """A progress bar redrawn in place on a terminal; a line every 5% of the run in a log file."""
@@ -60,6 +88,35 @@ class Logger:
             print(file=sys.stderr)
         if self.wandb is not None:
             self.wandb.finish()
+
+
+# our key -> TRL's name for the same metric, per entry point (the `dpo`, `rm`, `sft` config section); the
+# prefix (train/ or eval/) is added after. Keys not listed keep their name.
+TRL_NAMES = {
+    None: {"lr": "learning_rate"},
+    "dpo": {"nll": "nll_loss"},
+    "rm": {"margin_mean": "margin", "reward_mean": "mean_reward", "reward_std": "std_reward"},
+    "sft": {},
+}
+
+
+def dashboard_names(metrics: dict, kind: str | None) -> dict:
+    """metrics.jsonl keys -> wandb keys: `eval/x` stays under eval/, any other key goes under train/; TRL's
+    name where TRL has the metric (TRL_NAMES)."""
+    names = {**TRL_NAMES[None], **TRL_NAMES.get(kind, {})}
+    out = {}
+    for key, value in metrics.items():
+        space, _, name = key.partition("/") if key.startswith("eval/") else ("train", "", key)
+        out[f"{space}/{names.get(name, name)}"] = value
+    return out
+
+
+def define_metrics(run) -> None:
+    """Every chart's x-axis is the optimizer step (train/global_step); train/num_tokens is logged beside it
+    in every record (train and eval), so any chart can be drawn against the tokens seen too."""
+    run.define_metric("train/global_step")
+    run.define_metric("train/*", step_metric="train/global_step")
+    run.define_metric("eval/*", step_metric="train/global_step")
 
 
 def read_metrics(path) -> list[dict]:

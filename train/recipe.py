@@ -34,7 +34,9 @@ STAGE_KINDS = ("rm", "sft", "dpo")  # the training scripts; "pretrain" runs sft.
 EVAL_SIZE = 200  # a synthetic task's held-out preference pairs, SFT records and pre-training dialogs
 # Stage config keys the pipeline sets for every stage run: their values in the stage config files are
 # never used, so a change of them (a stage config's own run folder) changes no result.
-STAGE_SETS = ("train.run_dir", "logging.progress")
+# logging.group / job_type / name: the stage run's place on the dashboard (wandb: the pipeline run's group,
+# the stage, round_k/stage/variant_v).
+STAGE_SETS = ("train.run_dir", "logging.progress", "logging.group", "logging.job_type", "logging.name")
 
 
 class StageError(RuntimeError):
@@ -305,7 +307,8 @@ class Recipe:
         for v, extra in enumerate(variants or [{}]):
             run_dir = d / f"variant_{v}"
             if not (run_dir / "model" / "config.json").exists():
-                own = dict(zip(STAGE_SETS, (str(run_dir), False)))  # whatever the stage config file says
+                place = (self.cfg.name, d.name, f"{d.parent.name}/{d.name}/variant_{v}")  # group, job type, name
+                own = dict(zip(STAGE_SETS, (str(run_dir), False, *place)))  # whatever the stage config file says
                 args = {**stage_overrides, **overrides, **extra, **own}
                 if "model.checkpoint" in args:  # the stage's own start, not the config file's preset
                     args["model.preset"] = None
