@@ -13,18 +13,14 @@ from __future__ import annotations
 
 import gc
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
-
-from llama.model import attention_mask
-from losses import dpo
-from train import loop
 from train.config import Config, OptimSection, parse_args
-from train.distributed import build_model
-from train.entry import setup
 from train.lifecycle import main_guard
-from train.targets import chosen_nll, dpo_lengths, dpo_logps, model_logps, reference_table
+
+# torch-heavy modules are imported in the functions that use them: `--help` and config errors answer at once.
+if TYPE_CHECKING:
+    from train import loop
 
 
 @dataclass
@@ -52,6 +48,12 @@ class DPOConfig(Config):
 
 def make_objective(model, reference, cfg: DPOSection, backend: str) -> loop.Objective:
     """reference: the frozen model, its precomputed (num_examples, 2) table, or None (reference-free)."""
+    import torch
+
+    from llama.model import attention_mask
+    from losses import dpo
+    from train import loop
+    from train.targets import chosen_nll, dpo_lengths, dpo_logps, model_logps
 
     def loss(batch, step):
         mask = attention_mask(batch.doc_ids, batch.branch_ids)  # built once: the policy's and the reference's
@@ -77,6 +79,12 @@ def make_objective(model, reference, cfg: DPOSection, backend: str) -> loop.Obje
 
 def main(argv=None):
     cfg = parse_args(DPOConfig, argv, __doc__)
+    from losses import dpo
+    from train import loop
+    from train.distributed import build_model
+    from train.entry import setup
+    from train.targets import reference_table
+
     s = setup(cfg, kind="dpo", head="lm")
     t, m = cfg.train, cfg.model
     train_ref = eval_ref = None

@@ -21,10 +21,7 @@ import sys
 import time
 from contextlib import contextmanager
 
-import torch.distributed as dist
-
 from train import run_lock
-from train.distributed import all_reduce_sum
 
 
 class Phase:
@@ -52,6 +49,8 @@ class Interrupted(Exception):
 
 def stop_requested(device) -> bool:
     """Whether any rank was signalled (a collective: every rank must call it at the same point)."""
+    from train.distributed import all_reduce_sum  # torch: not imported by an entry point's `--help`
+
     return all_reduce_sum({"stop": float(Signals.received is not None)}, device)["stop"] > 0
 
 
@@ -126,7 +125,8 @@ def _report_once(e: Exception) -> None:
 
 
 def _teardown() -> None:
-    if dist.is_initialized():
+    dist = sys.modules.get("torch.distributed")  # not imported (`--help`, a config error): no process group
+    if dist is not None and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
     sys.stdout.flush()

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from data.schema import STRENGTHS
-from losses import ranking
-from train import loop
 from train.config import Config, NonNegFloat, parse_args
-from train.entry import setup
 from train.lifecycle import main_guard
-from train.targets import scores, strength_margins
+
+# torch-heavy modules are imported in the functions that use them: `--help` and config errors answer at once.
+if TYPE_CHECKING:
+    from train import loop
 
 
 @dataclass
@@ -34,11 +34,14 @@ class RMConfig(Config):
     rm: RMSection = field(default_factory=RMSection)
 
 
-# pairwise accuracy per preference strength: pairs of the groups of that strength
-RATIOS = {**ranking.RATIOS, **{f"accuracy/{s}": (f"correct/{s}", f"pairs/{s}") for s in STRENGTHS}}
-
-
 def make_objective(model, margin: str | None, center_rewards: float = 0.0) -> loop.Objective:
+    from losses import ranking
+    from train import loop
+    from train.targets import scores, strength_margins
+
+    # pairwise accuracy per preference strength: pairs of the groups of that strength
+    ratios = {**ranking.RATIOS, **{f"accuracy/{s}": (f"correct/{s}", f"pairs/{s}") for s in STRENGTHS}}
+
     def loss(batch, step):
         r = scores(model(batch.tokens, batch.positions, batch.doc_ids, batch.branch_ids), batch)  # (S,)
         m = strength_margins(batch.group_strength, ranking.LLAMA2_MARGINS[margin]) if margin else None
@@ -53,11 +56,14 @@ def make_objective(model, margin: str | None, center_rewards: float = 0.0) -> lo
             m["reward_std"] = math.sqrt(max(sq - m["reward_mean"] ** 2, 0.0))
         return m
 
-    return loop.Objective(loss, RATIOS, derive)
+    return loop.Objective(loss, ratios, derive)
 
 
 def main(argv=None):
     cfg = parse_args(RMConfig, argv, __doc__)
+    from train import loop
+    from train.entry import setup
+
     s = setup(cfg, kind="rm", head="reward", one_row=cfg.rm.one_row)
     return loop.run(s, make_objective(s.model, cfg.rm.margin, cfg.rm.center_rewards))
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from losses import sft
-from train import loop
 from train.config import Config, parse_args
-from train.entry import setup
 from train.lifecycle import main_guard
-from train.targets import model_logps
+
+# torch-heavy modules are imported in the functions that use them: `--help` and config errors answer at once.
+if TYPE_CHECKING:
+    from train import loop
 
 
 @dataclass
@@ -30,6 +31,10 @@ class SFTConfig(Config):
 
 
 def make_objective(model, backend: str) -> loop.Objective:
+    from losses import sft
+    from train import loop
+    from train.targets import model_logps
+
     def loss(batch, step):
         return sft.sft_loss(model_logps(model, batch, backend), step.num_targets)  # (N,) log p of the targets
 
@@ -41,6 +46,9 @@ def make_objective(model, backend: str) -> loop.Objective:
 
 def main(argv=None):
     cfg = parse_args(SFTConfig, argv, __doc__)
+    from train import loop
+    from train.entry import setup
+
     s = setup(cfg, kind="sft", head="lm", train_on_prompt=not cfg.sft.mask_prompt)
     return loop.run(s, make_objective(s.model, cfg.train.kernels))
 
