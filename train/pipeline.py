@@ -45,7 +45,7 @@ from train import run_lock
 from train.config import AtLeast, NonNegFloat, NonNegInt, PosInt, describe, differences, from_flat_dict, read_yaml
 from train.launch import Interrupted, Launcher
 from train.recipe import STAGE_KINDS, STAGE_SETS, Recipe, StageError, WaitingForLabels
-from train.report import write_report
+from train.report import wandb_settings, write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 Preset = Literal[tuple(PRESETS)]  # a model preset's name (llama/config.py)
@@ -244,7 +244,10 @@ class Pipeline:
                 results = self.recipe.run()
                 self.signals.check("before the report")
                 c = self.cfg
-                write_report(self.dir, dataclasses.asdict(c), results, c.plots, c.rounds, c.eval_prompts)
+                stages = {stage: getattr(c, stage) for stage in ("pretrain", *STAGE_KINDS)}  # their overrides
+                dashboard = wandb_settings(self.stage_configs(), stages)  # None: the stages log no wandb
+                write_report(self.dir, dataclasses.asdict(c), results, c.plots, c.rounds, c.eval_prompts,
+                             dashboard, self.recipe.verify)  # fmt: skip
                 status = 0
             except StageError as e:
                 raise PipelineError(str(e)) from None

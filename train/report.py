@@ -1,5 +1,7 @@
 """The pipeline's report: summary.json (the config and every stage's results), summary.md (a table),
-and the plots (accuracy.png, rewards.png; matplotlib, `pip install -e '.[plots]'`)."""
+the plots (accuracy.png, rewards.png; matplotlib, `pip install -e '.[plots]'`) and, where the stage runs
+log to wandb, the pipeline's own wandb run (`log_dashboard`: the results over rounds, the summary table,
+the rejection-sampling tables), in the stage runs' group."""
 
 from __future__ import annotations
 
@@ -10,7 +12,11 @@ from data.io import write_text
 from train.recipe import EVAL_SIZE
 
 
-def write_report(folder: Path, config: dict, results: list[dict], plots: bool, rounds: int, eval_prompts: int) -> None:
+def write_report(
+    folder: Path, config: dict, results: list[dict], plots: bool, rounds: int, eval_prompts: int,
+    dashboard: dict | None = None, verify=None,
+) -> None:  # fmt: skip
+    """dashboard: wandb_settings(...) of the stage runs (None: no wandb run); verify: the task's verifier."""
     summary = {"config": config, "stages": results}
     write_text(folder / "summary.json", json.dumps(summary, indent=1))
     table = summary_table(results)
@@ -18,6 +24,8 @@ def write_report(folder: Path, config: dict, results: list[dict], plots: bool, r
     print(table)
     if plots:
         plot(folder, results, rounds, eval_prompts)
+    if dashboard is not None:
+        log_dashboard(folder, config["name"], config, results, dashboard, verify)
 
 
 def plot(folder: Path, results: list[dict], rounds: int, eval_prompts: int) -> None:
@@ -87,3 +95,107 @@ def rewards_by_round(results: list[dict], rounds: int) -> tuple[list[str], dict[
         "the RM's pick is right (rejection sampling)": per_round("rs", "rm_pick_accuracy"),
     }
     return [f"round {k}" for k in range(1, rounds + 1)], series
+
+
+# ----------------------------------------------------------------------------- the dashboard (wandb)
+
+# The pipeline run's charts, one point per round (round 0: the base): `<stage>/<metric>` of every stage result
+# (a key naming its own stage is shortened: sft_loss -> sft/loss, rm_accuracy -> rm/accuracy).
+DASHBOARD_KEYS = (
+    "rm_accuracy", "rm_pick_accuracy", "sample_accuracy", "best_of_k_oracle", "mean_best_score", "sft_loss",
+    "dpo_reward_accuracy", "task_accuracy", "task_accuracy_sampled", "nll", "rm_score", "records",
+)  # fmt: skip
+SAMPLE_COLUMNS = ["round", "prompt", "sample", "response", "finished", "rm_score", "picked", "right"]
+
+
+def wandb_settings(stage_configs: dict, stage_overrides: dict) -> dict | None:
+    """Where the pipeline's own run goes, from what the stage runs do: None when every stage's
+    `logging.wandb` (the pipeline's stage overrides, else the stage config file, else the default) is
+    disabled; else the mode (online if any stage is) and the first logging stage's project."""
+    from train.config import LoggingSection
+
+    default = LoggingSection()
+    found = []
+    for stage, kind in (("pretrain", "sft"), ("rm", "rm"), ("sft", "sft"), ("dpo", "dpo")):
+        section = (stage_configs.get(kind) or {}).get("logging") or {}
+        over = stage_overrides.get(stage) or {}
+        mode = over.get("logging.wandb", section.get("wandb", default.wandb))
+        if mode != "disabled":
+            found.append((mode, over.get("logging.project", section.get("project", default.project))))
+    if not found:
+        return None
+    return {"mode": "online" if any(m == "online" for m, _ in found) else "offline", "project": found[0][1]}
+
+
+def by_round(results: list[dict]) -> dict[int, dict]:
+    """{round: {"<stage>/<metric>": value}}: the numbers of the README's summary table, round by round."""
+    out: dict[int, dict] = {}
+    for r in results:
+        if r["stage"] == "data":
+            continue
+        for key in DASHBOARD_KEYS:
+            value = r.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                name = key.removeprefix(r["stage"] + "_")
+                out.setdefault(r["round"], {})[f"{r['stage']}/{name}"] = value
+    return out
+
+
+def sample_rows(stage_dir: Path, rnd: int, verify=None, prompts: int = 4) -> list[list]:
+    """The first `prompts` prompts of a sampling stage with their K samples: the response, whether it
+    finished, its RM score, whether it is the pick (the SFT record kept), and (a verifier) whether it is right."""
+    sets_file, sft_file = Path(stage_dir) / "sets.jsonl", Path(stage_dir) / "sft.jsonl"
+    if not sets_file.is_file():
+        return []
+    lines = [line for line in sets_file.read_text().splitlines() if line.strip()][:prompts]
+    picks = {}
+    if sft_file.is_file():
+        for line in sft_file.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                picks[json.dumps(record["messages"][:-1])] = record["messages"][-1]["content"]
+    rows = []
+    for line in lines:
+        s = json.loads(line)
+        question = s["prompt"][-1]["content"]
+        pick = picks.get(json.dumps(s["prompt"]))
+        picked = s["responses"].index(pick) if pick in s["responses"] else None
+        for j, (text, finished, score) in enumerate(zip(s["responses"], s["finished"], s["rm_scores"])):
+            right = bool(verify(question, text)) if verify is not None else None
+            rows.append([rnd, question, j, text, bool(finished), float(score), j == picked, right])
+    return rows
+
+
+def log_dashboard(folder: Path, group: str, config: dict, results: list[dict], settings: dict, verify=None) -> None:
+    """The pipeline's own wandb run (job type "pipeline", in the stage runs' group): per round (the x-axis)
+    every stage's results (RM accuracy, RM pick accuracy, SFT loss, DPO reward accuracy, task accuracy
+    greedy and sampled, ...), the summary table, and per rejection-sampling stage a table of a few prompts
+    with their K samples, RM scores, the pick and (a verifier) which were right."""
+    import wandb  # only when logging to it
+
+    run = wandb.init(
+        project=settings["project"], group=group, job_type="pipeline", name=f"{group}/pipeline",
+        dir=str(folder), mode=settings["mode"], config=config,
+    )  # fmt: skip
+    try:
+        run.define_metric("round")
+        run.define_metric("*", step_metric="round")
+        samples = {
+            r["round"]: sample_rows(folder / f"round_{r['round']}" / "rs", r["round"], verify)
+            for r in results
+            if r["stage"] == "rs"
+        }
+        stages = [r for r in results if r["stage"] != "data"]
+        columns = [c for c in TABLE_COLUMNS if any(isinstance(r.get(c), float) for r in stages)]
+        data = [[r["round"], r["stage"], *[r.get(c) if isinstance(r.get(c), float) else None for c in columns]]
+                for r in stages]  # fmt: skip
+        rounds = sorted(by_round(results).items()) or [(0, {})]
+        for i, (rnd, values) in enumerate(rounds):
+            row = {"round": rnd, **values}
+            if samples.get(rnd):
+                row[f"round_{rnd}/rs/samples"] = wandb.Table(columns=SAMPLE_COLUMNS, data=samples[rnd])
+            if i == len(rounds) - 1:  # the README's table, with the last round's row
+                row["summary"] = wandb.Table(columns=["round", "stage", *columns], data=data)
+            run.log(row, step=rnd)
+    finally:
+        run.finish()
