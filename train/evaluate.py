@@ -42,6 +42,7 @@ from llama.tokenizer import resolve_tokenizer
 from train import progress
 from train.distributed import all_reduce_sum, init_distributed
 from train.sample import (
+    HelpFormatter,
     _at_least,
     check_checkpoints,
     json_object,
@@ -113,7 +114,7 @@ def nll_sums(model, examples, max_len: int, pad_id: int) -> tuple[float, int]:
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--model", required=True, help="the model evaluated (a reward model with --pairs)")
     ap.add_argument("--tokenizer", help="file or model folder; default: the model folder's, else the byte tokenizer")
     ap.add_argument("--chat-template", choices=TEMPLATES, help="default: the model folder's, else llama3")
@@ -121,7 +122,7 @@ def parse_args(argv=None):
     ap.add_argument("--prompts", help="held-out prompt records (with --verifier and/or --rm)")
     ap.add_argument("--verifier", metavar="TASK", help="task accuracy by this task's verifier (data/tasks)")
     ap.add_argument("--task-args", type=json_object, metavar="JSON", help="the task's arguments, e.g. '{}'")
-    ap.add_argument("--max-new-tokens", type=_at_least(1), default=8)
+    ap.add_argument("--max-new-tokens", type=_at_least(1), default=8, help="generated tokens per prompt at most")
     ap.add_argument("--seed", type=int, default=0, help="rank r samples with seed + 1000003 * r (rank 0: the seed)")
     ap.add_argument("--pairs", help="held-out preference records: rm_accuracy of the (reward) model")
     ap.add_argument("--nll", help="held-out SFT records: nll per target token")

@@ -277,8 +277,18 @@ def check_checkpoints(args, vocab_size: int) -> None:
             raise SystemExit(f"{flag} {path}: the model has {config.vocab_size} ids, the tokenizer {vocab_size}")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """`--help` with the module docstring as written and every option's default (`(default: 16)`), where it has one."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is not None and action.default is not False and action.default is not argparse.SUPPRESS:
+            text += "" if "%(default)" in text else " (default: %(default)s)"
+        return text.strip()
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--policy", required=True)
     ap.add_argument("--rm", help="reward model checkpoint (helpfulness)")
     ap.add_argument("--safety-rm", help="safety reward model, combined as in Llama 2")
@@ -286,7 +296,7 @@ def main(argv=None):
     ap.add_argument("--tokenizer", help="file or model folder; default: the policy folder's, else the byte tokenizer")
     ap.add_argument("--chat-template", choices=TEMPLATES, help="default: the policy folder's, else llama3")
     ap.add_argument("--k", type=_at_least(1), default=16, help="samples per prompt")
-    ap.add_argument("--max-new-tokens", type=_at_least(1), default=256)
+    ap.add_argument("--max-new-tokens", type=_at_least(1), default=256, help="generated tokens per sample at most")
     ap.add_argument("--temperature", type=_at_least(0.0, float), default=1.0, help="0: greedy")
     ap.add_argument("--top-p", type=float, default=1.0, help="in (0, 1]; 1: off")
     ap.add_argument("--top-k", type=_at_least(0), default=0, help="0: off")
