@@ -7,6 +7,7 @@ import random
 import signal
 import subprocess
 import time
+from itertools import accumulate
 from pathlib import Path
 
 import pytest
@@ -200,14 +201,20 @@ def read_wandb_history(path: Path, timeout_s: float = 60) -> list[dict]:
 
 def test_wandb_offline_run_holds_the_metrics(tmp_path, one_rank):
     argv = ["--config", str(QUICK / "sft.yaml"), f"train.run_dir={tmp_path}", "logging.progress=false", *SHORT]
-    in_process("sft", [*argv, "train.steps=3", "logging.wandb=offline"])
+    place = ["logging.group=quickstart", "logging.job_type=sft", "logging.name=round_1/sft/variant_0"]
+    in_process("sft", [*argv, "train.steps=3", "logging.wandb=offline", *place])
     files = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1
     history = read_wandb_history(files[0])
+    (run,) = [r.run for r in read_wandb_records(files[0]) if r.WhichOneof("record_type") == "run"][:1]
+    assert (run.run_group, run.job_type, run.display_name) == ("quickstart", "sft", "round_1/sft/variant_0")
     logged = read_metrics(tmp_path)
     assert [h["_step"] for h in history] == [1, 2, 3]
-    for h, m in zip(history, logged):
-        assert h["loss"] == pytest.approx(m["loss"], rel=1e-6) and h["lr"] == pytest.approx(m["lr"])
+    for h, m in zip(history, logged):  # the dashboard names (train/logger.py), metrics.jsonl's own keys
+        assert h["train/loss"] == pytest.approx(m["loss"], rel=1e-6)
+        assert h["train/learning_rate"] == pytest.approx(m["lr"]) and h["train/global_step"] == m["step"]
+        assert not {k for k in h if not k.startswith(("train/", "eval/", "_"))}  # every key in a namespace
+    assert [h["train/num_tokens"] for h in history] == list(accumulate(m["tokens"] for m in logged if "tokens" in m))
 
 
 def test_non_finite_steps_are_skipped_then_stop(tmp_path, one_rank):
