@@ -63,3 +63,34 @@ def test_help_and_a_config_error_answer_without_torch():
     r = _python("-c", code)
     assert "exit 0" in r.stderr and "exit 2" in r.stderr and "unknown key train.nope" in r.stderr, r.stderr
     assert r.stdout.strip().endswith("False")
+
+
+def test_the_pipeline_estimate_comes_from_the_last_finished_run_of_the_same_config(tmp_path):
+    """issue 20 item 10: the estimate at start is the time the stages left took in a finished run of this
+    config on this machine (its DONE markers' `seconds`), and no figure at all without one."""
+    import dataclasses
+    import json
+    from types import SimpleNamespace
+
+    import yaml
+
+    from train.pipeline import Pipeline, load_pipeline_config
+
+    cfg = load_pipeline_config(None, [f"root={tmp_path}", "name=new"])
+    stages = {"sft": {"train": {"steps": 3}}}
+    new = SimpleNamespace(cfg=cfg, dir=tmp_path / "new", stage_configs=lambda: stages)
+    assert Pipeline.estimate(new).startswith("no estimate yet")
+    old = tmp_path / "old"
+    for stage, seconds in [("round_0/data", 1.0), ("round_0/pretrain", 100.0), ("round_1/sft", 200.0)]:
+        (old / stage).mkdir(parents=True)
+        (old / stage / "DONE").write_text(json.dumps({"seconds": seconds}))
+    (old / "pipeline.yaml").write_text(yaml.safe_dump({**dataclasses.asdict(cfg), "name": "old"}))
+    (old / "stage_configs.yaml").write_text(yaml.safe_dump(stages))
+    assert Pipeline.estimate(new).startswith("no estimate yet")  # not finished: no summary.json
+    (old / "summary.json").write_text("{}")
+    assert Pipeline.estimate(new).startswith("estimate: ~5 min on this machine for the 3 stages left")
+    (new.dir / "round_0" / "pretrain").mkdir(parents=True)
+    (new.dir / "round_0" / "pretrain" / "DONE").write_text("{}")  # done here: skipped, not counted
+    assert Pipeline.estimate(new).startswith("estimate: ~3 min on this machine for the 2 stages left")
+    new.stage_configs = lambda: {"sft": {"train": {"steps": 4}}}  # another config: its times say nothing
+    assert Pipeline.estimate(new).startswith("no estimate yet")

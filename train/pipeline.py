@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import typing
@@ -238,6 +239,7 @@ class Pipeline:
         """Every stage not done before, then the report. A signal stops it (Interrupted, train/launch.py)."""
         with self.signals:
             self.check_run_folder()
+            print(f"pipeline: {self.estimate()}", flush=True)
             self.launcher.start_session()
             status = 1
             try:
@@ -254,6 +256,44 @@ class Pipeline:
             finally:
                 self.launcher.end_session(status)
         return results
+
+    def estimate(self) -> str:
+        """How long the stages not done yet took in the last finished run of the same config (another folder
+        under `root`, its DONE markers' `seconds`): measured on this machine, under that run's load. No such
+        run: no estimate (each job shows its own ETA as it runs)."""
+        same = {"name", "root", "plots"}  # keys that change nothing a stage does
+        now = {**dataclasses.asdict(self.cfg), "stage_configs": self.stage_configs()}
+        finished = []  # (its summary.json's time, its folder)
+        for summary in Path(self.cfg.root).glob("*/summary.json"):  # a finished run wrote its report
+            other = summary.parent
+            if other == self.dir or not (other / "pipeline.yaml").is_file():
+                continue
+            try:
+                saved = {
+                    **_read_yaml(other / "pipeline.yaml"),
+                    "stage_configs": _read_yaml(other / "stage_configs.yaml"),
+                }
+            except (PipelineError, TypeError):
+                continue
+            diff = differences(_without_stage_sets(saved), _without_stage_sets(now))
+            if not [k for k in diff if k.split(".")[0] not in same]:
+                finished.append((summary.stat().st_mtime, other))
+        if not finished:
+            return f"no estimate yet (no finished run of this config under {self.cfg.root}/); each job shows its ETA"
+        other = max(finished)[1]
+        seconds = []
+        for marker in other.glob("round_*/*/DONE"):
+            if not (self.dir / marker.relative_to(other)).exists():  # done here: skipped
+                try:
+                    seconds.append(float(json.loads(marker.read_text()).get("seconds", 0)))
+                except (OSError, ValueError, AttributeError):
+                    continue
+        if not seconds:
+            return "every stage is done: the report only"
+        return (
+            f"estimate: ~{max(1, round(sum(seconds) / 60))} min on this machine for the {len(seconds)} stages left "
+            f"(as long as they took in {other}, the last finished run of this config; a busier machine takes longer)"
+        )
 
     def stage_configs(self) -> dict:
         return {kind: _read_yaml(ROOT / file) for kind, file in sorted(self.cfg.configs.items())}
