@@ -64,7 +64,7 @@ DPO_STEP = {
 def test_stage_runs_log_train_and_eval_namespaces_with_trls_names(tmp_path, wandb):
     log = logger(tmp_path, "dpo", group="quickstart", job_type="dpo", name="round_1/dpo/variant_0")
     log.log(1, DPO_STEP)
-    log.log(2, DPO_STEP)
+    log.log(2, DPO_STEP, epoch=0.5)
     log.log(2, {"eval/loss": 0.6, "eval/nll": 1.4, "eval/rewards/accuracies": 0.7, "eval/examples": 8})
     log.finish()
     (run,) = wandb.runs
@@ -84,9 +84,11 @@ def test_stage_runs_log_train_and_eval_namespaces_with_trls_names(tmp_path, wand
         "train/grad_norm", "train/learning_rate", "train/tokens", "train/tokens_per_s", "train/tokens_per_s_per_gpu",
         "train/peak_memory_gib", "train/skipped_steps", "train/global_step", "train/num_tokens",
     }  # fmt: skip
+    assert set(second) == set(first) | {"train/epoch"}
     assert first["train/learning_rate"] == 1e-4 and first["train/nll_loss"] == 1.5
     assert (s1, first["train/global_step"], first["train/num_tokens"]) == (1, 1, 100)
     assert second["train/num_tokens"] == 200  # cumulative, where `tokens` is the step's
+    assert "train/epoch" not in first and second["train/epoch"] == 0.5  # where the loop gives it
     assert s3 == 2 and ev == {
         "eval/loss": 0.6, "eval/nll_loss": 1.4, "eval/rewards/accuracies": 0.7, "eval/examples": 8,
         "train/global_step": 2, "train/num_tokens": 200,

@@ -46,7 +46,8 @@ class Logger:
         for record in keep:  # a resumed run counts on from its kept records
             self._count(record["step"], record)
 
-    def log(self, step: int, metrics: dict) -> None:
+    def log(self, step: int, metrics: dict, epoch: float | None = None) -> None:
+        """epoch: the loader's position in epochs (train/epoch on the dashboard; not in metrics.jsonl)."""
         if not self.enabled:
             return
         record = {"step": step, **{k: (round(v, 8) if isinstance(v, float) else v) for k, v in metrics.items()}}
@@ -54,7 +55,7 @@ class Logger:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
             self._count(step, metrics)
-            self.wandb.log(self.dashboard(step, metrics), step=step)
+            self.wandb.log(self.dashboard(step, metrics, epoch), step=step)
         if self.progress:
             print(self._line(step, metrics), end="", file=sys.stderr, flush=True)
 
@@ -65,13 +66,10 @@ class Logger:
             self.num_tokens += metrics["tokens"] * (step - self.last_step)
             self.last_step = step
 
-    def dashboard(self, step: int, metrics: dict) -> dict:
-        """A record as wandb gets it: the dashboard names, the step and the tokens seen so far."""
-        return {
-            **dashboard_names(metrics, self.kind),
-            "train/global_step": step,
-            "train/num_tokens": self.num_tokens,
-        }
+    def dashboard(self, step: int, metrics: dict, epoch: float | None = None) -> dict:
+        """A record as wandb gets it: the dashboard names, the step, the tokens seen so far (and the epoch)."""
+        out = {**dashboard_names(metrics, self.kind), "train/global_step": step, "train/num_tokens": self.num_tokens}
+        return out | ({"train/epoch": epoch} if epoch is not None else {})
 
     def _line(self, step: int, metrics: dict) -> str:
         """A progress bar redrawn in place on a terminal; a line every 5% of the run in a log file."""
