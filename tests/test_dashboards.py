@@ -217,3 +217,37 @@ def test_the_pipeline_run_logs_rounds_the_summary_and_the_sampling_tables(tmp_pa
     assert summary.columns[:3] == ["round", "stage", "rm_accuracy"]
     assert [row[:2] for row in summary.data] == [[0, "pretrain"], [1, "rm"], [1, "rs"], [1, "sft"], [1, "dpo"]]
     assert summary.data[1][2] == 0.8
+
+
+def test_the_pipeline_run_in_real_offline_run_files(tmp_path):
+    """The same with wandb itself, offline: the run record's group / job type / name, the rounds' history
+    and the sampling table's file, read back from the run folder."""
+    pytest.importorskip("wandb")
+    from test_train import read_wandb_history, read_wandb_records
+
+    from train.report import SAMPLE_COLUMNS, write_report
+
+    folder = tmp_path / "quickstart"
+    user = [{"role": "user", "content": "1+1="}]
+    write_lines(folder / "round_1" / "rs" / "sets.jsonl",
+                [{"prompt": user, "responses": ["2", "3"], "finished": [True, True], "rm_scores": [0.5, 0.9]}])  # fmt: skip
+    write_lines(folder / "round_1" / "rs" / "sft.jsonl", [{"messages": [*user, {"role": "assistant", "content": "3"}]}])
+    results = [
+        {"round": 0, "stage": "pretrain", "task_accuracy": 0.5, "task_accuracy_sampled": 0.4},
+        {"round": 1, "stage": "rm", "rm_accuracy": 0.8},
+        {"round": 1, "stage": "rs", "rm_pick_accuracy": 0.6},
+    ]
+    settings = {"mode": "offline", "project": "p"}
+    write_report(folder, {"name": "quickstart"}, results, False, 1, 200, settings, lambda q, t: t == "2")
+    (file,) = folder.glob("wandb/offline-run-*/run-*.wandb")
+    history = read_wandb_history(file)
+    (run,) = [r.run for r in read_wandb_records(file) if r.WhichOneof("record_type") == "run"][:1]
+    assert (run.run_group, run.job_type, run.display_name) == ("quickstart", "pipeline", "quickstart/pipeline")
+    assert [(h["round"], h.get("rm/accuracy"), h.get("pretrain/task_accuracy")) for h in history] == [
+        (0, None, 0.5),
+        (1, 0.8, None),
+    ]
+    (table,) = folder.glob("wandb/offline-run-*/files/" + history[1]["round_1/rs/samples/path"])
+    content = json.loads(table.read_text())
+    assert content["columns"] == SAMPLE_COLUMNS
+    assert content["data"] == [[1, "1+1=", 0, "2", True, 0.5, False, True], [1, "1+1=", 1, "3", True, 0.9, True, False]]
