@@ -94,3 +94,17 @@ def test_the_pipeline_estimate_comes_from_the_last_finished_run_of_the_same_conf
     assert Pipeline.estimate(new).startswith("estimate: ~3 min on this machine for the 2 stages left")
     new.stage_configs = lambda: {"sft": {"train": {"steps": 4}}}  # another config: its times say nothing
     assert Pipeline.estimate(new).startswith("no estimate yet")
+
+
+def test_the_training_progress_line_shows_an_eta_from_this_starts_steps(tmp_path, monkeypatch):
+    """issue 20 item 11: our bar (tqdm is no dependency of the package) with an ETA: the steps left at the
+    rate of the steps done since this start (a resumed run does not count its earlier steps)."""
+    from types import SimpleNamespace
+
+    from train import logger
+
+    cfg = SimpleNamespace(progress=True, wandb="disabled", project="p", name=None, group=None, job_type=None)
+    log = logger.Logger(tmp_path, cfg, {}, enabled=False, total_steps=100, resume_step=40)
+    monkeypatch.setattr(logger.time, "time", lambda: log.t0 + 30.0)  # 30 s for steps 41..50
+    assert "50/100 loss 1.0000" in log._line(50, {"loss": 1.0}) and "ETA 2:30" in log._line(50, {"loss": 1.0})
+    assert "ETA" not in log._line(100, {"loss": 1.0})

@@ -200,7 +200,8 @@ def _read_json(path: Path):
         return None
 
 
-def _clock(seconds: float) -> str:
+def clock(seconds: float) -> str:
+    """`m:ss`, or `h:mm:ss` from an hour: the progress lines' elapsed time and ETA (train/logger.py too)."""
     m, s = divmod(int(seconds), 60)
     h, m = divmod(m, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
@@ -217,8 +218,8 @@ class ProgressLine:
     def line(self, p: dict) -> str:
         elapsed = time.time() - self.t0
         done, total = p["done"], max(p["total"], 1)
-        eta = f", ETA {_clock(elapsed / done * (total - done))}" if 0 < done < total else ""
-        return f"{self.name}: {done}/{p['total']} {p['unit']}, {_clock(elapsed)}{eta}"
+        eta = f", ETA {clock(elapsed / done * (total - done))}" if 0 < done < total else ""
+        return f"{self.name}: {done}/{p['total']} {p['unit']}, {clock(elapsed)}{eta}"
 
     def __call__(self) -> None:
         p = progress.read(self.path)

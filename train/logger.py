@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from data.io import write_jsonl
+from train.launch import clock
 
 
 class Logger:
@@ -27,7 +28,7 @@ class Logger:
         self.enabled, self.total, self.progress = enabled, total_steps, cfg.progress
         self.path = Path(run_dir) / "metrics.jsonl"
         self.wandb = None
-        self.t0 = time.time()
+        self.t0, self.start_step = time.time(), resume_step or 0  # the progress bar's ETA: this start's steps
         if not enabled:
             return
         keep = [m for m in read_metrics(self.path) if m["step"] <= resume_step] if resume_step is not None else []
@@ -77,8 +78,11 @@ class Logger:
             return "\n" + " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)) + "\n"
         bar = "#" * int(20 * step / max(self.total, 1))
         text = f"[{bar:<20}] {step}/{self.total} loss {metrics['loss']:.4f} {metrics.get('tokens_per_s', 0):,.0f} tok/s"
+        done, elapsed = step - self.start_step, time.time() - self.t0
+        if 0 < done and step < self.total:
+            text += f" ETA {clock(elapsed / done * (self.total - step))}"
         if sys.stderr.isatty():
-            return "\r" + text
+            return "\r\033[K" + text  # the line cleared: a shorter ETA leaves no characters behind
         return text + "\n" if step % max(1, self.total // 20) == 0 or step == self.total else ""
 
     def finish(self) -> None:
