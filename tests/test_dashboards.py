@@ -20,6 +20,11 @@ class Table:
         self.columns, self.data = list(columns), [list(row) for row in data]
 
 
+class Histogram:
+    def __init__(self, values):
+        self.values = list(values)
+
+
 class Run:
     def __init__(self, **init):
         self.init, self.defined, self.logged, self.finished = init, [], [], False
@@ -44,7 +49,7 @@ def wandb(monkeypatch):
         module.runs.append(Run(**kw))
         return module.runs[-1]
 
-    module.init, module.Table = init, Table
+    module.init, module.Table, module.Histogram = init, Table, Histogram
     monkeypatch.setitem(sys.modules, "wandb", module)
     return module
 
@@ -199,7 +204,12 @@ def test_the_pipeline_run_logs_rounds_the_summary_and_the_sampling_tables(tmp_pa
     assert ("*", {"step_metric": "round"}) in run.defined and run.finished
     (s0, base), (s1, one) = run.logged
     assert (s0, base) == (0, {"round": 0, "pretrain/task_accuracy": 0.5, "pretrain/task_accuracy_sampled": 0.4})
-    assert s1 == 1 and {k: v for k, v in one.items() if not isinstance(v, Table)} == {
+    histograms = {k: v.values for k, v in one.items() if isinstance(v, Histogram)}
+    assert histograms == {  # finished samples only
+        "rs/rm_scores/picked": [0.9], "rs/rm_scores/not_picked": [0.5, 0.1, 0.0],
+        "rs/rm_scores/right": [0.5, 0.1], "rs/rm_scores/wrong": [0.9, 0.0],
+    }  # fmt: skip
+    assert s1 == 1 and {k: v for k, v in one.items() if not isinstance(v, (Table, Histogram))} == {
         "round": 1, "rm/accuracy": 0.8, "rs/rm_pick_accuracy": 0.6, "rs/mean_best_score": 1.2, "rs/records": 1,
         "sft/loss": 0.9, "sft/task_accuracy": 0.7, "sft/task_accuracy_sampled": 0.6, "dpo/reward_accuracy": 0.75,
         "dpo/task_accuracy": 0.8, "dpo/task_accuracy_sampled": 0.7,

@@ -166,11 +166,41 @@ def sample_rows(stage_dir: Path, rnd: int, verify=None, prompts: int = 4) -> lis
     return rows
 
 
+def score_groups(stage_dir: Path, verify=None) -> dict[str, list[float]]:
+    """The RM's scores of a sampling stage's finished samples (every prompt), split into the picks and the
+    rest, and (a verifier) the right and the wrong ones: the histograms of how the RM tells them apart."""
+    sets_file, sft_file = Path(stage_dir) / "sets.jsonl", Path(stage_dir) / "sft.jsonl"
+    if not sets_file.is_file():
+        return {}
+    picks = set()
+    if sft_file.is_file():
+        for line in sft_file.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                picks.add((json.dumps(record["messages"][:-1]), record["messages"][-1]["content"]))
+    out: dict[str, list[float]] = {"picked": [], "not_picked": []}
+    if verify is not None:
+        out |= {"right": [], "wrong": []}
+    for line in sets_file.read_text().splitlines():
+        if not line.strip():
+            continue
+        s = json.loads(line)
+        prompt = json.dumps(s["prompt"])
+        for text, finished, score in zip(s["responses"], s["finished"], s["rm_scores"]):
+            if not finished:
+                continue
+            out["picked" if (prompt, text) in picks else "not_picked"].append(float(score))
+            if verify is not None:
+                out["right" if verify(s["prompt"][-1]["content"], text) else "wrong"].append(float(score))
+    return {k: v for k, v in out.items() if v}
+
+
 def log_dashboard(folder: Path, group: str, config: dict, results: list[dict], settings: dict, verify=None) -> None:
     """The pipeline's own wandb run (job type "pipeline", in the stage runs' group): per round (the x-axis)
     every stage's results (RM accuracy, RM pick accuracy, SFT loss, DPO reward accuracy, task accuracy
     greedy and sampled, ...), the summary table, and per rejection-sampling stage a table of a few prompts
-    with their K samples, RM scores, the pick and (a verifier) which were right."""
+    with their K samples, RM scores, the pick and (a verifier) which were right, and histograms of the RM's
+    scores of its finished samples: the picks and the rest, the right and the wrong ones (score_groups)."""
     import wandb  # only when logging to it
 
     run = wandb.init(
@@ -194,6 +224,8 @@ def log_dashboard(folder: Path, group: str, config: dict, results: list[dict], s
             row = {"round": rnd, **values}
             if samples.get(rnd):
                 row[f"round_{rnd}/rs/samples"] = wandb.Table(columns=SAMPLE_COLUMNS, data=samples[rnd])
+            for group, scores in score_groups(folder / f"round_{rnd}" / "rs", verify).items():
+                row[f"rs/rm_scores/{group}"] = wandb.Histogram(scores)
             if i == len(rounds) - 1:  # the README's table, with the last round's row
                 row["summary"] = wandb.Table(columns=["round", "stage", *columns], data=data)
             run.log(row, step=rnd)
