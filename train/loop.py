@@ -304,7 +304,9 @@ def run(setup: Setup, objective: Objective, eval_objective: Objective | None = N
                 metrics = t.train_step(batch, step)
                 finished, finished_at = step, train_loader.state_dict()
                 if step % cfg.logging.log_every == 0 or step == cfg.train.steps:
-                    logger.log(step, metrics)
+                    logger.log(
+                        step, metrics, epoch=train_loader.epoch + train_loader.step / train_loader.steps_per_epoch
+                    )
                 progress.report(step, cfg.train.steps, "steps")
                 if eval_loader is not None and every.eval_every and step % every.eval_every == 0:
                     logger.log(step, t.evaluate())
