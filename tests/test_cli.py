@@ -70,6 +70,7 @@ def test_the_pipeline_estimate_comes_from_the_last_finished_run_of_the_same_conf
     config on this machine (its DONE markers' `seconds`), and no figure at all without one."""
     import dataclasses
     import json
+    import shutil
     from types import SimpleNamespace
 
     import yaml
@@ -94,6 +95,9 @@ def test_the_pipeline_estimate_comes_from_the_last_finished_run_of_the_same_conf
     assert Pipeline.estimate(new).startswith("estimate: ~3 min on this machine for the 2 stages left")
     new.stage_configs = lambda: {"sft": {"train": {"steps": 4}}}  # another config: its times say nothing
     assert Pipeline.estimate(new).startswith("no estimate yet")
+    new.stage_configs = lambda: stages
+    shutil.copytree(old, new.dir, dirs_exist_ok=True)  # this folder's own run finished: only the report is left
+    assert Pipeline.estimate(new) == "every stage is done: the report only"
 
 
 def test_the_training_progress_line_shows_an_eta_from_this_starts_steps(tmp_path, monkeypatch):

@@ -258,15 +258,15 @@ class Pipeline:
         return results
 
     def estimate(self) -> str:
-        """How long the stages not done yet took in the last finished run of the same config (another folder
-        under `root`, its DONE markers' `seconds`): measured on this machine, under that run's load. No such
+        """How long the stages not done yet took in the last finished run of the same config (a folder under
+        `root` with its report, its DONE markers' `seconds`): measured on this machine, under that run's load. No such
         run: no estimate (each job shows its own ETA as it runs)."""
         same = {"name", "root", "plots"}  # keys that change nothing a stage does
         now = {**dataclasses.asdict(self.cfg), "stage_configs": self.stage_configs()}
         finished = []  # (its summary.json's time, its folder)
         for summary in Path(self.cfg.root).glob("*/summary.json"):  # a finished run wrote its report
             other = summary.parent
-            if other == self.dir or not (other / "pipeline.yaml").is_file():
+            if not (other / "pipeline.yaml").is_file():  # this folder too: finished, nothing is left
                 continue
             try:
                 saved = {
