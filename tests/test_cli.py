@@ -112,3 +112,18 @@ def test_the_training_progress_line_shows_an_eta_from_this_starts_steps(tmp_path
     monkeypatch.setattr(logger.time, "time", lambda: log.t0 + 30.0)  # 30 s for steps 41..50
     assert "50/100 loss 1.0000" in log._line(50, {"loss": 1.0}) and "ETA 2:30" in log._line(50, {"loss": 1.0})
     assert "ETA" not in log._line(100, {"loss": 1.0})
+
+
+def test_the_tokenizer_and_chat_template_choices_print_only_when_verbose(tmp_path, capsys):
+    """issue 20 item 8: train/entry.py `setup` passes verbose=(local rank 0), so a node prints them once."""
+    import shutil
+
+    from llama.chat import resolve_chat_template
+    from llama.tokenizer import DEFAULT_TOKENIZER, resolve_tokenizer
+
+    shutil.copy(DEFAULT_TOKENIZER, tmp_path / "tokenizer.model")  # a tiktoken file, found in the folder
+    for verbose in (False, True):
+        resolve_tokenizer(None, tmp_path, 512, verbose=verbose)
+        assert resolve_chat_template(None, tmp_path, verbose=verbose) == "llama3"
+        out = capsys.readouterr().out
+        assert ("tokenizer: " in out and "chat template: llama3" in out) if verbose else out == ""
