@@ -25,7 +25,9 @@ def _triton_available() -> bool:
     return True
 
 
-def target_logprobs(hidden, weight, targets, backend: str = "auto"):
+def target_logprobs(hidden, weight, targets, backend: str = "auto", deterministic: bool = False):
+    """deterministic: Triton only, pin the tile config instead of autotuning it (results then agree
+    bit for bit across processes; kernels/triton_logprobs.py). The torch path is deterministic."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown kernels backend {backend!r}; expected one of {BACKENDS}")
     if backend == "auto":
@@ -36,7 +38,7 @@ def target_logprobs(hidden, weight, targets, backend: str = "auto"):
         raise ValueError("kernels backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")
     from kernels.triton_logprobs import target_logprobs as triton_target_logprobs
 
-    return triton_target_logprobs(hidden, weight, targets)
+    return triton_target_logprobs(hidden, weight, targets, deterministic=deterministic)
 
 
 __all__ = ["BACKENDS", "IGNORE", "chunked_target_logprobs", "naive_target_logprobs", "target_logprobs"]

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import llama.model
+import train.loop
 
 ROOT = Path(__file__).parent.parent
 
@@ -29,14 +30,14 @@ checks = load("checks")
 
 def test_arguments():
     args = validate.parse_args([])
-    assert args.parts == ["kernels", "flex", "step", "logprob", "generate"] and args.budget == 570
+    assert args.parts == ["kernels", "flex", "step-dpo", "step-sft", "logprob", "generate"] and args.budget == 540
     assert args.logprob_ns == [4096, 32768] and args.out == ROOT / "experiments/gpu/results.md"
     args = validate.parse_args(["--parts", "flex", "kernels", "--budget", "60", "--logprob-ns", "8192"])
     assert args.parts == ["flex", "kernels"] and args.budget == 60 and args.logprob_ns == [8192]
     for bad in (["--parts", "everything"], ["--budget", "0"], ["--budget", "soon"]):
         with pytest.raises(SystemExit):
             validate.parse_args(bad)
-    assert sum(p.budget_s for p in validate.PARTS) <= 570 < 600  # one H100 command: 10 minutes
+    assert sum(p.budget_s for p in validate.PARTS) <= 540  # one 10-minute command: 9 minutes and a 60 s margin
 
 
 def test_missing_pieces_are_left_out_with_a_note(monkeypatch):
@@ -57,10 +58,87 @@ def test_missing_pieces_are_left_out_with_a_note(monkeypatch):
 def test_dry_run_needs_no_gpu_and_a_real_run_refuses_without_one(capsys, monkeypatch):
     assert validate.main(["--dry-run", "--parts", "kernels", "logprob"]) == 0
     out = capsys.readouterr().out
-    assert "python experiments/gpu/checks.py kernels" in out and "experiments/bench/logprob.py --ns 4096" in out
+    assert "experiments/gpu/checks.py kernels" in out and "experiments/bench/logprob.py --ns 4096" in out
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="no CUDA device"):
         validate.main(["--parts", "kernels"])
+
+
+def test_dry_run_plan_is_bf16_first_and_fits_nine_minutes(capsys):
+    assert validate.main(["--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("plan: 6 part(s), bf16 first in each; total budget 540 s")
+    rows = {line.split()[0]: line for line in lines[1:7]}
+    assert list(rows) == ["kernels", "flex", "step-dpo", "step-sft", "logprob", "generate"]
+    assert all("[bf16" in line for line in rows.values())  # every part's dtype order starts with bf16
+    budgets = [int(line.split()[1]) for line in rows.values()]
+    assert sum(budgets) <= 540 and lines[7].startswith(f"total     {sum(budgets)} s")
+    assert "checks.py step dpo" in rows["step-dpo"] and "checks.py step sft" in rows["step-sft"]
+    assert list(checks.KERNEL_DTYPES) == ["bfloat16", "float32"]
+    assert checks.flex.__defaults__[0] == ("bf16", "fp32")
+    # a short total: the plan cuts the parts to what is left and says which would be skipped
+    assert validate.main(["--dry-run", "--budget", "100"]) == 0
+    out = capsys.readouterr().out
+    assert "flex        40 s  at   60 s" in out and "step-dpo     0 s" in out and "skipped" in out
+
+
+def test_out_gets_each_part_as_it_ends_and_rows_while_it_runs(tmp_path, monkeypatch):
+    """main() with stand-in parts: --out holds a part's table when the next one starts, and a running
+    part's rows before it ends (what a killed command leaves behind)."""
+    out = tmp_path / "elsewhere" / "results.md"
+    first = json.dumps({"part": "first", "check": "a", "status": "pass", "value": "1"})
+    slow = json.dumps({"part": "slow", "check": "b", "status": "pass", "value": "2"})
+    seen = (  # the second part passes only if the first one's row is already in --out
+        f"import json, pathlib; ok = '| first | a | pass | 1 |' in pathlib.Path({str(out)!r}).read_text(); "
+        "print('@@row ' + json.dumps({'part': 'second', 'check': 'saw first', 'status': 'pass' if ok else 'fail'}))"
+    )
+    parts = [
+        python_part("first", f"print('@@row {first}')"),
+        python_part("second", seen),
+        python_part("slow", f"import time; print('@@row {slow}', flush=True); time.sleep(60)", budget_s=3),
+    ]
+    monkeypatch.setattr(validate, "PARTS", parts)
+    monkeypatch.setattr(validate, "MIN_START_S", 1.0)
+    monkeypatch.setattr(validate, "PROGRESS_S", 0.5)
+    monkeypatch.setattr(validate, "environment_header", lambda argv: ["# header"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    written = []
+    real_write = validate.write_atomic
+    monkeypatch.setattr(validate, "write_atomic", lambda path, text: (written.append(text), real_write(path, text)))
+    assert validate.main(["--out", str(out)]) == 1  # "slow" times out
+    assert (
+        "| first | pass |" in written[1] and "| second | pending |" in written[1] and "| slow | pending |" in written[1]
+    )
+    running = [t for t in written if "| slow | running |" in t]
+    assert any("| slow | b | pass | 2 |" in t for t in running)  # the running part's rows, before it is killed
+    text = out.read_text()
+    assert text == written[-1] and "| second | saw first | pass |" in text and "| slow | timeout |" in text
+    assert "pending" not in text and "running" not in text
+
+
+def test_peak_flops_per_device_variant(monkeypatch, capsys):
+    """Dense bf16 peaks by torch.cuda.get_device_name; the specific names win over the family's."""
+    expect = {
+        "NVIDIA H100 80GB HBM3": 989e12,  # SXM5
+        "NVIDIA H100 PCIe": 756e12,
+        "NVIDIA H100 NVL": 835e12,
+        "NVIDIA H200": 989e12,
+        "NVIDIA H200 NVL": 835e12,
+        "NVIDIA A100-SXM4-80GB": 312e12,
+        "NVIDIA A100 80GB PCIe": 312e12,
+        "NVIDIA B200": 2250e12,
+        "NVIDIA GeForce RTX 4090": None,
+        "NVIDIA H100": None,  # an H100 whose variant the name does not say: no guess
+    }
+    for name, peak in expect.items():
+        assert train.loop.device_peak_flops(name) == peak, name
+    assert train.loop.peak_flops(torch.device("cpu")) is None
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
+    assert train.loop.peak_flops(torch.device("cuda")) == 756e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Future GPU")
+    monkeypatch.setattr(train.loop, "_UNKNOWN_DEVICES", set())
+    assert train.loop.peak_flops(torch.device("cuda")) is None and train.loop.peak_flops(torch.device("cuda")) is None
+    assert capsys.readouterr().out.count("MFU not logged: no bf16 peak FLOP/s known for 'Some Future GPU'") == 1
 
 
 LOGPROB_OUTPUT = """## target log-probs fwd+bwd, 2026-11-21
@@ -143,11 +221,15 @@ def test_flex_check_logic_on_the_cpu(one_rank, monkeypatch, capsys):
     assert all(r["status"] == "pass" for r in rows), rows
 
 
-def test_step_check_logic_on_the_cpu(one_rank, capsys):
-    """SFT then DPO steps through train/loop.py's Trainer at a tiny preset: the rows it reports."""
+def test_step_check_logic_on_the_cpu(one_rank, capsys, monkeypatch):
+    """SFT then DPO steps through train/loop.py's Trainer at a tiny preset: the rows it reports. The
+    step clock waits for the device's work (the optimizer's too) when it starts and before it is read."""
+    synced = []
+    monkeypatch.setattr(train.loop, "sync_clock", synced.append)
     checks.step(["sft", "dpo"], tokens_per_microbatch=1024, steps=1, compile=False, ac=False, preset="debug")
     rows = rows_of(capsys.readouterr().out)
     assert len(rows) == 10
+    assert len(synced) == 2 * 2 * 2  # two kinds x (warm-up + one timed step) x (start, end)
     assert [r["status"] for r in rows if "finite loss" in r["check"]] == ["pass", "pass"]
     assert {r["value"] for r in rows if r["check"].endswith("MFU")} == {"n/a"}  # no known peak on a CPU
     assert rows[0]["check"].startswith("sft debug (1024 tokens/micro-batch") and rows[5]["check"].startswith("dpo")

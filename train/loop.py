@@ -31,8 +31,21 @@ from train.entry import Setup
 from train.lifecycle import Interrupted, Signals, stop_requested, training
 from train.logger import Logger
 
-# bf16 dense peak FLOP/s by device name, for MFU
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}
+# Dense (no sparsity) bf16 peak FLOP/s per GPU, for MFU: NVIDIA's datasheets (their sparse figures
+# halved), matched on torch.cuda.get_device_name in this order, the specific names first. H100 SXM5
+# reports "NVIDIA H100 80GB HBM3"; an H100 name matching none of these (an unknown board) logs no MFU.
+PEAK_FLOPS = [
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100 80GB HBM3", 989e12),  # SXM5
+    ("H100 SXM", 989e12),
+    ("H200 NVL", 835e12),
+    ("H200", 989e12),  # SXM
+    ("GH200", 989e12),
+    ("A100", 312e12),  # SXM4 and PCIe, 40 and 80 GB
+    ("B200", 2250e12),
+]
+_UNKNOWN_DEVICES: set[str] = set()  # names already reported as having no known peak
 
 
 @dataclass
@@ -63,11 +76,28 @@ def lr_lambda(cfg, total_steps: int):
     return f
 
 
+def device_peak_flops(name: str) -> float | None:
+    """A device name (torch.cuda.get_device_name) -> its dense bf16 peak FLOP/s, or None if unknown."""
+    return next((v for k, v in PEAK_FLOPS if k in name), None)
+
+
 def peak_flops(device) -> float | None:
-    """The device's dense bf16 peak FLOP/s (PEAK_FLOPS by device name); None when unknown (no MFU logged)."""
+    """The device's dense bf16 peak FLOP/s (PEAK_FLOPS by device name); None on the CPU or an unknown
+    device (no MFU logged; said once per device name)."""
     if device.type != "cuda":
         return None
-    return next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name(device)), None)
+    name = torch.cuda.get_device_name(device)
+    peak = device_peak_flops(name)
+    if peak is None and name not in _UNKNOWN_DEVICES:
+        _UNKNOWN_DEVICES.add(name)
+        print(f"MFU not logged: no bf16 peak FLOP/s known for {name!r} (train/loop.py PEAK_FLOPS)", flush=True)
+    return peak
+
+
+def sync_clock(device) -> None:
+    """Wait for the device's queued work (CUDA only) before the step clock is read."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def peak_memory_gib(device) -> float:
@@ -214,9 +244,13 @@ class Trainer:
         if self.d.is_main:
             print(f"resumed from {checkpoint} (step {self.start})", flush=True)
 
-    def train_step(self, batch: Step, step: int) -> dict:
+    def train_step(self, batch: Step, step: int, timed: bool = True) -> dict:
         """Forward/backward every micro-batch, then clip, step (or skip a non-finite step), schedule.
-        -> the step's metrics. Raises Interrupted (gradients dropped) if a signal arrived mid-step."""
+        -> the step's metrics. Raises Interrupted (gradients dropped) if a signal arrived mid-step.
+        timed: the step time (tokens/s, MFU) covers this step's GPU work, optimizer included: on CUDA
+        a synchronize before the clock starts and before it is read (run: on logged steps only)."""
+        if timed:
+            sync_clock(self.d.device)  # the previous step's optimizer kernels are not this step's
         t0 = time.perf_counter()
         flops = step_flops(self.model.config, self.model.head, batch.micro_batches, self.objective.reference_forward)
         acc = {"flops": flops}
@@ -244,6 +278,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
+        if timed:
+            sync_clock(self.d.device)  # the optimizer step's kernels, queued after the last host sync
         dt = time.perf_counter() - t0
         metrics = {
             "loss": reduced["loss"],
@@ -301,9 +337,10 @@ def run(setup: Setup, objective: Objective, eval_objective: Objective | None = N
             model.train()
             for step in range(t.start + 1, cfg.train.steps + 1):
                 batch = next(batches)
-                metrics = t.train_step(batch, step)
+                logged = step % cfg.logging.log_every == 0 or step == cfg.train.steps
+                metrics = t.train_step(batch, step, timed=logged)
                 finished, finished_at = step, train_loader.state_dict()
-                if step % cfg.logging.log_every == 0 or step == cfg.train.steps:
+                if logged:
                     logger.log(
                         step, metrics, epoch=train_loader.epoch + train_loader.step / train_loader.steps_per_epoch
                     )

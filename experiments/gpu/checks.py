@@ -1,8 +1,10 @@
 """The GPU-only checks that experiments/gpu/validate.py runs, one per process:
 
-    python experiments/gpu/checks.py kernels      # the Triton kernel on real CUDA, fp32 and bf16
+    python experiments/gpu/checks.py kernels      # the Triton kernel on real CUDA, bf16 then fp32
     python experiments/gpu/checks.py flex         # FlexAttention (compiled, activation checkpointing) vs dense
-    python experiments/gpu/checks.py step         # 1-GPU SFT then DPO steps at the llama3.2-1b shape
+    python experiments/gpu/checks.py step dpo sft # 1-GPU DPO then SFT steps at the llama3.2-1b shape
+
+bf16 comes first everywhere, so a part cut at its time budget has lost its fp32 rows, not its bf16 ones.
 
 Each prints its results as lines `@@row {json}` (part, check, status pass/fail/info, value, note)
 that validate.py collects into experiments/gpu/results.md. Random weights and random tokens only:
@@ -45,8 +47,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 # ----------------------------------------------------------------------------- kernels
 
 KERNEL_SIZES = [(37, 24, 101), (64, 48, 300), (5, 16, 33), (130, 40, 517), (1000, 512, 32000), (2048, 4096, 128256)]
-# tolerance relative to the largest exact value, as in tests/test_kernels.py
-KERNEL_DTYPES = {"float32": (torch.float32, 1e-5), "bfloat16": (torch.bfloat16, 2**-7)}
+# tolerance relative to the largest exact value, as in tests/test_kernels.py; bf16 first
+KERNEL_DTYPES = {"bfloat16": (torch.bfloat16, 2**-7), "float32": (torch.float32, 1e-5)}
 
 
 def _grads(fn, h, w, t, up):
@@ -56,9 +58,11 @@ def _grads(fn, h, w, t, up):
 
 
 def _triton(h, w, t):
+    """The kernel with its tile config pinned (deterministic=True): a correctness check compiles each
+    kernel once per dtype instead of autotuning 7 configs per shape (the benchmarks autotune)."""
     from kernels import target_logprobs
 
-    return target_logprobs(h, w, t, backend="triton")
+    return target_logprobs(h, w, t, backend="triton", deterministic=True)
 
 
 def _within_torch_error(ours, same, exact, rel) -> tuple[bool, str]:
@@ -126,7 +130,7 @@ def kernel_edge_cases(name: str) -> None:
 
 
 def kernels() -> None:
-    """The Triton kernel on CUDA (not the interpreter) against float64, fp32 and bf16, at odd sizes
+    """The Triton kernel on CUDA (not the interpreter) against float64, bf16 then fp32, at odd sizes
     up to the Llama 3 8B head; empty input; tied weights."""
     for name in KERNEL_DTYPES:
         kernel_sizes(name)
@@ -162,7 +166,7 @@ def structured_batch(vocab: int, max_len: int, rows: int, seed: int):
     return pack(examples, max_len, rows * max_len)[0]
 
 
-def flex(precisions=("fp32", "bf16"), modes=((False, False), (True, True)), max_len: int = 2048) -> None:
+def flex(precisions=("bf16", "fp32"), modes=((False, False), (True, True)), max_len: int = 2048) -> None:
     """Log-probs and gradients of a small model on structured rows: FlexAttention (compiled blocks,
     activation checkpointing, FSDP2 on one rank: the training path) against the dense-mask path.
     modes: (activation checkpointing, compile) pairs."""
@@ -317,7 +321,7 @@ def report_step(kind, metrics, wall, first_s, setup_s, tokens_per_microbatch, co
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("check", choices=["kernels", "flex", "step"])
-    ap.add_argument("kinds", nargs="*", choices=["sft", "dpo"], help="for `step` (default: both)")
+    ap.add_argument("kinds", nargs="*", choices=["sft", "dpo"], help="for `step`, in this order (default: dpo sft)")
     ap.add_argument("--tokens-per-microbatch", type=int, default=16384)
     ap.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     ap.add_argument("--no-compile", action="store_true")
@@ -331,7 +335,7 @@ def main(argv=None) -> None:
     elif args.check == "flex":
         flex()
     else:
-        kinds = args.kinds or ["sft", "dpo"]
+        kinds = args.kinds or ["dpo", "sft"]
         step(kinds, args.tokens_per_microbatch, args.steps, not args.no_compile, args.activation_checkpointing)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -1,21 +1,27 @@
 """Every GPU-only check in one run, one results table: experiments/gpu/validate.sh calls this.
 
-    experiments/gpu/validate.sh                        # all parts, within --budget seconds (default 570)
+    experiments/gpu/validate.sh --out $OUT/results.md  # all parts, within --budget seconds (default 540)
     experiments/gpu/validate.sh --parts kernels flex   # some of them
     experiments/gpu/validate.sh --dry-run              # the plan: commands, budgets, what is skipped and why
 
-Parts, in order (each its own process, killed at its time budget; a part that would start with
-less than MIN_START_S seconds of the total budget left is skipped and says so):
-  kernels   the Triton kernel on real CUDA against float64, fp32 and bf16 (experiments/gpu/checks.py)
-  flex      FlexAttention forward/backward, compiled with activation checkpointing, vs the dense path
-  step      1-GPU SFT and DPO steps at the llama3.2-1b shape: tokens/s per GPU, MFU, peak memory
-  logprob   experiments/bench/logprob.py at H 4096 / V 128256: ours vs torch.compile,
+Made for one 10-minute GPU command that may be killed: the budgets sum to at most 540 s (9 minutes,
+a 60 s margin for the interpreter, imports and the machine), every part runs bf16 first (the rows
+that matter most come before a timeout can cut them), and the results file is rewritten after every
+part and every PROGRESS_S seconds while one runs, so whatever finished is there when the command
+is killed. Parts, in order (each its own process, killed at its time budget; a part that would
+start with less than MIN_START_S seconds of the total budget left is skipped and says so):
+  kernels   the Triton kernel on real CUDA against float64, bf16 then fp32, the tile config pinned
+            (deterministic=True: one compile per kernel, no autotuning) (experiments/gpu/checks.py)
+  flex      FlexAttention forward/backward, compiled with activation checkpointing, vs the dense path, bf16 then fp32
+  step-dpo  1-GPU DPO steps (live bf16 reference) at the llama3.2-1b shape: tokens/s per GPU, MFU, peak memory
+  step-sft  the same for SFT
+  logprob   experiments/bench/logprob.py at H 4096 / V 128256, bf16: ours vs torch.compile,
             F.linear_cross_entropy and Liger (each left out with a note where this torch / env lacks it)
-  generate  experiments/bench/generate.py at 1B: samples/s
+  generate  experiments/bench/generate.py at 1B, bf16: samples/s
 
-Writes experiments/gpu/results.md (device, versions, date, command; a summary per part; every
-check's row; the benchmark tables; the output tail of any part that failed). The benchmarks also
-append their tables to experiments/bench/results/. Needs nothing from the network.
+Writes --out (default experiments/gpu/results.md: device, versions, date, command; a summary per
+part; every check's row; the benchmark tables; the output tail of any part that failed). The
+benchmarks also append their tables to experiments/bench/results/. Needs nothing from the network.
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ REPO = Path(__file__).resolve().parents[2]
 CHECKS = "experiments/gpu/checks.py"
 ROW = "@@row "
 MIN_START_S = 20  # a part gets at least this long, or is skipped
+PROGRESS_S = 15.0  # while a part runs, its rows so far are written to --out this often
+BUDGET_S = 540  # the default total: 9 minutes, 60 s under one 10-minute command
 LOGPROB_METHODS = ["matmul", "compile", "torch_lce", "liger", "ours_torch", "ours_triton"]
 
 
@@ -47,6 +55,7 @@ class Part:
     budget_s: int  # the part is killed after this long
     argv: Callable  # args -> the command (after the python executable)
     parse: Callable | None = None  # stdout -> rows, for the benchmark scripts that print markdown tables
+    what: str = ""  # the plan's one-line description (dtype order first)
 
 
 @dataclass
@@ -110,12 +119,17 @@ def table_rows(part: str, stdout: str, key_columns: int) -> list[dict]:
     return rows
 
 
-PARTS = [
-    Part("kernels", 50, lambda args: [CHECKS, "kernels"]),
-    Part("flex", 80, lambda args: [CHECKS, "flex"]),
-    Part("step", 190, lambda args: [CHECKS, "step", "--tokens-per-microbatch", str(args.step_tokens)]),
-    Part("logprob", 150, logprob_argv, lambda out: table_rows("logprob", out, 2)),
-    Part("generate", 90, generate_argv, lambda out: table_rows("generate", out, 1)),
+def step_argv(kind: str):
+    return lambda args: [CHECKS, "step", kind, "--tokens-per-microbatch", str(args.step_tokens)]
+
+
+PARTS = [  # budgets sum to BUDGET_S; each part runs its bf16 rows first
+    Part("kernels", 60, lambda args: [CHECKS, "kernels"], what="bf16 then fp32, pinned tiles"),
+    Part("flex", 80, lambda args: [CHECKS, "flex"], what="bf16 then fp32"),
+    Part("step-dpo", 110, step_argv("dpo"), what="bf16 DPO steps"),
+    Part("step-sft", 90, step_argv("sft"), what="bf16 SFT steps"),
+    Part("logprob", 130, logprob_argv, lambda out: table_rows("logprob", out, 2), what="bf16"),
+    Part("generate", 70, generate_argv, lambda out: table_rows("generate", out, 1), what="bf16"),
 ]
 
 
@@ -133,18 +147,31 @@ def plan_notes(parts: list[Part]) -> list[str]:
 # ----------------------------------------------------------------------------- running
 
 
-def run_command(cmd: list[str], timeout: float, env: dict) -> tuple[int | None, str, float]:
+def run_command(
+    cmd: list[str], timeout: float, env: dict, progress: Callable | None = None
+) -> tuple[int | None, str, float]:
     """-> (exit code or None if killed at the timeout, stdout + stderr, seconds). The command runs
-    in its own session, so a timeout kills it with every process it started."""
+    in its own session, so a timeout kills it with every process it started. progress(output so
+    far, seconds) is called every PROGRESS_S seconds while it runs."""
     t0 = time.monotonic()
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            rc = None
+        rc = None
+        while True:
+            left = timeout - (time.monotonic() - t0)
+            try:
+                rc = proc.wait(timeout=max(0.0, min(left, PROGRESS_S)))
+                break
+            except subprocess.TimeoutExpired:
+                if left <= PROGRESS_S:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                    rc = None
+                    break
+                if progress is not None:
+                    log.seek(0)
+                    progress(log.read(), time.monotonic() - t0)
+                    log.seek(0, os.SEEK_END)
         log.seek(0)
         return rc, log.read(), time.monotonic() - t0
 
@@ -170,8 +197,20 @@ def part_result(part: Part, rc: int | None, output: str, seconds: float, timeout
     return Result(part.name, status, seconds, timeout, note, rows, tables, tail)
 
 
-def run_parts(parts: list[Part], args, python: str = sys.executable) -> list[Result]:
-    """Each part in order within its budget and what is left of the total; -> one Result each."""
+def run_parts(parts: list[Part], args, python: str = sys.executable, report: Callable | None = None) -> list[Result]:
+    """Each part in order within its budget and what is left of the total; -> one Result each.
+    report(results so far, including the running part's partial one and the ones not yet run) is
+    called before each part, every PROGRESS_S seconds while one runs, and after each."""
+
+    def pending(done: list[Result], current: Result | None = None) -> list[Result]:
+        later = parts[len(done) + (current is not None) :]
+        waiting = [Result(p.name, "pending", 0.0, p.budget_s, "not started yet") for p in later]
+        return done + ([current] if current else []) + waiting
+
+    def tell(rs: list[Result]) -> None:
+        if report is not None:
+            report(rs)
+
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the real kernels
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     start, results = time.monotonic(), []
@@ -182,10 +221,19 @@ def run_parts(parts: list[Part], args, python: str = sys.executable) -> list[Res
             results.append(
                 Result(part.name, "skip", 0.0, part.budget_s, f"only {max(left, 0):.0f} s of the budget left")
             )
+            tell(pending(results))
             continue
         print(f"== {part.name} (up to {timeout:.0f} s)", flush=True)
-        rc, output, seconds = run_command([python, *part.argv(args)], timeout, env)
+        tell(pending(results, Result(part.name, "running", 0.0, timeout, "started; no rows yet")))
+
+        def progress(output: str, seconds: float, part=part, timeout=timeout) -> None:
+            r = part_result(part, 0, output, seconds, timeout)
+            r.status, r.note, r.tail = "running", f"{seconds:.0f} s so far; rows so far kept", ""
+            tell(pending(results, r))
+
+        rc, output, seconds = run_command([python, *part.argv(args)], timeout, env, progress)
         results.append(part_result(part, rc, output, seconds, timeout))
+        tell(pending(results))
         r = results[-1]
         print(f"   {r.status} in {seconds:.0f} s {r.note}", flush=True)
     return results
@@ -252,8 +300,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     names = [p.name for p in PARTS]
     ap.add_argument("--parts", nargs="+", choices=names, default=names, help="default: all, in this order")
-    ap.add_argument("--budget", type=float, default=570, help="total seconds (default 570: under 10 minutes)")
-    ap.add_argument("--out", type=Path, default=REPO / "experiments/gpu/results.md")
+    ap.add_argument(
+        "--budget", type=float, default=BUDGET_S, help=f"total seconds (default {BUDGET_S}: 9 minutes, 60 s margin)"
+    )
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=REPO / "experiments/gpu/results.md",
+        help="the results file, rewritten as each part ends (e.g. $OUT/results.md on a lent machine)",
+    )
     ap.add_argument("--logprob-ns", type=int, nargs="+", default=[4096, 32768], help="token counts N")
     ap.add_argument("--step-tokens", type=int, default=16384, help="tokens per micro-batch of the 1B steps")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and exit")
@@ -263,22 +318,44 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def plan(parts: list[Part], args) -> list[str]:
+    """The dry run's lines: each part's budget (cut to what the total leaves it), its dtype order,
+    its command; then the total against --budget."""
+    lines, start = [f"plan: {len(parts)} part(s), bf16 first in each; total budget {args.budget:.0f} s"], 0.0
+    for p in parts:
+        budget = max(0.0, min(p.budget_s, args.budget - start))
+        skip = "  (skipped: under MIN_START_S left)" if budget < MIN_START_S else ""
+        lines.append(
+            f"{p.name:9s} {budget:4.0f} s  at {start:4.0f} s  [{p.what}]  {Path(sys.executable).name} {' '.join(p.argv(args))}{skip}"
+        )
+        start += budget
+    total = sum(p.budget_s for p in parts)
+    lines.append(f"total    {total:4d} s of parts' budgets (--budget {args.budget:.0f} s; one command: 600 s)")
+    return lines
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     parts = [p for p in PARTS if p.name in args.parts]
     notes = plan_notes(parts)
     if args.dry_run:
-        for p in parts:
-            print(f"{p.name:9s} {p.budget_s:4d} s  python {' '.join(p.argv(args))}")
-        print("\n".join(notes))
+        print("\n".join(plan(parts, args)))
+        if notes:
+            print("\n".join(notes))
         return 0
     import torch
 
     if not torch.cuda.is_available():
         raise SystemExit("validate.py: no CUDA device here; these are the GPU-only checks (--dry-run shows the plan)")
-    results = run_parts(parts, args)
-    write_atomic(args.out, render(results, environment_header(argv), notes))
+    header = environment_header(argv)
+
+    def report(results: list[Result]) -> None:  # the table so far, every time a part moves on
+        write_atomic(args.out, render(results, header, notes))
+
+    print(f"results (rewritten as each part ends): {args.out}", flush=True)
+    results = run_parts(parts, args, report=report)
+    report(results)
     print(f"results: {args.out}")
     return 0 if all(r.status == "pass" for r in results) else 1
 

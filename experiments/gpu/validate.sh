@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one command to run first on a CUDA machine: every GPU-only check within 10 minutes, one
-# results table in experiments/gpu/results.md. Options: experiments/gpu/validate.py --help.
+# results table in --out (default experiments/gpu/results.md), rewritten as each part ends;
+# the interpreter: $PYTHON, else python3. Options: experiments/gpu/validate.py --help.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 unset TRITON_INTERPRET  # the real Triton kernels, not the CPU interpreter the tests use
-exec python experiments/gpu/validate.py "$@"
+exec "${PYTHON:-python3}" experiments/gpu/validate.py "$@"
