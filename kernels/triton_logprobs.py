@@ -7,7 +7,13 @@ computing a [BLOCK_N, BLOCK_V] logits tile in registers (fp32 accumulation over 
 into an online log-sum-exp (running max m, running sum s) and the target's logit when it falls in
 the tile, then writes only those O(N) numbers per split, plus the largest logit of each tile (one
 float per tile: the skip map of the backward). Torch combines the splits. Tile sizes, warps and
-pipeline stages are autotuned per (V, H, dtype) on CUDA.
+pipeline stages are autotuned on CUDA per (N bucket, V, H, dtype): N rounded up to a power of two
+(at least 256), so the first N seen does not fix the tiles for every N; after a key's first call
+its config is launched directly, with the grid sized for that config's BLOCK_N.
+
+The forward grid: cdiv(N, BLOCK_N) token blocks x n_splits vocabulary splits, n_splits chosen from
+the device's SM count (`_num_sms`) so the last wave of programs is nearly full (>= 90% of the SMs
+busy where 16 splits or fewer can do it), with at least two programs per SM when N is small.
 
 Backward, in vocabulary slabs of DL_BYTES of d logits (at least one tile wide):
     d logits = g * (onehot(t) - softmax)            Triton: recomputes each logits tile, writes [N, slab]
@@ -69,6 +75,9 @@ GPU_CONFIGS = [
 # The CPU interpreter: one small config (fast tests), and bf16 tiles upcast before tl.dot (the
 # interpreter's bf16 dot is wrong): exact bf16 products summed in fp32, as the GPU's MMA does.
 INTERPRETER_CONFIG = _config(32, 64, 32, 1, 1)
+INTERPRETER_SMS = 4  # the SM count the CPU interpreter plans its grid for (tests patch _num_sms)
+MAX_SPLITS = 16  # vocabulary splits per token block, at most
+_TUNED: dict = {}  # (N bucket, V, D, dtype, device index) -> the config autotuning picked
 
 
 @triton.jit
@@ -97,10 +106,11 @@ def _logits_tile(
 @triton.jit
 def _forward_kernel(
     H, W, T, M_OUT, S_OUT, TL_OUT, TILE_MAX,
-    N, V, D, n_splits, v_per_split,
+    N, V, D, n_splits, v_per_split, N_BUCKET,
     stride_hn, stride_hd, stride_wv, stride_wd,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
+    # N_BUCKET: only the autotune key (N rounded up to a power of two); the kernel does not read it
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -132,7 +142,39 @@ def _forward_kernel(
     tl.store(TL_OUT + out, t_logit, mask=row_ok)
 
 
-_forward_tuned = triton.autotune(GPU_CONFIGS, key=["V", "D"])(_forward_kernel)  # + the dtypes, by Triton
+_forward_tuned = triton.autotune(GPU_CONFIGS, key=["N_BUCKET", "V", "D"])(_forward_kernel)  # + dtypes, by Triton
+
+
+def n_bucket(N: int) -> int:
+    """The autotune key's N: the next power of two, at least 256 (one config per bucket)."""
+    return max(256, triton.next_power_of_2(max(N, 1)))
+
+
+def _num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of the device (the interpreter: INTERPRETER_SMS)."""
+    if device.type != "cuda":
+        return INTERPRETER_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def split_size(N: int, V: int, block_n: int, block_v: int, sms: int) -> int:
+    """v_per_split (a multiple of block_v) for a grid of cdiv(N, block_n) x n_splits programs on
+    `sms` SMs: the fewest splits that give at least two programs per SM (where MAX_SPLITS can) and a
+    last wave at least 90% full; else the fullest last wave found."""
+    n_blocks, tiles = triton.cdiv(N, block_n), triton.cdiv(V, block_v)
+    if n_blocks == 0 or tiles == 0:  # nothing is launched
+        return max(1, tiles) * block_v
+    most = min(MAX_SPLITS, tiles)
+    best, best_fill = triton.cdiv(tiles, most) * block_v, -1.0
+    for want in range(1, most + 1):
+        v_per = triton.cdiv(tiles, want) * block_v
+        programs = n_blocks * triton.cdiv(V, v_per)
+        fill = programs / (triton.cdiv(programs, sms) * sms)
+        if (programs >= 2 * sms or want == most) and fill >= 0.9:
+            return v_per
+        if programs >= sms and fill > best_fill + 1e-9:
+            best, best_fill = v_per, fill
+    return best
 
 
 @triton.jit
@@ -173,24 +215,28 @@ def _launch_options(hidden: torch.Tensor, cfg: triton.Config) -> dict:
     return {**flags, **cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
 
 
-def _pinned_config(hidden: torch.Tensor, deterministic: bool) -> triton.Config | None:
-    """The config to run with, or None: autotune (CUDA, deterministic=False)."""
+def _tuned_key(hidden: torch.Tensor, V: int) -> tuple:
+    N, D = hidden.shape
+    return (n_bucket(N), V, D, hidden.dtype, hidden.device.index)
+
+
+def _pinned_config(hidden: torch.Tensor, V: int, deterministic: bool) -> triton.Config | None:
+    """The config to run with, or None: autotune (CUDA, deterministic=False, a new N bucket)."""
     if hidden.device.type != "cuda":
         return INTERPRETER_CONFIG
-    return GPU_CONFIGS[0] if deterministic else None
+    return GPU_CONFIGS[0] if deterministic else _TUNED.get(_tuned_key(hidden, V))
 
 
 def forward(hidden, weight, targets, v_per_split: int | None = None, deterministic: bool = False):
     """-> (log-probs, lse, row max logit (all (N,) fp32), tile max logits (flat, fp32), the tile config)."""
     N, D = hidden.shape
     V = weight.shape[0]
-    cfg = _pinned_config(hidden, deterministic)
+    cfg = _pinned_config(hidden, V, deterministic)
     candidates = [cfg] if cfg is not None else GPU_CONFIGS
     block_n = min(c.kwargs["BLOCK_N"] for c in candidates)
     block_v = [c.kwargs["BLOCK_V"] for c in candidates]
-    if v_per_split is None:  # enough programs to fill the GPU when N is small
-        splits_wanted = max(1, 256 // max(1, triton.cdiv(N, block_n)))
-        v_per_split = triton.cdiv(triton.cdiv(V, splits_wanted), max(block_v)) * max(block_v)
+    if v_per_split is None:  # the grid sized to the SM count (autotuning: for the smallest BLOCK_N)
+        v_per_split = split_size(N, V, block_n, max(block_v), _num_sms(hidden.device))
     if v_per_split % max(block_v):
         raise ValueError(f"v_per_split {v_per_split} must be a multiple of every BLOCK_V {block_v}")
     n_splits = triton.cdiv(V, v_per_split)
@@ -200,12 +246,12 @@ def forward(hidden, weight, targets, v_per_split: int | None = None, determinist
         triton.cdiv(N, block_n) * triton.cdiv(V, min(block_v)), dtype=torch.float32, device=hidden.device
     )
     if N > 0:
-        args = (hidden, weight, targets, out[0], out[1], out[2], tile_max, N, V, D, n_splits, v_per_split)
+        args = (hidden, weight, targets, out[0], out[1], out[2], tile_max, N, V, D, n_splits, v_per_split, n_bucket(N))
         args += (hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1))
         if cfg is None:
             grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), n_splits)  # noqa: E731
             _forward_tuned[grid](*args, IEEE=hidden.dtype == torch.float32, UPCAST=False)
-            cfg = _forward_tuned.best_config
+            cfg = _TUNED[_tuned_key(hidden, V)] = _forward_tuned.best_config
         else:
             _forward_kernel[(triton.cdiv(N, cfg.kwargs["BLOCK_N"]), n_splits)](*args, **_launch_options(hidden, cfg))
     m, s, t_logit = out

@@ -184,3 +184,47 @@ def test_losses_through_the_kernel_match_torch():
         results.append((loss.item(), model.tok_embeddings.weight.grad.clone()))
     assert results[0][0] == pytest.approx(results[1][0], abs=1e-5)
     assert torch.allclose(results[0][1], results[1][1], atol=1e-6)
+
+
+def test_autotune_key_has_an_n_bucket():
+    """The autotuner keys on N rounded up to a power of two as well as (V, D): the first N seen does
+    not fix the tiles for every N."""
+    assert tk._forward_tuned.keys == ["N_BUCKET", "V", "D"]
+    assert [tk.n_bucket(n) for n in (0, 1, 255, 256, 257, 10_000, 16_384, 20_000)] == [
+        256, 256, 256, 256, 512, 16_384, 16_384, 32_768,
+    ]  # fmt: skip
+
+
+def test_split_size_fills_the_sms():
+    """The vocabulary splits fill the last wave: 132 SMs (H100 SXM) at Llama 3 shapes."""
+    V = 128256
+    for N in (1000, 4096, 10_000, 16_384, 20_000, 32_768, 65_536):
+        for bn, bv in ((64, 256), (128, 128), (128, 64)):
+            v_per = tk.split_size(N, V, bn, bv, 132)
+            splits = -(-V // v_per)
+            programs = -(-N // bn) * splits
+            assert v_per % bv == 0 and 1 <= splits <= tk.MAX_SPLITS
+            assert programs >= min(2 * 132, -(-N // bn) * tk.MAX_SPLITS)  # two per SM where the splits allow
+            assert programs / (-(-programs // 132) * 132) >= 0.9, (N, bn, bv)
+    assert -(-V // tk.split_size(20_000, V, 64, 256, 132)) == 2  # one split: 313 programs, 79% of 3 waves
+    assert tk.split_size(10, 300, 32, 64, 8) == 64  # tiny N: as many splits as tiles
+
+
+@pytest.mark.parametrize("sms", [1, 3, 5, 16])
+def test_sm_sized_grid_covers_every_tile(sms, monkeypatch):
+    """The grid sized from a small fake SM count: every (token block, vocabulary tile) is computed
+    once (the tile maxima of the backward's skip map equal the exact ones) and the log-probs match."""
+    monkeypatch.setattr(tk, "_num_sms", lambda device: sms)
+    cfg = tk.INTERPRETER_CONFIG.kwargs
+    bn, bv = cfg["BLOCK_N"], cfg["BLOCK_V"]
+    for N, H, V in ((37, 24, 101), (130, 16, 517)):
+        h, w, t = inputs(N, H, V, torch.float32, seed=N + sms)
+        logp, lse, row_max, tile_max, _ = tk.forward(h, w, t)
+        logits = h.double() @ w.double().T
+        exact = naive_target_logprobs(h.double(), w.double(), t)
+        assert err(logp, exact) < 1e-5 and err(row_max, logits.max(1).values) < 1e-5
+        nb, nv = -(-N // bn), -(-V // bv)
+        want = torch.stack(
+            [logits[i * bn : (i + 1) * bn, j * bv : (j + 1) * bv].max() for i in range(nb) for j in range(nv)]
+        )
+        assert err(tile_max[: nb * nv], want) < 1e-5, (N, V, sms)
