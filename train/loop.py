@@ -244,11 +244,14 @@ class Trainer:
         if self.d.is_main:
             print(f"resumed from {checkpoint} (step {self.start})", flush=True)
 
-    def train_step(self, batch: Step, step: int, timed: bool = True) -> dict:
+    def train_step(self, batch: Step, step: int, timed: bool | None = None) -> dict:
         """Forward/backward every micro-batch, then clip, step (or skip a non-finite step), schedule.
         -> the step's metrics. Raises Interrupted (gradients dropped) if a signal arrived mid-step.
         timed: the step time (tokens/s, MFU) covers this step's GPU work, optimizer included: on CUDA
-        a synchronize before the clock starts and before it is read (run: on logged steps only)."""
+        a synchronize before the clock starts and before it is read. None: on the steps `run` logs
+        (every logging.log_every and the last), so the other steps keep the host running ahead."""
+        if timed is None:
+            timed = step % self.cfg.logging.log_every == 0 or step == self.cfg.train.steps
         if timed:
             sync_clock(self.d.device)  # the previous step's optimizer kernels are not this step's
         t0 = time.perf_counter()
@@ -337,10 +340,9 @@ def run(setup: Setup, objective: Objective, eval_objective: Objective | None = N
             model.train()
             for step in range(t.start + 1, cfg.train.steps + 1):
                 batch = next(batches)
-                logged = step % cfg.logging.log_every == 0 or step == cfg.train.steps
-                metrics = t.train_step(batch, step, timed=logged)
+                metrics = t.train_step(batch, step)
                 finished, finished_at = step, train_loader.state_dict()
-                if logged:
+                if step % cfg.logging.log_every == 0 or step == cfg.train.steps:
                     logger.log(
                         step, metrics, epoch=train_loader.epoch + train_loader.step / train_loader.steps_per_epoch
                     )

@@ -277,7 +277,7 @@ def step(
         ]
         sync(d.device)
         t0 = time.perf_counter()
-        trainer.train_step(data[0], 1)  # warm-up: compiles
+        trainer.train_step(data[0], 1, timed=True)  # warm-up: compiles
         sync(d.device)
         first_s = time.perf_counter() - t0
         if d.device.type == "cuda":
@@ -285,7 +285,7 @@ def step(
         metrics, wall = [], []
         for i, s in enumerate(data[1:], start=2):
             t0 = time.perf_counter()
-            metrics.append(trainer.train_step(s, i))
+            metrics.append(trainer.train_step(s, i, timed=True))  # synced: the optimizer's GPU time counted
             sync(d.device)
             wall.append(time.perf_counter() - t0)
         report_step(f"{kind} {preset}", metrics, wall, first_s, setup_s, tokens_per_microbatch, compile, ac)
