@@ -4,7 +4,11 @@ on the CPU at small sizes, so that a GPU hour is not spent finding a typo."""
 
 import importlib.util
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -114,6 +118,45 @@ def test_out_gets_each_part_as_it_ends_and_rows_while_it_runs(tmp_path, monkeypa
     text = out.read_text()
     assert text == written[-1] and "| second | saw first | pass |" in text and "| slow | timeout |" in text
     assert "pending" not in text and "running" not in text
+
+
+def test_a_killed_validate_leaves_no_part_running(tmp_path):
+    """validate.py killed with SIGKILL (a command past its limit): its running part dies with it."""
+    pid_file = tmp_path / "part.pid"
+    part = f"import os, time, pathlib; pathlib.Path({str(pid_file)!r}).write_text(str(os.getpid())); time.sleep(60)"
+    outer = (
+        f"import sys; sys.path.insert(0, {str(ROOT)!r}); import importlib.util as u; "
+        f"s = u.spec_from_file_location('v', {str(ROOT / 'experiments/gpu/validate.py')!r}); v = u.module_from_spec(s); "
+        f"sys.modules['v'] = v; s.loader.exec_module(v); v.run_command([sys.executable, '-c', {part!r}], 60, {{}})"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", outer])
+    deadline = time.monotonic() + 30
+    while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    child = int(pid_file.read_text())
+    proc.kill()
+    proc.wait()
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        if Path(f"/proc/{child}/stat").read_text().split()[2] == "Z":  # a zombie: dead, not yet reaped
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child, signal.SIGKILL)
+        raise AssertionError("the part outlived validate.py")
+
+
+def test_validate_sh_dry_run_uses_python3_or_PYTHON():
+    text = (ROOT / "experiments/gpu/validate.sh").read_text()
+    assert 'exec "${PYTHON:-python3}" experiments/gpu/validate.py "$@"' in text
+    env = {**os.environ, "PYTHON": sys.executable}
+    out = subprocess.run(
+        ["bash", str(ROOT / "experiments/gpu/validate.sh"), "--dry-run"], env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0 and out.stdout.startswith("plan: 6 part(s), bf16 first in each; total budget 540 s")
 
 
 def test_peak_flops_per_device_variant(monkeypatch, capsys):

@@ -146,6 +146,28 @@ def plan_notes(parts: list[Part]) -> list[str]:
 
 # ----------------------------------------------------------------------------- running
 
+_RUNNING: set[int] = set()  # process groups of the parts now running (killed with validate.py on SIGTERM)
+
+
+def _die_with_parent() -> None:
+    """In the part's process, before it runs: SIGKILL it when validate.py dies, even by SIGKILL
+    (Linux prctl PR_SET_PDEATHSIG), so a killed command leaves no part holding the GPU."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _on_sigterm(signum, frame) -> None:
+    for pgid in list(_RUNNING):
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    raise SystemExit(128 + signum)  # --out holds every part that ended and the rows of the one running
+
 
 def run_command(
     cmd: list[str], timeout: float, env: dict, progress: Callable | None = None
@@ -155,7 +177,16 @@ def run_command(
     far, seconds) is called every PROGRESS_S seconds while it runs."""
     t0 = time.monotonic()
     with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+        _RUNNING.add(proc.pid)
         rc = None
         while True:
             left = timeout - (time.monotonic() - t0)
@@ -172,6 +203,7 @@ def run_command(
                     log.seek(0)
                     progress(log.read(), time.monotonic() - t0)
                     log.seek(0, os.SEEK_END)
+        _RUNNING.discard(proc.pid)
         log.seek(0)
         return rc, log.read(), time.monotonic() - t0
 
@@ -354,6 +386,7 @@ def main(argv=None) -> int:
         write_atomic(args.out, render(results, header, notes))
 
     print(f"results (rewritten as each part ends): {args.out}", flush=True)
+    signal.signal(signal.SIGTERM, _on_sigterm)
     results = run_parts(parts, args, report=report)
     report(results)
     print(f"results: {args.out}")
