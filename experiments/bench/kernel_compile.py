@@ -33,8 +33,8 @@ from triton.compiler import ASTSource  # noqa: E402
 from kernels import triton_logprobs as tk  # noqa: E402
 
 CONSTEXPRS = ("BLOCK_N", "BLOCK_V", "BLOCK_D", "IEEE", "UPCAST", "stride_hd", "stride_wd")
-INTS = {"N", "V", "D", "n_splits", "v_per_split", "v0", "v_slab", "stride_dl", "stride_hn", "stride_wv"}
-DIVISIBLE_BY_16 = {"V", "D", "v_per_split", "v0", "stride_dl", "stride_hn", "stride_wv"}  # + every pointer
+INTS = {"N", "N_BUCKET", "V", "D", "n_splits", "v_per_split", "v0", "v_slab", "stride_dl", "stride_hn", "stride_wv"}
+DIVISIBLE_BY_16 = {"N_BUCKET", "V", "D", "v_per_split", "v0", "stride_dl", "stride_hn", "stride_wv"}  # + every pointer
 POINTERS = {"T": "*i64", "SKIPPED": "*i32"}  # the rest: hidden/weight/d logits in the input dtype, fp32 buffers
 
 
