@@ -173,6 +173,21 @@ def run_child(script: str, side: str, args, workdir: str, names: tuple[str, ...]
     return json.loads(lines[-1])
 
 
+def run_sides(script: str, sides: list[str], args, workdir: str, names: tuple[str, ...]) -> dict[str, dict]:
+    """Each side args.repeat times, alternating (ours, TRL, ours, TRL, ...) so that other work on the machine
+    hits every side alike; per side the run with the fastest median step (the least disturbed), every run's
+    (median step, peak, CPU/wall) in its `runs`."""
+    runs: dict[str, list] = {s: [] for s in sides}
+    for _ in range(args.repeat):
+        for side in sides:
+            runs[side].append(run_child(script, side, args, workdir, names))
+    best = {}
+    for side, rs in runs.items():
+        best[side] = min(rs, key=lambda r: r["median_s"])
+        best[side]["runs"] = [(r["median_s"], r["peak_gib"], r["cpu_per_wall"]) for r in rs]
+    return best
+
+
 def device_line(device: torch.device, sides: dict[str, dict]) -> str:
     import transformers
     import trl
@@ -238,6 +253,17 @@ def load_notes(sides: dict[str, dict], load_before: float, device: torch.device)
         f"cores were shared with other work); 1-minute load average before the run: {load_before:.2f}",
         "",
     ]
+    if any(len(r.get("runs", ())) > 1 for r in sides.values()):
+        runs = "; ".join(
+            f"{name} " + ", ".join(f"{t:.3f} s / {m:.2f} GiB / {c:.2f}" for t, m, c in r["runs"])
+            for name, r in sides.items()
+        )
+        out += [
+            f"each side ran {len(next(iter(sides.values()))['runs'])} times, alternating; the table shows each side's "
+            f"run with the fastest median step (the least disturbed). Every run's median step / peak / CPU per wall: "
+            f"{runs}",
+            "",
+        ]
     starved = [name for name, r in sides.items() if r["cpu_per_wall"] < 0.8 * r["threads"]]
     if starved and device.type != "cuda":
         out += [

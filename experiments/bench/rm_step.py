@@ -42,7 +42,7 @@ from common import (
     model_config,
     our_chat,
     report_side,
-    run_child,
+    run_sides,
     setup_done,
     side_row,
     step_timer,
@@ -189,6 +189,7 @@ def main():
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in all children")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per side, alternating; the least disturbed is shown")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", help="append the results to this markdown file")
     ap.add_argument("--side", choices=tuple(SIDES), help=argparse.SUPPRESS)
@@ -215,7 +216,7 @@ def main():
         del model
         with open(Path(workdir) / "ranked.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
-        results = {s: run_child(__file__, s, args, workdir, names) for s in sides}
+        results = run_sides(__file__, sides, args, workdir, names)
     ours, theirs = results["ours"], results["trl"]
 
     from data.rows import encode_response

@@ -44,7 +44,7 @@ from common import (
     model_config,
     our_chat,
     report_side,
-    run_child,
+    run_sides,
     setup_done,
     side_row,
     step_timer,
@@ -172,6 +172,7 @@ def main():
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in both children")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per side, alternating; the least disturbed is shown")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", help="append the results to this markdown file")
     ap.add_argument("--side", choices=("ours", "trl"), help=argparse.SUPPRESS)
@@ -194,8 +195,8 @@ def main():
         save_model(Transformer(config), Path(workdir) / "model", format="hf")
         with open(Path(workdir) / "dialogs.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(d) + "\n" for d in dialogs)
-        ours = run_child(__file__, "ours", args, workdir, names)
-        theirs = run_child(__file__, "trl", args, workdir, names)
+        results = run_sides(__file__, ["ours", "trl"], args, workdir, names)
+    ours, theirs = results["ours"], results["trl"]
 
     chat = our_chat()
     lengths = [len(chat.encode_dialog(d["messages"])) for d in dialogs]
