@@ -556,22 +556,29 @@ def profile_main(argv: list[str]) -> None:
 
 
 def profile_tables(script: str, rest: list[str], profiles: dict[str, dict], load_before: float) -> list[str]:
+    names = {"ours": "ours", "ours_separate": "ours, separate rows", "trl": "TRL"}
     sides = list(profiles)
+    label = {s: names.get(s, s) for s in sides}
     phases = ("forward", "backward", "reference forward", "-")
     lines = [
         f"## {script} profile, {datetime.date.today()}",
         "",
         f"command: python experiments/bench/common.py {script.removesuffix('.py')} {' '.join(rest)}".rstrip(),
+        "",
         f"CPU ({platform.machine()}, {os.cpu_count()} cores), torch {torch.__version__}; 1-minute load average "
-        f"before: {load_before:.2f}. torch.profiler (CPU, profile_memory) over each side's timed steps, after the "
-        "warm-up: every op's self time, assigned to the module or function it ran in (a backward op to the one "
-        "whose forward op made its autograd node). The profiler slows the steps: shares, not timings.",
+        f"before: {load_before:.2f}. torch.profiler (CPU, profile_memory) over each side's timed steps after the "
+        "warm-up: every op's self time, assigned to the module or function it ran in, a backward op to the one whose "
+        "forward op made its autograd node; forward ops run without grad are the reference model's. The profiler "
+        "slows the steps a little (and its buffers raise the peak RSS): read shares and differences, and take the "
+        "timings from the benchmark's own table.",
         "",
         "### time per step (s): forward / backward / reference forward, total, share",
         "",
-        "| component | " + " | ".join(f"{s} fwd / bwd / ref | {s} total | {s} share" for s in sides) + " |",
+        "| component | "
+        + " | ".join(f"{label[s]} fwd / bwd / ref | {label[s]} total | {label[s]} share" for s in sides),
         "|---|" + "---:|---:|---:|" * len(sides),
     ]
+    lines[-2] += " |"
     tables = {s: {(c, p): v for c, p, v in profiles[s]["time"]} for s in sides}
     components = ORDER + sorted({c for t in tables.values() for c, _ in t} - set(ORDER))
     totals = {s: sum(t.values()) for s, t in tables.items()}
@@ -586,18 +593,23 @@ def profile_tables(script: str, rest: list[str], profiles: dict[str, dict], load
     lines.append("| **step (profiled)** | " + " | ".join(f" | **{totals[s]:.3f}** | 100%" for s in sides) + " |")
     lines += [
         "",
-        "### memory: tensors allocated during the steps and live at their peak (MiB), by component and phase",
+        "### memory: tensors allocated during the profiled steps and live at their peak (MiB), by component and phase",
         "",
-        "| component | " + " | ".join(sides) + " |",
+        "Not counted: what was allocated before (weights, the reference, AdamW state); counted: the gradients "
+        "(set to None each step, so allocated again by the backward of the component they belong to), activations, "
+        "temporaries.",
+        "",
+        "| component | " + " | ".join(label[s] for s in sides) + " |",
         "|---|" + "---:|" * len(sides),
     ]
     mems = {s: {(c, p): v for c, p, v in profiles[s]["memory"]} for s in sides}
     keys = sorted(
-        {k for m in mems.values() for k in m}, key=lambda k: (ORDER.index(k[0]) if k[0] in ORDER else 99, k[1])
+        {k for m in mems.values() for k, v in m.items() if v >= 2**20},
+        key=lambda k: (ORDER.index(k[0]) if k[0] in ORDER else 99, k[1]),
     )
     for k in keys:
-        label = k[0] if k[1] == "-" else f"{k[0]}, {k[1]}"
-        lines.append(f"| {label} | " + " | ".join(f"{mems[s].get(k, 0) / 2**20:,.0f}" for s in sides) + " |")
+        name = k[0] if k[1] == "-" else f"{k[0]}, {k[1]}"
+        lines.append(f"| {name} | " + " | ".join(f"{mems[s].get(k, 0) / 2**20:,.0f}" for s in sides) + " |")
     lines.append("| **peak** | " + " | ".join(f"**{profiles[s]['peak'] / 2**20:,.0f}**" for s in sides) + " |")
     return lines
 
