@@ -70,6 +70,7 @@ class OptimSection:
     schedule: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warmup
     min_lr_ratio: NonNegFloat = 0.1  # the decay ends at lr * min_lr_ratio
     grad_clip: NonNegFloat = 1.0  # max global grad norm; 0 = off
+    fused: bool | None = None  # fused AdamW: non-finite steps skipped on the device (no host sync); None: on CUDA
 
 
 @dataclass

@@ -138,14 +138,30 @@ def parallelize(
     return model
 
 
-def all_reduce_sum(values: dict, device) -> dict[str, float]:
-    """Sum a dict of numbers or scalar tensors over ranks: one collective, one device-to-host
-    transfer (keys must match on every rank). -> Python floats."""
-    keys = sorted(values)
-    t = torch.stack([torch.as_tensor(values[k], dtype=torch.float64, device=device).reshape(()) for k in keys])
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    return dict(zip(keys, t.tolist()))
+def reduce_on_device(values: dict[str, torch.Tensor], extrema: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """Sum 0-d tensors over ranks, or take their max / min for the names in `extrema` ({name: "max" |
+    "min"}), on their device: one collective (two with extrema), no host sync. -> {name: 0-d fp64
+    tensor}. Keys must match on every rank."""
+    extrema = extrema or {}
+    out, several = {}, dist.is_initialized() and dist.get_world_size() > 1
+    for names, op in ((sorted(set(values) - set(extrema)), "sum"), (sorted(set(values) & set(extrema)), "max")):
+        if not names:
+            continue
+        sign = [-1.0 if extrema.get(k) == "min" else 1.0 for k in names]  # min(x) = -max(-x)
+        t = torch.stack([values[k].double().reshape(()) for k in names])
+        t = t * t.new_tensor(sign) if op == "max" else t
+        if several:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        t = t * t.new_tensor(sign) if op == "max" else t
+        out.update(zip(names, t.unbind()))
+    return out
+
+
+def all_reduce_sum(values: dict, device, extrema: dict[str, str] | None = None) -> dict[str, float]:
+    """`reduce_on_device` of numbers or scalar tensors, then one device-to-host transfer. -> Python floats."""
+    tensors = {k: torch.as_tensor(v, dtype=torch.float64, device=device) for k, v in values.items()}
+    reduced = reduce_on_device(tensors, extrema)
+    return dict(zip(reduced, torch.stack(list(reduced.values())).tolist())) if reduced else {}
 
 
 def model_tokenizer(

@@ -7,8 +7,9 @@ it logs), then calls `run`. Per optimizer step:
         (losses are divided by the step's global counts, so the rank gradients are summed)
     clip the global grad norm; skip the update if the loss or the norm is not finite
     AdamW step, LR schedule step
-    one all-reduce of the step's sums -> logged ratios; eval / checkpoint every N steps
-    SIGTERM / SIGINT: checked between micro-batches; save the last finished step and exit
+    one all-reduce of the step's sums, on the device (read to the host on logged steps) -> logged ratios
+    eval / checkpoint every N steps
+    SIGTERM / SIGINT: read with that all-reduce; the step in progress finishes, is saved, and the run exits
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 from data.loader import DataLoader, Step
 from train import progress, train_state
 from train.config import Config, to_dict
-from train.distributed import Dist, all_reduce_sum, param_dtype
+from train.distributed import Dist, all_reduce_sum, param_dtype, reduce_on_device
 from train.entry import Setup
 from train.lifecycle import Interrupted, Signals, stop_requested, training
 from train.logger import Logger
@@ -54,12 +55,16 @@ class Objective:
     ratios: dict[str, tuple[str, str]]  # logged metric -> (sum, denominator), divided once per logged step
     derive: Callable | None = None  # {metric: value} -> {metric: value}: metrics that are not ratios
     reference_forward: bool = False  # a frozen model's forward per micro-batch too (DPO's live reference): MFU
+    # {sum name: "max" | "min"}: those of the loss's sums are combined by max / min over micro-batches and
+    # ranks (not summed) and logged under their own name; +-inf (a micro-batch with nothing) is not logged
+    extrema: dict[str, str] = field(default_factory=dict)
 
 
 def summarize(objective: Objective, sums: dict[str, float]) -> dict[str, float]:
     """Step (or eval set) sums over all micro-batches and ranks -> logged metrics. A ratio whose
     denominator is 0 (e.g. no pairs of some strength) is not logged."""
     out = {name: sums[num] / sums[den] for name, (num, den) in objective.ratios.items() if sums.get(den)}
+    out |= {name: sums[name] for name in objective.extrema if name in sums and math.isfinite(sums[name])}
     return objective.derive(out) if objective.derive else out
 
 
@@ -167,8 +172,9 @@ def throughput(reduced: dict, dt: float, world_size: int) -> dict:
     return out
 
 
-def _norm(x) -> float:
-    return float(x.full_tensor() if hasattr(x, "full_tensor") else x)
+def _full(x: torch.Tensor) -> torch.Tensor:
+    """A DTensor's full value (FSDP's grad norm), on the device: no host sync."""
+    return x.full_tensor() if hasattr(x, "full_tensor") else x
 
 
 # The loop's own sums, beside a loss's: a loss naming one of its sums so would overwrite the loop's count
@@ -176,14 +182,21 @@ def _norm(x) -> float:
 LOOP_SUMS = ("loss", "tokens", "flops", "examples")
 
 
-def _add(acc: dict, loss, sums: dict, mb, **own) -> None:
+def _add(acc: dict, loss, sums: dict, mb, extrema: dict[str, str] | None = None, **own) -> None:
     """Accumulate a micro-batch's loss, real tokens (pads excluded), the loss's sums and the loop's
-    `own` counts on the device, in fp64 (no host sync)."""
+    `own` counts on the device, in fp64 (no host sync); the names in `extrema` by max / min."""
     clash = sorted(set(sums) & set(LOOP_SUMS))
     if clash:
         raise ValueError(f"the loss's sums {clash} would overwrite the loop's own {LOOP_SUMS}: rename them")
+    extrema = extrema or {}
     for k, v in {"loss": loss.detach(), "tokens": (mb.doc_ids >= 0).sum(), **own, **sums}.items():
-        acc[k] = acc[k] + v.double() if k in acc else v.double()
+        v = v.double()
+        if k not in acc:
+            acc[k] = v
+        elif k in extrema:
+            acc[k] = torch.maximum(acc[k], v) if extrema[k] == "max" else torch.minimum(acc[k], v)
+        else:
+            acc[k] = acc[k] + v
 
 
 def evaluate(objective: Objective, loader: DataLoader, model, d: Dist) -> dict | None:
@@ -201,8 +214,8 @@ def evaluate(objective: Objective, loader: DataLoader, model, d: Dist) -> dict |
             for mb in step.micro_batches:
                 mb = mb.to(d.device)
                 loss, sums = objective.loss(mb, step)
-                _add(acc, loss, sums, mb, examples=mb.group_uid.new_tensor(mb.group_uid.numel()))
-    reduced = all_reduce_sum(acc, d.device)
+                _add(acc, loss, sums, mb, objective.extrema, examples=mb.group_uid.new_tensor(mb.group_uid.numel()))
+    reduced = all_reduce_sum(acc, d.device, objective.extrema)
     model.train(was_training)
     out = {"loss": reduced["loss"], "examples": int(reduced["examples"]), **summarize(objective, reduced)}
     return {f"eval/{k}": v for k, v in out.items()}
@@ -222,15 +235,20 @@ class Trainer:
     optimizer: torch.optim.Optimizer = field(init=False)
     scheduler: torch.optim.lr_scheduler.LambdaLR = field(init=False)
     start: int = 0  # the step resumed from
-    skipped: int = 0  # non-finite steps skipped so far
-    bad_in_a_row: int = 0
+    skipped: int | torch.Tensor = 0  # non-finite steps skipped so far (a device counter once training)
+    bad_in_a_row: int | torch.Tensor = 0
+    worst: int | torch.Tensor = 0  # the most non-finite steps in a row so far
+    signalled: bool = False  # some rank was signalled during the last step: save it and exit
 
     def __post_init__(self):
         o = self.cfg.optim
         params = [p for p in self.model.parameters() if p.requires_grad]
+        on_device = self.d.device.type == "cuda" and not self.cfg.train.cpu_offload
+        self.fused = on_device if o.fused is None else o.fused
         self.optimizer = torch.optim.AdamW(
-            params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
-        )
+            params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+            fused=True if self.fused else None,  # None: torch's default (foreach), as before the option
+        )  # fmt: skip
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(o, self.cfg.train.steps))
         self.run_dir = Path(self.cfg.train.run_dir)
 
@@ -246,57 +264,77 @@ class Trainer:
 
     def train_step(self, batch: Step, step: int, timed: bool | None = None) -> dict:
         """Forward/backward every micro-batch, then clip, step (or skip a non-finite step), schedule.
-        -> the step's metrics. Raises Interrupted (gradients dropped) if a signal arrived mid-step.
+        -> the step's metrics on a timed step, {} on the others (their sums stay on the device).
+
+        Host syncs: none per micro-batch (no collective, no `.item()`: a signal is acted on after the
+        step in progress, `self.signalled`); per step, one all-reduce of the step's sums and one read of the
+        stop flag after the update is queued. The non-finite check: with a fused AdamW
+        (`optim.fused`, default on CUDA) the update is skipped on the device (`found_inf`) and the
+        skip counters stay there until a timed step; otherwise (CPU) the host decides.
         timed: the step time (tokens/s, MFU) covers this step's GPU work, optimizer included: on CUDA
-        a synchronize before the clock starts and before it is read. None: on the steps `run` logs
-        (every logging.log_every and the last), so the other steps keep the host running ahead."""
+        a synchronize before the clock starts and before it is read; the metrics are read to the host.
+        None: on the steps `run` logs (every logging.log_every and the last)."""
         if timed is None:
             timed = step % self.cfg.logging.log_every == 0 or step == self.cfg.train.steps
         if timed:
             sync_clock(self.d.device)  # the previous step's optimizer kernels are not this step's
         t0 = time.perf_counter()
-        flops = step_flops(self.model.config, self.model.head, batch.micro_batches, self.objective.reference_forward)
-        acc = {"flops": flops}
+        peak = peak_flops(self.d.device) if timed else None
+        acc = {}
         for mb in batch.micro_batches:
-            if stop_requested(self.d.device):
-                self.optimizer.zero_grad(set_to_none=True)
-                raise Interrupted
             mb = mb.to(self.d.device)
             loss, sums = self.objective.loss(mb, batch)
             loss.backward()  # FSDP sums the ranks' gradients (train/distributed.py)
-            _add(acc, loss, sums, mb)
+            _add(acc, loss, sums, mb, self.objective.extrema)
+        if peak:  # a CPU sort per micro-batch: only where MFU is logged
+            flops = step_flops(self.model.config, self.model.head, batch.micro_batches, self.objective.reference_forward)
+            acc["flops"] = torch.tensor(flops, dtype=torch.float64, device=self.d.device)
+        acc["stop"] = torch.tensor(float(Signals.received is not None), dtype=torch.float64, device=self.d.device)
         params = [p for p in self.model.parameters() if p.requires_grad]
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = _norm(torch.nn.utils.clip_grad_norm_(params, clip))
-        reduced = all_reduce_sum(acc, self.d.device)  # one collective and one transfer per step
-        if math.isfinite(reduced["loss"]) and math.isfinite(grad_norm):
+        grad_norm = _full(torch.nn.utils.clip_grad_norm_(params, clip))
+        reduced = reduce_on_device(acc, self.objective.extrema)  # one collective per step, no host sync
+        ok = torch.isfinite(reduced["loss"]) & torch.isfinite(grad_norm)
+        if self.fused:  # the update is skipped on the device where not ok
+            self.optimizer.found_inf = (~ok).float()
             self.optimizer.step()
-            self.bad_in_a_row = 0
-        else:
-            self.bad_in_a_row, self.skipped = self.bad_in_a_row + 1, self.skipped + 1
-            if self.bad_in_a_row >= self.cfg.train.max_bad_steps:
-                raise RuntimeError(
-                    f"step {step}: {self.bad_in_a_row} steps in a row with a non-finite loss or gradient"
-                )
+        elif bool(ok):
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
-        if timed:
-            sync_clock(self.d.device)  # the optimizer step's kernels, queued after the last host sync
+        bad = (~ok).long()
+        self.skipped = self.skipped + bad
+        self.bad_in_a_row = (self.bad_in_a_row + bad) * bad
+        self.worst = torch.maximum(torch.as_tensor(self.worst, device=bad.device), self.bad_in_a_row)
+        self.signalled = bool(reduced["stop"] > 0)  # the step's one host read
+        if not self.fused or timed:
+            self.check_bad_steps(step)
+        if not timed:
+            return {}
+        sync_clock(self.d.device)  # the optimizer step's kernels, queued after the last host sync
         dt = time.perf_counter() - t0
+        host = dict(zip(reduced, torch.stack(list(reduced.values())).tolist()))
+        host = {k: (v if math.isfinite(v) or k not in self.objective.extrema else None) for k, v in host.items()}
         metrics = {
-            "loss": reduced["loss"],
-            **summarize(self.objective, reduced),
-            "grad_norm": grad_norm,
+            "loss": host["loss"],
+            **summarize(self.objective, host),
+            "grad_norm": float(grad_norm),
             "lr": lr,
-            **throughput(reduced, dt, self.d.world_size),
+            **throughput(host, dt, self.d.world_size),
             "peak_memory_gib": peak_memory_gib(self.d.device),
-            "skipped_steps": self.skipped,
+            "skipped_steps": int(self.skipped),
         }
-        peak = peak_flops(self.d.device)
         if peak:  # model FLOPs of all ranks over the step time, against every rank's bf16 peak
-            metrics["mfu"] = reduced["flops"] / dt / (peak * self.d.world_size)
+            metrics["mfu"] = host["flops"] / dt / (peak * self.d.world_size)
         return metrics
+
+    def check_bad_steps(self, step: int) -> None:
+        """Stop after train.max_bad_steps non-finite steps in a row (with the fused optimizer: the most
+        in a row since the last check, read at timed steps)."""
+        worst = int(self.worst)
+        if worst >= self.cfg.train.max_bad_steps:
+            raise RuntimeError(f"step {step}: {worst} steps in a row with a non-finite loss or gradient")
 
     def evaluate(self) -> dict:
         return evaluate(self.eval_objective, self.eval_loader, self.model, self.d)
@@ -304,7 +342,7 @@ class Trainer:
     def save(self, step: int, loader_state: dict) -> None:
         extra = {
             "step": step,
-            "skipped": self.skipped,
+            "skipped": int(self.skipped),
             "scheduler": self.scheduler.state_dict(),
             "loader": loader_state,
         }
@@ -351,7 +389,7 @@ def run(setup: Setup, objective: Objective, eval_objective: Objective | None = N
                     logger.log(step, t.evaluate())
                 if every.save_every and step % every.save_every == 0 and step < cfg.train.steps:
                     t.save(step, finished_at)
-                if stop_requested(d.device):
+                if t.signalled:  # a signal during the step: it finished, so it is saved
                     raise Interrupted
             done_before = t.start == cfg.train.steps  # a rerun of a finished run (or one killed while exporting)
             if done_before and d.is_main:
