@@ -79,6 +79,8 @@ def make_objective(model, reference, cfg: DPOSection, backend: str) -> loop.Obje
 
 def main(argv=None):
     cfg = parse_args(DPOConfig, argv, __doc__)
+    import torch
+
     from losses import dpo
     from train import loop
     from train.distributed import build_model
@@ -90,17 +92,21 @@ def main(argv=None):
     train_ref = eval_ref = None
     if dpo.LOSSES[cfg.dpo.loss].reference:
         ref_ckpt = cfg.dpo.reference_checkpoint or m.checkpoint
-        layout = {"shard_degree": t.shard_degree, "cpu_offload": t.cpu_offload}
+        layout = {"shard_degree": t.shard_degree, "cpu_offload": t.cpu_offload, "compile": t.compile}
+        layout["static_shapes"] = len(s.train_loader.shapes)  # the policy's shapes (train/entry.py)
         ref = build_model(
             s.d, ref_ckpt, None if ref_ckpt else m.preset, "lm", t.seed, t.mixed_precision, trainable=False, **layout
-        )
+        )  # compiled like the policy: its forward runs every micro-batch
         train_ref = eval_ref = ref
         if cfg.dpo.reference == "precompute":
             train_ref = reference_table(ref, s.train_loader, t.kernels, cfg.dpo.mask_format, s.d.device)
+            eval_ref = None  # no eval set: nothing may keep the model alive
             if s.eval_loader is not None:
                 eval_ref = reference_table(ref, s.eval_loader, t.kernels, cfg.dpo.mask_format, s.d.device)
             del ref
             gc.collect()
+            if s.d.device.type == "cuda":
+                torch.cuda.empty_cache()  # the reference's memory back to the allocator's free pool
     elif s.d.is_main:
         print(f"dpo.loss {cfg.dpo.loss}: reference-free, no reference model (dpo.reference ignored)", flush=True)
     objective = make_objective(s.model, train_ref, cfg.dpo, t.kernels)

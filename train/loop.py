@@ -287,7 +287,9 @@ class Trainer:
             loss.backward()  # FSDP sums the ranks' gradients (train/distributed.py)
             _add(acc, loss, sums, mb, self.objective.extrema)
         if peak:  # a CPU sort per micro-batch: only where MFU is logged
-            flops = step_flops(self.model.config, self.model.head, batch.micro_batches, self.objective.reference_forward)
+            flops = step_flops(
+                self.model.config, self.model.head, batch.micro_batches, self.objective.reference_forward
+            )
             acc["flops"] = torch.tensor(flops, dtype=torch.float64, device=self.d.device)
         acc["stop"] = torch.tensor(float(Signals.received is not None), dtype=torch.float64, device=self.d.device)
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -295,18 +297,24 @@ class Trainer:
         grad_norm = _full(torch.nn.utils.clip_grad_norm_(params, clip))
         reduced = reduce_on_device(acc, self.objective.extrema)  # one collective per step, no host sync
         ok = torch.isfinite(reduced["loss"]) & torch.isfinite(grad_norm)
-        if self.fused:  # the update is skipped on the device where not ok
+        if self.fused:  # the update is skipped on the device where not ok; the counters stay there
             self.optimizer.found_inf = (~ok).float()
             self.optimizer.step()
-        elif bool(ok):
-            self.optimizer.step()
+            bad = (~ok).long()
+        else:  # the host decides (and the counters are plain ints)
+            bad = 0 if bool(ok) else 1
+            if not bad:
+                self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
-        bad = (~ok).long()
         self.skipped = self.skipped + bad
         self.bad_in_a_row = (self.bad_in_a_row + bad) * bad
-        self.worst = torch.maximum(torch.as_tensor(self.worst, device=bad.device), self.bad_in_a_row)
+        self.worst = (
+            torch.maximum(torch.as_tensor(self.worst, device=bad.device), self.bad_in_a_row)
+            if self.fused
+            else max(self.worst, self.bad_in_a_row)
+        )
         self.signalled = bool(reduced["stop"] > 0)  # the step's one host read
         if not self.fused or timed:
             self.check_bad_steps(step)

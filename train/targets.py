@@ -55,8 +55,11 @@ def strength_margins(group_strength: Tensor, table: dict[str, float]) -> Tensor:
 
 
 def dpo_pairs(batch: Batch) -> tuple[Tensor, Tensor]:
-    """Sequence indices of (chosen, rejected) per group: rank 0 against rank 1."""
-    return (batch.seq_rank == 0).nonzero().squeeze(-1), (batch.seq_rank == 1).nonzero().squeeze(-1)
+    """Sequence indices of (chosen, rejected) per group, in group order: rank 0 against rank 1 (every
+    DPO group has one of each). A sort on the device by (rank, group): no `nonzero`, so no host sync."""
+    num_groups = batch.group_uid.numel()
+    order = torch.argsort(batch.seq_rank * num_groups + batch.seq_group, stable=True)
+    return order[:num_groups], order[num_groups : 2 * num_groups]
 
 
 def dpo_logps(token_logps: Tensor, batch: Batch, mask_format: bool = True) -> tuple[Tensor, Tensor]:
