@@ -4,6 +4,8 @@ Same contract as kernels/reference.py (the naive formula). The forward keeps onl
 log-sum-exp; the backward recomputes each chunk's logits:
     d out_i / d logits_i = onehot(t_i) - softmax(logits_i)
 so peak extra memory is one [chunk, V] block in fp32. The weight gradient is accumulated in fp32.
+stats=True: each chunk's logits also give the row max and sum (two reductions of the block already
+in memory) for `TokenStats`; the log-probs and the backward are the same operations either way.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels.reference import IGNORE, check_shapes
+from kernels.reference import IGNORE, TokenStats, check_shapes
 
 CHUNK_BYTES = 64 * 2**20  # fp32 logits per chunk
 
@@ -22,25 +24,36 @@ def _chunk_rows(n: int, vocab: int, chunk_size: int | None) -> int:
 
 class _ChunkedTargetLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size):
+    def forward(ctx, hidden, weight, targets, chunk_size, stats):
         N, V = hidden.shape[0], weight.shape[0]
         rows = _chunk_rows(N, V, chunk_size)
         acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
         out = torch.empty(N, dtype=acc, device=hidden.device)
         lse = torch.empty(N, dtype=acc, device=hidden.device)
+        if stats:
+            is_argmax = torch.empty(N, dtype=torch.bool, device=hidden.device)
+            logit_sum = torch.empty(N, dtype=acc, device=hidden.device)
         valid = targets != IGNORE
         safe = targets.clamp(min=0)
         for s in range(0, N, rows):
             logits = (hidden[s : s + rows] @ weight.T).to(acc)  # (rows, V)
             lse[s : s + rows] = logits.logsumexp(-1)
-            out[s : s + rows] = logits.gather(-1, safe[s : s + rows, None]).squeeze(-1) - lse[s : s + rows]
+            target_logit = logits.gather(-1, safe[s : s + rows, None]).squeeze(-1)  # (rows,)
+            out[s : s + rows] = target_logit - lse[s : s + rows]
+            if stats:
+                is_argmax[s : s + rows] = target_logit >= logits.amax(-1)
+                logit_sum[s : s + rows] = logits.sum(-1)
         out = torch.where(valid, out, 0.0)
         ctx.save_for_backward(hidden, weight, safe, valid, lse)
         ctx.rows = rows
-        return out
+        if not stats:
+            return out
+        is_argmax, logit_sum = is_argmax & valid, torch.where(valid, logit_sum, 0.0)
+        ctx.mark_non_differentiable(is_argmax, logit_sum)
+        return out, is_argmax, logit_sum
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, *_):  # the statistics have no gradient
         hidden, weight, safe, valid, lse = ctx.saved_tensors
         rows = ctx.rows
         acc = lse.dtype
@@ -57,10 +70,14 @@ class _ChunkedTargetLogprobs(torch.autograd.Function):
                 grad_h[s : s + rows] = (d.to(weight.dtype) @ weight).to(hidden.dtype)
             if grad_w is not None:
                 grad_w.addmm_(d.T, h.to(acc))
-        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None
+        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None
 
 
-def target_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int | None = None) -> Tensor:
-    """log softmax(hidden @ weight.T)[targets] in fp32 (fp64 for fp64 inputs), chunked; IGNORE gives 0."""
+def target_logprobs(
+    hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int | None = None, stats: bool = False
+) -> Tensor | TokenStats:
+    """log softmax(hidden @ weight.T)[targets] in fp32 (fp64 for fp64 inputs), chunked; IGNORE gives 0.
+    stats=True: a TokenStats (kernels/reference.py)."""
     check_shapes(hidden, weight, targets)
-    return _ChunkedTargetLogprobs.apply(hidden, weight, targets, chunk_size)
+    out = _ChunkedTargetLogprobs.apply(hidden, weight, targets, chunk_size, stats)
+    return TokenStats(*out) if stats else out

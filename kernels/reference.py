@@ -5,14 +5,30 @@
 
 in fp32 (fp64 for fp64 inputs). `naive_target_logprobs` writes the formula out and materializes the
 [N, V] logits: it is what tests and benchmarks compare the backends against, not a training path.
+
+stats=True: a `TokenStats` instead, the log-probs (the same numbers, the same gradients) and two
+statistics of each row's logits, without a gradient (the dashboards' token accuracy and mean logit):
+
+    is_argmax[i] = logits[i, targets[i]] >= max_v logits[i, v]     a tie with the max counts as a hit
+    logit_sum[i] = sum_v logits[i, v]
+
+(False and 0 where targets[i] == IGNORE).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 IGNORE = -100
+
+
+class TokenStats(NamedTuple):
+    logprobs: Tensor  # (N,) log p(target), fp32 (fp64 for fp64 inputs); differentiable
+    is_argmax: Tensor  # (N,) bool: the target's logit is the row's largest (ties included)
+    logit_sum: Tensor  # (N,) the row's logits summed over the vocabulary, in the log-probs' dtype
 
 
 def check_shapes(hidden: Tensor, weight: Tensor, targets: Tensor) -> None:
@@ -25,10 +41,15 @@ def check_shapes(hidden: Tensor, weight: Tensor, targets: Tensor) -> None:
         raise ValueError(f"targets {tuple(targets.shape)} must be (N,) with N = {hidden.shape[0]}")
 
 
-def naive_target_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
+def naive_target_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, stats: bool = False):
     """The formula as written (full [N, V] logits, autograd's backward)."""
     check_shapes(hidden, weight, targets)
     logits = (hidden @ weight.T).to(torch.promote_types(hidden.dtype, torch.float32))
     valid = targets != IGNORE
-    out = logits.log_softmax(-1).gather(-1, targets.clamp(min=0)[:, None]).squeeze(-1)
-    return torch.where(valid, out, 0.0)
+    out = torch.where(valid, logits.log_softmax(-1).gather(-1, targets.clamp(min=0)[:, None]).squeeze(-1), 0.0)
+    if not stats:
+        return out
+    logits = logits.detach()
+    target_logit = logits.gather(-1, targets.clamp(min=0)[:, None]).squeeze(-1)
+    is_argmax = valid & (target_logit >= logits.max(-1).values)
+    return TokenStats(out, is_argmax, torch.where(valid, logits.sum(-1), 0.0))

@@ -6,7 +6,10 @@ Forward: a grid of (token block, vocabulary split). Each program walks its split
 computing a [BLOCK_N, BLOCK_V] logits tile in registers (fp32 accumulation over H) and folding it
 into an online log-sum-exp (running max m, running sum s) and the target's logit when it falls in
 the tile, then writes only those O(N) numbers per split, plus the largest logit of each tile (one
-float per tile: the skip map of the backward). Torch combines the splits. Tile sizes, warps and
+float per tile: the skip map of the backward). Torch combines the splits. stats=True (`TokenStats`):
+the target is the argmax where its logit >= the combined running max (no extra work), and a fourth
+per-split number, the running sum of the logits, is kept in the same pass (STATS, a constexpr: the
+default kernel is compiled without it). Tile sizes, warps and
 pipeline stages are autotuned on CUDA per (N bucket, V, H, dtype): N rounded up to a power of two
 (at least 256), so the first N seen does not fix the tiles for every N; after a key's first call
 its config is launched directly, with the grid sized for that config's BLOCK_N.
@@ -48,7 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.reference import IGNORE, check_shapes
+from kernels.reference import IGNORE, TokenStats, check_shapes
 
 SKIP_BELOW = 24 * math.log(2)  # a logit this far below its row's max has softmax < 2^-24 of the max's
 DL_BYTES = 2**30  # d logits per backward slab: N rows x (slab columns); dW needs no fp32 [V, H] buffer
@@ -105,10 +108,11 @@ def _logits_tile(
 
 @triton.jit
 def _forward_kernel(
-    H, W, T, M_OUT, S_OUT, TL_OUT, TILE_MAX,
+    H, W, T, M_OUT, S_OUT, TL_OUT, SUM_OUT, TILE_MAX,
     N, V, D, n_splits, v_per_split, N_BUCKET,
     stride_hn, stride_hd, stride_wv, stride_wd,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    STATS: tl.constexpr = False,
 ):  # fmt: skip
     # N_BUCKET: only the autotune key (N rounded up to a power of two); the kernel does not read it
     pid_n = tl.program_id(0)
@@ -119,6 +123,7 @@ def _forward_kernel(
     m = tl.full([BLOCK_N], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_N], tl.float32)
     t_logit = tl.zeros([BLOCK_N], tl.float32)
+    l_sum = tl.zeros([BLOCK_N], tl.float32)  # STATS: the sum of the split's logits
     v_start = pid_s * v_per_split  # a multiple of BLOCK_V: tiles line up with the backward's
     v_end = tl.minimum(v_start + v_per_split, V)
     tile_row = TILE_MAX + pid_n.to(tl.int64) * tl.cdiv(V, BLOCK_V)
@@ -135,11 +140,15 @@ def _forward_kernel(
         p = tl.exp(logits - m_new[:, None])
         s = s * scale + tl.sum(p, axis=1)
         t_logit += tl.sum(tl.where(rv[None, :] == tgt[:, None], acc, 0.0), axis=1)
+        if STATS:
+            l_sum += tl.sum(tl.where(col_ok[None, :], acc, 0.0), axis=1)
         m = m_new
     out = rn.to(tl.int64) * n_splits + pid_s
     tl.store(M_OUT + out, m, mask=row_ok)
     tl.store(S_OUT + out, s, mask=row_ok)
     tl.store(TL_OUT + out, t_logit, mask=row_ok)
+    if STATS:
+        tl.store(SUM_OUT + out, l_sum, mask=row_ok)
 
 
 _forward_tuned = triton.autotune(GPU_CONFIGS, key=["N_BUCKET", "V", "D"])(_forward_kernel)  # + dtypes, by Triton
@@ -227,8 +236,9 @@ def _pinned_config(hidden: torch.Tensor, V: int, deterministic: bool) -> triton.
     return GPU_CONFIGS[0] if deterministic else _TUNED.get(_tuned_key(hidden, V))
 
 
-def forward(hidden, weight, targets, v_per_split: int | None = None, deterministic: bool = False):
-    """-> (log-probs, lse, row max logit (all (N,) fp32), tile max logits (flat, fp32), the tile config)."""
+def forward(hidden, weight, targets, v_per_split: int | None = None, deterministic: bool = False, stats=False):
+    """-> (log-probs, lse, row max logit (all (N,) fp32), tile max logits (flat, fp32), the tile config);
+    stats=True: the log-probs as a TokenStats."""
     N, D = hidden.shape
     V = weight.shape[0]
     cfg = _pinned_config(hidden, V, deterministic)
@@ -240,24 +250,45 @@ def forward(hidden, weight, targets, v_per_split: int | None = None, determinist
     if v_per_split % max(block_v):
         raise ValueError(f"v_per_split {v_per_split} must be a multiple of every BLOCK_V {block_v}")
     n_splits = triton.cdiv(V, v_per_split)
-    out = torch.empty(3, N, n_splits, dtype=torch.float32, device=hidden.device)
+    out = torch.empty(4 if stats else 3, N, n_splits, dtype=torch.float32, device=hidden.device)
     # sized for the smallest tiles; the chosen config uses the first cdiv(N, BN) * cdiv(V, BV) entries
     tile_max = torch.empty(
         triton.cdiv(N, block_n) * triton.cdiv(V, min(block_v)), dtype=torch.float32, device=hidden.device
     )
     if N > 0:
-        args = (hidden, weight, targets, out[0], out[1], out[2], tile_max, N, V, D, n_splits, v_per_split, n_bucket(N))
+        sums = out[3 if stats else 2]  # written only with stats
+        args = (
+            hidden,
+            weight,
+            targets,
+            out[0],
+            out[1],
+            out[2],
+            sums,
+            tile_max,
+            N,
+            V,
+            D,
+            n_splits,
+            v_per_split,
+            n_bucket(N),
+        )
         args += (hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1))
         if cfg is None:
             grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), n_splits)  # noqa: E731
-            _forward_tuned[grid](*args, IEEE=hidden.dtype == torch.float32, UPCAST=False)
+            _forward_tuned[grid](*args, IEEE=hidden.dtype == torch.float32, UPCAST=False, STATS=stats)
             cfg = _TUNED[_tuned_key(hidden, V)] = _forward_tuned.best_config
         else:
-            _forward_kernel[(triton.cdiv(N, cfg.kwargs["BLOCK_N"]), n_splits)](*args, **_launch_options(hidden, cfg))
-    m, s, t_logit = out
+            grid = (triton.cdiv(N, cfg.kwargs["BLOCK_N"]), n_splits)
+            _forward_kernel[grid](*args, **_launch_options(hidden, cfg), STATS=stats)
+    m, s, t_logit = out[:3]
     big_m = m.max(dim=1).values  # (N,) the largest logit
     lse = big_m + (s * torch.exp(m - big_m[:, None])).sum(1).log()
-    logp = torch.where(targets != IGNORE, t_logit.sum(1) - lse, 0.0)
+    valid = targets != IGNORE
+    t_logit = t_logit.sum(1)  # the target's split holds its logit, the others 0: exact
+    logp = torch.where(valid, t_logit - lse, 0.0)
+    if stats:
+        logp = TokenStats(logp, valid & (t_logit >= big_m), torch.where(valid, out[3].sum(1), 0.0))
     return logp, lse, big_m, tile_max, cfg or GPU_CONFIGS[0]
 
 
@@ -304,26 +335,30 @@ def backward(hidden, weight, targets, lse, row_max, tile_max, cfg, grad, need_dh
 
 class TritonTargetLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, deterministic):
-        logp, lse, row_max, tile_max, cfg = forward(hidden, weight, targets, deterministic=deterministic)
+    def forward(ctx, hidden, weight, targets, deterministic, stats):
+        logp, lse, row_max, tile_max, cfg = forward(hidden, weight, targets, deterministic=deterministic, stats=stats)
         ctx.save_for_backward(hidden, weight, targets, lse, row_max, tile_max)
         ctx.cfg = cfg
-        return logp
+        if stats:
+            ctx.mark_non_differentiable(logp.is_argmax, logp.logit_sum)
+        return tuple(logp) if stats else logp
 
     @staticmethod
-    def backward(ctx, grad_logp):
+    def backward(ctx, grad_logp, *_):  # the statistics have no gradient
         hidden, weight, targets, lse, row_max, tile_max = ctx.saved_tensors
         need_dh, need_dw = ctx.needs_input_grad[:2]
         dh, dw, _ = backward(hidden, weight, targets, lse, row_max, tile_max, ctx.cfg, grad_logp, need_dh, need_dw)
-        return dh, dw, None, None
+        return dh, dw, None, None, None
 
 
-def target_logprobs(hidden, weight, targets, deterministic: bool = False):
+def target_logprobs(hidden, weight, targets, deterministic: bool = False, stats: bool = False):
     """log softmax(hidden @ weight.T)[targets] in fp32, fused; IGNORE gives 0 (kernels/reference.py).
 
-    deterministic=True pins the tile config instead of autotuning it (module docstring)."""
+    deterministic=True pins the tile config instead of autotuning it (module docstring).
+    stats=True: a TokenStats (kernels/reference.py)."""
     check_shapes(hidden, weight, targets)
     hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.contiguous()
     if not (hidden.requires_grad or weight.requires_grad) or not torch.is_grad_enabled():
-        return forward(hidden, weight, targets, deterministic=deterministic)[0]  # forward only: nothing saved
-    return TritonTargetLogprobs.apply(hidden, weight, targets, deterministic)
+        return forward(hidden, weight, targets, deterministic=deterministic, stats=stats)[0]  # nothing saved
+    out = TritonTargetLogprobs.apply(hidden, weight, targets, deterministic, stats)
+    return TokenStats(*out) if stats else out

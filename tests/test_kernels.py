@@ -228,3 +228,23 @@ def test_sm_sized_grid_covers_every_tile(sms, monkeypatch):
             [logits[i * bn : (i + 1) * bn, j * bv : (j + 1) * bv].max() for i in range(nb) for j in range(nv)]
         )
         assert err(tile_max[: nb * nv], want) < 1e-5, (N, V, sms)
+
+
+@pytest.mark.parametrize("split", [None, 64, 128])
+def test_stats_against_float64_full_logits(split, monkeypatch):
+    """TokenStats from the kernel's running max and an extra running sum, over 1 to 5 vocabulary splits
+    (the max combined across them), checked as the torch path's (tests/test_target_logprobs.py)."""
+    from test_target_logprobs import check_stats, stats_inputs
+
+    if split is not None:  # the forward's own v_per_split, pinned
+        real = tk.forward
+        monkeypatch.setattr(tk, "forward", lambda *a, **k: real(*a, **{**k, "v_per_split": split}))
+    h, w, t = stats_inputs(40, 12, 301)
+    check_stats(lambda a, b, c, stats: kernels.target_logprobs(a, b, c, backend="triton", stats=stats), h, w, t)
+    with torch.no_grad():  # forward only (nothing saved): the same numbers
+        only = kernels.target_logprobs(h, w, t, backend="triton", stats=True)
+    saved = kernels.target_logprobs(h, w.clone().requires_grad_(), t, backend="triton", stats=True)
+    assert only.logprobs.grad_fn is None and saved.logprobs.grad_fn is not None
+    assert all(torch.equal(a, b.detach()) for a, b in zip(only, saved))
+    empty = kernels.target_logprobs(h[:0], w, t[:0], backend="triton", stats=True)
+    assert [tuple(x.shape) for x in empty] == [(0,)] * 3

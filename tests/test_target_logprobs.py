@@ -74,3 +74,56 @@ def test_chunked_peak_memory_far_under_full_logits():
     extra, full = map(int, out.stdout.split())
     print(f"peak extra {extra / 2**20:.0f} MiB vs N*V*4 = {full / 2**20:.0f} MiB")
     assert extra < full / 3
+
+
+def stats_inputs(N, H, V, seed=0):
+    """Integer-valued hidden states and weights (every logit exact in fp32, in any order of summation), with
+    exact ties: vocabulary row V - 1 repeats row 3. Targets: the row's argmax for every third row, the
+    tied twin of row 3 where row 3 is the max, IGNORE for every fifth, random otherwise."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randint(-3, 4, (N, H), generator=g).float()
+    w = torch.randint(-3, 4, (V, H), generator=g).float()
+    w[V - 1] = w[3]
+    logits = h.double() @ w.double().T
+    t = torch.randint(0, V, (N,), generator=g)
+    t[::3] = logits[::3].argmax(-1)  # the first index of the max: never V - 1 (row 3 comes first)
+    h[1] = w[3]  # row 1's max is row 3's logit |w_3|^2, shared with V - 1: target the twin
+    t[1] = V - 1
+    t[::5] = IGNORE
+    return h, w, t
+
+
+def check_stats(fn, h, w, t):
+    """fn(h, w, t, stats) -> TokenStats: against float64 full logits, with the log-probs and gradients
+    bitwise those of stats=False."""
+    logits = h.double() @ w.double().T  # (N, V), exact here
+    valid = t != IGNORE
+    target_logit = logits.gather(-1, t.clamp(min=0)[:, None]).squeeze(-1)
+    want_hit = valid & (target_logit >= logits.max(-1).values)  # a tie with the max counts as a hit
+    assert want_hit[1] and logits[1].argmax() != t[1]  # the tie: argmax() picks the other index
+    up = torch.randn(len(t), generator=torch.Generator().manual_seed(1))
+    results = []
+    for stats in (False, True):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        out = fn(hh, ww, t, stats)
+        logp = out.logprobs if stats else out
+        results.append((logp.detach(), *torch.autograd.grad((logp * up).sum(), (hh, ww))))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    assert out.is_argmax.dtype == torch.bool and not out.is_argmax.requires_grad
+    assert torch.equal(out.is_argmax, want_hit) and 2 < int(want_hit.sum()) < int(valid.sum())
+    mean_logit = torch.where(valid, logits.mean(-1), 0.0)  # TRL's logits/*: the mean over the vocabulary
+    assert torch.allclose(out.logit_sum.double() / w.shape[0], mean_logit, rtol=0, atol=1e-6)
+    assert out.logit_sum.dtype == torch.float32 and (out.logit_sum[~valid] == 0).all()
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 7])
+def test_stats_against_float64_full_logits(chunk):
+    h, w, t = stats_inputs(40, 12, 301)
+    check_stats(lambda a, b, c, stats: chunked(a, b, c, chunk_size=chunk, stats=stats), h, w, t)
+    check_stats(lambda a, b, c, stats: target_logprobs(a, b, c, backend="torch", stats=stats), h, w, t)
+
+
+def test_naive_stats_against_the_definitions():
+    h, w, t = stats_inputs(30, 8, 50, seed=2)
+    check_stats(lambda a, b, c, stats: naive_target_logprobs(a, b, c, stats=stats), h, w, t)
