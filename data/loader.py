@@ -12,6 +12,10 @@ counts (targets, sequences, pairs) that losses divide by, so that neither gradie
 nor world size changes the loss. Every rank plans the packing of every rank from the example
 lengths alone (data/rows.py `plan`), so that all ranks run the same number of micro-batches, as
 FSDP requires (a rank with fewer gets empty ones), and then reads only its own examples' tokens.
+With `shape_buckets` (static shapes, for compiled blocks) every micro-batch is (B, T): B the most rows
+a micro-batch holds, T the bucket (data/rows.py `bucket_lengths`) of the longest row of that
+micro-batch over all ranks, so all ranks run the same shapes in the same order and a new shape is
+compiled by all of them at the same micro-batch.
 Order: a permutation per epoch from (seed, epoch); `state_dict()` is (epoch, step). Training drops
 each epoch's last partial batch; `eval_steps()` covers every example exactly once.
 
@@ -33,7 +37,7 @@ import numpy as np
 from data.cache import report_line
 from data.prepare import on_rank0, prepare_config
 from data.records import read_records, train_sources
-from data.rows import Batch, EncodeOptions, Example, collate, encode_record, plan
+from data.rows import Batch, EncodeOptions, Example, bucket_lengths, collate, encode_record, plan, static_shape
 from llama.chat import ChatFormat
 
 
@@ -146,10 +150,12 @@ class DataLoader:
         pad_id: int = 0,
         drop_last: bool = True,
         mixture: list[tuple[int, float]] | None = None,
+        shape_buckets: int = 0,
     ):
         """examples: a list of Examples or a dataset (TokenizedData, Concat). batch_size: examples per
         optimizer step, over all ranks. mixture: (examples, weight) of each file, in order (default:
-        one file, weight 1).
+        one file, weight 1). shape_buckets: 0, each micro-batch (rows packed, its longest row rounded up
+        to 8); N > 0, static shapes: (rows_per_microbatch, T), T in bucket_lengths(max_len, N).
 
         drop_last=False (evaluation): the last partial batch is kept, so a set smaller than a batch,
         or than the number of ranks (those without an example run empty micro-batches), is fine.
@@ -178,6 +184,7 @@ class DataLoader:
         self.batch_size, self.max_len = batch_size, max_len
         self.tokens_per_microbatch, self.rank, self.world_size = tokens_per_microbatch, rank, world_size
         self.seed, self.shuffle, self.pad_id, self.drop_last = seed, shuffle, pad_id, drop_last
+        self.shape_buckets = shape_buckets
         self.epoch, self.step = 0, 0
         self._order: tuple[int | None, np.ndarray] = (None, np.empty(0, dtype=np.int64))
 
@@ -207,12 +214,35 @@ class DataLoader:
         ids = self.order(epoch)[step * self.batch_size : (step + 1) * self.batch_size]
         shares = [ids[r :: self.world_size] for r in range(self.world_size)]
         plans = [plan(self.data.lengths[s], self.max_len, self.tokens_per_microbatch) for s in shares]
+        shapes = self._shapes(shares, plans)
         mine = shares[self.rank]  # only this rank's examples are read
         batches = [
-            collate([[self.data[int(mine[j])] for j in row] for row in rows], self.pad_id) for rows in plans[self.rank]
+            collate([[self.data[int(mine[j])] for j in row] for row in rows], self.pad_id, shape=shape)
+            for rows, shape in zip(plans[self.rank], shapes)
         ]
-        batches += [collate([[]], self.pad_id)] * (max(map(len, plans)) - len(batches))  # no targets, no sequences
+        batches += [collate([[]], self.pad_id, shape=shape) for shape in shapes[len(batches) :]]  # no targets
         return Step(batches, **self._counts(ids))
+
+    def _shapes(self, shares: list[np.ndarray], plans: list) -> list[tuple[int, int] | None]:
+        """Per micro-batch of the step: its static (B, T), the same on every rank; None: collate's own."""
+        n = max(map(len, plans))
+        if not self.shape_buckets:
+            return [None] * n
+        longest = [1] * n  # micro-batch i's longest row over all ranks
+        for share, batches in zip(shares, plans):
+            for i, rows in enumerate(batches):
+                longest[i] = max([longest[i]] + [int(self.data.lengths[share[row]].sum()) for row in rows])
+        return [static_shape(t, self.max_len, self.tokens_per_microbatch, self.shape_buckets) for t in longest]
+
+    @property
+    def shapes(self) -> list[tuple[int, int]]:
+        """Every (B, T) a micro-batch may have under static shapes (empty without)."""
+        if not self.shape_buckets:
+            return []
+        return [
+            static_shape(t, self.max_len, self.tokens_per_microbatch, self.shape_buckets)
+            for t in bucket_lengths(self.max_len, self.shape_buckets)
+        ]
 
     def eval_steps(self):
         """Every example exactly once (epoch 0's order, the last step partial). Each step carries the
@@ -266,11 +296,19 @@ def _in_memory(dc, kind: str, chat: ChatFormat, verbose: bool, **encode_kw):
 
 
 def build_loaders(
-    dc, kind: str, chat: ChatFormat, rank: int = 0, world_size: int = 1, verbose: bool = True, **encode_kw
+    dc,
+    kind: str,
+    chat: ChatFormat,
+    rank: int = 0,
+    world_size: int = 1,
+    verbose: bool = True,
+    shape_buckets: int = 0,
+    **encode_kw,
 ):
     """Train and (optional) eval loaders for this rank from a config's data section `dc`
-    (train/config.py DataSection); the load reports are printed when `verbose`.
-    encode_kw: the entry point's encoding options (train_on_prompt, one_row)."""
+    (train/config.py DataSection); the load reports (and the static shapes) are printed when `verbose`.
+    shape_buckets: DataLoader's (train.shape_buckets, resolved). encode_kw: the entry point's encoding
+    options (train_on_prompt, one_row)."""
     if dc.batch_size < world_size:  # before any tokenizing
         raise ValueError(
             f"data.batch_size={dc.batch_size} is smaller than the number of ranks ({world_size}): each rank "
@@ -294,9 +332,12 @@ def build_loaders(
             f"fewer than one batch of data.batch_size={dc.batch_size}"
         )
     loader_kw = dict(max_len=dc.max_len, tokens_per_microbatch=dc.tokens_per_microbatch, rank=rank)
-    loader_kw.update(world_size=world_size, pad_id=chat.tokenizer.pad_id)
+    loader_kw.update(world_size=world_size, pad_id=chat.tokenizer.pad_id, shape_buckets=shape_buckets)
     data = parts[0] if len(parts) == 1 else Concat(parts)
     train = DataLoader(data, dc.batch_size, seed=dc.seed, mixture=mixture, **loader_kw)
+    if verbose and shape_buckets:
+        (B, _), lengths = train.shapes[0], [T for _, T in train.shapes]
+        print(f"static shapes: micro-batches of {B} rows x T tokens, T in {lengths}", flush=True)
     if evaluation is None:
         return train, None
     if not len(evaluation):

@@ -14,6 +14,11 @@ path (data/loader.py `load_examples`) and the tokenized cache (data/prepare.py) 
 Rows hold several examples, one doc id each (padding: PAD_DOC). A micro-batch is up to
 `tokens_per_microbatch // max_len` rows, filled first-fit in order. `plan` decides that packing from
 the lengths alone, so a loader can pack every rank's share without reading any tokens.
+
+Shapes: by default a micro-batch is (rows packed, its longest row rounded up to 8). Compiled blocks
+want few shapes, each compiled once (`torch.compile(dynamic=False)`): `bucket_lengths` lists the row
+lengths T allowed, and `collate(..., shape=(B, T))` pads to exactly B rows of T tokens, the rows
+beyond the packed ones all padding (PAD_DOC, no targets, no sequences).
 """
 
 from __future__ import annotations
@@ -314,10 +319,33 @@ def encode_record(obj, where: str, index: int, opts: EncodeOptions, chat: ChatFo
 # ----------------------------------------------------------------------------- packing
 
 
+def rows_per_microbatch(max_len: int, tokens_per_microbatch: int) -> int:
+    """The most rows `plan` puts in a micro-batch: B of the static shapes."""
+    return max(1, tokens_per_microbatch // max_len)
+
+
+def bucket_lengths(max_len: int, step: int) -> list[int]:
+    """The row lengths T of static shapes: the multiples of `step` up to 8 * step, then doubling, the
+    last one max_len rounded up to a multiple of step (128, 256, ..., 1024, 2048, 4096 for step 128 and
+    max_len 4096: a micro-batch padded by at most 1/8 below 1024 tokens, at most 2x above)."""
+    top = -(-max_len // step) * step
+    out = list(range(step, min(8 * step, top) + 1, step))
+    while out[-1] < top:
+        out.append(min(2 * out[-1], top))
+    return out
+
+
+def static_shape(longest: int, max_len: int, tokens_per_microbatch: int, step: int) -> tuple[int, int]:
+    """(B, T) of a micro-batch whose longest row has `longest` tokens, under buckets of `step`: B the most
+    rows `plan` packs, T the smallest of bucket_lengths(max_len, step) that holds that row."""
+    T = next(t for t in bucket_lengths(max_len, step) if t >= longest)
+    return rows_per_microbatch(max_len, tokens_per_microbatch), T
+
+
 def plan(lengths, max_len: int, tokens_per_microbatch: int) -> list[list[list[int]]]:
     """First-fit packing from lengths alone: micro-batches -> rows -> positions in `lengths`.
     Each example goes to the first row of the current micro-batch with room, else a new row."""
-    rows_per_batch = max(1, tokens_per_microbatch // max_len)
+    rows_per_batch = rows_per_microbatch(max_len, tokens_per_microbatch)
     batches, rows, fill = [], [], []
     for i, n in enumerate(map(int, lengths)):
         if n > max_len:
@@ -343,10 +371,15 @@ def pack(examples: list[Example], max_len: int, tokens_per_microbatch: int, pad_
     return [collate([[examples[i] for i in row] for row in rows], pad_id, pad_multiple) for rows in batches]
 
 
-def collate(rows: list[list[Example]], pad_id: int = 0, pad_multiple: int = 8) -> Batch:
+def collate(
+    rows: list[list[Example]], pad_id: int = 0, pad_multiple: int = 8, shape: tuple[int, int] | None = None
+) -> Batch:
+    """Rows of examples -> a Batch of shape (len(rows), longest row rounded up to pad_multiple), or
+    exactly `shape` (B, T): B >= len(rows), the extra rows all padding, and T >= the longest row."""
     longest = max([sum(map(len, r)) for r in rows] + [1])
-    T = -(-longest // pad_multiple) * pad_multiple
-    B = len(rows)
+    B, T = shape or (len(rows), -(-longest // pad_multiple) * pad_multiple)
+    if B < len(rows) or T < longest:
+        raise ValueError(f"{len(rows)} rows, the longest {longest} tokens, do not fit in shape {shape}")
     tokens = torch.full((B, T), pad_id, dtype=torch.long)
     positions = torch.zeros((B, T), dtype=torch.long)
     doc = torch.full((B, T), PAD_DOC, dtype=torch.long)

@@ -11,6 +11,7 @@ sharded state in CPU memory (`train.cpu_offload`).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -93,6 +94,8 @@ def parallelize(
     trainable: bool = True,
     shard_degree: int = 0,
     cpu_offload: bool = False,
+    static_shapes: int = 0,
+    compile_backend: str | Callable = "inductor",
 ) -> nn.Module:
     """FSDP2 per block, the reward head, then the root. Parameters stay fp32 (the optimizer's master
     copy) and are gathered in the compute dtype, except the reward head's: fp32 throughout
@@ -100,7 +103,9 @@ def parallelize(
     dtype, no activation checkpointing, no grads, and the root resharded after each forward.
     shard_degree: see `shard_mesh`. cpu_offload: FSDP2's CPUOffloadPolicy, the sharded parameters,
     their gradients and so the optimizer state live in CPU memory and each block is copied to the
-    device for its forward and backward."""
+    device for its forward and backward. compile: torch.compile each block with `compile_backend`;
+    static_shapes: how many (B, T) shapes the micro-batches take (data/loader.py `DataLoader.shapes`),
+    each compiled once with dynamic=False; 0: shapes vary freely, compiled with torch's dynamic default."""
     compute = param_dtype(mixed_precision, d.device)
     mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
     mesh = shard_mesh(d, shard_degree)
@@ -109,6 +114,11 @@ def parallelize(
             "train.cpu_offload moves the sharded state from GPU to CPU memory: it needs CUDA (on the CPU it is there)"
         )
     offload = {"offload_policy": CPUOffloadPolicy()} if cpu_offload else {}
+    if compile and static_shapes:
+        # All blocks share one compiled frame (TransformerBlock.forward), holding a graph per shape and
+        # grad mode (training, evaluation): past the recompile limit (8) a shape would run eagerly.
+        limit = torch._dynamo.config.recompile_limit
+        torch._dynamo.config.recompile_limit = max(limit, 2 * static_shapes)
     if not trainable:  # nothing to update: no fp32 master copy, half the memory in bf16
         model.to(compute)
     for i, block in enumerate(model.layers):
@@ -117,7 +127,7 @@ def parallelize(
 
             block = checkpoint_wrapper(block, preserve_rng_state=False)
         if compile:
-            block.compile()
+            block.compile(backend=compile_backend, dynamic=False if static_shapes else None)
         fully_shard(block, mesh=mesh, mp_policy=mp, **offload)
         model.layers[i] = block
     if hasattr(model, "score"):
@@ -188,9 +198,11 @@ def build_model(
     trainable: bool = True,
     shard_degree: int = 0,
     cpu_offload: bool = False,
+    static_shapes: int = 0,
 ) -> Transformer:
     """Rank 0 reads the full weights (a checkpoint, or a seeded random init) and broadcasts them
-    into a model that every rank built on the meta device and sharded: one full copy, on rank 0."""
+    into a model that every rank built on the meta device and sharded: one full copy, on rank 0.
+    static_shapes: see `parallelize`."""
     if bool(checkpoint) == bool(preset):
         raise ValueError("give exactly one of model.checkpoint and model.preset")
     torch.manual_seed(seed)  # a fresh reward head or a random init: the same on any world size
@@ -206,7 +218,8 @@ def build_model(
     config = config[0]
     with torch.device("meta"):
         model = Transformer(config, head=head)
-    parallelize(model, d, mixed_precision, activation_checkpointing, compile, trainable, shard_degree, cpu_offload)
+    layout = dict(shard_degree=shard_degree, cpu_offload=cpu_offload, static_shapes=static_shapes)
+    parallelize(model, d, mixed_precision, activation_checkpointing, compile, trainable, **layout)
     model.to_empty(device="cpu" if cpu_offload else d.device)
     if d.is_main and trainable:
         print(f"model: {describe_layout(d, shard_degree, cpu_offload)}", flush=True)

@@ -43,10 +43,13 @@ def setup(cfg: Config, kind: str, head: str, **encode_kw) -> Setup:
     tokenizer = model_tokenizer(m.checkpoint, m.preset, m.tokenizer, verbose)
     chat = ChatFormat(tokenizer, resolve_chat_template(m.chat_template, m.checkpoint, verbose))
     run_folder.check_exports(cfg, chat, d.rank, d.world_size)
-    train_loader, eval_loader = build_loaders(cfg.data, kind, chat, d.rank, d.world_size, d.is_main, **encode_kw)
+    buckets = (128 if t.compile else 0) if t.shape_buckets == "auto" else t.shape_buckets  # see TrainSection
+    train_loader, eval_loader = build_loaders(
+        cfg.data, kind, chat, d.rank, d.world_size, d.is_main, buckets, **encode_kw
+    )
     data = {"train": train_loader.fingerprints, "eval": eval_loader.fingerprints if eval_loader else {}}
     run_folder.check_data(cfg, data, resume_from is None, d.rank, d.world_size)
-    layout = {"shard_degree": t.shard_degree, "cpu_offload": t.cpu_offload}
+    layout = {"shard_degree": t.shard_degree, "cpu_offload": t.cpu_offload, "static_shapes": len(train_loader.shapes)}
     model = build_model(
         d, m.checkpoint, m.preset, head, t.seed, t.mixed_precision, t.activation_checkpointing, t.compile, **layout
     )  # fmt: skip
