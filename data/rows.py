@@ -325,14 +325,14 @@ def rows_per_microbatch(max_len: int, tokens_per_microbatch: int) -> int:
 
 
 def bucket_lengths(max_len: int, step: int) -> list[int]:
-    """The row lengths T of static shapes: the multiples of `step` up to 8 * step, then doubling, the
-    last one max_len rounded up to a multiple of step (128, 256, ..., 1024, 2048, 4096 for step 128 and
-    max_len 4096: a micro-batch padded by at most 1/8 below 1024 tokens, at most 2x above)."""
-    top = -(-max_len // step) * step
-    out = list(range(step, min(8 * step, top) + 1, step))
-    while out[-1] < top:
-        out.append(min(2 * out[-1], top))
-    return out
+    """The row lengths T of static shapes: the multiples of `step` up to 8 * step, then doubling, below
+    max_len rounded up to 8 (a full row, the last length). For step 128 and max_len 4096: 128, 256, ...,
+    1024, 2048, 4096; a micro-batch is padded by at most 1/8 up to 1024 tokens, at most 2x above."""
+    top = -(-max_len // 8) * 8
+    out = list(range(step, min(8 * step, top - 1) + 1, step))
+    while out and 2 * out[-1] < top:
+        out.append(2 * out[-1])
+    return out + [top]
 
 
 def static_shape(longest: int, max_len: int, tokens_per_microbatch: int, step: int) -> tuple[int, int]:

@@ -92,8 +92,8 @@ def flex_block_mask(doc: Tensor, branch: Tensor):
     """FlexAttention block mask for the same rule; fully masked tiles are skipped by the kernel.
     Built by a compiled create_block_mask (eager it takes seconds and GiBs at B=8, T=4096), compiled
     with torch's dynamic default: a graph for the first shape, then one with dynamic sizes that the
-    later shapes reuse. Over static shapes (data/rows.py `bucket_lengths`: T in multiples of 128, B
-    fixed) that is two compiles in all, not one per T (tests/test_static_shapes.py)."""
+    later shapes reuse. Over static shapes (B fixed, T in data/rows.py `bucket_lengths`) that is two
+    compiles in all, not one per T (tests/test_static_shapes.py)."""
     global _compiled_flex, _compiled_create_block_mask
 
     def mask_mod(b, h, q, k):

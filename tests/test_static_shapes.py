@@ -59,15 +59,18 @@ def loader(examples, shape_buckets: int, rank: int = 0, world_size: int = 1, **k
     return DataLoader(examples, rank=rank, world_size=world_size, shape_buckets=shape_buckets, **kw)
 
 
-def test_bucket_lengths_are_multiples_of_the_step_then_doubling_up_to_max_len():
+def test_bucket_lengths_are_multiples_of_the_step_then_doubling_up_to_a_full_row():
     assert bucket_lengths(4096, 128) == [128, 256, 384, 512, 640, 768, 896, 1024, 2048, 4096]  # the documented rule
-    for max_len in (100, 128, 129, 1000, 2048, 3000, 8192, 131072):
+    for max_len in (60, 100, 128, 129, 1000, 2048, 3000, 8192, 131072):
         for step in (8, 64, 128):
-            lengths = bucket_lengths(max_len, step)
-            assert all(t % step == 0 for t in lengths) and lengths[0] == step
-            assert lengths[-1] >= max_len > lengths[-1] - step  # max_len rounded up to the step
-            for a, b in zip(lengths, lengths[1:]):
-                assert b - a == step if a < 8 * step else a < b <= 2 * a
+            *below, top = bucket_lengths(max_len, step)
+            assert top == -(-max_len // 8) * 8  # a full row, as without buckets
+            assert all(t % step == 0 for t in below) and below == sorted(set(below)) and all(t < top for t in below)
+            assert below[:1] == ([step] if step < top else [])
+            for a, b in zip(below, below[1:]):
+                assert b == (a + step if a < 8 * step else 2 * a)
+            if below:  # the top is the next length, or closer
+                assert top - below[-1] <= (step if below[-1] < 8 * step else below[-1])
 
 
 @pytest.mark.parametrize("kind, batch_size", [("sft", 6), ("rm", 9)])
@@ -154,15 +157,17 @@ def objective(kind: str, model, reference=None):
 
 def step_loss_and_grads(kind: str, model, step, reference=None):
     """The loop's step (train/loop.py Trainer.train_step): every micro-batch's loss, summed, backward;
-    -> the loss, the summed metric sums, the gradients."""
+    -> the loss, the metric sums over the micro-batches, the gradients."""
     model.zero_grad(set_to_none=True)
     obj, loss, sums = objective(kind, model, reference), 0.0, {}
     for mb in step.micro_batches:
         part, part_sums = obj.loss(mb, step)
         part.backward()
         loss = loss + part.detach()
-        for k, v in part_sums.items():
-            sums[k] = sums.get(k, 0) + v.detach().double()
+        for k, v in part_sums.items():  # summed, or combined by max / min (the ranking loss's reward_max, _min)
+            how = (getattr(obj, "extrema", None) or {}).get(k)
+            v = v.detach().double()
+            sums[k] = v if k not in sums else getattr(torch, how)(sums[k], v) if how else sums[k] + v
     return loss, sums, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
@@ -285,7 +290,7 @@ def test_block_mask_compiles_twice_over_all_buckets(monkeypatch):
 
     torch._dynamo.reset()
     monkeypatch.setattr(llama.model, "_compiled_create_block_mask", torch.compile(create_block_mask, backend=backend))
-    for T in bucket_lengths(1024, 128) + [128, 512]:
+    for T in bucket_lengths(1000, 128) + [128, 512]:
         doc = torch.zeros(2, T, dtype=torch.long)
         doc[:, T // 3 :] = 1
         llama.model.attention_mask(doc, None, flex=True)
