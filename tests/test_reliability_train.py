@@ -90,7 +90,7 @@ def test_a_truncated_checkpoint_falls_back_to_the_previous(tmp_path, one_rank, c
     assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2, 3, 4]
 
 
-def test_a_signal_mid_step_finishes_that_step_saves_it_and_resumes_exactly(tmp_path, one_rank, monkeypatch):
+def test_a_signal_mid_step_saves_the_last_finished_step_and_resumes_exactly(tmp_path, one_rank, monkeypatch):
     import train.sft as sft
 
     args = ["train.steps=5", "data.tokens_per_microbatch=256"]  # several micro-batches per step
@@ -117,8 +117,7 @@ def test_a_signal_mid_step_finishes_that_step_saves_it_and_resumes_exactly(tmp_p
         in_process("sft", sft_argv(tmp_path / "run", *args))
     fresh_group()
     assert stopped.value.code == 128 + signal.SIGTERM
-    # no collective between micro-batches: the signal is read after the step, which is finished and saved
-    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step_00000004"]
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step_00000003"]
     monkeypatch.setattr(lifecycle.Signals, "received", None)
     monkeypatch.setattr(sft, "make_objective", real_make_objective)
     in_process("sft", sft_argv(tmp_path / "run", *args))

@@ -24,6 +24,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from llama import Transformer, get_preset, load_model
 from llama.checkpoint import read_config
 from llama.tokenizer import Tokenizer, resolve_tokenizer
+from train.lifecycle import die_with_parent
 
 
 @dataclass
@@ -40,7 +41,10 @@ class Dist:
 
 
 def init_distributed() -> Dist:
-    """Set up from torchrun's env (RANK, WORLD_SIZE, LOCAL_RANK); a plain `python` run is 1 rank."""
+    """Set up from torchrun's env (RANK, WORLD_SIZE, LOCAL_RANK); a plain `python` run is 1 rank.
+    A torchrun worker asks for SIGTERM when torchrun dies (train/lifecycle.py `die_with_parent`)."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # set by torchrun for its workers
+        die_with_parent()
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
@@ -172,6 +176,17 @@ def all_reduce_sum(values: dict, device, extrema: dict[str, str] | None = None) 
     tensors = {k: torch.as_tensor(v, dtype=torch.float64, device=device) for k, v in values.items()}
     reduced = reduce_on_device(tensors, extrema)
     return dict(zip(reduced, torch.stack(list(reduced.values())).tolist())) if reduced else {}
+
+
+def gather_lists(parts: dict[str, list[torch.Tensor]], d: Dist) -> dict[str, list[float]]:
+    """{name: this rank's 1-D tensors} -> on rank 0, {name: the values of every rank, in rank order}
+    (one gather of Python lists: for eval-time values, not the step's sums); {} on the other ranks."""
+    mine = {k: torch.cat(v).tolist() if v else [] for k, v in parts.items()}
+    if not mine or d.world_size == 1:
+        return mine
+    every = [None] * d.world_size if d.is_main else None
+    dist.gather_object(mine, every, dst=0)
+    return {k: [x for rank in every for x in rank[k]] for k in mine} if d.is_main else {}
 
 
 def model_tokenizer(

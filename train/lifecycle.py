@@ -3,13 +3,20 @@
     main_guard(main)         an entry point's `__main__`: errors before training as one line, a clean end
     with training(): ...     train/loop.py `run`: from here on errors keep their tracebacks, and SIGTERM /
                              SIGINT ask for a stop instead of killing the process
-    stop_requested(device)   whether any rank was signalled (a collective, at the same point on every rank)
+    stop_requested(device)   whether any rank was signalled (a collective, at the same point on every rank):
+                             at the end of an eval step
     Interrupted              raised where a stop was found; the loop saves the last finished step and exits
 
-SIGTERM (a scheduler, torchrun forwarding it) or SIGINT (Ctrl-C): the loop finishes the micro-batch,
-saves, exits with 128 + the signal. torchrun kills workers `--shutdown-timeout` seconds (default 30)
-after forwarding the signal, so the flag is checked between micro-batches, not only between steps.
-A second Ctrl-C stops without saving.
+    StopPoll                 the same between micro-batches, off the device: `poll()` starts a 1-number
+                             all-reduce on a gloo (CPU) group and reads the one started at the previous
+                             poll, so no poll waits on a peer or syncs the GPU
+
+SIGTERM (a scheduler, torchrun forwarding it) or SIGINT (Ctrl-C): the loop finishes the micro-batch
+in progress (and the next one: the poll's lag), drops the step, saves the last finished step, exits
+with 128 + the signal. torchrun kills workers `--shutdown-timeout` seconds (default 30) after
+forwarding the signal, so the flag is polled between micro-batches, not only between steps.
+A second Ctrl-C stops without saving. `die_with_parent`: a torchrun worker gets SIGTERM when
+torchrun itself dies (kill -9 included), instead of training on as an orphan.
 """
 
 from __future__ import annotations
@@ -49,9 +56,65 @@ class Interrupted(Exception):
 
 def stop_requested(device) -> bool:
     """Whether any rank was signalled (a collective: every rank must call it at the same point)."""
-    from train.distributed import all_reduce_sum  # torch: not imported by an entry point's `--help`
+    import torch  # not imported by an entry point's `--help`
+    import torch.distributed as dist
 
-    return all_reduce_sum({"stop": float(Signals.received is not None)}, device)["stop"] > 0
+    flag = torch.tensor([float(Signals.received is not None)], device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag)
+    return bool(flag[0] > 0)
+
+
+class StopPoll:
+    """Whether any rank was signalled, polled between micro-batches without a device sync.
+
+    Each `poll()` starts an all-reduce of this rank's flag on a gloo (CPU) group of its own and
+    returns what the previous poll's all-reduce found (waiting for it: by then every peer has long
+    reached it, since the step's collectives keep them together). Every rank polls the same number
+    of times in the same order, so all see the same answer at the same poll. One rank: no comms."""
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        self.dist, self.pending = dist, None
+        self.several = dist.is_initialized() and dist.get_world_size() > 1
+        self.group = dist.new_group(backend="gloo") if self.several else None  # a collective: every rank
+
+    def poll(self) -> bool:
+        import torch
+
+        if not self.several:
+            return Signals.received is not None
+        found = False
+        if self.pending is not None:
+            work, flag = self.pending
+            work.wait()
+            found = bool(flag[0] > 0)  # a CPU tensor: no device sync
+        flag = torch.tensor([float(Signals.received is not None)])
+        self.pending = (self.dist.all_reduce(flag, group=self.group, async_op=True), flag)
+        return found
+
+    def close(self) -> None:
+        """Finish the poll in flight (before the group or the process goes)."""
+        if self.pending is not None:
+            self.pending[0].wait()
+            self.pending = None
+
+
+def die_with_parent() -> None:
+    """Linux: SIGTERM to this process when its parent dies (prctl PR_SET_PDEATHSIG). torchrun starts
+    its workers in sessions of their own, so a worker outlived a kill -9 of torchrun and trained on
+    as an orphan; now it gets SIGTERM (saves and exits like any signalled run). Elsewhere: nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    PR_SET_PDEATHSIG = 1
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+        return  # not available (a sandbox): the orphan case stays as before
+    if os.getppid() != parent:  # the parent died before the request was in place
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 @contextmanager

@@ -27,9 +27,9 @@ import torch
 from data.loader import DataLoader, Step
 from train import progress, train_state
 from train.config import Config, to_dict
-from train.distributed import Dist, all_reduce_sum, param_dtype, reduce_on_device
+from train.distributed import Dist, all_reduce_sum, gather_lists, param_dtype, reduce_on_device
 from train.entry import Setup
-from train.lifecycle import Interrupted, Signals, stop_requested, training
+from train.lifecycle import Interrupted, Signals, StopPoll, stop_requested, training
 from train.logger import Logger
 
 # Dense (no sparsity) bf16 peak FLOP/s per GPU, for MFU: NVIDIA's datasheets (their sparse figures
@@ -58,6 +58,9 @@ class Objective:
     # {sum name: "max" | "min"}: those of the loss's sums are combined by max / min over micro-batches and
     # ranks (not summed) and logged under their own name; +-inf (a micro-batch with nothing) is not logged
     extrema: dict[str, str] = field(default_factory=dict)
+    # eval only: names of 1-D tensors the loss returns beside its sums (the RM's rewards per pair); `evaluate`
+    # returns them as lists of every micro-batch and rank (on rank 0), which the logger draws as histograms
+    collect: tuple[str, ...] = ()
 
 
 def summarize(objective: Objective, sums: dict[str, float]) -> dict[str, float]:
@@ -202,10 +205,10 @@ def _add(acc: dict, loss, sums: dict, mb, extrema: dict[str, str] | None = None,
 def evaluate(objective: Objective, loader: DataLoader, model, d: Dist) -> dict | None:
     """Every eval example once. The steps carry the whole set's counts, so the summed micro-batch
     losses are the loss of the whole set as one batch; `examples` counts what was evaluated.
-    Raises Interrupted if a signal arrived (checked between eval steps)."""
+    Raises Interrupted if a signal arrived (checked between eval steps). Objective.collect: lists on rank 0."""
     was_training = model.training
     model.eval()
-    acc = {}
+    acc, parts = {}, {name: [] for name in objective.collect}
     with torch.no_grad():
         for step in loader.eval_steps():
             if stop_requested(d.device):
@@ -214,11 +217,13 @@ def evaluate(objective: Objective, loader: DataLoader, model, d: Dist) -> dict |
             for mb in step.micro_batches:
                 mb = mb.to(d.device)
                 loss, sums = objective.loss(mb, step)
+                for name in objective.collect:
+                    parts[name].append(sums.pop(name))
                 _add(acc, loss, sums, mb, objective.extrema, examples=mb.group_uid.new_tensor(mb.group_uid.numel()))
     reduced = all_reduce_sum(acc, d.device, objective.extrema)
     model.train(was_training)
     out = {"loss": reduced["loss"], "examples": int(reduced["examples"]), **summarize(objective, reduced)}
-    return {f"eval/{k}": v for k, v in out.items()}
+    return {f"eval/{k}": v for k, v in (out | gather_lists(parts, d)).items()}
 
 
 @dataclass
@@ -251,6 +256,7 @@ class Trainer:
         )  # fmt: skip
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(o, self.cfg.train.steps))
         self.run_dir = Path(self.cfg.train.run_dir)
+        self.stops = StopPoll()  # the signal flag between micro-batches, off the device
 
     def resume(self, checkpoint: Path | None) -> None:
         if checkpoint is None:
@@ -266,9 +272,10 @@ class Trainer:
         """Forward/backward every micro-batch, then clip, step (or skip a non-finite step), schedule.
         -> the step's metrics on a timed step, {} on the others (their sums stay on the device).
 
-        Host syncs: none per micro-batch (no collective, no `.item()`: a signal is acted on after the
-        step in progress, `self.signalled`); per step, one all-reduce of the step's sums and one read of the
-        stop flag after the update is queued. The non-finite check: with a fused AdamW
+        Host syncs: none per micro-batch (no device collective, no `.item()`; the signal flag is polled
+        on a CPU group, `lifecycle.StopPoll`); per step, one all-reduce of the step's sums (with the
+        flag: a signal during the last micro-batch stops the run after this step) and one read of the
+        flag after the update is queued. The non-finite check: with a fused AdamW
         (`optim.fused`, default on CUDA) the update is skipped on the device (`found_inf`) and the
         skip counters stay there until a timed step; otherwise (CPU) the host decides.
         timed: the step time (tokens/s, MFU) covers this step's GPU work, optimizer included: on CUDA
@@ -282,6 +289,9 @@ class Trainer:
         peak = peak_flops(self.d.device) if timed else None
         acc = {}
         for mb in batch.micro_batches:
+            if self.stops.poll():  # some rank was signalled: this step's gradients are dropped
+                self.optimizer.zero_grad(set_to_none=True)
+                raise Interrupted
             mb = mb.to(self.d.device)
             loss, sums = self.objective.loss(mb, batch)
             loss.backward()  # FSDP sums the ranks' gradients (train/distributed.py)
@@ -397,8 +407,9 @@ def run(setup: Setup, objective: Objective, eval_objective: Objective | None = N
                     logger.log(step, t.evaluate())
                 if every.save_every and step % every.save_every == 0 and step < cfg.train.steps:
                     t.save(step, finished_at)
-                if t.signalled:  # a signal during the step: it finished, so it is saved
+                if t.signalled:  # a signal during the step's last micro-batch: the step finished, so it is saved
                     raise Interrupted
+            t.stops.close()
             done_before = t.start == cfg.train.steps  # a rerun of a finished run (or one killed while exporting)
             if done_before and d.is_main:
                 print(
@@ -415,6 +426,7 @@ def run(setup: Setup, objective: Objective, eval_objective: Objective | None = N
             source = cfg.model.checkpoint  # the export keeps its generation defaults (temperature, top_p, ...)
             train_state.export(model, t.run_dir / "model", d.rank, cfg.train.export_hf, setup.chat, hf_dtype, source)
         except Interrupted:
+            t.stops.close()  # every rank is here (they polled alike): no peer leaves the last poll open
             t.stop(finished, finished_at)
         finally:
             logger.finish()
