@@ -1,8 +1,10 @@
-"""Llama 3 model, tokenizers, chat format, checkpoints and generation."""
+"""Llama 3 model, tokenizers, chat format, checkpoints and generation.
 
-from llama.checkpoint import CheckpointError, load_model, save_checkpoint, save_model
+The model and checkpoint names load on first use (PEP 562): `from llama.chat import ...` or
+`from llama.config import PRESETS` does not import torch, so the CLIs answer `--help` at once."""
+
 from llama.config import PRESETS, ModelConfig, RopeScaling, get_preset
-from llama.model import KVCache, Transformer
+from llama.formats import CheckpointError
 
 __all__ = [
     "PRESETS",
@@ -16,3 +18,15 @@ __all__ = [
     "save_checkpoint",
     "save_model",
 ]
+
+
+def __getattr__(name: str):
+    if name in ("load_model", "save_checkpoint", "save_model"):
+        from llama import checkpoint
+
+        return getattr(checkpoint, name)
+    if name in ("KVCache", "Transformer"):
+        from llama import model
+
+        return getattr(model, name)
+    raise AttributeError(f"module 'llama' has no attribute {name!r}")

@@ -220,13 +220,13 @@ def test_single_process_run_uses_init_distributed_and_tears_the_group_down(tmp_p
     """The one process-group setup (it sets the CUDA device per local rank) serves sample.py too."""
     import torch.distributed as dist
 
-    import train.sample
+    import train.distributed
 
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)  # restored afterwards: init_distributed sets them
     calls = []
-    real = train.sample.init_distributed
-    monkeypatch.setattr(train.sample, "init_distributed", lambda: calls.append(1) or real())
+    real = train.distributed.init_distributed  # sample.py imports it when it runs (not at import: --help)
+    monkeypatch.setattr(train.distributed, "init_distributed", lambda: calls.append(1) or real())
     save_model(random_model(get_preset("debug")), tmp_path / "policy")
     save_model(random_model(get_preset("debug"), head="reward"), tmp_path / "rm")
     argv = ["--policy", str(tmp_path / "policy"), "--rm", str(tmp_path / "rm"), "--prompts", str(_prompts(tmp_path))]

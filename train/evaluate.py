@@ -28,31 +28,15 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
-import torch.distributed as dist
-
-from data.loader import load_examples, read_records
-from data.rows import pack
+from data.records import read_records
 from data.schema import Drop, ValidationError, parse_preference
-from llama import load_model
 from llama.chat import TEMPLATES, ChatFormat, resolve_chat_template
-from llama.checkpoint import read_config
-from llama.generate import decode_sample, generate
 from llama.tokenizer import resolve_tokenizer
 from train import progress
-from train.distributed import all_reduce_sum, init_distributed
-from train.sample import (
-    HelpFormatter,
-    _at_least,
-    check_checkpoints,
-    json_object,
-    make_task,
-    rank_seed,
-    read_prompts,
-    score,
-    write_text,
-)
-from train.targets import model_logps
+from train.cli import HelpFormatter, at_least, json_object
+from train.sample import check_checkpoints, make_task, rank_seed, read_prompts, score, write_text
+
+# torch-heavy modules are imported in the functions that use them: `--help` and argument errors answer at once.
 
 
 def read_pairs(path) -> tuple[list[list[dict]], list[list[str]], int]:
@@ -75,10 +59,11 @@ def read_pairs(path) -> tuple[list[list[dict]], list[list[str]], int]:
     return prompts, texts, tied
 
 
-@torch.no_grad()
 def task_sums(model, chat: ChatFormat, records, verify, max_new_tokens: int, generator, done) -> tuple[dict, list]:
     """The verifier's score sums and counts over greedy (1 sample) and sampled (4, temperature 1) samples of
     `records` -> (sums, the sampled samples' texts per record)."""
+    from llama.generate import decode_sample, generate
+
     ids = [chat.encode_dialog(r["messages"], add_generation_prompt=True).tokens for r in records]
     tok, out, texts = chat.tokenizer, {}, []
     for key, n, temp in (("task_accuracy", 1, 0.0), ("task_accuracy_sampled", 4, 1.0)):
@@ -92,9 +77,10 @@ def task_sums(model, chat: ChatFormat, records, verify, max_new_tokens: int, gen
     return out, texts
 
 
-@torch.no_grad()
 def sampled_texts(model, chat: ChatFormat, records, k: int, max_new_tokens: int, generator) -> list[list[str]]:
     """K samples per record at temperature 1, decoded."""
+    from llama.generate import decode_sample, generate
+
     if not records:
         return []
     tok = chat.tokenizer
@@ -103,12 +89,17 @@ def sampled_texts(model, chat: ChatFormat, records, k: int, max_new_tokens: int,
     return [[decode_sample(tok, s) for s in ss] for ss in samples]
 
 
-@torch.no_grad()
 def nll_sums(model, examples, max_len: int, pad_id: int) -> tuple[float, int]:
     """(sum of -log p over the examples' target tokens in float64, number of target tokens)."""
+    import torch
+
+    from data.rows import pack
+    from train.targets import model_logps
+
     device, total, n = model.tok_embeddings.weight.device, 0.0, 0
     for batch in pack(examples, max_len, 4 * max_len, pad_id):
-        logps = model_logps(model, batch.to(device))
+        with torch.no_grad():
+            logps = model_logps(model, batch.to(device))
         total, n = total - logps.double().sum().item(), n + logps.numel()
     return total, n
 
@@ -122,13 +113,13 @@ def parse_args(argv=None):
     ap.add_argument("--prompts", help="held-out prompt records (with --verifier and/or --rm)")
     ap.add_argument("--verifier", metavar="TASK", help="task accuracy by this task's verifier (data/tasks)")
     ap.add_argument("--task-args", type=json_object, metavar="JSON", help="the task's arguments, e.g. '{}'")
-    ap.add_argument("--max-new-tokens", type=_at_least(1), default=8, help="generated tokens per prompt at most")
+    ap.add_argument("--max-new-tokens", type=at_least(1), default=8, help="generated tokens per prompt at most")
     ap.add_argument("--seed", type=int, default=0, help="rank r samples with seed + 1000003 * r (rank 0: the seed)")
     ap.add_argument("--pairs", help="held-out preference records: rm_accuracy of the (reward) model")
     ap.add_argument("--nll", help="held-out SFT records: nll per target token")
-    ap.add_argument("--max-len", type=_at_least(2), default=4096, help="of --nll records (and RM rows)")
+    ap.add_argument("--max-len", type=at_least(2), default=4096, help="of --nll records (and RM rows)")
     ap.add_argument("--rm", help="reward model: rm_score, its mean score of the model's samples of --prompts")
-    ap.add_argument("--k", type=_at_least(1), default=4, help="samples per prompt of rm_score")
+    ap.add_argument("--k", type=at_least(1), default=4, help="samples per prompt of rm_score")
     args = ap.parse_args(argv)
     if (args.verifier or args.rm) and not args.prompts:
         ap.error("--verifier and --rm score samples of held-out prompts: give --prompts")
@@ -143,6 +134,12 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    import torch.distributed as dist
+
+    from data.loader import load_examples
+    from llama.checkpoint import read_config
+    from train.distributed import init_distributed
+
     try:
         config, head, _ = read_config(args.model)
         tokenizer = resolve_tokenizer(args.tokenizer, args.model, config.vocab_size)
@@ -191,6 +188,11 @@ def main(argv=None):
 
 def evaluate(args, d, chat: ChatFormat, verify, records, pairs, examples) -> dict:
     """This rank's share of every metric asked for, summed over ranks -> the metrics and their counts."""
+    import torch
+
+    from llama.checkpoint import load_model
+    from train.distributed import all_reduce_sum
+
     dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
     share = slice(d.rank, None, d.world_size)
     reuse = verify is not None and args.k == 4  # rm_score's samples are task_accuracy_sampled's

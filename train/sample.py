@@ -31,7 +31,10 @@ Engines (`--engine`): "native" (default) samples with llama/generate.py on every
 samples with vLLM (PagedAttention, continuous batching; `pip install vllm`, needs a CUDA GPU): the
 engine to use at 8B+ scale. Run it as one process (`python train/sample.py ... --engine vllm`, vLLM
 spreads over `--tensor-parallel` GPUs itself); prompts are rendered to token ids here and the samples
-mapped back to the same records and fields, scored by the reward model(s) as with the native engine.
+mapped back to the same records and fields, scored by the reward model(s) as with the native engine once
+vLLM has freed the GPU (its memory options: train/vllm_engine.py). Native memory: a generate call takes
+--batch-size prompts, its KV cache (printed before sampling) --batch-size x --k rows of (longest prompt +
+--max-new-tokens) slots; the policy is freed before the reward models load. --compile: llama/generate.py.
 """
 
 from __future__ import annotations
@@ -45,26 +48,19 @@ import sys
 import tempfile
 from collections import Counter
 
-import torch
-import torch.distributed as dist
-
 from data.annotators import file_annotator, preference_pair, verifier_annotator
 from data.clean import CleanRules
 from data.drops import drop_reason, drop_report, split_outputs
 from data.io import write_jsonl, write_text
-from data.loader import read_records
-from data.rows import build_group, encode_response, pack
+from data.records import read_records
 from data.schema import ValidationError, parse_prompt
-from llama import load_model
 from llama.chat import TEMPLATES, ChatFormat, resolve_chat_template
-from llama.checkpoint import read_config
-from llama.generate import decode_sample, generate
-from llama.model import attention_mask
 from llama.tokenizer import resolve_tokenizer
 from train import progress
-from train.distributed import Dist, init_distributed
-from train.targets import scores as scores_of
-from train.vllm_engine import vllm_engine
+from train.cli import HelpFormatter, at_least, json_object
+from train.vllm_engine import add_vllm_args, max_model_len, vllm_engine
+
+# torch-heavy modules are imported in the functions that use them: `--help` and argument errors answer at once.
 
 
 def read_prompts(path) -> list[dict]:
@@ -82,24 +78,27 @@ def read_prompts(path) -> list[dict]:
     return out
 
 
-@torch.no_grad()
 def sample(
-    policy, chat: ChatFormat, prompts: list[list[dict]], k: int, max_new_tokens: int, batch: int = 64, done=None, **kw
-):
+    policy, chat: ChatFormat, prompts: list[list[dict]], k: int, max_new_tokens: int, batch_size: int = 64,
+    done=None, compile: bool = False, **kw,
+):  # fmt: skip
     """-> texts[p][j], finished[p][j]: K decoded samples per prompt and whether each hit a stop token.
-    `policy`: the model (native engine), or an engine object with `sample_ids` (VLLMEngine).
-    `done(n)`: called with the number of prompts sampled so far after each batch (progress)."""
+    `policy`: the model (native engine: `batch_size` prompts per generate call, `compile` its decode step), or
+    an engine object with `sample_ids` (VLLMEngine). `done(n)`: called with the number of prompts sampled so
+    far after each batch (progress)."""
+    from llama.generate import decode_sample, generate
+
     tok = chat.tokenizer
     texts, finished = [], []
     engine = getattr(policy, "sample_ids", None)
     if engine is not None:  # the engine batches on its own: all prompts at once
-        batch = max(len(prompts), 1)
-    for start in range(0, len(prompts), batch):
-        ids = [chat.encode_dialog(m, add_generation_prompt=True).tokens for m in prompts[start : start + batch]]
+        batch_size = max(len(prompts), 1)
+    for start in range(0, len(prompts), batch_size):
+        ids = [chat.encode_dialog(m, add_generation_prompt=True).tokens for m in prompts[start : start + batch_size]]
         if engine is not None:
             out = engine(ids, k, max_new_tokens, tok.stop_ids, **kw)
         else:
-            out = generate(policy, ids, k, max_new_tokens, tok.stop_ids, pad_id=tok.pad_id, **kw)
+            out = generate(policy, ids, k, max_new_tokens, tok.stop_ids, pad_id=tok.pad_id, compile=compile, **kw)
         for samples in out:
             texts.append([decode_sample(tok, s) for s in samples])
             finished.append([bool(s) and s[-1] in tok.stop_ids for s in samples])
@@ -108,9 +107,14 @@ def sample(
     return texts, finished
 
 
-@torch.no_grad()
 def score(rm, chat: ChatFormat, prompts: list[list[dict]], responses: list[list[str]], max_len: int = 4096):
     """Reward of every response: -> scores[p][j]. Responses of a prompt share one row (split if long)."""
+    import torch
+
+    from data.rows import build_group, encode_response, pack
+    from llama.model import attention_mask
+    from train.targets import scores as scores_of
+
     examples, where = [], []  # where[e] = (prompt index, response indices)
     for p, (messages, texts) in enumerate(zip(prompts, responses)):
         prompt = chat.encode_dialog(messages, add_generation_prompt=True)
@@ -134,7 +138,8 @@ def score(rm, chat: ChatFormat, prompts: list[list[dict]], responses: list[list[
     for batch in pack(examples, max_len, 4 * max_len, chat.tokenizer.pad_id):
         b = batch.to(device)
         mask = attention_mask(b.doc_ids, b.branch_ids)
-        rewards = scores_of(rm(b.tokens, b.positions, mask=mask), b).tolist()  # fp32: no bf16 ties
+        with torch.no_grad():
+            rewards = scores_of(rm(b.tokens, b.positions, mask=mask), b).tolist()  # fp32: no bf16 ties
         for reward, group, rank in zip(rewards, b.seq_group.tolist(), b.seq_rank.tolist()):
             p, idx = where[b.group_uid[group]]
             scores[p][idx[rank]] = reward
@@ -162,15 +167,26 @@ def rejection_sample(records, *args, dedup: bool = False, **kw):
 def sample_records(
     records, policy, rm, chat, k, max_new_tokens, generator, temperature=1.0, top_p=1.0, top_k=0,
     safety_rm=None, annotate=None, max_chars=None, max_len=4096, clean: CleanRules | None = None, done=None,
+    batch_size: int = 64, compile: bool = False,
 ) -> list[tuple[dict | None, dict | None, dict, Counter]]:  # fmt: skip
-    """-> per record: (its SFT record or None, its preference pair or None, its set to annotate, what was
-    dropped: {DROPS key: count}, every sample and every missing SFT record or pair counted once).
-    `clean`: the cleaning rules (data/clean.py), applied to every sample; `done`: progress, as `sample`'s."""
-    prompts = [r["messages"] for r in records]
+    """`sample` then `select_samples` (arguments as theirs) -> per record: (its SFT record or None, its
+    preference pair or None, its set to annotate, what was dropped: {DROPS key: count})."""
     texts, finished = sample(
-        policy, chat, prompts, k, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-        generator=generator, **({"done": done} if done is not None else {}),
+        policy, chat, [r["messages"] for r in records], k, max_new_tokens, batch_size, temperature=temperature,
+        top_p=top_p, top_k=top_k, generator=generator, compile=compile, **({"done": done} if done else {}),
     )  # fmt: skip
+    return select_samples(records, texts, finished, rm, chat, k, safety_rm, annotate, max_chars, max_len, clean)
+
+
+def select_samples(
+    records, texts, finished, rm, chat, k, safety_rm=None, annotate=None, max_chars=None, max_len=4096,
+    clean: CleanRules | None = None,
+) -> list[tuple[dict | None, dict | None, dict, Counter]]:  # fmt: skip
+    """Each record's K samples (texts[p][j], finished[p][j]: `sample`'s) scored by the reward model(s) ->
+    per record: (its SFT record or None, its preference pair or None, its set to annotate, what was dropped:
+    {DROPS key: count}, every sample and every missing SFT record or pair counted once).
+    `clean`: the cleaning rules (data/clean.py), applied to every sample."""
+    prompts = [r["messages"] for r in records]
     helpful = score(rm, chat, prompts, texts, max_len) if rm is not None else [[0.0] * k for _ in prompts]
     if safety_rm is not None:
         safety = score(safety_rm, chat, prompts, texts, max_len)
@@ -226,17 +242,6 @@ def make_task(spec: str, args: dict | None, where: str = "--task-args"):
     return load_task(spec, args)
 
 
-def json_object(text: str) -> dict:
-    """An argparse type: a JSON object (--task-args)."""
-    try:
-        value = json.loads(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text!r}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"must be a JSON object such as '{{\"max_digits\": 1}}', got {text!r}")
-    return value
-
-
 def _annotator(spec: str | None, task_args: dict | None = None):
     if spec is None or spec == "rm":
         return None
@@ -248,22 +253,11 @@ def _annotator(spec: str | None, task_args: dict | None = None):
     raise ValueError(f"--annotate must be rm, verifier:TASK (e.g. verifier:arithmetic) or file:PATH, got {spec!r}")
 
 
-def _at_least(low, kind=int):
-    """An argparse type: a number >= low."""
-
-    def parse(text):
-        value = kind(text)
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
-        return value
-
-    parse.__name__ = kind.__name__  # argparse names the type in its "invalid int value" message
-    return parse
-
-
 def check_checkpoints(args, vocab_size: int) -> None:
     """Fail before any work: a reward model must have its trained head (an LM checkpoint would get a
     freshly initialized one: random scores), and must know all the tokenizer's ids."""
+    from llama.checkpoint import read_config
+
     for flag, path in (("--rm", args.rm), ("--safety-rm", args.safety_rm)):
         if not path:
             continue
@@ -277,16 +271,6 @@ def check_checkpoints(args, vocab_size: int) -> None:
             raise SystemExit(f"{flag} {path}: the model has {config.vocab_size} ids, the tokenizer {vocab_size}")
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """`--help` with the module docstring as written and every option's default (`(default: 16)`), where it has one."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if action.default is not None and action.default is not False and action.default is not argparse.SUPPRESS:
-            text += "" if "%(default)" in text else " (default: %(default)s)"
-        return text.strip()
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--policy", required=True)
@@ -295,12 +279,12 @@ def main(argv=None):
     ap.add_argument("--prompts", required=True)
     ap.add_argument("--tokenizer", help="file or model folder; default: the policy folder's, else the byte tokenizer")
     ap.add_argument("--chat-template", choices=TEMPLATES, help="default: the policy folder's, else llama3")
-    ap.add_argument("--k", type=_at_least(1), default=16, help="samples per prompt")
-    ap.add_argument("--max-new-tokens", type=_at_least(1), default=256, help="generated tokens per sample at most")
-    ap.add_argument("--temperature", type=_at_least(0.0, float), default=1.0, help="0: greedy")
+    ap.add_argument("--k", type=at_least(1), default=16, help="samples per prompt")
+    ap.add_argument("--max-new-tokens", type=at_least(1), default=256, help="generated tokens per sample at most")
+    ap.add_argument("--temperature", type=at_least(0.0, float), default=1.0, help="0: greedy")
     ap.add_argument("--top-p", type=float, default=1.0, help="in (0, 1]; 1: off")
-    ap.add_argument("--top-k", type=_at_least(0), default=0, help="0: off")
-    ap.add_argument("--max-chars", type=_at_least(1))
+    ap.add_argument("--top-k", type=at_least(0), default=0, help="0: off")
+    ap.add_argument("--max-chars", type=at_least(1))
     ap.add_argument("--annotate", help="rm (default) | verifier:TASK (data/tasks, e.g. arithmetic) | file:labels.jsonl")
     ap.add_argument(
         "--task-args", type=json_object, metavar="JSON",
@@ -311,7 +295,8 @@ def main(argv=None):
         "--engine", choices=("native", "vllm"), default="native",
         help="native: llama/generate.py; vllm: vLLM on CUDA GPUs (pip install vllm), the engine for 8B+ models",
     )  # fmt: skip
-    ap.add_argument("--tensor-parallel", type=_at_least(1), default=1, help="GPUs per vLLM engine (--engine vllm)")
+    ap.add_argument("--batch-size", type=at_least(1), default=64, help="prompts per generate call (native engine)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the decode step (native engine)")
     ap.add_argument("--out-sft")
     ap.add_argument("--out-pairs")
     ap.add_argument("--out-sets")
@@ -322,15 +307,16 @@ def main(argv=None):
         "--max-repeat", type=float, metavar="FRACTION",
         help="drop a sample in which repeated word n-grams cover more than FRACTION of its words",
     )  # fmt: skip
-    clean.add_argument("--repeat-ngram", type=_at_least(1), default=3, metavar="N", help="n of --max-repeat")
+    clean.add_argument("--repeat-ngram", type=at_least(1), default=3, metavar="N", help="n of --max-repeat")
     clean.add_argument(
         "--ban-phrase", action="append", default=[], metavar="TEXT",
         help="drop a sample containing TEXT (case-insensitive); repeatable",
     )  # fmt: skip
-    clean.add_argument("--max-emoji", type=_at_least(0), metavar="N", help="drop a sample with more than N emoji")
+    clean.add_argument("--max-emoji", type=at_least(0), metavar="N", help="drop a sample with more than N emoji")
     clean.add_argument(
-        "--max-exclamation", type=_at_least(0), metavar="N", help="drop a sample with more than N exclamation marks"
+        "--max-exclamation", type=at_least(0), metavar="N", help="drop a sample with more than N exclamation marks"
     )
+    add_vllm_args(ap)
     args = ap.parse_args(argv)
     if not 0 < args.top_p <= 1:
         ap.error(f"argument --top-p: must be in (0, 1], got {args.top_p}")
@@ -340,12 +326,20 @@ def main(argv=None):
         ap.error("argument --ban-phrase: an empty phrase would ban every sample")
     if args.task_args is not None and not (args.annotate or "").startswith("verifier:"):
         ap.error("argument --task-args: the arguments of --annotate verifier:TASK's task; give that too")
+    for flag in ("vllm_max_model_len", "vllm_seed_per_request") if args.engine == "native" else ("compile",):
+        if getattr(args, flag) not in (None, False):
+            ap.error(f"argument --{flag.replace('_', '-')}: not an option of --engine {args.engine}")
     args.clean = CleanRules(
         args.max_repeat, args.repeat_ngram, tuple(args.ban_phrase), args.max_emoji, args.max_exclamation
     )
 
+    import torch
+
+    from llama.checkpoint import read_config
+
     try:  # --tokenizer, else the policy folder's, else the byte tokenizer if the vocabularies match
-        tokenizer = resolve_tokenizer(args.tokenizer, args.policy, read_config(args.policy)[0].vocab_size)
+        config = read_config(args.policy)[0]
+        tokenizer = resolve_tokenizer(args.tokenizer, args.policy, config.vocab_size)
         chat = ChatFormat(tokenizer, resolve_chat_template(args.chat_template, args.policy))
     except (ValueError, OSError) as e:
         raise SystemExit(f"--policy {args.policy}: {e}") from None
@@ -358,11 +352,26 @@ def main(argv=None):
     if args.engine == "vllm":
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise SystemExit("error: run --engine vllm as one process (python, not torchrun): vLLM uses GPUs itself")
+        from train.distributed import Dist
+
+        longest = max((len(chat.encode_dialog(r["messages"], add_generation_prompt=True)) for r in records), default=0)
+        try:
+            model_len = max_model_len(longest, args.max_new_tokens, config.max_seq_len, args.vllm_max_model_len)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+        print(f"vLLM: max_model_len {model_len}, gpu_memory_utilization {args.vllm_gpu_memory_utilization}", flush=True)
         with tempfile.TemporaryDirectory(prefix="vllm_policy_") as export_dir:
-            engine = vllm_engine(args.policy, chat, args.seed, args.tensor_parallel, export_dir)
+            engine = vllm_engine(
+                args.policy, chat, args.seed, args.tensor_parallel, export_dir, model_len,
+                args.vllm_gpu_memory_utilization, args.vllm_seed_per_request,
+            )  # fmt: skip
             # one process, no process group: vLLM sets up its own workers
             sample_and_write(args, Dist(0, 1, 0, torch.device("cuda"), None), chat, records, annotate, engine)
         return
+    import torch.distributed as dist
+
+    from train.distributed import init_distributed
+
     d = init_distributed()  # one process per GPU (cuda:LOCAL_RANK); a plain `python` run is 1 rank
     try:
         sample_and_write(args, d, chat, records, annotate)
@@ -372,23 +381,40 @@ def main(argv=None):
 
 
 def sample_and_write(args, d, chat: ChatFormat, records: list[dict], annotate, engine=None) -> None:
-    """`engine`: a VLLMEngine to sample with instead of loading the policy here."""
+    """`engine`: a VLLMEngine to sample with instead of loading the policy here. The reward models are loaded
+    once the samples are drawn and the policy is freed (the engine closed: vLLM's GPU memory given back)."""
+    import torch
+    import torch.distributed as dist
+
+    from llama.checkpoint import load_model
+    from llama.generate import kv_cache_report
+
     dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
     policy = engine if engine is not None else load_model(args.policy, head="lm", dtype=dtype, device=d.device).eval()
-    rm = load_model(args.rm, head="reward", dtype=dtype, device=d.device).eval() if args.rm else None
-    safety = load_model(args.safety_rm, head="reward", dtype=dtype, device=d.device).eval() if args.safety_rm else None
     # rank 0 draws from the seed itself: a 1-rank job samples what an in-process call seeded so does
     generator = torch.Generator(d.device).manual_seed(rank_seed(args.seed, d.rank))
-    total = len(records)
+    mine, total = records[d.rank :: d.world_size], len(records)
+    if engine is None and d.is_main and mine:  # rank 0's share: the ranks' shares differ by a prompt at most
+        lens = [len(chat.encode_dialog(r["messages"], add_generation_prompt=True)) for r in mine]
+        report = kv_cache_report(policy.config, dtype, lens, args.max_new_tokens, args.k, args.batch_size, args.compile)
+        print(report, flush=True)
 
     def done(n):  # rank 0's prompts done, scaled to the whole set (the ranks go at about the same pace)
         progress.report(min(total, n * d.world_size), total, "prompts")
 
     progress.report(0, total, "prompts")
-    out = sample_records(
-        records[d.rank :: d.world_size], policy, rm, chat, args.k, args.max_new_tokens, generator, args.temperature,
-        args.top_p, args.top_k, safety, annotate, args.max_chars, clean=args.clean, done=done,
+    texts, finished = sample(
+        policy, chat, [r["messages"] for r in mine], args.k, args.max_new_tokens, args.batch_size, done, args.compile,
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, generator=generator,
     )  # fmt: skip
+    if engine is not None:
+        engine.close()
+    del policy  # the reward models take its place
+    rm, safety = (
+        load_model(path, head="reward", dtype=dtype, device=d.device).eval() if path else None
+        for path in (args.rm, args.safety_rm)
+    )
+    out = select_samples(mine, texts, finished, rm, chat, args.k, safety, annotate, args.max_chars, clean=args.clean)
     gathered = [out]
     if d.world_size > 1:
         gathered = [None] * d.world_size
