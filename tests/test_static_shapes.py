@@ -6,6 +6,7 @@ shape, at the first micro-batch of that shape, and none with dynamic sizes.
 """
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -260,9 +261,11 @@ def compiled_run(shape_buckets: int, steps: int = 20):
     return shapes, made, graphs
 
 
-def test_compiled_blocks_make_one_static_graph_per_shape_at_its_first_micro_batch(one_rank):
+def test_compiled_blocks_make_one_static_graph_per_shape_at_its_first_micro_batch(one_rank, monkeypatch):
     """20 steps on examples of 3..250 tokens: a graph per (B, T) seen, shared by the blocks, made at
-    the first micro-batch of that shape and never again; every size in it a number, none symbolic."""
+    the first micro-batch of that shape and never again; every size in it a number, none symbolic.
+    The recompile limit, lowered here to 1, is raised to hold every shape (none runs eagerly)."""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     shapes, made, graphs = compiled_run(shape_buckets=64)
     distinct = list(dict.fromkeys(shapes))  # in order of first appearance
     assert len(distinct) >= 3 and all(T in bucket_lengths(256, 64) for _, T in distinct)
@@ -296,3 +299,37 @@ def test_block_mask_compiles_twice_over_all_buckets(monkeypatch):
         llama.model.attention_mask(doc, None, flex=True)
     torch._dynamo.reset()
     assert len(frames) == 2
+
+
+def test_a_compiled_run_from_its_config_pads_to_static_shapes(tmp_path, one_rank, monkeypatch, capsys):
+    """train.compile with train.shape_buckets auto, through the entry point and the loop: the loaders
+    bucket, the blocks are compiled static, a graph for training and one for evaluation per shape."""
+    import functools
+
+    from train import distributed, loop
+    from train.sft import main
+
+    graphs, shapes = [], set()
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    real_step = loop.Trainer.train_step
+
+    def train_step(self, batch, step, timed=None):
+        shapes.update(tuple(mb.tokens.shape) for mb in batch.micro_batches)
+        return real_step(self, batch, step, timed)
+
+    monkeypatch.setattr(distributed, "parallelize", functools.partial(distributed.parallelize, compile_backend=backend))
+    monkeypatch.setattr(loop.Trainer, "train_step", train_step)
+    torch._dynamo.reset()
+    quick = Path(__file__).parent.parent / "experiments" / "quickstart"
+    evaluation = tmp_path / "eval.jsonl"  # a few of the eval examples: the eval graph, not the eval time
+    evaluation.write_text("".join((quick / "data" / "sft_eval.jsonl").read_text().splitlines(True)[:8]))
+    argv = ["--config", str(quick / "sft.yaml"), f"train.run_dir={tmp_path / 'run'}", "logging.progress=false"]
+    argv += [f"data.eval={evaluation}", "data.cache=false", "data.tokens_per_microbatch=256", "train.save_every=0"]
+    main([*argv, "train.steps=3", "train.compile=true"])
+    torch._dynamo.reset()
+    assert "static shapes: micro-batches of 4 rows x T tokens, T in [64]" in capsys.readouterr().out
+    assert shapes == {(4, 64)} and len(graphs) == 2  # training, evaluation (no grad)
