@@ -20,6 +20,11 @@ micro-batch on every rank), so accumulation and world size do not change the los
 alpha = 0.2 by default (Llama 3); alpha and the format mask apply to every loss (the papers'
 versions: alpha 0, no mask).
 
+Logged beside it (no gradient), as TRL's DPO trainer does, over the tokens of the DPO sums:
+`logits/chosen`, `logits/rejected`, the policy's logits averaged over those tokens and the vocabulary,
+and `token_accuracy` (TRL's mean_token_accuracy), the fraction of the chosen ones whose logit is the
+largest of the vocabulary (a tie counts; kernels `TokenStats`). The caller passes per-pair sums.
+
 A new loss: a function of h with the signature below, its entry in LOSSES, its name in
 train/dpo.py's `DPOSection.loss`, a float64 test (tests/test_loss_family.py).
 """
@@ -83,6 +88,9 @@ RATIOS = {
     **{k: (k, "pairs") for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")},
     **{k: (k, "pairs") for k in ("logps/chosen", "logps/rejected")},
     "nll": ("nll", "nll_terms"),
+    "logits/chosen": ("logits/chosen", "chosen_tokens"),
+    "logits/rejected": ("logits/rejected", "rejected_tokens"),
+    "token_accuracy": ("argmax_tokens", "chosen_tokens"),
 }
 
 
@@ -104,10 +112,16 @@ def dpo_loss(
     label_smoothing: float = 0.0,
     gamma: float = 0.5,
     nll_norm: str = "sequence",
+    chosen_mean_logits: Tensor | None = None,
+    rejected_mean_logits: Tensor | None = None,
+    chosen_argmax_tokens: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Per pair (P,): policy_* / reference_* log-prob sums (reference None: a reference-free loss),
     chosen_tokens / rejected_tokens the tokens in those sums, chosen_nll = -sum log pi over every
-    chosen token and chosen_nll_tokens their count. num_pairs, num_chosen_tokens: the whole step's."""
+    chosen token and chosen_nll_tokens their count. num_pairs, num_chosen_tokens: the whole step's.
+    Metrics only, per pair (P,) over the tokens of the sums (None: not in `sums`): *_mean_logits, each
+    token's mean logit over the vocabulary, summed; chosen_argmax_tokens, the chosen tokens that are
+    their row's argmax."""
     spec = LOSSES[loss]
     if spec.reference and reference_chosen is None:
         raise ValueError(f"loss {loss!r} needs the reference log-probs")
@@ -140,5 +154,11 @@ def dpo_loss(
         "logps/rejected": policy_rejected.detach().sum(),
         "nll": nll.detach().sum(),
         "nll_terms": nll_terms,
+        "chosen_tokens": chosen_tokens.sum(),
+        "rejected_tokens": rejected_tokens.sum(),
     }
+    for name, value in (("logits/chosen", chosen_mean_logits), ("logits/rejected", rejected_mean_logits),
+                        ("argmax_tokens", chosen_argmax_tokens)):  # fmt: skip
+        if value is not None:
+            sums[name] = value.detach().sum()
     return total, sums

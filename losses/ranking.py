@@ -10,6 +10,10 @@ passed in (the whole step's count) so accumulation and world size do not change 
 mean-zero rewards, TRL's `center_rewards_coefficient` (0.01 recommended there), over the same pairs:
 
     L += c * (1 / |pairs|) * sum_{(i, j)} (r_i + r_j)^2
+
+Logged beside the ratios: `reward_max` and `reward_min` (TRL's max_reward, min_reward), the largest and
+smallest reward of the step's sequences, combined over micro-batches and ranks by max / min (EXTREMA;
+a micro-batch without sequences gives -inf / +inf, so it changes neither).
 """
 
 from __future__ import annotations
@@ -30,6 +34,10 @@ RATIOS = {
     "reward_mean": ("reward", "seqs"),
     "reward_sq_mean": ("reward_sq", "seqs"),
 }
+
+
+# sum name -> how the loop combines it over micro-batches and ranks (train/loop.py Objective.extrema)
+EXTREMA = {"reward_max": "max", "reward_min": "min"}
 
 
 def ranked_pairs(group: Tensor, rank: Tensor) -> tuple[Tensor, Tensor]:
@@ -63,6 +71,8 @@ def ranking_loss(
     sums = {
         "pairs": d.new_tensor(len(d)), "correct": (d > 0).sum().to(d.dtype), "margin": d.sum(),
         "seqs": r.new_tensor(len(r)), "reward": r.sum(), "reward_sq": (r * r).sum(),
+        "reward_max": r.max() if len(r) else r.new_tensor(float("-inf")),
+        "reward_min": r.min() if len(r) else r.new_tensor(float("inf")),
     }  # fmt: skip
     if class_names:
         pair_class = group_class[group[i]]  # (P,)

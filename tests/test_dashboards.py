@@ -61,7 +61,8 @@ def logger(tmp_path, kind, resume_step=None, **logging):
 
 DPO_STEP = {
     "loss": 0.69, "rewards/chosen": 0.1, "rewards/rejected": -0.1, "rewards/margins": 0.2, "rewards/accuracies": 0.5,
-    "logps/chosen": -10.0, "logps/rejected": -12.0, "nll": 1.5, "grad_norm": 1.0, "lr": 1e-4, "tokens": 100,
+    "logps/chosen": -10.0, "logps/rejected": -12.0, "logits/chosen": -0.3, "logits/rejected": -0.4,
+    "token_accuracy": 0.4, "nll": 1.5, "grad_norm": 1.0, "lr": 1e-4, "tokens": 100,
     "tokens_per_s": 1000.0, "tokens_per_s_per_gpu": 500.0, "peak_memory_gib": 0.0, "skipped_steps": 0,
 }  # fmt: skip
 
@@ -85,7 +86,8 @@ def test_stage_runs_log_train_and_eval_namespaces_with_trls_names(tmp_path, wand
     (s1, first), (_, second), (s3, ev) = run.logged
     assert set(first) == {
         "train/loss", "train/rewards/chosen", "train/rewards/rejected", "train/rewards/margins",
-        "train/rewards/accuracies", "train/logps/chosen", "train/logps/rejected", "train/nll_loss",
+        "train/rewards/accuracies", "train/logps/chosen", "train/logps/rejected", "train/logits/chosen",
+        "train/logits/rejected", "train/mean_token_accuracy", "train/nll_loss",
         "train/grad_norm", "train/learning_rate", "train/tokens", "train/tokens_per_s", "train/tokens_per_s_per_gpu",
         "train/peak_memory_gib", "train/skipped_steps", "train/global_step", "train/num_tokens",
     }  # fmt: skip
@@ -107,19 +109,54 @@ def test_stage_runs_log_train_and_eval_namespaces_with_trls_names(tmp_path, wand
 def test_rm_and_sft_names(tmp_path, wandb):
     rm = logger(tmp_path / "rm", "rm")
     rm.log(1, {"loss": 0.5, "accuracy": 0.75, "accuracy/better": 1.0, "margin_mean": 0.3, "reward_mean": 0.1,
-               "reward_std": 0.2, "lr": 1e-5, "tokens": 10})  # fmt: skip
+               "reward_std": 0.2, "reward_min": -0.5, "reward_max": 0.9, "lr": 1e-5, "tokens": 10})  # fmt: skip
     rm.log(1, {"eval/accuracy": 0.7, "eval/margin_mean": 0.2, "eval/reward_mean": 0.0})
     sft = logger(tmp_path / "sft", "sft")
-    sft.log(4, {"loss": 1.0, "nll": 1.0, "ppl": 2.7, "lr": 1e-3, "tokens": 50, "target_tokens": 20})
+    sft.log(4, {"loss": 1.0, "nll": 1.0, "ppl": 2.7, "token_accuracy": 0.25, "lr": 1e-3, "tokens": 50,
+                "target_tokens": 20})  # fmt: skip
     (_, train), (_, ev) = wandb.runs[0].logged
     assert {k for k in train if k not in ("train/global_step", "train/num_tokens")} == {
         "train/loss", "train/accuracy", "train/accuracy/better", "train/margin", "train/mean_reward",
-        "train/std_reward", "train/learning_rate", "train/tokens",
+        "train/std_reward", "train/min_reward", "train/max_reward", "train/learning_rate", "train/tokens",
     }  # fmt: skip
+    assert (train["train/min_reward"], train["train/max_reward"]) == (-0.5, 0.9)
     assert set(ev) == {"eval/accuracy", "eval/margin", "eval/mean_reward", "train/global_step", "train/num_tokens"}
     ((step, logged),) = wandb.runs[1].logged
     assert logged["train/nll"] == 1.0 and logged["train/target_tokens"] == 20  # SFT's NLL keeps its name
+    assert logged["train/mean_token_accuracy"] == 0.25 and "train/token_accuracy" not in logged
     assert step == 4 and logged["train/num_tokens"] == 200  # steps 1-3 not logged (log_every 4): counted as 4's
+
+
+def test_eval_distributions_go_to_wandb_as_histograms_not_to_metrics_jsonl(tmp_path, wandb):
+    """The RM's eval: per-pair rewards (loop Objective.collect, lists) become histograms on the dashboard;
+    metrics.jsonl and the console line keep the scalars."""
+    log = logger(tmp_path, "rm")
+    ev = {"eval/loss": 0.5, "eval/reward_max": 1.5, "eval/reward_min": -0.5, "eval/rewards_chosen": [0.5, 1.5],
+          "eval/rewards_rejected": [-0.5, 0.0], "eval/empty": []}  # fmt: skip
+    log.log(2, ev)
+    assert "rewards" not in log._line(2, ev)
+    ((_, logged),) = wandb.runs[0].logged
+    histograms = {k: v.values for k, v in logged.items() if isinstance(v, Histogram)}
+    assert histograms == {"eval/rewards_chosen": [0.5, 1.5], "eval/rewards_rejected": [-0.5, 0.0]}  # none if empty
+    assert (logged["eval/max_reward"], logged["eval/min_reward"]) == (1.5, -0.5)
+    assert read_metrics(tmp_path / "metrics.jsonl") == [
+        {"step": 2, "eval/loss": 0.5, "eval/reward_max": 1.5, "eval/reward_min": -0.5}
+    ]
+
+
+def test_eval_histograms_in_real_offline_run_files(tmp_path):
+    pytest.importorskip("wandb")
+    from test_train import read_wandb_history
+
+    log = logger(tmp_path, "rm")
+    log.log(1, {"eval/loss": 0.5, "eval/rewards_chosen": [0.5, 1.5, 1.0], "eval/rewards_rejected": [-0.5, 0.0, 0.25]})
+    log.finish()
+    (file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    (row,) = read_wandb_history(file)
+    assert row["eval/loss"] == 0.5
+    for key, values in (("eval/rewards_chosen", [0.5, 1.5, 1.0]), ("eval/rewards_rejected", [-0.5, 0.0, 0.25])):
+        assert row[f"{key}/_type"] == "histogram" and sum(row[f"{key}/values"]) == len(values)
+        assert (min(row[f"{key}/bins"]), max(row[f"{key}/bins"])) == (min(values), max(values))
 
 
 def test_a_resumed_run_counts_tokens_on_from_its_kept_records(tmp_path, wandb):

@@ -55,12 +55,17 @@ def make_objective(model, reference, cfg: DPOSection, backend: str) -> loop.Obje
     from train import loop
     from train.targets import chosen_nll, dpo_lengths, dpo_logps, model_logps
 
+    vocab = model.config.vocab_size
+
     def loss(batch, step):
         mask = attention_mask(batch.doc_ids, batch.branch_ids)  # built once: the policy's and the reference's
-        pol = model_logps(model, batch, backend, mask)  # (N,) policy log p of every target
+        out = model_logps(model, batch, backend, mask, stats=True)  # (N,) each: log p, argmax hit, logit sum
+        pol = out.logprobs  # (N,) policy log p of every target
         pc, pr = dpo_logps(pol, batch, cfg.mask_format)  # (P,) sums, formatting tokens masked
         nc, nr = dpo_lengths(batch, cfg.mask_format)  # (P,) the tokens in those sums
         nll, nll_tokens = chosen_nll(pol, batch)  # (P,) -sum log p over every chosen token, their count
+        lc, lr = dpo_logps(out.logit_sum / vocab, batch, cfg.mask_format)  # (P,) metrics: mean logits, summed
+        hits, _ = dpo_logps(out.is_argmax.float(), batch, cfg.mask_format)  # (P,) chosen tokens that are the argmax
         rc = rr = None
         if isinstance(reference, torch.Tensor):
             rc, rr = reference[batch.group_uid].unbind(-1)
@@ -72,6 +77,7 @@ def make_objective(model, reference, cfg: DPOSection, backend: str) -> loop.Obje
             rejected_tokens=nr, chosen_nll=nll, chosen_nll_tokens=nll_tokens, num_pairs=step.num_pairs,
             num_chosen_tokens=step.num_chosen_targets, loss=cfg.loss, beta=cfg.beta, alpha=cfg.alpha,
             label_smoothing=cfg.label_smoothing, gamma=cfg.gamma, nll_norm=cfg.nll_norm,
+            chosen_mean_logits=lc, rejected_mean_logits=lr, chosen_argmax_tokens=hits,
         )  # fmt: skip
 
     return loop.Objective(loss, dpo.RATIOS, reference_forward=isinstance(reference, torch.nn.Module))

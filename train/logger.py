@@ -4,10 +4,13 @@
 dropped with a warning, so a killed run still resumes. metrics.jsonl keeps the project's own keys
 (`loss`, `lr`, `eval/loss`, ...); wandb gets the dashboard names (`dashboard_names`): train metrics
 under `train/`, eval metrics under `eval/`, TRL's name where TRL logs the metric (`learning_rate`,
-DPO's `nll_loss`, the RM's `margin` and `mean_reward`), plus `train/global_step` (every chart's x-axis,
-`define_metric`) and `train/num_tokens` (the real tokens trained on so far, the other x-axis). The
-run's group, job type and name come from `logging.group`, `logging.job_type`, `logging.name` (the
-pipeline sets them for every stage run: group = the pipeline run, job type = the stage).
+DPO's `nll_loss`, the RM's `margin`, `mean_reward`, `min_reward`, SFT's and DPO's `mean_token_accuracy`),
+plus `train/global_step` (every chart's x-axis, `define_metric`) and `train/num_tokens` (the real
+tokens trained on so far, the other x-axis). The run's group, job type and name come from
+`logging.group`, `logging.job_type`, `logging.name` (the pipeline sets them for every stage run:
+group = the pipeline run, job type = the stage). A list value (an eval's `Objective.collect`, e.g. the
+RM's `eval/rewards_chosen`) is a distribution: wandb gets a `wandb.Histogram` of it; metrics.jsonl and
+the console keep the scalars only.
 """
 
 from __future__ import annotations
@@ -51,12 +54,17 @@ class Logger:
         """epoch: the loader's position in epochs (train/epoch on the dashboard; not in metrics.jsonl)."""
         if not self.enabled:
             return
+        values = {k: v for k, v in metrics.items() if isinstance(v, list)}  # distributions: wandb only
+        metrics = {k: v for k, v in metrics.items() if k not in values}
         record = {"step": step, **{k: (round(v, 8) if isinstance(v, float) else v) for k, v in metrics.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
+            import wandb
+
             self._count(step, metrics)
-            self.wandb.log(self.dashboard(step, metrics, epoch), step=step)
+            histograms = {k: wandb.Histogram(v) for k, v in dashboard_names(values, self.kind).items() if v}
+            self.wandb.log(self.dashboard(step, metrics, epoch) | histograms, step=step)
         if self.progress:
             print(self._line(step, metrics), end="", file=sys.stderr, flush=True)
 
@@ -96,9 +104,15 @@ class Logger:
 # prefix (train/ or eval/) is added after. Keys not listed keep their name.
 TRL_NAMES = {
     None: {"lr": "learning_rate"},
-    "dpo": {"nll": "nll_loss"},
-    "rm": {"margin_mean": "margin", "reward_mean": "mean_reward", "reward_std": "std_reward"},
-    "sft": {},
+    "dpo": {"nll": "nll_loss", "token_accuracy": "mean_token_accuracy"},
+    "rm": {
+        "margin_mean": "margin",
+        "reward_mean": "mean_reward",
+        "reward_std": "std_reward",
+        "reward_min": "min_reward",
+        "reward_max": "max_reward",
+    },
+    "sft": {"token_accuracy": "mean_token_accuracy"},
 }
 
 

@@ -34,7 +34,9 @@ class RMConfig(Config):
     rm: RMSection = field(default_factory=RMSection)
 
 
-def make_objective(model, margin: str | None, center_rewards: float = 0.0) -> loop.Objective:
+def make_objective(model, margin: str | None, center_rewards: float = 0.0, collect: bool = False) -> loop.Objective:
+    """collect: also the rewards of the better and the worse response of every ranked pair (the eval's
+    histograms `rewards_chosen`, `rewards_rejected`; Objective.collect)."""
     from losses import ranking
     from train import loop
     from train.targets import scores, strength_margins
@@ -45,10 +47,14 @@ def make_objective(model, margin: str | None, center_rewards: float = 0.0) -> lo
     def loss(batch, step):
         r = scores(model(batch.tokens, batch.positions, batch.doc_ids, batch.branch_ids), batch)  # (S,)
         m = strength_margins(batch.group_strength, ranking.LLAMA2_MARGINS[margin]) if margin else None
-        return ranking.ranking_loss(
+        loss, sums = ranking.ranking_loss(
             r, batch.seq_group, batch.seq_rank, m, step.num_pairs, batch.group_strength, STRENGTHS,
             center_rewards=center_rewards,
         )  # fmt: skip
+        if collect:  # (P,) each: the loss's pairs, better (i) and worse (j)
+            i, j = ranking.ranked_pairs(batch.seq_group, batch.seq_rank)
+            sums |= {"rewards_chosen": r[i].detach(), "rewards_rejected": r[j].detach()}
+        return loss, sums
 
     def derive(m):  # std from the means of r and r^2
         sq = m.pop("reward_sq_mean", None)
@@ -56,7 +62,8 @@ def make_objective(model, margin: str | None, center_rewards: float = 0.0) -> lo
             m["reward_std"] = math.sqrt(max(sq - m["reward_mean"] ** 2, 0.0))
         return m
 
-    return loop.Objective(loss, ratios, derive)
+    names = ("rewards_chosen", "rewards_rejected") if collect else ()
+    return loop.Objective(loss, ratios, derive, extrema=ranking.EXTREMA, collect=names)
 
 
 def main(argv=None):
@@ -65,7 +72,8 @@ def main(argv=None):
     from train.entry import setup
 
     s = setup(cfg, kind="rm", head="reward", one_row=cfg.rm.one_row)
-    return loop.run(s, make_objective(s.model, cfg.rm.margin, cfg.rm.center_rewards))
+    objective, at_eval = (make_objective(s.model, cfg.rm.margin, cfg.rm.center_rewards, c) for c in (False, True))
+    return loop.run(s, objective, eval_objective=at_eval)
 
 
 if __name__ == "__main__":

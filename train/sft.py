@@ -36,7 +36,8 @@ def make_objective(model, backend: str) -> loop.Objective:
     from train.targets import model_logps
 
     def loss(batch, step):
-        return sft.sft_loss(model_logps(model, batch, backend), step.num_targets)  # (N,) log p of the targets
+        out = model_logps(model, batch, backend, stats=True)  # (N,) log p of the targets, whether each is the argmax
+        return sft.sft_loss(out.logprobs, step.num_targets, out.is_argmax)
 
     def derive(m):
         return {**m, "ppl": math.exp(min(m["nll"], 50.0))} if "nll" in m else m

@@ -19,22 +19,25 @@ from llama.model import attention_mask
 from losses import sequence_sums
 
 
-def target_logps(hidden: Tensor, weight: Tensor, batch: Batch, backend: str = "auto") -> Tensor:
-    """hidden (B, T, H) from model.trunk -> log p(target) (N,) in fp32.
+def target_logps(hidden: Tensor, weight: Tensor, batch: Batch, backend: str = "auto", stats: bool = False):
+    """hidden (B, T, H) from model.trunk -> log p(target) (N,) in fp32 (stats: kernels.TokenStats).
 
     Only the N hidden states that predict a target reach the vocabulary projection.
     """
     h = hidden.flatten(0, 1)[batch.target_hidden_index]  # (N, H)
-    return kernels.target_logprobs(h, weight, batch.target_token, backend=backend)
+    return kernels.target_logprobs(h, weight, batch.target_token, backend=backend, stats=stats)
 
 
-def model_logps(model, batch: Batch, backend: str = "auto", mask=None) -> Tensor:
-    """The model's log p(target) (N,) for every listed target of a micro-batch (fp32).
+def model_logps(model, batch: Batch, backend: str = "auto", mask=None, stats: bool = False):
+    """The model's log p(target) (N,) for every listed target of a micro-batch (fp32); stats=True: a
+    kernels.TokenStats, with per target whether it is the argmax and its row's logit sum (no gradient).
     mask: the micro-batch's llama.model.attention_mask, built here unless given (built once by the
     caller for several models on one micro-batch: DPO's policy and reference)."""
     if mask is None:
         mask = attention_mask(batch.doc_ids, batch.branch_ids)
-    return model(batch.tokens, batch.positions, head_fn=lambda h, w: target_logps(h, w, batch, backend), mask=mask)
+    return model(
+        batch.tokens, batch.positions, head_fn=lambda h, w: target_logps(h, w, batch, backend, stats), mask=mask
+    )
 
 
 def scores(rewards: Tensor, batch: Batch) -> Tensor:
@@ -94,6 +97,7 @@ def reference_table(ref, loader: DataLoader, backend: str, mask_format: bool, de
     every = DataLoader(
         loader.examples, loader.batch_size, loader.max_len, loader.tokens_per_microbatch, loader.rank,
         loader.world_size, shuffle=False, pad_id=loader.pad_id, drop_last=False,
+        shape_buckets=loader.shape_buckets,  # the loader's static shapes: a compiled reference sees only those
     )  # fmt: skip
     table = torch.zeros(len(loader.examples), 2, dtype=torch.float32, device=device)
     for step in every.eval_steps():
