@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -38,7 +39,8 @@ def test_help_of_every_entry_point(command, shown):
 @pytest.mark.slow
 def test_the_configs_and_training_entry_points_import_without_torch():
     code = (
-        "import sys; import train.config, train.lifecycle, train.sft, train.dpo, train.rm; "
+        "import sys; import train.config, train.lifecycle, train.sft, train.dpo, train.rm, train.sample, "
+        "train.evaluate, train.pipeline, train.recipe, train.report, train.launch, train.vllm_engine, llama; "
         "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))"
     )
     r = _python("-c", code)
@@ -63,6 +65,60 @@ def test_help_and_a_config_error_answer_without_torch():
     r = _python("-c", code)
     assert "exit 0" in r.stderr and "exit 2" in r.stderr and "unknown key train.nope" in r.stderr, r.stderr
     assert r.stdout.strip().endswith("False")
+
+
+def _run_without_torch(script: str, *argv: str) -> subprocess.CompletedProcess:
+    """`python script argv...` in-process (runpy), then whether torch was imported: on stdout."""
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = [{script!r}, *{list(argv)!r}]\n"
+        "try:\n"
+        "    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+        "except SystemExit as e:\n"
+        "    print('exit', e.code, file=sys.stderr)\n"
+        "print('torch imported:', 'torch' in sys.modules)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+CLIS = ["train/sft.py", "train/dpo.py", "train/rm.py", "train/sample.py", "train/evaluate.py", "train/pipeline.py"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", CLIS)
+def test_help_answers_without_importing_torch(script):
+    """issue 20 item 9: the torch import is most of `--help`'s wait on a busy machine."""
+    r = _run_without_torch(script, "--help")
+    assert "exit 0" in r.stderr and "usage:" in r.stdout, r.stderr[-2000:]
+    assert r.stdout.strip().endswith("torch imported: False"), r.stdout[-500:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "script, argv, error",
+    [
+        ("train/sample.py", ["--policy", "p", "--prompts", "x.jsonl", "--k", "0"], "argument --k: must be >= 1"),
+        ("train/sample.py", ["--policy", "p", "--prompts", "x", "--batch-size", "0"], "argument --batch-size"),
+        ("train/evaluate.py", ["--model", "m", "--out", "o.json"], "nothing to evaluate"),
+        ("train/pipeline.py", ["nope=1"], "unknown key"),
+        ("train/pipeline.py", ["vllm_gpu_memory_utilization=2"], "vllm_gpu_memory_utilization: must be in (0, 1]"),
+    ],
+)
+def test_bad_arguments_answer_without_importing_torch(script, argv, error):
+    r = _run_without_torch(script, *argv)
+    assert error in r.stderr and "exit 0" not in r.stderr, r.stderr[-2000:]
+    assert r.stdout.strip().endswith("torch imported: False"), r.stdout[-500:]
+
+
+@pytest.mark.slow
+def test_sample_help_shows_the_defaults():
+    r = _run_without_torch("train/sample.py", "--help")
+    shown = " ".join(r.stdout[r.stdout.index("\noptions:") :].split())  # the options, not the usage line
+    for option, default in [("--k K", 16), ("--max-new-tokens MAX_NEW_TOKENS", 256), ("--batch-size BATCH_SIZE", 64)]:
+        after = shown[shown.index(option) :]
+        assert f"(default: {default})" in after[: after.index(" --", 2)], (option, after[:200])
+    assert "(default: 0.9)" in shown  # --vllm-gpu-memory-utilization
 
 
 def test_the_pipeline_estimate_comes_from_the_last_finished_run_of_the_same_config(tmp_path):

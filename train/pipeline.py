@@ -40,7 +40,6 @@ from data.io import write_text
 from data.tasks import load_task, task_factory
 from llama import PRESETS
 from llama.chat import ChatFormat, resolve_chat_template
-from llama.checkpoint import read_config
 from llama.tokenizer import load_tokenizer, resolve_tokenizer
 from train import run_lock
 from train.config import AtLeast, NonNegFloat, NonNegInt, PosInt, describe, differences, from_flat_dict, read_yaml
@@ -71,6 +70,10 @@ class PipelineConfig:
     )
     rdzv_endpoint: str | None = None  # host:port of the c10d rendezvous across nodes; default MASTER_ADDR:MASTER_PORT
     engine: Literal["native", "vllm"] = "native"  # sampling engine of train/sample.py (vllm: one process per node)
+    sample_batch_size: PosInt = 64  # native engine: prompts per generate call (sample.py --batch-size; its KV cache)
+    sample_compile: bool = False  # native engine: torch.compile the decode step (sample.py --compile)
+    vllm_gpu_memory_utilization: float = 0.9  # vllm: the fraction of the GPU's memory it takes, in (0, 1]
+    vllm_max_model_len: NonNegInt = 0  # vllm: 0: the longest prompt + max_new_tokens, rounded up
     annotator: Literal["auto", "verifier", "rm", "human"] = (
         "auto"  # labels of new pairs; auto: verifier if the task has one, else rm
     )
@@ -146,6 +149,11 @@ def _check_values(cfg: PipelineConfig, source: dict[str, str]) -> None:
 
     if not cfg.name or "/" in cfg.name:
         raise PipelineError(f"{where('name')}: must be a non-empty folder name, got {cfg.name!r}")
+    if not 0 < cfg.vllm_gpu_memory_utilization <= 1:
+        key = "vllm_gpu_memory_utilization"
+        raise PipelineError(f"{where(key)}: must be in (0, 1], got {cfg.vllm_gpu_memory_utilization}")
+    if cfg.sample_compile and cfg.engine != "native":
+        raise PipelineError(f"{where('sample_compile')}: the native engine's option (engine: {cfg.engine})")
     for kind in set(STAGE_KINDS) - set(cfg.configs):
         raise PipelineError(f"{where('configs')}: no config file for {kind!r} (give one for each of {STAGE_KINDS})")
     for kind, file in cfg.configs.items():
@@ -195,6 +203,13 @@ def _read_yaml(path):
         raise PipelineError(str(e)) from None
 
 
+def _recorded(path: Path) -> dict:
+    """A recorded pipeline.yaml, with the keys PipelineConfig gained since at their defaults: a new key's
+    default keeps the behaviour from before it, so a run folder continues as it began."""
+    saved = _read_yaml(path) or {}
+    return {**{k: v for k, v in dataclasses.asdict(PipelineConfig()).items() if k not in saved}, **saved}
+
+
 def _without_stage_sets(config: dict) -> dict:
     """A recorded config without the STAGE_SETS keys of its stage configs (sections left empty dropped)."""
     stages = {}
@@ -225,6 +240,8 @@ class Pipeline:
         if cfg.base is None:
             tokenizer = load_tokenizer()  # the presets' byte tokenizer
         else:
+            from llama.checkpoint import read_config  # torch: not for `--help` and config errors
+
             tokenizer = resolve_tokenizer(None, cfg.base, read_config(cfg.base)[0].vocab_size)
         chat = ChatFormat(tokenizer, resolve_chat_template(None, cfg.base))
         self.launcher = make_launcher(cfg, self.dir)
@@ -270,7 +287,7 @@ class Pipeline:
                 continue
             try:
                 saved = {
-                    **_read_yaml(other / "pipeline.yaml"),
+                    **_recorded(other / "pipeline.yaml"),
                     "stage_configs": _read_yaml(other / "stage_configs.yaml"),
                 }
             except (PipelineError, TypeError):
@@ -322,7 +339,7 @@ class Pipeline:
             config = {k: v for k, v in now.items() if k != "stage_configs"}
             write_text(record, yaml.safe_dump(config, sort_keys=False))  # last: the record is whole
             return
-        saved = {**(_read_yaml(record) or {}), "stage_configs": _read_yaml(stages) if stages.is_file() else {}}
+        saved = {**_recorded(record), "stage_configs": _read_yaml(stages) if stages.is_file() else {}}
         changed = differences(saved, now)
         # the stage configs' STAGE_SETS keys aside: the pipeline sets them for every stage run
         strict = differences(_without_stage_sets(saved), _without_stage_sets(now))

@@ -339,6 +339,11 @@ class Recipe:
             args += ["--seed", str(c.seed * 1000 + k), "--engine", c.engine, "--out-report", str(report_file)]
             args += ["--out-sft", str(d / "sft.jsonl"), "--out-sets", str(d / "sets.jsonl")]
             args += ["--out-pairs", str(d / "sampled_pairs.jsonl")]
+            if c.engine == "native":
+                args += ["--batch-size", str(c.sample_batch_size)] + (["--compile"] if c.sample_compile else [])
+            else:
+                args += ["--vllm-gpu-memory-utilization", str(c.vllm_gpu_memory_utilization)]
+                args += ["--vllm-max-model-len", str(c.vllm_max_model_len)] if c.vllm_max_model_len else []
             if annotate:
                 args += ["--annotate", annotate, "--task-args", json.dumps(c.task_args)]
             if c.safety_rm:
