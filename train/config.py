@@ -85,9 +85,10 @@ class TrainSection:
     mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile each block
-    shape_buckets: NonNegInt | Literal["auto"] = (
-        "auto"  # micro-batch shapes. N: static (rows per micro-batch, T), T in multiples of N up to 8N then doubling up to max_len (data/rows.py bucket_lengths), each compiled once (dynamic=False); 0: rows as packed, T its longest row rounded up to 8 (compiled dynamic); auto: 128 with train.compile, else 0
-    )
+    # Micro-batch shapes. N: every micro-batch (rows per micro-batch, T), T in data/rows.py bucket_lengths(max_len, N)
+    # (multiples of N up to 8N, then doubling), each shape compiled once (dynamic=False); 0: rows as packed and T
+    # the longest row rounded up to 8, compiled with torch's dynamic shapes; auto: 128 with train.compile, else 0.
+    shape_buckets: NonNegInt | Literal["auto"] = "auto"  # static shapes: T in buckets of N, 0 off; auto: 128 if compile
     shard_degree: NonNegInt = 0  # ranks sharing one copy of the model; 0 = all (FSDP); N: HSDP, sharded within groups of N ranks (a node's GPUs), replicated across the nproc/N groups
     cpu_offload: bool = False  # FSDP2 CPU offload: parameters, gradients and optimizer state in CPU memory (slower; for a model that does not fit)
     kernels: Literal["auto", "triton", "torch"] = "auto"  # target log-prob path
