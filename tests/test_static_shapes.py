@@ -317,9 +317,9 @@ def test_a_compiled_run_from_its_config_pads_to_static_shapes(tmp_path, one_rank
 
     real_step = loop.Trainer.train_step
 
-    def train_step(self, batch, step, timed=None):
+    def train_step(self, batch, *args, **kw):
         shapes.update(tuple(mb.tokens.shape) for mb in batch.micro_batches)
-        return real_step(self, batch, step, timed)
+        return real_step(self, batch, *args, **kw)
 
     monkeypatch.setattr(distributed, "parallelize", functools.partial(distributed.parallelize, compile_backend=backend))
     monkeypatch.setattr(loop.Trainer, "train_step", train_step)
