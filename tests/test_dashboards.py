@@ -298,3 +298,40 @@ def test_the_pipeline_run_in_real_offline_run_files(tmp_path):
     content = json.loads(table.read_text())
     assert content["columns"] == SAMPLE_COLUMNS
     assert content["data"] == [[1, "1+1=", 0, "2", True, 0.5, False, True], [1, "1+1=", 1, "3", True, 0.9, True, False]]
+
+
+def test_the_pipeline_run_logs_the_greedy_generations_of_each_evaluated_model(tmp_path, wandb):
+    """Each evaluation's `generations` (train/evaluate.py) in a table per round, and every round's in one
+    table with the last round: the same prompts for the base, each SFT and each DPO model."""
+    from train.report import GENERATION_COLUMNS, write_report
+
+    folder = tmp_path / "quickstart"
+
+    def generations(stage_dir, name, answers):
+        kept = [
+            {"prompt": f"{i}+1=", "generation": a, "correct": float(a == str(i + 1))} for i, a in enumerate(answers)
+        ]
+        (folder / stage_dir).mkdir(parents=True, exist_ok=True)
+        (folder / stage_dir / f"eval_{name}.json").write_text(json.dumps({"task_accuracy": 0.5, "generations": kept}))
+
+    generations("round_0/pretrain", "base", ["7", "7"])
+    generations("round_1/sft", "sft", ["1", "3"])
+    generations("round_1/dpo", "dpo", ["1", "2"])
+    (folder / "round_1" / "dpo" / "eval_dpo_variant_0.json").write_text(json.dumps({"generations": [{}]}))  # not read
+    results = [
+        {"round": 0, "stage": "pretrain", "task_accuracy": 0.0},
+        {"round": 1, "stage": "rm", "rm_accuracy": 0.8},
+        {"round": 1, "stage": "sft", "sft_loss": 0.9, "task_accuracy": 0.5},
+        {"round": 1, "stage": "dpo", "dpo_reward_accuracy": 0.75, "task_accuracy": 1.0},
+    ]
+    write_report(folder, {"name": "quickstart"}, results, False, 1, 2, {"mode": "offline", "project": "p"})
+    (_, base), (_, one) = wandb.runs[0].logged
+    rows = [
+        [0, "pretrain", "0+1=", "7", 0.0], [0, "pretrain", "1+1=", "7", 0.0],
+        [1, "sft", "0+1=", "1", 1.0], [1, "sft", "1+1=", "3", 0.0],
+        [1, "dpo", "0+1=", "1", 1.0], [1, "dpo", "1+1=", "2", 1.0],
+    ]  # fmt: skip
+    assert base["round_0/generations"].columns == GENERATION_COLUMNS and base["round_0/generations"].data == rows[:2]
+    assert one["round_1/generations"].data == rows[2:]
+    assert one["generations"].columns == GENERATION_COLUMNS and one["generations"].data == rows
+    assert "generations" not in base

@@ -18,6 +18,8 @@ Metrics (any of them; the result JSON holds each with its counts):
   path (train/targets.py model_logps), summed in float64: the SFT run's `eval/nll` on the same set.
 - `--rm RM --prompts P`: `rm_score`, the mean score RM gives to --k samples per prompt at temperature 1
   (at --k 4 with --verifier, the very samples of task_accuracy_sampled).
+With --prompts the result also keeps `generations`: the greedy generation of each of the first SHOWN (8)
+prompts and, with --verifier, its score (the pipeline's dashboard tables, train/report.py).
 Each rank takes every world_size-th record (rank r's generator seeded with --seed + 1000003 * r, rank 0
 with --seed itself, so a 1-rank job is what an in-process evaluation seeded with --seed computes); the
 sums and counts are added over ranks. Rank 0 writes --out and reports progress (train/progress.py).
@@ -37,6 +39,9 @@ from train.cli import HelpFormatter, at_least, json_object
 from train.sample import check_checkpoints, make_task, rank_seed, read_prompts, score, write_text
 
 # torch-heavy modules are imported in the functions that use them: `--help` and argument errors answer at once.
+
+
+SHOWN = 8  # the first --prompts records whose greedy generations the result keeps ("generations")
 
 
 def read_pairs(path) -> tuple[list[list[dict]], list[list[str]], int]:
@@ -59,13 +64,13 @@ def read_pairs(path) -> tuple[list[list[dict]], list[list[str]], int]:
     return prompts, texts, tied
 
 
-def task_sums(model, chat: ChatFormat, records, verify, max_new_tokens: int, generator, done) -> tuple[dict, list]:
+def task_sums(model, chat: ChatFormat, records, verify, max_new_tokens: int, generator, done) -> tuple:
     """The verifier's score sums and counts over greedy (1 sample) and sampled (4, temperature 1) samples of
-    `records` -> (sums, the sampled samples' texts per record)."""
+    `records` -> (sums, the sampled samples' texts per record, the greedy text per record)."""
     from llama.generate import decode_sample, generate
 
     ids = [chat.encode_dialog(r["messages"], add_generation_prompt=True).tokens for r in records]
-    tok, out, texts = chat.tokenizer, {}, []
+    tok, out, texts, greedy = chat.tokenizer, {}, [], []
     for key, n, temp in (("task_accuracy", 1, 0.0), ("task_accuracy_sampled", 4, 1.0)):
         samples = generate(
             model, ids, n, max_new_tokens, tok.stop_ids, temp, pad_id=tok.pad_id, generator=generator
@@ -73,8 +78,32 @@ def task_sums(model, chat: ChatFormat, records, verify, max_new_tokens: int, gen
         texts = [[decode_sample(tok, s) for s in ss] for ss in samples]
         scores = [verify(r["messages"][-1]["content"], t) for r, ts in zip(records, texts) for t in ts]
         out[key], out[f"{key}/n"] = sum(scores), len(scores)
+        greedy = [ts[0] for ts in texts] if temp == 0.0 else greedy
         done(len(records))
-    return out, texts
+    return out, texts, greedy
+
+
+def shown_generations(model, chat: ChatFormat, records, greedy, verify, max_new_tokens: int, d) -> list[dict]:
+    """The greedy generations of the first SHOWN prompts, for the dashboards' tables (train/report.py):
+    this rank's share of them (its first ones in `greedy`, else generated here), gathered to rank 0 in
+    prompt order -> [{"prompt", "generation", "correct": the verifier's score, None without one}]; [] elsewhere."""
+    import torch.distributed as dist
+
+    from llama.generate import decode_sample, generate
+
+    mine = list(range(d.rank, min(SHOWN, len(records)), d.world_size))  # this rank's, in its share's order
+    if greedy is None and mine:  # temperature 0 draws no random numbers
+        tok = chat.tokenizer
+        ids = [chat.encode_dialog(records[i]["messages"], add_generation_prompt=True).tokens for i in mine]
+        samples = generate(model, ids, 1, max_new_tokens, tok.stop_ids, 0.0, pad_id=tok.pad_id)
+        greedy = [decode_sample(tok, ss[0]) for ss in samples]
+    rows = []
+    for i, text in zip(mine, greedy or []):
+        prompt = records[i]["messages"][-1]["content"]
+        rows.append((i, {"prompt": prompt, "generation": text, "correct": verify(prompt, text) if verify else None}))
+    every = [None] * d.world_size if d.is_main else None
+    dist.gather_object(rows, every, dst=0)
+    return [row for _, row in sorted(r for part in every for r in part)] if d.is_main else []
 
 
 def sampled_texts(model, chat: ChatFormat, records, k: int, max_new_tokens: int, generator) -> list[list[str]]:
@@ -205,10 +234,10 @@ def evaluate(args, d, chat: ChatFormat, verify, records, pairs, examples) -> dic
 
     progress.report(0, total, "examples")
     model = load_model(args.model, head="reward" if args.pairs else "lm", dtype=dtype, device=d.device).eval()
-    sums, out, texts = {}, {}, None
+    sums, out, texts, greedy = {}, {}, None, None
     if verify is not None:
         generator = torch.Generator(d.device).manual_seed(rank_seed(args.seed, d.rank))
-        part, texts = task_sums(model, chat, records[share], verify, args.max_new_tokens, generator, step)
+        part, texts, greedy = task_sums(model, chat, records[share], verify, args.max_new_tokens, generator, step)
         sums.update(part)
     if args.rm:
         mine = records[share]
@@ -236,6 +265,8 @@ def evaluate(args, d, chat: ChatFormat, verify, records, pairs, examples) -> dic
         "prompts": len(records) if records else None, "pairs": len(pairs[0]) if args.pairs else None,
         "sft_records": len(examples) if args.nll else None, "nll_tokens": sums.get("nll/n"),
     }  # fmt: skip
+    if records:  # after the sampled metrics: their random numbers are drawn as before
+        out["generations"] = shown_generations(model, chat, records, greedy, verify, args.max_new_tokens, d)
     progress.report(total, total, "examples")
     return {**out, **{k: int(v) for k, v in counts.items() if v is not None}}
 

@@ -1,7 +1,7 @@
 """The pipeline's report: summary.json (the config and every stage's results), summary.md (a table),
 the plots (accuracy.png, rewards.png; matplotlib, `pip install -e '.[plots]'`) and, where the stage runs
 log to wandb, the pipeline's own wandb run (`log_dashboard`: the results over rounds, the summary table,
-the rejection-sampling tables), in the stage runs' group."""
+the rejection-sampling tables, the greedy generations of each evaluated model), in the stage runs' group."""
 
 from __future__ import annotations
 
@@ -106,6 +106,7 @@ DASHBOARD_KEYS = (
     "dpo_reward_accuracy", "task_accuracy", "task_accuracy_sampled", "nll", "rm_score", "records",
 )  # fmt: skip
 SAMPLE_COLUMNS = ["round", "prompt", "sample", "response", "finished", "rm_score", "picked", "right"]
+GENERATION_COLUMNS = ["round", "stage", "prompt", "generation", "correct"]
 
 
 def wandb_settings(stage_configs: dict, stage_overrides: dict) -> dict | None:
@@ -166,6 +167,22 @@ def sample_rows(stage_dir: Path, rnd: int, verify=None, prompts: int = 4) -> lis
     return rows
 
 
+def generation_rows(folder: Path, results: list[dict]) -> dict[int, list[list]]:
+    """{round: rows} of the greedy generations that each evaluated model (the base, SFT, DPO) kept of the
+    first held-out prompts (train/evaluate.py `generations`, in round_<k>/<stage>/eval_<name>.json): the
+    same prompts every time, so the rows show the policy change over stages and rounds. `correct`: the
+    verifier's score (None without a verifier)."""
+    out: dict[int, list[list]] = {}
+    for r in results:
+        name = {"pretrain": "base", "sft": "sft", "dpo": "dpo"}.get(r["stage"])
+        path = Path(folder) / f"round_{r['round']}" / r["stage"] / f"eval_{name}.json"
+        if name is None or not path.is_file():
+            continue
+        for g in json.loads(path.read_text()).get("generations", []):
+            out.setdefault(r["round"], []).append([r["round"], r["stage"], g["prompt"], g["generation"], g["correct"]])
+    return out
+
+
 def score_groups(stage_dir: Path, verify=None) -> dict[str, list[float]]:
     """The RM's scores of a sampling stage's finished samples (every prompt), split into the picks and the
     rest, and (a verifier) the right and the wrong ones: the histograms of how the RM tells them apart."""
@@ -200,7 +217,9 @@ def log_dashboard(folder: Path, group: str, config: dict, results: list[dict], s
     every stage's results (RM accuracy, RM pick accuracy, SFT loss, DPO reward accuracy, task accuracy
     greedy and sampled, ...), the summary table, and per rejection-sampling stage a table of a few prompts
     with their K samples, RM scores, the pick and (a verifier) which were right, and histograms of the RM's
-    scores of its finished samples: the picks and the rest, the right and the wrong ones (score_groups)."""
+    scores of its finished samples: the picks and the rest, the right and the wrong ones (score_groups); per
+    round a table of the greedy generations of the round's models on the first held-out prompts, and with
+    the last round all of them in one table (generation_rows)."""
     import wandb  # only when logging to it
 
     run = wandb.init(
@@ -215,6 +234,7 @@ def log_dashboard(folder: Path, group: str, config: dict, results: list[dict], s
             for r in results
             if r["stage"] == "rs"
         }
+        generations = generation_rows(folder, results)
         stages = [r for r in results if r["stage"] != "data"]
         columns = [c for c in TABLE_COLUMNS if any(isinstance(r.get(c), float) for r in stages)]
         data = [[r["round"], r["stage"], *[r.get(c) if isinstance(r.get(c), float) else None for c in columns]]
@@ -226,8 +246,13 @@ def log_dashboard(folder: Path, group: str, config: dict, results: list[dict], s
                 row[f"round_{rnd}/rs/samples"] = wandb.Table(columns=SAMPLE_COLUMNS, data=samples[rnd])
             for group, scores in score_groups(folder / f"round_{rnd}" / "rs", verify).items():
                 row[f"rs/rm_scores/{group}"] = wandb.Histogram(scores)
+            if generations.get(rnd):
+                row[f"round_{rnd}/generations"] = wandb.Table(columns=GENERATION_COLUMNS, data=generations[rnd])
             if i == len(rounds) - 1:  # the README's table, with the last round's row
                 row["summary"] = wandb.Table(columns=["round", "stage", *columns], data=data)
+                every = [g for k in sorted(generations) for g in generations[k]]
+                if every:  # every round's generations side by side
+                    row["generations"] = wandb.Table(columns=GENERATION_COLUMNS, data=every)
             run.log(row, step=rnd)
     finally:
         run.finish()
