@@ -145,6 +145,27 @@ def test_lower_steps_than_the_checkpoint_is_refused(tmp_path, one_rank):
     assert (tmp_path / "metrics.jsonl").read_bytes() == metrics
 
 
+def test_a_run_saved_before_a_config_key_existed_resumes_at_its_default(tmp_path, one_rank):
+    """A key added to the code since the run was saved (optim.fused, train.shape_buckets) reads as its
+    default in the saved config: the resume goes on; a value other than the default is refused."""
+    import yaml
+
+    in_process("sft", sft_argv(tmp_path, "train.steps=2"))
+    fresh_group()
+    record = tmp_path / "config.yaml"
+    saved = yaml.safe_load(record.read_text())
+    del saved["optim"]["fused"], saved["train"]["shape_buckets"]  # as an older version wrote it
+    record.write_text(yaml.safe_dump(saved))
+    with pytest.raises(
+        ValueError,
+        match=r"train.shape_buckets: '<absent>' \(saved\) -> 64 \(now\)|shape_buckets: 'auto' \(saved\) -> 64",
+    ):
+        in_process("sft", sft_argv(tmp_path, "train.steps=3", "train.shape_buckets=64"))
+    fresh_group()
+    in_process("sft", sft_argv(tmp_path, "train.steps=3", "logging.log_every=1"))
+    assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2, 3]
+
+
 def test_changed_data_on_resume_is_refused_naming_the_file(tmp_path, one_rank):
     data = tmp_path / "train.jsonl"
     shutil.copy(QUICK / "data" / "sft_train.jsonl", data)

@@ -49,11 +49,23 @@ _SHARD = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 _TMP_STEP = re.compile(r"^step_\d{8}\.tmp$")
 
 
-def config_changes(saved: dict, current: dict) -> tuple[dict, dict]:
-    """-> (changes a resume may make, changes it may not): {"section.key": (saved, current)}."""
+def config_changes(saved: dict, current: dict, defaults: dict | None = None) -> tuple[dict, dict]:
+    """-> (changes a resume may make, changes it may not): {"section.key": (saved, current)}.
+    defaults: the config class's defaults; a key the saved config lacks (added to the code since the
+    run was saved: a new key's default keeps the old behaviour) reads as its default there."""
+    if defaults is not None:
+        saved = _with_defaults(saved, defaults)
     changed = dict(sorted(differences(saved, current).items()))
     ok = {k: v for k, v in changed.items() if any(fnmatch.fnmatch(k, p) for p in CHANGEABLE_ON_RESUME)}
     return ok, {k: v for k, v in changed.items() if k not in ok}
+
+
+def _with_defaults(saved, defaults):
+    if not (isinstance(saved, dict) and isinstance(defaults, dict)):
+        return saved
+    return {**{k: v for k, v in defaults.items() if k not in saved}, **{
+        k: _with_defaults(v, defaults.get(k)) for k, v in saved.items()
+    }}  # fmt: skip
 
 
 def claim(cfg, rank: int, world_size: int) -> Path | None:
@@ -96,7 +108,7 @@ def _claim(cfg, world_size: int) -> Path | None:
     saved_path = run_dir / RECORD
     if not saved_path.is_file():
         raise ValueError(f"{run_dir} has checkpoints but no config.yaml: not a run folder this code wrote")
-    ok, refused = config_changes(yaml.safe_load(saved_path.read_text()), to_dict(cfg))
+    ok, refused = config_changes(yaml.safe_load(saved_path.read_text()), to_dict(cfg), to_dict(type(cfg)()))
     if refused:
         lines = "\n".join(f"  {k}: {a!r} (saved) -> {b!r} (now)" for k, (a, b) in refused.items())
         raise ValueError(
