@@ -129,11 +129,11 @@ def test_max_model_len_is_the_data_rounded_up_or_the_option():
     assert max_model_len(200, 56, 131072) == 256  # a multiple already
     assert max_model_len(1000, 25, 1030) == 1030  # 1280 rounded, but at most the model's max_seq_len
     assert max_model_len(300, 256, 131072, given=600) == 600
-    with pytest.raises(ValueError, match=r"--vllm-max-model-len 500: must be at least the longest prompt .* = 556"):
+    with pytest.raises(SystemExit, match=r"--vllm-max-model-len 500: must be at least the longest prompt .* = 556"):
         max_model_len(300, 256, 131072, given=500)
-    with pytest.raises(ValueError, match=r"--vllm-max-model-len 9000: .*at most the policy's max_seq_len 8192"):
+    with pytest.raises(SystemExit, match=r"--vllm-max-model-len 9000: .*at most the policy's max_seq_len 8192"):
         max_model_len(300, 256, 8192, given=9000)
-    with pytest.raises(ValueError, match=r"--max-new-tokens \(256\) = 8256 exceeds the policy's max_seq_len 8192"):
+    with pytest.raises(SystemExit, match=r"--max-new-tokens \(256\) = 8256 exceeds the policy's max_seq_len 8192"):
         max_model_len(8000, 256, 8192)
 
 

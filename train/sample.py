@@ -332,8 +332,13 @@ def main(argv=None):
     args.clean = CleanRules(
         args.max_repeat, args.repeat_ngram, tuple(args.ban_phrase), args.max_emoji, args.max_exclamation
     )
+    records = read_prompts(args.prompts)
+    try:
+        annotate = _annotator(args.annotate, args.task_args)
+    except ValueError as e:
+        raise SystemExit(f"--annotate {args.annotate}: {e}") from None
 
-    import torch
+    import torch  # here: the errors above answer without it
 
     from llama.checkpoint import read_config
 
@@ -344,21 +349,13 @@ def main(argv=None):
     except (ValueError, OSError) as e:
         raise SystemExit(f"--policy {args.policy}: {e}") from None
     check_checkpoints(args, tokenizer.vocab_size)
-    records = read_prompts(args.prompts)
-    try:
-        annotate = _annotator(args.annotate, args.task_args)
-    except ValueError as e:
-        raise SystemExit(f"--annotate {args.annotate}: {e}") from None
     if args.engine == "vllm":
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise SystemExit("error: run --engine vllm as one process (python, not torchrun): vLLM uses GPUs itself")
         from train.distributed import Dist
 
         longest = max((len(chat.encode_dialog(r["messages"], add_generation_prompt=True)) for r in records), default=0)
-        try:
-            model_len = max_model_len(longest, args.max_new_tokens, config.max_seq_len, args.vllm_max_model_len)
-        except ValueError as e:
-            raise SystemExit(f"error: {e}") from None
+        model_len = max_model_len(longest, args.max_new_tokens, config.max_seq_len, args.vllm_max_model_len)
         print(f"vLLM: max_model_len {model_len}, gpu_memory_utilization {args.vllm_gpu_memory_utilization}", flush=True)
         with tempfile.TemporaryDirectory(prefix="vllm_policy_") as export_dir:
             engine = vllm_engine(

@@ -85,18 +85,18 @@ def _stop_terminated(completion, stop_ids) -> list[int]:
 
 def max_model_len(longest_prompt: int, max_new_tokens: int, max_seq_len: int, given: int | None = None) -> int:
     """vLLM's max_model_len: `given` (--vllm-max-model-len), else the longest prompt + max_new_tokens rounded
-    up to MODEL_LEN_MULTIPLE, at most the model's max_seq_len. ValueError naming the option that is too small."""
+    up to MODEL_LEN_MULTIPLE, at most the model's max_seq_len. SystemExit naming the option that is too small."""
     need = longest_prompt + max_new_tokens
     if need > max_seq_len:
-        raise ValueError(
-            f"the longest prompt ({longest_prompt} tokens) + --max-new-tokens ({max_new_tokens}) = {need} exceeds the "
+        raise SystemExit(
+            f"error: the longest prompt ({longest_prompt} tokens) + --max-new-tokens ({max_new_tokens}) = {need} exceeds the "
             f"policy's max_seq_len {max_seq_len}"
         )
     if given is None:
         return min(-(-need // MODEL_LEN_MULTIPLE) * MODEL_LEN_MULTIPLE, max_seq_len)
     if not need <= given <= max_seq_len:
-        raise ValueError(
-            f"--vllm-max-model-len {given}: must be at least the longest prompt ({longest_prompt} tokens) + "
+        raise SystemExit(
+            f"error: --vllm-max-model-len {given}: must be at least the longest prompt ({longest_prompt} tokens) + "
             f"--max-new-tokens ({max_new_tokens}) = {need}, and at most the policy's max_seq_len {max_seq_len}"
         )
     return given
