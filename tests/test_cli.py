@@ -82,7 +82,10 @@ def _run_without_torch(script: str, *argv: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 
 
-CLIS = ["train/sft.py", "train/dpo.py", "train/rm.py", "train/sample.py", "train/evaluate.py", "train/pipeline.py"]
+CLIS = [
+    "train/sft.py", "train/dpo.py", "train/rm.py", "train/sample.py", "train/evaluate.py", "train/pipeline.py",
+    "train/average.py", "train/prepare_data.py",
+]  # fmt: skip
 
 
 @pytest.mark.slow

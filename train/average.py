@@ -28,25 +28,23 @@ import json
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from llama.chat import template_in_dir
-from llama.checkpoint import (
-    check_destination,
-    load_model,
-    open_weights,
-    read_config,
-    save_checkpoint,
-    save_model,
-    tensor_files,
-)
 from llama.tokenizer import Tokenizer, resolve_tokenizer, same_tokenizer, tokenizer_in_dir
+
+# torch and llama.checkpoint (which imports it) are imported where used: `--help` answers at once.
+if TYPE_CHECKING:
+    import torch
 
 DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _read_finite(path: Path, file: Path, name: str) -> torch.Tensor:
+    import torch
+
+    from llama.checkpoint import open_weights
+
     with open_weights(file) as f:
         t = f.get_tensor(name)
     finite = torch.isfinite(t)
@@ -62,6 +60,8 @@ def _read_finite(path: Path, file: Path, name: str) -> torch.Tensor:
 def _native_copies(paths: list[Path], out: Path, stack) -> list[Path]:
     """Each input as a native folder: itself if native, else a copy through llama.load_model in a
     temp folder beside `out` (removed when `stack` closes)."""
+    from llama.checkpoint import load_model, read_config, save_model
+
     natives, work = [], None
     for i, p in enumerate(paths):
         if read_config(p)[2] == "native":
@@ -82,6 +82,8 @@ def _native_copies(paths: list[Path], out: Path, stack) -> list[Path]:
 def common_tokenizer(paths: list[Path]) -> tuple[Tokenizer | None, str | None]:
     """-> (the tokenizer, the chat template name) that every input folder holds; (None, None) if none holds
     a tokenizer. A ValueError naming both inputs where two differ (or only one holds a tokenizer)."""
+    from llama.checkpoint import read_config
+
     found = []  # (path, tokenizer or None, its file, template name or None, its file)
     for p in paths:
         file = tokenizer_in_dir(p)
@@ -113,6 +115,8 @@ def average_checkpoints(
     dtype: torch.dtype | None = None,
     replace_tokenizer: bool = False,
 ) -> Path:
+    from llama.checkpoint import check_destination, read_config, save_checkpoint, tensor_files
+
     paths, out = [Path(p) for p in paths], Path(out)
     if not paths:
         raise ValueError("nothing to average")
@@ -186,6 +190,9 @@ def main(argv=None):
         help="replace --out's own tokenizer files where they differ from the inputs' (default: refuse, naming them)",
     )
     args = ap.parse_args(argv)
+    import torch
+
+    torch.set_grad_enabled(False)
     try:
         dtype = getattr(torch, args.dtype) if args.dtype else None
         out = average_checkpoints(
@@ -197,5 +204,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    torch.set_grad_enabled(False)
     main()

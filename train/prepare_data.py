@@ -14,11 +14,9 @@ import argparse
 import sys
 import time
 
-from data import cache
-from data.prepare import prepare_config
-from llama.chat import ChatFormat, resolve_chat_template
 from train.config import load_config
-from train.distributed import model_tokenizer
+
+# data.cache, data.prepare and train.distributed import torch: imported in `_main`, so `--help` answers at once.
 
 
 def _entry_point(kind: str):
@@ -53,6 +51,11 @@ def main(argv=None) -> None:
 
 
 def _main(args) -> None:
+    from data import cache
+    from data.prepare import prepare_config
+    from llama.chat import ChatFormat, resolve_chat_template
+    from train.distributed import model_tokenizer
+
     config_class, options = _entry_point(args.kind)
     cfg = load_config(config_class, args.config, args.overrides)
     m = cfg.model  # the chat format as train/entry.py `setup` builds it: the same cache key
