@@ -3,6 +3,7 @@ out, running parts within budgets, the results table) and experiments/gpu/checks
 on the CPU at small sizes, so that a GPU hour is not spent finding a typo."""
 
 import importlib.util
+import inspect
 import json
 import os
 import signal
@@ -34,8 +35,9 @@ checks = load("checks")
 
 def test_arguments():
     args = validate.parse_args([])
-    assert args.parts == ["kernels", "flex", "step-dpo", "step-sft", "logprob", "generate"] and args.budget == 540
-    assert args.logprob_ns == [4096, 32768] and args.out == ROOT / "experiments/gpu/results.md"
+    assert args.parts == ["kernels", "flex", "step", "step-ac", "logprob", "generate"] and args.budget == 540
+    assert args.logprob_hs == [4096, 2048] and args.logprob_ns == [32768, 12289, 4096]
+    assert 12289 % 64 and args.out == ROOT / "experiments/gpu/results.md"  # an N no tile divides
     args = validate.parse_args(["--parts", "flex", "kernels", "--budget", "60", "--logprob-ns", "8192"])
     assert args.parts == ["flex", "kernels"] and args.budget == 60 and args.logprob_ns == [8192]
     for bad in (["--parts", "everything"], ["--budget", "0"], ["--budget", "soon"]):
@@ -45,24 +47,47 @@ def test_arguments():
 
 
 def test_missing_pieces_are_left_out_with_a_note(monkeypatch):
-    monkeypatch.setattr(validate.importlib.util, "find_spec", lambda name: None)  # no liger, no transformers
+    monkeypatch.setattr(validate.importlib.util, "find_spec", lambda name: None)  # no liger
     monkeypatch.delattr(torch.nn.functional, "linear_cross_entropy", raising=False)
     args = validate.parse_args([])
     argv = validate.logprob_argv(args)
-    methods = argv[argv.index("--methods") + 1 : argv.index("--repeats")]
-    assert methods == ["matmul", "compile", "ours_torch", "ours_triton"]
-    assert argv[argv.index("--ns") + 1 : argv.index("--methods")] == ["4096", "32768"]
+    methods = argv[argv.index("--methods") + 1 : argv.index("--once")]
+    assert methods == ["matmul", "ours_triton", "ours_torch", "compile"]
+    assert argv[argv.index("--hs") + 1 : argv.index("--ns")] == ["4096", "2048"]
+    assert argv[argv.index("--ns") + 1 : argv.index("--methods")] == ["32768", "12289", "4096"]
+    assert argv[argv.index("--once") + 1 : argv.index("--skip-rate")] == ["compile"]
     notes = validate.plan_notes(validate.PARTS)
     assert "logprob: method liger left out: liger-kernel is not installed" in notes
-    assert "logprob: method torch_lce left out: this torch has no F.linear_cross_entropy" in notes
-    assert any(n.startswith("generate: transformers is not installed") for n in notes)
+    for m in ("torch_lce", "torch_lce:auto", "torch_lce:aspect_ratio", "torch_lce:aspect_ratio:8"):
+        assert f"logprob: method {m} left out: this torch has no F.linear_cross_entropy" in notes
+    assert any(n.startswith("generate: HF generate, no-fan-out and per-sample rows left out") for n in notes)
     assert validate.plan_notes([p for p in validate.PARTS if p.name == "kernels"]) == []
+
+
+def test_a_torch_without_chunking_options_keeps_the_reference_row(monkeypatch):
+    """torch 2.11 (the GPU's) may have F.linear_cross_entropy without `options`: only the chunked rows go."""
+    monkeypatch.setattr(torch.nn.functional, "linear_cross_entropy", lambda input, weight, target, reduction="mean": 0)
+    missing = validate.missing_logprob_methods()
+    assert (
+        "torch_lce" not in missing
+        and "torch_lce:auto" in missing
+        and "no chunking options" in missing["torch_lce:auto"]
+    )
+    assert "torch_lce" in validate.logprob_methods()
+
+
+def test_every_chunking_setting_is_one_this_torch_accepts():
+    import torch.nn.functional as F
+
+    if "options" not in inspect.signature(F.linear_cross_entropy).parameters:
+        pytest.skip("this torch has no LinearCrossEntropyOptions")
+    assert not {m for m in validate.missing_logprob_methods() if m.startswith("torch_lce")}
 
 
 def test_dry_run_needs_no_gpu_and_a_real_run_refuses_without_one(capsys, monkeypatch):
     assert validate.main(["--dry-run", "--parts", "kernels", "logprob"]) == 0
     out = capsys.readouterr().out
-    assert "experiments/gpu/checks.py kernels" in out and "experiments/bench/logprob.py --ns 4096" in out
+    assert "experiments/gpu/checks.py kernels" in out and "experiments/bench/logprob.py --hs 4096 2048" in out
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="no CUDA device"):
         validate.main(["--parts", "kernels"])
@@ -72,18 +97,42 @@ def test_dry_run_plan_is_bf16_first_and_fits_nine_minutes(capsys):
     assert validate.main(["--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("plan: 6 part(s), bf16 first in each; total budget 540 s")
-    rows = {line.split()[0]: line for line in lines[1:7]}
-    assert list(rows) == ["kernels", "flex", "step-dpo", "step-sft", "logprob", "generate"]
+    names = ["kernels", "flex", "step", "step-ac", "logprob", "generate"]
+    rows = {line.split()[0]: line for line in lines if line.split()[0] in names}
+    assert list(rows) == names
+    measures = {}  # each part's line is followed by what it measures
+    for i, line in enumerate(lines):
+        if line.split()[0] in names:
+            assert lines[i + 1].startswith("          measures: ")
+            measures[line.split()[0]] = lines[i + 1]
     assert all("[bf16" in line for line in rows.values())  # every part's dtype order starts with bf16
     budgets = [int(line.split()[1]) for line in rows.values()]
-    assert sum(budgets) <= 540 and lines[7].startswith(f"total     {sum(budgets)} s")
-    assert "checks.py step dpo" in rows["step-dpo"] and "checks.py step sft" in rows["step-sft"]
+    total = next(line for line in lines if line.startswith("total"))
+    assert sum(budgets) <= 540 and total.startswith(f"total     {sum(budgets)} s")
     assert list(checks.KERNEL_DTYPES) == ["bfloat16", "float32"]
     assert checks.flex.__defaults__[0] == ("bf16", "fp32")
+    # the steps: DPO then SFT, activation checkpointing off (profiled) then on
+    assert "checks.py step dpo sft" in rows["step"] and "--profile" in rows["step"]
+    assert "--activation-checkpointing" not in rows["step"] and "--activation-checkpointing" in rows["step-ac"]
+    assert "MFU" in measures["step"] and "activation checkpointing off" in measures["step"]
+    assert "activation checkpointing on" in measures["step-ac"]
+    assert all(g in measures["step"] for g in ("communication", "log-prob", "optimizer", "attention", "matmul"))
+    # the log-prob benchmark: both hidden sizes, the awkward N, ours vs its peers, the skip rate
+    logprob = rows["logprob"]
+    assert "--hs 4096 2048" in logprob and "--ns 32768 12289 4096" in logprob and "--skip-rate" in logprob
+    methods = logprob.split("--methods ")[1].split(" --")[0].split()
+    assert methods[:3] == ["matmul", "ours_triton", "ours_torch"]  # the achievable rate first, then ours
+    assert set(methods) - {"liger"} >= {"torch_lce", "compile"} and "--once compile" in logprob
+    if "options" in inspect.signature(torch.nn.functional.linear_cross_entropy).parameters:
+        assert {"torch_lce:auto", "torch_lce:aspect_ratio", "torch_lce:aspect_ratio:8"} <= set(methods)
+    assert "tile-skip rate" in measures["logprob"] and "peaked" in measures["logprob"]
+    # sampling: eager vs compiled at a realistic batch
+    gen = rows["generate"]
+    assert "--prompts 16 --samples 8 --prompt-len 256 --new 128" in gen and "--methods fanout compiled" in gen
     # a short total: the plan cuts the parts to what is left and says which would be skipped
     assert validate.main(["--dry-run", "--budget", "100"]) == 0
     out = capsys.readouterr().out
-    assert "flex        40 s  at   60 s" in out and "step-dpo     0 s" in out and "skipped" in out
+    assert "flex        40 s  at   60 s" in out and "step         0 s" in out and "skipped" in out
 
 
 def test_out_gets_each_part_as_it_ends_and_rows_while_it_runs(tmp_path, monkeypatch):
@@ -185,23 +234,29 @@ def test_peak_flops_per_device_variant(monkeypatch, capsys):
 
 
 LOGPROB_OUTPUT = """## target log-probs fwd+bwd, 2026-11-21
-device: NVIDIA H100; torch 2.11; triton 3.6; H=4096, V=128256, bfloat16
-| N | method | time (ms) | TFLOP/s (6NHV) | % of matmul | peak extra (MiB) | vs floor |
-|---:|---|---:|---:|---:|---:|---:|
-| 4096 | matmul | 1.2 | 700.00 |  | 0 |  |
-| 4096 | ours_triton | 9.0 | 350.00 | 50% | 2100 | 1.02x |
-| 4096 | compile | n/a: OutOfMemoryError | | | | |
+device: NVIDIA H100; torch 2.11; triton 3.6; V=128256, bfloat16
+| H | N | method | time (ms) | TFLOP/s (6NHV) | % of matmul | peak extra (MiB) | vs floor |
+|---:|---:|---|---:|---:|---:|---:|---:|
+| 4096 | 4096 | matmul | 1.2 | 700.00 |  | 0 |  |
+| 4096 | 4096 | ours_triton | 9.0 | 350.00 | 50% | 2100 | 1.02x |
+| 4096 | 4096 | compile | n/a: OutOfMemoryError | | | | |
+
+| H | N | logits | tiles skipped | of | skip rate | no-target tiles | backward (ms) | tile |
+|---:|---:|---|---:|---:|---:|---:|---:|---|
+| 4096 | 4096 | peaked | 28000 | 32064 | 87.3% | 28100 | 20.0 | 128x128 |
 """
 
 
 def test_benchmark_tables_become_rows():
-    rows = validate.table_rows("logprob", LOGPROB_OUTPUT, 2)
-    assert [r["check"] for r in rows] == ["4096 matmul", "4096 ours_triton", "4096 compile"]
+    rows = validate.table_rows("logprob", LOGPROB_OUTPUT, 3)
+    checks_ = ["4096 4096 matmul", "4096 4096 ours_triton", "4096 4096 compile", "4096 4096 peaked"]
+    assert [r["check"] for r in rows] == checks_
     assert (
         rows[1]["value"]
         == "time (ms) 9.0, TFLOP/s (6NHV) 350.00, % of matmul 50%, peak extra (MiB) 2100, vs floor 1.02x"
     )
-    assert [r["status"] for r in rows] == ["info", "info", "fail"]
+    assert rows[3]["value"].startswith("tiles skipped 28000, of 32064, skip rate 87.3%")
+    assert [r["status"] for r in rows] == ["info", "info", "fail", "info"]
 
 
 def python_part(name, code, budget_s=30, parse=None):
@@ -217,7 +272,7 @@ def test_parts_run_within_budgets_and_the_table_says_what_happened(tmp_path, mon
         python_part("failed_check", f"print('@@row {bad}')"),
         python_part("crash", "import sys; print('something broke'); sys.exit(3)"),
         python_part("silent", "pass"),
-        python_part("bench", f"print({LOGPROB_OUTPUT!r})", parse=lambda out: validate.table_rows("bench", out, 2)),
+        python_part("bench", f"print({LOGPROB_OUTPUT!r})", parse=lambda out: validate.table_rows("bench", out, 3)),
         # a child that would outlive its parent: killed with it at the timeout
         python_part("slow", "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', "
                     "'import time; time.sleep(60)']); print('started', flush=True); time.sleep(60)", budget_s=60),
@@ -239,7 +294,7 @@ def test_parts_run_within_budgets_and_the_table_says_what_happened(tmp_path, mon
     assert list(out.parent.iterdir()) == [out]  # no temp file left
     assert "| ok | pass |" in text and "| a | x \\| y | pass | 1.0 |  |" in text and "- a note" in text
     assert "## crash: output tail (fail)" in text and "## bench: benchmark output" in text
-    assert "| bench | 4096 compile | fail | time (ms) n/a: OutOfMemoryError |" in text
+    assert "| bench | 4096 4096 compile | fail | time (ms) n/a: OutOfMemoryError |" in text
 
 
 def rows_of(out: str) -> list[dict]:
@@ -265,14 +320,68 @@ def test_flex_check_logic_on_the_cpu(one_rank, monkeypatch, capsys):
 
 
 def test_step_check_logic_on_the_cpu(one_rank, capsys, monkeypatch):
-    """SFT then DPO steps through train/loop.py's Trainer at a tiny preset: the rows it reports. The
-    step clock waits for the device's work (the optimizer's too) when it starts and before it is read."""
+    """SFT then DPO steps through train/loop.py's Trainer at a tiny preset, each with one profiled step:
+    the rows it reports. The step clock waits for the device's work (the optimizer's too) when it starts
+    and before it is read."""
     synced = []
     monkeypatch.setattr(train.loop, "sync_clock", synced.append)
-    checks.step(["sft", "dpo"], tokens_per_microbatch=1024, steps=1, compile=False, ac=False, preset="debug")
+    checks.step(
+        ["sft", "dpo"], tokens_per_microbatch=1024, steps=1, compile=False, ac=False, preset="debug", profile=True
+    )
     rows = rows_of(capsys.readouterr().out)
-    assert len(rows) == 10
-    assert len(synced) == 2 * 2 * 2  # two kinds x (warm-up + one timed step) x (start, end)
+    assert rows[0]["check"] == "step-time breakdown patterns" and "log-prob: TargetLogprobs" in rows[0]["value"]
+    per_kind = 5 + len(checks.BREAKDOWN) + 2  # the step's rows, one per group, the total, the largest "other"
+    assert len(rows) == 1 + 2 * per_kind
+    assert len(synced) == 2 * 3 * 2  # two kinds x (warm-up + one timed + one profiled step) x (start, end)
     assert [r["status"] for r in rows if "finite loss" in r["check"]] == ["pass", "pass"]
     assert {r["value"] for r in rows if r["check"].endswith("MFU")} == {"n/a"}  # no known peak on a CPU
-    assert rows[0]["check"].startswith("sft debug (1024 tokens/micro-batch") and rows[5]["check"].startswith("dpo")
+    assert rows[1]["check"].startswith("sft debug (1024 tokens/micro-batch") and rows[1 + per_kind]["check"].startswith(
+        "dpo"
+    )
+    shares = [r for r in rows if r["check"].startswith("sft") and ": breakdown, " in r["check"]][
+        : len(checks.BREAKDOWN)
+    ]
+    assert [r["check"].split(": breakdown, ")[1] for r in shares] == [g for g, _ in checks.BREAKDOWN]
+    ms = {r["check"].split(": breakdown, ")[1]: float(r["value"].split(" ms")[0]) for r in shares}
+    assert ms["matmul"] > 0 and ms["log-prob"] > 0 and ms["optimizer"] > 0  # CPU ops, grouped by the same rules
+
+
+# kernel names as a CUDA profile of one training step shows them (H100, torch 2.x), each with the op that
+# launched it and that op's callers
+STAND_IN_KERNELS = [
+    ("c10d::_allgather_base_ < FSDP::all_gather (layers.0)", "ncclDevKernel_AllGather_RING_LL", 30.0),
+    ("fsdp::all_gather_copy_in < FSDP::all_gather (layers.0)", "void at::native::elementwise_kernel<128, 4>", 2.0),
+    ("TritonTargetLogprobs", "_forward_kernel", 900.0),
+    ("aten::mm < TritonTargetLogprobsBackward < autograd::engine::evaluate_function: TritonTargetLogprobsBackward",
+     "nvjet_tst_192x192_64x4_2x1_v_bz_coopB_TNN", 700.0),
+    ("TritonTargetLogprobsBackward < autograd::engine::evaluate_function: TritonTargetLogprobsBackward",
+     "_dlogits_kernel", 800.0),
+    ("aten::logsumexp < _ChunkedTargetLogprobs", "void at::native::reduce_kernel<512, 1>", 50.0),
+    ("aten::_fused_adamw_ < Optimizer.step#AdamW.step",
+     "void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>", 400.0),
+    ("aten::_foreach_norm", "void at::native::multi_tensor_apply_kernel<LpNormFunctor>", 20.0),
+    ("", "triton_tem_fused_flex_attention_0", 600.0),
+    ("", "triton_tem_fused_flex_attention_backward_2", 1200.0),
+    ("aten::_scaled_dot_product_flash_attention", "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits>", 10.0),
+    ("aten::mm", "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64", 3000.0),
+    ("aten::addmm < aten::linear", "cutlass3x_sm90_tensorop_gemm_bf16_bf16_f32_bf16", 500.0),
+    ("aten::mm", "some_future_gemm_kernel_name", 5.0),  # matched by its op
+    ("", "triton_poi_fused__to_copy_add_mul_rsqrt_0", 300.0),
+    ("aten::copy_", "Memcpy DtoD (Device -> Device)", 3.0),
+]  # fmt: skip
+
+
+def test_breakdown_groups_kernels_by_name_and_launching_op():
+    groups = checks.group_times(STAND_IN_KERNELS)
+    assert list(groups) == ["communication", "log-prob", "optimizer", "attention", "matmul", "other"]
+    assert groups == {
+        "communication": 32.0,
+        "log-prob": 900.0 + 700.0 + 800.0 + 50.0,  # the LM head's GEMMs inside our Function count here
+        "optimizer": 420.0,
+        "attention": 1810.0,
+        "matmul": 3505.0,
+        "other": 303.0,
+    }
+    assert sum(groups.values()) == sum(t for _, _, t in STAND_IN_KERNELS)
+    assert checks.kernel_groups(STAND_IN_KERNELS[:3]) == ["communication", "communication", "log-prob"]
+    assert checks.group_times([]) == dict.fromkeys(groups, 0.0)

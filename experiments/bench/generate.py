@@ -3,13 +3,15 @@
 Compares, on the same weights and the same sampling settings (temperature 1, no top-k/top-p,
 no stop token, so every row produces exactly --new tokens):
   ours: fan-out      prefill each prompt once, copy its KV cache to K rows, decode P*K rows together
-  ours: compiled     the same with generate(compile=True): the decode step through torch.compile (--compile)
+  ours: compiled     the same with generate(compile=True): the decode step through torch.compile (--compile);
+                     compiled and timed after the other rows are printed (so a run cut during the compile keeps them)
   ours: no fan-out   the P*K rows prefilled separately (each prompt repeated K times), then decoded together
   ours: naive        one sample at a time (P*K calls of batch 1)
   HF generate        transformers' LlamaForCausalLM.generate(num_return_sequences=K), left-padded batch
 
     python experiments/bench/generate.py                 # CPU table, both model sizes
     python experiments/bench/generate.py --sizes 1b      # on a GPU: a Llama 3.2 1B-size config
+    python experiments/bench/generate.py --sizes 1b --prompts 16 --new 128 --methods fanout compiled  # validate.sh's
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ SIZES = {
 
 
 _MISSING = object()
+METHODS = ["fanout", "compiled", "no-fanout", "naive", "hf"]
 
 
 def sync(device):
@@ -95,7 +98,9 @@ def bench_size(name, args, device, dtype):
                     delattr(obj, attr)
                 else:
                     setattr(obj, attr, old)
-        return f"{title}, decode profile\n\n{table}"
+        text = f"{title}, decode profile\n\n{table}"
+        print(text, flush=True)
+        return text
 
     def fanout():
         out = generate(model, prompts, num_samples=K, **kw)
@@ -109,9 +114,40 @@ def bench_size(name, args, device, dtype):
             for _ in range(K):
                 generate(model, [p], num_samples=1, **kw)
 
-    methods = [("ours: fan-out", fanout, None)]
-    notes = []
-    if args.compile:
+    chosen = args.methods or (
+        ["fanout"] + ["compiled"] * args.compile + ["no-fanout", "naive"] * (not args.quick) + ["hf"]
+    )
+    methods = []  # eager ones, timed in turns
+    if "fanout" in chosen:
+        methods.append(("ours: fan-out", fanout, None))
+    if "no-fanout" in chosen:
+        methods.append(("ours: no fan-out", no_fanout, None))
+    if "naive" in chosen:
+        methods.append(("ours: naive per-sample", naive, 1))
+    if "hf" in chosen:
+        try:
+            methods.append(("HF generate", hf_generate_fn(model, prompts, K, new, device, dtype), None))
+        except ImportError:
+            print("HF generate: transformers is not installed, left out")
+    n_tokens = P * K * new
+    lines = [
+        title,
+        "",
+        "| method | time (s) | samples/s | generated tokens/s | vs fan-out |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    print("\n".join(lines), flush=True)
+    rows = timed_interleaved(methods, device, args.repeats, warm_up=not args.quick) if methods else []
+    ref = rows[0][1] if rows else None
+
+    def line(label, t):
+        vs = f"{t / ref:.2f}x" if ref else ""
+        lines.append(f"| {label} | {t:.3f} | {P * K / t:,.1f} | {n_tokens / t:,.0f} | {vs} |")
+        print(lines[-1], flush=True)
+
+    for label, t in rows:  # printed before the compile starts: a run cut during it keeps them
+        line(label, t)
+    if "compiled" in chosen:
 
         def fanout_compiled():
             out = generate(model, prompts, num_samples=K, compile=True, **kw)
@@ -119,49 +155,37 @@ def bench_size(name, args, device, dtype):
 
         t0 = time.perf_counter()
         fanout_compiled()  # compiles the decode step (the timed runs reuse it)
-        notes.append(f"compiled: compile + first call {time.perf_counter() - t0:.1f}s (not in the table)")
-        methods.append(("ours: fan-out, compiled", fanout_compiled, None))
-    if not args.quick:
-        methods.append(("ours: no fan-out", no_fanout, None))
-        methods.append(("ours: naive per-sample", naive, 1))
-    try:
-        from transformers import LlamaForCausalLM
-
-        with tempfile.TemporaryDirectory() as d:
-            save_model(model, d, format="hf")
-            hf = LlamaForCausalLM.from_pretrained(d, dtype=dtype, attn_implementation="sdpa").to(device).eval()
-        L = max(lengths)
-        ids = torch.zeros(P, L, dtype=torch.long)
-        mask = torch.zeros(P, L, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, L - len(p) :], mask[i, L - len(p) :] = torch.tensor(p), 1
-        ids, mask = ids.to(device), mask.to(device)
-
-        def hf_generate():
-            with torch.no_grad():
-                out = hf.generate(
-                    input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                    num_return_sequences=K, max_new_tokens=new, min_new_tokens=new, pad_token_id=0,
-                )  # fmt: skip
-            assert out.shape == (P * K, L + new)
-
-        methods.append(("HF generate", hf_generate, None))
-    except ImportError:
-        print("HF generate: transformers is not installed, left out")
-    rows = timed_interleaved(methods, device, args.repeats, warm_up=not args.quick)
-
-    n_tokens = P * K * new
-    ref = rows[0][1]
-    lines = [
-        title,
-        "",
-        "| method | time (s) | samples/s | generated tokens/s | vs fan-out |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for label, t in rows:
-        lines.append(f"| {label} | {t:.3f} | {P * K / t:,.1f} | {n_tokens / t:,.0f} | {t / ref:.2f}x |")
-    lines += ["", *notes, f"load average at end (1, 5, 15 min): {_load()}"]
+        first = time.perf_counter() - t0
+        best = timed_interleaved([("compiled", fanout_compiled, None)], device, args.repeats, warm_up=False)[0][1]
+        line(f"ours: fan-out, compiled (compile + first call {first:.1f} s, untimed)", best)
+    lines += ["", f"load average at end (1, 5, 15 min): {_load()}"]
+    print("\n".join(lines[-2:]), flush=True)
     return "\n".join(lines)
+
+
+def hf_generate_fn(model, prompts, K, new, device, dtype):
+    """transformers' LlamaForCausalLM.generate on the same weights, left-padded, K samples per prompt."""
+    from transformers import LlamaForCausalLM
+
+    with tempfile.TemporaryDirectory() as d:
+        save_model(model, d, format="hf")
+        hf = LlamaForCausalLM.from_pretrained(d, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    P, L = len(prompts), max(len(p) for p in prompts)
+    ids = torch.zeros(P, L, dtype=torch.long)
+    mask = torch.zeros(P, L, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, L - len(p) :], mask[i, L - len(p) :] = torch.tensor(p), 1
+    ids, mask = ids.to(device), mask.to(device)
+
+    def hf_generate():
+        with torch.no_grad():
+            out = hf.generate(
+                input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                num_return_sequences=K, max_new_tokens=new, min_new_tokens=new, pad_token_id=0,
+            )  # fmt: skip
+        assert out.shape == (P * K, L + new)
+
+    return hf_generate
 
 
 def _load() -> str:
@@ -267,6 +291,13 @@ def main():
     ap.add_argument("--out", help="append the table to this markdown file")
     ap.add_argument("--profile", action="store_true", help="instead: the share of each part of the decode loop (CPU)")
     ap.add_argument("--compile", action="store_true", help="also time generate(compile=True) (torch.compile'd step)")
+    ap.add_argument(
+        "--methods",
+        nargs="+",
+        choices=METHODS,
+        help="exactly these rows (instead of --compile / --quick's choice): fanout, compiled (generate(compile=True), "
+        "timed after the eager rows are printed), no-fanout, naive, hf",
+    )
     args = ap.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -280,14 +311,14 @@ def main():
         f"command: python experiments/bench/generate.py --sizes {' '.join(args.sizes)} --prompts {args.prompts} "
         f"--samples {args.samples} --prompt-len {args.prompt_len} --new {args.new}"
         f"{' --profile' if args.profile else ''}{' --quick' if args.quick else ''}{' --compile' if args.compile else ''}"
+        f"{' --methods ' + ' '.join(args.methods) if args.methods else ''}"
         f" --repeats {args.repeats}\n"
         f"load average at start (1, 5, 15 min): {_load()}"
     )
     print(header)
     tables = [header]
     for name in args.sizes:
-        tables.append(bench_size(name, args, device, dtype))
-        print(tables[-1], flush=True)
+        tables.append(bench_size(name, args, device, dtype))  # printed as its rows come
     if args.out:
         with open(args.out, "a") as f:
             f.write("\n".join(tables) + "\n\n")

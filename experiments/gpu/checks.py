@@ -3,6 +3,7 @@
     python experiments/gpu/checks.py kernels      # the Triton kernel on real CUDA, bf16 then fp32
     python experiments/gpu/checks.py flex         # FlexAttention (compiled, activation checkpointing) vs dense
     python experiments/gpu/checks.py step dpo sft # 1-GPU DPO then SFT steps at the llama3.2-1b shape
+    python experiments/gpu/checks.py step dpo sft --profile  # and one profiled step each: CUDA time by kernel group
 
 bf16 comes first everywhere, so a part cut at its time budget has lost its fp32 rows, not its bf16 ones.
 
@@ -17,6 +18,7 @@ import argparse
 import json
 import os
 import random
+import re
 import statistics
 import sys
 import time
@@ -244,11 +246,19 @@ def random_step(kind: str, vocab: int, max_len: int, tokens_per_microbatch: int,
 
 
 def step(
-    kinds: list[str], tokens_per_microbatch: int, steps: int, compile: bool, ac: bool, preset: str = "llama3.2-1b"
+    kinds: list[str],
+    tokens_per_microbatch: int,
+    steps: int,
+    compile: bool,
+    ac: bool,
+    preset: str = "llama3.2-1b",
+    profile: bool = False,
 ) -> None:
     """Steps of train/loop.py's Trainer at the llama3.2-1b shape (random weights, random tokens), SFT
-    then DPO (live bf16 reference) on the same policy: tokens/s per GPU, MFU (train/loop.py
-    step_flops over the step time), peak memory. The first step of each (compiles) is not timed."""
+    and DPO (live bf16 reference) on the same policy, in the order of `kinds`: tokens/s per GPU, MFU
+    (train/loop.py step_flops over the step time), peak memory. The first step of each (compiles) is
+    not timed. profile: then one more step under torch.profiler, its device time by kernel group
+    (`BREAKDOWN`)."""
     from train import dpo, sft
     from train.config import Config
     from train.distributed import build_model, init_distributed
@@ -262,6 +272,9 @@ def step(
     model = build_model(d, None, preset, "lm", 0, "bf16", ac, compile)
     setup_s = time.perf_counter() - t0
     rng = random.Random(0)
+    if profile:
+        patterns = "; ".join(f"{g}: {p or '(the rest)'}" for g, p in BREAKDOWN)
+        row("step", "step-time breakdown patterns", "info", patterns, "re.search in 'launching op < callers | kernel'")
     for kind in kinds:
         if kind == "dpo":
             t0 = time.perf_counter()
@@ -273,7 +286,8 @@ def step(
         trainer = Trainer(cfg, d, model, objective, None, None, objective)
         max_len = min(4096, tokens_per_microbatch)
         data = [
-            random_step(kind, model.config.vocab_size, max_len, tokens_per_microbatch, rng) for _ in range(steps + 1)
+            random_step(kind, model.config.vocab_size, max_len, tokens_per_microbatch, rng)
+            for _ in range(steps + 1 + profile)
         ]
         sync(d.device)
         t0 = time.perf_counter()
@@ -283,20 +297,22 @@ def step(
         if d.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         metrics, wall = [], []
-        for i, s in enumerate(data[1:], start=2):
+        for i, s in enumerate(data[1 : steps + 1], start=2):
             t0 = time.perf_counter()
             metrics.append(trainer.train_step(s, i, timed=True))  # synced: the optimizer's GPU time counted
             sync(d.device)
             wall.append(time.perf_counter() - t0)
-        report_step(f"{kind} {preset}", metrics, wall, first_s, setup_s, tokens_per_microbatch, compile, ac)
+        what = f"{kind} {preset} ({tokens_per_microbatch} tokens/micro-batch, compile {compile}, AC {ac})"
+        report_step(what, metrics, wall, first_s, setup_s)
+        if profile:
+            report_breakdown(what, *profiled_step(trainer, data[-1], steps + 2, d.device))
         del trainer
 
 
-def report_step(kind, metrics, wall, first_s, setup_s, tokens_per_microbatch, compile, ac) -> None:
+def report_step(what, metrics, wall, first_s, setup_s) -> None:
     def med(key):
         return statistics.median(x[key] for x in metrics)
 
-    what = f"{kind} ({tokens_per_microbatch} tokens/micro-batch, compile {compile}, AC {ac})"
     mfu = f"{100 * med('mfu'):.1f}%" if all("mfu" in x for x in metrics) else "n/a"
     row(
         "step",
@@ -318,6 +334,94 @@ def report_step(kind, metrics, wall, first_s, setup_s, tokens_per_microbatch, co
     row("step", f"{what}: finite loss", "pass" if finite else "fail", f"{med('loss'):.4f}")
 
 
+# ----------------------------------------------------------------------------- step-time breakdown
+
+# Each kernel goes to the first group whose pattern (re.search) is found in "<the op that launched it> <
+# its callers < ... | <kernel name>": by name, and by the op only where a name cannot say (the LM head's
+# GEMMs inside our log-prob autograd.Functions, the optimizer's kernels inside Optimizer.step, FSDP's
+# copies around its collectives). MLP and attention projections are both GEMMs: "matmul" holds both.
+BREAKDOWN = [
+    ("communication", r"nccl|FSDP::|fsdp::|c10d::"),
+    ("log-prob", r"TargetLogprobs|_forward_kernel|_dlogits_kernel"),  # kernels/: the Function, the Triton kernels
+    ("optimizer", r"Optimizer\.step|multi_tensor_apply|fused_adam|_foreach_"),  # AdamW and the grad-norm clip
+    ("attention", r"flex_attention|flash|fmha|sdpa|scaled_dot_product|cudnn"),
+    ("matmul", r"gemm|nvjet|cutlass|xmma|cublas|aten::(mm|addmm|bmm|baddbmm)\b"),
+    ("other", r""),  # elementwise, norms, RoPE, reductions, copies
+]
+
+
+def kernel_groups(kernels, groups=BREAKDOWN) -> list[str]:
+    """[(launching op < its callers ..., kernel name, time)] -> each one's group: the first whose pattern
+    is found in "context | name"."""
+    patterns = [(g, re.compile(p)) for g, p in groups]
+    return [next(g for g, p in patterns if p.search(f"{context} | {name}")) for context, name, _ in kernels]
+
+
+def group_times(kernels, groups=BREAKDOWN) -> dict[str, float]:
+    """[(launching op < its callers ..., kernel name, time)] -> {group: summed time}, in `groups` order."""
+    out = {g: 0.0 for g, _ in groups}
+    for (_, _, t), g in zip(kernels, kernel_groups(kernels, groups)):
+        out[g] += t
+    return out
+
+
+def profiled_kernels(prof) -> list[tuple[str, str, float]]:
+    """(launching op < its callers ..., name, microseconds) of every CUDA kernel, memcpy and memset in a
+    torch.profiler run; a run without CUDA events (the CPU): its CPU ops and their own (self) time."""
+    from torch.autograd import DeviceType
+
+    events = prof.events()
+    ops = {e.id: e for e in events if e.device_type == DeviceType.CPU}
+
+    def context(e) -> str:
+        names = []
+        while e is not None:
+            names.append(e.name)
+            e = e.cpu_parent
+        return " < ".join(names)
+
+    device = [e for e in events if e.device_type == DeviceType.CUDA]
+    if device:
+        return [(context(ops.get(e.linked_correlation_id)), e.name, e.time_range.elapsed_us()) for e in device]
+    cpu = [e for e in events if e.device_type == DeviceType.CPU and not e.is_async]
+    return [(context(e.cpu_parent), e.name, e.self_cpu_time_total) for e in cpu]
+
+
+def profiled_step(trainer, batch, step_number: int, device) -> tuple[list, float]:
+    """One more train_step under torch.profiler (CPU + CUDA activity) -> (its kernels, wall seconds)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        trainer.train_step(batch, step_number, timed=True)
+        sync(device)
+        wall = time.perf_counter() - t0
+    return profiled_kernels(prof), wall
+
+
+def report_breakdown(what: str, kernels: list, wall: float) -> None:
+    """Rows: the device time of each group and its share, the total, the largest 'other' kernels."""
+    groups, total = group_times(kernels), sum(t for _, _, t in kernels)
+    unit = "CUDA kernel" if torch.cuda.is_available() else "CPU op"
+    note = f"one profiled step; {unit} time grouped by kernel name and launching op (the patterns row)"
+    for g, t in groups.items():
+        row("step", f"{what}: breakdown, {g}", "info", f"{t / 1e3:.1f} ms ({100 * t / max(total, 1e-9):.0f}%)", note)
+    row(
+        "step",
+        f"{what}: breakdown, total",
+        "info",
+        f"{total / 1e3:.1f} ms in {len(kernels)} {unit}s; step {1e3 * wall:.0f} ms under the profiler",
+        "kernels of all streams summed (communication may overlap compute)",
+    )
+    other = {}
+    for (_, name, t), g in zip(kernels, kernel_groups(kernels)):
+        if g == "other":
+            other[name] = other.get(name, 0.0) + t
+    top = sorted(other.items(), key=lambda kv: -kv[1])[:3]
+    row("step", f"{what}: breakdown, largest 'other'", "info", "; ".join(f"{n[:70]} {t / 1e3:.1f} ms" for n, t in top))
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("check", choices=["kernels", "flex", "step"])
@@ -326,6 +430,7 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--activation-checkpointing", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="`step`: one more step profiled, time by kernel group")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("these checks need a CUDA device")
@@ -336,7 +441,8 @@ def main(argv=None) -> None:
         flex()
     else:
         kinds = args.kinds or ["dpo", "sft"]
-        step(kinds, args.tokens_per_microbatch, args.steps, not args.no_compile, args.activation_checkpointing)
+        compile, ac = not args.no_compile, args.activation_checkpointing
+        step(kinds, args.tokens_per_microbatch, args.steps, compile, ac, profile=args.profile)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

@@ -9,15 +9,19 @@ a 60 s margin for the interpreter, imports and the machine), every part runs bf1
 that matter most come before a timeout can cut them), and the results file is rewritten after every
 part and every PROGRESS_S seconds while one runs, so whatever finished is there when the command
 is killed. Parts, in order (each its own process, killed at its time budget; a part that would
-start with less than MIN_START_S seconds of the total budget left is skipped and says so):
+start with less than MIN_START_S seconds of the total budget left is skipped and says so; the dry
+run prints what each measures):
   kernels   the Triton kernel on real CUDA against float64, bf16 then fp32, the tile config pinned
             (deterministic=True: one compile per kernel, no autotuning) (experiments/gpu/checks.py)
   flex      FlexAttention forward/backward, compiled with activation checkpointing, vs the dense path, bf16 then fp32
-  step-dpo  1-GPU DPO steps (live bf16 reference) at the llama3.2-1b shape: tokens/s per GPU, MFU, peak memory
-  step-sft  the same for SFT
-  logprob   experiments/bench/logprob.py at H 4096 / V 128256, bf16: ours vs torch.compile,
-            F.linear_cross_entropy and Liger (each left out with a note where this torch / env lacks it)
-  generate  experiments/bench/generate.py at 1B, bf16: samples/s
+  step      1-GPU DPO then SFT steps (live bf16 reference) at the llama3.2-1b shape, activation checkpointing
+            off: tokens/s per GPU, MFU, peak memory; then one profiled step each: CUDA time by kernel group
+  step-ac   the same with activation checkpointing on (no profile)
+  logprob   experiments/bench/logprob.py at H 4096 then 2048 (V 128256), N 32768, 12289 (no tile's multiple),
+            4096, bf16: a plain matmul (the achievable rate), ours (Triton, chunked torch), F.linear_cross_entropy
+            (reference and chunked settings), Liger, torch.compile (each left out with a note where this torch /
+            env lacks it); our backward's tile-skip rate on flat and peaked logits
+  generate  experiments/bench/generate.py at 1B, bf16, 16 prompts x 8 samples: samples/s eager vs compile=True
 
 Writes --out (default experiments/gpu/results.md: device, versions, date, command; a summary per
 part; every check's row; the benchmark tables; the output tail of any part that failed). The
@@ -29,6 +33,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.util
+import inspect
 import json
 import os
 import signal
@@ -46,7 +51,14 @@ ROW = "@@row "
 MIN_START_S = 20  # a part gets at least this long, or is skipped
 PROGRESS_S = 15.0  # while a part runs, its rows so far are written to --out this often
 BUDGET_S = 540  # the default total: 9 minutes, 60 s under one 10-minute command
-LOGPROB_METHODS = ["matmul", "compile", "torch_lce", "liger", "ours_torch", "ours_triton"]
+# ours against its peers first; each torch_lce:<setting> is one chunking setting of F.linear_cross_entropy
+# (experiments/bench/logprob.py); compile (slow to compile) at the first shape only
+LOGPROB_METHODS = [
+    "matmul", "ours_triton", "ours_torch", "torch_lce:auto", "torch_lce:aspect_ratio", "torch_lce:aspect_ratio:8",
+    "torch_lce", "liger", "compile",
+]  # fmt: skip
+LOGPROB_ONCE = ["compile"]
+GENERATE_METHODS = ["fanout", "compiled"]  # eager vs compile=True (HF, no-fan-out and per-sample rows: time)
 
 
 @dataclass
@@ -56,6 +68,7 @@ class Part:
     argv: Callable  # args -> the command (after the python executable)
     parse: Callable | None = None  # stdout -> rows, for the benchmark scripts that print markdown tables
     what: str = ""  # the plan's one-line description (dtype order first)
+    measures: Callable | None = None  # args -> what the dry run lists under the part: every measurement
 
 
 @dataclass
@@ -73,6 +86,14 @@ class Result:
 # ----------------------------------------------------------------------------- what runs
 
 
+def _module(path: str):
+    """A script of this repository as a module (its tables of settings; torch is imported anyway)."""
+    spec = importlib.util.spec_from_file_location(Path(path).stem, REPO / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def missing_logprob_methods() -> dict[str, str]:
     """Methods of experiments/bench/logprob.py this environment cannot run -> why."""
     out = {}
@@ -80,23 +101,53 @@ def missing_logprob_methods() -> dict[str, str]:
         out["liger"] = "liger-kernel is not installed"
     import torch.nn.functional as F
 
+    lce = [m for m in LOGPROB_METHODS if m.split(":")[0] == "torch_lce"]
     if not hasattr(F, "linear_cross_entropy"):
-        out["torch_lce"] = "this torch has no F.linear_cross_entropy"
+        return out | {m: "this torch has no F.linear_cross_entropy" for m in lce}
+    chunked = [m for m in lce if ":" in m]
+    if "options" not in inspect.signature(F.linear_cross_entropy).parameters:
+        return out | {m: "this torch's F.linear_cross_entropy has no chunking options" for m in chunked}
+    bench = _module("experiments/bench/logprob.py")  # its chunking settings -> torch's options
+    for m in chunked:
+        try:
+            bench.lce_options(m.partition(":")[2])
+        except (ImportError, TypeError, ValueError) as e:
+            out[m] = f"this torch's LinearCrossEntropyOptions refuses it ({type(e).__name__}: {e})"
     return out
 
 
+def logprob_methods() -> list[str]:
+    missing = missing_logprob_methods()
+    return [m for m in LOGPROB_METHODS if m not in missing]
+
+
 def logprob_argv(args) -> list[str]:
-    methods = [m for m in LOGPROB_METHODS if m not in missing_logprob_methods()]
+    methods = logprob_methods()
     return [
-        "experiments/bench/logprob.py", "--ns", *map(str, args.logprob_ns), "--methods", *methods,
+        "experiments/bench/logprob.py", "--hs", *map(str, args.logprob_hs), "--ns", *map(str, args.logprob_ns),
+        "--methods", *methods, "--once", *[m for m in LOGPROB_ONCE if m in methods], "--skip-rate",
         "--repeats", "3", "--out", "experiments/bench/results/logprob.md",
     ]  # fmt: skip
 
 
+def logprob_measures(args) -> str:
+    methods = logprob_methods()
+    once = [m for m in LOGPROB_ONCE if m in methods]
+    every = [m for m in methods if m not in once]
+    hs, ns = "/".join(map(str, args.logprob_hs)), "/".join(map(str, args.logprob_ns))
+    return (
+        f"fwd+bwd time, TFLOP/s, % of matmul, peak memory at H {hs} x N {ns} (V 128256), in that order: "
+        f"{', '.join(every)}"
+        + (f"; {', '.join(once)} at H {args.logprob_hs[0]}, N {args.logprob_ns[0]} only" if once else "")
+        + f"; our backward's tile-skip rate at H {args.logprob_hs[0]}, N {args.logprob_ns[0]} on flat, peaked and"
+        " peaked-with-every-16th-row-flat logits"
+    )
+
+
 def generate_argv(args) -> list[str]:
     return [
-        "experiments/bench/generate.py", "--sizes", "1b", "--prompts", "4", "--samples", "8", "--prompt-len", "256",
-        "--new", "64", "--repeats", "1", "--out", "experiments/bench/results/generate.md",
+        "experiments/bench/generate.py", "--sizes", "1b", "--prompts", "16", "--samples", "8", "--prompt-len", "256",
+        "--new", "128", "--repeats", "2", "--methods", *GENERATE_METHODS, "--out", "experiments/bench/results/generate.md",
     ]  # fmt: skip
 
 
@@ -119,18 +170,41 @@ def table_rows(part: str, stdout: str, key_columns: int) -> list[dict]:
     return rows
 
 
-def step_argv(kind: str):
-    return lambda args: [CHECKS, "step", kind, "--tokens-per-microbatch", str(args.step_tokens)]
+def step_argv(*options: str):
+    """DPO then SFT on one policy in one process (one model build, one compile); the first step compiles."""
+    return lambda args: [
+        CHECKS, "step", "dpo", "sft", "--tokens-per-microbatch", str(args.step_tokens), "--steps", "2", *options,
+    ]  # fmt: skip
+
+
+def step_measures(ac: bool, profile: bool):
+    def measures(args) -> str:
+        text = (
+            f"DPO then SFT, llama3.2-1b, {args.step_tokens} tokens/micro-batch, compiled, activation checkpointing "
+            f"{'on' if ac else 'off'}: tokens/s per GPU, MFU, peak memory, step time (median of 2 after a compiling one)"
+        )
+        groups = ", ".join(g for g, _ in _module(CHECKS).BREAKDOWN)
+        return text + (f"; one profiled step each: CUDA kernel time by group ({groups})" if profile else "")
+
+    return measures
 
 
 PARTS = [  # budgets sum to BUDGET_S; each part runs its bf16 rows first
-    Part("kernels", 60, lambda args: [CHECKS, "kernels"], what="bf16 then fp32, pinned tiles"),
-    Part("flex", 80, lambda args: [CHECKS, "flex"], what="bf16 then fp32"),
-    Part("step-dpo", 110, step_argv("dpo"), what="bf16 DPO steps"),
-    Part("step-sft", 90, step_argv("sft"), what="bf16 SFT steps"),
-    Part("logprob", 130, logprob_argv, lambda out: table_rows("logprob", out, 2), what="bf16"),
-    Part("generate", 70, generate_argv, lambda out: table_rows("generate", out, 1), what="bf16"),
-]
+    Part("kernels", 60, lambda args: [CHECKS, "kernels"], what="bf16 then fp32, pinned tiles",
+         measures=lambda args: "the Triton kernel vs float64 at 6 sizes up to N 2048 x H 4096 x V 128256; empty "
+         "input; tied weights; bitwise-deterministic backward"),
+    Part("flex", 80, lambda args: [CHECKS, "flex"], what="bf16 then fp32",
+         measures=lambda args: "FlexAttention (eager; compiled + activation checkpointing) vs the dense mask: "
+         "log-probs and gradients of a 2-layer model on packed DPO/SFT rows"),
+    Part("step", 125, step_argv("--profile"), what="bf16 DPO then SFT, AC off", measures=step_measures(False, True)),
+    Part("step-ac", 85, step_argv("--activation-checkpointing"), what="bf16 DPO then SFT, AC on",
+         measures=step_measures(True, False)),
+    Part("logprob", 110, logprob_argv, lambda out: table_rows("logprob", out, 3), what="bf16, H 4096 first",
+         measures=logprob_measures),
+    Part("generate", 80, generate_argv, lambda out: table_rows("generate", out, 1), what="bf16, eager first",
+         measures=lambda args: "llama3.2-1b, 16 prompts x 8 samples, prompts 211-256 tokens, 128 new tokens: "
+         "samples/s and tokens/s, eager (fan-out) vs generate(compile=True) (compile time noted)"),
+]  # fmt: skip
 
 
 def plan_notes(parts: list[Part]) -> list[str]:
@@ -139,8 +213,11 @@ def plan_notes(parts: list[Part]) -> list[str]:
     if any(p.name == "logprob" for p in parts):
         for method, why in missing_logprob_methods().items():
             notes.append(f"logprob: method {method} left out: {why}")
-    if any(p.name == "generate" for p in parts) and importlib.util.find_spec("transformers") is None:
-        notes.append("generate: transformers is not installed: no HF generate row")
+    if any(p.name == "generate" for p in parts):
+        notes.append(
+            "generate: HF generate, no-fan-out and per-sample rows left out of the GPU plan (their time); "
+            "experiments/bench/generate.py without --methods runs them"
+        )
     return notes
 
 
@@ -341,7 +418,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=REPO / "experiments/gpu/results.md",
         help="the results file, rewritten as each part ends (e.g. $OUT/results.md on a lent machine)",
     )
-    ap.add_argument("--logprob-ns", type=int, nargs="+", default=[4096, 32768], help="token counts N")
+    ap.add_argument("--logprob-hs", type=int, nargs="+", default=[4096, 2048], help="hidden sizes H (8B, 1B)")
+    ap.add_argument(
+        "--logprob-ns",
+        type=int,
+        nargs="+",
+        default=[32768, 12289, 4096],
+        help="token counts N (12289: no tile's multiple)",
+    )
     ap.add_argument("--step-tokens", type=int, default=16384, help="tokens per micro-batch of the 1B steps")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     args = ap.parse_args(argv)
@@ -360,6 +444,8 @@ def plan(parts: list[Part], args) -> list[str]:
         lines.append(
             f"{p.name:9s} {budget:4.0f} s  at {start:4.0f} s  [{p.what}]  {Path(sys.executable).name} {' '.join(p.argv(args))}{skip}"
         )
+        if p.measures is not None:
+            lines.append(f"          measures: {p.measures(args)}")
         start += budget
     total = sum(p.budget_s for p in parts)
     lines.append(f"total    {total:4d} s of parts' budgets (--budget {args.budget:.0f} s; one command: 600 s)")
