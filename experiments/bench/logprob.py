@@ -226,13 +226,14 @@ def run_jobs(jobs: list[dict], per_process: bool):
         with tempfile.TemporaryFile("w+") as err:
             cmd = [sys.executable, __file__, "--worker", json.dumps(batch)]
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
-            done = 0
+            done, last = 0, {}
             for line in proc.stdout:
                 if line.startswith(JOB):
-                    yield batch[done], json.loads(line[len(JOB) :])
+                    last = json.loads(line[len(JOB) :])
+                    yield batch[done], last
                     done += 1
             rc = proc.wait()
-            if done < len(batch):  # died without a word on batch[done]
+            if done < len(batch) and not (rc == 1 and "error" in last):  # died without a word on batch[done]
                 err.seek(0)
                 last = (err.read().strip().splitlines() or [f"exit code {rc}"])[-1]
                 yield batch[done], {"error": last[:90]}

@@ -371,7 +371,8 @@ def profiled_kernels(prof) -> list[tuple[str, str, float]]:
     from torch.autograd import DeviceType
 
     events = prof.events()
-    ops = {e.id: e for e in events if e.device_type == DeviceType.CPU}
+    # the ops (linked to nothing: runtime calls are linked to their op, their ids are CUPTI's)
+    ops = {e.id: e for e in events if e.device_type == DeviceType.CPU and e.linked_correlation_id == 0}
 
     def context(e) -> str:
         names = []
@@ -383,7 +384,7 @@ def profiled_kernels(prof) -> list[tuple[str, str, float]]:
     device = [e for e in events if e.device_type == DeviceType.CUDA]
     if device:
         return [(context(ops.get(e.linked_correlation_id)), e.name, e.time_range.elapsed_us()) for e in device]
-    cpu = [e for e in events if e.device_type == DeviceType.CPU and not e.is_async]
+    cpu = [e for e in ops.values() if not e.is_async]
     return [(context(e.cpu_parent), e.name, e.self_cpu_time_total) for e in cpu]
 
 

@@ -197,9 +197,9 @@ PARTS = [  # budgets sum to BUDGET_S; each part runs its bf16 rows first
          measures=lambda args: "FlexAttention (eager; compiled + activation checkpointing) vs the dense mask: "
          "log-probs and gradients of a 2-layer model on packed DPO/SFT rows"),
     Part("step", 125, step_argv("--profile"), what="bf16 DPO then SFT, AC off", measures=step_measures(False, True)),
-    Part("step-ac", 85, step_argv("--activation-checkpointing"), what="bf16 DPO then SFT, AC on",
+    Part("step-ac", 95, step_argv("--activation-checkpointing"), what="bf16 DPO then SFT, AC on",
          measures=step_measures(True, False)),
-    Part("logprob", 110, logprob_argv, lambda out: table_rows("logprob", out, 3), what="bf16, H 4096 first",
+    Part("logprob", 100, logprob_argv, lambda out: table_rows("logprob", out, 3), what="bf16, H 4096 first",
          measures=logprob_measures),
     Part("generate", 80, generate_argv, lambda out: table_rows("generate", out, 1), what="bf16, eager first",
          measures=lambda args: "llama3.2-1b, 16 prompts x 8 samples, prompts 211-256 tokens, 128 new tokens: "
