@@ -105,7 +105,11 @@ def missing_logprob_methods() -> dict[str, str]:
     if not hasattr(F, "linear_cross_entropy"):
         return out | {m: "this torch has no F.linear_cross_entropy" for m in lce}
     chunked = [m for m in lce if ":" in m]
-    if "options" not in inspect.signature(F.linear_cross_entropy).parameters:
+    try:
+        has_options = "options" in inspect.signature(F.linear_cross_entropy).parameters
+    except (TypeError, ValueError):  # a builtin without a Python signature
+        has_options = False
+    if not has_options:
         return out | {m: "this torch's F.linear_cross_entropy has no chunking options" for m in chunked}
     bench = _module("experiments/bench/logprob.py")  # its chunking settings -> torch's options
     for m in chunked:
