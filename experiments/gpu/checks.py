@@ -217,11 +217,15 @@ def flex(precisions=("bf16", "fp32"), modes=((False, False), (True, True)), max_
 # ----------------------------------------------------------------------------- one training step
 
 
+SHAPE_BUCKETS = 128  # train.shape_buckets' default with compile: the shapes training compiles
+
+
 def random_step(kind: str, vocab: int, max_len: int, tokens_per_microbatch: int, rng: random.Random):
     """One optimizer step's data of random tokens, one micro-batch's worth: SFT docs (the last 3/4
-    of each a target) or DPO groups [prompt][chosen][rejected], packed as the loader packs them."""
+    of each a target) or DPO groups [prompt][chosen][rejected], packed as the loader packs them and
+    padded to its static shapes (data/loader.py with train.shape_buckets 128)."""
     from data.loader import Step
-    from data.rows import Example, Seq, Target, build_group, pack
+    from data.rows import Example, Seq, Target, build_group, collate, plan, static_shape
     from llama.chat import EncodedDialog
 
     def enc(n):
@@ -242,7 +246,12 @@ def random_step(kind: str, vocab: int, max_len: int, tokens_per_microbatch: int,
     targets = sum(len(e.targets) for e in examples)
     pairs = sum(len(e.seqs) * (len(e.seqs) - 1) // 2 for e in examples)
     best = sum(1 for e in examples for t in e.targets if t.seq == 0)
-    return Step(pack(examples, max_len, tokens_per_microbatch), targets, pairs, best)
+    batches = []
+    for rows in plan([len(e) for e in examples], max_len, tokens_per_microbatch):
+        longest = max(sum(len(examples[i]) for i in row) for row in rows)
+        shape = static_shape(longest, max_len, tokens_per_microbatch, SHAPE_BUCKETS)
+        batches.append(collate([[examples[i] for i in row] for row in rows], shape=shape))
+    return Step(batches, targets, pairs, best)
 
 
 def step(
@@ -259,6 +268,7 @@ def step(
     (train/loop.py step_flops over the step time), peak memory. The first step of each (compiles) is
     not timed. profile: then one more step under torch.profiler, its device time by kernel group
     (`BREAKDOWN`)."""
+    from data.rows import bucket_lengths
     from train import dpo, sft
     from train.config import Config
     from train.distributed import build_model, init_distributed
@@ -268,8 +278,10 @@ def step(
     cfg = Config()
     cfg.train.mixed_precision, cfg.train.compile, cfg.train.activation_checkpointing = "bf16", compile, ac
     cfg.optim.warmup_steps, cfg.optim.schedule = 0, "constant"
+    max_len = min(4096, tokens_per_microbatch)
+    shapes = {"static_shapes": len(bucket_lengths(max_len, SHAPE_BUCKETS)), "compile": compile}  # as train/entry.py
     t0 = time.perf_counter()
-    model = build_model(d, None, preset, "lm", 0, "bf16", ac, compile)
+    model = build_model(d, None, preset, "lm", 0, "bf16", ac, **shapes)
     setup_s = time.perf_counter() - t0
     rng = random.Random(0)
     if profile:
@@ -278,13 +290,12 @@ def step(
     for kind in kinds:
         if kind == "dpo":
             t0 = time.perf_counter()
-            ref = build_model(d, None, preset, "lm", 0, "bf16", trainable=False)
+            ref = build_model(d, None, preset, "lm", 0, "bf16", trainable=False, **shapes)  # compiled, as train/dpo.py
             setup_s += time.perf_counter() - t0
             objective = dpo.make_objective(model, ref, dpo.DPOSection(), "auto")
         else:
             objective = sft.make_objective(model, "auto")
         trainer = Trainer(cfg, d, model, objective, None, None, objective)
-        max_len = min(4096, tokens_per_microbatch)
         data = [
             random_step(kind, model.config.vocab_size, max_len, tokens_per_microbatch, rng)
             for _ in range(steps + 1 + profile)
