@@ -323,8 +323,15 @@ def test_step_check_logic_on_the_cpu(one_rank, capsys, monkeypatch):
     """SFT then DPO steps through train/loop.py's Trainer at a tiny preset, each with one profiled step:
     the rows it reports. The step clock waits for the device's work (the optimizer's too) when it starts
     and before it is read."""
-    synced = []
+    synced, calls = [], []
     monkeypatch.setattr(train.loop, "sync_clock", synced.append)
+    real_step = train.loop.Trainer.train_step
+
+    def recording_step(self, batch, step, timed=None):
+        calls.append((step, {tuple(mb.tokens.shape) for mb in batch.micro_batches}))
+        return real_step(self, batch, step, timed)
+
+    monkeypatch.setattr(train.loop.Trainer, "train_step", recording_step)
     checks.step(
         ["sft", "dpo"], tokens_per_microbatch=1024, steps=1, compile=False, ac=False, preset="debug", profile=True
     )
@@ -332,7 +339,18 @@ def test_step_check_logic_on_the_cpu(one_rank, capsys, monkeypatch):
     assert rows[0]["check"] == "step-time breakdown patterns" and "log-prob: TargetLogprobs" in rows[0]["value"]
     per_kind = 5 + len(checks.BREAKDOWN) + 2  # the step's rows, one per group, the total, the largest "other"
     assert len(rows) == 1 + 2 * per_kind
-    assert len(synced) == 2 * 3 * 2  # two kinds x (warm-up + one timed + one profiled step) x (start, end)
+    assert len(synced) == 2 * len(calls)  # every step synced at its start and end
+    kinds = [[]]  # the calls per kind: warm-ups (step 1: the first, then one per new shape), one timed, one profiled
+    for i, call in enumerate(calls):
+        if i and call[0] == 1 and calls[i - 1][0] > 1:
+            kinds.append([])
+        kinds[-1].append(call)
+    assert len(kinds) == 2
+    for steps in kinds:
+        warm = [shapes for n, shapes in steps if n == 1]
+        timed = [shapes for n, shapes in steps if n > 1]
+        assert len(timed) == 2 and steps[: len(warm)] == [(1, w) for w in warm]
+        assert all(t <= set().union(*warm) for t in timed)  # no shape is first met (compiled) on the clock
     assert [r["status"] for r in rows if "finite loss" in r["check"]] == ["pass", "pass"]
     assert {r["value"] for r in rows if r["check"].endswith("MFU")} == {"n/a"}  # no known peak on a CPU
     assert rows[1]["check"].startswith("sft debug (1024 tokens/micro-batch") and rows[1 + per_kind]["check"].startswith(
