@@ -112,6 +112,33 @@ def test_task_accuracy_is_the_pipelines_to_the_last_bit(files, one_process):
     )
 
 
+def test_batch_size_generates_that_many_prompts_per_call(files, one_process, capsys):
+    """--batch-size 5 over 12 prompts: three generate calls of 5, 5 and 2 prompts drawing from one
+    generator in turn (an independent loop here); greedy results as one call gives; the KV cache line
+    names the largest call."""
+    prompts = ["--prompts", str(files / "prompts.jsonl"), *SCORED, "--seed", "5"]
+    whole = run(files, "policy", *prompts)
+    got = run(files, "policy", *prompts, "--batch-size", "5")
+    assert "per generate call at most: 5 prompts x 4 samples" in capsys.readouterr().out
+    model, records, tok = load_model(files / "policy").eval(), read_prompts(files / "prompts.jsonl"), CHAT.tokenizer
+    ids = [CHAT.encode_dialog(r["messages"], add_generation_prompt=True).tokens for r in records]
+    gen = torch.Generator().manual_seed(5)
+    expected = {}
+    for key, n, temp in (("task_accuracy", 1, 0.0), ("task_accuracy_sampled", 4, 1.0)):
+        samples = [
+            s for i in (0, 5, 10)
+            for s in generate(model, ids[i : i + 5], n, 8, tok.stop_ids, temp, pad_id=tok.pad_id, generator=gen)
+        ]  # fmt: skip
+        scores = [
+            Scored(7).verify(r["messages"][-1]["content"], decode_sample(tok, s))
+            for r, ss in zip(records, samples)
+            for s in ss
+        ]
+        expected[key] = sum(scores) / len(scores)
+    assert {k: got[k] for k in expected} == expected
+    assert got["task_accuracy"] == whole["task_accuracy"]  # greedy: the batch does not change a prompt's sample
+
+
 @pytest.mark.parametrize("k, verifier", [(4, SCORED), (3, [])])  # samples shared with task accuracy, or its own
 def test_rm_score_is_the_mean_reward_of_the_samples(files, one_process, k, verifier):
     got = run(files, "policy", "--prompts", str(files / "prompts.jsonl"), "--rm", str(files / "rm"), "--k", str(k),

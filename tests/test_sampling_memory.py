@@ -338,3 +338,33 @@ def test_a_run_folder_recorded_before_the_new_keys_continues_with_their_defaults
     Pipeline(load_pipeline_config(None, [f"root={tmp_path}"])).check_run_folder()
     with pytest.raises(PipelineError, match=r"differing:\n  sample_batch_size: 64 there, 8 now"):
         Pipeline(load_pipeline_config(None, [f"root={tmp_path}", "sample_batch_size=8"])).check_run_folder()
+
+
+def test_pipeline_eval_batch_size_reaches_the_evaluation_job(tmp_path):
+    from train.pipeline import load_pipeline_config
+    from train.recipe import Recipe
+
+    class Recording:
+        def __init__(self):
+            self.jobs = []
+
+        def run(self, job):
+            self.jobs.append(job.args)
+            open(job.args[job.args.index("--out") + 1], "w").write("{}")
+
+    def evaluation_args(*overrides):
+        cfg = load_pipeline_config(None, [f"root={tmp_path}", *overrides])
+        launcher = Recording()
+        recipe = Recipe(cfg, _arithmetic(cfg), CHAT, tmp_path / "run", launcher, {})
+        recipe.data.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "prompts.jsonl").write_text("")
+        (recipe.data / "DONE").write_text(json.dumps({"files": {"eval_prompts": str(tmp_path / "prompts.jsonl")}}))
+        d = tmp_path / "run" / "round_1" / f"sft{len(overrides)}"
+        d.mkdir(parents=True)
+        recipe.evaluate(d, tmp_path / "policy", "sft", None)
+        (args,) = launcher.jobs
+        return args
+
+    assert "--batch-size" not in evaluation_args()  # 0: all of a rank's prompts in one call, as before
+    mine = evaluation_args("eval_batch_size=16")
+    assert mine[mine.index("--batch-size") + 1] == "16" and "--prompts" in mine

@@ -42,6 +42,7 @@ from train.sample import check_checkpoints, make_task, rank_seed, read_prompts, 
 
 
 SHOWN = 8  # the first --prompts records whose greedy generations the result keeps ("generations")
+SAMPLED = 4  # samples per prompt (temperature 1) of task_accuracy_sampled
 
 
 def read_pairs(path) -> tuple[list[list[dict]], list[list[str]], int]:
@@ -64,17 +65,29 @@ def read_pairs(path) -> tuple[list[list[dict]], list[list[str]], int]:
     return prompts, texts, tied
 
 
-def task_sums(model, chat: ChatFormat, records, verify, max_new_tokens: int, generator, done) -> tuple:
+def generate_batched(model, ids, n: int, max_new_tokens: int, tok, temperature: float, generator, batch_size: int):
+    """llama.generate over `batch_size` prompts at a time (0: all in one call, whose random draws the
+    results of earlier runs came from; another batch size draws them in another order)."""
+    from llama.generate import generate
+
+    step = batch_size or max(len(ids), 1)
+    return [
+        s for i in range(0, len(ids), step) for s in generate(
+            model, ids[i : i + step], n, max_new_tokens, tok.stop_ids, temperature, pad_id=tok.pad_id,
+            generator=generator,
+        )
+    ]  # fmt: skip
+
+
+def task_sums(model, chat: ChatFormat, records, verify, max_new_tokens: int, generator, done, batch_size=0) -> tuple:
     """The verifier's score sums and counts over greedy (1 sample) and sampled (4, temperature 1) samples of
     `records` -> (sums, the sampled samples' texts per record, the greedy text per record)."""
-    from llama.generate import decode_sample, generate
+    from llama.generate import decode_sample
 
     ids = [chat.encode_dialog(r["messages"], add_generation_prompt=True).tokens for r in records]
     tok, out, texts, greedy = chat.tokenizer, {}, [], []
-    for key, n, temp in (("task_accuracy", 1, 0.0), ("task_accuracy_sampled", 4, 1.0)):
-        samples = generate(
-            model, ids, n, max_new_tokens, tok.stop_ids, temp, pad_id=tok.pad_id, generator=generator
-        ) if ids else []  # fmt: skip
+    for key, n, temp in (("task_accuracy", 1, 0.0), ("task_accuracy_sampled", SAMPLED, 1.0)):
+        samples = generate_batched(model, ids, n, max_new_tokens, tok, temp, generator, batch_size)
         texts = [[decode_sample(tok, s) for s in ss] for ss in samples]
         scores = [verify(r["messages"][-1]["content"], t) for r, ts in zip(records, texts) for t in ts]
         out[key], out[f"{key}/n"] = sum(scores), len(scores)
@@ -106,15 +119,15 @@ def shown_generations(model, chat: ChatFormat, records, greedy, verify, max_new_
     return [row for _, row in sorted(r for part in every for r in part)] if d.is_main else []
 
 
-def sampled_texts(model, chat: ChatFormat, records, k: int, max_new_tokens: int, generator) -> list[list[str]]:
-    """K samples per record at temperature 1, decoded."""
-    from llama.generate import decode_sample, generate
+def sampled_texts(model, chat: ChatFormat, records, k: int, max_new_tokens: int, generator, batch_size: int = 0):
+    """K samples per record at temperature 1, decoded. -> [[str]]"""
+    from llama.generate import decode_sample
 
     if not records:
         return []
     tok = chat.tokenizer
     ids = [chat.encode_dialog(r["messages"], add_generation_prompt=True).tokens for r in records]
-    samples = generate(model, ids, k, max_new_tokens, tok.stop_ids, 1.0, pad_id=tok.pad_id, generator=generator)
+    samples = generate_batched(model, ids, k, max_new_tokens, tok, 1.0, generator, batch_size)
     return [[decode_sample(tok, s) for s in ss] for ss in samples]
 
 
@@ -149,6 +162,10 @@ def parse_args(argv=None):
     ap.add_argument("--max-len", type=at_least(2), default=4096, help="of --nll records (and RM rows)")
     ap.add_argument("--rm", help="reward model: rm_score, its mean score of the model's samples of --prompts")
     ap.add_argument("--k", type=at_least(1), default=4, help="samples per prompt of rm_score")
+    ap.add_argument(
+        "--batch-size", type=at_least(0), default=0,
+        help="prompts per generate call (its KV cache, printed); 0: all of a rank's prompts in one call",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     if (args.verifier or args.rm) and not args.prompts:
         ap.error("--verifier and --rm score samples of held-out prompts: give --prompts")
@@ -224,7 +241,7 @@ def evaluate(args, d, chat: ChatFormat, verify, records, pairs, examples) -> dic
 
     dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
     share = slice(d.rank, None, d.world_size)
-    reuse = verify is not None and args.k == 4  # rm_score's samples are task_accuracy_sampled's
+    reuse = verify is not None and args.k == SAMPLED  # rm_score's samples are task_accuracy_sampled's
     passes = (2 if verify else 0) + (1 if args.rm and not reuse else 0)
     total, done = passes * len(records) + len(pairs[0]) + len(examples), [0]
 
@@ -234,16 +251,26 @@ def evaluate(args, d, chat: ChatFormat, verify, records, pairs, examples) -> dic
 
     progress.report(0, total, "examples")
     model = load_model(args.model, head="reward" if args.pairs else "lm", dtype=dtype, device=d.device).eval()
+    if records and d.is_main:  # the largest generate call's cache: K samples (or SAMPLED) per prompt
+        from llama.generate import kv_cache_report
+
+        lens = [len(chat.encode_dialog(r["messages"], add_generation_prompt=True).tokens) for r in records[share]]
+        k = max(args.k if args.rm else 1, SAMPLED if verify else 1)
+        print(
+            kv_cache_report(model.config, dtype, lens, args.max_new_tokens, k, args.batch_size or len(lens)), flush=True
+        )
     sums, out, texts, greedy = {}, {}, None, None
     if verify is not None:
         generator = torch.Generator(d.device).manual_seed(rank_seed(args.seed, d.rank))
-        part, texts, greedy = task_sums(model, chat, records[share], verify, args.max_new_tokens, generator, step)
+        part, texts, greedy = task_sums(
+            model, chat, records[share], verify, args.max_new_tokens, generator, step, args.batch_size
+        )
         sums.update(part)
     if args.rm:
         mine = records[share]
         if not reuse:
             generator = torch.Generator(d.device).manual_seed(rank_seed(args.seed, d.rank))
-            texts = sampled_texts(model, chat, mine, args.k, args.max_new_tokens, generator)
+            texts = sampled_texts(model, chat, mine, args.k, args.max_new_tokens, generator, args.batch_size)
             step(len(mine))
         rm = load_model(args.rm, head="reward", dtype=dtype, device=d.device).eval()
         scores = score(rm, chat, [r["messages"] for r in mine], texts, args.max_len) if mine else []

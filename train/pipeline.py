@@ -72,6 +72,7 @@ class PipelineConfig:
     engine: Literal["native", "vllm"] = "native"  # sampling engine of train/sample.py (vllm: one process per node)
     sample_batch_size: PosInt = 64  # native engine: prompts per generate call (sample.py --batch-size; its KV cache)
     sample_compile: bool = False  # native engine: torch.compile the decode step (sample.py --compile)
+    eval_batch_size: NonNegInt = 0  # prompts per generate call of the evaluations (evaluate.py --batch-size); 0: all
     vllm_gpu_memory_utilization: float = 0.9  # vllm: the fraction of the GPU's memory it takes, in (0, 1]
     vllm_max_model_len: NonNegInt = 0  # vllm: 0: the longest prompt + max_new_tokens, rounded up
     annotator: Literal["auto", "verifier", "rm", "human"] = (

@@ -406,6 +406,7 @@ class Recipe:
                 prompts = files.get("eval_prompts")
                 if prompts and (self.verify is not None or rm is not None):
                     args += ["--prompts", prompts, "--max-new-tokens", str(c.max_new_tokens), "--seed", str(c.seed)]
+                    args += ["--batch-size", str(c.eval_batch_size)] if c.eval_batch_size else []
                 if prompts and self.verify is not None:
                     args += ["--verifier", c.task, "--task-args", json.dumps(c.task_args)]
                 if prompts and rm is not None:
