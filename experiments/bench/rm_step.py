@@ -26,7 +26,6 @@ peak after model, optimizer and data were set up. On a GPU all run there, bf16 a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import tempfile
@@ -35,13 +34,19 @@ from pathlib import Path
 
 import torch
 from common import (
+    CHILD_OPTIONS,
     OPTIM,
     _sentences,
+    add_arguments,
+    counting_trainer,
     device_line,
     load_notes,
     model_config,
     our_chat,
+    our_loader,
+    read_jsonl,
     report_side,
+    run_side,
     run_sides,
     setup_done,
     side_row,
@@ -52,6 +57,7 @@ from common import (
     trl_arguments,
     trl_tokenizer,
     write,
+    write_jsonl,
 )
 
 from llama import Transformer, load_model, save_model
@@ -76,29 +82,16 @@ def make_ranked(n: int, k: int, seed: int) -> list[dict]:
     return records
 
 
-def read_records(work: Path) -> list[dict]:
-    return [json.loads(line) for line in (work / "ranked.jsonl").read_text(encoding="utf-8").splitlines()]
-
-
 # ----------------------------------------------------------------------------- ours
 
 
 def run_ours(args, device: torch.device) -> None:
-    from data.loader import DataLoader, load_examples
     from train.rm import make_objective
 
     work = Path(args.workdir)
     model = load_model(work / "model", device=device).train()  # fp32 reward model, the weights TRL loads too
-    chat = our_chat()
-    one_row = args.side == "ours"
-    examples, counts = load_examples(
-        work / "ranked.jsonl", "rm", chat, max_len=args.max_len, verbose=False, one_row=one_row
-    )
-    if counts["examples"] != counts["records"] or any(k.startswith(("truncated", "dropped")) for k in counts):
-        raise SystemExit(f"ours: data was truncated or dropped, raise --max-len: {dict(counts)}")
-    loader = DataLoader(
-        examples, args.batch, args.max_len, args.tokens_per_microbatch, shuffle=False, pad_id=chat.tokenizer.pad_id
-    )
+    chat = our_chat()  # alive through the steps, as the trainer holds its tokenizer (in the peak RSS)
+    loader = our_loader(work / "ranked.jsonl", "rm", chat, args, one_row=args.side == "ours")
     objective = make_objective(model, margin=None)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, **OPTIM)
@@ -120,7 +113,7 @@ def run_trl(args, device: torch.device) -> None:
     from data.rows import encode_response
 
     work = Path(args.workdir)
-    records = read_records(work)
+    records = read_jsonl(work / "ranked.jsonl")
     pairs = [
         {
             "prompt": [{"role": "user", "content": r["prompt"]}],
@@ -137,18 +130,7 @@ def run_trl(args, device: torch.device) -> None:
         center_rewards_coefficient=None,
     )
     times, cpu_times, tokens, padded, losses = [], [], [], [], []
-
-    class CountingRewardTrainer(RewardTrainer):
-        """Records each step's inputs (non-pad and padded token counts) and loss; no change to the step."""
-
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            tokens.append(int(inputs["attention_mask"].sum()))
-            padded.append(inputs["input_ids"].numel())
-            loss = super().training_step(model, inputs, num_items_in_batch)
-            losses.append(loss)
-            return loss
-
-    trainer = CountingRewardTrainer(
+    trainer = counting_trainer(RewardTrainer, tokens, padded, losses)(
         model=str(work / "model"),  # a LlamaForSequenceClassification checkpoint, float32: our score head's weights
         args=config,
         train_dataset=Dataset.from_list(pairs),
@@ -178,35 +160,24 @@ def run_trl(args, device: torch.device) -> None:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", type=int, default=8, help="prompts per optimizer step (TRL: their pairs)")
+    add_arguments(
+        ap,
+        batch="prompts per optimizer step (TRL: their pairs)",
+        records="prompts in the data set",
+        max_len="ours: packed row length; TRL: max_length",
+        threads="torch.set_num_threads in all children",
+        sides=tuple(SIDES),
+    )
     ap.add_argument("--responses", type=int, default=4, help="ranked responses per prompt (k)")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    ap.add_argument("--steps", type=int, default=6, help="timed steps")
-    ap.add_argument("--records", type=int, default=64, help="prompts in the data set")
-    ap.add_argument("--max-len", type=int, default=1024, help="ours: packed row length; TRL: max_length")
-    ap.add_argument("--tokens-per-microbatch", type=int, default=8192, help="ours; 8 rows of 1024 = one micro-batch")
     ap.add_argument("--no-separate", action="store_true", help="skip the 'ours, separate rows' side")
-    ap.add_argument("--dim", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in all children")
-    ap.add_argument("--repeat", type=int, default=1, help="runs per side, alternating; the least disturbed is shown")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", help="append the results to this markdown file")
-    ap.add_argument("--side", choices=tuple(SIDES), help=argparse.SUPPRESS)
-    ap.add_argument("--workdir", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    device = torch.device(args.device)
-
-    if args.side:
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        (run_trl if args.side == "trl" else run_ours)(args, device)
+    if run_side(args, run_ours, run_trl):
         return
+    device = torch.device(args.device)
 
     load_before = os.getloadavg()[0]  # other work on the machine skews the times: see cpu_per_wall too
     config = model_config(args)
     records = make_ranked(args.records, args.responses, seed=0)
-    names = ("batch", "warmup", "steps", "max_len", "tokens_per_microbatch", "dim", "layers", "threads")
     sides = [s for s in SIDES if not (args.no_separate and s == "ours_separate")]
     with tempfile.TemporaryDirectory() as workdir:
         torch.manual_seed(0)
@@ -214,9 +185,8 @@ def main():
         n_params = sum(p.numel() for p in model.parameters())
         save_model(model, Path(workdir) / "model", format="hf")
         del model
-        with open(Path(workdir) / "ranked.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-        results = run_sides(__file__, sides, args, workdir, names)
+        write_jsonl(Path(workdir) / "ranked.jsonl", records)
+        results = run_sides(__file__, sides, args, workdir, CHILD_OPTIONS)
     ours, theirs = results["ours"], results["trl"]
 
     from data.rows import encode_response

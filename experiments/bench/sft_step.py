@@ -29,7 +29,6 @@ weights (TRL `bf16=True`), memory `torch.cuda.max_memory_allocated`.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -37,13 +36,19 @@ from pathlib import Path
 
 import torch
 from common import (
+    CHILD_OPTIONS,
     OPTIM,
+    add_arguments,
+    counting_trainer,
     device_line,
     load_notes,
     make_records,
     model_config,
     our_chat,
+    our_loader,
+    read_jsonl,
     report_side,
+    run_side,
     run_sides,
     setup_done,
     side_row,
@@ -54,6 +59,7 @@ from common import (
     trl_arguments,
     trl_tokenizer,
     write,
+    write_jsonl,
 )
 
 from llama import Transformer, load_model, save_model
@@ -67,28 +73,16 @@ def make_dialogs(n: int, seed: int) -> list[dict]:
     ]
 
 
-def read_dialogs(work: Path) -> list[dict]:
-    return [json.loads(line) for line in (work / "dialogs.jsonl").read_text(encoding="utf-8").splitlines()]
-
-
 # ----------------------------------------------------------------------------- ours
 
 
 def run_ours(args, device: torch.device) -> None:
-    from data.loader import DataLoader, load_examples
     from train.sft import make_objective
 
     work = Path(args.workdir)
     model = load_model(work / "model", device=device).train()  # fp32, the weights TRL loads too
-    chat = our_chat()
-    examples, counts = load_examples(
-        work / "dialogs.jsonl", "sft", chat, max_len=args.max_len, verbose=False, train_on_prompt=args.all_tokens
-    )
-    if counts["examples"] != counts["records"] or any(k.startswith(("truncated", "dropped")) for k in counts):
-        raise SystemExit(f"ours: data was truncated or dropped, raise --max-len: {dict(counts)}")
-    loader = DataLoader(
-        examples, args.batch, args.max_len, args.tokens_per_microbatch, shuffle=False, pad_id=chat.tokenizer.pad_id
-    )
+    chat = our_chat()  # alive through the steps, as the trainer holds its tokenizer (in the peak RSS)
+    loader = our_loader(work / "dialogs.jsonl", "sft", chat, args, train_on_prompt=args.all_tokens)
     objective = make_objective(model, backend="torch")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, **OPTIM)
@@ -108,7 +102,7 @@ def run_trl(args, device: torch.device) -> None:
     from trl import SFTConfig, SFTTrainer
 
     work = Path(args.workdir)
-    dialogs = read_dialogs(work)
+    dialogs = read_jsonl(work / "dialogs.jsonl")
     dataset = Dataset.from_list([{"prompt": d["messages"][:1], "completion": d["messages"][1:]} for d in dialogs])
     config = SFTConfig(
         **trl_arguments(args, work, device, args.batch),
@@ -118,20 +112,7 @@ def run_trl(args, device: torch.device) -> None:
         completion_only_loss=not args.all_tokens,
     )
     times, cpu_times, tokens, padded, targets, losses = [], [], [], [], [], []
-
-    class CountingSFTTrainer(SFTTrainer):
-        """Records each step's inputs (tokens, positions, targets) and loss; no change to the step."""
-
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            mask = inputs.get("attention_mask")
-            tokens.append(int(mask.sum()) if mask is not None else int(inputs["position_ids"].numel()))
-            padded.append(inputs["input_ids"].numel())
-            targets.append(int((inputs["labels"][:, 1:] != -100).sum()))
-            loss = super().training_step(model, inputs, num_items_in_batch)
-            losses.append(loss)
-            return loss
-
-    trainer = CountingSFTTrainer(
+    trainer = counting_trainer(SFTTrainer, tokens, padded, losses, targets)(
         model=str(work / "model"),  # loaded in float32 (the checkpoint's dtype)
         args=config,
         train_dataset=dataset,
@@ -162,40 +143,26 @@ def run_trl(args, device: torch.device) -> None:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", type=int, default=8, help="dialogs per optimizer step")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    ap.add_argument("--steps", type=int, default=6, help="timed steps")
-    ap.add_argument("--records", type=int, default=64, help="dialogs in the data set")
-    ap.add_argument("--max-len", type=int, default=1024, help="ours: packed row length (TRL: no limit, none is over)")
-    ap.add_argument("--tokens-per-microbatch", type=int, default=8192, help="ours; 8 rows of 1024 = one micro-batch")
+    add_arguments(
+        ap,
+        batch="dialogs per optimizer step",
+        records="dialogs in the data set",
+        max_len="ours: packed row length (TRL: no limit, none is over)",
+    )
     ap.add_argument("--all-tokens", action="store_true", help="every token a target on both sides")
-    ap.add_argument("--dim", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in both children")
-    ap.add_argument("--repeat", type=int, default=1, help="runs per side, alternating; the least disturbed is shown")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", help="append the results to this markdown file")
-    ap.add_argument("--side", choices=("ours", "trl"), help=argparse.SUPPRESS)
-    ap.add_argument("--workdir", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    device = torch.device(args.device)
-
-    if args.side:
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        (run_ours if args.side == "ours" else run_trl)(args, device)
+    if run_side(args, run_ours, run_trl):
         return
+    device = torch.device(args.device)
 
     load_before = os.getloadavg()[0]  # other work on the machine skews the times: see cpu_per_wall too
     config = model_config(args)
     dialogs = make_dialogs(args.records, seed=0)
-    names = ("batch", "warmup", "steps", "max_len", "tokens_per_microbatch", "all_tokens", "dim", "layers", "threads")
     with tempfile.TemporaryDirectory() as workdir:
         torch.manual_seed(0)
         save_model(Transformer(config), Path(workdir) / "model", format="hf")
-        with open(Path(workdir) / "dialogs.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(d) + "\n" for d in dialogs)
-        results = run_sides(__file__, ["ours", "trl"], args, workdir, names)
+        write_jsonl(Path(workdir) / "dialogs.jsonl", dialogs)
+        results = run_sides(__file__, ["ours", "trl"], args, workdir, (*CHILD_OPTIONS, "all_tokens"))
     ours, theirs = results["ours"], results["trl"]
 
     chat = our_chat()
