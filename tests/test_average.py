@@ -86,6 +86,7 @@ def test_hf_and_meta_inputs_average_like_native_ones(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if ".inputs-" in p.name) == []  # temp copies removed
 
     average_main([str(tmp_path / "hf1"), str(tmp_path / "n0"), "--out", str(tmp_path / "avg_hf"), "--format", "hf"])
+    assert torch.is_grad_enabled()  # an in-process call leaves the caller's grad mode as it was
     hf = load_model(tmp_path / "avg_hf").state_dict()
     two = {k: (models[0].state_dict()[k].double() + models[1].state_dict()[k].double()) / 2 for k in hf}
     for name, t in hf.items():

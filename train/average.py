@@ -192,12 +192,12 @@ def main(argv=None):
     args = ap.parse_args(argv)
     import torch
 
-    torch.set_grad_enabled(False)
     try:
         dtype = getattr(torch, args.dtype) if args.dtype else None
-        out = average_checkpoints(
-            args.checkpoints, args.out, args.weights, args.format, dtype, replace_tokenizer=args.replace_tokenizer
-        )
+        with torch.no_grad():  # scoped: an in-process call leaves the caller's grad mode alone
+            out = average_checkpoints(
+                args.checkpoints, args.out, args.weights, args.format, dtype, replace_tokenizer=args.replace_tokenizer
+            )
     except ValueError as e:  # bad input (CheckpointError included): the message names it
         raise SystemExit(f"error: {e}") from None
     print(json.dumps({"averaged": args.checkpoints, "weights": args.weights, "out": str(out)}))
