@@ -9,7 +9,8 @@ it logs), then calls `run`. Per optimizer step:
     AdamW step, LR schedule step
     one all-reduce of the step's sums, on the device (read to the host on logged steps) -> logged ratios
     eval / checkpoint every N steps
-    SIGTERM / SIGINT: read with that all-reduce; the step in progress finishes, is saved, and the run exits
+    SIGTERM / SIGINT: polled between micro-batches and after the update (lifecycle.StopPoll, a CPU group);
+        found mid-step, the step is dropped; after the update, it is saved; then the run exits
 """
 
 from __future__ import annotations
@@ -273,9 +274,8 @@ class Trainer:
         -> the step's metrics on a timed step, {} on the others (their sums stay on the device).
 
         Host syncs: none per micro-batch (no device collective, no `.item()`; the signal flag is polled
-        on a CPU group, `lifecycle.StopPoll`); per step, one all-reduce of the step's sums (with the
-        flag: a signal during the last micro-batch stops the run after this step) and one read of the
-        flag after the update is queued. The non-finite check: with a fused AdamW
+        on a CPU group, `lifecycle.StopPoll`, also once after the update); per step, one all-reduce of
+        the step's sums on the device, read to the host only on a timed step. The non-finite check: with a fused AdamW
         (`optim.fused`, default on CUDA) the update is skipped on the device (`found_inf`) and the
         skip counters stay there until a timed step; otherwise (CPU) the host decides.
         timed: the step time (tokens/s, MFU) covers this step's GPU work, optimizer included: on CUDA
@@ -301,7 +301,6 @@ class Trainer:
                 self.model.config, self.model.head, batch.micro_batches, self.objective.reference_forward
             )
             acc["flops"] = torch.tensor(flops, dtype=torch.float64, device=self.d.device)
-        acc["stop"] = torch.tensor(float(Signals.received is not None), dtype=torch.float64, device=self.d.device)
         params = [p for p in self.model.parameters() if p.requires_grad]
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = _full(torch.nn.utils.clip_grad_norm_(params, clip))
@@ -325,7 +324,7 @@ class Trainer:
             if self.fused
             else max(self.worst, self.bad_in_a_row)
         )
-        self.signalled = bool(reduced["stop"] > 0)  # the step's one host read
+        self.signalled = self.stops.poll()  # a signal seen after the update: this step is saved
         if not self.fused or timed:
             self.check_bad_steps(step)
         if not timed:
@@ -407,7 +406,7 @@ def run(setup: Setup, objective: Objective, eval_objective: Objective | None = N
                     logger.log(step, t.evaluate())
                 if every.save_every and step % every.save_every == 0 and step < cfg.train.steps:
                     t.save(step, finished_at)
-                if t.signalled:  # a signal during the step's last micro-batch: the step finished, so it is saved
+                if t.signalled:  # seen after the update: the step finished, so it is saved
                     raise Interrupted
             t.stops.close()
             done_before = t.start == cfg.train.steps  # a rerun of a finished run (or one killed while exporting)
