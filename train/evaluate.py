@@ -36,7 +36,7 @@ from llama.chat import TEMPLATES, ChatFormat, resolve_chat_template
 from llama.tokenizer import resolve_tokenizer
 from train import progress
 from train.cli import HelpFormatter, at_least, json_object
-from train.sample import check_checkpoints, make_task, rank_seed, read_prompts, score, write_text
+from train.sample import check_checkpoints, make_task, rank_seed, read_prompts, sample, score, write_text
 
 # torch-heavy modules are imported in the functions that use them: `--help` and argument errors answer at once.
 
@@ -65,30 +65,24 @@ def read_pairs(path) -> tuple[list[list[dict]], list[list[str]], int]:
     return prompts, texts, tied
 
 
-def generate_batched(model, ids, n: int, max_new_tokens: int, tok, temperature: float, generator, batch_size: int):
-    """llama.generate over `batch_size` prompts at a time (0: all in one call, whose random draws the
-    results of earlier runs came from; another batch size draws them in another order)."""
-    from llama.generate import generate
-
-    step = batch_size or max(len(ids), 1)
-    return [
-        s for i in range(0, len(ids), step) for s in generate(
-            model, ids[i : i + step], n, max_new_tokens, tok.stop_ids, temperature, pad_id=tok.pad_id,
-            generator=generator,
-        )
-    ]  # fmt: skip
+def sampled(model, chat: ChatFormat, records, n: int, max_new_tokens: int, temperature: float, generator=None,
+            batch_size: int = 0) -> list[list[str]]:  # fmt: skip
+    """n decoded samples per record (train/sample.py `sample`), `batch_size` prompts per generate call
+    (0: all in one call, whose random draws the recorded results came from; another batch size draws
+    them in another order)."""
+    prompts = [r["messages"] for r in records]
+    return sample(
+        model, chat, prompts, n, max_new_tokens, batch_size or max(len(prompts), 1), temperature=temperature,
+        generator=generator,
+    )[0]  # fmt: skip
 
 
 def task_sums(model, chat: ChatFormat, records, verify, max_new_tokens: int, generator, done, batch_size=0) -> tuple:
     """The verifier's score sums and counts over greedy (1 sample) and sampled (4, temperature 1) samples of
     `records` -> (sums, the sampled samples' texts per record, the greedy text per record)."""
-    from llama.generate import decode_sample
-
-    ids = [chat.encode_dialog(r["messages"], add_generation_prompt=True).tokens for r in records]
-    tok, out, texts, greedy = chat.tokenizer, {}, [], []
+    out, texts, greedy = {}, [], []
     for key, n, temp in (("task_accuracy", 1, 0.0), ("task_accuracy_sampled", SAMPLED, 1.0)):
-        samples = generate_batched(model, ids, n, max_new_tokens, tok, temp, generator, batch_size)
-        texts = [[decode_sample(tok, s) for s in ss] for ss in samples]
+        texts = sampled(model, chat, records, n, max_new_tokens, temp, generator, batch_size)
         scores = [verify(r["messages"][-1]["content"], t) for r, ts in zip(records, texts) for t in ts]
         out[key], out[f"{key}/n"] = sum(scores), len(scores)
         greedy = [ts[0] for ts in texts] if temp == 0.0 else greedy
@@ -102,14 +96,9 @@ def shown_generations(model, chat: ChatFormat, records, greedy, verify, max_new_
     prompt order -> [{"prompt", "generation", "correct": the verifier's score, None without one}]; [] elsewhere."""
     import torch.distributed as dist
 
-    from llama.generate import decode_sample, generate
-
     mine = list(range(d.rank, min(SHOWN, len(records)), d.world_size))  # this rank's, in its share's order
     if greedy is None and mine:  # temperature 0 draws no random numbers
-        tok = chat.tokenizer
-        ids = [chat.encode_dialog(records[i]["messages"], add_generation_prompt=True).tokens for i in mine]
-        samples = generate(model, ids, 1, max_new_tokens, tok.stop_ids, 0.0, pad_id=tok.pad_id)
-        greedy = [decode_sample(tok, ss[0]) for ss in samples]
+        greedy = [ts[0] for ts in sampled(model, chat, [records[i] for i in mine], 1, max_new_tokens, 0.0)]
     rows = []
     for i, text in zip(mine, greedy or []):
         prompt = records[i]["messages"][-1]["content"]
@@ -117,18 +106,6 @@ def shown_generations(model, chat: ChatFormat, records, greedy, verify, max_new_
     every = [None] * d.world_size if d.is_main else None
     dist.gather_object(rows, every, dst=0)
     return [row for _, row in sorted(r for part in every for r in part)] if d.is_main else []
-
-
-def sampled_texts(model, chat: ChatFormat, records, k: int, max_new_tokens: int, generator, batch_size: int = 0):
-    """K samples per record at temperature 1, decoded. -> [[str]]"""
-    from llama.generate import decode_sample
-
-    if not records:
-        return []
-    tok = chat.tokenizer
-    ids = [chat.encode_dialog(r["messages"], add_generation_prompt=True).tokens for r in records]
-    samples = generate_batched(model, ids, k, max_new_tokens, tok, 1.0, generator, batch_size)
-    return [[decode_sample(tok, s) for s in ss] for ss in samples]
 
 
 def nll_sums(model, examples, max_len: int, pad_id: int) -> tuple[float, int]:
@@ -270,7 +247,7 @@ def evaluate(args, d, chat: ChatFormat, verify, records, pairs, examples) -> dic
         mine = records[share]
         if not reuse:
             generator = torch.Generator(d.device).manual_seed(rank_seed(args.seed, d.rank))
-            texts = sampled_texts(model, chat, mine, args.k, args.max_new_tokens, generator, args.batch_size)
+            texts = sampled(model, chat, mine, args.k, args.max_new_tokens, 1.0, generator, args.batch_size)
             step(len(mine))
         rm = load_model(args.rm, head="reward", dtype=dtype, device=d.device).eval()
         scores = score(rm, chat, [r["messages"] for r in mine], texts, args.max_len) if mine else []
