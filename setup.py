@@ -5,8 +5,10 @@ setup(
     version="0.1.0",
     description="Llama 3 style post-training (reward model, rejection sampling + SFT, DPO, averaging) in PyTorch",
     python_requires=">=3.10",
-    packages=find_packages(include=["llama*", "losses*", "data*", "kernels*", "train*"]),
-    package_data={"llama": ["assets/*"]},
+    # one importable name, so that nothing of ours shadows a package users have (transformers needs one called
+    # `kernels`): llama_posttrain.{llama,losses,data,kernels,train}
+    packages=find_packages(include=["llama_posttrain", "llama_posttrain.*"]),
+    package_data={"llama_posttrain.llama": ["assets/*"]},
     install_requires=[
         "torch>=2.6",
         "numpy",
@@ -19,7 +21,7 @@ setup(
         "pyyaml",
     ],
     extras_require={
-        "plots": ["matplotlib"],  # the pipeline's accuracy.png and rewards.png (train/plots.py)
+        "plots": ["matplotlib"],  # the pipeline's accuracy.png and rewards.png (llama_posttrain/train/plots.py)
         # test-only references (never imported by the packages), and matplotlib so that the plots are tested
         "dev": ["pytest", "ruff", "transformers", "tokenizers", "jinja2", "trl", "matplotlib"],
     },

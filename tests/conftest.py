@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama import ModelConfig, RopeScaling, Transformer
+from llama_posttrain.llama import ModelConfig, RopeScaling, Transformer
 
 # Small configs that exercise what the real models have: GQA, llama3 RoPE scaling (all three
 # frequency bands are present at head_dim 16 with original context 512), tied and untied heads.
@@ -74,7 +74,7 @@ def one_rank(monkeypatch):
     yield
     import torch.distributed as dist
 
-    from train import run_lock
+    from llama_posttrain.train import run_lock
 
     run_lock.release_all()  # an in-process run holds its folder until its process exits
     if dist.is_initialized():

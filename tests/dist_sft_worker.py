@@ -10,14 +10,14 @@ from collections import Counter
 import torch
 import torch.distributed as dist
 
-from data.loader import DataLoader
-from data.rows import encode_sft
-from data.schema import SFTRecord
-from llama import Transformer, get_preset
-from llama.chat import ChatFormat
-from llama.tokenizer import load_tokenizer
-from losses import sft_loss
-from train.targets import target_logps
+from llama_posttrain.data.loader import DataLoader
+from llama_posttrain.data.rows import encode_sft
+from llama_posttrain.data.schema import SFTRecord
+from llama_posttrain.llama import Transformer, get_preset
+from llama_posttrain.llama.chat import ChatFormat
+from llama_posttrain.llama.tokenizer import load_tokenizer
+from llama_posttrain.losses import sft_loss
+from llama_posttrain.train.targets import target_logps
 
 
 def main(out_path):

@@ -6,13 +6,13 @@ import json
 
 import pytest
 
-from data.loader import load_examples
-from data.rows import encode_response
-from data.schema import ValidationError
-from llama.chat import ChatFormat
-from llama.tokenizer import load_tokenizer
-from train.config import parse_args
-from train.sft import SFTConfig
+from llama_posttrain.data.loader import load_examples
+from llama_posttrain.data.rows import encode_response
+from llama_posttrain.data.schema import ValidationError
+from llama_posttrain.llama.chat import ChatFormat
+from llama_posttrain.llama.tokenizer import load_tokenizer
+from llama_posttrain.train.config import parse_args
+from llama_posttrain.train.sft import SFTConfig
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ import pytest
 import trl
 from tokenizers import Tokenizer as HFTokenizer
 
-from llama.chat import TEMPLATES, ChatFormat, jinja_template, resolve_chat_template
-from llama.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
+from llama_posttrain.llama.chat import TEMPLATES, ChatFormat, jinja_template, resolve_chat_template
+from llama_posttrain.llama.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
 
 TRL_TEMPLATES = Path(trl.__file__).parent / "chat_templates"
 TRL_FILES = {"llama3": "llama3.jinja", "llama3.1": "llama3_1.jinja", "llama3.2": "llama3_2.jinja"}

@@ -8,8 +8,8 @@ from conftest import CONFIGS, random_model, with_fields
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 
-from llama import CheckpointError, RopeScaling, load_model, save_model
-from llama.checkpoint import read_config
+from llama_posttrain.llama import CheckpointError, RopeScaling, load_model, save_model
+from llama_posttrain.llama.checkpoint import read_config
 
 
 def tokens(config, B=2, T=23, seed=1):
@@ -169,7 +169,7 @@ def test_save_is_atomic_and_replaces(tmp_path):
 
 
 def test_convert_cli(tmp_path):
-    from llama.convert import main
+    from llama_posttrain.llama.convert import main
 
     config = CONFIGS["gqa-untied-scaled"]
     save_model(random_model(config), tmp_path / "hf", format="hf")

@@ -1,5 +1,5 @@
-"""Cleaning of rejection-sampled data (data/clean.py): each rule on hand-written samples, and every drop
-counted in train/sample.py's drop report (in process and through the CLI's --out-report)."""
+"""Cleaning of rejection-sampled data (llama_posttrain/data/clean.py): each rule on hand-written samples, and every drop
+counted in llama_posttrain/train/sample.py's drop report (in process and through the CLI's --out-report)."""
 
 import json
 
@@ -7,12 +7,19 @@ import pytest
 import torch
 from conftest import random_model
 
-from data.clean import CleanRules, banned_phrase, count_emoji, count_exclamations, dedup_key, repeat_fraction
-from data.drops import DROPS, drop_reason, drop_report, drops_for
-from llama import get_preset, save_model
-from llama.chat import ChatFormat
-from llama.tokenizer import load_tokenizer
-from train.sample import rejection_sample
+from llama_posttrain.data.clean import (
+    CleanRules,
+    banned_phrase,
+    count_emoji,
+    count_exclamations,
+    dedup_key,
+    repeat_fraction,
+)
+from llama_posttrain.data.drops import DROPS, drop_reason, drop_report, drops_for
+from llama_posttrain.llama import get_preset, save_model
+from llama_posttrain.llama.chat import ChatFormat
+from llama_posttrain.llama.tokenizer import load_tokenizer
+from llama_posttrain.train.sample import rejection_sample
 
 CHAT = ChatFormat(load_tokenizer())
 
@@ -92,13 +99,13 @@ RULES = CleanRules(max_repeat=0.5, repeat_ngram=2, ban_phrases=("as an ai",), ma
 
 
 def _stand_in_sampler(monkeypatch):
-    import train.sample
+    import llama_posttrain.train.sample as train_sample
 
     def sample(policy, chat, prompts, k, *a, **kw):
         texts = [SAMPLES[p[-1]["content"]] for p in prompts]
         return texts, [[True] * k for _ in prompts]
 
-    monkeypatch.setattr(train.sample, "sample", sample)
+    monkeypatch.setattr(train_sample, "sample", sample)
     return lambda record, texts: [float(j) for j in range(len(texts))]
 
 
@@ -130,7 +137,7 @@ def test_every_rule_is_counted_in_the_drop_report(monkeypatch):
 
 
 def test_cli_flags_drop_and_report_every_rule(tmp_path, monkeypatch, capsys):
-    from train.sample import main as sample_main
+    from llama_posttrain.train.sample import main as sample_main
 
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)  # restored afterwards: init_distributed sets them
@@ -164,7 +171,7 @@ def test_cli_flags_drop_and_report_every_rule(tmp_path, monkeypatch, capsys):
     ],
 )
 def test_cli_refuses_bad_thresholds(flags, message, capsys):
-    from train.sample import main as sample_main
+    from llama_posttrain.train.sample import main as sample_main
 
     with pytest.raises(SystemExit) as e:
         sample_main(["--policy", "p", "--prompts", "x.jsonl", *flags])

@@ -14,13 +14,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # (command after `python`, a line its --help must show)
 ENTRY_POINTS = [
-    (["train/sft.py"], "sft.mask_prompt = True"),
-    (["train/dpo.py"], "dpo.beta = 0.1"),
-    (["train/rm.py"], "rm.one_row = True"),
-    (["train/sample.py"], "samples per prompt (default: 16)"),
-    (["train/evaluate.py"], "(default: 8)"),
-    (["train/pipeline.py"], "keys (key = default)"),
-    (["-m", "train.plan"], "usage:"),
+    (["llama_posttrain/train/sft.py"], "sft.mask_prompt = True"),
+    (["llama_posttrain/train/dpo.py"], "dpo.beta = 0.1"),
+    (["llama_posttrain/train/rm.py"], "rm.one_row = True"),
+    (["llama_posttrain/train/sample.py"], "samples per prompt (default: 16)"),
+    (["llama_posttrain/train/evaluate.py"], "(default: 8)"),
+    (["llama_posttrain/train/pipeline.py"], "keys (key = default)"),
+    (["-m", "llama_posttrain.train.plan"], "usage:"),
 ]
 
 
@@ -39,8 +39,8 @@ def test_help_of_every_entry_point(command, shown):
 @pytest.mark.slow
 def test_the_configs_and_training_entry_points_import_without_torch():
     code = (
-        "import sys; import train.config, train.lifecycle, train.sft, train.dpo, train.rm, train.sample, "
-        "train.evaluate, train.pipeline, train.recipe, train.report, train.launch, train.vllm_engine, llama; "
+        "import sys; import llama_posttrain.train.config, llama_posttrain.train.lifecycle, llama_posttrain.train.sft, llama_posttrain.train.dpo, llama_posttrain.train.rm, llama_posttrain.train.sample, "
+        "llama_posttrain.train.evaluate, llama_posttrain.train.pipeline, llama_posttrain.train.recipe, llama_posttrain.train.report, llama_posttrain.train.launch, llama_posttrain.train.vllm_engine, llama_posttrain.llama; "
         "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))"
     )
     r = _python("-c", code)
@@ -53,8 +53,8 @@ def test_help_and_a_config_error_answer_without_torch():
     """`--help` and a bad key end before torch is imported (the import is most of the wait)."""
     code = (
         "import sys\n"
-        "from train import sft\n"
-        "from train.lifecycle import main_guard\n"
+        "from llama_posttrain.train import sft\n"
+        "from llama_posttrain.train.lifecycle import main_guard\n"
         "for argv in (['--help'], ['train.nope=1']):\n"
         "    try:\n"
         "        main_guard(lambda: sft.main(argv))\n"
@@ -78,13 +78,13 @@ def _run_without_torch(script: str, *argv: str) -> subprocess.CompletedProcess:
         "    print('exit', e.code, file=sys.stderr)\n"
         "print('torch imported:', 'torch' in sys.modules)\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ}
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 
 
 CLIS = [
-    "train/sft.py", "train/dpo.py", "train/rm.py", "train/sample.py", "train/evaluate.py", "train/pipeline.py",
-    "train/average.py", "train/prepare_data.py",
+    "llama_posttrain/train/sft.py", "llama_posttrain/train/dpo.py", "llama_posttrain/train/rm.py", "llama_posttrain/train/sample.py", "llama_posttrain/train/evaluate.py", "llama_posttrain/train/pipeline.py",
+    "llama_posttrain/train/average.py", "llama_posttrain/train/prepare_data.py",
 ]  # fmt: skip
 
 
@@ -101,11 +101,23 @@ def test_help_answers_without_importing_torch(script):
 @pytest.mark.parametrize(
     "script, argv, error",
     [
-        ("train/sample.py", ["--policy", "p", "--prompts", "x.jsonl", "--k", "0"], "argument --k: must be >= 1"),
-        ("train/sample.py", ["--policy", "p", "--prompts", "x", "--batch-size", "0"], "argument --batch-size"),
-        ("train/evaluate.py", ["--model", "m", "--out", "o.json"], "nothing to evaluate"),
-        ("train/pipeline.py", ["nope=1"], "unknown key"),
-        ("train/pipeline.py", ["vllm_gpu_memory_utilization=2"], "vllm_gpu_memory_utilization: must be in (0, 1]"),
+        (
+            "llama_posttrain/train/sample.py",
+            ["--policy", "p", "--prompts", "x.jsonl", "--k", "0"],
+            "argument --k: must be >= 1",
+        ),
+        (
+            "llama_posttrain/train/sample.py",
+            ["--policy", "p", "--prompts", "x", "--batch-size", "0"],
+            "argument --batch-size",
+        ),
+        ("llama_posttrain/train/evaluate.py", ["--model", "m", "--out", "o.json"], "nothing to evaluate"),
+        ("llama_posttrain/train/pipeline.py", ["nope=1"], "unknown key"),
+        (
+            "llama_posttrain/train/pipeline.py",
+            ["vllm_gpu_memory_utilization=2"],
+            "vllm_gpu_memory_utilization: must be in (0, 1]",
+        ),
     ],
 )
 def test_bad_arguments_answer_without_importing_torch(script, argv, error):
@@ -116,7 +128,7 @@ def test_bad_arguments_answer_without_importing_torch(script, argv, error):
 
 @pytest.mark.slow
 def test_sample_help_shows_the_defaults():
-    r = _run_without_torch("train/sample.py", "--help")
+    r = _run_without_torch("llama_posttrain/train/sample.py", "--help")
     shown = " ".join(r.stdout[r.stdout.index("\noptions:") :].split())  # the options, not the usage line
     for option, default in [("--k K", 16), ("--max-new-tokens MAX_NEW_TOKENS", 256), ("--batch-size BATCH_SIZE", 64)]:
         after = shown[shown.index(option) :]
@@ -134,7 +146,7 @@ def test_the_pipeline_estimate_comes_from_the_last_finished_run_of_the_same_conf
 
     import yaml
 
-    from train.pipeline import Pipeline, load_pipeline_config
+    from llama_posttrain.train.pipeline import Pipeline, load_pipeline_config
 
     cfg = load_pipeline_config(None, [f"root={tmp_path}", "name=new"])
     stages = {"sft": {"train": {"steps": 3}}}
@@ -164,7 +176,7 @@ def test_the_training_progress_line_shows_an_eta_from_this_starts_steps(tmp_path
     rate of the steps done since this start (a resumed run does not count its earlier steps)."""
     from types import SimpleNamespace
 
-    from train import logger
+    from llama_posttrain.train import logger
 
     cfg = SimpleNamespace(progress=True, wandb="disabled", project="p", name=None, group=None, job_type=None)
     log = logger.Logger(tmp_path, cfg, {}, enabled=False, total_steps=100, resume_step=40)
@@ -174,11 +186,11 @@ def test_the_training_progress_line_shows_an_eta_from_this_starts_steps(tmp_path
 
 
 def test_the_tokenizer_and_chat_template_choices_print_only_when_verbose(tmp_path, capsys):
-    """issue 20 item 8: train/entry.py `setup` passes verbose=(local rank 0), so a node prints them once."""
+    """issue 20 item 8: llama_posttrain/train/entry.py `setup` passes verbose=(local rank 0), so a node prints them once."""
     import shutil
 
-    from llama.chat import resolve_chat_template
-    from llama.tokenizer import DEFAULT_TOKENIZER, resolve_tokenizer
+    from llama_posttrain.llama.chat import resolve_chat_template
+    from llama_posttrain.llama.tokenizer import DEFAULT_TOKENIZER, resolve_tokenizer
 
     shutil.copy(DEFAULT_TOKENIZER, tmp_path / "tokenizer.model")  # a tiktoken file, found in the folder
     for verbose in (False, True):

@@ -1,4 +1,4 @@
-"""python -m llama.convert --from dcp: a model out of a training checkpoint equals the run's export
+"""python -m llama_posttrain.llama.convert --from dcp: a model out of a training checkpoint equals the run's export
 at that step, bit for bit; the head comes from the run's kind; bad inputs are named."""
 
 import shutil
@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 from test_train import QUICK, SHORT, in_process
 
-from llama import load_model
-from llama.convert import main as convert
+from llama_posttrain.llama import load_model
+from llama_posttrain.llama.convert import main as convert
 
 
 @pytest.mark.parametrize("entry", ["sft", "rm"])

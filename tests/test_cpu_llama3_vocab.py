@@ -10,9 +10,9 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from test_train import ROOT, in_process
 
-from llama import get_preset, load_model
-from llama.convert import main as convert
-from train import logger
+from llama_posttrain.llama import get_preset, load_model
+from llama_posttrain.llama.convert import main as convert
+from llama_posttrain.train import logger
 
 EXP = ROOT / "experiments" / "cpu-llama3-vocab"
 

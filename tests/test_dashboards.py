@@ -11,8 +11,8 @@ import types
 import pytest
 from test_recipe import files  # noqa: F401 (the fixture)
 
-from train.config import LoggingSection
-from train.logger import Logger, read_metrics
+from llama_posttrain.train.config import LoggingSection
+from llama_posttrain.train.logger import Logger, read_metrics
 
 
 class Table:
@@ -180,14 +180,14 @@ def test_the_recipe_puts_each_stage_run_in_the_pipeline_group(tmp_path, files, w
     from test_recipe import args_of, recipe
     from test_train import QUICK
 
-    from train.config import parse_args
-    from train.rm import RMConfig
+    from llama_posttrain.train.config import parse_args
+    from llama_posttrain.train.rm import RMConfig
 
     r, launcher = recipe(tmp_path, files, "variants={rm: [{optim.lr: 1.0e-5}, {optim.lr: 2.0e-5}]}")
     r.stage_config_file = {"rm": str(QUICK / "rm.yaml")}
     d = tmp_path / "run" / "round_2" / "rm"
     r.train("rm", d, {"model.checkpoint": str(tmp_path / "base")}, {}, r.cfg.variants["rm"])
-    training = [job for job in launcher.jobs if job.script == "train/rm.py"]
+    training = [job for job in launcher.jobs if job.script == "llama_posttrain/train/rm.py"]
     assert [(args_of(j)["logging.group"], args_of(j)["logging.job_type"], args_of(j)["logging.name"])
             for j in training] == [("run", "rm", "round_2/rm/variant_0"), ("run", "rm", "round_2/rm/variant_1")]  # fmt: skip
     cfg = parse_args(RMConfig, [*training[1].args, "logging.wandb=offline"])  # what the stage run reads
@@ -197,7 +197,7 @@ def test_the_recipe_puts_each_stage_run_in_the_pipeline_group(tmp_path, files, w
 
 
 def test_the_dashboard_follows_the_stage_configs_logging():
-    from train.report import wandb_settings
+    from llama_posttrain.train.report import wandb_settings
 
     off, offline = {"logging": {"wandb": "disabled"}}, {"logging": {"wandb": "offline", "project": "p"}}
     assert wandb_settings({"rm": off, "sft": off, "dpo": off}, {}) is None  # the quickstart's
@@ -213,7 +213,7 @@ def write_lines(path, records):
 
 
 def test_the_pipeline_run_logs_rounds_the_summary_and_the_sampling_tables(tmp_path, wandb):
-    from train.report import SAMPLE_COLUMNS, write_report
+    from llama_posttrain.train.report import SAMPLE_COLUMNS, write_report
 
     folder = tmp_path / "quickstart"
     user = [{"role": "user", "content": "1+1="}]
@@ -272,7 +272,7 @@ def test_the_pipeline_run_in_real_offline_run_files(tmp_path):
     pytest.importorskip("wandb")
     from test_train import read_wandb_history, read_wandb_records
 
-    from train.report import SAMPLE_COLUMNS, write_report
+    from llama_posttrain.train.report import SAMPLE_COLUMNS, write_report
 
     folder = tmp_path / "quickstart"
     user = [{"role": "user", "content": "1+1="}]
@@ -301,9 +301,9 @@ def test_the_pipeline_run_in_real_offline_run_files(tmp_path):
 
 
 def test_the_pipeline_run_logs_the_greedy_generations_of_each_evaluated_model(tmp_path, wandb):
-    """Each evaluation's `generations` (train/evaluate.py) in a table per round, and every round's in one
+    """Each evaluation's `generations` (llama_posttrain/train/evaluate.py) in a table per round, and every round's in one
     table with the last round: the same prompts for the base, each SFT and each DPO model."""
-    from train.report import GENERATION_COLUMNS, write_report
+    from llama_posttrain.train.report import GENERATION_COLUMNS, write_report
 
     folder = tmp_path / "quickstart"
 

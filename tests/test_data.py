@@ -6,11 +6,11 @@ from collections import Counter
 import pytest
 import torch
 
-from data.loader import DataLoader, load_examples
-from data.rows import encode_preference, pack
-from data.schema import PreferenceRecord, ValidationError
-from llama.chat import ChatFormat
-from llama.tokenizer import load_tokenizer
+from llama_posttrain.data.loader import DataLoader, load_examples
+from llama_posttrain.data.rows import encode_preference, pack
+from llama_posttrain.data.schema import PreferenceRecord, ValidationError
+from llama_posttrain.llama.chat import ChatFormat
+from llama_posttrain.llama.tokenizer import load_tokenizer
 
 CHAT = ChatFormat(load_tokenizer())  # byte-level: one token per byte, easy to count
 

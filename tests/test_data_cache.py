@@ -1,4 +1,4 @@
-"""The tokenized cache (data/prepare.py, data/cache.py) against the in-memory path: the same examples
+"""The tokenized cache (llama_posttrain/data/prepare.py, llama_posttrain/data/cache.py) against the in-memory path: the same examples
 and micro-batches step for step, its key, a cache killed mid-write, mixtures, Parquet / Arrow inputs."""
 
 import json
@@ -15,18 +15,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.cache import TokenizedData
-from data.loader import DataLoader, build_loaders, epoch_examples, load_examples
-from data.prepare import prepare
-from data.records import train_sources
-from data.rows import EncodeOptions, collate
-from llama.chat import ChatFormat
-from llama.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
-from train.config import Config, load_config
-from train.dpo import DPOConfig
-from train.prepare_data import main as prepare_main
-from train.rm import RMConfig
-from train.sft import SFTConfig
+from llama_posttrain.data.cache import TokenizedData
+from llama_posttrain.data.loader import DataLoader, build_loaders, epoch_examples, load_examples
+from llama_posttrain.data.prepare import prepare
+from llama_posttrain.data.records import train_sources
+from llama_posttrain.data.rows import EncodeOptions, collate
+from llama_posttrain.llama.chat import ChatFormat
+from llama_posttrain.llama.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
+from llama_posttrain.train.config import Config, load_config
+from llama_posttrain.train.dpo import DPOConfig
+from llama_posttrain.train.prepare_data import main as prepare_main
+from llama_posttrain.train.rm import RMConfig
+from llama_posttrain.train.sft import SFTConfig
 
 ROOT = Path(__file__).parent.parent
 QUICK = ROOT / "experiments" / "quickstart"
@@ -172,10 +172,10 @@ def test_changed_tokenizer_max_len_template_or_data_is_a_new_cache(tmp_path, cap
 
 KILL_AFTER_FIRST_CHUNK = """
 import sys, time
-from data import prepare
-from data.rows import EncodeOptions
-from llama.chat import ChatFormat
-from llama.tokenizer import load_tokenizer
+from llama_posttrain.data import prepare
+from llama_posttrain.data.rows import EncodeOptions
+from llama_posttrain.llama.chat import ChatFormat
+from llama_posttrain.llama.tokenizer import load_tokenizer
 
 add = prepare.Writer.add
 def add_then_hang(self, arrays):
@@ -190,7 +190,7 @@ prepare.prepare(sys.argv[1], EncodeOptions("sft", 64), ChatFormat(load_tokenizer
 @pytest.mark.slow
 def test_cache_killed_mid_write_is_never_read_and_is_rebuilt(tmp_path, capsys):
     data, root, flag = write(tmp_path / "d.jsonl", sft_lines(1500)), tmp_path / "c", tmp_path / "written"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-c", KILL_AFTER_FIRST_CHUNK, str(data), str(root), str(flag)], env=env)
     deadline = time.time() + 120
     while not flag.exists() and proc.poll() is None and time.time() < deadline:
@@ -338,7 +338,7 @@ def test_loader_reads_only_its_own_examples(tmp_path):
 def _rank_fails(rank, world, port, out):
     import torch.distributed as dist
 
-    from data.prepare import on_rank0
+    from llama_posttrain.data.prepare import on_rank0
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from train.distributed import torchrun_command
+from llama_posttrain.train.distributed import torchrun_command
 
 WORKER = Path(__file__).parent / "dist_sft_worker.py"
 ROOT = Path(__file__).parent.parent
@@ -15,7 +15,7 @@ ROOT = Path(__file__).parent.parent
 
 def run(nproc, out):
     cmd = torchrun_command(str(WORKER), nproc, [str(out)])
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(cmd, check=True, env=env, cwd=ROOT, capture_output=True, timeout=300)
     return torch.load(out, weights_only=True)
 

@@ -1,13 +1,13 @@
-"""Issue 17, round 2: rejection sampling (train/sample.py, data/drops.py) counts and prints every sample
+"""Issue 17, round 2: rejection sampling (llama_posttrain/train/sample.py, llama_posttrain/data/drops.py) counts and prints every sample
 and every prompt it drops, and warns when most samples reached no stop token; a labels file
-(data/annotators.py) with two labels for one id or the wrong number of scores is refused."""
+(llama_posttrain/data/annotators.py) with two labels for one id or the wrong number of scores is refused."""
 
 import json
 
 import pytest
 
-from llama.chat import ChatFormat
-from llama.tokenizer import load_tokenizer
+from llama_posttrain.llama.chat import ChatFormat
+from llama_posttrain.llama.tokenizer import load_tokenizer
 
 CHAT = ChatFormat(load_tokenizer())
 
@@ -27,18 +27,18 @@ EXPECTED_DROPS = {
 
 
 def _stand_in_sampler(monkeypatch):
-    import train.sample
+    import llama_posttrain.train.sample as train_sample
 
     def sample(policy, chat, prompts, k, *a, **kw):
         rows = [SAMPLES[p[-1]["content"]][0] for p in prompts]
         return [[t for t, _ in row] for row in rows], [[f for _, f in row] for row in rows]
 
-    monkeypatch.setattr(train.sample, "sample", sample)
+    monkeypatch.setattr(train_sample, "sample", sample)
     return lambda record, texts: [float(x) for x in SAMPLES[record["messages"][-1]["content"]][1]]
 
 
 def test_rejection_sampling_counts_every_dropped_sample_and_prompt(monkeypatch):
-    from train.sample import rejection_sample
+    from llama_posttrain.train.sample import rejection_sample
 
     annotate = _stand_in_sampler(monkeypatch)
     records = [{"id": i, "messages": [{"role": "user", "content": p}]} for i, p in enumerate(SAMPLES)]
@@ -57,8 +57,8 @@ def test_sample_cli_prints_every_drop_and_warns_when_most_samples_are_unfinished
     import torch
     from conftest import random_model
 
-    from llama import get_preset, save_model
-    from train.sample import main as sample_main
+    from llama_posttrain.llama import get_preset, save_model
+    from llama_posttrain.train.sample import main as sample_main
 
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)  # restored afterwards: init_distributed sets them
@@ -89,8 +89,8 @@ def test_sample_cli_prints_every_drop_and_warns_when_most_samples_are_unfinished
 
 
 def test_a_labels_file_with_two_labels_for_one_id_or_the_wrong_count_is_refused(tmp_path):
-    from data.annotators import file_annotator
-    from data.schema import ValidationError
+    from llama_posttrain.data.annotators import file_annotator
+    from llama_posttrain.data.schema import ValidationError
 
     labels = tmp_path / "labels.jsonl"
     rows = [{"id": "a", "scores": [1, 0]}, {"id": "b", "scores": [0, 1]}, {"id": "a", "ranking": [1, 0]}]

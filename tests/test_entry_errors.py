@@ -9,9 +9,9 @@ import pytest
 import torch
 from test_train import ENV, QUICK, ROOT, SHORT, torchrun_cmd
 
-from llama import Transformer, get_preset
-from train import loop, sft
-from train.lifecycle import main_guard
+from llama_posttrain.llama import Transformer, get_preset
+from llama_posttrain.train import loop, sft
+from llama_posttrain.train.lifecycle import main_guard
 
 
 def argv(tmp_path, *extra):
@@ -51,11 +51,11 @@ def test_batch_size_errors_under_torchrun_name_the_key_once(tmp_path):
         assert [line for line in text.splitlines() if message in line][0].startswith("error: ")
         assert len([line for line in text.splitlines() if message in line]) == 1, text[-3000:]
         # torchrun prints its own summary; the workers print no traceback
-        assert "ValueError" not in text and f'File "{ROOT / "train"}' not in text, text[-3000:]
+        assert "ValueError" not in text and f'File "{ROOT / "llama_posttrain" / "train"}' not in text, text[-3000:]
 
 
 def test_reward_model_under_fsdp2_returns_no_view(one_rank):
-    from train.distributed import init_distributed, parallelize
+    from llama_posttrain.train.distributed import init_distributed, parallelize
 
     d = init_distributed()
     model = Transformer(get_preset("debug"), head="reward")
@@ -70,8 +70,8 @@ def test_reward_model_under_fsdp2_returns_no_view(one_rank):
 
 
 def test_batch_size_smaller_than_ranks_is_refused_before_tokenizing(tmp_path):
-    from data.loader import build_loaders
-    from train.config import DataSection
+    from llama_posttrain.data.loader import build_loaders
+    from llama_posttrain.train.config import DataSection
 
     dc = DataSection(train=str(tmp_path / "never_read.jsonl"), batch_size=1)  # the check comes before the file
     with pytest.raises(ValueError, match=r"^data\.batch_size=1 is smaller than the number of ranks \(2\)"):

@@ -1,4 +1,4 @@
-"""The decode loop (llama/generate.py): sampler, host syncs, the static-shape (compiled) step; greedy equivalence
+"""The decode loop (llama_posttrain/llama/generate.py): sampler, host syncs, the static-shape (compiled) step; greedy equivalence
 is in test_model.py."""
 
 import os
@@ -7,8 +7,9 @@ import pytest
 import torch
 from conftest import CONFIGS, random_model
 
-import llama.generate
-from llama.generate import generate, sample_categorical, sample_next
+import llama_posttrain.llama.generate as llama_generate
+import llama_posttrain.llama.model as llama_model
+from llama_posttrain.llama.generate import generate, sample_categorical, sample_next
 
 
 def test_sample_categorical_follows_softmax_over_a_padded_vocabulary():
@@ -41,7 +42,7 @@ def test_sampling_is_deterministic_given_the_generator():
 
 def test_stop_checks_sync_the_host_once_every_few_steps(monkeypatch):
     model = random_model(CONFIGS["gqa-tied-scaled"])
-    monkeypatch.setattr(llama.model, "check_token_range", lambda tokens, vocab_size: None)  # CPU-only check
+    monkeypatch.setattr(llama_model, "check_token_range", lambda tokens, vocab_size: None)  # CPU-only check
     reads = []
     for name in ("__bool__", "__int__", "__float__", "__index__", "item", "tolist"):
         real = getattr(torch.Tensor, name)
@@ -49,7 +50,7 @@ def test_stop_checks_sync_the_host_once_every_few_steps(monkeypatch):
     out = generate(model, [[1, 2, 3], [4, 5]], num_samples=3, max_new_tokens=32)
     assert [len(s) for p in out for s in p] == [32] * 6
     # a check after steps 8, 16, 24 (none after the last step), and one transfer of the samples at the end
-    assert len(reads) == 32 // llama.generate.STOP_CHECK_EVERY - 1 + 1, reads
+    assert len(reads) == 32 // llama_generate.STOP_CHECK_EVERY - 1 + 1, reads
 
 
 def _count_compiles(monkeypatch):
@@ -58,8 +59,8 @@ def _count_compiles(monkeypatch):
 
     torch._dynamo.reset()
     counter = CompileCounter()
-    step = torch.compile(llama.generate.decode_step, backend=counter, dynamic=False, fullgraph=True)
-    monkeypatch.setattr(llama.generate, "_compiled_decode_step", step)
+    step = torch.compile(llama_generate.decode_step, backend=counter, dynamic=False, fullgraph=True)
+    monkeypatch.setattr(llama_generate, "_compiled_decode_step", step)
     return counter
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import llama.model
-import train.loop
+import llama_posttrain.llama.model as llama_model
+import llama_posttrain.train.loop as train_loop
 
 ROOT = Path(__file__).parent.parent
 
@@ -223,13 +223,13 @@ def test_peak_flops_per_device_variant(monkeypatch, capsys):
         "NVIDIA H100": None,  # an H100 whose variant the name does not say: no guess
     }
     for name, peak in expect.items():
-        assert train.loop.device_peak_flops(name) == peak, name
-    assert train.loop.peak_flops(torch.device("cpu")) is None
+        assert train_loop.device_peak_flops(name) == peak, name
+    assert train_loop.peak_flops(torch.device("cpu")) is None
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
-    assert train.loop.peak_flops(torch.device("cuda")) == 756e12
+    assert train_loop.peak_flops(torch.device("cuda")) == 756e12
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Future GPU")
-    monkeypatch.setattr(train.loop, "_UNKNOWN_DEVICES", set())
-    assert train.loop.peak_flops(torch.device("cuda")) is None and train.loop.peak_flops(torch.device("cuda")) is None
+    monkeypatch.setattr(train_loop, "_UNKNOWN_DEVICES", set())
+    assert train_loop.peak_flops(torch.device("cuda")) is None and train_loop.peak_flops(torch.device("cuda")) is None
     assert capsys.readouterr().out.count("MFU not logged: no bf16 peak FLOP/s known for 'Some Future GPU'") == 1
 
 
@@ -311,8 +311,8 @@ def flex_on_the_cpu(q, k, v, block_mask, enable_gqa):
 
 def test_flex_check_logic_on_the_cpu(one_rank, monkeypatch, capsys):
     """The check's own logic (FSDP on one rank, block masks vs dense, full gradients), fp32, small rows."""
-    monkeypatch.setattr(llama.model, "_compiled_flex", flex_on_the_cpu)
-    monkeypatch.setattr(llama.model, "_compiled_create_block_mask", llama.model.create_block_mask)
+    monkeypatch.setattr(llama_model, "_compiled_flex", flex_on_the_cpu)
+    monkeypatch.setattr(llama_model, "_compiled_create_block_mask", llama_model.create_block_mask)
     checks.flex(precisions=("fp32",), modes=((False, False), (True, False)), max_len=256)
     rows = rows_of(capsys.readouterr().out)
     assert [r["check"] for r in rows] == ["fp32 eager", "fp32 eager + activation checkpointing"]
@@ -320,18 +320,18 @@ def test_flex_check_logic_on_the_cpu(one_rank, monkeypatch, capsys):
 
 
 def test_step_check_logic_on_the_cpu(one_rank, capsys, monkeypatch):
-    """SFT then DPO steps through train/loop.py's Trainer at a tiny preset, each with one profiled step:
+    """SFT then DPO steps through llama_posttrain/train/loop.py's Trainer at a tiny preset, each with one profiled step:
     the rows it reports. The step clock waits for the device's work (the optimizer's too) when it starts
     and before it is read."""
     synced, calls = [], []
-    monkeypatch.setattr(train.loop, "sync_clock", synced.append)
-    real_step = train.loop.Trainer.train_step
+    monkeypatch.setattr(train_loop, "sync_clock", synced.append)
+    real_step = train_loop.Trainer.train_step
 
     def recording_step(self, batch, step, timed=None):
         calls.append((step, {tuple(mb.tokens.shape) for mb in batch.micro_batches}))
         return real_step(self, batch, step, timed)
 
-    monkeypatch.setattr(train.loop.Trainer, "train_step", recording_step)
+    monkeypatch.setattr(train_loop.Trainer, "train_step", recording_step)
     checks.step(
         ["sft", "dpo"], tokens_per_microbatch=1024, steps=1, compile=False, ac=False, preset="debug", profile=True
     )

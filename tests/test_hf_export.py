@@ -1,5 +1,5 @@
 """Hugging Face exports used by transformers on their own: a small trunk with the real Llama 3 vocabulary
-(128256 ids) written by save_model, `python -m llama.convert --to hf` and a training run's export_hf,
+(128256 ids) written by save_model, `python -m llama_posttrain.llama.convert --to hf` and a training run's export_hf,
 then loaded with AutoTokenizer / AutoModelForCausalLM / AutoModelForSequenceClassification and compared
 with ours: tokenizer ids and chat template, logits, batched rewards, dtype, generation config."""
 
@@ -14,9 +14,9 @@ from test_chat import DIALOGS
 from test_tokenizer import TEXTS, sp_model  # noqa: F401 (a fixture)
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig
 
-from llama import ModelConfig, RopeScaling, load_model, save_model
-from llama.chat import ChatFormat, jinja_template, resolve_chat_template
-from llama.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
+from llama_posttrain.llama import ModelConfig, RopeScaling, load_model, save_model
+from llama_posttrain.llama.chat import ChatFormat, jinja_template, resolve_chat_template
+from llama_posttrain.llama.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
 
 REAL_VOCAB = ModelConfig(
     dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, vocab_size=128256, max_seq_len=512,
@@ -105,8 +105,8 @@ def test_reward_model_scores_batches_in_transformers(tmp_path, tok):
 
 
 def test_convert_to_hf_writes_the_source_tokenizer(tmp_path, tok, llama3_tokenizer_dir, capsys):
-    """A Meta-style folder (tokenizer.model, a 3.1 chat template) through `python -m llama.convert --to hf`."""
-    from llama.convert import main
+    """A Meta-style folder (tokenizer.model, a 3.1 chat template) through `python -m llama_posttrain.llama.convert --to hf`."""
+    from llama_posttrain.llama.convert import main
 
     src = tmp_path / "native"
     save_model(random_model(REAL_VOCAB), src)
@@ -130,7 +130,7 @@ def test_native_save_with_tokenizer_is_self_contained(tmp_path, tok):
     """A native folder with the tokenizer files: its tokenizer and chat template are found in it."""
     save_model(random_model(REAL_VOCAB), tmp_path / "n", tokenizer=tok, chat_template="llama3.2")
     assert resolve_chat_template(None, tmp_path / "n") == "llama3.2"
-    from llama.tokenizer import resolve_tokenizer
+    from llama_posttrain.llama.tokenizer import resolve_tokenizer
 
     found = resolve_tokenizer(None, tmp_path / "n", 128256)
     assert found.path.name == "tokenizer.json" and found.special_tokens == tok.special_tokens
@@ -167,7 +167,7 @@ def test_hf_export_keeps_the_sources_generation_defaults_and_writes_model_max_le
     source generation config: none invented. The same conversion again replaces nothing; a DST whose
     generation config differs (other sampling defaults) is still refused without --replace-tokenizer.
     (The byte tokenizer, for speed: the real vocabulary's run is test_training_export_hf_from_a_hub_folder.)"""
-    from llama.convert import main
+    from llama_posttrain.llama.convert import main
 
     tok, config = load_tokenizer(DEFAULT_TOKENIZER), ModelConfig(**{**TINY, "max_seq_len": 384})
     src = tmp_path / "src"
@@ -210,9 +210,9 @@ def test_training_export_hf_from_a_hub_folder(tmp_path, tok, llama3_tokenizer_di
     """SFT from a hub folder with nothing but model.checkpoint: its tokenizer.json and chat template are
     used, and model_hf (bf16, as trained) is complete for transformers, with the hub folder's sampling
     defaults; a rerun of the finished run exports the same files again (the check at its start passes)."""
-    from train import run_folder, train_state
-    from train.config import parse_args
-    from train.sft import SFTConfig, main
+    from llama_posttrain.train import run_folder, train_state
+    from llama_posttrain.train.config import parse_args
+    from llama_posttrain.train.sft import SFTConfig, main
 
     hub = tmp_path / "Llama-3.2-1B-Instruct"
     hub_folder(hub, llama3_tokenizer_dir, "llama3.2")

@@ -6,7 +6,7 @@ import subprocess
 import pytest
 from test_train import ENV, QUICK, ROOT, torchrun_cmd
 
-from train.distributed import Dist, shard_mesh
+from llama_posttrain.train.distributed import Dist, shard_mesh
 
 ARGS = ["train.steps=3", "data.eval=null", "train.save_every=0", "logging.log_every=1"]
 

@@ -6,9 +6,9 @@ error in the same precision, plus a small tolerance."""
 import pytest
 import torch
 
-import kernels
-from kernels import IGNORE, naive_target_logprobs
-from kernels import triton_logprobs as tk
+from llama_posttrain import kernels
+from llama_posttrain.kernels import IGNORE, naive_target_logprobs
+from llama_posttrain.kernels import triton_logprobs as tk
 
 SIZES = [(37, 24, 101), (64, 48, 300), (5, 16, 33), (130, 40, 517)]  # odd N, H, V
 
@@ -158,13 +158,13 @@ def test_losses_through_the_kernel_match_torch():
 
     from conftest import random_model
 
-    from data.rows import encode_sft, pack
-    from data.schema import SFTRecord
-    from llama import get_preset
-    from llama.chat import ChatFormat
-    from llama.tokenizer import load_tokenizer
-    from losses import sft_loss
-    from train.targets import target_logps
+    from llama_posttrain.data.rows import encode_sft, pack
+    from llama_posttrain.data.schema import SFTRecord
+    from llama_posttrain.llama import get_preset
+    from llama_posttrain.llama.chat import ChatFormat
+    from llama_posttrain.llama.tokenizer import load_tokenizer
+    from llama_posttrain.losses import sft_loss
+    from llama_posttrain.train.targets import target_logps
 
     chat = ChatFormat(load_tokenizer())
     recs = [

@@ -1,4 +1,4 @@
-"""The launchers (train/launch.py): the commands each one runs; a training job across 2 "nodes" (two torchrun
+"""The launchers (llama_posttrain/train/launch.py): the commands each one runs; a training job across 2 "nodes" (two torchrun
 agents on a loopback c10d rendezvous), through slurm (a stand-in srun) and through the torchrun leader /
 follower queue, gives the same result as one node; the progress line."""
 
@@ -14,8 +14,8 @@ import time
 import pytest
 from test_train import QUICK, ROOT
 
-from train import progress
-from train.launch import Job, Launcher, ProgressLine
+from llama_posttrain.train import progress
+from llama_posttrain.train.launch import Job, Launcher, ProgressLine
 
 ARGS = ["--config", str(QUICK / "sft.yaml"), "train.steps=3", "data.eval=null", "train.save_every=0"]
 ARGS += ["logging.log_every=1", "logging.progress=false"]
@@ -29,7 +29,7 @@ def free_port() -> int:
 
 def sft_job(tmp_path, name, nproc=1):
     run_dir = tmp_path / name
-    return Job(name, "train/sft.py", [*ARGS, f"train.run_dir={run_dir}"], tmp_path / f"{name}.log", nproc,
+    return Job(name, "llama_posttrain/train/sft.py", [*ARGS, f"train.run_dir={run_dir}"], tmp_path / f"{name}.log", nproc,
                {"OMP_NUM_THREADS": "1"}, run_dir)  # fmt: skip
 
 
@@ -44,13 +44,13 @@ def same_training(a, b):
 
 
 def test_the_commands_of_each_launcher(tmp_path):
-    job = Job("j", "train/sft.py", ["--config", "c.yaml"], tmp_path / "j.log", nproc=8)
-    single = Job("avg", "train/average.py", ["--out", "o", "a", "b"], tmp_path / "a.log", nproc=0)
-    py, script = sys.executable, str(ROOT / "train" / "sft.py")
+    job = Job("j", "llama_posttrain/train/sft.py", ["--config", "c.yaml"], tmp_path / "j.log", nproc=8)
+    single = Job("avg", "llama_posttrain/train/average.py", ["--out", "o", "a", "b"], tmp_path / "a.log", nproc=0)
+    py, script = sys.executable, str(ROOT / "llama_posttrain" / "train" / "sft.py")
     local = Launcher("local")
     assert local.command(job) == [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=8", script,
                                   "--config", "c.yaml"]  # fmt: skip
-    assert local.command(single) == [py, str(ROOT / "train" / "average.py"), "--out", "o", "a", "b"]
+    assert local.command(single) == [py, str(ROOT / "llama_posttrain" / "train" / "average.py"), "--out", "o", "a", "b"]
     multi = Launcher("torchrun", nnodes=2, node_rank=1, rdzv_endpoint="node0:29400")
     assert multi.command(job, "s-3") == [
         py, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=8", "--rdzv_backend=c10d",
@@ -59,7 +59,7 @@ def test_the_commands_of_each_launcher(tmp_path):
     slurm = Launcher("slurm", nnodes=2, rdzv_endpoint="node0:29400")
     assert slurm.command(job, "s-0")[:4] == ["srun", "--nodes=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
     assert slurm.command(job, "s-0")[4:] == multi.command(job, "s-0")
-    assert slurm.command(single) == ["srun", "--nodes=1", "--ntasks=1", py, str(ROOT / "train" / "average.py"),
+    assert slurm.command(single) == ["srun", "--nodes=1", "--ntasks=1", py, str(ROOT / "llama_posttrain" / "train" / "average.py"),
                                      "--out", "o", "a", "b"]  # fmt: skip
     os.environ.pop("MASTER_ADDR", None)
     with pytest.raises(ValueError, match="needs rdzv_endpoint"):
@@ -89,7 +89,6 @@ def test_a_job_on_two_nodes_through_slurm_equals_one_node(tmp_path, monkeypatch)
     srun.write_text(FAKE_SRUN.format(log=str(tmp_path / "srun_calls.jsonl")))
     srun.chmod(srun.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
-    monkeypatch.setenv("PYTHONPATH", str(ROOT))
     Launcher("local").run(sft_job(tmp_path, "one_node", nproc=2))
     Launcher("slurm", nnodes=2, rdzv_endpoint=f"127.0.0.1:{free_port()}").run(sft_job(tmp_path, "two_nodes"))
     calls = [json.loads(line) for line in (tmp_path / "srun_calls.jsonl").read_text().splitlines()]
@@ -101,7 +100,7 @@ def test_a_job_on_two_nodes_through_slurm_equals_one_node(tmp_path, monkeypatch)
 FOLLOWER = """
 import sys
 from pathlib import Path
-from train.launch import Launcher
+from llama_posttrain.train.launch import Launcher
 launcher = Launcher("torchrun", nnodes=2, node_rank=1, rdzv_endpoint=sys.argv[2], queue=Path(sys.argv[1]))
 with launcher.signals:
     sys.exit(launcher.follow(poll_s=0.1))
@@ -110,7 +109,6 @@ with launcher.signals:
 
 @pytest.mark.slow
 def test_the_torchrun_leader_and_a_follower_node_train_as_one_node(tmp_path, monkeypatch):
-    monkeypatch.setenv("PYTHONPATH", str(ROOT))
     endpoint, queue = f"127.0.0.1:{free_port()}", tmp_path / "jobs"
     (queue).mkdir()
     (queue / "session.json").write_text(json.dumps({"id": "an-earlier-leader", "host": "x"}))  # not followed
@@ -154,7 +152,6 @@ def test_a_job_reports_its_progress_to_the_launcher(tmp_path, monkeypatch):
             seen.append(self.shown["done"])
 
     monkeypatch.setattr(ProgressLine, "__call__", watch)
-    monkeypatch.setenv("PYTHONPATH", str(ROOT))
     Launcher("local").run(sft_job(tmp_path, "run", nproc=1))
     assert seen and seen[-1] == 3 and all(a <= b for a, b in zip(seen, seen[1:]))  # the end is always shown
     assert json.loads((tmp_path / "run.progress.json").read_text())["done"] == 3

@@ -1,4 +1,4 @@
-"""The DPO loss family (losses/dpo.py LOSSES) and the RM's reward centering, each against its formula
+"""The DPO loss family (llama_posttrain/losses/dpo.py LOSSES) and the RM's reward centering, each against its formula
 written out in float64 and, where TRL has the loss, against TRL's value on the same inputs.
 
 TRL's values come from TRL's own code: DPOTrainer's per-loss branches (their source lines, run on our
@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from test_losses import dpo_batch, dpo_inputs, pref
 
-from losses import dpo_loss, ranking_loss
-from losses.dpo import LOSSES
-from train.dpo import DPOSection
+from llama_posttrain.losses import dpo_loss, ranking_loss
+from llama_posttrain.losses.dpo import LOSSES
+from llama_posttrain.train.dpo import DPOSection
 
 P = 6
 
@@ -263,15 +263,15 @@ def test_center_rewards_equals_float64_formula_and_trl():
     assert ranking_loss(rewards, group, rank, center_rewards=0.0)[0].item() < loss.item()
 
 
-# ----------------------------------------------------------------------------- through train/dpo.py
+# ----------------------------------------------------------------------------- through llama_posttrain/train/dpo.py
 
 
 def test_simpo_objective_runs_without_a_reference_model():
     from conftest import random_model
 
-    from llama import get_preset
-    from train.dpo import make_objective
-    from train.targets import model_logps
+    from llama_posttrain.llama import get_preset
+    from llama_posttrain.train.dpo import make_objective
+    from llama_posttrain.train.targets import model_logps
 
     model = random_model(get_preset("debug"))
     batch = dpo_batch([pref("a?", "yes", "no way"), pref("b?", "maybe so", "x")])

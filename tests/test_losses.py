@@ -7,14 +7,14 @@ import pytest
 import torch
 from conftest import random_model
 
-from data.rows import collate, encode_preference, pack
-from data.schema import PreferenceRecord
-from llama import Transformer, get_preset
-from llama.chat import ChatFormat
-from llama.tokenizer import load_tokenizer
-from losses import dpo_loss, ranking_loss, sft_loss
-from losses.ranking import LLAMA2_MARGINS
-from train.targets import chosen_nll, dpo_lengths, dpo_logps, strength_margins, target_logps
+from llama_posttrain.data.rows import collate, encode_preference, pack
+from llama_posttrain.data.schema import PreferenceRecord
+from llama_posttrain.llama import Transformer, get_preset
+from llama_posttrain.llama.chat import ChatFormat
+from llama_posttrain.llama.tokenizer import load_tokenizer
+from llama_posttrain.losses import dpo_loss, ranking_loss, sft_loss
+from llama_posttrain.losses.ranking import LLAMA2_MARGINS
+from llama_posttrain.train.targets import chosen_nll, dpo_lengths, dpo_logps, strength_margins, target_logps
 
 CHAT = ChatFormat(load_tokenizer())
 
@@ -199,8 +199,8 @@ def test_shared_prompt_dpo_row_equals_separate_sequences():
 
 
 def sft_examples(n):
-    from data.rows import encode_sft
-    from data.schema import SFTRecord
+    from llama_posttrain.data.rows import encode_sft
+    from llama_posttrain.data.schema import SFTRecord
 
     recs = [
         SFTRecord(

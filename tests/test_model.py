@@ -4,10 +4,10 @@ import pytest
 import torch
 from conftest import CONFIGS, random_model
 
-import llama.model
-from llama import Transformer, get_preset
-from llama.generate import generate, sample_next
-from llama.model import attention_mask
+import llama_posttrain.llama.model as llama_model
+from llama_posttrain.llama import Transformer, get_preset
+from llama_posttrain.llama.generate import generate, sample_next
+from llama_posttrain.llama.model import attention_mask
 
 
 def ids(n, vocab, seed):
@@ -28,7 +28,7 @@ def reward_row(prompt, responses, order):
 @pytest.mark.parametrize("flex", [False, True])
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_shared_prompt_row_equals_separate_rows(config, flex, monkeypatch):
-    monkeypatch.setattr(llama.model, "_compiled_flex", llama.model.flex_attention)  # eager flex on CPU
+    monkeypatch.setattr(llama_model, "_compiled_flex", llama_model.flex_attention)  # eager flex on CPU
     model = random_model(config)
     V = config.vocab_size
     prompt = ids(7, V, 0)
@@ -36,7 +36,7 @@ def test_shared_prompt_row_equals_separate_rows(config, flex, monkeypatch):
     order = [2, 0, 1]  # shuffled, as in the reward-model row
     tokens, positions, branch = reward_row(prompt, responses, order)
     mask = attention_mask(torch.zeros_like(tokens), branch, flex=flex)
-    assert isinstance(mask, llama.model.BlockMask) if flex else mask.shape == (1, 1, 21, 21)
+    assert isinstance(mask, llama_model.BlockMask) if flex else mask.shape == (1, 1, 21, 21)
     with torch.no_grad():
         h = model.trunk(tokens, positions, mask=mask)[0]
         start = len(prompt)
@@ -54,9 +54,9 @@ def test_attention_mask_is_built_by_the_caller_once_per_micro_batch(monkeypatch)
     forward: the models build none. Without a mask a forward builds its own from the ids, and
     holds none after (no cache): edited ids give another mask. Block mask and dense agree.
     (Eager here: the compiled create_block_mask runs in test_shared_prompt_row_equals_separate_rows.)"""
-    monkeypatch.setattr(llama.model, "_compiled_flex", llama.model.flex_attention)  # eager flex on CPU
-    built, real = [], llama.model.create_block_mask
-    monkeypatch.setattr(llama.model, "_compiled_create_block_mask", lambda *a, **k: built.append(1) or real(*a, **k))
+    monkeypatch.setattr(llama_model, "_compiled_flex", llama_model.flex_attention)  # eager flex on CPU
+    built, real = [], llama_model.create_block_mask
+    monkeypatch.setattr(llama_model, "_compiled_create_block_mask", lambda *a, **k: built.append(1) or real(*a, **k))
     config = CONFIGS["gqa-tied-scaled"]
     policy, reference = random_model(config), random_model(config, seed=1)
     V = config.vocab_size
@@ -100,7 +100,7 @@ def test_kv_cache_decoding_matches_full_forward(config):
     seq = ids(20, config.vocab_size, 7)[None]
     with torch.no_grad():
         full = model(seq)[0]  # (T, V)
-        cache = llama.model.KVCache(config, 1, 32)
+        cache = llama_model.KVCache(config, 1, 32)
         steps = [model(seq[:, :6], cache=cache)[0]]  # prefill 6, then one token at a time
         for t in range(6, 20):
             steps.append(model(seq[:, t : t + 1], cache=cache)[0])

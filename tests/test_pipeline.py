@@ -12,7 +12,7 @@ import pytest
 import yaml
 from test_train import kill_9_tree
 
-from train.pipeline import Pipeline, PipelineError, load_pipeline_config
+from llama_posttrain.train.pipeline import Pipeline, PipelineError, load_pipeline_config
 
 ROOT = Path(__file__).parent.parent
 
@@ -32,8 +32,8 @@ MICRO = {
 def test_killed_pipeline_resumes_without_redoing_stages(tmp_path):
     cfg = tmp_path / "micro.yaml"
     cfg.write_text(yaml.safe_dump({**MICRO, "root": str(tmp_path / "runs")}))
-    cmd = [sys.executable, str(ROOT / "train" / "pipeline.py"), "--config", str(cfg)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(ROOT / "llama_posttrain" / "train" / "pipeline.py"), "--config", str(cfg)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = tmp_path / "runs" / "micro"
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
@@ -101,7 +101,7 @@ def test_config_errors_name_the_override_and_stop_before_any_stage(tmp_path, cap
         load_pipeline_config(None, ["rm={a"])
     with pytest.raises(PipelineError, match=r"^override 'rounds=two': rounds: expected int"):
         load_pipeline_config(None, ["rounds=two"])
-    from train.pipeline import main
+    from llama_posttrain.train.pipeline import main
 
     with pytest.raises(SystemExit, match=r"^pipeline: override 'k=2.5': k: expected int"):
         main([f"root={tmp_path / 'runs'}", "k=2.5"])
@@ -151,26 +151,28 @@ def test_a_changed_config_is_refused_and_the_record_never_rewritten(tmp_path, ca
 def test_a_failing_stage_prints_its_log_path_and_last_lines(tmp_path):
     cmd = [
         sys.executable,
-        str(ROOT / "train" / "pipeline.py"),
+        str(ROOT / "llama_posttrain" / "train" / "pipeline.py"),
         "--config",
         _micro(tmp_path, pretrain={"train.bogus": 1}),
     ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     log = tmp_path / "runs" / "micro" / "round_0" / "pretrain" / "variant_0.log"
     assert out.returncode == 1
-    assert "pipeline: [round 0] pretrain: train/sft.py failed (exit code 1)" in out.stderr
+    assert "pipeline: [round 0] pretrain: llama_posttrain/train/sft.py failed (exit code 1)" in out.stderr
     assert f"the end of its log {log}\n" in out.stderr
     assert "unknown key train.bogus" in out.stderr and "unknown key train.bogus" in log.read_text()
     assert "CalledProcessError" not in out.stderr
 
 
 def test_a_task_is_found_by_name_or_module_path_and_the_sampler_uses_the_same_registry():
-    from data.tasks.arithmetic import Arithmetic
-    from train.sample import _annotator
+    from llama_posttrain.data.tasks.arithmetic import Arithmetic
+    from llama_posttrain.train.sample import _annotator
 
     by_name = load_pipeline_config(None, ["task_args={max_digits: 1, noise: 0.1}"])
-    by_path = load_pipeline_config(None, ["task=data.tasks.arithmetic:Arithmetic", "task_args={max_digits: 1}"])
+    by_path = load_pipeline_config(
+        None, ["task=llama_posttrain.data.tasks.arithmetic:Arithmetic", "task_args={max_digits: 1}"]
+    )
     assert Pipeline(by_name).recipe.task == Arithmetic(max_digits=1, noise=0.1)
     assert Pipeline(by_path).recipe.task == Arithmetic(max_digits=1)
     record = {"messages": [{"role": "user", "content": "3+4="}]}
@@ -182,19 +184,19 @@ def test_a_task_is_found_by_name_or_module_path_and_the_sampler_uses_the_same_re
 
 
 def test_a_task_without_a_pretraining_corpus_needs_a_base_checkpoint(tmp_path, monkeypatch):
-    import data.tasks.arithmetic as arithmetic
+    import llama_posttrain.data.tasks.arithmetic as arithmetic
 
     class NoCorpus:  # prompts, verifier and seed data, but nothing to pre-train on
         prompts, verify, seed_data = arithmetic.Arithmetic.prompts, arithmetic.Arithmetic.verify, None
 
     monkeypatch.setattr(arithmetic, "NoCorpus", NoCorpus, raising=False)
     with pytest.raises(PipelineError, match=r"task: task '.*NoCorpus' has no pre-training corpus .*give `base:"):
-        load_pipeline_config(None, ["task=data.tasks.arithmetic:NoCorpus"])
+        load_pipeline_config(None, ["task=llama_posttrain.data.tasks.arithmetic:NoCorpus"])
 
 
 def _report(tmp_path, capsys, monkeypatch=None):
     """The report of a finished 2-round run (made-up results), its printed output."""
-    from train.report import write_report
+    from llama_posttrain.train.report import write_report
 
     cfg = load_pipeline_config(None, [f"root={tmp_path}", "rounds=2"])
     run = tmp_path / cfg.name
@@ -216,7 +218,7 @@ def _report(tmp_path, capsys, monkeypatch=None):
 
 def test_report_names_stages_and_rounds_and_draws_the_plots(tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    from train.report import accuracy_by_stage, rewards_by_round
+    from llama_posttrain.train.report import accuracy_by_stage, rewards_by_round
 
     run, out = _report(tmp_path, capsys)
     assert out.startswith("| round | stage |") and "| 2 | dpo |  |  |  | 0.700 | 0.800 | 0.300 |" in out
@@ -238,7 +240,7 @@ def test_report_without_matplotlib_says_how_to_get_plots_and_goes_on(tmp_path, c
 
 
 def test_help_lists_every_key_with_its_default_and_comment(capsys):
-    from train.pipeline import PipelineConfig, main
+    from llama_posttrain.train.pipeline import PipelineConfig, main
 
     with pytest.raises(SystemExit) as exit_:
         main(["--help"])

@@ -1,4 +1,4 @@
-"""train/plan.py: the memory arithmetic, written out independently, and the verdict (fast, no training).
+"""llama_posttrain/train/plan.py: the memory arithmetic, written out independently, and the verdict (fast, no training).
 The estimate against measured CPU peaks of real runs: experiments/bench/plan_check.py."""
 
 import dataclasses
@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama import Transformer, get_preset
-from llama.model import TransformerBlock, rope_cos_sin, rope_inv_freq, structure_mask
-from train import plan
+from llama_posttrain.llama import Transformer, get_preset
+from llama_posttrain.llama.model import TransformerBlock, rope_cos_sin, rope_inv_freq, structure_mask
+from llama_posttrain.train import plan
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from conftest import CONFIGS, random_model
 from torch.distributed.tensor import DTensor
 
-from train.distributed import build_model, init_distributed, parallelize
+from llama_posttrain.train.distributed import build_model, init_distributed, parallelize
 
 CONFIG = CONFIGS["gqa-untied-scaled"]
 
@@ -66,10 +66,10 @@ def test_frozen_reference_is_stored_in_bf16_and_resharded_after_forward(one_rank
 
 def test_sampling_scores_of_a_bf16_reward_model_are_fp32():
     """Best-of-K scores from a bf16 reward model: the fp32 head on the bf16 trunk (no bf16 ties)."""
-    from llama import get_preset
-    from llama.chat import ChatFormat
-    from llama.tokenizer import load_tokenizer
-    from train.sample import score
+    from llama_posttrain.llama import get_preset
+    from llama_posttrain.llama.chat import ChatFormat
+    from llama_posttrain.llama.tokenizer import load_tokenizer
+    from llama_posttrain.train.sample import score
 
     chat = ChatFormat(load_tokenizer())
     rm = random_model(get_preset("debug"), head="reward").to(torch.bfloat16)

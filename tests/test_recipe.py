@@ -1,4 +1,4 @@
-"""The recipe on the user's files (data/tasks/files.py), without running a model: the jobs it plans are
+"""The recipe on the user's files (llama_posttrain/data/tasks/files.py), without running a model: the jobs it plans are
 recorded by a stand-in launcher. Prompts are drawn from the pool in order and never twice; the RM trains on
 all preference data so far, SFT on all rejection-sampled data plus the human files (weighted), DPO on the
 round's pairs; the human annotator stops for labels and continues from them."""
@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from train.launch import Launcher
-from train.pipeline import PipelineError, load_pipeline_config
-from train.recipe import Recipe, StageError, WaitingForLabels
+from llama_posttrain.train.launch import Launcher
+from llama_posttrain.train.pipeline import PipelineError, load_pipeline_config
+from llama_posttrain.train.recipe import Recipe, StageError, WaitingForLabels
 
 
 class Recording(Launcher):
@@ -63,14 +63,14 @@ def recipe(tmp_path, files, *overrides):
 
 
 def _task(cfg):
-    from train.pipeline import make_task
+    from llama_posttrain.train.pipeline import make_task
 
     return make_task(cfg.task, cfg.task_args)
 
 
 def _chat():
-    from llama.chat import ChatFormat
-    from llama.tokenizer import load_tokenizer
+    from llama_posttrain.llama.chat import ChatFormat
+    from llama_posttrain.llama.tokenizer import load_tokenizer
 
     return ChatFormat(load_tokenizer())
 
@@ -114,7 +114,7 @@ def test_round_data_follows_llama3(tmp_path, files):
     r.train_sft(run / "round_2" / "sft", 2, base, rm=None)
     r.train_dpo(run / "round_2" / "dpo", 2, base, rm=None)
     rm, _, sft, _, dpo, average = launcher.jobs  # each training job, then its averaging job
-    assert average.script == "train/average.py" and average.nproc == 0
+    assert average.script == "llama_posttrain/train/average.py" and average.nproc == 0
     rm_data = [json.loads(line) for line in open(args_of(rm)["data.train"])]
     assert [p["chosen"] for p in rm_data] == ["2", *(str(i + 1) for i in range(32)), "a1"]  # seed + round 1's
     train = args_of(sft)["data.train"]
@@ -168,9 +168,14 @@ def test_a_files_pipeline_with_people_as_annotators_stops_for_labels_and_finishe
     import yaml
     from test_pipeline import MICRO, ROOT
 
-    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
     base_run = tmp_path / "base_run"  # a base that has learned to answer and end its turn
-    sft = [sys.executable, str(ROOT / "train" / "sft.py"), "--config", str(ROOT / "experiments/quickstart/sft.yaml")]
+    sft = [
+        sys.executable,
+        str(ROOT / "llama_posttrain" / "train" / "sft.py"),
+        "--config",
+        str(ROOT / "experiments/quickstart/sft.yaml"),
+    ]
     sft += ["model.preset=debug", "data.eval=null", "train.steps=60", "data.batch_size=32", "optim.lr=1e-2"]
     sft += [f"train.run_dir={base_run}", "logging.progress=false", "train.save_every=0"]
     assert subprocess.run(sft, cwd=ROOT, env=env, capture_output=True, timeout=600).returncode == 0
@@ -180,7 +185,12 @@ def test_a_files_pipeline_with_people_as_annotators_stops_for_labels_and_finishe
     cfg |= {"task": "files", "task_args": files, "base": str(base), "annotator": "human"}
     cfg |= {"rs_prompts": 4, "pref_prompts": 4, "cleaning": {"dedup": True}}
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(cfg))
-    cmd = [sys.executable, str(ROOT / "train" / "pipeline.py"), "--config", str(tmp_path / "p.yaml")]
+    cmd = [
+        sys.executable,
+        str(ROOT / "llama_posttrain" / "train" / "pipeline.py"),
+        "--config",
+        str(tmp_path / "p.yaml"),
+    ]
     first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     pref = tmp_path / "runs" / "files" / "round_1" / "pref"
     assert first.returncode != 0 and "pipeline: waiting for labels: " in first.stderr and str(pref) in first.stderr

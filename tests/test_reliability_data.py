@@ -7,13 +7,13 @@ import re
 import pytest
 import torch
 
-from data.loader import DataLoader, build_loaders, load_examples
-from data.schema import STRENGTHS, ValidationError
-from llama.chat import ChatFormat
-from llama.tokenizer import load_tokenizer
-from train import loop
-from train.config import Config
-from train.distributed import Dist
+from llama_posttrain.data.loader import DataLoader, build_loaders, load_examples
+from llama_posttrain.data.schema import STRENGTHS, ValidationError
+from llama_posttrain.llama.chat import ChatFormat
+from llama_posttrain.llama.tokenizer import load_tokenizer
+from llama_posttrain.train import loop
+from llama_posttrain.train.config import Config
+from llama_posttrain.train.distributed import Dist
 
 CHAT = ChatFormat(load_tokenizer())  # byte-level: one token per byte
 

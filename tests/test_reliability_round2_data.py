@@ -1,7 +1,7 @@
 """Issue 17, round 2, data: the tokenized cache never serves stale or damaged data, the loaders
 expose the content fingerprints of the files they read, and bad inputs (a damaged manifest, a full
 disk, a truncated .arrow, a file name with '[', a state.json pointing outside its folder, an empty
-assistant turn, a bad `python -m train.prepare_data` run) are one clear error; the tokenizer processes
+assistant turn, a bad `python -m llama_posttrain.train.prepare_data` run) are one clear error; the tokenizer processes
 never outlive a killed parent."""
 
 import hashlib
@@ -17,16 +17,16 @@ from pathlib import Path
 
 import pytest
 
-from data import prepare as prepare_module
-from data.cache import TokenizedData
-from data.loader import build_loaders, load_examples
-from data.prepare import prepare
-from data.rows import EncodeOptions
-from data.schema import ValidationError
-from llama.chat import ChatFormat
-from llama.tokenizer import load_tokenizer
-from train.config import Config, load_config
-from train.prepare_data import main as prepare_main
+from llama_posttrain.data import prepare as prepare_module
+from llama_posttrain.data.cache import TokenizedData
+from llama_posttrain.data.loader import build_loaders, load_examples
+from llama_posttrain.data.prepare import prepare
+from llama_posttrain.data.rows import EncodeOptions
+from llama_posttrain.data.schema import ValidationError
+from llama_posttrain.llama.chat import ChatFormat
+from llama_posttrain.llama.tokenizer import load_tokenizer
+from llama_posttrain.train.config import Config, load_config
+from llama_posttrain.train.prepare_data import main as prepare_main
 
 ROOT = Path(__file__).parent.parent
 QUICK = ROOT / "experiments" / "quickstart"
@@ -181,7 +181,7 @@ def test_loaders_expose_the_content_fingerprints_hashed_once(tmp_path, monkeypat
     cfg.data.eval, cfg.data.cache, cfg.data.cache_dir, cfg.data.num_workers = str(ev), cached, str(tmp_path / "c"), 1
     cfg.data.max_len, cfg.data.batch_size, cfg.data.tokens_per_microbatch = 64, 4, 128
     hashed = []
-    from data import cache, records
+    from llama_posttrain.data import cache, records
 
     for module in (cache, records):  # count the files read whole for their hash
         if original := getattr(module, "sha256_file", None):
@@ -334,10 +334,10 @@ def test_an_empty_assistant_turn_is_refused_or_counted(tmp_path, capsys):
 
 BUILD_WITH_2_WORKERS = """
 import os, sys, time
-from data import prepare
-from data.rows import EncodeOptions
-from llama.chat import ChatFormat
-from llama.tokenizer import load_tokenizer
+from llama_posttrain.data import prepare
+from llama_posttrain.data.rows import EncodeOptions
+from llama_posttrain.llama.chat import ChatFormat
+from llama_posttrain.llama.tokenizer import load_tokenizer
 
 add = prepare.Writer.add
 def add_then_hang(self, arrays):
@@ -377,7 +377,7 @@ def test_tokenizer_workers_exit_when_the_building_process_is_killed(tmp_path):
     """kill -9 of a process building a cache with 2 workers: its workers, forkserver and resource
     tracker are gone within 5 s (they stayed for good: blocked on the pool's queues)."""
     data, flag = write(tmp_path / "d.jsonl", [dialog(i) for i in range(400)]), tmp_path / "written"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-c", BUILD_WITH_2_WORKERS, str(data), str(tmp_path / "c"), str(flag)]
     proc = subprocess.Popen(cmd, env=env)
     children = []

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from test_train import QUICK, in_process, read_metrics
 
-from llama.chat import ChatFormat
-from llama.tokenizer import load_tokenizer
+from llama_posttrain.llama.chat import ChatFormat
+from llama_posttrain.llama.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).parent.parent
 CHAT = ChatFormat(load_tokenizer())
@@ -48,7 +48,7 @@ def test_sft_logs_real_tokens_and_target_tokens_counted_from_the_dialogs(tmp_pat
 def test_a_loss_sum_named_like_the_loops_own_is_refused():
     import torch
 
-    from train.loop import _add
+    from llama_posttrain.train.loop import _add
 
     class MB:
         doc_ids = torch.tensor([[0, 0, -1]])
@@ -64,9 +64,9 @@ def test_a_loss_sum_named_like_the_loops_own_is_refused():
 
 
 def _stage_run(kind: str) -> None:
-    """The README's stage command (torchrun ... train/sft.py --config experiments/quickstart/sft.yaml),
+    """The README's stage command (torchrun ... llama_posttrain/train/sft.py --config experiments/quickstart/sft.yaml),
     in-process for 1 step in the current folder: its run folder is the config's own."""
-    from train.lifecycle import Signals
+    from llama_posttrain.train.lifecycle import Signals
 
     in_process(kind, [
         "--config", str(QUICK / f"{kind}.yaml"), "logging.progress=false", "data.eval=null", "train.steps=1",
@@ -78,7 +78,7 @@ def _stage_run(kind: str) -> None:
 def test_the_readme_stage_command_and_the_pipeline_use_separate_folders(tmp_path, one_rank, monkeypatch):
     import torch.distributed as dist
 
-    from train.pipeline import Pipeline, load_pipeline_config
+    from llama_posttrain.train.pipeline import Pipeline, load_pipeline_config
 
     pipeline_yaml = str(QUICK / "pipeline.yaml")
     for order in ("stage first", "pipeline first"):
@@ -105,7 +105,7 @@ def yaml_of(kind: str) -> dict:
 
 
 def test_every_pipeline_config_keeps_its_stage_configs_run_folders_outside_its_own():
-    from train.pipeline import PipelineConfig
+    from llama_posttrain.train.pipeline import PipelineConfig
 
     pipelines = sorted((ROOT / "experiments").glob("*/pipeline.yaml"))
     assert len(pipelines) >= 3
@@ -131,7 +131,7 @@ def test_a_stage_configs_own_run_folder_may_change_under_a_recorded_pipeline(tmp
     import yaml
     from test_pipeline import _micro
 
-    from train.pipeline import Pipeline, PipelineError, load_pipeline_config
+    from llama_posttrain.train.pipeline import Pipeline, PipelineError, load_pipeline_config
 
     for kind in ("rm", "sft", "dpo"):  # the stage configs as they were when the folder was made
         old = yaml_of(kind)
@@ -225,8 +225,8 @@ def _pipeline_with_a_fake_torchrun(tmp_path, monkeypatch, worker: str, forward: 
 
     from test_pipeline import _micro
 
-    from train.launch import Job, Launcher
-    from train.pipeline import Pipeline, load_pipeline_config
+    from llama_posttrain.train.launch import Job, Launcher
+    from llama_posttrain.train.pipeline import Pipeline, load_pipeline_config
 
     (tmp_path / "torchrun.py").write_text(FAKE_TORCHRUN)
     pids = tmp_path / "pids"
@@ -235,7 +235,7 @@ def _pipeline_with_a_fake_torchrun(tmp_path, monkeypatch, worker: str, forward: 
     pipe = Pipeline(load_pipeline_config(_micro(tmp_path)))
 
     def train_stage(d, k):
-        job = Job("[round 1] sft", "train/sft.py", [], d / "variant_0.log", 1, run_dir=d / "variant_0")
+        job = Job("[round 1] sft", "llama_posttrain/train/sft.py", [], d / "variant_0.log", 1, run_dir=d / "variant_0")
         pipe.launcher.run(job)
         return {}
 
@@ -267,7 +267,7 @@ def test_a_signal_while_a_stage_trains_is_forwarded_and_the_pipeline_stops_after
     """SIGTERM (a scheduler), Ctrl-C, a closed terminal (SIGHUP, forwarded as the SIGTERM training saves on)."""
     import signal
 
-    from train.launch import Interrupted
+    from llama_posttrain.train.launch import Interrupted
 
     pipe, train_stage, pids = _pipeline_with_a_fake_torchrun(tmp_path, monkeypatch, FAKE_WORKER)
     before = signal.getsignal(signal.SIGTERM)
@@ -278,7 +278,7 @@ def test_a_signal_while_a_stage_trains_is_forwarded_and_the_pipeline_stops_after
     assert stopped.value.signum == signal.Signals[sent]  # main exits 128 + it
     run_dir = pipe.dir / "round_1" / "sft" / "variant_0"
     assert str(stopped.value) == (
-        f"{sent}: stopped in [round 1] sft (train/sft.py saved step 7 in {run_dir}); rerun the same command to "
+        f"{sent}: stopped in [round 1] sft (llama_posttrain/train/sft.py saved step 7 in {run_dir}); rerun the same command to "
         "resume (finished stages are skipped, an interrupted training run resumes from its checkpoints)"
     )
     log = (pipe.dir / "round_1" / "sft" / "variant_0.log").read_text()
@@ -291,11 +291,13 @@ def test_a_signal_while_a_stage_trains_is_forwarded_and_the_pipeline_stops_after
 def test_a_second_signal_kills_the_stages_torchrun_and_its_workers(tmp_path, monkeypatch, signal_guard):
     import signal
 
-    from train.launch import Interrupted
+    from llama_posttrain.train.launch import Interrupted
 
     pipe, train_stage, pids = _pipeline_with_a_fake_torchrun(tmp_path, monkeypatch, STUBBORN_WORKER, forward=False)
     _signal_once_up(pids, signal.SIGINT, signal.SIGINT)  # Ctrl-C, then Ctrl-C again: do not wait for the save
-    with pytest.raises(Interrupted, match=r"^SIGINT: stopped in \[round 1\] sft \(train/sft.py killed by a second"):
+    with pytest.raises(
+        Interrupted, match=r"^SIGINT: stopped in \[round 1\] sft \(llama_posttrain/train/sft.py killed by a second"
+    ):
         with pipe.signals:
             pipe.recipe.stage(1, "sft", train_stage)
     torchrun, worker = map(int, pids.read_text().split())
@@ -317,8 +319,8 @@ def test_a_signal_during_the_pipelines_own_work_exits_128_plus_it_without_a_done
 
     from test_pipeline import _micro
 
-    from train.pipeline import main
-    from train.recipe import Recipe
+    from llama_posttrain.train.pipeline import main
+    from llama_posttrain.train.recipe import Recipe
 
     def make_data(self, d, k):
         (d / "seed_pairs.jsonl").write_text("half a file")
@@ -358,8 +360,8 @@ def test_sigterm_to_the_pipeline_mid_training_saves_leaves_no_process_and_a_reru
     pretrain = {"train.steps": steps, "data.batch_size": 32, "train.save_every": 0, "optim.lr": 1.0e-2}
     cfg = tmp_path / "micro.yaml"
     cfg.write_text(yaml.safe_dump({**MICRO, "root": str(tmp_path / "runs"), "rounds": 0, "pretrain": pretrain}))
-    cmd = [sys.executable, str(ROOT / "train" / "pipeline.py"), "--config", str(cfg)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(ROOT / "llama_posttrain" / "train" / "pipeline.py"), "--config", str(cfg)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     stage = tmp_path / "runs" / "micro" / "round_0" / "pretrain"
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
@@ -372,7 +374,9 @@ def test_sigterm_to_the_pipeline_mid_training_saves_leaves_no_process_and_a_reru
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     line = err.strip().splitlines()[-1]
-    assert line.startswith("pipeline: SIGTERM: stopped in [round 0] pretrain (train/sft.py saved step "), err[-3000:]
+    assert line.startswith(
+        "pipeline: SIGTERM: stopped in [round 0] pretrain (llama_posttrain/train/sft.py saved step "
+    ), err[-3000:]
     saved = int(line.split("saved step ")[1].split()[0])
     assert 3 <= saved < steps and (stage / "variant_0" / "checkpoints" / f"step_{saved:08d}").is_dir()
     time.sleep(0.5)

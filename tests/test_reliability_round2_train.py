@@ -13,8 +13,8 @@ import pytest
 from test_reliability_train import fresh_group, read_metrics, sft_argv
 from test_train import QUICK, ROOT, in_process
 
-from train import run_lock, train_state
-from train.lifecycle import main_guard
+from llama_posttrain.train import run_lock, train_state
+from llama_posttrain.train.lifecycle import main_guard
 
 
 def files_under(folder):
@@ -69,13 +69,13 @@ def test_restart_deletes_only_our_files_and_lists_them(tmp_path, one_rank, capsy
 
 # ------------------------------------------------------------------------------------------------ the lock
 
-HOLD = "import sys, time; from train import run_lock; run_lock.hold(sys.argv[1], 'holder'); print('held', flush=True); time.sleep(60)"
+HOLD = "import sys, time; from llama_posttrain.train import run_lock; run_lock.hold(sys.argv[1], 'holder'); print('held', flush=True); time.sleep(60)"
 
 
 def hold_in_a_child(folder):
     child = subprocess.Popen(
         [sys.executable, "-c", HOLD, str(folder)], cwd=ROOT, stdout=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**os.environ},
     )  # fmt: skip
     assert child.stdout.readline() == "held\n"
     return child
@@ -99,8 +99,8 @@ def test_a_second_run_on_a_held_folder_is_refused_naming_the_holder(tmp_path, on
 
 def test_a_finished_run_releases_its_folder(tmp_path):
     """The lock file is emptied at exit; a second run then starts without a takeover message."""
-    cmd = [sys.executable, str(ROOT / "train" / "sft.py"), *sft_argv(tmp_path, "train.steps=1")]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MASTER_PORT": str(29500 + os.getpid() % 400)}
+    cmd = [sys.executable, str(ROOT / "llama_posttrain" / "train" / "sft.py"), *sft_argv(tmp_path, "train.steps=1")]
+    env = {**os.environ, "MASTER_PORT": str(29500 + os.getpid() % 400)}
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert (tmp_path / "run.lock").read_text() == ""
@@ -111,7 +111,9 @@ def test_a_finished_run_releases_its_folder(tmp_path):
 
 def test_a_lock_from_another_host_is_refused_until_stale(tmp_path, capsys):
     lock = tmp_path / "run.lock"
-    lock.write_text(json.dumps({"pid": 1234, "host": "node-b", "since": time.time(), "command": "train/dpo.py"}))
+    lock.write_text(
+        json.dumps({"pid": 1234, "host": "node-b", "since": time.time(), "command": "llama_posttrain/train/dpo.py"})
+    )
     with pytest.raises(run_lock.FolderInUse, match=r"pid 1234 on host node-b .*refreshed \d+ s ago from another host"):
         run_lock.hold(tmp_path)
     old = time.time() - run_lock.STALE_AFTER_S - 5
@@ -230,8 +232,8 @@ def test_a_foreign_model_folder_is_refused_before_training(tmp_path, one_rank):
 
 
 def test_an_override_is_named_in_its_error(tmp_path):
-    from train.config import load_config
-    from train.sft import SFTConfig
+    from llama_posttrain.train.config import load_config
+    from llama_posttrain.train.sft import SFTConfig
 
     with pytest.raises(ValueError, match=r"^override 'model.chat_template=llama3.3': model.chat_template must be"):
         load_config(SFTConfig, str(QUICK / "sft.yaml"), ["model.chat_template=llama3.3"])
@@ -242,7 +244,7 @@ def test_an_override_is_named_in_its_error(tmp_path):
 
 
 def test_a_second_pipeline_on_a_held_folder_is_refused_naming_the_holder(tmp_path):
-    from train.pipeline import Pipeline, PipelineError, load_pipeline_config
+    from llama_posttrain.train.pipeline import Pipeline, PipelineError, load_pipeline_config
 
     child = hold_in_a_child(tmp_path / "quick")
     try:

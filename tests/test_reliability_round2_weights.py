@@ -14,11 +14,11 @@ from conftest import CONFIGS, random_model, with_fields
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, GenerationConfig
 
-from llama import CheckpointError, load_model, save_model
-from llama.chat import DEFAULT_DATE, ChatFormat
-from llama.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
-from train import train_state
-from train.average import main as average_main
+from llama_posttrain.llama import CheckpointError, load_model, save_model
+from llama_posttrain.llama.chat import DEFAULT_DATE, ChatFormat
+from llama_posttrain.llama.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
+from llama_posttrain.train import train_state
+from llama_posttrain.train.average import main as average_main
 
 CONFIG = with_fields(CONFIGS["gqa-untied-scaled"], vocab_size=513)  # the byte tokenizer (512 ids), or one merge more
 TRL = Path(trl.__file__).parent / "chat_templates"
@@ -56,7 +56,7 @@ def test_convert_into_an_hf_folder_refuses_to_replace_its_tokenizer_files(tmp_pa
     """`llama.convert --from native --to hf SRC DST` into a folder with its own tokenizer_config.json (llama3.2),
     generation_config.json: refused before any work, naming them; kept as transformers reads them;
     --replace-tokenizer replaces them, and says so."""
-    from llama.convert import main
+    from llama_posttrain.llama.convert import main
 
     src, dst = tmp_path / "src", tmp_path / "dst"
     model = random_model(CONFIG, seed=1)
@@ -82,7 +82,7 @@ def test_convert_into_an_hf_folder_refuses_to_replace_its_tokenizer_files(tmp_pa
 def test_a_chat_template_jinja_that_would_be_read_instead_is_refused(tmp_path, tok, capsys):
     """transformers (and llama.chat) read chat_template.jinja before tokenizer_config.json's template: one in
     DST would silently win over the template written; refused, and removed only with --replace-tokenizer."""
-    from llama.convert import main
+    from llama_posttrain.llama.convert import main
 
     src, dst = tmp_path / "src", tmp_path / "dst"
     save_model(random_model(CONFIG), src, tokenizer=tok, chat_template="llama3")
@@ -99,7 +99,7 @@ def test_a_chat_template_jinja_that_would_be_read_instead_is_refused(tmp_path, t
 
 def test_save_training_export_and_average_never_replace_a_folders_tokenizer(tmp_path, tok):
     """The same guard in save_checkpoint: save_model, the training export (train_state.export) and
-    train/average.py into a folder holding another chat template are refused, naming the file."""
+    llama_posttrain/train/average.py into a folder holding another chat template are refused, naming the file."""
     model = random_model(CONFIG)
     chat = ChatFormat(tok, "llama3.1")
     for name in ("save", "export", "average"):
@@ -128,7 +128,7 @@ def test_the_average_carries_tokenizer_template_and_generate_uses_them(tmp_path,
     """Two training exports (tokenizer, llama3.2 template) averaged: the average holds the tokenizer and the
     template; llama.generate on it (with and without --tokenizer) prompts in llama3.2, as trl's template
     renders it; --format hf adds the generation config transformers reads."""
-    import llama.generate
+    import llama_posttrain.llama.generate as llama_generate
 
     chat = ChatFormat(tok, "llama3.2")
     for i in range(2):
@@ -152,7 +152,7 @@ def test_the_average_carries_tokenizer_template_and_generate_uses_them(tmp_path,
         prompts.extend(ids)
         return [[[tok.eot_id]] for _ in ids]
 
-    monkeypatch.setattr(llama.generate, "generate", recording)
+    monkeypatch.setattr(llama_generate, "generate", recording)
     # the reference: trl's llama3.2 template as transformers renders it, with the date llama.generate writes
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     text = env.from_string((TRL / TRL_FILES["llama3.2"]).read_text()).render(
@@ -160,12 +160,12 @@ def test_the_average_carries_tokenizer_template_and_generate_uses_them(tmp_path,
         date_string=DEFAULT_DATE,
     )  # fmt: skip
     expected = tok.encode(text, allow_special=True)
-    llama.generate.main(["--checkpoint", str(avg), "--prompt", "Hi", "--device", "cpu"])
+    llama_generate.main(["--checkpoint", str(avg), "--prompt", "Hi", "--device", "cpu"])
     out = capsys.readouterr().out
     assert f"tokenizer: {avg / 'tokenizer.json'} (from the checkpoint folder)" in out
     assert f"chat template: llama3.2 (from {avg / 'tokenizer_config.json'})" in out
     assert prompts.pop() == expected
-    llama.generate.main(["--checkpoint", str(avg), "--tokenizer", str(DEFAULT_TOKENIZER), "--prompt", "Hi"])
+    llama_generate.main(["--checkpoint", str(avg), "--tokenizer", str(DEFAULT_TOKENIZER), "--prompt", "Hi"])
     assert f"chat template: llama3.2 (from {avg / 'tokenizer_config.json'})" in capsys.readouterr().out
     assert prompts.pop() == expected
 

@@ -14,10 +14,10 @@ import torch
 from safetensors.torch import load_file
 from test_train import ENV, QUICK, ROOT, SHORT, in_process, torchrun_cmd
 
-from train import lifecycle, logger, loop
-from train.config import load_config
-from train.distributed import torchrun_command
-from train.sft import SFTConfig
+from llama_posttrain.train import lifecycle, logger, loop
+from llama_posttrain.train.config import load_config
+from llama_posttrain.train.distributed import torchrun_command
+from llama_posttrain.train.sft import SFTConfig
 
 
 def sft_argv(run_dir, *extra):
@@ -91,7 +91,7 @@ def test_a_truncated_checkpoint_falls_back_to_the_previous(tmp_path, one_rank, c
 
 
 def test_a_signal_mid_step_saves_the_last_finished_step_and_resumes_exactly(tmp_path, one_rank, monkeypatch):
-    import train.sft as sft
+    import llama_posttrain.train.sft as sft
 
     args = ["train.steps=5", "data.tokens_per_microbatch=256"]  # several micro-batches per step
     in_process("sft", sft_argv(tmp_path / "ref", *args))
@@ -153,7 +153,7 @@ def test_sigterm_and_ctrl_c_under_torchrun_save_and_exit_without_tracebacks(tmp_
         out, _ = proc.communicate(timeout=120)
         assert proc.returncode != 0 and expect in out, out[-3000:]
         # torchrun itself prints a traceback of its SignalException; the workers print none
-        assert str(ROOT / "train") not in out and "KeyboardInterrupt" not in out, out[-3000:]
+        assert str(ROOT / "llama_posttrain" / "train") not in out and "KeyboardInterrupt" not in out, out[-3000:]
         saved = int(out.split(expect)[1].split(";")[0])
         assert (tmp_path / "checkpoints" / f"step_{saved:08d}").is_dir()
         assert metrics.exists()
@@ -193,7 +193,7 @@ def test_bad_config_files_are_named(tmp_path):
 
 
 def test_help_lists_every_key_with_its_default(capsys):
-    from train import dpo
+    from llama_posttrain.train import dpo
 
     with pytest.raises(SystemExit) as e:
         dpo.main(["--help"])
@@ -225,7 +225,7 @@ def exits_cleanly(name, cmd):
 
 
 def sample_cmd(policy, rm, out):
-    return torchrun_command(str(ROOT / "train" / "sample.py"), 2, [
+    return torchrun_command(str(ROOT / "llama_posttrain" / "train" / "sample.py"), 2, [
         "--policy", str(policy), "--rm", str(rm), "--prompts", str(QUICK / "data" / "pref_eval.jsonl"),
         "--k", "2", "--max-new-tokens", "4", "--out-sft", str(out),
     ])  # fmt: skip
@@ -256,8 +256,8 @@ def test_every_entry_point_exits_0_on_a_busy_machine(tmp_path, repeat):
 def test_training_refuses_a_checkpoint_whose_vocabulary_is_not_the_byte_tokenizers(tmp_path):
     from conftest import CONFIGS, random_model
 
-    from llama import save_model
-    from train.distributed import model_tokenizer
+    from llama_posttrain.llama import save_model
+    from llama_posttrain.train.distributed import model_tokenizer
 
     save_model(random_model(CONFIGS["gqa-tied-scaled"]), tmp_path / "ckpt")  # vocab 300, no tokenizer file
     with pytest.raises(ValueError, match=r"checkpoint .*ckpt has vocab_size 300 .*pass the model's tokenizer"):

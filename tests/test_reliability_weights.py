@@ -10,10 +10,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
-from llama import CheckpointError, load_model, save_model
-from llama.tokenizer import DEFAULT_TOKENIZER, load_tokenizer, resolve_tokenizer
-from train.average import average_checkpoints
-from train.average import main as average_main
+from llama_posttrain.llama import CheckpointError, load_model, save_model
+from llama_posttrain.llama.tokenizer import DEFAULT_TOKENIZER, load_tokenizer, resolve_tokenizer
+from llama_posttrain.train.average import average_checkpoints
+from llama_posttrain.train.average import main as average_main
 
 CONFIG = CONFIGS["gqa-untied-scaled"]
 
@@ -37,7 +37,7 @@ def _bpe_with_one_merge(path):
 
 
 def test_convert_into_folder_with_other_files_keeps_them(tmp_path):
-    from llama.convert import main
+    from llama_posttrain.llama.convert import main
 
     model = random_model(CONFIG)
     save_model(model, tmp_path / "hf", format="hf")
@@ -61,7 +61,7 @@ def test_convert_into_folder_with_other_files_keeps_them(tmp_path):
 
 def test_in_place_convert_keeps_tokenizer_and_other_files(tmp_path, capsys):
     """An HF checkpoint written by transformers (sharded), converted to native in place."""
-    from llama.convert import main
+    from llama_posttrain.llama.convert import main
 
     model = random_model(CONFIG)
     save_model(model, tmp_path / "seed", format="hf")
@@ -131,7 +131,7 @@ def test_average_out_refuses_a_foreign_folder(tmp_path):
 
 
 def test_convert_refuses_in_place_meta(tmp_path):
-    from llama.convert import main
+    from llama_posttrain.llama.convert import main
 
     d = tmp_path / "meta"
     d.mkdir()
@@ -228,7 +228,7 @@ def test_resolve_tokenizer_takes_the_checkpoint_folders(tmp_path):
 
 
 def test_generate_uses_the_checkpoint_folders_tokenizer(tmp_path, capsys):
-    from llama.generate import main
+    from llama_posttrain.llama.generate import main
 
     d = tmp_path / "c"
     save_model(random_model(with_fields(CONFIG, vocab_size=513)), d)
@@ -238,7 +238,7 @@ def test_generate_uses_the_checkpoint_folders_tokenizer(tmp_path, capsys):
 
 
 def test_generate_fails_at_start_on_a_vocab_mismatch(tmp_path):
-    from llama.generate import main
+    from llama_posttrain.llama.generate import main
 
     save_model(random_model(with_fields(CONFIG, vocab_size=600)), tmp_path / "c")
     with pytest.raises(SystemExit, match="vocab_size 600 .*pass the model's tokenizer"):

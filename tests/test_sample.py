@@ -13,14 +13,14 @@ import pytest
 import torch
 from conftest import random_model
 
-from data.annotators import file_annotator, verifier_annotator
-from data.schema import ValidationError, parse_preference
-from llama import get_preset, save_model
-from llama.chat import ChatFormat
-from llama.tokenizer import load_tokenizer
-from train.distributed import torchrun_command
-from train.sample import combine_llama2, read_prompts, rejection_sample, score
-from train.sample import main as sample_main
+from llama_posttrain.data.annotators import file_annotator, verifier_annotator
+from llama_posttrain.data.schema import ValidationError, parse_preference
+from llama_posttrain.llama import get_preset, save_model
+from llama_posttrain.llama.chat import ChatFormat
+from llama_posttrain.llama.tokenizer import load_tokenizer
+from llama_posttrain.train.distributed import torchrun_command
+from llama_posttrain.train.sample import combine_llama2, read_prompts, rejection_sample, score
+from llama_posttrain.train.sample import main as sample_main
 
 CHAT = ChatFormat(load_tokenizer())
 ROOT = Path(__file__).parent.parent
@@ -68,7 +68,7 @@ def test_rejection_sample_keeps_the_best_and_pairs_by_annotator():
 
 
 def test_verifier_and_file_annotators(tmp_path):
-    from data.tasks.arithmetic import verify
+    from llama_posttrain.data.tasks.arithmetic import verify
 
     rec = {"id": "a", "messages": [{"role": "user", "content": "17+25="}]}
     assert verifier_annotator(verify)(rec, ["42", " 42\n", "41", "4 2"]) == [1.0, 1.0, 0.0, 0.0]
@@ -94,7 +94,7 @@ def test_llama2_score_combination():
 def test_cli_two_ranks_write_every_prompt(tmp_path):
     """Rank r samples prompts r, r + 2, ... with a generator seeded with --seed + 1000003 * r; rank 0
     writes them all in prompt order."""
-    from train.sample import rank_seed, sample_records
+    from llama_posttrain.train.sample import rank_seed, sample_records
 
     policy, rm = stopping_policy(), random_model(get_preset("debug"), head="reward")
     save_model(policy, tmp_path / "policy")
@@ -102,12 +102,12 @@ def test_cli_two_ranks_write_every_prompt(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"id": i, "prompt": f"{i}+1="}) + "\n" for i in range(5)))
     assert [r["id"] for r in read_prompts(prompts)] == list(range(5))
-    cmd = torchrun_command(str(ROOT / "train" / "sample.py"), 2, [
+    cmd = torchrun_command(str(ROOT / "llama_posttrain" / "train" / "sample.py"), 2, [
         "--policy", str(tmp_path / "policy"), "--rm", str(tmp_path / "rm"), "--prompts", str(prompts), "--k", "4",
         "--max-new-tokens", "8", "--annotate", "verifier:arithmetic", "--out-sft", str(tmp_path / "sft.jsonl"),
         "--out-pairs", str(tmp_path / "pairs.jsonl"), "--out-sets", str(tmp_path / "sets.jsonl"), "--seed", "7",
     ])  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(cmd, check=True, cwd=ROOT, env=env, capture_output=True, timeout=300)
     sets = [json.loads(line) for line in (tmp_path / "sets.jsonl").read_text().splitlines()]
     assert [s["id"] for s in sets] == list(range(5))
@@ -121,12 +121,12 @@ def test_cli_two_ranks_write_every_prompt(tmp_path):
 
 
 def test_generated_fields_win_over_the_prompt_records_own(monkeypatch):
-    import train.sample
+    import llama_posttrain.train.sample as train_sample
 
     rm = random_model(get_preset("debug"), head="reward", seed=1)
     texts = ["1", "22", "333", "4444", "55555", "666666"]  # a stand-in policy: all finished, distinct lengths
     monkeypatch.setattr(
-        train.sample,
+        train_sample,
         "sample",
         lambda policy, chat, prompts, k, *a, **kw: ([texts] * len(prompts), [[True] * k] * len(prompts)),
     )
@@ -205,11 +205,13 @@ def test_cli_takes_the_tokenizer_from_the_policy_folder(tmp_path):
         SystemExit, match=r"policy: checkpoint .*policy has vocab_size 513 .*pass the model's tokenizer"
     ):
         sample_main([*argv, "--max-new-tokens", "4"])
-    merges = (ROOT / "llama" / "assets" / "bytes.tiktoken").read_text() + f"{base64.b64encode(b'+1').decode()} 256\n"
+    merges = (
+        ROOT / "llama_posttrain" / "llama" / "assets" / "bytes.tiktoken"
+    ).read_text() + f"{base64.b64encode(b'+1').decode()} 256\n"
     (tmp_path / "policy" / "tokenizer.model").write_text(merges)
-    cmd = [sys.executable, str(ROOT / "train" / "sample.py"), *argv, "--max-new-tokens", "4"]
+    cmd = [sys.executable, str(ROOT / "llama_posttrain" / "train" / "sample.py"), *argv, "--max-new-tokens", "4"]
     cmd += ["--out-sets", str(tmp_path / "sets.jsonl")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"tokenizer: {tmp_path / 'policy' / 'tokenizer.model'} (from the checkpoint folder)" in out.stdout
@@ -220,13 +222,13 @@ def test_single_process_run_uses_init_distributed_and_tears_the_group_down(tmp_p
     """The one process-group setup (it sets the CUDA device per local rank) serves sample.py too."""
     import torch.distributed as dist
 
-    import train.distributed
+    import llama_posttrain.train.distributed as train_distributed
 
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)  # restored afterwards: init_distributed sets them
     calls = []
-    real = train.distributed.init_distributed  # sample.py imports it when it runs (not at import: --help)
-    monkeypatch.setattr(train.distributed, "init_distributed", lambda: calls.append(1) or real())
+    real = train_distributed.init_distributed  # sample.py imports it when it runs (not at import: --help)
+    monkeypatch.setattr(train_distributed, "init_distributed", lambda: calls.append(1) or real())
     save_model(random_model(get_preset("debug")), tmp_path / "policy")
     save_model(random_model(get_preset("debug"), head="reward"), tmp_path / "rm")
     argv = ["--policy", str(tmp_path / "policy"), "--rm", str(tmp_path / "rm"), "--prompts", str(_prompts(tmp_path))]
@@ -260,8 +262,8 @@ class _StandInLLM:
 
 
 def test_vllm_engine_renders_prompts_to_ids_and_maps_samples_back():
-    from train.sample import score
-    from train.vllm_engine import VLLMEngine
+    from llama_posttrain.train.sample import score
+    from llama_posttrain.train.vllm_engine import VLLMEngine
 
     llm = _StandInLLM()
     engine = VLLMEngine(llm, lambda **kw: kw, seed=5)
@@ -324,10 +326,10 @@ def test_cli_one_rank_writes_what_the_in_process_rejection_sample_writes(tmp_pat
     """The driver's sampling job (--seed S, 1 rank) against the pipeline's in-process call (a generator
     seeded with S, batch 64, default max_len): the same SFT records, pairs and sets, byte for byte. 70
     prompts: two batches of 64 and 6. The summary goes to --out-report and the progress file."""
-    from data.io import write_jsonl
-    from data.tasks.arithmetic import Arithmetic
-    from llama import load_model
-    from train import progress
+    from llama_posttrain.data.io import write_jsonl
+    from llama_posttrain.data.tasks.arithmetic import Arithmetic
+    from llama_posttrain.llama import load_model
+    from llama_posttrain.train import progress
 
     _clear_dist_env(monkeypatch)
     save_model(stopping_policy(), tmp_path / "policy")
@@ -365,8 +367,8 @@ def test_cli_one_rank_writes_what_the_in_process_rejection_sample_writes(tmp_pat
 
 
 def test_task_args_make_the_verifiers_task_and_bad_ones_are_refused(tmp_path, capsys):
-    from data.tasks.arithmetic import Arithmetic
-    from train.sample import make_task
+    from llama_posttrain.data.tasks.arithmetic import Arithmetic
+    from llama_posttrain.train.sample import make_task
 
     assert make_task("arithmetic", {"max_digits": 1, "noise": 0.1}) == Arithmetic(max_digits=1, noise=0.1)
     save_model(random_model(get_preset("debug")), tmp_path / "policy")

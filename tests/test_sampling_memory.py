@@ -1,5 +1,5 @@
 """Sampling memory (issue 21 item 5): the KV cache a generate call holds (its estimate against the formula
-and against the tensors generate allocates), --batch-size and --compile of train/sample.py and the
+and against the tensors generate allocates), --batch-size and --compile of llama_posttrain/train/sample.py and the
 pipeline, and the vLLM engine's memory settings with a recording stand-in for the `vllm` module: its
 max_model_len from the data, gpu_memory_utilization passed through, no per-request seed unless asked,
 and the GPU freed before the reward models load."""
@@ -16,17 +16,17 @@ import pytest
 import torch
 from conftest import random_model
 
-import llama.checkpoint
-import llama.generate
-from data.clean import CleanRules
-from llama import get_preset, save_model
-from llama.chat import ChatFormat
-from llama.generate import COMPILE_LEN_MULTIPLE, cache_len, kv_cache_bytes
-from llama.tokenizer import load_tokenizer
-from train.distributed import Dist
-from train.sample import main as sample_main
-from train.sample import sample_and_write
-from train.vllm_engine import MODEL_LEN_MULTIPLE, VLLMEngine, max_model_len, vllm_engine
+import llama_posttrain.llama.checkpoint as llama_checkpoint
+import llama_posttrain.llama.generate as llama_generate
+from llama_posttrain.data.clean import CleanRules
+from llama_posttrain.llama import get_preset, save_model
+from llama_posttrain.llama.chat import ChatFormat
+from llama_posttrain.llama.generate import COMPILE_LEN_MULTIPLE, cache_len, kv_cache_bytes
+from llama_posttrain.llama.tokenizer import load_tokenizer
+from llama_posttrain.train.distributed import Dist
+from llama_posttrain.train.sample import main as sample_main
+from llama_posttrain.train.sample import sample_and_write
+from llama_posttrain.train.vllm_engine import MODEL_LEN_MULTIPLE, VLLMEngine, max_model_len, vllm_engine
 
 CHAT = ChatFormat(load_tokenizer())
 DEBUG = get_preset("debug")  # n_layers 2, n_kv_heads 2, head_dim 8
@@ -40,15 +40,15 @@ def formula(config, prompts: int, longest: int, max_new: int, k: int, dtype_byte
 def test_kv_cache_bytes_is_the_formula_and_what_generate_allocates(monkeypatch):
     allocated = []
 
-    class Recording(llama.generate.DecodeCache):
+    class Recording(llama_generate.DecodeCache):
         def __init__(self, cache, n):
             super().__init__(cache, n)
             allocated.append(sum(t.nbytes for t in self.k + self.v))
 
-    monkeypatch.setattr(llama.generate, "DecodeCache", Recording)
+    monkeypatch.setattr(llama_generate, "DecodeCache", Recording)
     model = random_model(DEBUG)
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]]  # longest 7: the others are left-padded to it
-    llama.generate.generate(model, prompts, num_samples=3, max_new_tokens=5, generator=torch.Generator().manual_seed(0))
+    llama_generate.generate(model, prompts, num_samples=3, max_new_tokens=5, generator=torch.Generator().manual_seed(0))
     assert allocated == [formula(DEBUG, 3, 7, 5, 3, 4)]
     assert kv_cache_bytes(DEBUG, 3, 7, 5, 3, torch.float32) == formula(DEBUG, 3, 7, 5, 3, 4)
     assert kv_cache_bytes(DEBUG, 64, 300, 256, 16, torch.bfloat16) == formula(DEBUG, 64, 300, 256, 16, 2)
@@ -77,14 +77,14 @@ def _clear_dist_env(monkeypatch):
 def test_batch_size_and_compile_reach_generate_and_the_estimate_is_printed_first(tmp_path, monkeypatch, capsys):
     _clear_dist_env(monkeypatch)
     argv, lens = _cli_setup(tmp_path)
-    calls, real = [], llama.generate.generate
+    calls, real = [], llama_generate.generate
 
     def recording(model, prompts, *a, compile=False, **kw):
         calls.append((len(prompts), compile))
         print("generate called", flush=True)
         return real(model, prompts, *a, **kw)  # eager: a compile would take a minute here
 
-    monkeypatch.setattr(llama.generate, "generate", recording)
+    monkeypatch.setattr(llama_generate, "generate", recording)
     sample_main([*argv, "--k", "3", "--max-new-tokens", "4", "--batch-size", "2", "--compile"])
     assert calls == [(2, True), (2, True), (1, True)]
     out = capsys.readouterr().out
@@ -214,7 +214,7 @@ def test_sample_cli_sets_max_model_len_from_the_prompts(tmp_path, monkeypatch, c
 
 
 def _args(tmp_path, **kw):
-    """train/sample.py's parsed arguments, as sample_and_write reads them."""
+    """llama_posttrain/train/sample.py's parsed arguments, as sample_and_write reads them."""
     defaults = dict(
         policy=str(tmp_path / "policy"), rm=str(tmp_path / "rm"), safety_rm=None, seed=0, k=2, max_new_tokens=4,
         batch_size=64, compile=False, temperature=1.0, top_p=1.0, top_k=0, max_chars=None, clean=CleanRules(),
@@ -230,14 +230,14 @@ def test_reward_models_load_after_vllm_has_freed_the_gpu(tmp_path, monkeypatch):
     save_model(random_model(DEBUG, head="reward", seed=1), tmp_path / "rm")
     engine = VLLMEngine(vllm.module.LLM(), vllm.module.SamplingParams)
     llm = weakref.ref(engine.llm)
-    real = llama.checkpoint.load_model
+    real = llama_checkpoint.load_model
 
     def load_model(path, head="lm", **kw):
         gc.collect()
         events.append(f"load {head}" + (" (the LLM object still alive)" if llm() is not None else ""))
         return real(path, head=head, **kw)
 
-    monkeypatch.setattr(llama.checkpoint, "load_model", load_model)
+    monkeypatch.setattr(llama_checkpoint, "load_model", load_model)
     records = [{"id": i, "messages": [{"role": "user", "content": f"{i}+1="}]} for i in range(3)]
     cpu = Dist(0, 1, 0, torch.device("cpu"), None)
     sample_and_write(_args(tmp_path), cpu, CHAT, records, None, engine)
@@ -249,7 +249,7 @@ def test_reward_models_load_after_vllm_has_freed_the_gpu(tmp_path, monkeypatch):
 def test_native_policy_is_freed_before_the_reward_model_loads(tmp_path, monkeypatch):
     save_model(random_model(DEBUG), tmp_path / "policy")
     save_model(random_model(DEBUG, head="reward", seed=1), tmp_path / "rm")
-    loaded, real = [], llama.checkpoint.load_model
+    loaded, real = [], llama_checkpoint.load_model
 
     def load_model(path, head="lm", **kw):
         gc.collect()
@@ -259,15 +259,15 @@ def test_native_policy_is_freed_before_the_reward_model_loads(tmp_path, monkeypa
         return model
 
     loaded_refs = []
-    monkeypatch.setattr(llama.checkpoint, "load_model", load_model)
+    monkeypatch.setattr(llama_checkpoint, "load_model", load_model)
     records = [{"id": i, "messages": [{"role": "user", "content": f"{i}+1="}]} for i in range(3)]
     sample_and_write(_args(tmp_path), Dist(0, 1, 0, torch.device("cpu"), None), CHAT, records, None)
     assert loaded == [("lm", []), ("reward", [True])]  # the policy gone when the reward model loads
 
 
 def test_pipeline_sampling_options_reach_the_sampling_job(tmp_path, monkeypatch):
-    from train.pipeline import PipelineError, load_pipeline_config
-    from train.recipe import Recipe
+    from llama_posttrain.train.pipeline import PipelineError, load_pipeline_config
+    from llama_posttrain.train.recipe import Recipe
 
     class Recording:
         def __init__(self):
@@ -315,7 +315,7 @@ def test_pipeline_sampling_options_reach_the_sampling_job(tmp_path, monkeypatch)
 
 
 def _arithmetic(cfg):
-    from train.pipeline import make_task
+    from llama_posttrain.train.pipeline import make_task
 
     return make_task(cfg.task, cfg.task_args)
 
@@ -325,7 +325,7 @@ def test_a_run_folder_recorded_before_the_new_keys_continues_with_their_defaults
     before it): the folder continues; another value of it is refused as any change is."""
     import yaml
 
-    from train.pipeline import Pipeline, PipelineConfig, PipelineError, load_pipeline_config
+    from llama_posttrain.train.pipeline import Pipeline, PipelineConfig, PipelineError, load_pipeline_config
 
     Pipeline(load_pipeline_config(None, [f"root={tmp_path}"])).check_run_folder()
     record = tmp_path / "quickstart" / "pipeline.yaml"
@@ -341,8 +341,8 @@ def test_a_run_folder_recorded_before_the_new_keys_continues_with_their_defaults
 
 
 def test_pipeline_eval_batch_size_reaches_the_evaluation_job(tmp_path):
-    from train.pipeline import load_pipeline_config
-    from train.recipe import Recipe
+    from llama_posttrain.train.pipeline import load_pipeline_config
+    from llama_posttrain.train.recipe import Recipe
 
     class Recording:
         def __init__(self):

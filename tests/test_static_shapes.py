@@ -12,11 +12,11 @@ import pytest
 import torch
 from conftest import random_model
 
-from data.loader import DataLoader
-from data.rows import Example, Seq, Target, bucket_lengths, build_group, collate, rows_per_microbatch
-from llama import ModelConfig
-from llama.chat import EncodedDialog
-from llama.model import PAD_DOC
+from llama_posttrain.data.loader import DataLoader
+from llama_posttrain.data.rows import Example, Seq, Target, bucket_lengths, build_group, collate, rows_per_microbatch
+from llama_posttrain.llama import ModelConfig
+from llama_posttrain.llama.chat import EncodedDialog
+from llama_posttrain.llama.model import PAD_DOC
 
 VOCAB = 64
 CONFIG = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, vocab_size=VOCAB, max_seq_len=512)
@@ -144,20 +144,20 @@ def test_collate_pads_to_a_given_shape_and_refuses_one_too_small():
 
 def objective(kind: str, model, reference=None):
     if kind == "sft":
-        from train.sft import make_objective
+        from llama_posttrain.train.sft import make_objective
 
         return make_objective(model, "torch")
     if kind == "rm":
-        from train.rm import make_objective
+        from llama_posttrain.train.rm import make_objective
 
         return make_objective(model, margin=None)
-    from train.dpo import DPOSection, make_objective
+    from llama_posttrain.train.dpo import DPOSection, make_objective
 
     return make_objective(model, reference, DPOSection(), "torch")
 
 
 def step_loss_and_grads(kind: str, model, step, reference=None):
-    """The loop's step (train/loop.py Trainer.train_step): every micro-batch's loss, summed, backward;
+    """The loop's step (llama_posttrain/train/loop.py Trainer.train_step): every micro-batch's loss, summed, backward;
     -> the loss, the metric sums over the micro-batches, the gradients."""
     model.zero_grad(set_to_none=True)
     obj, loss, sums = objective(kind, model, reference), 0.0, {}
@@ -176,7 +176,7 @@ def step_loss_and_grads(kind: str, model, step, reference=None):
 def test_padding_rows_change_no_loss_sum_or_gradient(kind):
     """A step of static shapes (padded rows and columns) against the same step of packed shapes in
     float64: equal to float64 rounding in float64, and to float32 rounding in float32."""
-    from train.loop import step_flops
+    from llama_posttrain.train.loop import step_flops
 
     head = "reward" if kind == "rm" else "lm"
     model64 = random_model(CONFIG, head=head).double().train()
@@ -205,7 +205,7 @@ def test_padding_rows_change_no_loss_sum_or_gradient(kind):
 
 
 def test_dpo_reference_table_is_the_reference_log_probs_of_the_padded_rows():
-    from train.targets import dpo_logps, model_logps, reference_table
+    from llama_posttrain.train.targets import dpo_logps, model_logps, reference_table
 
     reference = random_model(CONFIG, seed=1).double()
     examples = varied("dpo", 30, seed=4)
@@ -225,12 +225,12 @@ def test_dpo_reference_table_is_the_reference_log_probs_of_the_padded_rows():
 
 
 def compiled_run(shape_buckets: int, steps: int = 20):
-    """`steps` SFT steps of a 1-rank FSDP model whose blocks are compiled (train/distributed.py
+    """`steps` SFT steps of a 1-rank FSDP model whose blocks are compiled (llama_posttrain/train/distributed.py
     `parallelize`) with a backend that records each graph dynamo makes and runs it eagerly.
     -> (the shape of each micro-batch, the graphs made before it ran, each graph's input sizes)."""
-    from losses import sft
-    from train.distributed import init_distributed, parallelize
-    from train.targets import model_logps
+    from llama_posttrain.losses import sft
+    from llama_posttrain.train.distributed import init_distributed, parallelize
+    from llama_posttrain.train.targets import model_logps
 
     graphs = []
 
@@ -261,12 +261,12 @@ def compiled_run(shape_buckets: int, steps: int = 20):
     return shapes, made, graphs
 
 
-def test_compiled_blocks_make_one_static_graph_per_shape_at_its_first_micro_batch(one_rank, monkeypatch):
+def test_compiled_blocks_make_one_static_graph_per_shape_at_its_first_micro_batch(one_rank):
     """20 steps on examples of 3..250 tokens: a graph per (B, T) seen, shared by the blocks, made at
     the first micro-batch of that shape and never again; every size in it a number, none symbolic.
     The recompile limit, lowered here to 1, is raised to hold every shape (none runs eagerly)."""
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-    shapes, made, graphs = compiled_run(shape_buckets=64)
+    with torch._dynamo.config.patch(recompile_limit=1):  # torch's own patch: it restores the entry it changed
+        shapes, made, graphs = compiled_run(shape_buckets=64)
     distinct = list(dict.fromkeys(shapes))  # in order of first appearance
     assert len(distinct) >= 3 and all(T in bucket_lengths(256, 64) for _, T in distinct)
     assert len(graphs) == len(distinct)  # once per shape (the blocks share TransformerBlock.forward)
@@ -283,7 +283,7 @@ def test_block_mask_compiles_twice_over_all_buckets(monkeypatch):
     static graph for the first, then one graph with dynamic sizes for every other, not one per T."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    import llama.model
+    import llama_posttrain.llama.model as llama_model
 
     frames = []
 
@@ -292,11 +292,11 @@ def test_block_mask_compiles_twice_over_all_buckets(monkeypatch):
         return gm.forward
 
     torch._dynamo.reset()
-    monkeypatch.setattr(llama.model, "_compiled_create_block_mask", torch.compile(create_block_mask, backend=backend))
+    monkeypatch.setattr(llama_model, "_compiled_create_block_mask", torch.compile(create_block_mask, backend=backend))
     for T in bucket_lengths(1000, 128) + [128, 512]:
         doc = torch.zeros(2, T, dtype=torch.long)
         doc[:, T // 3 :] = 1
-        llama.model.attention_mask(doc, None, flex=True)
+        llama_model.attention_mask(doc, None, flex=True)
     torch._dynamo.reset()
     assert len(frames) == 2
 
@@ -306,8 +306,8 @@ def test_a_compiled_run_from_its_config_pads_to_static_shapes(tmp_path, one_rank
     bucket, the blocks are compiled static, a graph for training and one for evaluation per shape."""
     import functools
 
-    from train import distributed, loop
-    from train.sft import main
+    from llama_posttrain.train import distributed, loop
+    from llama_posttrain.train.sft import main
 
     graphs, shapes = [], set()
 

@@ -1,4 +1,4 @@
-"""What one optimizer step costs beyond its math (train/loop.py `Trainer.train_step`): collectives and
+"""What one optimizer step costs beyond its math (llama_posttrain/train/loop.py `Trainer.train_step`): collectives and
 host syncs per step (none per micro-batch), the DPO pair indices without `nonzero`, the DPO
 reference compiled like the policy and freed after `dpo.reference=precompute`."""
 
@@ -9,16 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train import QUICK, SHORT
 
-from tests.test_train import QUICK, SHORT
-from train.config import parse_args
+from llama_posttrain.train.config import parse_args
 
 HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__")
 
 
 def sft_setup(tmp_path, *overrides):
-    from train.entry import setup
-    from train.sft import SFTConfig
+    from llama_posttrain.train.entry import setup
+    from llama_posttrain.train.sft import SFTConfig
 
     argv = ["--config", str(QUICK / "sft.yaml"), f"train.run_dir={tmp_path}", "logging.progress=false", *SHORT]
     cfg = parse_args(SFTConfig, [*argv, "data.tokens_per_microbatch=256", *overrides])
@@ -30,7 +30,7 @@ def test_a_step_has_one_collective_and_one_host_read_whatever_its_micro_batches(
     """Per step: one reduce of the step's sums (on the device); with the fused optimizer the non-finite
     check stays on the device too (no host read at all), without it the host decides (one read). The
     signal flag is polled on the CPU (lifecycle.StopPoll). Nothing per micro-batch: the steps have several."""
-    from train import loop, sft
+    from llama_posttrain.train import loop, sft
 
     cfg, s = sft_setup(tmp_path, f"optim.fused={str(fused).lower()}", "logging.log_every=1000", "train.steps=20")
     trainer = loop.Trainer(cfg, s.d, s.model, sft.make_objective(s.model, "torch"), s.train_loader, None, None)
@@ -38,9 +38,9 @@ def test_a_step_has_one_collective_and_one_host_read_whatever_its_micro_batches(
     trainer.train_step(next(batches), 1, timed=False)  # first step: the optimizer's state is created
 
     steps = [next(batches) for _ in range(3)]  # the loader's own reads are of CPU data: not counted
-    import llama.model
+    import llama_posttrain.llama.model as llama_model
 
-    monkeypatch.setattr(llama.model, "check_token_range", lambda tokens, vocab_size: None)  # CPU-only check
+    monkeypatch.setattr(llama_model, "check_token_range", lambda tokens, vocab_size: None)  # CPU-only check
     reduces, reads = [], []
     real_reduce = loop.reduce_on_device
     monkeypatch.setattr(loop, "reduce_on_device", lambda *a, **k: reduces.append(1) or real_reduce(*a, **k))
@@ -76,7 +76,7 @@ def test_fused_optimizer_skips_non_finite_steps_on_the_device(tmp_path, one_rank
     """optim.fused=true: a non-finite step leaves the weights and the optimizer's state untouched
     (AdamW's found_inf), is counted, and max_bad_steps in a row stop the run; the counters are read
     at logged steps, so the stop comes at the first logged step after the limit is reached."""
-    from train import loop, sft
+    from llama_posttrain.train import loop, sft
 
     cfg, s = sft_setup(
         tmp_path, "optim.fused=true", f"logging.log_every={log_every}", "train.steps=12", "train.max_bad_steps=3"
@@ -116,11 +116,11 @@ def test_fused_optimizer_skips_non_finite_steps_on_the_device(tmp_path, one_rank
 
 
 def test_dpo_pairs_without_nonzero_pair_each_groups_chosen_with_its_rejected(tmp_path, one_rank):
-    """train/targets.py dpo_pairs (a device sort) against the definition: per group, in group order,
+    """llama_posttrain/train/targets.py dpo_pairs (a device sort) against the definition: per group, in group order,
     the sequence of rank 0 and the one of rank 1, on the quickstart DPO data's micro-batches."""
-    from train.dpo import DPOConfig
-    from train.entry import setup
-    from train.targets import dpo_pairs
+    from llama_posttrain.train.dpo import DPOConfig
+    from llama_posttrain.train.entry import setup
+    from llama_posttrain.train.targets import dpo_pairs
 
     argv = ["--config", str(QUICK / "dpo.yaml"), f"train.run_dir={tmp_path}", "logging.progress=false", *SHORT]
     s = setup(parse_args(DPOConfig, [*argv, "data.tokens_per_microbatch=512"]), kind="dpo", head="lm")
@@ -140,8 +140,8 @@ def test_dpo_pairs_without_nonzero_pair_each_groups_chosen_with_its_rejected(tmp
 
 @pytest.mark.parametrize("compile", [False, True])
 def test_dpo_reference_is_compiled_like_the_policy_and_freed_after_precompute(tmp_path, one_rank, monkeypatch, compile):
-    import train.distributed as distributed
-    from train import dpo, loop
+    import llama_posttrain.train.distributed as distributed
+    from llama_posttrain.train import dpo, loop
 
     built, alive = [], {}
     real_build = distributed.build_model

@@ -1,4 +1,4 @@
-"""How a signal reaches every rank (train/lifecycle.py): `StopPoll` between micro-batches, on a CPU
+"""How a signal reaches every rank (llama_posttrain/train/lifecycle.py): `StopPoll` between micro-batches, on a CPU
 group, one poll late, the same answer on every rank at the same poll; and `die_with_parent`: a
 torchrun worker is signalled when torchrun dies, instead of running on as an orphan."""
 
@@ -11,7 +11,7 @@ import time
 
 import torch.multiprocessing as mp
 
-from train import lifecycle
+from llama_posttrain.train import lifecycle
 
 POLLS = 8
 
@@ -61,7 +61,7 @@ def test_a_worker_whose_parent_dies_gets_sigterm(tmp_path):
     child = textwrap.dedent(f"""
         import signal, sys, time
         sys.path.insert(0, {os.getcwd()!r})
-        from train.lifecycle import die_with_parent
+        from llama_posttrain.train.lifecycle import die_with_parent
         def on_term(signum, frame):
             open({str(tmp_path / "got")!r}, "w").write(signal.Signals(signum).name)
             sys.exit(0)

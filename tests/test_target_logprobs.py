@@ -6,8 +6,8 @@ import sys
 import pytest
 import torch
 
-from kernels import IGNORE, naive_target_logprobs, target_logprobs
-from kernels.chunked import target_logprobs as chunked
+from llama_posttrain.kernels import IGNORE, naive_target_logprobs, target_logprobs
+from llama_posttrain.kernels.chunked import target_logprobs as chunked
 
 
 @pytest.mark.parametrize("N,H,V,chunk", [(37, 16, 101, 5), (64, 24, 1000, None), (5, 8, 7, 1)])
@@ -59,7 +59,7 @@ torch.manual_seed(0)
 N, H, V = 2048, 16, 128256
 h = torch.randn(N, H, requires_grad=True); w = (torch.randn(V, H) * 0.02).requires_grad_()
 t = torch.randint(0, V, (N,))
-from kernels.chunked import target_logprobs
+from llama_posttrain.kernels.chunked import target_logprobs
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 target_logprobs(h, w, t).sum().backward()
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

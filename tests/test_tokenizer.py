@@ -7,8 +7,8 @@ import shutil
 import pytest
 from tokenizers import Tokenizer as HFTokenizer
 
-from llama.formats.hf import hf_tokenizer_json
-from llama.tokenizer import (
+from llama_posttrain.llama.formats.hf import hf_tokenizer_json
+from llama_posttrain.llama.tokenizer import (
     DEFAULT_TOKENIZER,
     SentencePieceTokenizer,
     TiktokenTokenizer,

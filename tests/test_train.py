@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from train import logger
-from train.config import parse_args
-from train.distributed import torchrun_command
+from llama_posttrain.train import logger
+from llama_posttrain.train.config import parse_args
+from llama_posttrain.train.distributed import torchrun_command
 
 ROOT = Path(__file__).parent.parent
 QUICK = ROOT / "experiments" / "quickstart"
@@ -24,16 +24,16 @@ QUICK = ROOT / "experiments" / "quickstart"
 
 def torchrun_cmd(entry, config, run_dir, overrides=(), nproc=2):
     args = ["--config", str(config), f"train.run_dir={run_dir}", "logging.progress=false", *overrides]
-    return torchrun_command(str(ROOT / "train" / f"{entry}.py"), nproc, args)
+    return torchrun_command(str(ROOT / "llama_posttrain" / "train" / f"{entry}.py"), nproc, args)
 
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def process_tree(pid: int) -> list[int]:
     """pid and all its descendants (torchrun starts each worker in a session of its own, so killing
     torchrun's process group leaves its workers running)."""
-    from train.launch import _process_tree
+    from llama_posttrain.train.launch import _process_tree
 
     return _process_tree(pid)
 
@@ -133,13 +133,13 @@ def test_kill_9_and_resume_logs_the_same(tmp_path):
 def in_process(entry, argv):
     import importlib
 
-    return importlib.import_module(f"train.{entry}").main(argv)
+    return importlib.import_module(f"llama_posttrain.train.{entry}").main(argv)
 
 
 def test_crash_while_writing_a_checkpoint_keeps_the_previous(tmp_path, one_rank, monkeypatch):
     import torch.distributed.checkpoint as dcp
 
-    from train import train_state
+    from llama_posttrain.train import train_state
 
     argv = ["--config", str(QUICK / "sft.yaml"), f"train.run_dir={tmp_path}", "logging.progress=false", *SHORT]
     argv += ["train.steps=6", "train.save_every=2", "train.keep_last=5"]
@@ -210,7 +210,7 @@ def test_wandb_offline_run_holds_the_metrics(tmp_path, one_rank):
     assert (run.run_group, run.job_type, run.display_name) == ("quickstart", "sft", "round_1/sft/variant_0")
     logged = read_metrics(tmp_path)
     assert [h["_step"] for h in history] == [1, 2, 3]
-    for h, m in zip(history, logged):  # the dashboard names (train/logger.py), metrics.jsonl's own keys
+    for h, m in zip(history, logged):  # the dashboard names (llama_posttrain/train/logger.py), metrics.jsonl's own keys
         assert h["train/loss"] == pytest.approx(m["loss"], rel=1e-6)
         assert h["train/learning_rate"] == pytest.approx(m["lr"]) and h["train/global_step"] == m["step"]
         assert not {k for k in h if not k.startswith(("train/", "eval/", "_"))}  # every key in a namespace
@@ -218,12 +218,12 @@ def test_wandb_offline_run_holds_the_metrics(tmp_path, one_rank):
 
 
 def test_non_finite_steps_are_skipped_then_stop(tmp_path, one_rank):
-    from train import loop
-    from train.sft import SFTConfig, make_objective
+    from llama_posttrain.train import loop
+    from llama_posttrain.train.sft import SFTConfig, make_objective
 
     argv = ["--config", str(QUICK / "sft.yaml"), f"train.run_dir={tmp_path}", "logging.progress=false", *SHORT]
     cfg = parse_args(SFTConfig, [*argv, "train.steps=10", "train.max_bad_steps=3"])
-    from train.entry import setup
+    from llama_posttrain.train.entry import setup
 
     s = setup(cfg, kind="sft", head="lm")
     model = s.model

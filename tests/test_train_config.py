@@ -3,9 +3,9 @@
 import pytest
 import yaml
 
-from train.config import load_config
-from train.dpo import DPOConfig
-from train.sft import SFTConfig
+from llama_posttrain.train.config import load_config
+from llama_posttrain.train.dpo import DPOConfig
+from llama_posttrain.train.sft import SFTConfig
 
 
 def write(tmp_path, text):
@@ -41,7 +41,7 @@ def test_unknown_keys_and_bad_values_are_named(tmp_path):
 def test_shipped_configs_load():
     from pathlib import Path
 
-    from train.rm import RMConfig
+    from llama_posttrain.train.rm import RMConfig
 
     root = Path(__file__).parent.parent / "experiments"
     kinds = {"rm": RMConfig, "sft": SFTConfig, "dpo": DPOConfig}

@@ -11,11 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 from trl import maybe_extract_prompt
 
-from data.loader import load_examples
-from data.records import read_records
-from data.schema import ValidationError, parse_preference, parse_sft
-from llama.chat import ChatFormat
-from llama.tokenizer import load_tokenizer
+from llama_posttrain.data.loader import load_examples
+from llama_posttrain.data.records import read_records
+from llama_posttrain.data.schema import ValidationError, parse_preference, parse_sft
+from llama_posttrain.llama.chat import ChatFormat
+from llama_posttrain.llama.tokenizer import load_tokenizer
 
 CHAT = ChatFormat(load_tokenizer())  # the byte tokenizer
 

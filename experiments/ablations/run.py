@@ -1,6 +1,6 @@
 """Ablations the Llama 3 paper reports only in words, on the data of a finished pipeline run.
 
-    python train/pipeline.py --config experiments/quickstart/pipeline.yaml     # first, once
+    python llama_posttrain/train/pipeline.py --config experiments/quickstart/pipeline.yaml     # first, once
     python experiments/ablations/run.py --run runs/quickstart --round 1
 
 1. DPO with and without formatting-token masking, with and without the NLL term (alpha 0.2 / 0):
@@ -22,9 +22,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from train.distributed import torchrun_command
-from train.logger import read_metrics
-from train.pipeline import Pipeline, last_eval, load_pipeline_config, override_args
+from llama_posttrain.train.distributed import torchrun_command
+from llama_posttrain.train.logger import read_metrics
+from llama_posttrain.train.pipeline import Pipeline, last_eval, load_pipeline_config, override_args
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -32,7 +32,9 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 def torchrun(kind: str, config: str, overrides: dict, log: Path) -> None:
     """train/<kind>.py on 2 ranks with the pipeline's stage config and these overrides; output to `log`."""
     cmd = torchrun_command(
-        str(ROOT / "train" / f"{kind}.py"), 2, ["--config", str(ROOT / config), *override_args(overrides)]
+        str(ROOT / "llama_posttrain" / "train" / f"{kind}.py"),
+        2,
+        ["--config", str(ROOT / config), *override_args(overrides)],
     )
     with open(log, "w") as f:
         subprocess.run(

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from llama import ModelConfig
-from llama.model import PAD_DOC
+from llama_posttrain.llama import ModelConfig
+from llama_posttrain.llama.model import PAD_DOC
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -99,7 +99,7 @@ def read_jsonl(path: Path) -> list[dict]:
 def our_loader(path: Path, kind: str, chat, args, **options):
     """Our DataLoader over the records at `path` in order (no shuffle), `options` to load_examples; exits if
     any record was truncated or dropped (both sides must train on the same tokens)."""
-    from data.loader import DataLoader, load_examples
+    from llama_posttrain.data.loader import DataLoader, load_examples
 
     examples, counts = load_examples(path, kind, chat, max_len=args.max_len, verbose=False, **options)
     if counts["examples"] != counts["records"] or any(k.startswith(("truncated", "dropped")) for k in counts):
@@ -209,8 +209,8 @@ def trl_tokenizer():
 
 
 def our_chat():
-    from llama.chat import ChatFormat
-    from llama.tokenizer import load_tokenizer
+    from llama_posttrain.llama.chat import ChatFormat
+    from llama_posttrain.llama.tokenizer import load_tokenizer
 
     return ChatFormat(load_tokenizer(tokenizer_dir() / "tokenizer.model"))
 
@@ -572,14 +572,14 @@ def _patch_scopes() -> None:
         if hasattr(target, attr):
             setattr(target, attr, _scoped(getattr(target, attr), name))
 
-    patch("train.targets", "target_logps", HEAD)
-    for module in ("llama.model", "train.dpo", "train.targets"):
+    patch("llama_posttrain.train.targets", "target_logps", HEAD)
+    for module in ("llama_posttrain.llama.model", "llama_posttrain.train.dpo", "llama_posttrain.train.targets"):
         patch(module, "attention_mask", MASK)
-    patch("llama.model", "rope_cos_sin", "norms, embedding, RoPE tables")
+    patch("llama_posttrain.llama.model", "rope_cos_sin", "norms, embedding, RoPE tables")
     patch("transformers.models.llama.modeling_llama", "create_causal_mask", MASK)
     patch("torch.nn.utils", "clip_grad_norm_", OPTIMIZER)
     patch("torch.nn.utils.clip_grad", "clip_grad_norm_", OPTIMIZER)
-    patch("data.loader", "build_step", DATA, owner="DataLoader")
+    patch("llama_posttrain.data.loader", "build_step", DATA, owner="DataLoader")
     patch("transformers", "get_batch_samples", DATA, owner="Trainer")
     try:
         from trl.trainer import utils as trl_utils

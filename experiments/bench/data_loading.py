@@ -1,4 +1,4 @@
-"""Data loading at scale: the in-memory path against the tokenized cache (data/prepare.py, data/cache.py).
+"""Data loading at scale: the in-memory path against the tokenized cache (llama_posttrain/data/prepare.py, llama_posttrain/data/cache.py).
 
 For N synthetic SFT dialogs (1-3 turns of random words, ~400 byte-tokens each on average), each
 measured in a fresh process, so that resident memory is the process's own:
@@ -62,7 +62,7 @@ def memory() -> dict[str, int]:
 
 
 def data_config(data: Path, cache_dir: Path, workers: int, cache: bool):
-    from train.config import Config
+    from llama_posttrain.train.config import Config
 
     cfg = Config()
     d = cfg.data
@@ -73,11 +73,11 @@ def data_config(data: Path, cache_dir: Path, workers: int, cache: bool):
 
 def phase(args) -> dict:
     """One measurement in this (fresh) process; -> a JSON-able dict."""
-    from data.loader import build_loaders
-    from data.prepare import prepare_config
-    from data.rows import Example, collate
-    from llama.chat import ChatFormat
-    from llama.tokenizer import load_tokenizer
+    from llama_posttrain.data.loader import build_loaders
+    from llama_posttrain.data.prepare import prepare_config
+    from llama_posttrain.data.rows import Example, collate
+    from llama_posttrain.llama.chat import ChatFormat
+    from llama_posttrain.llama.tokenizer import load_tokenizer
 
     chat = ChatFormat(load_tokenizer(args.tokenizer) if args.tokenizer else load_tokenizer())
     dc = data_config(Path(args.data), Path(args.cache_dir), args.workers[0], args.phase != "in-memory")
@@ -154,7 +154,7 @@ def write_table(rows: list[dict], args) -> None:
         f"## data loading benchmark, {datetime.date.today()}",
         "",
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores; torch {torch.__version__}",
-        f"tokenizer: {args.tokenizer or 'byte tokenizer (llama/assets/bytes.tiktoken)'}; SFT, max_len 2048",
+        f"tokenizer: {args.tokenizer or 'byte tokenizer (llama_posttrain/llama/assets/bytes.tiktoken)'}; SFT, max_len 2048",
         "command: python experiments/bench/data_loading.py " + " ".join(sys.argv[1:]),
         "",
         "| dialogs | tokens | in-memory: start (s) | in-memory: resident B/token | "

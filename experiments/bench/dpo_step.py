@@ -56,7 +56,7 @@ from common import (
     write_jsonl,
 )
 
-from llama import Transformer, load_model, save_model
+from llama_posttrain.llama import Transformer, load_model, save_model
 
 # ----------------------------------------------------------------------------- ours
 
@@ -64,8 +64,8 @@ from llama import Transformer, load_model, save_model
 def run_ours(args, device: torch.device) -> None:
     import copy
 
-    from train.dpo import DPOSection, make_objective
-    from train.targets import chosen_nll, target_logps
+    from llama_posttrain.train.dpo import DPOSection, make_objective
+    from llama_posttrain.train.targets import chosen_nll, target_logps
 
     work = Path(args.workdir)
     model = load_model(work / "model", device=device)  # fp32, the weights TRL loads too
@@ -108,7 +108,7 @@ def run_trl(args, device: torch.device) -> None:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from data.rows import encode_response
+    from llama_posttrain.data.rows import encode_response
 
     work = Path(args.workdir)
     records = read_jsonl(work / "pairs.jsonl")

@@ -25,8 +25,8 @@ import time
 
 import torch
 
-from llama import Transformer, get_preset, save_model
-from llama.generate import generate
+from llama_posttrain.llama import Transformer, get_preset, save_model
+from llama_posttrain.llama.generate import generate
 
 SIZES = {
     "tiny": lambda: get_preset("tiny"),  # 0.8M params, byte vocabulary (512)
@@ -223,8 +223,8 @@ def profile_decode(model, prompts, K, new, patch) -> str:
     """A markdown table: share of the decode loop's time per part (prefill and the final transfer excluded)."""
     import torch.nn.functional as F
 
-    import llama.generate as gen_mod
-    import llama.model as model_mod
+    import llama_posttrain.llama.generate as gen_mod
+    import llama_posttrain.llama.model as model_mod
 
     prof = StepProfile()
     out_w = model.output_weight

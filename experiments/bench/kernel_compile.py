@@ -4,7 +4,7 @@
     python experiments/bench/kernel_compile.py --arch 90 --dtype fp32
 
 Runs Triton's whole compiler (TTIR, TTGIR, LLVM, ptxas) on the CPU for every autotune config in
-kernels/triton_logprobs.py, with the specializations a real launch gets (16-byte aligned pointers;
+llama_posttrain/kernels/triton_logprobs.py, with the specializations a real launch gets (16-byte aligned pointers;
 H, V, strides and slab offsets divisible by 16: without them loads are not vectorized and not
 pipelined, and the report would be wrong). Prints one line per (kernel, config): registers, spill
 bytes (from ptxas), shared memory, and the number of asynchronous copies (0: loads not pipelined).
@@ -30,7 +30,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from kernels import triton_logprobs as tk  # noqa: E402
+from llama_posttrain.kernels import triton_logprobs as tk  # noqa: E402
 
 CONSTEXPRS = ("BLOCK_N", "BLOCK_V", "BLOCK_D", "IEEE", "UPCAST", "stride_hd", "stride_wd")
 INTS = {"N", "N_BUCKET", "V", "D", "n_splits", "v_per_split", "v0", "v_slab", "stride_dl", "stride_hn", "stride_wv"}

@@ -4,22 +4,22 @@
 
 Methods (--methods, in the order given; those also named in --once run at the first (H, N) only):
   matmul                one (N, H) x (H, V) product: the achievable rate, timed first at each shape
-  ours_triton           our Triton kernel (kernels/triton_logprobs.py, CUDA only), tiles autotuned
-  ours_torch            our chunked torch path (kernels/chunked.py)
+  ours_triton           our Triton kernel (llama_posttrain/kernels/triton_logprobs.py, CUDA only), tiles autotuned
+  ours_torch            our chunked torch path (llama_posttrain/kernels/chunked.py)
   torch_lce             F.linear_cross_entropy(options=None): torch's reference path (the full [N, V] logits)
   torch_lce:<chunking>  F.linear_cross_entropy(options=LinearCrossEntropyOptions(...)), torch's chunked path:
                         `auto` (torch's per-device pick; CUDA bf16: aspect_ratio:2, acc_policy compact),
                         a chunking_method (`aspect_ratio`: chunk logits as large as the input, `aspect_ratio:8`:
                         8x smaller), or `chunk=<rows>` (a fixed batch_chunk_size)
   liger                 Liger's fused linear cross-entropy, where installed
-  naive                 kernels/reference.py: the full [N, V] logits in eager torch
+  naive                 llama_posttrain/kernels/reference.py: the full [N, V] logits in eager torch
   compile               the same under torch.compile
 Throughput counts 6*N*H*V flops (forward logits, backward dH and dW) against the matmul row of the
 same shape, timed in the same run. The memory floor is what a step must hold anyway:
 dH (N*H in the input dtype) + fp32 dW (V*H*4) + O(N).
 
 --skip-rate (CUDA, or the CPU under TRITON_INTERPRET=1): the share of (token block, vocabulary tile)
-pairs whose logits our Triton backward skips (kernels/triton_logprobs.py: softmax below 2^-24 of every
+pairs whose logits our Triton backward skips (llama_posttrain/kernels/triton_logprobs.py: softmax below 2^-24 of every
 row's largest), and the backward's time, on flat logits (random hidden states), on peaked ones (each
 hidden state along its target's row of W, scaled so the target's logit is ~32 above the others: a
 near one-hot softmax), and on peaked ones with every 16th row flat (one flat row keeps its whole
@@ -76,8 +76,8 @@ def lce_options(spec: str | None):
 def make_fn(method: str):
     import torch.nn.functional as F
 
-    from kernels.chunked import target_logprobs as chunked
-    from kernels.reference import naive_target_logprobs
+    from llama_posttrain.kernels.chunked import target_logprobs as chunked
+    from llama_posttrain.kernels.reference import naive_target_logprobs
 
     base, _, spec = method.partition(":")
     if method == "naive":
@@ -95,7 +95,7 @@ def make_fn(method: str):
     if method == "ours_torch":
         return chunked
     if method == "ours_triton":
-        from kernels.triton_logprobs import target_logprobs
+        from llama_posttrain.kernels.triton_logprobs import target_logprobs
 
         return target_logprobs
     raise ValueError(method)
@@ -174,7 +174,7 @@ def skip_rate(N: int, H: int, V: int, dtype: str, logits: str, repeats: int, dev
     """Our Triton backward on `logits` (SKIP_LOGITS): tiles skipped of all (token block, vocabulary tile)
     pairs, the tiles holding no target of their block (what peaked rows can skip at most: a tile holding a
     row's argmax is never skipped) and the backward's median time. Calls the kernel's forward/backward."""
-    from kernels.triton_logprobs import backward, forward
+    from llama_posttrain.kernels.triton_logprobs import backward, forward
 
     h, w, t, up = inputs(N, H, V, getattr(torch, dtype), dev, logits)
     h, w = h.detach(), w.detach()

@@ -60,7 +60,7 @@ from common import (
     write_jsonl,
 )
 
-from llama import Transformer, load_model, save_model
+from llama_posttrain.llama import Transformer, load_model, save_model
 
 SIDES = {"ours": "ours (train.rm, one row)", "ours_separate": "ours, separate rows", "trl": "TRL RewardTrainer"}
 
@@ -86,7 +86,7 @@ def make_ranked(n: int, k: int, seed: int) -> list[dict]:
 
 
 def run_ours(args, device: torch.device) -> None:
-    from train.rm import make_objective
+    from llama_posttrain.train.rm import make_objective
 
     work = Path(args.workdir)
     model = load_model(work / "model", device=device).train()  # fp32 reward model, the weights TRL loads too
@@ -110,7 +110,7 @@ def run_trl(args, device: torch.device) -> None:
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
-    from data.rows import encode_response
+    from llama_posttrain.data.rows import encode_response
 
     work = Path(args.workdir)
     records = read_jsonl(work / "ranked.jsonl")
@@ -189,7 +189,7 @@ def main():
         results = run_sides(__file__, sides, args, workdir, CHILD_OPTIONS)
     ours, theirs = results["ours"], results["trl"]
 
-    from data.rows import encode_response
+    from llama_posttrain.data.rows import encode_response
 
     chat = our_chat()
     prompt_lens = [len(chat.encode_dialog([{"role": "user", "content": r["prompt"]}], True)) for r in records]

@@ -62,7 +62,7 @@ from common import (
     write_jsonl,
 )
 
-from llama import Transformer, load_model, save_model
+from llama_posttrain.llama import Transformer, load_model, save_model
 
 
 def make_dialogs(n: int, seed: int) -> list[dict]:
@@ -77,7 +77,7 @@ def make_dialogs(n: int, seed: int) -> list[dict]:
 
 
 def run_ours(args, device: torch.device) -> None:
-    from train.sft import make_objective
+    from llama_posttrain.train.sft import make_objective
 
     work = Path(args.workdir)
     model = load_model(work / "model", device=device).train()  # fp32, the weights TRL loads too

@@ -1,4 +1,4 @@
-"""The cpu-llama3-vocab pipeline's own files, in TRL's shapes (data/tasks/files.py reads them):
+"""The cpu-llama3-vocab pipeline's own files, in TRL's shapes (llama_posttrain/data/tasks/files.py reads them):
 
 data/prompt_pool.jsonl     {"prompt": [{"role": "system", ...}, {"role": "user", ...}]}: TRL prompt-only
 data/eval_prompts.jsonl    the same shape, held out
@@ -12,7 +12,7 @@ import json
 import random
 from pathlib import Path
 
-from data.tasks.arithmetic import problem
+from llama_posttrain.data.tasks.arithmetic import problem
 
 HERE = Path(__file__).parent / "data"
 SYSTEM = {"role": "system", "content": "Answer with the sum only."}  # as in prefs_train.jsonl

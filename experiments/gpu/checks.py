@@ -62,7 +62,7 @@ def _grads(fn, h, w, t, up):
 def _triton(h, w, t):
     """The kernel with its tile config pinned (deterministic=True): a correctness check compiles each
     kernel once per dtype instead of autotuning 7 configs per shape (the benchmarks autotune)."""
-    from kernels import target_logprobs
+    from llama_posttrain.kernels import target_logprobs
 
     return target_logprobs(h, w, t, backend="triton", deterministic=True)
 
@@ -74,7 +74,7 @@ def _within_torch_error(ours, same, exact, rel) -> tuple[bool, str]:
 
 
 def kernel_sizes(name: str) -> None:
-    from kernels import naive_target_logprobs
+    from llama_posttrain.kernels import naive_target_logprobs
 
     dtype, rel = KERNEL_DTYPES[name]
     dev = torch.device("cuda")
@@ -97,7 +97,7 @@ def kernel_sizes(name: str) -> None:
 
 
 def kernel_edge_cases(name: str) -> None:
-    from kernels import naive_target_logprobs
+    from llama_posttrain.kernels import naive_target_logprobs
 
     dtype, rel = KERNEL_DTYPES[name]
     dev = torch.device("cuda")
@@ -145,8 +145,8 @@ def kernels() -> None:
 def structured_batch(vocab: int, max_len: int, rows: int, seed: int):
     """Rows packed with DPO-like groups [prompt][chosen][rejected] and SFT-like docs: doc and
     branch ids, positions continuing the prompt; targets on every response / doc token."""
-    from data.rows import Example, Seq, Target, build_group, pack
-    from llama.chat import EncodedDialog
+    from llama_posttrain.data.rows import Example, Seq, Target, build_group, pack
+    from llama_posttrain.llama.chat import EncodedDialog
 
     rng = random.Random(seed)
 
@@ -172,10 +172,10 @@ def flex(precisions=("bf16", "fp32"), modes=((False, False), (True, True)), max_
     """Log-probs and gradients of a small model on structured rows: FlexAttention (compiled blocks,
     activation checkpointing, FSDP2 on one rank: the training path) against the dense-mask path.
     modes: (activation checkpointing, compile) pairs."""
-    from llama import ModelConfig, Transformer
-    from llama.model import attention_mask
-    from train.distributed import init_distributed, parallelize
-    from train.targets import model_logps
+    from llama_posttrain.llama import ModelConfig, Transformer
+    from llama_posttrain.llama.model import attention_mask
+    from llama_posttrain.train.distributed import init_distributed, parallelize
+    from llama_posttrain.train.targets import model_logps
 
     d = init_distributed()
     config = ModelConfig(dim=512, n_layers=2, n_heads=8, n_kv_heads=2, ffn_dim=1024, vocab_size=4096, max_seq_len=8192)
@@ -223,10 +223,10 @@ SHAPE_BUCKETS = 128  # train.shape_buckets' default with compile: the shapes tra
 def random_step(kind: str, vocab: int, max_len: int, tokens_per_microbatch: int, rng: random.Random):
     """One optimizer step's data of random tokens, one micro-batch's worth: SFT docs (the last 3/4
     of each a target) or DPO groups [prompt][chosen][rejected], packed as the loader packs them and
-    padded to its static shapes (data/loader.py with train.shape_buckets 128)."""
-    from data.loader import Step
-    from data.rows import Example, Seq, Target, build_group, collate, plan, static_shape
-    from llama.chat import EncodedDialog
+    padded to its static shapes (llama_posttrain/data/loader.py with train.shape_buckets 128)."""
+    from llama_posttrain.data.loader import Step
+    from llama_posttrain.data.rows import Example, Seq, Target, build_group, collate, plan, static_shape
+    from llama_posttrain.llama.chat import EncodedDialog
 
     def enc(n):
         return EncodedDialog([rng.randrange(vocab) for _ in range(n)], [True] * n, [False] * n)
@@ -263,23 +263,26 @@ def step(
     preset: str = "llama3.2-1b",
     profile: bool = False,
 ) -> None:
-    """Steps of train/loop.py's Trainer at the llama3.2-1b shape (random weights, random tokens), SFT
+    """Steps of llama_posttrain/train/loop.py's Trainer at the llama3.2-1b shape (random weights, random tokens), SFT
     and DPO (live bf16 reference) on the same policy, in the order of `kinds`: tokens/s per GPU, MFU
-    (train/loop.py step_flops over the step time), peak memory. The first step of each (compiles) is
+    (llama_posttrain/train/loop.py step_flops over the step time), peak memory. The first step of each (compiles) is
     not timed. profile: then one more step under torch.profiler, its device time by kernel group
     (`BREAKDOWN`)."""
-    from data.rows import bucket_lengths
-    from train import dpo, sft
-    from train.config import Config
-    from train.distributed import build_model, init_distributed
-    from train.loop import Trainer
+    from llama_posttrain.data.rows import bucket_lengths
+    from llama_posttrain.train import dpo, sft
+    from llama_posttrain.train.config import Config
+    from llama_posttrain.train.distributed import build_model, init_distributed
+    from llama_posttrain.train.loop import Trainer
 
     d = init_distributed()
     cfg = Config()
     cfg.train.mixed_precision, cfg.train.compile, cfg.train.activation_checkpointing = "bf16", compile, ac
     cfg.optim.warmup_steps, cfg.optim.schedule = 0, "constant"
     max_len = min(4096, tokens_per_microbatch)
-    shapes = {"static_shapes": len(bucket_lengths(max_len, SHAPE_BUCKETS)), "compile": compile}  # as train/entry.py
+    shapes = {
+        "static_shapes": len(bucket_lengths(max_len, SHAPE_BUCKETS)),
+        "compile": compile,
+    }  # as llama_posttrain/train/entry.py
     t0 = time.perf_counter()
     model = build_model(d, None, preset, "lm", 0, "bf16", ac, **shapes)
     setup_s = time.perf_counter() - t0
@@ -290,7 +293,9 @@ def step(
     for kind in kinds:
         if kind == "dpo":
             t0 = time.perf_counter()
-            ref = build_model(d, None, preset, "lm", 0, "bf16", trainable=False, **shapes)  # compiled, as train/dpo.py
+            ref = build_model(
+                d, None, preset, "lm", 0, "bf16", trainable=False, **shapes
+            )  # compiled, as llama_posttrain/train/dpo.py
             setup_s += time.perf_counter() - t0
             objective = dpo.make_objective(model, ref, dpo.DPOSection(), "auto")
         else:
@@ -337,7 +342,13 @@ def report_step(what, metrics, wall, first_s, setup_s) -> None:
         f"{med('tokens_per_s_per_gpu'):,.0f}",
         f"median of {len(metrics)} steps; {med('tokens'):,.0f} tokens/step",
     )
-    row("step", f"{what}: MFU", "info", mfu, "model FLOPs (train/loop.py step_flops) / step time / bf16 dense peak")
+    row(
+        "step",
+        f"{what}: MFU",
+        "info",
+        mfu,
+        "model FLOPs (llama_posttrain/train/loop.py step_flops) / step time / bf16 dense peak",
+    )
     row("step", f"{what}: peak memory", "info", f"{med('peak_memory_gib'):.1f} GiB", "torch.cuda.max_memory_allocated")
     row(
         "step",

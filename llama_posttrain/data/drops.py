@@ -1,0 +1,95 @@
+"""Rejection sampling's accounting of what it leaves out (llama_posttrain/train/sample.py): nothing is dropped silently.
+
+`drop_reason` says why a sample is left out (no stop token, empty, too long, a cleaning rule of
+llama_posttrain/data/clean.py); `DROPS` names every drop, of samples and of the prompts that get no SFT record or no
+pair; `split_outputs` gathers the per-prompt results into the outputs with their drops summed, and
+`drop_report` writes the lines that account for every sample and prompt dropped.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from llama_posttrain.data.clean import RULES, CleanRules, dedup_key, reject_reason
+
+
+def drop_reason(text: str, finished: bool, max_chars: int | None, clean: CleanRules | None = None) -> str | None:
+    """Heuristic filters: None if the sample ended its turn, is not empty, is not too long and breaks none
+    of the cleaning rules (llama_posttrain/data/clean.py, each off by default); else the first reason it fails (a DROPS key)."""
+    if not finished:
+        return "unfinished"
+    if not text.strip():
+        return "empty"
+    if max_chars is not None and len(text) > max_chars:
+        return "over_max_chars"
+    return reject_reason(text, clean) if clean is not None else None
+
+
+# Everything sampling drops, counted per key (llama_posttrain/train/sample.py sample_records) and printed (drop_report): samples first, then
+# the prompts that get no SFT record or no preference pair. "{limit}" is the max-new-tokens setting's name.
+DROPS = {
+    "unfinished": "samples that reached no stop token within {limit}",
+    "empty": "empty samples",
+    "over_max_chars": "samples longer than --max-chars",
+    "repetition": "samples in which repeated word n-grams (--repeat-ngram) cover more than --max-repeat of the words",
+    "banned_phrase": "samples containing a --ban-phrase",
+    "too_many_emoji": "samples with more than --max-emoji emoji",
+    "too_many_exclamations": "samples with more than --max-exclamation exclamation marks",
+    "no_sft_record": "prompts with no sample left: no SFT record",
+    "duplicate_sft": "prompts whose SFT record repeats an earlier one's prompt and response (--dedup): dropped",
+    "no_pair_fewer_than_2": "prompts with fewer than 2 samples left: no pair",
+    "no_pair_tied_scores": "prompts whose samples left all scored the same: no pair",
+    "no_pair_same_text": "prompts whose best and worst samples are the same text: no pair",
+}
+SAMPLE_DROPS = ("unfinished", "empty", "over_max_chars", *RULES)
+SFT_DROPS = ("no_sft_record", "duplicate_sft")  # the prompts' drops that lose an SFT record; the others, a pair
+
+
+def drops_for(outputs) -> list[str]:
+    """The DROPS keys that lose something when `outputs` ("sft", "pairs") are wanted: the samples', then the prompts'."""
+    prompts = [key for key in DROPS if key not in SAMPLE_DROPS]
+    return [*SAMPLE_DROPS, *(key for key in prompts if ("sft" if key in SFT_DROPS else "pairs") in outputs)]
+
+
+def drop_report(dropped: dict, prompts: int, k: int, limit: str, outputs=("sft", "pairs")) -> tuple[list, str | None]:
+    """-> (lines that account for every sample and prompt dropped, a warning or None). `limit`: the max new
+    tokens setting as the user gave it ("--max-new-tokens 8", "max_new_tokens 6"); `outputs`: which of the
+    SFT records and pairs are wanted (a prompt without the other loses nothing). The warning: most samples
+    reached no stop token, so most of the work was dropped."""
+    samples = prompts * k
+    lost = sum(dropped.get(key, 0) for key in SAMPLE_DROPS)
+    head = f"samples: {samples} ({prompts} prompts x {k}), {samples - lost} kept, {lost} dropped"
+    parts = [f"{dropped[key]} {DROPS[key].format(limit=limit)}" for key in SAMPLE_DROPS if dropped.get(key)]
+    lines = ["; ".join([head, *parts])]
+    lines += [
+        f"{dropped[key]} of {prompts} {DROPS[key]}"
+        for key in drops_for(outputs)[len(SAMPLE_DROPS) :]
+        if dropped.get(key)
+    ]
+    unfinished = dropped.get("unfinished", 0)
+    if not samples or unfinished <= samples / 2:
+        return lines, None
+    setting = limit.rsplit(" ", 1)[0]
+    return lines, (
+        f"WARNING: {unfinished} of {samples} samples ({100 * unfinished / samples:.0f}%) reached no stop token "
+        f"within {limit} and were dropped: raise {setting}"
+    )
+
+
+def split_outputs(per_record: list[tuple], dedup: bool = False) -> tuple[list[dict], list[dict], list[dict], Counter]:
+    """Per-record (SFT record or None, pair or None, set, drops) -> the three lists (Nones left out: each
+    one counted in the drops) and the drops summed. `dedup`: an SFT record whose prompt and response
+    (llama_posttrain/data/clean.py dedup_key) repeat an earlier record's is left out too, counted as duplicate_sft."""
+    sft, pairs, sets, dropped, seen = [], [], [], Counter(), set()
+    for record_sft, pair, set_, drops in per_record:
+        if dedup and record_sft is not None:
+            key = dedup_key(record_sft["messages"][:-1], record_sft["messages"][-1]["content"])
+            if key in seen:
+                dropped["duplicate_sft"] += 1
+                record_sft = None
+            seen.add(key)
+        sft += [record_sft] if record_sft is not None else []
+        pairs += [pair] if pair is not None else []
+        sets.append(set_)
+        dropped.update(drops)
+    return sft, pairs, sets, dropped

@@ -1,0 +1,335 @@
+"""The Llama 3 chat formats, with per-token roles.
+
+`template="llama3"` (Llama 3.0 Instruct):
+
+    <|begin_of_text|><|start_header_id|>system<|end_header_id|>\\n\\n{content}<|eot_id|>   (if there is one)
+    <|start_header_id|>user<|end_header_id|>\\n\\n{content}<|eot_id|>
+    <|start_header_id|>assistant<|end_header_id|>\\n\\n{content}<|eot_id|>
+
+`template="llama3.1"` / `"llama3.2"` (Llama 3.1 / 3.2 Instruct; 3.3 uses 3.1's): the same turns after a
+system turn that is always there, opened by two lines the template writes, then the system prompt if any:
+
+    <|begin_of_text|><|start_header_id|>system<|end_header_id|>\\n\\n
+    Cutting Knowledge Date: December 2023\\nToday Date: 26 Jul 2024\\n\\n{system prompt, or nothing}<|eot_id|>
+
+The two differ only in what they do when no date is given (3.1: "26 Jul 2024"; 3.2: today) and in tool
+calls, which are out of scope here (a tool message or tool call is an error). Here the date is always
+`date_string`, so training is reproducible. Token ids equal the models' own Jinja templates (shipped in
+llama_posttrain/llama/assets, written with Hugging Face exports) rendered with the same date.
+
+Per token, `encode_dialog` also says whether it is
+- a training target: the content of assistant messages and their terminator (SFT trains on these);
+- a formatting token: every header span `<|start_header_id|>role<|end_header_id|>\\n\\n`, every turn
+  terminator `<|eot_id|>` / `<|eom_id|>`, and the date lines the 3.1 template writes (Llama 3 masks
+  formatting tokens out of the DPO log-probs).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llama_posttrain.llama.tokenizer import Tokenizer
+
+TEMPLATES = ("llama3", "llama3.1", "llama3.2")
+DEFAULT_DATE = "26 Jul 2024"  # what Meta's 3.1 template writes when no date is given
+KNOWLEDGE_CUTOFF = "December 2023"
+_ASSETS = Path(__file__).parent / "assets"
+
+
+def jinja_template(name: str) -> str:
+    """The model's own chat template (Meta's, as trl ships it) for a ChatFormat template name."""
+    _check_name(name, "chat template")
+    return (_ASSETS / f"{name}.jinja").read_text(encoding="utf-8")
+
+
+def _check_name(name, what: str) -> None:
+    if name not in TEMPLATES:
+        raise ValueError(f"{what} {name!r} is not one of {', '.join(TEMPLATES)} (Llama 3.3 uses llama3.1)")
+
+
+@dataclass
+class EncodedDialog:
+    tokens: list[int] = field(default_factory=list)
+    is_target: list[bool] = field(default_factory=list)
+    is_format: list[bool] = field(default_factory=list)
+
+    def add(self, ids: list[int], target: bool, fmt: bool) -> None:
+        self.tokens += ids
+        self.is_target += [target] * len(ids)
+        self.is_format += [fmt] * len(ids)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+class ChatFormat:
+    def __init__(self, tokenizer: Tokenizer, template: str = "llama3", date_string: str = DEFAULT_DATE):
+        _check_name(template, "ChatFormat template")
+        if not isinstance(date_string, str) or not date_string.strip():
+            raise ValueError(f"date_string must be a non-empty string like {DEFAULT_DATE!r}, got {date_string!r}")
+        self.tokenizer = tokenizer
+        self.template = template
+        self.date_string = date_string
+
+    @property
+    def has_date_header(self) -> bool:
+        """3.1 / 3.2: every dialog opens with the system turn carrying the knowledge and today's date."""
+        return self.template != "llama3"
+
+    def encode_header(self, role: str) -> list[int]:
+        tok = self.tokenizer
+        return [tok.start_header_id] + tok.encode(role) + [tok.end_header_id] + tok.encode("\n\n")
+
+    def encode_message(self, message: dict, out: EncodedDialog) -> None:
+        """Append one message. `message["eot"] = False` ends it with <|eom_id|> (a tool call follows)."""
+        is_assistant = message["role"] == "assistant"
+        out.add(self.encode_header(message["role"]), target=False, fmt=True)
+        out.add(self.tokenizer.encode(message["content"].strip()), target=is_assistant, fmt=False)
+        end = self.tokenizer.eot_id if message.get("eot", True) else self.tokenizer.eom_id
+        out.add([end], target=is_assistant, fmt=True)
+
+    def encode_system_turn(self, system_prompt: str, out: EncodedDialog) -> None:
+        """3.1 / 3.2's opening system turn. The date lines end in "\\n\\n" and the prompt is stripped, so
+        encoding them apart gives the ids of encoding them together."""
+        out.add(self.encode_header("system"), target=False, fmt=True)
+        dates = f"Cutting Knowledge Date: {KNOWLEDGE_CUTOFF}\nToday Date: {self.date_string}\n\n"
+        out.add(self.tokenizer.encode(dates), target=False, fmt=True)
+        out.add(self.tokenizer.encode(system_prompt.strip()), target=False, fmt=False)
+        out.add([self.tokenizer.eot_id], target=False, fmt=True)
+
+    def encode_dialog(self, messages: list[dict], add_generation_prompt: bool = False, bos: bool = True):
+        """messages [{"role", "content"}, ...] -> EncodedDialog(tokens, is_target, is_format)."""
+        self.check_messages(messages)
+        out = EncodedDialog()
+        if bos:
+            out.add([self.tokenizer.bos_id], target=False, fmt=False)
+        if self.has_date_header:
+            has_system = bool(messages) and messages[0]["role"] == "system"
+            self.encode_system_turn(messages[0]["content"] if has_system else "", out)
+            messages = messages[1:] if has_system else messages
+        for message in messages:
+            self.encode_message(message, out)
+        if add_generation_prompt:
+            out.add(self.encode_header("assistant"), target=False, fmt=True)
+        return out
+
+    def check_messages(self, messages: list[dict]) -> None:
+        for i, message in enumerate(messages):
+            for key in ("role", "content"):
+                if not isinstance(message.get(key), str):
+                    raise ValueError(f"message {i}: field {key!r} must be a string, got {message.get(key)!r}")
+            if self.has_date_header and (message["role"] in ("ipython", "tool") or "tool_calls" in message):
+                # the 3.1 template writes these as JSON, differently from plain turns: not supported here
+                raise ValueError(
+                    f"message {i}: tool calls and tool results ({message['role']!r} turn) are not supported "
+                    f"with the {self.template} chat format"
+                )
+
+
+# ----------------------------------------------------------------------------- which template
+
+# A chat template is recognized by what it renders: the probe dialogs below (with and without a system
+# prompt, several turns, with and without the generation prompt, contents wrapped in whitespace that the
+# formats strip), rendered as transformers renders them, must give exactly the text of our ChatFormat's
+# ids. Once with `date_string` passed (PROBE_DATE); once without, where 3.1 writes its own default date
+# (DEFAULT_DATE) and 3.2 today's (strftime_now, fixed here to PROBE_TODAY): that tells 3.1 from 3.2.
+PROBES = (
+    ([{"role": "user", "content": " What is 2 + 2?\n"}], True),
+    (
+        [
+            {"role": "system", "content": "You are terse.\n"},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "  Hello.  "},
+            {"role": "user", "content": "Count to 3, please."},
+        ],
+        True,
+    ),
+    (
+        [
+            {"role": "system", "content": "S"},
+            {"role": "user", "content": "u"},
+            {"role": "assistant", "content": "a\n\n"},
+        ],
+        False,
+    ),
+    (
+        [
+            {"role": "user", "content": "Traduis \u00ab bonjour \u00bb."},
+            {"role": "assistant", "content": "\u3053\u3093\u306b\u3061\u306f"},
+            {"role": "user", "content": "\n```python\nprint(1)\n```"},
+            {"role": "assistant", "content": "1"},
+        ],
+        False,
+    ),
+)
+PROBE_DATE = "5 May 2030"  # passed as date_string
+PROBE_TODAY = (2031, 11, 15)  # what strftime_now returns when it is not ("15 Nov 2031")
+
+
+def _shipped_text(name: str) -> str:
+    return "".join(jinja_template(name).split())
+
+
+@functools.cache
+def _expected_renders() -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
+    """name -> (the probes' text with date_string=PROBE_DATE, without a date_string): our ChatFormat's ids
+    decoded by the byte tokenizer (its special tokens decode to their names, bytes to themselves)."""
+    from datetime import date
+
+    from llama_posttrain.llama.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
+
+    tok = load_tokenizer(DEFAULT_TOKENIZER)
+    today = date(*PROBE_TODAY).strftime("%d %b %Y")
+    no_date = {"llama3": DEFAULT_DATE, "llama3.1": DEFAULT_DATE, "llama3.2": today}
+
+    def texts(name, date_string):
+        chat = ChatFormat(tok, name, date_string)
+        return tuple(tok.decode(chat.encode_dialog(m, gen).tokens) for m, gen in PROBES)
+
+    return {name: (texts(name, PROBE_DATE), texts(name, no_date[name])) for name in TEMPLATES}
+
+
+def render_probes(text: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The probe dialogs rendered by the Jinja template `text` as transformers' apply_chat_template renders
+    them (sandboxed, trim_blocks, lstrip_blocks, `{% generation %}` blocks, tojson, raise_exception,
+    strftime_now): -> (with date_string=PROBE_DATE, without). ImportError without jinja2; the template's
+    own errors (jinja2.TemplateError and what its expressions raise) propagate."""
+    import jinja2
+    import jinja2.ext
+    import jinja2.sandbox
+
+    class Generation(jinja2.ext.Extension):  # transformers' assistant-mask markers: render the body as is
+        tags = {"generation"}
+
+        def parse(self, parser):
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def strftime_now(fmt):
+        from datetime import datetime
+
+        return datetime(*PROBE_TODAY).strftime(fmt)
+
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False: json.dumps(
+        x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    template = env.from_string(text)
+    special = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "tools": None, "documents": None}
+
+    def render(**kw):
+        return tuple(template.render(messages=m, add_generation_prompt=gen, **special, **kw) for m, gen in PROBES)
+
+    return render(date_string=PROBE_DATE), render()
+
+
+def recognize_template(text) -> str:
+    """A Jinja chat template's ChatFormat name. One of the shipped templates (whitespace aside) is known
+    by its text; any other is rendered on the probe dialogs (render_probes, needs jinja2) and must give
+    exactly what one of our formats gives, with a date passed and without (Meta's 3.1-3.3 revisions, trl's
+    copies and training variants pass). Anything else is a ValueError saying how it differs."""
+    if not isinstance(text, str):
+        raise ValueError(f"expected a Jinja template as a string, got {type(text).__name__}")
+    squeezed = "".join(text.split())
+    for name in TEMPLATES:
+        if squeezed == _shipped_text(name):
+            return name
+    try:
+        rendered = render_probes(text)
+    except ImportError:
+        raise ValueError(
+            "it is not the text of a shipped Llama 3 template, and jinja2 is not installed to compare what it "
+            "renders (pip install jinja2)"
+        ) from None
+    except Exception as e:  # the template's own error, raised while compiling or rendering a probe
+        raise ValueError(f"it fails to render a plain dialog ({type(e).__name__}: {e})") from None
+    expected = _expected_renders()
+    for name in TEMPLATES:
+        if rendered == expected[name]:
+            return name
+    raise ValueError(_mismatch(rendered, expected))
+
+
+def _mismatch(rendered, expected) -> str:
+    """Why a template that renders none of our formats is refused: where it first differs from the format
+    it follows longest."""
+    got = rendered[0] + rendered[1]
+    closest = None  # (probe index, common prefix length, name)
+    for name in TEMPLATES:
+        want = expected[name][0] + expected[name][1]
+        i = next(i for i, (g, w) in enumerate(zip(got, want)) if g != w)
+        at = next((k for k, (x, y) in enumerate(zip(got[i], want[i])) if x != y), min(len(got[i]), len(want[i])))
+        if closest is None or (i, at) > closest[:2]:  # a tie goes to the first name (3.1 before 3.2)
+            closest = (i, at, name)
+    i, at, name = closest
+    want = (expected[name][0] + expected[name][1])[i]
+    probe = f"probe dialog {i % len(PROBES)} " + (f"(date_string={PROBE_DATE!r})" if i < len(PROBES) else "(no date)")
+    return (
+        f"it renders none of the Llama 3 formats ({', '.join(TEMPLATES)}); closest, {name}: on {probe} it writes "
+        f"{got[i][max(0, at - 30) : at + 40]!r} where {name} writes {want[max(0, at - 30) : at + 40]!r}"
+    )
+
+
+def template_in_dir(directory) -> tuple[str | None, Path | None]:
+    """The chat template a Hugging Face model folder names -> (ChatFormat name, file), (None, None) if it
+    names none. Read from chat_template.jinja, else tokenizer_config.json's "chat_template" (a string, or
+    a list of {"name", "template"} whose "default" is used), as transformers reads them. One it holds that
+    is not ours (recognize_template) is a ValueError naming the file and the key."""
+    directory = Path(directory)
+    file, key = directory / "chat_template.jinja", "the chat template"
+    try:
+        if file.is_file():
+            text = file.read_text(encoding="utf-8")
+        elif (directory / "tokenizer_config.json").is_file():
+            file, key = directory / "tokenizer_config.json", "chat_template"
+            raw = json.loads(file.read_text(encoding="utf-8"))
+            if not isinstance(raw, dict):
+                raise ValueError(f"expected a JSON object, got {type(raw).__name__}")
+            text = raw.get("chat_template")
+        else:
+            return None, None
+    except (OSError, ValueError) as e:  # ValueError: invalid JSON or not UTF-8
+        raise ValueError(f"{file}: cannot read it: {e}") from None
+    if text is None:
+        return None, None
+    if isinstance(text, list):  # named templates: transformers uses the "default" one
+        names = [t.get("name") for t in text if isinstance(t, dict)]
+        text = next((t.get("template") for t in text if isinstance(t, dict) and t.get("name") == "default"), None)
+        if text is None:
+            raise ValueError(f"{file}: chat_template: a list of named templates {names} with no 'default' one")
+        key = "chat_template (its 'default' entry)"
+    try:
+        return recognize_template(text), file
+    except ValueError as e:
+        raise ValueError(
+            f"{file}: {key}: {e}. Training or exporting in another format than the model's would go unnoticed: "
+            f"set the format by hand with model.chat_template (--chat-template): {', '.join(TEMPLATES)}"
+        ) from None
+
+
+def resolve_chat_template(name: str | None, checkpoint_dir=None, verbose: bool = True) -> str:
+    """The chat format for a model: `name` if given; else the one the checkpoint folder's tokenizer files
+    name (printed); else "llama3" (printed when a checkpoint folder was given). verbose=False: nothing printed."""
+    if name:
+        _check_name(name, "chat template")
+        return name
+    if checkpoint_dir is None:
+        return "llama3"
+    found, file = template_in_dir(checkpoint_dir)
+    if found is not None:
+        if verbose:
+            print(f"chat template: {found} (from {file})", flush=True)
+        return found
+    if verbose:
+        print(f"chat template: llama3 (the default: {checkpoint_dir} names none; set model.chat_template)", flush=True)
+    return "llama3"

@@ -1,0 +1,394 @@
+"""Tokenizers: Llama 3's tiktoken BPE (plus its 256 special tokens) and SentencePiece models.
+
+`load_tokenizer(path)` tells the kinds apart by content: a tiktoken BPE file (`tokenizer.model`, Meta's
+`original/tokenizer.model`), a Hugging Face byte-level BPE `tokenizer.json` (read into the same tiktoken
+encoder: its vocabulary ids are the BPE ranks, its added tokens the special tokens), or a SentencePiece
+model. `resolve_tokenizer` picks the one for a model (given, else the checkpoint folder's, else the byte
+tokenizer only if the vocabulary matches). llama_posttrain/llama/formats/hf.py `hf_tokenizer_json` writes a tiktoken
+tokenizer back as a `tokenizer.json` for Hugging Face exports.
+
+Both kinds (TiktokenTokenizer, SentencePieceTokenizer) expose the same small surface:
+`encode(text, bos=False, eos=False, allow_special=False)`, `decode(ids)`, `vocab_size`, and
+special-token ids by name (`tok.special_tokens["<|eot_id|>"]`, `tok.eot_id`, `tok.bos_id`, ...).
+
+By default special-token strings inside `text` are encoded as plain text, so user content can
+never forge a turn boundary; `allow_special=True` parses them as special tokens, as Hugging Face
+`tokenizers` does.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from pathlib import Path
+
+import tiktoken
+
+# Llama 3.1's tokenizer.model has 128000 BPE tokens; the 256 special tokens follow them.
+LLAMA3_SPECIAL_TOKENS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|step_id|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",  # end of message (a tool call follows)
+    "<|eot_id|>",  # end of turn
+    "<|python_tag|>",
+]
+NUM_RESERVED_SPECIAL_TOKENS = 256
+LLAMA3_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+DEFAULT_TOKENIZER = Path(__file__).parent / "assets" / "bytes.tiktoken"  # 256 bytes + 256 specials
+
+# tiktoken's regex gets slow on very long runs of (non-)whitespace; Meta encodes in pieces.
+_MAX_ENCODE_CHARS = 400_000
+_MAX_RUN_CHARS = 25_000
+_TIKTOKEN_LINE = re.compile(rb"^[A-Za-z0-9+/]+={0,2} \d+$")
+
+
+class Tokenizer:
+    """Interface shared by both kinds. Subclasses set `special_tokens`, `bos_id`, `eos_id`."""
+
+    path: Path
+    special_tokens: dict[str, int]
+    bos_id: int
+    eos_id: int
+    vocab_size: int
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False, allow_special: bool = False) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"encode expects a str, got {type(text).__name__}")
+        ids = [self.bos_id] if bos else []
+        ids += self._encode(text, allow_special)
+        return ids + [self.eos_id] if eos else ids
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is out of range for {self.path.name} (vocab_size {self.vocab_size})")
+        return self._decode(ids)
+
+    def special(self, name: str) -> int:
+        """Id of a special token by its string, e.g. "<|eot_id|>"."""
+        if name not in self.special_tokens:
+            raise KeyError(f"tokenizer {self.path} has no special token {name!r}")
+        return self.special_tokens[name]
+
+    # Chat-format tokens, by name.
+    @property
+    def start_header_id(self) -> int:
+        return self.special("<|start_header_id|>")
+
+    @property
+    def end_header_id(self) -> int:
+        return self.special("<|end_header_id|>")
+
+    @property
+    def eot_id(self) -> int:
+        return self.special("<|eot_id|>")
+
+    @property
+    def eom_id(self) -> int:
+        return self.special("<|eom_id|>")
+
+    @property
+    def pad_id(self) -> int:
+        """A token never trained on, for padding (Llama 3: <|finetune_right_pad_id|>)."""
+        return self.special_tokens.get("<|finetune_right_pad_id|>", self.eos_id)
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """Tokens that end an assistant turn during generation."""
+        names = ("<|eot_id|>", "<|eom_id|>")
+        return sorted({self.eos_id} | {self.special_tokens[n] for n in names if n in self.special_tokens})
+
+    def _encode(self, text: str, allow_special: bool) -> list[int]:
+        raise NotImplementedError
+
+    def _decode(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+
+def read_tiktoken_bpe(path: Path) -> dict[bytes, int]:
+    """Parse a tiktoken BPE file: one `<base64 token> <rank>` per line, ranks 0..n-1."""
+    ranks = {}
+    for lineno, line in enumerate(path.read_bytes().splitlines(), 1):
+        if not line:
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except (ValueError, binascii.Error):
+            raise ValueError(
+                f"{path}:{lineno}: not a tiktoken BPE line '<base64 token> <rank>': {line[:60]!r}"
+            ) from None
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise ValueError(f"{path}: BPE ranks are not the contiguous range 0..{len(ranks) - 1}")
+    return ranks
+
+
+def llama3_special_tokens(n_ranks: int) -> dict[str, int]:
+    """The 256 Llama 3 special tokens, numbered after the `n_ranks` BPE tokens (a tokenizer.model holds none)."""
+    reserved = [
+        f"<|reserved_special_token_{2 + i}|>" for i in range(NUM_RESERVED_SPECIAL_TOKENS - len(LLAMA3_SPECIAL_TOKENS))
+    ]
+    return {tok: n_ranks + i for i, tok in enumerate(LLAMA3_SPECIAL_TOKENS + reserved)}
+
+
+class TiktokenTokenizer(Tokenizer):
+    """A byte-level BPE run by tiktoken: Llama 3's tokenizer.model (BPE ranks; the 256 Llama 3 special
+    tokens after them) or, through `read_hf_tokenizer_json`, a Hugging Face tokenizer.json."""
+
+    def __init__(self, path, ranks: dict[bytes, int] | None = None, special_tokens=None, pattern=LLAMA3_PATTERN):
+        self.path = Path(path)
+        if ranks is None:
+            ranks = read_tiktoken_bpe(self.path)
+            special_tokens = llama3_special_tokens(len(ranks))
+        self.ranks, self.pattern = ranks, pattern  # kept for hf_tokenizer_json
+        self.special_tokens = dict(special_tokens)
+        for name in ("<|begin_of_text|>", "<|end_of_text|>"):
+            if name not in self.special_tokens:
+                raise ValueError(f"{self.path}: no {name} special token: not a Llama 3 tokenizer")
+        self.model = tiktoken.Encoding(
+            name=self.path.name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=self.special_tokens
+        )
+        self.vocab_size = len(ranks) + len(self.special_tokens)  # ids are contiguous (checked by the readers)
+        self.bos_id = self.special_tokens["<|begin_of_text|>"]
+        self.eos_id = self.special_tokens["<|end_of_text|>"]
+
+    def _encode(self, text: str, allow_special: bool) -> list[int]:
+        allowed = "all" if allow_special else set()
+        ids = []
+        for start in range(0, len(text), _MAX_ENCODE_CHARS):
+            for piece in _split_long_runs(text[start : start + _MAX_ENCODE_CHARS], _MAX_RUN_CHARS):
+                ids += self.model.encode(piece, allowed_special=allowed, disallowed_special=())
+        return ids
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.model.decode(ids)
+
+
+def _split_long_runs(s: str, max_run: int):
+    """Cut `s` so that no piece holds more than `max_run` consecutive (non-)whitespace chars."""
+    start, run, run_is_space = 0, 0, None
+    for i, ch in enumerate(s):
+        is_space = ch.isspace()
+        run = run + 1 if is_space == run_is_space else 1
+        run_is_space = is_space
+        if run > max_run:
+            yield s[start:i]
+            start, run = i, 1
+    yield s[start:]
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A SentencePiece model (Llama 2 style or a small trained vocabulary).
+
+    Control pieces (e.g. `<|eot_id|>` trained as a control symbol) are the special tokens: SentencePiece
+    never produces them from text, and `allow_special=True` splits them out of the text here.
+    """
+
+    def __init__(self, path):
+        import sentencepiece as spm
+
+        self.path = Path(path)
+        self.model = spm.SentencePieceProcessor(model_file=str(self.path))
+        self.vocab_size = self.model.vocab_size()
+        self.special_tokens = {self.model.id_to_piece(i): i for i in range(self.vocab_size) if self.model.is_control(i)}
+        self.bos_id = self.model.bos_id()
+        self.eos_id = self.model.eos_id()
+        named = sorted((t for t in self.special_tokens if t), key=len, reverse=True)
+        self._special_re = re.compile("|".join(map(re.escape, named))) if named else None
+
+    def _encode(self, text: str, allow_special: bool) -> list[int]:
+        if not allow_special or self._special_re is None:
+            return self.model.encode(text)
+        ids, start = [], 0
+        for m in self._special_re.finditer(text):
+            ids += self.model.encode(text[start : m.start()]) + [self.special_tokens[m.group()]]
+            start = m.end()
+        return ids + self.model.encode(text[start:])
+
+    def _decode(self, ids: list[int]) -> str:
+        out, run = [], []
+        for i in ids:
+            if self.model.is_control(i) and i not in (self.bos_id, self.eos_id):
+                out.append(self.model.decode(run) + self.model.id_to_piece(i))
+                run = []
+            else:
+                run.append(i)
+        return "".join(out) + self.model.decode(run)
+
+
+# ----------------------------------------------------------------------------- tokenizer.json
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """Byte-level BPE's printable stand-in for each byte (GPT-2's table; tokenizer.json vocabularies use it)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {b: chr(b) for b in printable}, 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+_BYTE_LEVEL_HINT = (
+    "only byte-level BPE tokenizer.json files (Llama 3's) are read; for SentencePiece pass tokenizer.model"
+)
+
+
+def _split_pattern(pre, fail) -> str:
+    """The regex of Llama 3's pre-tokenizer: Split(regex, isolated) then ByteLevel without a regex of its own."""
+    steps = pre.get("pretokenizers", []) if isinstance(pre, dict) and pre.get("type") == "Sequence" else []
+    if (
+        len(steps) == 2
+        and steps[0].get("type") == "Split"
+        and steps[0].get("behavior") == "Isolated"
+        and not steps[0].get("invert")
+        and isinstance(steps[0].get("pattern"), dict)
+        and "Regex" in steps[0]["pattern"]
+        and steps[1].get("type") == "ByteLevel"
+        and not steps[1].get("use_regex", True)
+        and not steps[1].get("add_prefix_space", False)
+    ):
+        return steps[0]["pattern"]["Regex"]
+    fail("pre_tokenizer", "expected a Split regex (isolated) then ByteLevel(use_regex=false), as Llama 3's")
+
+
+def read_hf_tokenizer_json(path: Path) -> tuple[dict[bytes, int], dict[str, int], str]:
+    """A Hugging Face byte-level BPE tokenizer.json -> (BPE ranks, special tokens, split regex) for tiktoken.
+
+    The vocabulary ids are the ranks. tiktoken merges the adjacent pair whose result has the lowest rank,
+    `tokenizers` the pair listed first in `merges`: the same only when the merges are listed in the order
+    of their results' ids, which is checked. Every added token becomes a special token."""
+
+    def fail(fld: str, problem: str):
+        raise ValueError(f"{path}: {fld}: {problem} ({_BYTE_LEVEL_HINT})")
+
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read it as JSON: {e}") from None
+    model = raw.get("model") if isinstance(raw, dict) else None
+    if not isinstance(model, dict) or model.get("type") != "BPE":
+        fail("model.type", f"expected BPE, got {model.get('type') if isinstance(model, dict) else model!r}")
+    if raw.get("normalizer") is not None or model.get("byte_fallback"):
+        fail("normalizer" if raw.get("normalizer") is not None else "model.byte_fallback", "not supported")
+    pattern = _split_pattern(raw.get("pre_tokenizer"), fail)
+    # stand-in char -> the byte's own char; a byte's own char that is not a stand-in -> one latin-1 cannot encode
+    to_latin1 = {ord(c): b for b, c in bytes_to_unicode().items()}
+    to_latin1 = {b: 0xFFFF for b in range(256) if b not in to_latin1} | to_latin1
+    vocab, ranks = model.get("vocab") or {}, {}
+    for token, rank in vocab.items():
+        try:
+            ranks[token.translate(to_latin1).encode("latin-1")] = rank
+        except UnicodeEncodeError:
+            fail("model.vocab", f"token {token!r} is not byte-level")
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        fail("model.vocab", f"ids are not the contiguous range 0..{len(ranks) - 1}")
+    last = -1
+    for i, merge in enumerate(model.get("merges") or []):
+        left, right = merge.split(" ") if isinstance(merge, str) else merge
+        rank = vocab.get(left + right)
+        if rank is None or rank < last:
+            fail(f"model.merges[{i}]", f"{merge!r} is out of vocabulary order, which tiktoken cannot reproduce")
+        last = rank
+    special = {t["content"]: t["id"] for t in raw.get("added_tokens") or []}
+    if sorted(special.values()) != list(range(len(ranks), len(ranks) + len(special))):
+        fail("added_tokens", f"ids must follow the vocabulary's without gaps ({len(ranks)}, {len(ranks) + 1}, ...)")
+    return ranks, special, pattern
+
+
+# Where a model folder keeps its tokenizer, in order of preference: ours and HF Llama 2 at the top, then
+# HF Llama 3's tokenizer.json (what a fine-tune on the hub updates), then Meta's original/tokenizer.model.
+TOKENIZER_FILES_IN_DIR = ("tokenizer.model", "tokenizer.json", "original/tokenizer.model")
+
+
+def tokenizer_in_dir(directory) -> Path | None:
+    """The tokenizer file a model folder holds (TOKENIZER_FILES_IN_DIR, first found), or None."""
+    for name in TOKENIZER_FILES_IN_DIR:
+        if (Path(directory) / name).is_file():
+            return Path(directory) / name
+    return None
+
+
+def load_tokenizer(path=DEFAULT_TOKENIZER) -> Tokenizer:
+    """Load a tiktoken BPE file, a Hugging Face tokenizer.json or a SentencePiece model, told apart by content.
+
+    `path` may also be a model folder holding one of TOKENIZER_FILES_IN_DIR."""
+    path = Path(path)
+    if path.is_dir():
+        found = tokenizer_in_dir(path)
+        if found is None:
+            raise IsADirectoryError(
+                f"tokenizer {path} is a directory with no tokenizer file in it "
+                f"(looked for {', '.join(TOKENIZER_FILES_IN_DIR)}); pass the tokenizer file"
+            )
+        path = found
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer file not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(256).split(b"\n")[0]
+    if _TIKTOKEN_LINE.match(head):
+        return TiktokenTokenizer(path)
+    if head.lstrip().startswith(b"{"):
+        ranks, special, pattern = read_hf_tokenizer_json(path)
+        return TiktokenTokenizer(path, ranks, special, pattern)
+    try:
+        return SentencePieceTokenizer(path)
+    except (RuntimeError, OSError) as e:
+        raise ValueError(
+            f"{path}: neither a tiktoken BPE file (lines '<base64 token> <rank>'), a tokenizer.json, "
+            f"nor a SentencePiece model: {e}"
+        ) from None
+
+
+def same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
+    """Whether two tokenizers give the same ids: the same BPE ranks, special tokens and split pattern (so a
+    tokenizer.model and the tokenizer.json written from it are the same), or the same SentencePiece model."""
+    if isinstance(a, TiktokenTokenizer) and isinstance(b, TiktokenTokenizer):
+        return (a.ranks, a.special_tokens, a.pattern) == (b.ranks, b.special_tokens, b.pattern)
+    if isinstance(a, SentencePieceTokenizer) and isinstance(b, SentencePieceTokenizer):
+        return a.model.serialized_model_proto() == b.model.serialized_model_proto()
+    return False
+
+
+def resolve_tokenizer(tokenizer_arg, checkpoint_dir, vocab_size: int | None, verbose: bool = True) -> Tokenizer:
+    """The tokenizer for a model, never silently the wrong one. For every entry point that loads a model.
+
+    - `tokenizer_arg` (a file, or a model folder holding one) given: that tokenizer.
+    - else `checkpoint_dir` holds a tokenizer (TOKENIZER_FILES_IN_DIR): that one, and the choice is printed.
+    - else the shipped byte tokenizer (DEFAULT_TOKENIZER), only if `vocab_size` equals its vocabulary (512):
+      a model with another vocabulary was trained with another tokenizer, so this raises ValueError
+      saying to pass one.
+    `vocab_size` is the model's embedding rows (None: not checked). A tokenizer with more ids than the
+    model has rows is an error; fewer is allowed (embeddings padded beyond the tokenizer).
+    verbose=False: the choice is not printed (a rank other than local rank 0).
+    """
+    if tokenizer_arg:
+        tok, source = load_tokenizer(tokenizer_arg), "given"
+    elif checkpoint_dir and tokenizer_in_dir(checkpoint_dir) is not None:
+        tok, source = load_tokenizer(tokenizer_in_dir(checkpoint_dir)), "from the checkpoint folder"
+        if verbose:
+            print(f"tokenizer: {tok.path} ({source})", flush=True)
+    else:
+        tok, source = load_tokenizer(DEFAULT_TOKENIZER), "the shipped byte tokenizer"
+        if vocab_size is not None and vocab_size != tok.vocab_size:
+            where = f"checkpoint {checkpoint_dir}" if checkpoint_dir else "the model"
+            looked = f" (no {' or '.join(TOKENIZER_FILES_IN_DIR)} in it)" if checkpoint_dir else ""
+            raise ValueError(
+                f"{where} has vocab_size {vocab_size}{looked}, but no tokenizer was given and the shipped byte "
+                f"tokenizer has {tok.vocab_size} ids: pass the model's tokenizer (--tokenizer / model.tokenizer)"
+            )
+    if vocab_size is not None and tok.vocab_size > vocab_size:
+        raise ValueError(
+            f"tokenizer {tok.path} ({source}) has {tok.vocab_size} ids, more than the model's vocab_size {vocab_size}"
+        )
+    return tok

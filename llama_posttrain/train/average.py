@@ -1,0 +1,207 @@
+"""Model averaging (Llama 3: average the models of runs with different data or hyperparameters).
+
+    python llama_posttrain/train/average.py --out runs/avg CKPT_A CKPT_B CKPT_C [--weights 0.5 0.25 0.25] [--format hf]
+
+Inputs are checkpoint folders in any format `llama.load_model` reads (native, Hugging Face, Meta);
+they must share one model config and head and hold only finite values; anything else is refused.
+The average is written native (or `--format hf`) in the inputs' dtype (`--dtype` when they differ).
+`--out` may be new, empty or an earlier checkpoint (its other files are kept); any other non-empty
+folder is refused. The average is taken tensor by tensor (fp64 accumulation), reading each tensor
+of a native input lazily, so memory is about one model. An HF or Meta input is first loaded whole
+(llama.load_model: names, RoPE layout, tied embeddings) and written as a native copy in a temp
+folder beside --out, removed at the end: one model in memory at a time, one copy per input on disk.
+`greedy_soup` (Wortsman et al., 2022) adds checkpoints best-first while a metric does not drop.
+
+The average is the model a user ships, so it carries the inputs' tokenizer and chat template (and, with
+`--format hf`, the generation config with the stop ids): `llama.generate` and transformers use it on its
+own. The inputs must agree on them: inputs whose tokenizers (compared by their vocabulary, special tokens
+and split pattern) or chat templates (llama.chat.template_in_dir) differ, or of which only some hold a
+tokenizer, are refused, naming both. Inputs without a tokenizer give an average without one (printed).
+A tokenizer file already in --out that differs from the average's is refused unless --replace-tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from llama_posttrain.llama.chat import template_in_dir
+from llama_posttrain.llama.tokenizer import Tokenizer, resolve_tokenizer, same_tokenizer, tokenizer_in_dir
+
+# torch and llama.checkpoint (which imports it) are imported where used: `--help` answers at once.
+if TYPE_CHECKING:
+    import torch
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _read_finite(path: Path, file: Path, name: str) -> torch.Tensor:
+    import torch
+
+    from llama_posttrain.llama.checkpoint import open_weights
+
+    with open_weights(file) as f:
+        t = f.get_tensor(name)
+    finite = torch.isfinite(t)
+    if not finite.all():
+        n_nan = int(torch.isnan(t).sum())
+        raise ValueError(
+            f"{path}: tensor {name} ({file.name}) has non-finite values ({n_nan} NaN, "
+            f"{int((~finite).sum()) - n_nan} inf); refusing to average it"
+        )
+    return t
+
+
+def _native_copies(paths: list[Path], out: Path, stack) -> list[Path]:
+    """Each input as a native folder: itself if native, else a copy through llama.load_model in a
+    temp folder beside `out` (removed when `stack` closes)."""
+    from llama_posttrain.llama.checkpoint import load_model, read_config, save_model
+
+    natives, work = [], None
+    for i, p in enumerate(paths):
+        if read_config(p)[2] == "native":
+            natives.append(p)
+            continue
+        if work is None:
+            out.absolute().parent.mkdir(parents=True, exist_ok=True)
+            work = Path(
+                stack.enter_context(
+                    tempfile.TemporaryDirectory(prefix=f".{out.name}.inputs-", dir=out.absolute().parent)
+                )
+            )
+        save_model(load_model(p), work / str(i))  # checked against its config as every load is
+        natives.append(work / str(i))
+    return natives
+
+
+def common_tokenizer(paths: list[Path]) -> tuple[Tokenizer | None, str | None]:
+    """-> (the tokenizer, the chat template name) that every input folder holds; (None, None) if none holds
+    a tokenizer. A ValueError naming both inputs where two differ (or only one holds a tokenizer)."""
+    from llama_posttrain.llama.checkpoint import read_config
+
+    found = []  # (path, tokenizer or None, its file, template name or None, its file)
+    for p in paths:
+        file = tokenizer_in_dir(p)
+        tok = resolve_tokenizer(file, None, read_config(p)[0].vocab_size) if file is not None else None
+        found.append((p, tok, file, *template_in_dir(p)))
+    p0, tok0, file0, name0, tfile0 = found[0]
+    for p, tok, file, name, tfile in found[1:]:
+        if (tok0 is None) != (tok is None):
+            has, lacks, has_file = (p0, p, file0) if tok is None else (p, p0, file)
+            raise ValueError(
+                f"cannot average {p0} and {p}: {has} holds a tokenizer ({has_file}) and {lacks} none, so they are "
+                "not known to share one; copy the tokenizer files into it, or average folders that hold them"
+            )
+        if tok0 is not None and not same_tokenizer(tok0, tok):
+            raise ValueError(f"cannot average {p0} and {p}: their tokenizers differ ({file0} and {file})")
+        if name0 != name:
+            names = [f"{n} ({f})" if n else "none (llama3 by default)" for n, f in ((name0, tfile0), (name, tfile))]
+            raise ValueError(f"cannot average {p0} and {p}: their chat templates differ: {names[0]} and {names[1]}")
+    if tok0 is None:
+        print(f"no tokenizer in the inputs ({', '.join(map(str, paths))}): the average holds the weights only")
+    return tok0, name0 if tok0 is not None else None
+
+
+def average_checkpoints(
+    paths: list,
+    out,
+    weights: list[float] | None = None,
+    format: str = "native",
+    dtype: torch.dtype | None = None,
+    replace_tokenizer: bool = False,
+) -> Path:
+    from llama_posttrain.llama.checkpoint import check_destination, read_config, save_checkpoint, tensor_files
+
+    paths, out = [Path(p) for p in paths], Path(out)
+    if not paths:
+        raise ValueError("nothing to average")
+    weights = [1.0 / len(paths)] * len(paths) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(paths) or abs(sum(weights) - 1.0) > 1e-6 or min(weights) < 0:
+        raise ValueError(f"weights must be {len(paths)} non-negative numbers summing to 1, got {weights}")
+    for p in paths:
+        read_config(p)  # each input is a readable checkpoint, before any long work
+    tokenizer, chat_template = common_tokenizer(paths)
+    check_destination(out, tokenizer, chat_template, format, replace_tokenizer)
+    with contextlib.ExitStack() as stack:
+        natives = _native_copies(paths, out, stack)
+        configs = [read_config(n)[:2] for n in natives]  # as loaded (a Meta checkpoint may turn out tied)
+        for p, c in zip(paths[1:], configs[1:]):
+            if c != configs[0]:
+                raise ValueError(
+                    f"cannot average {paths[0]} and {p}: model configs or heads differ:\n  {configs[0]}\n  {c}"
+                )
+        indexes = [tensor_files(n) for n in natives]
+        names = list(indexes[0])
+        for p, idx in zip(paths[1:], indexes[1:]):
+            if set(idx) != set(names):
+                raise ValueError(
+                    f"cannot average {paths[0]} and {p}: tensor names differ ({sorted(set(idx) ^ set(names))[:5]})"
+                )
+        averaged = {name: _average_tensor(name, paths, indexes, weights, dtype) for name in names}
+        save_checkpoint(
+            averaged, configs[0][0], configs[0][1], out, format=format, tokenizer=tokenizer,
+            chat_template=chat_template, replace_tokenizer=replace_tokenizer,
+        )  # fmt: skip
+    return out
+
+
+def _average_tensor(name, paths, indexes, weights, dtype) -> torch.Tensor:
+    acc, dtypes = None, set()
+    for p, w, idx in zip(paths, weights, indexes):
+        t = _read_finite(p, idx[name], name)  # a NaN would poison the average silently
+        dtypes.add(t.dtype)
+        acc = t.double() * w if acc is None else acc.add_(t.double(), alpha=w)
+    if dtype is None and len(dtypes) > 1:
+        raise ValueError(
+            f"tensor {name}: the inputs store it in different dtypes ({', '.join(sorted(map(str, dtypes)))}); "
+            "choose the average's with --dtype"
+        )
+    return acc.to(dtype or dtypes.pop())
+
+
+def greedy_soup(paths: list, evaluate: Callable[[Path], float], out, workdir) -> tuple[Path, list[Path]]:
+    """Sort by evaluate(path) (higher is better); add each next checkpoint to the uniform soup if
+    the soup's metric does not drop. -> (soup path, the checkpoints in it)."""
+    scored = sorted(((evaluate(Path(p)), Path(p)) for p in paths), key=lambda x: -x[0])
+    best_score, members = scored[0][0], [scored[0][1]]
+    for k, (_, candidate) in enumerate(scored[1:]):
+        trial = average_checkpoints(members + [candidate], Path(workdir) / f"soup_trial_{k}")
+        score = evaluate(trial)
+        if score >= best_score:
+            best_score, members = score, members + [candidate]
+    return average_checkpoints(members, out), members
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoints", nargs="+")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--weights", type=float, nargs="+")
+    ap.add_argument("--format", choices=("native", "hf"), default="native", help="of the average")
+    ap.add_argument("--dtype", choices=DTYPES, default=None, help="of the average; default: the inputs'")
+    ap.add_argument(
+        "--replace-tokenizer",
+        action="store_true",
+        help="replace --out's own tokenizer files where they differ from the inputs' (default: refuse, naming them)",
+    )
+    args = ap.parse_args(argv)
+    import torch
+
+    try:
+        dtype = getattr(torch, args.dtype) if args.dtype else None
+        with torch.no_grad():  # scoped: an in-process call leaves the caller's grad mode alone
+            out = average_checkpoints(
+                args.checkpoints, args.out, args.weights, args.format, dtype, replace_tokenizer=args.replace_tokenizer
+            )
+    except ValueError as e:  # bad input (CheckpointError included): the message names it
+        raise SystemExit(f"error: {e}") from None
+    print(json.dumps({"averaged": args.checkpoints, "weights": args.weights, "out": str(out)}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,328 @@
+"""Run configuration: dataclasses, filled from a YAML file and `section.key=value` overrides.
+
+    torchrun llama_posttrain/train/dpo.py --config experiments/quickstart/dpo.yaml optim.lr=5e-7 train.steps=200
+
+YAML maps onto the dataclasses field by field; an unknown section or key, a value of the wrong
+type, a choice outside its `Literal[...]` or a number outside its bound is an error that names
+the key and the file (or the override). Override values are parsed as YAML scalars (`1e-5`,
+`true`, `null`, `[a, b]`). `--help` lists every key with its default and comment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+
+from llama_posttrain.data.io import write_text
+
+
+# Bounds ride on the annotation: Annotated[int, AtLeast(1)].
+class AtLeast(typing.NamedTuple):
+    min: float
+
+
+PosInt = Annotated[int, AtLeast(1)]
+NonNegInt = Annotated[int, AtLeast(0)]
+NonNegFloat = Annotated[float, AtLeast(0.0)]
+ChatTemplate = Literal["llama3", "llama3.1", "llama3.2"]  # llama_posttrain/llama/chat.py TEMPLATES (3.3 uses llama3.1)
+
+
+@dataclass
+class ModelSection:
+    checkpoint: str | None = None  # native / HF / Meta directory to start from
+    preset: str | None = None  # or a randomly initialized preset (tiny experiments)
+    tokenizer: str | None = None  # file or model folder; default: the checkpoint folder's; byte tokenizer for presets
+    chat_template: ChatTemplate | None = None  # llama3|llama3.1|llama3.2; default: the checkpoint's, else llama3
+
+
+@dataclass
+class DataSection:
+    train: str | list[str | dict] = ""  # JSONL/Parquet file, Parquet/datasets folder, or [{path, weight}]
+    eval: str | None = None  # held-out file, evaluated whole every train.eval_every steps
+    max_len: PosInt = 2048  # tokens per row
+    batch_size: PosInt = 32  # examples per optimizer step, over all ranks
+    tokens_per_microbatch: PosInt = 16384  # per rank
+    overlength: Literal["truncate", "drop"] = "truncate"  # what to do with an example over max_len
+    skip_invalid: bool = False  # skip (and count) invalid records instead of stopping at the first
+    keep_strengths: list[str] | None = None  # Llama 3: [significantly_better, better]
+    seed: int = 0  # shuffling of the examples (and of RM responses)
+    cache: bool = True  # tokenize once into memory-mapped arrays (llama_posttrain/data/cache.py); false: encode in memory every start
+    cache_dir: str | None = None  # where the tokenized caches go; default: a .tokenized folder next to each data path
+    num_workers: NonNegInt = 0  # processes that tokenize a new cache; 0: one per CPU core (at most 32)
+
+
+@dataclass
+class OptimSection:
+    lr: NonNegFloat = 1e-5  # peak learning rate
+    weight_decay: NonNegFloat = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: NonNegFloat = 1e-8
+    warmup_steps: NonNegInt = 0  # linear warmup from lr / warmup_steps
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warmup
+    min_lr_ratio: NonNegFloat = 0.1  # the decay ends at lr * min_lr_ratio
+    grad_clip: NonNegFloat = 1.0  # max global grad norm; 0 = off
+    fused: bool | None = None  # fused AdamW: non-finite steps skipped on the device (no host sync); None: on CUDA
+
+
+@dataclass
+class TrainSection:
+    run_dir: str = "runs/default"  # checkpoints, metrics.jsonl, config.yaml, the exported model
+    steps: PosInt = 100  # optimizer steps
+    seed: int = 0  # model init (presets and fresh heads)
+    eval_every: NonNegInt = 0  # 0 = only at the start and the end
+    save_every: NonNegInt = 0  # 0 = only at the end
+    keep_last: NonNegInt = 2  # checkpoints kept; 0 = all
+    resume: Literal["auto", "never", "restart"] = "auto"  # restart deletes this run_dir's previous run first
+    mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile each block
+    # Micro-batch shapes. N: every micro-batch (rows per micro-batch, T), T in llama_posttrain/data/rows.py bucket_lengths(max_len, N)
+    # (multiples of N up to 8N, then doubling), each shape compiled once (dynamic=False); 0: rows as packed and T
+    # the longest row rounded up to 8, compiled with torch's dynamic shapes; auto: 128 with train.compile, else 0.
+    shape_buckets: NonNegInt | Literal["auto"] = "auto"  # static shapes: T in buckets of N, 0 off; auto: 128 if compile
+    shard_degree: NonNegInt = 0  # ranks sharing one copy of the model; 0 = all (FSDP); N: HSDP, sharded within groups of N ranks (a node's GPUs), replicated across the nproc/N groups
+    cpu_offload: bool = False  # FSDP2 CPU offload: parameters, gradients and optimizer state in CPU memory (slower; for a model that does not fit)
+    kernels: Literal["auto", "triton", "torch"] = "auto"  # target log-prob path
+    max_bad_steps: PosInt = 5  # consecutive non-finite steps before stopping
+    export_hf: bool = False  # also write <run_dir>/model_hf in the Hugging Face format
+
+
+@dataclass
+class LoggingSection:
+    wandb: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "llama-posttrain"
+    name: str | None = None  # default: the run_dir's name
+    group: str | None = None  # wandb run group (the pipeline sets its run's name: every stage in one group)
+    job_type: str | None = None  # wandb job type (the pipeline sets the stage: rm, sft, dpo, pretrain)
+    log_every: PosInt = 1  # steps between metric lines
+    progress: bool = True  # progress bar on stderr
+
+
+@dataclass
+class Config:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+
+def _check_type(value, tp, where: str):
+    """Validate (and lightly coerce: int -> float) a YAML value against a field's annotation."""
+    origin = typing.get_origin(tp)
+    if origin is Annotated:
+        base, *extras = typing.get_args(tp)
+        value = _check_type(value, base, where)
+        for bound in extras:
+            if isinstance(bound, AtLeast) and value < bound.min:
+                raise ValueError(f"{where}: must be >= {bound.min:g}, got {value!r}")
+        return value
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ValueError(f"{where} must be one of {typing.get_args(tp)}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(tp):
+            return None
+        errors = []
+        for arg in typing.get_args(tp):
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(value, arg, where)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[0])
+    if origin is list:
+        if not isinstance(value, list):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        (arg,) = typing.get_args(tp)
+        return [_check_type(v, arg, where) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping, got {value!r}")
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML reads 1e-5 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ValueError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls, include_extras=True)
+
+
+def from_dict(cls, raw: dict, source: str, overridden: dict[str, str] | None = None):
+    """Sections of raw -> cls. Errors name `source` (the file), or for a key in `overridden`
+    ("section.key" -> "override 'section.key=value'") the override that set it."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    overridden = overridden or {}
+    hints = _hints(cls)
+    sections = {}
+    for name, values in raw.items():
+        if name not in hints:
+            raise ValueError(f"{source}: unknown section {name!r} (known: {', '.join(hints)})")
+        sec_cls = hints[name]
+        sec_hints = _hints(sec_cls)
+        values = values or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{source}: section {name!r} must be a mapping")
+        kwargs = {}
+        for key, value in values.items():
+            where = overridden.get(f"{name}.{key}", source)
+            if key not in sec_hints:
+                raise ValueError(f"{where}: unknown key {name}.{key} (known: {', '.join(sec_hints)})")
+            kwargs[key] = _check_type(value, sec_hints[key], f"{where}: {name}.{key}")
+        sections[name] = sec_cls(**kwargs)
+    return cls(**sections)
+
+
+def load_config(cls, path: str | None, overrides: list[str] = ()):
+    """YAML file + `section.key=value` overrides -> cls instance."""
+    raw: dict = {}
+    if path:
+        raw = read_yaml(path)
+        if raw is None:
+            raise ValueError(f"{path}: the config file is empty")
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    overridden = {}
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ValueError(f"override {item!r} must look like section.key=value")
+        dotted, value = item.split("=", 1)
+        section, key = dotted.split(".", 1)
+        if not isinstance(raw.get(section) or {}, dict):
+            raise ValueError(f"{path}: section {section!r} must be a mapping")
+        raw[section] = raw.get(section) or {}
+        try:
+            raw[section][key] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ValueError(f"override {item!r}: YAML syntax error in the value: {e}") from None
+        overridden[dotted] = f"override {item!r}"
+    return from_dict(cls, raw, path or "<overrides>", overridden)
+
+
+def read_yaml(path):
+    """A YAML file's content (yaml.safe_load); a missing file, a folder or a syntax error is a ValueError
+    naming the file. The one YAML reader of configs (training runs, the pipeline, its record)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"config {path}: {'is a directory' if p.is_dir() else 'not found'}")
+    try:
+        return yaml.safe_load(p.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"{path}: YAML syntax error: {e}") from None
+
+
+def differences(saved, now, key: str = "") -> dict[str, tuple]:
+    """Dotted key -> (saved value, new value) for every leaf of two configs (nested mappings) that differs;
+    a key missing on one side reads as '<absent>'. The one config diff (resume checks, the pipeline)."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        out = {}
+        for k in [*saved, *(k for k in now if k not in saved)]:
+            out |= differences(saved.get(k, "<absent>"), now.get(k, "<absent>"), f"{key}.{k}" if key else str(k))
+        return out
+    return {} if saved == now else {key: (saved, now)}
+
+
+def _comments(cls) -> dict[str, str]:
+    """field -> its trailing `# comment` in the source: the documentation `--help` prints."""
+    out = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+):.*?#\s*(.*)$", line)
+        if m:
+            out[m.group(1)] = m.group(2)
+    return out
+
+
+def describe(cls) -> str:
+    """Every section.key (or key, for a flat config such as the pipeline's) with its type, default and
+    comment (the `--help` epilog)."""
+    if not all(dataclasses.is_dataclass(tp) for tp in _hints(cls).values()):  # flat: keys, no sections
+        comments, lines = _comments(cls), []
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            lines.append(f"  {f.name} = {default!r}" + (f"  # {comments[f.name]}" if f.name in comments else ""))
+        return "\n".join(lines)
+    lines = []
+    for name, sec_cls in _hints(cls).items():
+        comments = _comments(sec_cls)
+        lines.append(f"{name}:")
+        for f in dataclasses.fields(sec_cls):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            tp = _hints(sec_cls)[f.name]
+            choices = typing.get_args(tp) if typing.get_origin(tp) is Literal else None
+            text = f"  {name}.{f.name} = {default!r}" + (f"  {'|'.join(choices)}" if choices else "")
+            lines.append(text + (f"  # {comments[f.name]}" if f.name in comments else ""))
+    return "\n".join(lines)
+
+
+def parse_args(cls, argv=None, description: str | None = None):
+    """`--config FILE section.key=value ...` -> config instance."""
+    ap = argparse.ArgumentParser(
+        description=description, epilog="keys (section.key = default):\n" + describe(cls),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    ap.add_argument("--config", help="YAML file")
+    ap.add_argument("overrides", nargs="*", help="section.key=value")
+    args = ap.parse_args(argv)
+    return load_config(cls, args.config, args.overrides)
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def save_config(config, path: Path) -> None:
+    write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def from_flat_dict(cls, raw: dict, source: str | dict[str, str]):
+    """A flat dataclass (keys, no sections: the pipeline's config, a task's arguments) from key -> value,
+    checked as the training configs are. `source` says where the values came from: one name for all,
+    or key -> name (the file, or the override that set it); every error names it and the key. A
+    ValueError from the dataclass's own checks (__post_init__) is prefixed with the source too."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{source}: expected a mapping of keys, got {type(raw).__name__}")
+    where = source if isinstance(source, dict) else dict.fromkeys(raw, source)
+    hints = _hints(cls)
+    unknown = [key for key in raw if key not in hints]
+    if unknown:
+        names = ", ".join(sorted({str(where[key]) for key in unknown}))
+        raise ValueError(f"{names}: unknown key(s) {', '.join(map(str, unknown))} (known: {', '.join(hints)})")
+    values = {key: _check_nested(v, hints[key], f"{where[key]}: {key}") for key, v in raw.items()}
+    try:
+        return cls(**values)
+    except ValueError as e:
+        names = source if isinstance(source, str) else ", ".join(sorted(set(where.values()))) or "defaults"
+        raise ValueError(f"{names}: {e}") from None
+
+
+def _check_nested(value, tp, where: str):
+    """_check_type, descending into dict[K, V] and list[V] values so that an error names the entry
+    (`variants.dpo[0]`); typing.Any accepts anything."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is typing.Any:
+        return value
+    if origin is list and args and isinstance(value, list):
+        return [_check_nested(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict and args and isinstance(value, dict):
+        return {_check_nested(k, args[0], where): _check_nested(v, args[1], f"{where}.{k}") for k, v in value.items()}
+    return _check_type(value, tp, where)  # a leaf, or a value that is not the container it should be: the error

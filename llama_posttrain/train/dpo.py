@@ -1,0 +1,125 @@
+"""DPO with the Llama 3 changes: formatting tokens masked out of the log-probs, NLL on chosen.
+
+    torchrun --nproc_per_node 8 llama_posttrain/train/dpo.py --config experiments/llama3.1-8b/dpo.yaml optim.lr=5e-7
+
+Rows are [prompt][chosen][rejected]: the prompt is computed once for both responses, by the policy
+and by the frozen reference (sharded too, eval mode, no grad). `dpo.reference: precompute` runs
+the reference once over the train and eval sets first, keeps the per-response log-prob sums and
+frees the reference model. Loss: llama_posttrain/losses/dpo.py (beta 0.1, alpha 0.2, lr 1e-5 as in Llama 3);
+`dpo.loss` picks another of its family (ipo, hinge, robust; simpo needs no reference model).
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+from llama_posttrain.train.config import Config, OptimSection, parse_args
+from llama_posttrain.train.lifecycle import main_guard
+
+# torch-heavy modules are imported in the functions that use them: `--help` and config errors answer at once.
+if TYPE_CHECKING:
+    from llama_posttrain.train import loop
+
+
+@dataclass
+class DPOSection:
+    loss: Literal["sigmoid", "ipo", "hinge", "robust", "simpo"] = (
+        "sigmoid"  # llama_posttrain/losses/dpo.py LOSSES; sigmoid: Llama 3
+    )
+    beta: float = 0.1  # reward scale (IPO: its tau); SimPO's paper uses 2.0-2.5
+    alpha: float = 0.2  # weight of the NLL term on chosen, any loss (0: the papers' losses)
+    label_smoothing: float = 0.0  # flip probability: sigmoid (cDPO), robust (rDPO, < 0.5), simpo
+    gamma: float = 0.5  # simpo's target reward margin
+    mask_format: bool = True  # drop header spans and turn terminators from the DPO log-probs
+    nll_norm: Literal["sequence", "token"] = "sequence"  # NLL per chosen sequence, or over the step's chosen tokens
+    reference: Literal["model", "precompute"] = "model"  # kept alongside, or one pass then freed (simpo: none)
+    reference_checkpoint: str | None = None  # default: model.checkpoint (the SFT model)
+
+    def __post_init__(self):  # a flip probability, for the losses that have one
+        if not 0 <= self.label_smoothing < 0.5 or (self.label_smoothing and self.loss in ("ipo", "hinge")):
+            raise ValueError(f"dpo.label_smoothing must be in [0, 0.5) (0 for ipo, hinge), got {self.label_smoothing}")
+
+
+@dataclass
+class DPOConfig(Config):
+    optim: OptimSection = field(default_factory=lambda: OptimSection(lr=1e-5))
+    dpo: DPOSection = field(default_factory=DPOSection)
+
+
+def make_objective(model, reference, cfg: DPOSection, backend: str) -> loop.Objective:
+    """reference: the frozen model, its precomputed (num_examples, 2) table, or None (reference-free)."""
+    import torch
+
+    from llama_posttrain.llama.model import attention_mask
+    from llama_posttrain.losses import dpo
+    from llama_posttrain.train import loop
+    from llama_posttrain.train.targets import chosen_nll, dpo_lengths, dpo_logps, model_logps
+
+    vocab = model.config.vocab_size
+
+    def loss(batch, step):
+        mask = attention_mask(batch.doc_ids, batch.branch_ids)  # built once: the policy's and the reference's
+        out = model_logps(model, batch, backend, mask, stats=True)  # (N,) each: log p, argmax hit, logit sum
+        pol = out.logprobs  # (N,) policy log p of every target
+        pc, pr = dpo_logps(pol, batch, cfg.mask_format)  # (P,) sums, formatting tokens masked
+        nc, nr = dpo_lengths(batch, cfg.mask_format)  # (P,) the tokens in those sums
+        nll, nll_tokens = chosen_nll(pol, batch)  # (P,) -sum log p over every chosen token, their count
+        lc, lr = dpo_logps(out.logit_sum / vocab, batch, cfg.mask_format)  # (P,) metrics: mean logits, summed
+        hits, _ = dpo_logps(out.is_argmax.float(), batch, cfg.mask_format)  # (P,) chosen tokens that are the argmax
+        rc = rr = None
+        if isinstance(reference, torch.Tensor):
+            rc, rr = reference[batch.group_uid].unbind(-1)
+        elif reference is not None:
+            with torch.no_grad():
+                rc, rr = dpo_logps(model_logps(reference, batch, backend, mask), batch, cfg.mask_format)
+        return dpo.dpo_loss(
+            policy_chosen=pc, policy_rejected=pr, reference_chosen=rc, reference_rejected=rr, chosen_tokens=nc,
+            rejected_tokens=nr, chosen_nll=nll, chosen_nll_tokens=nll_tokens, num_pairs=step.num_pairs,
+            num_chosen_tokens=step.num_chosen_targets, loss=cfg.loss, beta=cfg.beta, alpha=cfg.alpha,
+            label_smoothing=cfg.label_smoothing, gamma=cfg.gamma, nll_norm=cfg.nll_norm,
+            chosen_mean_logits=lc, rejected_mean_logits=lr, chosen_argmax_tokens=hits,
+        )  # fmt: skip
+
+    return loop.Objective(loss, dpo.RATIOS, reference_forward=isinstance(reference, torch.nn.Module))
+
+
+def main(argv=None):
+    cfg = parse_args(DPOConfig, argv, __doc__)
+    import torch
+
+    from llama_posttrain.losses import dpo
+    from llama_posttrain.train import loop
+    from llama_posttrain.train.distributed import build_model
+    from llama_posttrain.train.entry import setup
+    from llama_posttrain.train.targets import reference_table
+
+    s = setup(cfg, kind="dpo", head="lm")
+    t, m = cfg.train, cfg.model
+    train_ref = eval_ref = None
+    if dpo.LOSSES[cfg.dpo.loss].reference:
+        ref_ckpt = cfg.dpo.reference_checkpoint or m.checkpoint
+        layout = {"shard_degree": t.shard_degree, "cpu_offload": t.cpu_offload, "compile": t.compile}
+        layout["static_shapes"] = len(s.train_loader.shapes)  # the policy's shapes (llama_posttrain/train/entry.py)
+        ref = build_model(
+            s.d, ref_ckpt, None if ref_ckpt else m.preset, "lm", t.seed, t.mixed_precision, trainable=False, **layout
+        )  # compiled like the policy: its forward runs every micro-batch
+        train_ref = eval_ref = ref
+        if cfg.dpo.reference == "precompute":
+            train_ref = reference_table(ref, s.train_loader, t.kernels, cfg.dpo.mask_format, s.d.device)
+            eval_ref = None  # no eval set: nothing may keep the model alive
+            if s.eval_loader is not None:
+                eval_ref = reference_table(ref, s.eval_loader, t.kernels, cfg.dpo.mask_format, s.d.device)
+            del ref
+            gc.collect()
+            if s.d.device.type == "cuda":
+                torch.cuda.empty_cache()  # the reference's memory back to the allocator's free pool
+    elif s.d.is_main:
+        print(f"dpo.loss {cfg.dpo.loss}: reference-free, no reference model (dpo.reference ignored)", flush=True)
+    objective = make_objective(s.model, train_ref, cfg.dpo, t.kernels)
+    return loop.run(s, objective, eval_objective=make_objective(s.model, eval_ref, cfg.dpo, t.kernels))
+
+
+if __name__ == "__main__":
+    main_guard(main)

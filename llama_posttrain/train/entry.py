@@ -1,0 +1,56 @@
+"""What every training entry point does before the loop: `setup` (llama_posttrain/train/lifecycle.py `main_guard` runs
+around it all).
+
+    cfg = parse_args(SFTConfig, argv, __doc__)
+    s = setup(cfg, kind="sft", head="lm", train_on_prompt=not cfg.sft.mask_prompt)
+    -> s.d (process group), s.chat, s.train_loader, s.eval_loader, s.model, s.resume_from
+
+Order matters for failing early: the config is parsed and checked, the run folder is locked and
+checked against it (llama_posttrain/train/run_folder.py `claim`), the tokenizer is checked against the model's
+vocabulary, the data is loaded and checked against the run's record of it; only then are weights read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from llama_posttrain.data.loader import DataLoader, build_loaders
+from llama_posttrain.llama.chat import ChatFormat, resolve_chat_template
+from llama_posttrain.train import run_folder
+from llama_posttrain.train.config import Config
+from llama_posttrain.train.distributed import Dist, build_model, init_distributed, model_tokenizer
+
+
+@dataclass
+class Setup:
+    cfg: Config
+    d: Dist
+    chat: ChatFormat
+    train_loader: DataLoader
+    eval_loader: DataLoader | None
+    model: object  # the FSDP-sharded Transformer being trained
+    resume_from: Path | None  # the checkpoint to resume from; None: a fresh start
+
+
+def setup(cfg: Config, kind: str, head: str, **encode_kw) -> Setup:
+    """Process group, run folder, chat format, loaders, model: everything `loop.run` needs.
+    encode_kw: passed to data.loader.load_examples (e.g. train_on_prompt, one_row)."""
+    d = init_distributed()
+    resume_from = run_folder.claim(cfg, d.rank, d.world_size)
+    m, t = cfg.model, cfg.train
+    verbose = d.local_rank == 0  # `tokenizer:` / `chat template:` printed once per node, not once per rank
+    tokenizer = model_tokenizer(m.checkpoint, m.preset, m.tokenizer, verbose)
+    chat = ChatFormat(tokenizer, resolve_chat_template(m.chat_template, m.checkpoint, verbose))
+    run_folder.check_exports(cfg, chat, d.rank, d.world_size)
+    buckets = (128 if t.compile else 0) if t.shape_buckets == "auto" else t.shape_buckets  # see TrainSection
+    train_loader, eval_loader = build_loaders(
+        cfg.data, kind, chat, d.rank, d.world_size, d.is_main, buckets, **encode_kw
+    )
+    data = {"train": train_loader.fingerprints, "eval": eval_loader.fingerprints if eval_loader else {}}
+    run_folder.check_data(cfg, data, resume_from is None, d.rank, d.world_size)
+    layout = {"shard_degree": t.shard_degree, "cpu_offload": t.cpu_offload, "static_shapes": len(train_loader.shapes)}
+    model = build_model(
+        d, m.checkpoint, m.preset, head, t.seed, t.mixed_precision, t.activation_checkpointing, t.compile, **layout
+    )  # fmt: skip
+    return Setup(cfg, d, chat, train_loader, eval_loader, model, resume_from)

@@ -1,0 +1,287 @@
+"""Evaluation of one model on held-out data, as a job (the pipeline's driver launches it like any stage).
+
+    torchrun --nproc_per_node 8 llama_posttrain/train/evaluate.py --model runs/r1/dpo/model --out eval.json \\
+        --prompts eval_prompts.jsonl --verifier arithmetic --task-args '{"max_digits": 1}' \\
+        --rm runs/r1/rm/model --nll eval_sft.jsonl
+    python llama_posttrain/train/evaluate.py --model runs/r1/rm/model --pairs eval_pairs.jsonl --out eval_rm.json   # 1 rank
+
+Metrics (any of them; the result JSON holds each with its counts):
+- `--prompts P --verifier TASK`: `task_accuracy`, the task's verifier's mean score of one greedy sample
+  per prompt, and `task_accuracy_sampled`, of 4 samples per prompt at temperature 1: one `generate`
+  call over the rank's prompts for each, both drawing from one generator seeded with --seed (greedy
+  draws nothing from it), up to --max-new-tokens new tokens.
+- `--pairs F` (the model is a reward model): `rm_accuracy`, the fraction of preference records whose
+  best response the model scores strictly above the worst (chosen vs rejected; llama_posttrain/train/sample.py `score`).
+- `--nll F`: `nll`, the mean negative log-likelihood per target token of SFT records (assistant turns),
+  encoded as training encodes them (llama_posttrain/data/loader.py load_examples, --max-len, over-long records
+  truncated as the SFT run's eval does by default), packed, and computed with the training loss's
+  path (llama_posttrain/train/targets.py model_logps), summed in float64: the SFT run's `eval/nll` on the same set.
+- `--rm RM --prompts P`: `rm_score`, the mean score RM gives to --k samples per prompt at temperature 1
+  (at --k 4 with --verifier, the very samples of task_accuracy_sampled).
+With --prompts the result also keeps `generations`: the greedy generation of each of the first SHOWN (8)
+prompts and, with --verifier, its score (the pipeline's dashboard tables, llama_posttrain/train/report.py).
+Each rank takes every world_size-th record (rank r's generator seeded with --seed + 1000003 * r, rank 0
+with --seed itself, so a 1-rank job is what an in-process evaluation seeded with --seed computes); the
+sums and counts are added over ranks. Rank 0 writes --out and reports progress (llama_posttrain/train/progress.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from llama_posttrain.data.records import read_records
+from llama_posttrain.data.schema import Drop, ValidationError, parse_preference
+from llama_posttrain.llama.chat import TEMPLATES, ChatFormat, resolve_chat_template
+from llama_posttrain.llama.tokenizer import resolve_tokenizer
+from llama_posttrain.train import progress
+from llama_posttrain.train.cli import HelpFormatter, at_least, json_object
+from llama_posttrain.train.sample import (
+    check_checkpoints,
+    make_task,
+    rank_seed,
+    read_prompts,
+    sample,
+    score,
+    write_text,
+)
+
+# torch-heavy modules are imported in the functions that use them: `--help` and argument errors answer at once.
+
+
+SHOWN = 8  # the first --prompts records whose greedy generations the result keeps ("generations")
+SAMPLED = 4  # samples per prompt (temperature 1) of task_accuracy_sampled
+
+
+def read_pairs(path) -> tuple[list[list[dict]], list[list[str]], int]:
+    """Preference records -> (prompts, [best text, worst text] each, records dropped for tied scores).
+    Best and worst: chosen and rejected (edited, if given, is the best), or a ranking's first and last."""
+    prompts, texts, tied = [], [], 0
+    for where, obj in read_records(path):
+        if isinstance(obj, ValidationError):
+            raise obj
+        try:
+            record = parse_preference(obj, where)
+        except Drop:  # scores that tie: no preference to check
+            tied += 1
+            continue
+        pair = [record.responses[0], record.responses[-1]]
+        if any(len(r) != 1 for r in pair):
+            raise ValidationError(f"{where}: responses: scored as one assistant message each, got several")
+        prompts.append(record.prompt)
+        texts.append([r[0]["content"] for r in pair])
+    return prompts, texts, tied
+
+
+def sampled(model, chat: ChatFormat, records, n: int, max_new_tokens: int, temperature: float, generator=None,
+            batch_size: int = 0) -> list[list[str]]:  # fmt: skip
+    """n decoded samples per record (llama_posttrain/train/sample.py `sample`), `batch_size` prompts per generate call
+    (0: all in one call, whose random draws the recorded results came from; another batch size draws
+    them in another order)."""
+    prompts = [r["messages"] for r in records]
+    return sample(
+        model, chat, prompts, n, max_new_tokens, batch_size or max(len(prompts), 1), temperature=temperature,
+        generator=generator,
+    )[0]  # fmt: skip
+
+
+def task_sums(model, chat: ChatFormat, records, verify, max_new_tokens: int, generator, done, batch_size=0) -> tuple:
+    """The verifier's score sums and counts over greedy (1 sample) and sampled (4, temperature 1) samples of
+    `records` -> (sums, the sampled samples' texts per record, the greedy text per record)."""
+    out, texts, greedy = {}, [], []
+    for key, n, temp in (("task_accuracy", 1, 0.0), ("task_accuracy_sampled", SAMPLED, 1.0)):
+        texts = sampled(model, chat, records, n, max_new_tokens, temp, generator, batch_size)
+        scores = [verify(r["messages"][-1]["content"], t) for r, ts in zip(records, texts) for t in ts]
+        out[key], out[f"{key}/n"] = sum(scores), len(scores)
+        greedy = [ts[0] for ts in texts] if temp == 0.0 else greedy
+        done(len(records))
+    return out, texts, greedy
+
+
+def shown_generations(model, chat: ChatFormat, records, greedy, verify, max_new_tokens: int, d) -> list[dict]:
+    """The greedy generations of the first SHOWN prompts, for the dashboards' tables (llama_posttrain/train/report.py):
+    this rank's share of them (its first ones in `greedy`, else generated here), gathered to rank 0 in
+    prompt order -> [{"prompt", "generation", "correct": the verifier's score, None without one}]; [] elsewhere."""
+    import torch.distributed as dist
+
+    mine = list(range(d.rank, min(SHOWN, len(records)), d.world_size))  # this rank's, in its share's order
+    if greedy is None and mine:  # temperature 0 draws no random numbers
+        greedy = [ts[0] for ts in sampled(model, chat, [records[i] for i in mine], 1, max_new_tokens, 0.0)]
+    rows = []
+    for i, text in zip(mine, greedy or []):
+        prompt = records[i]["messages"][-1]["content"]
+        rows.append((i, {"prompt": prompt, "generation": text, "correct": verify(prompt, text) if verify else None}))
+    every = [None] * d.world_size if d.is_main else None
+    dist.gather_object(rows, every, dst=0)
+    return [row for _, row in sorted(r for part in every for r in part)] if d.is_main else []
+
+
+def nll_sums(model, examples, max_len: int, pad_id: int) -> tuple[float, int]:
+    """(sum of -log p over the examples' target tokens in float64, number of target tokens)."""
+    import torch
+
+    from llama_posttrain.data.rows import pack
+    from llama_posttrain.train.targets import model_logps
+
+    device, total, n = model.tok_embeddings.weight.device, 0.0, 0
+    for batch in pack(examples, max_len, 4 * max_len, pad_id):
+        with torch.no_grad():
+            logps = model_logps(model, batch.to(device))
+        total, n = total - logps.double().sum().item(), n + logps.numel()
+    return total, n
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--model", required=True, help="the model evaluated (a reward model with --pairs)")
+    ap.add_argument("--tokenizer", help="file or model folder; default: the model folder's, else the byte tokenizer")
+    ap.add_argument("--chat-template", choices=TEMPLATES, help="default: the model folder's, else llama3")
+    ap.add_argument("--out", required=True, help="the result JSON")
+    ap.add_argument("--prompts", help="held-out prompt records (with --verifier and/or --rm)")
+    ap.add_argument("--verifier", metavar="TASK", help="task accuracy by this task's verifier (data/tasks)")
+    ap.add_argument("--task-args", type=json_object, metavar="JSON", help="the task's arguments, e.g. '{}'")
+    ap.add_argument("--max-new-tokens", type=at_least(1), default=8, help="generated tokens per prompt at most")
+    ap.add_argument("--seed", type=int, default=0, help="rank r samples with seed + 1000003 * r (rank 0: the seed)")
+    ap.add_argument("--pairs", help="held-out preference records: rm_accuracy of the (reward) model")
+    ap.add_argument("--nll", help="held-out SFT records: nll per target token")
+    ap.add_argument("--max-len", type=at_least(2), default=4096, help="of --nll records (and RM rows)")
+    ap.add_argument("--rm", help="reward model: rm_score, its mean score of the model's samples of --prompts")
+    ap.add_argument("--k", type=at_least(1), default=4, help="samples per prompt of rm_score")
+    ap.add_argument(
+        "--batch-size", type=at_least(0), default=0,
+        help="prompts per generate call (its KV cache, printed); 0: all of a rank's prompts in one call",
+    )  # fmt: skip
+    args = ap.parse_args(argv)
+    if (args.verifier or args.rm) and not args.prompts:
+        ap.error("--verifier and --rm score samples of held-out prompts: give --prompts")
+    if args.prompts and not (args.verifier or args.rm):
+        ap.error("--prompts: give --verifier TASK (task accuracy) and/or --rm RM (rm_score)")
+    if args.task_args is not None and not args.verifier:
+        ap.error("--task-args: the arguments of --verifier's task; give --verifier too")
+    if not (args.prompts or args.pairs or args.nll):
+        ap.error("nothing to evaluate: give --prompts, --pairs and/or --nll")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import torch.distributed as dist
+
+    from llama_posttrain.data.loader import load_examples
+    from llama_posttrain.llama.checkpoint import read_config
+    from llama_posttrain.train.distributed import init_distributed
+
+    try:
+        config, head, _ = read_config(args.model)
+        tokenizer = resolve_tokenizer(args.tokenizer, args.model, config.vocab_size)
+        chat = ChatFormat(tokenizer, resolve_chat_template(args.chat_template, args.model))
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"--model {args.model}: {e}") from None
+    if args.pairs and head != "reward":
+        raise SystemExit(f"--model {args.model}: --pairs scores with a reward model, this one's head is {head!r}")
+    if (args.prompts or args.nll) and head != "lm":
+        raise SystemExit(
+            f"--model {args.model}: --prompts and --nll need a language model, this one's head is {head!r}"
+        )
+    check_checkpoints(argparse.Namespace(rm=args.rm, safety_rm=None), tokenizer.vocab_size)
+    try:
+        task = make_task(args.verifier, args.task_args) if args.verifier else None
+    except ValueError as e:
+        raise SystemExit(f"--verifier {args.verifier}: {e}") from None
+    if task is not None and not hasattr(task, "verify"):
+        raise SystemExit(f"--verifier {args.verifier}: the task has no verifier (verify(prompt, response))")
+    verify = task.verify if task is not None else None
+    try:  # a bad record: its file, line and field, one line per rank (no traceback)
+        records = read_prompts(args.prompts) if args.prompts else []
+        pairs = read_pairs(args.pairs) if args.pairs else ([], [], 0)
+        examples, data_report = (
+            load_examples(args.nll, "sft", chat, args.max_len, verbose=False) if args.nll else ([], {})
+        )
+    except (ValidationError, OSError) as e:
+        raise SystemExit(f"error: {e}") from None
+    for flag, path, n in (("--prompts", args.prompts, len(records)), ("--pairs", args.pairs, len(pairs[0])),
+                          ("--nll", args.nll, len(examples))):  # fmt: skip
+        if path and not n:
+            raise SystemExit(f"{flag} {path}: no records to evaluate")
+    d = init_distributed()  # one process per GPU (cuda:LOCAL_RANK); a plain `python` run is 1 rank
+    try:
+        result = evaluate(args, d, chat, verify, records, pairs, examples)
+        if d.is_main:
+            result = {"model": str(args.model), "ranks": d.world_size, **result}
+            if args.nll:
+                result["nll_data"] = {k: v for k, v in data_report.items() if k not in ("records", "examples")}
+            write_text(args.out, json.dumps(result, indent=1) + "\n")
+            print(json.dumps(result), flush=True)
+        dist.barrier()  # no rank tears the group down while another still uses it
+    finally:
+        dist.destroy_process_group()
+
+
+def evaluate(args, d, chat: ChatFormat, verify, records, pairs, examples) -> dict:
+    """This rank's share of every metric asked for, summed over ranks -> the metrics and their counts."""
+    import torch
+
+    from llama_posttrain.llama.checkpoint import load_model
+    from llama_posttrain.train.distributed import all_reduce_sum
+
+    dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
+    share = slice(d.rank, None, d.world_size)
+    reuse = verify is not None and args.k == SAMPLED  # rm_score's samples are task_accuracy_sampled's
+    passes = (2 if verify else 0) + (1 if args.rm and not reuse else 0)
+    total, done = passes * len(records) + len(pairs[0]) + len(examples), [0]
+
+    def step(n):  # rank 0's count scaled to the whole set: the ranks go at about the same pace
+        done[0] += n
+        progress.report(min(total, done[0] * d.world_size), total, "examples")
+
+    progress.report(0, total, "examples")
+    model = load_model(args.model, head="reward" if args.pairs else "lm", dtype=dtype, device=d.device).eval()
+    if records and d.is_main:  # the largest generate call's cache: K samples (or SAMPLED) per prompt
+        from llama_posttrain.llama.generate import kv_cache_report
+
+        lens = [len(chat.encode_dialog(r["messages"], add_generation_prompt=True).tokens) for r in records[share]]
+        k = max(args.k if args.rm else 1, SAMPLED if verify else 1)
+        print(
+            kv_cache_report(model.config, dtype, lens, args.max_new_tokens, k, args.batch_size or len(lens)), flush=True
+        )
+    sums, out, texts, greedy = {}, {}, None, None
+    if verify is not None:
+        generator = torch.Generator(d.device).manual_seed(rank_seed(args.seed, d.rank))
+        part, texts, greedy = task_sums(
+            model, chat, records[share], verify, args.max_new_tokens, generator, step, args.batch_size
+        )
+        sums.update(part)
+    if args.rm:
+        mine = records[share]
+        if not reuse:
+            generator = torch.Generator(d.device).manual_seed(rank_seed(args.seed, d.rank))
+            texts = sampled(model, chat, mine, args.k, args.max_new_tokens, 1.0, generator, args.batch_size)
+            step(len(mine))
+        rm = load_model(args.rm, head="reward", dtype=dtype, device=d.device).eval()
+        scores = score(rm, chat, [r["messages"] for r in mine], texts, args.max_len) if mine else []
+        sums["rm_score"], sums["rm_score/n"] = sum(map(sum, scores)), sum(map(len, scores))
+        del rm
+    if args.pairs:
+        prompts, texts = pairs[0][share], pairs[1][share]
+        scores = score(model, chat, prompts, texts, args.max_len) if prompts else []
+        sums["rm_accuracy"], sums["rm_accuracy/n"] = sum(s[0] > s[1] for s in scores), len(scores)
+        out["pairs_tied_dropped"] = pairs[2]
+        step(len(prompts))
+    if args.nll:
+        sums["nll"], sums["nll/n"] = nll_sums(model, examples[share], args.max_len, chat.tokenizer.pad_id)
+        step(len(examples[share]))
+    sums = all_reduce_sum(sums, d.device) if d.world_size > 1 else sums
+    for key in [k for k in sums if not k.endswith("/n")]:
+        out[key] = sums[key] / sums[f"{key}/n"] if sums[f"{key}/n"] else None
+    counts = {
+        "prompts": len(records) if records else None, "pairs": len(pairs[0]) if args.pairs else None,
+        "sft_records": len(examples) if args.nll else None, "nll_tokens": sums.get("nll/n"),
+    }  # fmt: skip
+    if records:  # after the sampled metrics: their random numbers are drawn as before
+        out["generations"] = shown_generations(model, chat, records, greedy, verify, args.max_new_tokens, d)
+    progress.report(total, total, "examples")
+    return {**out, **{k: int(v) for k, v in counts.items() if v is not None}}
+
+
+if __name__ == "__main__":
+    main()

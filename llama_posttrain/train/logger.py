@@ -1,0 +1,163 @@
+"""Metrics: <run_dir>/metrics.jsonl (every logged step), wandb (offline by default), a console line.
+
+`read_metrics(path)` is the one reader of metrics.jsonl; a line cut short by a crash mid-write is
+dropped with a warning, so a killed run still resumes. metrics.jsonl keeps the project's own keys
+(`loss`, `lr`, `eval/loss`, ...); wandb gets the dashboard names (`dashboard_names`): train metrics
+under `train/`, eval metrics under `eval/`, TRL's name where TRL logs the metric (`learning_rate`,
+DPO's `nll_loss`, the RM's `margin`, `mean_reward`, `min_reward`, SFT's and DPO's `mean_token_accuracy`),
+plus `train/global_step` (every chart's x-axis, `define_metric`) and `train/num_tokens` (the real
+tokens trained on so far, the other x-axis). The run's group, job type and name come from
+`logging.group`, `logging.job_type`, `logging.name` (the pipeline sets them for every stage run:
+group = the pipeline run, job type = the stage). A list value (an eval's `Objective.collect`, e.g. the
+RM's `eval/rewards_chosen`) is a distribution: wandb gets a `wandb.Histogram` of it; metrics.jsonl and
+the console keep the scalars only.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from llama_posttrain.data.io import write_jsonl
+from llama_posttrain.train.launch import clock
+
+
+class Logger:
+    def __init__(self, run_dir, cfg, config_dict: dict, enabled: bool, total_steps: int, resume_step: int | None):
+        """resume_step: the checkpoint's step (lines after it are dropped: they will be logged again),
+        or None for a fresh start (the file starts empty, wandb gets a new run id)."""
+        self.enabled, self.total, self.progress = enabled, total_steps, cfg.progress
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.wandb = None
+        self.t0, self.start_step = time.time(), resume_step or 0  # the progress bar's ETA: this start's steps
+        if not enabled:
+            return
+        keep = [m for m in read_metrics(self.path) if m["step"] <= resume_step] if resume_step is not None else []
+        write_jsonl(self.path, keep)
+        if cfg.wandb != "disabled":
+            import wandb  # only when logging to it
+
+            self.wandb = wandb.init(
+                project=cfg.project, name=cfg.name or Path(run_dir).name, dir=str(run_dir), mode=cfg.wandb,
+                config=config_dict, resume="allow", id=_run_id(run_dir, fresh=resume_step is None),
+                group=cfg.group, job_type=cfg.job_type,
+            )  # fmt: skip
+            define_metrics(self.wandb)
+        self.kind = next((k for k in ("dpo", "rm", "sft") if k in config_dict), None)  # the entry's own section
+        self.num_tokens, self.last_step = 0, 0
+        for record in keep:  # a resumed run counts on from its kept records
+            self._count(record["step"], record)
+
+    def log(self, step: int, metrics: dict, epoch: float | None = None) -> None:
+        """epoch: the loader's position in epochs (train/epoch on the dashboard; not in metrics.jsonl)."""
+        if not self.enabled:
+            return
+        values = {k: v for k, v in metrics.items() if isinstance(v, list)}  # distributions: wandb only
+        metrics = {k: v for k, v in metrics.items() if k not in values}
+        record = {"step": step, **{k: (round(v, 8) if isinstance(v, float) else v) for k, v in metrics.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            import wandb
+
+            self._count(step, metrics)
+            histograms = {k: wandb.Histogram(v) for k, v in dashboard_names(values, self.kind).items() if v}
+            self.wandb.log(self.dashboard(step, metrics, epoch) | histograms, step=step)
+        if self.progress:
+            print(self._line(step, metrics), end="", file=sys.stderr, flush=True)
+
+    def _count(self, step: int, metrics: dict) -> None:
+        """train/num_tokens: each train record's `tokens` for every step since the last one logged (exact with
+        log_every 1; with more, the steps between count as the logged one)."""
+        if "tokens" in metrics:
+            self.num_tokens += metrics["tokens"] * (step - self.last_step)
+            self.last_step = step
+
+    def dashboard(self, step: int, metrics: dict, epoch: float | None = None) -> dict:
+        """A record as wandb gets it: the dashboard names, the step, the tokens seen so far (and the epoch)."""
+        out = {**dashboard_names(metrics, self.kind), "train/global_step": step, "train/num_tokens": self.num_tokens}
+        return out | ({"train/epoch": epoch} if epoch is not None else {})
+
+    def _line(self, step: int, metrics: dict) -> str:
+        """A progress bar redrawn in place on a terminal; a line every 5% of the run in a log file."""
+        if any(k.startswith("eval/") for k in metrics):
+            return "\n" + " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)) + "\n"
+        bar = "#" * int(20 * step / max(self.total, 1))
+        text = f"[{bar:<20}] {step}/{self.total} loss {metrics['loss']:.4f} {metrics.get('tokens_per_s', 0):,.0f} tok/s"
+        done, elapsed = step - self.start_step, time.time() - self.t0
+        if 0 < done and step < self.total:
+            text += f" ETA {clock(elapsed / done * (self.total - step))}"
+        if sys.stderr.isatty():
+            return "\r\033[K" + text  # the line cleared: a shorter ETA leaves no characters behind
+        return text + "\n" if step % max(1, self.total // 20) == 0 or step == self.total else ""
+
+    def finish(self) -> None:
+        if self.enabled and self.progress:
+            print(file=sys.stderr)
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+# our key -> TRL's name for the same metric, per entry point (the `dpo`, `rm`, `sft` config section); the
+# prefix (train/ or eval/) is added after. Keys not listed keep their name.
+TRL_NAMES = {
+    None: {"lr": "learning_rate"},
+    "dpo": {"nll": "nll_loss", "token_accuracy": "mean_token_accuracy"},
+    "rm": {
+        "margin_mean": "margin",
+        "reward_mean": "mean_reward",
+        "reward_std": "std_reward",
+        "reward_min": "min_reward",
+        "reward_max": "max_reward",
+    },
+    "sft": {"token_accuracy": "mean_token_accuracy"},
+}
+
+
+def dashboard_names(metrics: dict, kind: str | None) -> dict:
+    """metrics.jsonl keys -> wandb keys: `eval/x` stays under eval/, any other key goes under train/; TRL's
+    name where TRL has the metric (TRL_NAMES)."""
+    names = {**TRL_NAMES[None], **TRL_NAMES.get(kind, {})}
+    out = {}
+    for key, value in metrics.items():
+        space, _, name = key.partition("/") if key.startswith("eval/") else ("train", "", key)
+        out[f"{space}/{names.get(name, name)}"] = value
+    return out
+
+
+def define_metrics(run) -> None:
+    """Every chart's x-axis is the optimizer step (train/global_step); train/num_tokens is logged beside it
+    in every record (train and eval), so any chart can be drawn against the tokens seen too."""
+    run.define_metric("train/global_step")
+    run.define_metric("train/*", step_metric="train/global_step")
+    run.define_metric("eval/*", step_metric="train/global_step")
+
+
+def read_metrics(path) -> list[dict]:
+    """The records of a metrics.jsonl (missing file: none); an unparsable line is dropped, with a warning."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    out = []
+    for lineno, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        try:
+            record = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            record = None
+            print(f"WARNING: {path}:{lineno}: dropped an unparsable line (cut short by a crash?)", file=sys.stderr)
+        if isinstance(record, dict) and "step" in record:
+            out.append(record)
+    return out
+
+
+def _run_id(run_dir, fresh: bool) -> str:
+    """One wandb run per run folder and start: a resume continues it, a fresh start gets a new one."""
+    import hashlib
+
+    id_file = Path(run_dir) / "wandb_id"
+    if fresh or not id_file.exists():
+        seed = f"{Path(run_dir).resolve()}:{time.time_ns()}"
+        id_file.write_text(hashlib.sha1(seed.encode()).hexdigest()[:12])
+    return id_file.read_text().strip()

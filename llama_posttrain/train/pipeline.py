@@ -1,0 +1,410 @@
+"""The round driver: iterative rounds of Llama 3 post-training, on a synthetic task or on your own data.
+
+    python llama_posttrain/train/pipeline.py --config experiments/quickstart/pipeline.yaml [key=value ...]
+
+The recipe (llama_posttrain/train/recipe.py) writes under runs/<name>/round_<k>/<stage>/; every stage that touches a
+model is a job through a launcher (llama_posttrain/train/launch.py: `local` torchrun, `torchrun` across nodes, `slurm`),
+so the driver holds no model and the same command runs the CPU quickstart and a cluster's rounds. The
+data is a plug-in named in the config (`task`, `task_args`): a synthetic task with a verifier
+(llama_posttrain/data/tasks/arithmetic.py), or `files`, the user's prompt pool, preference, SFT and eval files
+(llama_posttrain/data/tasks/files.py). New pairs are labeled by the `annotator`: the task's verifier, the latest RM
+(+ `safety_rm`), or people (the driver writes the sets to label and stops until they are labeled).
+Each stage writes a DONE marker with its results last: rerunning skips finished stages, and an
+interrupted training run resumes from its own checkpoints. SIGTERM or Ctrl-C goes to the running job
+(a training run saves its last finished step); the pipeline then exits with 128 + the signal, naming
+the stage, and the same command resumes. The report is summary.json, summary.md and the plots
+(llama_posttrain/train/report.py).
+
+A run folder holds the results of one config, and one driver at a time (run.lock): the first start
+records the config (pipeline.yaml, and the stage config files' contents in stage_configs.yaml) and a
+later start with a different config is refused, listing the differing keys, except for keys that change
+no stage's result (HARMLESS, and STAGE_SETS, the stage configs' keys the pipeline sets for every run).
+The record is never rewritten. To start over, choose a new `name` or delete the folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+
+from llama_posttrain.data.io import write_text
+from llama_posttrain.data.tasks import load_task, task_factory
+from llama_posttrain.llama import PRESETS
+from llama_posttrain.llama.chat import ChatFormat, resolve_chat_template
+from llama_posttrain.llama.tokenizer import load_tokenizer, resolve_tokenizer
+from llama_posttrain.train import run_lock
+from llama_posttrain.train.config import (
+    AtLeast,
+    NonNegFloat,
+    NonNegInt,
+    PosInt,
+    describe,
+    differences,
+    from_flat_dict,
+    read_yaml,
+)
+from llama_posttrain.train.launch import Interrupted, Launcher
+from llama_posttrain.train.recipe import STAGE_KINDS, STAGE_SETS, Recipe, StageError, WaitingForLabels
+from llama_posttrain.train.report import wandb_settings, write_report
+
+ROOT = Path(__file__).resolve().parents[2]  # the repository: experiments/ and the job scripts, llama_posttrain/...
+Preset = Literal[tuple(PRESETS)]  # a model preset's name (llama_posttrain/llama/config.py)
+QUICKSTART_CONFIGS = {kind: f"experiments/quickstart/{kind}.yaml" for kind in STAGE_KINDS}
+
+
+@dataclass
+class PipelineConfig:
+    name: str = "quickstart"  # the run folder: <root>/<name>
+    root: str = "runs"
+    task: str = "arithmetic"  # a task in data/tasks (TASKS), or a 'package.module:factory' path
+    task_args: dict[str, typing.Any] = field(default_factory=dict)  # the task's settings, e.g. {max_digits: 1}
+    base: str | None = None  # a checkpoint to start from instead of pre-training on the task's corpus
+    rounds: NonNegInt = 2
+    nproc: PosInt = 2  # ranks per node of each training job (GPUs per node)
+    sample_nproc: NonNegInt = 0  # ranks per node of sampling jobs; 0: nproc (each rank samples its share of prompts)
+    eval_nproc: NonNegInt = 0  # ranks per node of evaluation jobs; 0: nproc
+    launcher: Literal["local", "torchrun", "slurm"] = "local"  # how jobs start: llama_posttrain/train/launch.py
+    nnodes: PosInt = 1  # nodes of each distributed job (torchrun, slurm)
+    node_rank: NonNegInt | None = (
+        None  # torchrun across nodes: this node's rank; default NODE_RANK / GROUP_RANK, else 0
+    )
+    rdzv_endpoint: str | None = None  # host:port of the c10d rendezvous across nodes; default MASTER_ADDR:MASTER_PORT
+    engine: Literal["native", "vllm"] = (
+        "native"  # sampling engine of llama_posttrain/train/sample.py (vllm: one process per node)
+    )
+    sample_batch_size: PosInt = 64  # native engine: prompts per generate call (sample.py --batch-size; its KV cache)
+    sample_compile: bool = False  # native engine: torch.compile the decode step (sample.py --compile)
+    eval_batch_size: NonNegInt = 0  # prompts per generate call of the evaluations (evaluate.py --batch-size); 0: all
+    vllm_gpu_memory_utilization: float = 0.9  # vllm: the fraction of the GPU's memory it takes, in (0, 1]
+    vllm_max_model_len: NonNegInt = 0  # vllm: 0: the longest prompt + max_new_tokens, rounded up
+    annotator: Literal["auto", "verifier", "rm", "human"] = (
+        "auto"  # labels of new pairs; auto: verifier if the task has one, else rm
+    )
+    safety_rm: str | None = None  # a safety reward model combined with the round's RM as in Llama 2 (annotator rm)
+    sft_weights: dict[str, float] = field(
+        default_factory=dict
+    )  # {rejection_sampled: 1.0, human: 1.0}: SFT mixture weights
+    cleaning: dict[str, typing.Any] = field(
+        default_factory=dict
+    )  # rejection sampling's filters, llama_posttrain/train/sample.py flags: {dedup: true, max_repeat: 0.3, ...}
+    seed: int = 0
+    preset: Preset = "tiny"  # the pre-trained base's architecture
+    pretrain_examples: PosInt = 20000  # size of the pre-training corpus
+    seed_pairs: PosInt = 1000  # initial "human" preference pairs
+    rs_prompts: PosInt = 400  # fresh prompts per round for rejection sampling
+    pref_prompts: PosInt = 400  # fresh prompts per round for new preference pairs
+    eval_prompts: PosInt = 200  # held-out prompts of the task accuracy
+    k: Annotated[int, AtLeast(2)] = 8  # samples per prompt
+    temperature: NonNegFloat = 1.0  # of the rounds' sampling
+    max_new_tokens: PosInt = 8
+    configs: dict[str, str] = field(default_factory=lambda: dict(QUICKSTART_CONFIGS))  # rm/sft/dpo -> config file
+    pretrain: dict[str, typing.Any] = field(default_factory=dict)  # "section.key": value overrides of each stage's run
+    rm: dict[str, typing.Any] = field(default_factory=dict)
+    sft: dict[str, typing.Any] = field(default_factory=dict)
+    dpo: dict[str, typing.Any] = field(default_factory=dict)
+    variants: dict[str, list[dict[str, typing.Any]]] = field(default_factory=dict)  # stage -> [overrides]: averaged
+    plots: bool = True  # accuracy.png, rewards.png (matplotlib)
+
+
+# Keys whose change leaves every stage's result as it was: a run folder may be continued with new values.
+HARMLESS = {"name", "root", "rounds", "plots", "launcher", "nnodes", "node_rank", "rdzv_endpoint"}
+
+
+class PipelineError(RuntimeError):
+    """A problem the pipeline reports as one message (no traceback): bad config, refused folder, failed stage."""
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def load_pipeline_config(path: str | None, overrides=()) -> PipelineConfig:
+    """YAML file + key=value overrides -> PipelineConfig; every key's type and range checked (llama_posttrain/train/config.py),
+    then the values types cannot check; errors name the file (or the override) and the key."""
+    raw, source = {}, {}
+    if path:
+        raw = _read_yaml(Path(path)) or {}
+        if not isinstance(raw, dict):
+            raise PipelineError(f"{path}: expected a mapping of keys, got {type(raw).__name__}")
+        source = dict.fromkeys(raw, str(path))
+    for item in overrides:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise PipelineError(f"override {item!r} must look like key=value")
+        try:
+            raw[key] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise PipelineError(f"override {item!r}: not valid YAML: {e}") from None
+        source[key] = f"override {item!r}"
+    try:
+        cfg = from_flat_dict(PipelineConfig, raw, source)
+    except ValueError as e:
+        raise PipelineError(str(e)) from None
+    _check_values(cfg, source)
+    return cfg
+
+
+def _check_values(cfg: PipelineConfig, source: dict[str, str]) -> None:
+    """What the types do not say: a folder name, one stage config file per training script, the variants'
+    stages, the task and its settings, a starting checkpoint or a corpus to pre-train on."""
+
+    def where(key: str) -> str:
+        return f"{source.get(key, 'default')}: {key}"
+
+    if not cfg.name or "/" in cfg.name:
+        raise PipelineError(f"{where('name')}: must be a non-empty folder name, got {cfg.name!r}")
+    if not 0 < cfg.vllm_gpu_memory_utilization <= 1:
+        key = "vllm_gpu_memory_utilization"
+        raise PipelineError(f"{where(key)}: must be in (0, 1], got {cfg.vllm_gpu_memory_utilization}")
+    if cfg.sample_compile and cfg.engine != "native":
+        raise PipelineError(f"{where('sample_compile')}: the native engine's option (engine: {cfg.engine})")
+    for kind in set(STAGE_KINDS) - set(cfg.configs):
+        raise PipelineError(f"{where('configs')}: no config file for {kind!r} (give one for each of {STAGE_KINDS})")
+    for kind, file in cfg.configs.items():
+        if kind not in STAGE_KINDS:
+            raise PipelineError(f"{where('configs')}.{kind}: not a training stage (one of {', '.join(STAGE_KINDS)})")
+        if not (ROOT / file).is_file():
+            raise PipelineError(f"{where('configs')}.{kind}: {ROOT / file} is not a file")
+    if set(cfg.variants) - {"pretrain", *STAGE_KINDS}:
+        stages = ", ".join(["pretrain", *STAGE_KINDS])
+        raise PipelineError(f"{where('variants')}: stages are {stages}; got {sorted(cfg.variants)}")
+    task = make_task(cfg.task, cfg.task_args, source)
+    if cfg.base is not None and not Path(cfg.base).is_dir():
+        raise PipelineError(f"{where('base')}: {cfg.base} is not a checkpoint folder")
+    if cfg.annotator == "verifier" and not hasattr(task, "verify"):
+        raise PipelineError(f"{where('annotator')}: task {cfg.task!r} has no verifier: use rm or human")
+    if cfg.base is None and not hasattr(task, "pretrain_corpus"):
+        raise PipelineError(
+            f"{where('task')}: task {cfg.task!r} has no pre-training corpus (pretrain_corpus): "
+            "give `base: <checkpoint folder>` to start from"
+        )
+
+
+def make_task(task: str, args: dict, source: dict[str, str] | None = None):
+    """The config's task (data/tasks), made with its task_args: a dataclass task's arguments are checked
+    like the config's keys. Errors name the file or override that set the task or its arguments."""
+    source = source or {}
+    try:
+        factory = task_factory(task)
+    except ValueError as e:
+        raise PipelineError(f"{source.get('task', 'default')}: task: {e}") from None
+    where = f"{source.get('task_args', source.get('task', 'default'))}: task_args"
+    if dataclasses.is_dataclass(factory):
+        try:
+            return from_flat_dict(factory, args, where)
+        except ValueError as e:
+            raise PipelineError(str(e)) from None  # it names `where` and the argument
+    try:
+        return load_task(task, args)
+    except ValueError as e:
+        raise PipelineError(f"{where}: {e}") from None
+
+
+def _read_yaml(path):
+    try:
+        return read_yaml(path)
+    except ValueError as e:
+        raise PipelineError(str(e)) from None
+
+
+def _recorded(path: Path) -> dict:
+    """A recorded pipeline.yaml, with the keys PipelineConfig gained since at their defaults: a new key's
+    default keeps the behaviour from before it, so a run folder continues as it began."""
+    saved = _read_yaml(path) or {}
+    return {**{k: v for k, v in dataclasses.asdict(PipelineConfig()).items() if k not in saved}, **saved}
+
+
+def _without_stage_sets(config: dict) -> dict:
+    """A recorded config without the STAGE_SETS keys of its stage configs (sections left empty dropped)."""
+    stages = {}
+    for kind, stage in (config.get("stage_configs") or {}).items():
+        if isinstance(stage, dict):
+            stage = {section: dict(keys) if isinstance(keys, dict) else keys for section, keys in stage.items()}
+            for key in STAGE_SETS:
+                section, _, name = key.partition(".")
+                if isinstance(stage.get(section), dict):
+                    stage[section].pop(name, None)
+                    if not stage[section]:
+                        del stage[section]
+        stages[kind] = stage
+    return {**config, "stage_configs": stages}
+
+
+START_OVER = "a run folder holds the results of one config: to start over, choose a new `name` or delete the folder"
+
+
+class Pipeline:
+    """The driver of one config: checks and records the run folder, runs the recipe's stages (each model-
+    touching one a job through the launcher), writes the report. It holds no model."""
+
+    def __init__(self, cfg: PipelineConfig):
+        self.cfg = cfg
+        self.dir = Path(cfg.root) / cfg.name
+        task = make_task(cfg.task, cfg.task_args)
+        if cfg.base is None:
+            tokenizer = load_tokenizer()  # the presets' byte tokenizer
+        else:
+            from llama_posttrain.llama.checkpoint import read_config  # torch: not for `--help` and config errors
+
+            tokenizer = resolve_tokenizer(None, cfg.base, read_config(cfg.base)[0].vocab_size)
+        chat = ChatFormat(tokenizer, resolve_chat_template(None, cfg.base))
+        self.launcher = make_launcher(cfg, self.dir)
+        self.signals = self.launcher.signals
+        configs = {kind: ROOT / file for kind, file in cfg.configs.items()}
+        try:
+            self.recipe = Recipe(cfg, task, chat, self.dir, self.launcher, configs)
+        except StageError as e:
+            raise PipelineError(str(e)) from None
+
+    def run(self) -> list[dict]:
+        """Every stage not done before, then the report. A signal stops it (Interrupted, llama_posttrain/train/launch.py)."""
+        with self.signals:
+            self.check_run_folder()
+            print(f"pipeline: {self.estimate()}", flush=True)
+            self.launcher.start_session()
+            status = 1
+            try:
+                results = self.recipe.run()
+                self.signals.check("before the report")
+                c = self.cfg
+                stages = {stage: getattr(c, stage) for stage in ("pretrain", *STAGE_KINDS)}  # their overrides
+                dashboard = wandb_settings(self.stage_configs(), stages)  # None: the stages log no wandb
+                write_report(self.dir, dataclasses.asdict(c), results, c.plots, c.rounds, c.eval_prompts,
+                             dashboard, self.recipe.verify)  # fmt: skip
+                status = 0
+            except StageError as e:
+                raise PipelineError(str(e)) from None
+            finally:
+                self.launcher.end_session(status)
+        return results
+
+    def estimate(self) -> str:
+        """How long the stages not done yet took in the last finished run of the same config (a folder under
+        `root` with its report, its DONE markers' `seconds`): measured on this machine, under that run's load. No such
+        run: no estimate (each job shows its own ETA as it runs)."""
+        same = {"name", "root", "plots"}  # keys that change nothing a stage does
+        now = {**dataclasses.asdict(self.cfg), "stage_configs": self.stage_configs()}
+        finished = []  # (its summary.json's time, its folder)
+        for summary in Path(self.cfg.root).glob("*/summary.json"):  # a finished run wrote its report
+            other = summary.parent
+            if not (other / "pipeline.yaml").is_file():  # this folder too: finished, nothing is left
+                continue
+            try:
+                saved = {
+                    **_recorded(other / "pipeline.yaml"),
+                    "stage_configs": _read_yaml(other / "stage_configs.yaml"),
+                }
+            except (PipelineError, TypeError):
+                continue
+            diff = differences(_without_stage_sets(saved), _without_stage_sets(now))
+            if not [k for k in diff if k.split(".")[0] not in same]:
+                finished.append((summary.stat().st_mtime, other))
+        if not finished:
+            return f"no estimate yet (no finished run of this config under {self.cfg.root}/); each job shows its ETA"
+        other = max(finished)[1]
+        seconds = []
+        for marker in other.glob("round_*/*/DONE"):
+            if not (self.dir / marker.relative_to(other)).exists():  # done here: skipped
+                try:
+                    seconds.append(float(json.loads(marker.read_text()).get("seconds", 0)))
+                except (OSError, ValueError, AttributeError):
+                    continue
+        if not seconds:
+            return "every stage is done: the report only"
+        return (
+            f"estimate: ~{max(1, round(sum(seconds) / 60))} min on this machine for the {len(seconds)} stages left "
+            f"(as long as they took in {other}, the last finished run of this config; a busier machine takes longer)"
+        )
+
+    def stage_configs(self) -> dict:
+        return {kind: _read_yaml(ROOT / file) for kind, file in sorted(self.cfg.configs.items())}
+
+    def check_run_folder(self) -> None:
+        """Record the config at the first start; refuse a later start whose config differs (HARMLESS and
+        the stage configs' STAGE_SETS keys aside), so the results of two configs never mix. The record is
+        never rewritten."""
+        record, stages = self.dir / "pipeline.yaml", self.dir / "stage_configs.yaml"
+        now = {**dataclasses.asdict(self.cfg), "stage_configs": self.stage_configs()}
+        try:  # one pipeline per folder; each stage's training run also locks its own folder
+            run_lock.hold(self.dir, "llama_posttrain/train/pipeline.py " + " ".join(sys.argv[1:]))
+        except run_lock.FolderInUse as e:
+            raise PipelineError(str(e)) from None
+        if not record.is_file():
+            own = {stages.name, stages.name + ".tmp", record.name + ".tmp", run_lock.LOCK_NAME}  # a first start
+            # killed mid-record left these
+            results = sorted(p.name for p in self.dir.iterdir() if p.name not in own) if self.dir.is_dir() else []
+            if results:
+                raise PipelineError(
+                    f"{self.dir} holds results ({', '.join(results[:5])}) but no pipeline.yaml recording the config "
+                    f"that made them; {START_OVER}"
+                )
+            self.dir.mkdir(parents=True, exist_ok=True)
+            write_text(stages, yaml.safe_dump(now["stage_configs"], sort_keys=False))
+            config = {k: v for k, v in now.items() if k != "stage_configs"}
+            write_text(record, yaml.safe_dump(config, sort_keys=False))  # last: the record is whole
+            return
+        saved = {**_recorded(record), "stage_configs": _read_yaml(stages) if stages.is_file() else {}}
+        changed = differences(saved, now)
+        # the stage configs' STAGE_SETS keys aside: the pipeline sets them for every stage run
+        strict = differences(_without_stage_sets(saved), _without_stage_sets(now))
+        refused = [k for k in strict if k.split(".")[0] not in HARMLESS]
+        if refused:
+            lines = "".join(f"\n  {k}: {strict[k][0]!r} there, {strict[k][1]!r} now" for k in refused)
+            raise PipelineError(
+                f"{self.dir} was made with another config (recorded in {record.name} and {stages.name}); "
+                f"differing:{lines}\n{START_OVER}"
+            )
+        if changed:
+            print(f"{record}: {', '.join(changed)} changed (no stage's result depends on them); the record is kept")
+
+
+def make_launcher(cfg: PipelineConfig, run_dir: Path) -> Launcher:
+    node_rank = cfg.node_rank
+    if node_rank is None:
+        node_rank = (
+            int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", 0))) if cfg.launcher == "torchrun" else 0
+        )
+    if node_rank >= cfg.nnodes:
+        raise PipelineError(f"node_rank {node_rank} is not below nnodes {cfg.nnodes}")
+    if cfg.launcher == "local" and cfg.nnodes > 1:
+        raise PipelineError("launcher: local runs on one node; for nnodes > 1 use launcher: torchrun or slurm")
+    return Launcher(cfg.launcher, cfg.nnodes, node_rank, cfg.rdzv_endpoint, run_dir / "jobs")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(
+        description=__doc__, epilog="keys (key = default):\n" + describe(PipelineConfig),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    ap.add_argument("--config")
+    ap.add_argument("overrides", nargs="*", help="key=value")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_pipeline_config(args.config, args.overrides)
+        launcher = make_launcher(cfg, Path(cfg.root) / cfg.name)
+        if not launcher.leader:  # a follower node: this node's part of every distributed job the leader starts
+            with launcher.signals:
+                raise SystemExit(launcher.follow())
+        Pipeline(cfg).run()
+    except PipelineError as e:
+        raise SystemExit(f"pipeline: {e}") from None
+    except WaitingForLabels as e:
+        raise SystemExit(f"pipeline: waiting for labels: {e}") from None
+    except Interrupted as e:
+        try:
+            print(f"\npipeline: {e}", file=sys.stderr, flush=True)
+        except OSError:  # a SIGHUP: the terminal may be gone
+            pass
+        raise SystemExit(128 + e.signum) from None
+
+
+if __name__ == "__main__":
+    main()

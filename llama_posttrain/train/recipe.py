@@ -1,0 +1,424 @@
+"""The Llama 3 recipe, round by round: what each stage reads, which job it launches, what it keeps.
+
+    round 0   data      the task's data (a synthetic task writes it; the `files` task names the user's)
+              pretrain  the base: a causal LM on the task's corpus, or the config's `base`
+    round k   rm        reward model from the base on ALL preference data so far (seed + every round's pairs)
+              rs        K samples per fresh prompt from the latest policy; the RM keeps the best (cleaned)
+              sft       SFT from the base on all rejection-sampled data so far (+ the human SFT files)
+              pref      new pairs from the SFT model's samples, labeled by the annotator: the task's
+                        verifier, the latest RM (+ a safety RM), or people (the driver stops for labels)
+              dpo       DPO from the SFT model (its reference) on this round's pairs only
+
+Every stage that touches a model is a job started through the launcher (llama_posttrain/train/launch.py): training
+(train/{rm,sft,dpo}.py, once per variant), averaging of the variants (llama_posttrain/train/average.py), sampling
+(llama_posttrain/train/sample.py) and evaluation (llama_posttrain/train/evaluate.py: task accuracy with a verifier, RM pair accuracy,
+held-out NLL, the latest RM's mean score of a policy's samples). This file only plans: it writes the
+jobs' inputs, reads their result files and keeps each stage's results in its DONE marker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from llama_posttrain.data.annotators import file_annotator, preference_pair
+from llama_posttrain.data.clean import CleanRules
+from llama_posttrain.data.drops import drop_reason, drop_report, drops_for
+from llama_posttrain.data.io import write_json, write_jsonl, write_text
+from llama_posttrain.train.launch import Interrupted, Job, JobFailed, Launcher
+from llama_posttrain.train.logger import read_metrics
+
+STAGE_KINDS = ("rm", "sft", "dpo")  # the training scripts; "pretrain" runs sft.py
+EVAL_SIZE = 200  # a synthetic task's held-out preference pairs, SFT records and pre-training dialogs
+# Stage config keys the pipeline sets for every stage run: their values in the stage config files are
+# never used, so a change of them (a stage config's own run folder) changes no result.
+# logging.group / job_type / name: the stage run's place on the dashboard (wandb: the pipeline run's group,
+# the stage, round_k/stage/variant_v).
+STAGE_SETS = ("train.run_dir", "logging.progress", "logging.group", "logging.job_type", "logging.name")
+
+
+class StageError(RuntimeError):
+    """A stage cannot go on: printed as one message (the pipeline's PipelineError)."""
+
+
+class WaitingForLabels(RuntimeError):
+    """The human annotator's sets are written; the pipeline stops until their labels are there."""
+
+
+def override_args(overrides: dict) -> list[str]:
+    """{"train.steps": 3} -> ["train.steps=3"]: a training script's command-line overrides (values as JSON)."""
+    return [f"{k}={json.dumps(v)}" for k, v in overrides.items()]
+
+
+def last_eval(run_dir: Path, key: str) -> float | None:
+    """The last logged `eval/<key>` of a training run, None if it never evaluated."""
+    values = [m[f"eval/{key}"] for m in read_metrics(Path(run_dir) / "metrics.jsonl") if f"eval/{key}" in m]
+    return values[-1] if values else None
+
+
+def _concat_jsonl(files: list[Path], out: Path) -> None:
+    write_jsonl(out, [json.loads(line) for f in files for line in Path(f).read_text().splitlines() if line.strip()])
+
+
+def _flags(options: dict) -> list[str]:
+    """{"max_repeat": 0.3, "dedup": True, "ban_phrase": ["a", "b"]} -> ["--max-repeat", "0.3", "--dedup", ...]"""
+    out = []
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            out.append(flag)
+        elif isinstance(value, list):
+            out += [x for v in value for x in (flag, str(v))]
+        elif value not in (None, False):
+            out += [flag, str(value)]
+    return out
+
+
+class Recipe:
+    """The rounds of one pipeline config in one run folder. `chat`: the pipeline's chat format (every stage
+    trains, samples and evaluates with its tokenizer and template)."""
+
+    def __init__(self, cfg, task, chat, run_dir: Path, launcher: Launcher, stage_config_file):
+        self.cfg, self.task, self.chat, self.dir, self.launcher = cfg, task, chat, run_dir, launcher
+        self.stage_config_file = stage_config_file  # kind -> the stage's config file (absolute)
+        self.results: list[dict] = []
+        self.verify = getattr(task, "verify", None)
+        self.annotator = cfg.annotator if cfg.annotator != "auto" else ("verifier" if self.verify else "rm")
+        if self.annotator == "verifier" and self.verify is None:
+            raise StageError(f"annotator: verifier, but task {cfg.task!r} has no verifier: use rm or human")
+
+    @property
+    def data(self) -> Path:
+        return self.dir / "round_0" / "data"
+
+    def files(self) -> dict:
+        """The data every round reads: written by the data stage (a synthetic task), or the user's (files)."""
+        return json.loads((self.data / "DONE").read_text())["files"]
+
+    # ------------------------------------------------------------------------------------------ rounds
+
+    def run(self) -> list[dict]:
+        self.stage(0, "data", self.make_data)
+        base = Path(self.stage(0, "pretrain", self.pretrain)["model"])
+        policy = base
+        for k in range(1, self.cfg.rounds + 1):
+            rm = Path(self.stage(k, "rm", self.train_rm, base)["model"])
+            self.stage(k, "rs", self.rejection_sampling, policy, rm)
+            sft = Path(self.stage(k, "sft", self.train_sft, base, rm)["model"])
+            self.stage(k, "pref", self.new_pairs, sft, rm)
+            policy = Path(self.stage(k, "dpo", self.train_dpo, sft, rm)["model"])
+        return self.results
+
+    def make_data(self, d: Path, k: int) -> dict:
+        """A synthetic task's data for every round (seed pairs, eval sets, pre-training corpus), or the
+        `files` task's own files, checked; -> {"files": {what: path(s)}}."""
+        c, seed = self.cfg, self.cfg.seed * 7919
+        if hasattr(self.task, "files"):  # the user's data: nothing to write
+            return {"files": self.task.files()}
+        if c.base is None:
+            write_jsonl(d / "pretrain.jsonl", self.task.pretrain_corpus(c.pretrain_examples, seed))
+            write_jsonl(d / "pretrain_eval.jsonl", self.task.pretrain_corpus(EVAL_SIZE, seed + 1))
+        pairs, eval_pairs, eval_sft = self.task.seed_data(c.seed_pairs, EVAL_SIZE, seed + 2)
+        write_jsonl(d / "seed_pairs.jsonl", pairs)
+        write_jsonl(d / "eval_pairs.jsonl", eval_pairs)
+        write_jsonl(d / "eval_prompts.jsonl", self.task.prompts(c.eval_prompts, seed + 3, "eval"))
+        write_jsonl(d / "eval_sft.jsonl", eval_sft)
+        files = {"preferences": [str(d / "seed_pairs.jsonl")], "sft": []}
+        files.update({name: str(d / f"{name}.jsonl") for name in ("eval_pairs", "eval_prompts", "eval_sft")})
+        return {"seed_pairs": c.seed_pairs, "files": files}
+
+    def pretrain(self, d: Path, k: int) -> dict:
+        """The base: an LM pre-trained on the task's corpus (every token a target), or the config's `base`."""
+        c = self.cfg
+        if c.base is not None:
+            return {"model": c.base, **self.evaluate(d, Path(c.base), "base", rm=None)}
+        overrides = {
+            "model.preset": c.preset,
+            "data.train": str(self.data / "pretrain.jsonl"),
+            "data.eval": str(self.data / "pretrain_eval.jsonl"),
+            "sft.mask_prompt": False,
+        }
+        model = self.train("sft", d, overrides, c.pretrain, c.variants.get("pretrain"))
+        return {"model": str(model), **self.evaluate(d, model, "base", rm=None)}
+
+    def train_rm(self, d: Path, k: int, base: Path) -> dict:
+        """Reward model from the base on all preference data so far: the seed data and every earlier round's."""
+        files = self.files()["preferences"] + [
+            str(self.dir / f"round_{j}" / "pref" / "pairs.jsonl") for j in range(1, k)
+        ]
+        overrides = {"model.checkpoint": str(base), "data.train": self.train_data(files, d / "train.jsonl")}
+        if self.files().get("eval_pairs"):
+            overrides["data.eval"] = self.files()["eval_pairs"]
+        model = self.train("rm", d, overrides, self.cfg.rm, self.cfg.variants.get("rm"))
+        single = last_eval(d / "variant_0", "accuracy")
+        return {"model": str(model), **self.evaluate(d, model, "rm", rm=None), "rm_accuracy_variant_0": single}
+
+    def rejection_sampling(self, d: Path, k: int, policy: Path, rm: Path) -> dict:
+        """K samples per fresh prompt from the latest policy; the reward model's best of each (after the
+        cleaning rules) is SFT data."""
+        report = self.sample(d, k, "rs", self.cfg.rs_prompts, policy, rm, ("sft",), annotate=None)
+        sft = [json.loads(line) for line in (d / "sft.jsonl").read_text().splitlines()]
+        return {**self.sample_metrics(d, sft), "records": len(sft), "dropped": report}
+
+    def train_sft(self, d: Path, k: int, base: Path, rm: Path) -> dict:
+        """SFT from the base on all rejection-sampled data so far, and the task's human SFT files (weighted)."""
+        rs = [str(self.dir / f"round_{j}" / "rs" / "sft.jsonl") for j in range(1, k + 1)]
+        train = self.train_data(rs, d / "train.jsonl")
+        human = self.files().get("sft") or []
+        if human:
+            w = self.cfg.sft_weights
+            train = [{"path": train, "weight": w.get("rejection_sampled", 1.0)}] + [
+                {"path": f, "weight": w.get("human", 1.0)} for f in human
+            ]
+        overrides = {"model.checkpoint": str(base), "data.train": train}
+        if self.files().get("eval_sft"):
+            overrides["data.eval"] = self.files()["eval_sft"]
+        model = self.train("sft", d, overrides, self.cfg.sft, self.cfg.variants.get("sft"))
+        return {
+            "model": str(model),
+            "sft_loss": last_eval(d / "variant_0", "loss"),
+            **self.evaluate(d, model, "sft", rm),
+        }
+
+    def new_pairs(self, d: Path, k: int, sft_model: Path, rm: Path) -> dict:
+        """New preference pairs from K samples per fresh prompt of this round's SFT model, best against worst
+        by the annotator: the task's verifier (exact: every pair significantly better), the latest RM
+        (+ safety_rm), or people: the sets are written to label and the pipeline stops until they are."""
+        c = self.cfg
+        annotate = {"verifier": f"verifier:{c.task}", "rm": None, "human": None}[self.annotator]
+        outputs = ("pairs",) if self.annotator != "human" else ()
+        report = self.sample(d, k, "pref", c.pref_prompts, sft_model, rm, outputs, annotate=annotate)
+        if self.annotator == "human":
+            report = self.human_pairs(d)
+        strength = "significantly_better" if self.annotator == "verifier" else None
+        pairs = [json.loads(line) for line in (d / "sampled_pairs.jsonl").read_text().splitlines()]
+        write_jsonl(d / "pairs.jsonl", [{**p, "strength": strength} if strength else p for p in pairs])
+        sft = [json.loads(line) for line in (d / "sft.jsonl").read_text().splitlines()] if self.verify else []
+        return {**self.sample_metrics(d, sft), "records": len(pairs), "dropped": report}
+
+    def human_pairs(self, d: Path) -> dict:
+        """The human annotator: the sets to label (each prompt's samples that the drop rules keep: finished,
+        not empty, the cleaning rules) are written; once labels.jsonl is there, pairs from it."""
+        labels, to_label = d / "labels.jsonl", d / "to_label.jsonl"
+        dropped = {"no_pair_fewer_than_2": 0, "no_pair": 0}
+        if not labels.is_file():
+            c = self.cfg.cleaning
+            rules = CleanRules(
+                c.get("max_repeat"), c.get("repeat_ngram", 3), tuple(c.get("ban_phrase", ())), c.get("max_emoji"),
+                c.get("max_exclamation"),
+            )  # fmt: skip
+            sets = []
+            for s in map(json.loads, (d / "sets.jsonl").read_text().splitlines()):
+                kept = [
+                    t for t, f in zip(s["responses"], s["finished"]) if not drop_reason(t, f, c.get("max_chars"), rules)
+                ]
+                if len(kept) < 2:
+                    dropped["no_pair_fewer_than_2"] += 1
+                else:
+                    sets.append({"id": s["id"], "prompt": s["prompt"], "responses": kept})
+            write_jsonl(to_label, sets)
+            write_json(d / "to_label_dropped.json", dropped)
+            raise WaitingForLabels(
+                f"{len(sets)} sets to label in {to_label} ({dropped['no_pair_fewer_than_2']} prompts with fewer than "
+                f"2 usable samples left out): write {labels}, one JSON line per set, "
+                '{"id": ..., "ranking": [best response index, ..., worst]} or {"id": ..., "scores": [...]}; '
+                "then rerun the same command (it continues from this stage)"
+            )
+        dropped = json.loads((d / "to_label_dropped.json").read_text())
+        annotate = file_annotator(labels)
+        pairs = []
+        for s in map(json.loads, to_label.read_text().splitlines()):
+            pair = preference_pair({"messages": s["prompt"]}, s["responses"], annotate(s, s["responses"]))
+            if pair is None:
+                dropped["no_pair"] += 1
+            else:
+                pairs.append({"id": s["id"], **pair})
+        write_jsonl(d / "sampled_pairs.jsonl", pairs)
+        print(f"pref: {len(pairs)} pairs from {labels}; {dropped['no_pair']} sets without a strict preference")
+        return {key: n for key, n in dropped.items() if n}
+
+    def train_dpo(self, d: Path, k: int, sft_model: Path, rm: Path) -> dict:
+        """DPO from this round's SFT model on this round's pairs; with several variants, each is evaluated
+        beside their average."""
+        variants = self.cfg.variants.get("dpo")
+        overrides = {
+            "model.checkpoint": str(sft_model),
+            "data.train": str(self.dir / f"round_{k}" / "pref" / "pairs.jsonl"),
+        }
+        if self.files().get("eval_pairs"):
+            overrides["data.eval"] = self.files()["eval_pairs"]
+        model = self.train("dpo", d, overrides, self.cfg.dpo, variants)
+        out = {"model": str(model), "dpo_reward_accuracy": last_eval(d / "variant_0", "rewards/accuracies")}
+        out.update(self.evaluate(d, model, "dpo", rm))
+        if len(variants or []) > 1:  # the averaged model against the single ones
+            out["variants"] = [
+                self.evaluate(d, d / f"variant_{v}" / "model", f"dpo_variant_{v}", rm) for v in range(len(variants))
+            ]
+        return out
+
+    # ------------------------------------------------------------------------------------------ stages
+
+    def stage(self, rnd: int, name: str, fn, *args) -> dict:
+        """fn(stage_dir, rnd, *args) -> results, unless the stage's DONE marker exists: it holds the results."""
+        d = self.dir / f"round_{rnd}" / name
+        marker = d / "DONE"
+        if marker.exists():
+            result = json.loads(marker.read_text())
+            print(f"[round {rnd}] {name}: done before, skipped", flush=True)
+        else:
+            d.mkdir(parents=True, exist_ok=True)
+            t0 = time.time()
+            try:
+                result = {"round": rnd, "stage": name, **fn(d, rnd, *args), "seconds": round(time.time() - t0, 1)}
+                with self.launcher.signals.deferred():  # the marker is written whole, or not at all
+                    write_text(marker, json.dumps(result, indent=1))
+            except (StageError, JobFailed) as e:
+                raise StageError(f"[round {rnd}] {name}: {e}") from None
+            except Interrupted as e:  # no DONE marker: a rerun does the stage again (its training resumes)
+                e.where = f"in [round {rnd}] {name}"
+                raise
+            shown = {k: v for k, v in result.items() if k not in ("round", "stage", "files")}
+            print(f"[round {rnd}] {name}: {json.dumps(shown)}", flush=True)
+        self.results.append(result)
+        return result
+
+    @staticmethod
+    def where(d: Path) -> str:
+        return f"[round {d.parent.name.removeprefix('round_')}] {d.name}"  # round_1/sft -> "[round 1] sft"
+
+    def job(self, name: str, script: str, args: list[str], log: Path, nproc: int, run_dir=None) -> None:
+        """One job through the launcher; its ranks share this node's cores (OMP_NUM_THREADS)."""
+        env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // max(1, nproc)))}
+        self.launcher.run(Job(name, script, args, log, nproc, env, run_dir))
+
+    def train_data(self, files: list[str], out: Path):
+        """A training run's data.train for these files: one concatenated JSONL file where all are JSONL
+        (the order of a single file), else the list (the loader reads each format)."""
+        if all(str(f).endswith(".jsonl") for f in files):
+            _concat_jsonl([Path(f) for f in files], out)
+            return str(out)
+        return [str(f) for f in files]
+
+    def train(self, kind: str, d: Path, overrides: dict, stage_overrides: dict, variants: list[dict] | None) -> Path:
+        """train/<kind>.py per variant (a run resumes if interrupted), then the variants' average."""
+        models = []
+        for v, extra in enumerate(variants or [{}]):
+            run_dir = d / f"variant_{v}"
+            if not (run_dir / "model" / "config.json").exists():
+                place = (self.cfg.name, d.name, f"{d.parent.name}/{d.name}/variant_{v}")  # group, job type, name
+                own = dict(zip(STAGE_SETS, (str(run_dir), False, *place)))  # whatever the stage config file says
+                args = {**stage_overrides, **overrides, **extra, **own}
+                if "model.checkpoint" in args:  # the stage's own start, not the config file's preset
+                    args["model.preset"] = None
+                args.setdefault("model.chat_template", self.chat.template)  # the pipeline's format throughout
+                if self.cfg.base is not None:
+                    args.setdefault("model.tokenizer", str(self.chat.tokenizer.path))
+                argv = ["--config", str(self.stage_config_file[kind]), *override_args(args)]
+                name = self.where(d) + (f" variant {v}" if len(variants or []) > 1 else "")
+                self.job(
+                    name, f"llama_posttrain/train/{kind}.py", argv, d / f"variant_{v}.log", self.cfg.nproc, run_dir
+                )
+            models.append(run_dir / "model")
+        average = ["--out", str(d / "model"), *map(str, models)]
+        self.job(f"{self.where(d)}: averaging", "llama_posttrain/train/average.py", average, d / "average.log", nproc=0)
+        return d / "model"
+
+    def model_args(self) -> list[str]:
+        args = ["--chat-template", self.chat.template]
+        return args + (["--tokenizer", str(self.chat.tokenizer.path)] if self.cfg.base is not None else [])
+
+    def sample(self, d: Path, k: int, split: str, n: int, model: Path, rm: Path, outputs: tuple, annotate) -> dict:
+        """A sampling job: K samples for each of n fresh prompts (prompts.jsonl), scored by the RM; ->
+        {DROPS key: count} of what was dropped on the way to `outputs` (printed too)."""
+        c = self.cfg
+        report_file = d / "sample_report.json"
+        if not report_file.is_file():  # (a human annotator's rerun finds the samples done)
+            write_jsonl(d / "prompts.jsonl", self.fresh_prompts(k, split, n))
+            args = ["--policy", str(model), "--rm", str(rm), "--prompts", str(d / "prompts.jsonl"), *self.model_args()]
+            args += ["--k", str(c.k), "--max-new-tokens", str(c.max_new_tokens), "--temperature", str(c.temperature)]
+            args += ["--seed", str(c.seed * 1000 + k), "--engine", c.engine, "--out-report", str(report_file)]
+            args += ["--out-sft", str(d / "sft.jsonl"), "--out-sets", str(d / "sets.jsonl")]
+            args += ["--out-pairs", str(d / "sampled_pairs.jsonl")]
+            if c.engine == "native":
+                args += ["--batch-size", str(c.sample_batch_size)] + (["--compile"] if c.sample_compile else [])
+            else:
+                args += ["--vllm-gpu-memory-utilization", str(c.vllm_gpu_memory_utilization)]
+                args += ["--vllm-max-model-len", str(c.vllm_max_model_len)] if c.vllm_max_model_len else []
+            if annotate:
+                args += ["--annotate", annotate, "--task-args", json.dumps(c.task_args)]
+            if c.safety_rm:
+                args += ["--safety-rm", c.safety_rm]
+            args += _flags(c.cleaning)
+            nproc = 0 if c.engine == "vllm" else (c.sample_nproc or c.nproc)
+            self.job(f"{self.where(d)}: sampling", "llama_posttrain/train/sample.py", args, d / "sample.log", nproc)
+        dropped = json.loads(report_file.read_text()).get("dropped", {})
+        records = len((d / "prompts.jsonl").read_text().splitlines())
+        lines, warning = drop_report(dropped, records, c.k, f"max_new_tokens {c.max_new_tokens}", outputs)
+        for line in lines:
+            print(f"[round {k}] {d.name}: {line}", flush=True)
+        if warning:
+            print(f"[round {k}] {d.name}: {warning}", flush=True)
+        return {key: dropped[key] for key in drops_for(outputs) if dropped.get(key)}
+
+    def fresh_prompts(self, k: int, split: str, n: int) -> list[dict]:
+        """Prompts no round used before: a synthetic task makes them; a prompt pool is drawn in order."""
+        c = self.cfg
+        if not hasattr(self.task, "prompt_pool"):
+            return self.task.prompts(n, c.seed * 1000 + 2 * k + (split == "pref"), f"r{k}{split}")
+        pool = self.task.prompt_pool(c.seed)
+        start = (k - 1) * (c.rs_prompts + c.pref_prompts) + (c.rs_prompts if split == "pref" else 0)
+        if start + n > len(pool):
+            raise StageError(
+                f"the prompt pool has {len(pool)} prompts; round {k}'s {split} needs prompts {start + 1}..{start + n} "
+                f"(rounds x (rs_prompts + pref_prompts) = {c.rounds * (c.rs_prompts + c.pref_prompts)}): a prompt "
+                "is never used twice, so give more prompts or fewer rounds / prompts per round"
+            )
+        return pool[start : start + n]
+
+    def sample_metrics(self, d: Path, sft: list[dict]) -> dict:
+        """How good the samples are by the verifier (a task that has one): all of them, the best of K (an
+        oracle), the RM's picks; the RM's mean best score."""
+        out = {"mean_best_score": sum(r["score"] for r in sft) / max(1, len(sft))} if sft else {}
+        if self.verify is None:
+            return out
+        sets = [json.loads(line) for line in (d / "sets.jsonl").read_text().splitlines()]
+        right = [[self.verify(s["prompt"][-1]["content"], t) for t in s["responses"]] for s in sets]
+        picked = [self.verify(r["messages"][-2]["content"], r["messages"][-1]["content"]) for r in sft]
+        return {
+            "sample_accuracy": sum(map(sum, right)) / max(1, sum(map(len, right))),
+            "best_of_k_oracle": sum(max(x) for x in right) / max(1, len(right)),
+            "rm_pick_accuracy": sum(picked) / max(1, len(picked)),
+            **out,
+        }
+
+    def evaluate(self, d: Path, model: Path, name: str, rm: Path | None) -> dict:
+        """An evaluation job of a model: a reward model's pair accuracy (`name` "rm"); a policy's task accuracy
+        (a task with a verifier), held-out NLL, and the latest RM's mean score of its samples."""
+        c, files = self.cfg, self.files()
+        out = d / f"eval_{name}.json"
+        if not out.is_file():
+            args = ["--model", str(model), "--out", str(out), *self.model_args()]
+            if name == "rm":
+                if not files.get("eval_pairs"):
+                    return {}
+                args += ["--pairs", files["eval_pairs"]]
+            else:
+                prompts = files.get("eval_prompts")
+                if prompts and (self.verify is not None or rm is not None):
+                    args += ["--prompts", prompts, "--max-new-tokens", str(c.max_new_tokens), "--seed", str(c.seed)]
+                    args += ["--batch-size", str(c.eval_batch_size)] if c.eval_batch_size else []
+                if prompts and self.verify is not None:
+                    args += ["--verifier", c.task, "--task-args", json.dumps(c.task_args)]
+                if prompts and rm is not None:
+                    args += ["--rm", str(rm)]
+                if files.get("eval_sft"):
+                    args += ["--nll", files["eval_sft"]]
+                if "--prompts" not in args and "--nll" not in args:
+                    return {}
+            self.job(f"{self.where(d)}: evaluating {name}", "llama_posttrain/train/evaluate.py", args, d / f"eval_{name}.log",
+                     c.eval_nproc or c.nproc)  # fmt: skip
+        result = json.loads(out.read_text())
+        keys = ("task_accuracy", "task_accuracy_sampled", "rm_accuracy", "nll", "rm_score")
+        return {key: result[key] for key in keys if key in result}

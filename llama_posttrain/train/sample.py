@@ -1,0 +1,449 @@
+"""Rejection sampling: K samples per prompt from the policy, scored by reward model(s), best kept.
+
+    torchrun --nproc_per_node 8 llama_posttrain/train/sample.py --policy runs/r1/dpo/model --rm runs/r1/rm/model \\
+        --prompts prompts.jsonl --k 16 --out-sft sft_r2.jsonl --out-pairs pairs_r2.jsonl
+
+Each prompt is prefilled once and fanned out to K samples (llama_posttrain/llama/generate.py). The K samples are
+scored in one reward row per prompt, [prompt][s_1]...[s_K], each sample seeing only the prompt
+(llama_posttrain/data/rows.py), so the prompt is computed once there too. Outputs:
+- SFT records: the prompt + the best sample (after the optional filters), with every score;
+- preference records from the samples: best vs worst by the annotator's scores (llama_posttrain/data/annotators.py:
+  a verifier for synthetic tasks, labels imported from a file; or the reward model), or all samples
+  written as sets to annotate (`--out-sets`), whose labels come back with `--annotate file:labels.jsonl`.
+With `--safety-rm`, scores combine as in Llama 2: the safety score where the prompt is marked
+`"safety": true` or the sample looks unsafe (sigmoid(safety) < 0.15), the helpfulness score elsewhere.
+Every output record holds the generated fields; the prompt record's own fields (its metadata) go
+under "source", so a prompt file that carries e.g. `chosen` or `scores` can never stand in for the
+generated ones. A prompt record's "id" is also copied to the top level: labels join on it.
+Each rank takes every world_size-th prompt and samples with a generator seeded with --seed + 1000003 * rank
+(rank 0 with --seed itself: a 1-rank job writes what an in-process `rejection_sample` call with a generator
+seeded so writes); rank 0 writes the files in prompt order, the summary (`--out-report`) and its progress
+(llama_posttrain/train/progress.py, prompts). `--task-args JSON` makes `--annotate verifier:TASK`'s task with those settings.
+Nothing is dropped silently: every sample left out (no stop token within --max-new-tokens, empty, over
+--max-chars, and the cleaning rules of llama_posttrain/data/clean.py: --max-repeat, --ban-phrase, --max-emoji,
+--max-exclamation, each off unless given) and every prompt left without an SFT record or a pair (no sample
+left, fewer than 2, tied scores, best and worst the same text, an SFT pick repeating an earlier one with
+--dedup) is counted and printed (llama_posttrain/data/drops.py `DROPS`), with a warning when most samples reached no stop
+token.
+
+Engines (`--engine`): "native" (default) samples with llama_posttrain/llama/generate.py on every rank. "vllm"
+(llama_posttrain/train/vllm_engine.py) exports the policy to an HF folder (with its tokenizer and chat template) and
+samples with vLLM (PagedAttention, continuous batching; `pip install vllm`, needs a CUDA GPU): the
+engine to use at 8B+ scale. Run it as one process (`python llama_posttrain/train/sample.py ... --engine vllm`, vLLM
+spreads over `--tensor-parallel` GPUs itself); prompts are rendered to token ids here and the samples
+mapped back to the same records and fields, scored by the reward model(s) as with the native engine once
+vLLM has freed the GPU (its memory options: llama_posttrain/train/vllm_engine.py). Native memory: a generate call takes
+--batch-size prompts, its KV cache (printed before sampling) --batch-size x --k rows of (longest prompt +
+--max-new-tokens) slots; the policy is freed before the reward models load. --compile: llama_posttrain/llama/generate.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import tempfile
+from collections import Counter
+
+from llama_posttrain.data.annotators import file_annotator, preference_pair, verifier_annotator
+from llama_posttrain.data.clean import CleanRules
+from llama_posttrain.data.drops import drop_reason, drop_report, split_outputs
+from llama_posttrain.data.io import write_jsonl, write_text
+from llama_posttrain.data.records import read_records
+from llama_posttrain.data.schema import ValidationError, parse_prompt
+from llama_posttrain.llama.chat import TEMPLATES, ChatFormat, resolve_chat_template
+from llama_posttrain.llama.tokenizer import resolve_tokenizer
+from llama_posttrain.train import progress
+from llama_posttrain.train.cli import HelpFormatter, at_least, json_object
+from llama_posttrain.train.vllm_engine import add_vllm_args, max_model_len, vllm_engine
+
+# torch-heavy modules are imported in the functions that use them: `--help` and argument errors answer at once.
+
+
+def read_prompts(path) -> list[dict]:
+    """JSONL records with a "prompt" (text or messages) and any other fields, kept as metadata.
+    -> the records with the parsed prompt as "messages"."""
+    out = []
+    for where, obj in read_records(path):
+        if isinstance(obj, ValidationError):
+            raise obj
+        if not isinstance(obj, dict) or "prompt" not in obj:
+            raise ValidationError(f"{where}: prompt: missing (a prompt record is an object with a 'prompt')")
+        if "messages" in obj:  # it would be replaced by the parsed prompt, and lost
+            raise ValidationError(f"{where}: messages: a prompt record gives its prompt as 'prompt' only")
+        out.append({**obj, "messages": parse_prompt(obj["prompt"], where)})
+    return out
+
+
+def sample(
+    policy, chat: ChatFormat, prompts: list[list[dict]], k: int, max_new_tokens: int, batch_size: int = 64,
+    done=None, compile: bool = False, **kw,
+):  # fmt: skip
+    """-> texts[p][j], finished[p][j]: K decoded samples per prompt and whether each hit a stop token.
+    `policy`: the model (native engine: `batch_size` prompts per generate call, `compile` its decode step), or
+    an engine object with `sample_ids` (VLLMEngine). `done(n)`: called with the number of prompts sampled so
+    far after each batch (progress)."""
+    from llama_posttrain.llama.generate import decode_sample, generate
+
+    tok = chat.tokenizer
+    texts, finished = [], []
+    engine = getattr(policy, "sample_ids", None)
+    if engine is not None:  # the engine batches on its own: all prompts at once
+        batch_size = max(len(prompts), 1)
+    for start in range(0, len(prompts), batch_size):
+        ids = [chat.encode_dialog(m, add_generation_prompt=True).tokens for m in prompts[start : start + batch_size]]
+        if engine is not None:
+            out = engine(ids, k, max_new_tokens, tok.stop_ids, **kw)
+        else:
+            out = generate(policy, ids, k, max_new_tokens, tok.stop_ids, pad_id=tok.pad_id, compile=compile, **kw)
+        for samples in out:
+            texts.append([decode_sample(tok, s) for s in samples])
+            finished.append([bool(s) and s[-1] in tok.stop_ids for s in samples])
+        if done is not None:
+            done(len(texts))
+    return texts, finished
+
+
+def score(rm, chat: ChatFormat, prompts: list[list[dict]], responses: list[list[str]], max_len: int = 4096):
+    """Reward of every response: -> scores[p][j]. Responses of a prompt share one row (split if long)."""
+    import torch
+
+    from llama_posttrain.data.rows import build_group, encode_response, pack
+    from llama_posttrain.llama.model import attention_mask
+    from llama_posttrain.train.targets import scores as scores_of
+
+    examples, where = [], []  # where[e] = (prompt index, response indices)
+    for p, (messages, texts) in enumerate(zip(prompts, responses)):
+        prompt = chat.encode_dialog(messages, add_generation_prompt=True)
+        encoded = [encode_response(chat, [{"role": "assistant", "content": t}]) for t in texts]
+        group, size = [], len(prompt)
+        for j, r in enumerate(encoded):
+            if len(prompt) + len(r) > max_len:
+                raise ValueError(f"prompt {p} + response {j} is {len(prompt) + len(r)} tokens, over max_len {max_len}")
+            if group and size + len(r) > max_len:
+                examples.append(build_group(prompt, [encoded[i] for i in group]))
+                where.append((p, group))
+                group, size = [], len(prompt)
+            group.append(j)
+            size += len(r)
+        examples.append(build_group(prompt, [encoded[i] for i in group]))
+        where.append((p, group))
+    for uid, ex in enumerate(examples):
+        ex.uid = uid
+    device = rm.tok_embeddings.weight.device
+    scores = [[0.0] * len(r) for r in responses]
+    for batch in pack(examples, max_len, 4 * max_len, chat.tokenizer.pad_id):
+        b = batch.to(device)
+        mask = attention_mask(b.doc_ids, b.branch_ids)
+        with torch.no_grad():
+            rewards = scores_of(rm(b.tokens, b.positions, mask=mask), b).tolist()  # fp32: no bf16 ties
+        for reward, group, rank in zip(rewards, b.seq_group.tolist(), b.seq_rank.tolist()):
+            p, idx = where[b.group_uid[group]]
+            scores[p][idx[rank]] = reward
+    return scores
+
+
+def combine_llama2(helpful: float, safety: float, is_safety_prompt: bool, threshold: float = 0.15) -> float:
+    """Llama 2's R_c: the safety score if the prompt is a safety prompt or sigmoid(R_s) < threshold,
+    else the helpfulness score; both compared on the sigmoid scale, returned as logits."""
+    s, h = 1 / (1 + math.exp(-safety)), 1 / (1 + math.exp(-helpful))
+    r = s if is_safety_prompt or s < threshold else h
+    r = min(max(r, 1e-7), 1 - 1e-7)
+    return math.log(r / (1 - r))
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def rejection_sample(records, *args, dedup: bool = False, **kw):
+    """-> (SFT records, preference records, sets to annotate, drops: {DROPS key: count}) for these records;
+    arguments as sample_records; `dedup` as split_outputs."""
+    return split_outputs(sample_records(records, *args, **kw), dedup)
+
+
+def sample_records(
+    records, policy, rm, chat, k, max_new_tokens, generator, temperature=1.0, top_p=1.0, top_k=0,
+    safety_rm=None, annotate=None, max_chars=None, max_len=4096, clean: CleanRules | None = None, done=None,
+    batch_size: int = 64, compile: bool = False,
+) -> list[tuple[dict | None, dict | None, dict, Counter]]:  # fmt: skip
+    """`sample` then `select_samples` (arguments as theirs) -> per record: (its SFT record or None, its
+    preference pair or None, its set to annotate, what was dropped: {DROPS key: count})."""
+    texts, finished = sample(
+        policy, chat, [r["messages"] for r in records], k, max_new_tokens, batch_size, temperature=temperature,
+        top_p=top_p, top_k=top_k, generator=generator, compile=compile, **({"done": done} if done else {}),
+    )  # fmt: skip
+    return select_samples(records, texts, finished, rm, chat, k, safety_rm, annotate, max_chars, max_len, clean)
+
+
+def select_samples(
+    records, texts, finished, rm, chat, k, safety_rm=None, annotate=None, max_chars=None, max_len=4096,
+    clean: CleanRules | None = None,
+) -> list[tuple[dict | None, dict | None, dict, Counter]]:  # fmt: skip
+    """Each record's K samples (texts[p][j], finished[p][j]: `sample`'s) scored by the reward model(s) ->
+    per record: (its SFT record or None, its preference pair or None, its set to annotate, what was dropped:
+    {DROPS key: count}, every sample and every missing SFT record or pair counted once).
+    `clean`: the cleaning rules (llama_posttrain/data/clean.py), applied to every sample."""
+    prompts = [r["messages"] for r in records]
+    helpful = score(rm, chat, prompts, texts, max_len) if rm is not None else [[0.0] * k for _ in prompts]
+    if safety_rm is not None:
+        safety = score(safety_rm, chat, prompts, texts, max_len)
+        helpful = [
+            [combine_llama2(h, s, bool(r.get("safety"))) for h, s in zip(hs, ss)]
+            for r, hs, ss in zip(records, helpful, safety)
+        ]
+    out = []
+    for r, ts, fs, ss in zip(records, texts, finished, helpful):
+        reasons = [drop_reason(t, f, max_chars, clean) for t, f in zip(ts, fs)]
+        dropped = Counter(reason for reason in reasons if reason is not None)
+        keep = [j for j, reason in enumerate(reasons) if reason is None]
+        meta = provenance(r)  # first, so that the generated fields written after it win
+        sft = None
+        if keep:
+            best = max(keep, key=lambda j: ss[j])
+            messages = r["messages"] + [{"role": "assistant", "content": ts[best]}]
+            sft = {**meta, "messages": messages, "score": ss[best], "scores": ss}
+        else:
+            dropped["no_sft_record"] += 1
+        labels = annotate(r, ts) if annotate is not None else ss
+        kept_texts, kept_labels = [ts[j] for j in keep], [labels[j] for j in keep]
+        pair = preference_pair(r, kept_texts, kept_labels) if len(keep) >= 2 else None
+        if pair is not None:
+            pair = {**meta, **pair}
+        elif len(keep) < 2:
+            dropped["no_pair_fewer_than_2"] += 1
+        elif max(kept_labels) == min(kept_labels):
+            dropped["no_pair_tied_scores"] += 1
+        else:  # preference_pair's other refusal: its best and worst sample are the same text
+            dropped["no_pair_same_text"] += 1
+        set_ = {**meta, "prompt": r["messages"], "responses": ts, "finished": fs, "rm_scores": ss}
+        out.append((sft, pair, set_, dropped))
+    return out
+
+
+def provenance(record: dict) -> dict:
+    """The prompt record's own fields under "source" (its "id" also on top, the key labels join on)."""
+    source = {key: v for key, v in record.items() if key not in ("prompt", "messages")}
+    return ({"id": record["id"]} if "id" in record else {}) | {"source": source}
+
+
+def make_task(spec: str, args: dict | None, where: str = "--task-args"):
+    """A task (data/tasks) made with its arguments: a dataclass task's are type-checked as the pipeline's
+    config checks them (llama_posttrain/train/config.py from_flat_dict); ValueError naming `where` and the argument."""
+    from llama_posttrain.data.tasks import load_task, task_factory
+
+    factory = task_factory(spec)
+    if dataclasses.is_dataclass(factory):
+        from llama_posttrain.train.config import from_flat_dict
+
+        return from_flat_dict(factory, dict(args or {}), where)
+    return load_task(spec, args)
+
+
+def _annotator(spec: str | None, task_args: dict | None = None):
+    if spec is None or spec == "rm":
+        return None
+    kind, _, arg = spec.partition(":")
+    if kind == "verifier" and arg:  # a task's verifier, the task made with its settings (--task-args)
+        return verifier_annotator(make_task(arg, task_args).verify)
+    if kind == "file":
+        return file_annotator(arg)
+    raise ValueError(f"--annotate must be rm, verifier:TASK (e.g. verifier:arithmetic) or file:PATH, got {spec!r}")
+
+
+def check_checkpoints(args, vocab_size: int) -> None:
+    """Fail before any work: a reward model must have its trained head (an LM checkpoint would get a
+    freshly initialized one: random scores), and must know all the tokenizer's ids."""
+    from llama_posttrain.llama.checkpoint import read_config
+
+    for flag, path in (("--rm", args.rm), ("--safety-rm", args.safety_rm)):
+        if not path:
+            continue
+        config, head, _ = read_config(path)
+        if head != "reward":
+            raise SystemExit(
+                f"{flag} {path}: not a reward model (its head is {head!r}): scoring with it would use a freshly "
+                "initialized reward head; pass a checkpoint from llama_posttrain/train/rm.py"
+            )
+        if config.vocab_size < vocab_size:
+            raise SystemExit(f"{flag} {path}: the model has {config.vocab_size} ids, the tokenizer {vocab_size}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--policy", required=True)
+    ap.add_argument("--rm", help="reward model checkpoint (helpfulness)")
+    ap.add_argument("--safety-rm", help="safety reward model, combined as in Llama 2")
+    ap.add_argument("--prompts", required=True)
+    ap.add_argument("--tokenizer", help="file or model folder; default: the policy folder's, else the byte tokenizer")
+    ap.add_argument("--chat-template", choices=TEMPLATES, help="default: the policy folder's, else llama3")
+    ap.add_argument("--k", type=at_least(1), default=16, help="samples per prompt")
+    ap.add_argument("--max-new-tokens", type=at_least(1), default=256, help="generated tokens per sample at most")
+    ap.add_argument("--temperature", type=at_least(0.0, float), default=1.0, help="0: greedy")
+    ap.add_argument("--top-p", type=float, default=1.0, help="in (0, 1]; 1: off")
+    ap.add_argument("--top-k", type=at_least(0), default=0, help="0: off")
+    ap.add_argument("--max-chars", type=at_least(1))
+    ap.add_argument("--annotate", help="rm (default) | verifier:TASK (data/tasks, e.g. arithmetic) | file:labels.jsonl")
+    ap.add_argument(
+        "--task-args", type=json_object, metavar="JSON",
+        help="the arguments of --annotate verifier:TASK's task, e.g. '{\"max_digits\": 1, \"noise\": 0.35}'",
+    )  # fmt: skip
+    ap.add_argument("--seed", type=int, default=0, help="rank r samples with seed + 1000003 * r (rank 0: the seed)")
+    ap.add_argument(
+        "--engine", choices=("native", "vllm"), default="native",
+        help="native: llama_posttrain/llama/generate.py; vllm: vLLM on CUDA GPUs (pip install vllm), the engine for 8B+ models",
+    )  # fmt: skip
+    ap.add_argument("--batch-size", type=at_least(1), default=64, help="prompts per generate call (native engine)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the decode step (native engine)")
+    ap.add_argument("--out-sft")
+    ap.add_argument("--out-pairs")
+    ap.add_argument("--out-sets")
+    ap.add_argument("--out-report", help="the summary JSON (prompts, samples, sft, pairs, dropped) written here too")
+    clean = ap.add_argument_group(
+        "cleaning (llama_posttrain/data/clean.py; every rule off unless given, every drop counted)"
+    )
+    clean.add_argument("--dedup", action="store_true", help="drop an SFT record repeating an earlier prompt+response")
+    clean.add_argument(
+        "--max-repeat", type=float, metavar="FRACTION",
+        help="drop a sample in which repeated word n-grams cover more than FRACTION of its words",
+    )  # fmt: skip
+    clean.add_argument("--repeat-ngram", type=at_least(1), default=3, metavar="N", help="n of --max-repeat")
+    clean.add_argument(
+        "--ban-phrase", action="append", default=[], metavar="TEXT",
+        help="drop a sample containing TEXT (case-insensitive); repeatable",
+    )  # fmt: skip
+    clean.add_argument("--max-emoji", type=at_least(0), metavar="N", help="drop a sample with more than N emoji")
+    clean.add_argument(
+        "--max-exclamation", type=at_least(0), metavar="N", help="drop a sample with more than N exclamation marks"
+    )
+    add_vllm_args(ap)
+    args = ap.parse_args(argv)
+    if not 0 < args.top_p <= 1:
+        ap.error(f"argument --top-p: must be in (0, 1], got {args.top_p}")
+    if args.max_repeat is not None and not 0 <= args.max_repeat <= 1:
+        ap.error(f"argument --max-repeat: a fraction in [0, 1], got {args.max_repeat}")
+    if any(not p.strip() for p in args.ban_phrase):
+        ap.error("argument --ban-phrase: an empty phrase would ban every sample")
+    if args.task_args is not None and not (args.annotate or "").startswith("verifier:"):
+        ap.error("argument --task-args: the arguments of --annotate verifier:TASK's task; give that too")
+    for flag in ("vllm_max_model_len", "vllm_seed_per_request") if args.engine == "native" else ("compile",):
+        if getattr(args, flag) not in (None, False):
+            ap.error(f"argument --{flag.replace('_', '-')}: not an option of --engine {args.engine}")
+    args.clean = CleanRules(
+        args.max_repeat, args.repeat_ngram, tuple(args.ban_phrase), args.max_emoji, args.max_exclamation
+    )
+    records = read_prompts(args.prompts)
+    try:
+        annotate = _annotator(args.annotate, args.task_args)
+    except ValueError as e:
+        raise SystemExit(f"--annotate {args.annotate}: {e}") from None
+
+    import torch  # here: the errors above answer without it
+
+    from llama_posttrain.llama.checkpoint import read_config
+
+    try:  # --tokenizer, else the policy folder's, else the byte tokenizer if the vocabularies match
+        config = read_config(args.policy)[0]
+        tokenizer = resolve_tokenizer(args.tokenizer, args.policy, config.vocab_size)
+        chat = ChatFormat(tokenizer, resolve_chat_template(args.chat_template, args.policy))
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"--policy {args.policy}: {e}") from None
+    check_checkpoints(args, tokenizer.vocab_size)
+    if args.engine == "vllm":
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise SystemExit("error: run --engine vllm as one process (python, not torchrun): vLLM uses GPUs itself")
+        from llama_posttrain.train.distributed import Dist
+
+        longest = max((len(chat.encode_dialog(r["messages"], add_generation_prompt=True)) for r in records), default=0)
+        model_len = max_model_len(longest, args.max_new_tokens, config.max_seq_len, args.vllm_max_model_len)
+        print(f"vLLM: max_model_len {model_len}, gpu_memory_utilization {args.vllm_gpu_memory_utilization}", flush=True)
+        with tempfile.TemporaryDirectory(prefix="vllm_policy_") as export_dir:
+            engine = vllm_engine(
+                args.policy, chat, args.seed, args.tensor_parallel, export_dir, model_len,
+                args.vllm_gpu_memory_utilization, args.vllm_seed_per_request,
+            )  # fmt: skip
+            # one process, no process group: vLLM sets up its own workers
+            sample_and_write(args, Dist(0, 1, 0, torch.device("cuda"), None), chat, records, annotate, engine)
+        return
+    import torch.distributed as dist
+
+    from llama_posttrain.train.distributed import init_distributed
+
+    d = init_distributed()  # one process per GPU (cuda:LOCAL_RANK); a plain `python` run is 1 rank
+    try:
+        sample_and_write(args, d, chat, records, annotate)
+        dist.barrier()  # no rank tears the group down while another still uses it
+    finally:
+        dist.destroy_process_group()
+
+
+def sample_and_write(args, d, chat: ChatFormat, records: list[dict], annotate, engine=None) -> None:
+    """`engine`: a VLLMEngine to sample with instead of loading the policy here. The reward models are loaded
+    once the samples are drawn and the policy is freed (the engine closed: vLLM's GPU memory given back)."""
+    import torch
+    import torch.distributed as dist
+
+    from llama_posttrain.llama.checkpoint import load_model
+    from llama_posttrain.llama.generate import kv_cache_report
+
+    dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
+    policy = engine if engine is not None else load_model(args.policy, head="lm", dtype=dtype, device=d.device).eval()
+    # rank 0 draws from the seed itself: a 1-rank job samples what an in-process call seeded so does
+    generator = torch.Generator(d.device).manual_seed(rank_seed(args.seed, d.rank))
+    mine, total = records[d.rank :: d.world_size], len(records)
+    if engine is None and d.is_main and mine:  # rank 0's share: the ranks' shares differ by a prompt at most
+        lens = [len(chat.encode_dialog(r["messages"], add_generation_prompt=True)) for r in mine]
+        report = kv_cache_report(policy.config, dtype, lens, args.max_new_tokens, args.k, args.batch_size, args.compile)
+        print(report, flush=True)
+
+    def done(n):  # rank 0's prompts done, scaled to the whole set (the ranks go at about the same pace)
+        progress.report(min(total, n * d.world_size), total, "prompts")
+
+    progress.report(0, total, "prompts")
+    texts, finished = sample(
+        policy, chat, [r["messages"] for r in mine], args.k, args.max_new_tokens, args.batch_size, done, args.compile,
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, generator=generator,
+    )  # fmt: skip
+    if engine is not None:
+        engine.close()
+    del policy  # the reward models take its place
+    rm, safety = (
+        load_model(path, head="reward", dtype=dtype, device=d.device).eval() if path else None
+        for path in (args.rm, args.safety_rm)
+    )
+    out = select_samples(mine, texts, finished, rm, chat, args.k, safety, annotate, args.max_chars, clean=args.clean)
+    gathered = [out]
+    if d.world_size > 1:
+        gathered = [None] * d.world_size
+        dist.all_gather_object(gathered, out)
+    if not d.is_main:
+        return
+    ordered = [None] * len(records)
+    for rank, results in enumerate(gathered):  # rank r sampled prompts r, r + world, ...: back into prompt order
+        ordered[rank :: d.world_size] = results
+    sft, pairs, sets, dropped = split_outputs(ordered, args.dedup)
+    for path, recs in ((args.out_sft, sft), (args.out_pairs, pairs), (args.out_sets, sets)):
+        if path:
+            write_jsonl(path, recs)
+    outputs = [name for name, path in (("sft", args.out_sft), ("pairs", args.out_pairs)) if path]
+    lines, warning = drop_report(dropped, len(records), args.k, f"--max-new-tokens {args.max_new_tokens}", outputs)
+    print("\n".join(lines), flush=True)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    counts = {"prompts": len(records), "samples": len(records) * args.k, "sft": len(sft), "pairs": len(pairs)}
+    summary = json.dumps({**counts, "dropped": dict(sorted(dropped.items()))})
+    if args.out_report:
+        write_text(args.out_report, summary + "\n")
+    progress.report(total, total, "prompts")
+    print(summary, flush=True)
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank r's generator: rank 0 the seed itself, so a 1-rank job reproduces an in-process call."""
+    return seed + 1_000_003 * rank
+
+
+if __name__ == "__main__":
+    main()
