@@ -1,21 +1,23 @@
 """The launchers (llama_posttrain/train/launch.py): the commands each one runs; a training job across 2 "nodes" (two torchrun
-agents on a loopback c10d rendezvous), through slurm (a stand-in srun) and through the torchrun leader /
-follower queue, gives the same result as one node; the progress line."""
+agents on a loopback c10d rendezvous) through slurm (a stand-in srun) gives the same result as one node; a job dies
+with its driver (kill -9: no orphans); the progress line. Ray: tests/test_launch_ray.py."""
 
 import io
 import json
 import os
+import signal
 import socket
 import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
-from test_train import QUICK, ROOT
+from test_train import QUICK, ROOT, process_tree
 
 from llama_posttrain.train import progress
-from llama_posttrain.train.launch import Job, Launcher, ProgressLine
+from llama_posttrain.train.launch import Job, JobFailed, Launcher, ProgressLine
 
 ARGS = ["--config", str(QUICK / "sft.yaml"), "train.steps=3", "data.eval=null", "train.save_every=0"]
 ARGS += ["logging.log_every=1", "logging.progress=false"]
@@ -43,27 +45,48 @@ def same_training(a, b):
         assert x["loss"] == pytest.approx(y["loss"], abs=1e-6) and x["grad_norm"] == pytest.approx(y["grad_norm"])
 
 
-def test_the_commands_of_each_launcher(tmp_path):
+def test_the_commands_of_each_launcher(tmp_path, monkeypatch):
     job = Job("j", "llama_posttrain/train/sft.py", ["--config", "c.yaml"], tmp_path / "j.log", nproc=8)
     single = Job("avg", "llama_posttrain/train/average.py", ["--out", "o", "a", "b"], tmp_path / "a.log", nproc=0)
     py, script = sys.executable, str(ROOT / "llama_posttrain" / "train" / "sft.py")
-    local = Launcher("local")
-    assert local.command(job) == [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=8", script,
-                                  "--config", "c.yaml"]  # fmt: skip
-    assert local.command(single) == [py, str(ROOT / "llama_posttrain" / "train" / "average.py"), "--out", "o", "a", "b"]
-    multi = Launcher("torchrun", nnodes=2, node_rank=1, rdzv_endpoint="node0:29400")
-    assert multi.command(job, "s-3") == [
-        py, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=8", "--rdzv_backend=c10d",
-        "--rdzv_endpoint=node0:29400", "--rdzv_id=s-3", script, "--config", "c.yaml",
-    ]  # fmt: skip
+    average = [py, str(ROOT / "llama_posttrain" / "train" / "average.py"), "--out", "o", "a", "b"]
+    standalone = [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=8", script, "--config", "c.yaml"]
+    assert Launcher("local").command(job) == Launcher("torchrun").command(job) == standalone
+    assert Launcher("local").command(single) == average
     slurm = Launcher("slurm", nnodes=2, rdzv_endpoint="node0:29400")
-    assert slurm.command(job, "s-0")[:4] == ["srun", "--nodes=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
-    assert slurm.command(job, "s-0")[4:] == multi.command(job, "s-0")
-    assert slurm.command(single) == ["srun", "--nodes=1", "--ntasks=1", py, str(ROOT / "llama_posttrain" / "train" / "average.py"),
-                                     "--out", "o", "a", "b"]  # fmt: skip
-    os.environ.pop("MASTER_ADDR", None)
-    with pytest.raises(ValueError, match="needs rdzv_endpoint"):
-        Launcher("torchrun", nnodes=2).command(job)
+    assert slurm.command(job, "s-0") == [
+        "srun", "--nodes=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
+        py, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=8", "--rdzv_backend=c10d",
+        "--rdzv_endpoint=node0:29400", "--rdzv_id=s-0", script, "--config", "c.yaml",
+    ]  # fmt: skip
+    assert slurm.command(single) == ["srun", "--nodes=1", "--ntasks=1", *average]
+    monkeypatch.setenv("MASTER_ADDR", "head")
+    monkeypatch.setenv("MASTER_PORT", "1234")
+    assert "--rdzv_endpoint=head:1234" in Launcher("slurm", nnodes=2).command(job)
+    ray = Launcher("ray", nnodes=2)  # node i's agent, a static rendezvous on node 0 (ranks 8 i ... 8 i + 7)
+    assert ray.command(job, node=1, master="10.0.0.5:4321") == [
+        py, "-m", "torch.distributed.run", "--nnodes=2", "--node_rank=1", "--master_addr=10.0.0.5",
+        "--master_port=4321", "--nproc_per_node=8", script, "--config", "c.yaml",
+    ]  # fmt: skip
+    assert ray.command(single) == average
+
+
+@pytest.mark.parametrize("kind", ["local", "torchrun"])
+def test_one_node_launchers_refuse_several_nodes(kind):
+    with pytest.raises(
+        ValueError, match=f"launcher: {kind} runs on one node; .* use launcher: ray .* or launcher: slurm"
+    ):
+        Launcher(kind, nnodes=2)
+
+
+def test_the_pipeline_refuses_several_nodes_on_one_node_launchers(tmp_path):
+    from llama_posttrain.train.pipeline import PipelineError, load_pipeline_config, make_launcher
+
+    cfg = load_pipeline_config(None, ["launcher=torchrun", "nnodes=2"])
+    with pytest.raises(PipelineError, match="launcher: torchrun runs on one node"):
+        make_launcher(cfg, tmp_path)
+    with pytest.raises(PipelineError, match="node_rank"):  # the retired queue's key is unknown now
+        load_pipeline_config(None, ["node_rank=1"])
 
 
 FAKE_SRUN = """#!/usr/bin/env python3
@@ -97,33 +120,75 @@ def test_a_job_on_two_nodes_through_slurm_equals_one_node(tmp_path, monkeypatch)
     same_training(metrics(tmp_path / "one_node"), metrics(tmp_path / "two_nodes"))
 
 
-FOLLOWER = """
+# A job that records its pid, then works until SIGTERM, on which it "saves" (writes a file) and exits 143.
+JOB = """
+import os, signal, sys, time
+out = sys.argv[1]
+def save(signum, frame):
+    open(out + ".saved", "w").write(signal.Signals(signum).name)
+    sys.exit(143)
+signal.signal(signal.SIGTERM, save)
+open(out + ".pid.tmp", "w").write(str(os.getpid()))
+os.replace(out + ".pid.tmp", out + ".pid")
+while True:
+    time.sleep(0.05)
+"""
+
+DRIVER = """
 import sys
 from pathlib import Path
-from llama_posttrain.train.launch import Launcher
-launcher = Launcher("torchrun", nnodes=2, node_rank=1, rdzv_endpoint=sys.argv[2], queue=Path(sys.argv[1]))
+from llama_posttrain.train.launch import Job, Launcher
+script, out, nproc = sys.argv[1:]
+launcher = Launcher("local")
 with launcher.signals:
-    sys.exit(launcher.follow(poll_s=0.1))
+    launcher.run(Job("job", script, [out], Path(out + ".log"), int(nproc), {"OMP_NUM_THREADS": "1"}))
 """
 
 
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has ended; only its parent has not reaped it
+
+
+def wait_for(predicate, timeout_s: float) -> bool:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def kill_9_driver_and_check_the_job_ends(tmp_path, nproc):
+    script, out = tmp_path / "job.py", tmp_path / "out"
+    script.write_text(JOB)
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(script), str(out), str(nproc)], cwd=ROOT)
+    tree = [driver.pid]
+    try:
+        assert wait_for(lambda: Path(f"{out}.pid").exists(), 60), "the job did not start"
+        worker = int(Path(f"{out}.pid").read_text())
+        tree = process_tree(driver.pid)  # the driver, (torchrun,) the job
+        assert worker in tree and len(tree) == (3 if nproc else 2)
+        driver.kill()  # kill -9: no handler runs in the driver
+        driver.wait()
+        assert wait_for(lambda: not any(alive(pid) for pid in tree[1:]), 40), "the job outlived its driver"
+        assert Path(f"{out}.saved").read_text() == "SIGTERM"  # as a forwarded signal: it saved
+    finally:
+        for pid in tree:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_a_job_dies_with_its_driver_killed_by_kill_9(tmp_path):
+    kill_9_driver_and_check_the_job_ends(tmp_path, nproc=0)  # a plain process (averaging)
+
+
 @pytest.mark.slow
-def test_the_torchrun_leader_and_a_follower_node_train_as_one_node(tmp_path, monkeypatch):
-    endpoint, queue = f"127.0.0.1:{free_port()}", tmp_path / "jobs"
-    (queue).mkdir()
-    (queue / "session.json").write_text(json.dumps({"id": "an-earlier-leader", "host": "x"}))  # not followed
-    (queue / "job_00000.json").write_text(json.dumps({"rdzv_id": "an-earlier-leader-0"}))
-    follower = subprocess.Popen([sys.executable, "-c", FOLLOWER, str(queue), endpoint], cwd=ROOT,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    leader = Launcher("torchrun", nnodes=2, node_rank=0, rdzv_endpoint=endpoint, queue=queue)
-    leader.start_session()
-    leader.run(sft_job(tmp_path, "two_nodes"))
-    leader.end_session(0)
-    out, _ = follower.communicate(timeout=120)
-    assert follower.returncode == 0, out
-    assert "[node 1] two_nodes: starting this node's agent" in out
-    Launcher("local").run(sft_job(tmp_path, "one_node", nproc=2))
-    same_training(metrics(tmp_path / "one_node"), metrics(tmp_path / "two_nodes"))
+def test_torchrun_and_its_worker_die_with_the_driver_killed_by_kill_9(tmp_path):
+    kill_9_driver_and_check_the_job_ends(tmp_path, nproc=1)  # torchrun forwards the SIGTERM to its worker
 
 
 def test_the_progress_line_shows_done_total_and_an_eta(tmp_path, monkeypatch):
@@ -155,3 +220,9 @@ def test_a_job_reports_its_progress_to_the_launcher(tmp_path, monkeypatch):
     Launcher("local").run(sft_job(tmp_path, "run", nproc=1))
     assert seen and seen[-1] == 3 and all(a <= b for a, b in zip(seen, seen[1:]))  # the end is always shown
     assert json.loads((tmp_path / "run.progress.json").read_text())["done"] == 3
+
+
+def test_launcher_ray_without_ray_says_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    with pytest.raises(JobFailed, match=r"launcher: ray needs Ray, which is not installed: pip install -e '\.\[ray\]'"):
+        Launcher("ray").run(Job("j", "llama_posttrain/train/average.py", [], tmp_path / "j.log", nproc=0))

@@ -80,7 +80,7 @@ def test_killed_pipeline_resumes_without_redoing_stages(tmp_path):
         ({"preset": "huge"}, r"preset must be one of \(.*'tiny'.*\), got 'huge'"),
         (
             {"task": "chess"},
-            r"task: unknown task 'chess': give one of arithmetic, files or a 'package.module:factory' path",
+            r"task: unknown task 'chess': give one of arithmetic, files, word_sums or a 'package.module:factory' path",
         ),
         ({"task_args": {"max_digits": "two"}}, r"task_args: max_digits: expected int, got 'two'"),
         ({"task_args": {"max_digits": 0}}, r"task_args: max_digits: must be >= 1, got 0"),
@@ -103,7 +103,7 @@ def test_config_errors_name_the_override_and_stop_before_any_stage(tmp_path, cap
         load_pipeline_config(None, ["rounds=two"])
     from llama_posttrain.train.pipeline import main
 
-    with pytest.raises(SystemExit, match=r"^pipeline: override 'k=2.5': k: expected int"):
+    with pytest.raises(SystemExit, match=r"^pipeline: error: override 'k=2.5': k: expected int"):
         main([f"root={tmp_path / 'runs'}", "k=2.5"])
     assert not (tmp_path / "runs").exists()
 
@@ -159,7 +159,7 @@ def test_a_failing_stage_prints_its_log_path_and_last_lines(tmp_path):
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     log = tmp_path / "runs" / "micro" / "round_0" / "pretrain" / "variant_0.log"
     assert out.returncode == 1
-    assert "pipeline: [round 0] pretrain: llama_posttrain/train/sft.py failed (exit code 1)" in out.stderr
+    assert "pipeline: error: [round 0] pretrain: llama_posttrain/train/sft.py failed (exit code 1)" in out.stderr
     assert f"the end of its log {log}\n" in out.stderr
     assert "unknown key train.bogus" in out.stderr and "unknown key train.bogus" in log.read_text()
     assert "CalledProcessError" not in out.stderr

@@ -193,11 +193,14 @@ def trl_arguments(args, work: Path, device: torch.device, batch: int) -> dict:
     )
 
 
-def trl_tokenizer():
-    """The real Llama 3 tokenizer for transformers, with TRL's Llama 3 chat template."""
+def trl_tokenizer(hf_dir=None):
+    """The real Llama 3 tokenizer for transformers, with TRL's Llama 3 chat template; with `hf_dir` (a
+    --checkpoint's HF export) that folder's own tokenizer and chat template, as transformers loads them."""
     import trl
-    from transformers import PreTrainedTokenizerFast
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+    if hf_dir is not None:
+        return AutoTokenizer.from_pretrained(str(hf_dir))
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_file=str(tokenizer_dir() / "tokenizer.json"),
         bos_token="<|begin_of_text|>",
@@ -208,11 +211,94 @@ def trl_tokenizer():
     return tokenizer
 
 
-def our_chat():
-    from llama_posttrain.llama.chat import ChatFormat
+def our_chat(checkpoint=None):
+    """Our chat format: the real Llama 3 tokenizer and template, or with `checkpoint` the model folder's own
+    tokenizer and chat template (as training on that folder reads them)."""
+    from llama_posttrain.llama.chat import ChatFormat, resolve_chat_template
     from llama_posttrain.llama.tokenizer import load_tokenizer
 
+    if checkpoint is not None:
+        return ChatFormat(load_tokenizer(checkpoint), resolve_chat_template(None, checkpoint, verbose=False))
     return ChatFormat(load_tokenizer(tokenizer_dir() / "tokenizer.model"))
+
+
+# ----------------------------------------------------------------------------- a real model (--checkpoint)
+
+
+def add_checkpoint_argument(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument(
+        "--checkpoint",
+        help="a real model folder (native or HF, e.g. experiments/smollm2-135m/model): ours loads it, the peer side "
+        "its HF export, with the folder's own tokenizer and chat template; default: a random tiny Llama 3",
+    )
+
+
+def checkpoint_config(checkpoint: str) -> ModelConfig:
+    """The --checkpoint folder's model config; a folder that is not a model is an `error:` naming it."""
+    from llama_posttrain.llama.checkpoint import read_config
+    from llama_posttrain.llama.formats import CheckpointError
+
+    try:
+        return read_config(checkpoint)[0]
+    except (CheckpointError, OSError, ValueError) as e:
+        raise SystemExit(f"error: --checkpoint {checkpoint}: {e}") from None
+
+
+def export_hf(checkpoint: str, dst: Path) -> None:
+    """The folder transformers loads: `checkpoint` converted to HF at `dst` (weights, tokenizer, chat template)
+    by llama.convert in a child process (the parent keeps no copy of the weights)."""
+    from llama_posttrain.llama.checkpoint import detect_format
+
+    src = Path(checkpoint)
+    found = detect_format(src)
+    cmd = [sys.executable, "-m", "llama_posttrain.llama.convert", "--from", found, "--to", "hf", str(src), str(dst)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    if proc.returncode:
+        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
+        raise SystemExit(f"error: --checkpoint {checkpoint}: the export to HF failed (exit code {proc.returncode})")
+
+
+def add_summary_argument(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument(
+        "--summary",
+        help="also append one JSON line per side (throughput, peak memory) to this file; summary_table.py makes one "
+        "table of several benchmarks' lines (real_model.sh)",
+    )
+
+
+def append_summary(path: str | None, benchmark: str, rows: list[dict]) -> None:
+    """rows: {side, peer (the reference side: TRL, HF), time_s, throughput, unit, tokens_per_s, peak_gib,
+    growth_gib} -> one JSON line each in `path` (nothing without a path)."""
+    if path:
+        with open(path, "a", encoding="utf-8") as f:
+            f.writelines(json.dumps({"benchmark": benchmark, **row}) + "\n" for row in rows)
+
+
+def step_summary(side: str, r: dict, warmup: int, per_step: int, unit: str, peer: bool = False) -> dict:
+    """append_summary's row of a step benchmark's side (its child's report); per_step: records per step."""
+    times, tokens = r["step_times"][warmup:], r["tokens"][warmup:]
+    return dict(
+        side=side, peer=peer, time_s=r["median_s"], throughput=per_step / r["median_s"], unit=unit,
+        tokens_per_s=sum(tokens) / sum(times), peak_gib=r["peak_gib"], growth_gib=r["peak_gib"] - r["baseline_gib"],
+    )  # fmt: skip
+
+
+def model_line(config: ModelConfig, checkpoint: str | None) -> str:
+    """The 'model: ...' words of a report: its shape and size, and the folder it came from."""
+    where = f"{checkpoint} (" if checkpoint else ""
+    return (
+        f"model: {where}dim {config.dim}, {config.n_layers} layers, {config.n_heads} heads / {config.n_kv_heads} kv, "
+        f"ffn {config.ffn_dim}, vocab {config.vocab_size}, {'tied' if config.tie_embeddings else 'untied'}, "
+        f"{config.num_params() / 1e6:.1f}M params{')' if checkpoint else ''}"
+    )
+
+
+def vocab_words(config: ModelConfig) -> str:
+    return f"{round(config.vocab_size / 1000)}k"
+
+
+def token_name(chat, token_id: int) -> str:
+    return chat.tokenizer.decode([token_id])
 
 
 def step_timer(device: torch.device, times: list, cpu_times: list):

@@ -4,7 +4,9 @@ Both sides train the same tiny Llama 3 (real 128256-token vocabulary, so both us
 tokenizer and chat template) from the same weights, on the same preference pairs, in the same order,
 with the same loss recipe (sigmoid DPO, beta 0.1, plus 0.2 x NLL on chosen), the same optimizer
 (AdamW lr 1e-5, betas 0.9/0.95, no weight decay, constant LR, grad clip 1.0), no activation
-checkpointing, and the same number of pairs per optimizer step:
+checkpointing, and the same number of pairs per optimizer step. With --checkpoint DIR both train that
+real model instead (e.g. SmolLM2-135M-Instruct, experiments/smollm2-135m/model: 49152-token vocabulary,
+30 layers) with its own tokenizer and chat template: ours loads DIR, TRL its HF export (llama.convert).
 
   ours   train.dpo.make_objective on unsharded models in one process: [prompt][chosen][rejected] packed
          rows, the prompt computed once, log-probs projected only at the target positions;
@@ -19,6 +21,7 @@ weights (TRL: `bf16=True`) and memory is `torch.cuda.max_memory_allocated`.
 
     python experiments/bench/dpo_step.py --out experiments/bench/results/dpo_step.md
     python experiments/bench/dpo_step.py --warmup 1 --steps 3      # quicker
+    python experiments/bench/dpo_step.py --checkpoint experiments/smollm2-135m/model --warmup 1 --steps 3
 """
 
 from __future__ import annotations
@@ -35,11 +38,17 @@ from common import (
     CHILD_OPTIONS,
     OPTIM,
     add_arguments,
+    add_checkpoint_argument,
+    add_summary_argument,
+    append_summary,
+    checkpoint_config,
     counting_trainer,
     device_line,
+    export_hf,
     load_notes,
     make_records,
     model_config,
+    model_line,
     our_chat,
     our_loader,
     read_jsonl,
@@ -47,11 +56,14 @@ from common import (
     run_child,
     run_side,
     setup_done,
+    step_summary,
     step_timer,
     time_our_steps,
     title,
+    token_name,
     trl_arguments,
     trl_tokenizer,
+    vocab_words,
     write,
     write_jsonl,
 )
@@ -68,10 +80,10 @@ def run_ours(args, device: torch.device) -> None:
     from llama_posttrain.train.targets import chosen_nll, target_logps
 
     work = Path(args.workdir)
-    model = load_model(work / "model", device=device)  # fp32, the weights TRL loads too
+    model = load_model(args.checkpoint or work / "model", device=device)  # fp32, the weights TRL loads too
     ref = copy.deepcopy(model).eval().requires_grad_(False)
     model.train()
-    chat = our_chat()  # alive through the steps, as the trainer holds its tokenizer (in the peak RSS)
+    chat = our_chat(args.checkpoint)  # alive through the steps, as the trainer holds its tokenizer (in the peak RSS)
     loader = our_loader(work / "pairs.jsonl", "dpo", chat, args)
     objective = make_objective(model, ref, DPOSection(), backend="torch")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -134,12 +146,12 @@ def run_trl(args, device: torch.device) -> None:
         model=str(work / "model"),  # loaded with dtype float32; the reference is a second load of it
         args=config,
         train_dataset=dataset,
-        processing_class=trl_tokenizer(),
+        processing_class=trl_tokenizer(work / "model" if args.checkpoint else None),
         callbacks=[step_timer(device, times, cpu_times)],
     )
 
     # The token ids TRL trains on against ours, for the same records (outside the measured steps).
-    chat = our_chat()
+    chat = our_chat(args.checkpoint)
     same_ids = True
     for r, row in zip(records, trainer.train_dataset):
         prompt = chat.encode_dialog([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True).tokens
@@ -167,22 +179,27 @@ def main():
         max_len="ours: packed row length; TRL: max_length",
         repeat=False,
     )
+    add_checkpoint_argument(ap)
+    add_summary_argument(ap)
     args = ap.parse_args()
     if run_side(args, run_ours, run_trl):
         return
     device = torch.device(args.device)
 
     load_before = os.getloadavg()[0]  # other work on the machine skews the times: see cpu_per_wall too
-    config = model_config(args)
+    config = checkpoint_config(args.checkpoint) if args.checkpoint else model_config(args)
     records = make_records(args.records, seed=0)
     with tempfile.TemporaryDirectory() as workdir:
-        torch.manual_seed(0)
-        save_model(Transformer(config), Path(workdir) / "model", format="hf")
+        if args.checkpoint:
+            export_hf(args.checkpoint, Path(workdir) / "model")
+        else:
+            torch.manual_seed(0)
+            save_model(Transformer(config), Path(workdir) / "model", format="hf")
         write_jsonl(Path(workdir) / "pairs.jsonl", records)
-        ours = run_child(__file__, "ours", args, workdir, CHILD_OPTIONS)
-        theirs = run_child(__file__, "trl", args, workdir, CHILD_OPTIONS)
+        ours = run_child(__file__, "ours", args, workdir, (*CHILD_OPTIONS, "checkpoint"))
+        theirs = run_child(__file__, "trl", args, workdir, (*CHILD_OPTIONS, "checkpoint"))
 
-    chat = our_chat()
+    chat = our_chat(args.checkpoint)
     prompt_lens = [len(chat.encode_dialog([{"role": "user", "content": r["prompt"]}], True)) for r in records]
     resp_lens = [len(chat.tokenizer.encode(r[k])) + 1 for r in records for k in ("chosen", "rejected")]
 
@@ -195,8 +212,7 @@ def main():
         device_line(device, {"ours": ours, "TRL": theirs}),
         command,
         "",
-        f"model: dim {config.dim}, {config.n_layers} layers, {config.n_heads} heads / {config.n_kv_heads} kv, "
-        f"ffn {config.ffn_dim}, vocab {config.vocab_size}, untied, {config.num_params() / 1e6:.1f}M params, "
+        f"{model_line(config, args.checkpoint)}, "
         f"{'fp32 weights + bf16 autocast' if cuda else 'float32'}; data: {args.records} pairs, prompts "
         f"{min(prompt_lens)}-{max(prompt_lens)} tokens, responses {min(resp_lens)}-{max(resp_lens)} tokens; "
         f"{args.batch} pairs per step, median of {args.steps} timed steps after {args.warmup} warm-up steps",
@@ -232,18 +248,19 @@ def main():
         "the prompt once; TRL runs prompt+chosen and prompt+rejected as two rows, so it processes every prompt twice. "
         "pairs/s is the like-for-like throughput; tokens/s counts each side's own tokens.",
         f"- ours: rows of up to {args.max_len} tokens, {args.tokens_per_microbatch} tokens per micro-batch "
-        f"({'/'.join(map(str, micro))} micro-batch(es) per step), log-probs projected through the 128k vocabulary "
-        "only at target positions (chunked, `kernels` torch backend). TRL 1.16 patches a fused LM head that "
+        f"({'/'.join(map(str, micro))} micro-batch(es) per step), log-probs projected through the "
+        f"{vocab_words(config)} vocabulary only at target positions (chunked, `kernels` torch backend). TRL 1.16 "
+        "patches a fused LM head that "
         + (
             "scores only completion positions with its Triton kernel"
             if cuda
             else "on CPU (no Triton) projects every position of every row, prompt and padding included"
         )
         + ", and also computes entropy, mean logit and top-1 metrics per token.",
-        "- loss: both sigmoid DPO (beta 0.1) + 0.2 x NLL on chosen. Ours masks formatting tokens (header, <|eot_id|>) "
-        "out of the DPO log-probs and length-normalizes the NLL per sequence; TRL sums all completion tokens into the "
-        "DPO log-probs and takes the token mean of the NLL over the batch. So losses agree only in ballpark after "
-        "step 1.",
+        "- loss: both sigmoid DPO (beta 0.1) + 0.2 x NLL on chosen. Ours masks formatting tokens (header, "
+        f"{token_name(chat, chat.eot_id)}) out of the DPO log-probs and length-normalizes the NLL per sequence; TRL "
+        "sums all completion tokens into the DPO log-probs and takes the token mean of the NLL over the batch. So "
+        "losses agree only in ballpark after step 1.",
         "- optimizer: torch AdamW (TRL `optim=adamw_torch`), lr 1e-5 constant, betas 0.9/0.95, no weight decay, grad "
         "clip 1.0; TRL's default gradient checkpointing is turned off to match ours.",
         "- memory: each side in its own process. "
@@ -258,6 +275,14 @@ def main():
         "load of the same checkpoint.",
     ]
     write("\n".join(header + rows + notes), args.out)
+    append_summary(
+        args.summary,
+        "DPO step",
+        [
+            step_summary("ours (train.dpo)", ours, args.warmup, args.batch, "pairs/s"),
+            step_summary("TRL DPOTrainer", theirs, args.warmup, args.batch, "pairs/s", peer=True),
+        ],
+    )
 
 
 if __name__ == "__main__":

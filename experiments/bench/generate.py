@@ -12,20 +12,44 @@ no stop token, so every row produces exactly --new tokens):
     python experiments/bench/generate.py                 # CPU table, both model sizes
     python experiments/bench/generate.py --sizes 1b      # on a GPU: a Llama 3.2 1B-size config
     python experiments/bench/generate.py --sizes 1b --prompts 16 --new 128 --methods fanout compiled  # validate.sh's
+
+A real model instead (--checkpoint DIR, e.g. experiments/smollm2-135m/model): ours loads DIR, HF generate its HF
+export (llama.convert), the same weights; the prompts are the step benchmarks' (common.make_records, 140-200
+tokens) as user turns rendered with DIR's own chat template (HF's apply_chat_template checked equal to ours);
+--temperature and --top-p on both sides; every row exactly --new tokens (ours: no stop token; HF:
+min_new_tokens = max_new_tokens). Each method runs in its own process, so its peak memory is its own:
+
+    python experiments/bench/generate.py --checkpoint experiments/smollm2-135m/model --prompts 4 --samples 8 \
+        --new 64 --temperature 0.7 --top-p 0.9
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
+from common import (
+    add_checkpoint_argument,
+    add_summary_argument,
+    append_summary,
+    checkpoint_config,
+    export_hf,
+    make_records,
+    our_chat,
+    peak_memory_gib,
+    run_child,
+    setup_done,
+)
 
-from llama_posttrain.llama import Transformer, get_preset, save_model
+from llama_posttrain.llama import Transformer, get_preset, load_model, save_model
 from llama_posttrain.llama.generate import generate
 
 SIZES = {
@@ -188,6 +212,159 @@ def hf_generate_fn(model, prompts, K, new, device, dtype):
     return hf_generate
 
 
+# ----------------------------------------------------------------------------- a real model (--checkpoint)
+
+LABELS = {
+    "fanout": "ours: fan-out",
+    "compiled": "ours: fan-out, compiled",
+    "no-fanout": "ours: no fan-out",
+    "naive": "ours: naive per-sample",
+    "hf": "HF generate",
+}
+# the options a method's process gets from the parent (common.run_child), besides --side/--workdir/--device
+CHECKPOINT_OPTIONS = ("checkpoint", "samples", "new", "repeats", "temperature", "top_p", "quick", "threads")
+
+
+def checkpoint_side(args) -> None:
+    """In a method's process (--side): load the model, warm up (not with --quick, always when compiled), time
+    --repeats calls; print one JSON line (common.run_child reads it)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    work = Path(args.workdir)
+    prompts = json.loads((work / "prompts.json").read_text())  # [{"messages", "ids"}], ids as ours renders them
+    ids = [p["ids"] for p in prompts]
+    P, K, new = len(ids), args.samples, args.new
+    extra = {}
+    if args.side == "hf":
+        fn, model, extra["same_ids"] = hf_checkpoint_fn(work / "hf", prompts, args, device, dtype)
+    else:
+        model = load_model(args.checkpoint, dtype=dtype, device=device).eval()
+        gen = torch.Generator(device).manual_seed(0)
+        kw = dict(max_new_tokens=new, temperature=args.temperature, top_p=args.top_p, generator=gen)  # no stop ids
+
+        def fn():
+            if args.side == "naive":
+                out = [generate(model, [p], num_samples=1, **kw)[0] for p in ids for _ in range(K)]
+            elif args.side == "no-fanout":
+                out = generate(model, [p for p in ids for _ in range(K)], num_samples=1, **kw)
+            else:
+                out = generate(model, ids, num_samples=K, compile=args.side == "compiled", **kw)
+            assert sum(len(s) == new for ss in out for s in ss) == P * K
+
+    baseline = setup_done(device, model)
+    if args.side == "compiled" or not args.quick:
+        t0 = time.perf_counter()
+        fn()  # compiles the decode step when compiled
+        extra["first_s"] = time.perf_counter() - t0
+    times, cpu_times = [], []
+    for _ in range(args.repeats):
+        sync(device)
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
+    out = dict(side=args.side, threads=torch.get_num_threads(), times=times, cpu_times=cpu_times)
+    print(json.dumps({**out, "peak_gib": peak_memory_gib(device), "baseline_gib": baseline, **extra}), flush=True)
+
+
+def hf_checkpoint_fn(hf_dir: Path, prompts: list[dict], args, device, dtype):
+    """-> (the timed call, the model, whether transformers' apply_chat_template gives our prompt ids)."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+    theirs = [
+        tokenizer.apply_chat_template(p["messages"], add_generation_prompt=True, tokenize=True, return_dict=False)
+        for p in prompts
+    ]
+    same_ids = theirs == [p["ids"] for p in prompts]
+    hf = LlamaForCausalLM.from_pretrained(str(hf_dir), dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    P, L, K, new = len(theirs), max(len(p) for p in theirs), args.samples, args.new
+    ids = torch.full((P, L), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros(P, L, dtype=torch.long)
+    for i, p in enumerate(theirs):
+        ids[i, L - len(p) :], mask[i, L - len(p) :] = torch.tensor(p), 1
+    ids, mask = ids.to(device), mask.to(device)
+    torch.manual_seed(0)
+
+    def fn():
+        with torch.no_grad():
+            out = hf.generate(
+                input_ids=ids, attention_mask=mask, do_sample=True, temperature=args.temperature, top_k=0,
+                top_p=args.top_p, num_return_sequences=K, max_new_tokens=new, min_new_tokens=new,
+                pad_token_id=tokenizer.pad_token_id,
+            )  # fmt: skip
+        assert out.shape == (P * K, L + new)
+
+    return fn, hf, same_ids
+
+
+def bench_checkpoint(args, device, dtype) -> str:
+    """The methods on --checkpoint, each in its own process -> the markdown table (printed)."""
+    config = checkpoint_config(args.checkpoint)
+    chat = our_chat(args.checkpoint)
+    messages = [[{"role": "user", "content": r["prompt"]}] for r in make_records(args.prompts, seed=0)]
+    prompts = [{"messages": m, "ids": chat.encode_dialog(m, add_generation_prompt=True).tokens} for m in messages]
+    lengths = [len(p["ids"]) for p in prompts]
+    chosen = args.methods or ["fanout"] + ["compiled"] * args.compile + ["no-fanout", "naive"] * (not args.quick)
+    chosen += ["hf"] * (not args.methods)
+    with tempfile.TemporaryDirectory() as workdir:
+        (Path(workdir) / "prompts.json").write_text(json.dumps(prompts))
+        if "hf" in chosen:
+            export_hf(args.checkpoint, Path(workdir) / "hf")
+        results = {m: run_child(__file__, m, args, workdir, CHECKPOINT_OPTIONS) for m in chosen}
+    P, K, new = args.prompts, args.samples, args.new
+    mem = "peak allocated (GiB)" if device.type == "cuda" else "peak RSS (GiB)"
+    lines = [
+        f"\n### {args.checkpoint}: {config.num_params() / 1e6:.1f}M params, vocab {config.vocab_size}, {P} prompts x "
+        f"{K} samples, prompt {min(lengths)}-{max(lengths)} tokens (its chat template), {new} new tokens, temperature "
+        f"{args.temperature}, top-p {args.top_p}, {str(dtype).removeprefix('torch.')}",
+        "",
+        f"| method | time (s) | samples/s | generated tokens/s | vs fan-out | {mem} | growth over setup (GiB) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    ref = min(results[chosen[0]]["times"])
+    summary = []
+    for method, r in results.items():
+        t = min(r["times"])
+        summary.append(
+            dict(
+                side=LABELS[method], peer=method == "hf", time_s=t, throughput=P * K / t, unit="samples/s",
+                tokens_per_s=P * K * new / t, peak_gib=r["peak_gib"], growth_gib=r["peak_gib"] - r["baseline_gib"],
+            )
+        )  # fmt: skip
+        label = LABELS[method]
+        if method == "compiled":
+            label += f" (compile + first call {r['first_s']:.1f} s, untimed)"
+        lines.append(
+            f"| {label} | {t:.3f} | {P * K / t:,.1f} | {P * K * new / t:,.0f} | {t / ref:.2f}x | {r['peak_gib']:.2f} "
+            f"| {r['peak_gib'] - r['baseline_gib']:.2f} |"
+        )
+    per_wall = ", ".join(f"{m} {sum(r['cpu_times']) / sum(r['times']):.2f}" for m, r in results.items())
+    threads = ", ".join(f"{m} {r['threads']}" for m, r in results.items())
+    lines += [
+        "",
+        f"time: the best of {args.repeats} calls{' after one untimed call' if not args.quick else ''}, each method in "
+        f"its own process (peak memory its own; growth: over the peak after the model was loaded and read). torch "
+        f"threads: {threads}; CPU time / wall time over the timed calls: {per_wall}.",
+    ]
+    if "hf" in results:
+        same = "yes" if results["hf"]["same_ids"] else "NO"
+        lines.append(f"same prompt ids (transformers' apply_chat_template == our chat format): {same}")
+    lines += ["", f"load average at end (1, 5, 15 min): {_load()}"]
+    print("\n".join(lines), flush=True)
+    append_summary(args.summary, f"generate, {P} prompts x {K} samples x {new} tokens", summary)
+    return "\n".join(lines)
+
+
+def _hardware(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name()
+    return f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+
+
 def _load() -> str:
     return ", ".join(f"{x:.1f}" for x in os.getloadavg())
 
@@ -298,9 +475,32 @@ def main():
         help="exactly these rows (instead of --compile / --quick's choice): fanout, compiled (generate(compile=True), "
         "timed after the eager rows are printed), no-fanout, naive, hf",
     )
+    add_checkpoint_argument(ap)
+    add_summary_argument(ap)
+    ap.add_argument("--temperature", type=float, default=1.0, help="--checkpoint: the sampling temperature, both sides")
+    ap.add_argument("--top-p", type=float, default=1.0, help="--checkpoint: nucleus sampling's p, both sides")
+    ap.add_argument("--threads", type=int, default=None, help="--checkpoint: torch.set_num_threads in each process")
+    ap.add_argument("--side", choices=METHODS, help=argparse.SUPPRESS)
+    ap.add_argument("--workdir", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.side:
+        return checkpoint_side(args)
+    if args.summary and not args.checkpoint:
+        ap.error("--summary is written for --checkpoint runs only")
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.checkpoint:
+        header = (
+            f"## generate benchmark on a real model, {datetime.date.today()}\n\ndevice: {_hardware(device)}; torch "
+            f"{torch.__version__}\ncommand: python experiments/bench/generate.py {' '.join(sys.argv[1:])}\n"
+            f"load average at start (1, 5, 15 min): {_load()}"
+        )
+        print(header, flush=True)
+        text = header + "\n" + bench_checkpoint(args, device, dtype)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(text + "\n\n")
+        return
     hw = (
         torch.cuda.get_device_name()
         if device.type == "cuda"

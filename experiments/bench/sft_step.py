@@ -4,7 +4,9 @@ dpo_step.py's setup (common.py): the same tiny Llama 3 (real 128256-token vocabu
 tokenizer and chat template) from the same weights, the same dialogs in the same order, the same loss
 (cross-entropy on the assistant tokens, the token mean over the step), the same optimizer (AdamW lr 1e-5,
 betas 0.9/0.95, no weight decay, constant LR, grad clip 1.0), no activation checkpointing, the same
-dialogs per optimizer step:
+dialogs per optimizer step. With --checkpoint DIR both sides train that real model instead (e.g.
+SmolLM2-135M-Instruct, experiments/smollm2-135m/model: 49152-token vocabulary, 30 layers) with its own
+tokenizer and chat template: ours loads DIR, TRL its HF export (llama.convert), the same weights.
 
   ours   train.sft.make_objective on an unsharded model in one process: dialogs packed first-fit into rows
          of --max-len, a block-diagonal causal mask, log-probs projected only at the target positions.
@@ -24,6 +26,7 @@ weights (TRL `bf16=True`), memory `torch.cuda.max_memory_allocated`.
 
     python experiments/bench/sft_step.py --out experiments/bench/results/sft_step.md
     python experiments/bench/sft_step.py --all-tokens --out experiments/bench/results/sft_step.md
+    python experiments/bench/sft_step.py --checkpoint experiments/smollm2-135m/model --warmup 1 --steps 3
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import argparse
 import os
 import statistics
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -39,11 +43,17 @@ from common import (
     CHILD_OPTIONS,
     OPTIM,
     add_arguments,
+    add_checkpoint_argument,
+    add_summary_argument,
+    append_summary,
+    checkpoint_config,
     counting_trainer,
     device_line,
+    export_hf,
     load_notes,
     make_records,
     model_config,
+    model_line,
     our_chat,
     our_loader,
     read_jsonl,
@@ -52,12 +62,15 @@ from common import (
     run_sides,
     setup_done,
     side_row,
+    step_summary,
     step_timer,
     table,
     time_our_steps,
     title,
+    token_name,
     trl_arguments,
     trl_tokenizer,
+    vocab_words,
     write,
     write_jsonl,
 )
@@ -80,8 +93,8 @@ def run_ours(args, device: torch.device) -> None:
     from llama_posttrain.train.sft import make_objective
 
     work = Path(args.workdir)
-    model = load_model(work / "model", device=device).train()  # fp32, the weights TRL loads too
-    chat = our_chat()  # alive through the steps, as the trainer holds its tokenizer (in the peak RSS)
+    model = load_model(args.checkpoint or work / "model", device=device).train()  # fp32, the weights TRL loads too
+    chat = our_chat(args.checkpoint)  # alive through the steps, as the trainer holds its tokenizer (in the peak RSS)
     loader = our_loader(work / "dialogs.jsonl", "sft", chat, args, train_on_prompt=args.all_tokens)
     objective = make_objective(model, backend="torch")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -116,18 +129,22 @@ def run_trl(args, device: torch.device) -> None:
         model=str(work / "model"),  # loaded in float32 (the checkpoint's dtype)
         args=config,
         train_dataset=dataset,
-        processing_class=trl_tokenizer(),
+        processing_class=trl_tokenizer(work / "model" if args.checkpoint else None),
         callbacks=[step_timer(device, times, cpu_times)],
     )
 
     # The token ids and target positions TRL trains on against ours, for the same dialogs (not timed).
-    chat = our_chat()
+    chat = our_chat(args.checkpoint)
     same_ids = same_targets = True
+    only_trl, only_ours = Counter(), Counter()  # the tokens at the target positions one side has and not the other
     for d, row in zip(dialogs, trainer.train_dataset):
         enc = chat.encode_dialog(d["messages"])
         ours = [i for i, t in enumerate(enc.is_target) if t] if not args.all_tokens else list(range(1, len(enc)))
+        theirs = [i for i, t in enumerate(row["labels"]) if t != -100 and i > 0]
         same_ids &= row["input_ids"] == enc.tokens
-        same_targets &= [i for i, t in enumerate(row["labels"]) if t != -100 and i > 0] == ours
+        same_targets &= theirs == ours
+        only_trl.update(chat.tokenizer.decode([row["input_ids"][i]]) for i in sorted(set(theirs) - set(ours)))
+        only_ours.update(chat.tokenizer.decode([enc.tokens[i]]) for i in sorted(set(ours) - set(theirs)))
 
     baseline = setup_done(device, trainer.model)
     trainer.train()
@@ -135,6 +152,7 @@ def run_trl(args, device: torch.device) -> None:
     report_side(
         "trl", device, r, float(losses[0]), baseline,
         warmup=args.warmup, same_ids=same_ids, same_targets=same_targets, targets=targets,
+        only_trl=dict(only_trl), only_ours=dict(only_ours),
     )  # fmt: skip
 
 
@@ -150,33 +168,37 @@ def main():
         max_len="ours: packed row length (TRL: no limit, none is over)",
     )
     ap.add_argument("--all-tokens", action="store_true", help="every token a target on both sides")
+    add_checkpoint_argument(ap)
+    add_summary_argument(ap)
     args = ap.parse_args()
     if run_side(args, run_ours, run_trl):
         return
     device = torch.device(args.device)
 
     load_before = os.getloadavg()[0]  # other work on the machine skews the times: see cpu_per_wall too
-    config = model_config(args)
+    config = checkpoint_config(args.checkpoint) if args.checkpoint else model_config(args)
     dialogs = make_dialogs(args.records, seed=0)
     with tempfile.TemporaryDirectory() as workdir:
-        torch.manual_seed(0)
-        save_model(Transformer(config), Path(workdir) / "model", format="hf")
+        if args.checkpoint:
+            export_hf(args.checkpoint, Path(workdir) / "model")
+        else:
+            torch.manual_seed(0)
+            save_model(Transformer(config), Path(workdir) / "model", format="hf")
         write_jsonl(Path(workdir) / "dialogs.jsonl", dialogs)
-        results = run_sides(__file__, ["ours", "trl"], args, workdir, (*CHILD_OPTIONS, "all_tokens"))
+        results = run_sides(__file__, ["ours", "trl"], args, workdir, (*CHILD_OPTIONS, "all_tokens", "checkpoint"))
     ours, theirs = results["ours"], results["trl"]
 
-    chat = our_chat()
+    chat = our_chat(args.checkpoint)
     lengths = [len(chat.encode_dialog(d["messages"])) for d in dialogs]
     cuda = device.type == "cuda"
     w = args.warmup
-    what = "every token" if args.all_tokens else "the assistant turn (content and <|eot_id|>)"
+    what = "every token" if args.all_tokens else f"the assistant turn (content and {token_name(chat, chat.eot_id)})"
     header = [
         *title("SFT", "experiments/bench/sft_step.py"),
         "",
         device_line(device, {"ours": ours, "TRL": theirs}),
         "",
-        f"model: dim {config.dim}, {config.n_layers} layers, {config.n_heads} heads / {config.n_kv_heads} kv, "
-        f"ffn {config.ffn_dim}, vocab {config.vocab_size}, untied, {config.num_params() / 1e6:.1f}M params, "
+        f"{model_line(config, args.checkpoint)}, "
         f"{'fp32 weights + bf16 autocast' if cuda else 'float32'}; data: {args.records} single-turn dialogs of "
         f"{min(lengths)}-{max(lengths)} tokens, loss on {what}; {args.batch} dialogs per step "
         f"(targets per step: {statistics.mean(ours['targets'][w:]):,.0f}), median of {args.steps} timed steps after "
@@ -188,6 +210,11 @@ def main():
         side_row("TRL SFTTrainer, padding-free", theirs, w, args.batch),
     ]
     micro = "/".join(map(str, sorted(set(ours["micro_batches"]))))
+    differ = ""
+    if not theirs["same_targets"]:
+        differ = (
+            f" (target tokens only TRL trains on, with counts: {theirs['only_trl']}; only ours: {theirs['only_ours']})"
+        )
     notes = [
         "",
         *load_notes({"ours": ours, "TRL": theirs}, load_before, device),
@@ -196,12 +223,13 @@ def main():
         "",
         "notes:",
         f"- same token ids on both sides (TRL's tokenized prompt+completion == our chat format): "
-        f"{'yes' if theirs['same_ids'] else 'NO'}; same target positions: {'yes' if theirs['same_targets'] else 'NO'}; "
+        f"{'yes' if theirs['same_ids'] else 'NO'}; same target positions: {'yes' if theirs['same_targets'] else 'NO'}"
+        f"{differ}; "
         f"targets per step ours/TRL {sum(ours['targets'])}/{sum(theirs['targets'])} over all steps; the same dialogs "
         "in the same order each step (no shuffling). tokens/step: non-pad tokens through the forward, the same on both.",
         f"- ours: rows of up to {args.max_len} tokens, {args.tokens_per_microbatch} tokens per micro-batch ({micro} "
         "micro-batch(es) per step), a dense block-diagonal causal mask (B, 1, T, T) on the CPU, log-probs projected "
-        "through the 128k vocabulary only at target positions (chunked, `kernels` torch backend).",
+        f"through the {vocab_words(config)} vocabulary only at target positions (chunked, `kernels` torch backend).",
         "- TRL: padding_free=True (packing=False, max_length=None): one row of all the step's tokens, position ids "
         "restarting per dialog; transformers turns them into a block-diagonal mask for SDPA. Its fused LM head "
         + (
@@ -223,6 +251,15 @@ def main():
     ]
     rows = table(rows, rows[-1], device, {"records/s": "dialogs/s"})
     write("\n".join(header + rows + notes), args.out)
+    benchmark = "SFT step" + " (every token)" * args.all_tokens
+    append_summary(
+        args.summary,
+        benchmark,
+        [
+            step_summary("ours (train.sft)", ours, w, args.batch, "dialogs/s"),
+            step_summary("TRL SFTTrainer, padding-free", theirs, w, args.batch, "dialogs/s", peer=True),
+        ],
+    )
 
 
 if __name__ == "__main__":

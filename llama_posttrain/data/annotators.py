@@ -4,11 +4,14 @@ ranking gives.
 An annotator is a function (prompt record, its samples' texts) -> one score per sample, higher better:
 `verifier_annotator` (a task's verifier, data/tasks: 1 right, 0 wrong) or `file_annotator` (labels
 imported from a file, e.g. people's, joined on the prompt record's "id"); without one, the reward
-model's scores rank the samples. `preference_pair` turns the scores into best vs worst.
+model's scores rank the samples. An annotator may return None for a prompt it has no label for (a file
+that labels only some sets): the caller counts it as unlabelled. `preference_pair` turns the scores into
+best vs worst.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 from llama_posttrain.data.records import read_records
@@ -20,37 +23,86 @@ def verifier_annotator(verify: Callable[[str, str], float]):
     return lambda record, texts: [float(verify(record["messages"][-1]["content"], t)) for t in texts]
 
 
-def file_annotator(path):
-    """Labels imported from a JSONL file of {"id": ..., "scores": [...]} or {"id": ..., "ranking": [best, ...]}."""
-    labels, lines = {}, {}
+def file_annotator(path, responses: int | None = None):
+    """Labels imported from a JSONL file of {"id": ..., "scores": [...]} (one finite number per response,
+    higher better) or {"id": ..., "ranking": [best, ..., worst]} (a permutation of the response indices), one
+    per line; a bad label is a ValidationError naming its file:line and field. `responses`: the number of
+    responses every set has (rejection sampling's K), checked as the file is read; else when a set is
+    annotated. -> annotate(record, texts): the scores, or None where the file holds no label for the record's
+    id (labelling may be partial: the caller counts the unlabelled sets)."""
+    labels = {}  # id -> (scores, where)
     for where, obj in read_records(path):
         if isinstance(obj, ValidationError):
             raise obj
-        if "id" not in obj or not ("scores" in obj or "ranking" in obj):
-            raise ValidationError(f"{where}: id/scores: a label needs an 'id' and 'scores' or 'ranking'")
-        if "ranking" in obj:
-            n = len(obj["ranking"])
-            scores = [0.0] * n
-            for rank, j in enumerate(obj["ranking"]):
-                scores[j] = float(n - rank)
-            obj = {**obj, "scores": scores}
+        scores = _label_scores(obj, where)
         if obj["id"] in labels:  # the later one would replace the earlier, unseen
-            raise ValidationError(
-                f"{where}: id: a second label for id {obj['id']!r} (the first is at line {lines[obj['id']]})"
-            )
-        labels[obj["id"]], lines[obj["id"]] = obj["scores"], where.rpartition(":")[2]
+            first = labels[obj["id"]][1].rpartition(":")[2]
+            raise ValidationError(f"{where}: id: a second label for id {obj['id']!r} (the first is at line {first})")
+        if responses is not None:
+            _check_count(scores, responses, obj, where)
+        labels[obj["id"]] = (scores, where)
 
     def annotate(record, texts):
         if record.get("id") not in labels:
-            raise KeyError(f"{path}: no label for prompt id {record.get('id')!r}")
-        if len(labels[record["id"]]) != len(texts):
-            raise ValueError(
-                f"{path}: the label of prompt id {record['id']!r} scores {len(labels[record['id']])} samples, "
-                f"there are {len(texts)}"
-            )
-        return labels[record["id"]]
+            return None
+        scores, where = labels[record["id"]]
+        _check_count(scores, len(texts), record, where)
+        return scores
 
+    annotate.ids = set(labels)  # the ids labelled: a caller names those that no prompt has
     return annotate
+
+
+def _check_count(scores: list[float], n: int, record: dict, where: str) -> None:
+    if len(scores) != n:
+        raise ValidationError(
+            f"{where}: scores: the label of prompt id {record['id']!r} scores {len(scores)} samples, there are {n}"
+        )
+
+
+def _label_scores(obj, where: str) -> list[float]:
+    """One label's scores, higher better: its `scores`, or n - rank for each response of its `ranking`."""
+    if not isinstance(obj, dict):
+        raise ValidationError(f"{where}: record: a label is a JSON object, got {type(obj).__name__}")
+    key = obj.get("id")
+    if key is None or isinstance(key, bool) or not isinstance(key, (str, int)):
+        raise ValidationError(f"{where}: id: missing, or not a string or an integer (got {key!r})")
+    if ("scores" in obj) == ("ranking" in obj):
+        said = "both given (they could disagree)" if "scores" in obj else "missing"
+        raise ValidationError(
+            f"{where}: scores/ranking: {said}: give one, 'scores' (a number per response, higher better) or "
+            "'ranking' (every response index once, best first)"
+        )
+    if "scores" in obj:
+        scores = obj["scores"]
+        if not isinstance(scores, list) or not scores:
+            raise ValidationError(f"{where}: scores: must be a non-empty list of numbers, got {scores!r}")
+        for i, v in enumerate(scores):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValidationError(f"{where}: scores[{i}]: must be a finite number, got {v!r}")
+        return [float(v) for v in scores]
+    ranking = obj["ranking"]
+    if not isinstance(ranking, list) or not ranking:
+        raise ValidationError(f"{where}: ranking: must be a non-empty list of response indices, got {ranking!r}")
+    n, seen = len(ranking), {}
+    for rank, j in enumerate(ranking):
+        if isinstance(j, bool) or not isinstance(j, int):
+            raise ValidationError(f"{where}: ranking[{rank}]: must be a response index (an integer), got {j!r}")
+        if not 0 <= j < n:
+            raise ValidationError(
+                f"{where}: ranking[{rank}]: {j} is not a response index 0..{n - 1} (a ranking of {n} responses "
+                "lists each index once, best first)"
+            )
+        if j in seen:
+            raise ValidationError(
+                f"{where}: ranking[{rank}]: response {j} is ranked twice (also at ranking[{seen[j]}]); a ranking "
+                "lists each response once, best first"
+            )
+        seen[j] = rank
+    scores = [0.0] * n
+    for rank, j in enumerate(ranking):
+        scores[j] = float(n - rank)
+    return scores
 
 
 def preference_pair(record: dict, texts: list[str], scores: list[float]) -> dict | None:

@@ -28,6 +28,7 @@ def drop_reason(text: str, finished: bool, max_chars: int | None, clean: CleanRu
 # Everything sampling drops, counted per key (llama_posttrain/train/sample.py sample_records) and printed (drop_report): samples first, then
 # the prompts that get no SFT record or no preference pair. "{limit}" is the max-new-tokens setting's name.
 DROPS = {
+    "prompt_too_long": "prompts whose tokens + {limit} exceed the policy's context: skipped, not sampled",
     "unfinished": "samples that reached no stop token within {limit}",
     "empty": "empty samples",
     "over_max_chars": "samples longer than --max-chars",
@@ -40,15 +41,18 @@ DROPS = {
     "no_pair_fewer_than_2": "prompts with fewer than 2 samples left: no pair",
     "no_pair_tied_scores": "prompts whose samples left all scored the same: no pair",
     "no_pair_same_text": "prompts whose best and worst samples are the same text: no pair",
+    "no_pair_unlabelled": "prompts the labels file has no label for: no pair",
 }
 SAMPLE_DROPS = ("unfinished", "empty", "over_max_chars", *RULES)
 SFT_DROPS = ("no_sft_record", "duplicate_sft")  # the prompts' drops that lose an SFT record; the others, a pair
+ALL_DROPS = ("prompt_too_long",)  # the prompts' drops that lose every output (not sampled at all)
 
 
 def drops_for(outputs) -> list[str]:
     """The DROPS keys that lose something when `outputs` ("sft", "pairs") are wanted: the samples', then the prompts'."""
     prompts = [key for key in DROPS if key not in SAMPLE_DROPS]
-    return [*SAMPLE_DROPS, *(key for key in prompts if ("sft" if key in SFT_DROPS else "pairs") in outputs)]
+    wanted = [key for key in prompts if key in ALL_DROPS or ("sft" if key in SFT_DROPS else "pairs") in outputs]
+    return [*SAMPLE_DROPS, *wanted]
 
 
 def drop_report(dropped: dict, prompts: int, k: int, limit: str, outputs=("sft", "pairs")) -> tuple[list, str | None]:
@@ -56,13 +60,14 @@ def drop_report(dropped: dict, prompts: int, k: int, limit: str, outputs=("sft",
     tokens setting as the user gave it ("--max-new-tokens 8", "max_new_tokens 6"); `outputs`: which of the
     SFT records and pairs are wanted (a prompt without the other loses nothing). The warning: most samples
     reached no stop token, so most of the work was dropped."""
-    samples = prompts * k
+    sampled = prompts - dropped.get("prompt_too_long", 0)  # the prompts skipped before sampling drew none
+    samples = sampled * k
     lost = sum(dropped.get(key, 0) for key in SAMPLE_DROPS)
-    head = f"samples: {samples} ({prompts} prompts x {k}), {samples - lost} kept, {lost} dropped"
+    head = f"samples: {samples} ({sampled} prompts x {k}), {samples - lost} kept, {lost} dropped"
     parts = [f"{dropped[key]} {DROPS[key].format(limit=limit)}" for key in SAMPLE_DROPS if dropped.get(key)]
     lines = ["; ".join([head, *parts])]
     lines += [
-        f"{dropped[key]} of {prompts} {DROPS[key]}"
+        f"{dropped[key]} of {prompts} {DROPS[key].format(limit=limit)}"
         for key in drops_for(outputs)[len(SAMPLE_DROPS) :]
         if dropped.get(key)
     ]

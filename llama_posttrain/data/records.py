@@ -38,7 +38,33 @@ GLOB_CHARS = "*?["
 
 def data_files(path) -> list[Path]:
     """The files behind a data path, in reading order. A path that exists is read as itself, even
-    with glob characters in its name (`d[1].jsonl`); only a path that does not exist is a glob."""
+    with glob characters in its name (`d[1].jsonl`); only a path that does not exist is a glob. A file
+    that is another one of the list under another name (a symlink, a hard link) is read once, at its first
+    place, and each such name is printed."""
+    return _once(path, _files(path))
+
+
+def _once(path, files: list[Path]) -> list[Path]:
+    seen, out = {}, []
+    for file in files:
+        key = _identity(file)
+        if key in seen:
+            print(f"data path {path}: {file} is the same file as {seen[key]} (a link): read once", flush=True)
+            continue
+        seen[key] = file
+        out.append(file)
+    return out
+
+
+def _identity(file: Path):
+    try:
+        st = file.stat()
+        return st.st_dev, st.st_ino  # a symlink and a hard link both name the same inode
+    except OSError:  # missing: the reader names it
+        return str(file.resolve())
+
+
+def _files(path) -> list[Path]:
     text = str(path)
     if any(c in text for c in GLOB_CHARS) and not Path(text).exists():
         files = [Path(p) for p in sorted(glob.glob(text)) if Path(p).is_file()]

@@ -103,16 +103,8 @@ class Batch:
 
 
 def encode_response(chat: ChatFormat, messages: list[dict]) -> EncodedDialog:
-    """A response continues a prompt that ends with the assistant header: drop its first header."""
-    out = EncodedDialog()
-    for i, message in enumerate(messages):
-        part = EncodedDialog()
-        chat.encode_message(message, part)
-        skip = len(chat.encode_header(message["role"])) if i == 0 else 0
-        out.tokens += part.tokens[skip:]
-        out.is_target += part.is_target[skip:]
-        out.is_format += part.is_format[skip:]
-    return out
+    """A response continues a prompt that ends with the assistant header (ChatFormat.encode_response)."""
+    return chat.encode_response(messages)
 
 
 def _truncate(enc: EncodedDialog, n: int, terminator: int) -> EncodedDialog:
@@ -138,8 +130,8 @@ def encode_sft(
             report["dropped: over max_len"] += 1
             return None
         report["truncated: over max_len"] += 1
-        if enc.is_target[max_len - 1] and enc.tokens[max_len - 1] not in chat.tokenizer.stop_ids:
-            enc = _truncate(enc, max_len, chat.tokenizer.eot_id)  # cut inside an assistant turn
+        if enc.is_target[max_len - 1] and enc.tokens[max_len - 1] not in chat.stop_ids:
+            enc = _truncate(enc, max_len, chat.eot_id)  # cut inside an assistant turn
         else:
             enc = EncodedDialog(enc.tokens[:max_len], enc.is_target[:max_len], enc.is_format[:max_len])
     targets = [Target(i - 1, t, 0, f) for i, (t, m, f) in enumerate(zip(enc.tokens, enc.is_target, enc.is_format)) if m]
@@ -201,7 +193,7 @@ def encode_preference(
             return None
         report["truncated: over max_len"] += 1
         c = _cap(lengths, budget)
-        responses = [_truncate(r, c, chat.tokenizer.eot_id) if len(r) > c else r for r in responses]
+        responses = [_truncate(r, c, chat.eot_id) if len(r) > c else r for r in responses]
         if len({tuple(r.tokens) for r in responses}) < len(responses):
             report["dropped: responses identical after truncation"] += 1
             return None
@@ -316,6 +308,8 @@ def encode_record(obj, where: str, index: int, opts: EncodeOptions, chat: ChatFo
         return None
     if opts.kind == "sft":
         return encode_sft(record, chat, opts.max_len, opts.overlength, report, opts.train_on_prompt)
+    if getattr(record, "tied", 0):  # responses whose score tied a better one's (schema.py "scores")
+        report["dropped: responses tied with another's score"] += record.tied
     if opts.keep_strengths is not None and record.strength not in opts.keep_strengths:
         report[f"filtered: strength {record.strength}"] += 1
         return None

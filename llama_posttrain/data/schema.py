@@ -3,6 +3,12 @@
 SFT:        {"messages": [{"role": "system"|"user"|"assistant"|"ipython", "content": str}, ...]}
             {"text": str}  plain text, every token a target (pre-training the tiny experiment models)
 Preference: {"prompt": str | messages, "responses": [response, ...], "strength": ...}  ranked best first
+            {"prompt": ..., "responses": [...], "scores": [number, ...]}  one finite score per response,
+            higher better: the responses are ranked by them (a stable sort). A response whose score ties a
+            better-ranked one's carries no preference against it: it is dropped and counted ("dropped:
+            responses tied with another's score"); fewer than 2 left, the record is ("dropped: tied scores").
+            A set of samples to label (llama_posttrain/train/sample.py --out-sets: "rm_scores" beside the
+            responses, in sampling order) is not a ranking: refused, saying to label it or give "scores".
             {"prompt": ..., "chosen": response, "rejected": response, "edited": response?}
             (edited > chosen > rejected)
             {"chosen": messages, "rejected": messages}  TRL's implicit prompt: whole conversations that
@@ -55,6 +61,7 @@ class PreferenceRecord:
     prompt: list[dict]
     responses: list[list[dict]]  # ranked best first, each a list of messages
     strength: str | None = None
+    tied: int = 0  # responses dropped because their score ties a better-ranked one's ("scores")
 
 
 def _fail(where: str, fld: str, problem: str):
@@ -152,6 +159,7 @@ def parse_preference(obj, where: str) -> PreferenceRecord:
     obj = _given(obj)
     _no_tools(obj, where)
     keys = (["edited"] if obj.get("edited") is not None else []) + ["chosen", "rejected"]
+    tied = 0
     if "responses" not in obj and _is_implicit(obj):
         prompt, responses = _split_implicit_prompt(obj, keys, where)
     else:
@@ -163,6 +171,15 @@ def parse_preference(obj, where: str) -> PreferenceRecord:
             if not isinstance(raw, list) or len(raw) < 2:
                 _fail(where, "responses", "must be a list of at least 2 responses, ranked best first")
             responses = [_response(r, where, f"responses[{i}]") for i, r in enumerate(raw)]
+            if "scores" in obj:
+                responses, tied = _rank_by_scores(obj["scores"], responses, where)
+            elif "rm_scores" in obj:
+                _fail(
+                    where,
+                    "responses",
+                    "a set of samples to label (sample.py --out-sets: 'rm_scores', responses in sampling order), "
+                    "not a ranking: label it (--annotate file:labels.jsonl), or give 'scores' to rank by",
+                )
         else:
             for key in ("chosen", "rejected"):
                 if key not in obj:
@@ -173,7 +190,7 @@ def parse_preference(obj, where: str) -> PreferenceRecord:
     strength = obj.get("strength")
     if strength is not None and strength not in STRENGTHS:
         _fail(where, "strength", f"must be one of {', '.join(STRENGTHS)}, got {strength!r}")
-    return PreferenceRecord(prompt, responses, strength)
+    return PreferenceRecord(prompt, responses, strength, tied)
 
 
 def _is_implicit(obj: dict) -> bool:
@@ -245,6 +262,22 @@ def _check_prompt_column(given, prompt: list[dict], shared: str, where: str) -> 
 
 def _clip(text: str, n: int = 60) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _rank_by_scores(scores, responses: list[list[dict]], where: str) -> tuple[list[list[dict]], int]:
+    """`responses` ranked by `scores` (one finite number each, higher better; a stable sort), without the
+    responses whose score ties a better one's -> (ranked responses, how many were dropped for a tie).
+    Drop if fewer than 2 are left."""
+    if not isinstance(scores, list) or len(scores) != len(responses):
+        _fail(where, "scores", f"must be a list of one number per response ({len(responses)}), got {scores!r}")
+    for i, v in enumerate(scores):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            _fail(where, f"scores[{i}]", f"must be a finite number, got {v!r}")
+    order = sorted(range(len(scores)), key=lambda j: -scores[j])
+    kept = [j for n, j in enumerate(order) if n == 0 or scores[j] != scores[order[n - 1]]]
+    if len(kept) < 2:
+        raise Drop("tied scores")
+    return [responses[j] for j in kept], len(responses) - len(kept)
 
 
 def _order_by_scores(obj: dict, keys: list[str], responses: list[list[dict]], where: str) -> list[list[dict]]:

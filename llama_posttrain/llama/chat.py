@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,9 +41,17 @@ _ASSETS = Path(__file__).parent / "assets"
 
 
 def jinja_template(name: str) -> str:
-    """The model's own chat template (Meta's, as trl ships it) for a ChatFormat template name."""
+    """The model's own chat template for a ChatFormat template: Meta's (as trl ships it) for a Llama 3 name,
+    the text itself for a model's own template (`is_template_text`)."""
+    if is_template_text(name):
+        return name
     _check_name(name, "chat template")
     return (_ASSETS / f"{name}.jinja").read_text(encoding="utf-8")
+
+
+def is_template_text(template) -> bool:
+    """Whether a ChatFormat template is a Jinja text (a model's own template) rather than a Llama 3 name."""
+    return isinstance(template, str) and template not in TEMPLATES and ("{{" in template or "{%" in template)
 
 
 def _check_name(name, what: str) -> None:
@@ -66,13 +75,36 @@ class EncodedDialog:
 
 
 class ChatFormat:
+    """A chat format: `template` a Llama 3 name (TEMPLATES), or a model's own Jinja template text, which is a
+    Llama 3 format if it renders as one (recognize_template) and else a TemplateChatFormat."""
+
+    def __new__(cls, tokenizer: Tokenizer, template: str = "llama3", date_string: str = DEFAULT_DATE):
+        if cls is ChatFormat and is_template_text(template) and recognize_template(template) not in TEMPLATES:
+            return super().__new__(TemplateChatFormat)
+        return super().__new__(cls)
+
+    def __getnewargs__(self):  # pickled into data-preparation workers
+        return (self.tokenizer, self.template, self.date_string)
+
     def __init__(self, tokenizer: Tokenizer, template: str = "llama3", date_string: str = DEFAULT_DATE):
+        if is_template_text(template):
+            template = recognize_template(template)
         _check_name(template, "ChatFormat template")
         if not isinstance(date_string, str) or not date_string.strip():
             raise ValueError(f"date_string must be a non-empty string like {DEFAULT_DATE!r}, got {date_string!r}")
         self.tokenizer = tokenizer
         self.template = template
         self.date_string = date_string
+
+    @property
+    def eot_id(self) -> int:
+        """The end of an assistant turn (a target; what truncation ends a cut turn with)."""
+        return self.tokenizer.eot_id
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """Tokens that end an assistant turn during generation."""
+        return self.tokenizer.stop_ids
 
     @property
     def has_date_header(self) -> bool:
@@ -116,6 +148,18 @@ class ChatFormat:
             out.add(self.encode_header("assistant"), target=False, fmt=True)
         return out
 
+    def encode_response(self, messages: list[dict]) -> EncodedDialog:
+        """Messages that continue a prompt encoded with add_generation_prompt=True: the first header dropped."""
+        out = EncodedDialog()
+        for i, message in enumerate(messages):
+            part = EncodedDialog()
+            self.encode_message(message, part)
+            skip = len(self.encode_header(message["role"])) if i == 0 else 0
+            out.tokens += part.tokens[skip:]
+            out.is_target += part.is_target[skip:]
+            out.is_format += part.is_format[skip:]
+        return out
+
     def check_messages(self, messages: list[dict]) -> None:
         for i, message in enumerate(messages):
             for key in ("role", "content"):
@@ -127,6 +171,112 @@ class ChatFormat:
                     f"message {i}: tool calls and tool results ({message['role']!r} turn) are not supported "
                     f"with the {self.template} chat format"
                 )
+
+
+class TemplateChatFormat(ChatFormat):
+    """A model's own Jinja chat template (not Llama 3's): roles from its rendering, llama/template_chat.py."""
+
+    def __init__(self, tokenizer: Tokenizer, template: str, date_string: str = DEFAULT_DATE):
+        from llama_posttrain.llama.template_chat import environment
+
+        if not hasattr(tokenizer, "token_bytes"):
+            raise ValueError(f"{tokenizer.path}: a chat template other than Llama 3's needs a byte-level BPE tokenizer")
+        self.tokenizer, self.template, self.date_string = tokenizer, template, date_string
+        try:
+            self._jinja = environment().from_string(template)
+        except ImportError:
+            raise ValueError("the model's own chat template needs jinja2 to render it (pip install jinja2)") from None
+        names = {i: t for t, i in tokenizer.special_tokens.items()}
+        self._special_kw = {"bos_token": names.get(tokenizer.bos_id), "eos_token": names.get(tokenizer.eos_id)}
+        self._writes_bos = "bos_token" in template
+        self._special_re = re.compile("|".join(re.escape(t) for t in sorted(names.values(), key=len, reverse=True)))
+        probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+        text, spans = self._spans(probe, False)
+        after = text[spans[-1][1] :]
+        match = self._special_re.match(after)
+        if match is None:
+            raise ValueError(
+                f"the chat template ends an assistant turn with {after[:20]!r}, which does not start with a special "
+                f"token of {tokenizer.path}: there is no end-of-turn token to train and to stop on"
+            )
+        self._eot = tokenizer.special_tokens[match.group()]
+
+    def __reduce__(self):  # pickled into data-preparation workers (a compiled template is not picklable)
+        return (ChatFormat, (self.tokenizer, self.template, self.date_string))
+
+    @property
+    def eot_id(self) -> int:
+        return self._eot
+
+    @property
+    def stop_ids(self) -> list[int]:
+        return sorted({self._eot, self.tokenizer.eos_id})
+
+    def _spans(self, messages, add_generation_prompt, bos=True):
+        from llama_posttrain.llama.template_chat import content_spans
+
+        special = self._special_kw if bos else {**self._special_kw, "bos_token": ""}
+
+        def render(ms):
+            kw = dict(messages=ms, add_generation_prompt=add_generation_prompt, date_string=self.date_string)
+            return self._jinja.render(**kw, **special)
+
+        try:
+            return content_spans(render, messages)
+        except ValueError as e:
+            raise ValueError(f"chat template: {e}") from None
+
+    def encode_dialog(self, messages: list[dict], add_generation_prompt: bool = False, bos: bool = True):
+        """The ids of transformers' apply_chat_template (a content's special-token strings stay text), with roles.
+        bos=False: rendered with an empty bos_token (without the bos the template writes, if it writes one)."""
+        self.check_messages(messages)
+        text, spans = self._spans(messages, add_generation_prompt, bos)
+        content = [0] * len(text.encode())  # per byte: 1 + the index of the message whose content it is, else 0
+        for start, end, i in spans:
+            a, b = len(text[:start].encode()), len(text[:end].encode())
+            content[a:b] = [i + 1] * (b - a)
+        ids, pos = [], 0
+        for m in self._special_re.finditer(text):
+            if any(start < m.end() and m.start() < end for start, end, _ in spans):
+                continue  # a special-token string inside a content: text
+            ids += self.tokenizer.encode(text[pos : m.start()]) + [self.tokenizer.special_tokens[m.group()]]
+            pos = m.end()
+        ids += self.tokenizer.encode(text[pos:])
+        out, at, after_assistant = EncodedDialog(), 0, False
+        for n, t in enumerate(ids):
+            width = len(self.tokenizer.token_bytes(t))
+            owner = max(content[at : at + width], default=0)
+            at += width
+            if owner:
+                is_assistant = messages[owner - 1]["role"] == "assistant"
+                out.add([t], target=is_assistant, fmt=False)
+                after_assistant = is_assistant
+            else:
+                leading_bos = n == 0 and t == self.tokenizer.bos_id and self._writes_bos
+                out.add([t], target=after_assistant and t == self._eot, fmt=not leading_bos)
+                after_assistant = False
+        return out
+
+    def encode_response(self, messages: list[dict]) -> EncodedDialog:
+        """What the dialog [a user turn, *messages] adds to that turn encoded with the generation prompt."""
+        head = [{"role": "user", "content": "?"}]
+        prompt = self.encode_dialog(head, add_generation_prompt=True)
+        full = self.encode_dialog(head + messages)
+        n = len(prompt)
+        if full.tokens[:n] != prompt.tokens:
+            raise ValueError("chat template: a dialog's ids do not start with its prompt's and generation prompt's")
+        return EncodedDialog(full.tokens[n:], full.is_target[n:], full.is_format[n:])
+
+    def encode_message(self, message: dict, out: EncodedDialog) -> None:
+        raise NotImplementedError("a model's own chat template encodes whole dialogs (encode_dialog)")
+
+    def check_messages(self, messages: list[dict]) -> None:
+        for i, message in enumerate(messages):
+            for key in ("role", "content"):
+                if not isinstance(message.get(key), str):
+                    raise ValueError(f"message {i}: field {key!r} must be a string, got {message.get(key)!r}")
+            if "tool_calls" in message:
+                raise ValueError(f"message {i}: tool calls are not supported with the model's own chat template")
 
 
 # ----------------------------------------------------------------------------- which template
@@ -234,10 +384,13 @@ def render_probes(text: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 
 def recognize_template(text) -> str:
-    """A Jinja chat template's ChatFormat name. One of the shipped templates (whitespace aside) is known
-    by its text; any other is rendered on the probe dialogs (render_probes, needs jinja2) and must give
-    exactly what one of our formats gives, with a date passed and without (Meta's 3.1-3.3 revisions, trl's
-    copies and training variants pass). Anything else is a ValueError saying how it differs."""
+    """A Jinja chat template's ChatFormat template: a Llama 3 name, or the text itself for a model's own.
+    One of the shipped templates (whitespace aside) is known by its text; any other is rendered on the probe
+    dialogs (render_probes, needs jinja2): what gives exactly what one of our formats gives, with a date
+    passed and without, is that format (Meta's 3.1-3.3 revisions, trl's copies and training variants). A
+    template that writes Llama 3's headers or date lines otherwise is refused, saying how it differs; any
+    other is the model's own (TemplateChatFormat) if it writes each message's content once, as given or
+    stripped, and is refused otherwise."""
     if not isinstance(text, str):
         raise ValueError(f"expected a Jinja template as a string, got {type(text).__name__}")
     squeezed = "".join(text.split())
@@ -257,7 +410,27 @@ def recognize_template(text) -> str:
     for name in TEMPLATES:
         if rendered == expected[name]:
             return name
-    raise ValueError(_mismatch(rendered, expected))
+    if any(marker in r for r in rendered[0] + rendered[1] for marker in LLAMA3_MARKERS):
+        raise ValueError(_mismatch(rendered, expected))  # a Llama 3 template changed: the model knows Meta's only
+    try:
+        _check_own_template(text)
+    except Exception as e:
+        raise ValueError(f"{_mismatch(rendered, expected)}; nor can it be read as a template of its own: {e}") from None
+    return text
+
+
+# A template that writes these is a Llama 3 template, which must render exactly as one of Meta's.
+LLAMA3_MARKERS = ("<|start_header_id|>", "Cutting Knowledge Date")
+
+
+def _check_own_template(text: str) -> None:
+    """A model's own template must write each probe's message contents once, as given or stripped."""
+    from llama_posttrain.llama.template_chat import content_spans, environment
+
+    template = environment().from_string(text)
+    special = {"bos_token": "<s>", "eos_token": "</s>"}
+    for messages, gen in PROBES:
+        content_spans(lambda ms, g=gen: template.render(messages=ms, add_generation_prompt=g, **special), messages)
 
 
 def _mismatch(rendered, expected) -> str:
@@ -328,7 +501,8 @@ def resolve_chat_template(name: str | None, checkpoint_dir=None, verbose: bool =
     found, file = template_in_dir(checkpoint_dir)
     if found is not None:
         if verbose:
-            print(f"chat template: {found} (from {file})", flush=True)
+            shown = "the model's own (not a Llama 3 format)" if is_template_text(found) else found
+            print(f"chat template: {shown} (from {file})", flush=True)
         return found
     if verbose:
         print(f"chat template: llama3 (the default: {checkpoint_dir} names none; set model.chat_template)", flush=True)

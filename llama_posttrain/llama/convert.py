@@ -2,6 +2,9 @@
 
 python -m llama_posttrain.llama.convert --from hf|meta|native --to native|hf SRC DST [--dtype bfloat16]
 python -m llama_posttrain.llama.convert --from dcp --to native|hf RUN_DIR/checkpoints/step_N DST
+python -m llama_posttrain.llama.convert --from gguf [--to native|hf] FILE.gguf DST
+
+--to defaults to native.
 
 DST may be new, empty, or a checkpoint directory (SRC itself included): its config and weight files
 are replaced, everything else in it (README, ...) is kept. Any other non-empty DST is refused.
@@ -25,12 +28,21 @@ comes from the run folder's config.yaml (model.checkpoint's config, or model.pre
 from the run's kind (a reward-model run's config has an `rm` section). Run it from the folder the
 training ran in if model.checkpoint is a relative path. DCP's .metadata is a pickle: convert only
 run folders you trust.
+
+`--from gguf` reads a llama.cpp GGUF file (llama_posttrain/llama/formats/gguf.py; needs the `gguf` extra):
+every tensor dequantized to float32 (--dtype casts it), the config from its metadata, and its own
+tokenizer and chat template written as Hugging Face tokenizer files (tokenizer.json, tokenizer_config.json
+with the template, special_tokens_map.json, generation_config.json with its stop ids) beside the weights.
+DST's own tokenizer files are refused as above unless --replace-tokenizer.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import shutil
+import uuid
 import warnings
 from pathlib import Path
 
@@ -41,13 +53,16 @@ from llama_posttrain.llama.chat import TEMPLATES, resolve_chat_template
 from llama_posttrain.llama.checkpoint import (
     CheckpointError,
     check_destination,
+    check_tokenizer_files,
     detect_format,
     load_model,
     read_config,
     save_model,
 )
 from llama_posttrain.llama.config import ModelConfig, get_preset
+from llama_posttrain.llama.formats import gguf
 from llama_posttrain.llama.model import Transformer
+from llama_posttrain.llama.paths import check_outputs
 from llama_posttrain.llama.tokenizer import resolve_tokenizer, tokenizer_in_dir
 
 
@@ -102,8 +117,10 @@ def load_training_checkpoint(step_dir, dtype: torch.dtype | None = None) -> Tran
     """The model of a training checkpoint (llama_posttrain/train/train_state.py), as saved (fp32 master weights)."""
     import torch.distributed.checkpoint as dcp
 
+    from llama_posttrain.llama.formats.dcp_metadata import SafeReader  # .metadata is a pickle: never pickle.load it
+
     config, head, fmt = run_model_config(step_dir)
-    metadata = dcp.FileSystemReader(str(step_dir)).read_metadata().state_dict_metadata
+    metadata = SafeReader(str(step_dir)).read_metadata().state_dict_metadata
     stored = {k.removeprefix("model."): v for k, v in metadata.items() if k.startswith("model.")}
     if fmt == "meta" and head == "lm" and "output.weight" not in stored and not config.tie_embeddings:
         # training from a Meta folder whose output equals the embeddings ties them (llama.load_model)
@@ -126,9 +143,71 @@ def load_training_checkpoint(step_dir, dtype: torch.dtype | None = None) -> Tran
     state = {n: torch.empty(expected[n], dtype=stored[n].properties.dtype) for n in expected}
     with warnings.catch_warnings():  # torch warns that it loads in one process even when asked to
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load({"model": state}, checkpoint_id=str(step_dir), no_dist=True)  # only the model's tensors are read
+        dcp.load({"model": state}, checkpoint_id=str(step_dir), storage_reader=SafeReader(str(step_dir)), no_dist=True)
     model.load_state_dict({n: t.to(dtype or t.dtype) for n, t in state.items()}, assign=True)
     return model
+
+
+def gguf_model(f: gguf.GGUFFile, config: ModelConfig, dtype: torch.dtype | None = None) -> Transformer:
+    """The language model of a GGUF file, dequantized (float32) and cast to `dtype`."""
+    state = gguf.read_state(f, config)
+    with torch.device("meta"):
+        model = Transformer(config)
+    model.load_state_dict({n: t.to(dtype or t.dtype) for n, t in state.items()}, assign=True)
+    return model
+
+
+def save_gguf_model(model: Transformer, files: dict[str, bytes], dst, format: str, replace_tokenizer: bool) -> None:
+    """save_model plus the GGUF's tokenizer files. A new or empty DST is built beside it and renamed into
+    place (all or nothing); into an existing folder the tokenizer files are checked first
+    (check_tokenizer_files: refused where they differ, unless replace_tokenizer), then each is written
+    through a temp name after the weights."""
+    dst = Path(dst)
+    if not dst.exists() or (dst.is_dir() and not any(dst.iterdir())):
+        tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(parents=True)
+        try:
+            for name, content in files.items():
+                (tmp / name).write_bytes(content)
+            save_model(model, tmp, format=format)  # a folder of tokenizer files only: the weights are added
+            os.replace(tmp, dst)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        return
+    shadow = check_tokenizer_files(dst, files, replace_tokenizer)
+    replaced = [n for n in files if (dst / n).is_file() and (dst / n).read_bytes() != files[n]]
+    save_model(model, dst, format=format)
+    for name, content in files.items():
+        tmp = dst / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.write_bytes(content)
+        os.replace(tmp, dst / name)
+    for name in shadow:
+        (dst / name).unlink()
+    if replaced or shadow:
+        print(f"{dst}: replaced its tokenizer files {', '.join(replaced + shadow)} (--replace-tokenizer)")
+
+
+def convert_gguf(args) -> None:
+    """--from gguf: the file's language model, tokenizer and chat template into args.dst."""
+    if args.head == "reward" or args.tokenizer or args.chat_template:
+        raise SystemExit(
+            "error: --from gguf writes the file's own language model, tokenizer and chat template: "
+            "--head reward, --tokenizer and --chat-template do not apply"
+        )
+    try:
+        f = gguf.GGUFFile(args.src)
+        config = gguf.config_from_gguf(f)
+        files = gguf.tokenizer_files(f, config.max_seq_len)
+        check_destination(args.dst)  # both before the (long) dequantization
+        check_tokenizer_files(args.dst, files, args.replace_tokenizer)
+        model = gguf_model(f, config, getattr(torch, args.dtype) if args.dtype else None)
+        save_gguf_model(model, files, args.dst, args.dst_format, args.replace_tokenizer)
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
+    n = sum(p.numel() for p in model.parameters())
+    written = f", tokenizer files {', '.join(files)}" if files else ""
+    print(f"{args.src} (gguf) -> {args.dst} ({args.dst_format}): {n / 1e6:.1f}M parameters, head lm{written}")
 
 
 def tokenizer_to_write(args, folder, vocab_size: int) -> dict:
@@ -148,8 +227,8 @@ def tokenizer_to_write(args, folder, vocab_size: int) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--from", dest="src_format", choices=("hf", "meta", "native", "dcp"), required=True)
-    ap.add_argument("--to", dest="dst_format", choices=("native", "hf"), required=True)
+    ap.add_argument("--from", dest="src_format", choices=("hf", "meta", "native", "dcp", "gguf"), required=True)
+    ap.add_argument("--to", dest="dst_format", choices=("native", "hf"), default="native")
     ap.add_argument(
         "--head", choices=("lm", "reward"), default=None, help="default: the source's head (dcp: the run's)"
     )
@@ -164,8 +243,14 @@ def main(argv=None):
     ap.add_argument("src")
     ap.add_argument("dst")
     args = ap.parse_args(argv)
+    if args.src_format == "gguf":
+        return convert_gguf(args)
 
     try:
+        # SRC == DST converts an HF or native folder in place (the model is read whole before it is written; a
+        # Meta folder is refused where it is written); any other output that is an input is refused
+        in_place = args.src_format in ("hf", "native", "meta") and Path(args.src).resolve() == Path(args.dst).resolve()
+        check_outputs({"SRC": None if in_place else args.src, "--tokenizer": args.tokenizer}, {"DST": args.dst})
         dtype = getattr(torch, args.dtype) if args.dtype else None
         if args.src_format == "dcp":
             found, (config, stored_head, _) = "dcp", run_model_config(args.src)

@@ -349,7 +349,7 @@ def main(argv=None):
     gen = torch.Generator(args.device).manual_seed(args.seed)
     t0 = time.perf_counter()
     out = generate(
-        model, prompts, args.samples, args.max_new_tokens, tok.stop_ids, args.temperature, args.top_k, args.top_p,
+        model, prompts, args.samples, args.max_new_tokens, chat.stop_ids, args.temperature, args.top_k, args.top_p,
         tok.pad_id, gen, compile=args.compile,
     )  # fmt: skip
     dt = time.perf_counter() - t0

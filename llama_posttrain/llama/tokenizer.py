@@ -1,13 +1,14 @@
-"""Tokenizers: Llama 3's tiktoken BPE (plus its 256 special tokens) and SentencePiece models.
+"""Tokenizers: tiktoken BPE (Llama 3's, plus its 256 special tokens), Hugging Face byte-level BPE and SentencePiece.
 
 `load_tokenizer(path)` tells the kinds apart by content: a tiktoken BPE file (`tokenizer.model`, Meta's
-`original/tokenizer.model`), a Hugging Face byte-level BPE `tokenizer.json` (read into the same tiktoken
-encoder: its vocabulary ids are the BPE ranks, its added tokens the special tokens), or a SentencePiece
-model. `resolve_tokenizer` picks the one for a model (given, else the checkpoint folder's, else the byte
-tokenizer only if the vocabulary matches). llama_posttrain/llama/formats/hf.py `hf_tokenizer_json` writes a tiktoken
-tokenizer back as a `tokenizer.json` for Hugging Face exports.
+`original/tokenizer.model`), a Hugging Face byte-level BPE `tokenizer.json` (any model's: Llama 3's, GPT-2
+style such as SmolLM2's, Qwen's; llama_posttrain/llama/tokenizer_json.py reads it with the ids of `tokenizers`,
+through tiktoken where tiktoken gives them, else with its own BPETokenizer), or a SentencePiece model.
+`resolve_tokenizer` picks the one for a model (given, else the checkpoint folder's, else the byte tokenizer
+only if the vocabulary matches). llama_posttrain/llama/formats/hf.py `hf_tokenizer_json` writes a tokenizer
+back as a `tokenizer.json` for Hugging Face exports.
 
-Both kinds (TiktokenTokenizer, SentencePieceTokenizer) expose the same small surface:
+Every kind (TiktokenTokenizer, BPETokenizer, SentencePieceTokenizer) exposes the same small surface:
 `encode(text, bos=False, eos=False, allow_special=False)`, `decode(ids)`, `vocab_size`, and
 special-token ids by name (`tok.special_tokens["<|eot_id|>"]`, `tok.eot_id`, `tok.bos_id`, ...).
 
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import re
 from pathlib import Path
 
@@ -142,7 +142,7 @@ def llama3_special_tokens(n_ranks: int) -> dict[str, int]:
 
 class TiktokenTokenizer(Tokenizer):
     """A byte-level BPE run by tiktoken: Llama 3's tokenizer.model (BPE ranks; the 256 Llama 3 special
-    tokens after them) or, through `read_hf_tokenizer_json`, a Hugging Face tokenizer.json."""
+    tokens after them) or, through tokenizer_json.py, a Hugging Face tokenizer.json in tiktoken's own form."""
 
     def __init__(self, path, ranks: dict[bytes, int] | None = None, special_tokens=None, pattern=LLAMA3_PATTERN):
         self.path = Path(path)
@@ -171,6 +171,9 @@ class TiktokenTokenizer(Tokenizer):
 
     def _decode(self, ids: list[int]) -> str:
         return self.model.decode(ids)
+
+    def token_bytes(self, i: int) -> bytes:
+        return self.model.decode_single_token_bytes(i)
 
 
 def _split_long_runs(s: str, max_run: int):
@@ -239,73 +242,6 @@ def bytes_to_unicode() -> dict[int, str]:
     return table
 
 
-_BYTE_LEVEL_HINT = (
-    "only byte-level BPE tokenizer.json files (Llama 3's) are read; for SentencePiece pass tokenizer.model"
-)
-
-
-def _split_pattern(pre, fail) -> str:
-    """The regex of Llama 3's pre-tokenizer: Split(regex, isolated) then ByteLevel without a regex of its own."""
-    steps = pre.get("pretokenizers", []) if isinstance(pre, dict) and pre.get("type") == "Sequence" else []
-    if (
-        len(steps) == 2
-        and steps[0].get("type") == "Split"
-        and steps[0].get("behavior") == "Isolated"
-        and not steps[0].get("invert")
-        and isinstance(steps[0].get("pattern"), dict)
-        and "Regex" in steps[0]["pattern"]
-        and steps[1].get("type") == "ByteLevel"
-        and not steps[1].get("use_regex", True)
-        and not steps[1].get("add_prefix_space", False)
-    ):
-        return steps[0]["pattern"]["Regex"]
-    fail("pre_tokenizer", "expected a Split regex (isolated) then ByteLevel(use_regex=false), as Llama 3's")
-
-
-def read_hf_tokenizer_json(path: Path) -> tuple[dict[bytes, int], dict[str, int], str]:
-    """A Hugging Face byte-level BPE tokenizer.json -> (BPE ranks, special tokens, split regex) for tiktoken.
-
-    The vocabulary ids are the ranks. tiktoken merges the adjacent pair whose result has the lowest rank,
-    `tokenizers` the pair listed first in `merges`: the same only when the merges are listed in the order
-    of their results' ids, which is checked. Every added token becomes a special token."""
-
-    def fail(fld: str, problem: str):
-        raise ValueError(f"{path}: {fld}: {problem} ({_BYTE_LEVEL_HINT})")
-
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: cannot read it as JSON: {e}") from None
-    model = raw.get("model") if isinstance(raw, dict) else None
-    if not isinstance(model, dict) or model.get("type") != "BPE":
-        fail("model.type", f"expected BPE, got {model.get('type') if isinstance(model, dict) else model!r}")
-    if raw.get("normalizer") is not None or model.get("byte_fallback"):
-        fail("normalizer" if raw.get("normalizer") is not None else "model.byte_fallback", "not supported")
-    pattern = _split_pattern(raw.get("pre_tokenizer"), fail)
-    # stand-in char -> the byte's own char; a byte's own char that is not a stand-in -> one latin-1 cannot encode
-    to_latin1 = {ord(c): b for b, c in bytes_to_unicode().items()}
-    to_latin1 = {b: 0xFFFF for b in range(256) if b not in to_latin1} | to_latin1
-    vocab, ranks = model.get("vocab") or {}, {}
-    for token, rank in vocab.items():
-        try:
-            ranks[token.translate(to_latin1).encode("latin-1")] = rank
-        except UnicodeEncodeError:
-            fail("model.vocab", f"token {token!r} is not byte-level")
-    if sorted(ranks.values()) != list(range(len(ranks))):
-        fail("model.vocab", f"ids are not the contiguous range 0..{len(ranks) - 1}")
-    last = -1
-    for i, merge in enumerate(model.get("merges") or []):
-        left, right = merge.split(" ") if isinstance(merge, str) else merge
-        rank = vocab.get(left + right)
-        if rank is None or rank < last:
-            fail(f"model.merges[{i}]", f"{merge!r} is out of vocabulary order, which tiktoken cannot reproduce")
-        last = rank
-    special = {t["content"]: t["id"] for t in raw.get("added_tokens") or []}
-    if sorted(special.values()) != list(range(len(ranks), len(ranks) + len(special))):
-        fail("added_tokens", f"ids must follow the vocabulary's without gaps ({len(ranks)}, {len(ranks) + 1}, ...)")
-    return ranks, special, pattern
-
-
 # Where a model folder keeps its tokenizer, in order of preference: ours and HF Llama 2 at the top, then
 # HF Llama 3's tokenizer.json (what a fine-tune on the hub updates), then Meta's original/tokenizer.model.
 TOKENIZER_FILES_IN_DIR = ("tokenizer.model", "tokenizer.json", "original/tokenizer.model")
@@ -339,8 +275,9 @@ def load_tokenizer(path=DEFAULT_TOKENIZER) -> Tokenizer:
     if _TIKTOKEN_LINE.match(head):
         return TiktokenTokenizer(path)
     if head.lstrip().startswith(b"{"):
-        ranks, special, pattern = read_hf_tokenizer_json(path)
-        return TiktokenTokenizer(path, ranks, special, pattern)
+        from llama_posttrain.llama.tokenizer_json import load_tokenizer_json
+
+        return load_tokenizer_json(path)
     try:
         return SentencePieceTokenizer(path)
     except (RuntimeError, OSError) as e:
@@ -357,6 +294,8 @@ def same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
         return (a.ranks, a.special_tokens, a.pattern) == (b.ranks, b.special_tokens, b.pattern)
     if isinstance(a, SentencePieceTokenizer) and isinstance(b, SentencePieceTokenizer):
         return a.model.serialized_model_proto() == b.model.serialized_model_proto()
+    if type(a) is type(b) and hasattr(a, "raw"):  # two BPETokenizers: the same file content but its version
+        return all(a.raw.get(k) == b.raw.get(k) for k in ("model", "pre_tokenizer", "added_tokens", "normalizer"))
     return False
 
 

@@ -26,7 +26,9 @@ and `token_accuracy` (TRL's mean_token_accuracy), the fraction of the chosen one
 largest of the vocabulary (a tie counts; kernels `TokenStats`). The caller passes per-pair sums.
 
 A new loss: a function of h with the signature below, its entry in LOSSES, its name in
-llama_posttrain/train/dpo.py's `DPOSection.loss`, a float64 test (tests/test_loss_family.py).
+llama_posttrain/train/dpo.py's `DPOSection.loss` and its row in `LOSS_HYPERPARAMETERS` there (the
+hyperparameters it reads and their allowed values, checked when the config is read; no torch there, so
+that a config error answers at once), a float64 test (tests/test_loss_family.py).
 """
 
 from __future__ import annotations

@@ -25,12 +25,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llama_posttrain.llama.chat import template_in_dir
+from llama_posttrain.llama.paths import check_outputs
 from llama_posttrain.llama.tokenizer import Tokenizer, resolve_tokenizer, same_tokenizer, tokenizer_in_dir
 
 # torch and llama.checkpoint (which imports it) are imported where used: `--help` answers at once.
@@ -121,8 +123,11 @@ def average_checkpoints(
     if not paths:
         raise ValueError("nothing to average")
     weights = [1.0 / len(paths)] * len(paths) if weights is None else [float(w) for w in weights]
-    if len(weights) != len(paths) or abs(sum(weights) - 1.0) > 1e-6 or min(weights) < 0:
-        raise ValueError(f"weights must be {len(paths)} non-negative numbers summing to 1, got {weights}")
+    # each check is written to be False for NaN (NaN passes `abs(sum - 1) > 1e-6` and `min < 0`)
+    valid = len(weights) == len(paths) and all(math.isfinite(w) and w >= 0 for w in weights)
+    if not (valid and abs(sum(weights) - 1.0) <= 1e-6):
+        raise ValueError(f"weights must be {len(paths)} finite non-negative numbers summing to 1, got {weights}")
+    check_outputs({"a checkpoint averaged": [str(p) for p in paths]}, {"--out": str(out)})
     for p in paths:
         read_config(p)  # each input is a readable checkpoint, before any long work
     tokenizer, chat_template = common_tokenizer(paths)
@@ -151,6 +156,8 @@ def average_checkpoints(
 
 
 def _average_tensor(name, paths, indexes, weights, dtype) -> torch.Tensor:
+    import torch
+
     acc, dtypes = None, set()
     for p, w, idx in zip(paths, weights, indexes):
         t = _read_finite(p, idx[name], name)  # a NaN would poison the average silently
@@ -161,7 +168,14 @@ def _average_tensor(name, paths, indexes, weights, dtype) -> torch.Tensor:
             f"tensor {name}: the inputs store it in different dtypes ({', '.join(sorted(map(str, dtypes)))}); "
             "choose the average's with --dtype"
         )
-    return acc.to(dtype or dtypes.pop())
+    out = acc.to(dtype or dtypes.pop())
+    finite = torch.isfinite(out)
+    if not finite.all():  # the average is what ships: a non-finite value is never written
+        raise ValueError(
+            f"tensor {name}: the average has {int((~finite).sum())} non-finite values in {out.dtype} (weights "
+            f"{weights}; a value beyond the dtype's range?): refusing to write it; choose another --dtype"
+        )
+    return out
 
 
 def greedy_soup(paths: list, evaluate: Callable[[Path], float], out, workdir) -> tuple[Path, list[Path]]:

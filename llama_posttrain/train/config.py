@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import math
 import re
 import types
 import typing
@@ -25,14 +26,36 @@ import yaml
 from llama_posttrain.data.io import write_text
 
 
-# Bounds ride on the annotation: Annotated[int, AtLeast(1)].
+# Bounds ride on the annotation: Annotated[int, AtLeast(1)], Annotated[float, Interval(0, 1, high_open=True)].
 class AtLeast(typing.NamedTuple):
     min: float
+
+
+class Interval(typing.NamedTuple):
+    """The allowed values of a number: `x in Interval(0, 0.5, high_open=True)`; NaN is in none."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, x) -> bool:
+        above = x > self.low if self.low_open else x >= self.low
+        below = x < self.high if self.high_open else x <= self.high
+        return bool(above and below)
+
+    def __str__(self) -> str:
+        low, high = (
+            "(" if self.low_open or self.low == -math.inf else "[",
+            ")" if self.high_open or self.high == math.inf else "]",
+        )
+        return f"{low}{self.low:g}, {self.high:g}{high}"
 
 
 PosInt = Annotated[int, AtLeast(1)]
 NonNegInt = Annotated[int, AtLeast(0)]
 NonNegFloat = Annotated[float, AtLeast(0.0)]
+Decay = Annotated[float, Interval(0.0, 1.0, high_open=True)]  # a moving average's decay (Adam's betas)
 ChatTemplate = Literal["llama3", "llama3.1", "llama3.2"]  # llama_posttrain/llama/chat.py TEMPLATES (3.3 uses llama3.1)
 
 
@@ -64,7 +87,7 @@ class DataSection:
 class OptimSection:
     lr: NonNegFloat = 1e-5  # peak learning rate
     weight_decay: NonNegFloat = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    betas: list[Decay] = field(default_factory=lambda: [0.9, 0.95])
     eps: NonNegFloat = 1e-8
     warmup_steps: NonNegInt = 0  # linear warmup from lr / warmup_steps
     schedule: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warmup
@@ -123,8 +146,10 @@ def _check_type(value, tp, where: str):
         base, *extras = typing.get_args(tp)
         value = _check_type(value, base, where)
         for bound in extras:
-            if isinstance(bound, AtLeast) and value < bound.min:
+            if isinstance(bound, AtLeast) and not value >= bound.min:
                 raise ValueError(f"{where}: must be >= {bound.min:g}, got {value!r}")
+            if isinstance(bound, Interval) and value not in bound:
+                raise ValueError(f"{where}: must be in {bound}, got {value!r}")
         return value
     if origin is Literal:
         if value not in typing.get_args(tp):
@@ -155,9 +180,11 @@ def _check_type(value, tp, where: str):
         return float(value)
     if tp is float and isinstance(value, str):  # YAML reads 1e-5 (no dot) as a string
         try:
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
+    if tp is float and isinstance(value, float) and not math.isfinite(value):  # .nan, .inf: no setting wants one
+        raise ValueError(f"{where}: must be a finite number, got {value!r}")
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         raise ValueError(f"{where}: expected {tp.__name__}, got {value!r}")
     return value
@@ -189,7 +216,12 @@ def from_dict(cls, raw: dict, source: str, overridden: dict[str, str] | None = N
             if key not in sec_hints:
                 raise ValueError(f"{where}: unknown key {name}.{key} (known: {', '.join(sec_hints)})")
             kwargs[key] = _check_type(value, sec_hints[key], f"{where}: {name}.{key}")
-        sections[name] = sec_cls(**kwargs)
+        try:
+            sections[name] = sec_cls(**kwargs)
+        except ValueError as e:  # the section's own checks (__post_init__): name where its values came from
+            named = [key for key in kwargs if f"{name}.{key}" in str(e)] or list(kwargs)  # the keys it names
+            names = sorted({overridden.get(f"{name}.{key}", source) for key in named}) or [source]
+            raise ValueError(f"{', '.join(names)}: {e}") from None
     return cls(**sections)
 
 

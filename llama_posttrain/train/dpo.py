@@ -11,16 +11,34 @@ frees the reference model. Loss: llama_posttrain/losses/dpo.py (beta 0.1, alpha 
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
-from llama_posttrain.train.config import Config, OptimSection, parse_args
+from llama_posttrain.train.config import Config, Interval, OptimSection, parse_args
 from llama_posttrain.train.lifecycle import main_guard
 
 # torch-heavy modules are imported in the functions that use them: `--help` and config errors answer at once.
 if TYPE_CHECKING:
     from llama_posttrain.train import loop
+
+
+# The hyperparameters each loss of llama_posttrain/losses/dpo.py LOSSES reads, with their allowed values, checked when
+# the config is read (before any model is loaded). A new loss gets its row here: tests/test_loss_family.py fails
+# without one, and checks that the loss reads exactly these. beta > 0: at 0 the preference term is constant (ipo
+# divides by it), below 0 it rewards the rejected response. A flip probability eps < 0.5: at 0.5 the labels say
+# nothing, above they are reversed (robust divides by 1 - 2 eps). alpha (the NLL term, every loss) >= 0: below 0
+# it maximizes the chosen response's NLL. gamma >= 0: a target margin in favour of the chosen response.
+POSITIVE, NON_NEGATIVE, FLIP = Interval(0.0, low_open=True), Interval(0.0), Interval(0.0, 0.5, high_open=True)
+LOSS_HYPERPARAMETERS = {
+    "sigmoid": {"beta": POSITIVE, "alpha": NON_NEGATIVE, "label_smoothing": FLIP},
+    "ipo": {"beta": POSITIVE, "alpha": NON_NEGATIVE},
+    "hinge": {"beta": POSITIVE, "alpha": NON_NEGATIVE},
+    "robust": {"beta": POSITIVE, "alpha": NON_NEGATIVE, "label_smoothing": FLIP},
+    "simpo": {"beta": POSITIVE, "alpha": NON_NEGATIVE, "label_smoothing": FLIP, "gamma": NON_NEGATIVE},
+}
+REFERENCE_FREE = {"simpo"}  # the losses without a reference model (LOSSES[...].reference False)
 
 
 @dataclass
@@ -35,11 +53,35 @@ class DPOSection:
     mask_format: bool = True  # drop header spans and turn terminators from the DPO log-probs
     nll_norm: Literal["sequence", "token"] = "sequence"  # NLL per chosen sequence, or over the step's chosen tokens
     reference: Literal["model", "precompute"] = "model"  # kept alongside, or one pass then freed (simpo: none)
-    reference_checkpoint: str | None = None  # default: model.checkpoint (the SFT model)
+    reference_checkpoint: str | None = None  # default: model.checkpoint (the SFT model); reference losses only
 
-    def __post_init__(self):  # a flip probability, for the losses that have one
-        if not 0 <= self.label_smoothing < 0.5 or (self.label_smoothing and self.loss in ("ipo", "hinge")):
-            raise ValueError(f"dpo.label_smoothing must be in [0, 0.5) (0 for ipo, hinge), got {self.label_smoothing}")
+    def __post_init__(self):
+        """Each hyperparameter the loss reads in its range (LOSS_HYPERPARAMETERS); one it does not read, and
+        the reference keys under a reference-free loss, left at their defaults: a value set there would
+        change nothing, silently."""
+        if self.loss not in LOSS_HYPERPARAMETERS:
+            raise ValueError(f"dpo.loss must be one of {tuple(LOSS_HYPERPARAMETERS)}, got {self.loss!r}")
+        reads = LOSS_HYPERPARAMETERS[self.loss]
+        unread = {n for row in LOSS_HYPERPARAMETERS.values() for n in row} - set(reads)
+        if self.loss in REFERENCE_FREE:
+            unread |= {"reference", "reference_checkpoint"}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in reads and value not in reads[f.name]:
+                raise ValueError(
+                    f"dpo.{f.name}={value!r} is outside {reads[f.name]}, its range for dpo.loss {self.loss}"
+                )
+            if f.name in unread and value != f.default:
+                reference_key = f.name.startswith("reference")
+                users = [
+                    n
+                    for n, row in LOSS_HYPERPARAMETERS.items()
+                    if (n not in REFERENCE_FREE if reference_key else f.name in row)
+                ]
+                raise ValueError(
+                    f"dpo.{f.name}={value!r} is not read by dpo.loss {self.loss} (only by {', '.join(users)}): "
+                    f"remove it, or pick one of those losses"
+                )
 
 
 @dataclass
@@ -116,7 +158,7 @@ def main(argv=None):
             if s.d.device.type == "cuda":
                 torch.cuda.empty_cache()  # the reference's memory back to the allocator's free pool
     elif s.d.is_main:
-        print(f"dpo.loss {cfg.dpo.loss}: reference-free, no reference model (dpo.reference ignored)", flush=True)
+        print(f"dpo.loss {cfg.dpo.loss}: reference-free, no reference model", flush=True)
     objective = make_objective(s.model, train_ref, cfg.dpo, t.kernels)
     return loop.run(s, objective, eval_objective=make_objective(s.model, eval_ref, cfg.dpo, t.kernels))
 

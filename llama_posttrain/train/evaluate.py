@@ -33,18 +33,18 @@ import json
 from llama_posttrain.data.records import read_records
 from llama_posttrain.data.schema import Drop, ValidationError, parse_preference
 from llama_posttrain.llama.chat import TEMPLATES, ChatFormat, resolve_chat_template
+from llama_posttrain.llama.paths import check_outputs
 from llama_posttrain.llama.tokenizer import resolve_tokenizer
 from llama_posttrain.train import progress
 from llama_posttrain.train.cli import HelpFormatter, at_least, json_object
 from llama_posttrain.train.sample import (
-    check_checkpoints,
     make_task,
     rank_seed,
     read_prompts,
     sample,
-    score,
     write_text,
 )
+from llama_posttrain.train.scoring import check_reward_models, score
 
 # torch-heavy modules are imported in the functions that use them: `--help` and argument errors answer at once.
 
@@ -160,6 +160,14 @@ def parse_args(argv=None):
         ap.error("--task-args: the arguments of --verifier's task; give --verifier too")
     if not (args.prompts or args.pairs or args.nll):
         ap.error("nothing to evaluate: give --prompts, --pairs and/or --nll")
+    try:  # no output may be an input
+        check_outputs(
+            {"--model": args.model, "--tokenizer": args.tokenizer, "--prompts": args.prompts, "--pairs": args.pairs,
+             "--nll": args.nll, "--rm": args.rm},
+            {"--out": args.out},
+        )  # fmt: skip
+    except ValueError as e:
+        ap.error(str(e))
     return args
 
 
@@ -176,14 +184,14 @@ def main(argv=None):
         tokenizer = resolve_tokenizer(args.tokenizer, args.model, config.vocab_size)
         chat = ChatFormat(tokenizer, resolve_chat_template(args.chat_template, args.model))
     except (ValueError, OSError) as e:
-        raise SystemExit(f"--model {args.model}: {e}") from None
+        raise SystemExit(f"error: --model {args.model}: {e}") from None
     if args.pairs and head != "reward":
         raise SystemExit(f"--model {args.model}: --pairs scores with a reward model, this one's head is {head!r}")
     if (args.prompts or args.nll) and head != "lm":
         raise SystemExit(
             f"--model {args.model}: --prompts and --nll need a language model, this one's head is {head!r}"
         )
-    check_checkpoints(argparse.Namespace(rm=args.rm, safety_rm=None), tokenizer.vocab_size)
+    check_reward_models({"--rm": args.rm}, chat)  # the policy's tokenizer and chat template, or refused
     try:
         task = make_task(args.verifier, args.task_args) if args.verifier else None
     except ValueError as e:

@@ -1,12 +1,13 @@
 """How the driver (llama_posttrain/train/pipeline.py) starts the jobs that touch a model, waits for them and shows
 their progress: training runs, sampling, evaluation, averaging. The driver itself holds no model.
 
-    launcher: local      one node: `torchrun --standalone --nproc_per_node N` (the default)
-    launcher: torchrun   several nodes: a torchrun agent per node, c10d rendezvous at `rdzv_endpoint`
-                         (host:port, or MASTER_ADDR:MASTER_PORT). Start the same pipeline command on
-                         every node with its `node_rank` (or NODE_RANK / GROUP_RANK in the environment):
-                         node 0 leads (plans, writes the data, reports); the others follow, starting
-                         their agent of each distributed job the leader queues in <run>/jobs/.
+    launcher: local      one node: `torchrun --standalone --nproc_per_node N` (the default; `torchrun` is the same)
+    launcher: ray        a running Ray cluster (`ray start --head`, `ray start --address HEAD:6379` on the others;
+                         `ray_address: auto` finds it): each distributed job is a placement group of `nnodes`
+                         bundles on distinct nodes (STRICT_SPREAD), each running that node's `torchrun --nnodes N
+                         --node_rank i` agent, the rendezvous on the first bundle's node; a single-process job
+                         (averaging) is one task. Every node sees the repository, the Python environment and the
+                         run folder at the same paths (a shared file system), as under Slurm.
     launcher: slurm      inside an allocation (sbatch): the driver runs once; each distributed job is
                          `srun --nodes N --ntasks-per-node 1 torchrun ...` (one agent per node, c10d
                          rendezvous on the driver's host), each single-process job `srun -N1 -n1 python ...`.
@@ -15,12 +16,15 @@ A Job is a script, its arguments and its ranks per node (`nproc`, 0 = one plain 
 `Launcher.command(job)` is the command line a launcher runs, logged into the job's log first so it can
 be rerun by hand. While a job runs, a line shows its name, done/total (llama_posttrain/train/progress.py) and an ETA.
 SIGTERM / Ctrl-C / SIGHUP go to the job (`Signals`): the job saves and stops, then the driver stops.
+A job dies with the driver: its process gets SIGTERM when the driver is gone, even by kill -9 (Linux
+PR_SET_PDEATHSIG), so a training run saves and exits instead of going on as an orphan.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import itertools
-import json
 import os
 import re
 import shlex
@@ -34,12 +38,16 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from llama_posttrain.data.io import write_json
 from llama_posttrain.train import progress
+
+if TYPE_CHECKING:
+    from llama_posttrain.train.launch_ray import RayJobs
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: experiments/ and the job scripts, llama_posttrain/...
 RDZV_PORT = 29400
+KINDS = ("local", "torchrun", "ray", "slurm")
 
 
 @dataclass
@@ -48,9 +56,13 @@ class Job:
     script: str  # a path under ROOT, e.g. "llama_posttrain/train/sft.py"
     args: list[str]
     log: Path  # stdout and stderr, appended, each attempt opened by its command line
-    nproc: int = 1  # ranks per node; 0: one plain process on the driver's node (no process group)
-    env: dict = field(default_factory=dict)  # on top of os.environ
+    nproc: int = 1  # ranks per node; 0: one plain process on one node (no process group)
+    env: dict = field(default_factory=dict)  # on top of the environment of the process that starts it
     run_dir: Path | None = None  # a training run's folder (its saved step is named when a signal stops it)
+
+    def node_log(self, node: int) -> Path:
+        """Node 0's output goes to `log`, node i's (ray) to `<log stem>.node<i>.log` beside it."""
+        return self.log if node == 0 else self.log.with_name(f"{self.log.stem}.node{node}{self.log.suffix}")
 
 
 class JobFailed(RuntimeError):
@@ -59,145 +71,108 @@ class JobFailed(RuntimeError):
 
 @dataclass
 class Launcher:
-    kind: str = "local"  # local | torchrun | slurm
-    nnodes: int = 1
-    node_rank: int = 0
-    rdzv_endpoint: str | None = None  # host:port of the c10d rendezvous (multi-node)
-    queue: Path | None = None  # torchrun across nodes: where the leader queues the distributed jobs
+    kind: str = "local"  # KINDS
+    nnodes: int = 1  # nodes of each distributed job (ray, slurm)
+    rdzv_endpoint: str | None = None  # slurm: host:port of the c10d rendezvous (default MASTER_ADDR, this host)
+    address: str = "auto"  # ray: the cluster's address (ray.init), "auto": RAY_ADDRESS or the one started here
     signals: Signals = field(default_factory=lambda: Signals())
     _count: itertools.count = field(default_factory=itertools.count)
     _session: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
-    @property
-    def leader(self) -> bool:
-        return self.node_rank == 0
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"launcher must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.kind in ("local", "torchrun") and self.nnodes > 1:
+            raise ValueError(
+                f"launcher: {self.kind} runs on one node; for nnodes > 1 use launcher: ray (a Ray cluster) or "
+                "launcher: slurm (the torchrun leader/follower queue across nodes is retired)"
+            )
 
     def endpoint(self) -> str:
         if self.rdzv_endpoint:
             return self.rdzv_endpoint
         if "MASTER_ADDR" in os.environ:
             return f"{os.environ['MASTER_ADDR']}:{os.environ.get('MASTER_PORT', RDZV_PORT)}"
-        if self.kind == "slurm":  # the batch script, and so the driver, runs on the allocation's first node
-            return f"{socket.gethostname()}:{RDZV_PORT}"
-        raise ValueError("launcher torchrun across nodes needs rdzv_endpoint (host:port) or MASTER_ADDR")
+        return f"{socket.gethostname()}:{RDZV_PORT}"  # slurm: the batch script, so the driver, is on the first node
 
-    def command(self, job: Job, rdzv_id: str | None = None) -> list[str]:
-        """The command line that runs `job` with this launcher."""
+    def command(self, job: Job, rdzv_id: str | None = None, node: int = 0, master: str | None = None) -> list[str]:
+        """The command line that runs `job` with this launcher (ray: node `node`'s, `master` host:port the
+        rendezvous on node 0)."""
         script = str(ROOT / job.script)
         if job.nproc == 0:
             cmd = [sys.executable, script, *job.args]
             return ["srun", "--nodes=1", "--ntasks=1", *cmd] if self.kind == "slurm" else cmd
         run = [sys.executable, "-m", "torch.distributed.run"]
-        if self.kind == "local" or self.nnodes == 1 and self.kind == "torchrun":
+        if self.kind in ("local", "torchrun"):
             return [*run, "--standalone", f"--nproc_per_node={job.nproc}", script, *job.args]
+        if self.kind == "ray":  # static rendezvous: node i's ranks are i * nproc ... (i + 1) * nproc - 1
+            host, _, port = (master or "MASTER:PORT").rpartition(":")
+            static = [f"--nnodes={self.nnodes}", f"--node_rank={node}", f"--master_addr={host}",
+                      f"--master_port={port}", f"--nproc_per_node={job.nproc}"]  # fmt: skip
+            return [*run, *static, script, *job.args]
         rdzv = [
             f"--nnodes={self.nnodes}", f"--nproc_per_node={job.nproc}", "--rdzv_backend=c10d",
             f"--rdzv_endpoint={self.endpoint()}", f"--rdzv_id={rdzv_id or self._session}",
         ]  # fmt: skip
-        agent = [*run, *rdzv, script, *job.args]
-        if self.kind == "slurm":
-            return ["srun", f"--nodes={self.nnodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1", *agent]
-        return agent
+        return ["srun", f"--nodes={self.nnodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1", *run, *rdzv,
+                script, *job.args]  # fmt: skip
 
     def run(self, job: Job) -> None:
         """Run the job to its end (all nodes), its output appended to its log, its progress shown. Raises
         JobFailed with the log's end, or Interrupted if a signal stopped it (forwarded to it first)."""
         rdzv_id = f"{self._session}-{next(self._count)}"
-        if self.kind == "torchrun" and self.nnodes > 1 and job.nproc > 0:
-            self._publish(job, rdzv_id)
-        rc = self._execute(job, self.command(job, rdzv_id), show=True)
+        progress_file = job.log.with_suffix(".progress.json")
+        progress_file.unlink(missing_ok=True)
+        env = {**job.env, progress.ENV: str(progress_file)}
+        job.log.parent.mkdir(parents=True, exist_ok=True)
+        watch = ProgressLine(job.name, progress_file)
+        try:
+            if self.kind == "ray":
+                from llama_posttrain.train.launch_ray import RayJobs  # Ray, an optional extra: only here
+
+                rc, failure = RayJobs(self).run(job, env, watch)
+            else:
+                cmd = self.command(job, rdzv_id)
+                rc, failure = run_logged(cmd, {**os.environ, **env}, job.log, self.signals.run, tick=watch), None
+        finally:
+            watch()  # the job's last report
+            watch.close()
         if self.signals.signum is not None:  # forwarded to it: it saved (or not) and stopped
             raise Interrupted(self.signals.signum, _saved(job, rc, self.signals.killed))
         if rc != 0:
+            what, log, more = failure or (f"(exit code {rc})", job.log, "")
             raise JobFailed(
-                f"{job.script} failed (exit code {rc}) for {job.name}; the end of its log {job.log}\n{_tail(job.log)}\n"
+                f"{job.script} failed {what} for {job.name}; the end of its log {log}\n{_tail(log)}\n{more}"
                 "Rerunning the pipeline resumes from the last finished stage."
             )
 
-    def _execute(self, job: Job, cmd: list[str], show: bool) -> int:
-        env = {**os.environ, **job.env}
-        progress_file = job.log.with_suffix(".progress.json")
-        progress_file.unlink(missing_ok=True)
-        env[progress.ENV] = str(progress_file)
-        job.log.parent.mkdir(parents=True, exist_ok=True)
-        with open(job.log, "a") as log:
-            log.write(f"{ATTEMPT}{time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(cmd)}\n")
-            log.flush()
-            watch = ProgressLine(job.name, progress_file) if show else None
-            try:
-                return self.signals.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, tick=watch)
-            finally:
-                if watch:
-                    watch()  # the job's last report
-                    watch.close()
 
-    # -------------------------------------------------------------------------- several nodes, torchrun
-
-    def start_session(self) -> None:
-        """The leader, at its start: a new queue (a follower of an earlier leader switches to this one)."""
-        if self.kind != "torchrun" or self.nnodes == 1:
-            return
-        self.queue.mkdir(parents=True, exist_ok=True)
-        for old in self.queue.glob("*.json"):
-            old.unlink()
-        write_json(self.queue / "session.json", {"id": self._session, "host": socket.gethostname()})
-
-    def end_session(self, status: int) -> None:
-        if self.kind == "torchrun" and self.nnodes > 1 and self.leader:
-            write_json(self.queue / "end.json", {"id": self._session, "status": status})
-
-    def _publish(self, job: Job, rdzv_id: str) -> None:
-        spec = {"name": job.name, "script": job.script, "args": job.args, "nproc": job.nproc, "env": job.env}
-        n = int(rdzv_id.rsplit("-", 1)[1])
-        write_json(self.queue / f"job_{n:05d}.json", {**spec, "rdzv_id": rdzv_id, "log": str(job.log)})
-
-    def follow(self, poll_s: float = 0.5) -> int:
-        """A follower node: start this node's agent of every distributed job the leader queues, in order,
-        until the leader ends (-> its exit status). A leader that starts over (a new session) is followed
-        from its first job; an agent waiting for a job of the old session is stopped."""
-        session, n = None, 0
-        while True:
-            current = _read_json(self.queue / "session.json") if self.queue else None
-            if current is None:
-                time.sleep(poll_s)
-                continue
-            if current["id"] != session:
-                session, n = current["id"], 0
-                print(f"following the leader on {current['host']} (session {session})", flush=True)
-            end = _read_json(self.queue / "end.json")
-            if end and end["id"] == session:
-                return int(end["status"])
-            spec = _read_json(self.queue / f"job_{n:05d}.json")
-            if spec is None or not spec["rdzv_id"].startswith(session):
-                time.sleep(poll_s)
-                continue
-            log = Path(spec["log"]).with_name(Path(spec["log"]).stem + f".node{self.node_rank}.log")
-            job = Job(spec["name"], spec["script"], spec["args"], log, spec["nproc"], spec["env"])
-            print(f"[node {self.node_rank}] {job.name}: starting this node's agent (log {log})", flush=True)
-            stop = threading.Event()
-            threading.Thread(target=self._watch_session, args=(session, stop), daemon=True).start()
-            rc = self._execute(job, self.command(job, spec["rdzv_id"]), show=False)
-            stop.set()
-            if self.signals.signum is not None:
-                return 128 + self.signals.signum
-            if rc != 0:
-                print(f"[node {self.node_rank}] {job.name}: exit code {rc} (log {log})", file=sys.stderr, flush=True)
-            n += 1
-
-    def _watch_session(self, session: str, stop: threading.Event) -> None:
-        while not stop.wait(1.0):
-            current = _read_json(self.queue / "session.json")
-            if current and current["id"] != session and self.signals.child is not None:
-                for pid in reversed(_process_tree(self.signals.child.pid)):
-                    _send(pid, signal.SIGKILL)
-                return
+def run_logged(cmd: list[str], env: dict, log: Path, run, **kw) -> int:
+    """cmd through run (Signals.run, or the Ray agent's loop), its output appended to log after a line
+    with the attempt's time and command line."""
+    with open(log, "a") as f:
+        f.write(f"{ATTEMPT}{time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(cmd)}\n")
+        f.flush()
+        return run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, **kw)
 
 
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+def start_job(cmd: list[str], death_signal: int = signal.SIGTERM, **popen_kw) -> subprocess.Popen:
+    """cmd in a session of its own (a Ctrl-C in the terminal reaches the driver only, which forwards it once),
+    getting death_signal when the calling thread is gone (die_with_parent)."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+    die = functools.partial(die_with_parent, os.getpid(), prctl, death_signal)
+    return subprocess.Popen(cmd, start_new_session=True, preexec_fn=die, **popen_kw)
+
+
+def die_with_parent(parent: int, prctl, death_signal: int) -> None:
+    """In a job's process, before exec (Popen's preexec_fn): death_signal when the thread that started it is
+    gone (Linux PR_SET_PDEATHSIG), even killed by kill -9. SIGTERM for torchrun: it forwards it to its workers,
+    which save their step and exit, as when a live driver forwards a signal. prctl: libc's, looked up before
+    the fork (None: not Linux, the job outlives its driver)."""
+    if prctl is not None:
+        prctl(1, death_signal)  # 1: PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before the prctl
+            os.kill(os.getpid(), death_signal)
 
 
 def clock(seconds: float) -> str:
@@ -300,7 +275,7 @@ class Signals:
 
     def __init__(self):
         self.signum: int | None = None
-        self.child: subprocess.Popen | None = None
+        self.child: LocalProcess | RayJobs | None = None  # the running job
         self.killed = False  # a second signal killed the child
         self.deferring = 0
         self.previous: dict = {}
@@ -322,11 +297,10 @@ class Signals:
         self.signum = self.signum or signum
         if self.child is not None:
             if first:
-                _send(self.child.pid, signal.SIGTERM if signum == signal.SIGHUP else signum)
+                self.child.forward(signal.SIGTERM if signum == signal.SIGHUP else signum)
             else:
                 self.killed = True
-                for pid in reversed(_process_tree(self.child.pid)):  # the workers, then torchrun
-                    _send(pid, signal.SIGKILL)
+                self.child.kill()
             return
         if not self.deferring:
             raise Interrupted(self.signum)
@@ -346,22 +320,43 @@ class Signals:
         finally:
             self.deferring -= 1
 
-    def run(self, cmd: list[str], tick=None, **popen_kw) -> int:
-        """Run cmd in a session of its own, signals forwarded to it -> its exit code. tick(): called while
-        it runs (the progress line)."""
+    @contextmanager
+    def forwarding(self, start):
+        """While a job runs: signals go to start()'s result (LocalProcess, RayJobs), a signal that came while
+        it started too."""
         with self.deferred():  # a signal now is forwarded once the child exists
-            self.child = subprocess.Popen(cmd, start_new_session=True, **popen_kw)
+            self.child = start()
         try:
             if self.signum is not None:
-                _send(self.child.pid, signal.SIGTERM if self.signum == signal.SIGHUP else self.signum)
+                self.child.forward(signal.SIGTERM if self.signum == signal.SIGHUP else self.signum)
+            yield self.child
+        finally:
+            self.child = None
+
+    def run(self, cmd: list[str], tick=None, **popen_kw) -> int:
+        """Run cmd in a session of its own, signals forwarded to it -> its exit code. tick(): called while
+        it runs (the progress line). It dies with this process (die_with_parent)."""
+        with self.forwarding(lambda: LocalProcess(start_job(cmd, **popen_kw))) as child:
             while True:  # polled: the handlers run promptly whichever thread the signal interrupted
                 try:
-                    return self.child.wait(timeout=0.2)
+                    return child.popen.wait(timeout=0.2)
                 except subprocess.TimeoutExpired:
                     if tick is not None:
                         tick()
-        finally:
-            self.child = None
+
+
+@dataclass
+class LocalProcess:
+    """A job's process on this node, as Signals sends to it."""
+
+    popen: subprocess.Popen
+
+    def forward(self, signum: int) -> None:
+        _send(self.popen.pid, signum)
+
+    def kill(self) -> None:
+        for pid in reversed(_process_tree(self.popen.pid)):  # the workers, then torchrun
+            _send(pid, signal.SIGKILL)
 
 
 ATTEMPT = "=== pipeline: "  # starts each attempt's part of a stage's log

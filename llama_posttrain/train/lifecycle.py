@@ -143,11 +143,15 @@ def main_guard(fn):
     file, batch size, checkpoint; every rank reads the same and fails alike) is printed once, as
     `error: ...`, by local rank 0 (once per node: a file missing on one node is still reported; see
     `_report_once`), and every rank exits with status 2, without tracebacks. A full disk at any time
-    is reported the same way (status 1). Other errors raised later keep their tracebacks.
+    is reported the same way (status 1), and so is a run folder lock lost while training (run_lock.LockLost:
+    the lock file deleted or replaced under the run). Other errors raised later keep their tracebacks.
     """
     Phase.training = False
     try:
         result = fn()
+    except run_lock.LockLost as e:  # another run may have the folder now: no traceback, nothing more written
+        _report_once(e)
+        raise SystemExit(1) from None
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             _report_once(e)

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from llama_posttrain.data.io import write_jsonl
+from llama_posttrain.train import run_lock
 from llama_posttrain.train.launch import clock
 
 
@@ -57,6 +58,7 @@ class Logger:
         values = {k: v for k, v in metrics.items() if isinstance(v, list)}  # distributions: wandb only
         metrics = {k: v for k, v in metrics.items() if k not in values}
         record = {"step": step, **{k: (round(v, 8) if isinstance(v, float) else v) for k, v in metrics.items()}}
+        run_lock.check(self.path.parent, f"step {step}'s metrics")  # a deleted lock let another run in: stop
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:

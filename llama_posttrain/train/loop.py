@@ -5,7 +5,7 @@ it logs), then calls `run`. Per optimizer step:
 
     for each micro-batch of this rank: loss, sums = objective.loss(batch, step); loss.backward()
         (losses are divided by the step's global counts, so the rank gradients are summed)
-    clip the global grad norm; skip the update if the loss or the norm is not finite
+    clip the global grad norm; skip the update if the loss or the norm is not finite (said: train/health.py)
     AdamW step, LR schedule step
     one all-reduce of the step's sums, on the device (read to the host on logged steps) -> logged ratios
     eval / checkpoint every N steps
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from llama_posttrain.data.loader import DataLoader, Step
-from llama_posttrain.train import progress, train_state
+from llama_posttrain.train import health, progress, train_state
 from llama_posttrain.train.config import Config, to_dict
 from llama_posttrain.train.distributed import Dist, all_reduce_sum, gather_lists, param_dtype, reduce_on_device
 from llama_posttrain.train.entry import Setup
@@ -260,6 +260,7 @@ class Trainer:
         )  # fmt: skip
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(o, self.cfg.train.steps))
         self.run_dir = Path(self.cfg.train.run_dir)
+        self.health = health.Health(self.d.is_main)  # skipped steps and explosions, said
         self.stops = StopPoll()  # the signal flag between micro-batches, off the device
 
     def resume(self, checkpoint: Path | None) -> None:
@@ -267,6 +268,7 @@ class Trainer:
             return
         extra = train_state.load(checkpoint, self.model, self.optimizer, self.d.rank)
         self.start, self.skipped = extra["step"], extra["skipped"]
+        self.health.skipped_before = self.skipped
         self.scheduler.load_state_dict(extra["scheduler"])
         self.train_loader.load_state_dict(extra["loader"])
         if self.d.is_main:
@@ -309,6 +311,7 @@ class Trainer:
         grad_norm = _full(torch.nn.utils.clip_grad_norm_(params, clip))
         reduced = reduce_on_device(acc, self.objective.extrema)  # one collective per step, no host sync
         ok = torch.isfinite(reduced["loss"]) & torch.isfinite(grad_norm)
+        self.health.record(step, reduced["loss"], grad_norm)
         if self.fused:  # the update is skipped on the device where not ok; the counters stay there
             self.optimizer.found_inf = (~ok).float()
             self.optimizer.step()
@@ -328,13 +331,18 @@ class Trainer:
             else max(self.worst, self.bad_in_a_row)
         )
         self.signalled = self.stops.poll()  # a signal seen after the update: this step is saved
-        if not self.fused or timed:
+        if not self.fused or timed:  # where the host reads anyway
+            self.health.read()
             self.check_bad_steps(step)
         if not timed:
             return {}
         sync_clock(self.d.device)  # the optimizer step's kernels, queued after the last host sync
         dt = time.perf_counter() - t0
-        host = dict(zip(reduced, torch.stack(list(reduced.values())).tolist()))
+        norm = health.weight_norm(params).to(reduced["loss"])  # |w| after the update
+        values = torch.stack([*reduced.values(), norm]).tolist()  # one read to the host
+        host = dict(zip(reduced, values))
+        self.health.weights(step, values[-1], lr, params)
+        self.health.loss(step, host["loss"])
         host = {k: (v if math.isfinite(v) or k not in self.objective.extrema else None) for k, v in host.items()}
         metrics = {
             "loss": host["loss"],
@@ -386,6 +394,8 @@ def run(setup: Setup, objective: Objective, eval_objective: Objective | None = N
     train_loader, eval_loader = setup.train_loader, setup.eval_loader
     t = Trainer(cfg, d, model, objective, train_loader, eval_loader, eval_objective or objective)
     t.resume(setup.resume_from)
+    params = list(model.parameters())
+    t.health.weights(t.start, float(health.weight_norm(params)), cfg.optim.lr, params)  # |w| at the start
     fresh = setup.resume_from is None
     logger = Logger(t.run_dir, cfg.logging, to_dict(cfg), d.is_main, cfg.train.steps, None if fresh else t.start)
     every = cfg.train
@@ -422,6 +432,9 @@ def run(setup: Setup, objective: Objective, eval_objective: Objective | None = N
                 final_eval = t.evaluate()
                 logger.log(cfg.train.steps, final_eval)
                 metrics.update(final_eval)
+            t.health.read()
+            t.health.summary()
+            health.check_exportable(model, d, t.run_dir, finished)  # before the final checkpoint too (keep_last)
             if not done_before:  # the final checkpoint, unless it is the one resumed from
                 t.save(cfg.train.steps, finished_at)
             hf_dtype = param_dtype(cfg.train.mixed_precision, d.device)

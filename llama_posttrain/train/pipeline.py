@@ -3,7 +3,7 @@
     python llama_posttrain/train/pipeline.py --config experiments/quickstart/pipeline.yaml [key=value ...]
 
 The recipe (llama_posttrain/train/recipe.py) writes under runs/<name>/round_<k>/<stage>/; every stage that touches a
-model is a job through a launcher (llama_posttrain/train/launch.py: `local` torchrun, `torchrun` across nodes, `slurm`),
+model is a job through a launcher (llama_posttrain/train/launch.py: `local` torchrun, `ray` on a Ray cluster, `slurm`),
 so the driver holds no model and the same command runs the CPU quickstart and a cluster's rounds. The
 data is a plug-in named in the config (`task`, `task_args`): a synthetic task with a verifier
 (llama_posttrain/data/tasks/arithmetic.py), or `files`, the user's prompt pool, preference, SFT and eval files
@@ -14,6 +14,12 @@ interrupted training run resumes from its own checkpoints. SIGTERM or Ctrl-C goe
 (a training run saves its last finished step); the pipeline then exits with 128 + the signal, naming
 the stage, and the same command resumes. The report is summary.json, summary.md and the plots
 (llama_posttrain/train/report.py).
+
+Paths: a relative path in the pipeline's config, its key=value overrides and its task_args (root, base,
+safety_rm, configs, the files task's files, the stage overrides' file keys, PATH_KEYS) is relative to the
+directory the pipeline is started in; jobs get them absolute (they run in the repository, where the stage
+config files' own relative paths and the default `configs`, experiments/quickstart, point). DONE markers
+hold paths relative to the run folder, so a copied or renamed folder reads its own results.
 
 A run folder holds the results of one config, and one driver at a time (run.lock): the first start
 records the config (pipeline.yaml, and the stage config files' contents in stage_configs.yaml) and a
@@ -27,6 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import typing
@@ -53,7 +60,7 @@ from llama_posttrain.train.config import (
     read_yaml,
 )
 from llama_posttrain.train.launch import Interrupted, Launcher
-from llama_posttrain.train.recipe import STAGE_KINDS, STAGE_SETS, Recipe, StageError, WaitingForLabels
+from llama_posttrain.train.recipe import STAGE_KINDS, STAGE_SETS, Recipe, StageError, WaitingForLabels, absolute
 from llama_posttrain.train.report import wandb_settings, write_report
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: experiments/ and the job scripts, llama_posttrain/...
@@ -72,12 +79,10 @@ class PipelineConfig:
     nproc: PosInt = 2  # ranks per node of each training job (GPUs per node)
     sample_nproc: NonNegInt = 0  # ranks per node of sampling jobs; 0: nproc (each rank samples its share of prompts)
     eval_nproc: NonNegInt = 0  # ranks per node of evaluation jobs; 0: nproc
-    launcher: Literal["local", "torchrun", "slurm"] = "local"  # how jobs start: llama_posttrain/train/launch.py
-    nnodes: PosInt = 1  # nodes of each distributed job (torchrun, slurm)
-    node_rank: NonNegInt | None = (
-        None  # torchrun across nodes: this node's rank; default NODE_RANK / GROUP_RANK, else 0
-    )
-    rdzv_endpoint: str | None = None  # host:port of the c10d rendezvous across nodes; default MASTER_ADDR:MASTER_PORT
+    launcher: Literal["local", "torchrun", "ray", "slurm"] = "local"  # how jobs start: llama_posttrain/train/launch.py
+    nnodes: PosInt = 1  # nodes of each distributed job (ray, slurm)
+    ray_address: str = "auto"  # launcher ray: the cluster (ray.init's address); auto: RAY_ADDRESS or `ray start` here
+    rdzv_endpoint: str | None = None  # slurm: host:port of the c10d rendezvous; default MASTER_ADDR:MASTER_PORT
     engine: Literal["native", "vllm"] = (
         "native"  # sampling engine of llama_posttrain/train/sample.py (vllm: one process per node)
     )
@@ -92,7 +97,7 @@ class PipelineConfig:
     safety_rm: str | None = None  # a safety reward model combined with the round's RM as in Llama 2 (annotator rm)
     sft_weights: dict[str, float] = field(
         default_factory=dict
-    )  # {rejection_sampled: 1.0, human: 1.0}: SFT mixture weights
+    )  # {rejection_sampled: 1.0, human: 1.0}: SFT mixture weights (SFT_SOURCES)
     cleaning: dict[str, typing.Any] = field(
         default_factory=dict
     )  # rejection sampling's filters, llama_posttrain/train/sample.py flags: {dedup: true, max_repeat: 0.3, ...}
@@ -106,7 +111,9 @@ class PipelineConfig:
     k: Annotated[int, AtLeast(2)] = 8  # samples per prompt
     temperature: NonNegFloat = 1.0  # of the rounds' sampling
     max_new_tokens: PosInt = 8
-    configs: dict[str, str] = field(default_factory=lambda: dict(QUICKSTART_CONFIGS))  # rm/sft/dpo -> config file
+    configs: dict[str, str] = field(
+        default_factory=lambda: dict(QUICKSTART_CONFIGS)
+    )  # rm/sft/dpo -> config file; default: the repository's experiments/quickstart
     pretrain: dict[str, typing.Any] = field(default_factory=dict)  # "section.key": value overrides of each stage's run
     rm: dict[str, typing.Any] = field(default_factory=dict)
     sft: dict[str, typing.Any] = field(default_factory=dict)
@@ -116,7 +123,30 @@ class PipelineConfig:
 
 
 # Keys whose change leaves every stage's result as it was: a run folder may be continued with new values.
-HARMLESS = {"name", "root", "rounds", "plots", "launcher", "nnodes", "node_rank", "rdzv_endpoint"}
+# `configs`: the files' paths; their contents are recorded and compared (stage_configs.yaml).
+LAUNCH_KEYS = {"launcher", "nnodes", "rdzv_endpoint", "ray_address", "node_rank"}  # node_rank: older records have it
+HARMLESS = {"name", "root", "rounds", "plots", "configs", *LAUNCH_KEYS}
+SFT_SOURCES = ("rejection_sampled", "human")  # the keys of sft_weights
+
+
+@dataclass
+class Cleaning:
+    """`cleaning`: rejection sampling's filters, each a llama_posttrain/train/sample.py flag (the rules of
+    llama_posttrain/data/clean.py), checked when the pipeline starts rather than when sampling does."""
+
+    dedup: bool = False  # --dedup
+    max_chars: PosInt | None = None  # --max-chars
+    max_repeat: float | None = None  # --max-repeat: a fraction in [0, 1]
+    repeat_ngram: PosInt = 3  # --repeat-ngram
+    ban_phrase: list[str] = field(default_factory=list)  # --ban-phrase, each
+    max_emoji: NonNegInt | None = None  # --max-emoji
+    max_exclamation: NonNegInt | None = None  # --max-exclamation
+
+    def __post_init__(self):
+        if self.max_repeat is not None and not 0 <= self.max_repeat <= 1:
+            raise ValueError(f"max_repeat: a fraction in [0, 1], got {self.max_repeat}")
+        if any(not p.strip() for p in self.ban_phrase):
+            raise ValueError("ban_phrase: an empty phrase would ban every sample")
 
 
 class PipelineError(RuntimeError):
@@ -148,8 +178,15 @@ def load_pipeline_config(path: str | None, overrides=()) -> PipelineConfig:
         cfg = from_flat_dict(PipelineConfig, raw, source)
     except ValueError as e:
         raise PipelineError(str(e)) from None
+    if "configs" in source:  # the user's files: relative to where the pipeline starts, as every path given to it
+        cfg.configs = {kind: absolute(file) for kind, file in cfg.configs.items()}
     _check_values(cfg, source)
     return cfg
+
+
+def run_folder(cfg: PipelineConfig) -> Path:
+    """<root>/<name>, absolute: the jobs run in the repository, the root is relative to where the pipeline starts."""
+    return Path(absolute(cfg.root)) / cfg.name
 
 
 def _check_values(cfg: PipelineConfig, source: dict[str, str]) -> None:
@@ -166,6 +203,18 @@ def _check_values(cfg: PipelineConfig, source: dict[str, str]) -> None:
         raise PipelineError(f"{where(key)}: must be in (0, 1], got {cfg.vllm_gpu_memory_utilization}")
     if cfg.sample_compile and cfg.engine != "native":
         raise PipelineError(f"{where('sample_compile')}: the native engine's option (engine: {cfg.engine})")
+    unknown = sorted(set(cfg.sft_weights) - set(SFT_SOURCES))
+    if unknown:
+        raise PipelineError(
+            f"{where('sft_weights')}: unknown source(s) {', '.join(unknown)} (known: {', '.join(SFT_SOURCES)})"
+        )
+    for source_name, weight in cfg.sft_weights.items():
+        if not (math.isfinite(weight) and weight >= 0):
+            raise PipelineError(f"{where('sft_weights')}.{source_name}: a weight must be finite and >= 0, got {weight}")
+    try:
+        from_flat_dict(Cleaning, cfg.cleaning, where("cleaning"))
+    except ValueError as e:
+        raise PipelineError(str(e)) from None
     for kind in set(STAGE_KINDS) - set(cfg.configs):
         raise PipelineError(f"{where('configs')}: no config file for {kind!r} (give one for each of {STAGE_KINDS})")
     for kind, file in cfg.configs.items():
@@ -179,6 +228,8 @@ def _check_values(cfg: PipelineConfig, source: dict[str, str]) -> None:
     task = make_task(cfg.task, cfg.task_args, source)
     if cfg.base is not None and not Path(cfg.base).is_dir():
         raise PipelineError(f"{where('base')}: {cfg.base} is not a checkpoint folder")
+    if cfg.safety_rm is not None and not Path(cfg.safety_rm).is_dir():
+        raise PipelineError(f"{where('safety_rm')}: {cfg.safety_rm} is not a checkpoint folder")
     if cfg.annotator == "verifier" and not hasattr(task, "verify"):
         raise PipelineError(f"{where('annotator')}: task {cfg.task!r} has no verifier: use rm or human")
     if cfg.base is None and not hasattr(task, "pretrain_corpus"):
@@ -215,11 +266,19 @@ def _read_yaml(path):
         raise PipelineError(str(e)) from None
 
 
-def _recorded(path: Path) -> dict:
-    """A recorded pipeline.yaml, with the keys PipelineConfig gained since at their defaults: a new key's
-    default keeps the behaviour from before it, so a run folder continues as it began."""
-    saved = _read_yaml(path) or {}
-    return {**{k: v for k, v in dataclasses.asdict(PipelineConfig()).items() if k not in saved}, **saved}
+def _read_record(folder: Path) -> dict:
+    """A run folder's recorded config: pipeline.yaml, with the keys PipelineConfig gained since at their
+    defaults (a new key's default keeps the behaviour from before it, so a run folder continues as it began),
+    and stage_configs.yaml as "stage_configs". A file that is not what the pipeline writes: PipelineError."""
+    record, stages = folder / "pipeline.yaml", folder / "stage_configs.yaml"
+    saved = _read_yaml(record)
+    if not isinstance(saved, dict):
+        raise PipelineError(f"{record}: not a recorded pipeline config (a mapping of keys), got {type(saved).__name__}")
+    stage_configs = _read_yaml(stages) if stages.is_file() else {}
+    if not isinstance(stage_configs, dict) or not all(isinstance(v, dict) for v in stage_configs.values()):
+        raise PipelineError(f"{stages}: not recorded stage configs (a mapping of stage -> its config)")
+    defaults = {k: v for k, v in dataclasses.asdict(PipelineConfig()).items() if k not in saved}
+    return {**defaults, **saved, "stage_configs": stage_configs}
 
 
 def _without_stage_sets(config: dict) -> dict:
@@ -247,7 +306,7 @@ class Pipeline:
 
     def __init__(self, cfg: PipelineConfig):
         self.cfg = cfg
-        self.dir = Path(cfg.root) / cfg.name
+        self.dir = run_folder(cfg)
         task = make_task(cfg.task, cfg.task_args)
         if cfg.base is None:
             tokenizer = load_tokenizer()  # the presets' byte tokenizer
@@ -269,8 +328,6 @@ class Pipeline:
         with self.signals:
             self.check_run_folder()
             print(f"pipeline: {self.estimate()}", flush=True)
-            self.launcher.start_session()
-            status = 1
             try:
                 results = self.recipe.run()
                 self.signals.check("before the report")
@@ -279,11 +336,8 @@ class Pipeline:
                 dashboard = wandb_settings(self.stage_configs(), stages)  # None: the stages log no wandb
                 write_report(self.dir, dataclasses.asdict(c), results, c.plots, c.rounds, c.eval_prompts,
                              dashboard, self.recipe.verify)  # fmt: skip
-                status = 0
             except StageError as e:
                 raise PipelineError(str(e)) from None
-            finally:
-                self.launcher.end_session(status)
         return results
 
     def estimate(self) -> str:
@@ -293,16 +347,14 @@ class Pipeline:
         same = {"name", "root", "plots"}  # keys that change nothing a stage does
         now = {**dataclasses.asdict(self.cfg), "stage_configs": self.stage_configs()}
         finished = []  # (its summary.json's time, its folder)
-        for summary in Path(self.cfg.root).glob("*/summary.json"):  # a finished run wrote its report
+        for summary in sorted(self.dir.parent.glob("*/summary.json")):  # a finished run wrote its report
             other = summary.parent
             if not (other / "pipeline.yaml").is_file():  # this folder too: finished, nothing is left
                 continue
             try:
-                saved = {
-                    **_recorded(other / "pipeline.yaml"),
-                    "stage_configs": _read_yaml(other / "stage_configs.yaml"),
-                }
-            except (PipelineError, TypeError):
+                saved = _read_record(other)
+            except (PipelineError, OSError) as e:  # another run's folder: not this run's problem
+                print(f"pipeline: warning: {e}; {other} left out of the estimate", flush=True)
                 continue
             diff = differences(_without_stage_sets(saved), _without_stage_sets(now))
             if not [k for k in diff if k.split(".")[0] not in same]:
@@ -330,9 +382,20 @@ class Pipeline:
     def check_run_folder(self) -> None:
         """Record the config at the first start; refuse a later start whose config differs (HARMLESS and
         the stage configs' STAGE_SETS keys aside), so the results of two configs never mix. The record is
-        never rewritten."""
+        never rewritten. A folder the pipeline cannot write in is refused before anything starts."""
         record, stages = self.dir / "pipeline.yaml", self.dir / "stage_configs.yaml"
         now = {**dataclasses.asdict(self.cfg), "stage_configs": self.stage_configs()}
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            probe = self.dir / f".write_test.{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise PipelineError(
+                f"{e.filename or self.dir}: cannot write in the run folder ({e.strerror or e}): the pipeline keeps its "
+                "record, its DONE markers and every stage's results there; make it writable, or choose another "
+                "`root` or `name`"
+            ) from None
         try:  # one pipeline per folder; each stage's training run also locks its own folder
             run_lock.hold(self.dir, "llama_posttrain/train/pipeline.py " + " ".join(sys.argv[1:]))
         except run_lock.FolderInUse as e:
@@ -351,7 +414,12 @@ class Pipeline:
             config = {k: v for k, v in now.items() if k != "stage_configs"}
             write_text(record, yaml.safe_dump(config, sort_keys=False))  # last: the record is whole
             return
-        saved = {**_recorded(record), "stage_configs": _read_yaml(stages) if stages.is_file() else {}}
+        try:
+            saved = _read_record(self.dir)
+        except PipelineError as e:
+            raise PipelineError(
+                f"{e}: restore it (it records the config that made this folder's results); {START_OVER}"
+            ) from None
         changed = differences(saved, now)
         # the stage configs' STAGE_SETS keys aside: the pipeline sets them for every stage run
         strict = differences(_without_stage_sets(saved), _without_stage_sets(now))
@@ -367,16 +435,10 @@ class Pipeline:
 
 
 def make_launcher(cfg: PipelineConfig, run_dir: Path) -> Launcher:
-    node_rank = cfg.node_rank
-    if node_rank is None:
-        node_rank = (
-            int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", 0))) if cfg.launcher == "torchrun" else 0
-        )
-    if node_rank >= cfg.nnodes:
-        raise PipelineError(f"node_rank {node_rank} is not below nnodes {cfg.nnodes}")
-    if cfg.launcher == "local" and cfg.nnodes > 1:
-        raise PipelineError("launcher: local runs on one node; for nnodes > 1 use launcher: torchrun or slurm")
-    return Launcher(cfg.launcher, cfg.nnodes, node_rank, cfg.rdzv_endpoint, run_dir / "jobs")
+    try:
+        return Launcher(cfg.launcher, cfg.nnodes, cfg.rdzv_endpoint, cfg.ray_address)
+    except ValueError as e:  # nnodes > 1 on one node
+        raise PipelineError(str(e)) from None
 
 
 def main(argv=None):
@@ -389,13 +451,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     try:
         cfg = load_pipeline_config(args.config, args.overrides)
-        launcher = make_launcher(cfg, Path(cfg.root) / cfg.name)
-        if not launcher.leader:  # a follower node: this node's part of every distributed job the leader starts
-            with launcher.signals:
-                raise SystemExit(launcher.follow())
         Pipeline(cfg).run()
     except PipelineError as e:
-        raise SystemExit(f"pipeline: {e}") from None
+        raise SystemExit(f"pipeline: error: {e}") from None
     except WaitingForLabels as e:
         raise SystemExit(f"pipeline: waiting for labels: {e}") from None
     except Interrupted as e:

@@ -14,6 +14,8 @@ import argparse
 import sys
 import time
 
+from llama_posttrain.data.records import train_sources
+from llama_posttrain.llama.paths import check_outputs
 from llama_posttrain.train.config import load_config
 
 # data.cache, data.prepare and train.distributed import torch: imported in `_main`, so `--help` answers at once.
@@ -59,6 +61,11 @@ def _main(args) -> None:
     config_class, options = _entry_point(args.kind)
     cfg = load_config(config_class, args.config, args.overrides)
     m = cfg.model  # the chat format as llama_posttrain/train/entry.py `setup` builds it: the same cache key
+    check_outputs(  # the caches are written under data.cache_dir: never onto a file the run reads
+        {"--config": args.config, "data.train": [p for p, _ in train_sources(cfg.data.train)],
+         "data.eval": cfg.data.eval, "model.checkpoint": m.checkpoint, "model.tokenizer": m.tokenizer},
+        {"data.cache_dir": cfg.data.cache_dir},
+    )  # fmt: skip
     chat = ChatFormat(
         model_tokenizer(m.checkpoint, m.preset, m.tokenizer), resolve_chat_template(m.chat_template, m.checkpoint)
     )

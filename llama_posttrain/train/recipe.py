@@ -14,6 +14,10 @@ Every stage that touches a model is a job started through the launcher (llama_po
 (llama_posttrain/train/sample.py) and evaluation (llama_posttrain/train/evaluate.py: task accuracy with a verifier, RM pair accuracy,
 held-out NLL, the latest RM's mean score of a policy's samples). This file only plans: it writes the
 jobs' inputs, reads their result files and keeps each stage's results in its DONE marker.
+
+A DONE marker holds its paths (RESULT_PATHS) relative to the run folder, so a copied or renamed folder reads
+its own results; a path outside it is one the config names (its base, the files task's files) or refused.
+A stage that produced nothing (0 SFT records, 0 pairs) is not marked done: it stops, saying why.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from llama_posttrain.data.annotators import file_annotator, preference_pair
 from llama_posttrain.data.clean import CleanRules
 from llama_posttrain.data.drops import drop_reason, drop_report, drops_for
 from llama_posttrain.data.io import write_json, write_jsonl, write_text
+from llama_posttrain.llama.chat import TEMPLATES
 from llama_posttrain.train.launch import Interrupted, Job, JobFailed, Launcher
 from llama_posttrain.train.logger import read_metrics
 
@@ -37,6 +42,50 @@ EVAL_SIZE = 200  # a synthetic task's held-out preference pairs, SFT records and
 # logging.group / job_type / name: the stage run's place on the dashboard (wandb: the pipeline run's group,
 # the stage, round_k/stage/variant_v).
 STAGE_SETS = ("train.run_dir", "logging.progress", "logging.group", "logging.job_type", "logging.name")
+# The training configs' keys that name files or folders: a stage override's relative path is made absolute
+# (relative to where the pipeline started; the jobs run in the repository). tests/ check the list is whole.
+PATH_KEYS = (
+    "model.checkpoint", "model.tokenizer", "data.train", "data.eval", "data.cache_dir", "dpo.reference_checkpoint",
+    "train.run_dir",
+)  # fmt: skip
+RESULT_PATHS = ("model", "files")  # the results (DONE markers) that hold paths: "files" {what: path or [paths]}
+MARKER_NEEDS = {"data": ("files",), **dict.fromkeys(("pretrain", "rm", "sft", "dpo"), ("model",))}  # read later
+
+
+def absolute(path) -> str:
+    """A path as the jobs need it: relative to the directory the pipeline started in (the driver's), absolute."""
+    return os.path.abspath(os.path.expanduser(str(path)))
+
+
+def absolute_paths(overrides: dict) -> dict:
+    """A stage's overrides with the PATH_KEYS values absolute (data.train: a path, a list, [{path, weight}])."""
+
+    def fix(value):
+        if isinstance(value, str):
+            return absolute(value)
+        if isinstance(value, list):
+            return [fix(v) for v in value]
+        if isinstance(value, dict) and isinstance(value.get("path"), str):
+            return {**value, "path": absolute(value["path"])}
+        return value
+
+    return {k: fix(v) if k in PATH_KEYS and v is not None else v for k, v in overrides.items()}
+
+
+def _map_paths(result: dict, fn) -> dict:
+    """`result` with fn applied to each path it holds (RESULT_PATHS)."""
+
+    def each(value):
+        if isinstance(value, list):
+            return [each(v) for v in value]
+        return fn(value) if isinstance(value, str) else value
+
+    out = dict(result)
+    if isinstance(out.get("model"), str):
+        out["model"] = fn(out["model"])
+    if isinstance(out.get("files"), dict):
+        out["files"] = {k: each(v) for k, v in out["files"].items()}
+    return out
 
 
 class StageError(RuntimeError):
@@ -95,7 +144,7 @@ class Recipe:
 
     def files(self) -> dict:
         """The data every round reads: written by the data stage (a synthetic task), or the user's (files)."""
-        return json.loads((self.data / "DONE").read_text())["files"]
+        return self.read_marker(self.data / "DONE", needs=("files",))["files"]
 
     # ------------------------------------------------------------------------------------------ rounds
 
@@ -133,7 +182,7 @@ class Recipe:
         """The base: an LM pre-trained on the task's corpus (every token a target), or the config's `base`."""
         c = self.cfg
         if c.base is not None:
-            return {"model": c.base, **self.evaluate(d, Path(c.base), "base", rm=None)}
+            return {"model": absolute(c.base), **self.evaluate(d, Path(absolute(c.base)), "base", rm=None)}
         overrides = {
             "model.preset": c.preset,
             "data.train": str(self.data / "pretrain.jsonl"),
@@ -160,6 +209,13 @@ class Recipe:
         cleaning rules) is SFT data."""
         report = self.sample(d, k, "rs", self.cfg.rs_prompts, policy, rm, ("sft",), annotate=None)
         sft = [json.loads(line) for line in (d / "sft.jsonl").read_text().splitlines()]
+        if not sft:
+            raise StageError(
+                f"{d / 'sft.jsonl'}: 0 SFT records from {self.cfg.rs_prompts} prompts x {self.cfg.k} samples "
+                f"(dropped: {json.dumps(report)}; {d / 'sample.log'} and the counts above say why); not marked done. "
+                "Start a new run folder (`name`) with more rs_prompts or k, a larger max_new_tokens if the samples "
+                "were unfinished, or looser `cleaning`"
+            )
         return {**self.sample_metrics(d, sft), "records": len(sft), "dropped": report}
 
     def train_sft(self, d: Path, k: int, base: Path, rm: Path) -> dict:
@@ -194,6 +250,18 @@ class Recipe:
             report = self.human_pairs(d)
         strength = "significantly_better" if self.annotator == "verifier" else None
         pairs = [json.loads(line) for line in (d / "sampled_pairs.jsonl").read_text().splitlines()]
+        if not pairs:
+            how = (
+                f"label some sets of {d / 'labels.jsonl'} with a strict preference, then rerun"
+                if self.annotator == "human"
+                else "start a new run folder (`name`) with more pref_prompts or k, a larger max_new_tokens if the "
+                "samples were unfinished, or looser `cleaning`"
+                + (" (the verifier keeps a prompt whose samples are both right and wrong)" if self.verify else "")
+            )
+            raise StageError(
+                f"{d / 'sampled_pairs.jsonl'}: 0 preference pairs from {c.pref_prompts} prompts x {c.k} samples "
+                f"(dropped: {json.dumps(report)}); not marked done, DPO would have nothing to train on: {how}"
+            )
         write_jsonl(d / "pairs.jsonl", [{**p, "strength": strength} if strength else p for p in pairs])
         sft = [json.loads(line) for line in (d / "sft.jsonl").read_text().splitlines()] if self.verify else []
         return {**self.sample_metrics(d, sft), "records": len(pairs), "dropped": report}
@@ -230,13 +298,18 @@ class Recipe:
         annotate = file_annotator(labels)
         pairs = []
         for s in map(json.loads, to_label.read_text().splitlines()):
-            pair = preference_pair({"messages": s["prompt"]}, s["responses"], annotate(s, s["responses"]))
+            scores = annotate(s, s["responses"])  # None: a set the file does not label (partial labelling)
+            pair = preference_pair({"messages": s["prompt"]}, s["responses"], scores) if scores is not None else None
             if pair is None:
-                dropped["no_pair"] += 1
+                key = "no_pair_unlabelled" if scores is None else "no_pair"
+                dropped[key] = dropped.get(key, 0) + 1
             else:
                 pairs.append({"id": s["id"], **pair})
         write_jsonl(d / "sampled_pairs.jsonl", pairs)
-        print(f"pref: {len(pairs)} pairs from {labels}; {dropped['no_pair']} sets without a strict preference")
+        print(
+            f"pref: {len(pairs)} pairs from {labels}; {dropped['no_pair']} sets without a strict preference, "
+            f"{dropped.get('no_pair_unlabelled', 0)} sets not labelled"
+        )
         return {key: n for key, n in dropped.items() if n}
 
     def train_dpo(self, d: Path, k: int, sft_model: Path, rm: Path) -> dict:
@@ -261,28 +334,80 @@ class Recipe:
     # ------------------------------------------------------------------------------------------ stages
 
     def stage(self, rnd: int, name: str, fn, *args) -> dict:
-        """fn(stage_dir, rnd, *args) -> results, unless the stage's DONE marker exists: it holds the results."""
+        """fn(stage_dir, rnd, *args) -> results, unless the stage's DONE marker exists: it holds the results
+        (its paths relative to the run folder; the results returned hold them absolute)."""
         d = self.dir / f"round_{rnd}" / name
         marker = d / "DONE"
         if marker.exists():
-            result = json.loads(marker.read_text())
+            result = self.read_marker(marker, needs=MARKER_NEEDS.get(name, ()))
             print(f"[round {rnd}] {name}: done before, skipped", flush=True)
         else:
-            d.mkdir(parents=True, exist_ok=True)
             t0 = time.time()
             try:
+                d.mkdir(parents=True, exist_ok=True)
                 result = {"round": rnd, "stage": name, **fn(d, rnd, *args), "seconds": round(time.time() - t0, 1)}
                 with self.launcher.signals.deferred():  # the marker is written whole, or not at all
-                    write_text(marker, json.dumps(result, indent=1))
+                    write_text(marker, json.dumps(_map_paths(result, self.relative), indent=1))
             except (StageError, JobFailed) as e:
                 raise StageError(f"[round {rnd}] {name}: {e}") from None
+            except OSError as e:  # the driver's own files: a full disk, a folder made read-only
+                raise StageError(f"[round {rnd}] {name}: {e.filename}: {e.strerror or e}; rerun once fixed") from None
             except Interrupted as e:  # no DONE marker: a rerun does the stage again (its training resumes)
                 e.where = f"in [round {rnd}] {name}"
                 raise
-            shown = {k: v for k, v in result.items() if k not in ("round", "stage", "files")}
+            shown = {k: v for k, v in _map_paths(result, self.relative).items() if k not in ("round", "stage", "files")}
             print(f"[round {rnd}] {name}: {json.dumps(shown)}", flush=True)
-        self.results.append(result)
+        self.results.append(_map_paths(result, self.relative))  # the report's (summary.json): as the markers
         return result
+
+    def relative(self, path: str) -> str:
+        """A result's path as a marker holds it: relative to the run folder if inside it, else as it is."""
+        p, here = Path(path).resolve(), self.dir.resolve()
+        return str(p.relative_to(here)) if p.is_relative_to(here) else path
+
+    def outside_inputs(self) -> set[Path]:
+        """The paths outside the run folder a marker may hold: the config's base, the files task's files."""
+        named = [self.cfg.base] if self.cfg.base is not None else []
+        if hasattr(self.task, "files"):
+            for value in self.task.files().values():
+                named += value if isinstance(value, list) else [value]
+        return {Path(absolute(p)).resolve() for p in named if p}
+
+    def read_marker(self, marker: Path, needs: tuple = ()) -> dict:
+        """A DONE marker's results with its paths absolute; a marker that is not one the pipeline wrote, or
+        that points outside this run folder at something the config does not name, stops with what to do.
+        A marker written before markers held relative paths (absolute, inside this folder) is read, and
+        rewritten relative so that a copy of the folder reads its own."""
+        redo = f"delete {marker} (and the later stages' DONE markers) to redo the stage"
+        try:
+            result = json.loads(marker.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise StageError(f"{marker}: not a DONE marker the pipeline wrote ({e or 'empty'}): {redo}") from None
+        missing = [k for k in ("round", "stage", *needs) if not isinstance(result, dict) or k not in result]
+        if missing:
+            raise StageError(f"{marker}: not a DONE marker the pipeline wrote (no {', '.join(missing)}): {redo}")
+        here, outside, old = self.dir.resolve(), [], []
+
+        def resolve(value: str) -> str:
+            p = Path(value)
+            full = (here / p).resolve()
+            if not full.is_relative_to(here) and full not in self.outside_inputs():
+                outside.append(value)
+            elif p.is_absolute() and full.is_relative_to(here):
+                old.append(value)
+            return str(self.dir / full.relative_to(here)) if full.is_relative_to(here) else value
+
+        resolved = _map_paths(result, resolve)
+        if outside:
+            raise StageError(
+                f"{marker}: points outside this run folder {self.dir} at {outside[0]}, which the config does not "
+                "name: the folder was copied or renamed from another one whose markers held absolute paths, and "
+                f"would read that folder's results. Run this version once in the original folder (it rewrites its "
+                f"markers relative) and copy it again, or {redo}"
+            )
+        if old:
+            write_text(marker, json.dumps(_map_paths(result, self.relative), indent=1))
+        return resolved
 
     @staticmethod
     def where(d: Path) -> str:
@@ -309,12 +434,13 @@ class Recipe:
             if not (run_dir / "model" / "config.json").exists():
                 place = (self.cfg.name, d.name, f"{d.parent.name}/{d.name}/variant_{v}")  # group, job type, name
                 own = dict(zip(STAGE_SETS, (str(run_dir), False, *place)))  # whatever the stage config file says
-                args = {**stage_overrides, **overrides, **extra, **own}
+                args = absolute_paths({**stage_overrides, **overrides, **extra, **own})
                 if "model.checkpoint" in args:  # the stage's own start, not the config file's preset
                     args["model.preset"] = None
-                args.setdefault("model.chat_template", self.chat.template)  # the pipeline's format throughout
+                if self.chat.template in TEMPLATES:  # the pipeline's format throughout; a folder's own template
+                    args.setdefault("model.chat_template", self.chat.template)  # travels with its checkpoints
                 if self.cfg.base is not None:
-                    args.setdefault("model.tokenizer", str(self.chat.tokenizer.path))
+                    args.setdefault("model.tokenizer", absolute(self.chat.tokenizer.path))
                 argv = ["--config", str(self.stage_config_file[kind]), *override_args(args)]
                 name = self.where(d) + (f" variant {v}" if len(variants or []) > 1 else "")
                 self.job(
@@ -326,8 +452,8 @@ class Recipe:
         return d / "model"
 
     def model_args(self) -> list[str]:
-        args = ["--chat-template", self.chat.template]
-        return args + (["--tokenizer", str(self.chat.tokenizer.path)] if self.cfg.base is not None else [])
+        args = ["--chat-template", self.chat.template] if self.chat.template in TEMPLATES else []
+        return args + (["--tokenizer", absolute(self.chat.tokenizer.path)] if self.cfg.base is not None else [])
 
     def sample(self, d: Path, k: int, split: str, n: int, model: Path, rm: Path, outputs: tuple, annotate) -> dict:
         """A sampling job: K samples for each of n fresh prompts (prompts.jsonl), scored by the RM; ->
@@ -349,7 +475,7 @@ class Recipe:
             if annotate:
                 args += ["--annotate", annotate, "--task-args", json.dumps(c.task_args)]
             if c.safety_rm:
-                args += ["--safety-rm", c.safety_rm]
+                args += ["--safety-rm", absolute(c.safety_rm)]
             args += _flags(c.cleaning)
             nproc = 0 if c.engine == "vllm" else (c.sample_nproc or c.nproc)
             self.job(f"{self.where(d)}: sampling", "llama_posttrain/train/sample.py", args, d / "sample.log", nproc)

@@ -91,30 +91,24 @@ def _claim(cfg, world_size: int) -> Path | None:
         )
     if mode == "restart" and found:
         delete_previous_run(run_dir, cfg)
+    checkpoints = train_state.list_checkpoints(run_dir) if mode == "auto" else []
+    if mode == "auto":  # before anything there is read: DCP's .metadata is a pickle (train_state.py, Trust)
+        _check_record(run_dir, cfg, found, bool(checkpoints))
     resume = None
-    for ckpt in reversed(train_state.list_checkpoints(run_dir)) if mode == "auto" else []:
+    for ckpt in reversed(checkpoints):
+        train_state.check_world_size(ckpt, world_size)  # not damage: no fallback to an older one
         problem = train_state.checkpoint_problem(ckpt, world_size)
         if problem is None:
             resume = ckpt
             break
         print(f"WARNING: checkpoint {ckpt} is unusable: {problem}; falling back to the one before", flush=True)
-    if resume is None and mode == "auto" and train_state.list_checkpoints(run_dir):
+    if resume is None and checkpoints:
         raise ValueError(f"no usable checkpoint in {run_dir / 'checkpoints'} (see the warnings above)")
     if resume is None:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / DATA_RECORD).unlink(missing_ok=True)  # a start killed before its first checkpoint
         save_config(cfg, run_dir / RECORD)
         return None
-    saved_path = run_dir / RECORD
-    if not saved_path.is_file():
-        raise ValueError(f"{run_dir} has checkpoints but no config.yaml: not a run folder this code wrote")
-    ok, refused = config_changes(yaml.safe_load(saved_path.read_text()), to_dict(cfg), to_dict(type(cfg)()))
-    if refused:
-        lines = "\n".join(f"  {k}: {a!r} (saved) -> {b!r} (now)" for k, (a, b) in refused.items())
-        raise ValueError(
-            f"{run_dir} holds a run trained with a different config; resuming would mix two runs:\n{lines}\n"
-            "Use the saved values, a new train.run_dir, or train.resume=restart to start over."
-        )
     step = train_state.checkpoint_step(resume)
     if cfg.train.steps < step:
         raise ValueError(
@@ -122,9 +116,52 @@ def _claim(cfg, world_size: int) -> Path | None:
             f"this run is past it. To train {cfg.train.steps} steps, use a new train.run_dir or train.resume=restart; "
             f"to continue this run, give train.steps >= {step}"
         )
-    if ok:
-        print("resuming with changed " + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in ok.items()), flush=True)
     return resume
+
+
+def _check_record(run_dir: Path, cfg, found: list[str], resumable: bool) -> None:
+    """train.resume=auto in a folder that holds a run: refuse it unless its config.yaml is a record of
+    ours whose config differs from `cfg` only in CHANGEABLE_ON_RESUME. Without a checkpoint to resume
+    (never saved, or deleted to free disk) the run would start over and replace the recorded run's
+    model/, metrics.jsonl and config.yaml, so a changed train.steps is refused too: the same config
+    starts over, said so; any other is another run, and needs its own folder or train.resume=restart."""
+    record = run_dir / RECORD
+    if not record.exists():
+        ours = [n for n in found if n in ("checkpoints", "metrics.jsonl", DATA_RECORD, "wandb_id")]
+        if "checkpoints" in ours and not resumable:
+            ours.remove("checkpoints")  # an empty checkpoints/ (or only files not ours): nothing to resume
+        if ours:
+            raise ValueError(
+                f"{run_dir} holds {', '.join(ours)} but no config.yaml: not a run folder this code wrote (or its "
+                "record was deleted), so it can be neither resumed nor safely overwritten. Choose a new "
+                "train.run_dir, or move those away."
+            )
+        return
+    if not _is_our_record(record):
+        raise ValueError(
+            f"{record} is not a config this project recorded (no train.run_dir in a train section), so {run_dir} "
+            "is not a run folder this code wrote; refusing to resume or overwrite it. Choose a new train.run_dir."
+        )
+    ok, refused = config_changes(yaml.safe_load(record.read_text()), to_dict(cfg), to_dict(type(cfg)()))
+    if not resumable and "train.steps" in ok:
+        refused["train.steps"] = ok.pop("train.steps")
+    if refused:
+        lines = "\n".join(f"  {k}: {a!r} (saved) -> {b!r} (now)" for k, (a, b) in refused.items())
+        why = "resuming would mix two runs" if resumable else (
+            "it has no checkpoint to resume, so this start would replace that run's files (model/, metrics.jsonl, "
+            "config.yaml) with another run's"
+        )  # fmt: skip
+        raise ValueError(
+            f"{run_dir} holds a run trained with a different config; {why}:\n{lines}\n"
+            "Use the saved values, a new train.run_dir, or train.resume=restart to start over."
+        )
+    if ok and resumable:
+        print("resuming with changed " + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in ok.items()), flush=True)
+    if not resumable:
+        outputs = [n for n in found if n not in (RECORD, DATA_RECORD, "checkpoints")]
+        replaced = f", replacing its {', '.join(outputs)}" if outputs else ""
+        print(f"{run_dir}: config.yaml records this config but no checkpoint is left to resume: training it again "
+              f"from step 0{replaced}", flush=True)  # fmt: skip
 
 
 def check_exports(cfg, chat, rank: int, world_size: int) -> None:
@@ -161,13 +198,30 @@ def _is_our_record(path: Path) -> bool:
 
 
 def _inputs(cfg) -> dict[str, Path]:
-    """Every path the new run reads (config key -> path): restart must not delete any of them."""
-    m, d = cfg.model, cfg.data
-    paths = {"model.checkpoint": m.checkpoint, "model.tokenizer": m.tokenizer, "data.eval": d.eval}
-    train = d.train if isinstance(d.train, list) else [d.train]
-    for i, item in enumerate(train):
-        paths[f"data.train[{i}]"] = item.get("path") if isinstance(item, dict) else item
-    return {k: Path(v).resolve() for k, v in paths.items() if v}
+    """Every path the config names (config key -> resolved path): every string in it, at any depth (lists,
+    `{path, weight}` items), that names an existing file or folder, but train.run_dir itself. Restart must
+    not delete any of them. Walking the config, not listing keys, covers keys added later (dpo.reference_checkpoint,
+    a new loss's file): a string that only happens to name a path is merely one more thing restart keeps."""
+    run_dir = Path(cfg.train.run_dir).resolve()
+    paths = {}
+
+    def walk(value, key: str) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{key}.{k}" if key else str(k))
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                walk(v, f"{key}[{i}]")
+        elif isinstance(value, str) and value:
+            try:
+                path = Path(value).resolve()
+                if path.exists() and path != run_dir:
+                    paths[key] = path
+            except (OSError, ValueError):  # not a path: too long, a NUL byte
+                pass
+
+    walk(to_dict(cfg), "")
+    return paths
 
 
 def _within(path: Path, folder: Path) -> bool:
@@ -177,7 +231,7 @@ def _within(path: Path, folder: Path) -> bool:
 def previous_run_files(run_dir: Path) -> tuple[list[Path], list[Path]]:
     """-> (what restart deletes: the files and step folders this project wrote, what it keeps there)."""
     delete, keep = [], []
-    for name in ("metrics.jsonl", RECORD, DATA_RECORD, "wandb_id"):
+    for name in ("metrics.jsonl", DATA_RECORD, "wandb_id"):
         if (run_dir / name).is_file():
             delete.append(run_dir / name)
     ckpts = run_dir / "checkpoints"
@@ -189,6 +243,8 @@ def previous_run_files(run_dir: Path) -> tuple[list[Path], list[Path]]:
         for p in sorted(folder.iterdir()) if folder.is_dir() else []:
             ours = p.is_file() and (p.name in EXPORT_FILES or _SHARD.match(p.name))
             (delete if ours else keep).append(p)
+    if (run_dir / RECORD).is_file():  # last: a restart killed midway leaves a folder still recorded as ours
+        delete.append(run_dir / RECORD)
     return delete, keep
 
 

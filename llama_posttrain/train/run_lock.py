@@ -13,6 +13,10 @@ without emptying it (kill -9, a crash, a lost node) is taken over with a message
   so the holder refreshes the file's modification time every HEARTBEAT_S seconds, and a lock not
   refreshed for STALE_AFTER_S seconds is taken as abandoned.
 A process that asks again for a folder it already holds gets the same lock (in-process tests).
+
+Deleting the lock file of a live run lets a second run in (it creates and locks a new file), so the
+holder checks before each write into the folder (`check`: a checkpoint, the export) that the file
+is still the one it locked and still names it, and stops with LockLost if not.
 """
 
 from __future__ import annotations
@@ -35,6 +39,11 @@ HOST = socket.gethostname()
 
 class FolderInUse(ValueError):
     """Another live process holds the folder."""
+
+
+class LockLost(RuntimeError):
+    """The lock this process held was deleted, replaced or overwritten while it ran: another run may
+    have taken the folder, so this one must not write there any more."""
 
 
 def _start_ticks(pid: int) -> int | None:
@@ -78,6 +87,34 @@ class FolderLock:
                 os.utime(self.fd)
             except OSError:
                 pass  # the folder is gone (deleted under us); nothing to keep alive
+
+    def check(self, what: str) -> None:
+        """Raise LockLost unless `self.path` is still the file this process locked and still names it.
+        A deleted lock file lets a second run in (it creates and locks a new one), so a holder checks
+        before each write into the folder (train_state.save, export) and stops instead of mixing runs."""
+        try:
+            now = os.stat(self.path)
+        except FileNotFoundError:
+            problem = "was deleted"
+        else:
+            mine = os.fstat(self.fd)
+            if (now.st_dev, now.st_ino) != (mine.st_dev, mine.st_ino):
+                problem = "was replaced by another file"
+            elif _read(self.fd).get("pid") != os.getpid():
+                problem = "was overwritten"
+            else:
+                return
+        try:
+            holder = json.loads(self.path.read_text() or "{}")
+            holder_now = f" (it now names {describe(holder)})" if isinstance(holder, dict) and holder else ""
+        except (OSError, ValueError):
+            holder_now = ""
+        raise LockLost(
+            f"{self.path} {problem} while this run (pid {os.getpid()}) held it{holder_now}: another run may be "
+            f"writing into {self.folder}, so this one stops before writing {what} rather than mix two runs' "
+            "checkpoints and metrics. Check which processes use the folder (`ps -o pid,lstart,args -p PID` for the "
+            "pid a lock names); once no other run does, rerun the same command to resume from the last checkpoint."
+        )
 
     def release(self) -> None:
         """Empty the file (a free lock) and drop the flock; the file stays: unlinking it would let a
@@ -143,8 +180,12 @@ def hold(folder, what: str | None = None) -> FolderLock:
             problem = None
         if problem:
             os.close(fd)
+            stale = f"If it has ended there, the lock is taken over {STALE_AFTER_S:.0f} s after its last refresh. "
             raise FolderInUse(
-                f"{folder} is in use by {describe(holder)}: {problem}. If that run has ended, delete {path} and rerun."
+                f"{folder} is in use by {describe(holder)}: {problem}. Check on host {holder.get('host')} whether it "
+                f"still runs (`ps -o pid,lstart,args -p {holder.get('pid')}`): wait for it to end or stop it, then "
+                f"rerun. {stale if holder.get('host') != HOST else ''}Do not delete {path} while it runs: "
+                "that lets a second run into the folder beside it."
             )
         why = "not running" if holder.get("host") == HOST else f"not refreshed for {age:.0f} s"
         print(f"{path}: taking over the lock of {describe(holder)}: {why}", file=sys.stderr, flush=True)
@@ -161,6 +202,14 @@ def hold(folder, what: str | None = None) -> FolderLock:
     os.fsync(fd)
     lock = _HELD[folder] = FolderLock(folder, fd)
     return lock
+
+
+def check(folder, what: str) -> None:
+    """Before writing `what` into `folder`: LockLost if the lock this process took there is gone or
+    another's (FolderLock.check). Nothing if this process holds no lock there (a rank other than 0)."""
+    lock = _HELD.get(Path(folder).resolve())
+    if lock is not None:
+        lock.check(what)
 
 
 def release_all() -> None:

@@ -24,7 +24,11 @@ Nothing is dropped silently: every sample left out (no stop token within --max-n
 --max-exclamation, each off unless given) and every prompt left without an SFT record or a pair (no sample
 left, fewer than 2, tied scores, best and worst the same text, an SFT pick repeating an earlier one with
 --dedup) is counted and printed (llama_posttrain/data/drops.py `DROPS`), with a warning when most samples reached no stop
-token.
+token. A prompt whose tokens + --max-new-tokens exceed the policy's context is skipped before sampling and
+counted the same way ("prompt_too_long"); a labels file (`--annotate file:`) may label only some sets, the
+others counted ("no_pair_unlabelled"). Before any work: no output may be an input
+(llama_posttrain/llama/paths.py), and a reward model must use the policy's tokenizer and chat template
+(llama_posttrain/train/scoring.py `check_reward_models`: a mismatch is refused, not re-rendered).
 
 Engines (`--engine`): "native" (default) samples with llama_posttrain/llama/generate.py on every rank. "vllm"
 (llama_posttrain/train/vllm_engine.py) exports the policy to an HF folder (with its tokenizer and chat template) and
@@ -42,7 +46,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import sys
 import tempfile
@@ -55,9 +58,11 @@ from llama_posttrain.data.io import write_jsonl, write_text
 from llama_posttrain.data.records import read_records
 from llama_posttrain.data.schema import ValidationError, parse_prompt
 from llama_posttrain.llama.chat import TEMPLATES, ChatFormat, resolve_chat_template
+from llama_posttrain.llama.paths import check_outputs
 from llama_posttrain.llama.tokenizer import resolve_tokenizer
 from llama_posttrain.train import progress
 from llama_posttrain.train.cli import HelpFormatter, at_least, json_object
+from llama_posttrain.train.scoring import check_reward_models, combine_llama2, score
 from llama_posttrain.train.vllm_engine import add_vllm_args, max_model_len, vllm_engine
 
 # torch-heavy modules are imported in the functions that use them: `--help` and argument errors answer at once.
@@ -96,63 +101,15 @@ def sample(
     for start in range(0, len(prompts), batch_size):
         ids = [chat.encode_dialog(m, add_generation_prompt=True).tokens for m in prompts[start : start + batch_size]]
         if engine is not None:
-            out = engine(ids, k, max_new_tokens, tok.stop_ids, **kw)
+            out = engine(ids, k, max_new_tokens, chat.stop_ids, **kw)
         else:
-            out = generate(policy, ids, k, max_new_tokens, tok.stop_ids, pad_id=tok.pad_id, compile=compile, **kw)
+            out = generate(policy, ids, k, max_new_tokens, chat.stop_ids, pad_id=tok.pad_id, compile=compile, **kw)
         for samples in out:
             texts.append([decode_sample(tok, s) for s in samples])
-            finished.append([bool(s) and s[-1] in tok.stop_ids for s in samples])
+            finished.append([bool(s) and s[-1] in chat.stop_ids for s in samples])
         if done is not None:
             done(len(texts))
     return texts, finished
-
-
-def score(rm, chat: ChatFormat, prompts: list[list[dict]], responses: list[list[str]], max_len: int = 4096):
-    """Reward of every response: -> scores[p][j]. Responses of a prompt share one row (split if long)."""
-    import torch
-
-    from llama_posttrain.data.rows import build_group, encode_response, pack
-    from llama_posttrain.llama.model import attention_mask
-    from llama_posttrain.train.targets import scores as scores_of
-
-    examples, where = [], []  # where[e] = (prompt index, response indices)
-    for p, (messages, texts) in enumerate(zip(prompts, responses)):
-        prompt = chat.encode_dialog(messages, add_generation_prompt=True)
-        encoded = [encode_response(chat, [{"role": "assistant", "content": t}]) for t in texts]
-        group, size = [], len(prompt)
-        for j, r in enumerate(encoded):
-            if len(prompt) + len(r) > max_len:
-                raise ValueError(f"prompt {p} + response {j} is {len(prompt) + len(r)} tokens, over max_len {max_len}")
-            if group and size + len(r) > max_len:
-                examples.append(build_group(prompt, [encoded[i] for i in group]))
-                where.append((p, group))
-                group, size = [], len(prompt)
-            group.append(j)
-            size += len(r)
-        examples.append(build_group(prompt, [encoded[i] for i in group]))
-        where.append((p, group))
-    for uid, ex in enumerate(examples):
-        ex.uid = uid
-    device = rm.tok_embeddings.weight.device
-    scores = [[0.0] * len(r) for r in responses]
-    for batch in pack(examples, max_len, 4 * max_len, chat.tokenizer.pad_id):
-        b = batch.to(device)
-        mask = attention_mask(b.doc_ids, b.branch_ids)
-        with torch.no_grad():
-            rewards = scores_of(rm(b.tokens, b.positions, mask=mask), b).tolist()  # fp32: no bf16 ties
-        for reward, group, rank in zip(rewards, b.seq_group.tolist(), b.seq_rank.tolist()):
-            p, idx = where[b.group_uid[group]]
-            scores[p][idx[rank]] = reward
-    return scores
-
-
-def combine_llama2(helpful: float, safety: float, is_safety_prompt: bool, threshold: float = 0.15) -> float:
-    """Llama 2's R_c: the safety score if the prompt is a safety prompt or sigmoid(R_s) < threshold,
-    else the helpfulness score; both compared on the sigmoid scale, returned as logits."""
-    s, h = 1 / (1 + math.exp(-safety)), 1 / (1 + math.exp(-helpful))
-    r = s if is_safety_prompt or s < threshold else h
-    r = min(max(r, 1e-7), 1 - 1e-7)
-    return math.log(r / (1 - r))
 
 
 # ----------------------------------------------------------------------------- driver
@@ -208,10 +165,12 @@ def select_samples(
         else:
             dropped["no_sft_record"] += 1
         labels = annotate(r, ts) if annotate is not None else ss
-        kept_texts, kept_labels = [ts[j] for j in keep], [labels[j] for j in keep]
-        pair = preference_pair(r, kept_texts, kept_labels) if len(keep) >= 2 else None
+        kept_texts, kept_labels = [ts[j] for j in keep], [labels[j] for j in keep] if labels is not None else None
+        pair = preference_pair(r, kept_texts, kept_labels) if len(keep) >= 2 and labels is not None else None
         if pair is not None:
             pair = {**meta, **pair}
+        elif labels is None:  # a labels file that labels only some sets
+            dropped["no_pair_unlabelled"] += 1
         elif len(keep) < 2:
             dropped["no_pair_fewer_than_2"] += 1
         elif max(kept_labels) == min(kept_labels):
@@ -242,33 +201,15 @@ def make_task(spec: str, args: dict | None, where: str = "--task-args"):
     return load_task(spec, args)
 
 
-def _annotator(spec: str | None, task_args: dict | None = None):
+def _annotator(spec: str | None, task_args: dict | None = None, k: int | None = None):
     if spec is None or spec == "rm":
         return None
     kind, _, arg = spec.partition(":")
     if kind == "verifier" and arg:  # a task's verifier, the task made with its settings (--task-args)
         return verifier_annotator(make_task(arg, task_args).verify)
     if kind == "file":
-        return file_annotator(arg)
+        return file_annotator(arg, k)  # every set holds the K samples
     raise ValueError(f"--annotate must be rm, verifier:TASK (e.g. verifier:arithmetic) or file:PATH, got {spec!r}")
-
-
-def check_checkpoints(args, vocab_size: int) -> None:
-    """Fail before any work: a reward model must have its trained head (an LM checkpoint would get a
-    freshly initialized one: random scores), and must know all the tokenizer's ids."""
-    from llama_posttrain.llama.checkpoint import read_config
-
-    for flag, path in (("--rm", args.rm), ("--safety-rm", args.safety_rm)):
-        if not path:
-            continue
-        config, head, _ = read_config(path)
-        if head != "reward":
-            raise SystemExit(
-                f"{flag} {path}: not a reward model (its head is {head!r}): scoring with it would use a freshly "
-                "initialized reward head; pass a checkpoint from llama_posttrain/train/rm.py"
-            )
-        if config.vocab_size < vocab_size:
-            raise SystemExit(f"{flag} {path}: the model has {config.vocab_size} ids, the tokenizer {vocab_size}")
 
 
 def main(argv=None):
@@ -334,11 +275,27 @@ def main(argv=None):
     args.clean = CleanRules(
         args.max_repeat, args.repeat_ngram, tuple(args.ban_phrase), args.max_emoji, args.max_exclamation
     )
-    records = read_prompts(args.prompts)
-    try:
-        annotate = _annotator(args.annotate, args.task_args)
+    file_labels = args.annotate[5:] if (args.annotate or "").startswith("file:") else None
+    try:  # no output may be an input: refused before any work
+        check_outputs(
+            {"--policy": args.policy, "--rm": args.rm, "--safety-rm": args.safety_rm, "--prompts": args.prompts,
+             "--tokenizer": args.tokenizer, "--annotate file:": file_labels},
+            {"--out-sft": args.out_sft, "--out-pairs": args.out_pairs, "--out-sets": args.out_sets,
+             "--out-report": args.out_report},
+        )  # fmt: skip
     except ValueError as e:
-        raise SystemExit(f"--annotate {args.annotate}: {e}") from None
+        ap.error(str(e))
+    try:
+        records = read_prompts(args.prompts)
+    except (ValueError, OSError) as e:  # a bad record: its file, line and field
+        raise SystemExit(f"error: --prompts {args.prompts}: {e}") from None
+    try:
+        annotate = _annotator(args.annotate, args.task_args, args.k)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: --annotate {args.annotate}: {e}") from None
+    stray = sorted(map(str, getattr(annotate, "ids", set()) - {r.get("id") for r in records}))
+    if stray:  # a label no prompt has: a typo in an id, or labels of another prompt file
+        print(f"--annotate {args.annotate}: {len(stray)} labels for ids no prompt has, unused: {stray[:5]}", flush=True)
 
     import torch  # here: the errors above answer without it
 
@@ -349,8 +306,10 @@ def main(argv=None):
         tokenizer = resolve_tokenizer(args.tokenizer, args.policy, config.vocab_size)
         chat = ChatFormat(tokenizer, resolve_chat_template(args.chat_template, args.policy))
     except (ValueError, OSError) as e:
-        raise SystemExit(f"--policy {args.policy}: {e}") from None
-    check_checkpoints(args, tokenizer.vocab_size)
+        raise SystemExit(f"error: --policy {args.policy}: {e}") from None
+    check_reward_models({"--rm": args.rm, "--safety-rm": args.safety_rm}, chat)
+    context = args.vllm_max_model_len or config.max_seq_len
+    records, args.too_long = fit_context(records, chat, args.max_new_tokens, context)
     if args.engine == "vllm":
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise SystemExit("error: run --engine vllm as one process (python, not torchrun): vLLM uses GPUs itself")
@@ -424,20 +383,39 @@ def sample_and_write(args, d, chat: ChatFormat, records: list[dict], annotate, e
     for rank, results in enumerate(gathered):  # rank r sampled prompts r, r + world, ...: back into prompt order
         ordered[rank :: d.world_size] = results
     sft, pairs, sets, dropped = split_outputs(ordered, args.dedup)
+    too_long = getattr(args, "too_long", 0)  # prompts skipped before sampling (fit_context)
+    dropped.update({"prompt_too_long": too_long} if too_long else {})
     for path, recs in ((args.out_sft, sft), (args.out_pairs, pairs), (args.out_sets, sets)):
         if path:
             write_jsonl(path, recs)
     outputs = [name for name, path in (("sft", args.out_sft), ("pairs", args.out_pairs)) if path]
-    lines, warning = drop_report(dropped, len(records), args.k, f"--max-new-tokens {args.max_new_tokens}", outputs)
+    given = len(records) + too_long
+    lines, warning = drop_report(dropped, given, args.k, f"--max-new-tokens {args.max_new_tokens}", outputs)
     print("\n".join(lines), flush=True)
     if warning:
         print(warning, file=sys.stderr, flush=True)
-    counts = {"prompts": len(records), "samples": len(records) * args.k, "sft": len(sft), "pairs": len(pairs)}
+    counts = {"prompts": given, "samples": len(records) * args.k, "sft": len(sft), "pairs": len(pairs)}
     summary = json.dumps({**counts, "dropped": dict(sorted(dropped.items()))})
     if args.out_report:
         write_text(args.out_report, summary + "\n")
     progress.report(total, total, "prompts")
     print(summary, flush=True)
+
+
+def fit_context(records: list[dict], chat: ChatFormat, max_new_tokens: int, context: int) -> tuple[list[dict], int]:
+    """-> (the records whose prompt + max_new_tokens fits the policy's context, how many did not). Those are
+    skipped and counted (one line printed, naming the first), not sampled: one long prompt does not end the job."""
+    lengths = [len(chat.encode_dialog(r["messages"], add_generation_prompt=True)) for r in records]
+    over = {i for i, n in enumerate(lengths) if n + max_new_tokens > context}
+    if over:
+        i = min(over)
+        first = records[i].get("id", f"#{i + 1}")
+        print(
+            f"skipped {len(over)} of {len(records)} prompts: prompt + --max-new-tokens {max_new_tokens} over the "
+            f"context of {context} tokens (the first: prompt {first}, {lengths[i]} tokens)",
+            flush=True,
+        )
+    return [r for i, r in enumerate(records) if i not in over], len(over)
 
 
 def rank_seed(seed: int, rank: int) -> int:

@@ -42,6 +42,7 @@ from typing import NamedTuple
 TASKS = {
     "arithmetic": "llama_posttrain.data.tasks.arithmetic:Arithmetic",
     "files": "llama_posttrain.data.tasks.files:Files",
+    "word_sums": "llama_posttrain.data.tasks.word_sums:WordSums",
 }  # name -> 'module:factory'
 
 

@@ -5,6 +5,8 @@
   shares with HF: the index, the shards, the tag on the files this project writes.
 - hf.py: Hugging Face's names and q/k layout, its config.json, and the tokenizer files of its folders.
 - meta.py: Meta's params.json + consolidated.NN.pth model-parallel shards (read only).
+- gguf.py: llama.cpp's one-file GGUF (read only, `convert --from gguf`): dequantized weights, the config
+  from its metadata, its tokenizer and chat template as Hugging Face tokenizer files.
 """
 
 import json

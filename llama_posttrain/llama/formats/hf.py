@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from llama_posttrain.llama.chat import jinja_template
+from llama_posttrain.llama.chat import ChatFormat, jinja_template
 from llama_posttrain.llama.config import ModelConfig, RopeScaling
 from llama_posttrain.llama.formats import CheckpointError, read_json
 from llama_posttrain.llama.tokenizer import SentencePieceTokenizer, TiktokenTokenizer, Tokenizer, bytes_to_unicode
@@ -209,8 +209,9 @@ def tokenizer_files(
 ) -> dict[str, bytes]:
     """The tokenizer files of a checkpoint folder: name -> content.
 
-    A tiktoken (byte-level BPE) tokenizer: tokenizer.json, tokenizer_config.json (bos, eos = <|eot_id|>
-    as in Meta's Instruct folders, pad = <|finetune_right_pad_id|>, the Jinja chat template of
+    A byte-level BPE tokenizer: tokenizer.json, tokenizer_config.json (bos, eos = the chat template's end of
+    turn: <|eot_id|> as in Meta's Instruct folders, <|im_end|> for ChatML; pad = <|finetune_right_pad_id|>,
+    else the eos; the Jinja chat template of
     `chat_template` if given, and `model_max_length` = `max_seq_len` if given), special_tokens_map.json;
     "hf" adds generation_config.json (stop ids: the end of turn, of message and of text; then the
     `generation` defaults, `generation_defaults` of the source folder), which a native folder holds too
@@ -224,10 +225,15 @@ def tokenizer_files(
         if chat_template:
             files["chat_template.jinja"] = template["chat_template"].encode()
         return files
-    names = {i: s for s, i in tokenizer.special_tokens.items()}
+    added = getattr(tokenizer, "added_tokens", tokenizer.special_tokens)  # BPETokenizer: special or not
+    names = {i: s for s, i in added.items()}
+    # the end of turn and the stop ids: the chat template's own terminator (<|eot_id|>, <|im_end|>, ...)
+    chat = ChatFormat(tokenizer, chat_template) if chat_template else None
+    eot = chat.eot_id if chat else tokenizer.special_tokens.get("<|eot_id|>", tokenizer.eos_id)
+    stop_ids = chat.stop_ids if chat else tokenizer.stop_ids
     special = {
-        "bos_token": names[tokenizer.bos_id],
-        "eos_token": names[tokenizer.eot_id],
+        **({"bos_token": names[tokenizer.bos_id]} if tokenizer.bos_id is not None else {}),
+        "eos_token": names[eot],
         "pad_token": names[tokenizer.pad_id],
     }
     config = {
@@ -238,7 +244,7 @@ def tokenizer_files(
                 "normalized": False,
                 "rstrip": False,
                 "single_word": False,
-                "special": True,
+                "special": s in tokenizer.special_tokens,
             }
             for i, s in sorted(names.items())
         },
@@ -255,7 +261,7 @@ def tokenizer_files(
         "special_tokens_map.json": json.dumps(special, indent=2),
     }
     if format == "hf" or generation:
-        ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.stop_ids, "pad_token_id": tokenizer.pad_id}
+        ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": stop_ids, "pad_token_id": tokenizer.pad_id}
         defaults = {k: v for k, v in (generation or {}).items() if is_generation_default(k)}
         files["generation_config.json"] = json.dumps({**ids, **defaults}, indent=2, ensure_ascii=False)
     return {name: text.encode() for name, text in files.items()}
@@ -275,7 +281,10 @@ def _tokenizer_json_text(tok: Tokenizer) -> str:
 def hf_tokenizer_json(tok: Tokenizer) -> dict:
     """A tiktoken tokenizer as a Hugging Face tokenizer.json (byte-level BPE), as transformers converts
     Meta's tokenizer.model: every split of a token into two tokens is a merge, listed in the token's rank
-    order; ignore_merges, as tiktoken, takes a piece found whole in the vocabulary as one token."""
+    order; ignore_merges, as tiktoken, takes a piece found whole in the vocabulary as one token. A tokenizer
+    read from another model's tokenizer.json (BPETokenizer) is that file, as read."""
+    if hasattr(tok, "raw"):
+        return tok.raw
     if not isinstance(tok, TiktokenTokenizer):
         raise ValueError(f"{tok.path}: a SentencePiece tokenizer has no byte-level tokenizer.json form")
     stand_in = bytes_to_unicode()

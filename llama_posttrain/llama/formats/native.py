@@ -156,7 +156,7 @@ def write_files(
             tmp = directory / f".{file}.tmp-{tag}"
             pending.append((tmp, directory / file))
             shard = {n: _cast(state[n], dtype).contiguous() for n in names}
-            save_file(shard, str(tmp), metadata={"format": "pt", "writer": WRITER})
+            _save_file(shard, tmp, directory / file)
             del shard
         for file, content in extra.items():
             tmp = directory / f".{file}.tmp-{tag}"
@@ -177,6 +177,18 @@ def write_files(
         for tmp, _ in pending:
             tmp.unlink(missing_ok=True)
     return {final.name for _, final in pending}
+
+
+def _save_file(shard: dict, tmp: Path, final: Path) -> None:
+    """safetensors' save_file; its I/O failure (a full disk: `SafetensorError: Error while serializing: I/O
+    error: No space left on device (os error 28)`) as the OSError it is, naming the file being written."""
+    try:
+        save_file(shard, str(tmp), metadata={"format": "pt", "writer": WRITER})
+    except SafetensorError as e:
+        code = re.search(r"I/O error: .*\(os error (\d+)\)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(final)) from None
 
 
 def written_by_us(file: Path) -> bool:
