@@ -357,8 +357,9 @@ def test_pipeline_eval_batch_size_reaches_the_evaluation_job(tmp_path):
         launcher = Recording()
         recipe = Recipe(cfg, _arithmetic(cfg), CHAT, tmp_path / "run", launcher, {})
         recipe.data.mkdir(parents=True, exist_ok=True)
-        (tmp_path / "prompts.jsonl").write_text("")
-        (recipe.data / "DONE").write_text(json.dumps({"files": {"eval_prompts": str(tmp_path / "prompts.jsonl")}}))
+        (tmp_path / "run" / "prompts.jsonl").write_text("")  # a marker's paths are the run folder's
+        marker = {"round": 0, "stage": "data", "files": {"eval_prompts": "prompts.jsonl"}}
+        (recipe.data / "DONE").write_text(json.dumps(marker))
         d = tmp_path / "run" / "round_1" / f"sft{len(overrides)}"
         d.mkdir(parents=True)
         recipe.evaluate(d, tmp_path / "policy", "sft", None)

@@ -50,6 +50,10 @@ class Health:
         """A step's loss and grad norm (0-d, on the device): whether each was finite, kept there until `read`."""
         self.pending.append((step, torch.stack([~torch.isfinite(loss), ~torch.isfinite(grad_norm)])))
 
+    def finite(self) -> None:
+        """The host already knows every pending step was finite (the CPU optimizer's check): nothing to read."""
+        self.pending = []
+
     def read(self) -> None:
         """The recorded steps' flags to the host (one transfer): a line per skipped step."""
         if not self.pending:

@@ -332,7 +332,7 @@ class Trainer:
         )
         self.signalled = self.stops.poll()  # a signal seen after the update: this step is saved
         if not self.fused or timed:  # where the host reads anyway
-            self.health.read()
+            (self.health.read if self.fused or bad else self.health.finite)()  # finite on the host: no 2nd read
             self.check_bad_steps(step)
         if not timed:
             return {}

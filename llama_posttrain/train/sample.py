@@ -308,8 +308,9 @@ def main(argv=None):
     except (ValueError, OSError) as e:
         raise SystemExit(f"error: --policy {args.policy}: {e}") from None
     check_reward_models({"--rm": args.rm, "--safety-rm": args.safety_rm}, chat)
-    context = args.vllm_max_model_len or config.max_seq_len
-    records, args.too_long = fit_context(records, chat, args.max_new_tokens, context)
+    # the model's own context: a prompt that cannot fit it is skipped and counted; an explicit
+    # --vllm-max-model-len below the longest prompt that fits is the user's setting, refused by max_model_len
+    records, args.too_long = fit_context(records, chat, args.max_new_tokens, config.max_seq_len)
     if args.engine == "vllm":
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise SystemExit("error: run --engine vllm as one process (python, not torchrun): vLLM uses GPUs itself")
