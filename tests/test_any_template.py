@@ -162,3 +162,22 @@ def test_real_smollm2_template(tmp_path):
     chat = ChatFormat(load_tokenizer(tmp_path), resolve_chat_template(None, tmp_path))
     assert chat.tokenizer.decode([chat.eot_id]) == "<|im_end|>"
     check_against_transformers(chat, AutoTokenizer.from_pretrained(tmp_path), DIALOGS)
+
+
+@pytest.mark.parametrize("response", ["\n\n3 + 4 = 7.", " 7", "\t7\n", "7"])
+def test_a_response_is_encoded_after_the_prompt_as_it_was_sampled(tmp_path, response):
+    """A response that opens with whitespace merges with the generation prompt's last newline when the whole
+    dialog is encoded ("assistant\\n" + "\\n\\n..."): encode_response (how sampled texts are scored and trained)
+    gives the prompt's ids followed by the rest of the rendering encoded on its own, as transformers' tokenizer
+    encodes those two texts (SmolLM2's samples hit this in the real-model experiment)."""
+    d = folder(tmp_path, (FIXTURE / "chat_template.jinja").read_text())
+    chat = ChatFormat(load_tokenizer(d / "tokenizer.json"), resolve_chat_template(None, d, verbose=False))
+    hf = AutoTokenizer.from_pretrained(d)
+    head = [{"role": "user", "content": "?"}]
+    prompt = hf.apply_chat_template(head, add_generation_prompt=True, tokenize=False)
+    whole = hf.apply_chat_template([*head, {"role": "assistant", "content": response}], tokenize=False)
+    assert whole.startswith(prompt)
+    enc = chat.encode_response([{"role": "assistant", "content": response}])
+    assert enc.tokens == hf(whole[len(prompt) :], add_special_tokens=False)["input_ids"]
+    text = chat.tokenizer.decode([t for t, target in zip(enc.tokens, enc.is_target) if target])
+    assert text == response + "<|im_end|>"  # the response and its end of turn are the targets, nothing else

@@ -231,18 +231,22 @@ class TemplateChatFormat(ChatFormat):
         bos=False: rendered with an empty bos_token (without the bos the template writes, if it writes one)."""
         self.check_messages(messages)
         text, spans = self._spans(messages, add_generation_prompt, bos)
+        return self._encode_text(text, spans, messages)
+
+    def _encode_text(self, text: str, spans, messages: list[dict], start: int = 0) -> EncodedDialog:
+        """text[start:] (a rendering whose contents lie at `spans`) -> ids with roles."""
         content = [0] * len(text.encode())  # per byte: 1 + the index of the message whose content it is, else 0
-        for start, end, i in spans:
-            a, b = len(text[:start].encode()), len(text[:end].encode())
+        for a, b, i in spans:
+            a, b = len(text[:a].encode()), len(text[:b].encode())
             content[a:b] = [i + 1] * (b - a)
-        ids, pos = [], 0
-        for m in self._special_re.finditer(text):
-            if any(start < m.end() and m.start() < end for start, end, _ in spans):
+        ids, pos = [], start
+        for m in self._special_re.finditer(text, start):
+            if any(a < m.end() and m.start() < b for a, b, _ in spans):
                 continue  # a special-token string inside a content: text
             ids += self.tokenizer.encode(text[pos : m.start()]) + [self.tokenizer.special_tokens[m.group()]]
             pos = m.end()
         ids += self.tokenizer.encode(text[pos:])
-        out, at, after_assistant = EncodedDialog(), 0, False
+        out, at, after_assistant = EncodedDialog(), len(text[:start].encode()), False
         for n, t in enumerate(ids):
             width = len(self.tokenizer.token_bytes(t))
             owner = max(content[at : at + width], default=0)
@@ -252,20 +256,28 @@ class TemplateChatFormat(ChatFormat):
                 out.add([t], target=is_assistant, fmt=False)
                 after_assistant = is_assistant
             else:
-                leading_bos = n == 0 and t == self.tokenizer.bos_id and self._writes_bos
+                leading_bos = n == 0 and start == 0 and t == self.tokenizer.bos_id and self._writes_bos
                 out.add([t], target=after_assistant and t == self._eot, fmt=not leading_bos)
                 after_assistant = False
         return out
 
     def encode_response(self, messages: list[dict]) -> EncodedDialog:
-        """What the dialog [a user turn, *messages] adds to that turn encoded with the generation prompt."""
+        """What the dialog [a user turn, *messages] adds to that turn encoded with the generation prompt.
+        A response whose first characters merge with the generation prompt's last ones when the whole dialog
+        is encoded (one opening with whitespace: "assistant\n" + "\n..." -> one "\n\n" token) is encoded
+        after the prompt's ids, as it was sampled: the prompt is the same ids in every dialog it starts."""
         head = [{"role": "user", "content": "?"}]
-        prompt = self.encode_dialog(head, add_generation_prompt=True)
-        full = self.encode_dialog(head + messages)
+        self.check_messages(head + messages)
+        prompt_text, _ = self._spans(head, True)
+        text, spans = self._spans(head + messages, False)
+        if not text.startswith(prompt_text):
+            raise ValueError("chat template: a dialog's rendering does not start with its prompt and generation prompt")
+        prompt = self._encode_text(prompt_text, [], head)
+        full = self._encode_text(text, spans, head + messages)
         n = len(prompt)
-        if full.tokens[:n] != prompt.tokens:
-            raise ValueError("chat template: a dialog's ids do not start with its prompt's and generation prompt's")
-        return EncodedDialog(full.tokens[n:], full.is_target[n:], full.is_format[n:])
+        if full.tokens[:n] == prompt.tokens:
+            return EncodedDialog(full.tokens[n:], full.is_target[n:], full.is_format[n:])
+        return self._encode_text(text, spans, head + messages, start=len(prompt_text))
 
     def encode_message(self, message: dict, out: EncodedDialog) -> None:
         raise NotImplementedError("a model's own chat template encodes whole dialogs (encode_dialog)")
