@@ -25,6 +25,6 @@ setup(
         "gguf": ["gguf"],  # convert --from gguf (llama_posttrain/llama/formats/gguf.py imports it, nothing else)
         "ray": ["ray"],  # launcher: ray (llama_posttrain/train/launch_ray.py imports it, nothing else)
         # test-only references (never imported by the packages), and matplotlib so that the plots are tested
-        "dev": ["pytest", "ruff", "transformers", "tokenizers", "jinja2", "trl", "matplotlib", "gguf"],
+        "dev": ["pytest", "ruff", "transformers", "tokenizers", "jinja2", "trl", "matplotlib", "gguf", "ray"],
     },
 )

@@ -120,6 +120,36 @@ def test_a_job_on_two_nodes_through_slurm_equals_one_node(tmp_path, monkeypatch)
     same_training(metrics(tmp_path / "one_node"), metrics(tmp_path / "two_nodes"))
 
 
+@pytest.mark.slow
+@pytest.mark.long
+def test_a_round_of_the_pipeline_through_slurm_on_two_nodes_equals_one_node(tmp_path, monkeypatch):
+    """A shrunk round of the quickstart pipeline (its averaging job included) through the stand-in srun, 2 nodes
+    of 1 rank each: the summary equals the local launcher's on 2 ranks (the Ray test's twin)."""
+    from test_launch_ray import float_close
+    from test_pipeline import MICRO
+
+    from llama_posttrain.train.pipeline import Pipeline, load_pipeline_config
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    srun = bin_dir / "srun"
+    srun.write_text(FAKE_SRUN.format(log=str(tmp_path / "srun_calls.jsonl")))
+    srun.chmod(srun.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    two_ranks = {**MICRO, "dpo": {**MICRO["dpo"], "data.batch_size": 2}}  # an example per rank and step
+    summaries = {}
+    for name, launch in [("local", {"launcher": "local", "nproc": 2}),
+                         ("slurm", {"launcher": "slurm", "nnodes": 2, "nproc": 1,
+                                    "rdzv_endpoint": f"127.0.0.1:{free_port()}"})]:  # fmt: skip
+        config = {**two_ranks, **launch, "root": str(tmp_path / name), "plots": False}
+        Pipeline(load_pipeline_config(None, [f"{k}={json.dumps(v)}" for k, v in config.items()])).run()
+        summaries[name] = json.loads((tmp_path / name / "micro" / "summary.json").read_text())
+    assert [s["stage"] for s in summaries["slurm"]["stages"]] == ["data", "pretrain", "rm", "rs", "sft", "pref", "dpo"]
+    float_close(summaries["local"]["stages"], summaries["slurm"]["stages"])
+    calls = [json.loads(line) for line in (tmp_path / "srun_calls.jsonl").read_text().splitlines()]
+    assert any("--nodes=2" in c for c in calls) and any(c[:2] == ["--nodes=1", "--ntasks=1"] for c in calls)
+
+
 # A job that records its pid, then works until SIGTERM, on which it "saves" (writes a file) and exits 143.
 JOB = """
 import os, signal, sys, time
