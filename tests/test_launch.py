@@ -104,14 +104,19 @@ sys.exit(max(p.wait() for p in procs))
 """
 
 
-@pytest.mark.slow
-def test_a_job_on_two_nodes_through_slurm_equals_one_node(tmp_path, monkeypatch):
+def stand_in_srun(tmp_path, monkeypatch) -> None:
+    """FAKE_SRUN first on PATH; its calls are recorded in tmp_path/srun_calls.jsonl."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     srun = bin_dir / "srun"
     srun.write_text(FAKE_SRUN.format(log=str(tmp_path / "srun_calls.jsonl")))
     srun.chmod(srun.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+
+
+@pytest.mark.slow
+def test_a_job_on_two_nodes_through_slurm_equals_one_node(tmp_path, monkeypatch):
+    stand_in_srun(tmp_path, monkeypatch)
     Launcher("local").run(sft_job(tmp_path, "one_node", nproc=2))
     Launcher("slurm", nnodes=2, rdzv_endpoint=f"127.0.0.1:{free_port()}").run(sft_job(tmp_path, "two_nodes"))
     calls = [json.loads(line) for line in (tmp_path / "srun_calls.jsonl").read_text().splitlines()]
@@ -130,12 +135,7 @@ def test_a_round_of_the_pipeline_through_slurm_on_two_nodes_equals_one_node(tmp_
 
     from llama_posttrain.train.pipeline import Pipeline, load_pipeline_config
 
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    srun = bin_dir / "srun"
-    srun.write_text(FAKE_SRUN.format(log=str(tmp_path / "srun_calls.jsonl")))
-    srun.chmod(srun.stat().st_mode | stat.S_IEXEC)
-    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    stand_in_srun(tmp_path, monkeypatch)
     two_ranks = {**MICRO, "dpo": {**MICRO["dpo"], "data.batch_size": 2}}  # an example per rank and step
     summaries = {}
     for name, launch in [("local", {"launcher": "local", "nproc": 2}),

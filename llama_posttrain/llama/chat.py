@@ -359,33 +359,12 @@ def render_probes(text: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     them (sandboxed, trim_blocks, lstrip_blocks, `{% generation %}` blocks, tojson, raise_exception,
     strftime_now): -> (with date_string=PROBE_DATE, without). ImportError without jinja2; the template's
     own errors (jinja2.TemplateError and what its expressions raise) propagate."""
-    import jinja2
-    import jinja2.ext
-    import jinja2.sandbox
+    from datetime import datetime
 
-    class Generation(jinja2.ext.Extension):  # transformers' assistant-mask markers: render the body as is
-        tags = {"generation"}
+    from llama_posttrain.llama.template_chat import environment
 
-        def parse(self, parser):
-            next(parser.stream)
-            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def strftime_now(fmt):
-        from datetime import datetime
-
-        return datetime(*PROBE_TODAY).strftime(fmt)
-
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols]
-    )
-    env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False: json.dumps(
-        x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys
-    )
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = strftime_now
+    env = environment()
+    env.globals["strftime_now"] = lambda fmt: datetime(*PROBE_TODAY).strftime(fmt)  # a fixed "today"
     template = env.from_string(text)
     special = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "tools": None, "documents": None}
 
