@@ -340,3 +340,13 @@ def test_every_path_key_of_the_training_configs_is_made_absolute():
                 if "str" in str(tp) and typing.get_origin(tp) is not typing.Literal:
                     keys.add(f"{section.name}.{f.name}")
     assert keys - not_paths == set(PATH_KEYS), sorted(keys - not_paths ^ set(PATH_KEYS))
+
+
+def test_a_reward_model_near_chance_is_said():
+    """SmolLM2's first RM reached 0.53 on held-out pairs and rejection sampling went on with near-random picks,
+    in silence: below NEAR_CHANCE the stage says so, with what to change."""
+    from llama_posttrain.train.recipe import NEAR_CHANCE, near_chance
+
+    said = near_chance(0.53)
+    assert said is not None and "0.530" in said and "near chance" in said and "train.steps" in said
+    assert near_chance(NEAR_CHANCE) is None and near_chance(0.97) is None and near_chance(None) is None

@@ -88,6 +88,20 @@ def _map_paths(result: dict, fn) -> dict:
     return out
 
 
+NEAR_CHANCE = 0.6  # a reward model's held-out pair accuracy below this is said: its rankings are close to coin flips
+
+
+def near_chance(accuracy: float | None) -> str | None:
+    """The warning for a reward model whose held-out pair accuracy is near chance (0.5), else None."""
+    if accuracy is None or accuracy >= NEAR_CHANCE:
+        return None
+    return (
+        f"warning: the reward model's held-out pair accuracy {accuracy:.3f} is near chance (0.5): rejection "
+        "sampling's picks will be close to random ones; train it longer or on more pairs (rm: {train.steps: ...}, "
+        "seed_pairs)"
+    )
+
+
 class StageError(RuntimeError):
     """A stage cannot go on: printed as one message (the pipeline's PipelineError)."""
 
@@ -202,7 +216,10 @@ class Recipe:
             overrides["data.eval"] = self.files()["eval_pairs"]
         model = self.train("rm", d, overrides, self.cfg.rm, self.cfg.variants.get("rm"))
         single = last_eval(d / "variant_0", "accuracy")
-        return {"model": str(model), **self.evaluate(d, model, "rm", rm=None), "rm_accuracy_variant_0": single}
+        result = {"model": str(model), **self.evaluate(d, model, "rm", rm=None), "rm_accuracy_variant_0": single}
+        if (warning := near_chance(result.get("rm_accuracy"))) is not None:
+            print(f"{self.where(d)}: {warning}", flush=True)
+        return result
 
     def rejection_sampling(self, d: Path, k: int, policy: Path, rm: Path) -> dict:
         """K samples per fresh prompt from the latest policy; the reward model's best of each (after the
