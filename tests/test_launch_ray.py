@@ -76,7 +76,7 @@ def test_jobs_on_two_ray_nodes_and_a_failed_node(cluster, tmp_path):
     with pytest.raises(JobFailed) as e:
         launcher.run(failing)
     print(f"failed after {time.time() - t0:.1f} s")
-    assert time.time() - t0 < 30  # not node 0's 120 s: it was stopped
+    assert time.time() - t0 < 60  # not node 0's 120 s: it was stopped (SIGTERM, SIGKILL 5 s later)
     message = str(e.value)
     assert "failed on node 1 of 2 (node 0: exit code 1; node 1: exit code 1)" in message  # torchrun's exit codes
     assert f"The other logs:\n  node 0: {failing.node_log(0)}\n" in message

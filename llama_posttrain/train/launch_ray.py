@@ -156,8 +156,8 @@ class RayJobs:
     def wait(self, job: Job, refs: list, watch) -> tuple[int, tuple[str, Path, str] | None]:
         """Until every node's task ends -> (node 0's exit code, None), or as run() says on a failure (an exit
         code, or a task Ray lost with its node): the other nodes' tasks are cancelled at once (SIGTERM to their
-        agents), again STOP_GRACE_S later (SIGKILL), and left to Ray (their node is gone too) after as long
-        again."""
+        agents), again STOP_GRACE_S later (SIGKILL), and left to Ray (their node is gone too) after three times
+        as long again."""
         ray, signals, n = self.ray, self.launcher.signals, len(refs)
         outcome: dict[int, str] = {}  # node -> "exit code 0", "lost by Ray (NodeDiedError)"
         codes: dict[int, int] = {}
@@ -166,8 +166,8 @@ class RayJobs:
             pending = list(refs)
             while pending:
                 if first_failed is not None and time.time() > stop_at:
-                    if time.time() > stop_at + STOP_GRACE_S:
-                        break
+                    if time.time() > stop_at + 3 * STOP_GRACE_S:  # a SIGKILLed task ends at once, unless Ray or
+                        break  # the machine is swamped: then it is Ray's
                     self.pending_cancels = 2
                 for _ in range(sent, self.pending_cancels):
                     for ref in pending:
