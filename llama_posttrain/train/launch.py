@@ -22,12 +22,9 @@ PR_SET_PDEATHSIG), so a training run saves and exits instead of going on as an o
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import itertools
 import os
 import re
-import shlex
 import signal
 import socket
 import subprocess
@@ -41,32 +38,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llama_posttrain.train import progress
+from llama_posttrain.train.processes import (  # noqa: F401 (Job, JobFailed, ATTEMPT, _process_tree: this module's face too)
+    ATTEMPT,
+    ROOT,
+    Job,
+    JobFailed,
+    LocalProcess,
+    _process_tree,
+    _send,
+    run_logged,
+    start_job,
+)
 
 if TYPE_CHECKING:
     from llama_posttrain.train.launch_ray import RayJobs
 
-ROOT = Path(__file__).resolve().parents[2]  # the repository: experiments/ and the job scripts, llama_posttrain/...
 RDZV_PORT = 29400
 KINDS = ("local", "torchrun", "ray", "slurm")
-
-
-@dataclass
-class Job:
-    name: str  # what the progress line and errors call it: "[round 1] sft variant 0"
-    script: str  # a path under ROOT, e.g. "llama_posttrain/train/sft.py"
-    args: list[str]
-    log: Path  # stdout and stderr, appended, each attempt opened by its command line
-    nproc: int = 1  # ranks per node; 0: one plain process on one node (no process group)
-    env: dict = field(default_factory=dict)  # on top of the environment of the process that starts it
-    run_dir: Path | None = None  # a training run's folder (its saved step is named when a signal stops it)
-
-    def node_log(self, node: int) -> Path:
-        """Node 0's output goes to `log`, node i's (ray) to `<log stem>.node<i>.log` beside it."""
-        return self.log if node == 0 else self.log.with_name(f"{self.log.stem}.node{node}{self.log.suffix}")
-
-
-class JobFailed(RuntimeError):
-    """A job exited with an error: the message names it, its exit code, its log and the log's end."""
 
 
 @dataclass
@@ -147,34 +135,6 @@ class Launcher:
             )
 
 
-def run_logged(cmd: list[str], env: dict, log: Path, run, **kw) -> int:
-    """cmd through run (Signals.run, or the Ray agent's loop), its output appended to log after a line
-    with the attempt's time and command line."""
-    with open(log, "a") as f:
-        f.write(f"{ATTEMPT}{time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(cmd)}\n")
-        f.flush()
-        return run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, **kw)
-
-
-def start_job(cmd: list[str], death_signal: int = signal.SIGTERM, **popen_kw) -> subprocess.Popen:
-    """cmd in a session of its own (a Ctrl-C in the terminal reaches the driver only, which forwards it once),
-    getting death_signal when the calling thread is gone (die_with_parent)."""
-    prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
-    die = functools.partial(die_with_parent, os.getpid(), prctl, death_signal)
-    return subprocess.Popen(cmd, start_new_session=True, preexec_fn=die, **popen_kw)
-
-
-def die_with_parent(parent: int, prctl, death_signal: int) -> None:
-    """In a job's process, before exec (Popen's preexec_fn): death_signal when the thread that started it is
-    gone (Linux PR_SET_PDEATHSIG), even killed by kill -9. SIGTERM for torchrun: it forwards it to its workers,
-    which save their step and exit, as when a live driver forwards a signal. prctl: libc's, looked up before
-    the fork (None: not Linux, the job outlives its driver)."""
-    if prctl is not None:
-        prctl(1, death_signal)  # 1: PR_SET_PDEATHSIG
-        if os.getppid() != parent:  # the parent died before the prctl
-            os.kill(os.getpid(), death_signal)
-
-
 def clock(seconds: float) -> str:
     """`m:ss`, or `h:mm:ss` from an hour: the progress lines' elapsed time and ETA (llama_posttrain/train/logger.py too)."""
     m, s = divmod(int(seconds), 60)
@@ -232,30 +192,6 @@ class Interrupted(BaseException):
             f"{signal.Signals(self.signum).name}: stopped{where}{detail}; rerun the same command to resume "
             "(finished stages are skipped, an interrupted training run resumes from its checkpoints)"
         )
-
-
-def _process_tree(pid: int) -> list[int]:
-    """pid and its descendants (Linux /proc; elsewhere pid alone). torchrun starts each worker in a session
-    of its own, so a process group does not reach them: they are found by parent."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rpartition(")")[2].split()[1])  # "pid (comm) state ppid ..."
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        out.append(todo.pop())
-        todo += children.get(out[-1], [])
-    return out
-
-
-def _send(pid: int, signum: int) -> None:
-    try:
-        os.kill(pid, signum)
-    except ProcessLookupError:  # it ended meanwhile
-        pass
 
 
 class Signals:
@@ -343,23 +279,6 @@ class Signals:
                 except subprocess.TimeoutExpired:
                     if tick is not None:
                         tick()
-
-
-@dataclass
-class LocalProcess:
-    """A job's process on this node, as Signals sends to it."""
-
-    popen: subprocess.Popen
-
-    def forward(self, signum: int) -> None:
-        _send(self.popen.pid, signum)
-
-    def kill(self) -> None:
-        for pid in reversed(_process_tree(self.popen.pid)):  # the workers, then torchrun
-            _send(pid, signal.SIGKILL)
-
-
-ATTEMPT = "=== pipeline: "  # starts each attempt's part of a stage's log
 
 
 def _tail(path: Path, n: int = 30) -> str:

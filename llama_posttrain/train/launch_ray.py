@@ -29,8 +29,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from llama_posttrain.train.launch import Job, JobFailed, Launcher, LocalProcess, run_logged, start_job
+from llama_posttrain.train.processes import Job, JobFailed, LocalProcess, run_logged, start_job
+
+if TYPE_CHECKING:
+    from llama_posttrain.train.launch import Launcher
 
 STOP_GRACE_S = 5.0  # after a node fails, how long the other nodes' agents get to stop before they are killed
 
