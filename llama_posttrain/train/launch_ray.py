@@ -29,12 +29,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from llama_posttrain.train.processes import Job, JobFailed, LocalProcess, run_logged, start_job
-
-if TYPE_CHECKING:
-    from llama_posttrain.train.launch import Launcher
 
 STOP_GRACE_S = 5.0  # after a node fails, how long the other nodes' agents get to stop before they are killed
 
@@ -88,7 +84,7 @@ class RayJobs:
     """One job on the Ray cluster: its tasks, started and awaited from the driver's main thread. A signal
     (Signals.handler -> forward/kill) is acted on here, at the next poll: the tasks are cancelled."""
 
-    def __init__(self, launcher: Launcher):
+    def __init__(self, launcher):  # the launch.Launcher running the job (its signals, command lines)
         self.launcher, self.ray = launcher, import_ray()
         self.pending_cancels = 0  # cancels asked for by signals, not yet sent
 
