@@ -50,7 +50,7 @@ def summary(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-@pytest.mark.slow
+@pytest.mark.long  # ~10 s each, a benchmark's own run against its peer (pytest -m long)
 def test_generate_checkpoint_against_hf(chatml_model, tmp_path):
     out = run(
         "generate.py", "--checkpoint", chatml_model, "--prompts", 2, "--samples", 3, "--new", 5, "--repeats", 1,
@@ -67,7 +67,7 @@ def test_generate_checkpoint_against_hf(chatml_model, tmp_path):
         assert r["peak_gib"] > 0
 
 
-@pytest.mark.slow
+@pytest.mark.long  # ~10 s each, a benchmark's own run against its peer (pytest -m long)
 @pytest.mark.parametrize("script", ["sft_step.py", "dpo_step.py"])
 def test_step_checkpoint_against_trl(chatml_model, tmp_path, script):
     out = run(

@@ -234,7 +234,7 @@ def sample_cmd(policy, rm, out):
 QUICK_RUN = ["data.eval=null", "train.steps=2", "optim.warmup_steps=0"]
 
 
-@pytest.mark.slow
+@pytest.mark.long  # 15 s: three busy-machine runs (pytest -m long)
 def test_sft_exits_0_on_a_busy_machine(tmp_path):
     """2-rank SFT (which once aborted at exit under load) with the cores oversubscribed. Every entry
     point, three times: test_every_entry_point_exits_0_on_a_busy_machine (long)."""
