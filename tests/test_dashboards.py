@@ -87,17 +87,17 @@ def test_stage_runs_log_train_and_eval_namespaces_with_trls_names(tmp_path, wand
     assert set(first) == {
         "train/loss", "train/rewards/chosen", "train/rewards/rejected", "train/rewards/margins",
         "train/rewards/accuracies", "train/logps/chosen", "train/logps/rejected", "train/logits/chosen",
-        "train/logits/rejected", "train/mean_token_accuracy", "train/nll_loss",
+        "train/logits/rejected", "train/mean_token_accuracy", "train/nll",
         "train/grad_norm", "train/learning_rate", "train/tokens", "train/tokens_per_s", "train/tokens_per_s_per_gpu",
         "train/peak_memory_gib", "train/skipped_steps", "train/global_step", "train/num_tokens",
     }  # fmt: skip
     assert set(second) == set(first) | {"train/epoch"}
-    assert first["train/learning_rate"] == 1e-4 and first["train/nll_loss"] == 1.5
+    assert first["train/learning_rate"] == 1e-4 and first["train/nll"] == 1.5  # nll_loss: only TRL's (token) NLL
     assert (s1, first["train/global_step"], first["train/num_tokens"]) == (1, 1, 100)
     assert second["train/num_tokens"] == 200  # cumulative, where `tokens` is the step's
     assert "train/epoch" not in first and second["train/epoch"] == 0.5  # where the loop gives it
     assert s3 == 2 and ev == {
-        "eval/loss": 0.6, "eval/nll_loss": 1.4, "eval/rewards/accuracies": 0.7, "eval/examples": 8,
+        "eval/loss": 0.6, "eval/nll": 1.4, "eval/rewards/accuracies": 0.7, "eval/examples": 8,
         "train/global_step": 2, "train/num_tokens": 200,
     }  # fmt: skip
     # metrics.jsonl keeps the project's own keys
@@ -117,7 +117,7 @@ def test_rm_and_sft_names(tmp_path, wandb):
     (_, train), (_, ev) = wandb.runs[0].logged
     assert {k for k in train if k not in ("train/global_step", "train/num_tokens")} == {
         "train/loss", "train/accuracy", "train/accuracy/better", "train/margin", "train/mean_reward",
-        "train/std_reward", "train/min_reward", "train/max_reward", "train/learning_rate", "train/tokens",
+        "train/reward_std", "train/min_reward", "train/max_reward", "train/learning_rate", "train/tokens",
     }  # fmt: skip
     assert (train["train/min_reward"], train["train/max_reward"]) == (-0.5, 0.9)
     assert set(ev) == {"eval/accuracy", "eval/margin", "eval/mean_reward", "train/global_step", "train/num_tokens"}

@@ -239,7 +239,7 @@ def test_bad_input_is_refused_naming_the_file_line_and_field(files, one_process,
         write_jsonl(tmp_path / f"bad_{name}.jsonl", records)
     policy = ["--prompts", str(files / "prompts.jsonl"), *SCORED]
     for model, args, message in [
-        ("policy", ["--pairs", str(files / "pairs.jsonl")], r"policy: --pairs scores with a reward model, .*'lm'"),
+        ("policy", ["--pairs", str(files / "pairs.jsonl")], r"policy: a policy: --pairs gives dpo_reward_accuracy, .*"),
         ("rm", ["--nll", str(files / "sft.jsonl")], r"rm: --prompts and --nll need a language model, .*'reward'"),
         ("policy", [*policy, "--rm", str(files / "policy")], r"--rm .*policy: not a reward model"),
         (

@@ -35,7 +35,7 @@ checks = load("checks")
 
 def test_arguments():
     args = validate.parse_args([])
-    assert args.parts == ["kernels", "flex", "step", "step-ac", "logprob", "generate"] and args.budget == 540
+    assert args.parts == ["smoke", "kernels", "flex", "step", "step-ac", "logprob", "generate"] and args.budget == 540
     assert args.logprob_hs == [4096, 2048] and args.logprob_ns == [32768, 12289, 4096]
     assert 12289 % 64 and args.out == ROOT / "experiments/gpu/results.md"  # an N no tile divides
     args = validate.parse_args(["--parts", "flex", "kernels", "--budget", "60", "--logprob-ns", "8192"])
@@ -61,7 +61,10 @@ def test_missing_pieces_are_left_out_with_a_note(monkeypatch):
     for m in ("torch_lce", "torch_lce:auto", "torch_lce:aspect_ratio", "torch_lce:aspect_ratio:8"):
         assert f"logprob: method {m} left out: this torch has no F.linear_cross_entropy" in notes
     assert any(n.startswith("generate: HF generate, no-fan-out and per-sample rows left out") for n in notes)
-    assert validate.plan_notes([p for p in validate.PARTS if p.name == "kernels"]) == []
+    assert validate.plan_notes([p for p in validate.PARTS if p.name == "flex"]) == []
+    assert validate.plan_notes([p for p in validate.PARTS if p.name == "kernels"])[0].startswith(
+        "kernels: tests/test_kernels.py -k stats is not run here"
+    )
 
 
 def test_a_torch_without_chunking_options_keeps_the_reference_row(monkeypatch):
@@ -96,8 +99,8 @@ def test_dry_run_needs_no_gpu_and_a_real_run_refuses_without_one(capsys, monkeyp
 def test_dry_run_plan_is_bf16_first_and_fits_nine_minutes(capsys):
     assert validate.main(["--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("plan: 6 part(s), bf16 first in each; total budget 540 s")
-    names = ["kernels", "flex", "step", "step-ac", "logprob", "generate"]
+    assert lines[0].startswith("plan: 7 part(s), bf16 first in each; total budget 540 s")
+    names = ["smoke", "kernels", "flex", "step", "step-ac", "logprob", "generate"]
     rows = {line.split()[0]: line for line in lines if line.split()[0] in names}
     assert list(rows) == names
     measures = {}  # each part's line is followed by what it measures
@@ -105,18 +108,21 @@ def test_dry_run_plan_is_bf16_first_and_fits_nine_minutes(capsys):
         if line.split()[0] in names:
             assert lines[i + 1].startswith("          measures: ")
             measures[line.split()[0]] = lines[i + 1]
-    assert all("[bf16" in line for line in rows.values())  # every part's dtype order starts with bf16
+    assert all("[bf16" in line for name, line in rows.items() if name != "smoke")  # dtype order: bf16 first
     budgets = [int(line.split()[1]) for line in rows.values()]
     total = next(line for line in lines if line.startswith("total"))
     assert sum(budgets) <= 540 and total.startswith(f"total     {sum(budgets)} s")
     assert list(checks.KERNEL_DTYPES) == ["bfloat16", "float32"]
     assert checks.flex.__defaults__[0] == ("bf16", "fp32")
-    # the steps: DPO then SFT, activation checkpointing off (profiled) then on
-    assert "checks.py step dpo sft" in rows["step"] and "--profile" in rows["step"]
+    # the steps: SFT then DPO (DPO's policy reuses SFT's compiled blocks), activation checkpointing off, then on
+    # and profiled (the profiled step is not in the first part's cold start)
+    assert "checks.py step sft dpo" in rows["step"] and "checks.py step sft dpo" in rows["step-ac"]
+    assert "--profile" not in rows["step"] and "--profile" in rows["step-ac"]
     assert "--activation-checkpointing" not in rows["step"] and "--activation-checkpointing" in rows["step-ac"]
     assert "MFU" in measures["step"] and "activation checkpointing off" in measures["step"]
-    assert "activation checkpointing on" in measures["step-ac"]
-    assert all(g in measures["step"] for g in ("communication", "log-prob", "optimizer", "attention", "matmul"))
+    assert "activation checkpointing on" in measures["step-ac"] and "one full micro-batch" in measures["step"]
+    assert all(g in measures["step-ac"] for g in ("communication", "log-prob", "optimizer", "attention", "matmul"))
+    assert "STATS variant" in measures["kernels"] and "Triton kernel and a torch.compile" in measures["smoke"]
     # the log-prob benchmark: both hidden sizes, the awkward N, ours vs its peers, the skip rate
     logprob = rows["logprob"]
     assert "--hs 4096 2048" in logprob and "--ns 32768 12289 4096" in logprob and "--skip-rate" in logprob
@@ -132,7 +138,7 @@ def test_dry_run_plan_is_bf16_first_and_fits_nine_minutes(capsys):
     # a short total: the plan cuts the parts to what is left and says which would be skipped
     assert validate.main(["--dry-run", "--budget", "100"]) == 0
     out = capsys.readouterr().out
-    assert "flex        40 s  at   60 s" in out and "step         0 s" in out and "skipped" in out
+    assert "flex        30 s  at   70 s" in out and "step         0 s" in out and "skipped" in out
 
 
 def test_out_gets_each_part_as_it_ends_and_rows_while_it_runs(tmp_path, monkeypatch):
@@ -158,7 +164,7 @@ def test_out_gets_each_part_as_it_ends_and_rows_while_it_runs(tmp_path, monkeypa
     written = []
     real_write = validate.write_atomic
     monkeypatch.setattr(validate, "write_atomic", lambda path, text: (written.append(text), real_write(path, text)))
-    assert validate.main(["--out", str(out)]) == 1  # "slow" times out
+    assert validate.main(["--out", str(out), "--budget", "4"]) == 1  # "slow" times out at the total's end
     assert (
         "| first | pass |" in written[1] and "| second | pending |" in written[1] and "| slow | pending |" in written[1]
     )
@@ -205,7 +211,7 @@ def test_validate_sh_dry_run_uses_python3_or_PYTHON():
     out = subprocess.run(
         ["bash", str(ROOT / "experiments/gpu/validate.sh"), "--dry-run"], env=env, capture_output=True, text=True
     )
-    assert out.returncode == 0 and out.stdout.startswith("plan: 6 part(s), bf16 first in each; total budget 540 s")
+    assert out.returncode == 0 and out.stdout.startswith("plan: 7 part(s), bf16 first in each; total budget 540 s")
 
 
 def test_peak_flops_per_device_variant(monkeypatch, capsys):
@@ -320,26 +326,65 @@ def test_flex_check_logic_on_the_cpu(one_rank, monkeypatch, capsys):
 
 
 def test_step_check_logic_on_the_cpu(one_rank, capsys, monkeypatch):
-    """SFT then DPO steps through llama_posttrain/train/loop.py's Trainer at a tiny preset, each with one profiled step:
-    the rows it reports. The step clock waits for the device's work (the optimizer's too) when it starts
-    and before it is read."""
-    synced, calls = [], []
+    """DPO then SFT steps through llama_posttrain/train/loop.py's Trainer at a tiny preset, each with one profiled
+    step: the rows it reports. Each step is one full micro-batch of the one shape both kinds share. The step clock
+    waits for the device's work (the optimizer's too) when it starts and before it is read. DPO first: the order
+    in which the SFT rows used to count the DPO reference still alive; each kind's trainer and the reference
+    are freed before the next kind's trainer is built. The first profiled step fails (as torch 2.11's profiler
+    API did): one fail row, and every other row of both kinds is still written."""
+    import gc
+    import weakref
+
+    import llama_posttrain.train.distributed as distributed
+
+    synced, calls, models, trainers, alive_at_build = [], [], [], [], []
     monkeypatch.setattr(train_loop, "sync_clock", synced.append)
-    real_step = train_loop.Trainer.train_step
+    real_step, real_build, real_post_init = (
+        train_loop.Trainer.train_step, distributed.build_model, train_loop.Trainer.__post_init__
+    )  # fmt: skip
 
     def recording_step(self, batch, step, timed=None):
-        calls.append((step, {tuple(mb.tokens.shape) for mb in batch.micro_batches}))
+        calls.append((step, [tuple(mb.tokens.shape) for mb in batch.micro_batches]))
         return real_step(self, batch, step, timed)
 
+    def recording_build(*args, **kwargs):
+        models.append(weakref.ref(model := real_build(*args, **kwargs)))
+        return model
+
+    def recording_post_init(self):
+        gc.collect()
+        alive_at_build.append(([m() is not None for m in models], [t() is not None for t in trainers]))
+        trainers.append(weakref.ref(self))
+        real_post_init(self)
+
+    profiles = []
+
+    def profiled_kernels(prof):  # the first call fails, as reading linked_correlation_id did on torch 2.11
+        profiles.append(prof)
+        if len(profiles) == 1:
+            raise AttributeError("'FunctionEvent' object has no attribute 'linked_correlation_id'")
+        return real_kernels(prof)
+
+    real_kernels = checks.profiled_kernels
+    monkeypatch.setattr(checks, "profiled_kernels", profiled_kernels)
     monkeypatch.setattr(train_loop.Trainer, "train_step", recording_step)
+    monkeypatch.setattr(train_loop.Trainer, "__post_init__", recording_post_init)
+    monkeypatch.setattr(distributed, "build_model", recording_build)
     checks.step(
-        ["sft", "dpo"], tokens_per_microbatch=1024, steps=1, compile=False, ac=False, preset="debug", profile=True
+        ["dpo", "sft"], tokens_per_microbatch=1024, steps=1, compile=False, ac=False, preset="debug", profile=True
     )
     rows = rows_of(capsys.readouterr().out)
+    # the SFT trainer is built with the DPO trainer and the DPO reference gone (the policy stays)
+    assert alive_at_build == [([True, True], []), ([True, False], [False])]
     assert rows[0]["check"] == "step-time breakdown patterns" and "log-prob: TargetLogprobs" in rows[0]["value"]
     per_kind = 5 + len(checks.BREAKDOWN) + 2  # the step's rows, one per group, the total, the largest "other"
-    assert len(rows) == 1 + 2 * per_kind
+    assert len(rows) == 1 + 5 + 1 + per_kind  # DPO: its step's rows and the failed breakdown's one; SFT: all
+    failed = [r for r in rows if r["status"] == "fail"]
+    assert [r["check"] for r in failed] == [rows[1]["check"].split(":")[0] + ": breakdown"]
+    assert "AttributeError" in failed[0]["value"] and failed[0]["check"].startswith("dpo")
     assert len(synced) == 2 * len(calls)  # every step synced at its start and end
+    assert all(len(shapes) == 1 for _, shapes in calls)  # one micro-batch a step
+    assert {s for _, shapes in calls for s in shapes} == {(1, 1024)}  # one shape, both kinds: compiled once
     kinds = [[]]  # the calls per kind: warm-ups (step 1: the first, then one per new shape), one timed, one profiled
     for i, call in enumerate(calls):
         if i and call[0] == 1 and calls[i - 1][0] > 1:
@@ -347,21 +392,161 @@ def test_step_check_logic_on_the_cpu(one_rank, capsys, monkeypatch):
         kinds[-1].append(call)
     assert len(kinds) == 2
     for steps in kinds:
-        warm = [shapes for n, shapes in steps if n == 1]
-        timed = [shapes for n, shapes in steps if n > 1]
-        assert len(timed) == 2 and steps[: len(warm)] == [(1, w) for w in warm]
+        warm = [set(shapes) for n, shapes in steps if n == 1]
+        timed = [set(shapes) for n, shapes in steps if n > 1]
+        assert len(timed) == 2 and steps[: len(warm)] == [(1, sorted(w)) for w in warm]
         assert all(t <= set().union(*warm) for t in timed)  # no shape is first met (compiled) on the clock
     assert [r["status"] for r in rows if "finite loss" in r["check"]] == ["pass", "pass"]
     assert {r["value"] for r in rows if r["check"].endswith("MFU")} == {"n/a"}  # no known peak on a CPU
-    assert rows[1]["check"].startswith("sft debug (1024 tokens/micro-batch") and rows[1 + per_kind]["check"].startswith(
-        "dpo"
-    )
+    assert rows[1]["check"].startswith("dpo debug (1024 tokens/micro-batch") and rows[7]["check"].startswith("sft")
+    assert "one micro-batch a step" in rows[1]["note"] and "% of its slots real tokens" in rows[1]["note"]
     shares = [r for r in rows if r["check"].startswith("sft") and ": breakdown, " in r["check"]][
         : len(checks.BREAKDOWN)
     ]
     assert [r["check"].split(": breakdown, ")[1] for r in shares] == [g for g, _ in checks.BREAKDOWN]
     ms = {r["check"].split(": breakdown, ")[1]: float(r["value"].split(" ms")[0]) for r in shares}
     assert ms["matmul"] > 0 and ms["log-prob"] > 0 and ms["optimizer"] > 0  # CPU ops, grouped by the same rules
+
+
+def test_training_steps_are_one_full_micro_batch_each_as_the_loader_packs_them():
+    """Each step: the examples first-fit packing put in one micro-batch before the next example spilled over,
+    made a step by training's DataLoader (static shapes): the full shape, the loader's counts."""
+    import random
+
+    from llama_posttrain.data.rows import plan
+
+    for kind in ("sft", "dpo"):
+        steps, info = checks.training_steps(kind, 500, 1024, 4096, 3, random.Random(1))
+        assert len(steps) == 3 and info["dropped"] >= 0
+        for s in steps:
+            (mb,) = s.micro_batches
+            assert tuple(mb.tokens.shape) == (4, 1024)
+            assert s.num_targets == mb.num_targets and s.num_pairs == (len(mb.group_uid) if kind == "dpo" else 0)
+            lengths = [int((mb.doc_ids[r] >= 0).sum()) for r in range(4)]
+            assert all(n > 0 for n in lengths)  # every row used
+        real = sum(int((mb.doc_ids >= 0).sum()) for s in steps for mb in s.micro_batches)
+        assert info["fill"] == pytest.approx(real / (3 * 4 * 1024)) and info["fill"] > 0.6
+    # the first-fit rule the loader plans by: the stream is cut where an example opened a second micro-batch
+    assert len(plan([1024, 1024, 1024, 1024, 1], 1024, 4096)) == 2
+
+
+class Kernel211(tuple):  # torch 2.11's profiler_util.Kernel: a namedtuple (name, device, duration)
+    name = property(lambda self: self[0])
+    device = property(lambda self: self[1])
+    duration = property(lambda self: self[2])
+
+
+class Interval211:
+    def __init__(self, start, end):
+        self.start, self.end = start, end
+
+    def elapsed_us(self):
+        return self.end - self.start
+
+
+class Event211:
+    """A FunctionEvent with only the attributes torch 2.11 has that profiled_kernels reads: no
+    linked_correlation_id (added after 2.11), so reading it raises AttributeError."""
+
+    __slots__ = ("name", "device_type", "is_async", "cpu_parent", "kernels", "time_range", "is_user_annotation")
+
+    def __init__(self, name, device_type, start, end, parent=None, kernels=(), annotation=False):
+        self.name, self.device_type, self.is_async, self.cpu_parent = name, device_type, False, parent
+        self.kernels, self.time_range, self.is_user_annotation = list(kernels), Interval211(start, end), annotation
+
+    @property
+    def self_cpu_time_total(self):
+        return self.time_range.elapsed_us()
+
+
+def test_profiled_kernels_reads_torch_2_11_events():
+    """Each device event gets its launching op from the op's `kernels` (what 2.11 links), a kernel no op lists
+    gets no context, and a GPU user annotation (no kernel) is left out."""
+    from torch.autograd import DeviceType
+
+    cpu, cuda = DeviceType.CPU, DeviceType.CUDA
+    linear = Event211("aten::linear", cpu, 0, 100)
+    mm = Event211("aten::mm", cpu, 1, 50, linear, [Kernel211(("sm90_xmma_gemm_bf16", 0, 30.0))])
+    fn = Event211("TritonTargetLogprobs", cpu, 60, 90, None, [Kernel211(("_forward_kernel", 0, 90.0))])
+    step = Event211("Optimizer.step#AdamW.step", cpu, 95, 99)
+    events = [
+        linear, mm, fn, step,
+        Event211("sm90_xmma_gemm_bf16", cuda, 200, 230),
+        Event211("_forward_kernel", cuda, 240, 330),
+        Event211("triton_poi_fused_add_0", cuda, 330, 335),  # launched outside any op
+        Event211("Optimizer.step#AdamW.step", cuda, 335, 735, annotation=True),  # a span, not a kernel
+    ]  # fmt: skip
+    prof = type("Prof", (), {"events": lambda self: events})()
+    with pytest.raises(AttributeError):
+        mm.linked_correlation_id  # noqa: B018  what the breakdown read before: not in 2.11
+    kernels = checks.profiled_kernels(prof)
+    assert kernels == [
+        ("aten::mm < aten::linear", "sm90_xmma_gemm_bf16", 30.0),
+        ("TritonTargetLogprobs", "_forward_kernel", 90.0),
+        ("", "triton_poi_fused_add_0", 5.0),
+    ]
+    assert checks.group_times(kernels) == dict(
+        communication=0.0, **{"log-prob": 90.0}, optimizer=0.0, attention=0.0, matmul=30.0, other=5.0
+    )
+    # without device events (a CPU run): the CPU ops and their self time, each with its callers
+    cpu_only = checks.profiled_kernels(type("Prof", (), {"events": lambda self: events[:4]})())
+    assert cpu_only[1] == ("aten::linear", "aten::mm", 49) and len(cpu_only) == 4
+
+
+def test_a_part_gets_the_seconds_earlier_parts_left_unused(monkeypatch):
+    """A part's limit: its budget plus what the parts before it left unused, within the total; a later part
+    still gets its own budget."""
+    part = validate.Part("p", 10, lambda args: [])
+    assert validate.part_timeout(part, budgets_before=30, elapsed=12, total=100) == (28, 18)  # 18 s unused
+    assert validate.part_timeout(part, budgets_before=30, elapsed=35, total=100) == (10, 0)  # none left over
+    assert validate.part_timeout(part, budgets_before=30, elapsed=95, total=100) == (5, 0)  # the total's end
+    monkeypatch.setattr(validate, "MIN_START_S", 0.5)
+    parts = [
+        python_part("quick", "pass", budget_s=3),
+        python_part("long", 'import time; time.sleep(2); print(\'@@row {"status": "pass"}\')', budget_s=1),
+        python_part("last", 'print(\'@@row {"status": "pass"}\')', budget_s=1),
+    ]
+    results = validate.run_parts(parts, validate.parse_args(["--budget", "5"]))
+    assert [r.status for r in results] == ["fail", "pass", "pass"]  # "quick" prints no row
+    assert results[1].budget_s > 2 and results[2].budget_s >= 1
+
+
+def test_smoke_says_what_the_toolchain_lacks(monkeypatch, capsys):
+    """On the CPU (the interpreter, torch.compile's eager backend): three passes; then no compiler, no
+    Python.h and a kernel that cannot build: fail rows that say so."""
+    checks.smoke("cpu", "eager")
+    rows = rows_of(capsys.readouterr().out)
+    assert [r["status"] for r in rows] == ["pass"] * 3 and rows[0]["check"] == "C compiler and Python headers"
+    monkeypatch.setattr(checks, "toolchain", lambda: (None, Path("/nowhere/Python.h")))
+
+    def no_launcher(x):
+        raise RuntimeError("Failed to compile the launcher: cc not found")
+
+    monkeypatch.setattr(checks, "_add_one", no_launcher)
+    checks.smoke("cpu", "eager")
+    rows = rows_of(capsys.readouterr().out)
+    assert [r["status"] for r in rows] == ["fail", "fail", "pass"]
+    assert "none found" in rows[0]["value"] and "/nowhere/Python.h missing" in rows[0]["value"]
+    assert rows[1]["value"] == "RuntimeError: Failed to compile the launcher: cc not found"
+
+
+def test_kernel_stats_check_on_the_interpreter(monkeypatch, capsys):
+    """The kernels part's STATS rows on the CPU (the interpreter): pass; a kernel whose hits are off fails."""
+    from llama_posttrain import kernels
+
+    checks.kernel_stats("float32", "cpu", [(40, 12, 301)])
+    checks.kernel_stats("bfloat16", "cpu", [(37, 24, 333)])
+    rows = rows_of(capsys.readouterr().out)
+    assert [r["status"] for r in rows] == ["pass", "pass"] and rows[0]["value"].startswith("hits equal")
+    real = kernels.target_logprobs
+
+    def off_by_one(*args, **kw):
+        out = real(*args, **kw)
+        return out._replace(is_argmax=~out.is_argmax) if kw.get("stats") else out
+
+    monkeypatch.setattr(kernels, "target_logprobs", off_by_one)
+    checks.kernel_stats("float32", "cpu", [(40, 12, 301)])
+    assert rows_of(capsys.readouterr().out)[0]["status"] == "fail"
 
 
 # kernel names as a CUDA profile of one training step shows them (H100, torch 2.x), each with the op that

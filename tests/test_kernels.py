@@ -247,4 +247,41 @@ def test_stats_against_float64_full_logits(split, monkeypatch):
     assert only.logprobs.grad_fn is None and saved.logprobs.grad_fn is not None
     assert all(torch.equal(a, b.detach()) for a, b in zip(only, saved))
     empty = kernels.target_logprobs(h[:0], w, t[:0], backend="triton", stats=True)
-    assert [tuple(x.shape) for x in empty] == [(0,)] * 3
+    assert [tuple(x.shape) for x in empty] == [(0,)] * 4
+
+
+def entropy_float64(h, w, t):
+    """TRL's entropy (trl.trainer.utils.entropy_from_logits: -sum p log p per row) over float64 full logits."""
+    logp = (h.double() @ w.double().T).log_softmax(-1)
+    return torch.where(t != IGNORE, -(logp.exp() * logp).sum(-1), 0.0)
+
+
+@pytest.mark.parametrize("scale", [1.0, 10.0])  # logits of a few units, and of tens (a peaked softmax)
+@pytest.mark.parametrize("split", [None, 64])  # 1 or 6 vocabulary splits, each with several tiles
+def test_entropy_online_against_float64_full_softmax(scale, split, monkeypatch):
+    """TokenStats.entropy of the Triton kernel (an online sum rescaled with the running max, then combined
+    across splits), the chunked torch path (chunks of 1, 7 and all rows) and the naive formula, against float64.
+    Error bound: fp32 rounding of lse - E[logit], a few ulps of the largest logit."""
+    if split is not None:
+        real = tk.forward
+        monkeypatch.setattr(tk, "forward", lambda *a, **k: real(*a, **{**k, "v_per_split": split}))
+    N, H, V = 37, 24, 333
+    h, w, t = inputs(N, H, V, torch.float32, seed=7)
+    w = w * scale
+    want = entropy_float64(h, w, t)
+    big = (h.double() @ w.double().T).abs().max().item()
+    tol = 4 * big * 2**-23 + 1e-6
+    assert 0.1 < want.max() < 0.9 * torch.log(torch.tensor(V))  # neither all one-hot nor flat
+    backends = {
+        "triton": lambda: kernels.target_logprobs(h, w, t, backend="triton", stats=True),
+        "triton, grad": lambda: kernels.target_logprobs(h, w.clone().requires_grad_(), t, backend="triton", stats=True),
+        "torch": lambda: kernels.target_logprobs(h, w, t, backend="torch", stats=True),
+        "chunk 1": lambda: kernels.chunked_target_logprobs(h, w, t, chunk_size=1, stats=True),
+        "chunk 7, grad": lambda: kernels.chunked_target_logprobs(h, w.clone().requires_grad_(), t, 7, stats=True),
+        "naive": lambda: naive_target_logprobs(h, w, t, stats=True),
+    }
+    for name, fn in backends.items():
+        out = fn()
+        assert out.entropy.dtype == torch.float32 and not out.entropy.requires_grad, name
+        assert (out.entropy[t == IGNORE] == 0).all(), name
+        assert err(out.entropy, want) < tol, (name, err(out.entropy, want), tol)

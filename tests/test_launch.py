@@ -115,6 +115,7 @@ def stand_in_srun(tmp_path, monkeypatch) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.long  # in CI: tests/test_topology.py's bit-identical twin, with the recipe's per-rank settings
 def test_a_job_on_two_nodes_through_slurm_equals_one_node(tmp_path, monkeypatch):
     stand_in_srun(tmp_path, monkeypatch)
     Launcher("local").run(sft_job(tmp_path, "one_node", nproc=2))

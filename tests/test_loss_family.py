@@ -74,7 +74,9 @@ def test_sigmoid_equals_float64_formula():  # DPO, cDPO label smoothing
 def test_ipo_equals_float64_formula():  # per-token log-ratio margin, squared distance to 1 / (2 tau)
     t = 0.1
     x, sums = check("ipo", lambda d, d_tok, s_tok: (d_tok - 1 / (2 * t)) ** 2, beta=t)
-    assert sums["rewards/margins"].item() == pytest.approx(sum(t * margins(x, k)[1] for k in range(P)), abs=1e-12)
+    # TRL's rewards/*: beta x the summed log-ratio; the loss's per-token scores are ipo/score_*
+    assert sums["rewards/margins"].item() == pytest.approx(sum(t * margins(x, k)[0] for k in range(P)), abs=1e-12)
+    assert sums["ipo/score_margins"].item() == pytest.approx(sum(margins(x, k)[1] for k in range(P)), abs=1e-12)
 
 
 def test_hinge_equals_float64_formula():

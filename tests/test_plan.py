@@ -180,6 +180,6 @@ def test_cli(capsys):
     assert plan.main(["--config", cfg, "--nproc", "8", "--gpu-gib", "80"]) == 2  # the placeholder checkpoint
     assert "--preset" in capsys.readouterr().err
     args = ["--config", cfg, "--nproc", "8", "--gpu-gib", "80", "--preset", "llama3.1-70b"]
-    assert plan.main(args) == 0
+    assert plan.main(args) == plan.NOT_FIT == 3  # the verdict, for scripts
     out = capsys.readouterr().out
     assert "does NOT fit" in out and "try: --nproc" in out

@@ -6,6 +6,7 @@ round's pairs; the human annotator stops for labels and continues from them."""
 import json
 
 import pytest
+from test_train import QUICK
 
 from llama_posttrain.train.launch import Launcher
 from llama_posttrain.train.pipeline import PipelineError, load_pipeline_config
@@ -58,7 +59,7 @@ def recipe(tmp_path, files, *overrides):
     )  # fmt: skip
     launcher = Recording()
     r = Recipe(cfg, _task(cfg), _chat(), tmp_path / "run", launcher, {})
-    r.stage_config_file = {"rm": "rm.yaml", "sft": "sft.yaml", "dpo": "dpo.yaml"}
+    r.stage_config_file = {kind: QUICK / f"{kind}.yaml" for kind in ("rm", "sft", "dpo")}  # its paths: the pipeline's
     return r, launcher
 
 

@@ -129,7 +129,7 @@ def test_a_preference_stage_with_no_pair_is_not_marked_done(tmp_path, files):  #
     ):
         r.stage(1, "pref", r.new_pairs, tmp_path / "sft", tmp_path / "rm")
     with pytest.raises(
-        StageError, match=r"nothing to train on: start a new run folder \(`name`\) with more pref_prompts"
+        StageError, match=r"DPO would have nothing to train on\. To go on: .*`from_stage=round_1/pref`.*pref_prompts"
     ):
         r.stage(1, "pref", r.new_pairs, tmp_path / "sft", tmp_path / "rm")  # the rerun says the same, no DPO failure
     assert not (d / "DONE").exists()

@@ -133,8 +133,8 @@ def test_an_empty_micro_batch_changes_no_extremum_and_none_is_logged_without_seq
     acc, alone = {}, {}
     for loss, sums in (empty, ranking_loss(rewards[:2], group[:2], rank[:2]), empty,
                        ranking_loss(rewards[2:], group[2:], rank[2:])):  # fmt: skip
-        loop._add(acc, loss, sums, mb, objective.extrema)
-    loop._add(alone, *empty, mb, objective.extrema)
+        loop._add(acc, loss, {**sums, "trl_tokens": torch.tensor(4.0)}, mb, objective.extrema)  # as rm.py's loss adds
+    loop._add(alone, empty[0], {**empty[1], "trl_tokens": torch.tensor(4.0)}, mb, objective.extrema)
     metrics = loop.summarize(objective, {k: v.item() for k, v in acc.items()})
     assert (metrics["reward_max"], metrics["reward_min"]) == (2.0, -1.25)
     assert ranked_pairs(group, rank)[0].tolist() == [0, 2]

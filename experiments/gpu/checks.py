@@ -1,9 +1,10 @@
 """The GPU-only checks that experiments/gpu/validate.py runs, one per process:
 
+    python experiments/gpu/checks.py smoke        # a Triton kernel and a torch.compile built and run: the toolchain
     python experiments/gpu/checks.py kernels      # the Triton kernel on real CUDA, bf16 then fp32
     python experiments/gpu/checks.py flex         # FlexAttention (compiled, activation checkpointing) vs dense
-    python experiments/gpu/checks.py step dpo sft # 1-GPU DPO then SFT steps at the llama3.2-1b shape
-    python experiments/gpu/checks.py step dpo sft --profile  # and one profiled step each: CUDA time by kernel group
+    python experiments/gpu/checks.py step sft dpo # 1-GPU SFT then DPO steps at the llama3.2-1b shape
+    python experiments/gpu/checks.py step sft dpo --profile  # and one profiled step each: CUDA time by kernel group
 
 bf16 comes first everywhere, so a part cut at its time budget has lost its fp32 rows, not its bf16 ones.
 
@@ -28,6 +29,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script 
 
 import torch  # noqa: E402
 
+try:  # the smoke's own kernel (it needs nothing of llama_posttrain); without Triton the smoke says why
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _add_one_kernel(X, Y, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(Y + offs, tl.load(X + offs, mask=offs < n) + 1, mask=offs < n)
+
+    TRITON_ERROR = ""
+except Exception as e:  # not installed, or an install that fails to import
+    triton, TRITON_ERROR = None, f"{type(e).__name__}: {e}"
+
 ROW = "@@row "
 
 
@@ -44,6 +58,56 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b|, in float64."""
     a, b = a.double(), b.double()
     return ((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
+
+
+# ----------------------------------------------------------------------------- the toolchain
+
+
+def toolchain() -> tuple[str | None, Path]:
+    """(the C compiler Triton and Inductor would use, or None; this Python's Python.h): Triton builds a
+    C launcher for each kernel with them, so without either every compiled part fails."""
+    import shutil
+    import sysconfig
+
+    cc = os.environ.get("CC") or next((shutil.which(c) for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+    return cc, Path(sysconfig.get_paths()["include"]) / "Python.h"
+
+
+def _add_one(x: torch.Tensor) -> torch.Tensor:
+    """x + 1 by a Triton kernel."""
+    if triton is None:
+        raise ImportError(f"Triton did not import: {TRITON_ERROR}")
+    y = torch.empty_like(x)
+    _add_one_kernel[(triton.cdiv(x.numel(), 256),)](x, y, x.numel(), BLOCK=256)
+    return y
+
+
+def smoke(device: str = "cuda", backend: str = "inductor") -> None:
+    """Seconds, before the parts that compile: is there a C compiler and Python.h, does a Triton kernel
+    build and run, does torch.compile (`backend`) build and run. A machine that lacks one says so here, at
+    once, with the reason, instead of in every compiled part's output tail."""
+    cc, headers = toolchain()
+    ok = cc is not None and headers.exists()
+    value = (
+        f"C compiler {cc or 'none found (cc, gcc, clang, $CC)'}; {headers} {'found' if headers.exists() else 'missing'}"
+    )
+    row("smoke", "C compiler and Python headers", "pass" if ok else "fail", value, "Triton and Inductor build C code")
+    if triton is not None and device != "cpu" and type(_add_one_kernel).__name__ == "InterpretedFunction":
+        row("smoke", "Triton kernel built and run", "fail", "TRITON_INTERPRET was set when checks.py was imported")
+        return
+    x = torch.arange(1000, dtype=torch.float32, device=device)
+    for what, fn in (
+        ("Triton kernel built and run", _add_one),
+        (f"torch.compile ({backend}) built and run", torch.compile(lambda t: t + 1, backend=backend, dynamic=False)),
+    ):
+        t0 = time.perf_counter()
+        try:
+            y = fn(x)
+            sync(x.device)
+            ok, value = torch.equal(y, x + 1), f"{time.perf_counter() - t0:.1f} s"
+        except Exception as e:  # the reason, in the results table: the point of this check
+            ok, value = False, f"{type(e).__name__}: {str(e).strip()[:300]}"
+        row("smoke", what, "pass" if ok else "fail", value, "" if ok else "every compiled part will fail the same way")
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -131,11 +195,47 @@ def kernel_edge_cases(name: str) -> None:
     row("kernels", f"{name} backward bitwise deterministic", "pass" if same else "fail", "N=4096 H=1024 V=32000")
 
 
+STATS_SIZES = [(300, 64, 128256), (1000, 512, 32000)]  # N, H, V: the vocabulary split over several programs
+
+
+def kernel_stats(name: str, device: str = "cuda", sizes=STATS_SIZES) -> None:
+    """The kernel's STATS variant (stats=True: argmax hits, logit sums, entropies; a compile of its own)
+    against float64, as tests/test_kernels.py -k stats checks it under the interpreter. Integer-valued
+    inputs: every logit is exact in fp32 accumulation, so the hits must equal float64's (ties included)
+    and the log-probs must be bitwise those of stats=False; sums and entropies within torch's error."""
+    from llama_posttrain.kernels import naive_target_logprobs, target_logprobs
+
+    dtype, rel = KERNEL_DTYPES[name]
+    dev = torch.device(device)
+    for N, H, V in sizes:
+        g = torch.Generator(dev).manual_seed(N + V)
+        h = torch.randint(-3, 4, (N, H), generator=g, device=dev).to(dtype)
+        w = torch.randint(-3, 4, (V, H), generator=g, device=dev).to(dtype)
+        t = torch.randint(0, V, (N,), generator=g, device=dev)
+        t[::3] = (h.double() @ w.double().T)[::3].argmax(-1)  # some hits
+        t[::5] = -100  # ignored targets
+        exact = naive_target_logprobs(h.double(), w.double(), t, stats=True)
+        same = naive_target_logprobs(h, w, t, stats=True)
+        ours = target_logprobs(h, w, t, backend="triton", deterministic=True, stats=True)
+        plain = target_logprobs(h, w, t, backend="triton", deterministic=True)
+        hits = torch.equal(ours.is_argmax, exact.is_argmax) and bool(exact.is_argmax.any())
+        bitwise = torch.equal(ours.logprobs, plain)
+        sums = _within_torch_error(ours.logit_sum, same.logit_sum, exact.logit_sum, rel)
+        entropy = _within_torch_error(ours.entropy, same.entropy, exact.entropy, rel)
+        ok = hits and bitwise and sums[0] and entropy[0]
+        value = (
+            f"hits {'equal' if hits else 'differ'} ({int(exact.is_argmax.sum())}); logp {'bitwise' if bitwise else 'differs'}"
+            f" vs stats=False; logit sums {sums[1]}; entropy {entropy[1]}"
+        )
+        row("kernels", f"{name} stats N={N} H={H} V={V}", "pass" if ok else "fail", value, "max abs error vs fp64")
+
+
 def kernels() -> None:
     """The Triton kernel on CUDA (not the interpreter) against float64, bf16 then fp32, at odd sizes
-    up to the Llama 3 8B head; empty input; tied weights."""
+    up to the Llama 3 8B head; its STATS variant; empty input; tied weights."""
     for name in KERNEL_DTYPES:
         kernel_sizes(name)
+        kernel_stats(name)
         kernel_edge_cases(name)
 
 
@@ -220,38 +320,76 @@ def flex(precisions=("bf16", "fp32"), modes=((False, False), (True, True)), max_
 SHAPE_BUCKETS = 128  # train.shape_buckets' default with compile: the shapes training compiles
 
 
-def random_step(kind: str, vocab: int, max_len: int, tokens_per_microbatch: int, rng: random.Random):
-    """One optimizer step's data of random tokens, one micro-batch's worth: SFT docs (the last 3/4
-    of each a target) or DPO groups [prompt][chosen][rejected], packed as the loader packs them and
-    padded to its static shapes (llama_posttrain/data/loader.py with train.shape_buckets 128)."""
-    from llama_posttrain.data.loader import Step
-    from llama_posttrain.data.rows import Example, Seq, Target, build_group, collate, plan, static_shape
+def random_example(kind: str, vocab: int, max_len: int, rng: random.Random):
+    """Random tokens shaped like training data: an SFT doc (its last 3/4 targets) or a DPO group
+    [prompt][chosen][rejected] (llama_posttrain/data/rows.py build_group)."""
+    from llama_posttrain.data.rows import Example, Seq, Target, build_group
     from llama_posttrain.llama.chat import EncodedDialog
 
     def enc(n):
         return EncodedDialog([rng.randrange(vocab) for _ in range(n)], [True] * n, [False] * n)
 
-    examples = []
-    while sum(len(e) for e in examples) < tokens_per_microbatch * 0.9:
-        if kind == "dpo":
-            lo, hi = max_len // 16, max_len // 4  # 256 .. 1024 at max_len 4096
-            ex = build_group(enc(rng.randint(lo, hi)), [enc(rng.randint(lo, hi)) for _ in range(2)])
-        else:
-            n = rng.randint(max_len // 8, max_len)
-            toks = [rng.randrange(vocab) for _ in range(n)]
-            ex = Example(toks, list(range(n)), [0] * n, [Target(i - 1, toks[i], 0, False) for i in range(n // 4, n)])
-            ex.seqs = [Seq(n - 1, 0)]
-        ex.uid = len(examples)
-        examples.append(ex)
-    targets = sum(len(e.targets) for e in examples)
-    pairs = sum(len(e.seqs) * (len(e.seqs) - 1) // 2 for e in examples)
-    best = sum(1 for e in examples for t in e.targets if t.seq == 0)
-    batches = []
-    for rows in plan([len(e) for e in examples], max_len, tokens_per_microbatch):
-        longest = max(sum(len(examples[i]) for i in row) for row in rows)
-        shape = static_shape(longest, max_len, tokens_per_microbatch, SHAPE_BUCKETS)
-        batches.append(collate([[examples[i] for i in row] for row in rows], shape=shape))
-    return Step(batches, targets, pairs, best)
+    if kind == "dpo":
+        lo, hi = max_len // 16, max_len // 4  # 256 .. 1024 at max_len 4096
+        return build_group(enc(rng.randint(lo, hi)), [enc(rng.randint(lo, hi)) for _ in range(2)])
+    n = rng.randint(max_len // 8, max_len)
+    toks = [rng.randrange(vocab) for _ in range(n)]
+    ex = Example(toks, list(range(n)), [0] * n, [Target(i - 1, toks[i], 0, False) for i in range(n // 4, n)])
+    ex.seqs = [Seq(n - 1, 0)]
+    return ex
+
+
+def training_steps(kind: str, vocab: int, max_len: int, tokens_per_microbatch: int, n: int, rng: random.Random):
+    """n optimizer steps of random examples, each one micro-batch filled as training fills one: a stream of
+    examples packed first-fit (llama_posttrain/data/rows.py `plan`) until the next does not fit, and those
+    examples made a step by training's DataLoader (static shapes, train.shape_buckets 128), so that the
+    micro-batch's shape, padding and the counts its loss divides by are training's. One compiled shape per
+    kind, as training on long data has: a micro-batch whose longest row falls in a shorter bucket is
+    dropped, counted and printed. -> (steps, {"dropped": micro-batches dropped, "fill": real tokens / slots})."""
+    from llama_posttrain.data.loader import DataLoader
+    from llama_posttrain.data.rows import bucket_lengths, plan, rows_per_microbatch
+
+    full = (rows_per_microbatch(max_len, tokens_per_microbatch), bucket_lengths(max_len, SHAPE_BUCKETS)[-1])
+    steps, dropped, stream = [], 0, []
+    while len(steps) < n:
+        stream.append(random_example(kind, vocab, max_len, rng))
+        batches = plan([len(e) for e in stream], max_len, tokens_per_microbatch)
+        if len(batches) < 2:  # the micro-batch is not closed until an example spills into the next
+            continue
+        count = sum(len(r) for r in batches[0])  # plan keeps order: the first micro-batch's examples lead
+        examples, stream = stream[:count], stream[count:]
+        for i, ex in enumerate(examples):
+            ex.uid = i
+        loader = DataLoader(
+            examples, len(examples), max_len, tokens_per_microbatch, shuffle=False, shape_buckets=SHAPE_BUCKETS
+        )
+        s = loader.build_step(0, 0)
+        if len(s.micro_batches) != 1:
+            raise AssertionError(f"{len(examples)} examples of one micro-batch packed into {len(s.micro_batches)}")
+        if tuple(s.micro_batches[0].tokens.shape) != full:
+            dropped += 1
+            if dropped > 10 * n:
+                raise RuntimeError(f"{kind}: {dropped} micro-batches short of the full shape {full}; {len(steps)} kept")
+            continue
+        steps.append(s)
+    slots = sum(mb.tokens.numel() for s in steps for mb in s.micro_batches)
+    real = sum(int((mb.doc_ids >= 0).sum()) for s in steps for mb in s.micro_batches)
+    if dropped:
+        print(f"{kind}: {dropped} micro-batch(es) dropped, their longest row under the full shape {full}", flush=True)
+    return steps, {"dropped": dropped, "fill": real / max(slots, 1)}
+
+
+def device_model(d, preset: str, trainable: bool, ac: bool, compile: bool, static_shapes: int):
+    """train/distributed.py build_model (its meta model, parallelize, broadcast of the full weights), the
+    random init on the device: seconds, not a CPU minute per 1B model (fp32 init of 1.2B weights)."""
+    from llama_posttrain.train.distributed import build_model
+
+    with torch.device(d.device):
+        if trainable:
+            return build_model(d, None, preset, "lm", 0, "bf16", ac, compile, static_shapes=static_shapes)
+        return build_model(
+            d, None, preset, "lm", 0, "bf16", compile=compile, trainable=False, static_shapes=static_shapes
+        )
 
 
 def step(
@@ -264,73 +402,100 @@ def step(
     profile: bool = False,
 ) -> None:
     """Steps of llama_posttrain/train/loop.py's Trainer at the llama3.2-1b shape (random weights, random tokens), SFT
-    and DPO (live bf16 reference) on the same policy, in the order of `kinds`: tokens/s per GPU, MFU
-    (llama_posttrain/train/loop.py step_flops over the step time), peak memory. The first step of each (compiles) is
-    not timed. profile: then one more step under torch.profiler, its device time by kernel group
-    (`BREAKDOWN`)."""
+    and DPO (live bf16 reference) on the same policy, in the order of `kinds` (SFT first: DPO's policy then
+    runs the blocks SFT compiled, the same (B, T)): tokens/s per GPU, MFU (llama_posttrain/train/loop.py
+    step_flops over the step time), peak memory. Each step is one full micro-batch (`training_steps`). The
+    first step of each kind (compiles) and a step for each new shape or log-prob N bucket are not timed.
+    profile: then one more step under torch.profiler, its device time by kernel group (`BREAKDOWN`); a
+    failure there costs only those rows. Each kind's objects (trainer, optimizer state, objective, the DPO
+    reference) are freed before the next kind starts, so a peak counts only its own kind."""
+    import gc
+
     from llama_posttrain.data.rows import bucket_lengths
-    from llama_posttrain.train import dpo, sft
     from llama_posttrain.train.config import Config
-    from llama_posttrain.train.distributed import build_model, init_distributed
-    from llama_posttrain.train.loop import Trainer
+    from llama_posttrain.train.distributed import init_distributed
 
     d = init_distributed()
     cfg = Config()
     cfg.train.mixed_precision, cfg.train.compile, cfg.train.activation_checkpointing = "bf16", compile, ac
     cfg.optim.warmup_steps, cfg.optim.schedule = 0, "constant"
     max_len = min(4096, tokens_per_microbatch)
-    shapes = {
-        "static_shapes": len(bucket_lengths(max_len, SHAPE_BUCKETS)),
-        "compile": compile,
-    }  # as llama_posttrain/train/entry.py
+    shapes = len(bucket_lengths(max_len, SHAPE_BUCKETS))  # as llama_posttrain/train/entry.py
     t0 = time.perf_counter()
-    model = build_model(d, None, preset, "lm", 0, "bf16", ac, **shapes)
+    model = device_model(d, preset, True, ac, compile, shapes)
     setup_s = time.perf_counter() - t0
     rng = random.Random(0)
     if profile:
         patterns = "; ".join(f"{g}: {p or '(the rest)'}" for g, p in BREAKDOWN)
         row("step", "step-time breakdown patterns", "info", patterns, "re.search in 'launching op < callers | kernel'")
     for kind in kinds:
-        if kind == "dpo":
-            t0 = time.perf_counter()
-            ref = build_model(
-                d, None, preset, "lm", 0, "bf16", trainable=False, **shapes
-            )  # compiled, as llama_posttrain/train/dpo.py
-            setup_s += time.perf_counter() - t0
-            objective = dpo.make_objective(model, ref, dpo.DPOSection(), "auto")
-        else:
-            objective = sft.make_objective(model, "auto")
-        trainer = Trainer(cfg, d, model, objective, None, None, objective)
-        data = [
-            random_step(kind, model.config.vocab_size, max_len, tokens_per_microbatch, rng)
-            for _ in range(steps + 1 + profile)
-        ]
-        sync(d.device)
-        t0 = time.perf_counter()
-        trainer.train_step(data[0], 1, timed=True)  # warm-up: compiles
-        seen = {tuple(mb.tokens.shape) for mb in data[0].micro_batches}
-        for s in data[1:]:  # every other (B, T) the timed steps will meet, compiled before the clock runs
-            if not {tuple(mb.tokens.shape) for mb in s.micro_batches} <= seen:
-                trainer.train_step(s, 1, timed=True)
-                seen |= {tuple(mb.tokens.shape) for mb in s.micro_batches}
-        sync(d.device)
-        first_s = time.perf_counter() - t0
+        step_kind(
+            kind,
+            model,
+            cfg,
+            d,
+            preset,
+            tokens_per_microbatch,
+            max_len,
+            steps,
+            compile,
+            ac,
+            profile,
+            shapes,
+            rng,
+            setup_s,
+        )
+        gc.collect()  # the kind's trainer, optimizer state, objective and reference: gone before the next kind
         if d.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        metrics, wall = [], []
-        for i, s in enumerate(data[1 : steps + 1], start=2):
-            t0 = time.perf_counter()
-            metrics.append(trainer.train_step(s, i, timed=True))  # synced: the optimizer's GPU time counted
-            sync(d.device)
-            wall.append(time.perf_counter() - t0)
-        what = f"{kind} {preset} ({tokens_per_microbatch} tokens/micro-batch, compile {compile}, AC {ac})"
-        report_step(what, metrics, wall, first_s, setup_s)
-        if profile:
-            report_breakdown(what, *profiled_step(trainer, data[-1], steps + 2, d.device))
-        del trainer
+            torch.cuda.empty_cache()
 
 
-def report_step(what, metrics, wall, first_s, setup_s) -> None:
+def step_kind(
+    kind, model, cfg, d, preset, tokens_per_microbatch, max_len, steps, compile, ac, profile, shapes, rng, setup_s
+):
+    """One kind's rows of `step`; everything it builds is local, freed when it returns."""
+    from llama_posttrain.kernels.triton_logprobs import n_bucket
+    from llama_posttrain.train import dpo, sft
+    from llama_posttrain.train.loop import Trainer
+
+    if kind == "dpo":
+        t0 = time.perf_counter()
+        ref = device_model(d, preset, False, False, compile, shapes)  # compiled, as llama_posttrain/train/dpo.py
+        setup_s += time.perf_counter() - t0
+        objective = dpo.make_objective(model, ref, dpo.DPOSection(), "auto")
+    else:
+        objective = sft.make_objective(model, "auto")
+    trainer = Trainer(cfg, d, model, objective, None, None, objective)
+    data, fill = training_steps(kind, model.config.vocab_size, max_len, tokens_per_microbatch, steps + 1 + profile, rng)
+
+    def compiles(s):  # what a step may compile or autotune: its (B, T) shapes, the log-prob kernel's N buckets
+        return {(tuple(mb.tokens.shape), n_bucket(mb.num_targets)) for mb in s.micro_batches}
+
+    sync(d.device)
+    t0 = time.perf_counter()
+    trainer.train_step(data[0], 1, timed=True)  # warm-up: compiles
+    seen = compiles(data[0])
+    for s in data[1:]:  # every other shape and N bucket the timed steps will meet, before the clock runs
+        if not compiles(s) <= seen:
+            trainer.train_step(s, 1, timed=True)
+            seen |= compiles(s)
+    sync(d.device)
+    first_s = time.perf_counter() - t0
+    if d.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    metrics, wall = [], []
+    for i, s in enumerate(data[1 : steps + 1], start=2):
+        t0 = time.perf_counter()
+        metrics.append(trainer.train_step(s, i, timed=True))  # synced: the optimizer's GPU time counted
+        sync(d.device)
+        wall.append(time.perf_counter() - t0)
+    what = f"{kind} {preset} ({tokens_per_microbatch} tokens/micro-batch, compile {compile}, AC {ac})"
+    report_step(what, metrics, wall, first_s, setup_s, fill)
+    if profile:
+        breakdown(what, trainer, data[-1], steps + 2, d.device)
+
+
+def report_step(what, metrics, wall, first_s, setup_s, fill=None) -> None:
     def med(key):
         return statistics.median(x[key] for x in metrics)
 
@@ -340,7 +505,9 @@ def report_step(what, metrics, wall, first_s, setup_s) -> None:
         f"{what}: tokens/s per GPU",
         "info",
         f"{med('tokens_per_s_per_gpu'):,.0f}",
-        f"median of {len(metrics)} steps; {med('tokens'):,.0f} tokens/step",
+        f"median of {len(metrics)} steps; {med('tokens'):,.0f} tokens/step"
+        + (f"; one micro-batch a step, {100 * fill['fill']:.0f}% of its slots real tokens" if fill else "")
+        + (f"; {fill['dropped']} micro-batch(es) of a shorter shape dropped" if fill and fill["dropped"] else ""),
     )
     row(
         "step",
@@ -392,27 +559,41 @@ def group_times(kernels, groups=BREAKDOWN) -> dict[str, float]:
     return out
 
 
+def _context(e) -> str:
+    """An op and its callers: "op < caller < ..."."""
+    names = []
+    while e is not None:
+        names.append(e.name)
+        e = e.cpu_parent
+    return " < ".join(names)
+
+
 def profiled_kernels(prof) -> list[tuple[str, str, float]]:
     """(launching op < its callers ..., name, microseconds) of every CUDA kernel, memcpy and memset in a
-    torch.profiler run; a run without CUDA events (the CPU): its CPU ops and their own (self) time."""
+    torch.profiler run; a run without CUDA events (the CPU): its CPU ops and their own (self) time.
+
+    Read with what torch 2.11 (the GPU machines') has: the device events, and each CPU op's `kernels`
+    (name, device, duration of the device events torch linked to that op); FunctionEvent's
+    linked_correlation_id came after 2.11. A device event goes to an op whose `kernels` lists its name and
+    duration (the earliest such op first: events come in start order); one that no op lists (launched outside any op) gets no context. A GPU user annotation (the
+    device-side span of a record_function, is_user_annotation) is no kernel: left out, as torch's tables do."""
     from torch.autograd import DeviceType
 
     events = prof.events()
-    # the ops (linked to nothing: runtime calls are linked to their op, their ids are CUPTI's)
-    ops = {e.id: e for e in events if e.device_type == DeviceType.CPU and e.linked_correlation_id == 0}
-
-    def context(e) -> str:
-        names = []
-        while e is not None:
-            names.append(e.name)
-            e = e.cpu_parent
-        return " < ".join(names)
-
-    device = [e for e in events if e.device_type == DeviceType.CUDA]
-    if device:
-        return [(context(ops.get(e.linked_correlation_id)), e.name, e.time_range.elapsed_us()) for e in device]
-    cpu = [e for e in ops.values() if not e.is_async]
-    return [(context(e.cpu_parent), e.name, e.self_cpu_time_total) for e in cpu]
+    ops = [e for e in events if e.device_type == DeviceType.CPU and not e.is_async]
+    device = [e for e in events if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+    if not device:
+        return [(_context(e.cpu_parent), e.name, e.self_cpu_time_total) for e in ops]
+    launched_by: dict[tuple[str, float], list] = {}  # (kernel name, duration) -> the ops that list one
+    for op in ops:
+        for k in op.kernels:
+            launched_by.setdefault((k.name, k.duration), []).append(op)
+    out = []
+    for e in device:
+        us = e.time_range.elapsed_us()
+        ops_ = launched_by.get((e.name, us))
+        out.append((_context(ops_.pop(0)) if ops_ else "", e.name, us))
+    return out
 
 
 def profiled_step(trainer, batch, step_number: int, device) -> tuple[list, float]:
@@ -426,6 +607,19 @@ def profiled_step(trainer, batch, step_number: int, device) -> tuple[list, float
         sync(device)
         wall = time.perf_counter() - t0
     return profiled_kernels(prof), wall
+
+
+def breakdown(what: str, trainer, batch, step_number: int, device) -> None:
+    """report_breakdown of one profiled step. A failure here (a profiler API this torch lacks, the
+    profiler's memory) costs only the breakdown: one fail row with the error; the rows before it stand and
+    the part goes on."""
+    try:
+        report_breakdown(what, *profiled_step(trainer, batch, step_number, device))
+    except Exception as e:
+        import traceback
+
+        traceback.print_exc()
+        row("step", f"{what}: breakdown", "fail", f"{type(e).__name__}: {str(e).strip()[:300]}", "no breakdown")
 
 
 def report_breakdown(what: str, kernels: list, wall: float) -> None:
@@ -452,8 +646,8 @@ def report_breakdown(what: str, kernels: list, wall: float) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("check", choices=["kernels", "flex", "step"])
-    ap.add_argument("kinds", nargs="*", choices=["sft", "dpo"], help="for `step`, in this order (default: dpo sft)")
+    ap.add_argument("check", choices=["smoke", "kernels", "flex", "step"])
+    ap.add_argument("kinds", nargs="*", choices=["sft", "dpo"], help="for `step`, in this order (default: sft dpo)")
     ap.add_argument("--tokens-per-microbatch", type=int, default=16384)
     ap.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     ap.add_argument("--no-compile", action="store_true")
@@ -463,12 +657,14 @@ def main(argv=None) -> None:
     if not torch.cuda.is_available():
         raise SystemExit("these checks need a CUDA device")
     os.environ.pop("TRITON_INTERPRET", None)  # the real kernels, not the interpreter
-    if args.check == "kernels":
+    if args.check == "smoke":
+        smoke()
+    elif args.check == "kernels":
         kernels()
     elif args.check == "flex":
         flex()
     else:
-        kinds = args.kinds or ["dpo", "sft"]
+        kinds = args.kinds or ["sft", "dpo"]
         compile, ac = not args.no_compile, args.activation_checkpointing
         step(kinds, args.tokens_per_microbatch, args.steps, compile, ac, profile=args.profile)
     if torch.distributed.is_initialized():

@@ -8,15 +8,17 @@ Made for one 10-minute GPU command that may be killed: the budgets sum to at mos
 a 60 s margin for the interpreter, imports and the machine), every part runs bf16 first (the rows
 that matter most come before a timeout can cut them), and the results file is rewritten after every
 part and every PROGRESS_S seconds while one runs, so whatever finished is there when the command
-is killed. Parts, in order (each its own process, killed at its time budget; a part that would
-start with less than MIN_START_S seconds of the total budget left is skipped and says so; the dry
-run prints what each measures):
-  kernels   the Triton kernel on real CUDA against float64, bf16 then fp32, the tile config pinned
-            (deterministic=True: one compile per kernel, no autotuning) (experiments/gpu/checks.py)
+is killed. Parts, in order (each its own process, killed at its time budget plus the seconds the
+parts before it left unused; a part that would start with less than MIN_START_S seconds of the
+total budget left is skipped and says so; the dry run prints what each measures):
+  smoke     a C compiler and Python.h, a Triton kernel and a torch.compile built and run: a machine that
+            cannot compile says so in seconds, with the reason (experiments/gpu/checks.py)
+  kernels   the Triton kernel on real CUDA against float64, bf16 then fp32, and its STATS variant, the tile
+            config pinned (deterministic=True: one compile per kernel, no autotuning)
   flex      FlexAttention forward/backward, compiled with activation checkpointing, vs the dense path, bf16 then fp32
-  step      1-GPU DPO then SFT steps (live bf16 reference) at the llama3.2-1b shape, activation checkpointing
-            off: tokens/s per GPU, MFU, peak memory; then one profiled step each: CUDA time by kernel group
-  step-ac   the same with activation checkpointing on (no profile)
+  step      1-GPU SFT then DPO steps (live bf16 reference) at the llama3.2-1b shape, one full micro-batch a step,
+            activation checkpointing off: tokens/s per GPU, MFU, peak memory
+  step-ac   the same with activation checkpointing on; then one profiled step each: CUDA time by kernel group
   logprob   experiments/bench/logprob.py at H 4096 then 2048 (V 128256), N 32768, 12289 (no tile's multiple),
             4096, bf16: a plain matmul (the achievable rate), ours (Triton, chunked torch), F.linear_cross_entropy
             (reference and chunked settings), Liger, torch.compile (each left out with a note where this torch /
@@ -175,17 +177,19 @@ def table_rows(part: str, stdout: str, key_columns: int) -> list[dict]:
 
 
 def step_argv(*options: str):
-    """DPO then SFT on one policy in one process (one model build, one compile); the first step compiles."""
+    """SFT then DPO on one policy in one process (one model build; DPO's policy runs the blocks SFT
+    compiled, the same shape); the first step of each compiles."""
     return lambda args: [
-        CHECKS, "step", "dpo", "sft", "--tokens-per-microbatch", str(args.step_tokens), "--steps", "2", *options,
+        CHECKS, "step", "sft", "dpo", "--tokens-per-microbatch", str(args.step_tokens), "--steps", "2", *options,
     ]  # fmt: skip
 
 
 def step_measures(ac: bool, profile: bool):
     def measures(args) -> str:
         text = (
-            f"DPO then SFT, llama3.2-1b, {args.step_tokens} tokens/micro-batch, compiled, activation checkpointing "
-            f"{'on' if ac else 'off'}: tokens/s per GPU, MFU, peak memory, step time (median of 2 after a compiling one)"
+            f"SFT then DPO, llama3.2-1b, one full micro-batch of {args.step_tokens} tokens a step, compiled, "
+            f"activation checkpointing {'on' if ac else 'off'}: tokens/s per GPU, MFU, peak memory, step time "
+            "(median of 2 after a compiling one)"
         )
         groups = ", ".join(g for g, _ in _module(CHECKS).BREAKDOWN)
         return text + (f"; one profiled step each: CUDA kernel time by group ({groups})" if profile else "")
@@ -194,18 +198,22 @@ def step_measures(ac: bool, profile: bool):
 
 
 PARTS = [  # budgets sum to BUDGET_S; each part runs its bf16 rows first
-    Part("kernels", 60, lambda args: [CHECKS, "kernels"], what="bf16 then fp32, pinned tiles",
-         measures=lambda args: "the Triton kernel vs float64 at 6 sizes up to N 2048 x H 4096 x V 128256; empty "
-         "input; tied weights; bitwise-deterministic backward"),
-    Part("flex", 80, lambda args: [CHECKS, "flex"], what="bf16 then fp32",
+    Part("smoke", 20, lambda args: [CHECKS, "smoke"], what="no dtype order: the toolchain, seconds",
+         measures=lambda args: "a C compiler and Python.h found; a Triton kernel and a torch.compile'd function "
+         "built and run (each's seconds, or the error)"),
+    Part("kernels", 50, lambda args: [CHECKS, "kernels"], what="bf16 then fp32, pinned tiles",
+         measures=lambda args: "the Triton kernel vs float64 at 6 sizes up to N 2048 x H 4096 x V 128256; its "
+         "STATS variant (argmax hits, logit sums, entropies) at V 128256 and 32000; empty input; tied weights; "
+         "bitwise-deterministic backward"),
+    Part("flex", 70, lambda args: [CHECKS, "flex"], what="bf16 then fp32",
          measures=lambda args: "FlexAttention (eager; compiled + activation checkpointing) vs the dense mask: "
          "log-probs and gradients of a 2-layer model on packed DPO/SFT rows"),
-    Part("step", 125, step_argv("--profile"), what="bf16 DPO then SFT, AC off", measures=step_measures(False, True)),
-    Part("step-ac", 95, step_argv("--activation-checkpointing"), what="bf16 DPO then SFT, AC on",
-         measures=step_measures(True, False)),
-    Part("logprob", 100, logprob_argv, lambda out: table_rows("logprob", out, 3), what="bf16, H 4096 first",
+    Part("step", 135, step_argv(), what="bf16 SFT then DPO, AC off", measures=step_measures(False, False)),
+    Part("step-ac", 105, step_argv("--activation-checkpointing", "--profile"), what="bf16 SFT then DPO, AC on",
+         measures=step_measures(True, True)),
+    Part("logprob", 90, logprob_argv, lambda out: table_rows("logprob", out, 3), what="bf16, H 4096 first",
          measures=logprob_measures),
-    Part("generate", 80, generate_argv, lambda out: table_rows("generate", out, 1), what="bf16, eager first",
+    Part("generate", 70, generate_argv, lambda out: table_rows("generate", out, 1), what="bf16, eager first",
          measures=lambda args: "llama3.2-1b, 16 prompts x 8 samples, prompts 211-256 tokens, 128 new tokens: "
          "samples/s and tokens/s, eager (fan-out) vs generate(compile=True) (compile time noted)"),
 ]  # fmt: skip
@@ -217,6 +225,11 @@ def plan_notes(parts: list[Part]) -> list[str]:
     if any(p.name == "logprob" for p in parts):
         for method, why in missing_logprob_methods().items():
             notes.append(f"logprob: method {method} left out: {why}")
+    if any(p.name == "kernels" for p in parts):
+        notes.append(
+            "kernels: tests/test_kernels.py -k stats is not run here: its conftest sets TRITON_INTERPRET=1 and its "
+            "tensors are on the CPU (the interpreter, not this GPU); the kernels part checks the STATS variant on CUDA"
+        )
     if any(p.name == "generate" for p in parts):
         notes.append(
             "generate: HF generate, no-fan-out and per-sample rows left out of the GPU plan (their time); "
@@ -310,10 +323,20 @@ def part_result(part: Part, rc: int | None, output: str, seconds: float, timeout
     return Result(part.name, status, seconds, timeout, note, rows, tables, tail)
 
 
+def part_timeout(part: Part, budgets_before: float, elapsed: float, total: float) -> tuple[float, float]:
+    """-> (the part's time limit, the seconds of it carried from earlier parts): its budget plus what the
+    parts before it (budgets_before, in all) left unused, within what is left of the total. Each later
+    part still has its own budget: the total holds every budget, and only unused seconds move forward."""
+    spare = max(0.0, budgets_before - elapsed)
+    timeout = min(part.budget_s + spare, total - elapsed)
+    return timeout, max(0.0, timeout - part.budget_s)
+
+
 def run_parts(parts: list[Part], args, python: str = sys.executable, report: Callable | None = None) -> list[Result]:
-    """Each part in order within its budget and what is left of the total; -> one Result each.
-    report(results so far, including the running part's partial one and the ones not yet run) is
-    called before each part, every PROGRESS_S seconds while one runs, and after each."""
+    """Each part in order within its budget plus the seconds earlier parts left unused (`part_timeout`),
+    and what is left of the total; -> one Result each. report(results so far, including the running
+    part's partial one and the ones not yet run) is called before each part, every PROGRESS_S seconds
+    while one runs, and after each."""
 
     def pending(done: list[Result], current: Result | None = None) -> list[Result]:
         later = parts[len(done) + (current is not None) :]
@@ -326,17 +349,20 @@ def run_parts(parts: list[Part], args, python: str = sys.executable, report: Cal
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the real kernels
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    start, results = time.monotonic(), []
+    start, results, budgets_before = time.monotonic(), [], 0.0
     for part in parts:
-        left = args.budget - (time.monotonic() - start)
-        timeout = min(part.budget_s, left)
+        elapsed = time.monotonic() - start
+        left = args.budget - elapsed
+        timeout, carried = part_timeout(part, budgets_before, elapsed, args.budget)
+        budgets_before += part.budget_s
         if timeout < MIN_START_S:
             results.append(
                 Result(part.name, "skip", 0.0, part.budget_s, f"only {max(left, 0):.0f} s of the budget left")
             )
             tell(pending(results))
             continue
-        print(f"== {part.name} (up to {timeout:.0f} s)", flush=True)
+        extra = f": {part.budget_s} + {carried:.0f} unused by earlier parts" if carried >= 1 else ""
+        print(f"== {part.name} (up to {timeout:.0f} s{extra})", flush=True)
         tell(pending(results, Result(part.name, "running", 0.0, timeout, "started; no rows yet")))
 
         def progress(output: str, seconds: float, part=part, timeout=timeout) -> None:
@@ -349,6 +375,9 @@ def run_parts(parts: list[Part], args, python: str = sys.executable, report: Cal
         tell(pending(results))
         r = results[-1]
         print(f"   {r.status} in {seconds:.0f} s {r.note}", flush=True)
+        for x in r.rows:  # at once, not only in --out: a failed smoke says here why the rest will fail
+            if x["status"] == "fail":
+                print(f"   FAIL {x['check']}: {x.get('value', '')}", flush=True)
     return results
 
 
@@ -442,6 +471,7 @@ def plan(parts: list[Part], args) -> list[str]:
     """The dry run's lines: each part's budget (cut to what the total leaves it), its dtype order,
     its command; then the total against --budget."""
     lines, start = [f"plan: {len(parts)} part(s), bf16 first in each; total budget {args.budget:.0f} s"], 0.0
+    lines.append("(each part's limit: its budget plus the seconds the parts before it leave unused)")
     for p in parts:
         budget = max(0.0, min(p.budget_s, args.budget - start))
         skip = "  (skipped: under MIN_START_S left)" if budget < MIN_START_S else ""

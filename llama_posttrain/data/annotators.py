@@ -17,30 +17,55 @@ from collections.abc import Callable
 from llama_posttrain.data.records import read_records
 from llama_posttrain.data.schema import ValidationError
 
+MAX_NAMED = 10  # bad labels (file:line: field: problem) and unlabelled ids named in one message
+
 
 def verifier_annotator(verify: Callable[[str, str], float]):
     """Scores from a verifier of (the prompt's last message's text, response): 1 / 0 for right / wrong."""
     return lambda record, texts: [float(verify(record["messages"][-1]["content"], t)) for t in texts]
 
 
-def file_annotator(path, responses: int | None = None):
+def file_annotator(path, responses: int | None = None, sets=None):
     """Labels imported from a JSONL file of {"id": ..., "scores": [...]} (one finite number per response,
     higher better) or {"id": ..., "ranking": [best, ..., worst]} (a permutation of the response indices), one
-    per line; a bad label is a ValidationError naming its file:line and field. `responses`: the number of
-    responses every set has (rejection sampling's K), checked as the file is read; else when a set is
-    annotated. -> annotate(record, texts): the scores, or None where the file holds no label for the record's
-    id (labelling may be partial: the caller counts the unlabelled sets)."""
-    labels = {}  # id -> (scores, where)
+    per line. Every bad label is named by its file:line and field, all in one ValidationError (the count and
+    the first MAX_NAMED). `responses`: the number of responses every set has (rejection sampling's K),
+    checked as the file is read; else when a set is annotated. `sets`: the JSONL file of the sets to label
+    (the pipeline's to_label.jsonl, {"id", "responses"}): a label whose id names no set there (a typo, or
+    another round's) is a bad label, and so is one for another number of responses. -> annotate(record,
+    texts): the scores, or None where the file holds no label for the record's id (labelling may be partial:
+    the caller counts the unlabelled sets); annotate.ids: the ids labelled; with `sets`, annotate.unlabelled:
+    the ids of the sets without a label, in the file's order."""
+    counts = None  # id -> number of responses, of the sets to label
+    if sets is not None:
+        counts = {}
+        for _where, obj in read_records(sets):
+            if isinstance(obj, ValidationError):
+                raise obj
+            counts[obj["id"]] = len(obj["responses"])
+    labels, bad = {}, []  # id -> (scores, where); the messages of the bad labels
     for where, obj in read_records(path):
-        if isinstance(obj, ValidationError):
-            raise obj
-        scores = _label_scores(obj, where)
-        if obj["id"] in labels:  # the later one would replace the earlier, unseen
-            first = labels[obj["id"]][1].rpartition(":")[2]
-            raise ValidationError(f"{where}: id: a second label for id {obj['id']!r} (the first is at line {first})")
-        if responses is not None:
-            _check_count(scores, responses, obj, where)
-        labels[obj["id"]] = (scores, where)
+        try:
+            if isinstance(obj, ValidationError):
+                raise obj
+            scores = _label_scores(obj, where)
+            if obj["id"] in labels:  # the later one would replace the earlier, unseen
+                first = labels[obj["id"]][1].rpartition(":")[2]
+                raise ValidationError(
+                    f"{where}: id: a second label for id {obj['id']!r} (the first is at line {first})"
+                )
+            if counts is not None and obj["id"] not in counts:
+                raise ValidationError(f"{where}: id: {obj['id']!r} names no set of {sets} (a typo? another round's?)")
+            if counts is not None or responses is not None:
+                _check_count(scores, counts[obj["id"]] if counts is not None else responses, obj, where)
+            labels[obj["id"]] = (scores, where)
+        except ValidationError as e:
+            bad.append(str(e))
+    if len(bad) == 1:
+        raise ValidationError(bad[0])
+    if bad:
+        more = f" (the first {MAX_NAMED})" if len(bad) > MAX_NAMED else ""
+        raise ValidationError(f"{path}: {len(bad)} bad labels{more}:\n  " + "\n  ".join(bad[:MAX_NAMED]))
 
     def annotate(record, texts):
         if record.get("id") not in labels:
@@ -50,7 +75,17 @@ def file_annotator(path, responses: int | None = None):
         return scores
 
     annotate.ids = set(labels)  # the ids labelled: a caller names those that no prompt has
+    if counts is not None:
+        annotate.unlabelled = [i for i in counts if i not in labels]
     return annotate
+
+
+def name_ids(ids: list) -> str:
+    """ "(ids 'a', 'b', ... and 3 more)" for a message; "" for none."""
+    if not ids:
+        return ""
+    more = f" and {len(ids) - MAX_NAMED} more" if len(ids) > MAX_NAMED else ""
+    return f" (id{'s' * (len(ids) > 1)} {', '.join(map(repr, ids[:MAX_NAMED]))}{more})"
 
 
 def _check_count(scores: list[float], n: int, record: dict, where: str) -> None:

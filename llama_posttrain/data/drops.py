@@ -2,8 +2,10 @@
 
 `drop_reason` says why a sample is left out (no stop token, empty, too long, a cleaning rule of
 llama_posttrain/data/clean.py); `DROPS` names every drop, of samples and of the prompts that get no SFT record or no
-pair; `split_outputs` gathers the per-prompt results into the outputs with their drops summed, and
-`drop_report` writes the lines that account for every sample and prompt dropped.
+pair; `split_outputs` gathers the per-prompt results into the outputs with their drops summed,
+`drop_report` writes the lines that account for every sample and prompt dropped, and `too_lossy` says when
+a stage dropped more than the pipeline's `max_dropped` of its samples or prompts (the largest drop, the keys
+that change it: KNOBS).
 """
 
 from __future__ import annotations
@@ -43,6 +45,25 @@ DROPS = {
     "no_pair_same_text": "prompts whose best and worst samples are the same text: no pair",
     "no_pair_unlabelled": "prompts the labels file has no label for: no pair",
 }
+# What a drop's count answers to: the pipeline's keys (llama_posttrain/train/pipeline.py) to change when that
+# drop takes more than `max_dropped` of a sampling stage's work (`too_lossy`; recipe.py stops the stage).
+KNOBS = {
+    "prompt_too_long": "shorter prompts in the pool, or a smaller max_new_tokens",
+    "unfinished": "a larger max_new_tokens (the samples were cut off before their end of turn)",
+    "empty": "a policy that answers: its samples ended the turn at once (check the base's chat template, the SFT data)",
+    "over_max_chars": "a larger cleaning.max_chars",
+    "repetition": "a larger cleaning.max_repeat (or cleaning.repeat_ngram)",
+    "banned_phrase": "fewer cleaning.ban_phrase",
+    "too_many_emoji": "a larger cleaning.max_emoji",
+    "too_many_exclamations": "a larger cleaning.max_exclamation",
+    "no_sft_record": "a larger k (samples per prompt), or fewer samples dropped",
+    "duplicate_sft": "cleaning.dedup: false, or a prompt pool with fewer repeated prompts",
+    "no_pair_fewer_than_2": "a larger k (samples per prompt), or fewer samples dropped",
+    "no_pair_tied_scores": "a larger k or temperature (samples that differ more); with a verifier, prompts that the "
+    "policy neither always nor never answers right",
+    "no_pair_same_text": "a larger temperature or k",
+    "no_pair_unlabelled": "labels for the sets left unlabelled",
+}
 SAMPLE_DROPS = ("unfinished", "empty", "over_max_chars", *RULES)
 SFT_DROPS = ("no_sft_record", "duplicate_sft")  # the prompts' drops that lose an SFT record; the others, a pair
 ALL_DROPS = ("prompt_too_long",)  # the prompts' drops that lose every output (not sampled at all)
@@ -79,6 +100,45 @@ def drop_report(dropped: dict, prompts: int, k: int, limit: str, outputs=("sft",
         f"WARNING: {unfinished} of {samples} samples ({100 * unfinished / samples:.0f}%) reached no stop token "
         f"within {limit} and were dropped: raise {setting}"
     )
+
+
+def too_lossy(
+    dropped: dict,
+    prompts: int,
+    k: int,
+    limit: str,
+    max_dropped: float,
+    outputs=("sft", "pairs"),
+    made: int | None = None,
+) -> str | None:
+    """Why a sampling stage lost more than `max_dropped` (a fraction) of its work, or None: of its prompts x k
+    samples, those dropped (a prompt skipped as too long loses its k); given `made` (the SFT records or pairs it
+    made, one per prompt at most), of its prompts, those left without one. Each names its largest drop and the
+    pipeline keys that change it (KNOBS)."""
+    samples, out = prompts * k, []
+    lost = {key: dropped.get(key, 0) for key in SAMPLE_DROPS if dropped.get(key)}
+    if dropped.get("prompt_too_long"):
+        lost["prompt_too_long"] = dropped["prompt_too_long"] * k
+    if samples and sum(lost.values()) > max_dropped * samples:
+        key = max(lost, key=lost.get)
+        what = DROPS[key].format(limit=limit)
+        what = f"{dropped[key]} {what} ({lost[key]} samples)" if key == "prompt_too_long" else f"{lost[key]} {what}"
+        out.append(
+            f"{sum(lost.values())} of {samples} samples ({sum(lost.values()) / samples:.0%}) were dropped, more than "
+            f"max_dropped {max_dropped:g}; the most: {what}: {KNOBS[key]}"
+        )
+    if made is not None and prompts and prompts - made > max_dropped * prompts:
+        reasons = {key: dropped.get(key, 0) for key in drops_for(outputs)[len(SAMPLE_DROPS) :] if dropped.get(key)}
+        names = {"sft": "SFT record", "pairs": "pair"}
+        line = (
+            f"{prompts - made} of {prompts} prompts ({(prompts - made) / prompts:.0%}) gave no "
+            f"{' or '.join(names.get(o, o) for o in outputs)}, more than max_dropped {max_dropped:g}"
+        )
+        if reasons:
+            key = max(reasons, key=reasons.get)
+            line += f"; the most: {reasons[key]} {DROPS[key].format(limit=limit)}: {KNOBS[key]}"
+        out.append(line)
+    return "; ".join(out) or None
 
 
 def split_outputs(per_record: list[tuple], dedup: bool = False) -> tuple[list[dict], list[dict], list[dict], Counter]:

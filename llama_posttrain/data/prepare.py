@@ -47,7 +47,9 @@ MAX_WORKERS = 32
 
 
 def default_root(path) -> Path:
-    """A `.tokenized` folder next to the data: every rank that can read the data can read it."""
+    """A `.tokenized` folder next to the data: for a caller that names no cache folder (a library call). A
+    training run and prepare_data name one, a folder the run owns (llama_posttrain/train/run_folder.py `cache_dir`):
+    never beside the data, whose folder may be the user's or the repository's."""
     return (Path(path).parent if Path(path).is_dir() else data_files(path)[0].parent) / ".tokenized"
 
 

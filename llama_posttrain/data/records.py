@@ -256,8 +256,8 @@ def chunk_records(chunk: Chunk):
             bad = raw[e.start : e.start + 1].hex()
             yield where, ValidationError(f"{where}: encoding: not UTF-8 (byte 0x{bad} at byte {e.start + 1})")
             continue
-        try:
-            obj = json.loads(line)
+        try:  # without its line end, so that an error's column is the line's (not column 1 of the next line)
+            obj = json.loads(line.rstrip("\r\n"))
         except json.JSONDecodeError as e:
             yield where, ValidationError(f"{where}: json: malformed JSON ({e.msg} at column {e.colno})")
             continue

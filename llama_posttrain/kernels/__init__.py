@@ -7,8 +7,9 @@ llama_posttrain/kernels/reference.py, whose naive full-logits formula the tests 
 `backend`: "torch" runs the chunked pure-torch path (llama_posttrain/kernels/chunked.py), "triton" the fused kernel
 (llama_posttrain/kernels/triton_logprobs.py; on CPU tensors only under TRITON_INTERPRET=1), "auto" Triton on CUDA
 and torch elsewhere. `stats=True` returns a `TokenStats` (llama_posttrain/kernels/reference.py): the same log-probs
-with, per row and without a gradient, whether the target's logit is the row's max and the sum of
-the row's logits (from the logits each backend computes anyway: no extra pass over the vocabulary).
+with, per row and without a gradient, whether the target's logit is the row's max, the sum of the
+row's logits and the entropy of its softmax (from the logits each backend computes anyway: no extra
+pass over the vocabulary).
 """
 
 import os

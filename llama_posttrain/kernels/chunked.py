@@ -5,7 +5,8 @@ log-sum-exp; the backward recomputes each chunk's logits:
     d out_i / d logits_i = onehot(t_i) - softmax(logits_i)
 so peak extra memory is one [chunk, V] block in fp32. The weight gradient is accumulated in fp32.
 stats=True: each chunk's logits also give the row max and sum (two reductions of the block already
-in memory) for `TokenStats`; the log-probs and the backward are the same operations either way.
+in memory) and the entropy, -sum p log p with log p = logits - lse (the block shifted in place: one
+exp more), for `TokenStats`; the log-probs and the backward are the same operations either way.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class _ChunkedTargetLogprobs(torch.autograd.Function):
         if stats:
             is_argmax = torch.empty(N, dtype=torch.bool, device=hidden.device)
             logit_sum = torch.empty(N, dtype=acc, device=hidden.device)
+            entropy = torch.empty(N, dtype=acc, device=hidden.device)
         valid = targets != IGNORE
         safe = targets.clamp(min=0)
         for s in range(0, N, rows):
@@ -43,14 +45,17 @@ class _ChunkedTargetLogprobs(torch.autograd.Function):
             if stats:
                 is_argmax[s : s + rows] = target_logit >= logits.amax(-1)
                 logit_sum[s : s + rows] = logits.sum(-1)
+                logp = logits.sub_(lse[s : s + rows, None])  # the block is not needed as logits any more
+                entropy[s : s + rows] = -(logp.exp() * logp).sum(-1)
         out = torch.where(valid, out, 0.0)
         ctx.save_for_backward(hidden, weight, safe, valid, lse)
         ctx.rows = rows
         if not stats:
             return out
         is_argmax, logit_sum = is_argmax & valid, torch.where(valid, logit_sum, 0.0)
-        ctx.mark_non_differentiable(is_argmax, logit_sum)
-        return out, is_argmax, logit_sum
+        entropy = torch.where(valid, entropy, 0.0)
+        ctx.mark_non_differentiable(is_argmax, logit_sum, entropy)
+        return out, is_argmax, logit_sum, entropy
 
     @staticmethod
     def backward(ctx, grad_out, *_):  # the statistics have no gradient

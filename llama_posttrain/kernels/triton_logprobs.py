@@ -7,9 +7,11 @@ computing a [BLOCK_N, BLOCK_V] logits tile in registers (fp32 accumulation over 
 into an online log-sum-exp (running max m, running sum s) and the target's logit when it falls in
 the tile, then writes only those O(N) numbers per split, plus the largest logit of each tile (one
 float per tile: the skip map of the backward). Torch combines the splits. stats=True (`TokenStats`):
-the target is the argmax where its logit >= the combined running max (no extra work), and a fourth
-per-split number, the running sum of the logits, is kept in the same pass (STATS, a constexpr: the
-default kernel is compiled without it). Tile sizes, warps and
+the target is the argmax where its logit >= the combined running max (no extra work), and two more
+per-split numbers are kept in the same pass (STATS, a constexpr: the default kernel is compiled
+without them): the running sum of the logits, and the entropy's online sum w = sum_v exp(l_v - m) l_v,
+rescaled with s when the running max m grows; torch combines the splits as it does s, and
+entropy = lse - w / s (both at the combined max). Tile sizes, warps and
 pipeline stages are autotuned on CUDA per (N bucket, V, H, dtype): N rounded up to a power of two
 (at least 256), so the first N seen does not fix the tiles for every N; after a key's first call
 its config is launched directly, with the grid sized for that config's BLOCK_N.
@@ -108,7 +110,7 @@ def _logits_tile(
 
 @triton.jit
 def _forward_kernel(
-    H, W, T, M_OUT, S_OUT, TL_OUT, SUM_OUT, TILE_MAX,
+    H, W, T, M_OUT, S_OUT, TL_OUT, SUM_OUT, W_OUT, TILE_MAX,
     N, V, D, n_splits, v_per_split, N_BUCKET,
     stride_hn, stride_hd, stride_wv, stride_wd,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
@@ -124,6 +126,7 @@ def _forward_kernel(
     s = tl.zeros([BLOCK_N], tl.float32)
     t_logit = tl.zeros([BLOCK_N], tl.float32)
     l_sum = tl.zeros([BLOCK_N], tl.float32)  # STATS: the sum of the split's logits
+    w = tl.zeros([BLOCK_N], tl.float32)  # STATS: sum exp(l - m) * l, the entropy's (at the running max m)
     v_start = pid_s * v_per_split  # a multiple of BLOCK_V: tiles line up with the backward's
     v_end = tl.minimum(v_start + v_per_split, V)
     tile_row = TILE_MAX + pid_n.to(tl.int64) * tl.cdiv(V, BLOCK_V)
@@ -141,7 +144,9 @@ def _forward_kernel(
         s = s * scale + tl.sum(p, axis=1)
         t_logit += tl.sum(tl.where(rv[None, :] == tgt[:, None], acc, 0.0), axis=1)
         if STATS:
-            l_sum += tl.sum(tl.where(col_ok[None, :], acc, 0.0), axis=1)
+            in_split = tl.where(col_ok[None, :], acc, 0.0)  # acc, not logits: p * -inf would be NaN
+            l_sum += tl.sum(in_split, axis=1)
+            w = w * scale + tl.sum(p * in_split, axis=1)
         m = m_new
     out = rn.to(tl.int64) * n_splits + pid_s
     tl.store(M_OUT + out, m, mask=row_ok)
@@ -149,6 +154,7 @@ def _forward_kernel(
     tl.store(TL_OUT + out, t_logit, mask=row_ok)
     if STATS:
         tl.store(SUM_OUT + out, l_sum, mask=row_ok)
+        tl.store(W_OUT + out, w, mask=row_ok)
 
 
 _forward_tuned = triton.autotune(GPU_CONFIGS, key=["N_BUCKET", "V", "D"])(_forward_kernel)  # + dtypes, by Triton
@@ -250,13 +256,13 @@ def forward(hidden, weight, targets, v_per_split: int | None = None, determinist
     if v_per_split % max(block_v):
         raise ValueError(f"v_per_split {v_per_split} must be a multiple of every BLOCK_V {block_v}")
     n_splits = triton.cdiv(V, v_per_split)
-    out = torch.empty(4 if stats else 3, N, n_splits, dtype=torch.float32, device=hidden.device)
+    out = torch.empty(5 if stats else 3, N, n_splits, dtype=torch.float32, device=hidden.device)
     # sized for the smallest tiles; the chosen config uses the first cdiv(N, BN) * cdiv(V, BV) entries
     tile_max = torch.empty(
         triton.cdiv(N, block_n) * triton.cdiv(V, min(block_v)), dtype=torch.float32, device=hidden.device
     )
     if N > 0:
-        sums = out[3 if stats else 2]  # written only with stats
+        sums, ws = (out[3], out[4]) if stats else (out[2], out[2])  # written only with stats
         args = (
             hidden,
             weight,
@@ -265,6 +271,7 @@ def forward(hidden, weight, targets, v_per_split: int | None = None, determinist
             out[1],
             out[2],
             sums,
+            ws,
             tile_max,
             N,
             V,
@@ -283,12 +290,17 @@ def forward(hidden, weight, targets, v_per_split: int | None = None, determinist
             _forward_kernel[grid](*args, **_launch_options(hidden, cfg), STATS=stats)
     m, s, t_logit = out[:3]
     big_m = m.max(dim=1).values  # (N,) the largest logit
-    lse = big_m + (s * torch.exp(m - big_m[:, None])).sum(1).log()
+    rescale = torch.exp(m - big_m[:, None])  # (N, n_splits) each split's sums to the combined max
+    s_total = (s * rescale).sum(1)
+    lse = big_m + s_total.log()
     valid = targets != IGNORE
     t_logit = t_logit.sum(1)  # the target's split holds its logit, the others 0: exact
     logp = torch.where(valid, t_logit - lse, 0.0)
     if stats:
-        logp = TokenStats(logp, valid & (t_logit >= big_m), torch.where(valid, out[3].sum(1), 0.0))
+        entropy = lse - (out[4] * rescale).sum(1) / s_total
+        logp = TokenStats(
+            logp, valid & (t_logit >= big_m), torch.where(valid, out[3].sum(1), 0.0), torch.where(valid, entropy, 0.0)
+        )
     return logp, lse, big_m, tile_max, cfg or GPU_CONFIGS[0]
 
 
@@ -340,7 +352,7 @@ class TritonTargetLogprobs(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, targets, lse, row_max, tile_max)
         ctx.cfg = cfg
         if stats:
-            ctx.mark_non_differentiable(logp.is_argmax, logp.logit_sum)
+            ctx.mark_non_differentiable(logp.is_argmax, logp.logit_sum, logp.entropy)
         return tuple(logp) if stats else logp
 
     @staticmethod

@@ -6,28 +6,39 @@ The tokenizer defaults to the checkpoint folder's (llama.tokenizer.resolve_token
 vocabulary is not the shipped byte tokenizer's fails at start without one.
 
 Prompts of different lengths are left-padded; pad slots get doc PAD_DOC and real tokens doc 0,
-so no real token attends to them (the model's row rule). Every row stops at its own stop token;
+so no real token attends to them (the model's row rule). The prefill runs in chunks of positions whose
+masks stay under PREFILL_MASK_ENTRIES (a whole long prompt's would take GiBs). Every row stops at its own stop token;
 finished rows are dropped from the batch as they accumulate (checked every STOP_CHECK_EVERY steps),
 so long and short samples don't pay for each other. The KV cache is preallocated and written in place;
 sampling draws one uniform per row on the device (sample_categorical): no fp64, no host sync per step.
 The decode step (decode_step) has the same shapes at every step, so `compile=True` compiles it once per
 batch size and cache length; compiled, finished rows stay in the batch (dropping them changes the shapes).
 On the CPU it takes ~7% off the benchmark's runs after a 20-100 s compile (experiments/bench/results/generate.md).
+`compile="reduce-overhead"` (CUDA only) also captures the step as a CUDA graph, the KV cache's tensors marked
+as static addresses (unmeasured: no GPU run yet). Past torch._dynamo's recompile_limit of graphs (distinct
+batch sizes, cache lengths, sampling settings) a call decodes eagerly, with a warning, counted in
+EAGER_FALLBACKS (a fullgraph compile past the limit would raise).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from llama_posttrain.llama.model import PAD_DOC, KVCache, Transformer, attention_mask, rope_cos_sin, rope_inv_freq
+from llama_posttrain.llama.model import PAD_DOC, KVCache, Transformer, rope_cos_sin, rope_inv_freq
 
 # Steps between host syncs that check which rows have stopped (a sync per step stalls an accelerator).
 STOP_CHECK_EVERY = 8
+# The prefill runs in chunks of prompt positions, each chunk's queries against the cache's filled slots, so
+# that a chunk's dense mask (prompts x chunk x filled slots, and the attention's K-fold repeat of it, and
+# its float form) holds at most this many query-key entries, and the activations a chunk's tokens. The
+# whole prompt at once would be (64 prompts x 2048 x 2048) x 4 (GQA groups) x (1 + 2 bytes): 3 GiB.
+PREFILL_MASK_ENTRIES = 2**23
 
 
 def sample_next(
@@ -112,6 +123,13 @@ class DecodeCache:
         # (the prefill wrote doc ids; decoded tokens are doc 0, as the prompts' real tokens).
         self.real = (cache.doc >= 0).repeat_interleave(n, dim=0)
 
+    def mark_static(self) -> None:
+        """For CUDA graphs: the step writes the k/v tensors in place, at addresses fixed for the call. Marked
+        static, a graph may mutate them (else inductor skips the graph); guard=False: a new call's cache
+        re-records the graph, it does not recompile the step."""
+        for t in self.k + self.v:
+            torch._dynamo.mark_static_address(t, guard=False)
+
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write one step's k/v (B, nkv, 1, hd) at `slot`; return all max_len slots."""
         self.k[layer][:, :, self.slot] = k
@@ -163,19 +181,41 @@ def project_vocab(h: Tensor, weight: Tensor, out: Tensor) -> Tensor:
 
 
 _compiled_decode_step = None  # torch.compile(decode_step), made on first use
+_graphed_decode_step = None  # the same with mode="reduce-overhead" (CUDA graphs)
+COMPILE_MODES = (True, "default", "reduce-overhead")
+# generate calls that decoded eagerly although compiled: the compiled step was past its recompile limit
+EAGER_FALLBACKS = 0
 
 
-def compiled_decode_step():
-    global _compiled_decode_step
+def compiled_decode_step(mode: str | None = None):
+    global _compiled_decode_step, _graphed_decode_step
+    # dynamic=False: one specialized graph per (batch, cache length); row dropping is off when compiled.
+    if mode == "reduce-overhead":
+        if _graphed_decode_step is None:
+            _graphed_decode_step = torch.compile(decode_step, dynamic=False, fullgraph=True, mode=mode)
+        return _graphed_decode_step
     if _compiled_decode_step is None:
-        # dynamic=False: one specialized graph per (batch, cache length); row dropping is off when compiled.
         _compiled_decode_step = torch.compile(decode_step, dynamic=False, fullgraph=True)
     return _compiled_decode_step
+
+
+def _recompile_limit_errors() -> tuple:
+    """What a fullgraph compile raises past torch._dynamo.config.recompile_limit (torch 2.11 on), if any."""
+    import torch._dynamo.exc
+
+    error = getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", None)
+    return (error,) if error is not None else ()
 
 
 # Compiled decoding rounds the cache length up to a multiple of this, so that calls whose prompts
 # differ a little in length reuse one compiled step (the extra slots are masked: a little attention).
 COMPILE_LEN_MULTIPLE = 128
+
+
+def prefill_chunk(num_prompts: int, prompt_len: int) -> int:
+    """Prompt positions per prefill chunk: the most whose mask against the whole prompt (num_prompts x chunk
+    x prompt_len) holds at most PREFILL_MASK_ENTRIES, at least 1; the whole prompt when it fits."""
+    return min(prompt_len, max(1, PREFILL_MASK_ENTRIES // (num_prompts * prompt_len)))
 
 
 def cache_len(config, prompt_len: int, max_new_tokens: int, compile: bool = False) -> int:
@@ -227,15 +267,24 @@ def generate(
     top_p: float = 1.0,
     pad_id: int = 0,
     generator: torch.Generator | None = None,
-    compile: bool = False,
+    compile: bool | str = False,
 ) -> list[list[list[int]]]:
     """-> out[p][k]: the tokens sampled for prompt p, sample k (ending with a stop id if one was hit).
 
     compile: run the decode step through torch.compile (compiled once per batch size and cache length;
-    finished rows then stay in the batch until all are done, so the shapes stay the same).
+    finished rows then stay in the batch until all are done, so the shapes stay the same). True or
+    "default": torch.compile's default mode; "reduce-overhead": CUDA graphs too (a CUDA model only).
     """
     if model.head != "lm":
         raise ValueError("generate needs a model with the LM head")
+    if compile not in (False, *COMPILE_MODES):
+        raise ValueError(f"compile must be False, True, 'default' or 'reduce-overhead', got {compile!r}")
+    graphs = compile == "reduce-overhead"
+    if graphs and model.tok_embeddings.weight.device.type != "cuda":
+        raise ValueError(
+            f"compile='reduce-overhead' captures CUDA graphs: the model must be on a CUDA device, it is on "
+            f"{model.tok_embeddings.weight.device}"
+        )
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     V = model.config.vocab_size
@@ -261,15 +310,22 @@ def generate(
     tokens, doc, positions = tokens.to(device), doc.to(device), positions.to(device)
 
     # Prefill once per prompt, then fan the cache out to K rows per prompt. The prompts' mask keeps real
-    # tokens off the pad slots; dense, as every step's that reads the cache (decode_step).
+    # tokens off the pad slots; dense, as every step's that reads the cache (decode_step), built by the
+    # trunk from the cache's ids for each chunk of positions: (P, 1, chunk, filled slots), never (P, 1, L, L).
     cache = KVCache(model.config, P, max_len, dtype=model.tok_embeddings.weight.dtype, device=device)
-    mask = attention_mask(doc, flex=False)  # (P, 1, L, L)
-    h = model.trunk(tokens, positions, doc_ids=doc, cache=cache, mask=mask)[:, -1]  # (P, dim)
+    chunk = prefill_chunk(P, L)
+    for a in range(0, L, chunk):
+        part = slice(a, a + chunk)
+        h = model.trunk(tokens[:, part], positions[:, part], doc_ids=doc[:, part], cache=cache)
+    h = h[:, -1]  # (P, dim)
     logits = F.linear(h, model.output_weight).repeat_interleave(K, dim=0)  # (P*K, V)
     cache = DecodeCache(cache, K)
+    if graphs:
+        cache.mark_static()
     next_pos = torch.tensor([len(p) for p in prompts], device=device).repeat_interleave(K)  # (P*K,)
     inv_freq = rope_inv_freq(model.config, device)
-    step_fn = compiled_decode_step() if compile else decode_step
+    step_fn = compiled_decode_step("reduce-overhead" if graphs else None) if compile else decode_step
+    limit_hit = _recompile_limit_errors() if compile else ()
     # compiled: inductor plans its own buffers; eager: the logits and project_vocab's scratch
     logits_buf = None if compile else torch.empty(2 * P * K, logits.shape[1], dtype=logits.dtype, device=device)
 
@@ -297,11 +353,32 @@ def generate(
                 keep = (~finished).nonzero().squeeze(-1)
                 cache.select(keep)
                 rows, nxt, next_pos, finished = rows[keep], nxt[keep], next_pos[keep], finished[keep]
-        nxt = step_fn(model, nxt, next_pos, cache, uniforms(len(rows)), temperature, top_k, top_p, inv_freq, logits_buf)
+        u = uniforms(len(rows))
+        try:  # only a call's first compiled step can compile: its shapes are the same at every step
+            nxt = step_fn(model, nxt, next_pos, cache, u, temperature, top_k, top_p, inv_freq, logits_buf)
+        except limit_hit:
+            step_fn = decode_step
+            nxt = step_fn(model, nxt, next_pos, cache, u, temperature, top_k, top_p, inv_freq, logits_buf)
+            eager_fallback(len(rows), cache.slots.numel())
         cache.advance()
         next_pos += 1
     out = [[t for t in row if t >= 0] for row in sampled.tolist()]
     return [out[p * K : (p + 1) * K] for p in range(P)]
+
+
+def eager_fallback(rows: int, slots: int) -> None:
+    """Count and print a compiled call that decodes eagerly: its shape is past the compiled step's graphs."""
+    global EAGER_FALLBACKS
+    EAGER_FALLBACKS += 1
+    limit = torch._dynamo.config.recompile_limit
+    print(
+        f"warning: generate: the compiled decode step already has torch._dynamo's recompile_limit ({limit}) of "
+        f"graphs (batch sizes x cache lengths x sampling settings); this call ({rows} rows x {slots} slots) "
+        f"decodes eagerly (eager calls so far in this process: {EAGER_FALLBACKS}). Fewer shapes (full batches of "
+        "prompts) or a higher torch._dynamo.config.recompile_limit avoid it",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def main(argv=None):

@@ -5,7 +5,8 @@ Parameter names follow Meta's reference (`tok_embeddings`, `layers.N.attention.w
 The model holds no distribution code; FSDP and activation checkpointing are applied from `train/`.
 
 Attention follows the row structure: per token a position, a `doc` id and a `branch` id.
-Token i attends token j iff j <= i, doc_i == doc_j and (branch_j == 0 or branch_j == branch_i).
+Token i attends token j iff j <= i, doc_i == doc_j and (branch_j == 0 or branch_j == branch_i);
+a pad (doc PAD_DOC) attends only itself.
 Plain causal rows (no ids given) take SDPA's causal kernel; structured rows use a FlexAttention
 block mask on CUDA and a dense boolean mask elsewhere, built by `attention_mask` once per micro-batch
 by the caller and passed down (`mask=`); the model builds it from the ids only when none is passed.
@@ -29,7 +30,8 @@ except ImportError:  # torch without FlexAttention: dense masks everywhere
 
 HEADS = ("lm", "reward")
 # The doc id of padding: real tokens' doc ids count up from 0, so no real token attends to a pad
-# (nor a pad to a real token) and `doc_ids >= 0` marks the real tokens.
+# (nor a pad to a real token) and `doc_ids >= 0` marks the real tokens. A pad attends only itself: were
+# the pads of a row one causal document, a fully padded row would cost a full causal attention.
 PAD_DOC = -1
 
 
@@ -85,7 +87,8 @@ def structure_mask(q_doc, q_branch, q_slot, k_doc, k_branch, k_slot) -> Tensor:
     causal = k_slot[None, None, :] <= q_slot[None, :, None]
     same_doc = q_doc[:, :, None] == k_doc[:, None, :]
     branch_ok = (k_branch[:, None, :] == 0) | (k_branch[:, None, :] == q_branch[:, :, None])
-    return (causal & same_doc & branch_ok)[:, None]
+    real_or_self = (q_doc[:, :, None] >= 0) | (k_slot[None, None, :] == q_slot[None, :, None])  # a pad: itself
+    return (causal & same_doc & branch_ok & real_or_self)[:, None]
 
 
 def flex_block_mask(doc: Tensor, branch: Tensor):
@@ -97,7 +100,8 @@ def flex_block_mask(doc: Tensor, branch: Tensor):
     global _compiled_flex, _compiled_create_block_mask
 
     def mask_mod(b, h, q, k):
-        return (k <= q) & (doc[b, q] == doc[b, k]) & ((branch[b, k] == 0) | (branch[b, k] == branch[b, q]))
+        rule = (k <= q) & (doc[b, q] == doc[b, k]) & ((branch[b, k] == 0) | (branch[b, k] == branch[b, q]))
+        return rule & ((doc[b, q] >= 0) | (k == q))  # a pad only itself: pad tiles off the diagonal are skipped
 
     # The compiled functions are made here, in eager code: made inside a compiled block (attend) the
     # wrapper itself would be traced, costing an extra compile. Not at import: importing torch._dynamo

@@ -327,7 +327,24 @@ def resolve_tokenizer(tokenizer_arg, checkpoint_dir, vocab_size: int | None, ver
                 f"tokenizer has {tok.vocab_size} ids: pass the model's tokenizer (--tokenizer / model.tokenizer)"
             )
     if vocab_size is not None and tok.vocab_size > vocab_size:
+        vision = tok.special_tokens.get("<|image|>", -1) >= vocab_size
         raise ValueError(
-            f"tokenizer {tok.path} ({source}) has {tok.vocab_size} ids, more than the model's vocab_size {vocab_size}"
+            f"tokenizer {tok.path} ({source}) has {tok.vocab_size} ids, more than the model's vocab_size {vocab_size}: "
+            f"{_ids_beyond(tok, vocab_size)} no embedding row; use the model's own tokenizer, or remove these "
+            f"tokens from {tok.path.name}"
+            + (" (<|image|> is the Llama 3.2 Vision tokenizer's: a text model has none)" if vision else "")
         )
     return tok
+
+
+def _ids_beyond(tok: Tokenizer, vocab_size: int) -> str:
+    """The tokenizer's ids from `vocab_size` on, named: "id 128256 '<|image|>' (special) has"."""
+    added = getattr(tok, "added_tokens", tok.special_tokens)
+    names = {i: s for s, i in added.items() if i >= vocab_size}
+    ids = range(vocab_size, tok.vocab_size)
+    shown = ", ".join(
+        f"{i} {names[i]!r} ({'special' if names[i] in tok.special_tokens else 'added'})" if i in names else str(i)
+        for i in ids[:5]
+    )
+    more = f" and {len(ids) - 5} more" if len(ids) > 5 else ""
+    return f"id {shown} has" if len(ids) == 1 else f"ids {shown}{more} have"

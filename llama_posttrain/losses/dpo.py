@@ -8,7 +8,7 @@ the chosen response's NLL summed over all of its tokens with their count. Every 
     score(y) = log pi(y|x) - log ref(y|x)          the reference losses (sigmoid, hinge, robust)
              = (log pi(y|x) - log ref(y|x)) / |y|  ipo: per token
              = log pi(y|x) / |y|                   simpo: no reference model
-    h = beta * score(y_c) - beta * score(y_r)      the reward margin (rewards/margins)
+    h = beta * score(y_c) - beta * score(y_r)      the loss's margin
 
     L = (1 / P) * sum_pairs loss(h) + alpha * NLL(y_c|x)
 
@@ -20,10 +20,21 @@ micro-batch on every rank), so accumulation and world size do not change the los
 alpha = 0.2 by default (Llama 3); alpha and the format mask apply to every loss (the papers'
 versions: alpha 0, no mask).
 
-Logged beside it (no gradient), as TRL's DPO trainer does, over the tokens of the DPO sums:
-`logits/chosen`, `logits/rejected`, the policy's logits averaged over those tokens and the vocabulary,
-and `token_accuracy` (TRL's mean_token_accuracy), the fraction of the chosen ones whose logit is the
-largest of the vocabulary (a tie counts; kernels `TokenStats`). The caller passes per-pair sums.
+Logged beside it (no gradient), under TRL's names with TRL 1.16 DPOTrainer's meanings (with the
+reference-free simpo, its CPOTrainer's), each over the tokens of the DPO sums, as TRL's over the tokens
+of its loss (`dpo.mask_format: false`: the same tokens as TRL's):
+
+    rewards/chosen = beta * (log pi(y_c|x) - log ref(y_c|x)), summed over the tokens, for every reference
+                     loss (ipo too: its per-token scores are ipo/score_*); simpo: beta * log pi(y_c|x) / |y_c|
+    rewards/rejected, rewards/margins (chosen - rejected), rewards/accuracies (chosen > rejected): the same
+    logps/chosen, logps/rejected: log pi(y|x) summed
+    logits/chosen, logits/rejected: the policy's logits averaged over the tokens and the vocabulary
+    token_accuracy (TRL's mean_token_accuracy): the chosen tokens whose logit is the vocabulary's largest
+    entropy: the policy's mean entropy over the tokens of both responses (kernels `TokenStats`)
+
+and ours, where the loss scores per token with a reference (ipo): ipo/score_chosen, ipo/score_rejected
+(the per-token log-ratio score(y) above) and ipo/score_margins (their difference, which IPO pulls to
+1 / (2 beta)). The caller passes per-pair sums.
 
 A new loss: a function of h with the signature below, its entry in LOSSES, its name in
 llama_posttrain/train/dpo.py's `DPOSection.loss` and its row in `LOSS_HYPERPARAMETERS` there (the
@@ -85,7 +96,10 @@ LOSSES = {
     "simpo": PairLoss(simpo, reference=False, per_token=True),
 }
 
-# logged metric -> (sum, denominator); nll_terms: the pairs (nll_norm: sequence) or chosen tokens (token)
+# logged metric -> (sum, denominator); nll_terms: the pairs (nll_norm: sequence) or chosen tokens (token).
+# trl_tokens_per_token: TRL's token count of the step (each response with its own copy of the prompt, as TRL's
+# rows are; the caller's sum, llama_posttrain/train/targets.py trl_tokens) per token run (the prompt once); the
+# logger's train/num_tokens (TRL's) adds up tokens x this.
 RATIOS = {
     **{k: (k, "pairs") for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")},
     **{k: (k, "pairs") for k in ("logps/chosen", "logps/rejected")},
@@ -93,6 +107,9 @@ RATIOS = {
     "logits/chosen": ("logits/chosen", "chosen_tokens"),
     "logits/rejected": ("logits/rejected", "rejected_tokens"),
     "token_accuracy": ("argmax_tokens", "chosen_tokens"),
+    "entropy": ("entropy", "response_tokens"),
+    **{f"ipo/score_{k}": (f"ipo/score_{k}", "ipo_pairs") for k in ("chosen", "rejected", "margins")},
+    "trl_tokens_per_token": ("trl_tokens", "tokens"),
 }
 
 
@@ -117,13 +134,15 @@ def dpo_loss(
     chosen_mean_logits: Tensor | None = None,
     rejected_mean_logits: Tensor | None = None,
     chosen_argmax_tokens: Tensor | None = None,
+    chosen_entropy: Tensor | None = None,
+    rejected_entropy: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Per pair (P,): policy_* / reference_* log-prob sums (reference None: a reference-free loss),
     chosen_tokens / rejected_tokens the tokens in those sums, chosen_nll = -sum log pi over every
     chosen token and chosen_nll_tokens their count. num_pairs, num_chosen_tokens: the whole step's.
     Metrics only, per pair (P,) over the tokens of the sums (None: not in `sums`): *_mean_logits, each
     token's mean logit over the vocabulary, summed; chosen_argmax_tokens, the chosen tokens that are
-    their row's argmax."""
+    their row's argmax; *_entropy, the tokens' entropies summed (both or neither)."""
     spec = LOSSES[loss]
     if spec.reference and reference_chosen is None:
         raise ValueError(f"loss {loss!r} needs the reference log-probs")
@@ -146,6 +165,10 @@ def dpo_loss(
     if alpha:
         total = total + alpha * nll.sum() / nll_denominator
     cr, rr = chosen_reward.detach(), rejected_reward.detach()
+    if spec.per_token and spec.reference:  # TRL's rewards are beta x the summed log-ratio; the scores are ipo/
+        sc, sr = cr / beta, rr / beta
+        cr = beta * (policy_chosen - reference_chosen).detach()
+        rr = beta * (policy_rejected - reference_rejected).detach()
     sums = {
         "pairs": h.new_tensor(len(h)),
         "rewards/chosen": cr.sum(),
@@ -163,4 +186,10 @@ def dpo_loss(
                         ("argmax_tokens", chosen_argmax_tokens)):  # fmt: skip
         if value is not None:
             sums[name] = value.detach().sum()
+    if chosen_entropy is not None:
+        sums["entropy"] = (chosen_entropy + rejected_entropy).detach().sum()
+        sums["response_tokens"] = sums["chosen_tokens"] + sums["rejected_tokens"]
+    if spec.per_token and spec.reference:
+        sums |= {"ipo_pairs": sums["pairs"], "ipo/score_chosen": sc.sum(), "ipo/score_rejected": sr.sum()}
+        sums["ipo/score_margins"] = (sc - sr).sum()
     return total, sums

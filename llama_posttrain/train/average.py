@@ -12,12 +12,15 @@ of a native input lazily, so memory is about one model. An HF or Meta input is f
 folder beside --out, removed at the end: one model in memory at a time, one copy per input on disk.
 `greedy_soup` (Wortsman et al., 2022) adds checkpoints best-first while a metric does not drop.
 
-The average is the model a user ships, so it carries the inputs' tokenizer and chat template (and, with
-`--format hf`, the generation config with the stop ids): `llama.generate` and transformers use it on its
-own. The inputs must agree on them: inputs whose tokenizers (compared by their vocabulary, special tokens
-and split pattern) or chat templates (llama.chat.template_in_dir) differ, or of which only some hold a
-tokenizer, are refused, naming both. Inputs without a tokenizer give an average without one (printed).
-A tokenizer file already in --out that differs from the average's is refused unless --replace-tokenizer.
+The average is the model a user ships, so it carries the inputs' tokenizer and chat template, and their
+generation_config.json's sampling defaults (do_sample, temperature, top_p, ...: a hub Instruct model's),
+with `--format hf` beside the stop ids: `llama.generate` and transformers use it on its own. The inputs
+must agree on them: inputs whose tokenizers (compared by their vocabulary, special tokens and split
+pattern), chat templates (llama.chat.template_in_dir) or sampling defaults differ, or of which only some
+hold a tokenizer, are refused, naming both. Inputs without a tokenizer give an average without one
+(printed). A tokenizer file already in --out that differs from the average's is refused unless
+--replace-tokenizer. Every other file the inputs hold beside their weights (README.md, LICENSE, ...) is
+copied where all hold it with the same content; the others are listed as not copied.
 """
 
 from __future__ import annotations
@@ -89,7 +92,7 @@ def common_tokenizer(paths: list[Path]) -> tuple[Tokenizer | None, str | None]:
     found = []  # (path, tokenizer or None, its file, template name or None, its file)
     for p in paths:
         file = tokenizer_in_dir(p)
-        tok = resolve_tokenizer(file, None, read_config(p)[0].vocab_size) if file is not None else None
+        tok = resolve_tokenizer(None, p, read_config(p)[0].vocab_size, verbose=False) if file is not None else None
         found.append((p, tok, file, *template_in_dir(p)))
     p0, tok0, file0, name0, tfile0 = found[0]
     for p, tok, file, name, tfile in found[1:]:
@@ -107,6 +110,79 @@ def common_tokenizer(paths: list[Path]) -> tuple[Tokenizer | None, str | None]:
     if tok0 is None:
         print(f"no tokenizer in the inputs ({', '.join(map(str, paths))}): the average holds the weights only")
     return tok0, name0 if tok0 is not None else None
+
+
+def common_generation_defaults(paths: list[Path]) -> Path | None:
+    """-> the input whose generation_config.json's sampling defaults (do_sample, temperature, top_p, ...:
+    llama.formats.hf.generation_defaults) the average keeps, as every input holds the same; None where none
+    holds any. A ValueError naming both inputs where two differ (or only one holds them)."""
+    from llama_posttrain.llama.checkpoint import generation_defaults
+
+    found = [(p, generation_defaults(p)) for p in paths]
+    (p0, d0), differ = found[0], [(p, d) for p, d in found[1:] if d != found[0][1]]
+    if differ:
+        p, d = differ[0]
+        keys = sorted(k for k in {*d0, *d} if d0.get(k, "(none)") != d.get(k, "(none)"))
+        shown = ", ".join(f"{k}: {d0.get(k, '(none)')} and {d.get(k, '(none)')}" for k in keys)
+        raise ValueError(
+            f"cannot average {p0} and {p}: the sampling defaults of their generation_config.json differ ({shown}); "
+            "make them equal in the inputs, so that the average's are known"
+        )
+    return p0 if d0 else None
+
+
+# Files the save writes itself (the weights, config.json, the tokenizer files), or weights and configs of the
+# inputs' own formats: never copied from the inputs into the average.
+_NOT_COPIED = {"config.json", "params.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json"}
+_NOT_COPIED |= {"special_tokens_map.json", "chat_template.jinja", "generation_config.json"}
+_WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".gguf", ".distcp", ".index.json")
+
+
+def _other_files(folder: Path, tokenizer) -> dict[str, Path]:
+    """The top-level files of an input that the average's save does not write (README.md, LICENSE,
+    USE_POLICY.md, ...): name -> path. Without a tokenizer no generation_config.json is written: it is one."""
+    skip = _NOT_COPIED - ({"generation_config.json"} if tokenizer is None else set())
+    return {
+        f.name: f
+        for f in sorted(folder.iterdir())
+        if f.is_file() and not f.name.startswith(".") and f.name not in skip and not f.name.endswith(_WEIGHT_SUFFIXES)
+    }
+
+
+def copy_shared_files(paths: list[Path], out: Path, tokenizer) -> list[str]:
+    """Copy into `out` the other files (`_other_files`) that every input holds with the same content;
+    those only some hold, or hold with different content, and those `out` already holds with another
+    content, are not copied: each printed. -> the names copied."""
+    import os
+    import shutil
+    import uuid
+
+    files = [_other_files(p, tokenizer) for p in paths]
+    names = sorted(set().union(*files))
+    copied, skipped = [], []
+    for name in names:
+        held = [f[name] for f in files if name in f]
+        if len(held) < len(paths):
+            skipped.append(f"{name} (in {len(held)} of {len(paths)} inputs)")
+        elif any(f.read_bytes() != held[0].read_bytes() for f in held[1:]):
+            skipped.append(f"{name} (its content differs between the inputs)")
+        elif (out / name).is_file() and (out / name).read_bytes() == held[0].read_bytes():
+            continue  # there already (an earlier average into --out)
+        elif (out / name).exists():
+            skipped.append(f"{name} (--out holds another {name}, kept)")
+        else:
+            tmp = out / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
+            try:
+                shutil.copyfile(held[0], tmp)
+                os.replace(tmp, out / name)
+            finally:
+                tmp.unlink(missing_ok=True)
+            copied.append(name)
+    if copied:
+        print(f"{out}: copied the inputs' {', '.join(copied)}")
+    if skipped:
+        print(f"{out}: {len(skipped)} file(s) of the inputs not copied: {'; '.join(skipped)}")
+    return copied
 
 
 def average_checkpoints(
@@ -131,7 +207,8 @@ def average_checkpoints(
     for p in paths:
         read_config(p)  # each input is a readable checkpoint, before any long work
     tokenizer, chat_template = common_tokenizer(paths)
-    check_destination(out, tokenizer, chat_template, format, replace_tokenizer)
+    source = common_generation_defaults(paths) if tokenizer is not None else None
+    check_destination(out, tokenizer, chat_template, format, replace_tokenizer, source=source)
     with contextlib.ExitStack() as stack:
         natives = _native_copies(paths, out, stack)
         configs = [read_config(n)[:2] for n in natives]  # as loaded (a Meta checkpoint may turn out tied)
@@ -150,8 +227,9 @@ def average_checkpoints(
         averaged = {name: _average_tensor(name, paths, indexes, weights, dtype) for name in names}
         save_checkpoint(
             averaged, configs[0][0], configs[0][1], out, format=format, tokenizer=tokenizer,
-            chat_template=chat_template, replace_tokenizer=replace_tokenizer,
+            chat_template=chat_template, replace_tokenizer=replace_tokenizer, source=source,
         )  # fmt: skip
+    copy_shared_files(paths, out, tokenizer)
     return out
 
 

@@ -79,7 +79,7 @@ class DataSection:
     keep_strengths: list[str] | None = None  # Llama 3: [significantly_better, better]
     seed: int = 0  # shuffling of the examples (and of RM responses)
     cache: bool = True  # tokenize once into memory-mapped arrays (llama_posttrain/data/cache.py); false: encode in memory every start
-    cache_dir: str | None = None  # where the tokenized caches go; default: a .tokenized folder next to each data path
+    cache_dir: str | None = None  # tokenized caches; default <train.run_dir>/.tokenized (pipeline: its folder's)
     num_workers: NonNegInt = 0  # processes that tokenize a new cache; 0: one per CPU core (at most 32)
 
 

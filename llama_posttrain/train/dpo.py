@@ -48,7 +48,7 @@ class DPOSection:
     )
     beta: float = 0.1  # reward scale (IPO: its tau); SimPO's paper uses 2.0-2.5
     alpha: float = 0.2  # weight of the NLL term on chosen, any loss (0: the papers' losses)
-    label_smoothing: float = 0.0  # flip probability: sigmoid (cDPO), robust (rDPO, < 0.5), simpo
+    label_smoothing: float = 0.0  # flip probability: sigmoid (cDPO), robust (rDPO, in (0, 0.5): set it), simpo
     gamma: float = 0.5  # simpo's target reward margin
     mask_format: bool = True  # drop header spans and turn terminators from the DPO log-probs
     nll_norm: Literal["sequence", "token"] = "sequence"  # NLL per chosen sequence, or over the step's chosen tokens
@@ -82,6 +82,17 @@ class DPOSection:
                     f"dpo.{f.name}={value!r} is not read by dpo.loss {self.loss} (only by {', '.join(users)}): "
                     f"remove it, or pick one of those losses"
                 )
+        # values a loss reads that leave it another loss, or change nothing: no default may hide that
+        if self.loss == "robust" and self.label_smoothing == 0:
+            raise ValueError(
+                "dpo.loss robust with dpo.label_smoothing=0.0 is plain sigmoid (rDPO corrects for labels flipped "
+                "with probability label_smoothing): set dpo.label_smoothing in (0, 0.5), or dpo.loss=sigmoid"
+            )
+        if self.alpha == 0 and self.nll_norm != "sequence":
+            raise ValueError(
+                f"dpo.nll_norm={self.nll_norm!r} changes nothing with dpo.alpha=0 (no NLL term): remove it, or set "
+                f"dpo.alpha > 0"
+            )
 
 
 @dataclass
@@ -97,32 +108,35 @@ def make_objective(model, reference, cfg: DPOSection, backend: str) -> loop.Obje
     from llama_posttrain.llama.model import attention_mask
     from llama_posttrain.losses import dpo
     from llama_posttrain.train import loop
-    from llama_posttrain.train.targets import chosen_nll, dpo_lengths, dpo_logps, model_logps
+    from llama_posttrain.train.targets import chosen_nll, dpo_lengths, dpo_logps, model_logps, trl_tokens
 
     vocab = model.config.vocab_size
 
     def loss(batch, step):
         mask = attention_mask(batch.doc_ids, batch.branch_ids)  # built once: the policy's and the reference's
-        out = model_logps(model, batch, backend, mask, stats=True)  # (N,) each: log p, argmax hit, logit sum
+        out = model_logps(model, batch, backend, mask, stats=True)  # (N,) each: log p, argmax hit, logit sum, entropy
         pol = out.logprobs  # (N,) policy log p of every target
         pc, pr = dpo_logps(pol, batch, cfg.mask_format)  # (P,) sums, formatting tokens masked
         nc, nr = dpo_lengths(batch, cfg.mask_format)  # (P,) the tokens in those sums
         nll, nll_tokens = chosen_nll(pol, batch)  # (P,) -sum log p over every chosen token, their count
         lc, lr = dpo_logps(out.logit_sum / vocab, batch, cfg.mask_format)  # (P,) metrics: mean logits, summed
         hits, _ = dpo_logps(out.is_argmax.float(), batch, cfg.mask_format)  # (P,) chosen tokens that are the argmax
+        ec, er = dpo_logps(out.entropy, batch, cfg.mask_format)  # (P,) metrics: the tokens' entropies, summed
         rc = rr = None
         if isinstance(reference, torch.Tensor):
             rc, rr = reference[batch.group_uid].unbind(-1)
         elif reference is not None:
             with torch.no_grad():
                 rc, rr = dpo_logps(model_logps(reference, batch, backend, mask), batch, cfg.mask_format)
-        return dpo.dpo_loss(
+        total, sums = dpo.dpo_loss(
             policy_chosen=pc, policy_rejected=pr, reference_chosen=rc, reference_rejected=rr, chosen_tokens=nc,
             rejected_tokens=nr, chosen_nll=nll, chosen_nll_tokens=nll_tokens, num_pairs=step.num_pairs,
             num_chosen_tokens=step.num_chosen_targets, loss=cfg.loss, beta=cfg.beta, alpha=cfg.alpha,
             label_smoothing=cfg.label_smoothing, gamma=cfg.gamma, nll_norm=cfg.nll_norm,
-            chosen_mean_logits=lc, rejected_mean_logits=lr, chosen_argmax_tokens=hits,
+            chosen_mean_logits=lc, rejected_mean_logits=lr, chosen_argmax_tokens=hits, chosen_entropy=ec,
+            rejected_entropy=er,
         )  # fmt: skip
+        return total, sums | {"trl_tokens": trl_tokens(batch)}  # dpo.RATIOS trl_tokens_per_token
 
     return loop.Objective(loss, dpo.RATIOS, reference_forward=isinstance(reference, torch.nn.Module))
 

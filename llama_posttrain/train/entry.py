@@ -44,6 +44,7 @@ def setup(cfg: Config, kind: str, head: str, **encode_kw) -> Setup:
     chat = ChatFormat(tokenizer, resolve_chat_template(m.chat_template, m.checkpoint, verbose))
     run_folder.check_exports(cfg, chat, d.rank, d.world_size)
     buckets = (128 if t.compile else 0) if t.shape_buckets == "auto" else t.shape_buckets  # see TrainSection
+    cfg.data.cache_dir = run_folder.cache_dir(cfg)  # after the record (claim): it holds the value given
     train_loader, eval_loader = build_loaders(
         cfg.data, kind, chat, d.rank, d.world_size, d.is_main, buckets, **encode_kw
     )

@@ -12,12 +12,25 @@ Metrics (any of them; the result JSON holds each with its counts):
   draws nothing from it), up to --max-new-tokens new tokens.
 - `--pairs F` (the model is a reward model): `rm_accuracy`, the fraction of preference records whose
   best response the model scores strictly above the worst (chosen vs rejected; llama_posttrain/train/sample.py `score`).
+- `--pairs F --dpo-config C [--reference REF]` (the model is a language model: a DPO policy):
+  `dpo_reward_accuracy`, the fraction of pairs whose chosen response gets the larger DPO implicit reward,
+  computed by the DPO run's own eval objective (llama_posttrain/train/dpo.py make_objective, loop.evaluate: its
+  `eval/rewards/accuracies`) with the dpo section of C (the DPO run's config.yaml: dpo.loss, mask_format, ...)
+  and its data section's max_len / overlength / keep_strengths; REF, the reference model, for every loss but the
+  reference-free ones (simpo: refused).
 - `--nll F`: `nll`, the mean negative log-likelihood per target token of SFT records (assistant turns),
   encoded as training encodes them (llama_posttrain/data/loader.py load_examples, --max-len, over-long records
   truncated as the SFT run's eval does by default), packed, and computed with the training loss's
   path (llama_posttrain/train/targets.py model_logps), summed in float64: the SFT run's `eval/nll` on the same set.
 - `--rm RM --prompts P`: `rm_score`, the mean score RM gives to --k samples per prompt at temperature 1
-  (at --k 4 with --verifier, the very samples of task_accuracy_sampled).
+  (at --k 4 with --verifier, the very samples of task_accuracy_sampled), and `std` of those scores.
+- `--keep-samples` (with --prompts): the result keeps the samples at temperature 1 (`samples`: per prompt, in
+  --prompts order, rm_score's, else task_accuracy_sampled's, else --k drawn for it), to score them later.
+- `--score-samples R` (repeatable; the model is a reward model, with --prompts): `rm_score_of` {R: {rm_score,
+  n, std}}, the model's mean score of the `samples` that result file R kept of the same --prompts: every
+  policy's samples scored by one RM (the pipeline's last round's).
+The result's `n` holds each metric's sample size (prompts, samples, pairs, tokens) and `std` the standard
+deviation of each mean's terms (rm_score): the report's confidence intervals.
 With --prompts the result also keeps `generations`: the greedy generation of each of the first SHOWN (8)
 prompts and, with --verifier, its score (the pipeline's dashboard tables, llama_posttrain/train/report.py).
 Each rank takes every world_size-th record (rank r's generator seeded with --seed + 1000003 * r, rank 0
@@ -131,6 +144,47 @@ def nll_sums(model, examples, max_len: int, pad_id: int) -> tuple[float, int]:
     return total, n
 
 
+def ci_sums(values) -> dict:
+    """The sums of a mean's terms that the ranks add: {"": sum, "/n": count, "/sq": sum of squares}."""
+    values = [float(v) for v in values]
+    return {"": sum(values), "/n": len(values), "/sq": sum(v * v for v in values)}
+
+
+def std_of(total: float, sq: float, n: float) -> float | None:
+    """The (n - 1) standard deviation from the sums of the terms and of their squares; None under 2 terms."""
+    if n < 2:
+        return None
+    return max(0.0, (sq - total * total / n) / (n - 1)) ** 0.5
+
+
+def read_samples(path, records: int) -> list[list[str]]:
+    """The `samples` an evaluation result kept (--keep-samples) of the same --prompts: one list per prompt."""
+    try:
+        found = json.loads(open(path).read()).get("samples")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ValidationError(f"--score-samples {path}: not an evaluation result ({e})") from None
+    if not isinstance(found, list) or not all(isinstance(s, list) for s in found):
+        raise ValidationError(f"--score-samples {path}: samples: missing (evaluated without --keep-samples?)")
+    if len(found) != records:
+        raise ValidationError(f"--score-samples {path}: samples: {len(found)} prompts, --prompts has {records}")
+    return found
+
+
+def dpo_setup(path, chat: ChatFormat, pairs_path, verbose: bool):
+    """The DPO run's config (C: its dpo and data sections) and the --pairs examples encoded as its eval set."""
+    from llama_posttrain.data.loader import load_examples
+    from llama_posttrain.train.config import load_config
+    from llama_posttrain.train.dpo import DPOConfig
+
+    cfg = load_config(DPOConfig, path)
+    dc = cfg.data
+    examples, _ = load_examples(
+        pairs_path, "dpo", chat, dc.max_len, overlength=dc.overlength, skip_invalid=dc.skip_invalid,
+        keep_strengths=dc.keep_strengths, seed=dc.seed + 1, verbose=verbose,
+    )  # fmt: skip
+    return cfg, examples
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--model", required=True, help="the model evaluated (a reward model with --pairs)")
@@ -142,7 +196,16 @@ def parse_args(argv=None):
     ap.add_argument("--task-args", type=json_object, metavar="JSON", help="the task's arguments, e.g. '{}'")
     ap.add_argument("--max-new-tokens", type=at_least(1), default=8, help="generated tokens per prompt at most")
     ap.add_argument("--seed", type=int, default=0, help="rank r samples with seed + 1000003 * r (rank 0: the seed)")
-    ap.add_argument("--pairs", help="held-out preference records: rm_accuracy of the (reward) model")
+    ap.add_argument(
+        "--pairs", help="held-out preference records: rm_accuracy of a reward model, dpo_reward_accuracy of a policy"
+    )
+    ap.add_argument("--dpo-config", help="with --pairs and a policy: the DPO run's config.yaml (dpo.loss, ...)")
+    ap.add_argument("--reference", help="with --pairs and a policy: the DPO reference model (the SFT model)")
+    ap.add_argument("--keep-samples", action="store_true", help="keep the samples of --prompts at t=1 (`samples`)")
+    ap.add_argument(
+        "--score-samples", action="append", default=[], metavar="RESULT",
+        help="(repeatable) a reward --model's mean score of the samples RESULT kept of --prompts: rm_score_of",
+    )  # fmt: skip
     ap.add_argument("--nll", help="held-out SFT records: nll per target token")
     ap.add_argument("--max-len", type=at_least(2), default=4096, help="of --nll records (and RM rows)")
     ap.add_argument("--rm", help="reward model: rm_score, its mean score of the model's samples of --prompts")
@@ -154,8 +217,18 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if (args.verifier or args.rm) and not args.prompts:
         ap.error("--verifier and --rm score samples of held-out prompts: give --prompts")
-    if args.prompts and not (args.verifier or args.rm):
-        ap.error("--prompts: give --verifier TASK (task accuracy) and/or --rm RM (rm_score)")
+    if args.prompts and not (args.verifier or args.rm or args.keep_samples or args.score_samples):
+        ap.error(
+            "--prompts: give --verifier TASK (task accuracy), --rm RM (rm_score), --keep-samples or --score-samples"
+        )
+    if (args.keep_samples or args.score_samples) and not args.prompts:
+        ap.error("--keep-samples and --score-samples are samples of held-out prompts: give --prompts")
+    if args.score_samples and (args.verifier or args.rm or args.keep_samples or args.nll):
+        ap.error(
+            "--score-samples: the model is a reward model; --verifier, --rm, --keep-samples and --nll need a policy"
+        )
+    if (args.dpo_config or args.reference) and not args.pairs:
+        ap.error("--dpo-config and --reference: dpo_reward_accuracy of --pairs; give --pairs too")
     if args.task_args is not None and not args.verifier:
         ap.error("--task-args: the arguments of --verifier's task; give --verifier too")
     if not (args.prompts or args.pairs or args.nll):
@@ -163,7 +236,8 @@ def parse_args(argv=None):
     try:  # no output may be an input
         check_outputs(
             {"--model": args.model, "--tokenizer": args.tokenizer, "--prompts": args.prompts, "--pairs": args.pairs,
-             "--nll": args.nll, "--rm": args.rm},
+             "--nll": args.nll, "--rm": args.rm, "--dpo-config": args.dpo_config, "--reference": args.reference,
+             **{f"--score-samples {p}": p for p in args.score_samples}},
             {"--out": args.out},
         )  # fmt: skip
     except ValueError as e:
@@ -185,9 +259,19 @@ def main(argv=None):
         chat = ChatFormat(tokenizer, resolve_chat_template(args.chat_template, args.model))
     except (ValueError, OSError) as e:
         raise SystemExit(f"error: --model {args.model}: {e}") from None
-    if args.pairs and head != "reward":
-        raise SystemExit(f"--model {args.model}: --pairs scores with a reward model, this one's head is {head!r}")
-    if (args.prompts or args.nll) and head != "lm":
+    if args.pairs and head == "lm" and not args.dpo_config:
+        raise SystemExit(
+            f"--model {args.model}: a policy: --pairs gives dpo_reward_accuracy, which needs --dpo-config (the DPO "
+            "run's config.yaml: its loss and format mask) and --reference (the SFT model); a reward model gives "
+            "rm_accuracy"
+        )
+    if args.pairs and head == "reward" and (args.dpo_config or args.reference):
+        raise SystemExit(f"--model {args.model}: a reward model: --dpo-config and --reference are a policy's")
+    if args.score_samples and head != "reward":
+        raise SystemExit(
+            f"--model {args.model}: --score-samples scores with a reward model, this one's head is {head!r}"
+        )
+    if ((args.prompts and not args.score_samples) or args.nll) and head != "lm":
         raise SystemExit(
             f"--model {args.model}: --prompts and --nll need a language model, this one's head is {head!r}"
         )
@@ -201,19 +285,36 @@ def main(argv=None):
     verify = task.verify if task is not None else None
     try:  # a bad record: its file, line and field, one line per rank (no traceback)
         records = read_prompts(args.prompts) if args.prompts else []
-        pairs = read_pairs(args.pairs) if args.pairs else ([], [], 0)
+        pairs = read_pairs(args.pairs) if args.pairs and head == "reward" else ([], [], 0)
         examples, data_report = (
             load_examples(args.nll, "sft", chat, args.max_len, verbose=False) if args.nll else ([], {})
         )
-    except (ValidationError, OSError) as e:
+        samples = {p: read_samples(p, len(records)) for p in args.score_samples}
+        dpo = dpo_setup(args.dpo_config, chat, args.pairs, verbose=False) if args.pairs and head == "lm" else None
+    except (ValidationError, OSError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
+    if dpo is not None:
+        from llama_posttrain.losses.dpo import LOSSES
+
+        loss = dpo[0].dpo.loss
+        if LOSSES[loss].reference and not args.reference:
+            raise SystemExit(
+                f"--dpo-config {args.dpo_config}: dpo.loss {loss} scores against a reference: give --reference"
+            )
+        if not LOSSES[loss].reference and args.reference:
+            raise SystemExit(
+                f"--dpo-config {args.dpo_config}: dpo.loss {loss} has no reference model: drop --reference"
+            )
+        if args.reference:
+            check_policies({"--reference": args.reference})
+        pairs = ([None] * len(dpo[1]), [], 0)  # the DPO examples' count; dropped ones counted by load_examples
     for flag, path, n in (("--prompts", args.prompts, len(records)), ("--pairs", args.pairs, len(pairs[0])),
                           ("--nll", args.nll, len(examples))):  # fmt: skip
         if path and not n:
             raise SystemExit(f"{flag} {path}: no records to evaluate")
     d = init_distributed()  # one process per GPU (cuda:LOCAL_RANK); a plain `python` run is 1 rank
     try:
-        result = evaluate(args, d, chat, verify, records, pairs, examples)
+        result = evaluate(args, d, chat, verify, records, pairs, examples, head, samples, dpo)
         if d.is_main:
             result = {"model": str(args.model), "ranks": d.world_size, **result}
             if args.nll:
@@ -225,8 +326,23 @@ def main(argv=None):
         dist.destroy_process_group()
 
 
-def evaluate(args, d, chat: ChatFormat, verify, records, pairs, examples) -> dict:
-    """This rank's share of every metric asked for, summed over ranks -> the metrics and their counts."""
+def check_policies(models: dict) -> None:
+    """Each {flag: path} a readable language-model checkpoint, or SystemExit naming it."""
+    from llama_posttrain.llama.checkpoint import read_config
+
+    for flag, path in models.items():
+        try:
+            head = read_config(path)[1]
+        except (ValueError, OSError) as e:
+            raise SystemExit(f"error: {flag} {path}: {e}") from None
+        if head != "lm":
+            raise SystemExit(f"error: {flag} {path}: not a language model (its head is {head!r})")
+
+
+def evaluate(args, d, chat: ChatFormat, verify, records, pairs, examples, head=None, samples=None, dpo=None) -> dict:
+    """This rank's share of every metric asked for, summed over ranks -> the metrics, their counts (`n`) and
+    the standard deviations of the means' terms (`std`). head: the model's (default: reward with --pairs, else lm);
+    samples: {result file: samples per prompt} (--score-samples); dpo: (the DPO config, its examples of --pairs)."""
     import torch
 
     from llama_posttrain.llama.checkpoint import load_model
@@ -235,7 +351,10 @@ def evaluate(args, d, chat: ChatFormat, verify, records, pairs, examples) -> dic
     dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
     share = slice(d.rank, None, d.world_size)
     reuse = verify is not None and args.k == SAMPLED  # rm_score's samples are task_accuracy_sampled's
-    passes = (2 if verify else 0) + (1 if args.rm and not reuse else 0)
+    keep = getattr(args, "keep_samples", False)
+    samples = samples or {}
+    draw = bool(args.rm and not reuse) or (keep and not args.rm and verify is None)  # a pass of t=1 samples
+    passes = (2 if verify else 0) + (1 if draw else 0) + len(samples)
     total, done = passes * len(records) + len(pairs[0]) + len(examples), [0]
 
     def step(n):  # rank 0's count scaled to the whole set: the ranks go at about the same pace
@@ -243,8 +362,9 @@ def evaluate(args, d, chat: ChatFormat, verify, records, pairs, examples) -> dic
         progress.report(min(total, done[0] * d.world_size), total, "examples")
 
     progress.report(0, total, "examples")
-    model = load_model(args.model, head="reward" if args.pairs else "lm", dtype=dtype, device=d.device).eval()
-    if records and d.is_main:  # the largest generate call's cache: K samples (or SAMPLED) per prompt
+    head = head or ("reward" if args.pairs else "lm")
+    model = load_model(args.model, head=head, dtype=dtype, device=d.device).eval()
+    if records and head == "lm" and d.is_main:  # the largest generate call's cache: K samples (or SAMPLED) per prompt
         from llama_posttrain.llama.generate import kv_cache_report
 
         lens = [len(chat.encode_dialog(r["messages"], add_generation_prompt=True).tokens) for r in records[share]]
@@ -259,17 +379,25 @@ def evaluate(args, d, chat: ChatFormat, verify, records, pairs, examples) -> dic
             model, chat, records[share], verify, args.max_new_tokens, generator, step, args.batch_size
         )
         sums.update(part)
+    mine = records[share]
+    if draw:
+        generator = torch.Generator(d.device).manual_seed(rank_seed(args.seed, d.rank))
+        texts = sampled(model, chat, mine, args.k, args.max_new_tokens, 1.0, generator, args.batch_size)
+        step(len(mine))
     if args.rm:
-        mine = records[share]
-        if not reuse:
-            generator = torch.Generator(d.device).manual_seed(rank_seed(args.seed, d.rank))
-            texts = sampled(model, chat, mine, args.k, args.max_new_tokens, 1.0, generator, args.batch_size)
-            step(len(mine))
         rm = load_model(args.rm, head="reward", dtype=dtype, device=d.device).eval()
         scores = score(rm, chat, [r["messages"] for r in mine], texts, args.max_len) if mine else []
-        sums["rm_score"], sums["rm_score/n"] = sum(map(sum, scores)), sum(map(len, scores))
+        sums.update({f"rm_score{k}": v for k, v in ci_sums(s for ss in scores for s in ss).items()})
         del rm
-    if args.pairs:
+    kept = gather_in_order(texts if keep else None, len(records), d) if keep else None
+    for i, of in enumerate(samples.values()):  # the reward model scores other policies' samples
+        scores = score(model, chat, [r["messages"] for r in mine], of[share], args.max_len) if mine else []
+        sums.update({f"rm_score_of/{i}{k}": v for k, v in ci_sums(s for ss in scores for s in ss).items()})
+        step(len(mine))
+    if args.pairs and dpo is not None:  # a policy: the DPO run's own eval objective on the pairs
+        out["dpo_reward_accuracy"], n_pairs = dpo_accuracy(model, dpo, args.reference, dtype, chat, d)
+        step(len(pairs[0][share]))
+    elif args.pairs:
         prompts, texts = pairs[0][share], pairs[1][share]
         scores = score(model, chat, prompts, texts, args.max_len) if prompts else []
         sums["rm_accuracy"], sums["rm_accuracy/n"] = sum(s[0] > s[1] for s in scores), len(scores)
@@ -279,16 +407,70 @@ def evaluate(args, d, chat: ChatFormat, verify, records, pairs, examples) -> dic
         sums["nll"], sums["nll/n"] = nll_sums(model, examples[share], args.max_len, chat.tokenizer.pad_id)
         step(len(examples[share]))
     sums = all_reduce_sum(sums, d.device) if d.world_size > 1 else sums
-    for key in [k for k in sums if not k.endswith("/n")]:
+    n, std = {}, {}
+    for key in [k for k in sums if "/" not in k or k.startswith("rm_score_of/") and k.count("/") == 1]:
         out[key] = sums[key] / sums[f"{key}/n"] if sums[f"{key}/n"] else None
+        n[key] = int(sums[f"{key}/n"])
+        if f"{key}/sq" in sums:
+            std[key] = std_of(sums[key], sums[f"{key}/sq"], sums[f"{key}/n"])
+    if dpo is not None:
+        n["dpo_reward_accuracy"] = n_pairs
+    out["rm_score_of"] = {
+        path: {
+            "rm_score": out.pop(f"rm_score_of/{i}"),
+            "n": n.pop(f"rm_score_of/{i}"),
+            "std": std.pop(f"rm_score_of/{i}"),
+        }
+        for i, path in enumerate(samples)
+    }
+    if not samples:
+        del out["rm_score_of"]
     counts = {
         "prompts": len(records) if records else None, "pairs": len(pairs[0]) if args.pairs else None,
         "sft_records": len(examples) if args.nll else None, "nll_tokens": sums.get("nll/n"),
     }  # fmt: skip
-    if records:  # after the sampled metrics: their random numbers are drawn as before
+    if records and head == "lm":  # after the sampled metrics: their random numbers are drawn as before
         out["generations"] = shown_generations(model, chat, records, greedy, verify, args.max_new_tokens, d)
+    if kept is not None and d.is_main:
+        out["samples"] = kept
     progress.report(total, total, "examples")
-    return {**out, **{k: int(v) for k, v in counts.items() if v is not None}}
+    return {**out, **{k: int(v) for k, v in counts.items() if v is not None}, "n": n, "std": std}
+
+
+def gather_in_order(texts, records: int, d) -> list | None:
+    """Each rank's samples of its share (every world_size-th prompt) -> on rank 0, every prompt's, in order."""
+    import torch.distributed as dist
+
+    every = [None] * d.world_size if d.is_main else None
+    dist.gather_object(list(texts or []), every, dst=0)
+    if not d.is_main:
+        return None
+    out = [None] * records
+    for rank, part in enumerate(every):
+        for i, s in zip(range(rank, records, d.world_size), part):
+            out[i] = s
+    return out
+
+
+def dpo_accuracy(model, dpo, reference_path, dtype, chat: ChatFormat, d) -> tuple[float | None, int]:
+    """The DPO run's eval objective (llama_posttrain/train/dpo.py make_objective; loop.evaluate) on the pairs: its
+    `rewards/accuracies`, with the run's dpo section (loss, beta, mask_format) -> (accuracy, pairs)."""
+    from llama_posttrain.data.loader import DataLoader
+    from llama_posttrain.llama.checkpoint import load_model
+    from llama_posttrain.train import loop
+    from llama_posttrain.train.dpo import make_objective
+
+    cfg, examples = dpo  # one step of every pair (micro-batches of data.tokens_per_microbatch): per-pair sums
+    reference = None
+    if reference_path:
+        reference = load_model(reference_path, head="lm", dtype=dtype, device=d.device).eval()
+    dc = cfg.data
+    loader = DataLoader(
+        examples, max(len(examples), d.world_size), dc.max_len, dc.tokens_per_microbatch, d.rank, d.world_size,
+        shuffle=False, pad_id=chat.tokenizer.pad_id, drop_last=False,
+    )  # fmt: skip
+    metrics = loop.evaluate(make_objective(model, reference, cfg.dpo, cfg.train.kernels), loader, model, d)
+    return metrics.get("eval/rewards/accuracies"), int(metrics["eval/examples"])
 
 
 if __name__ == "__main__":

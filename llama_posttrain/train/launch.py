@@ -6,15 +6,18 @@ their progress: training runs, sampling, evaluation, averaging. The driver itsel
                          `ray_address: auto` finds it): each distributed job is a placement group of `nnodes`
                          bundles on distinct nodes (STRICT_SPREAD), each running that node's `torchrun --nnodes N
                          --node_rank i` agent, the rendezvous on the first bundle's node; a single-process job
-                         (averaging) is one task. Every node sees the repository, the Python environment and the
-                         run folder at the same paths (a shared file system), as under Slurm.
+                         (averaging) is one task. Every node sees the repository, the Python environment, the
+                         run folder and the driver's working directory at the same paths (a shared file system),
+                         as under Slurm.
     launcher: slurm      inside an allocation (sbatch): the driver runs once; each distributed job is
                          `srun --nodes N --ntasks-per-node 1 torchrun ...` (one agent per node, c10d
                          rendezvous on the driver's host), each single-process job `srun -N1 -n1 python ...`.
 
 A Job is a script, its arguments and its ranks per node (`nproc`, 0 = one plain process: averaging);
-`Launcher.command(job)` is the command line a launcher runs, logged into the job's log first so it can
-be rerun by hand. While a job runs, a line shows its name, done/total (llama_posttrain/train/progress.py) and an ETA.
+`Launcher.command(job)` is the command line a launcher runs, logged into the job's log first (after `cd`
+to the folder it runs in, the driver's working directory, on every node) so it can be rerun by hand. Every
+launcher gives its ranks the same settings (train/processes.py `rank_env`: CPU threads from the job's ranks
+over all its nodes), so a job on 1 node x 2 ranks and on 2 nodes x 1 rank computes alike. While a job runs, a line shows its name, done/total (llama_posttrain/train/progress.py) and an ETA.
 SIGTERM / Ctrl-C / SIGHUP go to the job (`Signals`): the job saves and stops, then the driver stops.
 A job dies with the driver: its process gets SIGTERM when the driver is gone, even by kill -9 (Linux
 PR_SET_PDEATHSIG), so a training run saves and exits instead of going on as an orphan.
@@ -105,6 +108,18 @@ class Launcher:
         return ["srun", f"--nodes={self.nnodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1", *run, *rdzv,
                 script, *job.args]  # fmt: skip
 
+    def waiting(self, job: Job) -> str | None:
+        """What a job on several nodes waits for before its first progress report (ProgressLine says it at once
+        and every WAIT_EVERY_S): its nodes meeting; None on one node."""
+        if self.nnodes == 1 or job.nproc == 0:
+            return None
+        logs = f"{job.log}" if self.kind == "slurm" else f"{job.log} and {job.node_log(1).name} ... beside it"
+        if self.kind == "slurm":
+            meet = f"each node's torchrun agent (srun) to join the rendezvous at {self.endpoint()}"
+        else:
+            meet = f"Ray to place {self.nnodes} distinct nodes, then each node's torchrun agent to join node 0's"
+        return f"{self.nnodes} nodes x {job.nproc} ranks: {meet}, then the model and data to load (output: {logs})"
+
     def run(self, job: Job) -> None:
         """Run the job to its end (all nodes), its output appended to its log, its progress shown. Raises
         JobFailed with the log's end, or Interrupted if a signal stopped it (forwarded to it first)."""
@@ -113,7 +128,7 @@ class Launcher:
         progress_file.unlink(missing_ok=True)
         env = {**job.env, progress.ENV: str(progress_file)}
         job.log.parent.mkdir(parents=True, exist_ok=True)
-        watch = ProgressLine(job.name, progress_file)
+        watch = ProgressLine(job.name, progress_file, waiting=self.waiting(job))
         try:
             if self.kind == "ray":
                 from llama_posttrain.train.launch_ray import RayJobs  # Ray, an optional extra: only here
@@ -121,7 +136,8 @@ class Launcher:
                 rc, failure = RayJobs(self).run(job, env, watch)
             else:
                 cmd = self.command(job, rdzv_id)
-                rc, failure = run_logged(cmd, {**os.environ, **env}, job.log, self.signals.run, tick=watch), None
+                env = {**os.environ, **env}
+                rc, failure = run_logged(cmd, env, job.log, self.signals.run, job.cwd, tick=watch), None
         finally:
             watch()  # the job's last report
             watch.close()
@@ -142,13 +158,18 @@ def clock(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+WAIT_EVERY_S = 30.0  # while a job on several nodes has reported no progress: how often that is said
+
+
 class ProgressLine:
     """While a job runs: `name: 37/150 steps, 0:42, ETA 2:08`, redrawn in place on a terminal, else a
-    line every 10% or 60 s (a log file stays readable)."""
+    line every 10% or 60 s (a log file stays readable). Before its first report, a job on several nodes
+    (`waiting`: what it waits for) is said to wait, at once and every WAIT_EVERY_S."""
 
-    def __init__(self, name: str, path: Path, stream=None):
-        self.name, self.path, self.stream = name, path, stream or sys.stderr
+    def __init__(self, name: str, path: Path, stream=None, waiting: str | None = None):
+        self.name, self.path, self.stream, self.waiting = name, path, stream or sys.stderr, waiting
         self.t0, self.shown, self.last_print, self.tty = time.time(), None, 0.0, self.stream.isatty()
+        self.last_wait: float | None = None
 
     def line(self, p: dict) -> str:
         elapsed = time.time() - self.t0
@@ -158,6 +179,11 @@ class ProgressLine:
 
     def __call__(self) -> None:
         p = progress.read(self.path)
+        if p is None and self.waiting and (self.last_wait is None or time.time() - self.last_wait >= WAIT_EVERY_S):
+            still = "still " if self.last_wait is not None else ""
+            self.stream.write(f"{self.name}: {clock(time.time() - self.t0)}, {still}waiting for {self.waiting}\n")
+            self.stream.flush()
+            self.last_wait = time.time()
         if p is None or (self.shown and p["done"] == self.shown["done"]):
             return
         now, step = time.time(), max(1, p["total"] // 10)

@@ -9,7 +9,8 @@ that node's `torchrun --nnodes N --node_rank i` agent (a static rendezvous on th
 address and a free port a first task finds), so node i holds ranks i * nproc ... (i + 1) * nproc - 1. A
 single-process job (averaging) is one task on any node. Each node's output goes to its log, opened by its
 command line (node 0: the job's log, node i: `<log>.node<i>.log`). Every node sees the repository, the Python
-environment and the run folder at the same paths (a shared file system), as under Slurm.
+environment, the run folder and the driver's working directory (where each job runs) at the same paths (a shared
+file system), as under Slurm.
 
 Stopping: a signal to the driver cancels the tasks (Signals -> RayJobs.forward): each agent task gets a
 KeyboardInterrupt and sends SIGTERM to its torchrun, which its workers save on; a second signal kills them.
@@ -53,7 +54,7 @@ def ray_node_address() -> tuple[str, int]:
         return ray.util.get_node_ip_address(), s.getsockname()[1]
 
 
-def ray_agent(cmd: list[str], env: dict, log: str) -> int:
+def ray_agent(cmd: list[str], env: dict, log: str, cwd: str) -> int:
     """A job's process on one Ray node (a Ray task, run in its worker's main thread): cmd, logged like a local
     job, its exit code returned. The driver cancels the task to stop it: the first cancel (a KeyboardInterrupt
     here) sends SIGTERM, the next SIGKILL to the whole tree. cmd runs under a shim (below), which dies with
@@ -73,7 +74,7 @@ def ray_agent(cmd: list[str], env: dict, log: str) -> int:
                 cancels += 1
                 child.forward(signal.SIGTERM) if cancels == 1 else child.kill()
 
-    return run_logged(cmd, {**os.environ, **env}, Path(log), run)
+    return run_logged(cmd, {**os.environ, **env}, Path(log), run, cwd)
 
 
 def exit_status(code: int) -> str:
@@ -118,7 +119,7 @@ class RayJobs:
         ray, n = self.ray, self.launcher.nnodes
         agent = ray.remote(max_retries=0, num_cpus=1)(ray_agent)  # never retried: a rerun of the driver resumes
         if job.nproc == 0:
-            return self.wait(job, [agent.remote(self.launcher.command(job), env, str(job.log))], watch)
+            return self.wait(job, [agent.remote(self.launcher.command(job), env, str(job.log), job.cwd)], watch)
         from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -126,7 +127,7 @@ class RayJobs:
         bundle = {"CPU": 1, **gpus}
         group = placement_group([bundle] * n, strategy="STRICT_SPREAD")
         try:
-            if not self.ready(group.ready()):
+            if not self.ready(group.ready(), watch):
                 raise JobFailed(
                     f"launcher: ray: {job.name} needs {n} distinct nodes with {bundle} free on each, and the Ray "
                     "cluster has not given them in 60 s (`ray status` shows what is used)"
@@ -139,18 +140,20 @@ class RayJobs:
                 for i in range(n):
                     cmd = self.launcher.command(job, node=i, master=f"{host}:{port}")
                     task = agent.options(scheduling_strategy=on[i], num_gpus=gpus.get("GPU", 0))
-                    refs.append(task.remote(cmd, env, str(job.node_log(i))))
+                    refs.append(task.remote(cmd, env, str(job.node_log(i)), job.cwd))
             return self.wait(job, refs, watch)
         finally:
             remove_placement_group(group)
 
-    def ready(self, ref, timeout_s: float = 60.0) -> bool:
-        """Wait for ref, a signal stopping the wait (Interrupted)."""
+    def ready(self, ref, watch=None, timeout_s: float = 60.0) -> bool:
+        """Wait for ref, a signal stopping the wait (Interrupted); watch(): the progress line, which says the wait."""
         deadline = time.time() + timeout_s
         while time.time() < deadline:
             if self.ray.wait([ref], timeout=0.2)[0]:
                 return True
             self.launcher.signals.check("waiting for the Ray cluster's nodes")
+            if watch is not None:
+                watch()
         return False
 
     def wait(self, job: Job, refs: list, watch) -> tuple[int, tuple[str, Path, str] | None]:

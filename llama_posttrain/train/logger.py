@@ -3,10 +3,13 @@
 `read_metrics(path)` is the one reader of metrics.jsonl; a line cut short by a crash mid-write is
 dropped with a warning, so a killed run still resumes. metrics.jsonl keeps the project's own keys
 (`loss`, `lr`, `eval/loss`, ...); wandb gets the dashboard names (`dashboard_names`): train metrics
-under `train/`, eval metrics under `eval/`, TRL's name where TRL logs the metric (`learning_rate`,
-DPO's `nll_loss`, the RM's `margin`, `mean_reward`, `min_reward`, SFT's and DPO's `mean_token_accuracy`),
-plus `train/global_step` (every chart's x-axis, `define_metric`) and `train/num_tokens` (the real
-tokens trained on so far, the other x-axis). The run's group, job type and name come from
+under `train/`, eval metrics under `eval/`, TRL's name where TRL 1.16 logs the same quantity (`learning_rate`,
+the RM's `margin`, `mean_reward`, `min_reward`, `max_reward`, SFT's and DPO's `mean_token_accuracy`; DPO's
+`nll_loss` only with `dpo.nll_norm: token`, the mean over the chosen tokens as TRL's CPOTrainer logs it),
+plus `train/global_step` (every chart's x-axis, `define_metric`) and `train/num_tokens` (the other
+x-axis: TRL's, the tokens trained on so far with every DPO or RM response counted with its own copy of
+the prompt, as TRL's rows hold them: each step's `tokens` x `trl_tokens_per_token`, where the loss logs
+it; SFT's `tokens` as they are). The run's group, job type and name come from
 `logging.group`, `logging.job_type`, `logging.name` (the pipeline sets them for every stage run:
 group = the pipeline run, job type = the stage). A list value (an eval's `Objective.collect`, e.g. the
 RM's `eval/rewards_chosen`) is a distribution: wandb gets a `wandb.Histogram` of it; metrics.jsonl and
@@ -47,6 +50,8 @@ class Logger:
             )  # fmt: skip
             define_metrics(self.wandb)
         self.kind = next((k for k in ("dpo", "rm", "sft") if k in config_dict), None)  # the entry's own section
+        if self.kind == "dpo" and config_dict["dpo"].get("nll_norm") == "token":
+            self.kind = "dpo_token_nll"  # TRL's nll_loss: the mean over the chosen tokens
         self.num_tokens, self.last_step = 0, 0
         for record in keep:  # a resumed run counts on from its kept records
             self._count(record["step"], record)
@@ -71,10 +76,12 @@ class Logger:
             print(self._line(step, metrics), end="", file=sys.stderr, flush=True)
 
     def _count(self, step: int, metrics: dict) -> None:
-        """train/num_tokens: each train record's `tokens` for every step since the last one logged (exact with
-        log_every 1; with more, the steps between count as the logged one)."""
+        """train/num_tokens (TRL's): each train record's `tokens` x its `trl_tokens_per_token` (1 where the loss
+        logs none: SFT) for every step since the last one logged (exact with log_every 1; with more, the
+        steps between count as the logged one)."""
         if "tokens" in metrics:
-            self.num_tokens += metrics["tokens"] * (step - self.last_step)
+            trl_tokens = round(metrics["tokens"] * metrics.get("trl_tokens_per_token", 1))
+            self.num_tokens += trl_tokens * (step - self.last_step)
             self.last_step = step
 
     def dashboard(self, step: int, metrics: dict, epoch: float | None = None) -> dict:
@@ -102,15 +109,17 @@ class Logger:
             self.wandb.finish()
 
 
-# our key -> TRL's name for the same metric, per entry point (the `dpo`, `rm`, `sft` config section); the
-# prefix (train/ or eval/) is added after. Keys not listed keep their name.
+# our key -> TRL's name for the same metric, per entry point (the `dpo`, `rm`, `sft` config section; dpo_token_nll:
+# dpo with nll_norm token); the prefix (train/ or eval/) is added after. Keys not listed keep their name: TRL's
+# where it is the same (DPO's rewards/*, logps/*, logits/*, entropy; RM's accuracy), ours otherwise (nll,
+# reward_std, ipo/score_*: TRL 1.16 logs none of these; tests/test_trl_names.py checks each against TRL's).
 TRL_NAMES = {
     None: {"lr": "learning_rate"},
-    "dpo": {"nll": "nll_loss", "token_accuracy": "mean_token_accuracy"},
+    "dpo": {"token_accuracy": "mean_token_accuracy"},
+    "dpo_token_nll": {"nll": "nll_loss", "token_accuracy": "mean_token_accuracy"},
     "rm": {
         "margin_mean": "margin",
         "reward_mean": "mean_reward",
-        "reward_std": "std_reward",
         "reward_min": "min_reward",
         "reward_max": "max_reward",
     },

@@ -15,17 +15,35 @@ interrupted training run resumes from its own checkpoints. SIGTERM or Ctrl-C goe
 the stage, and the same command resumes. The report is summary.json, summary.md and the plots
 (llama_posttrain/train/report.py).
 
-Paths: a relative path in the pipeline's config, its key=value overrides and its task_args (root, base,
-safety_rm, configs, the files task's files, the stage overrides' file keys, PATH_KEYS) is relative to the
-directory the pipeline is started in; jobs get them absolute (they run in the repository, where the stage
-config files' own relative paths and the default `configs`, experiments/quickstart, point). DONE markers
-hold paths relative to the run folder, so a copied or renamed folder reads its own results.
+Exit status: 0 done; 1 an error (one line `pipeline: error: ...`); 3 waiting for labels (annotator human: the
+sets to label are written, label them and rerun the same command); 128 + N stopped by signal N (130 Ctrl-C,
+143 SIGTERM), the same command resumes.
+
+Paths: a relative path is relative to the directory the pipeline is started in, wherever it is written: the
+pipeline's config and its key=value overrides (root, base, safety_rm, configs), its task_args (the files task's
+files), the stage overrides' PATH_KEYS, and the PATH_KEYS of the stage config files (`configs`) themselves, as
+for a stage's own command started there. Jobs get every path absolute and run in that directory too, on every
+node (launch.py). The default `configs`, the repository's experiments/quickstart files, are found from any
+directory; the pipeline sets their paths (data, run folder). The tokenized caches of every stage go to the run
+folder's .tokenized. DONE markers hold paths relative to the run folder, so a copied or renamed folder reads
+its own results.
 
 A run folder holds the results of one config, and one driver at a time (run.lock): the first start
 records the config (pipeline.yaml, and the stage config files' contents in stage_configs.yaml) and a
 later start with a different config is refused, listing the differing keys, except for keys that change
 no stage's result (HARMLESS, and STAGE_SETS, the stage configs' keys the pipeline sets for every run).
 The record is never rewritten. To start over, choose a new `name` or delete the folder.
+
+Before the first job, every input is checked (llama_posttrain/train/preflight.py): each record of the files task's
+files, parsed by the jobs' own schema code, and each training run's config (stage config file, the pipeline's
+stage overrides, each variant's), read by the training scripts' config code; all problems in one error.
+A sampling stage that drops more than `max_dropped` of its samples or prompts stops, naming the drop and the keys
+to change. `from_stage=round_<k>/<stage>` redoes that stage and every later one: their folders (done or not) and
+the report move to redo_<n>/, and the sampling keys (REDO_KEYS in recipe.py: max_new_tokens, temperature, k,
+cleaning, ...) may differ from the record; redo.yaml records each redo (time, stage, the keys changed, their
+values), and a later start is compared with pipeline.yaml and the last redo's values. A start with the last
+redo's from_stage and sampling keys goes on with that redo (the same command resumes it). A sampling key
+changed without from_stage is refused, as any other.
 """
 
 from __future__ import annotations
@@ -36,6 +54,7 @@ import json
 import math
 import os
 import sys
+import time
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +70,7 @@ from llama_posttrain.llama.tokenizer import load_tokenizer, resolve_tokenizer
 from llama_posttrain.train import run_lock
 from llama_posttrain.train.config import (
     AtLeast,
+    Interval,
     NonNegFloat,
     NonNegInt,
     PosInt,
@@ -60,12 +80,23 @@ from llama_posttrain.train.config import (
     read_yaml,
 )
 from llama_posttrain.train.launch import Interrupted, Launcher
-from llama_posttrain.train.recipe import STAGE_KINDS, STAGE_SETS, Recipe, StageError, WaitingForLabels, absolute
+from llama_posttrain.train.recipe import (
+    REDO_KEYS,
+    STAGE_KINDS,
+    STAGE_SETS,
+    Recipe,
+    StageError,
+    WaitingForLabels,
+    absolute,
+    stage_names,
+    stage_place,
+)
 from llama_posttrain.train.report import wandb_settings, write_report
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: experiments/ and the job scripts, llama_posttrain/...
 Preset = Literal[tuple(PRESETS)]  # a model preset's name (llama_posttrain/llama/config.py)
 QUICKSTART_CONFIGS = {kind: f"experiments/quickstart/{kind}.yaml" for kind in STAGE_KINDS}
+EXIT_WAITING_FOR_LABELS = 3  # the human annotator's stop (1: an error, 128 + N: signal N; the module's docstring)
 
 
 @dataclass
@@ -111,6 +142,8 @@ class PipelineConfig:
     k: Annotated[int, AtLeast(2)] = 8  # samples per prompt
     temperature: NonNegFloat = 1.0  # of the rounds' sampling
     max_new_tokens: PosInt = 8
+    max_dropped: Annotated[float, Interval(0.0, 1.0)] = 0.5  # rs/pref losing more of its samples or prompts stops
+    from_stage: str | None = None  # round_<k>/<stage>: redo it and the later stages (sampling keys may change)
     configs: dict[str, str] = field(
         default_factory=lambda: dict(QUICKSTART_CONFIGS)
     )  # rm/sft/dpo -> config file; default: the repository's experiments/quickstart
@@ -125,7 +158,10 @@ class PipelineConfig:
 # Keys whose change leaves every stage's result as it was: a run folder may be continued with new values.
 # `configs`: the files' paths; their contents are recorded and compared (stage_configs.yaml).
 LAUNCH_KEYS = {"launcher", "nnodes", "rdzv_endpoint", "ray_address", "node_rank"}  # node_rank: older records have it
-HARMLESS = {"name", "root", "rounds", "plots", "configs", *LAUNCH_KEYS}
+# max_dropped: a stage stops or goes on, its result the same; from_stage: an action, recorded in redo.yaml.
+HARMLESS = {"name", "root", "rounds", "plots", "configs", "max_dropped", "from_stage", *LAUNCH_KEYS}
+REPORT_FILES = ("summary.json", "summary.md", "accuracy.png", "rewards.png")  # llama_posttrain/train/report.py
+REDO_RECORD = "redo.yaml"  # the run folder's redos (from_stage): time, stage, the keys changed, where the old went
 SFT_SOURCES = ("rejection_sampled", "human")  # the keys of sft_weights
 
 
@@ -181,11 +217,12 @@ def load_pipeline_config(path: str | None, overrides=()) -> PipelineConfig:
     if "configs" in source:  # the user's files: relative to where the pipeline starts, as every path given to it
         cfg.configs = {kind: absolute(file) for kind, file in cfg.configs.items()}
     _check_values(cfg, source)
+    _check_from_stage(cfg, source)
     return cfg
 
 
 def run_folder(cfg: PipelineConfig) -> Path:
-    """<root>/<name>, absolute: the jobs run in the repository, the root is relative to where the pipeline starts."""
+    """<root>/<name>, absolute (root: relative to where the pipeline starts): what the jobs are given."""
     return Path(absolute(cfg.root)) / cfg.name
 
 
@@ -239,6 +276,18 @@ def _check_values(cfg: PipelineConfig, source: dict[str, str]) -> None:
         )
 
 
+def _check_from_stage(cfg: PipelineConfig, source: dict[str, str]) -> None:
+    """from_stage names a stage of the recipe (round_<k>/<stage>, k <= rounds)."""
+    if cfg.from_stage is None or cfg.from_stage in stage_names(cfg.rounds):
+        return
+    names = stage_names(min(cfg.rounds, 1))
+    more = f", ... round_{cfg.rounds}/dpo" if cfg.rounds > 1 else ""
+    raise PipelineError(
+        f"{source.get('from_stage', 'default')}: from_stage: {cfg.from_stage!r} is not a stage of this config's "
+        f"{cfg.rounds} round(s) (round_<k>/<stage>: {', '.join(names)}{more})"
+    )
+
+
 def make_task(task: str, args: dict, source: dict[str, str] | None = None):
     """The config's task (data/tasks), made with its task_args: a dataclass task's arguments are checked
     like the config's keys. Errors name the file or override that set the task or its arguments."""
@@ -278,7 +327,20 @@ def _read_record(folder: Path) -> dict:
     if not isinstance(stage_configs, dict) or not all(isinstance(v, dict) for v in stage_configs.values()):
         raise PipelineError(f"{stages}: not recorded stage configs (a mapping of stage -> its config)")
     defaults = {k: v for k, v in dataclasses.asdict(PipelineConfig()).items() if k not in saved}
-    return {**defaults, **saved, "stage_configs": stage_configs}
+    redos = _read_redos(folder)  # the last redo's sampling keys are the folder's since
+    return {**defaults, **saved, **(redos[-1]["values"] if redos else {}), "stage_configs": stage_configs}
+
+
+def _read_redos(folder: Path) -> list[dict]:
+    """A run folder's redos (redo.yaml, oldest first; none: []); a file that is not what the pipeline writes:
+    PipelineError."""
+    record = folder / REDO_RECORD
+    if not record.is_file():
+        return []
+    redos = _read_yaml(record)
+    if not isinstance(redos, list) or not all(isinstance(r, dict) and isinstance(r.get("values"), dict) for r in redos):
+        raise PipelineError(f"{record}: not a record of redos (a list of {{time, from_stage, changed, values, ...}})")
+    return redos
 
 
 def _without_stage_sets(config: dict) -> dict:
@@ -313,8 +375,14 @@ class Pipeline:
         else:
             from llama_posttrain.llama.checkpoint import read_config  # torch: not for `--help` and config errors
 
-            tokenizer = resolve_tokenizer(None, cfg.base, read_config(cfg.base)[0].vocab_size)
-        chat = ChatFormat(tokenizer, resolve_chat_template(None, cfg.base))
+            try:  # the base's tokenizer: one with ids beyond its vocabulary is named, not a traceback
+                tokenizer = resolve_tokenizer(None, cfg.base, read_config(cfg.base)[0].vocab_size)
+            except ValueError as e:
+                raise PipelineError(f"base: {e}") from None
+        try:
+            chat = ChatFormat(tokenizer, resolve_chat_template(None, cfg.base))
+        except ValueError as e:
+            raise PipelineError(f"base: {e}") from None
         self.launcher = make_launcher(cfg, self.dir)
         self.signals = self.launcher.signals
         configs = {kind: ROOT / file for kind, file in cfg.configs.items()}
@@ -326,6 +394,7 @@ class Pipeline:
     def run(self) -> list[dict]:
         """Every stage not done before, then the report. A signal stops it (Interrupted, llama_posttrain/train/launch.py)."""
         with self.signals:
+            self.preflight()  # before the run folder is made or its stages moved aside for a redo
             self.check_run_folder()
             print(f"pipeline: {self.estimate()}", flush=True)
             try:
@@ -340,11 +409,24 @@ class Pipeline:
                 raise PipelineError(str(e)) from None
         return results
 
+    def preflight(self) -> None:
+        """Every input file's records and every training run's config, checked before any job
+        (llama_posttrain/train/preflight.py); all problems in one PipelineError."""
+        from llama_posttrain.train import preflight
+
+        problems, checked = preflight.check(self.recipe)
+        if problems:
+            lines = "".join(f"\n  {p}" for p in problems)
+            raise PipelineError(f"{len(problems)} problem(s) found before any job started:{lines}")
+        files = f"{checked.get('files', 0)} data files ({checked.get('records', 0)} records) and " if checked.get(
+            "files") else ""  # fmt: skip
+        print(f"pipeline: preflight: {files}{checked.get('runs', 0)} training run configs checked", flush=True)
+
     def estimate(self) -> str:
         """How long the stages not done yet took in the last finished run of the same config (a folder under
         `root` with its report, its DONE markers' `seconds`): measured on this machine, under that run's load. No such
         run: no estimate (each job shows its own ETA as it runs)."""
-        same = {"name", "root", "plots"}  # keys that change nothing a stage does
+        same = {"name", "root", "plots", "max_dropped", "from_stage"}  # keys that change nothing a stage does
         now = {**dataclasses.asdict(self.cfg), "stage_configs": self.stage_configs()}
         finished = []  # (its summary.json's time, its folder)
         for summary in sorted(self.dir.parent.glob("*/summary.json")):  # a finished run wrote its report
@@ -411,8 +493,10 @@ class Pipeline:
                 )
             self.dir.mkdir(parents=True, exist_ok=True)
             write_text(stages, yaml.safe_dump(now["stage_configs"], sort_keys=False))
-            config = {k: v for k, v in now.items() if k != "stage_configs"}
+            config = {k: v for k, v in now.items() if k not in ("stage_configs", "from_stage")}
             write_text(record, yaml.safe_dump(config, sort_keys=False))  # last: the record is whole
+            if self.cfg.from_stage is not None:  # nothing to redo; recorded, so that the same command goes on
+                self.redo(now, now)
             return
         try:
             saved = _read_record(self.dir)
@@ -424,14 +508,78 @@ class Pipeline:
         # the stage configs' STAGE_SETS keys aside: the pipeline sets them for every stage run
         strict = differences(_without_stage_sets(saved), _without_stage_sets(now))
         refused = [k for k in strict if k.split(".")[0] not in HARMLESS]
+        sampling = [k for k in refused if k.split(".")[0] in REDO_KEYS]
+        if self.cfg.from_stage is not None:  # the redo's stages draw their samples with them
+            refused = [k for k in refused if k not in sampling]
         if refused:
             lines = "".join(f"\n  {k}: {strict[k][0]!r} there, {strict[k][1]!r} now" for k in refused)
-            raise PipelineError(
-                f"{self.dir} was made with another config (recorded in {record.name} and {stages.name}); "
-                f"differing:{lines}\n{START_OVER}"
+            redo = (
+                f"\n{', '.join(sampling)}: sampling keys, which may change for a redo of the stages from a named one "
+                "on: add `from_stage=round_<k>/<stage>` (e.g. round_1/rs; its folder and every later stage's are "
+                f"moved to redo_<n>/, the earlier stages kept; recorded in {REDO_RECORD})"
+                if sampling
+                else ""
             )
-        if changed:
-            print(f"{record}: {', '.join(changed)} changed (no stage's result depends on them); the record is kept")
+            raise PipelineError(
+                f"{self.dir} was made with another config (recorded in {record.name} and {stages.name}"
+                f"{' and ' + REDO_RECORD if (self.dir / REDO_RECORD).is_file() else ''}); differing:{lines}{redo}\n"
+                f"{START_OVER}"
+            )
+        harmless = [k for k in changed if k not in sampling and k != "from_stage"]
+        if harmless:
+            print(f"{record}: {', '.join(harmless)} changed (no stage's result depends on them); the record is kept")
+        if self.cfg.from_stage is not None:
+            self.redo(saved, now)
+
+    def redo(self, saved: dict, now: dict) -> None:
+        """from_stage: the named stage's folder and every later stage's (done or not), and the report, are moved
+        to redo_<n>/, so that those stages run again with the sampling keys (REDO_KEYS) as they are now; redo.yaml
+        records it (time, stage, the keys changed, their values, what was moved). A start whose from_stage and
+        sampling keys are the last redo's goes on with that redo (the same command resumes it)."""
+        fs, record = self.cfg.from_stage, self.dir / REDO_RECORD
+        redos = _read_redos(self.dir)
+        values = {key: now[key] for key in REDO_KEYS}
+        if redos and redos[-1].get("from_stage") == fs and redos[-1]["values"] == values:
+            print(
+                f"pipeline: from_stage={fs}: redo {len(redos)} of {record} ({redos[-1].get('time')}) goes on: the "
+                f"stages it finished are kept (to redo them again, move {fs} away or change a sampling key)",
+                flush=True,
+            )
+            return
+        start = stage_place(fs)
+        later = [p for p in self.dir.glob("round_*/*") if p.is_dir() and (stage_place(f"{p.parent.name}/{p.name}")
+                                                                          or (-1,)) >= start]  # fmt: skip
+        later.sort(key=lambda p: stage_place(f"{p.parent.name}/{p.name}"))
+        report = [self.dir / name for name in REPORT_FILES if (self.dir / name).exists()]
+        numbers = [int(p.name[5:]) for p in self.dir.glob("redo_*") if p.name[5:].isdigit()]
+        dest = self.dir / f"redo_{max([len(redos), *numbers]) + 1}"
+        changed = differences({key: saved.get(key) for key in REDO_KEYS}, values)
+        moved = []
+        with self.signals.deferred():  # moved and recorded, or a rerun moves the rest
+            for p in later + report:
+                target = dest / p.relative_to(self.dir)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(p, target)
+                moved.append(str(p.relative_to(self.dir)))
+            entry = {
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "from_stage": fs,
+                "changed": {key: {"was": was, "now": new} for key, (was, new) in changed.items()},
+                "values": values, "moved_to": dest.name if moved else None, "moved": moved,
+            }  # fmt: skip
+            write_text(record, yaml.safe_dump([*redos, entry], sort_keys=False))
+        what = ", ".join(f"{key} {was!r} -> {new!r}" for key, (was, new) in changed.items()) or "no key changed"
+        where = (
+            f"moved {', '.join(moved)} to {dest} (delete it once those results are not needed)"
+            if moved
+            else "nothing done from it yet"
+        )
+        print(f"pipeline: from_stage={fs}: {what}; {where}; recorded in {record}", flush=True)
+        if "max_new_tokens" in changed and start > (0, 1):
+            print(
+                f"pipeline: note: max_new_tokens is the evaluations' budget too: the stages before {fs} keep their "
+                f"evaluations, made with max_new_tokens {changed['max_new_tokens'][0]}",
+                flush=True,
+            )
 
 
 def make_launcher(cfg: PipelineConfig, run_dir: Path) -> Launcher:
@@ -454,8 +602,9 @@ def main(argv=None):
         Pipeline(cfg).run()
     except PipelineError as e:
         raise SystemExit(f"pipeline: error: {e}") from None
-    except WaitingForLabels as e:
-        raise SystemExit(f"pipeline: waiting for labels: {e}") from None
+    except WaitingForLabels as e:  # not a failure: people label the sets, then the same command goes on
+        print(f"pipeline: waiting for labels: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_WAITING_FOR_LABELS) from None
     except Interrupted as e:
         try:
             print(f"\npipeline: {e}", file=sys.stderr, flush=True)

@@ -22,6 +22,14 @@ name, else --kind) and the model's shape from model.checkpoint's config.json, mo
 The total is the largest of three moments: the start of a backward, a live reference's forward, the
 root's gradient reduce at the end of a backward. The verdict leaves a margin (default 10%) for the CUDA
 context, NCCL buffers and fragmentation. experiments/bench/plan_check.py checks it against CPU runs.
+
+A pipeline config (llama_posttrain/train/pipeline.py; its key=value overrides after it) is planned stage by
+stage, as its recipe starts each training run: the pre-training (without `base`), then the RM, SFT and
+DPO of every round, each from its stage config file with the pipeline's overrides (`rm:`, `sft:`, ...)
+and each variant's; the model's shape from `base` (else `preset`); `--nproc` defaults to its nproc x
+nnodes. One table, a verdict per stage, the full estimate of each stage that does not fit.
+
+Exit status: 0 everything fits, 3 (NOT_FIT) something does not, 2 a bad config or option.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ CHUNK_BYTES = 64 * 2**20  # llama_posttrain/kernels/chunked.py: fp32 logits per 
 DL_BYTES = 2**30  # llama_posttrain/kernels/triton_logprobs.py: d logits per backward slab
 BLOCK_V = 128  # the Triton tile width the slab is a multiple of (GPU_CONFIGS)
 KINDS = ("sft", "rm", "dpo")
+NOT_FIT = 3  # the exit status when a plan does not fit (2: a bad config or option, as argparse's)
 
 
 @dataclass(frozen=True)
@@ -294,6 +303,108 @@ def setting_from_config(cfg, kind: str, nproc: int, device: str = "cuda", preset
     )  # fmt: skip
 
 
+def is_pipeline_config(path) -> bool:
+    """Whether `path` is a pipeline config: keys of llama_posttrain/train/pipeline.py's PipelineConfig (rounds,
+    base, task, ...) and none of a training config's own sections (model, data, train, ...)."""
+    import yaml
+
+    from llama_posttrain.train.pipeline import PipelineConfig
+
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) if Path(path).is_file() else None
+    except (OSError, yaml.YAMLError):
+        return False  # the training config's loader names the problem
+    if not isinstance(raw, dict):
+        return False
+    training = {f.name for kind in KINDS for f in dataclasses.fields(config_class(kind))}
+    pipeline = {f.name for f in dataclasses.fields(PipelineConfig)} - training
+    return bool(set(raw) & pipeline) and not set(raw) & (training - set(KINDS))
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One training run of a pipeline round, as its recipe starts it (llama_posttrain/train/recipe.py train)."""
+
+    name: str  # pretrain, rm, sft, dpo; "dpo variant 1" where a stage has several
+    kind: str
+    config: Path  # the stage config file
+    overrides: list[str]  # section.key=value: the pipeline's stage overrides, the recipe's model keys, the variant's
+    preset: str | None  # the model's shape where no checkpoint gives it (no `base`: the pre-trained preset)
+
+
+def pipeline_stages(cfg) -> list[Stage]:
+    """The training runs of the pipeline config `cfg` (a PipelineConfig): the pre-training without `base`,
+    then the RM, SFT and DPO of a round, every round alike (the same shape, the same settings)."""
+    from llama_posttrain.train.pipeline import ROOT
+    from llama_posttrain.train.recipe import STAGE_KINDS, absolute, override_args
+
+    if cfg.base is not None:
+        model = {"model.checkpoint": absolute(cfg.base), "model.preset": None}
+    else:
+        model = {"model.checkpoint": None, "model.preset": cfg.preset}  # the pre-trained model's shape
+    runs = [("pretrain", "sft", {**cfg.pretrain, **model, "sft.mask_prompt": False})] if cfg.base is None else []
+    runs += [(kind, kind, {**getattr(cfg, kind), **model}) for kind in STAGE_KINDS]
+    stages = []
+    for name, kind, overrides in runs:
+        variants = cfg.variants.get(name) or [{}]
+        for v, extra in enumerate(variants):
+            stages.append(
+                Stage(
+                    name + (f" variant {v}" if len(variants) > 1 else ""), kind, ROOT / cfg.configs[kind],
+                    override_args({**overrides, **extra}), None if cfg.base is not None else cfg.preset,
+                )
+            )  # fmt: skip
+    return stages
+
+
+def plan_pipeline(
+    path, overrides: list[str], nproc: int | None, gpu_gib: float, device: str = "cuda", preset: str | None = None,
+    margin: float = 0.10, gpus_per_node: int | None = None,
+) -> tuple[str, bool]:  # fmt: skip
+    """Every training stage of a pipeline config: one table (stage, config, model, ranks, micro-batch, peak,
+    verdict), then the full report of each stage that does not fit. -> (the text, whether all fit)."""
+    from llama_posttrain.train.config import load_config
+    from llama_posttrain.train.pipeline import PipelineError, load_pipeline_config
+
+    try:
+        cfg = load_pipeline_config(str(path), overrides)
+    except PipelineError as e:
+        raise ValueError(str(e)) from None
+    nproc = nproc or cfg.nproc * cfg.nnodes
+    gpus_per_node = gpus_per_node or cfg.nproc
+    rows, failing = [], []
+    for stage in pipeline_stages(cfg):
+        run = load_config(config_class(stage.kind), str(stage.config), stage.overrides)
+        s = setting_from_config(run, stage.kind, nproc, device, preset or stage.preset)
+        e = estimate(s)
+        fit = e.total <= gpu_gib * GIB * (1 - margin)
+        shape = f"preset {preset or stage.preset}" if preset or stage.preset else "base"
+        micro = f"{s.rows} x {s.row_len}"
+        rows.append((stage.name, stage.config.name, shape, micro, f"{e.total / GIB:.2f}", "fits" if fit else "NO"))
+        if not fit:
+            failing.append((stage, s))
+    base = f"base {cfg.base}" if cfg.base is not None else f"pre-trained from preset {cfg.preset}"
+    head = ("stage", "config", "model", "micro-batch", "peak GiB", "fits")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    usable = gpu_gib * (1 - margin)
+    lines = [
+        f"pipeline {path}: {cfg.rounds} round(s), each the same training runs; {nproc} rank(s) each; {device}; {base}",
+        *(
+            "  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+            for r in [head, *rows]
+        ),
+        f"{'all fit' if not failing else f'{len(failing)} of {len(rows)} do NOT fit'} in {gpu_gib:g} GiB less a "
+        f"{margin:.0%} margin = {usable:.1f} GiB per rank",
+    ]
+    for stage, s in failing:
+        lines += [
+            "",
+            f"{stage.name} ({stage.config}, {' '.join(stage.overrides)}):",
+            report(s, gpu_gib, margin, gpus_per_node),
+        ]
+    return "\n".join(lines), not failing
+
+
 def report(s: Setting, gpu_gib: float, margin: float = 0.10, gpus_per_node: int = 8) -> str:
     e, p = estimate(s), param_counts(s.model, "reward" if s.kind == "rm" else "lm")
     layout = f"FSDP over {s.nproc}" if s.shards == s.nproc else f"HSDP {s.nproc // s.shards} x {s.shards}"
@@ -338,8 +449,8 @@ def report(s: Setting, gpu_gib: float, margin: float = 0.10, gpus_per_node: int 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", required=True, help="an SFT, RM or DPO YAML file")
-    ap.add_argument("--nproc", type=int, required=True, help="ranks in all (GPUs over all nodes)")
+    ap.add_argument("--config", required=True, help="an SFT, RM or DPO YAML file, or a pipeline config (every stage)")
+    ap.add_argument("--nproc", type=int, help="ranks in all (GPUs over all nodes); a pipeline's: its nproc x nnodes")
     ap.add_argument("--gpu-gib", type=float, required=True, help="memory per GPU (per process with --device cpu)")
     ap.add_argument("--kind", choices=KINDS, help="default: from the config's sections, else its file name")
     ap.add_argument(
@@ -347,20 +458,30 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     ap.add_argument("--margin", type=float, default=0.10, help="share of memory left free (default 0.10)")
-    ap.add_argument("--gpus-per-node", type=int, default=8)
-    ap.add_argument("overrides", nargs="*", help="section.key=value")
+    ap.add_argument("--gpus-per-node", type=int, help="default: 8; a pipeline's nproc")
+    ap.add_argument("overrides", nargs="*", help="section.key=value (a pipeline's: key=value)")
+    ap.epilog = f"exit status: 0 everything fits, {NOT_FIT} something does not, 2 a bad config or option"
     args = ap.parse_args(argv)
     from llama_posttrain.train.config import load_config
 
     try:
+        if not args.kind and is_pipeline_config(args.config):
+            text, fit = plan_pipeline(
+                args.config, args.overrides, args.nproc, args.gpu_gib, args.device, args.preset, args.margin,
+                args.gpus_per_node,
+            )  # fmt: skip
+            print(text)
+            return 0 if fit else NOT_FIT
+        if args.nproc is None:
+            raise ValueError("--nproc: the number of ranks in all is needed for a training config")
         kind = args.kind or detect_kind(args.config, args.overrides)
         cfg = load_config(config_class(kind), args.config, args.overrides)
         s = setting_from_config(cfg, kind, args.nproc, args.device, args.preset)
-        print(report(s, args.gpu_gib, args.margin, args.gpus_per_node))
+        print(report(s, args.gpu_gib, args.margin, args.gpus_per_node or 8))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return 0 if fits(s, args.gpu_gib, args.margin) else NOT_FIT
 
 
 if __name__ == "__main__":

@@ -17,9 +17,11 @@ def have_matplotlib() -> bool:
 
 
 def line_chart(
-    path, title: str, xlabels: list[str], series: dict[str, list[float | None]], xlabel: str = "", ylabel: str = ""
-) -> None:
-    """One line per series over categorical x labels, saved as a PNG; a None value is a gap in its line."""
+    path, title: str, xlabels: list[str], series: dict[str, list[float | None]], xlabel: str = "", ylabel: str = "",
+    errors: dict[str, list[tuple[float, float] | None]] | None = None,
+) -> None:  # fmt: skip
+    """One line per series over categorical x labels, saved as a PNG; a None value is a gap in its line.
+    errors: per series, per point, the (low, high) of an interval drawn as an error bar (None: none)."""
     from matplotlib.figure import Figure  # no pyplot: no global figure state, no display backend
 
     fig = Figure(figsize=(max(6.4, 0.6 * len(xlabels)), 4.2), layout="constrained")
@@ -27,7 +29,12 @@ def line_chart(
     xs = range(len(xlabels))
     for name, values in series.items():
         ys = [float("nan") if v is None else v for v in values]  # matplotlib breaks a line at NaN
-        ax.plot(xs, ys, marker="o", label=name)
+        (line,) = ax.plot(xs, ys, marker="o", label=name)
+        bars = [(x, y, e) for x, y, e in zip(xs, ys, (errors or {}).get(name) or []) if e is not None]
+        if bars:
+            x, y, e = zip(*bars)
+            below, above = [v - lo for v, (lo, _) in zip(y, e)], [hi - v for v, (_, hi) in zip(y, e)]
+            ax.errorbar(x, y, yerr=[below, above], fmt="none", ecolor=line.get_color(), capsize=3, alpha=0.7)
     ax.set_xticks(xs, xlabels, rotation=45 if len(xlabels) > 7 else 0, ha="right" if len(xlabels) > 7 else "center")
     ax.set_title(title)
     ax.set_xlabel(xlabel)

@@ -56,10 +56,12 @@ def _main(args) -> None:
     from llama_posttrain.data import cache
     from llama_posttrain.data.prepare import prepare_config
     from llama_posttrain.llama.chat import ChatFormat, resolve_chat_template
+    from llama_posttrain.train import run_folder
     from llama_posttrain.train.distributed import model_tokenizer
 
     config_class, options = _entry_point(args.kind)
     cfg = load_config(config_class, args.config, args.overrides)
+    cfg.data.cache_dir = run_folder.cache_dir(cfg)  # where the run started with this config looks for them
     m = cfg.model  # the chat format as llama_posttrain/train/entry.py `setup` builds it: the same cache key
     check_outputs(  # the caches are written under data.cache_dir: never onto a file the run reads
         {"--config": args.config, "data.train": [p for p, _ in train_sources(cfg.data.train)],

@@ -27,6 +27,7 @@ class Job:
     nproc: int = 1  # ranks per node; 0: one plain process on one node (no process group)
     env: dict = field(default_factory=dict)  # on top of the environment of the process that starts it
     run_dir: Path | None = None  # a training run's folder (its saved step is named when a signal stops it)
+    cwd: str = field(default_factory=os.getcwd)  # where its processes run, on every node: the driver's directory
 
     def node_log(self, node: int) -> Path:
         """Node 0's output goes to `log`, node i's (ray) to `<log stem>.node<i>.log` beside it."""
@@ -37,13 +38,22 @@ class JobFailed(RuntimeError):
     """A job exited with an error: the message names it, its exit code, its log and the log's end."""
 
 
-def run_logged(cmd: list[str], env: dict, log: Path, run, **kw) -> int:
-    """cmd through run (Signals.run, or the Ray agent's loop), its output appended to log after a line
-    with the attempt's time and command line."""
+def rank_env(ranks: int, cores: int | None = None) -> dict:
+    """The settings every rank of a job gets, whatever the launcher: its CPU threads (OMP_NUM_THREADS,
+    MKL_NUM_THREADS) are this node's cores / the job's ranks over all its nodes (ranks: nproc x nnodes, 1 for a
+    plain process). A CPU reduction's order follows its thread count, so ranks laid out 1 node x 2 or 2 nodes x 1
+    compute alike only with the same threads; hence all its ranks, not one node's. cores: default this machine's."""
+    threads = str(max(1, (cores or os.cpu_count() or 1) // max(1, ranks)))
+    return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+
+
+def run_logged(cmd: list[str], env: dict, log: Path, run, cwd: str, **kw) -> int:
+    """cmd through run (Signals.run, or the Ray agent's loop) in the folder cwd, its output appended to log
+    after a line with the attempt's time, folder and command line."""
     with open(log, "a") as f:
-        f.write(f"{ATTEMPT}{time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(cmd)}\n")
+        f.write(f"{ATTEMPT}{time.strftime('%Y-%m-%d %H:%M:%S')}: cd {shlex.quote(cwd)} && {shlex.join(cmd)}\n")
         f.flush()
-        return run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, **kw)
+        return run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=cwd, **kw)
 
 
 def start_job(cmd: list[str], death_signal: int = signal.SIGTERM, **popen_kw) -> subprocess.Popen:

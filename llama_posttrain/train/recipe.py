@@ -17,7 +17,9 @@ jobs' inputs, reads their result files and keeps each stage's results in its DON
 
 A DONE marker holds its paths (RESULT_PATHS) relative to the run folder, so a copied or renamed folder reads
 its own results; a path outside it is one the config names (its base, the files task's files) or refused.
-A stage that produced nothing (0 SFT records, 0 pairs) is not marked done: it stops, saying why.
+A sampling stage that produced nothing (0 SFT records, 0 pairs), or dropped more than the config's `max_dropped`
+of its samples or prompts, is not marked done: it stops, saying why and which keys to change
+(llama_posttrain/data/drops.py KNOBS); the pipeline's `from_stage` redoes it with them (REDO_KEYS).
 """
 
 from __future__ import annotations
@@ -27,15 +29,38 @@ import os
 import time
 from pathlib import Path
 
-from llama_posttrain.data.annotators import file_annotator, preference_pair
+from llama_posttrain.data.annotators import file_annotator, name_ids, preference_pair
 from llama_posttrain.data.clean import CleanRules
-from llama_posttrain.data.drops import drop_reason, drop_report, drops_for
+from llama_posttrain.data.drops import drop_reason, drop_report, drops_for, too_lossy
 from llama_posttrain.data.io import write_json, write_jsonl, write_text
+from llama_posttrain.data.schema import ValidationError
 from llama_posttrain.llama.chat import TEMPLATES
+from llama_posttrain.train.config import read_yaml
 from llama_posttrain.train.launch import Interrupted, Job, JobFailed, Launcher
 from llama_posttrain.train.logger import read_metrics
+from llama_posttrain.train.processes import rank_env
 
 STAGE_KINDS = ("rm", "sft", "dpo")  # the training scripts; "pretrain" runs sft.py
+FIRST_STAGES, ROUND_STAGES = ("data", "pretrain"), ("rm", "rs", "sft", "pref", "dpo")  # round 0's, each round's
+
+
+def stage_names(rounds: int) -> list[str]:
+    """Every stage of `rounds` rounds in the order `Recipe.run` does them: round_0/data, ..., round_<k>/dpo."""
+    return [f"round_0/{s}" for s in FIRST_STAGES] + [
+        f"round_{k}/{s}" for k in range(1, rounds + 1) for s in ROUND_STAGES
+    ]
+
+
+def stage_place(name: str) -> tuple[int, int] | None:
+    """round_<k>/<stage> -> (k, its place in the round), the order of the stages; None if it names no stage."""
+    head, _, stage = name.partition("/")
+    k = head.removeprefix("round_")
+    if not k.isdigit() or str(int(k)) != k:
+        return None
+    stages = FIRST_STAGES if int(k) == 0 else ROUND_STAGES
+    return (int(k), stages.index(stage)) if stage in stages else None
+
+
 EVAL_SIZE = 200  # a synthetic task's held-out preference pairs, SFT records and pre-training dialogs
 # Stage config keys the pipeline sets for every stage run: their values in the stage config files are
 # never used, so a change of them (a stage config's own run folder) changes no result.
@@ -43,10 +68,18 @@ EVAL_SIZE = 200  # a synthetic task's held-out preference pairs, SFT records and
 # the stage, round_k/stage/variant_v).
 STAGE_SETS = ("train.run_dir", "logging.progress", "logging.group", "logging.job_type", "logging.name")
 # The training configs' keys that name files or folders: a stage override's relative path is made absolute
-# (relative to where the pipeline started; the jobs run in the repository). tests/ check the list is whole.
+# (relative to where the pipeline started), and so is one a stage config file names (Recipe.file_paths). tests/
+# check the list is whole.
 PATH_KEYS = (
     "model.checkpoint", "model.tokenizer", "data.train", "data.eval", "data.cache_dir", "dpo.reference_checkpoint",
     "train.run_dir",
+)  # fmt: skip
+# The sampling keys: they change only what the rs and pref stages draw, so they may change for a redo of the
+# stages from a named one on (the pipeline's from_stage; max_new_tokens is the evaluations' budget too: the stages
+# before it keep their evaluations).
+REDO_KEYS = (
+    "max_new_tokens", "temperature", "k", "cleaning", "sample_batch_size", "sample_compile", "sample_nproc", "engine",
+    "vllm_gpu_memory_utilization", "vllm_max_model_len",
 )  # fmt: skip
 RESULT_PATHS = ("model", "files")  # the results (DONE markers) that hold paths: "files" {what: path or [paths]}
 MARKER_NEEDS = {"data": ("files",), **dict.fromkeys(("pretrain", "rm", "sft", "dpo"), ("model",))}  # read later
@@ -172,6 +205,8 @@ class Recipe:
             sft = Path(self.stage(k, "sft", self.train_sft, base, rm)["model"])
             self.stage(k, "pref", self.new_pairs, sft, rm)
             policy = Path(self.stage(k, "dpo", self.train_dpo, sft, rm)["model"])
+        if self.cfg.rounds:  # every policy's held-out samples scored by one RM, the last round's
+            self.score_with_last_rm(rm)
         return self.results
 
     def make_data(self, d: Path, k: int) -> dict:
@@ -226,13 +261,7 @@ class Recipe:
         cleaning rules) is SFT data."""
         report = self.sample(d, k, "rs", self.cfg.rs_prompts, policy, rm, ("sft",), annotate=None)
         sft = [json.loads(line) for line in (d / "sft.jsonl").read_text().splitlines()]
-        if not sft:
-            raise StageError(
-                f"{d / 'sft.jsonl'}: 0 SFT records from {self.cfg.rs_prompts} prompts x {self.cfg.k} samples "
-                f"(dropped: {json.dumps(report)}; {d / 'sample.log'} and the counts above say why); not marked done. "
-                "Start a new run folder (`name`) with more rs_prompts or k, a larger max_new_tokens if the samples "
-                "were unfinished, or looser `cleaning`"
-            )
+        self.check_losses(d, report, ("sft",), len(sft), d / "sft.jsonl", "SFT records", "rs_prompts")
         return {**self.sample_metrics(d, sft), "records": len(sft), "dropped": report}
 
     def train_sft(self, d: Path, k: int, base: Path, rm: Path) -> dict:
@@ -263,25 +292,52 @@ class Recipe:
         annotate = {"verifier": f"verifier:{c.task}", "rm": None, "human": None}[self.annotator]
         outputs = ("pairs",) if self.annotator != "human" else ()
         report = self.sample(d, k, "pref", c.pref_prompts, sft_model, rm, outputs, annotate=annotate)
-        if self.annotator == "human":
+        if self.annotator == "human":  # the samples, before anyone labels them; the labels' ties are people's calls
+            self.check_losses(d, report, ("pairs",), None, d / "sets.jsonl", "sets to label", "pref_prompts")
             report = self.human_pairs(d)
         strength = "significantly_better" if self.annotator == "verifier" else None
         pairs = [json.loads(line) for line in (d / "sampled_pairs.jsonl").read_text().splitlines()]
-        if not pairs:
-            how = (
-                f"label some sets of {d / 'labels.jsonl'} with a strict preference, then rerun"
-                if self.annotator == "human"
-                else "start a new run folder (`name`) with more pref_prompts or k, a larger max_new_tokens if the "
-                "samples were unfinished, or looser `cleaning`"
-                + (" (the verifier keeps a prompt whose samples are both right and wrong)" if self.verify else "")
-            )
+        if not pairs and self.annotator == "human":
             raise StageError(
                 f"{d / 'sampled_pairs.jsonl'}: 0 preference pairs from {c.pref_prompts} prompts x {c.k} samples "
-                f"(dropped: {json.dumps(report)}); not marked done, DPO would have nothing to train on: {how}"
+                f"(dropped: {json.dumps(report)}); not marked done, DPO would have nothing to train on: label some "
+                f"sets of {d / 'labels.jsonl'} with a strict preference, then rerun"
             )
+        if self.annotator != "human":
+            self.check_losses(d, report, ("pairs",), len(pairs), d / "sampled_pairs.jsonl", "preference pairs",
+                              "pref_prompts")  # fmt: skip
         write_jsonl(d / "pairs.jsonl", [{**p, "strength": strength} if strength else p for p in pairs])
         sft = [json.loads(line) for line in (d / "sft.jsonl").read_text().splitlines()] if self.verify else []
         return {**self.sample_metrics(d, sft), "records": len(pairs), "dropped": report}
+
+    def check_losses(self, d: Path, report: dict, outputs: tuple, made: int | None, file: Path, what: str,
+                     prompts_key: str) -> None:  # fmt: skip
+        """Stop a sampling stage (not marked done) that made nothing, or dropped more than `max_dropped` of its
+        samples or (`made`: the records it made; None: the samples only) of its prompts: the reason, the keys
+        to change (llama_posttrain/data/drops.py KNOBS), how to redo the stage with them or accept the loss."""
+        c = self.cfg
+        prompts = len((d / "prompts.jsonl").read_text().splitlines())
+        why = too_lossy(report, prompts, c.k, f"max_new_tokens {c.max_new_tokens}", c.max_dropped, outputs, made)
+        if why is None and made != 0:
+            return
+        nothing = {
+            "sft": ": SFT would have no rejection-sampled record",
+            "pairs": ": DPO would have nothing to train on",
+        }
+        accept = (
+            f"; or keep these samples with a larger `max_dropped` (now {c.max_dropped:g}; 1: stop only when nothing "
+            "is left) and the same command"
+            if made != 0
+            else ""
+        )
+        raise StageError(
+            f"{file}: {f'{made} {what} from ' if made is not None else ''}{prompts} prompts x {c.k} samples "
+            f"(dropped: {json.dumps(report)}; {d / 'sample.log'} has the counts): "
+            f"{why or 'every prompt lost its samples'}. Not marked done{nothing[outputs[0]] if made == 0 else ''}. "
+            f"To go on: redo this stage with the keys changed, adding `from_stage={d.parent.name}/{d.name}` (its "
+            f"samples are moved aside and drawn again; the sampling keys {', '.join(REDO_KEYS[:4])} and the "
+            f"engine's may change so){accept}; more {prompts_key}: a new `name`"
+        )
 
     def human_pairs(self, d: Path) -> dict:
         """The human annotator: the sets to label (each prompt's samples that the drop rules keep: finished,
@@ -312,7 +368,10 @@ class Recipe:
                 "then rerun the same command (it continues from this stage)"
             )
         dropped = json.loads((d / "to_label_dropped.json").read_text())
-        annotate = file_annotator(labels)
+        try:  # every bad label named (file:line: field), a label for no set of to_label.jsonl among them
+            annotate = file_annotator(labels, sets=to_label)
+        except ValidationError as e:
+            raise StageError(f"{e}\nfix {labels.name} and rerun the same command") from None
         pairs = []
         for s in map(json.loads, to_label.read_text().splitlines()):
             scores = annotate(s, s["responses"])  # None: a set the file does not label (partial labelling)
@@ -325,7 +384,7 @@ class Recipe:
         write_jsonl(d / "sampled_pairs.jsonl", pairs)
         print(
             f"pref: {len(pairs)} pairs from {labels}; {dropped['no_pair']} sets without a strict preference, "
-            f"{dropped.get('no_pair_unlabelled', 0)} sets not labelled"
+            f"{dropped.get('no_pair_unlabelled', 0)} sets not labelled{name_ids(annotate.unlabelled)}"
         )
         return {key: n for key, n in dropped.items() if n}
 
@@ -340,8 +399,8 @@ class Recipe:
         if self.files().get("eval_pairs"):
             overrides["data.eval"] = self.files()["eval_pairs"]
         model = self.train("dpo", d, overrides, self.cfg.dpo, variants)
-        out = {"model": str(model), "dpo_reward_accuracy": last_eval(d / "variant_0", "rewards/accuracies")}
-        out.update(self.evaluate(d, model, "dpo", rm))
+        out = {"model": str(model), "dpo_reward_accuracy_variant_0": last_eval(d / "variant_0", "rewards/accuracies")}
+        out.update(self.evaluate(d, model, "dpo", rm, reference=sft_model))  # the averaged model's reward accuracy
         if len(variants or []) > 1:  # the averaged model against the single ones
             out["variants"] = [
                 self.evaluate(d, d / f"variant_{v}" / "model", f"dpo_variant_{v}", rm) for v in range(len(variants))
@@ -431,8 +490,9 @@ class Recipe:
         return f"[round {d.parent.name.removeprefix('round_')}] {d.name}"  # round_1/sft -> "[round 1] sft"
 
     def job(self, name: str, script: str, args: list[str], log: Path, nproc: int, run_dir=None) -> None:
-        """One job through the launcher; its ranks share this node's cores (OMP_NUM_THREADS)."""
-        env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // max(1, nproc)))}
+        """One job through the launcher, every rank with the same settings whatever the launcher and however its
+        ranks are laid out over nodes (rank_env: threads from all its ranks, nproc x nnodes)."""
+        env = rank_env(max(1, nproc) * (self.cfg.nnodes if nproc else 1))
         self.launcher.run(Job(name, script, args, log, nproc, env, run_dir))
 
     def train_data(self, files: list[str], out: Path):
@@ -451,7 +511,8 @@ class Recipe:
             if not (run_dir / "model" / "config.json").exists():
                 place = (self.cfg.name, d.name, f"{d.parent.name}/{d.name}/variant_{v}")  # group, job type, name
                 own = dict(zip(STAGE_SETS, (str(run_dir), False, *place)))  # whatever the stage config file says
-                args = absolute_paths({**stage_overrides, **overrides, **extra, **own})
+                args = absolute_paths({**self.file_paths(kind, d, overrides), **stage_overrides, **overrides, **extra,
+                                       **own})  # fmt: skip
                 if "model.checkpoint" in args:  # the stage's own start, not the config file's preset
                     args["model.preset"] = None
                 if self.chat.template in TEMPLATES:  # the pipeline's format throughout; a folder's own template
@@ -467,6 +528,26 @@ class Recipe:
         average = ["--out", str(d / "model"), *map(str, models)]
         self.job(f"{self.where(d)}: averaging", "llama_posttrain/train/average.py", average, d / "average.log", nproc=0)
         return d / "model"
+
+    def file_paths(self, kind: str, d: Path, overrides: dict) -> dict:
+        """What a training job takes from its stage config file's paths, given to it absolute: the PATH_KEYS the
+        file names, relative to the directory the pipeline started in (as for the file's own command started
+        there; the job's folder plays no part); the tokenized caches in the run folder's .tokenized unless the
+        file names a data.cache_dir. Its data is the pipeline's: data.eval is the task's eval file or none (a
+        value of the file's replaced by none is said)."""
+        file = self.stage_config_file[kind]
+        raw = read_yaml(file) or {}
+        named = {f"{s}.{k}": v for s, keys in raw.items() if isinstance(keys, dict) for k, v in keys.items()}
+        out = {"data.cache_dir": str(self.dir / ".tokenized")}
+        keep = {k: v for k, v in named.items() if k in PATH_KEYS and v is not None}
+        if "model.preset" in overrides:  # pretraining from a preset: the file's checkpoint is not made the start
+            keep.pop("model.checkpoint", None)
+        out.update(keep)
+        out["data.eval"] = None
+        if named.get("data.eval") and "data.eval" not in overrides:
+            print(f"{self.where(d)}: {file}: data.eval {named['data.eval']} not used: the pipeline evaluates on the "
+                  "task's eval files (none here; the files task's eval_pairs / eval_sft)", flush=True)  # fmt: skip
+        return out
 
     def model_args(self) -> list[str]:
         args = ["--chat-template", self.chat.template] if self.chat.template in TEMPLATES else []
@@ -536,9 +617,12 @@ class Recipe:
             **out,
         }
 
-    def evaluate(self, d: Path, model: Path, name: str, rm: Path | None) -> dict:
+    def evaluate(self, d: Path, model: Path, name: str, rm: Path | None, reference: Path | None = None) -> dict:
         """An evaluation job of a model: a reward model's pair accuracy (`name` "rm"); a policy's task accuracy
-        (a task with a verifier), held-out NLL, and the latest RM's mean score of its samples."""
+        (a task with a verifier), held-out NLL, the latest RM's mean score of its samples, and (`reference`:
+        the DPO model's SFT model) the DPO implicit reward accuracy on the held-out pairs, as the DPO run's
+        eval computes it. A policy (base, sft, dpo) keeps its samples for the last RM (score_with_last_rm).
+        -> the metrics, `n` (each one's sample size) and `std` (of a mean's terms)."""
         c, files = self.cfg, self.files()
         out = d / f"eval_{name}.json"
         if not out.is_file():
@@ -549,19 +633,78 @@ class Recipe:
                 args += ["--pairs", files["eval_pairs"]]
             else:
                 prompts = files.get("eval_prompts")
-                if prompts and (self.verify is not None or rm is not None):
+                keep = name in ("base", "sft", "dpo") and c.rounds > 0  # samples for the last round's RM
+                if prompts and (self.verify is not None or rm is not None or keep):
                     args += ["--prompts", prompts, "--max-new-tokens", str(c.max_new_tokens), "--seed", str(c.seed)]
                     args += ["--batch-size", str(c.eval_batch_size)] if c.eval_batch_size else []
+                    args += ["--keep-samples"] if keep else []
                 if prompts and self.verify is not None:
                     args += ["--verifier", c.task, "--task-args", json.dumps(c.task_args)]
                 if prompts and rm is not None:
                     args += ["--rm", str(rm)]
                 if files.get("eval_sft"):
                     args += ["--nll", files["eval_sft"]]
-                if "--prompts" not in args and "--nll" not in args:
+                if reference is not None and files.get("eval_pairs"):
+                    args += ["--pairs", files["eval_pairs"], *self.dpo_eval_args(d, reference)]
+                if not {"--prompts", "--nll", "--pairs"} & set(args):
                     return {}
             self.job(f"{self.where(d)}: evaluating {name}", "llama_posttrain/train/evaluate.py", args, d / f"eval_{name}.log",
                      c.eval_nproc or c.nproc)  # fmt: skip
         result = json.loads(out.read_text())
-        keys = ("task_accuracy", "task_accuracy_sampled", "rm_accuracy", "nll", "rm_score")
-        return {key: result[key] for key in keys if key in result}
+        keys = ("task_accuracy", "task_accuracy_sampled", "rm_accuracy", "nll", "rm_score", "dpo_reward_accuracy")
+        found = {key: result[key] for key in keys if key in result}
+        for part in ("n", "std"):  # absent from a result an earlier version wrote
+            kept = {k: v for k, v in (result.get(part) or {}).items() if k in found}
+            if kept:
+                found[part] = kept
+        return found
+
+    def dpo_eval_args(self, d: Path, reference: Path) -> list[str]:
+        """The DPO run's recorded config (variant 0's: its loss and format mask) and, unless the loss is
+        reference-free, its reference: the evaluation's --dpo-config and --reference."""
+        from llama_posttrain.losses.dpo import LOSSES
+        from llama_posttrain.train.config import read_yaml
+
+        config = d / "variant_0" / "config.yaml"
+        loss = ((read_yaml(config) or {}).get("dpo") or {}).get("loss", "sigmoid")
+        return ["--dpo-config", str(config)] + (["--reference", str(reference)] if LOSSES[loss].reference else [])
+
+    def score_with_last_rm(self, rm: Path) -> None:
+        """One evaluation job after the last round: the last round's RM scores the held-out samples that every
+        policy's evaluation kept (base, each round's SFT and DPO model), so that `rm_score_last_rm` compares
+        them on one scale (`rm_score` is each round's own RM's). Added to those stages' results (the report's),
+        not to their DONE markers; the job's result (round_R/rm/eval_policies.json) is reused while it is newer
+        than its inputs. A policy whose evaluation kept no samples is left out and said."""
+        prompts = self.files().get("eval_prompts")
+        kept, missing = {}, []
+        for r in self.results:
+            name = {"pretrain": "base", "sft": "sft", "dpo": "dpo"}.get(r["stage"])
+            f = self.dir / f"round_{r['round']}" / r["stage"] / f"eval_{name}.json"
+            if name is None:
+                continue
+            if f.is_file() and "samples" in json.loads(f.read_text()):
+                kept[f"round_{r['round']}/{r['stage']}"] = f
+            else:
+                missing.append(f"round_{r['round']}/{r['stage']}")
+        where = f"[round {self.cfg.rounds}] rm"
+        if missing:
+            print(f"{where}: the last RM's scores: {len(missing)} policies kept no samples, left out: {missing}")
+        if not prompts or not kept:
+            return
+        d = Path(rm).parent
+        out = d / "eval_policies.json"
+        inputs = [*kept.values(), Path(rm) / "config.json"]
+        if not out.is_file() or out.stat().st_mtime_ns < max(p.stat().st_mtime_ns for p in inputs if p.exists()):
+            args = ["--model", str(rm), "--out", str(out), *self.model_args(), "--prompts", prompts]
+            args += [x for f in kept.values() for x in ("--score-samples", str(f))]
+            self.job(f"{where}: scoring every policy's samples", "llama_posttrain/train/evaluate.py", args,
+                     d / "eval_policies.log", self.cfg.eval_nproc or self.cfg.nproc)  # fmt: skip
+        scores = json.loads(out.read_text())["rm_score_of"]
+        for r in self.results:
+            f = kept.get(f"round_{r['round']}/{r['stage']}")
+            if f is not None and str(f) in scores:
+                r["rm_score_last_rm"] = scores[str(f)]["rm_score"]
+                r["n"] = {**r.get("n", {}), "rm_score_last_rm": scores[str(f)]["n"]}
+                r["std"] = {**r.get("std", {}), "rm_score_last_rm": scores[str(f)]["std"]}
+        shown = {k: round(scores[str(f)]["rm_score"], 4) for k, f in kept.items() if str(f) in scores}
+        print(f"{where}: the last RM's mean score of each policy's held-out samples: {json.dumps(shown)}", flush=True)

@@ -6,63 +6,197 @@ the rejection-sampling tables, the greedy generations of each evaluated model), 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from llama_posttrain.data.io import write_text
-from llama_posttrain.train.recipe import EVAL_SIZE
 
 
 def write_report(
     folder: Path, config: dict, results: list[dict], plots: bool, rounds: int, eval_prompts: int,
     dashboard: dict | None = None, verify=None,
 ) -> None:  # fmt: skip
-    """dashboard: wandb_settings(...) of the stage runs (None: no wandb run); verify: the task's verifier."""
+    """dashboard: wandb_settings(...) of the stage runs (None: no wandb run); verify: the task's verifier.
+    eval_prompts: the config's, for results that do not carry their sample sizes (`n`, older runs)."""
+    results = sample_sizes(folder, results)
+    base_given = config.get("base") is not None
     summary = {"config": config, "stages": results}
     write_text(folder / "summary.json", json.dumps(summary, indent=1))
-    table = summary_table(results)
+    table = summary_table(results, base_given)
     write_text(folder / "summary.md", table + "\n")
     print(table)
     if plots:
         plot(folder, results, rounds, eval_prompts)
     if dashboard is not None:
-        log_dashboard(folder, config["name"], config, results, dashboard, verify)
+        log_dashboard(folder, config["name"], config, results, dashboard, verify, base_given)
 
 
 def plot(folder: Path, results: list[dict], rounds: int, eval_prompts: int) -> None:
+    """accuracy.png (a task with a verifier) and rewards.png (rounds): only the series that have values, with
+    95% intervals as error bars where n is small (CI_BELOW); a chart with nothing to draw is not written."""
     from llama_posttrain.train.plots import HOW_TO_GET, have_matplotlib, line_chart
 
     if not have_matplotlib():
         print(f"plots: skipped (matplotlib is not installed); to get them: {HOW_TO_GET}, and rerun the pipeline")
         return
-    drawn = []
-    labels, series = accuracy_by_stage(results)
-    if labels:  # a task with a verifier
-        ylabel = f"fraction right ({eval_prompts} held-out prompts)"
-        line_chart(folder / "accuracy.png", "Task accuracy by stage", labels, series, "stage", ylabel)
-        drawn.append(folder / "accuracy.png")
+    drawn, empty = [], []
+    charts = [("accuracy.png", "Task accuracy by stage", "stage", accuracy_by_stage(results, eval_prompts))]
     if rounds:
-        labels, series = rewards_by_round(results, rounds)
-        line_chart(folder / "rewards.png", "Reward accuracy by round", labels, series, "round", "fraction right")
-        drawn.append(folder / "rewards.png")
-    print("plots:", ", ".join(map(str, drawn)))
+        charts.append(("rewards.png", "Reward accuracy by round", "round", rewards_by_round(results, rounds)))
+    for name, title, xlabel, (labels, series, errors) in charts:
+        series = {k: v for k, v in series.items() if any(x is not None for x in v)}
+        if not labels or not series:
+            empty.append(name)
+            continue
+        ylabel = "fraction right" if name == "rewards.png" else accuracy_ylabel(results, eval_prompts)
+        line_chart(folder / name, title, labels, series, xlabel, ylabel, {k: errors[k] for k in series})
+        drawn.append(str(folder / name))
+    parts = [", ".join(drawn)] if drawn else []
+    parts += [f"not drawn, no values: {', '.join(empty)}"] if empty else []
+    print("plots:", "; ".join(parts))
 
 
+# The summary table's columns: the metrics, then the counts (integers) of the sampling stages. A metric's n
+# (its sample size: prompts, samples, pairs, records, tokens) is in its header when every row has the same,
+# else in a line below; its 95% interval is in its cell where n < CI_BELOW.
 TABLE_COLUMNS = [
     "rm_accuracy", "rm_pick_accuracy", "mean_best_score", "sft_loss", "dpo_reward_accuracy", "task_accuracy",
-    "task_accuracy_sampled", "nll", "rm_score",
+    "task_accuracy_sampled", "nll", "rm_score", "rm_score_last_rm", "records", "pairs", "dropped",
 ]  # fmt: skip
+COUNTS = ("records", "pairs", "dropped")  # rs: SFT records kept; pref: pairs made; both: samples and prompts dropped
+ACCURACIES = ("rm_accuracy", "rm_pick_accuracy", "dpo_reward_accuracy", "task_accuracy", "task_accuracy_sampled")
+HEADERS = {"rm_score": "rm_score (the round's RM)", "rm_score_last_rm": "rm_score_last_rm (the last RM)"}
+CI_BELOW = 500  # n under which a metric's 95% confidence interval is shown
+Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
 
 
-def summary_table(results: list[dict]) -> str:
+def wilson(p: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson's score interval of a proportion p of n trials (95% by default)."""
+    center, half = (p + z * z / (2 * n)), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (center - half) / (1 + z * z / n), (center + half) / (1 + z * z / n)
+
+
+def interval(r: dict, key: str) -> tuple[float, float] | None:
+    """A row's 95% interval of `key` where n < CI_BELOW: Wilson's for an accuracy, mean +- z std / sqrt(n)
+    for a mean whose terms' std is known; else None."""
+    value, n = r.get(key), (r.get("n") or {}).get(key)
+    if not isinstance(value, float) or not n or n >= CI_BELOW:
+        return None
+    if key in ACCURACIES:
+        return wilson(value, n)
+    std = (r.get("std") or {}).get(key)
+    if std is None:
+        return None
+    return value - Z95 * std / math.sqrt(n), value + Z95 * std / math.sqrt(n)
+
+
+def cell_value(r: dict, key: str):
+    """A row's value of a table column: a metric (float), or a sampling stage's count (int)."""
+    if key == "records":
+        return r.get("records") if r["stage"] == "rs" else None
+    if key == "pairs":
+        return r.get("pairs", r.get("records")) if r["stage"] == "pref" else None
+    if key == "dropped":
+        dropped = r.get("dropped")
+        return sum(dropped.values()) if isinstance(dropped, dict) and r["stage"] in ("rs", "pref") else None
+    value = r.get(key)
+    return value if isinstance(value, float) else None
+
+
+def table_rows(results: list[dict]) -> list[dict]:
+    """The rows of the summary table: every stage but the data stage."""
+    return [r for r in results if r["stage"] != "data"]
+
+
+def table_columns(stages: list[dict]) -> list[str]:
+    """The columns some row has a value of."""
+    return [c for c in TABLE_COLUMNS if any(cell_value(r, c) is not None for r in stages)]
+
+
+def row_stage(r: dict, base_given: bool) -> str:
+    """A row's stage: "base" for a model the config gave (`base:`), "pretrain" for one the recipe pre-trained."""
+    return "base" if r["stage"] == "pretrain" and base_given else r["stage"]
+
+
+def summary_table(results: list[dict], base_given: bool = False) -> str:
     """A markdown table: one row per stage (the data stage aside), one column per metric that some stage
-    has (a task without a verifier has no task accuracy; the RM's score and NLL stand in)."""
-    stages = [r for r in results if r["stage"] != "data"]
-    columns = [c for c in TABLE_COLUMNS if any(isinstance(r.get(c), float) for r in stages)]
-    lines = ["| round | stage | " + " | ".join(columns) + " |", "|---|---|" + "---:|" * len(columns)]
+    has (a task without a verifier has no task accuracy; the RM's score and NLL stand in) and the sampling
+    stages' counts (records, pairs, dropped), then how large each metric's sample is (n) and what the
+    brackets are."""
+    stages = table_rows(results)
+    columns = table_columns(stages)
+    sizes = {c: {(r["round"], r["stage"]): (r.get("n") or {}).get(c) for r in stages if cell_value(r, c) is not None}
+             for c in columns if c not in COUNTS}  # fmt: skip
+    headers, notes = [], []
+    for c in columns:
+        header, known = HEADERS.get(c, c), {n for n in sizes.get(c, {}).values() if n is not None}
+        if c in COUNTS or not known:  # a count, or results without their sample sizes (an older run's)
+            headers.append(header)
+        elif len(known) == 1 and None not in sizes[c].values():
+            headers.append(f"{header} (n={known.pop()})")
+        else:
+            headers.append(header)
+            each = ", ".join(f"{k} {stage} {'?' if n is None else n}" for (k, stage), n in sizes[c].items())
+            notes.append(f"n of {c} by round and stage: {each}")
+    lines = ["| round | stage | " + " | ".join(headers) + " |", "|---|---|" + "---:|" * len(columns)]
+    shown_ci = False
     for r in stages:
-        cells = [f"{r[c]:.3f}" if isinstance(r.get(c), float) else "" for c in columns]
-        lines.append(f"| {r['round']} | {r['stage']} | " + " | ".join(cells) + " |")
+        cells = []
+        for c in columns:
+            value = cell_value(r, c)
+            if value is None:
+                cells.append("")
+            elif isinstance(value, int):
+                cells.append(str(value))
+            else:
+                ci = interval(r, c)
+                shown_ci |= ci is not None
+                cells.append(f"{value:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""))
+        lines.append(f"| {r['round']} | {row_stage(r, base_given)} | " + " | ".join(cells) + " |")
+    if notes or shown_ci:
+        lines.append("")
+    lines += notes
+    if shown_ci:
+        lines.append(
+            f"[a, b]: 95% confidence interval where n < {CI_BELOW} (Wilson's for accuracies, mean +- 1.96 std / "
+            "sqrt(n) for means; a prompt's several samples count as independent, so those are too narrow)"
+        )
     return "\n".join(lines)
+
+
+def sample_sizes(folder: Path, results: list[dict]) -> list[dict]:
+    """Each result with `n` (and `std`) for the metrics whose sizes the stage's files tell: an evaluation
+    writes its own; rs and pref: the picks behind rm_pick_accuracy and mean_best_score (and the scores' std,
+    from round_k/<stage>/sft.jsonl; rs without it: its records); sft: the eval examples behind sft_loss (its run's last `eval/examples`)."""
+    from llama_posttrain.train.recipe import last_eval
+
+    out = []
+    for r in results:
+        r, n, std = dict(r), dict(r.get("n") or {}), dict(r.get("std") or {})
+        stage_dir = Path(folder) / f"round_{r['round']}" / r["stage"]
+        sft = stage_dir / "sft.jsonl"
+        if r["stage"] in ("rs", "pref") and ("rm_pick_accuracy" in r or "mean_best_score" in r):
+            scores = None
+            if sft.is_file():  # the picks behind both metrics (pref: the verifier's, one per prompt)
+                scores = [json.loads(line).get("score") for line in sft.read_text().splitlines() if line.strip()]
+            picks = len(scores) if scores is not None else r.get("records") if r["stage"] == "rs" else None
+            for key in ("rm_pick_accuracy", "mean_best_score"):
+                if key in r and picks is not None:
+                    n.setdefault(key, picks)
+            scores = [s for s in scores or [] if isinstance(s, (int, float))]
+            if "mean_best_score" in r and "mean_best_score" not in std and len(scores) > 1:
+                mean = sum(scores) / len(scores)
+                std["mean_best_score"] = math.sqrt(sum((s - mean) ** 2 for s in scores) / (len(scores) - 1))
+        if r["stage"] == "sft" and "sft_loss" in r and "sft_loss" not in n:
+            examples = last_eval(stage_dir / "variant_0", "examples") if (stage_dir / "variant_0").is_dir() else None
+            if examples is not None:
+                n["sft_loss"] = int(examples)
+        if n:
+            r["n"] = n
+        if std:
+            r["std"] = std
+        out.append(r)
+    return out
 
 
 def stage_label(result: dict) -> str:
@@ -70,31 +204,48 @@ def stage_label(result: dict) -> str:
     return "base" if result["stage"] == "pretrain" else f"R{result['round']} {result['stage'].upper()}"
 
 
-def accuracy_by_stage(results: list[dict]) -> tuple[list[str], dict[str, list]]:
-    """x labels and series of the task accuracy chart: every stage that made a model."""
+def sizes_text(values: list, what: str) -> str:
+    """ "n=8 held-out pairs", or with sizes that differ by round "n=8, 10 held-out pairs"; "" if none is known."""
+    known = list(dict.fromkeys(v for v in values if v is not None))
+    return f"n={', '.join(map(str, known))} {what}" if known else ""
+
+
+def accuracy_ylabel(results: list[dict], eval_prompts: int) -> str:
     models = [r for r in results if "task_accuracy" in r]
-    series = {
-        "greedy": [r["task_accuracy"] for r in models],
-        "sampled (temperature 1)": [r["task_accuracy_sampled"] for r in models],
-    }
-    return [stage_label(r) for r in models], series
+    prompts = [(r.get("n") or {}).get("task_accuracy", eval_prompts) for r in models]
+    return f"fraction right ({sizes_text(prompts, 'held-out prompts')})"
 
 
-def rewards_by_round(results: list[dict], rounds: int) -> tuple[list[str], dict[str, list]]:
-    """x labels and series of the reward chart: per round, how often each reward signal ranks right."""
+def accuracy_by_stage(results: list[dict], eval_prompts: int = 0) -> tuple[list[str], dict, dict]:
+    """x labels, series and their 95% intervals (None: none shown) of the task accuracy chart: every stage
+    that made a model."""
+    models = [r for r in results if "task_accuracy" in r]
+    keys = {"greedy": "task_accuracy", "sampled (temperature 1)": "task_accuracy_sampled"}
+    series = {name: [r.get(key) for r in models] for name, key in keys.items()}
+    errors = {name: [interval(r, key) for r in models] for name, key in keys.items()}
+    return [stage_label(r) for r in models], series, errors
 
-    def per_round(stage: str, key: str) -> list:
-        return [
-            next((r.get(key) for r in results if r["round"] == k and r["stage"] == stage), None)
-            for k in range(1, rounds + 1)
-        ]
 
-    series = {
-        f"reward model ({EVAL_SIZE} held-out pairs)": per_round("rm", "rm_accuracy"),
-        f"DPO implicit reward ({EVAL_SIZE} held-out pairs)": per_round("dpo", "dpo_reward_accuracy"),
-        "the RM's pick is right (rejection sampling)": per_round("rs", "rm_pick_accuracy"),
-    }
-    return [f"round {k}" for k in range(1, rounds + 1)], series
+def rewards_by_round(results: list[dict], rounds: int) -> tuple[list[str], dict, dict]:
+    """x labels, series and 95% intervals of the reward chart: per round, how often each reward signal ranks
+    right, named with the sample sizes the results carry."""
+
+    def row(stage: str, k: int) -> dict:
+        return next((r for r in results if r["round"] == k and r["stage"] == stage), {})
+
+    signals = [
+        ("reward model", "rm", "rm_accuracy", "held-out pairs"),
+        ("DPO implicit reward", "dpo", "dpo_reward_accuracy", "held-out pairs"),
+        ("the RM's pick is right (rejection sampling)", "rs", "rm_pick_accuracy", "picks"),
+    ]
+    series, errors = {}, {}
+    for name, stage, key, what in signals:
+        rows = [row(stage, k) for k in range(1, rounds + 1)]
+        sizes = sizes_text([(r.get("n") or {}).get(key) for r in rows if r.get(key) is not None], what)
+        label = f"{name} ({sizes})" if sizes else name
+        series[label] = [r.get(key) for r in rows]
+        errors[label] = [interval(r, key) if r else None for r in rows]
+    return [f"round {k}" for k in range(1, rounds + 1)], series, errors
 
 
 # ----------------------------------------------------------------------------- the dashboard (wandb)
@@ -103,7 +254,7 @@ def rewards_by_round(results: list[dict], rounds: int) -> tuple[list[str], dict[
 # (a key naming its own stage is shortened: sft_loss -> sft/loss, rm_accuracy -> rm/accuracy).
 DASHBOARD_KEYS = (
     "rm_accuracy", "rm_pick_accuracy", "sample_accuracy", "best_of_k_oracle", "mean_best_score", "sft_loss",
-    "dpo_reward_accuracy", "task_accuracy", "task_accuracy_sampled", "nll", "rm_score", "records",
+    "dpo_reward_accuracy", "task_accuracy", "task_accuracy_sampled", "nll", "rm_score", "rm_score_last_rm", "records",
 )  # fmt: skip
 SAMPLE_COLUMNS = ["round", "prompt", "sample", "response", "finished", "rm_score", "picked", "right"]
 GENERATION_COLUMNS = ["round", "stage", "prompt", "generation", "correct"]
@@ -212,7 +363,9 @@ def score_groups(stage_dir: Path, verify=None) -> dict[str, list[float]]:
     return {k: v for k, v in out.items() if v}
 
 
-def log_dashboard(folder: Path, group: str, config: dict, results: list[dict], settings: dict, verify=None) -> None:
+def log_dashboard(
+    folder: Path, group: str, config: dict, results: list[dict], settings: dict, verify=None, base_given=False
+) -> None:
     """The pipeline's own wandb run (job type "pipeline", in the stage runs' group): per round (the x-axis)
     every stage's results (RM accuracy, RM pick accuracy, SFT loss, DPO reward accuracy, task accuracy
     greedy and sampled, ...), the summary table, and per rejection-sampling stage a table of a few prompts
@@ -235,10 +388,9 @@ def log_dashboard(folder: Path, group: str, config: dict, results: list[dict], s
             if r["stage"] == "rs"
         }
         generations = generation_rows(folder, results)
-        stages = [r for r in results if r["stage"] != "data"]
-        columns = [c for c in TABLE_COLUMNS if any(isinstance(r.get(c), float) for r in stages)]
-        data = [[r["round"], r["stage"], *[r.get(c) if isinstance(r.get(c), float) else None for c in columns]]
-                for r in stages]  # fmt: skip
+        stages = table_rows(results)
+        columns = table_columns(stages)
+        data = [[r["round"], row_stage(r, base_given), *[cell_value(r, c) for c in columns]] for r in stages]
         rounds = sorted(by_round(results).items()) or [(0, {})]
         for i, (rnd, values) in enumerate(rounds):
             row = {"round": rnd, **values}

@@ -39,10 +39,12 @@ def make_objective(model, margin: str | None, center_rewards: float = 0.0, colle
     histograms `rewards_chosen`, `rewards_rejected`; Objective.collect)."""
     from llama_posttrain.losses import ranking
     from llama_posttrain.train import loop
-    from llama_posttrain.train.targets import scores, strength_margins
+    from llama_posttrain.train.targets import scores, strength_margins, trl_tokens
 
-    # pairwise accuracy per preference strength: pairs of the groups of that strength
+    # pairwise accuracy per preference strength: pairs of the groups of that strength. trl_tokens_per_token:
+    # as DPO's (llama_posttrain/losses/dpo.py RATIOS), for TRL's num_tokens (each response with its prompt)
     ratios = {**ranking.RATIOS, **{f"accuracy/{s}": (f"correct/{s}", f"pairs/{s}") for s in STRENGTHS}}
+    ratios["trl_tokens_per_token"] = ("trl_tokens", "tokens")
 
     def loss(batch, step):
         r = scores(model(batch.tokens, batch.positions, batch.doc_ids, batch.branch_ids), batch)  # (S,)
@@ -51,6 +53,7 @@ def make_objective(model, margin: str | None, center_rewards: float = 0.0, colle
             r, batch.seq_group, batch.seq_rank, m, step.num_pairs, batch.group_strength, STRENGTHS,
             center_rewards=center_rewards,
         )  # fmt: skip
+        sums["trl_tokens"] = trl_tokens(batch)
         if collect:  # (P,) each: the loss's pairs, better (i) and worse (j)
             i, j = ranking.ranked_pairs(batch.seq_group, batch.seq_rank)
             sums |= {"rewards_chosen": r[i].detach(), "rewards_rejected": r[j].detach()}

@@ -49,6 +49,12 @@ _SHARD = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 _TMP_STEP = re.compile(r"^step_\d{8}\.tmp$")
 
 
+def cache_dir(cfg) -> str:
+    """data.cache_dir, by default <train.run_dir>/.tokenized: a folder the run owns, never beside the data (the
+    user's folder, or experiments/*/data read by every run). A pipeline gives its stages one cache folder."""
+    return cfg.data.cache_dir or str(Path(cfg.train.run_dir) / ".tokenized")
+
+
 def config_changes(saved: dict, current: dict, defaults: dict | None = None) -> tuple[dict, dict]:
     """-> (changes a resume may make, changes it may not): {"section.key": (saved, current)}.
     defaults: the config class's defaults; a key the saved config lacks (added to the code since the

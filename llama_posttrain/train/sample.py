@@ -85,14 +85,16 @@ def read_prompts(path) -> list[dict]:
 
 def sample(
     policy, chat: ChatFormat, prompts: list[list[dict]], k: int, max_new_tokens: int, batch_size: int = 64,
-    done=None, compile: bool = False, **kw,
+    done=None, compile: bool | str = False, **kw,
 ):  # fmt: skip
     """-> texts[p][j], finished[p][j]: K decoded samples per prompt and whether each hit a stop token.
-    `policy`: the model (native engine: `batch_size` prompts per generate call, `compile` its decode step), or
-    an engine object with `sample_ids` (VLLMEngine). `done(n)`: called with the number of prompts sampled so
-    far after each batch (progress)."""
+    `policy`: the model (native engine: `batch_size` prompts per generate call, `compile` its decode step:
+    llama_posttrain/llama/generate.py), or an engine object with `sample_ids` (VLLMEngine). `done(n)`: called
+    with the number of prompts sampled so far after each batch (progress)."""
+    import llama_posttrain.llama.generate as llama_generate
     from llama_posttrain.llama.generate import decode_sample, generate
 
+    eager_before, calls = llama_generate.EAGER_FALLBACKS, 0
     tok = chat.tokenizer
     texts, finished = [], []
     engine = getattr(policy, "sample_ids", None)
@@ -104,11 +106,20 @@ def sample(
             out = engine(ids, k, max_new_tokens, chat.stop_ids, **kw)
         else:
             out = generate(policy, ids, k, max_new_tokens, chat.stop_ids, pad_id=tok.pad_id, compile=compile, **kw)
+            calls += 1
         for samples in out:
             texts.append([decode_sample(tok, s) for s in samples])
             finished.append([bool(s) and s[-1] in chat.stop_ids for s in samples])
         if done is not None:
             done(len(texts))
+    eager = llama_generate.EAGER_FALLBACKS - eager_before
+    if eager:  # each call named in generate's own warning
+        print(
+            f"warning: --compile: {eager} of {calls} generate calls decoded eagerly, past the compiled decode "
+            "step's recompile limit",
+            file=sys.stderr,
+            flush=True,
+        )
     return texts, finished
 
 
@@ -238,6 +249,11 @@ def main(argv=None):
     )  # fmt: skip
     ap.add_argument("--batch-size", type=at_least(1), default=64, help="prompts per generate call (native engine)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the decode step (native engine)")
+    ap.add_argument(
+        "--compile-mode", choices=("default", "reduce-overhead"),
+        help="--compile's torch.compile mode (default: default); reduce-overhead also captures CUDA graphs (CUDA "
+        "only, not yet measured)",
+    )  # fmt: skip
     ap.add_argument("--out-sft")
     ap.add_argument("--out-pairs")
     ap.add_argument("--out-sets")
@@ -269,9 +285,13 @@ def main(argv=None):
         ap.error("argument --ban-phrase: an empty phrase would ban every sample")
     if args.task_args is not None and not (args.annotate or "").startswith("verifier:"):
         ap.error("argument --task-args: the arguments of --annotate verifier:TASK's task; give that too")
-    for flag in ("vllm_max_model_len", "vllm_seed_per_request") if args.engine == "native" else ("compile",):
+    native_only = ("compile", "compile_mode")
+    for flag in ("vllm_max_model_len", "vllm_seed_per_request") if args.engine == "native" else native_only:
         if getattr(args, flag) not in (None, False):
             ap.error(f"argument --{flag.replace('_', '-')}: not an option of --engine {args.engine}")
+    if args.compile_mode and not args.compile:
+        ap.error("argument --compile-mode: the mode of --compile; give that too")
+    args.compile = args.compile_mode or args.compile  # generate's compile: False, True or the mode
     args.clean = CleanRules(
         args.max_repeat, args.repeat_ngram, tuple(args.ban_phrase), args.max_emoji, args.max_exclamation
     )
@@ -349,6 +369,8 @@ def sample_and_write(args, d, chat: ChatFormat, records: list[dict], annotate, e
     from llama_posttrain.llama.generate import kv_cache_report
 
     dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
+    if args.compile == "reduce-overhead" and d.device.type != "cuda":
+        raise SystemExit(f"error: --compile-mode reduce-overhead captures CUDA graphs: this rank runs on {d.device}")
     policy = engine if engine is not None else load_model(args.policy, head="lm", dtype=dtype, device=d.device).eval()
     # rank 0 draws from the seed itself: a 1-rank job samples what an in-process call seeded so does
     generator = torch.Generator(d.device).manual_seed(rank_seed(args.seed, d.rank))

@@ -36,8 +36,8 @@ def make_objective(model, backend: str) -> loop.Objective:
     from llama_posttrain.train.targets import model_logps
 
     def loss(batch, step):
-        out = model_logps(model, batch, backend, stats=True)  # (N,) log p of the targets, whether each is the argmax
-        return sft.sft_loss(out.logprobs, step.num_targets, out.is_argmax)
+        out = model_logps(model, batch, backend, stats=True)  # (N,) log p of the targets, argmax hits, entropies
+        return sft.sft_loss(out.logprobs, step.num_targets, out.is_argmax, out.entropy)
 
     def derive(m):
         return {**m, "ppl": math.exp(min(m["nll"], 50.0))} if "nll" in m else m

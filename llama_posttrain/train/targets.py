@@ -51,6 +51,13 @@ def scores(rewards: Tensor, batch: Batch) -> Tensor:
     return rewards.flatten()[batch.seq_score_index]
 
 
+def trl_tokens(batch: Batch) -> Tensor:
+    """TRL's token count of a micro-batch's responses (its `num_tokens`): each response as its own row with
+    its prompt, prompt + response tokens, summed. A response's last position + 1 is that length (positions
+    continue from the end of the prompt). Float64, on the device (no host sync)."""
+    return (batch.positions.flatten()[batch.seq_score_index] + 1).sum().double()
+
+
 def strength_margins(group_strength: Tensor, table: dict[str, float]) -> Tensor:
     """(G,) strength indices (-1 unknown) -> (G,) margins by strength name (0 for unknown)."""
     values = torch.tensor([table[s] for s in STRENGTHS] + [0.0], device=group_strength.device)

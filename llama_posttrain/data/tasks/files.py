@@ -10,7 +10,9 @@
       eval_sft: data/eval_sft.jsonl            # held-out dialogs: NLL of each policy
 
 Every file is read by the stage that uses it, in any format the stages read (JSONL, Parquet, a datasets
-folder). The prompt pool is shuffled once (by the config's seed) and drawn in order: each round's
+folder), and every record of every file is checked when the pipeline starts, before its first job
+(llama_posttrain/train/preflight.py).
+The prompt pool is shuffled once (by the config's seed) and drawn in order: each round's
 rejection sampling and preference sampling take the next prompts, so a prompt is never used twice.
 There is no verifier: new pairs are labeled by the latest reward model or by people (the pipeline's
 `annotator`), and the pipeline starts from `base:`, a checkpoint.
@@ -23,7 +25,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llama_posttrain.data.records import read_records
-from llama_posttrain.data.schema import ValidationError
+from llama_posttrain.data.schema import ValidationError, parse_prompt
+
+
+def prompt_record(obj, where: str) -> list[dict]:
+    """A prompt record (the pool's, the eval prompts') as the sampling and evaluation jobs read one
+    (llama_posttrain/train/sample.py read_prompts): an object with a "prompt", text or messages, and no "messages"
+    (the parsed prompt's key); -> the prompt's messages. ValidationError naming the line and field."""
+    if isinstance(obj, ValidationError):
+        raise obj
+    if not isinstance(obj, dict) or "prompt" not in obj:
+        raise ValidationError(f"{where}: prompt: missing (a prompt record is an object with a 'prompt')")
+    if "messages" in obj:  # it would be replaced by the parsed prompt, and lost
+        raise ValidationError(f"{where}: messages: a prompt record gives its prompt as 'prompt' only")
+    return parse_prompt(obj["prompt"], where)
 
 
 @dataclass
@@ -49,7 +64,7 @@ class Files:
             raise ValueError("preferences: at least one seed preference file (the first reward model's data)")
 
     def files(self) -> dict:
-        """What every round reads, as absolute paths (the stages run from the repository root)."""
+        """What every round reads, as absolute paths (relative ones: to where the pipeline started)."""
 
         def absolute(p):
             return str(Path(p).resolve()) if p else None
@@ -66,10 +81,7 @@ class Files:
         """The pool's prompt records, shuffled by seed; an "id" added where a record has none."""
         pool = []
         for i, (where, obj) in enumerate(read_records(self.prompts)):
-            if isinstance(obj, ValidationError):
-                raise obj
-            if not isinstance(obj, dict) or "prompt" not in obj:
-                raise ValidationError(f"{where}: prompt: missing (a prompt record is an object with a 'prompt')")
+            prompt_record(obj, where)
             pool.append({"id": f"pool-{i}", **obj})
         random.Random(seed).shuffle(pool)
         return pool

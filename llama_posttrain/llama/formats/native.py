@@ -14,6 +14,7 @@ import json
 import os
 import re
 import sys
+import threading
 import uuid
 from pathlib import Path
 
@@ -181,7 +182,9 @@ def write_files(
 
 def _save_file(shard: dict, tmp: Path, final: Path) -> None:
     """safetensors' save_file; its I/O failure (a full disk: `SafetensorError: Error while serializing: I/O
-    error: No space left on device (os error 28)`) as the OSError it is, naming the file being written."""
+    error: No space left on device (os error 28)`) as the OSError it is, naming the file being written.
+    safetensors creates the file mode 0600 whatever the umask; it gets the mode every other file gets
+    (`file_mode`: 0644 under umask 022), so that another user (a teammate, a vLLM server) can read it."""
     try:
         save_file(shard, str(tmp), metadata={"format": "pt", "writer": WRITER})
     except SafetensorError as e:
@@ -189,6 +192,25 @@ def _save_file(shard: dict, tmp: Path, final: Path) -> None:
         if code is None:
             raise
         raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(final)) from None
+    os.chmod(tmp, file_mode())
+
+
+_UMASK_LOCK = threading.Lock()
+
+
+def file_mode() -> int:
+    """The mode open() gives a new file: 0666 less the process's umask. The umask is read from
+    /proc/self/status (Linux); elsewhere by setting and restoring it, under a lock."""
+    try:
+        with open("/proc/self/status") as f:
+            umask = next((int(line.split()[1], 8) for line in f if line.startswith("Umask:")), None)
+    except (OSError, ValueError, IndexError):
+        umask = None
+    if umask is None:
+        with _UMASK_LOCK:
+            umask = os.umask(0o022)
+            os.umask(umask)
+    return 0o666 & ~umask
 
 
 def written_by_us(file: Path) -> bool:
