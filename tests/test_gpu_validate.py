@@ -331,13 +331,14 @@ def test_step_check_logic_on_the_cpu(one_rank, capsys, monkeypatch):
     waits for the device's work (the optimizer's too) when it starts and before it is read. DPO first: the order
     in which the SFT rows used to count the DPO reference still alive; each kind's trainer and the reference
     are freed before the next kind's trainer is built. The first profiled step fails (as torch 2.11's profiler
-    API did): one fail row, and every other row of both kinds is still written."""
+    API did): one fail row, and every other row of both kinds is still written. An unlogged step (timed=False)
+    after the timed ones: its host syncs, counted on CUDA only (the CPU's row says so)."""
     import gc
     import weakref
 
     import llama_posttrain.train.distributed as distributed
 
-    synced, calls, models, trainers, alive_at_build = [], [], [], [], []
+    synced, calls, timed_calls, models, trainers, alive_at_build = [], [], [], [], [], []
     monkeypatch.setattr(train_loop, "sync_clock", synced.append)
     real_step, real_build, real_post_init = (
         train_loop.Trainer.train_step, distributed.build_model, train_loop.Trainer.__post_init__
@@ -345,6 +346,7 @@ def test_step_check_logic_on_the_cpu(one_rank, capsys, monkeypatch):
 
     def recording_step(self, batch, step, timed=None):
         calls.append((step, [tuple(mb.tokens.shape) for mb in batch.micro_batches]))
+        timed_calls.append(timed)
         return real_step(self, batch, step, timed)
 
     def recording_build(*args, **kwargs):
@@ -377,12 +379,13 @@ def test_step_check_logic_on_the_cpu(one_rank, capsys, monkeypatch):
     # the SFT trainer is built with the DPO trainer and the DPO reference gone (the policy stays)
     assert alive_at_build == [([True, True], []), ([True, False], [False])]
     assert rows[0]["check"] == "step-time breakdown patterns" and "log-prob: TargetLogprobs" in rows[0]["value"]
-    per_kind = 5 + len(checks.BREAKDOWN) + 2  # the step's rows, one per group, the total, the largest "other"
-    assert len(rows) == 1 + 5 + 1 + per_kind  # DPO: its step's rows and the failed breakdown's one; SFT: all
+    per_kind = 6 + len(checks.BREAKDOWN) + 2  # the step's and sync rows, one per group, the total, largest "other"
+    assert len(rows) == 1 + 6 + 1 + per_kind  # DPO: its step's rows and the failed breakdown's one; SFT: all
     failed = [r for r in rows if r["status"] == "fail"]
     assert [r["check"] for r in failed] == [rows[1]["check"].split(":")[0] + ": breakdown"]
     assert "AttributeError" in failed[0]["value"] and failed[0]["check"].startswith("dpo")
-    assert len(synced) == 2 * len(calls)  # every step synced at its start and end
+    assert len(synced) == 2 * timed_calls.count(True)  # every timed step synced at its start and end
+    assert timed_calls.count(False) == 2  # one unlogged step per kind
     assert all(len(shapes) == 1 for _, shapes in calls)  # one micro-batch a step
     assert {s for _, shapes in calls for s in shapes} == {(1, 1024)}  # one shape, both kinds: compiled once
     kinds = [[]]  # the calls per kind: warm-ups (step 1: the first, then one per new shape), one timed, one profiled
@@ -394,11 +397,13 @@ def test_step_check_logic_on_the_cpu(one_rank, capsys, monkeypatch):
     for steps in kinds:
         warm = [set(shapes) for n, shapes in steps if n == 1]
         timed = [set(shapes) for n, shapes in steps if n > 1]
-        assert len(timed) == 2 and steps[: len(warm)] == [(1, sorted(w)) for w in warm]
+        assert len(timed) == 3 and steps[: len(warm)] == [(1, sorted(w)) for w in warm]  # timed, unlogged, profiled
         assert all(t <= set().union(*warm) for t in timed)  # no shape is first met (compiled) on the clock
     assert [r["status"] for r in rows if "finite loss" in r["check"]] == ["pass", "pass"]
     assert {r["value"] for r in rows if r["check"].endswith("MFU")} == {"n/a"}  # no known peak on a CPU
-    assert rows[1]["check"].startswith("dpo debug (1024 tokens/micro-batch") and rows[7]["check"].startswith("sft")
+    assert rows[1]["check"].startswith("dpo debug (1024 tokens/micro-batch") and rows[8]["check"].startswith("sft")
+    syncs = [r for r in rows if ": host syncs" in r["check"]]
+    assert [(r["status"], r["value"]) for r in syncs] == [("info", "not checked")] * 2  # CUDA only
     assert "one micro-batch a step" in rows[1]["note"] and "% of its slots real tokens" in rows[1]["note"]
     shares = [r for r in rows if r["check"].startswith("sft") and ": breakdown, " in r["check"]][
         : len(checks.BREAKDOWN)
@@ -406,6 +411,43 @@ def test_step_check_logic_on_the_cpu(one_rank, capsys, monkeypatch):
     assert [r["check"].split(": breakdown, ")[1] for r in shares] == [g for g, _ in checks.BREAKDOWN]
     ms = {r["check"].split(": breakdown, ")[1]: float(r["value"].split(" ms")[0]) for r in shares}
     assert ms["matmul"] > 0 and ms["log-prob"] > 0 and ms["optimizer"] > 0  # CPU ops, grouped by the same rules
+
+
+def test_host_syncs_counts_torchs_sync_warnings_where_they_were_given(monkeypatch, capsys):
+    """checks.host_syncs on a CUDA device (the debug mode's switch stubbed: the CPU has none): one entry per
+    warning torch gives in sync debug mode, at its caller in this repository; the mode is "warn" during the
+    call and restored after; other warnings still reach the user. report_syncs: an unlogged step passes with
+    none, fails with any, the places named."""
+    import warnings
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+
+    def step(n):
+        for _ in range(n):
+            warnings.warn(f"{checks.SYNC_WARNING} (Triggered internally at c10/cuda/CUDAFunctions.cpp)", stacklevel=1)
+        warnings.warn("something else", stacklevel=1)
+        return n
+
+    cuda = torch.device("cuda")
+    with pytest.warns(UserWarning, match="something else"):
+        out, found = checks.host_syncs(cuda, step, 3)
+    line = inspect.getsourcelines(step)[1] + 2
+    assert out == 3 and modes == ["warn", 0]
+    assert found == [f"tests/test_gpu_validate.py:{line} step"] * 3
+    with pytest.warns(UserWarning):  # the CPU: run as is, nothing counted, the mode not touched
+        assert checks.host_syncs(torch.device("cpu"), step, 1) == (1, []) and modes == ["warn", 0]
+    checks.report_syncs("sft", [found, found[:1]], [], 2, cuda)
+    checks.report_syncs("dpo", [[]], found, 1, cuda)
+    rows = rows_of(capsys.readouterr().out)
+    assert [(r["check"], r["status"], r["value"]) for r in rows] == [
+        ("sft: host syncs, a logged step", "info", "2"),  # the median of 3 and 1
+        ("sft: host syncs, an unlogged step", "pass", "0"),
+        ("dpo: host syncs, a logged step", "info", "0"),
+        ("dpo: host syncs, an unlogged step", "fail", "3"),
+    ]
+    assert f"3x tests/test_gpu_validate.py:{line} step" in rows[3]["note"]
 
 
 def test_training_steps_are_one_full_micro_batch_each_as_the_loader_packs_them():

@@ -15,6 +15,7 @@ def losses(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.long  # 14 s: 4 ranks on 2 cores (pytest -m long)
 def test_hsdp_2x2_equals_one_rank(tmp_path):
     runs = {"one": (1, "train.shard_degree=0"), "hsdp": (4, "train.shard_degree=2")}
     out = {}

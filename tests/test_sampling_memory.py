@@ -298,7 +298,9 @@ def test_pipeline_sampling_options_reach_the_sampling_job(tmp_path, monkeypatch)
     assert flag(default, "--batch-size") == "64" and "--compile" not in default
     assert not [a for a in default if a.startswith("--vllm")]
     mine = sampling_args("sample_batch_size=8", "sample_compile=true")
-    assert flag(mine, "--batch-size") == "8" and "--compile" in mine
+    assert flag(mine, "--batch-size") == "8" and "--compile" in mine and "--compile-mode" not in mine  # its default
+    graphs = sampling_args("sample_compile=true", "sample_compile_mode=reduce-overhead")
+    assert "--compile" in graphs and flag(graphs, "--compile-mode") == "reduce-overhead"
     vllm = sampling_args("engine=vllm", "vllm_gpu_memory_utilization=0.5", "vllm_max_model_len=1024")
     assert flag(vllm, "--vllm-gpu-memory-utilization") == "0.5" and flag(vllm, "--vllm-max-model-len") == "1024"
     assert "--batch-size" not in vllm
@@ -312,6 +314,31 @@ def test_pipeline_sampling_options_reach_the_sampling_job(tmp_path, monkeypatch)
             load_pipeline_config(None, [override])
     with pytest.raises(PipelineError, match=r"sample_compile: the native engine's option \(engine: vllm\)"):
         load_pipeline_config(None, ["engine=vllm", "sample_compile=true"])
+    with pytest.raises(
+        PipelineError, match="sample_compile_mode: reduce-overhead is the mode of sample_compile, which"
+    ):
+        load_pipeline_config(None, ["sample_compile_mode=reduce-overhead"])
+    with pytest.raises(PipelineError, match="sample_compile_mode"):
+        load_pipeline_config(None, ["sample_compile=true", "sample_compile_mode=graphs"])
+
+
+def test_sample_compile_mode_may_change_in_a_run_folder_sample_compile_may_not(tmp_path, capsys):
+    """The compile mode changes no draw (the same compiled kernels, replayed by a CUDA graph or not): a run
+    folder goes on with another (said, the record kept); sample_compile itself is a sampling key (REDO_KEYS)."""
+    from llama_posttrain.train.pipeline import Pipeline, PipelineError, load_pipeline_config
+
+    def start(*overrides):
+        Pipeline(load_pipeline_config(None, [f"root={tmp_path}", *overrides])).check_run_folder()
+
+    start("sample_compile=true")
+    record = (tmp_path / "quickstart" / "pipeline.yaml").read_text()
+    start("sample_compile=true", "sample_compile_mode=reduce-overhead")
+    assert (
+        "sample_compile_mode changed (no stage's result depends on them); the record is kept" in capsys.readouterr().out
+    )
+    assert (tmp_path / "quickstart" / "pipeline.yaml").read_text() == record
+    with pytest.raises(PipelineError, match=r"differing:\n  sample_compile: True there, False now"):
+        start()
 
 
 def _arithmetic(cfg):

@@ -53,7 +53,7 @@ def test_every_launcher_gives_the_ranks_of_a_job_the_same_settings(monkeypatch):
     assert planned(Kept("local"), nproc=16).env["OMP_NUM_THREADS"] == "1"  # never 0
 
 
-@pytest.mark.slow
+@pytest.mark.long  # 12 s, two 2-rank jobs (pytest -m long); the settings test above stays in CI
 def test_a_training_job_is_bit_identical_on_one_node_x_2_and_through_slurm_on_2_nodes_x_1(tmp_path, monkeypatch):
     """The part that is bit-reproducible across topologies: the same world size, seeds and per-rank threads give
     the same weights, to the bit, whether the ranks share a node or not."""

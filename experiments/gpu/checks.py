@@ -6,6 +6,9 @@
     python experiments/gpu/checks.py step sft dpo # 1-GPU SFT then DPO steps at the llama3.2-1b shape
     python experiments/gpu/checks.py step sft dpo --profile  # and one profiled step each: CUDA time by kernel group
 
+The step check runs its steps under torch.cuda.set_sync_debug_mode("warn") and counts the host syncs: a
+logged step reads its metrics (a few, expected), an unlogged step (most of training's) should have none.
+
 bf16 comes first everywhere, so a part cut at its time budget has lost its fp32 rows, not its bf16 ones.
 
 Each prints its results as lines `@@row {json}` (part, check, status pass/fail/info, value, note)
@@ -23,6 +26,8 @@ import re
 import statistics
 import sys
 import time
+import traceback
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
@@ -483,16 +488,21 @@ def step_kind(
     first_s = time.perf_counter() - t0
     if d.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    metrics, wall = [], []
+    metrics, wall, logged = [], [], []
     for i, s in enumerate(data[1 : steps + 1], start=2):
         t0 = time.perf_counter()
-        metrics.append(trainer.train_step(s, i, timed=True))  # synced: the optimizer's GPU time counted
-        sync(d.device)
+        m, found = host_syncs(d.device, trainer.train_step, s, i, timed=True)
+        metrics.append(m)
+        logged.append(found)
+        sync(d.device)  # synced: the optimizer's GPU time counted
         wall.append(time.perf_counter() - t0)
     what = f"{kind} {preset} ({tokens_per_microbatch} tokens/micro-batch, compile {compile}, AC {ac})"
     report_step(what, metrics, wall, first_s, setup_s, fill)
+    _, unlogged = host_syncs(d.device, trainer.train_step, data[1], steps + 2, timed=False)  # a shape seen
+    sync(d.device)
+    report_syncs(what, logged, unlogged, len(data[1].micro_batches), d.device)
     if profile:
-        breakdown(what, trainer, data[-1], steps + 2, d.device)
+        breakdown(what, trainer, data[-1], steps + 3, d.device)
 
 
 def report_step(what, metrics, wall, first_s, setup_s, fill=None) -> None:
@@ -526,6 +536,80 @@ def report_step(what, metrics, wall, first_s, setup_s, fill=None) -> None:
     )
     finite = all(torch.isfinite(torch.tensor(x["loss"])) for x in metrics)
     row("step", f"{what}: finite loss", "pass" if finite else "fail", f"{med('loss'):.4f}")
+
+
+SYNC_WARNING = "called a synchronizing CUDA operation"  # torch's warning under set_sync_debug_mode("warn")
+
+
+def _where() -> str:
+    """The innermost frame of this repository's package on the stack (else of this file): where a call was."""
+    root = Path(__file__).resolve().parents[2]
+    frames = [f for f in traceback.extract_stack()[:-2] if Path(f.filename).resolve().is_relative_to(root)]
+    ours = [f for f in frames if "llama_posttrain" in Path(f.filename).parts] or frames
+    if not ours:
+        return "outside this repository"
+    f = ours[-1]
+    return f"{Path(f.filename).resolve().relative_to(root)}:{f.lineno} {f.name}"
+
+
+def host_syncs(device, fn, *args, **kwargs) -> tuple:
+    """fn(*args, **kwargs) under torch.cuda.set_sync_debug_mode("warn") -> (its result, where each
+    synchronizing CUDA call it made was: one entry per call, torch warns at each). The CPU has no syncs to
+    see: fn runs as is, none found. Other warnings are shown as usual."""
+    if device.type != "cuda":
+        return fn(*args, **kwargs), []
+    found, others = [], []
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if SYNC_WARNING in str(message):
+            found.append(_where())
+        else:
+            others.append((message, category, filename, lineno))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show  # restored by catch_warnings
+        before = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            out = fn(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode(before)
+    for message, category, filename, lineno in others:
+        warnings.warn_explicit(message, category, filename, lineno)
+    return out, found
+
+
+def _places(found: list[str], top: int = 4) -> str:
+    counts = {w: found.count(w) for w in dict.fromkeys(found)}
+    shown = sorted(counts.items(), key=lambda kv: -kv[1])[:top]
+    more = len(counts) - len(shown)
+    return "; ".join(f"{n}x {w}" for w, n in shown) + (f"; {more} more place(s)" if more else "")
+
+
+def report_syncs(what: str, logged: list[list[str]], unlogged: list[str], micro_batches: int, device) -> None:
+    """Rows: the host syncs of a logged step (its metrics read to the host: expected) and of an unlogged
+    one (none expected: llama_posttrain/train/loop.py Trainer.train_step)."""
+    if device.type != "cuda":
+        row("step", f"{what}: host syncs, an unlogged step", "info", "not checked", "CUDA only (sync debug mode)")
+        return
+    per_step = statistics.median(len(f) for f in logged)
+    row(
+        "step",
+        f"{what}: host syncs, a logged step",
+        "info",
+        f"{per_step:g}",
+        "median over the timed steps (the step clock's synchronize, the metrics read back); "
+        + (_places(logged[0]) or "none"),
+    )
+    row(
+        "step",
+        f"{what}: host syncs, an unlogged step",
+        "pass" if not unlogged else "fail",
+        f"{len(unlogged)}",
+        f"torch.cuda.set_sync_debug_mode('warn') over train_step(timed=False), {micro_batches} micro-batch(es); "
+        + (_places(unlogged) or "none expected"),
+    )
 
 
 # ----------------------------------------------------------------------------- step-time breakdown
@@ -616,8 +700,6 @@ def breakdown(what: str, trainer, batch, step_number: int, device) -> None:
     try:
         report_breakdown(what, *profiled_step(trainer, batch, step_number, device))
     except Exception as e:
-        import traceback
-
         traceback.print_exc()
         row("step", f"{what}: breakdown", "fail", f"{type(e).__name__}: {str(e).strip()[:300]}", "no breakdown")
 

@@ -3,7 +3,11 @@
 Same contract as llama_posttrain/kernels/reference.py (the naive formula). The forward keeps only the per-row
 log-sum-exp; the backward recomputes each chunk's logits:
     d out_i / d logits_i = onehot(t_i) - softmax(logits_i)
-so peak extra memory is one [chunk, V] block in fp32. The weight gradient is accumulated in fp32.
+so peak extra memory is one [chunk, V] block in fp32. The weight gradient is accumulated in fp32, by fp32
+matmuls that follow torch's fp32 matmul setting as every other does: TF32 on CUDA where the user allows it
+(torch.set_float32_matmul_precision("high")), IEEE fp32 by default. Not forced on: it would override a user's
+"highest", which torch 2.11's settings cannot tell from the default; CUDA's default backend (Triton) computes
+the weight gradient as one GEMM in the input dtype anyway.
 stats=True: each chunk's logits also give the row max and sum (two reductions of the block already
 in memory) and the entropy, -sum p log p with log p = logits - lse (the block shifted in place: one
 exp more), for `TokenStats`; the log-probs and the backward are the same operations either way.

@@ -14,7 +14,9 @@ rescaled with s when the running max m grows; torch combines the splits as it do
 entropy = lse - w / s (both at the combined max). Tile sizes, warps and
 pipeline stages are autotuned on CUDA per (N bucket, V, H, dtype): N rounded up to a power of two
 (at least 256), so the first N seen does not fix the tiles for every N; after a key's first call
-its config is launched directly, with the grid sized for that config's BLOCK_N.
+its config is launched directly, with the grid sized for that config's BLOCK_N. A new N compiles nothing:
+N is not a specialized argument (FORWARD_UNSPECIALIZED) and the outputs are 16-byte aligned whatever N, so
+one binary per config and STATS serves every N (tests/test_triton_specialization.py counts them).
 
 The forward grid: cdiv(N, BLOCK_N) token blocks x n_splits vocabulary splits, n_splits chosen from
 the device's SM count (`_num_sms`) so the last wave of programs is nearly full (>= 90% of the SMs
@@ -108,7 +110,18 @@ def _logits_tile(
     return acc
 
 
-@triton.jit
+# Triton specializes an integer argument on its value (== 1, divisible by 16) unless it is listed here, and a
+# pointer on its 16-byte alignment: each new class is a new compile (autotuning: of every config). N, every
+# micro-batch's own, and n_splits, which follows it, only mask rows and index the O(N) outputs: compiled
+# unspecialized they give the code of N % 16 != 0, the common case anyway (sm_90a, bf16, every config against
+# N % 16 == 0: registers within 2, no spills, the same pipelining; experiments/bench/kernel_compile.py). The rest
+# stay specialized: D, V, the strides, v0 and v_slab align the loads of H and W and the d logits stores, and
+# v_per_split's divisibility saves registers (unspecialized, two configs spill); none of them changes with N.
+FORWARD_UNSPECIALIZED = ("N", "n_splits")
+DLOGITS_UNSPECIALIZED = ("N",)
+
+
+@triton.jit(do_not_specialize=FORWARD_UNSPECIALIZED)
 def _forward_kernel(
     H, W, T, M_OUT, S_OUT, TL_OUT, SUM_OUT, W_OUT, TILE_MAX,
     N, V, D, n_splits, v_per_split, N_BUCKET,
@@ -192,7 +205,7 @@ def split_size(N: int, V: int, block_n: int, block_v: int, sms: int) -> int:
     return best
 
 
-@triton.jit
+@triton.jit(do_not_specialize=DLOGITS_UNSPECIALIZED)
 def _dlogits_kernel(
     H, W, T, LSE, ROW_MAX, G, TILE_MAX, SKIPPED, DL,
     N, V, D, v0, v_slab, stride_dl, skip_below,
@@ -256,7 +269,10 @@ def forward(hidden, weight, targets, v_per_split: int | None = None, determinist
     if v_per_split % max(block_v):
         raise ValueError(f"v_per_split {v_per_split} must be a multiple of every BLOCK_V {block_v}")
     n_splits = triton.cdiv(V, v_per_split)
-    out = torch.empty(5 if stats else 3, N, n_splits, dtype=torch.float32, device=hidden.device)
+    # each output starts 16-byte aligned whatever N: a pointer's alignment is specialized too (a recompile)
+    outputs, per_output = 5 if stats else 3, triton.cdiv(N * n_splits, 4) * 4
+    out = torch.empty(outputs, per_output, dtype=torch.float32, device=hidden.device)
+    out = out[:, : N * n_splits].view(outputs, N, n_splits)
     # sized for the smallest tiles; the chosen config uses the first cdiv(N, BN) * cdiv(V, BV) entries
     tile_max = torch.empty(
         triton.cdiv(N, block_n) * triton.cdiv(V, min(block_v)), dtype=torch.float32, device=hidden.device

@@ -157,7 +157,7 @@ def dpo_loss(
     pairs = max(num_pairs, 1)
     total = spec.fn(h, beta, label_smoothing, gamma).sum() / pairs
     if nll_norm == "sequence":
-        nll, nll_terms, nll_denominator = chosen_nll / chosen_nll_tokens.clamp(min=1), h.new_tensor(len(h)), pairs
+        nll, nll_terms, nll_denominator = chosen_nll / chosen_nll_tokens.clamp(min=1), h.new_full((), len(h)), pairs
     elif nll_norm == "token":
         nll, nll_terms, nll_denominator = chosen_nll, chosen_nll_tokens.sum(), max(num_chosen_tokens, 1)
     else:
@@ -170,7 +170,7 @@ def dpo_loss(
         cr = beta * (policy_chosen - reference_chosen).detach()
         rr = beta * (policy_rejected - reference_rejected).detach()
     sums = {
-        "pairs": h.new_tensor(len(h)),
+        "pairs": h.new_full((), len(h)),  # made on the device: no host-to-device copy
         "rewards/chosen": cr.sum(),
         "rewards/rejected": rr.sum(),
         "rewards/margins": (cr - rr).sum(),

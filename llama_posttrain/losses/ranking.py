@@ -69,10 +69,10 @@ def ranking_loss(
         loss = loss + center_rewards * ((rewards[i] + rewards[j]) ** 2).sum() / pairs
     d, r = diff.detach(), rewards.detach()
     sums = {
-        "pairs": d.new_tensor(len(d)), "correct": (d > 0).sum().to(d.dtype), "margin": d.sum(),
-        "seqs": r.new_tensor(len(r)), "reward": r.sum(), "reward_sq": (r * r).sum(),
-        "reward_max": r.max() if len(r) else r.new_tensor(float("-inf")),
-        "reward_min": r.min() if len(r) else r.new_tensor(float("inf")),
+        "pairs": d.new_full((), len(d)), "correct": (d > 0).sum().to(d.dtype), "margin": d.sum(),
+        "seqs": r.new_full((), len(r)), "reward": r.sum(), "reward_sq": (r * r).sum(),
+        "reward_max": r.max() if len(r) else r.new_full((), float("-inf")),
+        "reward_min": r.min() if len(r) else r.new_full((), float("inf")),
     }  # fmt: skip
     if class_names:
         pair_class = group_class[group[i]]  # (P,)

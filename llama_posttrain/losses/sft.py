@@ -33,7 +33,7 @@ def sft_loss(
     target_entropy (N_local,): the entropy of each target's predictive distribution (None: no entropy sum)."""
     nll_sum = -target_logps.sum()
     loss = nll_sum / max(num_targets, 1)
-    sums = {"nll": nll_sum.detach(), "target_tokens": target_logps.new_tensor(target_logps.numel())}
+    sums = {"nll": nll_sum.detach(), "target_tokens": target_logps.new_full((), target_logps.numel())}  # no H2D copy
     if target_is_argmax is not None:
         sums["argmax_tokens"] = target_is_argmax.sum().to(target_logps.dtype)
     if target_entropy is not None:

@@ -223,7 +223,7 @@ def evaluate(objective: Objective, loader: DataLoader, model, d: Dist) -> dict |
                 loss, sums = objective.loss(mb, step)
                 for name in objective.collect:
                     parts[name].append(sums.pop(name))
-                _add(acc, loss, sums, mb, objective.extrema, examples=mb.group_uid.new_tensor(mb.group_uid.numel()))
+                _add(acc, loss, sums, mb, objective.extrema, examples=mb.group_uid.new_full((), mb.group_uid.numel()))
     reduced = all_reduce_sum(acc, d.device, objective.extrema)
     model.train(was_training)
     out = {"loss": reduced["loss"], "examples": int(reduced["examples"]), **summarize(objective, reduced)}
@@ -278,7 +278,8 @@ class Trainer:
         """Forward/backward every micro-batch, then clip, step (or skip a non-finite step), schedule.
         -> the step's metrics on a timed step, {} on the others (their sums stay on the device).
 
-        Host syncs: none per micro-batch (no device collective, no `.item()`; the signal flag is polled
+        Host syncs: none per micro-batch (no device collective, no `.item()`, no tensor made from a Python
+        number, tests/test_host_sync.py; the signal flag is polled
         on a CPU group, `lifecycle.StopPoll`, also once after the update); per step, one all-reduce of
         the step's sums on the device, read to the host only on a timed step. The non-finite check: with a fused AdamW
         (`optim.fused`, default on CUDA) the update is skipped on the device (`found_inf`) and the
@@ -305,7 +306,7 @@ class Trainer:
             flops = step_flops(
                 self.model.config, self.model.head, batch.micro_batches, self.objective.reference_forward
             )
-            acc["flops"] = torch.tensor(flops, dtype=torch.float64, device=self.d.device)
+            acc["flops"] = torch.full((), flops, dtype=torch.float64, device=self.d.device)
         params = [p for p in self.model.parameters() if p.requires_grad]
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = _full(torch.nn.utils.clip_grad_norm_(params, clip))
@@ -325,11 +326,8 @@ class Trainer:
         self.scheduler.step()
         self.skipped = self.skipped + bad
         self.bad_in_a_row = (self.bad_in_a_row + bad) * bad
-        self.worst = (
-            torch.maximum(torch.as_tensor(self.worst, device=bad.device), self.bad_in_a_row)
-            if self.fused
-            else max(self.worst, self.bad_in_a_row)
-        )
+        # fused: clamp takes the first step's int 0 as a number (as_tensor would copy it to the device)
+        self.worst = self.bad_in_a_row.clamp(min=self.worst) if self.fused else max(self.worst, self.bad_in_a_row)
         self.signalled = self.stops.poll()  # a signal seen after the update: this step is saved
         if not self.fused or timed:  # where the host reads anyway
             (self.health.read if self.fused or bad else self.health.finite)()  # finite on the host: no 2nd read

@@ -119,6 +119,7 @@ class PipelineConfig:
     )
     sample_batch_size: PosInt = 64  # native engine: prompts per generate call (sample.py --batch-size; its KV cache)
     sample_compile: bool = False  # native engine: torch.compile the decode step (sample.py --compile)
+    sample_compile_mode: Literal["default", "reduce-overhead"] = "default"  # sample.py --compile-mode (CUDA graphs)
     eval_batch_size: NonNegInt = 0  # prompts per generate call of the evaluations (evaluate.py --batch-size); 0: all
     vllm_gpu_memory_utilization: float = 0.9  # vllm: the fraction of the GPU's memory it takes, in (0, 1]
     vllm_max_model_len: NonNegInt = 0  # vllm: 0: the longest prompt + max_new_tokens, rounded up
@@ -159,7 +160,9 @@ class PipelineConfig:
 # `configs`: the files' paths; their contents are recorded and compared (stage_configs.yaml).
 LAUNCH_KEYS = {"launcher", "nnodes", "rdzv_endpoint", "ray_address", "node_rank"}  # node_rank: older records have it
 # max_dropped: a stage stops or goes on, its result the same; from_stage: an action, recorded in redo.yaml.
-HARMLESS = {"name", "root", "rounds", "plots", "configs", "max_dropped", "from_stage", *LAUNCH_KEYS}
+# sample_compile_mode: the same compiled kernels, replayed by a CUDA graph or launched one by one: the same draws.
+HARMLESS = {"name", "root", "rounds", "plots", "configs", "max_dropped", "from_stage", "sample_compile_mode"}
+HARMLESS |= LAUNCH_KEYS
 REPORT_FILES = ("summary.json", "summary.md", "accuracy.png", "rewards.png")  # llama_posttrain/train/report.py
 REDO_RECORD = "redo.yaml"  # the run folder's redos (from_stage): time, stage, the keys changed, where the old went
 SFT_SOURCES = ("rejection_sampled", "human")  # the keys of sft_weights
@@ -240,6 +243,11 @@ def _check_values(cfg: PipelineConfig, source: dict[str, str]) -> None:
         raise PipelineError(f"{where(key)}: must be in (0, 1], got {cfg.vllm_gpu_memory_utilization}")
     if cfg.sample_compile and cfg.engine != "native":
         raise PipelineError(f"{where('sample_compile')}: the native engine's option (engine: {cfg.engine})")
+    if cfg.sample_compile_mode != "default" and not cfg.sample_compile:
+        raise PipelineError(
+            f"{where('sample_compile_mode')}: {cfg.sample_compile_mode} is the mode of sample_compile, which is off: "
+            "set sample_compile: true too, or remove it"
+        )
     unknown = sorted(set(cfg.sft_weights) - set(SFT_SOURCES))
     if unknown:
         raise PipelineError(

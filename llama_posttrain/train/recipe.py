@@ -567,6 +567,8 @@ class Recipe:
             args += ["--out-pairs", str(d / "sampled_pairs.jsonl")]
             if c.engine == "native":
                 args += ["--batch-size", str(c.sample_batch_size)] + (["--compile"] if c.sample_compile else [])
+                if c.sample_compile_mode != "default":  # refused without sample_compile (pipeline.py)
+                    args += ["--compile-mode", c.sample_compile_mode]
             else:
                 args += ["--vllm-gpu-memory-utilization", str(c.vllm_gpu_memory_utilization)]
                 args += ["--vllm-max-model-len", str(c.vllm_max_model_len)] if c.vllm_max_model_len else []

@@ -59,9 +59,12 @@ def trl_tokens(batch: Batch) -> Tensor:
 
 
 def strength_margins(group_strength: Tensor, table: dict[str, float]) -> Tensor:
-    """(G,) strength indices (-1 unknown) -> (G,) margins by strength name (0 for unknown)."""
-    values = torch.tensor([table[s] for s in STRENGTHS] + [0.0], device=group_strength.device)
-    return values[group_strength]  # index -1 picks the trailing 0
+    """(G,) strength indices (-1 unknown) -> (G,) margins by strength name (0 for unknown), fp32. Made on
+    the device, a `where` per strength: a table from a Python list would be a blocking host-to-device copy."""
+    out = torch.zeros(group_strength.shape, dtype=torch.float32, device=group_strength.device)
+    for k, s in enumerate(STRENGTHS):
+        out = torch.where(group_strength == k, table[s], out)
+    return out
 
 
 def dpo_pairs(batch: Batch) -> tuple[Tensor, Tensor]:
