@@ -68,6 +68,14 @@ def llama3_tokenizer_dir() -> Path:
 
 
 @pytest.fixture
+def one_process(monkeypatch):
+    """A plain process, not a torchrun rank: no distributed environment (restored afterwards; init_distributed
+    sets it)."""
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+
+
+@pytest.fixture
 def one_rank(monkeypatch):
     """An in-process training run as a 1-rank process group; destroyed afterwards."""
     monkeypatch.setenv("MASTER_PORT", str(29000 + os.getpid() % 500))

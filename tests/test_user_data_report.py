@@ -41,12 +41,6 @@ def files(tmp_path_factory):
     return d
 
 
-@pytest.fixture
-def one_process(monkeypatch):
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)  # restored afterwards: init_distributed sets them
-
-
 def run(d, model: str, *args) -> dict:
     evaluate_main(["--model", str(d / model), "--out", str(d / "out.json"), *args])
     return json.loads((d / "out.json").read_text())

@@ -56,7 +56,7 @@ from llama_posttrain.data.clean import CleanRules
 from llama_posttrain.data.drops import drop_reason, drop_report, split_outputs
 from llama_posttrain.data.io import write_jsonl, write_text
 from llama_posttrain.data.records import read_records
-from llama_posttrain.data.schema import ValidationError, parse_prompt
+from llama_posttrain.data.tasks.files import prompt_record
 from llama_posttrain.llama.chat import TEMPLATES, ChatFormat, resolve_chat_template
 from llama_posttrain.llama.paths import check_outputs
 from llama_posttrain.llama.tokenizer import resolve_tokenizer
@@ -73,13 +73,8 @@ def read_prompts(path) -> list[dict]:
     -> the records with the parsed prompt as "messages"."""
     out = []
     for where, obj in read_records(path):
-        if isinstance(obj, ValidationError):
-            raise obj
-        if not isinstance(obj, dict) or "prompt" not in obj:
-            raise ValidationError(f"{where}: prompt: missing (a prompt record is an object with a 'prompt')")
-        if "messages" in obj:  # it would be replaced by the parsed prompt, and lost
-            raise ValidationError(f"{where}: messages: a prompt record gives its prompt as 'prompt' only")
-        out.append({**obj, "messages": parse_prompt(obj["prompt"], where)})
+        messages = prompt_record(obj, where)  # (checked before obj is read as a mapping)
+        out.append({**obj, "messages": messages})
     return out
 
 
