@@ -32,7 +32,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llama_posttrain.llama.tokenizer import Tokenizer
+from llama_posttrain.llama.tokenizer_kinds import Tokenizer
 
 TEMPLATES = ("llama3", "llama3.1", "llama3.2")
 DEFAULT_DATE = "26 Jul 2024"  # what Meta's 3.1 template writes when no date is given

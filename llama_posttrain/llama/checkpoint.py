@@ -29,7 +29,7 @@ from llama_posttrain.llama.formats import CheckpointError, hf, meta, native, rea
 from llama_posttrain.llama.formats.hf import generation_defaults, is_generation_default, tokenizer_files
 from llama_posttrain.llama.formats.native import INDEX, MAX_SHARD_BYTES, NATIVE, open_weights, tensor_files
 from llama_posttrain.llama.model import Transformer
-from llama_posttrain.llama.tokenizer import Tokenizer
+from llama_posttrain.llama.tokenizer_kinds import Tokenizer
 
 __all__ = [
     "MAX_SHARD_BYTES",

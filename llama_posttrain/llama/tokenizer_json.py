@@ -25,7 +25,7 @@ from pathlib import Path
 
 import regex
 
-from llama_posttrain.llama.tokenizer import TiktokenTokenizer, Tokenizer, bytes_to_unicode
+from llama_posttrain.llama.tokenizer_kinds import TiktokenTokenizer, Tokenizer, bytes_to_unicode
 
 HINT = "only byte-level BPE tokenizer.json files are read; for SentencePiece pass tokenizer.model"
 # tokenizers' ByteLevel(use_regex=true) pattern (GPT-2's)

@@ -22,7 +22,7 @@ import torch
 from llama_posttrain.llama.chat import ChatFormat, jinja_template
 from llama_posttrain.llama.config import ModelConfig, RopeScaling
 from llama_posttrain.llama.formats import CheckpointError, read_json
-from llama_posttrain.llama.tokenizer import SentencePieceTokenizer, TiktokenTokenizer, Tokenizer, bytes_to_unicode
+from llama_posttrain.llama.tokenizer_kinds import SentencePieceTokenizer, TiktokenTokenizer, Tokenizer, bytes_to_unicode
 
 # native name -> HF name; {} is the layer index.
 _HF_NAMES = {
