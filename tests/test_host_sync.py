@@ -105,7 +105,7 @@ def test_the_recorder_sees_what_syncs_on_cuda(monkeypatch):
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize("kind", ["sft", "dpo"])
+@pytest.mark.parametrize("kind", ["sft", "dpo", "rm"])
 def test_an_unlogged_step_has_no_host_sync(tmp_path, one_rank, monkeypatch, kind):
     """Several micro-batches a step, the fused optimizer (the CUDA default): no call that syncs on CUDA,
     neither per micro-batch (the losses' counts as tensors made on the device) nor per step."""
@@ -116,6 +116,14 @@ def test_an_unlogged_step_has_no_host_sync(tmp_path, one_rank, monkeypatch, kind
 
         cfg, s = sft_setup(tmp_path, *FAST)
         objective = sft.make_objective(s.model, "torch")
+    elif kind == "rm":  # the ranking loss's pairs as an (S, S) mask, not a nonzero's list; extrema on the device
+        from llama_posttrain.train import rm
+        from llama_posttrain.train.entry import setup
+
+        argv = ["--config", str(QUICK / "rm.yaml"), f"train.run_dir={tmp_path}", "logging.progress=false", *SHORT]
+        cfg = parse_args(rm.RMConfig, [*argv, "data.tokens_per_microbatch=256", *FAST])
+        s = setup(cfg, kind="rm", head="reward", one_row=cfg.rm.one_row)
+        objective = rm.make_objective(s.model, cfg.rm.margin, cfg.rm.center_rewards, False)
     else:
         from llama_posttrain.train import dpo
         from llama_posttrain.train.entry import setup

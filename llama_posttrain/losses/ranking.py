@@ -18,6 +18,7 @@ a micro-batch without sequences gives -inf / +inf, so it changes neither).
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -40,10 +41,16 @@ RATIOS = {
 EXTREMA = {"reward_max": "max", "reward_min": "min"}
 
 
+def pair_matrix(group: Tensor, rank: Tensor) -> Tensor:
+    """(S, S) bool, [i, j] true where sequence i is ranked above sequence j of the same group: the loss's
+    pairs as a mask, so the loss needs no host sync (a list of pairs has a data-dependent size)."""
+    return (group[:, None] == group[None, :]) & (rank[:, None] < rank[None, :])
+
+
 def ranked_pairs(group: Tensor, rank: Tensor) -> tuple[Tensor, Tensor]:
-    """All ordered pairs (better i, worse j) of sequences within the same group. -> (P,), (P,)"""
-    better = (group[:, None] == group[None, :]) & (rank[:, None] < rank[None, :])
-    i, j = better.nonzero(as_tuple=True)
+    """All ordered pairs (better i, worse j) of sequences within the same group, as indices (a host sync on
+    CUDA: for evaluation, not the training step). -> (P,), (P,)"""
+    i, j = pair_matrix(group, rank).nonzero(as_tuple=True)
     return i, j
 
 
@@ -59,24 +66,28 @@ def ranking_loss(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """rewards (S,) one per sequence; group (S,), rank (S,) with 0 = best; margin (G,) per group.
     group_class (G,) indexes class_names (e.g. preference strengths; -1: none): the sums then also
-    hold `pairs/<name>` and `correct/<name>` per class. center_rewards: c above (0: off)."""
-    i, j = ranked_pairs(group, rank)
-    diff = rewards[i] - rewards[j]  # (P,)
-    m = margin[group[i]] if margin is not None else 0.0
-    pairs = max(num_pairs if num_pairs is not None else len(i), 1)
-    loss = -F.logsigmoid(diff - m).sum() / pairs
+    hold `pairs/<name>` and `correct/<name>` per class. center_rewards: c above (0: off).
+    Every pair (i, j) is an entry of an (S, S) matrix masked by pair_matrix: S is a micro-batch's sequences."""
+    better = pair_matrix(group, rank)  # (S, S)
+    diff = rewards[:, None] - rewards[None, :]  # (S, S): r_i - r_j
+    m = margin[group][:, None] if margin is not None else 0.0
+    n = better.sum()
+    pairs = max(num_pairs, 1) if num_pairs is not None else n.clamp(min=1)
+    loss = -torch.where(better, F.logsigmoid(diff - m), 0.0).sum() / pairs
     if center_rewards:
-        loss = loss + center_rewards * ((rewards[i] + rewards[j]) ** 2).sum() / pairs
+        total = rewards[:, None] + rewards[None, :]
+        loss = loss + center_rewards * torch.where(better, total**2, 0.0).sum() / pairs
     d, r = diff.detach(), rewards.detach()
+    right = better & (d > 0)
     sums = {
-        "pairs": d.new_full((), len(d)), "correct": (d > 0).sum().to(d.dtype), "margin": d.sum(),
+        "pairs": n.to(d.dtype), "correct": right.sum().to(d.dtype), "margin": torch.where(better, d, 0.0).sum(),
         "seqs": r.new_full((), len(r)), "reward": r.sum(), "reward_sq": (r * r).sum(),
         "reward_max": r.max() if len(r) else r.new_full((), float("-inf")),
         "reward_min": r.min() if len(r) else r.new_full((), float("inf")),
     }  # fmt: skip
     if class_names:
-        pair_class = group_class[group[i]]  # (P,)
+        pair_class = group_class[group][:, None]  # (S, 1): the class of the better sequence's group (= the pair's)
         for k, name in enumerate(class_names):
-            sums[f"pairs/{name}"] = (pair_class == k).sum().to(d.dtype)
-            sums[f"correct/{name}"] = ((pair_class == k) & (d > 0)).sum().to(d.dtype)
+            sums[f"pairs/{name}"] = (better & (pair_class == k)).sum().to(d.dtype)
+            sums[f"correct/{name}"] = (right & (pair_class == k)).sum().to(d.dtype)
     return loss, sums

@@ -161,13 +161,11 @@ def reduce_on_device(values: dict[str, torch.Tensor], extrema: dict[str, str] | 
     for names, op in ((sorted(set(values) - set(extrema)), "sum"), (sorted(set(values) & set(extrema)), "max")):
         if not names:
             continue
-        sign = [-1.0 if extrema.get(k) == "min" else 1.0 for k in names]  # min(x) = -max(-x)
-        t = torch.stack([values[k].double().reshape(()) for k in names])
-        t = t * t.new_tensor(sign) if op == "max" else t
+        flip = [extrema.get(k) == "min" for k in names]  # min(x) = -max(-x); negated on the device, no host copy
+        t = torch.stack([(-values[k] if f else values[k]).double().reshape(()) for k, f in zip(names, flip)])
         if several:
             dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-        t = t * t.new_tensor(sign) if op == "max" else t
-        out.update(zip(names, t.unbind()))
+        out.update({k: -v if f else v for k, f, v in zip(names, flip, t.unbind())})
     return out
 
 
