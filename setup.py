@@ -21,9 +21,9 @@ setup(
         "pyyaml",
     ],
     extras_require={
-        "plots": ["matplotlib"],  # the pipeline's accuracy.png and rewards.png (llama_posttrain/train/plots.py)
+        "plots": ["matplotlib"],  # the pipeline's accuracy.png and rewards.png (llama_posttrain/driver/plots.py)
         "gguf": ["gguf"],  # convert --from gguf (llama_posttrain/llama/formats/gguf.py imports it, nothing else)
-        "ray": ["ray"],  # launcher: ray (llama_posttrain/train/launch_ray.py imports it, nothing else)
+        "ray": ["ray"],  # launcher: ray (llama_posttrain/driver/launch_ray.py imports it, nothing else)
         # test-only references (never imported by the packages), and matplotlib so that the plots are tested
         "dev": ["pytest", "ruff", "transformers", "tokenizers", "jinja2", "trl", "matplotlib", "gguf", "ray"],
     },

@@ -9,7 +9,7 @@ other projects install too):
     llama_posttrain.train     the training entry points, the jobs and the round driver
 
 A script started by its path (`python llama_posttrain/train/sft.py`, `torchrun .../train/dpo.py`) has its own
-folder first on sys.path, where a module such as train/evaluate.py would stand in for the `evaluate` package
+folder first on sys.path, where a module such as jobs/evaluate.py would stand in for the `evaluate` package
 and data/io.py for anything that imports `io` late. Every import here is absolute, so that folder is taken off.
 """
 

@@ -5,9 +5,9 @@ import torch
 from conftest import CONFIGS, random_model, with_fields
 from safetensors.torch import load_file
 
+from llama_posttrain.jobs.average import average_checkpoints, greedy_soup
+from llama_posttrain.jobs.average import main as average_main
 from llama_posttrain.llama import RopeScaling, load_model, save_checkpoint, save_model
-from llama_posttrain.train.average import average_checkpoints, greedy_soup
-from llama_posttrain.train.average import main as average_main
 
 
 def test_average_of_three_equals_float64_mean(tmp_path):

@@ -1,5 +1,5 @@
 """Cleaning of rejection-sampled data (llama_posttrain/data/clean.py): each rule on hand-written samples, and every drop
-counted in llama_posttrain/train/sample.py's drop report (in process and through the CLI's --out-report)."""
+counted in llama_posttrain/jobs/sample.py's drop report (in process and through the CLI's --out-report)."""
 
 import json
 
@@ -16,10 +16,10 @@ from llama_posttrain.data.clean import (
     repeat_fraction,
 )
 from llama_posttrain.data.drops import DROPS, drop_reason, drop_report, drops_for
+from llama_posttrain.jobs.sample import rejection_sample
 from llama_posttrain.llama import get_preset, save_model
 from llama_posttrain.llama.chat import ChatFormat
 from llama_posttrain.llama.tokenizer import load_tokenizer
-from llama_posttrain.train.sample import rejection_sample
 
 CHAT = ChatFormat(load_tokenizer())
 
@@ -99,7 +99,7 @@ RULES = CleanRules(max_repeat=0.5, repeat_ngram=2, ban_phrases=("as an ai",), ma
 
 
 def _stand_in_sampler(monkeypatch):
-    import llama_posttrain.train.sample as train_sample
+    import llama_posttrain.jobs.sample as train_sample
 
     def sample(policy, chat, prompts, k, *a, **kw):
         texts = [SAMPLES[p[-1]["content"]] for p in prompts]
@@ -137,7 +137,7 @@ def test_every_rule_is_counted_in_the_drop_report(monkeypatch):
 
 
 def test_cli_flags_drop_and_report_every_rule(tmp_path, monkeypatch, capsys):
-    from llama_posttrain.train.sample import main as sample_main
+    from llama_posttrain.jobs.sample import main as sample_main
 
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)  # restored afterwards: init_distributed sets them
@@ -171,7 +171,7 @@ def test_cli_flags_drop_and_report_every_rule(tmp_path, monkeypatch, capsys):
     ],
 )
 def test_cli_refuses_bad_thresholds(flags, message, capsys):
-    from llama_posttrain.train.sample import main as sample_main
+    from llama_posttrain.jobs.sample import main as sample_main
 
     with pytest.raises(SystemExit) as e:
         sample_main(["--policy", "p", "--prompts", "x.jsonl", *flags])

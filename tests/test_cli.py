@@ -17,10 +17,10 @@ ENTRY_POINTS = [
     (["llama_posttrain/train/sft.py"], "sft.mask_prompt = True"),
     (["llama_posttrain/train/dpo.py"], "dpo.beta = 0.1"),
     (["llama_posttrain/train/rm.py"], "rm.one_row = True"),
-    (["llama_posttrain/train/sample.py"], "samples per prompt (default: 16)"),
-    (["llama_posttrain/train/evaluate.py"], "(default: 8)"),
-    (["llama_posttrain/train/pipeline.py"], "keys (key = default)"),
-    (["-m", "llama_posttrain.train.plan"], "usage:"),
+    (["llama_posttrain/jobs/sample.py"], "samples per prompt (default: 16)"),
+    (["llama_posttrain/jobs/evaluate.py"], "(default: 8)"),
+    (["llama_posttrain/driver/pipeline.py"], "keys (key = default)"),
+    (["-m", "llama_posttrain.driver.plan"], "usage:"),
 ]
 
 
@@ -39,8 +39,8 @@ def test_help_of_every_entry_point(command, shown):
 @pytest.mark.slow
 def test_the_configs_and_training_entry_points_import_without_torch():
     code = (
-        "import sys; import llama_posttrain.train.config, llama_posttrain.train.lifecycle, llama_posttrain.train.sft, llama_posttrain.train.dpo, llama_posttrain.train.rm, llama_posttrain.train.sample, "
-        "llama_posttrain.train.evaluate, llama_posttrain.train.pipeline, llama_posttrain.train.recipe, llama_posttrain.train.report, llama_posttrain.train.launch, llama_posttrain.train.vllm_engine, llama_posttrain.llama; "
+        "import sys; import llama_posttrain.train.config, llama_posttrain.train.lifecycle, llama_posttrain.train.sft, llama_posttrain.train.dpo, llama_posttrain.train.rm, llama_posttrain.jobs.sample, "
+        "llama_posttrain.jobs.evaluate, llama_posttrain.driver.pipeline, llama_posttrain.driver.recipe, llama_posttrain.driver.report, llama_posttrain.driver.launch, llama_posttrain.jobs.vllm_engine, llama_posttrain.llama; "
         "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))"
     )
     r = _python("-c", code)
@@ -83,8 +83,8 @@ def _run_without_torch(script: str, *argv: str) -> subprocess.CompletedProcess:
 
 
 CLIS = [
-    "llama_posttrain/train/sft.py", "llama_posttrain/train/dpo.py", "llama_posttrain/train/rm.py", "llama_posttrain/train/sample.py", "llama_posttrain/train/evaluate.py", "llama_posttrain/train/pipeline.py",
-    "llama_posttrain/train/average.py", "llama_posttrain/train/prepare_data.py",
+    "llama_posttrain/train/sft.py", "llama_posttrain/train/dpo.py", "llama_posttrain/train/rm.py", "llama_posttrain/jobs/sample.py", "llama_posttrain/jobs/evaluate.py", "llama_posttrain/driver/pipeline.py",
+    "llama_posttrain/jobs/average.py", "llama_posttrain/train/prepare_data.py",
 ]  # fmt: skip
 
 
@@ -102,19 +102,19 @@ def test_help_answers_without_importing_torch(script):
     "script, argv, error",
     [
         (
-            "llama_posttrain/train/sample.py",
+            "llama_posttrain/jobs/sample.py",
             ["--policy", "p", "--prompts", "x.jsonl", "--k", "0"],
             "argument --k: must be >= 1",
         ),
         (
-            "llama_posttrain/train/sample.py",
+            "llama_posttrain/jobs/sample.py",
             ["--policy", "p", "--prompts", "x", "--batch-size", "0"],
             "argument --batch-size",
         ),
-        ("llama_posttrain/train/evaluate.py", ["--model", "m", "--out", "o.json"], "nothing to evaluate"),
-        ("llama_posttrain/train/pipeline.py", ["nope=1"], "unknown key"),
+        ("llama_posttrain/jobs/evaluate.py", ["--model", "m", "--out", "o.json"], "nothing to evaluate"),
+        ("llama_posttrain/driver/pipeline.py", ["nope=1"], "unknown key"),
         (
-            "llama_posttrain/train/pipeline.py",
+            "llama_posttrain/driver/pipeline.py",
             ["vllm_gpu_memory_utilization=2"],
             "vllm_gpu_memory_utilization: must be in (0, 1]",
         ),
@@ -128,7 +128,7 @@ def test_bad_arguments_answer_without_importing_torch(script, argv, error):
 
 @pytest.mark.slow
 def test_sample_help_shows_the_defaults():
-    r = _run_without_torch("llama_posttrain/train/sample.py", "--help")
+    r = _run_without_torch("llama_posttrain/jobs/sample.py", "--help")
     shown = " ".join(r.stdout[r.stdout.index("\noptions:") :].split())  # the options, not the usage line
     for option, default in [("--k K", 16), ("--max-new-tokens MAX_NEW_TOKENS", 256), ("--batch-size BATCH_SIZE", 64)]:
         after = shown[shown.index(option) :]
@@ -146,7 +146,7 @@ def test_the_pipeline_estimate_comes_from_the_last_finished_run_of_the_same_conf
 
     import yaml
 
-    from llama_posttrain.train.pipeline import Pipeline, load_pipeline_config
+    from llama_posttrain.driver.pipeline import Pipeline, load_pipeline_config
 
     cfg = load_pipeline_config(None, [f"root={tmp_path}", "name=new"])
     stages = {"sft": {"train": {"steps": 3}}}
@@ -186,7 +186,7 @@ def test_the_training_progress_line_shows_an_eta_from_this_starts_steps(tmp_path
 
 
 def test_the_tokenizer_and_chat_template_choices_print_only_when_verbose(tmp_path, capsys):
-    """issue 20 item 8: llama_posttrain/train/entry.py `setup` passes verbose=(local rank 0), so a node prints them once."""
+    """issue 20 item 8: llama_posttrain/train/run_setup.py `setup` passes verbose=(local rank 0), so a node prints them once."""
     import shutil
 
     from llama_posttrain.llama.chat import resolve_chat_template

@@ -197,7 +197,7 @@ def test_the_recipe_puts_each_stage_run_in_the_pipeline_group(tmp_path, files, w
 
 
 def test_the_dashboard_follows_the_stage_configs_logging():
-    from llama_posttrain.train.report import wandb_settings
+    from llama_posttrain.driver.report import wandb_settings
 
     off, offline = {"logging": {"wandb": "disabled"}}, {"logging": {"wandb": "offline", "project": "p"}}
     assert wandb_settings({"rm": off, "sft": off, "dpo": off}, {}) is None  # the quickstart's
@@ -213,7 +213,7 @@ def write_lines(path, records):
 
 
 def test_the_pipeline_run_logs_rounds_the_summary_and_the_sampling_tables(tmp_path, wandb):
-    from llama_posttrain.train.report import SAMPLE_COLUMNS, write_report
+    from llama_posttrain.driver.report import SAMPLE_COLUMNS, write_report
 
     folder = tmp_path / "quickstart"
     user = [{"role": "user", "content": "1+1="}]
@@ -272,7 +272,7 @@ def test_the_pipeline_run_in_real_offline_run_files(tmp_path):
     pytest.importorskip("wandb")
     from test_train import read_wandb_history, read_wandb_records
 
-    from llama_posttrain.train.report import SAMPLE_COLUMNS, write_report
+    from llama_posttrain.driver.report import SAMPLE_COLUMNS, write_report
 
     folder = tmp_path / "quickstart"
     user = [{"role": "user", "content": "1+1="}]
@@ -301,9 +301,9 @@ def test_the_pipeline_run_in_real_offline_run_files(tmp_path):
 
 
 def test_the_pipeline_run_logs_the_greedy_generations_of_each_evaluated_model(tmp_path, wandb):
-    """Each evaluation's `generations` (llama_posttrain/train/evaluate.py) in a table per round, and every round's in one
+    """Each evaluation's `generations` (llama_posttrain/jobs/evaluate.py) in a table per round, and every round's in one
     table with the last round: the same prompts for the base, each SFT and each DPO model."""
-    from llama_posttrain.train.report import GENERATION_COLUMNS, write_report
+    from llama_posttrain.driver.report import GENERATION_COLUMNS, write_report
 
     folder = tmp_path / "quickstart"
 

@@ -1,4 +1,4 @@
-"""Issue 17, round 2: rejection sampling (llama_posttrain/train/sample.py, llama_posttrain/data/drops.py) counts and prints every sample
+"""Issue 17, round 2: rejection sampling (llama_posttrain/jobs/sample.py, llama_posttrain/data/drops.py) counts and prints every sample
 and every prompt it drops, and warns when most samples reached no stop token; a labels file
 (llama_posttrain/data/annotators.py) with two labels for one id or the wrong number of scores is refused."""
 
@@ -27,7 +27,7 @@ EXPECTED_DROPS = {
 
 
 def _stand_in_sampler(monkeypatch):
-    import llama_posttrain.train.sample as train_sample
+    import llama_posttrain.jobs.sample as train_sample
 
     def sample(policy, chat, prompts, k, *a, **kw):
         rows = [SAMPLES[p[-1]["content"]][0] for p in prompts]
@@ -38,7 +38,7 @@ def _stand_in_sampler(monkeypatch):
 
 
 def test_rejection_sampling_counts_every_dropped_sample_and_prompt(monkeypatch):
-    from llama_posttrain.train.sample import rejection_sample
+    from llama_posttrain.jobs.sample import rejection_sample
 
     annotate = _stand_in_sampler(monkeypatch)
     records = [{"id": i, "messages": [{"role": "user", "content": p}]} for i, p in enumerate(SAMPLES)]
@@ -57,8 +57,8 @@ def test_sample_cli_prints_every_drop_and_warns_when_most_samples_are_unfinished
     import torch
     from conftest import random_model
 
+    from llama_posttrain.jobs.sample import main as sample_main
     from llama_posttrain.llama import get_preset, save_model
-    from llama_posttrain.train.sample import main as sample_main
 
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)  # restored afterwards: init_distributed sets them

@@ -1,4 +1,4 @@
-"""The greedy generations an evaluation keeps for the dashboards (llama_posttrain/train/evaluate.py `generations`): the
+"""The greedy generations an evaluation keeps for the dashboards (llama_posttrain/jobs/evaluate.py `generations`): the
 first SHOWN prompts' greedy samples, as one greedy `generate` call over every prompt gives them, with the
 verifier's score."""
 
@@ -8,13 +8,13 @@ import subprocess
 
 import pytest
 import torch
-from test_evaluate import CHAT, ROOT, SCORED, N, Scored, files, one_process, run  # noqa: F401 (fixtures)
+from test_evaluate import CHAT, ROOT, SCORED, N, Scored, files, run  # noqa: F401 (fixtures)
 
+from llama_posttrain.jobs.evaluate import SHOWN
+from llama_posttrain.jobs.sample import read_prompts
 from llama_posttrain.llama import load_model
 from llama_posttrain.llama.generate import decode_sample, generate
 from llama_posttrain.train.distributed import torchrun_command
-from llama_posttrain.train.evaluate import SHOWN
-from llama_posttrain.train.sample import read_prompts
 
 
 def greedy_of_every_prompt(files):  # noqa: F811
@@ -44,7 +44,7 @@ def test_two_ranks_keep_the_same_generations_in_prompt_order(files, one_process)
     one = run(files, "policy", *args)["generations"]
     out = files / "two_generations.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
-    cmd = torchrun_command(str(ROOT / "llama_posttrain" / "train" / "evaluate.py"), 2, ["--model", str(files / "policy"), "--out", str(out),
+    cmd = torchrun_command(str(ROOT / "llama_posttrain" / "jobs" / "evaluate.py"), 2, ["--model", str(files / "policy"), "--out", str(out),
                                                                       *args])  # fmt: skip
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""llama_posttrain/train/evaluate.py: each metric against an independent computation, 2 ranks against 1, bad input refused."""
+"""llama_posttrain/jobs/evaluate.py: each metric against an independent computation, 2 ranks against 1, bad input refused."""
 
 import dataclasses
 import json
@@ -13,14 +13,14 @@ from conftest import random_model
 
 from llama_posttrain.data.io import write_jsonl
 from llama_posttrain.data.tasks.arithmetic import Arithmetic
+from llama_posttrain.jobs.evaluate import main as evaluate_main
+from llama_posttrain.jobs.sample import read_prompts, score
 from llama_posttrain.llama import get_preset, load_model, save_model
 from llama_posttrain.llama.chat import ChatFormat
 from llama_posttrain.llama.generate import decode_sample, generate
 from llama_posttrain.llama.tokenizer import load_tokenizer
 from llama_posttrain.train import progress
 from llama_posttrain.train.distributed import torchrun_command
-from llama_posttrain.train.evaluate import main as evaluate_main
-from llama_posttrain.train.sample import read_prompts, score
 
 CHAT = ChatFormat(load_tokenizer())
 ROOT = Path(__file__).parent.parent
@@ -68,7 +68,7 @@ def run(d: Path, model: str, *args) -> dict:
 
 
 def pipeline_task_accuracy(model_path, prompts_path, verify, seed: int, max_new_tokens: int) -> dict:
-    """The pipeline's in-process task_accuracy (llama_posttrain/train/pipeline.py before issue 18), verbatim but for `self`."""
+    """The pipeline's in-process task_accuracy (llama_posttrain/driver/pipeline.py before issue 18), verbatim but for `self`."""
     model = load_model(model_path).eval()
     records = read_prompts(prompts_path)
     ids = [CHAT.encode_dialog(r["messages"], add_generation_prompt=True).tokens for r in records]
@@ -162,7 +162,7 @@ def test_rm_accuracy_against_each_response_scored_alone(files, one_process):
     assert 0 < sum(right) < len(right)
     assert got["rm_accuracy"] == sum(right) / len(right)
     assert (got["pairs"], got["pairs_tied_dropped"]) == (N, 1)
-    # and the pipeline's own computation (llama_posttrain/train/sample.py score over all pairs at once), exactly
+    # and the pipeline's own computation (llama_posttrain/jobs/sample.py score over all pairs at once), exactly
     prompts = [[{"role": "user", "content": p["prompt"]}] for p in pairs]
     scores = score(rm, CHAT, prompts, [[p["chosen"], p["rejected"]] for p in pairs])
     assert got["rm_accuracy"] == sum(s[0] > s[1] for s in scores) / len(scores)
@@ -202,7 +202,7 @@ def test_two_ranks_give_what_one_rank_gives(files, one_process):
     two = {}
     for name, args in (("rm", ["--pairs", str(files / "pairs.jsonl")]), ("policy", policy_args)):
         out = files / f"two_{name}.json"
-        cmd = torchrun_command(str(ROOT / "llama_posttrain" / "train" / "evaluate.py"), 2, ["--model", str(files / name), "--out", str(out),
+        cmd = torchrun_command(str(ROOT / "llama_posttrain" / "jobs" / "evaluate.py"), 2, ["--model", str(files / name), "--out", str(out),
                                                                           *args])  # fmt: skip
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]

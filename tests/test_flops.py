@@ -1,11 +1,11 @@
-"""MFU's FLOP count (llama_posttrain/train/loop.py step_flops) against formulas written out by hand."""
+"""MFU's FLOP count (llama_posttrain/train/flops.py step_flops) against formulas written out by hand."""
 
 import torch
 
 from llama_posttrain.data.rows import Batch
 from llama_posttrain.llama import get_preset
 from llama_posttrain.llama.model import PAD_DOC, structure_mask
-from llama_posttrain.train.loop import attended_keys, step_flops
+from llama_posttrain.train.flops import attended_keys, step_flops
 
 
 def batch(doc, branch, num_targets):

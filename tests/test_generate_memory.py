@@ -102,7 +102,7 @@ def test_reduce_overhead_is_refused_off_cuda_and_marks_the_kv_cache_static():
     ],
 )
 def test_sample_cli_refuses_a_compile_mode_it_cannot_use(args, message, capsys):
-    from llama_posttrain.train.sample import main as sample_main
+    from llama_posttrain.jobs.sample import main as sample_main
 
     with pytest.raises(SystemExit) as e:
         sample_main(["--policy", "p", "--prompts", "x.jsonl", *args])
@@ -114,7 +114,7 @@ def test_sample_cli_passes_the_compile_mode_and_counts_eager_calls(tmp_path, mon
     the generate calls that decoded eagerly (past the recompile limit) are counted at the end."""
     from test_sampling_memory import _clear_dist_env, _cli_setup
 
-    from llama_posttrain.train.sample import main as sample_main
+    from llama_posttrain.jobs.sample import main as sample_main
 
     _clear_dist_env(monkeypatch)
     argv, _ = _cli_setup(tmp_path)

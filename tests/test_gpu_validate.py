@@ -216,6 +216,8 @@ def test_validate_sh_dry_run_uses_python3_or_PYTHON():
 
 def test_peak_flops_per_device_variant(monkeypatch, capsys):
     """Dense bf16 peaks by torch.cuda.get_device_name; the specific names win over the family's."""
+    from llama_posttrain.train import flops
+
     expect = {
         "NVIDIA H100 80GB HBM3": 989e12,  # SXM5
         "NVIDIA H100 PCIe": 756e12,
@@ -229,13 +231,13 @@ def test_peak_flops_per_device_variant(monkeypatch, capsys):
         "NVIDIA H100": None,  # an H100 whose variant the name does not say: no guess
     }
     for name, peak in expect.items():
-        assert train_loop.device_peak_flops(name) == peak, name
-    assert train_loop.peak_flops(torch.device("cpu")) is None
+        assert flops.device_peak_flops(name) == peak, name
+    assert flops.peak_flops(torch.device("cpu")) is None
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
-    assert train_loop.peak_flops(torch.device("cuda")) == 756e12
+    assert flops.peak_flops(torch.device("cuda")) == 756e12
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Future GPU")
-    monkeypatch.setattr(train_loop, "_UNKNOWN_DEVICES", set())
-    assert train_loop.peak_flops(torch.device("cuda")) is None and train_loop.peak_flops(torch.device("cuda")) is None
+    monkeypatch.setattr(flops, "_UNKNOWN_DEVICES", set())
+    assert flops.peak_flops(torch.device("cuda")) is None and flops.peak_flops(torch.device("cuda")) is None
     assert capsys.readouterr().out.count("MFU not logged: no bf16 peak FLOP/s known for 'Some Future GPU'") == 1
 
 

@@ -118,7 +118,7 @@ def test_an_unlogged_step_has_no_host_sync(tmp_path, one_rank, monkeypatch, kind
         objective = sft.make_objective(s.model, "torch")
     elif kind == "rm":  # the ranking loss's pairs as an (S, S) mask, not a nonzero's list; extrema on the device
         from llama_posttrain.train import rm
-        from llama_posttrain.train.entry import setup
+        from llama_posttrain.train.run_setup import setup
 
         argv = ["--config", str(QUICK / "rm.yaml"), f"train.run_dir={tmp_path}", "logging.progress=false", *SHORT]
         cfg = parse_args(rm.RMConfig, [*argv, "data.tokens_per_microbatch=256", *FAST])
@@ -126,18 +126,19 @@ def test_an_unlogged_step_has_no_host_sync(tmp_path, one_rank, monkeypatch, kind
         objective = rm.make_objective(s.model, cfg.rm.margin, cfg.rm.center_rewards, False)
     else:
         from llama_posttrain.train import dpo
-        from llama_posttrain.train.entry import setup
+        from llama_posttrain.train.run_setup import setup
 
         argv = ["--config", str(QUICK / "dpo.yaml"), f"train.run_dir={tmp_path}", "logging.progress=false", *SHORT]
         argv += ["data.tokens_per_microbatch=256", *FAST]
         cfg = parse_args(dpo.DPOConfig, argv)
         s = setup(cfg, kind="dpo", head="lm")
         from llama_posttrain.train.distributed import build_model
+        from llama_posttrain.train.targets import LiveReference
 
         m, t = cfg.model, cfg.train  # the live reference, as llama_posttrain/train/dpo.py main builds it
         preset = None if m.checkpoint else m.preset
         ref = build_model(s.d, m.checkpoint, preset, "lm", t.seed, t.mixed_precision, trainable=False)
-        objective = dpo.make_objective(s.model, ref, cfg.dpo, "torch")
+        objective = dpo.make_objective(s.model, LiveReference(ref, "torch"), cfg.dpo, "torch")
     trainer = loop.Trainer(cfg, s.d, s.model, objective, s.train_loader, None, None)
     batches = iter(s.train_loader)
     first = next(batches)

@@ -1,4 +1,4 @@
-"""The launchers (llama_posttrain/train/launch.py): the commands each one runs; a training job across 2 "nodes" (two torchrun
+"""The launchers (llama_posttrain/driver/launch.py): the commands each one runs; a training job across 2 "nodes" (two torchrun
 agents on a loopback c10d rendezvous) through slurm (a stand-in srun) gives the same result as one node; a job dies
 with its driver (kill -9: no orphans); the progress line. Ray: tests/test_launch_ray.py."""
 
@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from test_train import QUICK, ROOT, process_tree
 
+from llama_posttrain.driver.launch import Job, JobFailed, Launcher, ProgressLine
 from llama_posttrain.train import progress
-from llama_posttrain.train.launch import Job, JobFailed, Launcher, ProgressLine
 
 ARGS = ["--config", str(QUICK / "sft.yaml"), "train.steps=3", "data.eval=null", "train.save_every=0"]
 ARGS += ["logging.log_every=1", "logging.progress=false"]
@@ -47,9 +47,9 @@ def same_training(a, b):
 
 def test_the_commands_of_each_launcher(tmp_path, monkeypatch):
     job = Job("j", "llama_posttrain/train/sft.py", ["--config", "c.yaml"], tmp_path / "j.log", nproc=8)
-    single = Job("avg", "llama_posttrain/train/average.py", ["--out", "o", "a", "b"], tmp_path / "a.log", nproc=0)
+    single = Job("avg", "llama_posttrain/jobs/average.py", ["--out", "o", "a", "b"], tmp_path / "a.log", nproc=0)
     py, script = sys.executable, str(ROOT / "llama_posttrain" / "train" / "sft.py")
-    average = [py, str(ROOT / "llama_posttrain" / "train" / "average.py"), "--out", "o", "a", "b"]
+    average = [py, str(ROOT / "llama_posttrain" / "jobs" / "average.py"), "--out", "o", "a", "b"]
     standalone = [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=8", script, "--config", "c.yaml"]
     assert Launcher("local").command(job) == Launcher("torchrun").command(job) == standalone
     assert Launcher("local").command(single) == average
@@ -80,7 +80,7 @@ def test_one_node_launchers_refuse_several_nodes(kind):
 
 
 def test_the_pipeline_refuses_several_nodes_on_one_node_launchers(tmp_path):
-    from llama_posttrain.train.pipeline import PipelineError, load_pipeline_config, make_launcher
+    from llama_posttrain.driver.pipeline import PipelineError, load_pipeline_config, make_launcher
 
     cfg = load_pipeline_config(None, ["launcher=torchrun", "nnodes=2"])
     with pytest.raises(PipelineError, match="launcher: torchrun runs on one node"):
@@ -134,7 +134,7 @@ def test_a_round_of_the_pipeline_through_slurm_on_two_nodes_equals_one_node(tmp_
     from test_launch_ray import float_close
     from test_pipeline import MICRO
 
-    from llama_posttrain.train.pipeline import Pipeline, load_pipeline_config
+    from llama_posttrain.driver.pipeline import Pipeline, load_pipeline_config
 
     stand_in_srun(tmp_path, monkeypatch)
     two_ranks = {**MICRO, "dpo": {**MICRO["dpo"], "data.batch_size": 2}}  # an example per rank and step
@@ -168,7 +168,7 @@ while True:
 DRIVER = """
 import sys
 from pathlib import Path
-from llama_posttrain.train.launch import Job, Launcher
+from llama_posttrain.driver.launch import Job, Launcher
 script, out, nproc = sys.argv[1:]
 launcher = Launcher("local")
 with launcher.signals:
@@ -256,4 +256,32 @@ def test_a_job_reports_its_progress_to_the_launcher(tmp_path, monkeypatch):
 def test_launcher_ray_without_ray_says_how_to_install_it(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
     with pytest.raises(JobFailed, match=r"launcher: ray needs Ray, which is not installed: pip install -e '\.\[ray\]'"):
-        Launcher("ray").run(Job("j", "llama_posttrain/train/average.py", [], tmp_path / "j.log", nproc=0))
+        Launcher("ray").run(Job("j", "llama_posttrain/jobs/average.py", [], tmp_path / "j.log", nproc=0))
+
+
+def test_a_stopped_training_job_is_told_by_its_result_file_not_its_log(tmp_path, monkeypatch):
+    """The launcher names the step a stopped run saved from <run_dir>/result.json (the run's own record,
+    llama_posttrain/train/lifecycle.py write_result), never from text in the log; the result of an earlier
+    attempt is removed before the job starts."""
+    from llama_posttrain.driver.launch import _saved
+    from llama_posttrain.train.lifecycle import RESULT, read_result, write_result
+
+    run_dir = tmp_path / "run"
+    job = Job("sft", "llama_posttrain/train/sft.py", [], tmp_path / "run.log", 1, run_dir=run_dir)
+    write_result(run_dir, 3, signal.SIGTERM)  # an earlier attempt's
+    child = (
+        f"import os, signal; from llama_posttrain.train.lifecycle import write_result\n"
+        f"assert not os.path.exists({str(run_dir / RESULT)!r}), 'a stale result'\n"
+        f"print('SIGTERM: saved step 99', flush=True)\n"  # printed text: not what the launcher reads
+        f"write_result({str(run_dir)!r}, 7, signal.SIGTERM)"
+    )
+    monkeypatch.setattr(Launcher, "command", lambda self, job, rdzv_id=None: [sys.executable, "-c", child])
+    Launcher("local").run(job)
+    assert read_result(run_dir) == {"saved_step": 7, "stopped_by": "SIGTERM"}
+    assert _saved(job, 128 + signal.SIGTERM, killed=False) == f"{job.script} saved step 7 in {run_dir}"
+    (run_dir / RESULT).unlink()  # stopped before it wrote one (killed while loading): the log's text is not read
+    assert _saved(job, 1, killed=False).startswith(f"{job.script} stopped before it saved a step (exit code 1)")
+    (run_dir / RESULT).write_text('{"step": 7}')
+    with pytest.raises(ValueError, match=rf"{run_dir / RESULT}: not a training run's result \(KeyError"):
+        read_result(run_dir)
+    assert _saved(job, 1, killed=False).startswith(f"{job.script} stopped (exit code 1), its saved step unknown: ")

@@ -1,4 +1,4 @@
-"""`launcher: ray` (llama_posttrain/train/launch_ray.py) on a local Ray cluster of 2 simulated nodes of one CPU each
+"""`launcher: ray` (llama_posttrain/driver/launch_ray.py) on a local Ray cluster of 2 simulated nodes of one CPU each
 (ray.cluster_utils.Cluster): each node's torchrun agent and log, ranks by node, a single-process job, a failed
 node failing the job at once; a training job equal to one node's, stopped by a signal and resumed, its node
 killed and resumed; a shrunk round of the quickstart pipeline equal to the local launcher's. Skipped without
@@ -18,7 +18,7 @@ from test_launch import JOB, alive, metrics, same_training, sft_job, wait_for
 from test_pipeline import MICRO
 from test_train import ROOT, process_tree
 
-from llama_posttrain.train.launch import ATTEMPT, Interrupted, Job, JobFailed, Launcher
+from llama_posttrain.driver.launch import ATTEMPT, Job, JobFailed, Launcher, PipelineInterrupted
 
 ray = pytest.importorskip("ray", reason="launcher: ray needs Ray: pip install -e '.[ray]'")
 from ray.cluster_utils import Cluster  # noqa: E402
@@ -128,7 +128,7 @@ def test_training_on_two_ray_nodes_equals_one_node_and_a_signal_saves_and_resume
     stopped = sft_job(tmp_path, "stopped")
     stopped.args += steps
     when(lambda: steps_done(stopped.run_dir) >= 3, lambda: os.kill(os.getpid(), signal.SIGTERM))
-    with launcher.signals, pytest.raises(Interrupted) as e:  # SIGTERM to the driver: forwarded to both nodes
+    with launcher.signals, pytest.raises(PipelineInterrupted) as e:  # SIGTERM to the driver: forwarded to both nodes
         launcher.run(stopped)
     saved = int(str(e.value).split("saved step ")[1].split(" ")[0])
     assert 3 <= saved < 40, str(e.value)
@@ -169,7 +169,7 @@ def test_a_node_killed_mid_job_fails_it_at_once_and_a_rerun_resumes(cluster, tmp
     second = next(node for node in cluster.worker_nodes)
 
     def kill_node():  # a machine that dies: its Ray node and its torchrun agent and worker, at once
-        (shim,) = node_agents(str(job.run_dir), 1, "llama_posttrain.train.launch_ray")
+        (shim,) = node_agents(str(job.run_dir), 1, "llama_posttrain.driver.launch_ray")
         worker = int(Path(f"/proc/{shim}/stat").read_text().rpartition(")")[2].split()[1])  # the Ray task's
         killed_at.append(time.time())
         for pid in [worker, *process_tree(shim)]:
@@ -213,7 +213,7 @@ def float_close(a, b, path="summary"):
 @pytest.mark.slow
 @pytest.mark.long
 def test_a_round_of_the_pipeline_on_two_ray_nodes_equals_the_local_launcher(cluster, tmp_path):
-    from llama_posttrain.train.pipeline import Pipeline, load_pipeline_config
+    from llama_posttrain.driver.pipeline import Pipeline, load_pipeline_config
 
     two_ranks = {**MICRO, "dpo": {**MICRO["dpo"], "data.batch_size": 2}}  # an example per rank and step
     summaries = {}
@@ -241,7 +241,7 @@ def check_ray_logs(stage: Path) -> None:
 DRIVER = """
 import sys
 from pathlib import Path
-from llama_posttrain.train.launch import Job, Launcher
+from llama_posttrain.driver.launch import Job, Launcher
 address, script, out = sys.argv[1:]
 launcher = Launcher("ray", nnodes=2, address=address)
 with launcher.signals:

@@ -9,7 +9,6 @@ tensors: the trainer computes them inline), CPOTrainer.cpo_loss (SimPO) and Rewa
 import inspect
 import math
 import textwrap
-import typing
 from types import SimpleNamespace
 
 import pytest
@@ -18,8 +17,8 @@ import torch.nn.functional as F
 from test_losses import dpo_batch, dpo_inputs, pref
 
 from llama_posttrain.losses import dpo_loss, ranking_loss
-from llama_posttrain.losses.dpo import LOSSES
-from llama_posttrain.train.dpo import DPOSection
+from llama_posttrain.losses.dpo import LOSSES, Hyper, PairSums
+from llama_posttrain.train.dpo import LOSS_HYPERPARAMETERS, DPOSection
 
 P = 6
 
@@ -35,19 +34,32 @@ def pairs(seed=0):
     pc, pr = (-torch.rand(P, generator=g, dtype=torch.float64) * n for n in (nc, nr))
     rc, rr = (x + torch.randn(P, generator=g, dtype=torch.float64) * 4 for x in (pc, pr))
     nll_tokens = nc + 1  # the NLL keeps the terminator the log-prob sums leave out
-    return dict(
-        policy_chosen=pc, policy_rejected=pr, reference_chosen=rc, reference_rejected=rr, chosen_tokens=nc,
-        rejected_tokens=nr, chosen_nll=-pc + 0.5, chosen_nll_tokens=nll_tokens, num_pairs=P,
-        num_chosen_tokens=int(nll_tokens.sum()),
-    )  # fmt: skip
+    policy = PairSums(pc, pr, nc, nr, -pc + 0.5, nll_tokens)
+    return dict(policy=policy, reference=(rc, rr), num_pairs=P, num_chosen_tokens=int(nll_tokens.sum()))
+
+
+def loss_of(x, **hyper):
+    """dpo_loss on pairs()'s inputs with these hyperparameters (losses/dpo.py Hyper)."""
+    return dpo_loss(**x, hp=Hyper(**hyper))
+
+
+def part(x, s):
+    """pairs()'s inputs of the pairs in slice s."""
+    ref = x["reference"] and tuple(t[s] for t in x["reference"])
+    return {**x, "policy": PairSums(*(t[s] for t in x["policy"])), "reference": ref}
 
 
 def margins(x, k):
     """Pair k's log-ratio margin d (summed) and d_tok (per token), and its per-token policy margin s_tok (SimPO's)."""
-    v = {name: t[k].item() for name, t in x.items() if isinstance(t, torch.Tensor)}
-    chosen, rejected = v["policy_chosen"] - v["reference_chosen"], v["policy_rejected"] - v["reference_rejected"]
-    nc, nr = v["chosen_tokens"], v["rejected_tokens"]
-    return chosen - rejected, chosen / nc - rejected / nr, v["policy_chosen"] / nc - v["policy_rejected"] / nr
+    pol, (rc, rr) = x["policy"], x["reference"]
+    pc, pr, nc, nr = (
+        pol.chosen[k].item(),
+        pol.rejected[k].item(),
+        pol.chosen_tokens[k].item(),
+        pol.rejected_tokens[k].item(),
+    )
+    chosen, rejected = pc - rc[k].item(), pr - rr[k].item()
+    return chosen - rejected, chosen / nc - rejected / nr, pc / nc - pr / nr
 
 
 # ----------------------------------------------------------------------------- float64 formulas, one per loss
@@ -56,7 +68,7 @@ def margins(x, k):
 def check(loss, expected_per_pair, **hyper):
     """dpo_loss (alpha 0: the preference term alone) == the mean over pairs of the written-out terms."""
     x = pairs()
-    got, sums = dpo_loss(**x, loss=loss, alpha=0.0, **hyper)
+    got, sums = loss_of(x, loss=loss, alpha=0.0, **hyper)
     expected = sum(expected_per_pair(*margins(x, k)) for k in range(P)) / P
     assert got.item() == pytest.approx(expected, abs=1e-12)
     return x, sums
@@ -102,24 +114,55 @@ def test_simpo_equals_float64_formula():  # no reference: the policy's per-token
         return -(1 - e) * log_sigmoid(h) - e * log_sigmoid(-h)
 
     x, sums = check("simpo", simpo, beta=b, gamma=g, label_smoothing=e)
-    no_ref = {**x, "reference_chosen": None, "reference_rejected": None}  # the reference is never read
-    assert dpo_loss(**no_ref, loss="simpo", beta=b, gamma=g)[0] == dpo_loss(**x, loss="simpo", beta=b, gamma=g)[0]
-    assert sums["rewards/chosen"].item() == pytest.approx((b * x["policy_chosen"] / x["chosen_tokens"]).sum().item())
+    no_ref = {**x, "reference": None}  # the reference is never read
+    assert loss_of(no_ref, loss="simpo", beta=b, gamma=g)[0] == loss_of(x, loss="simpo", beta=b, gamma=g)[0]
+    pol = x["policy"]
+    assert sums["rewards/chosen"].item() == pytest.approx((b * pol.chosen / pol.chosen_tokens).sum().item())
+
+
+def rewards(x, k):
+    """Pair k's rewards beta-free: the summed log-ratios of chosen and rejected (c / beta, r / beta)."""
+    pol, (rc, rr) = x["policy"], x["reference"]
+    return pol.chosen[k].item() - rc[k].item(), pol.rejected[k].item() - rr[k].item()
+
+
+def check_rewards(loss, expected_per_pair, beta):
+    """As check, for a loss of the two rewards (not only of their margin): expected_per_pair(c, r)."""
+    x = pairs()
+    got, _ = loss_of(x, loss=loss, alpha=0.0, beta=beta)
+    expected = sum(expected_per_pair(*(beta * v for v in rewards(x, k))) for k in range(P)) / P
+    assert got.item() == pytest.approx(expected, abs=1e-12)
+
+
+def sigmoid_(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def test_apo_zero_equals_float64_formula():
+    check_rewards("apo_zero", lambda c, r: (1 - sigmoid_(c)) + sigmoid_(r), beta=0.1)
+
+
+def test_nca_pair_equals_float64_formula():
+    check_rewards("nca_pair", lambda c, r: -log_sigmoid(c) - 0.5 * log_sigmoid(-c) - 0.5 * log_sigmoid(-r), beta=0.1)
+
+
+def test_bco_pair_equals_float64_formula():
+    check_rewards("bco_pair", lambda c, r: -log_sigmoid(c) - log_sigmoid(-r), beta=0.1)
 
 
 def test_every_loss_is_tested_and_configurable():
     suffix = "_equals_float64_formula"
     tested = {n.removeprefix("test_").removesuffix(suffix) for n in globals() if n.endswith(suffix)}
     assert set(LOSSES) == tested
-    assert set(LOSSES) == set(typing.get_args(typing.get_type_hints(DPOSection)["loss"]))  # dpo.loss's choices
+    assert set(LOSSES) == set(LOSS_HYPERPARAMETERS)  # dpo.loss's choices
 
 
 def test_a_reference_loss_without_reference_is_an_error():
-    x = {**pairs(), "reference_chosen": None, "reference_rejected": None}
+    x = {**pairs(), "reference": None}
     for loss, spec in LOSSES.items():
         if spec.reference:
             with pytest.raises(ValueError, match="reference"):
-                dpo_loss(**x, loss=loss)
+                loss_of(x, loss=loss)
 
 
 def test_label_smoothing_is_checked():
@@ -135,11 +178,8 @@ def test_micro_batches_add_up_to_the_step(loss, nll_norm):
     """Pairs split over micro-batches, each divided by the step's pairs and chosen tokens: the losses and
     the sums add up to the one-batch values, so accumulation and world size do not change the loss."""
     x, hyper = pairs(), dict(loss=loss, nll_norm=nll_norm, label_smoothing=0.1 if loss in ("sigmoid", "robust") else 0)
-    whole, whole_sums = dpo_loss(**x, **hyper)
-    parts = [
-        dpo_loss(**{k: v[s] if isinstance(v, torch.Tensor) else v for k, v in x.items()}, **hyper)
-        for s in (slice(0, 1), slice(1, 4), slice(4, P))
-    ]
+    whole, whole_sums = loss_of(x, **hyper)
+    parts = [loss_of(part(x, s), **hyper) for s in (slice(0, 1), slice(1, 4), slice(4, P))]
     assert sum(p[0] for p in parts).item() == pytest.approx(whole.item(), abs=1e-12)
     for k, v in whole_sums.items():
         assert sum(p[1][k] for p in parts).item() == pytest.approx(v.item(), abs=1e-9), k
@@ -175,13 +215,13 @@ def completion_mask(*counts):
 @pytest.mark.parametrize(("loss", "label_smoothing"), [("sigmoid", 0.0), ("ipo", 0.0), ("hinge", 0.0), ("robust", 0.2)])
 def test_reference_losses_equal_trl(loss, label_smoothing):
     x, beta = pairs(), 0.1
-    got, _ = dpo_loss(**x, loss=loss, beta=beta, alpha=0.0, label_smoothing=label_smoothing)
-    chosen_scores = x["policy_chosen"] - x["reference_chosen"]
-    rejected_scores = x["policy_rejected"] - x["reference_rejected"]
+    got, _ = loss_of(x, loss=loss, beta=beta, alpha=0.0, label_smoothing=label_smoothing)
+    pol = x["policy"]
+    chosen_scores, rejected_scores = pol.chosen - x["reference"][0], pol.rejected - x["reference"][1]
     trl = trl_dpo_branch(
         loss, self=SimpleNamespace(beta=beta, label_smoothing=label_smoothing), chosen_scores=chosen_scores,
         rejected_scores=rejected_scores, delta_score=chosen_scores - rejected_scores,
-        completion_mask=completion_mask(x["chosen_tokens"], x["rejected_tokens"]),
+        completion_mask=completion_mask(pol.chosen_tokens, pol.rejected_tokens),
     )  # fmt: skip
     assert got.item() == pytest.approx(trl.mean().item(), abs=1e-12)
 
@@ -190,13 +230,14 @@ def test_simpo_equals_trl_cpo():
     from trl.experimental.cpo import CPOTrainer
 
     x, beta, gamma, eps = pairs(), 2.0, 0.8, 0.1
-    got, sums = dpo_loss(**x, loss="simpo", beta=beta, gamma=gamma, alpha=0.0, label_smoothing=eps)
+    got, sums = loss_of(x, loss="simpo", beta=beta, gamma=gamma, alpha=0.0, label_smoothing=eps)
     trainer = SimpleNamespace(
         alpha=0.0, beta=beta, simpo_gamma=gamma, label_smoothing=eps, loss_type="simpo",
         accelerator=SimpleNamespace(device="cpu"),
     )  # fmt: skip
     # TRL's CPOTrainer averages the policy log-probs over the completion for simpo (average_log_prob)
-    avg_c, avg_r = x["policy_chosen"] / x["chosen_tokens"], x["policy_rejected"] / x["rejected_tokens"]
+    pol = x["policy"]
+    avg_c, avg_r = pol.chosen / pol.chosen_tokens, pol.rejected / pol.rejected_tokens
     losses, chosen_rewards, rejected_rewards = CPOTrainer.cpo_loss(trainer, avg_c, avg_r)
     assert got.item() == pytest.approx(losses.mean().item(), abs=1e-12)
     assert sums["rewards/chosen"].item() == pytest.approx(chosen_rewards.sum().item(), abs=1e-12)
@@ -212,10 +253,13 @@ def test_sigmoid_with_token_nll_equals_trl_sigmoid_plus_sft():
     ref = -torch.rand(batch.num_targets, generator=g, dtype=torch.float64) * 3
     beta, alpha = 0.1, 0.2
     x = dpo_inputs(pi, ref, batch)
-    got, _ = dpo_loss(**x, beta=beta, alpha=alpha, nll_norm="token")
+    got, _ = loss_of(x, beta=beta, alpha=alpha, nll_norm="token")
+    # the same as a list of losses with TRL's loss_weights
+    listed = loss_of(x, loss=["sigmoid", "sft"], loss_weights=[1.0, alpha], beta=beta, alpha=0.0, nll_norm="token")
+    assert torch.equal(listed[0], got)
 
-    chosen_scores = x["policy_chosen"] - x["reference_chosen"]
-    rejected_scores = x["policy_rejected"] - x["reference_rejected"]
+    chosen_scores = x["policy"].chosen - x["reference"][0]
+    rejected_scores = x["policy"].rejected - x["reference"][1]
     trainer = SimpleNamespace(beta=beta, label_smoothing=0.0)
     dpo = trl_dpo_branch("sigmoid", self=trainer, delta_score=chosen_scores - rejected_scores)
     # TRL's per-token layout: one row per response, chosen rows first, the completion's log-probs left-aligned
@@ -273,7 +317,7 @@ def test_simpo_objective_runs_without_a_reference_model():
 
     from llama_posttrain.llama import get_preset
     from llama_posttrain.train.dpo import make_objective
-    from llama_posttrain.train.targets import model_logps
+    from llama_posttrain.train.targets import LiveReference, model_logps
 
     model = random_model(get_preset("debug"))
     batch = dpo_batch([pref("a?", "yes", "no way"), pref("b?", "maybe so", "x")])
@@ -283,5 +327,5 @@ def test_simpo_objective_runs_without_a_reference_model():
     loss, _ = objective.loss(batch, step)
     with torch.no_grad():
         x = dpo_inputs(model_logps(model, batch, "torch"), None, batch)
-    assert loss.item() == pytest.approx(dpo_loss(**x, loss="simpo", beta=2.0)[0].item(), abs=1e-6)
-    assert make_objective(model, model, DPOSection(), "torch").reference_forward
+    assert loss.item() == pytest.approx(loss_of(x, loss="simpo", beta=2.0)[0].item(), abs=1e-6)
+    assert make_objective(model, LiveReference(model), DPOSection(), "torch").reference_forward

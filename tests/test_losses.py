@@ -13,8 +13,9 @@ from llama_posttrain.llama import Transformer, get_preset
 from llama_posttrain.llama.chat import ChatFormat
 from llama_posttrain.llama.tokenizer import load_tokenizer
 from llama_posttrain.losses import dpo_loss, ranking_loss, sft_loss
+from llama_posttrain.losses.dpo import Hyper
 from llama_posttrain.losses.ranking import LLAMA2_MARGINS
-from llama_posttrain.train.targets import chosen_nll, dpo_lengths, dpo_logps, strength_margins, target_logps
+from llama_posttrain.train.targets import Pairs, dpo_logps, strength_margins, target_logps
 
 CHAT = ChatFormat(load_tokenizer())
 
@@ -40,7 +41,7 @@ def test_ranking_loss_equals_pairwise_formula():
     strength = torch.tensor([0, 2, -1])
     margin = strength_margins(strength, LLAMA2_MARGINS["large"]).double()
     for m in (None, margin):
-        loss, metrics = ranking_loss(rewards, group, rank, m)
+        loss, metrics = ranking_loss(rewards, group, rank, margin=m)
         terms, correct = [], 0
         r = rewards.tolist()
         for a in range(7):
@@ -56,11 +57,20 @@ def test_ranking_loss_equals_pairwise_formula():
     assert loss.item() == pytest.approx(ranking_loss(rewards, group, rank)[0].item() * 5 / 10)
 
 
+def test_ranking_loss_options_are_keywords():
+    """rewards, group and rank by position; the options (margin, num_pairs, classes, ...) by name only."""
+    rewards, group, rank = torch.tensor([1.0, 0.0]), torch.tensor([0, 0]), torch.tensor([0, 1])
+    with pytest.raises(TypeError, match="positional"):
+        ranking_loss(rewards, group, rank, torch.zeros(1))
+    loss, _ = ranking_loss(rewards, group, rank, margin=torch.zeros(1))
+    assert loss.item() == pytest.approx(math.log1p(math.exp(-1.0)))  # -log sigmoid(1 - 0)
+
+
 def test_ranking_loss_gradcheck():
     rewards = torch.randn(5, dtype=torch.float64, requires_grad=True)
     group, rank = torch.tensor([0, 0, 0, 1, 1]), torch.tensor([2, 0, 1, 0, 1])
     margin = torch.tensor([0.5, 1.0], dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda r: ranking_loss(r, group, rank, margin)[0], (rewards,))
+    assert torch.autograd.gradcheck(lambda r: ranking_loss(r, group, rank, margin=margin)[0], (rewards,))
 
 
 def test_shuffled_reward_row_equals_separate_rows():
@@ -95,15 +105,11 @@ def dpo_batch(records, chat=CHAT):
 def dpo_inputs(pi, ref, batch, mask_format=True):
     """dpo_loss's tensor arguments from per-token log-probs of policy and reference (ref None: none),
     this micro-batch being the whole step."""
-    pc, pr = dpo_logps(pi, batch, mask_format)
-    rc, rr = dpo_logps(ref, batch, mask_format) if ref is not None else (None, None)
-    nc, nr = dpo_lengths(batch, mask_format)
-    nll, nll_tokens = chosen_nll(pi, batch)
-    return dict(
-        policy_chosen=pc, policy_rejected=pr, reference_chosen=rc, reference_rejected=rr, chosen_tokens=nc,
-        rejected_tokens=nr, chosen_nll=nll, chosen_nll_tokens=nll_tokens, num_pairs=len(pc),
-        num_chosen_tokens=int(nll_tokens.sum()),
-    )  # fmt: skip
+    pairs = Pairs(batch, mask_format)
+    policy = pairs.policy(pi)
+    reference = pairs.sums(ref) if ref is not None else None
+    return dict(policy=policy, reference=reference, num_pairs=len(policy.chosen),
+                num_chosen_tokens=int(policy.chosen_nll_tokens.sum()))  # fmt: skip
 
 
 @pytest.mark.parametrize("nll_norm", ["sequence", "token"])
@@ -113,7 +119,8 @@ def test_dpo_loss_equals_float64_formula(nll_norm):
     g = torch.Generator().manual_seed(1)
     pi, ref = -torch.rand(N, generator=g, dtype=torch.float64) * 3, -torch.rand(N, generator=g, dtype=torch.float64) * 3
     beta, alpha, eps = 0.1, 0.2, 0.1
-    loss, m = dpo_loss(**dpo_inputs(pi, ref, batch), beta=beta, alpha=alpha, label_smoothing=eps, nll_norm=nll_norm)
+    hp = Hyper(beta=beta, alpha=alpha, label_smoothing=eps, nll_norm=nll_norm)
+    loss, m = dpo_loss(**dpo_inputs(pi, ref, batch), hp=hp)
 
     seq, fmt = batch.target_seq.tolist(), batch.target_format.tolist()
     pref_sum, rewards, nll_of_means, nll_sum, chosen_tokens = 0.0, [], 0.0, 0.0, 0
@@ -143,7 +150,7 @@ def test_dpo_without_mask_and_nll_is_plain_dpo():
     batch = dpo_batch([pref("q", "good answer", "bad")])
     N = batch.num_targets
     pi, ref = -torch.rand(N, dtype=torch.float64), -torch.rand(N, dtype=torch.float64)
-    loss, _ = dpo_loss(**dpo_inputs(pi, ref, batch, mask_format=False), beta=0.5, alpha=0.0)
+    loss, _ = dpo_loss(**dpo_inputs(pi, ref, batch, mask_format=False), hp=Hyper(beta=0.5, alpha=0.0))
     c, r = batch.target_seq == 0, batch.target_seq == 1
     h = 0.5 * ((pi[c].sum() - ref[c].sum()) - (pi[r].sum() - ref[r].sum()))
     assert loss.item() == pytest.approx(-torch.nn.functional.logsigmoid(h).item(), abs=1e-12)

@@ -7,6 +7,7 @@ from conftest import CONFIGS, random_model
 import llama_posttrain.llama.model as llama_model
 from llama_posttrain.llama import Transformer, get_preset
 from llama_posttrain.llama.generate import generate, sample_next
+from llama_posttrain.llama.heads import model_params
 from llama_posttrain.llama.model import attention_mask
 
 
@@ -188,5 +189,23 @@ def test_presets_match_released_sizes():
     # parameter counts of the released models (model cards: 1.24B, 3.21B, 8.03B, 70.6B)
     expected = {"llama3.2-1b": 1.236e9, "llama3.2-3b": 3.213e9, "llama3.1-8b": 8.030e9, "llama3.1-70b": 70.55e9}
     for name, n in expected.items():
-        assert abs(get_preset(name).num_params() / n - 1) < 0.002, name
+        assert abs(model_params(get_preset(name)) / n - 1) < 0.002, name
     assert get_preset("llama3.2-1b").rope_scaling.factor == 32 and get_preset("llama3.1-8b").rope_scaling.factor == 8
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_attend_makes_the_compiled_flex_attention_it_calls(monkeypatch):
+    """`attend` on a block mask made elsewhere (not by flex_block_mask) gets its compiled FlexAttention made
+    on first use (compiled_flex), not a None left until another function ran; it agrees with the dense mask."""
+    monkeypatch.setattr(llama_model, "_compiled_flex", None)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)  # eager flex on CPU
+    doc = torch.tensor([[0, 0, 0, 1, 1, 1, 1, -1]])
+    branch = torch.zeros_like(doc)
+    block = llama_model.create_block_mask(
+        lambda b, h, q, k: (k <= q) & (doc[b, q] == doc[b, k]) & ((doc[b, q] >= 0) | (k == q)), 1, None, 8, 8
+    )
+    q, k, v = (torch.randn(1, 4, 8, 16, generator=torch.Generator().manual_seed(s)) for s in range(3))
+    k, v = k[:, :2], v[:, :2]  # GQA: 2 kv heads
+    dense = llama_model.attend(q, k, v, attention_mask(doc, branch, flex=False))
+    torch.testing.assert_close(llama_model.attend(q, k, v, block), dense, rtol=1e-5, atol=1e-5)
+    assert llama_model._compiled_flex is llama_model.flex_attention

@@ -139,7 +139,7 @@ def test_an_entry_point_runs_from_another_folder(tmp_path, how):
 
 def test_a_script_started_by_path_does_not_keep_its_folder_on_sys_path(tmp_path):
     """llama_posttrain/__init__.py takes the script's own folder off sys.path: `import evaluate` in a run of
-    llama_posttrain/train/*.py must not be our train/evaluate.py."""
+    llama_posttrain/train/*.py must not be our jobs/evaluate.py."""
     probe = ROOT / "llama_posttrain" / "train" / "_probe_sys_path.py"
     probe.write_text(
         "import sys\nfolder = sys.path[0]\nimport llama_posttrain\n"

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from test_train import kill_9_tree
 
-from llama_posttrain.train.pipeline import Pipeline, PipelineError, load_pipeline_config
+from llama_posttrain.driver.pipeline import Pipeline, PipelineError, load_pipeline_config
 
 ROOT = Path(__file__).parent.parent
 
@@ -33,7 +33,7 @@ MICRO = {
 def test_killed_pipeline_resumes_without_redoing_stages(tmp_path):
     cfg = tmp_path / "micro.yaml"
     cfg.write_text(yaml.safe_dump({**MICRO, "root": str(tmp_path / "runs")}))
-    cmd = [sys.executable, str(ROOT / "llama_posttrain" / "train" / "pipeline.py"), "--config", str(cfg)]
+    cmd = [sys.executable, str(ROOT / "llama_posttrain" / "driver" / "pipeline.py"), "--config", str(cfg)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = tmp_path / "runs" / "micro"
     proc = subprocess.Popen(
@@ -102,7 +102,7 @@ def test_config_errors_name_the_override_and_stop_before_any_stage(tmp_path, cap
         load_pipeline_config(None, ["rm={a"])
     with pytest.raises(PipelineError, match=r"^override 'rounds=two': rounds: expected int"):
         load_pipeline_config(None, ["rounds=two"])
-    from llama_posttrain.train.pipeline import main
+    from llama_posttrain.driver.pipeline import main
 
     with pytest.raises(SystemExit, match=r"^pipeline: error: override 'k=2.5': k: expected int"):
         main([f"root={tmp_path / 'runs'}", "k=2.5"])
@@ -152,7 +152,7 @@ def test_a_changed_config_is_refused_and_the_record_never_rewritten(tmp_path, ca
 def test_a_failing_stage_prints_its_log_path_and_last_lines(tmp_path):
     cmd = [
         sys.executable,
-        str(ROOT / "llama_posttrain" / "train" / "pipeline.py"),
+        str(ROOT / "llama_posttrain" / "driver" / "pipeline.py"),
         "--config",
         _micro(tmp_path, pretrain={"model.tokenizer": str(tmp_path / "no_such_tokenizer.json")}),
     ]  # a valid config (the start's checks pass it) whose job fails
@@ -169,7 +169,7 @@ def test_a_failing_stage_prints_its_log_path_and_last_lines(tmp_path):
 
 def test_a_task_is_found_by_name_or_module_path_and_the_sampler_uses_the_same_registry():
     from llama_posttrain.data.tasks.arithmetic import Arithmetic
-    from llama_posttrain.train.sample import _annotator
+    from llama_posttrain.jobs.sample import _annotator
 
     by_name = load_pipeline_config(None, ["task_args={max_digits: 1, noise: 0.1}"])
     by_path = load_pipeline_config(
@@ -198,7 +198,7 @@ def test_a_task_without_a_pretraining_corpus_needs_a_base_checkpoint(tmp_path, m
 
 def _report(tmp_path, capsys, monkeypatch=None):
     """The report of a finished 2-round run (made-up results), its printed output."""
-    from llama_posttrain.train.report import write_report
+    from llama_posttrain.driver.report import write_report
 
     cfg = load_pipeline_config(None, [f"root={tmp_path}", "rounds=2"])
     run = tmp_path / cfg.name
@@ -220,7 +220,7 @@ def _report(tmp_path, capsys, monkeypatch=None):
 
 def test_report_names_stages_and_rounds_and_draws_the_plots(tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    from llama_posttrain.train.report import accuracy_by_stage, rewards_by_round
+    from llama_posttrain.driver.report import accuracy_by_stage, rewards_by_round
 
     run, out = _report(tmp_path, capsys)
     assert out.startswith("| round | stage |") and "| 2 | dpo |  |  |  | 0.700 | 0.800 | 0.300 |" in out
@@ -242,7 +242,7 @@ def test_report_without_matplotlib_says_how_to_get_plots_and_goes_on(tmp_path, c
 
 
 def test_help_lists_every_key_with_its_default_and_comment(capsys):
-    from llama_posttrain.train.pipeline import PipelineConfig, main
+    from llama_posttrain.driver.pipeline import PipelineConfig, main
 
     with pytest.raises(SystemExit) as exit_:
         main(["--help"])

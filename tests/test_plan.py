@@ -1,4 +1,4 @@
-"""llama_posttrain/train/plan.py: the memory arithmetic, written out independently, and the verdict (fast, no training).
+"""llama_posttrain/driver/plan.py: the memory arithmetic, written out independently, and the verdict (fast, no training).
 The estimate against measured CPU peaks of real runs: experiments/bench/plan_check.py."""
 
 import dataclasses
@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from llama_posttrain.driver import plan
 from llama_posttrain.llama import Transformer, get_preset
+from llama_posttrain.llama.heads import model_params
 from llama_posttrain.llama.model import TransformerBlock, rope_cos_sin, rope_inv_freq, structure_mask
-from llama_posttrain.train import plan
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
@@ -27,7 +28,7 @@ def test_parameter_counts_are_those_of_a_real_model(preset, head):
     config = get_preset(preset)
     model = Transformer(config, head=head)
     counts = plan.param_counts(config, head)
-    assert counts["total"] == sum(p.numel() for p in model.parameters()) == config.num_params(head)
+    assert counts["total"] == sum(p.numel() for p in model.parameters()) == model_params(config, head)
     assert counts["block"] == sum(p.numel() for p in model.layers[0].parameters())
     root = [p for n, p in model.named_parameters() if not n.startswith(("layers.", "score."))]
     assert counts["root"] == sum(p.numel() for p in root)

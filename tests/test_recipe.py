@@ -8,9 +8,9 @@ import json
 import pytest
 from test_train import QUICK
 
-from llama_posttrain.train.launch import Launcher
-from llama_posttrain.train.pipeline import PipelineError, load_pipeline_config
-from llama_posttrain.train.recipe import Recipe, StageError, WaitingForLabels
+from llama_posttrain.driver.launch import Launcher
+from llama_posttrain.driver.pipeline import PipelineError, load_pipeline_config
+from llama_posttrain.driver.recipe import Recipe, StageError, WaitingForLabels
 
 
 class Recording(Launcher):
@@ -64,9 +64,9 @@ def recipe(tmp_path, files, *overrides):
 
 
 def _task(cfg):
-    from llama_posttrain.train.pipeline import make_task
+    from llama_posttrain.driver.pipeline import task_from_config
 
-    return make_task(cfg.task, cfg.task_args)
+    return task_from_config(cfg.task, cfg.task_args)
 
 
 def _chat():
@@ -110,12 +110,12 @@ def test_round_data_follows_llama3(tmp_path, files):
             (run / f"round_{k}" / stage).mkdir(parents=True, exist_ok=True)
         write(run / f"round_{k}" / "pref" / "pairs.jsonl", [{"prompt": "p", "chosen": f"a{k}", "rejected": "b"}])
         write(run / f"round_{k}" / "rs" / "sft.jsonl", [{"messages": [], "round": k}])
-    r.evaluate = lambda *args, **kw: {}  # no evaluation jobs here
+    r.eval_job = lambda *args, **kw: {}  # no evaluation jobs here
     r.train_rm(run / "round_2" / "rm", 2, base)
     r.train_sft(run / "round_2" / "sft", 2, base, rm=None)
     r.train_dpo(run / "round_2" / "dpo", 2, base, rm=None)
     rm, _, sft, _, dpo, average = launcher.jobs  # each training job, then its averaging job
-    assert average.script == "llama_posttrain/train/average.py" and average.nproc == 0
+    assert average.script == "llama_posttrain/jobs/average.py" and average.nproc == 0
     rm_data = [json.loads(line) for line in open(args_of(rm)["data.train"])]
     assert [p["chosen"] for p in rm_data] == ["2", *(str(i + 1) for i in range(32)), "a1"]  # seed + round 1's
     train = args_of(sft)["data.train"]
@@ -188,7 +188,7 @@ def test_a_files_pipeline_with_people_as_annotators_stops_for_labels_and_finishe
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(cfg))
     cmd = [
         sys.executable,
-        str(ROOT / "llama_posttrain" / "train" / "pipeline.py"),
+        str(ROOT / "llama_posttrain" / "driver" / "pipeline.py"),
         "--config",
         str(tmp_path / "p.yaml"),
     ]

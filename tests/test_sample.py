@@ -15,12 +15,12 @@ from conftest import random_model
 
 from llama_posttrain.data.annotators import file_annotator, verifier_annotator
 from llama_posttrain.data.schema import ValidationError, parse_preference
+from llama_posttrain.jobs.sample import combine_llama2, read_prompts, rejection_sample, score
+from llama_posttrain.jobs.sample import main as sample_main
 from llama_posttrain.llama import get_preset, save_model
 from llama_posttrain.llama.chat import ChatFormat
 from llama_posttrain.llama.tokenizer import load_tokenizer
 from llama_posttrain.train.distributed import torchrun_command
-from llama_posttrain.train.sample import combine_llama2, read_prompts, rejection_sample, score
-from llama_posttrain.train.sample import main as sample_main
 
 CHAT = ChatFormat(load_tokenizer())
 ROOT = Path(__file__).parent.parent
@@ -93,7 +93,7 @@ def test_llama2_score_combination():
 def test_cli_two_ranks_write_every_prompt(tmp_path):
     """Rank r samples prompts r, r + 2, ... with a generator seeded with --seed + 1000003 * r; rank 0
     writes them all in prompt order."""
-    from llama_posttrain.train.sample import rank_seed, sample_records
+    from llama_posttrain.jobs.sample import rank_seed, sample_records
 
     policy, rm = stopping_policy(), random_model(get_preset("debug"), head="reward")
     save_model(policy, tmp_path / "policy")
@@ -101,7 +101,7 @@ def test_cli_two_ranks_write_every_prompt(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"id": i, "prompt": f"{i}+1="}) + "\n" for i in range(5)))
     assert [r["id"] for r in read_prompts(prompts)] == list(range(5))
-    cmd = torchrun_command(str(ROOT / "llama_posttrain" / "train" / "sample.py"), 2, [
+    cmd = torchrun_command(str(ROOT / "llama_posttrain" / "jobs" / "sample.py"), 2, [
         "--policy", str(tmp_path / "policy"), "--rm", str(tmp_path / "rm"), "--prompts", str(prompts), "--k", "4",
         "--max-new-tokens", "8", "--annotate", "verifier:arithmetic", "--out-sft", str(tmp_path / "sft.jsonl"),
         "--out-pairs", str(tmp_path / "pairs.jsonl"), "--out-sets", str(tmp_path / "sets.jsonl"), "--seed", "7",
@@ -120,7 +120,7 @@ def test_cli_two_ranks_write_every_prompt(tmp_path):
 
 
 def test_generated_fields_win_over_the_prompt_records_own(monkeypatch):
-    import llama_posttrain.train.sample as train_sample
+    import llama_posttrain.jobs.sample as train_sample
 
     rm = random_model(get_preset("debug"), head="reward", seed=1)
     texts = ["1", "22", "333", "4444", "55555", "666666"]  # a stand-in policy: all finished, distinct lengths
@@ -208,7 +208,7 @@ def test_cli_takes_the_tokenizer_from_the_policy_folder(tmp_path):
         ROOT / "llama_posttrain" / "llama" / "assets" / "bytes.tiktoken"
     ).read_text() + f"{base64.b64encode(b'+1').decode()} 256\n"
     (tmp_path / "policy" / "tokenizer.model").write_text(merges)
-    cmd = [sys.executable, str(ROOT / "llama_posttrain" / "train" / "sample.py"), *argv, "--max-new-tokens", "4"]
+    cmd = [sys.executable, str(ROOT / "llama_posttrain" / "jobs" / "sample.py"), *argv, "--max-new-tokens", "4"]
     cmd += ["--out-sets", str(tmp_path / "sets.jsonl")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -261,8 +261,8 @@ class _StandInLLM:
 
 
 def test_vllm_engine_renders_prompts_to_ids_and_maps_samples_back():
-    from llama_posttrain.train.sample import score
-    from llama_posttrain.train.vllm_engine import VLLMEngine
+    from llama_posttrain.jobs.sample import score
+    from llama_posttrain.jobs.vllm_engine import VLLMEngine
 
     llm = _StandInLLM()
     engine = VLLMEngine(llm, lambda **kw: kw, seed=5)
@@ -367,9 +367,9 @@ def test_cli_one_rank_writes_what_the_in_process_rejection_sample_writes(tmp_pat
 
 def test_task_args_make_the_verifiers_task_and_bad_ones_are_refused(tmp_path, capsys):
     from llama_posttrain.data.tasks.arithmetic import Arithmetic
-    from llama_posttrain.train.sample import make_task
+    from llama_posttrain.jobs.sample import task_from_flags
 
-    assert make_task("arithmetic", {"max_digits": 1, "noise": 0.1}) == Arithmetic(max_digits=1, noise=0.1)
+    assert task_from_flags("arithmetic", {"max_digits": 1, "noise": 0.1}) == Arithmetic(max_digits=1, noise=0.1)
     save_model(random_model(get_preset("debug")), tmp_path / "policy")
     argv = ["--policy", str(tmp_path / "policy"), "--prompts", str(_prompts(tmp_path)), "--k", "2"]
     for args, message in [

@@ -1,5 +1,5 @@
 """Sampling memory (issue 21 item 5): the KV cache a generate call holds (its estimate against the formula
-and against the tensors generate allocates), --batch-size and --compile of llama_posttrain/train/sample.py and the
+and against the tensors generate allocates), --batch-size and --compile of llama_posttrain/jobs/sample.py and the
 pipeline, and the vLLM engine's memory settings with a recording stand-in for the `vllm` module: its
 max_model_len from the data, gpu_memory_utilization passed through, no per-request seed unless asked,
 and the GPU freed before the reward models load."""
@@ -19,14 +19,14 @@ from conftest import random_model
 import llama_posttrain.llama.checkpoint as llama_checkpoint
 import llama_posttrain.llama.generate as llama_generate
 from llama_posttrain.data.clean import CleanRules
+from llama_posttrain.jobs.sample import main as sample_main
+from llama_posttrain.jobs.sample import sample_and_write
+from llama_posttrain.jobs.vllm_engine import MODEL_LEN_MULTIPLE, VLLMEngine, max_model_len, vllm_engine
 from llama_posttrain.llama import get_preset, save_model
 from llama_posttrain.llama.chat import ChatFormat
 from llama_posttrain.llama.generate import COMPILE_LEN_MULTIPLE, cache_len, kv_cache_bytes
 from llama_posttrain.llama.tokenizer import load_tokenizer
 from llama_posttrain.train.distributed import Dist
-from llama_posttrain.train.sample import main as sample_main
-from llama_posttrain.train.sample import sample_and_write
-from llama_posttrain.train.vllm_engine import MODEL_LEN_MULTIPLE, VLLMEngine, max_model_len, vllm_engine
 
 CHAT = ChatFormat(load_tokenizer())
 DEBUG = get_preset("debug")  # n_layers 2, n_kv_heads 2, head_dim 8
@@ -214,7 +214,7 @@ def test_sample_cli_sets_max_model_len_from_the_prompts(tmp_path, monkeypatch, c
 
 
 def _args(tmp_path, **kw):
-    """llama_posttrain/train/sample.py's parsed arguments, as sample_and_write reads them."""
+    """llama_posttrain/jobs/sample.py's parsed arguments, as sample_and_write reads them."""
     defaults = dict(
         policy=str(tmp_path / "policy"), rm=str(tmp_path / "rm"), safety_rm=None, seed=0, k=2, max_new_tokens=4,
         batch_size=64, compile=False, temperature=1.0, top_p=1.0, top_k=0, max_chars=None, clean=CleanRules(),
@@ -266,8 +266,8 @@ def test_native_policy_is_freed_before_the_reward_model_loads(tmp_path, monkeypa
 
 
 def test_pipeline_sampling_options_reach_the_sampling_job(tmp_path, monkeypatch):
-    from llama_posttrain.train.pipeline import PipelineError, load_pipeline_config
-    from llama_posttrain.train.recipe import Recipe
+    from llama_posttrain.driver.pipeline import PipelineError, load_pipeline_config
+    from llama_posttrain.driver.recipe import Recipe
 
     class Recording:
         def __init__(self):
@@ -325,7 +325,7 @@ def test_pipeline_sampling_options_reach_the_sampling_job(tmp_path, monkeypatch)
 def test_sample_compile_mode_may_change_in_a_run_folder_sample_compile_may_not(tmp_path, capsys):
     """The compile mode changes no draw (the same compiled kernels, replayed by a CUDA graph or not): a run
     folder goes on with another (said, the record kept); sample_compile itself is a sampling key (REDO_KEYS)."""
-    from llama_posttrain.train.pipeline import Pipeline, PipelineError, load_pipeline_config
+    from llama_posttrain.driver.pipeline import Pipeline, PipelineError, load_pipeline_config
 
     def start(*overrides):
         Pipeline(load_pipeline_config(None, [f"root={tmp_path}", *overrides])).check_run_folder()
@@ -342,9 +342,9 @@ def test_sample_compile_mode_may_change_in_a_run_folder_sample_compile_may_not(t
 
 
 def _arithmetic(cfg):
-    from llama_posttrain.train.pipeline import make_task
+    from llama_posttrain.driver.pipeline import task_from_config
 
-    return make_task(cfg.task, cfg.task_args)
+    return task_from_config(cfg.task, cfg.task_args)
 
 
 def test_a_run_folder_recorded_before_the_new_keys_continues_with_their_defaults(tmp_path):
@@ -352,7 +352,7 @@ def test_a_run_folder_recorded_before_the_new_keys_continues_with_their_defaults
     before it): the folder continues; another value of it is refused as any change is."""
     import yaml
 
-    from llama_posttrain.train.pipeline import Pipeline, PipelineConfig, PipelineError, load_pipeline_config
+    from llama_posttrain.driver.pipeline import Pipeline, PipelineConfig, PipelineError, load_pipeline_config
 
     Pipeline(load_pipeline_config(None, [f"root={tmp_path}"])).check_run_folder()
     record = tmp_path / "quickstart" / "pipeline.yaml"
@@ -368,8 +368,8 @@ def test_a_run_folder_recorded_before_the_new_keys_continues_with_their_defaults
 
 
 def test_pipeline_eval_batch_size_reaches_the_evaluation_job(tmp_path):
-    from llama_posttrain.train.pipeline import load_pipeline_config
-    from llama_posttrain.train.recipe import Recipe
+    from llama_posttrain.driver.pipeline import load_pipeline_config
+    from llama_posttrain.driver.recipe import Recipe
 
     class Recording:
         def __init__(self):
@@ -389,7 +389,7 @@ def test_pipeline_eval_batch_size_reaches_the_evaluation_job(tmp_path):
         (recipe.data / "DONE").write_text(json.dumps(marker))
         d = tmp_path / "run" / "round_1" / f"sft{len(overrides)}"
         d.mkdir(parents=True)
-        recipe.evaluate(d, tmp_path / "policy", "sft", None)
+        recipe.eval_job(d, tmp_path / "policy", "sft", None)
         (args,) = launcher.jobs
         return args
 

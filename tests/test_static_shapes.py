@@ -152,8 +152,9 @@ def objective(kind: str, model, reference=None):
 
         return make_objective(model, margin=None)
     from llama_posttrain.train.dpo import DPOSection, make_objective
+    from llama_posttrain.train.targets import LiveReference
 
-    return make_objective(model, reference, DPOSection(), "torch")
+    return make_objective(model, LiveReference(reference, "torch"), DPOSection(), "torch")
 
 
 def step_loss_and_grads(kind: str, model, step, reference=None):
@@ -176,7 +177,7 @@ def step_loss_and_grads(kind: str, model, step, reference=None):
 def test_padding_rows_change_no_loss_sum_or_gradient(kind):
     """A step of static shapes (padded rows and columns) against the same step of packed shapes in
     float64: equal to float64 rounding in float64, and to float32 rounding in float32."""
-    from llama_posttrain.train.loop import step_flops
+    from llama_posttrain.train.flops import step_flops
 
     head = "reward" if kind == "rm" else "lm"
     model64 = random_model(CONFIG, head=head).double().train()

@@ -17,7 +17,7 @@ HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__")
 
 
 def sft_setup(tmp_path, *overrides):
-    from llama_posttrain.train.entry import setup
+    from llama_posttrain.train.run_setup import setup
     from llama_posttrain.train.sft import SFTConfig
 
     argv = ["--config", str(QUICK / "sft.yaml"), f"train.run_dir={tmp_path}", "logging.progress=false", *SHORT]
@@ -119,7 +119,7 @@ def test_dpo_pairs_without_nonzero_pair_each_groups_chosen_with_its_rejected(tmp
     """llama_posttrain/train/targets.py dpo_pairs (a device sort) against the definition: per group, in group order,
     the sequence of rank 0 and the one of rank 1, on the quickstart DPO data's micro-batches."""
     from llama_posttrain.train.dpo import DPOConfig
-    from llama_posttrain.train.entry import setup
+    from llama_posttrain.train.run_setup import setup
     from llama_posttrain.train.targets import dpo_pairs
 
     argv = ["--config", str(QUICK / "dpo.yaml"), f"train.run_dir={tmp_path}", "logging.progress=false", *SHORT]

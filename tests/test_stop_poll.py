@@ -24,7 +24,7 @@ def _polls(rank: int, port: int, signalled_at: int, out) -> None:
     poll, answers = lifecycle.StopPoll(), []
     for i in range(POLLS):
         if rank == 1 and i == signalled_at:
-            lifecycle.Signals.received = signal.SIGTERM  # rank 1 alone gets the signal, before its poll i
+            lifecycle.StopSignal.received = signal.SIGTERM  # rank 1 alone gets the signal, before its poll i
         answers.append(poll.poll())
     poll.close()
     out.put((rank, answers))
@@ -48,10 +48,10 @@ def test_every_rank_sees_a_signal_at_the_same_poll_one_poll_late():
 
 
 def test_one_rank_polls_its_own_flag_at_once(monkeypatch):
-    monkeypatch.setattr(lifecycle.Signals, "received", None)
+    monkeypatch.setattr(lifecycle.StopSignal, "received", None)
     poll = lifecycle.StopPoll()
     assert poll.poll() is False
-    monkeypatch.setattr(lifecycle.Signals, "received", signal.SIGTERM)
+    monkeypatch.setattr(lifecycle.StopSignal, "received", signal.SIGTERM)
     assert poll.poll() is True
 
 

@@ -1,5 +1,5 @@
 """Across topologies (issue 29 item 6): every launcher gives a job's ranks the same settings, computed once from the
-job's ranks over all its nodes (train/processes.py rank_env), so a training job on 1 node x 2 ranks (local) and on
+job's ranks over all its nodes (driver/processes.py rank_env), so a training job on 1 node x 2 ranks (local) and on
 2 nodes x 1 rank (slurm, a stand-in srun) gives bit-identical weights; a job on several nodes says what it waits
 for before its first progress report, at once and periodically."""
 
@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import load_file
 from test_launch import ARGS, free_port, stand_in_srun
 
-from llama_posttrain.train import launch
-from llama_posttrain.train.launch import Job, Launcher, ProgressLine
-from llama_posttrain.train.recipe import Recipe
+from llama_posttrain.driver import launch
+from llama_posttrain.driver.launch import Job, Launcher, ProgressLine
+from llama_posttrain.driver.recipe import Recipe
 
 
 class Kept(Launcher):

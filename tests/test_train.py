@@ -33,7 +33,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 def process_tree(pid: int) -> list[int]:
     """pid and all its descendants (torchrun starts each worker in a session of its own, so killing
     torchrun's process group leaves its workers running)."""
-    from llama_posttrain.train.launch import _process_tree
+    from llama_posttrain.driver.launch import _process_tree
 
     return _process_tree(pid)
 
@@ -223,7 +223,7 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, one_rank):
 
     argv = ["--config", str(QUICK / "sft.yaml"), f"train.run_dir={tmp_path}", "logging.progress=false", *SHORT]
     cfg = parse_args(SFTConfig, [*argv, "train.steps=10", "train.max_bad_steps=3"])
-    from llama_posttrain.train.entry import setup
+    from llama_posttrain.train.run_setup import setup
 
     s = setup(cfg, kind="sft", head="lm")
     model = s.model

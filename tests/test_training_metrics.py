@@ -63,13 +63,13 @@ def test_dpo_mean_logits_and_token_accuracy_against_float64_logits():
     mean_token_accuracy over the chosen completion tokens. Ours: over the tokens of the DPO sums (the
     formatting tokens masked); the loss is the one without the statistics, to the bit."""
     from llama_posttrain.train.dpo import DPOSection, make_objective
-    from llama_posttrain.train.targets import model_logps
+    from llama_posttrain.train.targets import LiveReference, model_logps
 
     policy, reference = random_model(get_preset("debug")), random_model(get_preset("debug"), seed=1)
     records = [pref(f"{i}+{i}=", str(2 * i) * (1 + i % 2), f"no, {i}") for i in range(4)]
     batch, logits = with_argmax_targets(policy, dpo_batch(records))
     step = Step([batch], batch.num_targets, 4, int((batch.seq_rank[batch.target_seq] == 0).sum()))
-    objective = make_objective(policy, reference, DPOSection(), "torch")
+    objective = make_objective(policy, LiveReference(reference, "torch"), DPOSection(), "torch")
     loss, sums = objective.loss(batch, step)
     metrics = loop.summarize(objective, {k: v.item() for k, v in sums.items()})
     kept = ~batch.target_format
@@ -99,7 +99,7 @@ def reward_alone(rm, prompt, response):
 
 
 def test_rm_min_max_reward_and_pair_rewards_over_micro_batches():
-    """loop.evaluate over 3 steps of several micro-batches: reward_max / reward_min are the max / min of
+    """loop.evaluate_objective over 3 steps of several micro-batches: reward_max / reward_min are the max / min of
     every response's reward, and the collected pair rewards are each ordered pair's (better, worse)."""
     from llama_posttrain.train.rm import make_objective
 
@@ -108,7 +108,7 @@ def test_rm_min_max_reward_and_pair_rewards_over_micro_batches():
     loader = rm_loader(records)
     assert sum(len(s.micro_batches) for s in loader.eval_steps()) == 8
     d = Dist(0, 1, 0, torch.device("cpu"), None)
-    got = loop.evaluate(make_objective(rm, None, collect=True), loader, rm, d)
+    got = loop.evaluate_objective(make_objective(rm, None, collect=True), loader, rm, d)
     rewards = [[reward_alone(rm, r.prompt[0]["content"], x[0]["content"]) for x in r.responses] for r in records]
     flat = [x for rs in rewards for x in rs]
     assert got["eval/reward_max"] == pytest.approx(max(flat), abs=1e-5)
@@ -117,7 +117,8 @@ def test_rm_min_max_reward_and_pair_rewards_over_micro_batches():
     assert len(got["eval/rewards_chosen"]) == len(got["eval/rewards_rejected"]) == len(pairs) == 8 + 2 * 2
     got_pairs = sorted(zip(got["eval/rewards_chosen"], got["eval/rewards_rejected"]))  # sequences are shuffled
     assert [x for p in got_pairs for x in p] == pytest.approx([x for p in sorted(pairs) for x in p], abs=1e-5)
-    without = loop.evaluate(make_objective(rm, None), loader, rm, d)  # the training objective: nothing collected
+    # the training objective: nothing collected
+    without = loop.evaluate_objective(make_objective(rm, None), loader, rm, d)
     assert {k: v for k, v in got.items() if not isinstance(v, list)} == without
 
 

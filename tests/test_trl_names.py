@@ -88,6 +88,7 @@ def test_dpo_metrics_equal_trls_on_the_same_batch(loss, tmp_path):
     from trl import DPOTrainer
 
     from llama_posttrain.train.dpo import make_objective
+    from llama_posttrain.train.targets import PrecomputedReference
 
     examples = [encode_preference(r, CHAT, 512, "truncate", Counter(), max_responses=2) for r in RECORDS]
     batch = collate([examples])
@@ -95,7 +96,7 @@ def test_dpo_metrics_equal_trls_on_the_same_batch(loss, tmp_path):
     reference = torch.randn(P, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64) - 20
     model = StandIn()
     cfg = DPOSection(loss=loss, beta=beta, mask_format=False)
-    objective = make_objective(model, reference, cfg, "torch")
+    objective = make_objective(model, PrecomputedReference(reference), cfg, "torch")
     step = SimpleNamespace(num_pairs=P, num_chosen_targets=int((batch.seq_rank[batch.target_seq] == 0).sum()))
     _, sums = objective.loss(batch, step)
     tokens = (batch.doc_ids >= 0).sum().double()

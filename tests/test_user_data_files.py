@@ -11,10 +11,10 @@ import pytest
 from conftest import CONFIGS, random_model, with_fields
 from transformers import GenerationConfig
 
+from llama_posttrain.jobs.average import average_checkpoints
 from llama_posttrain.llama import save_checkpoint, save_model
 from llama_posttrain.llama.chat import ChatFormat
 from llama_posttrain.llama.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
-from llama_posttrain.train.average import average_checkpoints
 
 # Llama-3.2-1B-Instruct's generation_config.json as the hub has it
 HUB_GENERATION = {
@@ -107,7 +107,7 @@ def test_the_pipelines_final_model_keeps_the_hubs_sampling_defaults(tmp_path, ca
 
 def _stage_total(kind: str, file: str, overrides: list[str], nproc: int) -> float:
     """plan's peak of one stage config with overrides written out by hand, in GiB as the table prints it."""
-    from llama_posttrain.train import plan
+    from llama_posttrain.driver import plan
     from llama_posttrain.train.config import load_config
 
     cfg = load_config(plan.config_class(kind), str(ROOT / file), overrides)
@@ -119,7 +119,7 @@ def test_plan_of_a_pipeline_config_gives_every_stage_and_the_verdict(capsys):
     DPO variant), each the plan of its stage config under the pipeline's overrides (quickstart's pretrain:
     4096 tokens a micro-batch, 64 x 64, where sft.yaml has 1024) on the preset's shape, on nproc ranks; exit 0 when all fit,
     NOT_FIT (3) when one does not, as for a single config; a bad pipeline config is 2, naming the key."""
-    from llama_posttrain.train import plan
+    from llama_posttrain.driver import plan
 
     quick = str(ROOT / "experiments/quickstart/pipeline.yaml")
     assert plan.main(["--config", quick, "--gpu-gib", "1", "--device", "cpu"]) == 0
@@ -157,9 +157,9 @@ def test_a_tokenizer_with_ids_beyond_the_models_is_named_not_a_traceback(tmp_pat
     pipeline with such a base stops with that message (before: a ValueError traceback from Pipeline)."""
     import shutil
 
+    from llama_posttrain.driver.pipeline import main as pipeline_main
     from llama_posttrain.llama import ModelConfig
     from llama_posttrain.llama.tokenizer import resolve_tokenizer
-    from llama_posttrain.train.pipeline import main as pipeline_main
 
     vision = llama3_tokenizer_dir / "tokenizer.json"
     assert json.loads(vision.read_text())["added_tokens"][-1] == {
@@ -196,7 +196,7 @@ def test_every_bad_label_is_named_with_its_line_field_and_column(tmp_path, capsy
     with good labels for some sets, the sets left unlabelled are named."""
     from types import SimpleNamespace
 
-    from llama_posttrain.train.recipe import Recipe, StageError
+    from llama_posttrain.driver.recipe import Recipe, StageError
 
     d = tmp_path / "pref"
     d.mkdir()

@@ -14,10 +14,10 @@ from test_pipeline import MICRO
 from test_recipe import Recording, args_of
 from test_train import QUICK
 
-from llama_posttrain.train import pipeline
-from llama_posttrain.train.launch import ATTEMPT, Job, Launcher
-from llama_posttrain.train.pipeline import Pipeline, load_pipeline_config
-from llama_posttrain.train.recipe import WaitingForLabels
+from llama_posttrain.driver import pipeline
+from llama_posttrain.driver.launch import ATTEMPT, Job, Launcher
+from llama_posttrain.driver.pipeline import Pipeline, load_pipeline_config
+from llama_posttrain.driver.recipe import WaitingForLabels
 
 
 def _pipeline(start: Path, monkeypatch, **cfg) -> Pipeline:
@@ -27,7 +27,7 @@ def _pipeline(start: Path, monkeypatch, **cfg) -> Pipeline:
     pipe = Pipeline(load_pipeline_config("p.yaml"))
     pipe.check_run_folder()
     pipe.recipe.launcher = Recording()
-    pipe.recipe.evaluate = lambda *args, **kw: {}
+    pipe.recipe.eval_job = lambda *args, **kw: {}
     pipe.recipe.stage(0, "data", pipe.recipe.make_data)
     return pipe
 

@@ -13,8 +13,8 @@ import yaml
 from test_pipeline import _micro
 from test_recipe import Recording, files, recipe, write  # noqa: F401 (files: a fixture)
 
-from llama_posttrain.train.pipeline import Pipeline, PipelineError, load_pipeline_config
-from llama_posttrain.train.recipe import StageError
+from llama_posttrain.driver.pipeline import Pipeline, PipelineError, load_pipeline_config
+from llama_posttrain.driver.recipe import StageError
 
 
 def _user_message(i: int) -> dict:
@@ -111,7 +111,7 @@ def test_the_start_reads_prompts_as_the_sampling_job_does(tmp_path):
     read_prompts: the same error for each bad record, the same prompt for a good one."""
     from llama_posttrain.data.schema import ValidationError
     from llama_posttrain.data.tasks.files import prompt_record
-    from llama_posttrain.train.sample import read_prompts
+    from llama_posttrain.jobs.sample import read_prompts
 
     bad = [[1, 2], {"text": "hi"}, {"prompt": ""}, {"prompt": "hi", "messages": []}, {"prompt": [{"role": "bot"}]},
            {"prompt": [{"role": "user", "content": None}]}, {"prompt": [{"role": "assistant", "content": "a"}]}]  # fmt: skip
@@ -180,7 +180,7 @@ def test_a_stage_that_drops_most_of_its_samples_stops_naming_the_drop_and_the_ke
 
 
 def test_prompts_without_a_pair_stop_the_preference_stage_naming_the_reason(tmp_path, files):  # noqa: F811
-    from test_reliability_round3_pipeline import _sampled
+    from test_pipeline_run_folder import _sampled
 
     r, _ = recipe(tmp_path, files, "pref_prompts=5")
     r.stage(0, "data", r.make_data)
@@ -203,7 +203,7 @@ def test_no_finished_sample_stops_at_rejection_sampling_and_sft_never_trains_on_
     (which would have trained on the human SFT files alone) is started."""
     r, _ = recipe(tmp_path, files, "k=4", "rs_prompts=3")
     r.launcher = Sampler([0, 0, 0], k=4)
-    r.evaluate = lambda *args, **kw: {}  # no evaluation jobs here
+    r.eval_job = lambda *args, **kw: {}  # no evaluation jobs here
     with pytest.raises(StageError, match=r"^\[round 1\] rs: .*0 SFT records from 3 prompts x 4 samples .*12 of 12 "
                        r"samples \(100%\) were dropped.*a larger max_new_tokens.*Not marked done: SFT would have no "
                        r"rejection-sampled record\. To go on: .*`from_stage=round_1/rs`"):  # fmt: skip
@@ -214,7 +214,7 @@ def test_no_finished_sample_stops_at_rejection_sampling_and_sft_never_trains_on_
 
 def test_every_drop_names_keys_that_exist():
     from llama_posttrain.data.drops import DROPS, KNOBS
-    from llama_posttrain.train.pipeline import Cleaning, PipelineConfig
+    from llama_posttrain.driver.pipeline import Cleaning, PipelineConfig
 
     assert set(KNOBS) == set(DROPS)
     keys = set(PipelineConfig.__dataclass_fields__)

@@ -13,10 +13,10 @@ from conftest import random_model
 
 from llama_posttrain.data.io import write_jsonl
 from llama_posttrain.data.tasks.arithmetic import Arithmetic
+from llama_posttrain.jobs.evaluate import main as evaluate_main
 from llama_posttrain.llama import get_preset, save_model
 from llama_posttrain.llama.chat import ChatFormat
 from llama_posttrain.llama.tokenizer import load_tokenizer
-from llama_posttrain.train.evaluate import main as evaluate_main
 
 CHAT = ChatFormat(load_tokenizer())
 N = 10
@@ -88,8 +88,8 @@ def test_kept_samples_scored_by_another_rm_give_its_mean_n_and_std(files, one_pr
     mean as the evaluation's own rm_score by that RM, its n and std those of the scores in float64."""
     import statistics
 
+    from llama_posttrain.jobs.sample import read_prompts, score
     from llama_posttrain.llama import load_model
-    from llama_posttrain.train.sample import read_prompts, score
 
     prompts = ["--prompts", str(files / "prompts.jsonl")]
     own = run(files, "policy", *prompts, "--rm", str(files / "rm"), "--keep-samples", "--max-new-tokens", "4")
@@ -126,7 +126,7 @@ def _results(n_pairs=8, prompts=8):
 
 
 def test_the_summary_table_shows_counts_sample_sizes_and_intervals(tmp_path):
-    from llama_posttrain.train.report import sample_sizes, summary_table
+    from llama_posttrain.driver.report import sample_sizes, summary_table
 
     table = summary_table(sample_sizes(tmp_path, _results()), base_given=True)
     lines = table.splitlines()
@@ -156,7 +156,7 @@ def test_the_summary_table_shows_counts_sample_sizes_and_intervals(tmp_path):
 
 def test_plots_name_the_real_counts_and_leave_out_what_has_no_values(tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    from llama_posttrain.train.report import accuracy_by_stage, rewards_by_round, write_report
+    from llama_posttrain.driver.report import accuracy_by_stage, rewards_by_round, write_report
 
     results = _results()
     labels, series, errors = rewards_by_round(results, 1)
@@ -208,7 +208,7 @@ def test_the_last_rm_scores_every_policys_kept_samples_and_dpo_is_evaluated_agai
         (dpo / "variant_0").mkdir(parents=True, exist_ok=True)
         (dpo / "variant_0" / "config.yaml").write_text(yaml.safe_dump({"dpo": {"loss": loss}}))
         (dpo / "eval_dpo.json").unlink(missing_ok=True)
-        result = r.evaluate(dpo, dpo / "model", "dpo", None, reference=tmp_path / "sft")
+        result = r.eval_job(dpo, dpo / "model", "dpo", None, reference=tmp_path / "sft")
         args = launcher.jobs[-1].args
         at = args.index("--pairs")
         assert args[at : at + 4 + len(expect)] == [

@@ -1,6 +1,6 @@
 """Ablations the Llama 3 paper reports only in words, on the data of a finished pipeline run.
 
-    python llama_posttrain/train/pipeline.py --config experiments/quickstart/pipeline.yaml     # first, once
+    python llama_posttrain/driver/pipeline.py --config experiments/quickstart/pipeline.yaml     # first, once
     python experiments/ablations/run.py --run runs/quickstart --round 1
 
 1. DPO with and without formatting-token masking, with and without the NLL term (alpha 0.2 / 0):
@@ -22,9 +22,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from llama_posttrain.driver.pipeline import Pipeline, last_eval, load_pipeline_config, override_args
 from llama_posttrain.train.distributed import torchrun_command
 from llama_posttrain.train.logger import read_metrics
-from llama_posttrain.train.pipeline import Pipeline, last_eval, load_pipeline_config, override_args
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 

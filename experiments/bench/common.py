@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from llama_posttrain.llama import ModelConfig
+from llama_posttrain.llama.heads import model_params
 from llama_posttrain.llama.model import PAD_DOC
 
 REPO = Path(__file__).resolve().parents[2]
@@ -289,7 +290,7 @@ def model_line(config: ModelConfig, checkpoint: str | None) -> str:
     return (
         f"model: {where}dim {config.dim}, {config.n_layers} layers, {config.n_heads} heads / {config.n_kv_heads} kv, "
         f"ffn {config.ffn_dim}, vocab {config.vocab_size}, {'tied' if config.tie_embeddings else 'untied'}, "
-        f"{config.num_params() / 1e6:.1f}M params{')' if checkpoint else ''}"
+        f"{model_params(config) / 1e6:.1f}M params{')' if checkpoint else ''}"
     )
 
 
@@ -574,7 +575,7 @@ COMPONENTS = {  # module class (ours, transformers) -> component
     "LlamaRMSNorm": "norms, embedding, RoPE tables",
     "Embedding": "norms, embedding, RoPE tables",
     "LlamaRotaryEmbedding": "norms, embedding, RoPE tables",
-    "RewardHead": "head: vocab projection + log-probs (LM), score (RM)",
+    "ScalarLinear": "head: vocab projection + log-probs (LM), score (RM)",  # llama/heads.py, the reward head
 }
 ATTN_PROJ = "attention projections (QKV, out)"
 HEAD = "head: vocab projection + log-probs (LM), score (RM)"

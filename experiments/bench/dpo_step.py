@@ -77,7 +77,7 @@ def run_ours(args, device: torch.device) -> None:
     import copy
 
     from llama_posttrain.train.dpo import DPOSection, make_objective
-    from llama_posttrain.train.targets import chosen_nll, target_logps
+    from llama_posttrain.train.targets import LiveReference, Pairs, target_logps
 
     work = Path(args.workdir)
     model = load_model(args.checkpoint or work / "model", device=device)  # fp32, the weights TRL loads too
@@ -85,7 +85,7 @@ def run_ours(args, device: torch.device) -> None:
     model.train()
     chat = our_chat(args.checkpoint)  # alive through the steps, as the trainer holds its tokenizer (in the peak RSS)
     loader = our_loader(work / "pairs.jsonl", "dpo", chat, args)
-    objective = make_objective(model, ref, DPOSection(), backend="torch")
+    objective = make_objective(model, LiveReference(ref, "torch"), DPOSection(), backend="torch")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, **OPTIM)
     baseline = setup_done(device, model, ref)
@@ -104,7 +104,8 @@ def run_ours(args, device: torch.device) -> None:
                 return target_logps(h, w, batch, "torch")
 
             logps = ref(mb.tokens, mb.positions, mb.doc_ids, mb.branch_ids, head_fn=head)
-            nll, count = chosen_nll(logps.float(), mb)
+            policy = Pairs(mb).policy(logps.float())
+            nll, count = policy.chosen_nll, policy.chosen_nll_tokens
             nll_sum, nll_count = nll_sum + float(nll.sum()), nll_count + float(count.sum())
     trl_style = math.log(2) + 0.2 * nll_sum / nll_count
     report(

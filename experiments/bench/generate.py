@@ -51,6 +51,7 @@ from common import (
 
 from llama_posttrain.llama import Transformer, get_preset, load_model, save_model
 from llama_posttrain.llama.generate import generate
+from llama_posttrain.llama.heads import model_params
 
 SIZES = {
     "tiny": lambda: get_preset("tiny"),  # 0.8M params, byte vocabulary (512)
@@ -97,7 +98,7 @@ def bench_size(name, args, device, dtype):
     gen = torch.Generator(device).manual_seed(0)
     kw = dict(max_new_tokens=new, temperature=1.0, generator=gen)
     title = (
-        f"\n### {name}: {config.num_params() / 1e6:.1f}M params, {P} prompts x {K} samples, "
+        f"\n### {name}: {model_params(config) / 1e6:.1f}M params, {P} prompts x {K} samples, "
         f"prompt {min(lengths)}-{max(lengths)} tokens, {new} new tokens, {str(dtype).removeprefix('torch.')}"
     )
     if args.profile:
@@ -318,7 +319,7 @@ def bench_checkpoint(args, device, dtype) -> str:
     P, K, new = args.prompts, args.samples, args.new
     mem = "peak allocated (GiB)" if device.type == "cuda" else "peak RSS (GiB)"
     lines = [
-        f"\n### {args.checkpoint}: {config.num_params() / 1e6:.1f}M params, vocab {config.vocab_size}, {P} prompts x "
+        f"\n### {args.checkpoint}: {model_params(config) / 1e6:.1f}M params, vocab {config.vocab_size}, {P} prompts x "
         f"{K} samples, prompt {min(lengths)}-{max(lengths)} tokens (its chat template), {new} new tokens, temperature "
         f"{args.temperature}, top-p {args.top_p}, {str(dtype).removeprefix('torch.')}",
         "",

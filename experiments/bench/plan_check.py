@@ -1,4 +1,4 @@
-"""llama_posttrain/train/plan.py's estimate against the peak memory of real 1-rank CPU runs.
+"""llama_posttrain/driver/plan.py's estimate against the peak memory of real 1-rank CPU runs.
 
     python experiments/bench/plan_check.py            # all cases, ~3 minutes on 2 cores
     python experiments/bench/plan_check.py --only quickstart/sft
@@ -10,7 +10,7 @@ sum of live tensor bytes allocated since then (CPU allocator events; the process
 before, the Python heap and the libraries are not in it). ru_maxrss minus the RSS at that point is
 printed beside it, for reference only (glibc keeps freed memory, threads and libraries add to it).
 
-The estimate is llama_posttrain/train/plan.py's, in two forms: at the config's budget (what `python -m llama_posttrain.train.plan`
+The estimate is llama_posttrain/driver/plan.py's, in two forms: at the config's budget (what `python -m llama_posttrain.driver.plan`
 prints: tokens_per_microbatch // max_len full rows, every token a target) and at the run's largest
 micro-batch (its rows, row length and targets, recorded while it ran): the second tests the formulas.
 Results: experiments/bench/results/plan_check.md and .json.
@@ -87,13 +87,13 @@ def child(mode: str, kind: str, argv: list[str]) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     import llama_posttrain.train.dpo as train_dpo
-    import llama_posttrain.train.entry as train_entry
     import llama_posttrain.train.loop as train_loop
+    import llama_posttrain.train.run_setup as train_setup
     import llama_posttrain.train.train_state as train_train_state
 
     prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
     seen = {"rows": 0, "row_len": 0, "targets": 0, "micro_batches": 0}
-    real_build, real_step = train_entry.build_model, train_loop.Trainer.train_step
+    real_build, real_step = train_setup.build_model, train_loop.Trainer.train_step
 
     def build_model(*args, **kw):
         if "baseline_rss" not in seen:
@@ -110,7 +110,7 @@ def child(mode: str, kind: str, argv: list[str]) -> dict:
             seen["targets"] = max(seen["targets"], mb.target_token.numel())
         return real_step(self, s, step)
 
-    train_entry.build_model = train_dpo.build_model = build_model
+    train_setup.build_model = train_dpo.build_model = build_model
     train_loop.Trainer.train_step = train_step
     train_loop.Trainer.save = lambda self, step, loader_state: None  # no checkpoint, no export:
     train_train_state.export = lambda *args, **kw: None  # the plan is about the training step
@@ -145,7 +145,7 @@ def estimates(kind: str, config: str, overrides: list[str], run: dict) -> tuple[
     """-> (estimate at the config's budget, estimate at the run's largest micro-batch, its lines) in bytes."""
     import dataclasses
 
-    from llama_posttrain.train import plan
+    from llama_posttrain.driver import plan
     from llama_posttrain.train.config import load_config
 
     cfg = load_config(plan.config_class(kind), config, overrides)
@@ -210,12 +210,12 @@ def write(rows: list[dict]) -> None:
         )
     RESULTS.mkdir(parents=True, exist_ok=True)
     head = (
-        "# llama_posttrain/train/plan.py against measured CPU peaks\n\n`python experiments/bench/plan_check.py` (1 rank, fp32 unless"
+        "# llama_posttrain/driver/plan.py against measured CPU peaks\n\n`python experiments/bench/plan_check.py` (1 rank, fp32 unless"
         " the case says bf16, 3 steps, no checkpoint save or export).\n\nMeasured: the peak of live tensor bytes"
         " since just before the first model was built (torch.profiler, profile_memory=True: the CPU allocator's"
-        " events). Estimate at the run's micro-batch: llama_posttrain/train/plan.py with the largest rows x length and targets the"
+        " events). Estimate at the run's micro-batch: llama_posttrain/driver/plan.py with the largest rows x length and targets the"
         " run had, gradients held only when a step had more than one micro-batch: the test of the formulas."
-        " Estimate at the config's budget: what `python -m llama_posttrain.train.plan` prints (full rows, every token a target,"
+        " Estimate at the config's budget: what `python -m llama_posttrain.driver.plan` prints (full rows, every token a target,"
         " gradients held). ru_maxrss - baseline: the same run without the profiler, for reference only (it"
         " also counts library code paged in, threads and freed memory glibc keeps).\n\n"
     )

@@ -425,7 +425,7 @@ def step(
     cfg.train.mixed_precision, cfg.train.compile, cfg.train.activation_checkpointing = "bf16", compile, ac
     cfg.optim.warmup_steps, cfg.optim.schedule = 0, "constant"
     max_len = min(4096, tokens_per_microbatch)
-    shapes = len(bucket_lengths(max_len, SHAPE_BUCKETS))  # as llama_posttrain/train/entry.py
+    shapes = len(bucket_lengths(max_len, SHAPE_BUCKETS))  # as llama_posttrain/train/run_setup.py
     t0 = time.perf_counter()
     model = device_model(d, preset, True, ac, compile, shapes)
     setup_s = time.perf_counter() - t0
@@ -462,12 +462,13 @@ def step_kind(
     from llama_posttrain.kernels.triton_logprobs import n_bucket
     from llama_posttrain.train import dpo, sft
     from llama_posttrain.train.loop import Trainer
+    from llama_posttrain.train.targets import LiveReference
 
     if kind == "dpo":
         t0 = time.perf_counter()
         ref = device_model(d, preset, False, False, compile, shapes)  # compiled, as llama_posttrain/train/dpo.py
         setup_s += time.perf_counter() - t0
-        objective = dpo.make_objective(model, ref, dpo.DPOSection(), "auto")
+        objective = dpo.make_objective(model, LiveReference(ref, "auto"), dpo.DPOSection(), "auto")
     else:
         objective = sft.make_objective(model, "auto")
     trainer = Trainer(cfg, d, model, objective, None, None, objective)
@@ -524,7 +525,7 @@ def report_step(what, metrics, wall, first_s, setup_s, fill=None) -> None:
         f"{what}: MFU",
         "info",
         mfu,
-        "model FLOPs (llama_posttrain/train/loop.py step_flops) / step time / bf16 dense peak",
+        "model FLOPs (llama_posttrain/train/flops.py step_flops) / step time / bf16 dense peak",
     )
     row("step", f"{what}: peak memory", "info", f"{med('peak_memory_gib'):.1f} GiB", "torch.cuda.max_memory_allocated")
     row(

@@ -1,4 +1,4 @@
-"""Who ranks a prompt's samples in rejection sampling (llama_posttrain/train/sample.py), and the preference pair the
+"""Who ranks a prompt's samples in rejection sampling (llama_posttrain/jobs/sample.py), and the preference pair the
 ranking gives.
 
 An annotator is a function (prompt record, its samples' texts) -> one score per sample, higher better:

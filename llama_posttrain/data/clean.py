@@ -1,6 +1,6 @@
 """Cleaning heuristics for generated (rejection-sampled) text: pure functions of the text.
 
-Llama 3 cleans its rejection-sampled data "with some heuristics"; these are the ones llama_posttrain/train/sample.py
+Llama 3 cleans its rejection-sampled data "with some heuristics"; these are the ones llama_posttrain/jobs/sample.py
 applies to every sample (`CleanRules`, each rule off unless its flag is given, each drop counted):
 
 - repetition loops (`--max-repeat FRACTION`, `--repeat-ngram N`): `repeat_fraction` is the fraction of

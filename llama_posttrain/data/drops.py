@@ -1,4 +1,4 @@
-"""Rejection sampling's accounting of what it leaves out (llama_posttrain/train/sample.py): nothing is dropped silently.
+"""Rejection sampling's accounting of what it leaves out (llama_posttrain/jobs/sample.py): nothing is dropped silently.
 
 `drop_reason` says why a sample is left out (no stop token, empty, too long, a cleaning rule of
 llama_posttrain/data/clean.py); `DROPS` names every drop, of samples and of the prompts that get no SFT record or no
@@ -27,7 +27,7 @@ def drop_reason(text: str, finished: bool, max_chars: int | None, clean: CleanRu
     return reject_reason(text, clean) if clean is not None else None
 
 
-# Everything sampling drops, counted per key (llama_posttrain/train/sample.py sample_records) and printed (drop_report): samples first, then
+# Everything sampling drops, counted per key (llama_posttrain/jobs/sample.py sample_records) and printed (drop_report): samples first, then
 # the prompts that get no SFT record or no preference pair. "{limit}" is the max-new-tokens setting's name.
 DROPS = {
     "prompt_too_long": "prompts whose tokens + {limit} exceed the policy's context: skipped, not sampled",
@@ -45,7 +45,7 @@ DROPS = {
     "no_pair_same_text": "prompts whose best and worst samples are the same text: no pair",
     "no_pair_unlabelled": "prompts the labels file has no label for: no pair",
 }
-# What a drop's count answers to: the pipeline's keys (llama_posttrain/train/pipeline.py) to change when that
+# What a drop's count answers to: the pipeline's keys (llama_posttrain/driver/pipeline.py) to change when that
 # drop takes more than `max_dropped` of a sampling stage's work (`too_lossy`; recipe.py stops the stage).
 KNOBS = {
     "prompt_too_long": "shorter prompts in the pool, or a smaller max_new_tokens",

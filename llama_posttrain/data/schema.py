@@ -7,7 +7,7 @@ Preference: {"prompt": str | messages, "responses": [response, ...], "strength":
             higher better: the responses are ranked by them (a stable sort). A response whose score ties a
             better-ranked one's carries no preference against it: it is dropped and counted ("dropped:
             responses tied with another's score"); fewer than 2 left, the record is ("dropped: tied scores").
-            A set of samples to label (llama_posttrain/train/sample.py --out-sets: "rm_scores" beside the
+            A set of samples to label (llama_posttrain/jobs/sample.py --out-sets: "rm_scores" beside the
             responses, in sampling order) is not a ranking: refused, saying to label it or give "scores".
             {"prompt": ..., "chosen": response, "rejected": response, "edited": response?}
             (edited > chosen > rejected)

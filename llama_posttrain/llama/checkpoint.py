@@ -28,6 +28,7 @@ from llama_posttrain.llama.config import ModelConfig
 from llama_posttrain.llama.formats import CheckpointError, hf, meta, native, read_json
 from llama_posttrain.llama.formats.hf import generation_defaults, is_generation_default, tokenizer_files
 from llama_posttrain.llama.formats.native import INDEX, MAX_SHARD_BYTES, NATIVE, open_weights, tensor_files
+from llama_posttrain.llama.heads import HEADS, all_weight_names, get_head
 from llama_posttrain.llama.model import Transformer
 from llama_posttrain.llama.tokenizer_kinds import Tokenizer
 
@@ -88,18 +89,21 @@ def load_model(
 ) -> Transformer:
     """Load a native, Hugging Face or Meta checkpoint directory (auto-detected) into our model.
 
-    `head` defaults to the checkpoint's. head="reward" on a checkpoint without a reward head is an
-    error (it would score with random weights) unless `new_head_ok`: then the LM head is dropped and
-    a freshly initialized scalar head is made (how reward-model training starts from an LM).
+    `head` defaults to the checkpoint's. Another head whose weights the checkpoint does not hold
+    (head="reward" on an LM checkpoint: it would score with random weights) is an error unless
+    `new_head_ok`: then the stored head is dropped and a freshly initialized one is made (how reward-model
+    training starts from an LM: a scalar head).
     `dtype` defaults to the stored one.
     """
     path = Path(path)
     config, stored_head, fmt = read_config(path)
-    head = head or stored_head
-    if head == "reward" and stored_head != "reward" and not new_head_ok:
+    spec = get_head(head or stored_head)
+    new = spec.weight_names(config) if spec.name != stored_head else set()  # weights the checkpoint lacks
+    if new and not new_head_ok:
         raise CheckpointError(
-            f"{path} is a language-model checkpoint with no reward head: pass a reward-model checkpoint "
-            "(a fresh scalar head is made only where asked for, e.g. to start reward-model training)"
+            f"{path} is a {HEADS[stored_head].model_title} checkpoint with no {spec.title} ({', '.join(sorted(new))}) "
+            f"to load with head={spec.name!r}: pass a {spec.model_title} checkpoint (a fresh head is made only "
+            "where asked for, e.g. a scalar head to start reward-model training)"
         )
     if fmt == "meta":
         tensors, config = meta.read_tensors(path, config)  # tied where Meta stores the matrix twice
@@ -108,20 +112,13 @@ def load_model(
         if fmt == "hf":
             tensors = hf.state_from_hf(tensors, config)
     with torch.device("meta"):
-        model = Transformer(config, head=head)
+        model = Transformer(config, head=spec)
     expected = {k: v.shape for k, v in model.state_dict().items()}
-
-    optional_missing = {"score.weight"} if head == "reward" and stored_head != "reward" else set()
-    droppable = set()
-    if head != "lm" or config.tie_embeddings:
-        droppable.add("output.weight")  # an LM head not needed, or a tied copy (HF may store it)
-    if head != "reward":
-        droppable.add("score.weight")
-    if head == "lm" and not config.tie_embeddings and stored_head == "reward":
-        raise CheckpointError(f"{path}: a reward-model checkpoint has no LM head to load with head='lm'")
+    # another head's weights, or a tied LM head's copy (HF may store it)
+    droppable = all_weight_names() - set(expected)
 
     problems = []
-    for name in sorted(set(expected) - set(tensors) - optional_missing):
+    for name in sorted(set(expected) - set(tensors) - new):
         problems.append(f"missing: {name} {tuple(expected[name])}")
     for name in sorted(set(tensors) - set(expected) - droppable):
         problems.append(f"unexpected: {name.removeprefix('<hf>')} {tuple(tensors[name].shape)}")
@@ -139,10 +136,8 @@ def load_model(
         if name in expected:
             state[name] = t.to(device=device, dtype=dtype or t.dtype)
     model.load_state_dict(state, strict=False, assign=True)
-    if "score.weight" in optional_missing:
-        ref = model.tok_embeddings.weight
-        model.score.to_empty(device=ref.device).to(ref.dtype)
-        model._init_head()
+    if new:
+        spec.fresh(model)
     return model
 
 

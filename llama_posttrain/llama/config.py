@@ -56,12 +56,18 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.dim // self.n_heads
 
-    def num_params(self, head: str = "lm") -> int:
+    @property
+    def block_params(self) -> int:
+        """Parameters of one transformer block: attention, SwiGLU, two norms."""
         d, hd = self.dim, self.head_dim
         attn = d * self.n_heads * hd * 2 + d * self.n_kv_heads * hd * 2
-        block = attn + 3 * d * self.ffn_dim + 2 * d
-        out = {"lm": 0 if self.tie_embeddings else self.vocab_size * d, "reward": d}[head]
-        return self.vocab_size * d + self.n_layers * block + d + out
+        return attn + 3 * d * self.ffn_dim + 2 * d
+
+    @property
+    def trunk_params(self) -> int:
+        """Parameters of everything but the head: embeddings, blocks, final norm (with the head's own:
+        llama_posttrain/llama/heads.py model_params)."""
+        return self.vocab_size * self.dim + self.dim + self.n_layers * self.block_params
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -47,7 +47,6 @@ import warnings
 from pathlib import Path
 
 import torch
-import yaml
 
 from llama_posttrain.llama.chat import TEMPLATES, resolve_chat_template
 from llama_posttrain.llama.checkpoint import (
@@ -60,7 +59,7 @@ from llama_posttrain.llama.checkpoint import (
     save_model,
 )
 from llama_posttrain.llama.config import ModelConfig, get_preset
-from llama_posttrain.llama.formats import gguf
+from llama_posttrain.llama.formats import gguf, read_yaml
 from llama_posttrain.llama.model import Transformer
 from llama_posttrain.llama.paths import check_outputs
 from llama_posttrain.llama.tokenizer import resolve_tokenizer, tokenizer_in_dir
@@ -78,9 +77,9 @@ def run_config(step_dir) -> tuple[dict, Path]:
             "(RUN_DIR/checkpoints/step_N beside RUN_DIR/config.yaml), which holds the model config"
         )
     try:
-        saved = yaml.safe_load(saved_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError, yaml.YAMLError) as e:  # ValueError: not UTF-8
-        raise CheckpointError(f"{saved_file}: cannot read it as YAML: {e}") from None
+        saved = read_yaml(saved_file)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
         raise CheckpointError(f"{saved_file}: no model section: not a run config this code wrote")
     return saved, saved_file

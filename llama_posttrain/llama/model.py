@@ -22,13 +22,13 @@ from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from llama_posttrain.llama.config import ModelConfig
+from llama_posttrain.llama.heads import HEADS, Head, get_head
 
 try:
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 except ImportError:  # torch without FlexAttention: dense masks everywhere
     BlockMask = create_block_mask = flex_attention = None
 
-HEADS = ("lm", "reward")
 # The doc id of padding: real tokens' doc ids count up from 0, so no real token attends to a pad
 # (nor a pad to a real token) and `doc_ids >= 0` marks the real tokens. A pad attends only itself: were
 # the pads of a row one causal document, a fully padded row would cost a full causal attention.
@@ -91,30 +91,43 @@ def structure_mask(q_doc, q_branch, q_slot, k_doc, k_branch, k_slot) -> Tensor:
     return (causal & same_doc & branch_ok & real_or_self)[:, None]
 
 
+# torch.compile wrappers of FlexAttention's two functions, made on first use by the two functions below (not
+# at import: importing torch._dynamo would cost every process ~1.6 s on the CPU here, FlexAttention or not).
+_compiled_flex = _compiled_create_block_mask = None
+
+
+def compiled_flex():
+    """torch.compile(flex_attention), made on first use and kept. `flex_block_mask` makes it, in eager code,
+    before a forward's `attend` calls it: made inside a compiled block the wrapper itself would be traced,
+    costing an extra compile."""
+    global _compiled_flex
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention)
+    return _compiled_flex
+
+
+def compiled_create_block_mask():
+    """torch.compile(create_block_mask), made on first use and kept."""
+    global _compiled_create_block_mask
+    if _compiled_create_block_mask is None:
+        _compiled_create_block_mask = torch.compile(create_block_mask)
+    return _compiled_create_block_mask
+
+
 def flex_block_mask(doc: Tensor, branch: Tensor):
     """FlexAttention block mask for the same rule; fully masked tiles are skipped by the kernel.
     Built by a compiled create_block_mask (eager it takes seconds and GiBs at B=8, T=4096), compiled
     with torch's dynamic default: a graph for the first shape, then one with dynamic sizes that the
     later shapes reuse. Over static shapes (B fixed, T in llama_posttrain/data/rows.py `bucket_lengths`) that is two
     compiles in all, not one per T (tests/test_static_shapes.py)."""
-    global _compiled_flex, _compiled_create_block_mask
 
     def mask_mod(b, h, q, k):
         rule = (k <= q) & (doc[b, q] == doc[b, k]) & ((branch[b, k] == 0) | (branch[b, k] == branch[b, q]))
         return rule & ((doc[b, q] >= 0) | (k == q))  # a pad only itself: pad tiles off the diagonal are skipped
 
-    # The compiled functions are made here, in eager code: made inside a compiled block (attend) the
-    # wrapper itself would be traced, costing an extra compile. Not at import: importing torch._dynamo
-    # would cost every process ~1.6 s (on the CPU here) whether it uses FlexAttention or not.
-    if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention)
-    if _compiled_create_block_mask is None:
-        _compiled_create_block_mask = torch.compile(create_block_mask)
+    compiled_flex()  # made here, in eager code, for `attend`: made inside a compiled block it would be traced
     B, T = doc.shape
-    return _compiled_create_block_mask(mask_mod, B, None, T, T, device=doc.device)
-
-
-_compiled_flex = _compiled_create_block_mask = None  # torch.compile wrappers, made on first use
+    return compiled_create_block_mask()(mask_mod, B, None, T, T, device=doc.device)
 
 
 def attention_mask(doc_ids: Tensor | None, branch_ids: Tensor | None = None, flex: bool | None = None):
@@ -142,7 +155,7 @@ def attention_mask(doc_ids: Tensor | None, branch_ids: Tensor | None = None, fle
 def attend(q: Tensor, k: Tensor, v: Tensor, mask) -> Tensor:
     """q (B, nh, Tq, hd), k/v (B, nkv, Tk, hd), mask None (causal) | bool (B, 1, Tq, Tk) | BlockMask."""
     if BlockMask is not None and isinstance(mask, BlockMask):
-        return _compiled_flex(q, k, v, block_mask=mask, enable_gqa=True)
+        return compiled_flex()(q, k, v, block_mask=mask, enable_gqa=True)
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     # GQA without copying k/v: query head h uses kv head g = h // r, so the r query heads of group g
@@ -240,20 +253,6 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
-class RewardHead(nn.Linear):
-    """The scalar reward head, computed in fp32 whatever the trunk's dtype: rewards of ~1.6 in bf16
-    move in steps of 0.0078, coarser than early reward margins (~0.0025) and a source of ties."""
-
-    def __init__(self, dim: int, device=None, dtype=None):
-        super().__init__(dim, 1, bias=False, device=device, dtype=dtype)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """(..., dim) -> (..., ) rewards in fp32. Projected on the weight row rather than
-        linear(x).squeeze(-1): the output is a tensor of its own, not a view, which FSDP2 warns
-        about on every rank (an in-place op on it would skip the backward hook)."""
-        return F.linear(x.float(), self.weight[0].float())
-
-
 class TransformerBlock(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -271,38 +270,36 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Llama 3 trunk with a swappable head: "lm" (logits, tied or untied) or "reward" (a scalar)."""
+    """Llama 3 trunk with a swappable head (llama_posttrain/llama/heads.py): "lm" (logits, tied or untied) or
+    "reward" (a scalar). `head` is its name, as checkpoints record it; `head_spec` the Head."""
 
-    def __init__(self, config: ModelConfig, head: str = "lm"):
+    def __init__(self, config: ModelConfig, head: str | Head = "lm"):
         super().__init__()
         self.config = config
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.head = None
+        self.head, self.head_spec = None, None
         self.set_head(head)
         self.init_weights()
 
-    def set_head(self, head: str) -> None:
-        """Swap the head: the LM head (`output`, absent when tied) or the reward head (`score`)."""
-        if head not in HEADS:
-            raise ValueError(f"unknown head {head!r}; expected one of {HEADS}")
-        for name in ("output", "score"):
-            if hasattr(self, name):
-                delattr(self, name)
+    def set_head(self, head: str | Head) -> None:
+        """Swap the head (a name of HEADS or a Head): the old one's module goes, the new one's is made on the
+        trunk's device and dtype (and initialised, unless on the meta device or in the constructor)."""
+        spec = get_head(head)
+        if self.head_spec is not None and self.head_spec.module(self) is not None:
+            delattr(self, self.head_spec.attr)
         ref = self.tok_embeddings.weight
-        if head == "lm" and not self.config.tie_embeddings:
-            self.output = nn.Linear(
-                self.config.dim, self.config.vocab_size, bias=False, device=ref.device, dtype=ref.dtype
-            )
-        if head == "reward":
-            self.score = RewardHead(self.config.dim, device=ref.device, dtype=ref.dtype)
+        module = spec.build(self.config, device=ref.device, dtype=ref.dtype)
+        if module is not None:
+            setattr(self, spec.attr, module)
         if self.head is not None and ref.device.type != "meta":
-            self._init_head()
-        self.head = head
+            spec.init_weights(self)
+        self.head, self.head_spec = spec.name, spec
 
     def init_weights(self) -> None:
-        """Normal(0, 0.02) weights, residual projections scaled by 1/sqrt(2 * n_layers), unit norms."""
+        """Normal(0, 0.02) weights, residual projections scaled by 1/sqrt(2 * n_layers), unit norms; the head's
+        as the head says (llama_posttrain/llama/heads.py)."""
         std = 0.02
         nn.init.normal_(self.tok_embeddings.weight, std=std)
         for layer in self.layers:
@@ -314,18 +311,12 @@ class Transformer(nn.Module):
             nn.init.ones_(layer.attention_norm.weight)
             nn.init.ones_(layer.ffn_norm.weight)
         nn.init.ones_(self.norm.weight)
-        self._init_head()
-
-    def _init_head(self) -> None:
-        if hasattr(self, "output"):
-            nn.init.normal_(self.output.weight, std=0.02)
-        if hasattr(self, "score"):
-            nn.init.normal_(self.score.weight, std=1 / math.sqrt(self.config.dim + 1))
+        self.head_spec.init_weights(self)
 
     @property
     def output_weight(self) -> Tensor:
         """The vocabulary projection (V, H), for losses that fuse it with the log-softmax."""
-        return self.output.weight if hasattr(self, "output") else self.tok_embeddings.weight
+        return HEADS["lm"].weight(self)
 
     def trunk(
         self, tokens: Tensor, positions=None, doc_ids=None, branch_ids=None, cache: KVCache | None = None, mask=None
@@ -374,8 +365,4 @@ class Transformer(nn.Module):
         sharded model has its weights gathered. mask: see `trunk`.
         """
         h = self.trunk(tokens, positions, doc_ids, branch_ids, cache, mask)
-        if self.head == "reward":
-            return self.score(h)  # (B, T) fp32: RewardHead
-        if head_fn is not None:
-            return head_fn(h, self.output_weight)
-        return F.linear(h, self.output_weight)
+        return self.head_spec.forward(self, h, head_fn)

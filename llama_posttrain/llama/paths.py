@@ -1,7 +1,7 @@
 """The one check every command line makes before it writes: no output is one of its inputs.
 
 `sample.py --prompts X --out-sft X` would replace the prompts with the samples; `average.py --out A A B`
-one of the averaged models with the average. Every CLI (llama_posttrain/train/sample.py, evaluate.py,
+one of the averaged models with the average. Every CLI (llama_posttrain/jobs/sample.py, evaluate.py,
 average.py, prepare_data.py, llama_posttrain/llama/convert.py) hands its inputs and outputs, by option,
 to `check_outputs` before any work: an output that is an input (the same file, however it is named: a
 relative path, a symlink, a hard link), is a file an input folder holds (a model folder's config.json), or

@@ -8,11 +8,13 @@ the chosen response's NLL summed over all of its tokens with their count. Every 
     score(y) = log pi(y|x) - log ref(y|x)          the reference losses (sigmoid, hinge, robust)
              = (log pi(y|x) - log ref(y|x)) / |y|  ipo: per token
              = log pi(y|x) / |y|                   simpo: no reference model
-    h = beta * score(y_c) - beta * score(y_r)      the loss's margin
+    c = beta * score(y_c), r = beta * score(y_r)   the pair's rewards; h = c - r its margin
 
-    L = (1 / P) * sum_pairs loss(h) + alpha * NLL(y_c|x)
+    L = sum_losses w * (1 / P) * sum_pairs loss(c, r) + alpha * NLL(y_c|x)
 
-with loss(h) one of LOSSES below, each with its paper. The NLL term (Pang et al. 2024, iterative
+with loss(c, r) one of LOSSES below, each with its paper, and w its weight (`dpo.loss` a list with
+`dpo.loss_weights`, as TRL's loss_type and loss_weights; one loss: w = 1). `sft` in the list is the NLL
+term, weighted by its w in place of alpha (TRL's sft: `nll_norm: token`). The NLL term (Pang et al. 2024, iterative
 RPO, as in Llama 3) keeps the formatting tokens. `nll_norm: sequence` divides each chosen sequence's
 NLL by its length and averages over the P pairs; `token` divides the NLL summed over every chosen
 token by the number of chosen tokens. P and the chosen token count are the whole step's (every
@@ -34,56 +36,115 @@ of its loss (`dpo.mask_format: false`: the same tokens as TRL's):
 
 and ours, where the loss scores per token with a reference (ipo): ipo/score_chosen, ipo/score_rejected
 (the per-token log-ratio score(y) above) and ipo/score_margins (their difference, which IPO pulls to
-1 / (2 beta)). The caller passes per-pair sums.
+1 / (2 beta)). The caller passes per-pair sums (`PairSums`) and adds the metrics of the policy's
+logits (logits/*, token_accuracy, entropy: llama_posttrain/train/dpo.py, where they are computed).
 
-A new loss: a function of h with the signature below, its entry in LOSSES, its name in
-llama_posttrain/train/dpo.py's `DPOSection.loss` and its row in `LOSS_HYPERPARAMETERS` there (the
-hyperparameters it reads and their allowed values, checked when the config is read; no torch there, so
-that a config error answers at once), a float64 test (tests/test_loss_family.py).
+A new loss: a function of (c, r, Hyper) as those below, its entry in LOSSES, its row in
+llama_posttrain/train/dpo.py's `LOSS_HYPERPARAMETERS` (the hyperparameters it reads and their allowed
+values, checked when the config is read; no torch there, so that a config error answers at once), a
+float64 test (tests/test_loss_family.py; against TRL's code where TRL has the loss:
+tests/test_dpo_losses_trl.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch.nn.functional as F
 from torch import Tensor
 
 
-def sigmoid(h: Tensor, beta: float, label_smoothing: float, gamma: float) -> Tensor:
-    """DPO (Rafailov et al. 2023, arXiv:2305.18290): -log sigmoid(h). label_smoothing eps > 0:
-    conservative DPO (cDPO, Mitchell 2023), the label flipped with probability eps."""
+class Hyper(NamedTuple):
+    """The loss's hyperparameters (llama_posttrain/train/dpo.py DPOSection checks their ranges)."""
+
+    loss: str | Sequence[str] = "sigmoid"  # one of LOSSES, or a list of them (and `sft`)
+    loss_weights: Sequence[float] | None = None  # one per loss of the list; None: 1 each
+    beta: float = 0.1
+    alpha: float = 0.2
+    label_smoothing: float = 0.0
+    gamma: float = 0.5
+    nll_norm: str = "sequence"
+
+    def terms(self) -> list[tuple[str, float]]:
+        """(loss name, weight) for each loss."""
+        names = [self.loss] if isinstance(self.loss, str) else list(self.loss)
+        weights = [1.0] * len(names) if self.loss_weights is None else list(self.loss_weights)
+        if len(weights) != len(names):
+            raise ValueError(f"dpo.loss_weights {weights} must have one weight per dpo.loss {names}")
+        return list(zip(names, weights))
+
+
+class PairSums(NamedTuple):
+    """The policy's side of a micro-batch's pairs, each (P,): log-prob sums of the chosen and rejected
+    responses over the tokens of the DPO sums and the count of those tokens; the chosen response's NLL
+    (-sum log p over every chosen token) and its token count."""
+
+    chosen: Tensor
+    rejected: Tensor
+    chosen_tokens: Tensor
+    rejected_tokens: Tensor
+    chosen_nll: Tensor
+    chosen_nll_tokens: Tensor
+
+
+def _logsigmoid_loss(h: Tensor, label_smoothing: float) -> Tensor:
     return -(1 - label_smoothing) * F.logsigmoid(h) - label_smoothing * F.logsigmoid(-h)
 
 
-def ipo(h: Tensor, beta: float, label_smoothing: float, gamma: float) -> Tensor:
+def sigmoid(c: Tensor, r: Tensor, hp: Hyper) -> Tensor:
+    """DPO (Rafailov et al. 2023, arXiv:2305.18290): -log sigmoid(h). label_smoothing eps > 0:
+    conservative DPO (cDPO, Mitchell 2023), the label flipped with probability eps."""
+    return _logsigmoid_loss(c - r, hp.label_smoothing)
+
+
+def ipo(c: Tensor, r: Tensor, hp: Hyper) -> Tensor:
     """IPO (Azar et al. 2023, arXiv:2310.12036, eq. 17): (score_c - score_r - 1 / (2 beta))^2, the
     scores per token (as TRL, whose authors confirmed it with the paper's)."""
-    return (h / beta - 1 / (2 * beta)) ** 2
+    return ((c - r) / hp.beta - 1 / (2 * hp.beta)) ** 2
 
 
-def hinge(h: Tensor, beta: float, label_smoothing: float, gamma: float) -> Tensor:
+def hinge(c: Tensor, r: Tensor, hp: Hyper) -> Tensor:
     """SLiC-HF (Zhao et al. 2023, arXiv:2305.10425) calibration loss on the reference log-ratio
     margin (as in the DPO paper's and TRL's `hinge`): max(0, 1 - h), a margin of 1 / beta nats."""
-    return F.relu(1 - h)
+    return F.relu(1 - (c - r))
 
 
-def robust(h: Tensor, beta: float, label_smoothing: float, gamma: float) -> Tensor:
+def robust(c: Tensor, r: Tensor, hp: Hyper) -> Tensor:
     """rDPO (Chowdhury et al. 2024, arXiv:2403.00409): unbiased for labels flipped with probability
     eps = label_smoothing < 0.5: ((1 - eps) * -log sigmoid(h) - eps * -log sigmoid(-h)) / (1 - 2 eps)."""
-    eps = label_smoothing
+    h, eps = c - r, hp.label_smoothing
     return (-(1 - eps) * F.logsigmoid(h) + eps * F.logsigmoid(-h)) / (1 - 2 * eps)
 
 
-def simpo(h: Tensor, beta: float, label_smoothing: float, gamma: float) -> Tensor:
+def simpo(c: Tensor, r: Tensor, hp: Hyper) -> Tensor:
     """SimPO (Meng et al. 2024, arXiv:2405.14734): no reference model, the per-token log-prob as the
     reward, a target reward margin gamma: -log sigmoid(h - gamma) (label smoothing as in sigmoid)."""
-    return sigmoid(h - gamma, beta, label_smoothing, gamma)
+    return _logsigmoid_loss(c - r - hp.gamma, hp.label_smoothing)
+
+
+def apo_zero(c: Tensor, r: Tensor, hp: Hyper) -> Tensor:
+    """APO-zero (D'Oosterlinck et al. 2024, arXiv:2408.06266, eq. 7): each reward on its own, the chosen
+    one up and the rejected one down: (1 - sigmoid(c)) + sigmoid(r). For chosen responses better than the
+    policy's own."""
+    return (1 - c.sigmoid()) + r.sigmoid()
+
+
+def nca_pair(c: Tensor, r: Tensor, hp: Hyper) -> Tensor:
+    """NCA (Chen et al. 2024, arXiv:2402.05369, eq. 11 with two responses): -log sigmoid(c)
+    - 0.5 log sigmoid(-c) - 0.5 log sigmoid(-r), the rewards against an absolute zero, not each other."""
+    return -F.logsigmoid(c) - 0.5 * F.logsigmoid(-c) - 0.5 * F.logsigmoid(-r)
+
+
+def bco_pair(c: Tensor, r: Tensor, hp: Hyper) -> Tensor:
+    """BCO on pairs (Jung et al. 2024, arXiv:2404.04656): a binary classifier of chosen (reward > 0) and
+    rejected: -log sigmoid(c) - log sigmoid(-r). As TRL 1.16 (the paper's and TRL's earlier versions
+    shift both rewards by a running mean of the rewards, delta; TRL 1.16 has none)."""
+    return -F.logsigmoid(c) - F.logsigmoid(-r)
 
 
 class PairLoss(NamedTuple):
-    fn: Callable[[Tensor, float, float, float], Tensor]  # (h (P,), beta, label_smoothing, gamma) -> (P,)
+    fn: Callable[[Tensor, Tensor, Hyper], Tensor]  # (chosen reward (P,), rejected reward (P,), hyper) -> (P,)
     reference: bool = True  # score: log-ratio to the reference model; False: the policy's log-prob alone
     per_token: bool = False  # score divided by the response's token count
 
@@ -94,7 +155,18 @@ LOSSES = {
     "hinge": PairLoss(hinge),
     "robust": PairLoss(robust),
     "simpo": PairLoss(simpo, reference=False, per_token=True),
+    "apo_zero": PairLoss(apo_zero),
+    "nca_pair": PairLoss(nca_pair),
+    "bco_pair": PairLoss(bco_pair),
 }
+SFT = "sft"  # in a list of losses: the NLL term (TRL's loss_type "sft")
+
+
+def needs_reference(loss: str | Sequence[str]) -> bool:
+    """Whether dpo.loss (a name or a list) scores against a reference model."""
+    names = [loss] if isinstance(loss, str) else loss
+    return any(LOSSES[n].reference for n in names if n != SFT)
+
 
 # logged metric -> (sum, denominator); nll_terms: the pairs (nll_norm: sequence) or chosen tokens (token).
 # trl_tokens_per_token: TRL's token count of the step (each response with its own copy of the prompt, as TRL's
@@ -104,92 +176,80 @@ RATIOS = {
     **{k: (k, "pairs") for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")},
     **{k: (k, "pairs") for k in ("logps/chosen", "logps/rejected")},
     "nll": ("nll", "nll_terms"),
-    "logits/chosen": ("logits/chosen", "chosen_tokens"),
-    "logits/rejected": ("logits/rejected", "rejected_tokens"),
-    "token_accuracy": ("argmax_tokens", "chosen_tokens"),
-    "entropy": ("entropy", "response_tokens"),
     **{f"ipo/score_{k}": (f"ipo/score_{k}", "ipo_pairs") for k in ("chosen", "rejected", "margins")},
     "trl_tokens_per_token": ("trl_tokens", "tokens"),
 }
 
 
+DEFAULTS = Hyper()  # Llama 3's: sigmoid, beta 0.1, NLL weight alpha 0.2
+
+
 def dpo_loss(
-    *,
-    policy_chosen: Tensor,
-    policy_rejected: Tensor,
-    reference_chosen: Tensor | None,
-    reference_rejected: Tensor | None,
-    chosen_tokens: Tensor,
-    rejected_tokens: Tensor,
-    chosen_nll: Tensor,
-    chosen_nll_tokens: Tensor,
+    policy: PairSums,
+    reference: tuple[Tensor, Tensor] | None,
     num_pairs: int,
     num_chosen_tokens: int,
-    loss: str = "sigmoid",
-    beta: float = 0.1,
-    alpha: float = 0.2,
-    label_smoothing: float = 0.0,
-    gamma: float = 0.5,
-    nll_norm: str = "sequence",
-    chosen_mean_logits: Tensor | None = None,
-    rejected_mean_logits: Tensor | None = None,
-    chosen_argmax_tokens: Tensor | None = None,
-    chosen_entropy: Tensor | None = None,
-    rejected_entropy: Tensor | None = None,
+    hp: Hyper = DEFAULTS,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Per pair (P,): policy_* / reference_* log-prob sums (reference None: a reference-free loss),
-    chosen_tokens / rejected_tokens the tokens in those sums, chosen_nll = -sum log pi over every
-    chosen token and chosen_nll_tokens their count. num_pairs, num_chosen_tokens: the whole step's.
-    Metrics only, per pair (P,) over the tokens of the sums (None: not in `sums`): *_mean_logits, each
-    token's mean logit over the vocabulary, summed; chosen_argmax_tokens, the chosen tokens that are
-    their row's argmax; *_entropy, the tokens' entropies summed (both or neither)."""
-    spec = LOSSES[loss]
-    if spec.reference and reference_chosen is None:
-        raise ValueError(f"loss {loss!r} needs the reference log-probs")
+    """policy: its per-pair sums; reference: the reference's log-prob sums of (chosen, rejected) over the
+    same tokens (None: reference-free losses only). num_pairs, num_chosen_tokens: the whole step's."""
+    terms = hp.terms()
+    specs = [(LOSSES[name], w) for name, w in terms if name != SFT]
+    if not specs:
+        raise ValueError(f"dpo.loss {hp.loss!r} has no preference loss (one of {tuple(LOSSES)})")
+    with_reference = {spec.reference for spec, _ in specs}
+    if len(with_reference) > 1:
+        raise ValueError(f"dpo.loss {hp.loss!r} mixes reference-free and reference losses")
+    with_reference = with_reference.pop()
+    if with_reference and reference is None:
+        raise ValueError(f"loss {hp.loss!r} needs the reference log-probs")
 
-    def score(pi: Tensor, ref: Tensor | None, tokens: Tensor) -> Tensor:
-        s = pi - ref if spec.reference else pi
-        return s / tokens.clamp(min=1) if spec.per_token else s
+    rewards = {}  # per_token -> (chosen, rejected) rewards (P,): beta * score
 
-    chosen_reward = beta * score(policy_chosen, reference_chosen, chosen_tokens)  # (P,)
-    rejected_reward = beta * score(policy_rejected, reference_rejected, rejected_tokens)
-    h = chosen_reward - rejected_reward
+    def reward(per_token: bool) -> tuple[Tensor, Tensor]:
+        if per_token not in rewards:
+            c, r = policy.chosen, policy.rejected
+            if with_reference:
+                c, r = c - reference[0], r - reference[1]
+            if per_token:
+                c, r = c / policy.chosen_tokens.clamp(min=1), r / policy.rejected_tokens.clamp(min=1)
+            rewards[per_token] = hp.beta * c, hp.beta * r
+        return rewards[per_token]
+
     pairs = max(num_pairs, 1)
-    total = spec.fn(h, beta, label_smoothing, gamma).sum() / pairs
-    if nll_norm == "sequence":
-        nll, nll_terms, nll_denominator = chosen_nll / chosen_nll_tokens.clamp(min=1), h.new_full((), len(h)), pairs
-    elif nll_norm == "token":
-        nll, nll_terms, nll_denominator = chosen_nll, chosen_nll_tokens.sum(), max(num_chosen_tokens, 1)
+    total = None
+    for spec, weight in specs:
+        term = spec.fn(*reward(spec.per_token), hp).sum() / pairs
+        term = term if weight == 1 else weight * term
+        total = term if total is None else total + term
+    alpha = sum(w for name, w in terms if name == SFT) or hp.alpha  # `sft` listed: its weight (dpo.alpha 0)
+    n = len(policy.chosen)
+    if hp.nll_norm == "sequence":
+        nll = policy.chosen_nll / policy.chosen_nll_tokens.clamp(min=1)
+        nll_terms, nll_denominator = policy.chosen.new_full((), n), pairs
+    elif hp.nll_norm == "token":
+        nll, nll_terms, nll_denominator = policy.chosen_nll, policy.chosen_nll_tokens.sum(), max(num_chosen_tokens, 1)
     else:
-        raise ValueError(f"nll_norm must be 'sequence' or 'token', got {nll_norm!r}")
+        raise ValueError(f"nll_norm must be 'sequence' or 'token', got {hp.nll_norm!r}")
     if alpha:
         total = total + alpha * nll.sum() / nll_denominator
-    cr, rr = chosen_reward.detach(), rejected_reward.detach()
-    if spec.per_token and spec.reference:  # TRL's rewards are beta x the summed log-ratio; the scores are ipo/
-        sc, sr = cr / beta, rr / beta
-        cr = beta * (policy_chosen - reference_chosen).detach()
-        rr = beta * (policy_rejected - reference_rejected).detach()
+    # TRL's rewards/*: DPOTrainer's beta x the summed log-ratio; reference-free (CPOTrainer's): the loss's own
+    cr, rr = (x.detach() for x in reward(not with_reference))
     sums = {
-        "pairs": h.new_full((), len(h)),  # made on the device: no host-to-device copy
+        "pairs": policy.chosen.new_full((), n),  # made on the device: no host-to-device copy
         "rewards/chosen": cr.sum(),
         "rewards/rejected": rr.sum(),
         "rewards/margins": (cr - rr).sum(),
-        "rewards/accuracies": (cr > rr).sum().to(h.dtype),
-        "logps/chosen": policy_chosen.detach().sum(),
-        "logps/rejected": policy_rejected.detach().sum(),
+        "rewards/accuracies": (cr > rr).sum().to(cr.dtype),
+        "logps/chosen": policy.chosen.detach().sum(),
+        "logps/rejected": policy.rejected.detach().sum(),
         "nll": nll.detach().sum(),
         "nll_terms": nll_terms,
-        "chosen_tokens": chosen_tokens.sum(),
-        "rejected_tokens": rejected_tokens.sum(),
+        "chosen_tokens": policy.chosen_tokens.sum(),
+        "rejected_tokens": policy.rejected_tokens.sum(),
     }
-    for name, value in (("logits/chosen", chosen_mean_logits), ("logits/rejected", rejected_mean_logits),
-                        ("argmax_tokens", chosen_argmax_tokens)):  # fmt: skip
-        if value is not None:
-            sums[name] = value.detach().sum()
-    if chosen_entropy is not None:
-        sums["entropy"] = (chosen_entropy + rejected_entropy).detach().sum()
-        sums["response_tokens"] = sums["chosen_tokens"] + sums["rejected_tokens"]
-    if spec.per_token and spec.reference:
+    if with_reference and any(spec.per_token for spec, _ in specs):  # ipo: its per-token scores
+        sc, sr = (x.detach() / hp.beta for x in reward(True))
         sums |= {"ipo_pairs": sums["pairs"], "ipo/score_chosen": sc.sum(), "ipo/score_rejected": sr.sum()}
         sums["ipo/score_margins"] = (sc - sr).sum()
     return total, sums

@@ -58,6 +58,7 @@ def ranking_loss(
     rewards: Tensor,
     group: Tensor,
     rank: Tensor,
+    *,
     margin: Tensor | None = None,
     num_pairs: int | None = None,
     group_class: Tensor | None = None,

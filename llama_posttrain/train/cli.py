@@ -1,4 +1,4 @@
-"""The argparse pieces of the flag-style entry points (llama_posttrain/train/sample.py, llama_posttrain/train/evaluate.py): value types that
+"""The argparse pieces of the flag-style entry points (llama_posttrain/jobs/sample.py, llama_posttrain/jobs/evaluate.py): value types that
 name the option in their errors, and a help formatter that shows every default."""
 
 from __future__ import annotations

@@ -5,16 +5,15 @@
 YAML maps onto the dataclasses field by field; an unknown section or key, a value of the wrong
 type, a choice outside its `Literal[...]` or a number outside its bound is an error that names
 the key and the file (or the override). Override values are parsed as YAML scalars (`1e-5`,
-`true`, `null`, `[a, b]`). `--help` lists every key with its default and comment.
+`true`, `null`, `[a, b]`). `--help` lists every key with its default and help (`opt`: the field's metadata).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
-import inspect
 import math
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from typing import Annotated, Literal
 import yaml
 
 from llama_posttrain.data.io import write_text
+from llama_posttrain.llama.formats import read_yaml  # the one YAML reader of configs
 
 
 # Bounds ride on the annotation: Annotated[int, AtLeast(1)], Annotated[float, Interval(0, 1, high_open=True)].
@@ -59,75 +59,96 @@ Decay = Annotated[float, Interval(0.0, 1.0, high_open=True)]  # a moving average
 ChatTemplate = Literal["llama3", "llama3.1", "llama3.2"]  # llama_posttrain/llama/chat.py TEMPLATES (3.3 uses llama3.1)
 
 
+def opt(default, help: str):
+    """A config field with its `--help` text: `lr: float = opt(1e-5, "peak learning rate")`. A list or dict
+    default is copied for each instance (a default_factory)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class ModelSection:
-    checkpoint: str | None = None  # native / HF / Meta directory to start from
-    preset: str | None = None  # or a randomly initialized preset (tiny experiments)
-    tokenizer: str | None = None  # file or model folder; default: the checkpoint folder's; byte tokenizer for presets
-    chat_template: ChatTemplate | None = None  # llama3|llama3.1|llama3.2; default: the checkpoint's, else llama3
+    checkpoint: str | None = opt(None, "native / HF / Meta directory to start from")
+    preset: str | None = opt(None, "or a randomly initialized preset (tiny experiments)")
+    tokenizer: str | None = opt(
+        None, "file or model folder; default: the checkpoint folder's; byte tokenizer for presets"
+    )
+    chat_template: ChatTemplate | None = opt(None, "llama3|llama3.1|llama3.2; default: the checkpoint's, else llama3")
 
 
 @dataclass
 class DataSection:
-    train: str | list[str | dict] = ""  # JSONL/Parquet file, Parquet/datasets folder, or [{path, weight}]
-    eval: str | None = None  # held-out file, evaluated whole every train.eval_every steps
-    max_len: PosInt = 2048  # tokens per row
-    batch_size: PosInt = 32  # examples per optimizer step, over all ranks
-    tokens_per_microbatch: PosInt = 16384  # per rank
-    overlength: Literal["truncate", "drop"] = "truncate"  # what to do with an example over max_len
-    skip_invalid: bool = False  # skip (and count) invalid records instead of stopping at the first
-    keep_strengths: list[str] | None = None  # Llama 3: [significantly_better, better]
-    seed: int = 0  # shuffling of the examples (and of RM responses)
-    cache: bool = True  # tokenize once into memory-mapped arrays (llama_posttrain/data/cache.py); false: encode in memory every start
-    cache_dir: str | None = None  # tokenized caches; default <train.run_dir>/.tokenized (pipeline: its folder's)
-    num_workers: NonNegInt = 0  # processes that tokenize a new cache; 0: one per CPU core (at most 32)
+    train: str | list[str | dict] = opt("", "JSONL/Parquet file, Parquet/datasets folder, or [{path, weight}]")
+    eval: str | None = opt(None, "held-out file, evaluated whole every train.eval_every steps")
+    max_len: PosInt = opt(2048, "tokens per row")
+    batch_size: PosInt = opt(32, "examples per optimizer step, over all ranks")
+    tokens_per_microbatch: PosInt = opt(16384, "per rank")
+    overlength: Literal["truncate", "drop"] = opt("truncate", "what to do with an example over max_len")
+    skip_invalid: bool = opt(False, "skip (and count) invalid records instead of stopping at the first")
+    keep_strengths: list[str] | None = opt(None, "Llama 3: [significantly_better, better]")
+    seed: int = opt(0, "shuffling of the examples (and of RM responses)")
+    cache: bool = opt(
+        True,
+        "tokenize once into memory-mapped arrays (llama_posttrain/data/cache.py); false: encode in memory every start",
+    )
+    cache_dir: str | None = opt(None, "tokenized caches; default <train.run_dir>/.tokenized (pipeline: its folder's)")
+    num_workers: NonNegInt = opt(0, "processes that tokenize a new cache; 0: one per CPU core (at most 32)")
 
 
 @dataclass
 class OptimSection:
-    lr: NonNegFloat = 1e-5  # peak learning rate
-    weight_decay: NonNegFloat = 0.0
-    betas: list[Decay] = field(default_factory=lambda: [0.9, 0.95])
-    eps: NonNegFloat = 1e-8
-    warmup_steps: NonNegInt = 0  # linear warmup from lr / warmup_steps
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warmup
-    min_lr_ratio: NonNegFloat = 0.1  # the decay ends at lr * min_lr_ratio
-    grad_clip: NonNegFloat = 1.0  # max global grad norm; 0 = off
-    fused: bool | None = None  # fused AdamW: non-finite steps skipped on the device (no host sync); None: on CUDA
+    lr: NonNegFloat = opt(1e-5, "peak learning rate")
+    weight_decay: NonNegFloat = opt(0.0, "AdamW's decoupled weight decay")
+    betas: list[Decay] = opt([0.9, 0.95], "AdamW's moving-average decays")
+    eps: NonNegFloat = opt(1e-8, "AdamW's denominator term")
+    warmup_steps: NonNegInt = opt(0, "linear warmup from lr / warmup_steps")
+    schedule: Literal["cosine", "linear", "constant"] = opt("cosine", "decay after warmup")
+    min_lr_ratio: NonNegFloat = opt(0.1, "the decay ends at lr * min_lr_ratio")
+    grad_clip: NonNegFloat = opt(1.0, "max global grad norm; 0 = off")
+    fused: bool | None = opt(None, "fused AdamW: non-finite steps skipped on the device (no host sync); None: on CUDA")
 
 
 @dataclass
 class TrainSection:
-    run_dir: str = "runs/default"  # checkpoints, metrics.jsonl, config.yaml, the exported model
-    steps: PosInt = 100  # optimizer steps
-    seed: int = 0  # model init (presets and fresh heads)
-    eval_every: NonNegInt = 0  # 0 = only at the start and the end
-    save_every: NonNegInt = 0  # 0 = only at the end
-    keep_last: NonNegInt = 2  # checkpoints kept; 0 = all
-    resume: Literal["auto", "never", "restart"] = "auto"  # restart deletes this run_dir's previous run first
-    mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
-    activation_checkpointing: bool = False
-    compile: bool = False  # torch.compile each block
+    run_dir: str = opt("runs/default", "checkpoints, metrics.jsonl, config.yaml, the exported model")
+    steps: PosInt = opt(100, "optimizer steps")
+    seed: int = opt(0, "model init (presets and fresh heads)")
+    eval_every: NonNegInt = opt(0, "0 = only at the start and the end")
+    save_every: NonNegInt = opt(0, "0 = only at the end")
+    keep_last: NonNegInt = opt(2, "checkpoints kept; 0 = all")
+    resume: Literal["auto", "never", "restart"] = opt("auto", "restart deletes this run_dir's previous run first")
+    mixed_precision: Literal["auto", "bf16", "fp32"] = opt("auto", "auto: bf16 on CUDA, fp32 on CPU")
+    activation_checkpointing: bool = opt(False, "recompute each block's activations in the backward")
+    compile: bool = opt(False, "torch.compile each block")
     # Micro-batch shapes. N: every micro-batch (rows per micro-batch, T), T in llama_posttrain/data/rows.py bucket_lengths(max_len, N)
     # (multiples of N up to 8N, then doubling), each shape compiled once (dynamic=False); 0: rows as packed and T
     # the longest row rounded up to 8, compiled with torch's dynamic shapes; auto: 128 with train.compile, else 0.
-    shape_buckets: NonNegInt | Literal["auto"] = "auto"  # static shapes: T in buckets of N, 0 off; auto: 128 if compile
-    shard_degree: NonNegInt = 0  # ranks sharing one copy of the model; 0 = all (FSDP); N: HSDP, sharded within groups of N ranks (a node's GPUs), replicated across the nproc/N groups
-    cpu_offload: bool = False  # FSDP2 CPU offload: parameters, gradients and optimizer state in CPU memory (slower; for a model that does not fit)
-    kernels: Literal["auto", "triton", "torch"] = "auto"  # target log-prob path
-    max_bad_steps: PosInt = 5  # consecutive non-finite steps before stopping
-    export_hf: bool = False  # also write <run_dir>/model_hf in the Hugging Face format
+    shape_buckets: NonNegInt | Literal["auto"] = opt(
+        "auto", "static shapes: T in buckets of N, 0 off; auto: 128 if compile"
+    )
+    shard_degree: NonNegInt = opt(
+        0,
+        "ranks sharing one copy of the model; 0 = all (FSDP); N: HSDP, sharded within groups of N ranks (a node's GPUs), replicated across the nproc/N groups",
+    )
+    cpu_offload: bool = opt(
+        False,
+        "FSDP2 CPU offload: parameters, gradients and optimizer state in CPU memory (slower; for a model that does not fit)",
+    )
+    kernels: Literal["auto", "triton", "torch"] = opt("auto", "target log-prob path")
+    max_bad_steps: PosInt = opt(5, "consecutive non-finite steps before stopping")
+    export_hf: bool = opt(False, "also write <run_dir>/model_hf in the Hugging Face format")
 
 
 @dataclass
 class LoggingSection:
-    wandb: Literal["offline", "online", "disabled"] = "offline"
-    project: str = "llama-posttrain"
-    name: str | None = None  # default: the run_dir's name
-    group: str | None = None  # wandb run group (the pipeline sets its run's name: every stage in one group)
-    job_type: str | None = None  # wandb job type (the pipeline sets the stage: rm, sft, dpo, pretrain)
-    log_every: PosInt = 1  # steps between metric lines
-    progress: bool = True  # progress bar on stderr
+    wandb: Literal["offline", "online", "disabled"] = opt("offline", "Weights & Biases logging")
+    project: str = opt("llama-posttrain", "wandb project")
+    name: str | None = opt(None, "default: the run_dir's name")
+    group: str | None = opt(None, "wandb run group (the pipeline sets its run's name: every stage in one group)")
+    job_type: str | None = opt(None, "wandb job type (the pipeline sets the stage: rm, sft, dpo, pretrain)")
+    log_every: PosInt = opt(1, "steps between metric lines")
+    progress: bool = opt(True, "progress bar on stderr")
 
 
 @dataclass
@@ -251,18 +272,6 @@ def load_config(cls, path: str | None, overrides: list[str] = ()):
     return from_dict(cls, raw, path or "<overrides>", overridden)
 
 
-def read_yaml(path):
-    """A YAML file's content (yaml.safe_load); a missing file, a folder or a syntax error is a ValueError
-    naming the file. The one YAML reader of configs (training runs, the pipeline, its record)."""
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"config {path}: {'is a directory' if p.is_dir() else 'not found'}")
-    try:
-        return yaml.safe_load(p.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise ValueError(f"{path}: YAML syntax error: {e}") from None
-
-
 def differences(saved, now, key: str = "") -> dict[str, tuple]:
     """Dotted key -> (saved value, new value) for every leaf of two configs (nested mappings) that differs;
     a key missing on one side reads as '<absent>'. The one config diff (resume checks, the pipeline)."""
@@ -274,35 +283,28 @@ def differences(saved, now, key: str = "") -> dict[str, tuple]:
     return {} if saved == now else {key: (saved, now)}
 
 
-def _comments(cls) -> dict[str, str]:
-    """field -> its trailing `# comment` in the source: the documentation `--help` prints."""
-    out = {}
-    for line in inspect.getsource(cls).splitlines():
-        m = re.match(r"\s+(\w+):.*?#\s*(.*)$", line)
-        if m:
-            out[m.group(1)] = m.group(2)
-    return out
+def _help(f: dataclasses.Field) -> str:
+    return f"  # {f.metadata['help']}" if f.metadata.get("help") else ""
 
 
 def describe(cls) -> str:
     """Every section.key (or key, for a flat config such as the pipeline's) with its type, default and
-    comment (the `--help` epilog)."""
+    help (its field's metadata, `opt`): the `--help` epilog."""
     if not all(dataclasses.is_dataclass(tp) for tp in _hints(cls).values()):  # flat: keys, no sections
-        comments, lines = _comments(cls), []
+        lines = []
         for f in dataclasses.fields(cls):
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-            lines.append(f"  {f.name} = {default!r}" + (f"  # {comments[f.name]}" if f.name in comments else ""))
+            lines.append(f"  {f.name} = {default!r}" + _help(f))
         return "\n".join(lines)
     lines = []
     for name, sec_cls in _hints(cls).items():
-        comments = _comments(sec_cls)
         lines.append(f"{name}:")
         for f in dataclasses.fields(sec_cls):
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default
             tp = _hints(sec_cls)[f.name]
             choices = typing.get_args(tp) if typing.get_origin(tp) is Literal else None
             text = f"  {name}.{f.name} = {default!r}" + (f"  {'|'.join(choices)}" if choices else "")
-            lines.append(text + (f"  # {comments[f.name]}" if f.name in comments else ""))
+            lines.append(text + _help(f))
     return "\n".join(lines)
 
 

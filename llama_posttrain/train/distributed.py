@@ -101,9 +101,9 @@ def parallelize(
     static_shapes: int = 0,
     compile_backend: str | Callable = "inductor",
 ) -> nn.Module:
-    """FSDP2 per block, the reward head, then the root. Parameters stay fp32 (the optimizer's master
-    copy) and are gathered in the compute dtype, except the reward head's: fp32 throughout
-    (llama.model.RewardHead). `trainable=False` (a frozen reference model): stored in the compute
+    """FSDP2 per block, an fp32 head (the reward head), then the root. Parameters stay fp32 (the optimizer's
+    master copy) and are gathered in the compute dtype, except an fp32 head's: fp32 throughout
+    (llama_posttrain/llama/heads.py RewardHead). `trainable=False` (a frozen reference model): stored in the compute
     dtype, no activation checkpointing, no grads, and the root resharded after each forward.
     shard_degree: see `shard_mesh`. cpu_offload: FSDP2's CPUOffloadPolicy, the sharded parameters,
     their gradients and so the optimizer state live in CPU memory and each block is copied to the
@@ -134,9 +134,9 @@ def parallelize(
             block.compile(backend=compile_backend, dynamic=False if static_shapes else None)
         fully_shard(block, mesh=mesh, mp_policy=mp, **offload)
         model.layers[i] = block
-    if hasattr(model, "score"):
-        model.score.float()
-        fully_shard(model.score, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32), **offload)
+    if model.head_spec.fp32:  # its own unit, kept and gathered in fp32 (llama_posttrain/llama/heads.py)
+        head = model.head_spec.module(model).float()
+        fully_shard(head, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32), **offload)
     fully_shard(model, mesh=mesh, mp_policy=mp, **offload)
     if not trainable:
         model.requires_grad_(False).eval()

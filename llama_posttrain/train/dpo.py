@@ -6,7 +6,8 @@ Rows are [prompt][chosen][rejected]: the prompt is computed once for both respon
 and by the frozen reference (sharded too, eval mode, no grad). `dpo.reference: precompute` runs
 the reference once over the train and eval sets first, keeps the per-response log-prob sums and
 frees the reference model. Loss: llama_posttrain/losses/dpo.py (beta 0.1, alpha 0.2, lr 1e-5 as in Llama 3);
-`dpo.loss` picks another of its family (ipo, hinge, robust; simpo needs no reference model).
+`dpo.loss` picks another of its family (ipo, hinge, robust, apo_zero, nca_pair, bco_pair; simpo needs no
+reference model), or a list of them weighted by `dpo.loss_weights` (TRL's loss_type, loss_weights).
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ import gc
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
-from llama_posttrain.train.config import Config, Interval, OptimSection, parse_args
+from llama_posttrain.train.config import Config, Interval, OptimSection, opt, parse_args
 from llama_posttrain.train.lifecycle import main_guard
 
 # torch-heavy modules are imported in the functions that use them: `--help` and config errors answer at once.
 if TYPE_CHECKING:
-    from llama_posttrain.train import loop
+    from llama_posttrain.train import loop, targets
 
 
 # The hyperparameters each loss of llama_posttrain/losses/dpo.py LOSSES reads, with their allowed values, checked when
@@ -37,33 +38,56 @@ LOSS_HYPERPARAMETERS = {
     "hinge": {"beta": POSITIVE, "alpha": NON_NEGATIVE},
     "robust": {"beta": POSITIVE, "alpha": NON_NEGATIVE, "label_smoothing": FLIP},
     "simpo": {"beta": POSITIVE, "alpha": NON_NEGATIVE, "label_smoothing": FLIP, "gamma": NON_NEGATIVE},
+    "apo_zero": {"beta": POSITIVE, "alpha": NON_NEGATIVE},
+    "nca_pair": {"beta": POSITIVE, "alpha": NON_NEGATIVE},
+    "bco_pair": {"beta": POSITIVE, "alpha": NON_NEGATIVE},
 }
 REFERENCE_FREE = {"simpo"}  # the losses without a reference model (LOSSES[...].reference False)
+SFT = "sft"  # in a list of losses: the NLL term, its weight in place of dpo.alpha (losses/dpo.py SFT)
 
 
 @dataclass
 class DPOSection:
-    loss: Literal["sigmoid", "ipo", "hinge", "robust", "simpo"] = (
-        "sigmoid"  # llama_posttrain/losses/dpo.py LOSSES; sigmoid: Llama 3
+    loss: str | list[str] = opt(
+        "sigmoid", f"{'|'.join(LOSS_HYPERPARAMETERS)} (sigmoid: Llama 3), or a list of them and sft (TRL's loss_type)"
     )
-    beta: float = 0.1  # reward scale (IPO: its tau); SimPO's paper uses 2.0-2.5
-    alpha: float = 0.2  # weight of the NLL term on chosen, any loss (0: the papers' losses)
-    label_smoothing: float = 0.0  # flip probability: sigmoid (cDPO), robust (rDPO, in (0, 0.5): set it), simpo
-    gamma: float = 0.5  # simpo's target reward margin
-    mask_format: bool = True  # drop header spans and turn terminators from the DPO log-probs
-    nll_norm: Literal["sequence", "token"] = "sequence"  # NLL per chosen sequence, or over the step's chosen tokens
-    reference: Literal["model", "precompute"] = "model"  # kept alongside, or one pass then freed (simpo: none)
-    reference_checkpoint: str | None = None  # default: model.checkpoint (the SFT model); reference losses only
+    loss_weights: list[float] | None = opt(None, "one weight > 0 per loss of the list (TRL's); default: 1 each")
+    beta: float = opt(0.1, "reward scale (IPO: its tau); SimPO's paper uses 2.0-2.5")
+    alpha: float = opt(0.2, "weight of the NLL term on chosen, any loss (0: the papers' losses)")
+    label_smoothing: float = opt(0.0, "flip probability: sigmoid (cDPO), robust (rDPO, in (0, 0.5): set it), simpo")
+    gamma: float = opt(0.5, "simpo's target reward margin")
+    mask_format: bool = opt(True, "drop header spans and turn terminators from the DPO log-probs")
+    nll_norm: Literal["sequence", "token"] = opt(
+        "sequence", "NLL per chosen sequence, or over the step's chosen tokens"
+    )
+    reference: Literal["model", "precompute"] = opt("model", "kept alongside, or one pass then freed (simpo: none)")
+    reference_checkpoint: str | None = opt(None, "default: model.checkpoint (the SFT model); reference losses only")
+
+    def losses(self) -> list[str]:
+        """dpo.loss as a list of names, each a known loss (or sft), with dpo.loss_weights matching it."""
+        names = [self.loss] if isinstance(self.loss, str) else list(self.loss)
+        known = (*LOSS_HYPERPARAMETERS, SFT)
+        for n in names:
+            if n not in known:
+                raise ValueError(f"dpo.loss: {n!r} is not one of {known}")
+        preference = [n for n in names if n != SFT]
+        if not preference or len(set(names)) < len(names):
+            raise ValueError(f"dpo.loss {self.loss}: each loss once, at least one of them not sft")
+        if 0 < len(set(preference) & REFERENCE_FREE) < len(preference):
+            raise ValueError(f"dpo.loss {self.loss}: a reference-free loss ({', '.join(REFERENCE_FREE)}) goes alone")
+        weights = self.loss_weights
+        if weights is not None and (len(weights) != len(names) or not all(w > 0 for w in weights)):
+            raise ValueError(f"dpo.loss_weights={weights!r}: one weight > 0 per loss of dpo.loss {self.loss}")
+        return names
 
     def __post_init__(self):
         """Each hyperparameter the loss reads in its range (LOSS_HYPERPARAMETERS); one it does not read, and
         the reference keys under a reference-free loss, left at their defaults: a value set there would
         change nothing, silently."""
-        if self.loss not in LOSS_HYPERPARAMETERS:
-            raise ValueError(f"dpo.loss must be one of {tuple(LOSS_HYPERPARAMETERS)}, got {self.loss!r}")
-        reads = LOSS_HYPERPARAMETERS[self.loss]
+        names = self.losses()
+        reads = {k: v for n in names for k, v in LOSS_HYPERPARAMETERS.get(n, {}).items()}
         unread = {n for row in LOSS_HYPERPARAMETERS.values() for n in row} - set(reads)
-        if self.loss in REFERENCE_FREE:
+        if set(names) & REFERENCE_FREE:
             unread |= {"reference", "reference_checkpoint"}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -83,7 +107,12 @@ class DPOSection:
                     f"remove it, or pick one of those losses"
                 )
         # values a loss reads that leave it another loss, or change nothing: no default may hide that
-        if self.loss == "robust" and self.label_smoothing == 0:
+        if SFT in names and self.alpha != 0:
+            raise ValueError(
+                f"dpo.loss {self.loss} weights the NLL term with sft's weight, and dpo.alpha={self.alpha!r} would add "
+                f"it again: set dpo.alpha=0, or drop sft from dpo.loss"
+            )
+        if "robust" in names and self.label_smoothing == 0:
             raise ValueError(
                 "dpo.loss robust with dpo.label_smoothing=0.0 is plain sigmoid (rDPO corrects for labels flipped "
                 "with probability label_smoothing): set dpo.label_smoothing in (0, 0.5), or dpo.loss=sigmoid"
@@ -101,44 +130,43 @@ class DPOConfig(Config):
     dpo: DPOSection = field(default_factory=DPOSection)
 
 
-def make_objective(model, reference, cfg: DPOSection, backend: str) -> loop.Objective:
-    """reference: the frozen model, its precomputed (num_examples, 2) table, or None (reference-free)."""
-    import torch
+# the metrics of the policy's logits (TRL's names and meanings, llama_posttrain/losses/dpo.py), over the tokens of
+# the DPO sums, beside the loss's RATIOS; trl_tokens_per_token: TRL's token count (targets.trl_tokens) per token
+STATS_RATIOS = {
+    "logits/chosen": ("logits/chosen", "chosen_tokens"),
+    "logits/rejected": ("logits/rejected", "rejected_tokens"),
+    "token_accuracy": ("argmax_tokens", "chosen_tokens"),
+    "entropy": ("entropy", "response_tokens"),
+}
 
+
+def make_objective(model, reference: targets.Reference | None, cfg: DPOSection, backend: str) -> loop.Objective:
+    """reference: the frozen model run on each micro-batch, its precomputed table, or None (reference-free)."""
     from llama_posttrain.llama.model import attention_mask
     from llama_posttrain.losses import dpo
     from llama_posttrain.train import loop
-    from llama_posttrain.train.targets import chosen_nll, dpo_lengths, dpo_logps, model_logps, trl_tokens
+    from llama_posttrain.train.targets import Pairs, model_logps, trl_tokens
 
     vocab = model.config.vocab_size
+    hyper = dpo.Hyper(**{k: getattr(cfg, k) for k in dpo.Hyper._fields})
 
     def loss(batch, step):
         mask = attention_mask(batch.doc_ids, batch.branch_ids)  # built once: the policy's and the reference's
         out = model_logps(model, batch, backend, mask, stats=True)  # (N,) each: log p, argmax hit, logit sum, entropy
-        pol = out.logprobs  # (N,) policy log p of every target
-        pc, pr = dpo_logps(pol, batch, cfg.mask_format)  # (P,) sums, formatting tokens masked
-        nc, nr = dpo_lengths(batch, cfg.mask_format)  # (P,) the tokens in those sums
-        nll, nll_tokens = chosen_nll(pol, batch)  # (P,) -sum log p over every chosen token, their count
-        lc, lr = dpo_logps(out.logit_sum / vocab, batch, cfg.mask_format)  # (P,) metrics: mean logits, summed
-        hits, _ = dpo_logps(out.is_argmax.float(), batch, cfg.mask_format)  # (P,) chosen tokens that are the argmax
-        ec, er = dpo_logps(out.entropy, batch, cfg.mask_format)  # (P,) metrics: the tokens' entropies, summed
-        rc = rr = None
-        if isinstance(reference, torch.Tensor):
-            rc, rr = reference[batch.group_uid].unbind(-1)
-        elif reference is not None:
-            with torch.no_grad():
-                rc, rr = dpo_logps(model_logps(reference, batch, backend, mask), batch, cfg.mask_format)
-        total, sums = dpo.dpo_loss(
-            policy_chosen=pc, policy_rejected=pr, reference_chosen=rc, reference_rejected=rr, chosen_tokens=nc,
-            rejected_tokens=nr, chosen_nll=nll, chosen_nll_tokens=nll_tokens, num_pairs=step.num_pairs,
-            num_chosen_tokens=step.num_chosen_targets, loss=cfg.loss, beta=cfg.beta, alpha=cfg.alpha,
-            label_smoothing=cfg.label_smoothing, gamma=cfg.gamma, nll_norm=cfg.nll_norm,
-            chosen_mean_logits=lc, rejected_mean_logits=lr, chosen_argmax_tokens=hits, chosen_entropy=ec,
-            rejected_entropy=er,
-        )  # fmt: skip
+        pairs = Pairs(batch, cfg.mask_format)  # the pairs' sequences: one device sort
+        ref = None if reference is None else reference.logps(batch, pairs, mask)  # (P,) each
+        total, sums = dpo.dpo_loss(pairs.policy(out.logprobs), ref, step.num_pairs, step.num_chosen_targets, hyper)
+        lc, lr = pairs.sums(out.logit_sum / vocab)  # (P,) the tokens' mean logits, summed
+        hits, _ = pairs.sums(out.is_argmax.float())  # (P,) chosen tokens that are the argmax
+        ec, er = pairs.sums(out.entropy)  # (P,) the tokens' entropies, summed
+        sums |= {"logits/chosen": lc.detach().sum(), "logits/rejected": lr.detach().sum()}
+        sums |= {"argmax_tokens": hits.detach().sum(), "entropy": (ec + er).detach().sum()}
+        sums["response_tokens"] = sums["chosen_tokens"] + sums["rejected_tokens"]
         return total, sums | {"trl_tokens": trl_tokens(batch)}  # dpo.RATIOS trl_tokens_per_token
 
-    return loop.Objective(loss, dpo.RATIOS, reference_forward=isinstance(reference, torch.nn.Module))
+    ratios = {**dpo.RATIOS, **STATS_RATIOS}
+    forward = reference is not None and reference.forward
+    return loop.Objective(loss, ratios, reference_forward=forward)
 
 
 def main(argv=None):
@@ -148,25 +176,27 @@ def main(argv=None):
     from llama_posttrain.losses import dpo
     from llama_posttrain.train import loop
     from llama_posttrain.train.distributed import build_model
-    from llama_posttrain.train.entry import setup
-    from llama_posttrain.train.targets import reference_table
+    from llama_posttrain.train.run_setup import setup
+    from llama_posttrain.train.targets import LiveReference, PrecomputedReference, reference_table
 
     s = setup(cfg, kind="dpo", head="lm")
     t, m = cfg.train, cfg.model
     train_ref = eval_ref = None
-    if dpo.LOSSES[cfg.dpo.loss].reference:
+    if dpo.needs_reference(cfg.dpo.loss):
         ref_ckpt = cfg.dpo.reference_checkpoint or m.checkpoint
         layout = {"shard_degree": t.shard_degree, "cpu_offload": t.cpu_offload, "compile": t.compile}
-        layout["static_shapes"] = len(s.train_loader.shapes)  # the policy's shapes (llama_posttrain/train/entry.py)
+        layout["static_shapes"] = len(s.train_loader.shapes)  # the policy's shapes (llama_posttrain/train/run_setup.py)
         ref = build_model(
             s.d, ref_ckpt, None if ref_ckpt else m.preset, "lm", t.seed, t.mixed_precision, trainable=False, **layout
         )  # compiled like the policy: its forward runs every micro-batch
-        train_ref = eval_ref = ref
+        train_ref = eval_ref = LiveReference(ref, t.kernels)
         if cfg.dpo.reference == "precompute":
-            train_ref = reference_table(ref, s.train_loader, t.kernels, cfg.dpo.mask_format, s.d.device)
+            table = reference_table(ref, s.train_loader, t.kernels, cfg.dpo.mask_format, s.d.device)
+            train_ref = PrecomputedReference(table)
             eval_ref = None  # no eval set: nothing may keep the model alive
             if s.eval_loader is not None:
-                eval_ref = reference_table(ref, s.eval_loader, t.kernels, cfg.dpo.mask_format, s.d.device)
+                table = reference_table(ref, s.eval_loader, t.kernels, cfg.dpo.mask_format, s.d.device)
+                eval_ref = PrecomputedReference(table)
             del ref
             gc.collect()
             if s.d.device.type == "cuda":

@@ -5,7 +5,7 @@
                              SIGINT ask for a stop instead of killing the process
     stop_requested(device)   whether any rank was signalled (a collective, at the same point on every rank):
                              at the end of an eval step
-    Interrupted              raised where a stop was found; the loop saves the last finished step and exits
+    StopRequested            raised where a stop was found; the loop saves the last finished step and exits
 
     StopPoll                 the same between micro-batches, off the device: `poll()` starts a 1-number
                              all-reduce on a gloo (CPU) group and reads the one started at the previous
@@ -22,12 +22,15 @@ torchrun itself dies (kill -9 included), instead of training on as an orphan.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import sys
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
+from llama_posttrain.data.io import write_json
 from llama_posttrain.train import run_lock
 
 
@@ -38,8 +41,9 @@ class Phase:
     training = False
 
 
-class Signals:
-    """The signal this process received (None: none), set by `handler` while training."""
+class StopSignal:
+    """The signal this training process received (None: none), set by `handler` while training. (The
+    pipeline's own handling of signals: llama_posttrain/driver/launch.py PipelineSignals.)"""
 
     received: int | None = None
 
@@ -50,8 +54,10 @@ class Signals:
         cls.received = signum
 
 
-class Interrupted(Exception):
-    """Some rank was signalled: whatever was in progress (a step's gradients, an evaluation) is dropped."""
+class StopRequested(Exception):
+    """Some rank was signalled: whatever was in progress (a step's gradients, an evaluation) is dropped and
+    the loop saves its last finished step. An Exception, caught by the loop (the pipeline's, a BaseException
+    that stops the pipeline: llama_posttrain/driver/launch.py PipelineInterrupted)."""
 
 
 def stop_requested(device) -> bool:
@@ -59,7 +65,7 @@ def stop_requested(device) -> bool:
     import torch  # not imported by an entry point's `--help`
     import torch.distributed as dist
 
-    flag = torch.tensor([float(Signals.received is not None)], device=device)
+    flag = torch.tensor([float(StopSignal.received is not None)], device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(flag)
     return bool(flag[0] > 0)
@@ -84,13 +90,13 @@ class StopPoll:
         import torch
 
         if not self.several:
-            return Signals.received is not None
+            return StopSignal.received is not None
         found = False
         if self.pending is not None:
             work, flag = self.pending
             work.wait()
             found = bool(flag[0] > 0)  # a CPU tensor: no device sync
-        flag = torch.tensor([float(Signals.received is not None)])
+        flag = torch.tensor([float(StopSignal.received is not None)])
         self.pending = (self.dist.all_reduce(flag, group=self.group, async_op=True), flag)
         return found
 
@@ -119,9 +125,9 @@ def die_with_parent() -> None:
 
 @contextmanager
 def training():
-    """The training phase: SIGTERM / SIGINT set Signals.received (the handlers before are restored after)."""
+    """The training phase: SIGTERM / SIGINT set StopSignal.received (the handlers before are restored after)."""
     Phase.training = True
-    previous = {s: signal.signal(s, Signals.handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous = {s: signal.signal(s, StopSignal.handler) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
@@ -166,7 +172,7 @@ def main_guard(fn):
         _report_once(e)
         raise SystemExit(2) from None
     except SystemExit as e:
-        if e.code not in (None, 0) and Signals.received is None:
+        if e.code not in (None, 0) and StopSignal.received is None:
             raise
         _teardown()
         raise
@@ -198,3 +204,26 @@ def _teardown() -> None:
         dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
+
+
+# A training run's result file in its run folder, written by rank 0 when the run ends (finished, or stopped by a
+# signal after saving): {"saved_step": the last step saved, "stopped_by": the signal's name, or null when it
+# finished}. The launcher (llama_posttrain/driver/launch.py) reads it to say what a stopped job left.
+RESULT = "result.json"
+
+
+def write_result(run_dir, saved_step: int, signum: int | None) -> None:
+    stopped_by = None if signum is None else signal.Signals(signum).name
+    write_json(Path(run_dir) / RESULT, {"saved_step": saved_step, "stopped_by": stopped_by})
+
+
+def read_result(run_dir) -> dict | None:
+    """The result a training run wrote in run_dir; None when there is none (it ended before writing one)."""
+    path = Path(run_dir) / RESULT
+    if not path.is_file():
+        return None
+    try:
+        result = json.loads(path.read_text())
+        return {"saved_step": int(result["saved_step"]), "stopped_by": result["stopped_by"]}
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a training run's result ({type(e).__name__}: {e})") from None

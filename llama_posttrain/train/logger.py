@@ -25,7 +25,7 @@ from pathlib import Path
 
 from llama_posttrain.data.io import write_jsonl
 from llama_posttrain.train import run_lock
-from llama_posttrain.train.launch import clock
+from llama_posttrain.train.progress import clock
 
 
 class Logger:

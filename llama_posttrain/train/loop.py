@@ -29,25 +29,10 @@ from llama_posttrain.data.loader import DataLoader, Step
 from llama_posttrain.train import health, progress, train_state
 from llama_posttrain.train.config import Config, to_dict
 from llama_posttrain.train.distributed import Dist, all_reduce_sum, gather_lists, param_dtype, reduce_on_device
-from llama_posttrain.train.entry import Setup
-from llama_posttrain.train.lifecycle import Interrupted, Signals, StopPoll, stop_requested, training
+from llama_posttrain.train.flops import peak_flops, step_flops
+from llama_posttrain.train.lifecycle import StopPoll, StopRequested, StopSignal, stop_requested, training, write_result
 from llama_posttrain.train.logger import Logger
-
-# Dense (no sparsity) bf16 peak FLOP/s per GPU, for MFU: NVIDIA's datasheets (their sparse figures
-# halved), matched on torch.cuda.get_device_name in this order, the specific names first. H100 SXM5
-# reports "NVIDIA H100 80GB HBM3"; an H100 name matching none of these (an unknown board) logs no MFU.
-PEAK_FLOPS = [
-    ("H100 PCIe", 756e12),
-    ("H100 NVL", 835e12),
-    ("H100 80GB HBM3", 989e12),  # SXM5
-    ("H100 SXM", 989e12),
-    ("H200 NVL", 835e12),
-    ("H200", 989e12),  # SXM
-    ("GH200", 989e12),
-    ("A100", 312e12),  # SXM4 and PCIe, 40 and 80 GB
-    ("B200", 2250e12),
-]
-_UNKNOWN_DEVICES: set[str] = set()  # names already reported as having no known peak
+from llama_posttrain.train.run_setup import Setup
 
 
 @dataclass
@@ -59,8 +44,9 @@ class Objective:
     # {sum name: "max" | "min"}: those of the loss's sums are combined by max / min over micro-batches and
     # ranks (not summed) and logged under their own name; +-inf (a micro-batch with nothing) is not logged
     extrema: dict[str, str] = field(default_factory=dict)
-    # eval only: names of 1-D tensors the loss returns beside its sums (the RM's rewards per pair); `evaluate`
-    # returns them as lists of every micro-batch and rank (on rank 0), which the logger draws as histograms
+    # eval only: names of 1-D tensors the loss returns beside its sums (the RM's rewards per pair);
+    # `evaluate_objective` returns them as lists of every micro-batch and rank (on rank 0), which the logger draws
+    # as histograms
     collect: tuple[str, ...] = ()
 
 
@@ -85,27 +71,6 @@ def lr_lambda(cfg, total_steps: int):
     return f
 
 
-def device_peak_flops(name: str) -> float | None:
-    """A device name (torch.cuda.get_device_name) -> its dense bf16 peak FLOP/s, or None if unknown."""
-    return next((v for k, v in PEAK_FLOPS if k in name), None)
-
-
-def peak_flops(device) -> float | None:
-    """The device's dense bf16 peak FLOP/s (PEAK_FLOPS by device name); None on the CPU or an unknown
-    device (no MFU logged; said once per device name)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    peak = device_peak_flops(name)
-    if peak is None and name not in _UNKNOWN_DEVICES:
-        _UNKNOWN_DEVICES.add(name)
-        print(
-            f"MFU not logged: no bf16 peak FLOP/s known for {name!r} (llama_posttrain/train/loop.py PEAK_FLOPS)",
-            flush=True,
-        )
-    return peak
-
-
 def sync_clock(device) -> None:
     """Wait for the device's queued work (CUDA only) before the step clock is read."""
     if device.type == "cuda":
@@ -116,53 +81,6 @@ def peak_memory_gib(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
-
-
-def attended_keys(doc_ids: torch.Tensor, branch_ids: torch.Tensor) -> int:
-    """How many (query, key) pairs the row rule lets attend (llama_posttrain/llama/model.py): token i attends j iff
-    j <= i, same doc, and branch_j == 0 or branch_j == branch_i; pads (doc < 0) attend nothing.
-
-    Per query: the keys of (its doc, branch 0) up to it, plus, off branch 0, those of (its doc, its
-    branch). Each count is a difference of two searchsorted positions in the sorted (group, slot) codes.
-    """
-    B, T = doc_ids.shape
-    real = doc_ids >= 0
-    doc, branch = doc_ids.clamp(min=0), branch_ids
-    docs, branches = int(doc.max()) + 1 if doc.numel() else 1, int(branch.max()) + 1 if branch.numel() else 1
-    row = torch.arange(B)[:, None]
-    slot = torch.arange(T)[None, :]
-
-    def group(b):  # a (row, doc, branch) group -> one int64 code
-        return (row * docs + doc) * branches + b
-
-    codes = torch.where(real, group(branch) * T + slot, -1).flatten().sort().values
-
-    def upto(b):  # per query: the real keys of group (its row, its doc, b) at slots <= its own
-        g = group(b) * T
-        return torch.searchsorted(codes, (g + slot).flatten(), right=True) - torch.searchsorted(codes, g.flatten())
-
-    per_query = upto(torch.zeros_like(branch)) + (branch != 0).flatten() * upto(branch)
-    return int(per_query[real.flatten()].sum())
-
-
-def step_flops(config, head: str, micro_batches, reference_forward: bool = False) -> float:
-    """Model FLOPs of one training step over these micro-batches (what ran, not a per-token guess):
-    forward + backward = 3x the forward's matmuls, where the forward is
-      trunk:     2 * (block matmul params) per real token, + 4 * L * dim per attended (query, key) pair;
-      LM head:   2 * V * dim per listed target (only the target positions are projected);
-      reward:    2 * dim per position (the head runs on every position of the rows);
-    plus, with a live DPO reference, its forward alone (trunk and LM head, no backward). Embedding
-    lookups, norms, activation recomputation and the kernel's logit recomputation are not counted."""
-    c = config
-    block = c.dim * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads) + 3 * c.dim * c.ffn_dim
-    total = 0.0
-    for mb in micro_batches:
-        trunk = 2 * c.n_layers * block * int((mb.doc_ids >= 0).sum())
-        trunk += 4 * c.n_layers * c.dim * attended_keys(mb.doc_ids, mb.branch_ids)
-        lm_head = 2 * c.vocab_size * c.dim * mb.target_token.numel()
-        head_fwd = lm_head if head == "lm" else 2 * c.dim * mb.tokens.numel()
-        total += 3 * (trunk + head_fwd) + (trunk + lm_head if reference_forward else 0)
-    return total
 
 
 def throughput(reduced: dict, dt: float, world_size: int) -> dict:
@@ -206,10 +124,10 @@ def _add(acc: dict, loss, sums: dict, mb, extrema: dict[str, str] | None = None,
             acc[k] = acc[k] + v
 
 
-def evaluate(objective: Objective, loader: DataLoader, model, d: Dist) -> dict | None:
+def evaluate_objective(objective: Objective, loader: DataLoader, model, d: Dist) -> dict | None:
     """Every eval example once. The steps carry the whole set's counts, so the summed micro-batch
     losses are the loss of the whole set as one batch; `examples` counts what was evaluated.
-    Raises Interrupted if a signal arrived (checked between eval steps). Objective.collect: lists on rank 0."""
+    Raises StopRequested if a signal arrived (checked between eval steps). Objective.collect: lists on rank 0."""
     was_training = model.training
     model.eval()
     acc, parts = {}, {name: [] for name in objective.collect}
@@ -217,7 +135,7 @@ def evaluate(objective: Objective, loader: DataLoader, model, d: Dist) -> dict |
         for step in loader.eval_steps():
             if stop_requested(d.device):
                 model.train(was_training)
-                raise Interrupted
+                raise StopRequested
             for mb in step.micro_batches:
                 mb = mb.to(d.device)
                 loss, sums = objective.loss(mb, step)
@@ -244,9 +162,11 @@ class Trainer:
     optimizer: torch.optim.Optimizer = field(init=False)
     scheduler: torch.optim.lr_scheduler.LambdaLR = field(init=False)
     start: int = 0  # the step resumed from
-    skipped: int | torch.Tensor = 0  # non-finite steps skipped so far (a device counter once training)
-    bad_in_a_row: int | torch.Tensor = 0
-    worst: int | torch.Tensor = 0  # the most non-finite steps in a row so far
+    # Non-finite steps: skipped so far, in a row now, the most in a row so far. 0-d int64 tensors on the device
+    # that decides a skip: the accelerator with the fused AdamW (read to the host on timed steps), else the CPU.
+    skipped: torch.Tensor = field(init=False)
+    bad_in_a_row: torch.Tensor = field(init=False)
+    worst: torch.Tensor = field(init=False)
     signalled: bool = False  # some rank was signalled during the last step: save it and exit
 
     def __post_init__(self):
@@ -261,14 +181,19 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(o, self.cfg.train.steps))
         self.run_dir = Path(self.cfg.train.run_dir)
         self.health = health.Health(self.d.is_main)  # skipped steps and explosions, said
+        counters = self.d.device if self.fused else torch.device("cpu")
+        self.skipped, self.bad_in_a_row, self.worst = (
+            torch.zeros((), dtype=torch.long, device=counters) for _ in range(3)
+        )
         self.stops = StopPoll()  # the signal flag between micro-batches, off the device
 
     def resume(self, checkpoint: Path | None) -> None:
         if checkpoint is None:
             return
         extra = train_state.load(checkpoint, self.model, self.optimizer, self.d.rank)
-        self.start, self.skipped = extra["step"], extra["skipped"]
-        self.health.skipped_before = self.skipped
+        self.start = extra["step"]
+        self.skipped.fill_(extra["skipped"])
+        self.health.skipped_before = extra["skipped"]
         self.scheduler.load_state_dict(extra["scheduler"])
         self.train_loader.load_state_dict(extra["loader"])
         if self.d.is_main:
@@ -297,7 +222,7 @@ class Trainer:
         for mb in batch.micro_batches:
             if self.stops.poll():  # some rank was signalled: this step's gradients are dropped
                 self.optimizer.zero_grad(set_to_none=True)
-                raise Interrupted
+                raise StopRequested
             mb = mb.to(self.d.device)
             loss, sums = self.objective.loss(mb, batch)
             loss.backward()  # FSDP sums the ranks' gradients (llama_posttrain/train/distributed.py)
@@ -317,21 +242,23 @@ class Trainer:
             self.optimizer.found_inf = (~ok).float()
             self.optimizer.step()
             bad = (~ok).long()
-        else:  # the host decides (and the counters are plain ints)
-            bad = 0 if bool(ok) else 1
-            if not bad:
+        else:  # the host decides (and the counters are on the CPU)
+            finite = bool(ok)
+            if finite:
                 self.optimizer.step()
+            bad = torch.tensor(0 if finite else 1)
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         self.skipped = self.skipped + bad
         self.bad_in_a_row = (self.bad_in_a_row + bad) * bad
-        # fused: clamp takes the first step's int 0 as a number (as_tensor would copy it to the device)
-        self.worst = self.bad_in_a_row.clamp(min=self.worst) if self.fused else max(self.worst, self.bad_in_a_row)
+        self.worst = torch.maximum(self.worst, self.bad_in_a_row)
         self.signalled = self.stops.poll()  # a signal seen after the update: this step is saved
         if not self.fused or timed:  # where the host reads anyway
-            (self.health.read if self.fused or bad else self.health.finite)()  # finite on the host: no 2nd read
-            self.check_bad_steps(step)
+            bad_on_host = self.fused or not finite  # without fusing, `finite` is the one read of the step
+            (self.health.read if bad_on_host else self.health.finite)()  # finite on the host: no 2nd read
+            if bad_on_host:  # the counters grow only on a bad step
+                self.check_bad_steps(step)
         if not timed:
             return {}
         sync_clock(self.d.device)  # the optimizer step's kernels, queued after the last host sync
@@ -362,8 +289,8 @@ class Trainer:
         if worst >= self.cfg.train.max_bad_steps:
             raise RuntimeError(f"step {step}: {worst} steps in a row with a non-finite loss or gradient")
 
-    def evaluate(self) -> dict:
-        return evaluate(self.eval_objective, self.eval_loader, self.model, self.d)
+    def eval_metrics(self) -> dict:
+        return evaluate_objective(self.eval_objective, self.eval_loader, self.model, self.d)
 
     def save(self, step: int, loader_state: dict) -> None:
         extra = {
@@ -376,10 +303,11 @@ class Trainer:
 
     def stop(self, step: int, loader_state: dict):
         """Save the last finished step (unless it is saved already) and exit with 128 + the signal."""
-        signum = Signals.received or signal.SIGTERM
+        signum = StopSignal.received or signal.SIGTERM
         if step > self.start and not (self.run_dir / "checkpoints" / f"step_{step:08d}").is_dir():
             self.save(step, loader_state)
         if self.d.is_main:
+            write_result(self.run_dir, step, signum)
             print(f"\n{signal.Signals(signum).name}: saved step {step}; rerun the same command to resume", flush=True)
         raise SystemExit(128 + signum)
 
@@ -402,7 +330,7 @@ def run(setup: Setup, objective: Objective, eval_objective: Objective | None = N
     with training():
         try:
             if eval_loader is not None and fresh:
-                logger.log(0, t.evaluate())  # the starting point
+                logger.log(0, t.eval_metrics())  # the starting point
             model.train()
             for step in range(t.start + 1, cfg.train.steps + 1):
                 batch = next(batches)
@@ -414,11 +342,11 @@ def run(setup: Setup, objective: Objective, eval_objective: Objective | None = N
                     )
                 progress.report(step, cfg.train.steps, "steps")
                 if eval_loader is not None and every.eval_every and step % every.eval_every == 0:
-                    logger.log(step, t.evaluate())
+                    logger.log(step, t.eval_metrics())
                 if every.save_every and step % every.save_every == 0 and step < cfg.train.steps:
                     t.save(step, finished_at)
                 if t.signalled:  # seen after the update: the step finished, so it is saved
-                    raise Interrupted
+                    raise StopRequested
             t.stops.close()
             done_before = t.start == cfg.train.steps  # a rerun of a finished run (or one killed while exporting)
             if done_before and d.is_main:
@@ -427,7 +355,7 @@ def run(setup: Setup, objective: Objective, eval_objective: Objective | None = N
                 )
             evaluated = every.eval_every and finished % every.eval_every == 0
             if eval_loader is not None and not done_before and not evaluated:
-                final_eval = t.evaluate()
+                final_eval = t.eval_metrics()
                 logger.log(cfg.train.steps, final_eval)
                 metrics.update(final_eval)
             t.health.read()
@@ -438,7 +366,9 @@ def run(setup: Setup, objective: Objective, eval_objective: Objective | None = N
             hf_dtype = param_dtype(cfg.train.mixed_precision, d.device)
             source = cfg.model.checkpoint  # the export keeps its generation defaults (temperature, top_p, ...)
             train_state.export(model, t.run_dir / "model", d.rank, cfg.train.export_hf, setup.chat, hf_dtype, source)
-        except Interrupted:
+            if d.is_main:
+                write_result(t.run_dir, cfg.train.steps, None)
+        except StopRequested:
             t.stops.close()  # every rank is here (they polled alike): no peer leaves the last poll open
             t.stop(finished, finished_at)
         finally:

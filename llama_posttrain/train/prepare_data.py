@@ -62,7 +62,7 @@ def _main(args) -> None:
     config_class, options = _entry_point(args.kind)
     cfg = load_config(config_class, args.config, args.overrides)
     cfg.data.cache_dir = run_folder.cache_dir(cfg)  # where the run started with this config looks for them
-    m = cfg.model  # the chat format as llama_posttrain/train/entry.py `setup` builds it: the same cache key
+    m = cfg.model  # the chat format as llama_posttrain/train/run_setup.py `setup` builds it: the same cache key
     check_outputs(  # the caches are written under data.cache_dir: never onto a file the run reads
         {"--config": args.config, "data.train": [p for p, _ in train_sources(cfg.data.train)],
          "data.eval": cfg.data.eval, "model.checkpoint": m.checkpoint, "model.tokenizer": m.tokenizer},

@@ -3,7 +3,7 @@
     progress.report(37, 150, "steps")      # in a job (rank 0): a no-op unless the launcher asked for it
     progress.read(path) -> {"done": 37, "total": 150, "unit": "steps", "time": ...} or None
 
-The launcher (llama_posttrain/train/launch.py) sets POSTTRAIN_PROGRESS to a file path in the job's environment; the
+The launcher (llama_posttrain/driver/launch.py) sets POSTTRAIN_PROGRESS to a file path in the job's environment; the
 training loop reports steps, sampling and evaluation report prompts. The file is replaced atomically,
 so a reader never sees half of it. Reports closer than MIN_INTERVAL_S apart are skipped (the last one
 of a job is always written).
@@ -42,3 +42,11 @@ def read(path) -> dict | None:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
+
+
+def clock(seconds: float) -> str:
+    """`m:ss`, or `h:mm:ss` from an hour: the progress lines' elapsed time and ETA (the launcher's and the
+    training log's)."""
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"

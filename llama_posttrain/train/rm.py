@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from llama_posttrain.data.schema import STRENGTHS
-from llama_posttrain.train.config import Config, NonNegFloat, parse_args
+from llama_posttrain.train.config import Config, NonNegFloat, opt, parse_args
 from llama_posttrain.train.lifecycle import main_guard
 
 # torch-heavy modules are imported in the functions that use them: `--help` and config errors answer at once.
@@ -24,9 +24,13 @@ if TYPE_CHECKING:
 
 @dataclass
 class RMSection:
-    margin: Literal["small", "large"] | None = None  # None (Llama 3) | small | large (Llama 2's margins by strength)
-    one_row: bool = True  # [prompt][r_a][r_b][r_c] (Llama 3); false: each response with its own prompt copy
-    center_rewards: NonNegFloat = 0.0  # c: + c * mean over pairs of (r_i + r_j)^2 (TRL's center_rewards_coefficient)
+    margin: Literal["small", "large"] | None = opt(
+        None, "None (Llama 3) | small | large (Llama 2's margins by strength)"
+    )
+    one_row: bool = opt(True, "[prompt][r_a][r_b][r_c] (Llama 3); false: each response with its own prompt copy")
+    center_rewards: NonNegFloat = opt(
+        0.0, "c: + c * mean over pairs of (r_i + r_j)^2 (TRL's center_rewards_coefficient)"
+    )
 
 
 @dataclass
@@ -50,9 +54,15 @@ def make_objective(model, margin: str | None, center_rewards: float = 0.0, colle
         r = scores(model(batch.tokens, batch.positions, batch.doc_ids, batch.branch_ids), batch)  # (S,)
         m = strength_margins(batch.group_strength, ranking.LLAMA2_MARGINS[margin]) if margin else None
         loss, sums = ranking.ranking_loss(
-            r, batch.seq_group, batch.seq_rank, m, step.num_pairs, batch.group_strength, STRENGTHS,
+            r,
+            batch.seq_group,
+            batch.seq_rank,
+            margin=m,
+            num_pairs=step.num_pairs,
+            group_class=batch.group_strength,
+            class_names=STRENGTHS,
             center_rewards=center_rewards,
-        )  # fmt: skip
+        )
         sums["trl_tokens"] = trl_tokens(batch)
         if collect:  # (P,) each: the loss's pairs, better (i) and worse (j)
             i, j = ranking.ranked_pairs(batch.seq_group, batch.seq_rank)
@@ -72,7 +82,7 @@ def make_objective(model, margin: str | None, center_rewards: float = 0.0, colle
 def main(argv=None):
     cfg = parse_args(RMConfig, argv, __doc__)
     from llama_posttrain.train import loop
-    from llama_posttrain.train.entry import setup
+    from llama_posttrain.train.run_setup import setup
 
     s = setup(cfg, kind="rm", head="reward", one_row=cfg.rm.one_row)
     objective, at_eval = (make_objective(s.model, cfg.rm.margin, cfg.rm.center_rewards, c) for c in (False, True))

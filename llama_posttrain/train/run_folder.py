@@ -21,13 +21,12 @@ import re
 import shutil
 from pathlib import Path
 
-import yaml
-
 from llama_posttrain.data.io import write_text
 from llama_posttrain.llama import get_preset
 from llama_posttrain.llama.checkpoint import check_destination, read_config
 from llama_posttrain.train import run_lock, train_state
-from llama_posttrain.train.config import differences, save_config, to_dict
+from llama_posttrain.train.config import differences, read_yaml, save_config, to_dict
+from llama_posttrain.train.lifecycle import RESULT
 
 # What a resume may change: how long to train, when to eval/save/log, what to export.
 CHANGEABLE_ON_RESUME = (
@@ -38,7 +37,7 @@ CHANGEABLE_ON_RESUME = (
 )  # fmt: skip
 
 RECORD, DATA_RECORD = "config.yaml", "data.json"
-RUN_FILES = ("checkpoints", "model", "model_hf", "metrics.jsonl", RECORD, DATA_RECORD, "wandb_id")  # a run writes
+RUN_FILES = ("checkpoints", "model", "model_hf", "metrics.jsonl", RECORD, DATA_RECORD, "wandb_id", RESULT)  # it writes
 # What an export writes into model/ and model_hf/ (llama_posttrain/llama/checkpoint.py save_checkpoint): restart deletes these
 # and keeps anything else found there.
 EXPORT_FILES = (
@@ -148,7 +147,7 @@ def _check_record(run_dir: Path, cfg, found: list[str], resumable: bool) -> None
             f"{record} is not a config this project recorded (no train.run_dir in a train section), so {run_dir} "
             "is not a run folder this code wrote; refusing to resume or overwrite it. Choose a new train.run_dir."
         )
-    ok, refused = config_changes(yaml.safe_load(record.read_text()), to_dict(cfg), to_dict(type(cfg)()))
+    ok, refused = config_changes(read_yaml(record), to_dict(cfg), to_dict(type(cfg)()))
     if not resumable and "train.steps" in ok:
         refused["train.steps"] = ok.pop("train.steps")
     if refused:
@@ -197,8 +196,8 @@ def check_exports(cfg, chat, rank: int, world_size: int) -> None:
 def _is_our_record(path: Path) -> bool:
     """A config.yaml this project wrote: a mapping of the config's sections, train.run_dir among them."""
     try:
-        saved = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
+        saved = read_yaml(path)
+    except ValueError:
         return False
     return isinstance(saved, dict) and isinstance(saved.get("train"), dict) and "run_dir" in saved["train"]
 
@@ -237,7 +236,7 @@ def _within(path: Path, folder: Path) -> bool:
 def previous_run_files(run_dir: Path) -> tuple[list[Path], list[Path]]:
     """-> (what restart deletes: the files and step folders this project wrote, what it keeps there)."""
     delete, keep = [], []
-    for name in ("metrics.jsonl", DATA_RECORD, "wandb_id"):
+    for name in ("metrics.jsonl", DATA_RECORD, "wandb_id", RESULT):
         if (run_dir / name).is_file():
             delete.append(run_dir / name)
     ckpts = run_dir / "checkpoints"

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from llama_posttrain.train.config import Config, parse_args
+from llama_posttrain.train.config import Config, opt, parse_args
 from llama_posttrain.train.lifecycle import main_guard
 
 # torch-heavy modules are imported in the functions that use them: `--help` and config errors answer at once.
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class SFTSection:
-    mask_prompt: bool = True  # train on assistant turns only
+    mask_prompt: bool = opt(True, "train on assistant turns only")
 
 
 @dataclass
@@ -48,7 +48,7 @@ def make_objective(model, backend: str) -> loop.Objective:
 def main(argv=None):
     cfg = parse_args(SFTConfig, argv, __doc__)
     from llama_posttrain.train import loop
-    from llama_posttrain.train.entry import setup
+    from llama_posttrain.train.run_setup import setup
 
     s = setup(cfg, kind="sft", head="lm", train_on_prompt=not cfg.sft.mask_prompt)
     return loop.run(s, make_objective(s.model, cfg.train.kernels))

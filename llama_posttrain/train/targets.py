@@ -7,6 +7,8 @@ which sequences are chosen and rejected.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -17,6 +19,7 @@ from llama_posttrain.data.rows import Batch
 from llama_posttrain.data.schema import STRENGTHS
 from llama_posttrain.llama.model import attention_mask
 from llama_posttrain.losses import sequence_sums
+from llama_posttrain.losses.dpo import PairSums
 
 
 def target_logps(hidden: Tensor, weight: Tensor, batch: Batch, backend: str = "auto", stats: bool = False):
@@ -43,7 +46,7 @@ def model_logps(model, batch: Batch, backend: str = "auto", mask=None, stats: bo
 def scores(rewards: Tensor, batch: Batch) -> Tensor:
     """rewards (B, T) at every position -> (S,) one per sequence, read at its final token.
 
-    fp32 from the reward head (llama.model.RewardHead) and kept so through the ranking loss: a
+    fp32 from the reward head (llama/heads.py RewardHead) and kept so through the ranking loss: a
     reward rounded to bf16 (steps of 0.0078 near 1.6) hides early margins and ties best-of-K picks.
     """
     if rewards.dtype != torch.float32:
@@ -75,28 +78,71 @@ def dpo_pairs(batch: Batch) -> tuple[Tensor, Tensor]:
     return order[:num_groups], order[num_groups : 2 * num_groups]
 
 
+class Pairs:
+    """A micro-batch's DPO pairs (dpo_pairs: one device sort) and sums over them: per sequence, then
+    picked out as (chosen (P,), rejected (P,)). mask_format: the DPO sums leave out the formatting tokens."""
+
+    def __init__(self, batch: Batch, mask_format: bool = True):
+        self.batch, self.keep = batch, ~batch.target_format if mask_format else None
+        self.chosen, self.rejected = dpo_pairs(batch)
+
+    def sums(self, token_values: Tensor, masked: bool = True) -> tuple[Tensor, Tensor]:
+        """token_values (N,) -> their sums over each pair's (chosen, rejected) responses; masked=False: over
+        every token, formatting tokens included."""
+        b = self.batch
+        seq = sequence_sums(token_values, b.target_seq, len(b.seq_rank), self.keep if masked else None)
+        return seq[self.chosen], seq[self.rejected]
+
+    def policy(self, token_logps: Tensor) -> PairSums:
+        """The losses' per-pair sums of the policy's log p(target) (N,): the DPO sums and their token
+        counts (fp32), the chosen NLL over every chosen token (not normalized: losses/dpo.py divides) and
+        its token count."""
+        ones = torch.ones(self.batch.target_seq.shape, dtype=torch.float32, device=self.batch.target_seq.device)
+        chosen, rejected = self.sums(token_logps)
+        chosen_tokens, rejected_tokens = self.sums(ones)
+        nll = -self.sums(token_logps, masked=False)[0]
+        nll_tokens = self.sums(torch.ones_like(token_logps), masked=False)[0]
+        return PairSums(chosen, rejected, chosen_tokens, rejected_tokens, nll, nll_tokens)
+
+
 def dpo_logps(token_logps: Tensor, batch: Batch, mask_format: bool = True) -> tuple[Tensor, Tensor]:
     """token_logps (N,) -> summed log-probs (chosen (P,), rejected (P,)), formatting tokens masked."""
-    keep = ~batch.target_format if mask_format else None
-    seq = sequence_sums(token_logps, batch.target_seq, len(batch.seq_rank), keep)
-    chosen, rejected = dpo_pairs(batch)
-    return seq[chosen], seq[rejected]
+    return Pairs(batch, mask_format).sums(token_logps)
 
 
-def dpo_lengths(batch: Batch, mask_format: bool = True) -> tuple[Tensor, Tensor]:
-    """The token counts of dpo_logps's sums: (chosen (P,), rejected (P,)), fp32."""
-    ones = torch.ones(batch.target_seq.shape, dtype=torch.float32, device=batch.target_seq.device)
-    return dpo_logps(ones, batch, mask_format)
+class Reference(Protocol):
+    """The reference model's side of the pairs: logps(batch, pairs, mask) -> its log-prob sums of (chosen (P,),
+    rejected (P,)) over the DPO sums' tokens; forward: whether that runs a model forward per micro-batch."""
+
+    forward: bool
+
+    def logps(self, batch: Batch, pairs: Pairs, mask) -> tuple[Tensor, Tensor]: ...
 
 
-def chosen_nll(token_logps: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
-    """-> (-sum log p over every token of each chosen sequence (P,), formatting tokens included;
-    those token counts (P,)). Not normalized: llama_posttrain/losses/dpo.py divides."""
-    chosen, _ = dpo_pairs(batch)
-    n = len(batch.seq_rank)
-    nll = -sequence_sums(token_logps, batch.target_seq, n)[chosen]
-    count = sequence_sums(torch.ones_like(token_logps), batch.target_seq, n)[chosen]
-    return nll, count
+class LiveReference:
+    """The frozen reference model, run on each micro-batch (no gradient)."""
+
+    forward = True  # a model forward per micro-batch (llama_posttrain/train/loop.py Objective.reference_forward)
+
+    def __init__(self, model, backend: str = "auto"):
+        self.model, self.backend = model, backend
+
+    @torch.no_grad()
+    def logps(self, batch: Batch, pairs: Pairs, mask) -> tuple[Tensor, Tensor]:
+        """The reference's log-prob sums of (chosen (P,), rejected (P,)); mask: the policy's attention mask."""
+        return pairs.sums(model_logps(self.model, batch, self.backend, mask))
+
+
+class PrecomputedReference:
+    """The reference's log-prob sums read from reference_table's (num_examples, 2) table, by example."""
+
+    forward = False
+
+    def __init__(self, table: Tensor):
+        self.table = table
+
+    def logps(self, batch: Batch, pairs: Pairs, mask) -> tuple[Tensor, Tensor]:
+        return self.table[batch.group_uid].unbind(-1)
 
 
 @torch.no_grad()

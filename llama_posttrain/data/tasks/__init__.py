@@ -1,4 +1,4 @@
-"""Tasks with verifiable answers: what the iterative pipeline (llama_posttrain/train/pipeline.py) trains on.
+"""Tasks with verifiable answers: what the iterative pipeline (llama_posttrain/driver/pipeline.py) trains on.
 
 A task is named in the pipeline's config, with its own settings:
 

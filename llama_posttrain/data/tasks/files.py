@@ -11,7 +11,7 @@
 
 Every file is read by the stage that uses it, in any format the stages read (JSONL, Parquet, a datasets
 folder), and every record of every file is checked when the pipeline starts, before its first job
-(llama_posttrain/train/preflight.py).
+(llama_posttrain/driver/preflight.py).
 The prompt pool is shuffled once (by the config's seed) and drawn in order: each round's
 rejection sampling and preference sampling take the next prompts, so a prompt is never used twice.
 There is no verifier: new pairs are labeled by the latest reward model or by people (the pipeline's
@@ -30,7 +30,7 @@ from llama_posttrain.data.schema import ValidationError, parse_prompt
 
 def prompt_record(obj, where: str) -> list[dict]:
     """A prompt record (the pool's, the eval prompts'; the sampling and evaluation jobs read theirs with it:
-    llama_posttrain/train/sample.py read_prompts): an object with a "prompt", text or messages, and no "messages"
+    llama_posttrain/jobs/sample.py read_prompts): an object with a "prompt", text or messages, and no "messages"
     (the parsed prompt's key); -> the prompt's messages. ValidationError naming the line and field."""
     if isinstance(obj, ValidationError):
         raise obj

@@ -12,9 +12,28 @@
 import json
 from pathlib import Path
 
+import yaml
+
 
 class CheckpointError(ValueError):
     pass
+
+
+def read_yaml(path):
+    """A YAML file's content (yaml.safe_load); a missing file, a folder, a file not in UTF-8 or a syntax error
+    is a ValueError naming the file. The one YAML reader of configs (training runs, the pipeline, their records;
+    llama_posttrain/train/config.py gives it to train/), here below llama/convert.py, which reads a run's."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"config {path}: {'is a directory' if p.is_dir() else 'not found'}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read it: {e}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: YAML syntax error: {e}") from None
 
 
 def read_json(file: Path) -> dict:

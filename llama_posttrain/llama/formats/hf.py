@@ -12,6 +12,7 @@ and the token ids in config.json.
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import weakref
@@ -22,14 +23,14 @@ import torch
 from llama_posttrain.llama.chat import ChatFormat, jinja_template
 from llama_posttrain.llama.config import ModelConfig, RopeScaling
 from llama_posttrain.llama.formats import CheckpointError, read_json
+from llama_posttrain.llama.heads import HEADS, get_head
 from llama_posttrain.llama.tokenizer_kinds import SentencePieceTokenizer, TiktokenTokenizer, Tokenizer, bytes_to_unicode
 
-# native name -> HF name; {} is the layer index.
+# native name -> HF name; {} is the layer index. The heads' own: llama_posttrain/llama/heads.py.
 _HF_NAMES = {
     "tok_embeddings.weight": "model.embed_tokens.weight",
     "norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-    "score.weight": "score.weight",
+    **{name: hf for head in HEADS.values() for name, hf in head.hf_names.items()},
     "layers.{}.attention.wq.weight": "model.layers.{}.self_attn.q_proj.weight",
     "layers.{}.attention.wk.weight": "model.layers.{}.self_attn.k_proj.weight",
     "layers.{}.attention.wv.weight": "model.layers.{}.self_attn.v_proj.weight",
@@ -41,7 +42,7 @@ _HF_NAMES = {
     "layers.{}.ffn_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
 }
 _FROM_HF = {hf: native for native, hf in _HF_NAMES.items()}
-ARCH = {"lm": "LlamaForCausalLM", "reward": "LlamaForSequenceClassification"}
+HEAD_OF_ARCH = {head.hf_architecture: name for name, head in HEADS.items()}
 
 
 def _template(name: str) -> tuple[str, str | None]:
@@ -97,7 +98,7 @@ def state_to_hf(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str
 
 def config_from_hf(hf: dict, source: str = "config.json") -> tuple[ModelConfig, str]:
     arch = (hf.get("architectures") or ["LlamaForCausalLM"])[0]
-    if hf.get("model_type", "llama") != "llama" or arch not in ARCH.values():
+    if hf.get("model_type", "llama") != "llama" or arch not in HEAD_OF_ARCH:
         raise CheckpointError(f"{source}: not a Llama checkpoint (model_type {hf.get('model_type')!r}, {arch})")
     for key in ("attention_bias", "mlp_bias"):
         if hf.get(key):
@@ -131,12 +132,13 @@ def config_from_hf(hf: dict, source: str = "config.json") -> tuple[ModelConfig, 
     )
     if hf.get("head_dim") not in (None, cfg.head_dim):
         raise CheckpointError(f"{source}: head_dim {hf['head_dim']} != hidden_size / num_attention_heads")
-    return cfg, "reward" if arch == "LlamaForSequenceClassification" else "lm"
+    return cfg, HEAD_OF_ARCH[arch]
 
 
 def config_to_hf(cfg: ModelConfig, head: str, dtype: torch.dtype, tokenizer: Tokenizer | None = None) -> dict:
+    head = get_head(head)
     hf = {
-        "architectures": [ARCH[head]],
+        "architectures": [head.hf_architecture],
         "model_type": "llama",
         "hidden_size": cfg.dim,
         "intermediate_size": cfg.ffn_dim,
@@ -168,10 +170,7 @@ def config_to_hf(cfg: ModelConfig, head: str, dtype: torch.dtype, tokenizer: Tok
         hf.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.stop_ids, pad_token_id=tokenizer.pad_id)
     elif cfg.vocab_size == 128256:  # no tokenizer given: the Llama 3 tokenizer's special tokens
         hf.update(bos_token_id=128000, eos_token_id=[128001, 128008, 128009], pad_token_id=128004)
-    if head == "reward":
-        # transformers scores a sequence at its last token that is not pad_token_id: without one it
-        # refuses batches of more than one sequence
-        hf.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+    hf.update(copy.deepcopy(head.hf_config))
     return hf
 
 

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 from llama_posttrain.llama.config import ModelConfig
 from llama_posttrain.llama.formats import CheckpointError, read_json
-from llama_posttrain.llama.model import HEADS
+from llama_posttrain.llama.heads import HEADS
 
 NATIVE = "llama-native"
 MAX_SHARD_BYTES = 5 * 2**30

@@ -1,9 +1,9 @@
 """Evaluation of one model on held-out data, as a job (the pipeline's driver launches it like any stage).
 
-    torchrun --nproc_per_node 8 llama_posttrain/train/evaluate.py --model runs/r1/dpo/model --out eval.json \\
+    torchrun --nproc_per_node 8 llama_posttrain/jobs/evaluate.py --model runs/r1/dpo/model --out eval.json \\
         --prompts eval_prompts.jsonl --verifier arithmetic --task-args '{"max_digits": 1}' \\
         --rm runs/r1/rm/model --nll eval_sft.jsonl
-    python llama_posttrain/train/evaluate.py --model runs/r1/rm/model --pairs eval_pairs.jsonl --out eval_rm.json   # 1 rank
+    python llama_posttrain/jobs/evaluate.py --model runs/r1/rm/model --pairs eval_pairs.jsonl --out eval_rm.json   # 1 rank
 
 Metrics (any of them; the result JSON holds each with its counts):
 - `--prompts P --verifier TASK`: `task_accuracy`, the task's verifier's mean score of one greedy sample
@@ -11,10 +11,10 @@ Metrics (any of them; the result JSON holds each with its counts):
   call over the rank's prompts for each, both drawing from one generator seeded with --seed (greedy
   draws nothing from it), up to --max-new-tokens new tokens.
 - `--pairs F` (the model is a reward model): `rm_accuracy`, the fraction of preference records whose
-  best response the model scores strictly above the worst (chosen vs rejected; llama_posttrain/train/sample.py `score`).
+  best response the model scores strictly above the worst (chosen vs rejected; llama_posttrain/jobs/sample.py `score`).
 - `--pairs F --dpo-config C [--reference REF]` (the model is a language model: a DPO policy):
   `dpo_reward_accuracy`, the fraction of pairs whose chosen response gets the larger DPO implicit reward,
-  computed by the DPO run's own eval objective (llama_posttrain/train/dpo.py make_objective, loop.evaluate: its
+  computed by the DPO run's own eval objective (llama_posttrain/train/dpo.py make_objective, loop.evaluate_objective: its
   `eval/rewards/accuracies`) with the dpo section of C (the DPO run's config.yaml: dpo.loss, mask_format, ...)
   and its data section's max_len / overlength / keep_strengths; REF, the reference model, for every loss but the
   reference-free ones (simpo: refused).
@@ -32,7 +32,7 @@ Metrics (any of them; the result JSON holds each with its counts):
 The result's `n` holds each metric's sample size (prompts, samples, pairs, tokens) and `std` the standard
 deviation of each mean's terms (rm_score): the report's confidence intervals.
 With --prompts the result also keeps `generations`: the greedy generation of each of the first SHOWN (8)
-prompts and, with --verifier, its score (the pipeline's dashboard tables, llama_posttrain/train/report.py).
+prompts and, with --verifier, its score (the pipeline's dashboard tables, llama_posttrain/driver/report.py).
 Each rank takes every world_size-th record (rank r's generator seeded with --seed + 1000003 * r, rank 0
 with --seed itself, so a 1-rank job is what an in-process evaluation seeded with --seed computes); the
 sums and counts are added over ranks. Rank 0 writes --out and reports progress (llama_posttrain/train/progress.py).
@@ -45,19 +45,19 @@ import json
 
 from llama_posttrain.data.records import read_records
 from llama_posttrain.data.schema import Drop, ValidationError, parse_preference
+from llama_posttrain.jobs.sample import (
+    rank_seed,
+    read_prompts,
+    sample,
+    task_from_flags,
+    write_text,
+)
+from llama_posttrain.jobs.scoring import check_reward_models, score
 from llama_posttrain.llama.chat import TEMPLATES, ChatFormat, resolve_chat_template
 from llama_posttrain.llama.paths import check_outputs
 from llama_posttrain.llama.tokenizer import resolve_tokenizer
 from llama_posttrain.train import progress
 from llama_posttrain.train.cli import HelpFormatter, at_least, json_object
-from llama_posttrain.train.sample import (
-    make_task,
-    rank_seed,
-    read_prompts,
-    sample,
-    write_text,
-)
-from llama_posttrain.train.scoring import check_reward_models, score
 
 # torch-heavy modules are imported in the functions that use them: `--help` and argument errors answer at once.
 
@@ -88,7 +88,7 @@ def read_pairs(path) -> tuple[list[list[dict]], list[list[str]], int]:
 
 def sampled(model, chat: ChatFormat, records, n: int, max_new_tokens: int, temperature: float, generator=None,
             batch_size: int = 0) -> list[list[str]]:  # fmt: skip
-    """n decoded samples per record (llama_posttrain/train/sample.py `sample`), `batch_size` prompts per generate call
+    """n decoded samples per record (llama_posttrain/jobs/sample.py `sample`), `batch_size` prompts per generate call
     (0: all in one call, whose random draws the recorded results came from; another batch size draws
     them in another order)."""
     prompts = [r["messages"] for r in records]
@@ -112,7 +112,7 @@ def task_sums(model, chat: ChatFormat, records, verify, max_new_tokens: int, gen
 
 
 def shown_generations(model, chat: ChatFormat, records, greedy, verify, max_new_tokens: int, d) -> list[dict]:
-    """The greedy generations of the first SHOWN prompts, for the dashboards' tables (llama_posttrain/train/report.py):
+    """The greedy generations of the first SHOWN prompts, for the dashboards' tables (llama_posttrain/driver/report.py):
     this rank's share of them (its first ones in `greedy`, else generated here), gathered to rank 0 in
     prompt order -> [{"prompt", "generation", "correct": the verifier's score, None without one}]; [] elsewhere."""
     import torch.distributed as dist
@@ -277,7 +277,7 @@ def main(argv=None):
         )
     check_reward_models({"--rm": args.rm}, chat)  # the policy's tokenizer and chat template, or refused
     try:
-        task = make_task(args.verifier, args.task_args) if args.verifier else None
+        task = task_from_flags(args.verifier, args.task_args) if args.verifier else None
     except ValueError as e:
         raise SystemExit(f"--verifier {args.verifier}: {e}") from None
     if task is not None and not hasattr(task, "verify"):
@@ -294,14 +294,14 @@ def main(argv=None):
     except (ValidationError, OSError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     if dpo is not None:
-        from llama_posttrain.losses.dpo import LOSSES
+        from llama_posttrain.losses.dpo import needs_reference
 
         loss = dpo[0].dpo.loss
-        if LOSSES[loss].reference and not args.reference:
+        if needs_reference(loss) and not args.reference:
             raise SystemExit(
                 f"--dpo-config {args.dpo_config}: dpo.loss {loss} scores against a reference: give --reference"
             )
-        if not LOSSES[loss].reference and args.reference:
+        if not needs_reference(loss) and args.reference:
             raise SystemExit(
                 f"--dpo-config {args.dpo_config}: dpo.loss {loss} has no reference model: drop --reference"
             )
@@ -314,7 +314,7 @@ def main(argv=None):
             raise SystemExit(f"{flag} {path}: no records to evaluate")
     d = init_distributed()  # one process per GPU (cuda:LOCAL_RANK); a plain `python` run is 1 rank
     try:
-        result = evaluate(args, d, chat, verify, records, pairs, examples, head, samples, dpo)
+        result = evaluate_model(args, d, chat, verify, records, pairs, examples, head, samples, dpo)
         if d.is_main:
             result = {"model": str(args.model), "ranks": d.world_size, **result}
             if args.nll:
@@ -339,7 +339,9 @@ def check_policies(models: dict) -> None:
             raise SystemExit(f"error: {flag} {path}: not a language model (its head is {head!r})")
 
 
-def evaluate(args, d, chat: ChatFormat, verify, records, pairs, examples, head=None, samples=None, dpo=None) -> dict:
+def evaluate_model(
+    args, d, chat: ChatFormat, verify, records, pairs, examples, head=None, samples=None, dpo=None
+) -> dict:
     """This rank's share of every metric asked for, summed over ranks -> the metrics, their counts (`n`) and
     the standard deviations of the means' terms (`std`). head: the model's (default: reward with --pairs, else lm);
     samples: {result file: samples per prompt} (--score-samples); dpo: (the DPO config, its examples of --pairs)."""
@@ -453,23 +455,24 @@ def gather_in_order(texts, records: int, d) -> list | None:
 
 
 def dpo_accuracy(model, dpo, reference_path, dtype, chat: ChatFormat, d) -> tuple[float | None, int]:
-    """The DPO run's eval objective (llama_posttrain/train/dpo.py make_objective; loop.evaluate) on the pairs: its
+    """The DPO run's eval objective (llama_posttrain/train/dpo.py make_objective; loop.evaluate_objective) on the pairs: its
     `rewards/accuracies`, with the run's dpo section (loss, beta, mask_format) -> (accuracy, pairs)."""
     from llama_posttrain.data.loader import DataLoader
     from llama_posttrain.llama.checkpoint import load_model
     from llama_posttrain.train import loop
     from llama_posttrain.train.dpo import make_objective
+    from llama_posttrain.train.targets import LiveReference
 
     cfg, examples = dpo  # one step of every pair (micro-batches of data.tokens_per_microbatch): per-pair sums
     reference = None
     if reference_path:
-        reference = load_model(reference_path, head="lm", dtype=dtype, device=d.device).eval()
+        reference = LiveReference(load_model(reference_path, head="lm", dtype=dtype, device=d.device).eval())
     dc = cfg.data
     loader = DataLoader(
         examples, max(len(examples), d.world_size), dc.max_len, dc.tokens_per_microbatch, d.rank, d.world_size,
         shuffle=False, pad_id=chat.tokenizer.pad_id, drop_last=False,
     )  # fmt: skip
-    metrics = loop.evaluate(make_objective(model, reference, cfg.dpo, cfg.train.kernels), loader, model, d)
+    metrics = loop.evaluate_objective(make_objective(model, reference, cfg.dpo, cfg.train.kernels), loader, model, d)
     return metrics.get("eval/rewards/accuracies"), int(metrics["eval/examples"])
 
 

@@ -1,11 +1,11 @@
-"""Sampling with vLLM (`llama_posttrain/train/sample.py --engine vllm`): PagedAttention and continuous batching, the
+"""Sampling with vLLM (`llama_posttrain/jobs/sample.py --engine vllm`): PagedAttention and continuous batching, the
 engine for 8B+ policies (`pip install vllm`, a CUDA GPU).
 
 `vllm_engine` exports the policy to an HF folder (weights in bf16, its tokenizer and chat template) and
-starts vLLM on it; `VLLMEngine.sample_ids` takes the prompts as token ids (rendered by llama_posttrain/train/sample.py
+starts vLLM on it; `VLLMEngine.sample_ids` takes the prompts as token ids (rendered by llama_posttrain/jobs/sample.py
 with our chat format) and returns K samples per prompt as token ids, as llama_posttrain/llama/generate.py's `generate`
 does, so the samples map back to the same records and fields and are scored as the native engine's.
-`VLLMEngine.close` then frees the GPU, before llama_posttrain/train/sample.py loads the reward models.
+`VLLMEngine.close` then frees the GPU, before llama_posttrain/jobs/sample.py loads the reward models.
 
 Memory: vLLM preallocates a KV cache in `gpu_memory_utilization` of the GPU and refuses to start if a
 sequence of `max_model_len` tokens does not fit in it. The export's config says the model's full context
@@ -103,7 +103,7 @@ def max_model_len(longest_prompt: int, max_new_tokens: int, max_seq_len: int, gi
 
 
 def add_vllm_args(ap: argparse.ArgumentParser) -> None:
-    """llama_posttrain/train/sample.py's options of this engine."""
+    """llama_posttrain/jobs/sample.py's options of this engine."""
     g = ap.add_argument_group("vLLM (--engine vllm)")
     g.add_argument("--tensor-parallel", type=at_least(1), default=1, help="GPUs per vLLM engine")
     g.add_argument(

@@ -1,6 +1,6 @@
 """Model averaging (Llama 3: average the models of runs with different data or hyperparameters).
 
-    python llama_posttrain/train/average.py --out runs/avg CKPT_A CKPT_B CKPT_C [--weights 0.5 0.25 0.25] [--format hf]
+    python llama_posttrain/jobs/average.py --out runs/avg CKPT_A CKPT_B CKPT_C [--weights 0.5 0.25 0.25] [--format hf]
 
 Inputs are checkpoint folders in any format `llama.load_model` reads (native, Hugging Face, Meta);
 they must share one model config and head and hold only finite values; anything else is refused.

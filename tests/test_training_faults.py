@@ -106,19 +106,20 @@ def test_a_signal_mid_step_saves_the_last_finished_step_and_resumes_exactly(tmp_
                 calls.append([step, 0])
             calls[-1][1] += 1
             if len(calls) == 4 and calls[-1][1] == 2:  # step 4, its second micro-batch: as if SIGTERM came now
-                lifecycle.Signals.received = signal.SIGTERM
+                lifecycle.StopSignal.received = signal.SIGTERM
             return objective.loss(batch, step)
 
         return loop.Objective(loss, objective.ratios, objective.derive)
 
     monkeypatch.setattr(sft, "make_objective", signalled_objective)
-    monkeypatch.setattr(lifecycle.Signals, "received", None)
+    monkeypatch.setattr(lifecycle.StopSignal, "received", None)
     with pytest.raises(SystemExit) as stopped:
         in_process("sft", sft_argv(tmp_path / "run", *args))
     fresh_group()
     assert stopped.value.code == 128 + signal.SIGTERM
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step_00000003"]
-    monkeypatch.setattr(lifecycle.Signals, "received", None)
+    assert lifecycle.read_result(tmp_path / "run") == {"saved_step": 3, "stopped_by": "SIGTERM"}  # the launcher's
+    monkeypatch.setattr(lifecycle.StopSignal, "received", None)
     monkeypatch.setattr(sft, "make_objective", real_make_objective)
     in_process("sft", sft_argv(tmp_path / "run", *args))
     fresh_group()
@@ -127,6 +128,7 @@ def test_a_signal_mid_step_saves_the_last_finished_step_and_resumes_exactly(tmp_
         load_file(tmp_path / "run" / "model" / "model.safetensors"),
     )
     assert all(torch.equal(ref[k], run[k]) for k in ref)
+    assert lifecycle.read_result(tmp_path / "run") == {"saved_step": 5, "stopped_by": None}  # finished
     keys = ("loss", "grad_norm", "lr", "tokens")
     assert [{k: m[k] for k in keys} for m in read_metrics(tmp_path / "ref")] == [
         {k: m[k] for k in keys} for m in read_metrics(tmp_path / "run")
@@ -225,7 +227,7 @@ def exits_cleanly(name, cmd):
 
 
 def sample_cmd(policy, rm, out):
-    return torchrun_command(str(ROOT / "llama_posttrain" / "train" / "sample.py"), 2, [
+    return torchrun_command(str(ROOT / "llama_posttrain" / "jobs" / "sample.py"), 2, [
         "--policy", str(policy), "--rm", str(rm), "--prompts", str(QUICK / "data" / "pref_eval.jsonl"),
         "--k", "2", "--max-new-tokens", "4", "--out-sft", str(out),
     ])  # fmt: skip

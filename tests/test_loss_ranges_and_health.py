@@ -1,6 +1,7 @@
-"""Reliability round 3 (issue 26), the training losses and loop: every loss hyperparameter's range checked when
-the config is read, and declared with its loss; keys a loss does not read refused; skipped non-finite steps said
-when they happen and at the end; exploding updates and losses warned of; non-finite weights never exported."""
+"""The training losses' hyperparameter ranges and the loop's health checks: every loss hyperparameter's range
+checked when the config is read, and declared with its loss; keys a loss does not read refused; skipped
+non-finite steps said when they happen and at the end; exploding updates and losses warned of; non-finite
+weights never exported."""
 
 import dataclasses
 import math
@@ -9,13 +10,12 @@ import typing
 
 import pytest
 import torch
-from test_loss_family import pairs
-from test_reliability_train import sft_argv
+from test_loss_family import loss_of, pairs
 from test_train import in_process
+from test_training_faults import sft_argv
 
 from llama_posttrain.llama.config import PRESETS
 from llama_posttrain.llama.model import Transformer
-from llama_posttrain.losses import dpo_loss
 from llama_posttrain.losses.dpo import LOSSES
 from llama_posttrain.train import health, loop, train_state
 from llama_posttrain.train.config import AtLeast, Interval, load_config, parse_args
@@ -23,7 +23,7 @@ from llama_posttrain.train.dpo import LOSS_HYPERPARAMETERS, REFERENCE_FREE, DPOC
 from llama_posttrain.train.rm import RMConfig, RMSection
 from llama_posttrain.train.sft import SFTConfig, SFTSection
 
-# ------------------------------------------------------------------------------------- item 6: loss ranges
+# ---------------------------------------------------------------------------------------------------------- loss ranges
 
 BAD = [  # (config class, overrides, the key, the value as printed, the range as printed)
     (DPOConfig, ["dpo.beta=-0.1"], "dpo.beta", "-0.1", "(0, inf)"),
@@ -79,16 +79,16 @@ def _pref_grads(loss, **hyper):
     """d loss / d (policy_chosen, chosen_nll), float64, where the labels decide alone: policy == reference
     (h = 0), or for SimPO the per-token margin at gamma / |beta| (h - gamma = 0 for beta > 0). None: not finite."""
     x = pairs()
-    pc = x["reference_chosen"].clone().requires_grad_()
-    nll = x["chosen_nll"].clone().requires_grad_()
-    pr = x["reference_rejected"].clone()
+    pol, (rc, rr) = x["policy"], x["reference"]
+    pc, pr = rc.clone().requires_grad_(), rr.clone()
+    nll = pol.chosen_nll.clone().requires_grad_()
     if loss in REFERENCE_FREE:  # no reference: the per-token log-probs, gamma / |beta| apart
         beta, gamma = hyper["beta"], hyper["gamma"]
         margin = gamma / abs(beta) if beta else 0.0
-        pc = ((x["policy_rejected"] / x["rejected_tokens"] + margin) * x["chosen_tokens"]).requires_grad_()
-        pr = x["policy_rejected"]
+        pc = ((pol.rejected / pol.rejected_tokens + margin) * pol.chosen_tokens).requires_grad_()
+        pr = pol.rejected
     try:
-        total, _ = dpo_loss(**{**x, "policy_chosen": pc, "policy_rejected": pr, "chosen_nll": nll}, loss=loss, **hyper)
+        total, _ = loss_of({**x, "policy": pol._replace(chosen=pc, rejected=pr, chosen_nll=nll)}, loss=loss, **hyper)
     except ZeroDivisionError:
         return None
     total.backward()
@@ -122,22 +122,21 @@ def test_the_ranges_are_where_the_loss_prefers_the_chosen_response(loss):
 def test_every_loss_declares_exactly_the_hyperparameters_it_reads():
     """The guard: a loss in LOSSES without its row in LOSS_HYPERPARAMETERS (or a row naming a key it ignores,
     or missing one it reads) fails here. Read = changing the value changes the loss; not read = bit-identical."""
-    choices = typing.get_args(typing.get_type_hints(DPOSection)["loss"])
-    assert set(LOSS_HYPERPARAMETERS) == set(LOSSES) == set(choices)
+    assert set(LOSS_HYPERPARAMETERS) == set(LOSSES)  # dpo.loss's choices: LOSS_HYPERPARAMETERS's keys
     assert REFERENCE_FREE == {name for name, spec in LOSSES.items() if not spec.reference}
     every = {n for row in LOSS_HYPERPARAMETERS.values() for n in row}
     floats = {f.name for f in dataclasses.fields(DPOSection) if f.type in ("float", float)}
     assert floats == every, "every float key of dpo: is some loss's hyperparameter, with its range"
     x = pairs()
-    x["reference_chosen"] = x["reference_chosen"] - 3.0  # h != 0: every term depends on its parameters
+    x["reference"] = (x["reference"][0] - 3.0, x["reference"][1])  # h != 0: every term depends on its parameters
     start = {"beta": 0.1, "alpha": 0.2, "label_smoothing": 0.0, "gamma": 0.5}
     other = {"beta": 0.3, "alpha": 0.7, "label_smoothing": 0.2, "gamma": 1.5}
     for loss, row in LOSS_HYPERPARAMETERS.items():
         # the defaults are in range for every loss but robust, which needs its flip probability set (at 0 it is sigmoid)
         DPOSection(loss=loss, **({"label_smoothing": 0.1} if loss == "robust" else {}))
         for name in every:
-            a = dpo_loss(**x, loss=loss, **start)[0]
-            b = dpo_loss(**x, loss=loss, **{**start, name: other[name]})[0]
+            a = loss_of(x, loss=loss, **start)[0]
+            b = loss_of(x, loss=loss, **{**start, name: other[name]})[0]
             assert (a != b) == (name in row), f"{loss} {'ignores' if a == b else 'reads'} {name}"
 
 
@@ -151,13 +150,13 @@ def test_every_number_of_the_other_losses_has_a_range(section):
             assert any(isinstance(b, AtLeast | Interval) for b in extras), f"{section.__name__}.{name} has no range"
 
 
-# ------------------------------------------------------------------------------------- item 7: the loop
+# ------------------------------------------------------------------------------------------------------------- the loop
 
 
 def _run_with(tmp_path, bad_steps, *overrides, poison=None, poisoned=None):
     """An in-process SFT run whose loss is NaN at `bad_steps` (optimizer steps, 1-based); poison: the step at
     which the first trained weight tensor is set to NaN first (its size appended to the list `poisoned`)."""
-    from llama_posttrain.train.entry import setup
+    from llama_posttrain.train.run_setup import setup
     from llama_posttrain.train.sft import make_objective
 
     cfg = parse_args(SFTConfig, sft_argv(tmp_path, *overrides))
@@ -198,7 +197,7 @@ def test_skipped_steps_are_said_when_they_happen_and_at_the_end(tmp_path, one_ra
 def test_exploding_weights_are_warned_of_and_a_sound_run_is_not(tmp_path, one_rank, capsys):
     in_process("sft", sft_argv(tmp_path / "sound", "train.steps=8"))
     assert "warning" not in capsys.readouterr().out
-    from test_reliability_train import fresh_group
+    from test_training_faults import fresh_group
 
     fresh_group()
     in_process("sft", sft_argv(tmp_path / "boom", "train.steps=2", "optim.lr=1e30", "optim.warmup_steps=0"))

@@ -1,6 +1,6 @@
 """Will it fit? The per-rank memory of a training config, before it runs.
 
-    python -m llama_posttrain.train.plan --config experiments/llama3.1-8b/sft.yaml --nproc 8 --gpu-gib 80 --preset llama3.1-8b
+    python -m llama_posttrain.driver.plan --config experiments/llama3.1-8b/sft.yaml --nproc 8 --gpu-gib 80 --preset llama3.1-8b
 
 Reads the config with the entry point's own loader (SFT, RM or DPO: from its sections, else its file
 name, else --kind) and the model's shape from model.checkpoint's config.json, model.preset or --preset
@@ -23,7 +23,7 @@ The total is the largest of three moments: the start of a backward, a live refer
 root's gradient reduce at the end of a backward. The verdict leaves a margin (default 10%) for the CUDA
 context, NCCL buffers and fragmentation. experiments/bench/plan_check.py checks it against CPU runs.
 
-A pipeline config (llama_posttrain/train/pipeline.py; its key=value overrides after it) is planned stage by
+A pipeline config (llama_posttrain/driver/pipeline.py; its key=value overrides after it) is planned stage by
 stage, as its recipe starts each training run: the pre-training (without `base`), then the RM, SFT and
 DPO of every round, each from its stage config file with the pipeline's overrides (`rm:`, `sft:`, ...)
 and each variant's; the model's shape from `base` (else `preset`); `--nproc` defaults to its nproc x
@@ -41,6 +41,8 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from llama_posttrain.train.config import read_yaml
 
 GIB = 2**30
 CHUNK_BYTES = 64 * 2**20  # llama_posttrain/kernels/chunked.py: fp32 logits per chunk
@@ -118,12 +120,15 @@ class Estimate:
 
 
 def param_counts(m, head: str = "lm") -> dict[str, int]:
-    """Parameters of one block, the root (embeddings, final norm, untied LM head), the reward head, the total."""
-    kv = m.n_kv_heads * m.head_dim
-    block = 2 * m.dim * m.n_heads * m.head_dim + 2 * m.dim * kv + 3 * m.dim * m.ffn_dim + 2 * m.dim
-    root = m.vocab_size * m.dim + m.dim + (m.vocab_size * m.dim if head == "lm" and not m.tie_embeddings else 0)
-    score = m.dim if head == "reward" else 0
-    return {"block": block, "root": root, "score": score, "total": m.n_layers * block + root + score}
+    """Parameters of one block, the root (embeddings, final norm and the head: the untied LM head's matrix),
+    an fp32 head's own FSDP unit (the reward head; llama_posttrain/llama/heads.py), the total."""
+    from llama_posttrain.llama.heads import get_head  # torch: not at import (--help)
+
+    spec = get_head(head)
+    own = spec.num_params(m)
+    root = m.vocab_size * m.dim + m.dim + (0 if spec.fp32 else own)
+    unit = own if spec.fp32 else 0
+    return {"block": m.block_params, "root": root, "head": unit, "total": m.n_layers * m.block_params + root + unit}
 
 
 def layer_activation_bytes(m, c: int, device: str, row_len: int) -> int:
@@ -261,9 +266,7 @@ def _describe(s: Setting, t: Setting, gpus_per_node: int = 8) -> str:
 
 def detect_kind(path: str | None, overrides: list[str]) -> str:
     """The config's entry point: a `dpo:`/`rm:`/`sft:` section (or override), else the file name's words."""
-    import yaml
-
-    raw = (yaml.safe_load(Path(path).read_text()) if path and Path(path).is_file() else None) or {}
+    raw = (read_yaml(path) if path and Path(path).is_file() else None) or {}
     sections = set(raw if isinstance(raw, dict) else {}) | {o.split("=", 1)[0].split(".", 1)[0] for o in overrides}
     words = set(re.split(r"[^a-z0-9]+", Path(path).stem.lower())) if path else set()
     for found in (sections, words):
@@ -304,15 +307,13 @@ def setting_from_config(cfg, kind: str, nproc: int, device: str = "cuda", preset
 
 
 def is_pipeline_config(path) -> bool:
-    """Whether `path` is a pipeline config: keys of llama_posttrain/train/pipeline.py's PipelineConfig (rounds,
+    """Whether `path` is a pipeline config: keys of llama_posttrain/driver/pipeline.py's PipelineConfig (rounds,
     base, task, ...) and none of a training config's own sections (model, data, train, ...)."""
-    import yaml
-
-    from llama_posttrain.train.pipeline import PipelineConfig
+    from llama_posttrain.driver.pipeline import PipelineConfig
 
     try:
-        raw = yaml.safe_load(Path(path).read_text()) if Path(path).is_file() else None
-    except (OSError, yaml.YAMLError):
+        raw = read_yaml(path) if Path(path).is_file() else None
+    except ValueError:
         return False  # the training config's loader names the problem
     if not isinstance(raw, dict):
         return False
@@ -323,7 +324,7 @@ def is_pipeline_config(path) -> bool:
 
 @dataclass(frozen=True)
 class Stage:
-    """One training run of a pipeline round, as its recipe starts it (llama_posttrain/train/recipe.py train)."""
+    """One training run of a pipeline round, as its recipe starts it (llama_posttrain/driver/recipe.py train)."""
 
     name: str  # pretrain, rm, sft, dpo; "dpo variant 1" where a stage has several
     kind: str
@@ -335,8 +336,8 @@ class Stage:
 def pipeline_stages(cfg) -> list[Stage]:
     """The training runs of the pipeline config `cfg` (a PipelineConfig): the pre-training without `base`,
     then the RM, SFT and DPO of a round, every round alike (the same shape, the same settings)."""
-    from llama_posttrain.train.pipeline import ROOT
-    from llama_posttrain.train.recipe import STAGE_KINDS, absolute, override_args
+    from llama_posttrain.driver.pipeline import ROOT
+    from llama_posttrain.driver.recipe import STAGE_KINDS, absolute, override_args
 
     if cfg.base is not None:
         model = {"model.checkpoint": absolute(cfg.base), "model.preset": None}
@@ -363,8 +364,8 @@ def plan_pipeline(
 ) -> tuple[str, bool]:  # fmt: skip
     """Every training stage of a pipeline config: one table (stage, config, model, ranks, micro-batch, peak,
     verdict), then the full report of each stage that does not fit. -> (the text, whether all fit)."""
+    from llama_posttrain.driver.pipeline import PipelineError, load_pipeline_config
     from llama_posttrain.train.config import load_config
-    from llama_posttrain.train.pipeline import PipelineError, load_pipeline_config
 
     try:
         cfg = load_pipeline_config(str(path), overrides)

@@ -1,4 +1,4 @@
-"""Issue 26, round 3, the pipeline driver: DONE markers hold paths relative to the run folder (a copied or
+"""The pipeline's run folder and its checks at start: DONE markers hold paths relative to the run folder (a copied or
 renamed folder reads its own results; a marker pointing elsewhere, a corrupt or empty one, is refused naming
 it); an empty stage is never marked done; unknown sft_weights sources and cleaning keys are refused at start;
 another folder's bad record is skipped by the estimate with a warning; a folder the pipeline cannot write in is
@@ -16,8 +16,8 @@ import yaml
 from test_pipeline import MICRO, _micro
 from test_recipe import Recording, files, recipe, write  # noqa: F401 (files: a fixture)
 
-from llama_posttrain.train.pipeline import Pipeline, PipelineError, load_pipeline_config, main
-from llama_posttrain.train.recipe import Recipe, StageError
+from llama_posttrain.driver.pipeline import Pipeline, PipelineError, load_pipeline_config, main
+from llama_posttrain.driver.recipe import Recipe, StageError
 
 ROOT = Path(__file__).parent.parent
 
@@ -29,9 +29,9 @@ def _synthetic(tmp_path, folder: Path) -> Recipe:
 
 
 def _task(cfg):
-    from llama_posttrain.train.pipeline import make_task
+    from llama_posttrain.driver.pipeline import task_from_config
 
-    return make_task(cfg.task, cfg.task_args)
+    return task_from_config(cfg.task, cfg.task_args)
 
 
 # ------------------------------------------------------------------ DONE markers: relative to the run folder
@@ -184,7 +184,7 @@ def test_an_unknown_sft_weights_source_is_refused_naming_the_known_ones():
 def test_the_known_sft_weights_sources_are_the_ones_the_recipe_reads():
     import inspect
 
-    from llama_posttrain.train.pipeline import SFT_SOURCES
+    from llama_posttrain.driver.pipeline import SFT_SOURCES
 
     reads = set(re.findall(r"""w\.get\("(\w+)\"""", inspect.getsource(Recipe.train_sft)))
     assert reads == set(SFT_SOURCES)
@@ -209,9 +209,9 @@ def test_a_cleaning_typo_is_refused_at_start_before_any_stage(tmp_path, cleaning
 
 
 def test_every_cleaning_key_is_a_sample_py_flag():
-    from llama_posttrain.train.pipeline import Cleaning
+    from llama_posttrain.driver.pipeline import Cleaning
 
-    sample = (ROOT / "llama_posttrain" / "train" / "sample.py").read_text()
+    sample = (ROOT / "llama_posttrain" / "jobs" / "sample.py").read_text()
     flags = set(re.findall(r"""add_argument\(\s*"(--[a-z-]+)\"""", sample))
     for f in dataclasses.fields(Cleaning):
         assert "--" + f.name.replace("_", "-") in flags, f"cleaning key {f.name} is not a sample.py flag"
@@ -271,7 +271,7 @@ def test_a_run_folder_the_pipeline_cannot_write_in_is_an_error_before_any_stage(
 
 
 def test_relative_paths_are_relative_to_where_the_pipeline_starts_and_jobs_get_them_absolute(tmp_path, monkeypatch):
-    from llama_posttrain.train.recipe import absolute_paths
+    from llama_posttrain.driver.recipe import absolute_paths
 
     start = tmp_path / "start"
     (start / "safety").mkdir(parents=True)
@@ -288,7 +288,7 @@ def test_relative_paths_are_relative_to_where_the_pipeline_starts_and_jobs_get_t
     assert pipe.dir == start / "runs" / "micro" and (pipe.dir / "pipeline.yaml").is_file()
     r = pipe.recipe
     r.launcher = Recording()
-    r.evaluate = lambda *args, **kw: {}
+    r.eval_job = lambda *args, **kw: {}
     r.stage(0, "data", r.make_data)
     r.train_rm(pipe.dir / "round_1" / "rm", 1, Path("base_model"))
     train, average = r.launcher.jobs
@@ -323,8 +323,8 @@ def test_relative_paths_are_relative_to_where_the_pipeline_starts_and_jobs_get_t
 def test_every_path_key_of_the_training_configs_is_made_absolute():
     """PATH_KEYS against the training configs' own fields: every string key names a path or is in NOT_PATHS,
     so a key added later is classified here, not forgotten."""
+    from llama_posttrain.driver.recipe import PATH_KEYS
     from llama_posttrain.train.dpo import DPOConfig
-    from llama_posttrain.train.recipe import PATH_KEYS
     from llama_posttrain.train.rm import RMConfig
     from llama_posttrain.train.sft import SFTConfig
 
@@ -345,7 +345,7 @@ def test_every_path_key_of_the_training_configs_is_made_absolute():
 def test_a_reward_model_near_chance_is_said():
     """SmolLM2's first RM reached 0.53 on held-out pairs and rejection sampling went on with near-random picks,
     in silence: below NEAR_CHANCE the stage says so, with what to change."""
-    from llama_posttrain.train.recipe import NEAR_CHANCE, near_chance
+    from llama_posttrain.driver.recipe import NEAR_CHANCE, near_chance
 
     said = near_chance(0.53)
     assert said is not None and "0.530" in said and "near chance" in said and "train.steps" in said

@@ -1,9 +1,9 @@
 """The round driver: iterative rounds of Llama 3 post-training, on a synthetic task or on your own data.
 
-    python llama_posttrain/train/pipeline.py --config experiments/quickstart/pipeline.yaml [key=value ...]
+    python llama_posttrain/driver/pipeline.py --config experiments/quickstart/pipeline.yaml [key=value ...]
 
-The recipe (llama_posttrain/train/recipe.py) writes under runs/<name>/round_<k>/<stage>/; every stage that touches a
-model is a job through a launcher (llama_posttrain/train/launch.py: `local` torchrun, `ray` on a Ray cluster, `slurm`),
+The recipe (llama_posttrain/driver/recipe.py) writes under runs/<name>/round_<k>/<stage>/; every stage that touches a
+model is a job through a launcher (llama_posttrain/driver/launch.py: `local` torchrun, `ray` on a Ray cluster, `slurm`),
 so the driver holds no model and the same command runs the CPU quickstart and a cluster's rounds. The
 data is a plug-in named in the config (`task`, `task_args`): a synthetic task with a verifier
 (llama_posttrain/data/tasks/arithmetic.py), or `files`, the user's prompt pool, preference, SFT and eval files
@@ -13,7 +13,7 @@ Each stage writes a DONE marker with its results last: rerunning skips finished 
 interrupted training run resumes from its own checkpoints. SIGTERM or Ctrl-C goes to the running job
 (a training run saves its last finished step); the pipeline then exits with 128 + the signal, naming
 the stage, and the same command resumes. The report is summary.json, summary.md and the plots
-(llama_posttrain/train/report.py).
+(llama_posttrain/driver/report.py).
 
 Exit status: 0 done; 1 an error (one line `pipeline: error: ...`); 3 waiting for labels (annotator human: the
 sets to label are written, label them and rerun the same command); 128 + N stopped by signal N (130 Ctrl-C,
@@ -34,7 +34,7 @@ later start with a different config is refused, listing the differing keys, exce
 no stage's result (HARMLESS, and STAGE_SETS, the stage configs' keys the pipeline sets for every run).
 The record is never rewritten. To start over, choose a new `name` or delete the folder.
 
-Before the first job, every input is checked (llama_posttrain/train/preflight.py): each record of the files task's
+Before the first job, every input is checked (llama_posttrain/driver/preflight.py): each record of the files task's
 files, parsed by the jobs' own schema code, and each training run's config (stage config file, the pipeline's
 stage overrides, each variant's), read by the training scripts' config code; all problems in one error.
 A sampling stage that drops more than `max_dropped` of its samples or prompts stops, naming the drop and the keys
@@ -56,7 +56,7 @@ import os
 import sys
 import time
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -64,6 +64,20 @@ import yaml
 
 from llama_posttrain.data.io import write_text
 from llama_posttrain.data.tasks import load_task, task_factory
+from llama_posttrain.driver.launch import Launcher, PipelineInterrupted
+from llama_posttrain.driver.recipe import (
+    REDO_KEYS,
+    STAGE_KINDS,
+    STAGE_SETS,
+    Cleaning,
+    Recipe,
+    StageError,
+    WaitingForLabels,
+    absolute,
+    stage_names,
+    stage_place,
+)
+from llama_posttrain.driver.report import wandb_settings, write_report
 from llama_posttrain.llama import PRESETS
 from llama_posttrain.llama.chat import ChatFormat, resolve_chat_template
 from llama_posttrain.llama.tokenizer import load_tokenizer, resolve_tokenizer
@@ -77,21 +91,9 @@ from llama_posttrain.train.config import (
     describe,
     differences,
     from_flat_dict,
+    opt,
     read_yaml,
 )
-from llama_posttrain.train.launch import Interrupted, Launcher
-from llama_posttrain.train.recipe import (
-    REDO_KEYS,
-    STAGE_KINDS,
-    STAGE_SETS,
-    Recipe,
-    StageError,
-    WaitingForLabels,
-    absolute,
-    stage_names,
-    stage_place,
-)
-from llama_posttrain.train.report import wandb_settings, write_report
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: experiments/ and the job scripts, llama_posttrain/...
 Preset = Literal[tuple(PRESETS)]  # a model preset's name (llama_posttrain/llama/config.py)
@@ -101,59 +103,69 @@ EXIT_WAITING_FOR_LABELS = 3  # the human annotator's stop (1: an error, 128 + N:
 
 @dataclass
 class PipelineConfig:
-    name: str = "quickstart"  # the run folder: <root>/<name>
-    root: str = "runs"
-    task: str = "arithmetic"  # a task in data/tasks (TASKS), or a 'package.module:factory' path
-    task_args: dict[str, typing.Any] = field(default_factory=dict)  # the task's settings, e.g. {max_digits: 1}
-    base: str | None = None  # a checkpoint to start from instead of pre-training on the task's corpus
-    rounds: NonNegInt = 2
-    nproc: PosInt = 2  # ranks per node of each training job (GPUs per node)
-    sample_nproc: NonNegInt = 0  # ranks per node of sampling jobs; 0: nproc (each rank samples its share of prompts)
-    eval_nproc: NonNegInt = 0  # ranks per node of evaluation jobs; 0: nproc
-    launcher: Literal["local", "torchrun", "ray", "slurm"] = "local"  # how jobs start: llama_posttrain/train/launch.py
-    nnodes: PosInt = 1  # nodes of each distributed job (ray, slurm)
-    ray_address: str = "auto"  # launcher ray: the cluster (ray.init's address); auto: RAY_ADDRESS or `ray start` here
-    rdzv_endpoint: str | None = None  # slurm: host:port of the c10d rendezvous; default MASTER_ADDR:MASTER_PORT
-    engine: Literal["native", "vllm"] = (
-        "native"  # sampling engine of llama_posttrain/train/sample.py (vllm: one process per node)
+    name: str = opt("quickstart", "the run folder: <root>/<name>")
+    root: str = opt("runs", "the folder of run folders")
+    task: str = opt("arithmetic", "a task in data/tasks (TASKS), or a 'package.module:factory' path")
+    task_args: dict[str, typing.Any] = opt({}, "the task's settings, e.g. {max_digits: 1}")
+    base: str | None = opt(None, "a checkpoint to start from instead of pre-training on the task's corpus")
+    rounds: NonNegInt = opt(2, "rounds of reward model, rejection sampling, SFT and DPO after the base")
+    nproc: PosInt = opt(2, "ranks per node of each training job (GPUs per node)")
+    sample_nproc: NonNegInt = opt(
+        0, "ranks per node of sampling jobs; 0: nproc (each rank samples its share of prompts)"
     )
-    sample_batch_size: PosInt = 64  # native engine: prompts per generate call (sample.py --batch-size; its KV cache)
-    sample_compile: bool = False  # native engine: torch.compile the decode step (sample.py --compile)
-    sample_compile_mode: Literal["default", "reduce-overhead"] = "default"  # sample.py --compile-mode (CUDA graphs)
-    eval_batch_size: NonNegInt = 0  # prompts per generate call of the evaluations (evaluate.py --batch-size); 0: all
-    vllm_gpu_memory_utilization: float = 0.9  # vllm: the fraction of the GPU's memory it takes, in (0, 1]
-    vllm_max_model_len: NonNegInt = 0  # vllm: 0: the longest prompt + max_new_tokens, rounded up
-    annotator: Literal["auto", "verifier", "rm", "human"] = (
-        "auto"  # labels of new pairs; auto: verifier if the task has one, else rm
+    eval_nproc: NonNegInt = opt(0, "ranks per node of evaluation jobs; 0: nproc")
+    launcher: Literal["local", "torchrun", "ray", "slurm"] = opt(
+        "local", "how jobs start: llama_posttrain/driver/launch.py"
     )
-    safety_rm: str | None = None  # a safety reward model combined with the round's RM as in Llama 2 (annotator rm)
-    sft_weights: dict[str, float] = field(
-        default_factory=dict
-    )  # {rejection_sampled: 1.0, human: 1.0}: SFT mixture weights (SFT_SOURCES)
-    cleaning: dict[str, typing.Any] = field(
-        default_factory=dict
-    )  # rejection sampling's filters, llama_posttrain/train/sample.py flags: {dedup: true, max_repeat: 0.3, ...}
-    seed: int = 0
-    preset: Preset = "tiny"  # the pre-trained base's architecture
-    pretrain_examples: PosInt = 20000  # size of the pre-training corpus
-    seed_pairs: PosInt = 1000  # initial "human" preference pairs
-    rs_prompts: PosInt = 400  # fresh prompts per round for rejection sampling
-    pref_prompts: PosInt = 400  # fresh prompts per round for new preference pairs
-    eval_prompts: PosInt = 200  # held-out prompts of the task accuracy
-    k: Annotated[int, AtLeast(2)] = 8  # samples per prompt
-    temperature: NonNegFloat = 1.0  # of the rounds' sampling
-    max_new_tokens: PosInt = 8
-    max_dropped: Annotated[float, Interval(0.0, 1.0)] = 0.5  # rs/pref losing more of its samples or prompts stops
-    from_stage: str | None = None  # round_<k>/<stage>: redo it and the later stages (sampling keys may change)
-    configs: dict[str, str] = field(
-        default_factory=lambda: dict(QUICKSTART_CONFIGS)
-    )  # rm/sft/dpo -> config file; default: the repository's experiments/quickstart
-    pretrain: dict[str, typing.Any] = field(default_factory=dict)  # "section.key": value overrides of each stage's run
-    rm: dict[str, typing.Any] = field(default_factory=dict)
-    sft: dict[str, typing.Any] = field(default_factory=dict)
-    dpo: dict[str, typing.Any] = field(default_factory=dict)
-    variants: dict[str, list[dict[str, typing.Any]]] = field(default_factory=dict)  # stage -> [overrides]: averaged
-    plots: bool = True  # accuracy.png, rewards.png (matplotlib)
+    nnodes: PosInt = opt(1, "nodes of each distributed job (ray, slurm)")
+    ray_address: str = opt(
+        "auto", "launcher ray: the cluster (ray.init's address); auto: RAY_ADDRESS or `ray start` here"
+    )
+    rdzv_endpoint: str | None = opt(None, "slurm: host:port of the c10d rendezvous; default MASTER_ADDR:MASTER_PORT")
+    engine: Literal["native", "vllm"] = opt(
+        "native", "sampling engine of llama_posttrain/jobs/sample.py (vllm: one process per node)"
+    )
+    sample_batch_size: PosInt = opt(
+        64, "native engine: prompts per generate call (sample.py --batch-size; its KV cache)"
+    )
+    sample_compile: bool = opt(False, "native engine: torch.compile the decode step (sample.py --compile)")
+    sample_compile_mode: Literal["default", "reduce-overhead"] = opt(
+        "default", "sample.py --compile-mode (CUDA graphs)"
+    )
+    eval_batch_size: NonNegInt = opt(
+        0, "prompts per generate call of the evaluations (evaluate.py --batch-size); 0: all"
+    )
+    vllm_gpu_memory_utilization: float = opt(0.9, "vllm: the fraction of the GPU's memory it takes, in (0, 1]")
+    vllm_max_model_len: NonNegInt = opt(0, "vllm: 0: the longest prompt + max_new_tokens, rounded up")
+    annotator: Literal["auto", "verifier", "rm", "human"] = opt(
+        "auto", "labels of new pairs; auto: verifier if the task has one, else rm"
+    )
+    safety_rm: str | None = opt(None, "a safety reward model combined with the round's RM as in Llama 2 (annotator rm)")
+    sft_weights: dict[str, float] = opt({}, "{rejection_sampled: 1.0, human: 1.0}: SFT mixture weights (SFT_SOURCES)")
+    cleaning: dict[str, typing.Any] = opt(
+        {}, "rejection sampling's filters (Cleaning): {dedup: true, max_repeat: 0.3, ...}"
+    )
+    seed: int = opt(0, "the task's data and prompts, and the sampling and evaluation draws")
+    preset: Preset = opt("tiny", "the pre-trained base's architecture")
+    pretrain_examples: PosInt = opt(20000, "size of the pre-training corpus")
+    seed_pairs: PosInt = opt(1000, 'initial "human" preference pairs')
+    rs_prompts: PosInt = opt(400, "fresh prompts per round for rejection sampling")
+    pref_prompts: PosInt = opt(400, "fresh prompts per round for new preference pairs")
+    eval_prompts: PosInt = opt(200, "held-out prompts of the task accuracy")
+    k: Annotated[int, AtLeast(2)] = opt(8, "samples per prompt")
+    temperature: NonNegFloat = opt(1.0, "of the rounds' sampling")
+    max_new_tokens: PosInt = opt(8, "of the rounds' sampling")
+    max_dropped: Annotated[float, Interval(0.0, 1.0)] = opt(0.5, "rs/pref losing more of its samples or prompts stops")
+    from_stage: str | None = opt(None, "round_<k>/<stage>: redo it and the later stages (sampling keys may change)")
+    configs: dict[str, str] = opt(
+        QUICKSTART_CONFIGS, "rm/sft/dpo -> config file; default: the repository's experiments/quickstart"
+    )
+    pretrain: dict[str, typing.Any] = opt({}, "{section.key: value}: overrides of the pre-training run's config")
+    rm: dict[str, typing.Any] = opt({}, "{section.key: value}: overrides of each round's reward model run")
+    sft: dict[str, typing.Any] = opt({}, "{section.key: value}: overrides of each round's SFT run")
+    dpo: dict[str, typing.Any] = opt({}, "{section.key: value}: overrides of each round's DPO run")
+    variants: dict[str, list[dict[str, typing.Any]]] = opt({}, "stage -> [overrides]: averaged")
+    plots: bool = opt(True, "accuracy.png, rewards.png (matplotlib)")
 
 
 # Keys whose change leaves every stage's result as it was: a run folder may be continued with new values.
@@ -163,29 +175,9 @@ LAUNCH_KEYS = {"launcher", "nnodes", "rdzv_endpoint", "ray_address", "node_rank"
 # sample_compile_mode: the same compiled kernels, replayed by a CUDA graph or launched one by one: the same draws.
 HARMLESS = {"name", "root", "rounds", "plots", "configs", "max_dropped", "from_stage", "sample_compile_mode"}
 HARMLESS |= LAUNCH_KEYS
-REPORT_FILES = ("summary.json", "summary.md", "accuracy.png", "rewards.png")  # llama_posttrain/train/report.py
+REPORT_FILES = ("summary.json", "summary.md", "accuracy.png", "rewards.png")  # llama_posttrain/driver/report.py
 REDO_RECORD = "redo.yaml"  # the run folder's redos (from_stage): time, stage, the keys changed, where the old went
 SFT_SOURCES = ("rejection_sampled", "human")  # the keys of sft_weights
-
-
-@dataclass
-class Cleaning:
-    """`cleaning`: rejection sampling's filters, each a llama_posttrain/train/sample.py flag (the rules of
-    llama_posttrain/data/clean.py), checked when the pipeline starts rather than when sampling does."""
-
-    dedup: bool = False  # --dedup
-    max_chars: PosInt | None = None  # --max-chars
-    max_repeat: float | None = None  # --max-repeat: a fraction in [0, 1]
-    repeat_ngram: PosInt = 3  # --repeat-ngram
-    ban_phrase: list[str] = field(default_factory=list)  # --ban-phrase, each
-    max_emoji: NonNegInt | None = None  # --max-emoji
-    max_exclamation: NonNegInt | None = None  # --max-exclamation
-
-    def __post_init__(self):
-        if self.max_repeat is not None and not 0 <= self.max_repeat <= 1:
-            raise ValueError(f"max_repeat: a fraction in [0, 1], got {self.max_repeat}")
-        if any(not p.strip() for p in self.ban_phrase):
-            raise ValueError("ban_phrase: an empty phrase would ban every sample")
 
 
 class PipelineError(RuntimeError):
@@ -257,7 +249,7 @@ def _check_values(cfg: PipelineConfig, source: dict[str, str]) -> None:
         if not (math.isfinite(weight) and weight >= 0):
             raise PipelineError(f"{where('sft_weights')}.{source_name}: a weight must be finite and >= 0, got {weight}")
     try:
-        from_flat_dict(Cleaning, cfg.cleaning, where("cleaning"))
+        Cleaning.of(cfg.cleaning, where("cleaning"))
     except ValueError as e:
         raise PipelineError(str(e)) from None
     for kind in set(STAGE_KINDS) - set(cfg.configs):
@@ -270,7 +262,7 @@ def _check_values(cfg: PipelineConfig, source: dict[str, str]) -> None:
     if set(cfg.variants) - {"pretrain", *STAGE_KINDS}:
         stages = ", ".join(["pretrain", *STAGE_KINDS])
         raise PipelineError(f"{where('variants')}: stages are {stages}; got {sorted(cfg.variants)}")
-    task = make_task(cfg.task, cfg.task_args, source)
+    task = task_from_config(cfg.task, cfg.task_args, source)
     if cfg.base is not None and not Path(cfg.base).is_dir():
         raise PipelineError(f"{where('base')}: {cfg.base} is not a checkpoint folder")
     if cfg.safety_rm is not None and not Path(cfg.safety_rm).is_dir():
@@ -296,9 +288,10 @@ def _check_from_stage(cfg: PipelineConfig, source: dict[str, str]) -> None:
     )
 
 
-def make_task(task: str, args: dict, source: dict[str, str] | None = None):
+def task_from_config(task: str, args: dict, source: dict[str, str] | None = None):
     """The config's task (data/tasks), made with its task_args: a dataclass task's arguments are checked
-    like the config's keys. Errors name the file or override that set the task or its arguments."""
+    like the config's keys. Errors name the file or override that set the task or its arguments. (The jobs'
+    task, named by their flags: llama_posttrain/jobs/sample.py task_from_flags.)"""
     source = source or {}
     try:
         factory = task_factory(task)
@@ -377,7 +370,7 @@ class Pipeline:
     def __init__(self, cfg: PipelineConfig):
         self.cfg = cfg
         self.dir = run_folder(cfg)
-        task = make_task(cfg.task, cfg.task_args)
+        task = task_from_config(cfg.task, cfg.task_args)
         if cfg.base is None:
             tokenizer = load_tokenizer()  # the presets' byte tokenizer
         else:
@@ -400,7 +393,7 @@ class Pipeline:
             raise PipelineError(str(e)) from None
 
     def run(self) -> list[dict]:
-        """Every stage not done before, then the report. A signal stops it (Interrupted, llama_posttrain/train/launch.py)."""
+        """Every stage not done before, then the report. A signal stops it (PipelineInterrupted, llama_posttrain/driver/launch.py)."""
         with self.signals:
             self.preflight()  # before the run folder is made or its stages moved aside for a redo
             self.check_run_folder()
@@ -419,8 +412,8 @@ class Pipeline:
 
     def preflight(self) -> None:
         """Every input file's records and every training run's config, checked before any job
-        (llama_posttrain/train/preflight.py); all problems in one PipelineError."""
-        from llama_posttrain.train import preflight
+        (llama_posttrain/driver/preflight.py); all problems in one PipelineError."""
+        from llama_posttrain.driver import preflight
 
         problems, checked = preflight.check(self.recipe)
         if problems:
@@ -487,7 +480,7 @@ class Pipeline:
                 "`root` or `name`"
             ) from None
         try:  # one pipeline per folder; each stage's training run also locks its own folder
-            run_lock.hold(self.dir, "llama_posttrain/train/pipeline.py " + " ".join(sys.argv[1:]))
+            run_lock.hold(self.dir, "llama_posttrain/driver/pipeline.py " + " ".join(sys.argv[1:]))
         except run_lock.FolderInUse as e:
             raise PipelineError(str(e)) from None
         if not record.is_file():
@@ -613,7 +606,7 @@ def main(argv=None):
     except WaitingForLabels as e:  # not a failure: people label the sets, then the same command goes on
         print(f"pipeline: waiting for labels: {e}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_WAITING_FOR_LABELS) from None
-    except Interrupted as e:
+    except PipelineInterrupted as e:
         try:
             print(f"\npipeline: {e}", file=sys.stderr, flush=True)
         except OSError:  # a SIGHUP: the terminal may be gone

@@ -1,6 +1,6 @@
-"""Issue 26, the data and sampling items: no output onto an input (item 4), averaging weights and values
-(item 5), human labels (item 8), the reward model's format (item 9), scores beside responses (item 11), a
-linked Parquet shard (item 12), and the sampling job's unclear messages (a prompt over the context, a
+"""The jobs' inputs (sample.py, evaluate.py, average.py, convert, prepare_data): no output onto an input,
+averaging weights and values, human labels, the reward model's format, scores beside responses, a
+linked Parquet shard, and the sampling job's unclear messages (a prompt over the context, a
 missing --rm)."""
 
 import dataclasses
@@ -14,13 +14,13 @@ from conftest import random_model
 from llama_posttrain.data.annotators import file_annotator, preference_pair
 from llama_posttrain.data.drops import drop_report
 from llama_posttrain.data.schema import Drop, ValidationError, parse_preference
+from llama_posttrain.jobs.average import main as average_main
+from llama_posttrain.jobs.evaluate import main as evaluate_main
+from llama_posttrain.jobs.sample import main as sample_main
 from llama_posttrain.llama import get_preset, save_model
 from llama_posttrain.llama.chat import ChatFormat
 from llama_posttrain.llama.paths import check_outputs
 from llama_posttrain.llama.tokenizer import load_tokenizer
-from llama_posttrain.train.average import main as average_main
-from llama_posttrain.train.evaluate import main as evaluate_main
-from llama_posttrain.train.sample import main as sample_main
 
 CHAT = ChatFormat(load_tokenizer())
 DEBUG = get_preset("debug")
@@ -37,7 +37,7 @@ def _prompts(tmp_path, n=3, long=()):
     return _write(tmp_path / "prompts.jsonl", rows)
 
 
-# ----------------------------------------------------------------------------- item 4: no output is an input
+# ------------------------------------------------------------------------------------------------ no output is an input
 
 
 def test_check_outputs_finds_the_same_file_under_every_name(tmp_path, monkeypatch):
@@ -120,7 +120,7 @@ def test_evaluate_average_convert_prepare_refuse_an_output_that_is_an_input(tmp_
     assert {p: p.read_bytes() for p in before} == before
 
 
-# ----------------------------------------------------------------------------- item 5: averaging
+# ------------------------------------------------------------------------------------------------------------ averaging
 
 
 @pytest.mark.parametrize("weights", [["nan", "1"], ["1", "nan"], ["inf", "nan"], ["nan", "nan"]])
@@ -149,7 +149,7 @@ def test_average_refuses_to_write_non_finite_values(tmp_path):
     assert not (tmp_path / "avg" / "model.safetensors").exists()
 
 
-# ----------------------------------------------------------------------------- item 8: human labels
+# --------------------------------------------------------------------------------------------------------- human labels
 
 
 @pytest.mark.parametrize(
@@ -201,7 +201,7 @@ def test_a_label_for_another_number_of_responses_names_its_line(tmp_path):
 
 
 def test_partial_labels_pair_the_labelled_sets_and_count_the_rest(tmp_path, monkeypatch):
-    import llama_posttrain.train.sample as train_sample
+    import llama_posttrain.jobs.sample as train_sample
 
     texts = ["1", "22", "333"]
     monkeypatch.setattr(  # a stand-in policy: three finished samples per prompt
@@ -218,7 +218,7 @@ def test_partial_labels_pair_the_labelled_sets_and_count_the_rest(tmp_path, monk
     assert "3 of 5 prompts the labels file has no label for: no pair" in lines
 
 
-# ----------------------------------------------------------------------------- item 9: the RM's tokenizer and template
+# -------------------------------------------------------------------------------------- the RM's tokenizer and template
 
 
 def test_an_rm_of_another_chat_template_or_tokenizer_is_refused(tmp_path, capsys):
@@ -254,7 +254,7 @@ def test_an_rm_without_tokenizer_files_is_scored_in_the_policys_format_and_says_
     assert len((tmp_path / "s.jsonl").read_text().splitlines()) == 3
 
 
-# ----------------------------------------------------------------------------- item 11: scores beside responses
+# ---------------------------------------------------------------------------------------------- scores beside responses
 
 
 def test_scores_beside_responses_rank_them_and_ties_are_dropped_and_counted(tmp_path):
@@ -290,7 +290,7 @@ def test_bad_scores_beside_responses_are_refused(extra, field):
         parse_preference({"prompt": "q", "responses": ["a", "b"], **extra}, "f.jsonl:7")
 
 
-# ----------------------------------------------------------------------------- item 12: a linked Parquet shard
+# ----------------------------------------------------------------------------------------------- a linked Parquet shard
 
 
 def test_a_linked_duplicate_parquet_shard_is_read_once_and_printed(tmp_path, capsys):

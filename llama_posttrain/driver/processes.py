@@ -48,7 +48,7 @@ def rank_env(ranks: int, cores: int | None = None) -> dict:
 
 
 def run_logged(cmd: list[str], env: dict, log: Path, run, cwd: str, **kw) -> int:
-    """cmd through run (Signals.run, or the Ray agent's loop) in the folder cwd, its output appended to log
+    """cmd through run (PipelineSignals.run, or the Ray agent's loop) in the folder cwd, its output appended to log
     after a line with the attempt's time, folder and command line."""
     with open(log, "a") as f:
         f.write(f"{ATTEMPT}{time.strftime('%Y-%m-%d %H:%M:%S')}: cd {shlex.quote(cwd)} && {shlex.join(cmd)}\n")
@@ -101,7 +101,7 @@ def _send(pid: int, signum: int) -> None:
 
 @dataclass
 class LocalProcess:
-    """A job's process on this node, as Signals sends to it."""
+    """A job's process on this node, as PipelineSignals sends to it."""
 
     popen: subprocess.Popen
 

@@ -1,4 +1,4 @@
-"""How the driver (llama_posttrain/train/pipeline.py) starts the jobs that touch a model, waits for them and shows
+"""How the driver (llama_posttrain/driver/pipeline.py) starts the jobs that touch a model, waits for them and shows
 their progress: training runs, sampling, evaluation, averaging. The driver itself holds no model.
 
     launcher: local      one node: `torchrun --standalone --nproc_per_node N` (the default; `torchrun` is the same)
@@ -16,9 +16,9 @@ their progress: training runs, sampling, evaluation, averaging. The driver itsel
 A Job is a script, its arguments and its ranks per node (`nproc`, 0 = one plain process: averaging);
 `Launcher.command(job)` is the command line a launcher runs, logged into the job's log first (after `cd`
 to the folder it runs in, the driver's working directory, on every node) so it can be rerun by hand. Every
-launcher gives its ranks the same settings (train/processes.py `rank_env`: CPU threads from the job's ranks
+launcher gives its ranks the same settings (driver/processes.py `rank_env`: CPU threads from the job's ranks
 over all its nodes), so a job on 1 node x 2 ranks and on 2 nodes x 1 rank computes alike. While a job runs, a line shows its name, done/total (llama_posttrain/train/progress.py) and an ETA.
-SIGTERM / Ctrl-C / SIGHUP go to the job (`Signals`): the job saves and stops, then the driver stops.
+SIGTERM / Ctrl-C / SIGHUP go to the job (`PipelineSignals`): the job saves and stops, then the driver stops.
 A job dies with the driver: its process gets SIGTERM when the driver is gone, even by kill -9 (Linux
 PR_SET_PDEATHSIG), so a training run saves and exits instead of going on as an orphan.
 """
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -40,8 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from llama_posttrain.train import progress
-from llama_posttrain.train.processes import (  # noqa: F401 (Job, JobFailed, ATTEMPT, _process_tree: this module's face too)
+from llama_posttrain.driver.processes import (  # noqa: F401 (Job, JobFailed, ATTEMPT, _process_tree: this module's face too)
     ATTEMPT,
     ROOT,
     Job,
@@ -52,9 +50,12 @@ from llama_posttrain.train.processes import (  # noqa: F401 (Job, JobFailed, ATT
     run_logged,
     start_job,
 )
+from llama_posttrain.train import progress
+from llama_posttrain.train.lifecycle import RESULT, read_result
+from llama_posttrain.train.progress import clock
 
 if TYPE_CHECKING:
-    from llama_posttrain.train.launch_ray import RayJobs
+    from llama_posttrain.driver.launch_ray import RayJobs
 
 RDZV_PORT = 29400
 KINDS = ("local", "torchrun", "ray", "slurm")
@@ -66,7 +67,7 @@ class Launcher:
     nnodes: int = 1  # nodes of each distributed job (ray, slurm)
     rdzv_endpoint: str | None = None  # slurm: host:port of the c10d rendezvous (default MASTER_ADDR, this host)
     address: str = "auto"  # ray: the cluster's address (ray.init), "auto": RAY_ADDRESS or the one started here
-    signals: Signals = field(default_factory=lambda: Signals())
+    signals: PipelineSignals = field(default_factory=lambda: PipelineSignals())
     _count: itertools.count = field(default_factory=itertools.count)
     _session: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
@@ -122,16 +123,18 @@ class Launcher:
 
     def run(self, job: Job) -> None:
         """Run the job to its end (all nodes), its output appended to its log, its progress shown. Raises
-        JobFailed with the log's end, or Interrupted if a signal stopped it (forwarded to it first)."""
+        JobFailed with the log's end, or PipelineInterrupted if a signal stopped it (forwarded to it first)."""
         rdzv_id = f"{self._session}-{next(self._count)}"
         progress_file = job.log.with_suffix(".progress.json")
         progress_file.unlink(missing_ok=True)
+        if job.run_dir is not None:  # a training run's result is this attempt's, not a previous one's
+            (Path(job.run_dir) / RESULT).unlink(missing_ok=True)
         env = {**job.env, progress.ENV: str(progress_file)}
         job.log.parent.mkdir(parents=True, exist_ok=True)
         watch = ProgressLine(job.name, progress_file, waiting=self.waiting(job))
         try:
             if self.kind == "ray":
-                from llama_posttrain.train.launch_ray import RayJobs  # Ray, an optional extra: only here
+                from llama_posttrain.driver.launch_ray import RayJobs  # Ray, an optional extra: only here
 
                 rc, failure = RayJobs(self).run(job, env, watch)
             else:
@@ -142,20 +145,13 @@ class Launcher:
             watch()  # the job's last report
             watch.close()
         if self.signals.signum is not None:  # forwarded to it: it saved (or not) and stopped
-            raise Interrupted(self.signals.signum, _saved(job, rc, self.signals.killed))
+            raise PipelineInterrupted(self.signals.signum, _saved(job, rc, self.signals.killed))
         if rc != 0:
             what, log, more = failure or (f"(exit code {rc})", job.log, "")
             raise JobFailed(
                 f"{job.script} failed {what} for {job.name}; the end of its log {log}\n{_tail(log)}\n{more}"
                 "Rerunning the pipeline resumes from the last finished stage."
             )
-
-
-def clock(seconds: float) -> str:
-    """`m:ss`, or `h:mm:ss` from an hour: the progress lines' elapsed time and ETA (llama_posttrain/train/logger.py too)."""
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 WAIT_EVERY_S = 30.0  # while a job on several nodes has reported no progress: how often that is said
@@ -203,9 +199,10 @@ class ProgressLine:
             self.stream.flush()
 
 
-class Interrupted(BaseException):
+class PipelineInterrupted(BaseException):
     """A signal stopped the pipeline: `main` prints one line and exits 128 + the signal. A BaseException,
-    like KeyboardInterrupt, so that no `except Exception` on the way holds it up."""
+    like KeyboardInterrupt, so that no `except Exception` on the way holds it up. (A training process's own
+    stop: llama_posttrain/train/lifecycle.py StopRequested.)"""
 
     def __init__(self, signum: int, detail: str = ""):
         super().__init__(signum, detail)
@@ -220,7 +217,7 @@ class Interrupted(BaseException):
         )
 
 
-class Signals:
+class PipelineSignals:
     """SIGTERM, SIGINT (Ctrl-C) and SIGHUP while the pipeline runs (`with` installs the handlers, in the
     main thread only; a SIGHUP ignored as under nohup stays ignored):
     - while a stage's torchrun runs (`run`), the signal is forwarded to it, once (SIGHUP as SIGTERM, which
@@ -265,12 +262,12 @@ class Signals:
                 self.child.kill()
             return
         if not self.deferring:
-            raise Interrupted(self.signum)
+            raise PipelineInterrupted(self.signum)
 
     def check(self, where: str = "") -> None:
         """Stop here if a signal came while it could not stop the pipeline at once."""
         if self.signum is not None:
-            e = Interrupted(self.signum)
+            e = PipelineInterrupted(self.signum)
             e.where = where
             raise e
 
@@ -320,15 +317,17 @@ def _tail(path: Path, n: int = 30) -> str:
 
 
 def _saved(job: Job, rc: int, killed: bool) -> str:
-    """What a job stopped by a signal left, from its log's latest attempt (a training run's "SIGTERM: saved
-    step N", llama_posttrain/train/loop.py)."""
+    """What a job stopped by a signal left, from a training run's result file (its saved step,
+    llama_posttrain/train/lifecycle.py write_result), removed before the job started."""
     if killed:
         return f"{job.script} killed by a second signal, without saving; its log: {job.log}"
     where = job.run_dir or job.name
     if rc == 0:
         return f"{job.script} finished {where}"
-    text = job.log.read_text(errors="replace") if job.log.is_file() else ""
-    saved = re.findall(r"^SIG[A-Z]+: saved step (\d+)", text.rpartition(ATTEMPT)[2], re.MULTILINE)
-    if saved:
-        return f"{job.script} saved step {saved[-1]} in {where}"
+    try:
+        result = read_result(job.run_dir) if job.run_dir is not None else None
+    except ValueError as e:  # the stop is still reported: the file's problem named, not raised
+        return f"{job.script} stopped (exit code {rc}), its saved step unknown: {e}; its log: {job.log}"
+    if result is not None:
+        return f"{job.script} saved step {result['saved_step']} in {where}"
     return f"{job.script} stopped before it saved a step (exit code {rc}); its log: {job.log}"

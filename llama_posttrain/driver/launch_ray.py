@@ -1,8 +1,8 @@
-"""`launcher: ray` (llama_posttrain/train/launch.py): the jobs of the driver on a running Ray cluster.
+"""`launcher: ray` (llama_posttrain/driver/launch.py): the jobs of the driver on a running Ray cluster.
 
     ray start --head                                   # on the first node
     ray start --address <first node>:6379              # on each other node
-    python llama_posttrain/train/pipeline.py --config CFG launcher=ray nnodes=2    # anywhere in the cluster
+    python llama_posttrain/driver/pipeline.py --config CFG launcher=ray nnodes=2    # anywhere in the cluster
 
 A distributed job is a placement group of `nnodes` bundles on distinct nodes (STRICT_SPREAD); each bundle runs
 that node's `torchrun --nnodes N --node_rank i` agent (a static rendezvous on the first bundle's node, whose
@@ -12,7 +12,7 @@ command line (node 0: the job's log, node i: `<log>.node<i>.log`). Every node se
 environment, the run folder and the driver's working directory (where each job runs) at the same paths (a shared
 file system), as under Slurm.
 
-Stopping: a signal to the driver cancels the tasks (Signals -> RayJobs.forward): each agent task gets a
+Stopping: a signal to the driver cancels the tasks (PipelineSignals -> RayJobs.forward): each agent task gets a
 KeyboardInterrupt and sends SIGTERM to its torchrun, which its workers save on; a second signal kills them.
 A node that fails (an exit code, or Ray loses the task with its node) fails the job at once: the other nodes'
 agents are stopped and the error shows the failed node's log's end. The driver's death ends its tasks
@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from llama_posttrain.train.processes import Job, JobFailed, LocalProcess, run_logged, start_job
+from llama_posttrain.driver.processes import Job, JobFailed, LocalProcess, run_logged, start_job
 
 STOP_GRACE_S = 5.0  # after a node fails, how long the other nodes' agents get to stop before they are killed
 
@@ -63,7 +63,7 @@ def ray_agent(cmd: list[str], env: dict, log: str, cwd: str) -> int:
 
     def run(cmd, **popen_kw):
         nonlocal cancels
-        shim = [sys.executable, "-m", "llama_posttrain.train.launch_ray", *cmd]
+        shim = [sys.executable, "-m", "llama_posttrain.driver.launch_ray", *cmd]
         child = LocalProcess(start_job(shim, death_signal=signal.SIGKILL, **popen_kw))
         while True:
             try:
@@ -83,7 +83,7 @@ def exit_status(code: int) -> str:
 
 class RayJobs:
     """One job on the Ray cluster: its tasks, started and awaited from the driver's main thread. A signal
-    (Signals.handler -> forward/kill) is acted on here, at the next poll: the tasks are cancelled."""
+    (PipelineSignals.handler -> forward/kill) is acted on here, at the next poll: the tasks are cancelled."""
 
     def __init__(self, launcher):  # the launch.Launcher running the job (its signals, command lines)
         self.launcher, self.ray = launcher, import_ray()
@@ -146,7 +146,7 @@ class RayJobs:
             remove_placement_group(group)
 
     def ready(self, ref, watch=None, timeout_s: float = 60.0) -> bool:
-        """Wait for ref, a signal stopping the wait (Interrupted); watch(): the progress line, which says the wait."""
+        """Wait for ref, a signal stopping the wait (PipelineInterrupted); watch(): the progress line, which says the wait."""
         deadline = time.time() + timeout_s
         while time.time() < deadline:
             if self.ray.wait([ref], timeout=0.2)[0]:

@@ -34,7 +34,7 @@ def write_report(
 def plot(folder: Path, results: list[dict], rounds: int, eval_prompts: int) -> None:
     """accuracy.png (a task with a verifier) and rewards.png (rounds): only the series that have values, with
     95% intervals as error bars where n is small (CI_BELOW); a chart with nothing to draw is not written."""
-    from llama_posttrain.train.plots import HOW_TO_GET, have_matplotlib, line_chart
+    from llama_posttrain.driver.plots import HOW_TO_GET, have_matplotlib, line_chart
 
     if not have_matplotlib():
         print(f"plots: skipped (matplotlib is not installed); to get them: {HOW_TO_GET}, and rerun the pipeline")
@@ -168,7 +168,7 @@ def sample_sizes(folder: Path, results: list[dict]) -> list[dict]:
     """Each result with `n` (and `std`) for the metrics whose sizes the stage's files tell: an evaluation
     writes its own; rs and pref: the picks behind rm_pick_accuracy and mean_best_score (and the scores' std,
     from round_k/<stage>/sft.jsonl; rs without it: its records); sft: the eval examples behind sft_loss (its run's last `eval/examples`)."""
-    from llama_posttrain.train.recipe import last_eval
+    from llama_posttrain.driver.recipe import last_eval
 
     out = []
     for r in results:
@@ -320,7 +320,7 @@ def sample_rows(stage_dir: Path, rnd: int, verify=None, prompts: int = 4) -> lis
 
 def generation_rows(folder: Path, results: list[dict]) -> dict[int, list[list]]:
     """{round: rows} of the greedy generations that each evaluated model (the base, SFT, DPO) kept of the
-    first held-out prompts (llama_posttrain/train/evaluate.py `generations`, in round_<k>/<stage>/eval_<name>.json): the
+    first held-out prompts (llama_posttrain/jobs/evaluate.py `generations`, in round_<k>/<stage>/eval_<name>.json): the
     same prompts every time, so the rows show the policy change over stages and rounds. `correct`: the
     verifier's score (None without a verifier)."""
     out: dict[int, list[list]] = {}

@@ -1,4 +1,4 @@
-"""Issue 17, round 2, around the pipeline and its pieces: the pipeline forwards SIGTERM / SIGINT to the
+"""Signals to the pipeline, and around its pieces: the pipeline forwards SIGTERM / SIGINT to the
 stage it runs and exits 128 + signal; SFT logs its real and its target tokens under their own names;
 the quickstart stage configs write outside the pipeline's folder. (Rejection sampling counting and
 printing every sample and prompt it drops: tests/test_drops.py.)"""
@@ -66,19 +66,19 @@ def test_a_loss_sum_named_like_the_loops_own_is_refused():
 def _stage_run(kind: str) -> None:
     """The README's stage command (torchrun ... llama_posttrain/train/sft.py --config experiments/quickstart/sft.yaml),
     in-process for 1 step in the current folder: its run folder is the config's own."""
-    from llama_posttrain.train.lifecycle import Signals
+    from llama_posttrain.train.lifecycle import StopSignal
 
     in_process(kind, [
         "--config", str(QUICK / f"{kind}.yaml"), "logging.progress=false", "data.eval=null", "train.steps=1",
         "train.save_every=0",
     ])  # fmt: skip
-    assert Signals.received is None
+    assert StopSignal.received is None
 
 
 def test_the_readme_stage_command_and_the_pipeline_use_separate_folders(tmp_path, one_rank, monkeypatch):
     import torch.distributed as dist
 
-    from llama_posttrain.train.pipeline import Pipeline, load_pipeline_config
+    from llama_posttrain.driver.pipeline import Pipeline, load_pipeline_config
 
     pipeline_yaml = str(QUICK / "pipeline.yaml")
     for order in ("stage first", "pipeline first"):
@@ -105,7 +105,7 @@ def yaml_of(kind: str) -> dict:
 
 
 def test_every_pipeline_config_keeps_its_stage_configs_run_folders_outside_its_own():
-    from llama_posttrain.train.pipeline import PipelineConfig
+    from llama_posttrain.driver.pipeline import PipelineConfig
 
     pipelines = sorted((ROOT / "experiments").glob("*/pipeline.yaml"))
     assert len(pipelines) >= 3
@@ -131,7 +131,7 @@ def test_a_stage_configs_own_run_folder_may_change_under_a_recorded_pipeline(tmp
     import yaml
     from test_pipeline import _micro
 
-    from llama_posttrain.train.pipeline import Pipeline, PipelineError, load_pipeline_config
+    from llama_posttrain.driver.pipeline import Pipeline, PipelineError, load_pipeline_config
 
     for kind in ("rm", "sft", "dpo"):  # the stage configs as they were when the folder was made
         old = yaml_of(kind)
@@ -169,7 +169,7 @@ import os, signal, subprocess, sys, time
 handle = lambda signum, frame: worker.send_signal(signum) if sys.argv[3] == "forward" else None
 for s in (signal.SIGTERM, signal.SIGINT):
     signal.signal(s, handle)
-worker = subprocess.Popen([sys.executable, "-c", sys.argv[2], sys.argv[1] + ".ready"], start_new_session=True)
+worker = subprocess.Popen([sys.executable, "-c", sys.argv[2], sys.argv[1] + ".ready", sys.argv[4]], start_new_session=True)
 while not os.path.exists(sys.argv[1] + ".ready"):  # its handlers are in place
     time.sleep(0.01)
 open(sys.argv[1] + ".tmp", "w").write(f"{os.getpid()} {worker.pid}")
@@ -178,6 +178,7 @@ sys.exit(1 if worker.wait() else 0)
 """
 FAKE_WORKER = """
 import signal, sys, time
+from llama_posttrain.train.lifecycle import write_result
 got = []
 for s in (signal.SIGTERM, signal.SIGINT):
     signal.signal(s, lambda signum, frame: got.append(signum))
@@ -185,6 +186,7 @@ open(sys.argv[1], "w").close()
 while not got:  # training
     time.sleep(0.01)
 time.sleep(0.3)  # saving
+write_result(sys.argv[2], 7, got[0])  # the run folder's result file: what the launcher reads
 print(f"{signal.Signals(got[0]).name}: saved step 7; signals received: {len(got)}", flush=True)
 sys.exit(128 + got[0])
 """
@@ -225,13 +227,13 @@ def _pipeline_with_a_fake_torchrun(tmp_path, monkeypatch, worker: str, forward: 
 
     from test_pipeline import _micro
 
-    from llama_posttrain.train.launch import Job, Launcher
-    from llama_posttrain.train.pipeline import Pipeline, load_pipeline_config
+    from llama_posttrain.driver.launch import Job, Launcher
+    from llama_posttrain.driver.pipeline import Pipeline, load_pipeline_config
 
     (tmp_path / "torchrun.py").write_text(FAKE_TORCHRUN)
     pids = tmp_path / "pids"
     cmd = [sys.executable, str(tmp_path / "torchrun.py"), str(pids), worker, "forward" if forward else "ignore"]
-    monkeypatch.setattr(Launcher, "command", lambda self, job, rdzv_id=None: cmd)
+    monkeypatch.setattr(Launcher, "command", lambda self, job, rdzv_id=None: [*cmd, str(job.run_dir)])
     pipe = Pipeline(load_pipeline_config(_micro(tmp_path)))
 
     def train_stage(d, k):
@@ -267,12 +269,12 @@ def test_a_signal_while_a_stage_trains_is_forwarded_and_the_pipeline_stops_after
     """SIGTERM (a scheduler), Ctrl-C, a closed terminal (SIGHUP, forwarded as the SIGTERM training saves on)."""
     import signal
 
-    from llama_posttrain.train.launch import Interrupted
+    from llama_posttrain.driver.launch import PipelineInterrupted
 
     pipe, train_stage, pids = _pipeline_with_a_fake_torchrun(tmp_path, monkeypatch, FAKE_WORKER)
     before = signal.getsignal(signal.SIGTERM)
     _signal_once_up(pids, signal.Signals[sent])
-    with pytest.raises(Interrupted) as stopped, pipe.signals:
+    with pytest.raises(PipelineInterrupted) as stopped, pipe.signals:
         pipe.recipe.stage(1, "sft", train_stage)
     torchrun, worker = map(int, pids.read_text().split())
     assert stopped.value.signum == signal.Signals[sent]  # main exits 128 + it
@@ -291,12 +293,13 @@ def test_a_signal_while_a_stage_trains_is_forwarded_and_the_pipeline_stops_after
 def test_a_second_signal_kills_the_stages_torchrun_and_its_workers(tmp_path, monkeypatch, signal_guard):
     import signal
 
-    from llama_posttrain.train.launch import Interrupted
+    from llama_posttrain.driver.launch import PipelineInterrupted
 
     pipe, train_stage, pids = _pipeline_with_a_fake_torchrun(tmp_path, monkeypatch, STUBBORN_WORKER, forward=False)
     _signal_once_up(pids, signal.SIGINT, signal.SIGINT)  # Ctrl-C, then Ctrl-C again: do not wait for the save
     with pytest.raises(
-        Interrupted, match=r"^SIGINT: stopped in \[round 1\] sft \(llama_posttrain/train/sft.py killed by a second"
+        PipelineInterrupted,
+        match=r"^SIGINT: stopped in \[round 1\] sft \(llama_posttrain/train/sft.py killed by a second",
     ):
         with pipe.signals:
             pipe.recipe.stage(1, "sft", train_stage)
@@ -319,8 +322,8 @@ def test_a_signal_during_the_pipelines_own_work_exits_128_plus_it_without_a_done
 
     from test_pipeline import _micro
 
-    from llama_posttrain.train.pipeline import main
-    from llama_posttrain.train.recipe import Recipe
+    from llama_posttrain.driver.pipeline import main
+    from llama_posttrain.driver.recipe import Recipe
 
     def make_data(self, d, k):
         (d / "seed_pairs.jsonl").write_text("half a file")
@@ -360,7 +363,7 @@ def test_sigterm_to_the_pipeline_mid_training_saves_leaves_no_process_and_a_reru
     pretrain = {"train.steps": steps, "data.batch_size": 32, "train.save_every": 0, "optim.lr": 1.0e-2}
     cfg = tmp_path / "micro.yaml"
     cfg.write_text(yaml.safe_dump({**MICRO, "root": str(tmp_path / "runs"), "rounds": 0, "pretrain": pretrain}))
-    cmd = [sys.executable, str(ROOT / "llama_posttrain" / "train" / "pipeline.py"), "--config", str(cfg)]
+    cmd = [sys.executable, str(ROOT / "llama_posttrain" / "driver" / "pipeline.py"), "--config", str(cfg)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     stage = tmp_path / "runs" / "micro" / "round_0" / "pretrain"
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

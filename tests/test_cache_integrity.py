@@ -1,4 +1,4 @@
-"""Issue 17, round 2, data: the tokenized cache never serves stale or damaged data, the loaders
+"""The tokenized data cache and the loaders' inputs: the cache never serves stale or damaged data, the loaders
 expose the content fingerprints of the files they read, and bad inputs (a damaged manifest, a full
 disk, a truncated .arrow, a file name with '[', a state.json pointing outside its folder, an empty
 assistant turn, a bad `python -m llama_posttrain.train.prepare_data` run) are one clear error; the tokenizer processes

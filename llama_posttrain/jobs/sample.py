@@ -1,6 +1,6 @@
 """Rejection sampling: K samples per prompt from the policy, scored by reward model(s), best kept.
 
-    torchrun --nproc_per_node 8 llama_posttrain/train/sample.py --policy runs/r1/dpo/model --rm runs/r1/rm/model \\
+    torchrun --nproc_per_node 8 llama_posttrain/jobs/sample.py --policy runs/r1/dpo/model --rm runs/r1/rm/model \\
         --prompts prompts.jsonl --k 16 --out-sft sft_r2.jsonl --out-pairs pairs_r2.jsonl
 
 Each prompt is prefilled once and fanned out to K samples (llama_posttrain/llama/generate.py). The K samples are
@@ -28,15 +28,15 @@ token. A prompt whose tokens + --max-new-tokens exceed the policy's context is s
 counted the same way ("prompt_too_long"); a labels file (`--annotate file:`) may label only some sets, the
 others counted ("no_pair_unlabelled"). Before any work: no output may be an input
 (llama_posttrain/llama/paths.py), and a reward model must use the policy's tokenizer and chat template
-(llama_posttrain/train/scoring.py `check_reward_models`: a mismatch is refused, not re-rendered).
+(llama_posttrain/jobs/scoring.py `check_reward_models`: a mismatch is refused, not re-rendered).
 
 Engines (`--engine`): "native" (default) samples with llama_posttrain/llama/generate.py on every rank. "vllm"
-(llama_posttrain/train/vllm_engine.py) exports the policy to an HF folder (with its tokenizer and chat template) and
+(llama_posttrain/jobs/vllm_engine.py) exports the policy to an HF folder (with its tokenizer and chat template) and
 samples with vLLM (PagedAttention, continuous batching; `pip install vllm`, needs a CUDA GPU): the
-engine to use at 8B+ scale. Run it as one process (`python llama_posttrain/train/sample.py ... --engine vllm`, vLLM
+engine to use at 8B+ scale. Run it as one process (`python llama_posttrain/jobs/sample.py ... --engine vllm`, vLLM
 spreads over `--tensor-parallel` GPUs itself); prompts are rendered to token ids here and the samples
 mapped back to the same records and fields, scored by the reward model(s) as with the native engine once
-vLLM has freed the GPU (its memory options: llama_posttrain/train/vllm_engine.py). Native memory: a generate call takes
+vLLM has freed the GPU (its memory options: llama_posttrain/jobs/vllm_engine.py). Native memory: a generate call takes
 --batch-size prompts, its KV cache (printed before sampling) --batch-size x --k rows of (longest prompt +
 --max-new-tokens) slots; the policy is freed before the reward models load. --compile: llama_posttrain/llama/generate.py.
 """
@@ -57,13 +57,13 @@ from llama_posttrain.data.drops import drop_reason, drop_report, split_outputs
 from llama_posttrain.data.io import write_jsonl, write_text
 from llama_posttrain.data.records import read_records
 from llama_posttrain.data.tasks.files import prompt_record
+from llama_posttrain.jobs.scoring import check_reward_models, combine_llama2, score
+from llama_posttrain.jobs.vllm_engine import add_vllm_args, max_model_len, vllm_engine
 from llama_posttrain.llama.chat import TEMPLATES, ChatFormat, resolve_chat_template
 from llama_posttrain.llama.paths import check_outputs
 from llama_posttrain.llama.tokenizer import resolve_tokenizer
 from llama_posttrain.train import progress
 from llama_posttrain.train.cli import HelpFormatter, at_least, json_object
-from llama_posttrain.train.scoring import check_reward_models, combine_llama2, score
-from llama_posttrain.train.vllm_engine import add_vllm_args, max_model_len, vllm_engine
 
 # torch-heavy modules are imported in the functions that use them: `--help` and argument errors answer at once.
 
@@ -194,7 +194,7 @@ def provenance(record: dict) -> dict:
     return ({"id": record["id"]} if "id" in record else {}) | {"source": source}
 
 
-def make_task(spec: str, args: dict | None, where: str = "--task-args"):
+def task_from_flags(spec: str, args: dict | None, where: str = "--task-args"):
     """A task (data/tasks) made with its arguments: a dataclass task's are type-checked as the pipeline's
     config checks them (llama_posttrain/train/config.py from_flat_dict); ValueError naming `where` and the argument."""
     from llama_posttrain.data.tasks import load_task, task_factory
@@ -212,7 +212,7 @@ def _annotator(spec: str | None, task_args: dict | None = None, k: int | None = 
         return None
     kind, _, arg = spec.partition(":")
     if kind == "verifier" and arg:  # a task's verifier, the task made with its settings (--task-args)
-        return verifier_annotator(make_task(arg, task_args).verify)
+        return verifier_annotator(task_from_flags(arg, task_args).verify)
     if kind == "file":
         return file_annotator(arg, k)  # every set holds the K samples
     raise ValueError(f"--annotate must be rm, verifier:TASK (e.g. verifier:arithmetic) or file:PATH, got {spec!r}")

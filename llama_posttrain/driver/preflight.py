@@ -1,4 +1,4 @@
-"""What the pipeline checks before its first job (llama_posttrain/train/pipeline.py `Pipeline.preflight`), so that a
+"""What the pipeline checks before its first job (llama_posttrain/driver/pipeline.py `Pipeline.preflight`), so that a
 bad record or a bad stage setting is found at start, not after the stages before the one that reads it:
 
 - each training run's config (pretrain without a `base`, rm, sft, dpo), once per variant, as its job would get
@@ -61,7 +61,7 @@ def training_configs(recipe, problems: list[str], checked: Counter) -> dict[str,
         "rm": {"model.checkpoint": start, "data.train": data, "data.eval": data},
         "sft": {"model.checkpoint": start, "data.train": [{"path": data, "weight": 1.0}], "data.eval": data},
         "dpo": {"model.checkpoint": start, "data.train": data, "data.eval": data},
-    }  # the keys each stage of llama_posttrain/train/recipe.py sets, with stand-in values of their types
+    }  # the keys each stage of llama_posttrain/driver/recipe.py sets, with stand-in values of their types
     if c.base is None:
         runs = {"pretrain": {"model.preset": c.preset, "data.train": data, "data.eval": data, "sft.mask_prompt": False},
                 **runs}  # fmt: skip
@@ -121,7 +121,7 @@ def file_problems(recipe, configs: dict[str, list], problems: list[str], checked
 
         return parse
 
-    def eval_pair(obj, where):  # llama_posttrain/train/evaluate.py read_pairs: best and worst scored as one message
+    def eval_pair(obj, where):  # llama_posttrain/jobs/evaluate.py read_pairs: best and worst scored as one message
         record = parse_preference(obj, where)
         _check_turns(record, chat, where)
         if any(len(r) != 1 for r in (record.responses[0], record.responses[-1])):

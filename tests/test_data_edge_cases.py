@@ -72,12 +72,12 @@ def test_evaluate_is_the_exact_loss_over_all_examples(tmp_path):
 
     objective = loop.Objective(loss, {"targets_per_example": ("targets", "examples")})
     model = torch.nn.Linear(1, 1)
-    out = loop.evaluate(objective, eval_loader(examples, 0, 1), model, dist())
+    out = loop.evaluate_objective(objective, eval_loader(examples, 0, 1), model, dist())
     assert out["eval/loss"] == pytest.approx(expected, rel=1e-9)
     assert out["eval/examples"] == 30
     assert out["eval/targets_per_example"] == pytest.approx(sum(len(e.targets) for e in examples) / 30, rel=1e-12)
     # two ranks: without a process group each returns its own sums, which the all-reduce would add
-    parts = [loop.evaluate(objective, eval_loader(examples, r, 2), model, dist(r, 2)) for r in range(2)]
+    parts = [loop.evaluate_objective(objective, eval_loader(examples, r, 2), model, dist(r, 2)) for r in range(2)]
     assert sum(p["eval/loss"] for p in parts) == pytest.approx(expected, rel=1e-9)
     assert sum(p["eval/examples"] for p in parts) == 30
 

@@ -1,4 +1,4 @@
-"""Scoring samples with reward models (llama_posttrain/train/sample.py, evaluate.py): `score`, Llama 2's
+"""Scoring samples with reward models (llama_posttrain/jobs/sample.py, evaluate.py): `score`, Llama 2's
 combination of a helpfulness and a safety score, and `check_reward_models`, which refuses, before any work,
 a reward model that would score the samples wrong.
 

@@ -9,9 +9,9 @@
                         verifier, the latest RM (+ a safety RM), or people (the driver stops for labels)
               dpo       DPO from the SFT model (its reference) on this round's pairs only
 
-Every stage that touches a model is a job started through the launcher (llama_posttrain/train/launch.py): training
-(train/{rm,sft,dpo}.py, once per variant), averaging of the variants (llama_posttrain/train/average.py), sampling
-(llama_posttrain/train/sample.py) and evaluation (llama_posttrain/train/evaluate.py: task accuracy with a verifier, RM pair accuracy,
+Every stage that touches a model is a job started through the launcher (llama_posttrain/driver/launch.py): training
+(train/{rm,sft,dpo}.py, once per variant), averaging of the variants (llama_posttrain/jobs/average.py), sampling
+(llama_posttrain/jobs/sample.py) and evaluation (llama_posttrain/jobs/evaluate.py: task accuracy with a verifier, RM pair accuracy,
 held-out NLL, the latest RM's mean score of a policy's samples). This file only plans: it writes the
 jobs' inputs, reads their result files and keeps each stage's results in its DONE marker.
 
@@ -24,9 +24,11 @@ of its samples or prompts, is not marked done: it stops, saying why and which ke
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from llama_posttrain.data.annotators import file_annotator, name_ids, preference_pair
@@ -34,11 +36,11 @@ from llama_posttrain.data.clean import CleanRules
 from llama_posttrain.data.drops import drop_reason, drop_report, drops_for, too_lossy
 from llama_posttrain.data.io import write_json, write_jsonl, write_text
 from llama_posttrain.data.schema import ValidationError
+from llama_posttrain.driver.launch import Job, JobFailed, Launcher, PipelineInterrupted
+from llama_posttrain.driver.processes import rank_env
 from llama_posttrain.llama.chat import TEMPLATES
-from llama_posttrain.train.config import read_yaml
-from llama_posttrain.train.launch import Interrupted, Job, JobFailed, Launcher
+from llama_posttrain.train.config import NonNegInt, PosInt, from_flat_dict, opt, read_yaml
 from llama_posttrain.train.logger import read_metrics
-from llama_posttrain.train.processes import rank_env
 
 STAGE_KINDS = ("rm", "sft", "dpo")  # the training scripts; "pretrain" runs sft.py
 FIRST_STAGES, ROUND_STAGES = ("data", "pretrain"), ("rm", "rs", "sft", "pref", "dpo")  # round 0's, each round's
@@ -158,18 +160,54 @@ def _concat_jsonl(files: list[Path], out: Path) -> None:
     write_jsonl(out, [json.loads(line) for f in files for line in Path(f).read_text().splitlines() if line.strip()])
 
 
-def _flags(options: dict) -> list[str]:
-    """{"max_repeat": 0.3, "dedup": True, "ban_phrase": ["a", "b"]} -> ["--max-repeat", "0.3", "--dedup", ...]"""
-    out = []
-    for key, value in options.items():
-        flag = "--" + key.replace("_", "-")
-        if value is True:
-            out.append(flag)
-        elif isinstance(value, list):
-            out += [x for v in value for x in (flag, str(v))]
-        elif value not in (None, False):
-            out += [flag, str(value)]
-    return out
+@dataclass
+class Cleaning:
+    """`cleaning`: rejection sampling's filters, each a llama_posttrain/jobs/sample.py flag (the rules of
+    llama_posttrain/data/clean.py), checked when the pipeline starts rather than when sampling does."""
+
+    dedup: bool = opt(False, "--dedup: drop an SFT record repeating an earlier prompt+response")
+    max_chars: PosInt | None = opt(None, "--max-chars: drop a sample longer than this")
+    max_repeat: float | None = opt(None, "--max-repeat: drop a sample whose repeated n-grams cover more, in [0, 1]")
+    repeat_ngram: PosInt = opt(3, "--repeat-ngram: the n of max_repeat")
+    ban_phrase: list[str] = opt([], "--ban-phrase, each: drop a sample containing it (case-insensitive)")
+    max_emoji: NonNegInt | None = opt(None, "--max-emoji: drop a sample with more emoji")
+    max_exclamation: NonNegInt | None = opt(None, "--max-exclamation: drop a sample with more exclamation marks")
+
+    @classmethod
+    def of(cls, cleaning: dict, where: str = "cleaning") -> Cleaning:
+        """The pipeline's `cleaning` mapping, checked; ValueError naming `where` and the key."""
+        return from_flat_dict(cls, cleaning, where)
+
+    def rules(self) -> CleanRules:
+        return CleanRules(
+            self.max_repeat, self.repeat_ngram, tuple(self.ban_phrase), self.max_emoji, self.max_exclamation
+        )
+
+    def flags(self) -> list[str]:
+        """sample.py's flags of the rules not at their defaults: {max_repeat: 0.3, dedup: true} ->
+        [--max-repeat, 0.3, --dedup]."""
+        out = []
+        for f in dataclasses.fields(self):
+            value, flag = getattr(self, f.name), "--" + f.name.replace("_", "-")
+            if value == _default(f):
+                continue
+            if value is True:
+                out.append(flag)
+            elif isinstance(value, list):
+                out += [x for v in value for x in (flag, str(v))]
+            else:
+                out += [flag, str(value)]
+        return out
+
+    def __post_init__(self):
+        if self.max_repeat is not None and not 0 <= self.max_repeat <= 1:
+            raise ValueError(f"max_repeat: a fraction in [0, 1], got {self.max_repeat}")
+        if any(not p.strip() for p in self.ban_phrase):
+            raise ValueError("ban_phrase: an empty phrase would ban every sample")
+
+
+def _default(f: dataclasses.Field):
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
 class Recipe:
@@ -179,6 +217,7 @@ class Recipe:
     def __init__(self, cfg, task, chat, run_dir: Path, launcher: Launcher, stage_config_file):
         self.cfg, self.task, self.chat, self.dir, self.launcher = cfg, task, chat, run_dir, launcher
         self.stage_config_file = stage_config_file  # kind -> the stage's config file (absolute)
+        self.cleaning = Cleaning.of(cfg.cleaning)  # checked when the pipeline's config was read
         self.results: list[dict] = []
         self.verify = getattr(task, "verify", None)
         self.annotator = cfg.annotator if cfg.annotator != "auto" else ("verifier" if self.verify else "rm")
@@ -231,7 +270,7 @@ class Recipe:
         """The base: an LM pre-trained on the task's corpus (every token a target), or the config's `base`."""
         c = self.cfg
         if c.base is not None:
-            return {"model": absolute(c.base), **self.evaluate(d, Path(absolute(c.base)), "base", rm=None)}
+            return {"model": absolute(c.base), **self.eval_job(d, Path(absolute(c.base)), "base", rm=None)}
         overrides = {
             "model.preset": c.preset,
             "data.train": str(self.data / "pretrain.jsonl"),
@@ -239,7 +278,7 @@ class Recipe:
             "sft.mask_prompt": False,
         }
         model = self.train("sft", d, overrides, c.pretrain, c.variants.get("pretrain"))
-        return {"model": str(model), **self.evaluate(d, model, "base", rm=None)}
+        return {"model": str(model), **self.eval_job(d, model, "base", rm=None)}
 
     def train_rm(self, d: Path, k: int, base: Path) -> dict:
         """Reward model from the base on all preference data so far: the seed data and every earlier round's."""
@@ -251,7 +290,7 @@ class Recipe:
             overrides["data.eval"] = self.files()["eval_pairs"]
         model = self.train("rm", d, overrides, self.cfg.rm, self.cfg.variants.get("rm"))
         single = last_eval(d / "variant_0", "accuracy")
-        result = {"model": str(model), **self.evaluate(d, model, "rm", rm=None), "rm_accuracy_variant_0": single}
+        result = {"model": str(model), **self.eval_job(d, model, "rm", rm=None), "rm_accuracy_variant_0": single}
         if (warning := near_chance(result.get("rm_accuracy"))) is not None:
             print(f"{self.where(d)}: {warning}", flush=True)
         return result
@@ -281,7 +320,7 @@ class Recipe:
         return {
             "model": str(model),
             "sft_loss": last_eval(d / "variant_0", "loss"),
-            **self.evaluate(d, model, "sft", rm),
+            **self.eval_job(d, model, "sft", rm),
         }
 
     def new_pairs(self, d: Path, k: int, sft_model: Path, rm: Path) -> dict:
@@ -345,16 +384,10 @@ class Recipe:
         labels, to_label = d / "labels.jsonl", d / "to_label.jsonl"
         dropped = {"no_pair_fewer_than_2": 0, "no_pair": 0}
         if not labels.is_file():
-            c = self.cfg.cleaning
-            rules = CleanRules(
-                c.get("max_repeat"), c.get("repeat_ngram", 3), tuple(c.get("ban_phrase", ())), c.get("max_emoji"),
-                c.get("max_exclamation"),
-            )  # fmt: skip
+            c, rules = self.cleaning, self.cleaning.rules()
             sets = []
             for s in map(json.loads, (d / "sets.jsonl").read_text().splitlines()):
-                kept = [
-                    t for t, f in zip(s["responses"], s["finished"]) if not drop_reason(t, f, c.get("max_chars"), rules)
-                ]
+                kept = [t for t, f in zip(s["responses"], s["finished"]) if not drop_reason(t, f, c.max_chars, rules)]
                 if len(kept) < 2:
                     dropped["no_pair_fewer_than_2"] += 1
                 else:
@@ -400,10 +433,10 @@ class Recipe:
             overrides["data.eval"] = self.files()["eval_pairs"]
         model = self.train("dpo", d, overrides, self.cfg.dpo, variants)
         out = {"model": str(model), "dpo_reward_accuracy_variant_0": last_eval(d / "variant_0", "rewards/accuracies")}
-        out.update(self.evaluate(d, model, "dpo", rm, reference=sft_model))  # the averaged model's reward accuracy
+        out.update(self.eval_job(d, model, "dpo", rm, reference=sft_model))  # the averaged model's reward accuracy
         if len(variants or []) > 1:  # the averaged model against the single ones
             out["variants"] = [
-                self.evaluate(d, d / f"variant_{v}" / "model", f"dpo_variant_{v}", rm) for v in range(len(variants))
+                self.eval_job(d, d / f"variant_{v}" / "model", f"dpo_variant_{v}", rm) for v in range(len(variants))
             ]
         return out
 
@@ -428,7 +461,7 @@ class Recipe:
                 raise StageError(f"[round {rnd}] {name}: {e}") from None
             except OSError as e:  # the driver's own files: a full disk, a folder made read-only
                 raise StageError(f"[round {rnd}] {name}: {e.filename}: {e.strerror or e}; rerun once fixed") from None
-            except Interrupted as e:  # no DONE marker: a rerun does the stage again (its training resumes)
+            except PipelineInterrupted as e:  # no DONE marker: a rerun does the stage again (its training resumes)
                 e.where = f"in [round {rnd}] {name}"
                 raise
             shown = {k: v for k, v in _map_paths(result, self.relative).items() if k not in ("round", "stage", "files")}
@@ -526,7 +559,7 @@ class Recipe:
                 )
             models.append(run_dir / "model")
         average = ["--out", str(d / "model"), *map(str, models)]
-        self.job(f"{self.where(d)}: averaging", "llama_posttrain/train/average.py", average, d / "average.log", nproc=0)
+        self.job(f"{self.where(d)}: averaging", "llama_posttrain/jobs/average.py", average, d / "average.log", nproc=0)
         return d / "model"
 
     def file_paths(self, kind: str, d: Path, overrides: dict) -> dict:
@@ -576,9 +609,9 @@ class Recipe:
                 args += ["--annotate", annotate, "--task-args", json.dumps(c.task_args)]
             if c.safety_rm:
                 args += ["--safety-rm", absolute(c.safety_rm)]
-            args += _flags(c.cleaning)
+            args += self.cleaning.flags()
             nproc = 0 if c.engine == "vllm" else (c.sample_nproc or c.nproc)
-            self.job(f"{self.where(d)}: sampling", "llama_posttrain/train/sample.py", args, d / "sample.log", nproc)
+            self.job(f"{self.where(d)}: sampling", "llama_posttrain/jobs/sample.py", args, d / "sample.log", nproc)
         dropped = json.loads(report_file.read_text()).get("dropped", {})
         records = len((d / "prompts.jsonl").read_text().splitlines())
         lines, warning = drop_report(dropped, records, c.k, f"max_new_tokens {c.max_new_tokens}", outputs)
@@ -619,7 +652,7 @@ class Recipe:
             **out,
         }
 
-    def evaluate(self, d: Path, model: Path, name: str, rm: Path | None, reference: Path | None = None) -> dict:
+    def eval_job(self, d: Path, model: Path, name: str, rm: Path | None, reference: Path | None = None) -> dict:
         """An evaluation job of a model: a reward model's pair accuracy (`name` "rm"); a policy's task accuracy
         (a task with a verifier), held-out NLL, the latest RM's mean score of its samples, and (`reference`:
         the DPO model's SFT model) the DPO implicit reward accuracy on the held-out pairs, as the DPO run's
@@ -650,7 +683,7 @@ class Recipe:
                     args += ["--pairs", files["eval_pairs"], *self.dpo_eval_args(d, reference)]
                 if not {"--prompts", "--nll", "--pairs"} & set(args):
                     return {}
-            self.job(f"{self.where(d)}: evaluating {name}", "llama_posttrain/train/evaluate.py", args, d / f"eval_{name}.log",
+            self.job(f"{self.where(d)}: evaluating {name}", "llama_posttrain/jobs/evaluate.py", args, d / f"eval_{name}.log",
                      c.eval_nproc or c.nproc)  # fmt: skip
         result = json.loads(out.read_text())
         keys = ("task_accuracy", "task_accuracy_sampled", "rm_accuracy", "nll", "rm_score", "dpo_reward_accuracy")
@@ -664,12 +697,12 @@ class Recipe:
     def dpo_eval_args(self, d: Path, reference: Path) -> list[str]:
         """The DPO run's recorded config (variant 0's: its loss and format mask) and, unless the loss is
         reference-free, its reference: the evaluation's --dpo-config and --reference."""
-        from llama_posttrain.losses.dpo import LOSSES
+        from llama_posttrain.losses.dpo import needs_reference
         from llama_posttrain.train.config import read_yaml
 
         config = d / "variant_0" / "config.yaml"
         loss = ((read_yaml(config) or {}).get("dpo") or {}).get("loss", "sigmoid")
-        return ["--dpo-config", str(config)] + (["--reference", str(reference)] if LOSSES[loss].reference else [])
+        return ["--dpo-config", str(config)] + (["--reference", str(reference)] if needs_reference(loss) else [])
 
     def score_with_last_rm(self, rm: Path) -> None:
         """One evaluation job after the last round: the last round's RM scores the held-out samples that every
@@ -699,7 +732,7 @@ class Recipe:
         if not out.is_file() or out.stat().st_mtime_ns < max(p.stat().st_mtime_ns for p in inputs if p.exists()):
             args = ["--model", str(rm), "--out", str(out), *self.model_args(), "--prompts", prompts]
             args += [x for f in kept.values() for x in ("--score-samples", str(f))]
-            self.job(f"{where}: scoring every policy's samples", "llama_posttrain/train/evaluate.py", args,
+            self.job(f"{where}: scoring every policy's samples", "llama_posttrain/jobs/evaluate.py", args,
                      d / "eval_policies.log", self.cfg.eval_nproc or self.cfg.nproc)  # fmt: skip
         scores = json.loads(out.read_text())["rm_score_of"]
         for r in self.results:
