@@ -16,7 +16,7 @@ from llama_posttrain.data.schema import SFTRecord
 from llama_posttrain.llama import Transformer, get_preset
 from llama_posttrain.llama.chat import ChatFormat
 from llama_posttrain.llama.tokenizer import load_tokenizer
-from llama_posttrain.losses import sft_loss
+from llama_posttrain.losses.sft import sft_loss
 from llama_posttrain.train.targets import target_logps
 
 

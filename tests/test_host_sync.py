@@ -112,20 +112,20 @@ def test_an_unlogged_step_has_no_host_sync(tmp_path, one_rank, monkeypatch, kind
     from llama_posttrain.train import loop
 
     if kind == "sft":
-        from llama_posttrain.train import sft
+        from llama_posttrain.train import sft_objective as sft
 
         cfg, s = sft_setup(tmp_path, *FAST)
         objective = sft.make_objective(s.model, "torch")
     elif kind == "rm":  # the ranking loss's pairs as an (S, S) mask, not a nonzero's list; extrema on the device
-        from llama_posttrain.train import rm
+        from llama_posttrain.train import rm, rm_objective
         from llama_posttrain.train.run_setup import setup
 
         argv = ["--config", str(QUICK / "rm.yaml"), f"train.run_dir={tmp_path}", "logging.progress=false", *SHORT]
         cfg = parse_args(rm.RMConfig, [*argv, "data.tokens_per_microbatch=256", *FAST])
         s = setup(cfg, kind="rm", head="reward", one_row=cfg.rm.one_row)
-        objective = rm.make_objective(s.model, cfg.rm.margin, cfg.rm.center_rewards, False)
+        objective = rm_objective.make_objective(s.model, cfg.rm.margin, cfg.rm.center_rewards, False)
     else:
-        from llama_posttrain.train import dpo
+        from llama_posttrain.train import dpo, dpo_objective
         from llama_posttrain.train.run_setup import setup
 
         argv = ["--config", str(QUICK / "dpo.yaml"), f"train.run_dir={tmp_path}", "logging.progress=false", *SHORT]
@@ -135,10 +135,10 @@ def test_an_unlogged_step_has_no_host_sync(tmp_path, one_rank, monkeypatch, kind
         from llama_posttrain.train.distributed import build_model
         from llama_posttrain.train.targets import LiveReference
 
-        m, t = cfg.model, cfg.train  # the live reference, as llama_posttrain/train/dpo.py main builds it
+        m, t = cfg.model, cfg.train  # the live reference, as llama_posttrain/train/dpo_objective.py run builds it
         preset = None if m.checkpoint else m.preset
         ref = build_model(s.d, m.checkpoint, preset, "lm", t.seed, t.mixed_precision, trainable=False)
-        objective = dpo.make_objective(s.model, LiveReference(ref, "torch"), cfg.dpo, "torch")
+        objective = dpo_objective.make_objective(s.model, LiveReference(ref, "torch"), cfg.dpo, "torch")
     trainer = loop.Trainer(cfg, s.d, s.model, objective, s.train_loader, None, None)
     batches = iter(s.train_loader)
     first = next(batches)

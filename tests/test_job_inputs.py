@@ -14,6 +14,7 @@ from conftest import random_model
 from llama_posttrain.data.annotators import file_annotator, preference_pair
 from llama_posttrain.data.drops import drop_report
 from llama_posttrain.data.schema import Drop, ValidationError, parse_preference
+from llama_posttrain.jobs.average import average_checkpoints
 from llama_posttrain.jobs.average import main as average_main
 from llama_posttrain.jobs.evaluate import main as evaluate_main
 from llama_posttrain.jobs.sample import main as sample_main
@@ -124,13 +125,16 @@ def test_evaluate_average_convert_prepare_refuse_an_output_that_is_an_input(tmp_
 
 
 @pytest.mark.parametrize("weights", [["nan", "1"], ["1", "nan"], ["inf", "nan"], ["nan", "nan"]])
-def test_average_refuses_non_finite_weights(tmp_path, weights):
+def test_average_refuses_non_finite_weights(tmp_path, weights, capsys):
     save_model(random_model(DEBUG, seed=0), tmp_path / "a")
     save_model(random_model(DEBUG, seed=1), tmp_path / "b")
     w = [float(x) for x in weights]
     assert not (abs(sum(w) - 1) > 1e-6 or min(w) < 0)  # the old check let these through
-    with pytest.raises(SystemExit, match=r"error: weights must be 2 finite non-negative numbers summing to 1"):
+    with pytest.raises(SystemExit) as e:  # the command line refuses them as every config's float (jobs/configs.py)
         average_main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "avg"), "--weights", *weights])
+    assert e.value.code == 2 and "argument --weights: weights: must be a finite number" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"weights must be 2 finite non-negative numbers summing to 1"):
+        average_checkpoints([tmp_path / "a", tmp_path / "b"], tmp_path / "avg", w)  # and so does the function
     assert not (tmp_path / "avg").exists()
 
 

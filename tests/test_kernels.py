@@ -163,7 +163,7 @@ def test_losses_through_the_kernel_match_torch():
     from llama_posttrain.llama import get_preset
     from llama_posttrain.llama.chat import ChatFormat
     from llama_posttrain.llama.tokenizer import load_tokenizer
-    from llama_posttrain.losses import sft_loss
+    from llama_posttrain.losses.sft import sft_loss
     from llama_posttrain.train.targets import target_logps
 
     chat = ChatFormat(load_tokenizer())

@@ -12,9 +12,9 @@ from llama_posttrain.data.schema import PreferenceRecord
 from llama_posttrain.llama import Transformer, get_preset
 from llama_posttrain.llama.chat import ChatFormat
 from llama_posttrain.llama.tokenizer import load_tokenizer
-from llama_posttrain.losses import dpo_loss, ranking_loss, sft_loss
-from llama_posttrain.losses.dpo import Hyper
-from llama_posttrain.losses.ranking import LLAMA2_MARGINS
+from llama_posttrain.losses.dpo import Hyper, dpo_loss
+from llama_posttrain.losses.ranking import LLAMA2_MARGINS, ranking_loss
+from llama_posttrain.losses.sft import sft_loss
 from llama_posttrain.train.targets import Pairs, dpo_logps, strength_margins, target_logps
 
 CHAT = ChatFormat(load_tokenizer())

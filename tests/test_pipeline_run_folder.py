@@ -208,13 +208,15 @@ def test_a_cleaning_typo_is_refused_at_start_before_any_stage(tmp_path, cleaning
     assert not (tmp_path / "runs").exists()
 
 
-def test_every_cleaning_key_is_a_sample_py_flag():
+def test_every_cleaning_key_is_a_sample_py_setting():
+    """The pipeline's `cleaning` keys reach sample.py as its own settings (SampleConfig fields, its flags)."""
     from llama_posttrain.driver.pipeline import Cleaning
+    from llama_posttrain.jobs.configs import SampleConfig, parser
 
-    sample = (ROOT / "llama_posttrain" / "jobs" / "sample.py").read_text()
-    flags = set(re.findall(r"""add_argument\(\s*"(--[a-z-]+)\"""", sample))
+    fields = {f.name for f in dataclasses.fields(SampleConfig)}
+    flags = set(parser(SampleConfig)._option_string_actions)
     for f in dataclasses.fields(Cleaning):
-        assert "--" + f.name.replace("_", "-") in flags, f"cleaning key {f.name} is not a sample.py flag"
+        assert f.name in fields and "--" + f.name.replace("_", "-") in flags, f"cleaning key {f.name}: not sample.py's"
 
 
 # ------------------------------------------------------------------ records: another folder's, this folder's

@@ -4,7 +4,6 @@ pipeline, and the vLLM engine's memory settings with a recording stand-in for th
 max_model_len from the data, gpu_memory_utilization passed through, no per-request seed unless asked,
 and the GPU freed before the reward models load."""
 
-import argparse
 import dataclasses
 import gc
 import json
@@ -18,7 +17,7 @@ from conftest import random_model
 
 import llama_posttrain.llama.checkpoint as llama_checkpoint
 import llama_posttrain.llama.generate as llama_generate
-from llama_posttrain.data.clean import CleanRules
+from llama_posttrain.jobs.configs import SampleConfig, parse
 from llama_posttrain.jobs.sample import main as sample_main
 from llama_posttrain.jobs.sample import sample_and_write
 from llama_posttrain.jobs.vllm_engine import MODEL_LEN_MULTIPLE, VLLMEngine, max_model_len, vllm_engine
@@ -214,13 +213,12 @@ def test_sample_cli_sets_max_model_len_from_the_prompts(tmp_path, monkeypatch, c
 
 
 def _args(tmp_path, **kw):
-    """llama_posttrain/jobs/sample.py's parsed arguments, as sample_and_write reads them."""
+    """llama_posttrain/jobs/sample.py's config (llama_posttrain/jobs/configs.py), as sample_and_write reads it."""
     defaults = dict(
-        policy=str(tmp_path / "policy"), rm=str(tmp_path / "rm"), safety_rm=None, seed=0, k=2, max_new_tokens=4,
-        batch_size=64, compile=False, temperature=1.0, top_p=1.0, top_k=0, max_chars=None, clean=CleanRules(),
-        dedup=False, out_sft=None, out_pairs=None, out_sets=str(tmp_path / "sets.jsonl"), out_report=None,
+        policy=str(tmp_path / "policy"), prompts=str(tmp_path / "prompts.jsonl"), rm=str(tmp_path / "rm"), k=2,
+        max_new_tokens=4, out_sets=str(tmp_path / "sets.jsonl"),
     )  # fmt: skip
-    return argparse.Namespace(**{**defaults, **kw})
+    return SampleConfig(**{**defaults, **kw})
 
 
 def test_reward_models_load_after_vllm_has_freed_the_gpu(tmp_path, monkeypatch):
@@ -294,8 +292,11 @@ def test_pipeline_sampling_options_reach_the_sampling_job(tmp_path, monkeypatch)
     def flag(args, name):
         return args[args.index(name) + 1] if name in args else None
 
+    def job(*overrides):  # the config the job reads from its command line (the job's own parser)
+        return parse(SampleConfig, sampling_args(*overrides))
+
     default = sampling_args()  # today's command: 64 prompts per call, eager
-    assert flag(default, "--batch-size") == "64" and "--compile" not in default
+    assert job().batch_size == 64 and "--compile" not in default
     assert not [a for a in default if a.startswith("--vllm")]
     mine = sampling_args("sample_batch_size=8", "sample_compile=true")
     assert flag(mine, "--batch-size") == "8" and "--compile" in mine and "--compile-mode" not in mine  # its default
@@ -304,7 +305,7 @@ def test_pipeline_sampling_options_reach_the_sampling_job(tmp_path, monkeypatch)
     vllm = sampling_args("engine=vllm", "vllm_gpu_memory_utilization=0.5", "vllm_max_model_len=1024")
     assert flag(vllm, "--vllm-gpu-memory-utilization") == "0.5" and flag(vllm, "--vllm-max-model-len") == "1024"
     assert "--batch-size" not in vllm
-    assert flag(sampling_args("engine=vllm", "rounds=2"), "--vllm-max-model-len") is None  # 0: from the data
+    assert job("engine=vllm", "rounds=2").vllm_max_model_len is None  # 0: from the data
     for override, message in [
         ("sample_batch_size=0", "sample_batch_size: must be >= 1"),
         ("vllm_gpu_memory_utilization=1.5", r"vllm_gpu_memory_utilization: must be in \(0, 1\], got 1.5"),

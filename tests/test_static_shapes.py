@@ -144,14 +144,15 @@ def test_collate_pads_to_a_given_shape_and_refuses_one_too_small():
 
 def objective(kind: str, model, reference=None):
     if kind == "sft":
-        from llama_posttrain.train.sft import make_objective
+        from llama_posttrain.train.sft_objective import make_objective
 
         return make_objective(model, "torch")
     if kind == "rm":
-        from llama_posttrain.train.rm import make_objective
+        from llama_posttrain.train.rm_objective import make_objective
 
         return make_objective(model, margin=None)
-    from llama_posttrain.train.dpo import DPOSection, make_objective
+    from llama_posttrain.train.dpo import DPOSection
+    from llama_posttrain.train.dpo_objective import make_objective
     from llama_posttrain.train.targets import LiveReference
 
     return make_objective(model, LiveReference(reference, "torch"), DPOSection(), "torch")

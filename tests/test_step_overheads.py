@@ -30,10 +30,12 @@ def test_a_step_has_one_collective_and_one_host_read_whatever_its_micro_batches(
     """Per step: one reduce of the step's sums (on the device); with the fused optimizer the non-finite
     check stays on the device too (no host read at all), without it the host decides (one read). The
     signal flag is polled on the CPU (lifecycle.StopPoll). Nothing per micro-batch: the steps have several."""
-    from llama_posttrain.train import loop, sft
+    from llama_posttrain.train import loop, sft_objective
 
     cfg, s = sft_setup(tmp_path, f"optim.fused={str(fused).lower()}", "logging.log_every=1000", "train.steps=20")
-    trainer = loop.Trainer(cfg, s.d, s.model, sft.make_objective(s.model, "torch"), s.train_loader, None, None)
+    trainer = loop.Trainer(
+        cfg, s.d, s.model, sft_objective.make_objective(s.model, "torch"), s.train_loader, None, None
+    )
     batches = iter(s.train_loader)
     trainer.train_step(next(batches), 1, timed=False)  # first step: the optimizer's state is created
 
@@ -76,12 +78,12 @@ def test_fused_optimizer_skips_non_finite_steps_on_the_device(tmp_path, one_rank
     """optim.fused=true: a non-finite step leaves the weights and the optimizer's state untouched
     (AdamW's found_inf), is counted, and max_bad_steps in a row stop the run; the counters are read
     at logged steps, so the stop comes at the first logged step after the limit is reached."""
-    from llama_posttrain.train import loop, sft
+    from llama_posttrain.train import loop, sft_objective
 
     cfg, s = sft_setup(
         tmp_path, "optim.fused=true", f"logging.log_every={log_every}", "train.steps=12", "train.max_bad_steps=3"
     )
-    objective = sft.make_objective(s.model, "torch")
+    objective = sft_objective.make_objective(s.model, "torch")
     steps_seen = []
 
     def loss(batch, step):
@@ -141,7 +143,7 @@ def test_dpo_pairs_without_nonzero_pair_each_groups_chosen_with_its_rejected(tmp
 @pytest.mark.parametrize("compile", [False, True])
 def test_dpo_reference_is_compiled_like_the_policy_and_freed_after_precompute(tmp_path, one_rank, monkeypatch, compile):
     import llama_posttrain.train.distributed as distributed
-    from llama_posttrain.train import dpo, loop
+    from llama_posttrain.train import dpo, dpo_objective, loop
 
     built, alive = [], {}
     real_build = distributed.build_model
@@ -157,7 +159,7 @@ def test_dpo_reference_is_compiled_like_the_policy_and_freed_after_precompute(tm
         alive["at_run"] = alive["ref"]() is not None
         return {}
 
-    monkeypatch.setattr(distributed, "build_model", recording_build)
+    monkeypatch.setattr(dpo_objective, "build_model", recording_build)
     monkeypatch.setattr(loop, "run", check_run)
     argv = ["--config", str(QUICK / "dpo.yaml"), f"train.run_dir={tmp_path}", "logging.progress=false", *SHORT]
     dpo.main([*argv, "train.steps=1", "dpo.reference=precompute", f"train.compile={str(compile).lower()}"])

@@ -219,7 +219,8 @@ def test_wandb_offline_run_holds_the_metrics(tmp_path, one_rank):
 
 def test_non_finite_steps_are_skipped_then_stop(tmp_path, one_rank):
     from llama_posttrain.train import loop
-    from llama_posttrain.train.sft import SFTConfig, make_objective
+    from llama_posttrain.train.sft import SFTConfig
+    from llama_posttrain.train.sft_objective import make_objective
 
     argv = ["--config", str(QUICK / "sft.yaml"), f"train.run_dir={tmp_path}", "logging.progress=false", *SHORT]
     cfg = parse_args(SFTConfig, [*argv, "train.steps=10", "train.max_bad_steps=3"])

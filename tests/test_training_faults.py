@@ -91,7 +91,7 @@ def test_a_truncated_checkpoint_falls_back_to_the_previous(tmp_path, one_rank, c
 
 
 def test_a_signal_mid_step_saves_the_last_finished_step_and_resumes_exactly(tmp_path, one_rank, monkeypatch):
-    import llama_posttrain.train.sft as sft
+    import llama_posttrain.train.sft_objective as sft
 
     args = ["train.steps=5", "data.tokens_per_microbatch=256"]  # several micro-batches per step
     in_process("sft", sft_argv(tmp_path / "ref", *args))

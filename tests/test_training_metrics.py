@@ -15,7 +15,7 @@ from test_losses import CHAT, dpo_batch, dpo_inputs, pref, sft_examples
 from llama_posttrain.data.loader import DataLoader, Step
 from llama_posttrain.data.rows import encode_preference, pack
 from llama_posttrain.llama import get_preset
-from llama_posttrain.losses import dpo_loss
+from llama_posttrain.losses.dpo import dpo_loss
 from llama_posttrain.losses.ranking import ranked_pairs, ranking_loss
 from llama_posttrain.train import loop
 from llama_posttrain.train.distributed import Dist
@@ -43,7 +43,7 @@ def is_argmax(logits, target):
 
 
 def test_sft_token_accuracy_is_the_argmax_fraction_of_float64_logits():
-    from llama_posttrain.train.sft import make_objective
+    from llama_posttrain.train.sft_objective import make_objective
 
     model = random_model(get_preset("debug"))
     batch, logits = with_argmax_targets(model, pack(sft_examples(8), 128, 128 * 8)[0])
@@ -62,7 +62,8 @@ def test_dpo_mean_logits_and_token_accuracy_against_float64_logits():
     """TRL's DPO: logits/chosen = logits[chosen completion tokens].mean() over tokens and vocabulary;
     mean_token_accuracy over the chosen completion tokens. Ours: over the tokens of the DPO sums (the
     formatting tokens masked); the loss is the one without the statistics, to the bit."""
-    from llama_posttrain.train.dpo import DPOSection, make_objective
+    from llama_posttrain.train.dpo import DPOSection
+    from llama_posttrain.train.dpo_objective import make_objective
     from llama_posttrain.train.targets import LiveReference, model_logps
 
     policy, reference = random_model(get_preset("debug")), random_model(get_preset("debug"), seed=1)
@@ -101,7 +102,7 @@ def reward_alone(rm, prompt, response):
 def test_rm_min_max_reward_and_pair_rewards_over_micro_batches():
     """loop.evaluate_objective over 3 steps of several micro-batches: reward_max / reward_min are the max / min of
     every response's reward, and the collected pair rewards are each ordered pair's (better, worse)."""
-    from llama_posttrain.train.rm import make_objective
+    from llama_posttrain.train.rm_objective import make_objective
 
     rm = random_model(get_preset("debug"), head="reward").eval()
     records = [pref(f"{i}*3=", str(3 * i), f"{i}", *([f"{i}{i}"] if i % 3 == 0 else [])) for i in range(1, 9)]
@@ -123,7 +124,7 @@ def test_rm_min_max_reward_and_pair_rewards_over_micro_batches():
 
 
 def test_an_empty_micro_batch_changes_no_extremum_and_none_is_logged_without_sequences():
-    from llama_posttrain.train.rm import make_objective
+    from llama_posttrain.train.rm_objective import make_objective
 
     objective = make_objective(None, None)
     none = torch.zeros(0)

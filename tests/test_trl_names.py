@@ -87,7 +87,7 @@ RECORDS = [
 def test_dpo_metrics_equal_trls_on_the_same_batch(loss, tmp_path):
     from trl import DPOTrainer
 
-    from llama_posttrain.train.dpo import make_objective
+    from llama_posttrain.train.dpo_objective import make_objective
     from llama_posttrain.train.targets import PrecomputedReference
 
     examples = [encode_preference(r, CHAT, 512, "truncate", Counter(), max_responses=2) for r in RECORDS]
@@ -149,7 +149,7 @@ def test_dpo_metrics_equal_trls_on_the_same_batch(loss, tmp_path):
 def test_sft_entropy_and_token_accuracy_equal_trls(tmp_path):
     from trl import SFTTrainer
 
-    from llama_posttrain.train.sft import make_objective
+    from llama_posttrain.train.sft_objective import make_objective
 
     batch = collate([sft_examples(4)])
     model = StandIn(seed=3)

@@ -8,7 +8,7 @@ checkpointing, and the same number of pairs per optimizer step. With --checkpoin
 real model instead (e.g. SmolLM2-135M-Instruct, experiments/smollm2-135m/model: 49152-token vocabulary,
 30 layers) with its own tokenizer and chat template: ours loads DIR, TRL its HF export (llama.convert).
 
-  ours   train.dpo.make_objective on unsharded models in one process: [prompt][chosen][rejected] packed
+  ours   train.dpo_objective.make_objective on unsharded models in one process: [prompt][chosen][rejected] packed
          rows, the prompt computed once, log-probs projected only at the target positions;
          one step = forward/backward of each micro-batch, clip, AdamW step, zero_grad.
   TRL    trl.DPOTrainer: each pair as two padded rows, prompt+chosen and prompt+rejected.
@@ -76,7 +76,8 @@ from llama_posttrain.llama import Transformer, load_model, save_model
 def run_ours(args, device: torch.device) -> None:
     import copy
 
-    from llama_posttrain.train.dpo import DPOSection, make_objective
+    from llama_posttrain.train.dpo import DPOSection
+    from llama_posttrain.train.dpo_objective import make_objective
     from llama_posttrain.train.targets import LiveReference, Pairs, target_logps
 
     work = Path(args.workdir)

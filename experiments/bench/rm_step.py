@@ -6,7 +6,7 @@ the same loss (Bradley-Terry over every ranked pair of a prompt's k responses, t
 pairs, no margin), the same optimizer (AdamW lr 1e-5, betas 0.9/0.95, no weight decay, constant LR,
 grad clip 1.0), no activation checkpointing, the same pairs per optimizer step:
 
-  ours        train.rm.make_objective on an unsharded model in one process: each prompt and its k responses
+  ours        train.rm_objective.make_objective on an unsharded model in one process: each prompt and its k responses
               as one row [prompt][r_a][r_b]...[r_k] (Llama 3), the prompt computed once, a reward read
               at each response's last token; all k(k-1)/2 pairs of the row in the loss.
   ours, separate rows   the same with `rm.one_row: false` (each response after its own prompt copy):
@@ -86,7 +86,7 @@ def make_ranked(n: int, k: int, seed: int) -> list[dict]:
 
 
 def run_ours(args, device: torch.device) -> None:
-    from llama_posttrain.train.rm import make_objective
+    from llama_posttrain.train.rm_objective import make_objective
 
     work = Path(args.workdir)
     model = load_model(work / "model", device=device).train()  # fp32 reward model, the weights TRL loads too

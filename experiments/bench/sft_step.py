@@ -8,7 +8,7 @@ dialogs per optimizer step. With --checkpoint DIR both sides train that real mod
 SmolLM2-135M-Instruct, experiments/smollm2-135m/model: 49152-token vocabulary, 30 layers) with its own
 tokenizer and chat template: ours loads DIR, TRL its HF export (llama.convert), the same weights.
 
-  ours   train.sft.make_objective on an unsharded model in one process: dialogs packed first-fit into rows
+  ours   train.sft_objective.make_objective on an unsharded model in one process: dialogs packed first-fit into rows
          of --max-len, a block-diagonal causal mask, log-probs projected only at the target positions.
   TRL    trl.SFTTrainer with padding_free=True: the step's dialogs concatenated into one row, position
          ids restarting at each dialog (transformers builds the block-diagonal mask from them), no pad.
@@ -90,7 +90,7 @@ def make_dialogs(n: int, seed: int) -> list[dict]:
 
 
 def run_ours(args, device: torch.device) -> None:
-    from llama_posttrain.train.sft import make_objective
+    from llama_posttrain.train.sft_objective import make_objective
 
     work = Path(args.workdir)
     model = load_model(args.checkpoint or work / "model", device=device).train()  # fp32, the weights TRL loads too

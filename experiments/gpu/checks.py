@@ -460,7 +460,7 @@ def step_kind(
 ):
     """One kind's rows of `step`; everything it builds is local, freed when it returns."""
     from llama_posttrain.kernels.triton_logprobs import n_bucket
-    from llama_posttrain.train import dpo, sft
+    from llama_posttrain.train import dpo, dpo_objective, sft_objective
     from llama_posttrain.train.loop import Trainer
     from llama_posttrain.train.targets import LiveReference
 
@@ -468,9 +468,9 @@ def step_kind(
         t0 = time.perf_counter()
         ref = device_model(d, preset, False, False, compile, shapes)  # compiled, as llama_posttrain/train/dpo.py
         setup_s += time.perf_counter() - t0
-        objective = dpo.make_objective(model, LiveReference(ref, "auto"), dpo.DPOSection(), "auto")
+        objective = dpo_objective.make_objective(model, LiveReference(ref, "auto"), dpo.DPOSection(), "auto")
     else:
-        objective = sft.make_objective(model, "auto")
+        objective = sft_objective.make_objective(model, "auto")
     trainer = Trainer(cfg, d, model, objective, None, None, objective)
     data, fill = training_steps(kind, model.config.vocab_size, max_len, tokens_per_microbatch, steps + 1 + profile, rng)
 

@@ -99,15 +99,23 @@ class Launcher:
             return [*run, "--standalone", f"--nproc_per_node={job.nproc}", script, *job.args]
         if self.kind == "ray":  # static rendezvous: node i's ranks are i * nproc ... (i + 1) * nproc - 1
             host, _, port = (master or "MASTER:PORT").rpartition(":")
-            static = [f"--nnodes={self.nnodes}", f"--node_rank={node}", f"--master_addr={host}",
-                      f"--master_port={port}", f"--nproc_per_node={job.nproc}"]  # fmt: skip
+            static = [
+                f"--nnodes={self.nnodes}",
+                f"--node_rank={node}",
+                f"--master_addr={host}",
+                f"--master_port={port}",
+                f"--nproc_per_node={job.nproc}",
+            ]
             return [*run, *static, script, *job.args]
         rdzv = [
-            f"--nnodes={self.nnodes}", f"--nproc_per_node={job.nproc}", "--rdzv_backend=c10d",
-            f"--rdzv_endpoint={self.endpoint()}", f"--rdzv_id={rdzv_id or self._session}",
-        ]  # fmt: skip
-        return ["srun", f"--nodes={self.nnodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1", *run, *rdzv,
-                script, *job.args]  # fmt: skip
+            f"--nnodes={self.nnodes}",
+            f"--nproc_per_node={job.nproc}",
+            "--rdzv_backend=c10d",
+            f"--rdzv_endpoint={self.endpoint()}",
+            f"--rdzv_id={rdzv_id or self._session}",
+        ]
+        srun = ["srun", f"--nodes={self.nnodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+        return [*srun, *run, *rdzv, script, *job.args]
 
     def waiting(self, job: Job) -> str | None:
         """What a job on several nodes waits for before its first progress report (ProgressLine says it at once

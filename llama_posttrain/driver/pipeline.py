@@ -88,6 +88,8 @@ from llama_posttrain.train.config import (
     NonNegFloat,
     NonNegInt,
     PosInt,
+    changeable,
+    config_changes,
     describe,
     differences,
     from_flat_dict,
@@ -175,6 +177,8 @@ LAUNCH_KEYS = {"launcher", "nnodes", "rdzv_endpoint", "ray_address", "node_rank"
 # sample_compile_mode: the same compiled kernels, replayed by a CUDA graph or launched one by one: the same draws.
 HARMLESS = {"name", "root", "rounds", "plots", "configs", "max_dropped", "from_stage", "sample_compile_mode"}
 HARMLESS |= LAUNCH_KEYS
+# The stage configs' keys the pipeline sets for every stage run, whatever the files say (STAGE_SETS).
+SET_BY_PIPELINE = tuple(f"stage_configs.*.{key}" for key in STAGE_SETS)
 REPORT_FILES = ("summary.json", "summary.md", "accuracy.png", "rewards.png")  # llama_posttrain/driver/report.py
 REDO_RECORD = "redo.yaml"  # the run folder's redos (from_stage): time, stage, the keys changed, where the old went
 SFT_SOURCES = ("rejection_sampled", "human")  # the keys of sft_weights
@@ -344,22 +348,6 @@ def _read_redos(folder: Path) -> list[dict]:
     return redos
 
 
-def _without_stage_sets(config: dict) -> dict:
-    """A recorded config without the STAGE_SETS keys of its stage configs (sections left empty dropped)."""
-    stages = {}
-    for kind, stage in (config.get("stage_configs") or {}).items():
-        if isinstance(stage, dict):
-            stage = {section: dict(keys) if isinstance(keys, dict) else keys for section, keys in stage.items()}
-            for key in STAGE_SETS:
-                section, _, name = key.partition(".")
-                if isinstance(stage.get(section), dict):
-                    stage[section].pop(name, None)
-                    if not stage[section]:
-                        del stage[section]
-        stages[kind] = stage
-    return {**config, "stage_configs": stages}
-
-
 START_OVER = "a run folder holds the results of one config: to start over, choose a new `name` or delete the folder"
 
 
@@ -404,8 +392,16 @@ class Pipeline:
                 c = self.cfg
                 stages = {stage: getattr(c, stage) for stage in ("pretrain", *STAGE_KINDS)}  # their overrides
                 dashboard = wandb_settings(self.stage_configs(), stages)  # None: the stages log no wandb
-                write_report(self.dir, dataclasses.asdict(c), results, c.plots, c.rounds, c.eval_prompts,
-                             dashboard, self.recipe.verify)  # fmt: skip
+                write_report(
+                    self.dir,
+                    dataclasses.asdict(c),
+                    results,
+                    c.plots,
+                    c.rounds,
+                    c.eval_prompts,
+                    dashboard,
+                    self.recipe.verify,
+                )
             except StageError as e:
                 raise PipelineError(str(e)) from None
         return results
@@ -419,8 +415,11 @@ class Pipeline:
         if problems:
             lines = "".join(f"\n  {p}" for p in problems)
             raise PipelineError(f"{len(problems)} problem(s) found before any job started:{lines}")
-        files = f"{checked.get('files', 0)} data files ({checked.get('records', 0)} records) and " if checked.get(
-            "files") else ""  # fmt: skip
+        files = (
+            f"{checked.get('files', 0)} data files ({checked.get('records', 0)} records) and "
+            if checked.get("files")
+            else ""
+        )
         print(f"pipeline: preflight: {files}{checked.get('runs', 0)} training run configs checked", flush=True)
 
     def estimate(self) -> str:
@@ -439,8 +438,7 @@ class Pipeline:
             except (PipelineError, OSError) as e:  # another run's folder: not this run's problem
                 print(f"pipeline: warning: {e}; {other} left out of the estimate", flush=True)
                 continue
-            diff = differences(_without_stage_sets(saved), _without_stage_sets(now))
-            if not [k for k in diff if k.split(".")[0] not in same]:
+            if not config_changes(saved, now, (*same, *SET_BY_PIPELINE))[1]:
                 finished.append((summary.stat().st_mtime, other))
         if not finished:
             return f"no estimate yet (no finished run of this config under {self.cfg.root}/); each job shows its ETA"
@@ -505,15 +503,13 @@ class Pipeline:
             raise PipelineError(
                 f"{e}: restore it (it records the config that made this folder's results); {START_OVER}"
             ) from None
-        changed = differences(saved, now)
-        # the stage configs' STAGE_SETS keys aside: the pipeline sets them for every stage run
-        strict = differences(_without_stage_sets(saved), _without_stage_sets(now))
-        refused = [k for k in strict if k.split(".")[0] not in HARMLESS]
-        sampling = [k for k in refused if k.split(".")[0] in REDO_KEYS]
-        if self.cfg.from_stage is not None:  # the redo's stages draw their samples with them
-            refused = [k for k in refused if k not in sampling]
+        # the stage configs' STAGE_SETS keys aside (the pipeline sets them), and for a redo the sampling keys (its
+        # stages draw their samples with them)
+        redo_keys = REDO_KEYS if self.cfg.from_stage is not None else ()
+        ok, refused = config_changes(saved, now, (*HARMLESS, *SET_BY_PIPELINE, *redo_keys))
+        sampling = [k for k in [*ok, *refused] if changeable(k, REDO_KEYS)]
         if refused:
-            lines = "".join(f"\n  {k}: {strict[k][0]!r} there, {strict[k][1]!r} now" for k in refused)
+            lines = "".join(f"\n  {k}: {was!r} there, {new!r} now" for k, (was, new) in refused.items())
             redo = (
                 f"\n{', '.join(sampling)}: sampling keys, which may change for a redo of the stages from a named one "
                 "on: add `from_stage=round_<k>/<stage>` (e.g. round_1/rs; its folder and every later stage's are "
@@ -526,7 +522,7 @@ class Pipeline:
                 f"{' and ' + REDO_RECORD if (self.dir / REDO_RECORD).is_file() else ''}); differing:{lines}{redo}\n"
                 f"{START_OVER}"
             )
-        harmless = [k for k in changed if k not in sampling and k != "from_stage"]
+        harmless = [k for k in ok if k not in sampling and k != "from_stage"]
         if harmless:
             print(f"{record}: {', '.join(harmless)} changed (no stage's result depends on them); the record is kept")
         if self.cfg.from_stage is not None:
@@ -548,8 +544,11 @@ class Pipeline:
             )
             return
         start = stage_place(fs)
-        later = [p for p in self.dir.glob("round_*/*") if p.is_dir() and (stage_place(f"{p.parent.name}/{p.name}")
-                                                                          or (-1,)) >= start]  # fmt: skip
+        later = [
+            p
+            for p in self.dir.glob("round_*/*")
+            if p.is_dir() and (stage_place(f"{p.parent.name}/{p.name}") or (-1,)) >= start
+        ]
         later.sort(key=lambda p: stage_place(f"{p.parent.name}/{p.name}"))
         report = [self.dir / name for name in REPORT_FILES if (self.dir / name).exists()]
         numbers = [int(p.name[5:]) for p in self.dir.glob("redo_*") if p.name[5:].isdigit()]
@@ -563,10 +562,13 @@ class Pipeline:
                 os.replace(p, target)
                 moved.append(str(p.relative_to(self.dir)))
             entry = {
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "from_stage": fs,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "from_stage": fs,
                 "changed": {key: {"was": was, "now": new} for key, (was, new) in changed.items()},
-                "values": values, "moved_to": dest.name if moved else None, "moved": moved,
-            }  # fmt: skip
+                "values": values,
+                "moved_to": dest.name if moved else None,
+                "moved": moved,
+            }
             write_text(record, yaml.safe_dump([*redos, entry], sort_keys=False))
         what = ", ".join(f"{key} {was!r} -> {new!r}" for key, (was, new) in changed.items()) or "no key changed"
         where = (
@@ -592,9 +594,10 @@ def make_launcher(cfg: PipelineConfig, run_dir: Path) -> Launcher:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(
-        description=__doc__, epilog="keys (key = default):\n" + describe(PipelineConfig),
+        description=__doc__,
+        epilog="keys (key = default):\n" + describe(PipelineConfig),
         formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
+    )
     ap.add_argument("--config")
     ap.add_argument("overrides", nargs="*", help="key=value")
     args = ap.parse_args(argv)

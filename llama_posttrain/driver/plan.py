@@ -199,12 +199,19 @@ def estimate(s: Setting) -> Estimate:
         reference = 0 if s.cpu_offload else reference
         reference_forward = c * ref["root"] + 2 * c * ref["block"] + logprob_chunk_bytes(s, backward=False)
     return Estimate(
-        **{k: int(v) for k, v in state.items()}, reference=int(reference), gathered=int(gathered),
-        activations_off=activation_bytes(s, False), activations_on=activation_bytes(s, True),
-        logprob_chunk=logprob_chunk_bytes(s), reference_forward=int(reference_forward),
-        root_gathered=c * counts["root"], root_reduce=int(4 * counts["root"] * (1 + 1 / s.shards)), host=host,
-        activation_checkpointing=s.activation_checkpointing, accumulating=s.accumulating,
-    )  # fmt: skip
+        **{k: int(v) for k, v in state.items()},
+        reference=int(reference),
+        gathered=int(gathered),
+        activations_off=activation_bytes(s, False),
+        activations_on=activation_bytes(s, True),
+        logprob_chunk=logprob_chunk_bytes(s),
+        reference_forward=int(reference_forward),
+        root_gathered=c * counts["root"],
+        root_reduce=int(4 * counts["root"] * (1 + 1 / s.shards)),
+        host=host,
+        activation_checkpointing=s.activation_checkpointing,
+        accumulating=s.accumulating,
+    )
 
 
 def fits(s: Setting, gpu_gib: float, margin: float = 0.10) -> bool:
@@ -299,11 +306,19 @@ def setting_from_config(cfg, kind: str, nproc: int, device: str = "cuda", preset
     bf16 = t.mixed_precision == "bf16" or (t.mixed_precision == "auto" and device == "cuda")
     kernels = t.kernels if t.kernels != "auto" else ("triton" if device == "cuda" else "torch")
     return Setting(
-        model=model, kind=kind, nproc=nproc, shard_degree=t.shard_degree,
-        cpu_offload=t.cpu_offload, device=device, compute_bytes=2 if bf16 else 4,
-        activation_checkpointing=t.activation_checkpointing, tokens_per_microbatch=cfg.data.tokens_per_microbatch,
-        max_len=cfg.data.max_len, reference=cfg.dpo.reference if kind == "dpo" else None, kernels=kernels,
-    )  # fmt: skip
+        model=model,
+        kind=kind,
+        nproc=nproc,
+        shard_degree=t.shard_degree,
+        cpu_offload=t.cpu_offload,
+        device=device,
+        compute_bytes=2 if bf16 else 4,
+        activation_checkpointing=t.activation_checkpointing,
+        tokens_per_microbatch=cfg.data.tokens_per_microbatch,
+        max_len=cfg.data.max_len,
+        reference=cfg.dpo.reference if kind == "dpo" else None,
+        kernels=kernels,
+    )
 
 
 def is_pipeline_config(path) -> bool:
@@ -351,17 +366,26 @@ def pipeline_stages(cfg) -> list[Stage]:
         for v, extra in enumerate(variants):
             stages.append(
                 Stage(
-                    name + (f" variant {v}" if len(variants) > 1 else ""), kind, ROOT / cfg.configs[kind],
-                    override_args({**overrides, **extra}), None if cfg.base is not None else cfg.preset,
+                    name + (f" variant {v}" if len(variants) > 1 else ""),
+                    kind,
+                    ROOT / cfg.configs[kind],
+                    override_args({**overrides, **extra}),
+                    None if cfg.base is not None else cfg.preset,
                 )
-            )  # fmt: skip
+            )
     return stages
 
 
 def plan_pipeline(
-    path, overrides: list[str], nproc: int | None, gpu_gib: float, device: str = "cuda", preset: str | None = None,
-    margin: float = 0.10, gpus_per_node: int | None = None,
-) -> tuple[str, bool]:  # fmt: skip
+    path,
+    overrides: list[str],
+    nproc: int | None,
+    gpu_gib: float,
+    device: str = "cuda",
+    preset: str | None = None,
+    margin: float = 0.10,
+    gpus_per_node: int | None = None,
+) -> tuple[str, bool]:
     """Every training stage of a pipeline config: one table (stage, config, model, ranks, micro-batch, peak,
     verdict), then the full report of each stage that does not fit. -> (the text, whether all fit)."""
     from llama_posttrain.driver.pipeline import PipelineError, load_pipeline_config
@@ -468,9 +492,15 @@ def main(argv=None) -> int:
     try:
         if not args.kind and is_pipeline_config(args.config):
             text, fit = plan_pipeline(
-                args.config, args.overrides, args.nproc, args.gpu_gib, args.device, args.preset, args.margin,
+                args.config,
+                args.overrides,
+                args.nproc,
+                args.gpu_gib,
+                args.device,
+                args.preset,
+                args.margin,
                 args.gpus_per_node,
-            )  # fmt: skip
+            )
             print(text)
             return 0 if fit else NOT_FIT
         if args.nproc is None:

@@ -17,9 +17,14 @@ def have_matplotlib() -> bool:
 
 
 def line_chart(
-    path, title: str, xlabels: list[str], series: dict[str, list[float | None]], xlabel: str = "", ylabel: str = "",
+    path,
+    title: str,
+    xlabels: list[str],
+    series: dict[str, list[float | None]],
+    xlabel: str = "",
+    ylabel: str = "",
     errors: dict[str, list[tuple[float, float] | None]] | None = None,
-) -> None:  # fmt: skip
+) -> None:
     """One line per series over categorical x labels, saved as a PNG; a None value is a gap in its line.
     errors: per series, per point, the (low, high) of an interval drawn as an error bar (None: none)."""
     from matplotlib.figure import Figure  # no pyplot: no global figure state, no display backend

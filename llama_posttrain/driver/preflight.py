@@ -63,8 +63,10 @@ def training_configs(recipe, problems: list[str], checked: Counter) -> dict[str,
         "dpo": {"model.checkpoint": start, "data.train": data, "data.eval": data},
     }  # the keys each stage of llama_posttrain/driver/recipe.py sets, with stand-in values of their types
     if c.base is None:
-        runs = {"pretrain": {"model.preset": c.preset, "data.train": data, "data.eval": data, "sft.mask_prompt": False},
-                **runs}  # fmt: skip
+        runs = {
+            "pretrain": {"model.preset": c.preset, "data.train": data, "data.eval": data, "sft.mask_prompt": False},
+            **runs,
+        }
     jobs = []
 
     def job(name, script, args, *rest, **kw):
@@ -83,8 +85,10 @@ def training_configs(recipe, problems: list[str], checked: Counter) -> dict[str,
                 problems.append(f"stage {stage}: {e}")
                 continue
             except (AttributeError, TypeError) as e:  # a file of YAML that is not a mapping of sections
-                problems.append(f"stage {stage}: {recipe.stage_config_file[TRAINING[stage]]}: not a training config "
-                                f"({type(e).__name__}: {e})")  # fmt: skip
+                problems.append(
+                    f"stage {stage}: {recipe.stage_config_file[TRAINING[stage]]}: not a training config "
+                    f"({type(e).__name__}: {e})"
+                )
                 continue
             out[stage] = []
             for v, argv in enumerate(jobs):
@@ -144,8 +148,11 @@ def file_problems(recipe, configs: dict[str, list], problems: list[str], checked
         check_file(path, "preference records", preference(keep), skip_rm, problems, checked, "rm")
     for path in files["sft"]:
         check_file(path, "SFT records", dialog, skip_sft, problems, checked, "sft")
-    for key, parse, what in (("eval_pairs", eval_pair, "preference records"), ("eval_sft", dialog, "SFT records"),
-                             ("eval_prompts", prompt, "prompts")):  # fmt: skip
+    for key, parse, what in (
+        ("eval_pairs", eval_pair, "preference records"),
+        ("eval_sft", dialog, "SFT records"),
+        ("eval_prompts", prompt, "prompts"),
+    ):
         if files.get(key):
             check_file(files[key], what, parse, False, problems, checked)
 
@@ -180,8 +187,10 @@ def check_file(
     checked["files"] += 1
     checked["records"] += counts["records"]
     if counts["invalid"] and skip_invalid:
-        print(f"preflight: {path}: {counts['invalid']} invalid {what} will be skipped ({stage} data.skip_invalid)",
-              flush=True)  # fmt: skip
+        print(
+            f"preflight: {path}: {counts['invalid']} invalid {what} will be skipped ({stage} data.skip_invalid)",
+            flush=True,
+        )
     elif counts["invalid"]:
         problems += shown
         if counts["invalid"] > len(shown):

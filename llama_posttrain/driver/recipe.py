@@ -38,6 +38,7 @@ from llama_posttrain.data.io import write_json, write_jsonl, write_text
 from llama_posttrain.data.schema import ValidationError
 from llama_posttrain.driver.launch import Job, JobFailed, Launcher, PipelineInterrupted
 from llama_posttrain.driver.processes import rank_env
+from llama_posttrain.jobs.configs import EvalConfig, SampleConfig, args_of
 from llama_posttrain.llama.chat import TEMPLATES
 from llama_posttrain.train.config import NonNegInt, PosInt, from_flat_dict, opt, read_yaml
 from llama_posttrain.train.logger import read_metrics
@@ -73,16 +74,29 @@ STAGE_SETS = ("train.run_dir", "logging.progress", "logging.group", "logging.job
 # (relative to where the pipeline started), and so is one a stage config file names (Recipe.file_paths). tests/
 # check the list is whole.
 PATH_KEYS = (
-    "model.checkpoint", "model.tokenizer", "data.train", "data.eval", "data.cache_dir", "dpo.reference_checkpoint",
+    "model.checkpoint",
+    "model.tokenizer",
+    "data.train",
+    "data.eval",
+    "data.cache_dir",
+    "dpo.reference_checkpoint",
     "train.run_dir",
-)  # fmt: skip
+)
 # The sampling keys: they change only what the rs and pref stages draw, so they may change for a redo of the
 # stages from a named one on (the pipeline's from_stage; max_new_tokens is the evaluations' budget too: the stages
 # before it keep their evaluations).
 REDO_KEYS = (
-    "max_new_tokens", "temperature", "k", "cleaning", "sample_batch_size", "sample_compile", "sample_nproc", "engine",
-    "vllm_gpu_memory_utilization", "vllm_max_model_len",
-)  # fmt: skip
+    "max_new_tokens",
+    "temperature",
+    "k",
+    "cleaning",
+    "sample_batch_size",
+    "sample_compile",
+    "sample_nproc",
+    "engine",
+    "vllm_gpu_memory_utilization",
+    "vllm_max_model_len",
+)
 RESULT_PATHS = ("model", "files")  # the results (DONE markers) that hold paths: "files" {what: path or [paths]}
 MARKER_NEEDS = {"data": ("files",), **dict.fromkeys(("pretrain", "rm", "sft", "dpo"), ("model",))}  # read later
 
@@ -343,14 +357,16 @@ class Recipe:
                 f"sets of {d / 'labels.jsonl'} with a strict preference, then rerun"
             )
         if self.annotator != "human":
-            self.check_losses(d, report, ("pairs",), len(pairs), d / "sampled_pairs.jsonl", "preference pairs",
-                              "pref_prompts")  # fmt: skip
+            self.check_losses(
+                d, report, ("pairs",), len(pairs), d / "sampled_pairs.jsonl", "preference pairs", "pref_prompts"
+            )
         write_jsonl(d / "pairs.jsonl", [{**p, "strength": strength} if strength else p for p in pairs])
         sft = [json.loads(line) for line in (d / "sft.jsonl").read_text().splitlines()] if self.verify else []
         return {**self.sample_metrics(d, sft), "records": len(pairs), "dropped": report}
 
-    def check_losses(self, d: Path, report: dict, outputs: tuple, made: int | None, file: Path, what: str,
-                     prompts_key: str) -> None:  # fmt: skip
+    def check_losses(
+        self, d: Path, report: dict, outputs: tuple, made: int | None, file: Path, what: str, prompts_key: str
+    ) -> None:
         """Stop a sampling stage (not marked done) that made nothing, or dropped more than `max_dropped` of its
         samples or (`made`: the records it made; None: the samples only) of its prompts: the reason, the keys
         to change (llama_posttrain/data/drops.py KNOBS), how to redo the stage with them or accept the loss."""
@@ -544,8 +560,9 @@ class Recipe:
             if not (run_dir / "model" / "config.json").exists():
                 place = (self.cfg.name, d.name, f"{d.parent.name}/{d.name}/variant_{v}")  # group, job type, name
                 own = dict(zip(STAGE_SETS, (str(run_dir), False, *place)))  # whatever the stage config file says
-                args = absolute_paths({**self.file_paths(kind, d, overrides), **stage_overrides, **overrides, **extra,
-                                       **own})  # fmt: skip
+                args = absolute_paths(
+                    {**self.file_paths(kind, d, overrides), **stage_overrides, **overrides, **extra, **own}
+                )
                 if "model.checkpoint" in args:  # the stage's own start, not the config file's preset
                     args["model.preset"] = None
                 if self.chat.template in TEMPLATES:  # the pipeline's format throughout; a folder's own template
@@ -578,13 +595,20 @@ class Recipe:
         out.update(keep)
         out["data.eval"] = None
         if named.get("data.eval") and "data.eval" not in overrides:
-            print(f"{self.where(d)}: {file}: data.eval {named['data.eval']} not used: the pipeline evaluates on the "
-                  "task's eval files (none here; the files task's eval_pairs / eval_sft)", flush=True)  # fmt: skip
+            print(
+                f"{self.where(d)}: {file}: data.eval {named['data.eval']} not used: the pipeline evaluates on the "
+                "task's eval files (none here; the files task's eval_pairs / eval_sft)",
+                flush=True,
+            )
         return out
 
+    def model_keys(self) -> dict:
+        """A job's tokenizer and chat template: the pipeline's (SampleConfig's and EvalConfig's keys)."""
+        keys = {"chat_template": self.chat.template} if self.chat.template in TEMPLATES else {}
+        return keys | ({"tokenizer": absolute(self.chat.tokenizer.path)} if self.cfg.base is not None else {})
+
     def model_args(self) -> list[str]:
-        args = ["--chat-template", self.chat.template] if self.chat.template in TEMPLATES else []
-        return args + (["--tokenizer", absolute(self.chat.tokenizer.path)] if self.cfg.base is not None else [])
+        return [x for key, v in self.model_keys().items() for x in ("--" + key.replace("_", "-"), v)]
 
     def sample(self, d: Path, k: int, split: str, n: int, model: Path, rm: Path, outputs: tuple, annotate) -> dict:
         """A sampling job: K samples for each of n fresh prompts (prompts.jsonl), scored by the RM; ->
@@ -593,25 +617,24 @@ class Recipe:
         report_file = d / "sample_report.json"
         if not report_file.is_file():  # (a human annotator's rerun finds the samples done)
             write_jsonl(d / "prompts.jsonl", self.fresh_prompts(k, split, n))
-            args = ["--policy", str(model), "--rm", str(rm), "--prompts", str(d / "prompts.jsonl"), *self.model_args()]
-            args += ["--k", str(c.k), "--max-new-tokens", str(c.max_new_tokens), "--temperature", str(c.temperature)]
-            args += ["--seed", str(c.seed * 1000 + k), "--engine", c.engine, "--out-report", str(report_file)]
-            args += ["--out-sft", str(d / "sft.jsonl"), "--out-sets", str(d / "sets.jsonl")]
-            args += ["--out-pairs", str(d / "sampled_pairs.jsonl")]
-            if c.engine == "native":
-                args += ["--batch-size", str(c.sample_batch_size)] + (["--compile"] if c.sample_compile else [])
-                if c.sample_compile_mode != "default":  # refused without sample_compile (pipeline.py)
-                    args += ["--compile-mode", c.sample_compile_mode]
-            else:
-                args += ["--vllm-gpu-memory-utilization", str(c.vllm_gpu_memory_utilization)]
-                args += ["--vllm-max-model-len", str(c.vllm_max_model_len)] if c.vllm_max_model_len else []
-            if annotate:
-                args += ["--annotate", annotate, "--task-args", json.dumps(c.task_args)]
-            if c.safety_rm:
-                args += ["--safety-rm", absolute(c.safety_rm)]
-            args += self.cleaning.flags()
+            native = c.engine == "native"
+            job = SampleConfig(
+                policy=str(model), rm=str(rm), prompts=str(d / "prompts.jsonl"), **self.model_keys(), k=c.k,
+                max_new_tokens=c.max_new_tokens, temperature=c.temperature, seed=c.seed * 1000 + k, engine=c.engine,
+                out_report=str(report_file), out_sft=str(d / "sft.jsonl"), out_sets=str(d / "sets.jsonl"),
+                out_pairs=str(d / "sampled_pairs.jsonl"), annotate=annotate or None,
+                task_args=c.task_args if annotate else None, safety_rm=absolute(c.safety_rm) if c.safety_rm else None,
+                **dataclasses.asdict(self.cleaning), **({
+                    "batch_size": c.sample_batch_size, "compile": c.sample_compile,
+                    "compile_mode": None if c.sample_compile_mode == "default" else c.sample_compile_mode,
+                } if native else {
+                    "vllm_gpu_memory_utilization": c.vllm_gpu_memory_utilization,
+                    "vllm_max_model_len": c.vllm_max_model_len or None,
+                }),
+            )  # fmt: skip
             nproc = 0 if c.engine == "vllm" else (c.sample_nproc or c.nproc)
-            self.job(f"{self.where(d)}: sampling", "llama_posttrain/jobs/sample.py", args, d / "sample.log", nproc)
+            self.job(f"{self.where(d)}: sampling", "llama_posttrain/jobs/sample.py", args_of(job), d / "sample.log",
+                     nproc)  # fmt: skip
         dropped = json.loads(report_file.read_text()).get("dropped", {})
         records = len((d / "prompts.jsonl").read_text().splitlines())
         lines, warning = drop_report(dropped, records, c.k, f"max_new_tokens {c.max_new_tokens}", outputs)
@@ -661,30 +684,29 @@ class Recipe:
         c, files = self.cfg, self.files()
         out = d / f"eval_{name}.json"
         if not out.is_file():
-            args = ["--model", str(model), "--out", str(out), *self.model_args()]
+            keys = {"model": str(model), "out": str(out), **self.model_keys()}
             if name == "rm":
                 if not files.get("eval_pairs"):
                     return {}
-                args += ["--pairs", files["eval_pairs"]]
+                keys["pairs"] = files["eval_pairs"]
             else:
                 prompts = files.get("eval_prompts")
                 keep = name in ("base", "sft", "dpo") and c.rounds > 0  # samples for the last round's RM
                 if prompts and (self.verify is not None or rm is not None or keep):
-                    args += ["--prompts", prompts, "--max-new-tokens", str(c.max_new_tokens), "--seed", str(c.seed)]
-                    args += ["--batch-size", str(c.eval_batch_size)] if c.eval_batch_size else []
-                    args += ["--keep-samples"] if keep else []
+                    keys |= {"prompts": prompts, "max_new_tokens": c.max_new_tokens, "seed": c.seed}
+                    keys |= {"batch_size": c.eval_batch_size, "keep_samples": keep}
                 if prompts and self.verify is not None:
-                    args += ["--verifier", c.task, "--task-args", json.dumps(c.task_args)]
+                    keys |= {"verifier": c.task, "task_args": c.task_args}
                 if prompts and rm is not None:
-                    args += ["--rm", str(rm)]
+                    keys["rm"] = str(rm)
                 if files.get("eval_sft"):
-                    args += ["--nll", files["eval_sft"]]
+                    keys["nll"] = files["eval_sft"]
                 if reference is not None and files.get("eval_pairs"):
-                    args += ["--pairs", files["eval_pairs"], *self.dpo_eval_args(d, reference)]
-                if not {"--prompts", "--nll", "--pairs"} & set(args):
+                    keys |= {"pairs": files["eval_pairs"], **self.dpo_eval_keys(d, reference)}
+                if not {"prompts", "nll", "pairs"} & set(keys):
                     return {}
-            self.job(f"{self.where(d)}: evaluating {name}", "llama_posttrain/jobs/evaluate.py", args, d / f"eval_{name}.log",
-                     c.eval_nproc or c.nproc)  # fmt: skip
+            self.job(f"{self.where(d)}: evaluating {name}", "llama_posttrain/jobs/evaluate.py",
+                     args_of(EvalConfig(**keys)), d / f"eval_{name}.log", c.eval_nproc or c.nproc)  # fmt: skip
         result = json.loads(out.read_text())
         keys = ("task_accuracy", "task_accuracy_sampled", "rm_accuracy", "nll", "rm_score", "dpo_reward_accuracy")
         found = {key: result[key] for key in keys if key in result}
@@ -694,15 +716,15 @@ class Recipe:
                 found[part] = kept
         return found
 
-    def dpo_eval_args(self, d: Path, reference: Path) -> list[str]:
+    def dpo_eval_keys(self, d: Path, reference: Path) -> dict:
         """The DPO run's recorded config (variant 0's: its loss and format mask) and, unless the loss is
-        reference-free, its reference: the evaluation's --dpo-config and --reference."""
+        reference-free, its reference: the evaluation's dpo_config and reference."""
         from llama_posttrain.losses.dpo import needs_reference
         from llama_posttrain.train.config import read_yaml
 
         config = d / "variant_0" / "config.yaml"
         loss = ((read_yaml(config) or {}).get("dpo") or {}).get("loss", "sigmoid")
-        return ["--dpo-config", str(config)] + (["--reference", str(reference)] if needs_reference(loss) else [])
+        return {"dpo_config": str(config)} | ({"reference": str(reference)} if needs_reference(loss) else {})
 
     def score_with_last_rm(self, rm: Path) -> None:
         """One evaluation job after the last round: the last round's RM scores the held-out samples that every
@@ -732,8 +754,8 @@ class Recipe:
         if not out.is_file() or out.stat().st_mtime_ns < max(p.stat().st_mtime_ns for p in inputs if p.exists()):
             args = ["--model", str(rm), "--out", str(out), *self.model_args(), "--prompts", prompts]
             args += [x for f in kept.values() for x in ("--score-samples", str(f))]
-            self.job(f"{where}: scoring every policy's samples", "llama_posttrain/jobs/evaluate.py", args,
-                     d / "eval_policies.log", self.cfg.eval_nproc or self.cfg.nproc)  # fmt: skip
+            log, nproc = d / "eval_policies.log", self.cfg.eval_nproc or self.cfg.nproc
+            self.job(f"{where}: scoring every policy's samples", "llama_posttrain/jobs/evaluate.py", args, log, nproc)
         scores = json.loads(out.read_text())["rm_score_of"]
         for r in self.results:
             f = kept.get(f"round_{r['round']}/{r['stage']}")

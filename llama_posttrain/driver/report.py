@@ -13,9 +13,15 @@ from llama_posttrain.data.io import write_text
 
 
 def write_report(
-    folder: Path, config: dict, results: list[dict], plots: bool, rounds: int, eval_prompts: int,
-    dashboard: dict | None = None, verify=None,
-) -> None:  # fmt: skip
+    folder: Path,
+    config: dict,
+    results: list[dict],
+    plots: bool,
+    rounds: int,
+    eval_prompts: int,
+    dashboard: dict | None = None,
+    verify=None,
+) -> None:
     """dashboard: wandb_settings(...) of the stage runs (None: no wandb run); verify: the task's verifier.
     eval_prompts: the config's, for results that do not carry their sample sizes (`n`, older runs)."""
     results = sample_sizes(folder, results)
@@ -60,9 +66,20 @@ def plot(folder: Path, results: list[dict], rounds: int, eval_prompts: int) -> N
 # (its sample size: prompts, samples, pairs, records, tokens) is in its header when every row has the same,
 # else in a line below; its 95% interval is in its cell where n < CI_BELOW.
 TABLE_COLUMNS = [
-    "rm_accuracy", "rm_pick_accuracy", "mean_best_score", "sft_loss", "dpo_reward_accuracy", "task_accuracy",
-    "task_accuracy_sampled", "nll", "rm_score", "rm_score_last_rm", "records", "pairs", "dropped",
-]  # fmt: skip
+    "rm_accuracy",
+    "rm_pick_accuracy",
+    "mean_best_score",
+    "sft_loss",
+    "dpo_reward_accuracy",
+    "task_accuracy",
+    "task_accuracy_sampled",
+    "nll",
+    "rm_score",
+    "rm_score_last_rm",
+    "records",
+    "pairs",
+    "dropped",
+]
 COUNTS = ("records", "pairs", "dropped")  # rs: SFT records kept; pref: pairs made; both: samples and prompts dropped
 ACCURACIES = ("rm_accuracy", "rm_pick_accuracy", "dpo_reward_accuracy", "task_accuracy", "task_accuracy_sampled")
 HEADERS = {"rm_score": "rm_score (the round's RM)", "rm_score_last_rm": "rm_score_last_rm (the last RM)"}
@@ -125,8 +142,11 @@ def summary_table(results: list[dict], base_given: bool = False) -> str:
     brackets are."""
     stages = table_rows(results)
     columns = table_columns(stages)
-    sizes = {c: {(r["round"], r["stage"]): (r.get("n") or {}).get(c) for r in stages if cell_value(r, c) is not None}
-             for c in columns if c not in COUNTS}  # fmt: skip
+    sizes = {
+        c: {(r["round"], r["stage"]): (r.get("n") or {}).get(c) for r in stages if cell_value(r, c) is not None}
+        for c in columns
+        if c not in COUNTS
+    }
     headers, notes = [], []
     for c in columns:
         header, known = HEADERS.get(c, c), {n for n in sizes.get(c, {}).values() if n is not None}
@@ -253,9 +273,20 @@ def rewards_by_round(results: list[dict], rounds: int) -> tuple[list[str], dict,
 # The pipeline run's charts, one point per round (round 0: the base): `<stage>/<metric>` of every stage result
 # (a key naming its own stage is shortened: sft_loss -> sft/loss, rm_accuracy -> rm/accuracy).
 DASHBOARD_KEYS = (
-    "rm_accuracy", "rm_pick_accuracy", "sample_accuracy", "best_of_k_oracle", "mean_best_score", "sft_loss",
-    "dpo_reward_accuracy", "task_accuracy", "task_accuracy_sampled", "nll", "rm_score", "rm_score_last_rm", "records",
-)  # fmt: skip
+    "rm_accuracy",
+    "rm_pick_accuracy",
+    "sample_accuracy",
+    "best_of_k_oracle",
+    "mean_best_score",
+    "sft_loss",
+    "dpo_reward_accuracy",
+    "task_accuracy",
+    "task_accuracy_sampled",
+    "nll",
+    "rm_score",
+    "rm_score_last_rm",
+    "records",
+)
 SAMPLE_COLUMNS = ["round", "prompt", "sample", "response", "finished", "rm_score", "picked", "right"]
 GENERATION_COLUMNS = ["round", "stage", "prompt", "generation", "correct"]
 
@@ -376,9 +407,14 @@ def log_dashboard(
     import wandb  # only when logging to it
 
     run = wandb.init(
-        project=settings["project"], group=group, job_type="pipeline", name=f"{group}/pipeline",
-        dir=str(folder), mode=settings["mode"], config=config,
-    )  # fmt: skip
+        project=settings["project"],
+        group=group,
+        job_type="pipeline",
+        name=f"{group}/pipeline",
+        dir=str(folder),
+        mode=settings["mode"],
+        config=config,
+    )
     try:
         run.define_metric("round")
         run.define_metric("*", step_metric="round")

@@ -25,7 +25,6 @@ copied where all hold it with the same content; the others are listed as not cop
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -34,6 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from llama_posttrain.jobs.configs import AverageConfig, parse
 from llama_posttrain.llama.chat import template_in_dir
 from llama_posttrain.llama.paths import check_outputs
 from llama_posttrain.llama.tokenizer import Tokenizer, resolve_tokenizer, same_tokenizer, tokenizer_in_dir
@@ -270,18 +270,7 @@ def greedy_soup(paths: list, evaluate: Callable[[Path], float], out, workdir) ->
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("checkpoints", nargs="+")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--weights", type=float, nargs="+")
-    ap.add_argument("--format", choices=("native", "hf"), default="native", help="of the average")
-    ap.add_argument("--dtype", choices=DTYPES, default=None, help="of the average; default: the inputs'")
-    ap.add_argument(
-        "--replace-tokenizer",
-        action="store_true",
-        help="replace --out's own tokenizer files where they differ from the inputs' (default: refuse, naming them)",
-    )
-    args = ap.parse_args(argv)
+    args = parse(AverageConfig, argv, __doc__)  # flags, --config FILE, key=value (llama_posttrain/jobs/configs.py)
     import torch
 
     try:

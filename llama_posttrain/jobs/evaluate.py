@@ -14,7 +14,7 @@ Metrics (any of them; the result JSON holds each with its counts):
   best response the model scores strictly above the worst (chosen vs rejected; llama_posttrain/jobs/sample.py `score`).
 - `--pairs F --dpo-config C [--reference REF]` (the model is a language model: a DPO policy):
   `dpo_reward_accuracy`, the fraction of pairs whose chosen response gets the larger DPO implicit reward,
-  computed by the DPO run's own eval objective (llama_posttrain/train/dpo.py make_objective, loop.evaluate_objective: its
+  computed by the DPO run's own eval objective (llama_posttrain/train/dpo_objective.py make_objective, loop.evaluate_objective: its
   `eval/rewards/accuracies`) with the dpo section of C (the DPO run's config.yaml: dpo.loss, mask_format, ...)
   and its data section's max_len / overlength / keep_strengths; REF, the reference model, for every loss but the
   reference-free ones (simpo: refused).
@@ -40,11 +40,11 @@ sums and counts are added over ranks. Rank 0 writes --out and reports progress (
 
 from __future__ import annotations
 
-import argparse
 import json
 
 from llama_posttrain.data.records import read_records
 from llama_posttrain.data.schema import Drop, ValidationError, parse_preference
+from llama_posttrain.jobs.configs import EvalConfig, parse, parser
 from llama_posttrain.jobs.sample import (
     rank_seed,
     read_prompts,
@@ -53,11 +53,10 @@ from llama_posttrain.jobs.sample import (
     write_text,
 )
 from llama_posttrain.jobs.scoring import check_reward_models, score
-from llama_posttrain.llama.chat import TEMPLATES, ChatFormat, resolve_chat_template
+from llama_posttrain.llama.chat import ChatFormat, resolve_chat_template
 from llama_posttrain.llama.paths import check_outputs
 from llama_posttrain.llama.tokenizer import resolve_tokenizer
 from llama_posttrain.train import progress
-from llama_posttrain.train.cli import HelpFormatter, at_least, json_object
 
 # torch-heavy modules are imported in the functions that use them: `--help` and argument errors answer at once.
 
@@ -185,54 +184,10 @@ def dpo_setup(path, chat: ChatFormat, pairs_path, verbose: bool):
     return cfg, examples
 
 
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    ap.add_argument("--model", required=True, help="the model evaluated (a reward model with --pairs)")
-    ap.add_argument("--tokenizer", help="file or model folder; default: the model folder's, else the byte tokenizer")
-    ap.add_argument("--chat-template", choices=TEMPLATES, help="default: the model folder's, else llama3")
-    ap.add_argument("--out", required=True, help="the result JSON")
-    ap.add_argument("--prompts", help="held-out prompt records (with --verifier and/or --rm)")
-    ap.add_argument("--verifier", metavar="TASK", help="task accuracy by this task's verifier (data/tasks)")
-    ap.add_argument("--task-args", type=json_object, metavar="JSON", help="the task's arguments, e.g. '{}'")
-    ap.add_argument("--max-new-tokens", type=at_least(1), default=8, help="generated tokens per prompt at most")
-    ap.add_argument("--seed", type=int, default=0, help="rank r samples with seed + 1000003 * r (rank 0: the seed)")
-    ap.add_argument(
-        "--pairs", help="held-out preference records: rm_accuracy of a reward model, dpo_reward_accuracy of a policy"
-    )
-    ap.add_argument("--dpo-config", help="with --pairs and a policy: the DPO run's config.yaml (dpo.loss, ...)")
-    ap.add_argument("--reference", help="with --pairs and a policy: the DPO reference model (the SFT model)")
-    ap.add_argument("--keep-samples", action="store_true", help="keep the samples of --prompts at t=1 (`samples`)")
-    ap.add_argument(
-        "--score-samples", action="append", default=[], metavar="RESULT",
-        help="(repeatable) a reward --model's mean score of the samples RESULT kept of --prompts: rm_score_of",
-    )  # fmt: skip
-    ap.add_argument("--nll", help="held-out SFT records: nll per target token")
-    ap.add_argument("--max-len", type=at_least(2), default=4096, help="of --nll records (and RM rows)")
-    ap.add_argument("--rm", help="reward model: rm_score, its mean score of the model's samples of --prompts")
-    ap.add_argument("--k", type=at_least(1), default=4, help="samples per prompt of rm_score")
-    ap.add_argument(
-        "--batch-size", type=at_least(0), default=0,
-        help="prompts per generate call (its KV cache, printed); 0: all of a rank's prompts in one call",
-    )  # fmt: skip
-    args = ap.parse_args(argv)
-    if (args.verifier or args.rm) and not args.prompts:
-        ap.error("--verifier and --rm score samples of held-out prompts: give --prompts")
-    if args.prompts and not (args.verifier or args.rm or args.keep_samples or args.score_samples):
-        ap.error(
-            "--prompts: give --verifier TASK (task accuracy), --rm RM (rm_score), --keep-samples or --score-samples"
-        )
-    if (args.keep_samples or args.score_samples) and not args.prompts:
-        ap.error("--keep-samples and --score-samples are samples of held-out prompts: give --prompts")
-    if args.score_samples and (args.verifier or args.rm or args.keep_samples or args.nll):
-        ap.error(
-            "--score-samples: the model is a reward model; --verifier, --rm, --keep-samples and --nll need a policy"
-        )
-    if (args.dpo_config or args.reference) and not args.pairs:
-        ap.error("--dpo-config and --reference: dpo_reward_accuracy of --pairs; give --pairs too")
-    if args.task_args is not None and not args.verifier:
-        ap.error("--task-args: the arguments of --verifier's task; give --verifier too")
-    if not (args.prompts or args.pairs or args.nll):
-        ap.error("nothing to evaluate: give --prompts, --pairs and/or --nll")
+def parse_args(argv=None) -> EvalConfig:
+    """The command line (flags, --config FILE, key=value: llama_posttrain/jobs/configs.py) -> the config, its
+    outputs checked against its inputs."""
+    args = parse(EvalConfig, argv, __doc__)
     try:  # no output may be an input
         check_outputs(
             {"--model": args.model, "--tokenizer": args.tokenizer, "--prompts": args.prompts, "--pairs": args.pairs,
@@ -241,7 +196,7 @@ def parse_args(argv=None):
             {"--out": args.out},
         )  # fmt: skip
     except ValueError as e:
-        ap.error(str(e))
+        parser(EvalConfig).error(str(e))
     return args
 
 
@@ -455,12 +410,12 @@ def gather_in_order(texts, records: int, d) -> list | None:
 
 
 def dpo_accuracy(model, dpo, reference_path, dtype, chat: ChatFormat, d) -> tuple[float | None, int]:
-    """The DPO run's eval objective (llama_posttrain/train/dpo.py make_objective; loop.evaluate_objective) on the pairs: its
+    """The DPO run's eval objective (llama_posttrain/train/dpo_objective.py make_objective; loop.evaluate_objective) on the pairs: its
     `rewards/accuracies`, with the run's dpo section (loss, beta, mask_format) -> (accuracy, pairs)."""
     from llama_posttrain.data.loader import DataLoader
     from llama_posttrain.llama.checkpoint import load_model
     from llama_posttrain.train import loop
-    from llama_posttrain.train.dpo import make_objective
+    from llama_posttrain.train.dpo_objective import make_objective
     from llama_posttrain.train.targets import LiveReference
 
     cfg, examples = dpo  # one step of every pair (micro-batches of data.tokens_per_microbatch): per-pair sums

@@ -43,7 +43,6 @@ vLLM has freed the GPU (its memory options: llama_posttrain/jobs/vllm_engine.py)
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -57,13 +56,13 @@ from llama_posttrain.data.drops import drop_reason, drop_report, split_outputs
 from llama_posttrain.data.io import write_jsonl, write_text
 from llama_posttrain.data.records import read_records
 from llama_posttrain.data.tasks.files import prompt_record
+from llama_posttrain.jobs.configs import SampleConfig, parse, parser
 from llama_posttrain.jobs.scoring import check_reward_models, combine_llama2, score
-from llama_posttrain.jobs.vllm_engine import add_vllm_args, max_model_len, vllm_engine
-from llama_posttrain.llama.chat import TEMPLATES, ChatFormat, resolve_chat_template
+from llama_posttrain.jobs.vllm_engine import max_model_len, vllm_engine
+from llama_posttrain.llama.chat import ChatFormat, resolve_chat_template
 from llama_posttrain.llama.paths import check_outputs
 from llama_posttrain.llama.tokenizer import resolve_tokenizer
 from llama_posttrain.train import progress
-from llama_posttrain.train.cli import HelpFormatter, at_least, json_object
 
 # torch-heavy modules are imported in the functions that use them: `--help` and argument errors answer at once.
 
@@ -219,77 +218,7 @@ def _annotator(spec: str | None, task_args: dict | None = None, k: int | None = 
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    ap.add_argument("--policy", required=True)
-    ap.add_argument("--rm", help="reward model checkpoint (helpfulness)")
-    ap.add_argument("--safety-rm", help="safety reward model, combined as in Llama 2")
-    ap.add_argument("--prompts", required=True)
-    ap.add_argument("--tokenizer", help="file or model folder; default: the policy folder's, else the byte tokenizer")
-    ap.add_argument("--chat-template", choices=TEMPLATES, help="default: the policy folder's, else llama3")
-    ap.add_argument("--k", type=at_least(1), default=16, help="samples per prompt")
-    ap.add_argument("--max-new-tokens", type=at_least(1), default=256, help="generated tokens per sample at most")
-    ap.add_argument("--temperature", type=at_least(0.0, float), default=1.0, help="0: greedy")
-    ap.add_argument("--top-p", type=float, default=1.0, help="in (0, 1]; 1: off")
-    ap.add_argument("--top-k", type=at_least(0), default=0, help="0: off")
-    ap.add_argument("--max-chars", type=at_least(1))
-    ap.add_argument("--annotate", help="rm (default) | verifier:TASK (data/tasks, e.g. arithmetic) | file:labels.jsonl")
-    ap.add_argument(
-        "--task-args", type=json_object, metavar="JSON",
-        help="the arguments of --annotate verifier:TASK's task, e.g. '{\"max_digits\": 1, \"noise\": 0.35}'",
-    )  # fmt: skip
-    ap.add_argument("--seed", type=int, default=0, help="rank r samples with seed + 1000003 * r (rank 0: the seed)")
-    ap.add_argument(
-        "--engine", choices=("native", "vllm"), default="native",
-        help="native: llama_posttrain/llama/generate.py; vllm: vLLM on CUDA GPUs (pip install vllm), the engine for 8B+ models",
-    )  # fmt: skip
-    ap.add_argument("--batch-size", type=at_least(1), default=64, help="prompts per generate call (native engine)")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the decode step (native engine)")
-    ap.add_argument(
-        "--compile-mode", choices=("default", "reduce-overhead"),
-        help="--compile's torch.compile mode (default: default); reduce-overhead also captures CUDA graphs (CUDA "
-        "only, not yet measured)",
-    )  # fmt: skip
-    ap.add_argument("--out-sft")
-    ap.add_argument("--out-pairs")
-    ap.add_argument("--out-sets")
-    ap.add_argument("--out-report", help="the summary JSON (prompts, samples, sft, pairs, dropped) written here too")
-    clean = ap.add_argument_group(
-        "cleaning (llama_posttrain/data/clean.py; every rule off unless given, every drop counted)"
-    )
-    clean.add_argument("--dedup", action="store_true", help="drop an SFT record repeating an earlier prompt+response")
-    clean.add_argument(
-        "--max-repeat", type=float, metavar="FRACTION",
-        help="drop a sample in which repeated word n-grams cover more than FRACTION of its words",
-    )  # fmt: skip
-    clean.add_argument("--repeat-ngram", type=at_least(1), default=3, metavar="N", help="n of --max-repeat")
-    clean.add_argument(
-        "--ban-phrase", action="append", default=[], metavar="TEXT",
-        help="drop a sample containing TEXT (case-insensitive); repeatable",
-    )  # fmt: skip
-    clean.add_argument("--max-emoji", type=at_least(0), metavar="N", help="drop a sample with more than N emoji")
-    clean.add_argument(
-        "--max-exclamation", type=at_least(0), metavar="N", help="drop a sample with more than N exclamation marks"
-    )
-    add_vllm_args(ap)
-    args = ap.parse_args(argv)
-    if not 0 < args.top_p <= 1:
-        ap.error(f"argument --top-p: must be in (0, 1], got {args.top_p}")
-    if args.max_repeat is not None and not 0 <= args.max_repeat <= 1:
-        ap.error(f"argument --max-repeat: a fraction in [0, 1], got {args.max_repeat}")
-    if any(not p.strip() for p in args.ban_phrase):
-        ap.error("argument --ban-phrase: an empty phrase would ban every sample")
-    if args.task_args is not None and not (args.annotate or "").startswith("verifier:"):
-        ap.error("argument --task-args: the arguments of --annotate verifier:TASK's task; give that too")
-    native_only = ("compile", "compile_mode")
-    for flag in ("vllm_max_model_len", "vllm_seed_per_request") if args.engine == "native" else native_only:
-        if getattr(args, flag) not in (None, False):
-            ap.error(f"argument --{flag.replace('_', '-')}: not an option of --engine {args.engine}")
-    if args.compile_mode and not args.compile:
-        ap.error("argument --compile-mode: the mode of --compile; give that too")
-    args.compile = args.compile_mode or args.compile  # generate's compile: False, True or the mode
-    args.clean = CleanRules(
-        args.max_repeat, args.repeat_ngram, tuple(args.ban_phrase), args.max_emoji, args.max_exclamation
-    )
+    args = parse(SampleConfig, argv, __doc__)  # flags, --config FILE, key=value (llama_posttrain/jobs/configs.py)
     file_labels = args.annotate[5:] if (args.annotate or "").startswith("file:") else None
     try:  # no output may be an input: refused before any work
         check_outputs(
@@ -299,7 +228,7 @@ def main(argv=None):
              "--out-report": args.out_report},
         )  # fmt: skip
     except ValueError as e:
-        ap.error(str(e))
+        parser(SampleConfig).error(str(e))
     try:
         records = read_prompts(args.prompts)
     except (ValueError, OSError) as e:  # a bad record: its file, line and field
@@ -325,7 +254,7 @@ def main(argv=None):
     check_reward_models({"--rm": args.rm, "--safety-rm": args.safety_rm}, chat)
     # the model's own context: a prompt that cannot fit it is skipped and counted; an explicit
     # --vllm-max-model-len below the longest prompt that fits is the user's setting, refused by max_model_len
-    records, args.too_long = fit_context(records, chat, args.max_new_tokens, config.max_seq_len)
+    records, too_long = fit_context(records, chat, args.max_new_tokens, config.max_seq_len)
     if args.engine == "vllm":
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise SystemExit("error: run --engine vllm as one process (python, not torchrun): vLLM uses GPUs itself")
@@ -340,7 +269,7 @@ def main(argv=None):
                 args.vllm_gpu_memory_utilization, args.vllm_seed_per_request,
             )  # fmt: skip
             # one process, no process group: vLLM sets up its own workers
-            sample_and_write(args, Dist(0, 1, 0, torch.device("cuda"), None), chat, records, annotate, engine)
+            sample_and_write(args, Dist(0, 1, 0, torch.device("cuda"), None), chat, records, annotate, engine, too_long)
         return
     import torch.distributed as dist
 
@@ -348,15 +277,18 @@ def main(argv=None):
 
     d = init_distributed()  # one process per GPU (cuda:LOCAL_RANK); a plain `python` run is 1 rank
     try:
-        sample_and_write(args, d, chat, records, annotate)
+        sample_and_write(args, d, chat, records, annotate, too_long=too_long)
         dist.barrier()  # no rank tears the group down while another still uses it
     finally:
         dist.destroy_process_group()
 
 
-def sample_and_write(args, d, chat: ChatFormat, records: list[dict], annotate, engine=None) -> None:
+def sample_and_write(
+    args: SampleConfig, d, chat: ChatFormat, records: list[dict], annotate, engine=None, too_long: int = 0
+) -> None:
     """`engine`: a VLLMEngine to sample with instead of loading the policy here. The reward models are loaded
-    once the samples are drawn and the policy is freed (the engine closed: vLLM's GPU memory given back)."""
+    once the samples are drawn and the policy is freed (the engine closed: vLLM's GPU memory given back).
+    `too_long`: the prompts skipped before sampling (fit_context), counted in the summary."""
     import torch
     import torch.distributed as dist
 
@@ -364,7 +296,7 @@ def sample_and_write(args, d, chat: ChatFormat, records: list[dict], annotate, e
     from llama_posttrain.llama.generate import kv_cache_report
 
     dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
-    if args.compile == "reduce-overhead" and d.device.type != "cuda":
+    if args.generate_compile == "reduce-overhead" and d.device.type != "cuda":
         raise SystemExit(f"error: --compile-mode reduce-overhead captures CUDA graphs: this rank runs on {d.device}")
     policy = engine if engine is not None else load_model(args.policy, head="lm", dtype=dtype, device=d.device).eval()
     # rank 0 draws from the seed itself: a 1-rank job samples what an in-process call seeded so does
@@ -372,7 +304,8 @@ def sample_and_write(args, d, chat: ChatFormat, records: list[dict], annotate, e
     mine, total = records[d.rank :: d.world_size], len(records)
     if engine is None and d.is_main and mine:  # rank 0's share: the ranks' shares differ by a prompt at most
         lens = [len(chat.encode_dialog(r["messages"], add_generation_prompt=True)) for r in mine]
-        report = kv_cache_report(policy.config, dtype, lens, args.max_new_tokens, args.k, args.batch_size, args.compile)
+        compile_ = args.generate_compile
+        report = kv_cache_report(policy.config, dtype, lens, args.max_new_tokens, args.k, args.batch_size, compile_)
         print(report, flush=True)
 
     def done(n):  # rank 0's prompts done, scaled to the whole set (the ranks go at about the same pace)
@@ -380,7 +313,8 @@ def sample_and_write(args, d, chat: ChatFormat, records: list[dict], annotate, e
 
     progress.report(0, total, "prompts")
     texts, finished = sample(
-        policy, chat, [r["messages"] for r in mine], args.k, args.max_new_tokens, args.batch_size, done, args.compile,
+        policy, chat, [r["messages"] for r in mine], args.k, args.max_new_tokens, args.batch_size, done,
+        args.generate_compile,
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, generator=generator,
     )  # fmt: skip
     if engine is not None:
@@ -401,7 +335,6 @@ def sample_and_write(args, d, chat: ChatFormat, records: list[dict], annotate, e
     for rank, results in enumerate(gathered):  # rank r sampled prompts r, r + world, ...: back into prompt order
         ordered[rank :: d.world_size] = results
     sft, pairs, sets, dropped = split_outputs(ordered, args.dedup)
-    too_long = getattr(args, "too_long", 0)  # prompts skipped before sampling (fit_context)
     dropped.update({"prompt_too_long": too_long} if too_long else {})
     for path, recs in ((args.out_sft, sft), (args.out_pairs, pairs), (args.out_sets, sets)):
         if path:

@@ -15,12 +15,10 @@ rounded up to MODEL_LEN_MULTIPLE (`--vllm-max-model-len` to choose it).
 
 from __future__ import annotations
 
-import argparse
 import gc
 import os
 
 from llama_posttrain.llama.chat import ChatFormat
-from llama_posttrain.train.cli import at_least, fraction
 
 VLLM_INSTALL = "--engine vllm needs vLLM and a CUDA GPU: pip install vllm (on a machine with an NVIDIA GPU)"
 MODEL_LEN_MULTIPLE = 256  # max_model_len from the data is rounded up to a multiple of this
@@ -100,24 +98,6 @@ def max_model_len(longest_prompt: int, max_new_tokens: int, max_seq_len: int, gi
             f"--max-new-tokens ({max_new_tokens}) = {need}, and at most the policy's max_seq_len {max_seq_len}"
         )
     return given
-
-
-def add_vllm_args(ap: argparse.ArgumentParser) -> None:
-    """llama_posttrain/jobs/sample.py's options of this engine."""
-    g = ap.add_argument_group("vLLM (--engine vllm)")
-    g.add_argument("--tensor-parallel", type=at_least(1), default=1, help="GPUs per vLLM engine")
-    g.add_argument(
-        "--vllm-max-model-len", type=at_least(1), metavar="N",
-        help=f"default: the longest prompt + --max-new-tokens, rounded up to a multiple of {MODEL_LEN_MULTIPLE}",
-    )  # fmt: skip
-    g.add_argument(
-        "--vllm-gpu-memory-utilization", type=fraction, default=0.9, metavar="FRACTION",
-        help="of the GPU's memory vLLM takes for the weights and its KV cache",
-    )  # fmt: skip
-    g.add_argument(
-        "--vllm-seed-per-request", action="store_true",
-        help="seed every request with --seed (samples independent of the batch; slower); default: the engine's seed",
-    )  # fmt: skip
 
 
 def vllm_engine(

@@ -86,6 +86,9 @@ INTERPRETER_SMS = 4  # the SM count the CPU interpreter plans its grid for (test
 MAX_SPLITS = 16  # vocabulary splits per token block, at most
 _TUNED: dict = {}  # (N bucket, V, D, dtype, device index) -> the config autotuning picked
 
+# The kernels' parameters are written in rows by role (tensors; sizes; strides; block sizes and flags) and
+# each call passes them in the same rows: `# fmt: skip` keeps the rows (the formatter puts one per line).
+
 
 @triton.jit
 def _logits_tile(

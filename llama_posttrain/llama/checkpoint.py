@@ -208,9 +208,13 @@ def check_destination(
 # A model folder's tokenizer and chat format: what tokenizer_files writes, and what would be read in place
 # of (or beside) what it writes. generation_config.json only counts where it is written (HF).
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-    "chat_template.jinja", "generation_config.json",
-)  # fmt: skip
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
 
 
 def _same_json_but(theirs: bytes, ours: bytes, unknown) -> bool:
@@ -361,6 +365,15 @@ def save_model(
     `source`: the model folder it came from, whose generation defaults are kept."""
     state = model.state_dict()
     save_checkpoint(
-        state, model.config, model.head, path, format, max_shard_bytes, tokenizer, chat_template, dtype,
-        replace_tokenizer, source,
-    )  # fmt: skip
+        state,
+        model.config,
+        model.head,
+        path,
+        format,
+        max_shard_bytes,
+        tokenizer,
+        chat_template,
+        dtype,
+        replace_tokenizer,
+        source,
+    )

@@ -108,10 +108,16 @@ PRESETS: dict[str, ModelConfig] = {
     # The real Llama 3 vocabulary (and so tokenizer, chat format, export) on a trunk that trains on a CPU:
     # experiments/cpu-llama3-vocab. Tied like Llama 3.2 1B/3B, with its RoPE scaling.
     "tiny-llama3-vocab": ModelConfig(
-        dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=192, max_seq_len=8192,
-        rope_scaling=RopeScaling(factor=32.0), tie_embeddings=True,
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_dim=192,
+        max_seq_len=8192,
+        rope_scaling=RopeScaling(factor=32.0),
+        tie_embeddings=True,
     ),
-}  # fmt: skip
+}
 
 
 def get_preset(name: str, **overrides) -> ModelConfig:

@@ -146,9 +146,17 @@ class DecodeCache:
 
 
 def decode_step(
-    model: Transformer, tokens: Tensor, positions: Tensor, cache: DecodeCache, u: Tensor | None,
-    temperature: float, top_k: int, top_p: float, inv_freq: Tensor, logits_out: Tensor | None = None,
-) -> Tensor:  # fmt: skip
+    model: Transformer,
+    tokens: Tensor,
+    positions: Tensor,
+    cache: DecodeCache,
+    u: Tensor | None,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    inv_freq: Tensor,
+    logits_out: Tensor | None = None,
+) -> Tensor:
     """tokens (N,) at positions (N,), written at cache.slot -> the next tokens (N,), sampled with
     uniforms u (N, 1). No Python-int shapes or slices depend on the step: compilable once.
     logits_out: a (2 * N0, V) buffer (N0 >= N) for the logits and project_vocab's scratch, reused across
@@ -227,8 +235,9 @@ def cache_len(config, prompt_len: int, max_new_tokens: int, compile: bool = Fals
     return max_len
 
 
-def kv_cache_bytes(config, num_prompts: int, prompt_len: int, max_new_tokens: int, num_samples: int, dtype,
-                   compile: bool = False) -> int:  # fmt: skip
+def kv_cache_bytes(
+    config, num_prompts: int, prompt_len: int, max_new_tokens: int, num_samples: int, dtype, compile: bool = False
+) -> int:
     """Bytes of the KV cache `generate` decodes with: k and v, per layer (num_prompts * num_samples, n_kv_heads,
     cache_len, head_dim) (DecodeCache). While the prefill's cache (num_prompts rows) fans out, it is there too."""
     slots = cache_len(config, prompt_len, max_new_tokens, compile)
@@ -236,8 +245,9 @@ def kv_cache_bytes(config, num_prompts: int, prompt_len: int, max_new_tokens: in
     return per_slot * slots * num_prompts * num_samples
 
 
-def kv_cache_report(config, dtype, prompt_lens: list[int], max_new_tokens: int, num_samples: int, batch_size: int,
-                    compile: bool = False) -> str:  # fmt: skip
+def kv_cache_report(
+    config, dtype, prompt_lens: list[int], max_new_tokens: int, num_samples: int, batch_size: int, compile: bool = False
+) -> str:
     """One line: the KV cache of the largest of the generate calls that sample these prompts (their lengths in
     tokens) `batch_size` at a time, and what it is made of."""
     calls = [prompt_lens[i : i + batch_size] for i in range(0, len(prompt_lens), batch_size)]
@@ -426,9 +436,18 @@ def main(argv=None):
     gen = torch.Generator(args.device).manual_seed(args.seed)
     t0 = time.perf_counter()
     out = generate(
-        model, prompts, args.samples, args.max_new_tokens, chat.stop_ids, args.temperature, args.top_k, args.top_p,
-        tok.pad_id, gen, compile=args.compile,
-    )  # fmt: skip
+        model,
+        prompts,
+        args.samples,
+        args.max_new_tokens,
+        chat.stop_ids,
+        args.temperature,
+        args.top_k,
+        args.top_p,
+        tok.pad_id,
+        gen,
+        compile=args.compile,
+    )
     dt = time.perf_counter() - t0
     n = sum(len(s) for samples in out for s in samples)
     for prompt, samples in zip(args.prompt, out):

@@ -5,11 +5,7 @@ this micro-batch, each with a denominator declared in the module's `RATIOS` (log
 (sum, denominator)); the loop adds them over micro-batches and ranks and divides once per logged
 step, so an empty micro-batch adds zeros, never NaN. Turning a packed `Batch` into these tensors
 (gathering target positions, per-sequence sums, chosen/rejected indices) is llama_posttrain/train/targets.py's job.
+
+No imports here: llama_posttrain/losses/dpo_names.py (the DPO losses' names and the hyperparameters each
+reads) is read by a training config before torch is imported; import each loss from its module.
 """
-
-from llama_posttrain.losses.common import sequence_sums
-from llama_posttrain.losses.dpo import dpo_loss
-from llama_posttrain.losses.ranking import LLAMA2_MARGINS, ranked_pairs, ranking_loss
-from llama_posttrain.losses.sft import sft_loss
-
-__all__ = ["LLAMA2_MARGINS", "dpo_loss", "ranked_pairs", "ranking_loss", "sequence_sums", "sft_loss"]

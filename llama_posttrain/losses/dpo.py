@@ -37,13 +37,13 @@ of its loss (`dpo.mask_format: false`: the same tokens as TRL's):
 and ours, where the loss scores per token with a reference (ipo): ipo/score_chosen, ipo/score_rejected
 (the per-token log-ratio score(y) above) and ipo/score_margins (their difference, which IPO pulls to
 1 / (2 beta)). The caller passes per-pair sums (`PairSums`) and adds the metrics of the policy's
-logits (logits/*, token_accuracy, entropy: llama_posttrain/train/dpo.py, where they are computed).
+logits (logits/*, token_accuracy, entropy: llama_posttrain/train/dpo_objective.py, where they are computed).
 
-A new loss: a function of (c, r, Hyper) as those below, its entry in LOSSES, its row in
-llama_posttrain/train/dpo.py's `LOSS_HYPERPARAMETERS` (the hyperparameters it reads and their allowed
-values, checked when the config is read; no torch there, so that a config error answers at once), a
-float64 test (tests/test_loss_family.py; against TRL's code where TRL has the loss:
-tests/test_dpo_losses_trl.py).
+A new loss: a function of (c, r, Hyper) as those below, named as the loss; its row in
+llama_posttrain/losses/dpo_names.py `LOSS_KEYS` (the one list of the losses: the hyperparameters it reads,
+whether it scores against the reference and per token; no torch there, so that a config error answers at
+once; LOSSES below is that table with the functions); a float64 test (tests/test_loss_family.py; against
+TRL's code where TRL has the loss: tests/test_dpo_losses_trl.py).
 """
 
 from __future__ import annotations
@@ -53,6 +53,13 @@ from typing import NamedTuple
 
 import torch.nn.functional as F
 from torch import Tensor
+
+from llama_posttrain.losses.dpo_names import (
+    LOSS_KEYS,
+    SFT,
+    LossKeys,
+    needs_reference,  # noqa: F401 (dpo.needs_reference, as before)
+)
 
 
 class Hyper(NamedTuple):
@@ -149,23 +156,17 @@ class PairLoss(NamedTuple):
     per_token: bool = False  # score divided by the response's token count
 
 
-LOSSES = {
-    "sigmoid": PairLoss(sigmoid),
-    "ipo": PairLoss(ipo, per_token=True),
-    "hinge": PairLoss(hinge),
-    "robust": PairLoss(robust),
-    "simpo": PairLoss(simpo, reference=False, per_token=True),
-    "apo_zero": PairLoss(apo_zero),
-    "nca_pair": PairLoss(nca_pair),
-    "bco_pair": PairLoss(bco_pair),
-}
-SFT = "sft"  # in a list of losses: the NLL term (TRL's loss_type "sft")
+def _with_functions(table: dict[str, LossKeys]) -> dict[str, PairLoss]:
+    """Each loss of the table (llama_posttrain/losses/dpo_names.py LOSS_KEYS) with the function of its name above."""
+    missing = [name for name in table if not callable(globals().get(name))]
+    if missing:
+        raise ImportError(
+            f"llama_posttrain/losses/dpo_names.py LOSS_KEYS: no loss function named {missing} in {__file__}"
+        )
+    return {name: PairLoss(globals()[name], keys.reference, keys.per_token) for name, keys in table.items()}
 
 
-def needs_reference(loss: str | Sequence[str]) -> bool:
-    """Whether dpo.loss (a name or a list) scores against a reference model."""
-    names = [loss] if isinstance(loss, str) else loss
-    return any(LOSSES[n].reference for n in names if n != SFT)
+LOSSES = _with_functions(LOSS_KEYS)
 
 
 # logged metric -> (sum, denominator); nll_terms: the pairs (nll_norm: sequence) or chosen tokens (token).

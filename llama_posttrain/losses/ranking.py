@@ -81,11 +81,15 @@ def ranking_loss(
     d, r = diff.detach(), rewards.detach()
     right = better & (d > 0)
     sums = {
-        "pairs": n.to(d.dtype), "correct": right.sum().to(d.dtype), "margin": torch.where(better, d, 0.0).sum(),
-        "seqs": r.new_full((), len(r)), "reward": r.sum(), "reward_sq": (r * r).sum(),
+        "pairs": n.to(d.dtype),
+        "correct": right.sum().to(d.dtype),
+        "margin": torch.where(better, d, 0.0).sum(),
+        "seqs": r.new_full((), len(r)),
+        "reward": r.sum(),
+        "reward_sq": (r * r).sum(),
         "reward_max": r.max() if len(r) else r.new_full((), float("-inf")),
         "reward_min": r.min() if len(r) else r.new_full((), float("inf")),
-    }  # fmt: skip
+    }
     if class_names:
         pair_class = group_class[group][:, None]  # (S, 1): the class of the better sequence's group (= the pair's)
         for k, name in enumerate(class_names):

@@ -1,1 +1,1 @@
-"""Training: the loop and its entry points (rm, sft, dpo), sampling, averaging, the round pipeline."""
+"""The trainer: the loop and its entry points (rm.py, sft.py, dpo.py: their configs; *_objective.py: the rest)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import fnmatch
 import math
 import types
 import typing
@@ -283,6 +284,54 @@ def differences(saved, now, key: str = "") -> dict[str, tuple]:
     return {} if saved == now else {key: (saved, now)}
 
 
+def changeable(key: str, patterns) -> bool:
+    """A dotted key that one of `patterns` names (fnmatch: "train.steps", "logging.*"), itself or a section
+    above it ("configs" names configs.rm)."""
+    parts = key.split(".")
+    prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    return any(fnmatch.fnmatchcase(k, p) for k in prefixes for p in patterns)
+
+
+def config_changes(saved: dict, now: dict, patterns, defaults: dict | None = None) -> tuple[dict, dict]:
+    """A recorded config against the config of a new start: what may change (a resume, a run folder
+    continued) and what not, one rule for every record. -> (changes allowed, changes refused), each
+    {"section.key": (saved, now)} in `differences`' order; a change is allowed when `patterns` (the
+    caller's changeable keys, as for `changeable`) name its key or every key that differs below it, and a
+    refused mapping is shown without its changeable keys (one left empty reads as '<absent>').
+    defaults: the config class's defaults; a key the saved config lacks (added to the code since the
+    record was written: a new key's default keeps the old behaviour) reads as its default there."""
+    if defaults is not None:
+        saved = _with_defaults(saved, defaults)
+    allowed, refused = {}, {}
+    for key, (was, new) in differences(saved, now).items():
+        if changeable(key, patterns):
+            allowed[key] = (was, new)
+            continue
+        was_, new_ = _without_changeable(was, key, patterns), _without_changeable(new, key, patterns)
+        if was_ == new_:
+            allowed[key] = (was, new)
+        else:
+            refused[key] = (was_, new_)
+    return allowed, refused
+
+
+def _without_changeable(value, key: str, patterns):
+    """`value` (the config's at `key`) without the keys `patterns` name, at any depth; a mapping left empty
+    reads as absent."""
+    if not isinstance(value, dict):
+        return value
+    kept = {k: _without_changeable(v, f"{key}.{k}", patterns) for k, v in value.items()}
+    kept = {k: v for k, v in kept.items() if v != "<absent>" and not changeable(f"{key}.{k}", patterns)}
+    return kept or "<absent>"
+
+
+def _with_defaults(saved, defaults):
+    if not (isinstance(saved, dict) and isinstance(defaults, dict)):
+        return saved
+    filled = {k: v for k, v in defaults.items() if k not in saved}
+    return {**filled, **{k: _with_defaults(v, defaults.get(k)) for k, v in saved.items()}}
+
+
 def _help(f: dataclasses.Field) -> str:
     return f"  # {f.metadata['help']}" if f.metadata.get("help") else ""
 
@@ -311,9 +360,10 @@ def describe(cls) -> str:
 def parse_args(cls, argv=None, description: str | None = None):
     """`--config FILE section.key=value ...` -> config instance."""
     ap = argparse.ArgumentParser(
-        description=description, epilog="keys (section.key = default):\n" + describe(cls),
+        description=description,
+        epilog="keys (section.key = default):\n" + describe(cls),
         formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
+    )
     ap.add_argument("--config", help="YAML file")
     ap.add_argument("overrides", nargs="*", help="section.key=value")
     args = ap.parse_args(argv)

@@ -11,12 +11,14 @@ sharded state in CPU memory (`train.cpu_offload`).
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -127,8 +129,6 @@ def parallelize(
         model.to(compute)
     for i, block in enumerate(model.layers):
         if activation_checkpointing and trainable:
-            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
             block = checkpoint_wrapper(block, preserve_rng_state=False)
         if compile:
             block.compile(backend=compile_backend, dynamic=False if static_shapes else None)
@@ -244,6 +244,4 @@ def build_model(
 def torchrun_command(script: str, nproc: int, args: list[str]) -> list[str]:
     """The command that runs `script args...` as `nproc` ranks on this machine (torchrun, one node):
     the one builder the pipeline, the experiment scripts and the tests use."""
-    import sys
-
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *args]

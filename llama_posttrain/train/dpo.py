@@ -8,42 +8,28 @@ the reference once over the train and eval sets first, keeps the per-response lo
 frees the reference model. Loss: llama_posttrain/losses/dpo.py (beta 0.1, alpha 0.2, lr 1e-5 as in Llama 3);
 `dpo.loss` picks another of its family (ipo, hinge, robust, apo_zero, nca_pair, bco_pair; simpo needs no
 reference model), or a list of them weighted by `dpo.loss_weights` (TRL's loss_type, loss_weights).
+This file: the config; the objective and the run: llama_posttrain/train/dpo_objective.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import gc
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
+from llama_posttrain.losses.dpo_names import LOSS_KEYS, REFERENCE_FREE, SFT
 from llama_posttrain.train.config import Config, Interval, OptimSection, opt, parse_args
 from llama_posttrain.train.lifecycle import main_guard
 
-# torch-heavy modules are imported in the functions that use them: `--help` and config errors answer at once.
-if TYPE_CHECKING:
-    from llama_posttrain.train import loop, targets
-
-
-# The hyperparameters each loss of llama_posttrain/losses/dpo.py LOSSES reads, with their allowed values, checked when
-# the config is read (before any model is loaded). A new loss gets its row here: tests/test_loss_family.py fails
-# without one, and checks that the loss reads exactly these. beta > 0: at 0 the preference term is constant (ipo
-# divides by it), below 0 it rewards the rejected response. A flip probability eps < 0.5: at 0.5 the labels say
-# nothing, above they are reversed (robust divides by 1 - 2 eps). alpha (the NLL term, every loss) >= 0: below 0
-# it maximizes the chosen response's NLL. gamma >= 0: a target margin in favour of the chosen response.
+# The allowed values of each hyperparameter a loss reads (llama_posttrain/losses/dpo_names.py LOSS_KEYS: which
+# loss reads which), checked when the config is read (before any model is loaded); tests/test_loss_ranges_and_health.py
+# checks each loss reads exactly its row. beta > 0: at 0 the preference term is constant (ipo divides by it), below 0
+# it rewards the rejected response. A flip probability eps < 0.5: at 0.5 the labels say nothing, above they are
+# reversed (robust divides by 1 - 2 eps). alpha (the NLL term, every loss) >= 0: below 0 it maximizes the chosen
+# response's NLL. gamma >= 0: a target margin in favour of the chosen response.
 POSITIVE, NON_NEGATIVE, FLIP = Interval(0.0, low_open=True), Interval(0.0), Interval(0.0, 0.5, high_open=True)
-LOSS_HYPERPARAMETERS = {
-    "sigmoid": {"beta": POSITIVE, "alpha": NON_NEGATIVE, "label_smoothing": FLIP},
-    "ipo": {"beta": POSITIVE, "alpha": NON_NEGATIVE},
-    "hinge": {"beta": POSITIVE, "alpha": NON_NEGATIVE},
-    "robust": {"beta": POSITIVE, "alpha": NON_NEGATIVE, "label_smoothing": FLIP},
-    "simpo": {"beta": POSITIVE, "alpha": NON_NEGATIVE, "label_smoothing": FLIP, "gamma": NON_NEGATIVE},
-    "apo_zero": {"beta": POSITIVE, "alpha": NON_NEGATIVE},
-    "nca_pair": {"beta": POSITIVE, "alpha": NON_NEGATIVE},
-    "bco_pair": {"beta": POSITIVE, "alpha": NON_NEGATIVE},
-}
-REFERENCE_FREE = {"simpo"}  # the losses without a reference model (LOSSES[...].reference False)
-SFT = "sft"  # in a list of losses: the NLL term, its weight in place of dpo.alpha (losses/dpo.py SFT)
+RANGES = {"beta": POSITIVE, "alpha": NON_NEGATIVE, "label_smoothing": FLIP, "gamma": NON_NEGATIVE}
+LOSS_HYPERPARAMETERS = {name: {k: RANGES[k] for k in keys.reads} for name, keys in LOSS_KEYS.items()}
 
 
 @dataclass
@@ -130,81 +116,11 @@ class DPOConfig(Config):
     dpo: DPOSection = field(default_factory=DPOSection)
 
 
-# the metrics of the policy's logits (TRL's names and meanings, llama_posttrain/losses/dpo.py), over the tokens of
-# the DPO sums, beside the loss's RATIOS; trl_tokens_per_token: TRL's token count (targets.trl_tokens) per token
-STATS_RATIOS = {
-    "logits/chosen": ("logits/chosen", "chosen_tokens"),
-    "logits/rejected": ("logits/rejected", "rejected_tokens"),
-    "token_accuracy": ("argmax_tokens", "chosen_tokens"),
-    "entropy": ("entropy", "response_tokens"),
-}
-
-
-def make_objective(model, reference: targets.Reference | None, cfg: DPOSection, backend: str) -> loop.Objective:
-    """reference: the frozen model run on each micro-batch, its precomputed table, or None (reference-free)."""
-    from llama_posttrain.llama.model import attention_mask
-    from llama_posttrain.losses import dpo
-    from llama_posttrain.train import loop
-    from llama_posttrain.train.targets import Pairs, model_logps, trl_tokens
-
-    vocab = model.config.vocab_size
-    hyper = dpo.Hyper(**{k: getattr(cfg, k) for k in dpo.Hyper._fields})
-
-    def loss(batch, step):
-        mask = attention_mask(batch.doc_ids, batch.branch_ids)  # built once: the policy's and the reference's
-        out = model_logps(model, batch, backend, mask, stats=True)  # (N,) each: log p, argmax hit, logit sum, entropy
-        pairs = Pairs(batch, cfg.mask_format)  # the pairs' sequences: one device sort
-        ref = None if reference is None else reference.logps(batch, pairs, mask)  # (P,) each
-        total, sums = dpo.dpo_loss(pairs.policy(out.logprobs), ref, step.num_pairs, step.num_chosen_targets, hyper)
-        lc, lr = pairs.sums(out.logit_sum / vocab)  # (P,) the tokens' mean logits, summed
-        hits, _ = pairs.sums(out.is_argmax.float())  # (P,) chosen tokens that are the argmax
-        ec, er = pairs.sums(out.entropy)  # (P,) the tokens' entropies, summed
-        sums |= {"logits/chosen": lc.detach().sum(), "logits/rejected": lr.detach().sum()}
-        sums |= {"argmax_tokens": hits.detach().sum(), "entropy": (ec + er).detach().sum()}
-        sums["response_tokens"] = sums["chosen_tokens"] + sums["rejected_tokens"]
-        return total, sums | {"trl_tokens": trl_tokens(batch)}  # dpo.RATIOS trl_tokens_per_token
-
-    ratios = {**dpo.RATIOS, **STATS_RATIOS}
-    forward = reference is not None and reference.forward
-    return loop.Objective(loss, ratios, reference_forward=forward)
-
-
 def main(argv=None):
     cfg = parse_args(DPOConfig, argv, __doc__)
-    import torch
+    from llama_posttrain.train.dpo_objective import run  # torch and the model: after the config is read
 
-    from llama_posttrain.losses import dpo
-    from llama_posttrain.train import loop
-    from llama_posttrain.train.distributed import build_model
-    from llama_posttrain.train.run_setup import setup
-    from llama_posttrain.train.targets import LiveReference, PrecomputedReference, reference_table
-
-    s = setup(cfg, kind="dpo", head="lm")
-    t, m = cfg.train, cfg.model
-    train_ref = eval_ref = None
-    if dpo.needs_reference(cfg.dpo.loss):
-        ref_ckpt = cfg.dpo.reference_checkpoint or m.checkpoint
-        layout = {"shard_degree": t.shard_degree, "cpu_offload": t.cpu_offload, "compile": t.compile}
-        layout["static_shapes"] = len(s.train_loader.shapes)  # the policy's shapes (llama_posttrain/train/run_setup.py)
-        ref = build_model(
-            s.d, ref_ckpt, None if ref_ckpt else m.preset, "lm", t.seed, t.mixed_precision, trainable=False, **layout
-        )  # compiled like the policy: its forward runs every micro-batch
-        train_ref = eval_ref = LiveReference(ref, t.kernels)
-        if cfg.dpo.reference == "precompute":
-            table = reference_table(ref, s.train_loader, t.kernels, cfg.dpo.mask_format, s.d.device)
-            train_ref = PrecomputedReference(table)
-            eval_ref = None  # no eval set: nothing may keep the model alive
-            if s.eval_loader is not None:
-                table = reference_table(ref, s.eval_loader, t.kernels, cfg.dpo.mask_format, s.d.device)
-                eval_ref = PrecomputedReference(table)
-            del ref
-            gc.collect()
-            if s.d.device.type == "cuda":
-                torch.cuda.empty_cache()  # the reference's memory back to the allocator's free pool
-    elif s.d.is_main:
-        print(f"dpo.loss {cfg.dpo.loss}: reference-free, no reference model", flush=True)
-    objective = make_objective(s.model, train_ref, cfg.dpo, t.kernels)
-    return loop.run(s, objective, eval_objective=make_objective(s.model, eval_ref, cfg.dpo, t.kernels))
+    return run(cfg)
 
 
 if __name__ == "__main__":

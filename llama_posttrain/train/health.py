@@ -137,6 +137,7 @@ def check_exportable(model: torch.nn.Module, d, run_dir: Path, step: int) -> Non
             print(
                 f"error: {run_dir}: {bad} weights are NaN or inf after step {step}: the model is not exported; "
                 f"the checkpoints in {run_dir / 'checkpoints'} are kept",
-                file=sys.stderr, flush=True,
-            )  # fmt: skip
+                file=sys.stderr,
+                flush=True,
+            )
         raise SystemExit(1)

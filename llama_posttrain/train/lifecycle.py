@@ -21,6 +21,7 @@ torchrun itself dies (kill -9 included), instead of training on as an orphan.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import os
@@ -32,6 +33,9 @@ from pathlib import Path
 
 from llama_posttrain.data.io import write_json
 from llama_posttrain.train import run_lock
+
+# torch is imported in the functions that run collectives (stop_requested, StopPoll), not here: every training
+# entry point imports main_guard from this module, and its `--help` and config errors answer before torch loads.
 
 
 class Phase:
@@ -62,7 +66,7 @@ class StopRequested(Exception):
 
 def stop_requested(device) -> bool:
     """Whether any rank was signalled (a collective: every rank must call it at the same point)."""
-    import torch  # not imported by an entry point's `--help`
+    import torch
     import torch.distributed as dist
 
     flag = torch.tensor([float(StopSignal.received is not None)], device=device)
@@ -113,8 +117,6 @@ def die_with_parent() -> None:
     as an orphan; now it gets SIGTERM (saves and exits like any signalled run). Elsewhere: nothing."""
     if not sys.platform.startswith("linux"):
         return
-    import ctypes
-
     parent = os.getppid()
     PR_SET_PDEATHSIG = 1
     if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:

@@ -18,6 +18,7 @@ the console keep the scalars only.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
@@ -44,10 +45,16 @@ class Logger:
             import wandb  # only when logging to it
 
             self.wandb = wandb.init(
-                project=cfg.project, name=cfg.name or Path(run_dir).name, dir=str(run_dir), mode=cfg.wandb,
-                config=config_dict, resume="allow", id=_run_id(run_dir, fresh=resume_step is None),
-                group=cfg.group, job_type=cfg.job_type,
-            )  # fmt: skip
+                project=cfg.project,
+                name=cfg.name or Path(run_dir).name,
+                dir=str(run_dir),
+                mode=cfg.wandb,
+                config=config_dict,
+                resume="allow",
+                id=_run_id(run_dir, fresh=resume_step is None),
+                group=cfg.group,
+                job_type=cfg.job_type,
+            )
             define_metrics(self.wandb)
         self.kind = next((k for k in ("dpo", "rm", "sft") if k in config_dict), None)  # the entry's own section
         if self.kind == "dpo" and config_dict["dpo"].get("nll_norm") == "token":
@@ -67,7 +74,7 @@ class Logger:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
-            import wandb
+            import wandb  # only when logging to it (imported by __init__ already)
 
             self._count(step, metrics)
             histograms = {k: wandb.Histogram(v) for k, v in dashboard_names(values, self.kind).items() if v}
@@ -165,8 +172,6 @@ def read_metrics(path) -> list[dict]:
 
 def _run_id(run_dir, fresh: bool) -> str:
     """One wandb run per run folder and start: a resume continues it, a fresh start gets a new one."""
-    import hashlib
-
     id_file = Path(run_dir) / "wandb_id"
     if fresh or not id_file.exists():
         seed = f"{Path(run_dir).resolve()}:{time.time_ns()}"

@@ -175,9 +175,13 @@ class Trainer:
         on_device = self.d.device.type == "cuda" and not self.cfg.train.cpu_offload
         self.fused = on_device if o.fused is None else o.fused
         self.optimizer = torch.optim.AdamW(
-            params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+            params,
+            lr=o.lr,
+            betas=tuple(o.betas),
+            eps=o.eps,
+            weight_decay=o.weight_decay,
             fused=True if self.fused else None,  # None: torch's default (foreach), as before the option
-        )  # fmt: skip
+        )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(o, self.cfg.train.steps))
         self.run_dir = Path(self.cfg.train.run_dir)
         self.health = health.Health(self.d.is_main)  # skipped steps and explosions, said

@@ -15,35 +15,54 @@ ours), never a file the new run reads (its start checkpoint, tokenizer, data); i
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import re
 import shutil
 from pathlib import Path
 
 from llama_posttrain.data.io import write_text
+from llama_posttrain.data.prepare import on_rank0
 from llama_posttrain.llama import get_preset
 from llama_posttrain.llama.checkpoint import check_destination, read_config
 from llama_posttrain.train import run_lock, train_state
-from llama_posttrain.train.config import differences, read_yaml, save_config, to_dict
+from llama_posttrain.train.config import config_changes, read_yaml, save_config, to_dict
 from llama_posttrain.train.lifecycle import RESULT
 
 # What a resume may change: how long to train, when to eval/save/log, what to export.
 CHANGEABLE_ON_RESUME = (
-    "train.steps", "train.eval_every", "train.save_every", "train.keep_last", "train.resume", "train.run_dir",
-    "train.max_bad_steps", "train.export_hf", "train.activation_checkpointing", "train.shard_degree",
-    "train.cpu_offload", "logging.*",
-    "data.cache", "data.cache_dir", "data.num_workers",  # where and how the same examples are tokenized
-)  # fmt: skip
+    "train.steps",
+    "train.eval_every",
+    "train.save_every",
+    "train.keep_last",
+    "train.resume",
+    "train.run_dir",
+    "train.max_bad_steps",
+    "train.export_hf",
+    "train.activation_checkpointing",
+    "train.shard_degree",
+    "train.cpu_offload",
+    "logging.*",
+    # where and how the same examples are tokenized
+    "data.cache",
+    "data.cache_dir",
+    "data.num_workers",
+)
 
 RECORD, DATA_RECORD = "config.yaml", "data.json"
 RUN_FILES = ("checkpoints", "model", "model_hf", "metrics.jsonl", RECORD, DATA_RECORD, "wandb_id", RESULT)  # it writes
 # What an export writes into model/ and model_hf/ (llama_posttrain/llama/checkpoint.py save_checkpoint): restart deletes these
 # and keeps anything else found there.
 EXPORT_FILES = (
-    "config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json", "tokenizer.model",
-    "tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "chat_template.jinja",
-)  # fmt: skip
+    "config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+)
 _SHARD = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 _TMP_STEP = re.compile(r"^step_\d{8}\.tmp$")
 
@@ -54,31 +73,10 @@ def cache_dir(cfg) -> str:
     return cfg.data.cache_dir or str(Path(cfg.train.run_dir) / ".tokenized")
 
 
-def config_changes(saved: dict, current: dict, defaults: dict | None = None) -> tuple[dict, dict]:
-    """-> (changes a resume may make, changes it may not): {"section.key": (saved, current)}.
-    defaults: the config class's defaults; a key the saved config lacks (added to the code since the
-    run was saved: a new key's default keeps the old behaviour) reads as its default there."""
-    if defaults is not None:
-        saved = _with_defaults(saved, defaults)
-    changed = dict(sorted(differences(saved, current).items()))
-    ok = {k: v for k, v in changed.items() if any(fnmatch.fnmatch(k, p) for p in CHANGEABLE_ON_RESUME)}
-    return ok, {k: v for k, v in changed.items() if k not in ok}
-
-
-def _with_defaults(saved, defaults):
-    if not (isinstance(saved, dict) and isinstance(defaults, dict)):
-        return saved
-    return {**{k: v for k, v in defaults.items() if k not in saved}, **{
-        k: _with_defaults(v, defaults.get(k)) for k, v in saved.items()
-    }}  # fmt: skip
-
-
 def claim(cfg, rank: int, world_size: int) -> Path | None:
     """Lock the run folder (rank 0, until it exits) and check it against `train.resume` and the saved
     config; -> the checkpoint to resume from (None: a fresh start), the same on every rank. Rank 0 does
     the work and the other ranks get its answer or its error (llama_posttrain/data/prepare.py `on_rank0`)."""
-    from llama_posttrain.data.prepare import on_rank0
-
     return on_rank0(lambda: _claim(cfg, world_size), rank, world_size, "claim the run folder")
 
 
@@ -147,15 +145,20 @@ def _check_record(run_dir: Path, cfg, found: list[str], resumable: bool) -> None
             f"{record} is not a config this project recorded (no train.run_dir in a train section), so {run_dir} "
             "is not a run folder this code wrote; refusing to resume or overwrite it. Choose a new train.run_dir."
         )
-    ok, refused = config_changes(read_yaml(record), to_dict(cfg), to_dict(type(cfg)()))
-    if not resumable and "train.steps" in ok:
-        refused["train.steps"] = ok.pop("train.steps")
+    # without a checkpoint to resume, a changed train.steps is another run too
+    keys = CHANGEABLE_ON_RESUME if resumable else tuple(k for k in CHANGEABLE_ON_RESUME if k != "train.steps")
+    ok, refused = config_changes(read_yaml(record), to_dict(cfg), keys, defaults=to_dict(type(cfg)()))
+    ok, refused = dict(sorted(ok.items())), dict(sorted(refused.items()))
     if refused:
         lines = "\n".join(f"  {k}: {a!r} (saved) -> {b!r} (now)" for k, (a, b) in refused.items())
-        why = "resuming would mix two runs" if resumable else (
-            "it has no checkpoint to resume, so this start would replace that run's files (model/, metrics.jsonl, "
-            "config.yaml) with another run's"
-        )  # fmt: skip
+        why = (
+            "resuming would mix two runs"
+            if resumable
+            else (
+                "it has no checkpoint to resume, so this start would replace that run's files (model/, metrics.jsonl, "
+                "config.yaml) with another run's"
+            )
+        )
         raise ValueError(
             f"{run_dir} holds a run trained with a different config; {why}:\n{lines}\n"
             "Use the saved values, a new train.run_dir, or train.resume=restart to start over."
@@ -165,14 +168,16 @@ def _check_record(run_dir: Path, cfg, found: list[str], resumable: bool) -> None
     if not resumable:
         outputs = [n for n in found if n not in (RECORD, DATA_RECORD, "checkpoints")]
         replaced = f", replacing its {', '.join(outputs)}" if outputs else ""
-        print(f"{run_dir}: config.yaml records this config but no checkpoint is left to resume: training it again "
-              f"from step 0{replaced}", flush=True)  # fmt: skip
+        print(
+            f"{run_dir}: config.yaml records this config but no checkpoint is left to resume: training it again "
+            f"from step 0{replaced}",
+            flush=True,
+        )
 
 
 def check_exports(cfg, chat, rank: int, world_size: int) -> None:
     """Refuse at start what the export would refuse after the last step: a foreign model/ or model_hf/
     (another config.json, weights we did not write, tokenizer files that differ from the run's)."""
-    from llama_posttrain.data.prepare import on_rank0
 
     def check():
         m = cfg.model
@@ -181,9 +186,13 @@ def check_exports(cfg, chat, rank: int, world_size: int) -> None:
         for out, fmt in outs if cfg.train.export_hf else outs[:1]:
             try:
                 check_destination(
-                    Path(cfg.train.run_dir) / out, chat.tokenizer, chat.template, fmt, config=model_config,
+                    Path(cfg.train.run_dir) / out,
+                    chat.tokenizer,
+                    chat.template,
+                    fmt,
+                    config=model_config,
                     source=cfg.model.checkpoint,
-                )  # fmt: skip
+                )
             except ValueError as e:
                 raise ValueError(f"train.run_dir: the run's export would fail: {e}") from None
 
@@ -290,8 +299,6 @@ def check_data(cfg, fingerprints: dict[str, dict[str, str]], fresh: bool, rank: 
     """Record the data's content (`fingerprints`: split -> {file: sha256}, from the loaders) at a fresh
     start; on a resume, refuse data that changed since, naming the file. Rank 0 decides; every rank
     gets its answer."""
-    from llama_posttrain.data.prepare import on_rank0
-
     on_rank0(
         lambda: _check_data(Path(cfg.train.run_dir), fingerprints, fresh), rank, world_size, "check the data record"
     )
@@ -301,8 +308,11 @@ def _check_data(run_dir: Path, now: dict[str, dict[str, str]], fresh: bool) -> N
     path = run_dir / DATA_RECORD
     if fresh or not path.is_file():
         if not fresh:
-            print(f"WARNING: {run_dir} has no {DATA_RECORD} (a run of an older version): its data cannot be "
-                  "checked against this resume's; recording this data now", flush=True)  # fmt: skip
+            print(
+                f"WARNING: {run_dir} has no {DATA_RECORD} (a run of an older version): its data cannot be "
+                "checked against this resume's; recording this data now",
+                flush=True,
+            )
         write_text(path, json.dumps(now, indent=1, sort_keys=True))
         return
     saved = json.loads(path.read_text())

@@ -12,11 +12,16 @@ vocabulary, the data is loaded and checked against the run's record of it; only 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from llama_posttrain.data import cache
 from llama_posttrain.data.loader import DataLoader, build_loaders
+from llama_posttrain.data.prepare import prepare_config
+from llama_posttrain.data.records import train_sources
 from llama_posttrain.llama.chat import ChatFormat, resolve_chat_template
+from llama_posttrain.llama.paths import check_outputs
 from llama_posttrain.train import run_folder
 from llama_posttrain.train.config import Config
 from llama_posttrain.train.distributed import Dist, build_model, init_distributed, model_tokenizer
@@ -53,5 +58,27 @@ def setup(cfg: Config, kind: str, head: str, **encode_kw) -> Setup:
     layout = {"shard_degree": t.shard_degree, "cpu_offload": t.cpu_offload, "static_shapes": len(train_loader.shapes)}
     model = build_model(
         d, m.checkpoint, m.preset, head, t.seed, t.mixed_precision, t.activation_checkpointing, t.compile, **layout
-    )  # fmt: skip
+    )
     return Setup(cfg, d, chat, train_loader, eval_loader, model, resume_from)
+
+
+def prepare_caches(cfg: Config, kind: str, config_path: str | None, verify: bool, **encode_kw) -> None:
+    """Tokenize the config's data into the caches `setup` will map (llama_posttrain/train/prepare_data.py), with
+    the chat format as `setup` builds it (the same cache key), printing each load report; verify: also check
+    every block of each cache against its checksum."""
+    cfg.data.cache_dir = run_folder.cache_dir(cfg)  # where the run started with this config looks for them
+    m = cfg.model
+    sources = {"--config": config_path, "data.train": [p for p, _ in train_sources(cfg.data.train)]}
+    sources |= {"data.eval": cfg.data.eval, "model.checkpoint": m.checkpoint, "model.tokenizer": m.tokenizer}
+    check_outputs(sources, {"data.cache_dir": cfg.data.cache_dir})  # never a cache onto a file the run reads
+    chat = ChatFormat(
+        model_tokenizer(m.checkpoint, m.preset, m.tokenizer), resolve_chat_template(m.chat_template, m.checkpoint)
+    )
+    parts, evaluation = prepare_config(cfg.data, kind, chat, verbose=True, **encode_kw)
+    for found in [*parts, evaluation] if evaluation else parts:
+        data = found.open()
+        if verify:
+            t0 = time.perf_counter()
+            data.verify()
+            print(f"{data.folder}: every block verified in {time.perf_counter() - t0:.1f} s", flush=True)
+        print(cache.report_line(data), flush=True)  # the load report, as training prints it

@@ -18,7 +18,7 @@ from llama_posttrain.data.loader import DataLoader
 from llama_posttrain.data.rows import Batch
 from llama_posttrain.data.schema import STRENGTHS
 from llama_posttrain.llama.model import attention_mask
-from llama_posttrain.losses import sequence_sums
+from llama_posttrain.losses.common import sequence_sums
 from llama_posttrain.losses.dpo import PairSums
 
 
@@ -151,10 +151,17 @@ def reference_table(ref, loader: DataLoader, backend: str, mask_format: bool, de
     order, every rank its share of the examples (each computed once), summed over ranks. A step at
     a time: a rank holds one step's micro-batches, not its whole share of the set."""
     every = DataLoader(
-        loader.examples, loader.batch_size, loader.max_len, loader.tokens_per_microbatch, loader.rank,
-        loader.world_size, shuffle=False, pad_id=loader.pad_id, drop_last=False,
+        loader.examples,
+        loader.batch_size,
+        loader.max_len,
+        loader.tokens_per_microbatch,
+        loader.rank,
+        loader.world_size,
+        shuffle=False,
+        pad_id=loader.pad_id,
+        drop_last=False,
         shape_buckets=loader.shape_buckets,  # the loader's static shapes: a compiled reference sees only those
-    )  # fmt: skip
+    )
     table = torch.zeros(len(loader.examples), 2, dtype=torch.float32, device=device)
     for step in every.eval_steps():
         for batch in step.micro_batches:

@@ -20,9 +20,12 @@ class _MetadataUnpickler(pickle.Unpickler):
     """Builds only what DCP's .metadata holds: its metadata classes, torch dtypes and sizes, paths."""
 
     ALLOWED = {
-        ("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
-        ("pathlib", "PurePosixPath"), ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    }  # fmt: skip
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),
+        ("pathlib", "PosixPath"),
+        ("pathlib", "PurePosixPath"),
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    }
 
     def find_class(self, module: str, name: str):
         if "." not in name:  # a dotted name reaches attributes of attributes (a module's `os.system`)
