@@ -37,7 +37,7 @@ def test_the_first_prompts_greedy_generations_are_kept(files, one_process):  # n
     assert "generations" not in run(files, "policy", "--nll", str(files / "sft.jsonl"))
 
 
-@pytest.mark.slow
+@pytest.mark.long  # 2 ranks again (test_evaluate.py checks 2 ranks == 1 in CI): pytest -m long
 def test_two_ranks_keep_the_same_generations_in_prompt_order(files, one_process):  # noqa: F811
     """Rank r generates prompts r, r + 2, ...: rank 0 gathers them back in the prompts' order."""
     args = ["--prompts", str(files / "prompts.jsonl"), *SCORED]

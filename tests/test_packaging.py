@@ -116,7 +116,7 @@ def trained_steps(run_dir: Path) -> list[int]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["python", "torchrun"])
+@pytest.mark.parametrize("how", ["python", pytest.param("torchrun", marks=pytest.mark.long)])  # torchrun: -m long
 def test_an_entry_point_runs_from_another_folder(tmp_path, how):
     """`python /path/to/repo/llama_posttrain/train/sft.py` and `torchrun ... sft.py` started in an
     unrelated folder: the script's own folder (first on sys.path) holds evaluate.py, config.py, ...; the
