@@ -140,7 +140,7 @@ def test_dpo_pairs_without_nonzero_pair_each_groups_chosen_with_its_rejected(tmp
     assert checked >= 8
 
 
-@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize("compile", [pytest.param(False, marks=pytest.mark.long), True])  # eager: -m long
 def test_dpo_reference_is_compiled_like_the_policy_and_freed_after_precompute(tmp_path, one_rank, monkeypatch, compile):
     import llama_posttrain.train.distributed as distributed
     from llama_posttrain.train import dpo, dpo_objective, loop

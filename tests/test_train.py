@@ -106,7 +106,7 @@ def test_fsdp_two_ranks_match_one(tmp_path):
 DETERMINISTIC = ("loss", "nll", "grad_norm", "lr", "tokens")
 
 
-@pytest.mark.slow
+@pytest.mark.long  # 19 s, three 2-rank runs (pytest -m long); CI keeps the in-process signal and crash resumes
 def test_kill_9_and_resume_logs_the_same(tmp_path):
     args = [*SHORT, "train.steps=10", "train.save_every=3", "train.keep_last=2"]
     torchrun("sft", QUICK / "sft.yaml", tmp_path / "ref", args)
