@@ -38,7 +38,7 @@ def test_an_error_after_training_started_keeps_its_traceback(tmp_path, one_rank,
         main_guard(lambda: sft.main(argv(tmp_path, "train.steps=1")))
 
 
-@pytest.mark.slow
+@pytest.mark.long  # torchrun's 2 ranks (pytest -m long); the one-process errors stay in CI
 def test_batch_size_errors_under_torchrun_name_the_key_once(tmp_path):
     """Every rank fails alike after reading the data; the error is printed once. (One case: each
     torchrun launch costs seconds; the other checks run in-process above.)"""

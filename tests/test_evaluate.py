@@ -191,7 +191,7 @@ def test_progress_is_reported(files, one_process, monkeypatch):
     assert (state["done"], state["total"], state["unit"]) == (2 * N + N, 2 * N + N, "examples")
 
 
-@pytest.mark.slow
+@pytest.mark.long  # 9 s of 2-rank evaluation (pytest -m long); sample.py's 2-rank test stays in CI
 def test_two_ranks_give_what_one_rank_gives(files, one_process):
     """rm_accuracy, nll and greedy task accuracy as 1 rank; the sampled accuracy as each rank's share
     sampled with seed + 1000003 * rank."""

@@ -271,6 +271,7 @@ def python_part(name, code, budget_s=30, parse=None):
     return validate.Part(name, budget_s, lambda args: ["-c", code], parse)
 
 
+@pytest.mark.long  # 5 s of real timeouts (pytest -m long); the budget logic's own test stays in CI
 def test_parts_run_within_budgets_and_the_table_says_what_happened(tmp_path, monkeypatch):
     monkeypatch.setattr(validate, "MIN_START_S", 1.0)
     row = json.dumps({"part": "a", "check": "x | y", "status": "pass", "value": "1.0", "note": ""})

@@ -148,7 +148,7 @@ def test_a_changed_config_is_refused_and_the_record_never_rewritten(tmp_path, ca
         Pipeline(load_pipeline_config(_micro(tmp_path))).check_run_folder()
 
 
-@pytest.mark.slow
+@pytest.mark.long  # a real failing job (pytest -m long)
 def test_a_failing_stage_prints_its_log_path_and_last_lines(tmp_path):
     cmd = [
         sys.executable,
