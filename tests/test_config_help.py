@@ -56,16 +56,13 @@ def _default(f):
     return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
-def test_the_cleaning_mapping_is_read_once_into_the_rules_and_sample_flags():
+def test_the_cleaning_mapping_is_read_once_into_the_rules():
     """`cleaning` (the pipeline's) -> Cleaning: its defaults written once, the human annotator's rules and the
     sampling job's flags both from it. A rule set to 0 (drop any emoji) is passed on, not read as false."""
     from llama_posttrain.data.clean import CleanRules
 
     c = Cleaning.of({"max_emoji": 0, "max_repeat": 0.3, "ban_phrase": ["a b", "c"], "dedup": True})
     assert c.rules() == CleanRules(max_repeat=0.3, repeat_ngram=3, ban_phrases=("a b", "c"), max_emoji=0)
-    assert c.flags() == [
-        "--dedup", "--max-repeat", "0.3", "--ban-phrase", "a b", "--ban-phrase", "c", "--max-emoji", "0"
-    ]  # fmt: skip
-    assert Cleaning.of({}).flags() == [] and Cleaning.of({}).rules() == CleanRules()
+    assert Cleaning.of({}).rules() == CleanRules()  # the sampling job gets the same values: SampleConfig fields
     with pytest.raises(ValueError, match=r"my.yaml: unknown key\(s\) max_emojis \(known: dedup, "):
         Cleaning.of({"max_emojis": 1}, "my.yaml")

@@ -197,22 +197,6 @@ class Cleaning:
             self.max_repeat, self.repeat_ngram, tuple(self.ban_phrase), self.max_emoji, self.max_exclamation
         )
 
-    def flags(self) -> list[str]:
-        """sample.py's flags of the rules not at their defaults: {max_repeat: 0.3, dedup: true} ->
-        [--max-repeat, 0.3, --dedup]."""
-        out = []
-        for f in dataclasses.fields(self):
-            value, flag = getattr(self, f.name), "--" + f.name.replace("_", "-")
-            if value == _default(f):
-                continue
-            if value is True:
-                out.append(flag)
-            elif isinstance(value, list):
-                out += [x for v in value for x in (flag, str(v))]
-            else:
-                out += [flag, str(value)]
-        return out
-
     def __post_init__(self):
         if self.max_repeat is not None and not 0 <= self.max_repeat <= 1:
             raise ValueError(f"max_repeat: a fraction in [0, 1], got {self.max_repeat}")

@@ -42,8 +42,6 @@ from llama_posttrain.llama.tokenizer import Tokenizer, resolve_tokenizer, same_t
 if TYPE_CHECKING:
     import torch
 
-DTYPES = ("float32", "bfloat16", "float16")
-
 
 def _read_finite(path: Path, file: Path, name: str) -> torch.Tensor:
     import torch
