@@ -5,8 +5,8 @@ import torch
 from conftest import CONFIGS, random_model, with_fields
 from safetensors.torch import load_file
 
-from llama_posttrain.jobs.average import average_checkpoints, greedy_soup
 from llama_posttrain.jobs.average import main as average_main
+from llama_posttrain.jobs.averaging import average_checkpoints, greedy_soup
 from llama_posttrain.llama import RopeScaling, load_model, save_checkpoint, save_model
 
 

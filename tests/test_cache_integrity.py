@@ -17,10 +17,12 @@ from pathlib import Path
 
 import pytest
 
+from llama_posttrain.data import cache as cache_module
 from llama_posttrain.data import prepare as prepare_module
 from llama_posttrain.data.cache import TokenizedData
 from llama_posttrain.data.loader import build_loaders, load_examples
 from llama_posttrain.data.prepare import prepare
+from llama_posttrain.data.records import data_files
 from llama_posttrain.data.rows import EncodeOptions
 from llama_posttrain.data.schema import ValidationError
 from llama_posttrain.llama.chat import ChatFormat
@@ -138,11 +140,12 @@ def test_same_size_corruption_is_refused_when_read(tmp_path):
     cache = TokenizedData(good)
     tokens = good / "tokens.bin"
     target = len(cache) // 2  # flip a byte inside this example's tokens
-    offset = int(cache.offsets["token_end"][target]) * 4 + 4
+    size = cache.dtypes["tokens"].itemsize  # 2: the byte tokenizer's ids as uint16
+    offset = int(cache.offsets["token_end"][target]) * size + size
     _flip(tokens, offset)
     damaged = TokenizedData(good)  # opening checks sizes and the per-example arrays only
     block = offset // (1 << 16)
-    assert block > int(cache.offsets["token_end"][1]) * 4 // (1 << 16)  # not example 0's block
+    assert block > int(cache.offsets["token_end"][1]) * size // (1 << 16)  # not example 0's block
     with pytest.raises(ValueError, match=rf"{re.escape(str(good))} is damaged: tokens\.bin bytes {block * 65536}\.\."):
         damaged[target]
     assert damaged[0] == examples_of(folder)[0]  # another block: read (checked) as usual
@@ -212,6 +215,27 @@ def test_a_manifest_missing_a_key_is_named(tmp_path):
         TokenizedData(folder)
     with pytest.raises(ValueError, match=rf"{re.escape(str(folder))} is damaged \(manifest\.json lacks 'arrays'\)"):
         prepare(data, SFT, CHAT, tmp_path / "c", 1, verbose=False)
+
+
+def test_a_version_3_cache_is_refused_not_misread(tmp_path):
+    """Version 3 stored token ids as int32; this code reads uint16 / uint32. A version 3 manifest
+    (its own sha256 made to match) is refused, naming the version; the key hashes the version, so a
+    real version 3 cache sits under another folder name, never found: the data is tokenized anew."""
+    data = write(tmp_path / "d.jsonl", [dialog(i) for i in range(8)])
+    folder = prepare(data, SFT, CHAT, tmp_path / "c", 1, verbose=False)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["version"] = 3
+    manifest["manifest_sha256"] = cache_module.manifest_digest(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(
+        ValueError,
+        match=rf"{re.escape(str(folder))} is damaged or stale: manifest\.json: version 3, this code reads version 4",
+    ):
+        TokenizedData(folder)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(folder))} is damaged \(manifest\.json: version 3, this"):
+        prepare(data, SFT, CHAT, tmp_path / "c", 1, verbose=False)
+    # a version 3 key names another folder
+    assert cache_module.cache_key(data_files(data), SFT, CHAT)[1]["version"] == 4
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")

@@ -16,7 +16,7 @@ from llama_posttrain.data.clean import (
     repeat_fraction,
 )
 from llama_posttrain.data.drops import DROPS, drop_reason, drop_report, drops_for
-from llama_posttrain.jobs.sample import rejection_sample
+from llama_posttrain.jobs.sampling import rejection_sample
 from llama_posttrain.llama import get_preset, save_model
 from llama_posttrain.llama.chat import ChatFormat
 from llama_posttrain.llama.tokenizer import load_tokenizer
@@ -99,7 +99,7 @@ RULES = CleanRules(max_repeat=0.5, repeat_ngram=2, ban_phrases=("as an ai",), ma
 
 
 def _stand_in_sampler(monkeypatch):
-    import llama_posttrain.jobs.sample as train_sample
+    import llama_posttrain.jobs.sampling as train_sample
 
     def sample(policy, chat, prompts, k, *a, **kw):
         texts = [SAMPLES[p[-1]["content"]] for p in prompts]

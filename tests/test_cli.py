@@ -19,6 +19,7 @@ ENTRY_POINTS = [
     (["llama_posttrain/train/rm.py"], "rm.one_row = True"),
     (["llama_posttrain/jobs/sample.py"], "samples per prompt (default: 16)"),
     (["llama_posttrain/jobs/evaluate.py"], "(default: 8)"),
+    (["llama_posttrain/jobs/average.py"], "of the average (default: native)"),
     (["llama_posttrain/driver/pipeline.py"], "keys (key = default)"),
     (["-m", "llama_posttrain.driver.plan"], "usage:"),
 ]
@@ -40,7 +41,7 @@ def test_help_of_every_entry_point(command, shown):
 def test_the_configs_and_training_entry_points_import_without_torch():
     code = (
         "import sys; import llama_posttrain.train.config, llama_posttrain.train.lifecycle, llama_posttrain.train.sft, llama_posttrain.train.dpo, llama_posttrain.train.rm, llama_posttrain.jobs.sample, "
-        "llama_posttrain.jobs.evaluate, llama_posttrain.driver.pipeline, llama_posttrain.driver.recipe, llama_posttrain.driver.report, llama_posttrain.driver.launch, llama_posttrain.jobs.vllm_engine, llama_posttrain.llama; "
+        "llama_posttrain.jobs.evaluate, llama_posttrain.jobs.average, llama_posttrain.jobs.configs, llama_posttrain.driver.pipeline, llama_posttrain.driver.recipe, llama_posttrain.driver.report, llama_posttrain.driver.launch, llama_posttrain.llama; "
         "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))"
     )
     r = _python("-c", code)
@@ -95,6 +96,37 @@ def test_help_answers_without_importing_torch(script):
     r = _run_without_torch(script, "--help")
     assert "exit 0" in r.stderr and "usage:" in r.stdout, r.stderr[-2000:]
     assert r.stdout.strip().endswith("torch imported: False"), r.stdout[-500:]
+
+
+ENTRY_MODULES = ["train/sft.py", "train/dpo.py", "train/rm.py", "jobs/sample.py", "jobs/evaluate.py", "jobs/average.py"]
+OPTIONAL_EXTRAS = ("vllm",)  # imported where used: a run without them never imports them
+
+
+def test_each_entry_point_defers_one_import_and_the_rest_imports_at_the_top():
+    """issue 31 item 5: `--help` is fast because an entry point's module holds its config's command line and `main`
+    with one deferred import (its run's module, torch at its top), not because imports are scattered below
+    module level. The jobs' other modules import at their top, but for optional extras."""
+    import ast
+
+    def deferred(path: Path) -> list[str]:
+        tree = ast.parse(path.read_text())
+        top = {id(n) for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))}
+        top |= {id(n) for block in tree.body if isinstance(block, (ast.If, ast.Try)) for n in ast.walk(block)}
+        out = []
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in top:
+                names = [node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                if not any(n.split(".")[0] in OPTIONAL_EXTRAS for n in names):
+                    out.append(f"{path.relative_to(ROOT)}:{node.lineno} {', '.join(names)}")
+        return out
+
+    package = ROOT / "llama_posttrain"
+    for entry in ENTRY_MODULES:
+        found = deferred(package / entry)
+        assert len(found) == 1 and found[0].endswith(("_objective", ".sampling", ".evaluation", ".averaging")), found
+    entries = {package / e for e in ENTRY_MODULES}
+    rest = [line for p in sorted((package / "jobs").glob("*.py")) if p not in entries for line in deferred(p)]
+    assert not rest, rest
 
 
 @pytest.mark.slow

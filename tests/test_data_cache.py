@@ -1,6 +1,8 @@
 """The tokenized cache (llama_posttrain/data/prepare.py, llama_posttrain/data/cache.py) against the in-memory path: the same examples
 and micro-batches step for step, its key, a cache killed mid-write, mixtures, Parquet / Arrow inputs."""
 
+import base64
+import hashlib
 import json
 import os
 import random
@@ -9,16 +11,18 @@ import signal
 import subprocess
 import sys
 import time
+import tracemalloc
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from llama_posttrain.data.cache import TokenizedData
 from llama_posttrain.data.loader import DataLoader, build_loaders, epoch_examples, load_examples
 from llama_posttrain.data.prepare import prepare
-from llama_posttrain.data.records import train_sources
+from llama_posttrain.data.records import sha256_file, train_sources
 from llama_posttrain.data.rows import EncodeOptions, collate
 from llama_posttrain.llama.chat import ChatFormat
 from llama_posttrain.llama.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
@@ -333,6 +337,155 @@ def test_loader_reads_only_its_own_examples(tmp_path):
     step = next(iter(loader))
     assert sorted(read) == sorted(loader.order(0)[:16][1::4].tolist())
     assert sorted(u for mb in step.micro_batches for u in mb.group_uid.tolist()) == sorted(read)
+
+
+def wide_tokenizer(path):
+    """A tiktoken file of the 256 bytes and every byte pair: 65792 ranks, the special tokens (bos,
+    headers, eot: in every example) after them, ids above 65535 as Llama 3's are."""
+    pairs = [bytes([a, b]) for a in range(256) for b in range(256)]
+    lines = [f"{base64.b64encode(t).decode()} {i}" for i, t in enumerate([bytes([b]) for b in range(256)] + pairs)]
+    path.write_text("\n".join(lines) + "\n")
+    return load_tokenizer(path)
+
+
+def test_token_ids_are_stored_in_the_vocabulary_s_narrowest_dtype(tmp_path):
+    """uint16 for the byte tokenizer's 512 ids (2 bytes per token on disk, not 4), uint32 for a
+    vocabulary over 65536 ids; either way the examples are the in-memory path's, ids above 65535 intact."""
+    data, opts = write(tmp_path / "d.jsonl", sft_lines(40)), EncodeOptions("sft", 64)
+    for chat, dtype in ((CHAT, "uint16"), (ChatFormat(wide_tokenizer(tmp_path / "wide.tiktoken")), "uint32")):
+        folder = prepare(data, opts, chat, tmp_path / "c", 1, verbose=False)
+        manifest = json.loads((folder / "manifest.json").read_text())
+        assert manifest["arrays"]["tokens"][0] == manifest["arrays"]["target_token"][0] == dtype
+        tokens = manifest["arrays"]["tokens"][1]
+        assert (folder / "tokens.bin").stat().st_size == tokens * {"uint16": 2, "uint32": 4}[dtype]
+        want = load_examples(data, "sft", chat, 64, verbose=False)[0]
+        assert tokens == sum(len(e.tokens) for e in want)
+        got = TokenizedData(folder)
+        assert [got[i] for i in range(len(got))] == want
+        top = max(t for e in want for t in e.tokens)
+        assert top > 65535 if dtype == "uint32" else top < 512
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="Linux /proc")
+def test_a_pass_over_the_cache_maps_none_of_its_files(tmp_path):
+    """The cache is read with pread: after every example was read, no page of its files is mapped
+    into the process (a mapped page stays resident once touched: a pass would end with the whole
+    cache in the process's resident set)."""
+    data = write(tmp_path / "d.jsonl", sft_lines(200))
+    folder = prepare(data, EncodeOptions("sft", 64), CHAT, tmp_path / "c", 1, verbose=False)
+    got = TokenizedData(folder)
+    assert [got[i] for i in range(len(got))] == load_examples(data, "sft", CHAT, 64, verbose=False)[0]
+    got.verify()
+    mapped = [line for line in Path("/proc/self/maps").read_text().splitlines() if str(folder) in line]
+    assert mapped == []
+
+
+def test_hashing_a_data_file_holds_one_small_buffer(tmp_path):
+    """sha256_file reads into one 256 KiB buffer: the digest is hashlib's of the whole content, and the
+    Python heap's peak while hashing a 3 MiB file stays under 1 MiB (reading 8 MiB blocks, it was
+    over 8 MiB: each read a fresh block, the next allocated before the last was freed)."""
+    path = tmp_path / "d.bin"
+    path.write_bytes(random.Random(0).randbytes(3 << 20))
+    tracemalloc.start()
+    try:
+        digest, peak = sha256_file(path), tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert peak < 1 << 20
+
+
+def test_building_a_cache_holds_a_piece_of_a_chunk(tmp_path):
+    """A chunk of 1024 records (~160k tokens) is encoded and written FLUSH_TOKENS tokens at a time:
+    the Python heap's peak during the whole build is about one piece's lists (~100 bytes a token:
+    1.6 MiB for 16384 tokens), not the chunk's (its lists and arrays held to the end: over 8 MiB),
+    and the cache holds the in-memory path's examples."""
+    rng = random.Random(0)
+    lines = [
+        {"messages": [{"role": "user", "content": "q" * rng.randint(10, 60)}, {"role": "assistant", "content": "a" * rng.randint(40, 160)}]}
+        for _ in range(1024)
+    ]  # fmt: skip
+    data, opts = write(tmp_path / "d.jsonl", lines), EncodeOptions("sft", 512)
+    tracemalloc.start()
+    try:
+        folder, peak = prepare(data, opts, CHAT, tmp_path / "c", 1, verbose=False), tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    want = load_examples(data, "sft", CHAT, 512, verbose=False)[0]
+    tokens = sum(len(e.tokens) for e in want)
+    assert tokens > 150_000  # one chunk, many pieces
+    got = TokenizedData(folder)
+    assert [got[i] for i in range(len(got))] == want
+    assert peak < 5 << 19  # 2.5 MiB
+
+
+def test_an_epoch_order_holds_8_bytes_per_example():
+    """The loader's epoch order is random.Random(seed * 1_000_003 + epoch).shuffle of the example
+    indices, written out here on a list, and its making holds under 10 bytes per example on the
+    Python heap (an int64 array shuffled in place; the list it was made from held ~48)."""
+
+    class Counts:  # what DataLoader reads of a dataset besides data[i]
+        def __init__(self, n):
+            self.lengths = self.num_targets = self.num_pairs = self.num_chosen_targets = np.ones(n, dtype=np.int32)
+
+        def __len__(self):
+            return len(self.lengths)
+
+    n = 100_000
+    loader = DataLoader(Counts(n), 32, 64, 64, seed=5)
+    tracemalloc.start()
+    try:
+        order, peak = loader.order(1), tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    want = list(range(n))
+    random.Random(5 * 1_000_003 + 1).shuffle(want)
+    assert order.dtype == np.int64 and order.tolist() == want
+    assert peak < 10 * n
+
+
+def test_collate_builds_the_tensors_torch_built(tmp_path):
+    """collate (numpy arrays handed to torch) against the tensors written out with torch as it built
+    them before: RM examples with several documents per row (one_row=false), SFT at a static shape;
+    dtypes, shapes and values equal."""
+    rm = [
+        {"prompt": f"p{i}" * (i + 1), "chosen": "yes" * (i % 3 + 1), "rejected": "no" * (i % 2 + 1)} for i in range(6)
+    ]
+    rm_ex = load_examples(write(tmp_path / "r.jsonl", rm), "rm", CHAT, 128, verbose=False, one_row=False)[0]
+    sft_ex = load_examples(write(tmp_path / "s.jsonl", sft_lines(5)), "sft", CHAT, 128, verbose=False)[0]
+    for rows, pad_id, shape in (([rm_ex[:3], rm_ex[3:5], rm_ex[5:]], 7, None), ([sft_ex[:2], sft_ex[2:]], 0, (4, 96))):
+        B, T = shape or (len(rows), -(-max(sum(map(len, r)) for r in rows) // 8) * 8)
+        grids = {
+            k: torch.full((B, T), v, dtype=torch.long) for k, v in (("tok", pad_id), ("pos", 0), ("doc", -1), ("br", 0))
+        }
+        flat = {k: [] for k in ("th", "tt", "ts", "tf", "ss", "sg", "sr", "gs", "gu")}
+        for b, row in enumerate(rows):
+            start, next_doc = 0, 0
+            for ex in row:
+                n, base, seq0 = len(ex), b * T + start, len(flat["ss"])
+                grids["tok"][b, start : start + n] = torch.tensor(ex.tokens)
+                grids["pos"][b, start : start + n] = torch.tensor(ex.positions)
+                grids["br"][b, start : start + n] = torch.tensor(ex.branch)
+                local = torch.tensor(ex.docs) if ex.docs is not None else torch.zeros(n, dtype=torch.long)
+                grids["doc"][b, start : start + n] = next_doc + local
+                next_doc += int(local.max()) + 1
+                for t in ex.targets:
+                    for k, v in zip(
+                        ("th", "tt", "ts", "tf"), (base + t.hidden_index, t.token, seq0 + t.seq, t.is_format)
+                    ):
+                        flat[k].append(v)
+                for q in ex.seqs:
+                    for k, v in zip(("ss", "sg", "sr"), (base + q.score_index, len(flat["gs"]), q.rank)):
+                        flat[k].append(v)
+                flat["gs"].append(ex.strength)
+                flat["gu"].append(ex.uid)
+                start += n
+        got = collate(rows, pad_id, shape=shape)
+        want = [grids[k] for k in ("tok", "pos", "doc", "br")]
+        want += [torch.tensor(flat[k], dtype=torch.bool if k == "tf" else torch.long) for k in flat]
+        assert any(ex.docs is not None and max(ex.docs) > 0 for r in rows for ex in r) or shape
+        for name, a, w in zip(vars(got), vars(got).values(), want):
+            assert a.dtype == w.dtype and a.shape == w.shape and torch.equal(a, w), name
 
 
 def _rank_fails(rank, world, port, out):

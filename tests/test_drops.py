@@ -27,7 +27,7 @@ EXPECTED_DROPS = {
 
 
 def _stand_in_sampler(monkeypatch):
-    import llama_posttrain.jobs.sample as train_sample
+    import llama_posttrain.jobs.sampling as train_sample
 
     def sample(policy, chat, prompts, k, *a, **kw):
         rows = [SAMPLES[p[-1]["content"]][0] for p in prompts]
@@ -38,7 +38,7 @@ def _stand_in_sampler(monkeypatch):
 
 
 def test_rejection_sampling_counts_every_dropped_sample_and_prompt(monkeypatch):
-    from llama_posttrain.jobs.sample import rejection_sample
+    from llama_posttrain.jobs.sampling import rejection_sample
 
     annotate = _stand_in_sampler(monkeypatch)
     records = [{"id": i, "messages": [{"role": "user", "content": p}]} for i, p in enumerate(SAMPLES)]

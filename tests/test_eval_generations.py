@@ -10,8 +10,8 @@ import pytest
 import torch
 from test_evaluate import CHAT, ROOT, SCORED, N, Scored, files, run  # noqa: F401 (fixtures)
 
-from llama_posttrain.jobs.evaluate import SHOWN
-from llama_posttrain.jobs.sample import read_prompts
+from llama_posttrain.jobs.evaluation import SHOWN
+from llama_posttrain.jobs.sampling import read_prompts
 from llama_posttrain.llama import load_model
 from llama_posttrain.llama.generate import decode_sample, generate
 from llama_posttrain.train.distributed import torchrun_command

@@ -14,7 +14,8 @@ from conftest import random_model
 from llama_posttrain.data.io import write_jsonl
 from llama_posttrain.data.tasks.arithmetic import Arithmetic
 from llama_posttrain.jobs.evaluate import main as evaluate_main
-from llama_posttrain.jobs.sample import read_prompts, score
+from llama_posttrain.jobs.sampling import read_prompts
+from llama_posttrain.jobs.scoring import score
 from llama_posttrain.llama import get_preset, load_model, save_model
 from llama_posttrain.llama.chat import ChatFormat
 from llama_posttrain.llama.generate import decode_sample, generate
@@ -162,7 +163,7 @@ def test_rm_accuracy_against_each_response_scored_alone(files, one_process):
     assert 0 < sum(right) < len(right)
     assert got["rm_accuracy"] == sum(right) / len(right)
     assert (got["pairs"], got["pairs_tied_dropped"]) == (N, 1)
-    # and the pipeline's own computation (llama_posttrain/jobs/sample.py score over all pairs at once), exactly
+    # and the pipeline's own computation (llama_posttrain/jobs/scoring.py score over all pairs at once), exactly
     prompts = [[{"role": "user", "content": p["prompt"]}] for p in pairs]
     scores = score(rm, CHAT, prompts, [[p["chosen"], p["rejected"]] for p in pairs])
     assert got["rm_accuracy"] == sum(s[0] > s[1] for s in scores) / len(scores)

@@ -1,11 +1,26 @@
-"""MFU's FLOP count (llama_posttrain/train/flops.py step_flops) against formulas written out by hand."""
+"""MFU's FLOP count (llama_posttrain/train/flops.py step_flops) against formulas written out by hand, and against
+torch.profiler's count of one step (experiments/bench/mfu.py's executed count and common.py's by shape too)."""
+
+import importlib.util
+from pathlib import Path
 
 import torch
 
 from llama_posttrain.data.rows import Batch
-from llama_posttrain.llama import get_preset
+from llama_posttrain.llama import Transformer, get_preset
 from llama_posttrain.llama.model import PAD_DOC, structure_mask
-from llama_posttrain.train.flops import attended_keys, step_flops
+from llama_posttrain.train.flops import attended_keys, step_flops, step_flops_parts
+from llama_posttrain.train.targets import model_logps
+
+BENCH = Path(__file__).parent.parent / "experiments/bench"
+
+
+def bench_module(name):
+    """experiments/bench/NAME.py as a module (mfu.py and common.py import no bench module at their top)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def batch(doc, branch, num_targets):
@@ -53,3 +68,43 @@ def test_step_flops_by_hand():
     assert step_flops(c, "reward", [mb]) == 3 * (trunk + 2 * 32 * 20)  # the head on all 2 x 10 positions
     assert step_flops(c, "lm", [mb, mb]) == 2 * step_flops(c, "lm", [mb])
     assert step_flops(c, "lm", [batch([[P] * 8], [[0] * 8], 0)]) == 0
+
+
+def test_step_flops_against_the_profiler():
+    """A tiny DPO-like step (a live reference's forward, the policy's forward and backward through the chunked
+    log-prob head) under torch.profiler(with_flops=True), whose count has formulas for aten::mm/addmm/bmm only.
+    Against step_flops_parts, it differs by what is written out here: the trunk runs on pads too (x positions /
+    real tokens); attention (SDPA) has no formula (0); the chunked head runs 4 matmuls per target where the
+    model count has 3 (forward, recomputed logits, grad of the hidden states, grad of the weight), and the last
+    one, an aten::addmm_, has no formula: 3 counted."""
+    from torch.profiler import ProfilerActivity, profile
+
+    c = get_preset("debug")
+    torch.manual_seed(0)
+    policy, reference = Transformer(c), Transformer(c).requires_grad_(False)
+    mb = batch(DOC, BRANCH, num_targets=5)
+    mb.tokens = torch.randint(0, c.vocab_size, mb.doc_ids.shape)
+    mb.positions = torch.arange(10).expand(2, 10).contiguous()
+    mb.target_hidden_index = torch.tensor([2, 3, 5, 7, 12])  # flat (B*T) positions of real tokens
+    mb.target_token = torch.randint(0, c.vocab_size, (5,))
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True, record_shapes=True) as prof:
+        with torch.no_grad():
+            model_logps(reference, mb, "torch")
+        model_logps(policy, mb, "torch").sum().backward()
+    counted = sum(e.flops for e in prof.events() if e.name in ("aten::mm", "aten::addmm", "aten::bmm"))
+
+    parts = step_flops_parts(c, "lm", [mb], reference_forward=True)
+    positions, real = mb.tokens.numel(), TOKENS
+    trunk_forward, head_forward = parts["trunk matmuls"] // 3, parts["head"] // 3
+    assert parts["reference forward"] == trunk_forward + parts["attention"] // 3 + head_forward
+    assert counted == (3 + 1) * trunk_forward // real * positions + (3 + 1) * head_forward  # policy + reference
+
+    # experiments/bench/mfu.py: its executed count without SDPA's share = the matmuls common.py counts from the
+    # recorded shapes (addmm_ included) = the profiler's + the head's weight gradient
+    mfu, common = bench_module("mfu"), bench_module("common")
+    executed = mfu.executed_flops(c, "lm", [mb], reference_forward=True)
+    scores = c.n_layers * c.n_heads * c.head_dim * positions * 10  # B x T x T dense scores
+    assert executed["attention"] == 14 * scores and executed["head"] == 4 * head_forward
+    roots = prof.profiler.kineto_results.experimental_event_tree()
+    by_shape = sum(f for *_, f in common._attribute(roots, 0, 1)["ops"])
+    assert by_shape == sum(executed.values()) - (14 + 4) * scores == counted + head_forward

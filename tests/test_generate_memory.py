@@ -114,6 +114,7 @@ def test_sample_cli_passes_the_compile_mode_and_counts_eager_calls(tmp_path, mon
     the generate calls that decoded eagerly (past the recompile limit) are counted at the end."""
     from test_sampling_memory import _clear_dist_env, _cli_setup
 
+    import llama_posttrain.jobs.sampling as sampling
     from llama_posttrain.jobs.sample import main as sample_main
 
     _clear_dist_env(monkeypatch)
@@ -126,7 +127,7 @@ def test_sample_cli_passes_the_compile_mode_and_counts_eager_calls(tmp_path, mon
             llama_generate.EAGER_FALLBACKS += 1
         return real(model, prompts, *a, **kw)  # eager: a compile would take a minute here
 
-    monkeypatch.setattr(llama_generate, "generate", recording)
+    monkeypatch.setattr(sampling, "generate", recording)  # the name the sampling job calls
     monkeypatch.setattr(llama_generate, "EAGER_FALLBACKS", 0)
     sample_main(
         [*argv, "--k", "2", "--max-new-tokens", "3", "--batch-size", "2", "--compile", "--compile-mode", "default"]

@@ -10,6 +10,14 @@ import pytest
 from llama_posttrain.jobs.configs import AverageConfig, EvalConfig, SampleConfig, args_of, parse
 
 BASE = ["--policy", "p", "--prompts", "x.jsonl"]
+JOBS = {"sample.py": SampleConfig, "evaluate.py": EvalConfig, "average.py": AverageConfig}
+
+
+def job_config(job):
+    """The config a job the driver launches reads from its command line (driver/launch.py Job), by the job's own
+    parser: what a stand-in launcher in the tests reads its inputs and outputs from."""
+    (cls,) = [cls for script, cls in JOBS.items() if job.script.endswith("/" + script)]
+    return parse(cls, job.args)
 
 
 def test_a_flag_an_override_and_a_config_file_give_one_config(tmp_path):
@@ -66,12 +74,26 @@ def test_a_bad_config_file_value_names_the_file(tmp_path, capsys):
         EvalConfig(model="m", out="o", prompts="p", rm="r", keep_samples=True, batch_size=16),
         EvalConfig(model="m", out="o", prompts="p", score_samples=["a.json", "b.json"]),
         AverageConfig(checkpoints=["a", "b"], out="o", weights=[0.25, 0.75], dtype="bfloat16"),
+        # strings YAML would read as another value, a float YAML 1.1 reads as a string when written 1e-05
+        SampleConfig(
+            policy="null",
+            prompts="3",
+            tokenizer="yes",
+            ban_phrase=["c, d", "#x", "k=v", " y"],
+            temperature=1e-05,
+            max_repeat=0.0,
+            annotate="file:a: b.jsonl",
+        ),
+        EvalConfig(model="m=1", out="[o]", nll="{s}", task_args={"a": None}, verifier="t", prompts="p"),
     ],  # fmt: skip
 )
 def test_the_command_line_of_a_config_parses_back_to_it(config):
-    """The driver passes a job's config as args_of(config): the job reads the same config."""
-    assert parse(type(config), args_of(config)) == config
+    """The driver passes a job's config as args_of(config), key=value overrides as the training jobs get theirs:
+    the job reads the same config, and a field at its default is not written."""
+    args = args_of(config)
+    assert parse(type(config), args) == config
     defaults = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
                 for f in dataclasses.fields(config)}  # fmt: skip
     changed = {name for name, default in defaults.items() if getattr(config, name) != default} - {"checkpoints"}
-    assert all(("--" + name.replace("_", "-")) in args_of(config) for name in changed)
+    assert sorted(a.split("=", 1)[0] for a in args if "=" in a) == sorted(changed)  # (checkpoints: positional)
+    assert not [a for a in args if a.startswith("-")]  # a --flag each: the old spelling

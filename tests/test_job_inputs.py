@@ -14,8 +14,8 @@ from conftest import random_model
 from llama_posttrain.data.annotators import file_annotator, preference_pair
 from llama_posttrain.data.drops import drop_report
 from llama_posttrain.data.schema import Drop, ValidationError, parse_preference
-from llama_posttrain.jobs.average import average_checkpoints
 from llama_posttrain.jobs.average import main as average_main
+from llama_posttrain.jobs.averaging import average_checkpoints
 from llama_posttrain.jobs.evaluate import main as evaluate_main
 from llama_posttrain.jobs.sample import main as sample_main
 from llama_posttrain.llama import get_preset, save_model
@@ -205,7 +205,7 @@ def test_a_label_for_another_number_of_responses_names_its_line(tmp_path):
 
 
 def test_partial_labels_pair_the_labelled_sets_and_count_the_rest(tmp_path, monkeypatch):
-    import llama_posttrain.jobs.sample as train_sample
+    import llama_posttrain.jobs.sampling as train_sample
 
     texts = ["1", "22", "333"]
     monkeypatch.setattr(  # a stand-in policy: three finished samples per prompt

@@ -201,8 +201,8 @@ def kill_9_driver_and_check_the_job_ends(tmp_path, nproc):
     try:
         assert wait_for(lambda: Path(f"{out}.pid").exists(), 60), "the job did not start"
         worker = int(Path(f"{out}.pid").read_text())
-        tree = process_tree(driver.pid)  # the driver, (torchrun,) the job
-        assert worker in tree and len(tree) == (3 if nproc else 2)
+        tree = process_tree(driver.pid)  # the driver, (torchrun,) the job's process(es)
+        assert worker in tree and len(tree) == (2 + nproc if nproc > 1 else 2)
         driver.kill()  # kill -9: no handler runs in the driver
         driver.wait()
         assert wait_for(lambda: not any(alive(pid) for pid in tree[1:]), 40), "the job outlived its driver"
@@ -213,13 +213,14 @@ def kill_9_driver_and_check_the_job_ends(tmp_path, nproc):
                 os.kill(pid, signal.SIGKILL)
 
 
-def test_a_job_dies_with_its_driver_killed_by_kill_9(tmp_path):
-    kill_9_driver_and_check_the_job_ends(tmp_path, nproc=0)  # a plain process (averaging)
+@pytest.mark.parametrize("nproc", [0, 1])  # a plain process (averaging); a 1-rank job, without torchrun
+def test_a_job_dies_with_its_driver_killed_by_kill_9(tmp_path, nproc):
+    kill_9_driver_and_check_the_job_ends(tmp_path, nproc)
 
 
 @pytest.mark.slow
-def test_torchrun_and_its_worker_die_with_the_driver_killed_by_kill_9(tmp_path):
-    kill_9_driver_and_check_the_job_ends(tmp_path, nproc=1)  # torchrun forwards the SIGTERM to its worker
+def test_torchrun_and_its_workers_die_with_the_driver_killed_by_kill_9(tmp_path):
+    kill_9_driver_and_check_the_job_ends(tmp_path, nproc=2)  # torchrun forwards the SIGTERM to its workers
 
 
 def test_the_progress_line_shows_done_total_and_an_eta(tmp_path, monkeypatch):

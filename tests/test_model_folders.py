@@ -17,8 +17,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, GenerationConfig, LlamaForCausalLM
 
-from llama_posttrain.jobs.average import average_checkpoints
 from llama_posttrain.jobs.average import main as average_main
+from llama_posttrain.jobs.averaging import average_checkpoints
 from llama_posttrain.llama import CheckpointError, load_model, save_model
 from llama_posttrain.llama.chat import DEFAULT_DATE, ChatFormat
 from llama_posttrain.llama.tokenizer import DEFAULT_TOKENIZER, load_tokenizer, resolve_tokenizer

@@ -169,7 +169,7 @@ def test_a_failing_stage_prints_its_log_path_and_last_lines(tmp_path):
 
 def test_a_task_is_found_by_name_or_module_path_and_the_sampler_uses_the_same_registry():
     from llama_posttrain.data.tasks.arithmetic import Arithmetic
-    from llama_posttrain.jobs.sample import _annotator
+    from llama_posttrain.jobs.sampling import _annotator
 
     by_name = load_pipeline_config(None, ["task_args={max_digits: 1, noise: 0.1}"])
     by_path = load_pipeline_config(

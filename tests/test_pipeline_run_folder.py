@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_job_configs import job_config
 from test_pipeline import MICRO, _micro
 from test_recipe import Recording, files, recipe, write  # noqa: F401 (files: a fixture)
 
@@ -293,13 +294,14 @@ def test_relative_paths_are_relative_to_where_the_pipeline_starts_and_jobs_get_t
     r.eval_job = lambda *args, **kw: {}
     r.stage(0, "data", r.make_data)
     r.train_rm(pipe.dir / "round_1" / "rm", 1, Path("base_model"))
-    train, average = r.launcher.jobs
+    (train,) = r.launcher.jobs  # the average of its one model: a copy, no job
     args = {a.split("=", 1)[0]: json.loads(a.split("=", 1)[1]) for a in train.args if "=" in a}
     assert args["train.run_dir"] == str(start / "runs" / "micro" / "round_1" / "rm" / "variant_0")
     assert args["data.cache_dir"] == str(start / "cache")  # not the repository's, where the job runs
     assert args["model.checkpoint"] == str(start / "base_model")
     assert train.args[1] == str(start / "configs" / "rm.yaml")
-    for value in [*(a for a in average.args if not a.startswith("--")), args["data.train"]]:
+    copied = (pipe.dir / "round_1" / "rm" / "average.log").read_text().splitlines()[0].split(" && ")[1].split()[3:]
+    for value in [*copied, args["data.train"]]:
         assert str(value).startswith(str(start)), value
 
     class Sampled(Exception):
@@ -312,8 +314,7 @@ def test_relative_paths_are_relative_to_where_the_pipeline_starts_and_jobs_get_t
     r.launcher.run = record_and_stop
     with pytest.raises(Sampled):
         r.sample(pipe.dir / "round_1" / "rs", 1, "rs", 2, Path("policy"), Path("rm"), ("sft",), annotate=None)
-    sampling = r.launcher.jobs[-1].args
-    assert sampling[sampling.index("--safety-rm") + 1] == str(start / "safety")
+    assert job_config(r.launcher.jobs[-1]).safety_rm == str(start / "safety")
     data_train = [{"path": "a.jsonl", "weight": 1}, "b.jsonl", "/abs/c.jsonl"]
     assert absolute_paths({"data.train": data_train, "optim.lr": 1.0, "model.tokenizer": None}) == {
         "data.train": [{"path": str(start / "a.jsonl"), "weight": 1}, str(start / "b.jsonl"), "/abs/c.jsonl"],

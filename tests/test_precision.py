@@ -66,7 +66,7 @@ def test_frozen_reference_is_stored_in_bf16_and_resharded_after_forward(one_rank
 
 def test_sampling_scores_of_a_bf16_reward_model_are_fp32():
     """Best-of-K scores from a bf16 reward model: the fp32 head on the bf16 trunk (no bf16 ties)."""
-    from llama_posttrain.jobs.sample import score
+    from llama_posttrain.jobs.scoring import score
     from llama_posttrain.llama import get_preset
     from llama_posttrain.llama.chat import ChatFormat
     from llama_posttrain.llama.tokenizer import load_tokenizer

@@ -15,8 +15,9 @@ from conftest import random_model
 
 from llama_posttrain.data.annotators import file_annotator, verifier_annotator
 from llama_posttrain.data.schema import ValidationError, parse_preference
-from llama_posttrain.jobs.sample import combine_llama2, read_prompts, rejection_sample, score
 from llama_posttrain.jobs.sample import main as sample_main
+from llama_posttrain.jobs.sampling import read_prompts, rejection_sample
+from llama_posttrain.jobs.scoring import combine_llama2, score
 from llama_posttrain.llama import get_preset, save_model
 from llama_posttrain.llama.chat import ChatFormat
 from llama_posttrain.llama.tokenizer import load_tokenizer
@@ -93,7 +94,7 @@ def test_llama2_score_combination():
 def test_cli_two_ranks_write_every_prompt(tmp_path):
     """Rank r samples prompts r, r + 2, ... with a generator seeded with --seed + 1000003 * r; rank 0
     writes them all in prompt order."""
-    from llama_posttrain.jobs.sample import rank_seed, sample_records
+    from llama_posttrain.jobs.sampling import rank_seed, sample_records
 
     policy, rm = stopping_policy(), random_model(get_preset("debug"), head="reward")
     save_model(policy, tmp_path / "policy")
@@ -120,7 +121,7 @@ def test_cli_two_ranks_write_every_prompt(tmp_path):
 
 
 def test_generated_fields_win_over_the_prompt_records_own(monkeypatch):
-    import llama_posttrain.jobs.sample as train_sample
+    import llama_posttrain.jobs.sampling as train_sample
 
     rm = random_model(get_preset("debug"), head="reward", seed=1)
     texts = ["1", "22", "333", "4444", "55555", "666666"]  # a stand-in policy: all finished, distinct lengths
@@ -221,13 +222,13 @@ def test_single_process_run_uses_init_distributed_and_tears_the_group_down(tmp_p
     """The one process-group setup (it sets the CUDA device per local rank) serves sample.py too."""
     import torch.distributed as dist
 
-    import llama_posttrain.train.distributed as train_distributed
+    import llama_posttrain.jobs.sampling as sampling
 
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)  # restored afterwards: init_distributed sets them
     calls = []
-    real = train_distributed.init_distributed  # sample.py imports it when it runs (not at import: --help)
-    monkeypatch.setattr(train_distributed, "init_distributed", lambda: calls.append(1) or real())
+    real = sampling.init_distributed  # the run's (sample.py imports sampling.py when it runs, not at --help)
+    monkeypatch.setattr(sampling, "init_distributed", lambda: calls.append(1) or real())
     save_model(random_model(get_preset("debug")), tmp_path / "policy")
     save_model(random_model(get_preset("debug"), head="reward"), tmp_path / "rm")
     argv = ["--policy", str(tmp_path / "policy"), "--rm", str(tmp_path / "rm"), "--prompts", str(_prompts(tmp_path))]
@@ -261,7 +262,6 @@ class _StandInLLM:
 
 
 def test_vllm_engine_renders_prompts_to_ids_and_maps_samples_back():
-    from llama_posttrain.jobs.sample import score
     from llama_posttrain.jobs.vllm_engine import VLLMEngine
 
     llm = _StandInLLM()
@@ -367,7 +367,7 @@ def test_cli_one_rank_writes_what_the_in_process_rejection_sample_writes(tmp_pat
 
 def test_task_args_make_the_verifiers_task_and_bad_ones_are_refused(tmp_path, capsys):
     from llama_posttrain.data.tasks.arithmetic import Arithmetic
-    from llama_posttrain.jobs.sample import task_from_flags
+    from llama_posttrain.jobs.sampling import task_from_flags
 
     assert task_from_flags("arithmetic", {"max_digits": 1, "noise": 0.1}) == Arithmetic(max_digits=1, noise=0.1)
     save_model(random_model(get_preset("debug")), tmp_path / "policy")

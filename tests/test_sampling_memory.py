@@ -17,13 +17,14 @@ from conftest import random_model
 
 import llama_posttrain.llama.checkpoint as llama_checkpoint
 import llama_posttrain.llama.generate as llama_generate
-from llama_posttrain.jobs.configs import SampleConfig, parse
+from llama_posttrain.jobs import sampling
+from llama_posttrain.jobs.configs import EvalConfig, SampleConfig, parse
 from llama_posttrain.jobs.sample import main as sample_main
-from llama_posttrain.jobs.sample import sample_and_write
+from llama_posttrain.jobs.sampling import sample_and_write
 from llama_posttrain.jobs.vllm_engine import MODEL_LEN_MULTIPLE, VLLMEngine, max_model_len, vllm_engine
 from llama_posttrain.llama import get_preset, save_model
 from llama_posttrain.llama.chat import ChatFormat
-from llama_posttrain.llama.generate import COMPILE_LEN_MULTIPLE, cache_len, kv_cache_bytes
+from llama_posttrain.llama.kv_budget import COMPILE_LEN_MULTIPLE, cache_len, kv_cache_bytes
 from llama_posttrain.llama.tokenizer import load_tokenizer
 from llama_posttrain.train.distributed import Dist
 
@@ -83,7 +84,7 @@ def test_batch_size_and_compile_reach_generate_and_the_estimate_is_printed_first
         print("generate called", flush=True)
         return real(model, prompts, *a, **kw)  # eager: a compile would take a minute here
 
-    monkeypatch.setattr(llama_generate, "generate", recording)
+    monkeypatch.setattr(sampling, "generate", recording)  # the name the sampling job calls
     sample_main([*argv, "--k", "3", "--max-new-tokens", "4", "--batch-size", "2", "--compile"])
     assert calls == [(2, True), (2, True), (1, True)]
     out = capsys.readouterr().out
@@ -235,7 +236,7 @@ def test_reward_models_load_after_vllm_has_freed_the_gpu(tmp_path, monkeypatch):
         events.append(f"load {head}" + (" (the LLM object still alive)" if llm() is not None else ""))
         return real(path, head=head, **kw)
 
-    monkeypatch.setattr(llama_checkpoint, "load_model", load_model)
+    monkeypatch.setattr(sampling, "load_model", load_model)  # the name the sampling job calls
     records = [{"id": i, "messages": [{"role": "user", "content": f"{i}+1="}]} for i in range(3)]
     cpu = Dist(0, 1, 0, torch.device("cpu"), None)
     sample_and_write(_args(tmp_path), cpu, CHAT, records, None, engine)
@@ -257,7 +258,7 @@ def test_native_policy_is_freed_before_the_reward_model_loads(tmp_path, monkeypa
         return model
 
     loaded_refs = []
-    monkeypatch.setattr(llama_checkpoint, "load_model", load_model)
+    monkeypatch.setattr(sampling, "load_model", load_model)  # the name the sampling job calls
     records = [{"id": i, "messages": [{"role": "user", "content": f"{i}+1="}]} for i in range(3)]
     sample_and_write(_args(tmp_path), Dist(0, 1, 0, torch.device("cpu"), None), CHAT, records, None)
     assert loaded == [("lm", []), ("reward", [True])]  # the policy gone when the reward model loads
@@ -273,8 +274,7 @@ def test_pipeline_sampling_options_reach_the_sampling_job(tmp_path, monkeypatch)
 
         def run(self, job):
             self.jobs.append(job.args)
-            report = job.args[job.args.index("--out-report") + 1]
-            open(report, "w").write(json.dumps({"dropped": {}}))
+            open(parse(SampleConfig, job.args).out_report, "w").write(json.dumps({"dropped": {}}))
 
     launchers = []
 
@@ -289,22 +289,22 @@ def test_pipeline_sampling_options_reach_the_sampling_job(tmp_path, monkeypatch)
         (args,) = launcher.jobs
         return args
 
-    def flag(args, name):
-        return args[args.index(name) + 1] if name in args else None
+    def given(args):  # the keys the command line gives (key=value), the others at the job's defaults
+        return {a.split("=", 1)[0] for a in args if "=" in a}
 
     def job(*overrides):  # the config the job reads from its command line (the job's own parser)
         return parse(SampleConfig, sampling_args(*overrides))
 
     default = sampling_args()  # today's command: 64 prompts per call, eager
-    assert job().batch_size == 64 and "--compile" not in default
-    assert not [a for a in default if a.startswith("--vllm")]
-    mine = sampling_args("sample_batch_size=8", "sample_compile=true")
-    assert flag(mine, "--batch-size") == "8" and "--compile" in mine and "--compile-mode" not in mine  # its default
-    graphs = sampling_args("sample_compile=true", "sample_compile_mode=reduce-overhead")
-    assert "--compile" in graphs and flag(graphs, "--compile-mode") == "reduce-overhead"
-    vllm = sampling_args("engine=vllm", "vllm_gpu_memory_utilization=0.5", "vllm_max_model_len=1024")
-    assert flag(vllm, "--vllm-gpu-memory-utilization") == "0.5" and flag(vllm, "--vllm-max-model-len") == "1024"
-    assert "--batch-size" not in vllm
+    assert job().batch_size == 64 and not job().compile
+    assert not [key for key in given(default) if key.startswith("vllm")]
+    mine = job("sample_batch_size=8", "sample_compile=true")
+    assert mine.batch_size == 8 and mine.compile and mine.compile_mode is None  # its default
+    graphs = job("sample_compile=true", "sample_compile_mode=reduce-overhead")
+    assert graphs.compile and graphs.compile_mode == "reduce-overhead"
+    vllm = job("engine=vllm", "vllm_gpu_memory_utilization=0.5", "vllm_max_model_len=1024")
+    assert vllm.vllm_gpu_memory_utilization == 0.5 and vllm.vllm_max_model_len == 1024
+    assert "batch_size" not in given(sampling_args("engine=vllm"))
     assert job("engine=vllm", "rounds=2").vllm_max_model_len is None  # 0: from the data
     for override, message in [
         ("sample_batch_size=0", "sample_batch_size: must be >= 1"),
@@ -378,7 +378,7 @@ def test_pipeline_eval_batch_size_reaches_the_evaluation_job(tmp_path):
 
         def run(self, job):
             self.jobs.append(job.args)
-            open(job.args[job.args.index("--out") + 1], "w").write("{}")
+            open(parse(EvalConfig, job.args).out, "w").write("{}")
 
     def evaluation_args(*overrides):
         cfg = load_pipeline_config(None, [f"root={tmp_path}", *overrides])
@@ -394,6 +394,6 @@ def test_pipeline_eval_batch_size_reaches_the_evaluation_job(tmp_path):
         (args,) = launcher.jobs
         return args
 
-    assert "--batch-size" not in evaluation_args()  # 0: all of a rank's prompts in one call, as before
-    mine = evaluation_args("eval_batch_size=16")
-    assert mine[mine.index("--batch-size") + 1] == "16" and "--prompts" in mine
+    assert not [a for a in evaluation_args() if a.startswith("batch_size=")]  # 0: all of a rank's prompts in one call
+    mine = parse(EvalConfig, evaluation_args("eval_batch_size=16"))  # as the job reads its command line
+    assert mine.batch_size == 16 and mine.prompts

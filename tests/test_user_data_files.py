@@ -11,7 +11,7 @@ import pytest
 from conftest import CONFIGS, random_model, with_fields
 from transformers import GenerationConfig
 
-from llama_posttrain.jobs.average import average_checkpoints
+from llama_posttrain.jobs.averaging import average_checkpoints
 from llama_posttrain.llama import save_checkpoint, save_model
 from llama_posttrain.llama.chat import ChatFormat
 from llama_posttrain.llama.tokenizer import DEFAULT_TOKENIZER, load_tokenizer

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_job_configs import job_config
 from test_pipeline import _micro
 from test_recipe import Recording, files, recipe, write  # noqa: F401 (files: a fixture)
 
@@ -111,7 +112,7 @@ def test_the_start_reads_prompts_as_the_sampling_job_does(tmp_path):
     read_prompts: the same error for each bad record, the same prompt for a good one."""
     from llama_posttrain.data.schema import ValidationError
     from llama_posttrain.data.tasks.files import prompt_record
-    from llama_posttrain.jobs.sample import read_prompts
+    from llama_posttrain.jobs.sampling import read_prompts
 
     bad = [[1, 2], {"text": "hi"}, {"prompt": ""}, {"prompt": "hi", "messages": []}, {"prompt": [{"role": "bot"}]},
            {"prompt": [{"role": "user", "content": None}]}, {"prompt": [{"role": "assistant", "content": "a"}]}]  # fmt: skip
@@ -144,19 +145,19 @@ class Sampler(Recording):
         self.finished, self.k = finished, k
 
     def run(self, job):
-        self.jobs.append(job)
+        super().run(job)  # recorded; a training run's model folder made
         if not job.script.endswith("sample.py"):
             return
-        arg = dict(zip(job.args[::2], job.args[1::2]))
-        prompts = Path(arg["--prompts"]).read_text().splitlines()
+        arg = job_config(job)
+        prompts = Path(arg.prompts).read_text().splitlines()
         keep = [json.loads(line) for line, n in zip(prompts, self.finished) if n]
         dropped = {"unfinished": sum(self.k - n for n in self.finished[: len(prompts)])}
         dropped |= {"no_sft_record": len(prompts) - len(keep)} if len(prompts) > len(keep) else {}
-        write(Path(arg["--out-sft"]), [{"id": r["id"], "messages": [_user_message(0), {"role": "assistant",
+        write(Path(arg.out_sft), [{"id": r["id"], "messages": [_user_message(0), {"role": "assistant",
               "content": "1"}], "score": 1.0} for r in keep])  # fmt: skip
-        write(Path(arg["--out-pairs"]), [])
-        write(Path(arg["--out-sets"]), [])
-        Path(arg["--out-report"]).write_text(json.dumps({"dropped": dropped}))
+        write(Path(arg.out_pairs), [])
+        write(Path(arg.out_sets), [])
+        Path(arg.out_report).write_text(json.dumps({"dropped": dropped}))
 
 
 def test_a_stage_that_drops_most_of_its_samples_stops_naming_the_drop_and_the_keys(tmp_path, files):  # noqa: F811
@@ -209,7 +210,7 @@ def test_no_finished_sample_stops_at_rejection_sampling_and_sft_never_trains_on_
                        r"rejection-sampled record\. To go on: .*`from_stage=round_1/rs`"):  # fmt: skip
         r.run()
     scripts = [job.script.rsplit("/", 1)[-1] for job in r.launcher.jobs]
-    assert scripts == ["rm.py", "average.py", "sample.py"], scripts  # the RM, its average, the samples: no sft.py
+    assert scripts == ["rm.py", "sample.py"], scripts  # the RM (one model: its average a copy), the samples; no sft
 
 
 def test_every_drop_names_keys_that_exist():

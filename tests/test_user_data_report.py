@@ -88,7 +88,8 @@ def test_kept_samples_scored_by_another_rm_give_its_mean_n_and_std(files, one_pr
     mean as the evaluation's own rm_score by that RM, its n and std those of the scores in float64."""
     import statistics
 
-    from llama_posttrain.jobs.sample import read_prompts, score
+    from llama_posttrain.jobs.sampling import read_prompts
+    from llama_posttrain.jobs.scoring import score
     from llama_posttrain.llama import load_model
 
     prompts = ["--prompts", str(files / "prompts.jsonl")]
@@ -178,6 +179,7 @@ def test_the_last_rm_scores_every_policys_kept_samples_and_dpo_is_evaluated_agai
     pairs, the DPO run's config and the SFT model as reference (none for simpo); after the last round one job
     scores every policy's kept samples with the last RM, added to their results as rm_score_last_rm, redone only
     when an input is newer."""
+    from test_job_configs import job_config
     from test_recipe import Recording, recipe
 
     d = tmp_path / "data"
@@ -195,26 +197,25 @@ def test_the_last_rm_scores_every_policys_kept_samples_and_dpo_is_evaluated_agai
 
     def answer(job):  # the evaluation jobs' results
         Recording.run(launcher, job)
-        args = job.args
+        config = job_config(job)  # as the job reads its command line
         out = {"rm_score_of": {f: {"rm_score": float(i), "n": 40, "std": 0.5} for i, f in
-                               enumerate(args[i + 1] for i, a in enumerate(args) if a == "--score-samples")}}  # fmt: skip
-        if "--pairs" in args:
+                               enumerate(config.score_samples)}}  # fmt: skip
+        if config.pairs:
             out |= {"dpo_reward_accuracy": 0.625, "n": {"dpo_reward_accuracy": 8}}
-        (run_dir / args[args.index("--out") + 1]).write_text(json.dumps(out))
+        (run_dir / config.out).write_text(json.dumps(out))
 
     launcher.run = answer
     dpo = run_dir / "round_1" / "dpo"
-    for loss, expect in (("sigmoid", ["--reference", str(tmp_path / "sft")]), ("simpo", [])):
+    for loss, expect in (("sigmoid", str(tmp_path / "sft")), ("simpo", None)):
         (dpo / "variant_0").mkdir(parents=True, exist_ok=True)
         (dpo / "variant_0" / "config.yaml").write_text(yaml.safe_dump({"dpo": {"loss": loss}}))
         (dpo / "eval_dpo.json").unlink(missing_ok=True)
         result = r.eval_job(dpo, dpo / "model", "dpo", None, reference=tmp_path / "sft")
-        args = launcher.jobs[-1].args
-        at = args.index("--pairs")
-        assert args[at : at + 4 + len(expect)] == [
-            "--pairs", files["eval_pairs"], "--dpo-config", str(dpo / "variant_0" / "config.yaml"), *expect
-        ]  # fmt: skip
-        assert "--keep-samples" in args and result == {"dpo_reward_accuracy": 0.625, "n": {"dpo_reward_accuracy": 8}}
+        config = job_config(launcher.jobs[-1])
+        assert (config.pairs, config.dpo_config, config.reference) == (
+            files["eval_pairs"], str(dpo / "variant_0" / "config.yaml"), expect
+        )  # fmt: skip
+        assert config.keep_samples and result == {"dpo_reward_accuracy": 0.625, "n": {"dpo_reward_accuracy": 8}}
 
     r.results = [{"round": 0, "stage": "pretrain"}] + [{"round": k, "stage": s} for k in (1, 2) for s in ("sft", "dpo")]
     for res in r.results:
@@ -228,9 +229,9 @@ def test_the_last_rm_scores_every_policys_kept_samples_and_dpo_is_evaluated_agai
     (rm / "config.json").write_text("{}")
     jobs = len(launcher.jobs)
     r.score_with_last_rm(rm)
-    args = launcher.jobs[-1].args
-    assert len(launcher.jobs) == jobs + 1 and args[:2] == ["--model", str(rm)] and files["eval_prompts"] in args
-    assert [args[i + 1] for i, a in enumerate(args) if a == "--score-samples"] == [
+    config = job_config(launcher.jobs[-1])
+    assert len(launcher.jobs) == jobs + 1 and config.model == str(rm) and config.prompts == files["eval_prompts"]
+    assert config.score_samples == [
         str(run_dir / p) for p in ("round_0/pretrain/eval_base.json", "round_1/sft/eval_sft.json",
                                    "round_1/dpo/eval_dpo.json", "round_2/dpo/eval_dpo.json")
     ]  # fmt: skip

@@ -160,9 +160,10 @@ def report(side: str, device, times, cpu_times, tokens, padded, first_loss, base
 # ----------------------------------------------------------------------------- both sides
 
 
-# what every TRL trainer is given on both sides' common recipe: torch AdamW, lr 1e-5 constant, betas 0.9/0.95,
-# no weight decay, grad clip 1.0, no activation checkpointing (TRL's default is on), the data in order
-OPTIM = dict(lr=1e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+# what every TRL trainer is given on both sides' common recipe: torch's fused AdamW (our trainer's default,
+# TRL's `adamw_torch_fused`), lr 1e-5 constant, betas 0.9/0.95, no weight decay, grad clip 1.0, no activation
+# checkpointing (TRL's default is on), the data in order
+OPTIM = dict(lr=1e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, fused=True)
 
 
 def trl_arguments(args, work: Path, device: torch.device, batch: int) -> dict:
@@ -180,7 +181,7 @@ def trl_arguments(args, work: Path, device: torch.device, batch: int) -> dict:
         adam_epsilon=OPTIM["eps"],
         weight_decay=OPTIM["weight_decay"],
         max_grad_norm=1.0,
-        optim="adamw_torch",  # torch.optim.AdamW, as ours
+        optim="adamw_torch_fused",  # torch.optim.AdamW(fused=True), as ours
         gradient_checkpointing=False,  # TRL defaults to True; ours does not checkpoint
         train_sampling_strategy="sequential",  # the same records per step as ours (loader without shuffle)
         use_cpu=not cuda,
@@ -340,8 +341,9 @@ def counting_trainer(base: type, tokens: list, padded: list, losses: list, targe
 
 
 def setup_done(device: torch.device, *models) -> float:
-    """Make every weight resident, then the memory baseline that 'growth over setup' is taken from."""
-    touch(*models)
+    """Make every weight resident (models None: absent, e.g. a reference freed), then the memory baseline
+    that 'growth over setup' is taken from."""
+    touch(*(m for m in models if m is not None))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     return peak_memory_gib(device)
@@ -680,10 +682,51 @@ def _patch_scopes() -> None:
     trl_utils._ChunkedLogProbFunction = Scoped
 
 
+MATMULS = {  # op -> the indices of its two matrix operands (experiments/bench/mfu.py counts their FLOPs)
+    "aten::mm": (0, 1),
+    "aten::bmm": (0, 1),
+    "aten::mv": (0, 1),
+    "aten::addmm": (1, 2),
+    "aten::addmm_": (1, 2),  # torch.profiler's own with_flops count leaves this one out
+    "aten::baddbmm": (1, 2),
+    "aten::addmv": (1, 2),
+    "aten::addmv_": (1, 2),
+}
+
+
+def op_kind(name: str) -> str:
+    """An op's kind for `_attribute`'s `ops`: matmul, attention kernel (SDPA), autograd (the engine's and the
+    backward nodes' own time), python (a 'cat::' scope's own time: the Python between its ops), other ops."""
+    if name.startswith("cat::"):
+        return "python"
+    if name in MATMULS or name in ("aten::matmul", "aten::linear"):
+        return "matmul"
+    if "scaled_dot_product" in name:
+        return "attention kernel"
+    if name.startswith(("autograd::", "torch::autograd::")) or name.endswith(("Backward0", "Backward1")):
+        return "autograd"
+    return "other ops"
+
+
+def matmul_flops(e) -> int:
+    """2 M K N of a matmul op of the event tree from its recorded shapes (record_shapes=True); 0 for any other
+    op, or a matmul that calls another (its callee counts)."""
+    if e.name not in MATMULS or any(c.name in MATMULS for c in e.children):
+        return 0
+    i, j = MATMULS[e.name]
+    inputs = e.extra_fields.inputs
+    a, b = getattr(inputs[i], "sizes", None), getattr(inputs[j], "sizes", None)
+    if not a or not b:
+        return 0
+    batch = a[0] if len(a) == 3 else 1
+    return 2 * batch * a[-2] * a[-1] * (b[-1] if len(b) >= 2 else 1) if len(a) >= 2 else 0
+
+
 def _attribute(roots, window_ns: int, steps: int) -> dict:
     """Event tree -> {'time': {(component, phase): s/step}, 'memory': {(component, phase): bytes live at the
-    peak}, 'peak': bytes}. A backward op is the component whose forward op made its autograd node (the same
-    sequence number); memory counts the allocations made during the profiled steps only."""
+    peak}, 'peak': bytes, 'ops': {(component, phase, op_kind): (s/step, matmul FLOPs/step)}}. A backward op is the
+    component whose forward op made its autograd node (the same sequence number); memory counts the allocations
+    made during the profiled steps only."""
     from torch._C._profiler import _EventType
 
     op, alloc = _EventType.TorchOp, _EventType.Allocation
@@ -706,15 +749,16 @@ def _attribute(roots, window_ns: int, steps: int) -> dict:
         forward_pass(r, GLUE, False)
 
     times: dict = {}
+    ops: dict = {}
     allocs: list = []
 
-    def walk(e, key):
+    def walk(e, key, in_sdpa=False):
         if e.tag == alloc:
             allocs.append((e.start_time_ns, e.extra_fields.ptr, e.extra_fields.alloc_size, key))
             return
         if e.tag != op:
             for c in e.children:
-                walk(c, key)
+                walk(c, key, in_sdpa)
             return
         name = e.name
         if name.startswith("autograd::engine::evaluate_function"):
@@ -733,8 +777,11 @@ def _attribute(roots, window_ns: int, steps: int) -> dict:
             key = (OPTIMIZER, "-")
         children = sum(c.duration_time_ns for c in e.children if c.tag == op)
         times[key] = times.get(key, 0) + e.duration_time_ns - children
+        kind = "attention kernel" if in_sdpa else op_kind(name)  # the ops inside SDPA (its mask made float) too
+        ns, flops = ops.get((*key, kind), (0, 0))
+        ops[(*key, kind)] = (ns + e.duration_time_ns - children, flops + matmul_flops(e))
         for c in e.children:
-            walk(c, key)
+            walk(c, key, kind == "attention kernel")
 
     for r in roots:
         walk(r, (GLUE, "forward"))
@@ -765,6 +812,7 @@ def _attribute(roots, window_ns: int, steps: int) -> dict:
         "memory": [[c, p, b] for (c, p), b in by_key.items()],
         "peak": peak,
         "steps": steps,
+        "ops": [[c, p, k, ns / 1e9 / steps, f / steps] for (c, p, k), (ns, f) in ops.items()],
     }
 
 

@@ -27,6 +27,7 @@ weights (TRL: `bf16=True`) and memory is `torch.cuda.max_memory_allocated`.
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import os
 import statistics
@@ -78,7 +79,7 @@ def run_ours(args, device: torch.device) -> None:
 
     from llama_posttrain.train.dpo import DPOSection
     from llama_posttrain.train.dpo_objective import make_objective
-    from llama_posttrain.train.targets import LiveReference, Pairs, target_logps
+    from llama_posttrain.train.targets import LiveReference, Pairs, PrecomputedReference, reference_table, target_logps
 
     work = Path(args.workdir)
     model = load_model(args.checkpoint or work / "model", device=device)  # fp32, the weights TRL loads too
@@ -86,11 +87,25 @@ def run_ours(args, device: torch.device) -> None:
     model.train()
     chat = our_chat(args.checkpoint)  # alive through the steps, as the trainer holds its tokenizer (in the peak RSS)
     loader = our_loader(work / "pairs.jsonl", "dpo", chat, args)
-    objective = make_objective(model, LiveReference(ref, "torch"), DPOSection(), backend="torch")
+    section = DPOSection()
+    if args.reference == "precompute":  # as train/dpo_objective.py: one pass over the set, then the model freed
+        reference = PrecomputedReference(reference_table(ref, loader, "torch", section.mask_format, device))
+        del ref
+        gc.collect()
+        ref = None
+    else:
+        reference = LiveReference(ref, "torch")
+    objective = make_objective(model, reference, section, backend="torch")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, **OPTIM)
     baseline = setup_done(device, model, ref)
     r = time_our_steps(objective, loader, params, optimizer, device, args.warmup + args.steps)
+    if ref is None:  # no reference model left to recompute the first step's loss with
+        report(
+            "ours", device, r["times"], r["cpu_times"], r["tokens"], r["padded"], r["first_loss"], baseline,
+            warmup=args.warmup, micro_batches=r["micro"], first_loss_trl_norm=None,
+        )  # fmt: skip
+        return
 
     # The first step's loss as TRL normalizes it: policy == reference there, so the DPO term is log 2
     # on both sides; TRL's NLL is the token mean over all chosen tokens of the batch, ours the mean of
@@ -142,6 +157,7 @@ def run_trl(args, device: torch.device) -> None:
         loss_type=["sigmoid", "sft"],
         loss_weights=[1.0, 0.2],
         max_length=args.max_len,
+        precompute_ref_log_probs=args.reference == "precompute",  # then no reference model is loaded
     )
     times, cpu_times, tokens, padded, losses = [], [], [], [], []
     trainer = counting_trainer(DPOTrainer, tokens, padded, losses)(
@@ -181,12 +197,20 @@ def main():
         max_len="ours: packed row length; TRL: max_length",
         repeat=False,
     )
+    ap.set_defaults(max_len=512)  # an example is 173-306 tokens here: rows of ~2 (1024: 3-4, more masked scores)
+    ap.add_argument(
+        "--reference", choices=("live", "precompute", "both"), default="both",
+        help="live: the reference model's forward in every step (ours: LiveReference; TRL: ref_model); precompute: "
+        "its log-probs computed once before training, the model freed (ours: dpo.reference precompute; TRL: "
+        "precompute_ref_log_probs=True); both: a pair of rows each",
+    )  # fmt: skip
     add_checkpoint_argument(ap)
     add_summary_argument(ap)
     args = ap.parse_args()
     if run_side(args, run_ours, run_trl):
         return
     device = torch.device(args.device)
+    modes = ("live", "precompute") if args.reference == "both" else (args.reference,)
 
     load_before = os.getloadavg()[0]  # other work on the machine skews the times: see cpu_per_wall too
     config = checkpoint_config(args.checkpoint) if args.checkpoint else model_config(args)
@@ -198,8 +222,14 @@ def main():
             torch.manual_seed(0)
             save_model(Transformer(config), Path(workdir) / "model", format="hf")
         write_jsonl(Path(workdir) / "pairs.jsonl", records)
-        ours = run_child(__file__, "ours", args, workdir, (*CHILD_OPTIONS, "checkpoint"))
-        theirs = run_child(__file__, "trl", args, workdir, (*CHILD_OPTIONS, "checkpoint"))
+        sides = {}  # mode -> (ours, TRL's)
+        for mode in modes:
+            args.reference = mode
+            sides[mode] = tuple(
+                run_child(__file__, side, args, workdir, (*CHILD_OPTIONS, "checkpoint", "reference"))
+                for side in ("ours", "trl")
+            )
+    ours, theirs = sides[modes[0]]
 
     chat = our_chat(args.checkpoint)
     prompt_lens = [len(chat.encode_dialog([{"role": "user", "content": r["prompt"]}], True)) for r in records]
@@ -221,27 +251,38 @@ def main():
         "",
     ]
     rows = [
-        f"| side | median step (s) | min-max (s) | tokens/step | positions/step (padded) | tokens/s | pairs/s "
-        f"| {mem} | growth over setup (GiB) | step time vs ours | {mem.split(' (')[0]} vs ours |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| side | reference | median step (s) | min-max (s) | tokens/step | positions/step (padded) | tokens/s "
+        f"| pairs/s | {mem} | growth over setup (GiB) | step time vs ours | {mem.split(' (')[0]} vs ours |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for label, r in (("ours (train.dpo)", ours), ("TRL DPOTrainer", theirs)):
+    labels = {"live": "model, every step", "precompute": "precomputed, model freed"}
+    in_order = [(m, label, r) for m in modes for label, r in zip(("ours (train.dpo)", "TRL DPOTrainer"), sides[m])]
+    for mode, label, r in in_order:
+        base = sides[mode][0]
         timed_tokens = r["tokens"][args.warmup :]
         tok_per_step = statistics.mean(timed_tokens)
         pad_per_step = statistics.mean(r["padded"][args.warmup :])
         rows.append(
-            f"| {label} | {r['median_s']:.3f} | {r['min_s']:.3f}-{r['max_s']:.3f} | {tok_per_step:,.0f} "
-            f"| {pad_per_step:,.0f} | {sum(timed_tokens) / sum(r['step_times'][args.warmup :]):,.0f} "
+            f"| {label} | {labels[mode]} | {r['median_s']:.3f} | {r['min_s']:.3f}-{r['max_s']:.3f} "
+            f"| {tok_per_step:,.0f} | {pad_per_step:,.0f} | {sum(timed_tokens) / sum(r['step_times'][args.warmup :]):,.0f} "
             f"| {args.batch / r['median_s']:.2f} | {r['peak_gib']:.2f} | {r['peak_gib'] - r['baseline_gib']:.2f} "
-            f"| {r['median_s'] / ours['median_s']:.2f}x | {r['peak_gib'] / ours['peak_gib']:.2f}x |"
+            f"| {r['median_s'] / base['median_s']:.2f}x | {r['peak_gib'] / base['peak_gib']:.2f}x |"
         )
     micro = sorted(set(ours["micro_batches"]))
     notes = [
         "",
-        *load_notes({"ours": ours, "TRL": theirs}, load_before, device),
+        *load_notes(
+            {f"{side} ({mode})": r for mode in modes for side, r in zip(("ours", "TRL"), sides[mode])},
+            load_before,
+            device,
+        ),
         f"first-step loss (initial weights, policy = reference, so the DPO term is log 2 = 0.693 on both): "
-        f"ours {ours['first_loss']:.4f}, TRL {theirs['first_loss']:.4f}; ours recomputed with TRL's NLL "
-        f"normalization {ours['first_loss_trl_norm']:.4f}",
+        f"ours {ours['first_loss']:.4f}, TRL {theirs['first_loss']:.4f}"
+        + (
+            f"; ours recomputed with TRL's NLL normalization {ours['first_loss_trl_norm']:.4f}"
+            if ours["first_loss_trl_norm"] is not None
+            else ""
+        ),
         "",
         "notes:",
         f"- same token ids on both sides (TRL's tokenized prompt/chosen/rejected == our chat format): "
@@ -263,8 +304,12 @@ def main():
         f"{token_name(chat, chat.eot_id)}) out of the DPO log-probs and length-normalizes the NLL per sequence; TRL "
         "sums all completion tokens into the DPO log-probs and takes the token mean of the NLL over the batch. So "
         "losses agree only in ballpark after step 1.",
-        "- optimizer: torch AdamW (TRL `optim=adamw_torch`), lr 1e-5 constant, betas 0.9/0.95, no weight decay, grad "
-        "clip 1.0; TRL's default gradient checkpointing is turned off to match ours.",
+        "- optimizer: torch's fused AdamW (TRL `optim=adamw_torch_fused`), lr 1e-5 constant, betas 0.9/0.95, no "
+        "weight decay, grad clip 1.0; TRL's default gradient checkpointing is turned off to match ours.",
+        "- reference: 'model, every step' runs the frozen reference's forward in each step (ours `LiveReference`, "
+        "TRL `ref_model`); 'precomputed' computes its log-prob sums for the whole set once before training, outside "
+        "the timed steps, and frees the model (ours `dpo.reference: precompute`, TRL `precompute_ref_log_probs`: "
+        "its reference is the policy before training, no second model loaded).",
         "- memory: each side in its own process. "
         + (
             "torch.cuda.max_memory_allocated over the run; growth = peak minus the peak after setup."
@@ -273,18 +318,20 @@ def main():
             "growth = peak RSS at the end minus peak RSS after model, reference, data (and for ours the optimizer "
             "object) were set up, i.e. what the training steps added."
         ),
-        "- ours runs unsharded in one process (no FSDP); the reference is a deep copy of the policy, TRL's a second "
-        "load of the same checkpoint.",
+        "- ours runs unsharded in one process (no FSDP); a live reference is a deep copy of the policy, TRL's a "
+        "second load of the same checkpoint.",
     ]
     write("\n".join(header + rows + notes), args.out)
-    append_summary(
-        args.summary,
-        "DPO step",
-        [
-            step_summary("ours (train.dpo)", ours, args.warmup, args.batch, "pairs/s"),
-            step_summary("TRL DPOTrainer", theirs, args.warmup, args.batch, "pairs/s", peer=True),
-        ],
-    )
+    for mode in modes:  # one benchmark per reference mode: the ratios are against TRL in the same mode
+        ours, theirs = sides[mode]
+        append_summary(
+            args.summary,
+            "DPO step" + (" (precomputed reference)" if mode == "precompute" else ""),
+            [
+                step_summary("ours (train.dpo)", ours, args.warmup, args.batch, "pairs/s"),
+                step_summary("TRL DPOTrainer", theirs, args.warmup, args.batch, "pairs/s", peer=True),
+            ],
+        )
 
 
 if __name__ == "__main__":

@@ -234,7 +234,7 @@ def main():
         "- TRL: RewardTrainer, AutoModelForSequenceClassification (LlamaForSequenceClassification, num_labels 1, "
         "the same score weight), chosen rows then rejected rows padded to the longest of the step, the reward read at "
         "each row's last non-pad token; it also gathers min/mean/max reward, accuracy and margin per step.",
-        "- optimizer: torch AdamW (TRL `optim=adamw_torch`), lr 1e-5 constant, betas 0.9/0.95, no weight decay, grad "
+        "- optimizer: torch fused AdamW (TRL `optim=adamw_torch_fused`), lr 1e-5 constant, betas 0.9/0.95, no weight decay, grad "
         "clip 1.0; TRL's default gradient checkpointing is off to match ours.",
         "- memory: each side in its own process. "
         + (

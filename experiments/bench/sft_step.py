@@ -238,7 +238,7 @@ def main():
             else "on the CPU (no Triton) projects every position of the row, prompt included"
         )
         + ", and computes entropy and top-1 accuracy per token for its metrics.",
-        "- optimizer: torch AdamW (TRL `optim=adamw_torch`), lr 1e-5 constant, betas 0.9/0.95, no weight decay, grad "
+        "- optimizer: torch fused AdamW (TRL `optim=adamw_torch_fused`), lr 1e-5 constant, betas 0.9/0.95, no weight decay, grad "
         "clip 1.0; TRL's default gradient checkpointing is off to match ours.",
         "- memory: each side in its own process. "
         + (

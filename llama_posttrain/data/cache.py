@@ -1,9 +1,12 @@
-"""The tokenized cache: a data path's encoded examples as flat arrays on disk, memory-mapped.
+"""The tokenized cache: a data path's encoded examples as flat arrays on disk, read a slice at a time.
 
 Raw numpy arrays, one file per field, plus per-example offsets (the layout of Megatron's .bin/.idx),
 rather than Arrow: numpy is a core dependency and pyarrow an optional one; an example is a slice of
-each array (O(1), zero-copy), and packing needs only the per-example arrays, which are a few bytes
-per example. A rank touches only the pages of the examples it packs; the rest stays on disk.
+each array (O(1), one pread per field), and packing needs only the per-example arrays, which are a
+few bytes per example. A rank reads only the examples it packs. The files are read with pread, not
+memory-mapped: a mapped page stays in the process's resident set once touched, so a pass over the
+data would end with the whole cache resident; read, a page lives only in the kernel's page cache
+(shared, reclaimable) and the process holds the few examples of its step.
 
 A cache folder `<root>/<name>-<key[:16]>/` holds
     manifest.json   written last: the key and its parts, the data files it was built from, each
@@ -11,9 +14,10 @@ A cache folder `<root>/<name>-<key[:16]>/` holds
                     own sha256 (of the rest of it)
     checksums.bin   a crc32 of every 64 KiB block of every array file (uint32, 1/16384 of the cache)
     <field>.bin     one little-endian array per field:
-      per token      tokens int32, positions uint16 (int32 if max_len > 65535), branch uint8,
+      per token      tokens uint16 (uint32 if the vocabulary has more than 65536 ids, as Llama 3's 128256),
+                     positions uint16 (int32 if max_len > 65535), branch uint8,
                      docs uint8 (only for preference data in separate rows, one_row=false)
-      per target     target_hidden_index uint16|int32, target_token int32, target_seq uint8, target_format bool
+      per target     target_hidden_index uint16|int32, target_token as tokens, target_seq uint8, target_format bool
       per sequence   seq_score uint16|int32, seq_rank uint8
       per example    token_end, target_end, seq_end int64 (running totals), strength int8,
                      num_chosen_targets int32 (targets of the best sequence, rank 0: DPO's chosen tokens)
@@ -44,6 +48,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import weakref
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -53,7 +59,7 @@ import numpy as np
 from llama_posttrain.data.records import file_id, sha256_file
 from llama_posttrain.data.rows import EncodeOptions, Example, Seq, Target
 
-VERSION = 3  # 3: target_parent -> target_hidden_index, num_best -> num_chosen_targets
+VERSION = 4  # 3: target_parent -> target_hidden_index, num_best -> num_chosen_targets; 4: token ids uint16|uint32
 PACKAGE = Path(__file__).resolve().parents[1]  # llama_posttrain/: CODE names are relative to it
 CODE = ["data/records.py", "data/rows.py", "data/schema.py", "data/cache.py", "data/prepare.py"]
 CODE += ["llama/chat.py", "llama/tokenizer.py"]
@@ -69,13 +75,18 @@ def index_dtype(max_len: int):
     return np.uint16 if max_len <= np.iinfo(np.uint16).max + 1 else np.int32
 
 
-def fields(opts: EncodeOptions) -> dict[str, np.dtype]:
-    """Field -> dtype of a cache built with these options."""
-    idx = index_dtype(opts.max_len)
-    out = dict(tokens=np.int32, positions=idx, branch=np.uint8)
+def token_dtype(vocab_size: int):
+    """Token ids are < vocab_size: 2 bytes up to 65536 ids (the byte tokenizer's 512), else 4 (Llama 3's 128256)."""
+    return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
+
+
+def fields(opts: EncodeOptions, vocab_size: int) -> dict[str, np.dtype]:
+    """Field -> dtype of a cache built with these options and a tokenizer of `vocab_size` ids."""
+    idx, tok = index_dtype(opts.max_len), token_dtype(vocab_size)
+    out = dict(tokens=tok, positions=idx, branch=np.uint8)
     if opts.kind != "sft" and not opts.one_row:
         out["docs"] = np.uint8
-    out.update(target_hidden_index=idx, target_token=np.int32, target_seq=np.uint8, target_format=np.bool_)
+    out.update(target_hidden_index=idx, target_token=tok, target_seq=np.uint8, target_format=np.bool_)
     out.update(seq_score=idx, seq_rank=np.uint8)
     out.update(token_end=np.int64, target_end=np.int64, seq_end=np.int64, strength=np.int8, num_chosen_targets=np.int32)
     return {k: np.dtype(v) for k, v in out.items()}
@@ -225,8 +236,9 @@ def report_line(data) -> str:
 
 class TokenizedData:
     """A cache folder, read-only: `lengths` and the per-example counts in memory (a few bytes per
-    example), the tokens memory-mapped; `data[i]` is the same Example the in-memory path builds,
-    its blocks checked against their crc32 the first time this process reads them.
+    example), the other arrays read from their files a slice at a time (pread); `data[i]` is the same
+    Example the in-memory path builds, its blocks checked against their crc32 the first time this
+    process reads them.
 
     fingerprints: {data file: content sha256} of the data it was built from (by default the paths
     recorded at build; the loader passes the files as found now)."""
@@ -240,58 +252,77 @@ class TokenizedData:
         self.report = Counter(manifest["report"])
         self.source = manifest["source"]
         self.fingerprints = fingerprints or dict(zip(manifest["files"], manifest["parts"].get("data", [])))
-        self.arrays, self._sums, self._ok = {}, {}, {}
+        self.dtypes, self.sizes, self._sums, self._ok, self._fds = {}, {}, {}, {}, {}
+        # the files stay open (as a mapping did): a folder deleted or replaced meanwhile is read as it was opened
+        weakref.finalize(self, _close, self._fds)
         for name, (dt, n) in manifest["arrays"].items():
-            self.arrays[name] = _map(self.folder / f"{name}.bin", np.dtype(dt), n)
+            self.dtypes[name], self.sizes[name] = np.dtype(dt).newbyteorder("<"), int(n)
+            self._fds[name] = os.open(self.folder / f"{name}.bin", os.O_RDONLY)
             first, count = manifest["blocks"][name]
             self._sums[name] = checksums[first : first + count]
             self._ok[name] = np.zeros(count, dtype=bool)
-        for name in PER_EXAMPLE:  # read whole below: checked whole now
-            self._check(name, 0, len(self.arrays[name]))
-        ends = {k: np.asarray(self.arrays[k]) for k in ("token_end", "target_end", "seq_end")}
-        self.offsets = {k: np.concatenate([[0], v]).astype(np.int64) for k, v in ends.items()}
-        self.lengths = np.diff(self.offsets["token_end"])
-        self.num_targets = np.diff(self.offsets["target_end"])
-        seqs = np.diff(self.offsets["seq_end"])
+        ends = {k: self._read(k, 0, self.sizes[k]) for k in ("token_end", "target_end", "seq_end")}
+        self.offsets = {k: np.concatenate([[0], v]).astype(np.int64, copy=False) for k, v in ends.items()}
+        # the counts in 4 bytes (an example's tokens <= max_len, its pairs < 255**2), summed into int64
+        # by the loader: with the offsets, 41 bytes per example
+        self.lengths = np.diff(self.offsets["token_end"]).astype(np.int32)
+        self.num_targets = np.diff(self.offsets["target_end"]).astype(np.int32)
+        seqs = np.diff(self.offsets["seq_end"]).astype(np.int32)
         self.num_pairs = seqs * (seqs - 1) // 2
-        self.num_chosen_targets = np.asarray(self.arrays["num_chosen_targets"], dtype=np.int64)
+        self.num_chosen_targets = self._read("num_chosen_targets", 0, self.sizes["num_chosen_targets"])  # int32
+        self.strength = self._read("strength", 0, self.sizes["strength"])
 
-    def _check(self, name: str, start: int, stop: int) -> None:
-        """Elements [start, stop) of an array: each of their blocks not checked yet against its crc32."""
-        if stop <= start:
-            return
-        size = self.arrays[name].dtype.itemsize
-        first, last = start * size // BLOCK_BYTES, ((stop * size) - 1) // BLOCK_BYTES + 1
+    def _read(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Elements [start, stop) of an array, read from its file; the blocks they span that this
+        process has not checked yet are read whole and checked against their crc32 first."""
+        dtype = self.dtypes[name]
+        lo, hi = start * dtype.itemsize, stop * dtype.itemsize
+        if hi <= lo:
+            return np.empty(0, dtype)
+        first, last = lo // BLOCK_BYTES, (hi - 1) // BLOCK_BYTES + 1
         ok = self._ok[name]
         if ok[first:last].all():
-            return
-        raw = self.arrays[name].view(np.uint8)
+            return np.frombuffer(self._pread(name, lo, hi), dtype)
+        base = first * BLOCK_BYTES
+        raw = memoryview(self._pread(name, base, min(last * BLOCK_BYTES, self.sizes[name] * dtype.itemsize)))
         for b in range(first, last):
             if ok[b]:
                 continue
-            lo, hi = b * BLOCK_BYTES, min((b + 1) * BLOCK_BYTES, len(raw))
-            if zlib.crc32(raw[lo:hi]) != int(self._sums[name][b]):
+            block = raw[(b - first) * BLOCK_BYTES : (b - first + 1) * BLOCK_BYTES]
+            if zlib.crc32(block) != int(self._sums[name][b]):
                 raise CacheDamaged(
-                    f"tokenized cache {self.folder} is damaged: {name}.bin bytes {lo}..{hi} do not match "
-                    f"their checksum in {CHECKSUMS}; delete the folder to rebuild it"
+                    f"tokenized cache {self.folder} is damaged: {name}.bin bytes {b * BLOCK_BYTES}.."
+                    f"{b * BLOCK_BYTES + len(block)} do not match their checksum in {CHECKSUMS}; delete the folder "
+                    "to rebuild it"
                 )
             ok[b] = True
+        return np.frombuffer(raw[lo - base : hi - base], dtype)
+
+    def _pread(self, name: str, lo: int, hi: int) -> bytes:
+        raw = os.pread(self._fds[name], hi - lo, lo)
+        if len(raw) != hi - lo:  # its size was checked at open: it shrank since
+            raise CacheDamaged(
+                f"tokenized cache {self.folder} is damaged: {name}.bin ends at byte {lo + len(raw)}, "
+                f"bytes {lo}..{hi} were expected; delete the folder to rebuild it"
+            )
+        return raw
 
     def verify(self) -> None:
-        """Check every block of every array (CacheDamaged on the first mismatch)."""
-        for name, a in self.arrays.items():
-            self._check(name, 0, len(a))
+        """Check every block of every array (CacheDamaged on the first mismatch), 16 MiB at a time."""
+        for name, n in self.sizes.items():
+            step = max(1, (BLOCK_BYTES << 8) // self.dtypes[name].itemsize)
+            for start in range(0, n, step):
+                self._read(name, start, min(n, start + step))
 
     def __len__(self) -> int:
         return len(self.lengths)
 
     def _slice(self, name: str, offsets: str, i: int) -> list:
         o = self.offsets[offsets]
-        self._check(name, int(o[i]), int(o[i + 1]))
-        return self.arrays[name][o[i] : o[i + 1]].tolist()
+        return self._read(name, int(o[i]), int(o[i + 1])).tolist()
 
     def __getitem__(self, i: int) -> Example:
-        a, tok, tgt, seq = self.arrays, "token_end", "target_end", "seq_end"
+        tok, tgt, seq = "token_end", "target_end", "seq_end"
         targets = zip(*(self._slice(f"target_{f}", tgt, i) for f in ("hidden_index", "token", "seq", "format")))
         seqs = zip(self._slice("seq_score", seq, i), self._slice("seq_rank", seq, i))
         return Example(
@@ -300,13 +331,13 @@ class TokenizedData:
             branch=self._slice("branch", tok, i),
             targets=list(map(Target._make, targets)),
             seqs=list(map(Seq._make, seqs)),
-            strength=int(a["strength"][i]),
+            strength=int(self.strength[i]),
             uid=i,
-            docs=self._slice("docs", tok, i) if "docs" in a else None,
+            docs=self._slice("docs", tok, i) if "docs" in self.dtypes else None,
         )
 
 
-def _map(path: Path, dtype: np.dtype, n: int) -> np.ndarray:
-    if n == 0:  # numpy cannot map an empty file
-        return np.empty(0, dtype)
-    return np.memmap(path, dtype=dtype, mode="r", shape=(n,))
+def _close(fds: dict[str, int]) -> None:
+    for fd in fds.values():
+        os.close(fd)
+    fds.clear()

@@ -27,7 +27,7 @@ def drop_reason(text: str, finished: bool, max_chars: int | None, clean: CleanRu
     return reject_reason(text, clean) if clean is not None else None
 
 
-# Everything sampling drops, counted per key (llama_posttrain/jobs/sample.py sample_records) and printed (drop_report): samples first, then
+# Everything sampling drops, counted per key (llama_posttrain/jobs/sampling.py sample_records) and printed (drop_report): samples first, then
 # the prompts that get no SFT record or no preference pair. "{limit}" is the max-new-tokens setting's name.
 DROPS = {
     "prompt_too_long": "prompts whose tokens + {limit} exceed the policy's context: skipped, not sampled",

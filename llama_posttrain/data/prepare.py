@@ -71,11 +71,25 @@ def _checked(values: list, dtype: np.dtype, what: str, where: str) -> np.ndarray
 MAX_SEQS = 255  # sequences (responses) per example: their indices are stored as uint8
 
 
-def encode_chunk(chunk: Chunk, opts: EncodeOptions, chat: ChatFormat) -> tuple[dict[str, np.ndarray], Counter]:
-    """A chunk of records -> the cache's arrays for its examples (the per-example ends count from the
-    chunk's start) and the chunk's load report."""
-    dtypes = cache.fields(opts)
-    report, cols = Counter(), {name: [] for name in dtypes}
+FLUSH_TOKENS = 1 << 14  # encoded tokens held as Python lists before they become the cache's compact arrays
+
+
+def encode_pieces(chunk: Chunk, opts: EncodeOptions, chat: ChatFormat, report: Counter):
+    """Yield a chunk of records as the cache's arrays, a piece of about FLUSH_TOKENS tokens at a time
+    (the per-example ends count from the piece's start), counting into `report`. The examples' Python
+    lists (~100 bytes per token) become arrays every FLUSH_TOKENS tokens, and a piece is written
+    before the next is encoded: encoding holds ~2 MiB whatever the chunk's size."""
+    dtypes = cache.fields(opts, chat.tokenizer.vocab_size)
+    cols, ends, first = {name: [] for name in dtypes}, Counter(), 0
+
+    def piece(stop: int) -> dict[str, np.ndarray]:  # records [first, stop) of the chunk
+        where = f"{chunk.path} (records {chunk.first + first + 1}..{chunk.first + stop})"
+        out = {name: _checked(cols[name], dtype, name, where) for name, dtype in dtypes.items()}
+        for column in cols.values():
+            column.clear()
+        ends.clear()
+        return out
+
     for i, (where, obj) in enumerate(chunk_records(chunk)):
         report["records"] += 1
         ex = encode_record(obj, where, chunk.first + i, opts, chat, report)
@@ -91,11 +105,21 @@ def encode_chunk(chunk: Chunk, opts: EncodeOptions, chat: ChatFormat) -> tuple[d
         for name, column in zip(("seq_score", "seq_rank"), zip(*ex.seqs)):
             cols[name] += column
         for name, n in (("token_end", len(ex.tokens)), ("target_end", len(ex.targets)), ("seq_end", len(ex.seqs))):
-            cols[name].append((cols[name][-1] if cols[name] else 0) + n)
+            ends[name] += n
+            cols[name].append(ends[name])
         cols["strength"].append(ex.strength)
         cols["num_chosen_targets"].append(targets["target_seq"].count(0) if targets else 0)
-    where = f"{chunk.path} (records {chunk.first + 1}..{chunk.first + report['records']})"
-    return {name: _checked(cols[name], dtype, name, where) for name, dtype in dtypes.items()}, report
+        if len(cols["tokens"]) >= FLUSH_TOKENS:
+            yield piece(i + 1)
+            first = i + 1
+    if cols["token_end"]:
+        yield piece(report["records"])
+
+
+def encode_chunk(chunk: Chunk, opts: EncodeOptions, chat: ChatFormat) -> tuple[list[dict[str, np.ndarray]], Counter]:
+    """A chunk of records -> its pieces (encode_pieces) and its load report: a worker's result."""
+    report = Counter()
+    return list(encode_pieces(chunk, opts, chat, report)), report
 
 
 _WORKER: tuple[EncodeOptions, ChatFormat] | None = None
@@ -136,13 +160,16 @@ def _work(chunk: Chunk):
 
 
 def _encoded(pieces, opts: EncodeOptions, chat: ChatFormat, workers: int):
-    """Yield encode_chunk's result for each chunk, in order: in this process for one worker, else in
-    `workers` processes with at most 2 chunks per worker in flight (a large file is never all in memory)."""
+    """Yield (its pieces, its load report) for each chunk, in order: in this process for one worker
+    (the pieces a generator, the report complete once it is exhausted), else in `workers` processes
+    with at most 2 chunks per worker in flight (a large file is never all in memory)."""
     if workers <= 1:
-        yield from (encode_chunk(c, opts, chat) for c in pieces)
+        for c in pieces:
+            report = Counter()
+            yield encode_pieces(c, opts, chat, report), report
         return
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["data.prepare"])
+    context.set_forkserver_preload(["llama_posttrain.data.prepare"])
     init = (opts, chat, os.getpid())  # pickled: the workers encode with this very tokenizer and template
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=init) as pool:
         pending = deque()
@@ -178,8 +205,8 @@ class Writer:
     """Appends encoded chunks to the cache's files in a temporary folder, and the crc32 of each block
     to checksums.bin; `finish` renames the folder into place."""
 
-    def __init__(self, folder: Path, opts: EncodeOptions):
-        self.folder, self.dtypes = folder, cache.fields(opts)
+    def __init__(self, folder: Path, dtypes: dict[str, np.dtype]):
+        self.folder, self.dtypes = folder, dtypes
         self.tmp = folder.with_name(f".tmp-{folder.name}-{socket.gethostname()}-{os.getpid()}")
         self.files = {}
         try:
@@ -196,7 +223,7 @@ class Writer:
     def add(self, arrays: dict[str, np.ndarray]) -> None:
         for name, a in arrays.items():
             if name in ("token_end", "target_end", "seq_end"):
-                a = a + self.totals[name]  # ends relative to the chunk -> over the file
+                a = a + self.totals[name]  # ends relative to the piece -> over the file
             data = a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
             with _writing(self.tmp / f"{name}.bin"):
                 self.files[name].write(data)
@@ -308,10 +335,11 @@ def prepare(
     if verbose:
         print(f"{path}: tokenizing into {folder} ({workers} process{'es' if workers > 1 else ''})", flush=True)
     t0 = time.perf_counter()
-    writer, report = Writer(folder, opts), Counter()
+    writer, report = Writer(folder, cache.fields(opts, chat.tokenizer.vocab_size)), Counter()
     try:
-        for arrays, counts in _encoded(itertools.chain(head, pieces), opts, chat, workers):
-            writer.add(arrays)
+        for encoded, counts in _encoded(itertools.chain(head, pieces), opts, chat, workers):
+            for arrays in encoded:
+                writer.add(arrays)
             report.update(counts)
         report["examples"] = writer.lengths["token_end"]
         folder = writer.finish(key, parts, str(path), files, report)

@@ -1,7 +1,10 @@
 """How the driver (llama_posttrain/driver/pipeline.py) starts the jobs that touch a model, waits for them and shows
 their progress: training runs, sampling, evaluation, averaging. The driver itself holds no model.
 
-    launcher: local      one node: `torchrun --standalone --nproc_per_node N` (the default; `torchrun` is the same)
+    launcher: local      one node: `torchrun --standalone --nproc_per_node N` (the default; `torchrun` is the same);
+                         a 1-rank job is torchrun's worker alone, `python -u` with the environment torchrun
+                         gives it (processes.py single_rank_env: RANK, WORLD_SIZE, MASTER_ADDR/PORT, ...), in
+                         the command line, without torchrun's own start (seconds per job on a CPU)
     launcher: ray        a running Ray cluster (`ray start --head`, `ray start --address HEAD:6379` on the others;
                          `ray_address: auto` finds it): each distributed job is a placement group of `nnodes`
                          bundles on distinct nodes (STRICT_SPREAD), each running that node's `torchrun --nnodes N
@@ -47,7 +50,10 @@ from llama_posttrain.driver.processes import (  # noqa: F401 (Job, JobFailed, AT
     LocalProcess,
     _process_tree,
     _send,
+    free_port,
+    log_end,
     run_logged,
+    single_rank_env,
     start_job,
 )
 from llama_posttrain.train import progress
@@ -95,6 +101,9 @@ class Launcher:
             cmd = [sys.executable, script, *job.args]
             return ["srun", "--nodes=1", "--ntasks=1", *cmd] if self.kind == "slurm" else cmd
         run = [sys.executable, "-m", "torch.distributed.run"]
+        if self.kind in ("local", "torchrun") and job.nproc == 1:  # the worker alone: no agent to start
+            env = [f"{k}={v}" for k, v in {**single_rank_env(free_port()), **job.env}.items()]  # its threads too
+            return ["env", *env, sys.executable, "-u", script, *job.args]
         if self.kind in ("local", "torchrun"):
             return [*run, "--standalone", f"--nproc_per_node={job.nproc}", script, *job.args]
         if self.kind == "ray":  # static rendezvous: node i's ranks are i * nproc ... (i + 1) * nproc - 1
@@ -147,8 +156,9 @@ class Launcher:
                 rc, failure = RayJobs(self).run(job, env, watch)
             else:
                 cmd = self.command(job, rdzv_id)
-                env = {**os.environ, **env}
+                env, t0 = {**os.environ, **env}, time.time()
                 rc, failure = run_logged(cmd, env, job.log, self.signals.run, job.cwd, tick=watch), None
+                log_end(job.log, rc, time.time() - t0)
         finally:
             watch()  # the job's last report
             watch.close()

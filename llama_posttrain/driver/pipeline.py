@@ -295,7 +295,7 @@ def _check_from_stage(cfg: PipelineConfig, source: dict[str, str]) -> None:
 def task_from_config(task: str, args: dict, source: dict[str, str] | None = None):
     """The config's task (data/tasks), made with its task_args: a dataclass task's arguments are checked
     like the config's keys. Errors name the file or override that set the task or its arguments. (The jobs'
-    task, named by their flags: llama_posttrain/jobs/sample.py task_from_flags.)"""
+    task, named by their flags: llama_posttrain/jobs/sampling.py task_from_flags.)"""
     source = source or {}
     try:
         factory = task_factory(task)

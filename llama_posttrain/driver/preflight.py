@@ -74,6 +74,7 @@ def training_configs(recipe, problems: list[str], checked: Counter) -> dict[str,
             jobs.append(args)
 
     recipe.job = job  # Recipe.train builds the arguments; the jobs are kept, not started
+    recipe.copy_model = lambda d, model: None  # nor is the average of one model copied
     out = {}
     try:
         for stage, overrides in runs.items():
@@ -100,7 +101,7 @@ def training_configs(recipe, problems: list[str], checked: Counter) -> dict[str,
                 except ValueError as e:
                     problems.append(f"stage {stage} (its config file {argv[1]}, {source}): {e}")
     finally:
-        del recipe.job
+        del recipe.job, recipe.copy_model
     return out
 
 
@@ -125,7 +126,7 @@ def file_problems(recipe, configs: dict[str, list], problems: list[str], checked
 
         return parse
 
-    def eval_pair(obj, where):  # llama_posttrain/jobs/evaluate.py read_pairs: best and worst scored as one message
+    def eval_pair(obj, where):  # llama_posttrain/jobs/evaluation.py read_pairs: best and worst scored as one message
         record = parse_preference(obj, where)
         _check_turns(record, chat, where)
         if any(len(r) != 1 for r in (record.responses[0], record.responses[-1])):

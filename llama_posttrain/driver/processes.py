@@ -8,6 +8,7 @@ import functools
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: experiments/ and the job scripts, llama_posttrain/...
 ATTEMPT = "=== pipeline: "  # starts each attempt's part of a stage's log
+ENDED = "=== job ended "  # ends it (a local job's): "<time>: exit code <rc> after <seconds> s"
 
 
 @dataclass
@@ -47,6 +49,24 @@ def rank_env(ranks: int, cores: int | None = None) -> dict:
     return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
 
 
+def single_rank_env(port: int) -> dict:
+    """The environment torchrun (`--standalone --nproc_per_node=1`) gives its only worker, but for its agent's
+    own settings (TORCHELASTIC_*): the launchers start a 1-rank job on one node as that worker alone,
+    `python -u` as torchrun starts it, which saves torchrun's start (its Python, torch's import, the
+    rendezvous: seconds per job on a CPU). port: the process group's, a free one (torchrun --standalone's too)."""
+    ranks = dict.fromkeys(("RANK", "LOCAL_RANK", "GROUP_RANK", "ROLE_RANK"), "0")
+    sizes = dict.fromkeys(("WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_WORLD_SIZE", "ROLE_WORLD_SIZE"), "1")
+    where = {"MASTER_ADDR": "localhost", "MASTER_PORT": str(port), "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
+    return {**ranks, **sizes, "ROLE_NAME": "default", **where}
+
+
+def free_port() -> int:
+    """A TCP port on this host that nothing listens on now (the OS's pick, as torchrun --standalone's)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_logged(cmd: list[str], env: dict, log: Path, run, cwd: str, **kw) -> int:
     """cmd through run (PipelineSignals.run, or the Ray agent's loop) in the folder cwd, its output appended to log
     after a line with the attempt's time, folder and command line."""
@@ -54,6 +74,13 @@ def run_logged(cmd: list[str], env: dict, log: Path, run, cwd: str, **kw) -> int
         f.write(f"{ATTEMPT}{time.strftime('%Y-%m-%d %H:%M:%S')}: cd {shlex.quote(cwd)} && {shlex.join(cmd)}\n")
         f.flush()
         return run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=cwd, **kw)
+
+
+def log_end(log: Path, rc: int, seconds: float) -> None:
+    """The line that ends an attempt's part of a log: when the job ended, its exit code and wall time (the
+    quickstart's breakdown, experiments/bench/quickstart_time.py, reads it)."""
+    with open(log, "a") as f:
+        f.write(f"{ENDED}{time.strftime('%Y-%m-%d %H:%M:%S')}: exit code {rc} after {seconds:.2f} s\n")
 
 
 def start_job(cmd: list[str], death_signal: int = signal.SIGTERM, **popen_kw) -> subprocess.Popen:

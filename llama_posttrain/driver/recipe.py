@@ -27,6 +27,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,9 +38,9 @@ from llama_posttrain.data.clean import CleanRules
 from llama_posttrain.data.drops import drop_reason, drop_report, drops_for, too_lossy
 from llama_posttrain.data.io import write_json, write_jsonl, write_text
 from llama_posttrain.data.schema import ValidationError
-from llama_posttrain.driver.launch import Job, JobFailed, Launcher, PipelineInterrupted
-from llama_posttrain.driver.processes import rank_env
-from llama_posttrain.jobs.configs import EvalConfig, SampleConfig, args_of
+from llama_posttrain.driver.launch import ATTEMPT, Job, JobFailed, Launcher, PipelineInterrupted
+from llama_posttrain.driver.processes import log_end, rank_env
+from llama_posttrain.jobs.configs import AverageConfig, EvalConfig, SampleConfig, args_of
 from llama_posttrain.llama.chat import TEMPLATES
 from llama_posttrain.train.config import NonNegInt, PosInt, from_flat_dict, opt, read_yaml
 from llama_posttrain.train.logger import read_metrics
@@ -170,6 +172,17 @@ def last_eval(run_dir: Path, key: str) -> float | None:
     return values[-1] if values else None
 
 
+def copy_folder(src: Path, dst: Path) -> None:
+    """dst: a copy of the folder src (files and times, `cp -a`), whole or not at all: copied beside it, then
+    renamed over any earlier dst (an interrupted attempt's, as is an interrupted copy; one driver per run folder)."""
+    tmp = dst.with_name(f".{dst.name}.copy")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, symlinks=True)
+    if dst.exists():
+        shutil.rmtree(dst)
+    os.replace(tmp, dst)
+
+
 def _concat_jsonl(files: list[Path], out: Path) -> None:
     write_jsonl(out, [json.loads(line) for f in files for line in Path(f).read_text().splitlines() if line.strip()])
 
@@ -217,6 +230,7 @@ class Recipe:
         self.stage_config_file = stage_config_file  # kind -> the stage's config file (absolute)
         self.cleaning = Cleaning.of(cfg.cleaning)  # checked when the pipeline's config was read
         self.results: list[dict] = []
+        self.averages_copied = 0  # averaging jobs not run: one model each, copied (copy_model)
         self.verify = getattr(task, "verify", None)
         self.annotator = cfg.annotator if cfg.annotator != "auto" else ("verifier" if self.verify else "rm")
         if self.annotator == "verifier" and self.verify is None:
@@ -244,6 +258,8 @@ class Recipe:
             policy = Path(self.stage(k, "dpo", self.train_dpo, sft, rm)["model"])
         if self.cfg.rounds:  # every policy's held-out samples scored by one RM, the last round's
             self.score_with_last_rm(rm)
+        if self.averages_copied:
+            print(f"pipeline: {self.averages_copied} averages of one model copied, not run as jobs", flush=True)
         return self.results
 
     def make_data(self, d: Path, k: int) -> dict:
@@ -559,9 +575,29 @@ class Recipe:
                     name, f"llama_posttrain/train/{kind}.py", argv, d / f"variant_{v}.log", self.cfg.nproc, run_dir
                 )
             models.append(run_dir / "model")
-        average = ["--out", str(d / "model"), *map(str, models)]
+        if len(models) == 1:  # the average of one model is that model: no job (a process start, torch's import)
+            self.copy_model(d, models[0])
+            return d / "model"
+        average = args_of(AverageConfig(checkpoints=[str(m) for m in models], out=str(d / "model")))
         self.job(f"{self.where(d)}: averaging", "llama_posttrain/jobs/average.py", average, d / "average.log", nproc=0)
         return d / "model"
+
+    def copy_model(self, d: Path, model: Path) -> None:
+        """The average of one model, without a job: its folder copied to the stage's model folder. That is what
+        llama_posttrain/jobs/average.py would write: the same tensors (a weight of 1 in fp64 is exact), config,
+        tokenizer and other files. Said in average.log, whose first line is the command that redoes it, and
+        counted (`averages_copied`, printed at the end)."""
+        out, log, t0 = d / "model", d / "average.log", time.time()
+        cmd = f"cp -a -T {shlex.quote(str(model))} {shlex.quote(str(out))}"
+        with open(log, "a") as f:
+            f.write(f"{ATTEMPT}{time.strftime('%Y-%m-%d %H:%M:%S')}: cd {shlex.quote(os.getcwd())} && {cmd}\n")
+        copy_folder(model, out)
+        said = f"one model: {model} copied to {out}, llama_posttrain/jobs/average.py not run (its average is itself)"
+        with open(log, "a") as f:
+            f.write(said + "\n")
+        log_end(log, 0, time.time() - t0)
+        print(f"{self.where(d)}: averaging: {said}", flush=True)
+        self.averages_copied += 1
 
     def file_paths(self, kind: str, d: Path, overrides: dict) -> dict:
         """What a training job takes from its stage config file's paths, given to it absolute: the PATH_KEYS the
@@ -590,9 +626,6 @@ class Recipe:
         """A job's tokenizer and chat template: the pipeline's (SampleConfig's and EvalConfig's keys)."""
         keys = {"chat_template": self.chat.template} if self.chat.template in TEMPLATES else {}
         return keys | ({"tokenizer": absolute(self.chat.tokenizer.path)} if self.cfg.base is not None else {})
-
-    def model_args(self) -> list[str]:
-        return [x for key, v in self.model_keys().items() for x in ("--" + key.replace("_", "-"), v)]
 
     def sample(self, d: Path, k: int, split: str, n: int, model: Path, rm: Path, outputs: tuple, annotate) -> dict:
         """A sampling job: K samples for each of n fresh prompts (prompts.jsonl), scored by the RM; ->
@@ -736,10 +769,13 @@ class Recipe:
         out = d / "eval_policies.json"
         inputs = [*kept.values(), Path(rm) / "config.json"]
         if not out.is_file() or out.stat().st_mtime_ns < max(p.stat().st_mtime_ns for p in inputs if p.exists()):
-            args = ["--model", str(rm), "--out", str(out), *self.model_args(), "--prompts", prompts]
-            args += [x for f in kept.values() for x in ("--score-samples", str(f))]
+            job = EvalConfig(
+                model=str(rm), out=str(out), **self.model_keys(), prompts=prompts,
+                score_samples=[str(f) for f in kept.values()],
+            )  # fmt: skip
             log, nproc = d / "eval_policies.log", self.cfg.eval_nproc or self.cfg.nproc
-            self.job(f"{where}: scoring every policy's samples", "llama_posttrain/jobs/evaluate.py", args, log, nproc)
+            self.job(f"{where}: scoring every policy's samples", "llama_posttrain/jobs/evaluate.py", args_of(job), log,
+                     nproc)  # fmt: skip
         scores = json.loads(out.read_text())["rm_score_of"]
         for r in self.results:
             f = kept.get(f"round_{r['round']}/{r['stage']}")

@@ -9,14 +9,15 @@ FILE` is a YAML mapping of the same keys. A flag's type, bound, choices, default
 checked by train/config.py from_flat_dict; an error names the flag, the override or the file. A key given twice
 (a flag and an override, or the file and either: the later wins) is the override's or the flag's. This module
 imports no torch: `--help` and a config error answer at once. The driver (llama_posttrain/driver/recipe.py)
-builds a job's dataclass and passes it as `args_of(config)`: the flags of the fields off their defaults.
+builds a job's dataclass and passes it as `args_of(config)`: a `key=value` override of each field off its
+default, as the training jobs get theirs, so that a job's command (the first line of its log) reads as its config.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,7 +26,6 @@ from typing import Annotated, Any, Literal
 import yaml
 
 from llama_posttrain.data.clean import CleanRules
-from llama_posttrain.jobs.vllm_engine import MODEL_LEN_MULTIPLE
 from llama_posttrain.train.cli import HelpFormatter, json_object
 from llama_posttrain.train.config import (
     AtLeast,
@@ -38,6 +38,7 @@ from llama_posttrain.train.config import (
 )
 
 Fraction = Annotated[float, Interval(0.0, 1.0, low_open=True)]  # in (0, 1]
+MODEL_LEN_MULTIPLE = 256  # vLLM's max_model_len from the data is rounded up to a multiple of this (vllm_engine.py)
 
 
 def flag(default=dataclasses.MISSING, help: str = "", **argparse_kw):
@@ -349,26 +350,34 @@ def parse(cls, argv=None, description: str | None = None):
 
 
 def args_of(config) -> list[str]:
-    """The command line of a job's config: the flags of the fields off their defaults, in field order
-    ({k: 4, compile: True, ban_phrase: [a, b]} -> --k 4 --compile --ban-phrase a --ban-phrase b), the positional
-    field's values last. The job parses it back into the same config (`parse`)."""
+    """The command line of a job's config: a `key=value` override for each field off its default, in field order
+    ({k: 4, compile: True, ban_phrase: [a, b]} -> k=4 compile=true ban_phrase=[a, b]), the positional field's
+    values last. The job parses it back into the same config (`parse`), a value as `yaml_word` writes it."""
     out, last = [], []
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         default = _default(f)
         if value == default and default is not dataclasses.MISSING:
             continue
-        kw, name = f.metadata.get("argparse", {}), "--" + f.name.replace("_", "-")
-        if kw.get("positional"):
+        if f.metadata.get("argparse", {}).get("positional"):
             last = [str(v) for v in value]
-        elif value is True:
-            out.append(name)
-        elif isinstance(value, dict):
-            out += [name, json.dumps(value)]
-        elif isinstance(value, list) and kw.get("nargs"):
-            out += [name, *map(str, value)]
-        elif isinstance(value, list):
-            out += [x for v in value for x in (name, str(v))]
         else:
-            out += [name, str(value)]
+            out.append(f"{f.name}={yaml_word(value, f.name)}")
     return out + last
+
+
+def yaml_word(value, key: str = "value") -> str:
+    """A value as a `key=value` override writes it: its text where YAML reads that back as the value (a path,
+    a word, a number), else YAML in flow style (a list, a mapping, None, a string YAML would read as another
+    type: 'null', '3'); a ValueError naming the key where even that would not read back as the value."""
+    if isinstance(value, str):
+        try:
+            if yaml.safe_load(value) == value:
+                return value
+        except yaml.YAMLError:
+            pass
+    text = yaml.safe_dump(value, default_flow_style=True, width=math.inf).removesuffix("...\n").strip()
+    back = yaml.safe_load(text)
+    if back != value or type(back) is not type(value):
+        raise ValueError(f"{key}: {value!r} does not read back from YAML ({text!r})")
+    return text

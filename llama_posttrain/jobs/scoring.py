@@ -14,18 +14,18 @@ from __future__ import annotations
 
 import math
 
+import torch
+
+from llama_posttrain.data.rows import build_group, encode_response, pack
 from llama_posttrain.llama.chat import ChatFormat, template_in_dir
+from llama_posttrain.llama.checkpoint import read_config
+from llama_posttrain.llama.model import attention_mask
 from llama_posttrain.llama.tokenizer import load_tokenizer, same_tokenizer, tokenizer_in_dir
+from llama_posttrain.train.targets import scores as scores_of
 
 
 def score(rm, chat: ChatFormat, prompts: list[list[dict]], responses: list[list[str]], max_len: int = 4096):
     """Reward of every response: -> scores[p][j]. Responses of a prompt share one row (split if long)."""
-    import torch
-
-    from llama_posttrain.data.rows import build_group, encode_response, pack
-    from llama_posttrain.llama.model import attention_mask
-    from llama_posttrain.train.targets import scores as scores_of
-
     examples, where = [], []  # where[e] = (prompt index, response indices)
     for p, (messages, texts) in enumerate(zip(prompts, responses)):
         prompt = chat.encode_dialog(messages, add_generation_prompt=True)
@@ -70,8 +70,6 @@ def check_reward_models(rms: dict, chat: ChatFormat) -> None:
     """Fail before any work (SystemExit, `error: ...`). rms: {option ("--rm"): checkpoint path or None}. Each
     must be a readable reward model (an LM checkpoint would get a freshly initialized head: random scores),
     know all the tokenizer's ids, and use the policy's tokenizer and chat template (`chat`)."""
-    from llama_posttrain.llama.checkpoint import read_config
-
     for flag, path in rms.items():
         if not path:
             continue

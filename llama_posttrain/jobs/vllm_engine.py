@@ -18,10 +18,15 @@ from __future__ import annotations
 import gc
 import os
 
+import torch
+
+from llama_posttrain.jobs.configs import MODEL_LEN_MULTIPLE
 from llama_posttrain.llama.chat import ChatFormat
+from llama_posttrain.llama.checkpoint import load_model, save_model
+
+# vllm, an optional extra (`pip install vllm`), is imported where it is used: the native engine runs without it.
 
 VLLM_INSTALL = "--engine vllm needs vLLM and a CUDA GPU: pip install vllm (on a machine with an NVIDIA GPU)"
-MODEL_LEN_MULTIPLE = 256  # max_model_len from the data is rounded up to a multiple of this
 
 
 class VLLMEngine:
@@ -50,8 +55,6 @@ class VLLMEngine:
 
     def close(self) -> None:
         """Free the GPU: the LLM object, vLLM's process groups and the CUDA cache (the reward models come next)."""
-        import torch
-
         self.llm = None
         gc.collect()
         try:
@@ -106,10 +109,6 @@ def vllm_engine(
 ) -> VLLMEngine:  # fmt: skip
     """Export the policy to an HF folder under export_dir (weights in bf16, tokenizer, chat template) and
     start vLLM on it. SystemExit naming the install when vLLM or a CUDA GPU is missing."""
-    import torch
-
-    from llama_posttrain.llama.checkpoint import load_model, save_model
-
     try:
         import vllm
     except ImportError:

@@ -71,9 +71,9 @@ class _ChunkedTargetLogprobs(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if ctx.needs_input_grad[1] else None
         for s in range(0, hidden.shape[0], rows):
             h = hidden[s : s + rows]
-            logits = (h @ weight.T).to(acc)
-            # d logits = g * (onehot(target) - softmax)
-            d = torch.exp(logits - lse[s : s + rows, None]).mul_(-g[s : s + rows, None])
+            # d logits = g * (onehot(target) - softmax), in place in the chunk's logits: no (rows, V) temporaries
+            d = (h @ weight.T).to(acc)
+            d.sub_(lse[s : s + rows, None]).exp_().mul_(-g[s : s + rows, None])
             d.scatter_add_(-1, safe[s : s + rows, None], g[s : s + rows, None])
             if grad_h is not None:
                 grad_h[s : s + rows] = (d.to(weight.dtype) @ weight).to(hidden.dtype)

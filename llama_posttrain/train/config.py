@@ -91,7 +91,7 @@ class DataSection:
     seed: int = opt(0, "shuffling of the examples (and of RM responses)")
     cache: bool = opt(
         True,
-        "tokenize once into memory-mapped arrays (llama_posttrain/data/cache.py); false: encode in memory every start",
+        "tokenize once into arrays on disk (llama_posttrain/data/cache.py); false: encode in memory every start",
     )
     cache_dir: str | None = opt(None, "tokenized caches; default <train.run_dir>/.tokenized (pipeline: its folder's)")
     num_workers: NonNegInt = opt(0, "processes that tokenize a new cache; 0: one per CPU core (at most 32)")

@@ -1,7 +1,8 @@
 """MFU's two halves: the model FLOPs of a training step (`step_flops`: the trunk's matmuls and the attention
 over the keys each query really attends, the head's, x3 for forward and backward, + a live reference's
 forward) and the device's dense bf16 peak (`peak_flops`, from the datasheets). The loop (llama_posttrain/train/
-loop.py) logs their ratio over the step time on logged steps."""
+loop.py) logs their ratio over the step time on logged steps; experiments/bench/mfu.py takes the same count
+(`step_flops_parts`, by part) over the CPU's measured fp32 matmul rate."""
 
 from __future__ import annotations
 
@@ -74,6 +75,25 @@ def attended_keys(doc_ids: torch.Tensor, branch_ids: torch.Tensor) -> int:
     return int(per_query[real.flatten()].sum())
 
 
+def step_flops_parts(config, head: str, micro_batches, reference_forward: bool = False) -> dict[str, int]:
+    """`step_flops` by the work it counts: "trunk matmuls" (the blocks' projections), "attention" (scores and
+    values over the attended pairs), "head" (the model's head), each x3 for forward and backward, and
+    "reference forward" (a live DPO reference: trunk, attention and LM head, forward only; 0 without one)."""
+    c, head, lm = config, get_head(head), HEADS["lm"]
+    block = c.dim * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads) + 3 * c.dim * c.ffn_dim
+    parts = dict.fromkeys(("trunk matmuls", "attention", "head", "reference forward"), 0)
+    for mb in micro_batches:
+        matmuls = 2 * c.n_layers * block * int((mb.doc_ids >= 0).sum())
+        attention = 4 * c.n_layers * c.dim * attended_keys(mb.doc_ids, mb.branch_ids)
+        positions, targets = mb.tokens.numel(), mb.target_token.numel()
+        parts["trunk matmuls"] += 3 * matmuls
+        parts["attention"] += 3 * attention
+        parts["head"] += 3 * head.flops(c, positions, targets)
+        if reference_forward:
+            parts["reference forward"] += matmuls + attention + lm.flops(c, positions, targets)
+    return parts
+
+
 def step_flops(config, head: str, micro_batches, reference_forward: bool = False) -> float:
     """Model FLOPs of one training step over these micro-batches (what ran, not a per-token guess):
     forward + backward = 3x the forward's matmuls, where the forward is
@@ -81,14 +101,7 @@ def step_flops(config, head: str, micro_batches, reference_forward: bool = False
       the head:  its `flops` (llama_posttrain/llama/heads.py): the LM head 2 * V * dim per listed target (only
                  the target positions are projected), the reward head 2 * dim per position (all of the rows);
     plus, with a live DPO reference, its forward alone (trunk and LM head, no backward). Embedding
-    lookups, norms, activation recomputation and the kernel's logit recomputation are not counted."""
-    c, head, lm = config, get_head(head), HEADS["lm"]
-    block = c.dim * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads) + 3 * c.dim * c.ffn_dim
-    total = 0.0
-    for mb in micro_batches:
-        trunk = 2 * c.n_layers * block * int((mb.doc_ids >= 0).sum())
-        trunk += 4 * c.n_layers * c.dim * attended_keys(mb.doc_ids, mb.branch_ids)
-        positions, targets = mb.tokens.numel(), mb.target_token.numel()
-        reference = trunk + lm.flops(c, positions, targets) if reference_forward else 0
-        total += 3 * (trunk + head.flops(c, positions, targets)) + reference
-    return total
+    lookups, norms, activation recomputation and the kernel's logit recomputation are not counted; nor
+    is work on pads (their trunk matmuls) or on masked (query, key) pairs, which a dense mask computes too:
+    model FLOPs, what the step needs, not what it executes (experiments/bench/mfu.py counts both)."""
+    return float(sum(step_flops_parts(config, head, micro_batches, reference_forward).values()))

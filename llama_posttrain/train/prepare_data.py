@@ -1,10 +1,10 @@
-"""Tokenize a training config's data ahead of the run, into the cache the run will map (llama_posttrain/data/prepare.py).
+"""Tokenize a training config's data ahead of the run, into the cache the run will read (llama_posttrain/data/prepare.py).
 
     python -m llama_posttrain.train.prepare_data --kind sft --config experiments/quickstart/sft.yaml [section.key=value ...]
 
 prepares every data.train file and data.eval of a training config, printing each load report and
 cache folder as training does; the training run started afterwards with the same config (and code)
-maps them and starts in seconds. A bad config, data file or record is one line `error: ...` (exit
+reads them and starts in seconds. A bad config, data file or record is one line `error: ...` (exit
 status 2), as in training. `--verify` also checks every block of each cache against its checksum.
 """
 

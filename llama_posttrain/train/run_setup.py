@@ -63,7 +63,7 @@ def setup(cfg: Config, kind: str, head: str, **encode_kw) -> Setup:
 
 
 def prepare_caches(cfg: Config, kind: str, config_path: str | None, verify: bool, **encode_kw) -> None:
-    """Tokenize the config's data into the caches `setup` will map (llama_posttrain/train/prepare_data.py), with
+    """Tokenize the config's data into the caches `setup` will read (llama_posttrain/train/prepare_data.py), with
     the chat format as `setup` builds it (the same cache key), printing each load report; verify: also check
     every block of each cache against its checksum."""
     cfg.data.cache_dir = run_folder.cache_dir(cfg)  # where the run started with this config looks for them

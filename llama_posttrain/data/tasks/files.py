@@ -30,7 +30,7 @@ from llama_posttrain.data.schema import ValidationError, parse_prompt
 
 def prompt_record(obj, where: str) -> list[dict]:
     """A prompt record (the pool's, the eval prompts'; the sampling and evaluation jobs read theirs with it:
-    llama_posttrain/jobs/sample.py read_prompts): an object with a "prompt", text or messages, and no "messages"
+    llama_posttrain/jobs/sampling.py read_prompts): an object with a "prompt", text or messages, and no "messages"
     (the parsed prompt's key); -> the prompt's messages. ValidationError naming the line and field."""
     if isinstance(obj, ValidationError):
         raise obj
