@@ -178,7 +178,8 @@ def test_the_pipeline_estimate_comes_from_the_last_finished_run_of_the_same_conf
 
     import yaml
 
-    from llama_posttrain.driver.pipeline import Pipeline, load_pipeline_config
+    from llama_posttrain.driver.pipeline import Pipeline
+    from llama_posttrain.driver.pipeline_config import load_pipeline_config
 
     cfg = load_pipeline_config(None, [f"root={tmp_path}", "name=new"])
     stages = {"sft": {"train": {"steps": 3}}}

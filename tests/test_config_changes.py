@@ -8,8 +8,8 @@ import itertools
 
 import yaml
 
-from llama_posttrain.driver.pipeline import HARMLESS, SET_BY_PIPELINE, PipelineConfig
-from llama_posttrain.driver.recipe import REDO_KEYS, STAGE_SETS
+from llama_posttrain.driver.pipeline_config import HARMLESS, SET_BY_PIPELINE, PipelineConfig
+from llama_posttrain.driver.stages import REDO_KEYS, STAGE_SETS
 from llama_posttrain.train.config import Config, changeable, config_changes, differences, to_dict
 from llama_posttrain.train.run_folder import CHANGEABLE_ON_RESUME
 

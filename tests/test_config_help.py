@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 
-from llama_posttrain.driver.pipeline import Cleaning, PipelineConfig
+from llama_posttrain.driver.pipeline_config import Cleaning, PipelineConfig
 from llama_posttrain.train.config import describe
 from llama_posttrain.train.dpo import DPOConfig
 from llama_posttrain.train.rm import RMConfig

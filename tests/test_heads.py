@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama_posttrain.driver.plan import param_counts
+from llama_posttrain.driver.memory import param_counts
 from llama_posttrain.llama.checkpoint import load_model, save_model
 from llama_posttrain.llama.config import get_preset
 from llama_posttrain.llama.formats import CheckpointError

@@ -80,7 +80,8 @@ def test_one_node_launchers_refuse_several_nodes(kind):
 
 
 def test_the_pipeline_refuses_several_nodes_on_one_node_launchers(tmp_path):
-    from llama_posttrain.driver.pipeline import PipelineError, load_pipeline_config, make_launcher
+    from llama_posttrain.driver.pipeline import make_launcher
+    from llama_posttrain.driver.pipeline_config import PipelineError, load_pipeline_config
 
     cfg = load_pipeline_config(None, ["launcher=torchrun", "nnodes=2"])
     with pytest.raises(PipelineError, match="launcher: torchrun runs on one node"):
@@ -134,7 +135,8 @@ def test_a_round_of_the_pipeline_through_slurm_on_two_nodes_equals_one_node(tmp_
     from test_launch_ray import float_close
     from test_pipeline import MICRO
 
-    from llama_posttrain.driver.pipeline import Pipeline, load_pipeline_config
+    from llama_posttrain.driver.pipeline import Pipeline
+    from llama_posttrain.driver.pipeline_config import load_pipeline_config
 
     stand_in_srun(tmp_path, monkeypatch)
     two_ranks = {**MICRO, "dpo": {**MICRO["dpo"], "data.batch_size": 2}}  # an example per rank and step

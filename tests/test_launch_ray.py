@@ -213,7 +213,8 @@ def float_close(a, b, path="summary"):
 @pytest.mark.slow
 @pytest.mark.long
 def test_a_round_of_the_pipeline_on_two_ray_nodes_equals_the_local_launcher(cluster, tmp_path):
-    from llama_posttrain.driver.pipeline import Pipeline, load_pipeline_config
+    from llama_posttrain.driver.pipeline import Pipeline
+    from llama_posttrain.driver.pipeline_config import load_pipeline_config
 
     two_ranks = {**MICRO, "dpo": {**MICRO["dpo"], "data.batch_size": 2}}  # an example per rank and step
     summaries = {}

@@ -12,7 +12,8 @@ import pytest
 import yaml
 from test_train import kill_9_tree
 
-from llama_posttrain.driver.pipeline import Pipeline, PipelineError, load_pipeline_config
+from llama_posttrain.driver.pipeline import Pipeline
+from llama_posttrain.driver.pipeline_config import PipelineError, load_pipeline_config
 
 ROOT = Path(__file__).parent.parent
 
@@ -242,7 +243,8 @@ def test_report_without_matplotlib_says_how_to_get_plots_and_goes_on(tmp_path, c
 
 
 def test_help_lists_every_key_with_its_default_and_comment(capsys):
-    from llama_posttrain.driver.pipeline import PipelineConfig, main
+    from llama_posttrain.driver.pipeline import main
+    from llama_posttrain.driver.pipeline_config import PipelineConfig
 
     with pytest.raises(SystemExit) as exit_:
         main(["--help"])

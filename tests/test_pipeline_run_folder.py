@@ -17,8 +17,10 @@ from test_job_configs import job_config
 from test_pipeline import MICRO, _micro
 from test_recipe import Recording, files, recipe, write  # noqa: F401 (files: a fixture)
 
-from llama_posttrain.driver.pipeline import Pipeline, PipelineError, load_pipeline_config, main
-from llama_posttrain.driver.recipe import Recipe, StageError
+from llama_posttrain.driver.pipeline import Pipeline, main
+from llama_posttrain.driver.pipeline_config import PipelineError, load_pipeline_config
+from llama_posttrain.driver.recipe import Recipe
+from llama_posttrain.driver.stages import StageError
 
 ROOT = Path(__file__).parent.parent
 
@@ -30,7 +32,7 @@ def _synthetic(tmp_path, folder: Path) -> Recipe:
 
 
 def _task(cfg):
-    from llama_posttrain.driver.pipeline import task_from_config
+    from llama_posttrain.driver.pipeline_config import task_from_config
 
     return task_from_config(cfg.task, cfg.task_args)
 
@@ -185,7 +187,7 @@ def test_an_unknown_sft_weights_source_is_refused_naming_the_known_ones():
 def test_the_known_sft_weights_sources_are_the_ones_the_recipe_reads():
     import inspect
 
-    from llama_posttrain.driver.pipeline import SFT_SOURCES
+    from llama_posttrain.driver.pipeline_config import SFT_SOURCES
 
     reads = set(re.findall(r"""w\.get\("(\w+)\"""", inspect.getsource(Recipe.train_sft)))
     assert reads == set(SFT_SOURCES)
@@ -211,7 +213,7 @@ def test_a_cleaning_typo_is_refused_at_start_before_any_stage(tmp_path, cleaning
 
 def test_every_cleaning_key_is_a_sample_py_setting():
     """The pipeline's `cleaning` keys reach sample.py as its own settings (SampleConfig fields, its flags)."""
-    from llama_posttrain.driver.pipeline import Cleaning
+    from llama_posttrain.driver.pipeline_config import Cleaning
     from llama_posttrain.jobs.configs import SampleConfig, parser
 
     fields = {f.name for f in dataclasses.fields(SampleConfig)}
@@ -274,7 +276,7 @@ def test_a_run_folder_the_pipeline_cannot_write_in_is_an_error_before_any_stage(
 
 
 def test_relative_paths_are_relative_to_where_the_pipeline_starts_and_jobs_get_them_absolute(tmp_path, monkeypatch):
-    from llama_posttrain.driver.recipe import absolute_paths
+    from llama_posttrain.driver.stages import absolute_paths
 
     start = tmp_path / "start"
     (start / "safety").mkdir(parents=True)
@@ -326,7 +328,7 @@ def test_relative_paths_are_relative_to_where_the_pipeline_starts_and_jobs_get_t
 def test_every_path_key_of_the_training_configs_is_made_absolute():
     """PATH_KEYS against the training configs' own fields: every string key names a path or is in NOT_PATHS,
     so a key added later is classified here, not forgotten."""
-    from llama_posttrain.driver.recipe import PATH_KEYS
+    from llama_posttrain.driver.stages import PATH_KEYS
     from llama_posttrain.train.dpo import DPOConfig
     from llama_posttrain.train.rm import RMConfig
     from llama_posttrain.train.sft import SFTConfig

@@ -78,7 +78,8 @@ def _stage_run(kind: str) -> None:
 def test_the_readme_stage_command_and_the_pipeline_use_separate_folders(tmp_path, one_rank, monkeypatch):
     import torch.distributed as dist
 
-    from llama_posttrain.driver.pipeline import Pipeline, load_pipeline_config
+    from llama_posttrain.driver.pipeline import Pipeline
+    from llama_posttrain.driver.pipeline_config import load_pipeline_config
 
     pipeline_yaml = str(QUICK / "pipeline.yaml")
     for order in ("stage first", "pipeline first"):
@@ -105,7 +106,7 @@ def yaml_of(kind: str) -> dict:
 
 
 def test_every_pipeline_config_keeps_its_stage_configs_run_folders_outside_its_own():
-    from llama_posttrain.driver.pipeline import PipelineConfig
+    from llama_posttrain.driver.pipeline_config import PipelineConfig
 
     pipelines = sorted((ROOT / "experiments").glob("*/pipeline.yaml"))
     assert len(pipelines) >= 3
@@ -131,7 +132,8 @@ def test_a_stage_configs_own_run_folder_may_change_under_a_recorded_pipeline(tmp
     import yaml
     from test_pipeline import _micro
 
-    from llama_posttrain.driver.pipeline import Pipeline, PipelineError, load_pipeline_config
+    from llama_posttrain.driver.pipeline import Pipeline
+    from llama_posttrain.driver.pipeline_config import PipelineError, load_pipeline_config
 
     for kind in ("rm", "sft", "dpo"):  # the stage configs as they were when the folder was made
         old = yaml_of(kind)
@@ -228,7 +230,8 @@ def _pipeline_with_a_fake_torchrun(tmp_path, monkeypatch, worker: str, forward: 
     from test_pipeline import _micro
 
     from llama_posttrain.driver.launch import Job, Launcher
-    from llama_posttrain.driver.pipeline import Pipeline, load_pipeline_config
+    from llama_posttrain.driver.pipeline import Pipeline
+    from llama_posttrain.driver.pipeline_config import load_pipeline_config
 
     (tmp_path / "torchrun.py").write_text(FAKE_TORCHRUN)
     pids = tmp_path / "pids"

@@ -9,8 +9,9 @@ import pytest
 from test_train import QUICK
 
 from llama_posttrain.driver.launch import Launcher
-from llama_posttrain.driver.pipeline import PipelineError, load_pipeline_config
-from llama_posttrain.driver.recipe import Recipe, StageError, WaitingForLabels
+from llama_posttrain.driver.pipeline_config import PipelineError, load_pipeline_config
+from llama_posttrain.driver.recipe import Recipe
+from llama_posttrain.driver.stages import StageError, WaitingForLabels
 
 
 class Recording(Launcher):
@@ -67,7 +68,7 @@ def recipe(tmp_path, files, *overrides):
 
 
 def _task(cfg):
-    from llama_posttrain.driver.pipeline import task_from_config
+    from llama_posttrain.driver.pipeline_config import task_from_config
 
     return task_from_config(cfg.task, cfg.task_args)
 

@@ -257,7 +257,8 @@ def test_an_override_is_named_in_its_error(tmp_path):
 
 
 def test_a_second_pipeline_on_a_held_folder_is_refused_naming_the_holder(tmp_path):
-    from llama_posttrain.driver.pipeline import Pipeline, PipelineError, load_pipeline_config
+    from llama_posttrain.driver.pipeline import Pipeline
+    from llama_posttrain.driver.pipeline_config import PipelineError, load_pipeline_config
 
     child = hold_in_a_child(tmp_path / "quick")
     try:

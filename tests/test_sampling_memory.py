@@ -265,7 +265,7 @@ def test_native_policy_is_freed_before_the_reward_model_loads(tmp_path, monkeypa
 
 
 def test_pipeline_sampling_options_reach_the_sampling_job(tmp_path, monkeypatch):
-    from llama_posttrain.driver.pipeline import PipelineError, load_pipeline_config
+    from llama_posttrain.driver.pipeline_config import PipelineError, load_pipeline_config
     from llama_posttrain.driver.recipe import Recipe
 
     class Recording:
@@ -326,7 +326,8 @@ def test_pipeline_sampling_options_reach_the_sampling_job(tmp_path, monkeypatch)
 def test_sample_compile_mode_may_change_in_a_run_folder_sample_compile_may_not(tmp_path, capsys):
     """The compile mode changes no draw (the same compiled kernels, replayed by a CUDA graph or not): a run
     folder goes on with another (said, the record kept); sample_compile itself is a sampling key (REDO_KEYS)."""
-    from llama_posttrain.driver.pipeline import Pipeline, PipelineError, load_pipeline_config
+    from llama_posttrain.driver.pipeline import Pipeline
+    from llama_posttrain.driver.pipeline_config import PipelineError, load_pipeline_config
 
     def start(*overrides):
         Pipeline(load_pipeline_config(None, [f"root={tmp_path}", *overrides])).check_run_folder()
@@ -343,7 +344,7 @@ def test_sample_compile_mode_may_change_in_a_run_folder_sample_compile_may_not(t
 
 
 def _arithmetic(cfg):
-    from llama_posttrain.driver.pipeline import task_from_config
+    from llama_posttrain.driver.pipeline_config import task_from_config
 
     return task_from_config(cfg.task, cfg.task_args)
 
@@ -353,7 +354,8 @@ def test_a_run_folder_recorded_before_the_new_keys_continues_with_their_defaults
     before it): the folder continues; another value of it is refused as any change is."""
     import yaml
 
-    from llama_posttrain.driver.pipeline import Pipeline, PipelineConfig, PipelineError, load_pipeline_config
+    from llama_posttrain.driver.pipeline import Pipeline
+    from llama_posttrain.driver.pipeline_config import PipelineConfig, PipelineError, load_pipeline_config
 
     Pipeline(load_pipeline_config(None, [f"root={tmp_path}"])).check_run_folder()
     record = tmp_path / "quickstart" / "pipeline.yaml"
@@ -369,7 +371,7 @@ def test_a_run_folder_recorded_before_the_new_keys_continues_with_their_defaults
 
 
 def test_pipeline_eval_batch_size_reaches_the_evaluation_job(tmp_path):
-    from llama_posttrain.driver.pipeline import load_pipeline_config
+    from llama_posttrain.driver.pipeline_config import load_pipeline_config
     from llama_posttrain.driver.recipe import Recipe
 
     class Recording:

@@ -10,15 +10,19 @@ from llama_posttrain.kernels import IGNORE, naive_target_logprobs, target_logpro
 from llama_posttrain.kernels.chunked import target_logprobs as chunked
 
 
-@pytest.mark.parametrize("N,H,V,chunk", [(37, 16, 101, 5), (64, 24, 1000, None), (5, 8, 7, 1)])
-def test_chunked_equals_naive_float64(N, H, V, chunk):
+@pytest.mark.parametrize(
+    "N,H,V,chunk,block", [(37, 16, 101, 5, None), (64, 24, 1000, None, None), (5, 8, 7, 1, None), (37, 16, 1000, 5, 96)]
+)
+def test_chunked_equals_naive_float64(N, H, V, chunk, block):
+    """block: vocabulary columns per block (the online log-sum-exp across blocks, the weight gradient written
+    block by block by the first row chunk and added by the others)."""
     g = torch.Generator().manual_seed(N)
     h = torch.randn(N, H, dtype=torch.float64, generator=g, requires_grad=True)
     w = torch.randn(V, H, dtype=torch.float64, generator=g, requires_grad=True)
     t = torch.randint(0, V, (N,), generator=g)
     t[::4] = IGNORE
     up = torch.randn(N, dtype=torch.float64, generator=g)
-    a = chunked(h, w, t, chunk_size=chunk)
+    a = chunked(h, w, t, chunk_size=chunk, vocab_block=block)
     (ga_h, ga_w) = torch.autograd.grad((a * up).sum(), (h, w))
     b = naive_target_logprobs(h, w, t)
     (gb_h, gb_w) = torch.autograd.grad((b * up).sum(), (h, w))
@@ -117,10 +121,10 @@ def check_stats(fn, h, w, t):
     assert out.logit_sum.dtype == torch.float32 and (out.logit_sum[~valid] == 0).all()
 
 
-@pytest.mark.parametrize("chunk", [None, 1, 7])
-def test_stats_against_float64_full_logits(chunk):
+@pytest.mark.parametrize("chunk,block", [(None, None), (1, None), (7, None), (7, 64), (None, 300)])
+def test_stats_against_float64_full_logits(chunk, block):
     h, w, t = stats_inputs(40, 12, 301)
-    check_stats(lambda a, b, c, stats: chunked(a, b, c, chunk_size=chunk, stats=stats), h, w, t)
+    check_stats(lambda a, b, c, stats: chunked(a, b, c, chunk_size=chunk, stats=stats, vocab_block=block), h, w, t)
     check_stats(lambda a, b, c, stats: target_logprobs(a, b, c, backend="torch", stats=stats), h, w, t)
 
 

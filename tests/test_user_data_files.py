@@ -107,11 +107,11 @@ def test_the_pipelines_final_model_keeps_the_hubs_sampling_defaults(tmp_path, ca
 
 def _stage_total(kind: str, file: str, overrides: list[str], nproc: int) -> float:
     """plan's peak of one stage config with overrides written out by hand, in GiB as the table prints it."""
-    from llama_posttrain.driver import plan
+    from llama_posttrain.driver import memory, plan
     from llama_posttrain.train.config import load_config
 
     cfg = load_config(plan.config_class(kind), str(ROOT / file), overrides)
-    return round(plan.estimate(plan.setting_from_config(cfg, kind, nproc, "cpu")).total / plan.GIB, 2)
+    return round(memory.estimate(plan.setting_from_config(cfg, kind, nproc, "cpu")).total / memory.GIB, 2)
 
 
 def test_plan_of_a_pipeline_config_gives_every_stage_and_the_verdict(capsys):
@@ -196,7 +196,8 @@ def test_every_bad_label_is_named_with_its_line_field_and_column(tmp_path, capsy
     with good labels for some sets, the sets left unlabelled are named."""
     from types import SimpleNamespace
 
-    from llama_posttrain.driver.recipe import Recipe, StageError
+    from llama_posttrain.driver.recipe import Recipe
+    from llama_posttrain.driver.stages import StageError
 
     d = tmp_path / "pref"
     d.mkdir()

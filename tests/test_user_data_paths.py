@@ -16,8 +16,9 @@ from test_train import QUICK
 
 from llama_posttrain.driver import pipeline
 from llama_posttrain.driver.launch import ATTEMPT, Job, Launcher
-from llama_posttrain.driver.pipeline import Pipeline, load_pipeline_config
-from llama_posttrain.driver.recipe import WaitingForLabels
+from llama_posttrain.driver.pipeline import Pipeline
+from llama_posttrain.driver.pipeline_config import load_pipeline_config
+from llama_posttrain.driver.stages import WaitingForLabels
 
 
 def _pipeline(start: Path, monkeypatch, **cfg) -> Pipeline:

@@ -14,8 +14,9 @@ from test_job_configs import job_config
 from test_pipeline import _micro
 from test_recipe import Recording, files, recipe, write  # noqa: F401 (files: a fixture)
 
-from llama_posttrain.driver.pipeline import Pipeline, PipelineError, load_pipeline_config
-from llama_posttrain.driver.recipe import StageError
+from llama_posttrain.driver.pipeline import Pipeline
+from llama_posttrain.driver.pipeline_config import PipelineError, load_pipeline_config
+from llama_posttrain.driver.stages import StageError
 
 
 def _user_message(i: int) -> dict:
@@ -215,7 +216,7 @@ def test_no_finished_sample_stops_at_rejection_sampling_and_sft_never_trains_on_
 
 def test_every_drop_names_keys_that_exist():
     from llama_posttrain.data.drops import DROPS, KNOBS
-    from llama_posttrain.driver.pipeline import Cleaning, PipelineConfig
+    from llama_posttrain.driver.pipeline_config import Cleaning, PipelineConfig
 
     assert set(KNOBS) == set(DROPS)
     keys = set(PipelineConfig.__dataclass_fields__)

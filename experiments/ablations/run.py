@@ -22,7 +22,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from llama_posttrain.driver.pipeline import Pipeline, last_eval, load_pipeline_config, override_args
+from llama_posttrain.driver.pipeline import Pipeline
+from llama_posttrain.driver.pipeline_config import load_pipeline_config
+from llama_posttrain.driver.stage_jobs import last_eval, override_args
 from llama_posttrain.train.distributed import torchrun_command
 from llama_posttrain.train.logger import read_metrics
 

@@ -14,7 +14,8 @@ N, two fresh processes: the first start (empty cache: tokenizing, writing it) an
 (reading it); each builds the loader and collates every micro-batch of one epoch (eval_steps: every
 example once, in the shuffled order). B/token = (peak RSS - RSS right after the imports) / tokens,
 the peak as getrusage's ru_maxrss and /proc's VmHWM; also the total peak, and the anonymous and
-file-backed growth at the end. A table section is appended to --out.
+file-backed growth at the end. Beside them, in the same run, the baseline: the peak of a fresh process
+that only does `import torch` and then the pass's imports. A table section is appended to --out.
 
     python experiments/bench/data_loading.py                                # 10k and 100k dialogs, 2 processes
     python experiments/bench/data_loading.py --dialogs 10000 --workers 1 4 --tokenizer path/to/tokenizer.model

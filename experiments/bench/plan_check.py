@@ -145,7 +145,7 @@ def estimates(kind: str, config: str, overrides: list[str], run: dict) -> tuple[
     """-> (estimate at the config's budget, estimate at the run's largest micro-batch, its lines) in bytes."""
     import dataclasses
 
-    from llama_posttrain.driver import plan
+    from llama_posttrain.driver import memory, plan
     from llama_posttrain.train.config import load_config
 
     cfg = load_config(plan.config_class(kind), config, overrides)
@@ -154,8 +154,8 @@ def estimates(kind: str, config: str, overrides: list[str], run: dict) -> tuple[
         s, max_len=run["row_len"], tokens_per_microbatch=run["rows"] * run["row_len"], targets=run["targets"],
         accumulating=run["micro_batches"] > 1,
     )  # fmt: skip
-    e = plan.estimate(shaped)
-    return plan.estimate(s).total, e.total, dataclasses.asdict(e)
+    e = memory.estimate(shaped)
+    return memory.estimate(s).total, e.total, dataclasses.asdict(e)
 
 
 def main() -> None:

@@ -155,7 +155,7 @@ def start_costs(repeat: int, folder: Path) -> list[tuple[str, float, float, floa
     average of one model (the run's round 1 SFT model) as averaging job and as the driver's copy of it."""
     sys.path.insert(0, str(REPO))
     from llama_posttrain.driver.processes import free_port, single_rank_env
-    from llama_posttrain.driver.recipe import copy_folder
+    from llama_posttrain.driver.stage_jobs import copy_folder
 
     py, work = sys.executable, Path(tempfile.mkdtemp(prefix="qs_time_"))
     bare, ranked = work / "bare.py", work / "ranked.py"

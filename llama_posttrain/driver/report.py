@@ -188,7 +188,7 @@ def sample_sizes(folder: Path, results: list[dict]) -> list[dict]:
     """Each result with `n` (and `std`) for the metrics whose sizes the stage's files tell: an evaluation
     writes its own; rs and pref: the picks behind rm_pick_accuracy and mean_best_score (and the scores' std,
     from round_k/<stage>/sft.jsonl; rs without it: its records); sft: the eval examples behind sft_loss (its run's last `eval/examples`)."""
-    from llama_posttrain.driver.recipe import last_eval
+    from llama_posttrain.driver.stage_jobs import last_eval
 
     out = []
     for r in results:

@@ -8,7 +8,7 @@ FILE` is a YAML mapping of the same keys. A flag's type, bound, choices, default
 (`opt`, the annotated types of llama_posttrain/train/config.py), and every value, from any of the three, is
 checked by train/config.py from_flat_dict; an error names the flag, the override or the file. A key given twice
 (a flag and an override, or the file and either: the later wins) is the override's or the flag's. This module
-imports no torch: `--help` and a config error answer at once. The driver (llama_posttrain/driver/recipe.py)
+imports no torch: `--help` and a config error answer at once. The driver (llama_posttrain/driver/stage_jobs.py)
 builds a job's dataclass and passes it as `args_of(config)`: a `key=value` override of each field off its
 default, as the training jobs get theirs, so that a job's command (the first line of its log) reads as its config.
 """
