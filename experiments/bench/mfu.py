@@ -91,6 +91,27 @@ def executed_flops(config, head: str, micro_batches, reference_forward: bool) ->
     return out
 
 
+def addmm_flops(config, head: str, micro_batches, reference_forward: bool) -> dict[str, int]:
+    """Of executed_flops, what runs as aten::addmm_, which the profiler has no formula for: the LM head's weight
+    gradient of every row chunk after a micro-batch's first (chunked.py: the first writes each block's gradient
+    with aten::mm; later ones, past MAX_ROWS targets, add to it)."""
+    from llama_posttrain.kernels.chunked import MAX_ROWS
+
+    out = dict.fromkeys(PARTS, 0)
+    if head == "lm":
+        c = config
+        out["head"] = sum(2 * max(0, mb.target_token.numel() - MAX_ROWS) * c.vocab_size * c.dim for mb in micro_batches)
+    return out
+
+
+def head_block(micro_batches, config) -> tuple[int, int]:
+    """(rows, vocabulary columns) of one block of the chunked LM head on the first micro-batch's targets."""
+    from llama_posttrain.kernels.chunked import _blocks
+
+    n = max(1, micro_batches[0].target_token.numel())
+    return _blocks(n, config.vocab_size, torch.device("cpu"), None, None)
+
+
 def mm_rate(m: int, k: int, n: int, repeats: int = 5) -> float:
     """FLOP/s of an fp32 (m, k) @ (k, n) torch.mm here: the median of `repeats` after one untimed."""
     a, b = torch.randn(m, k), torch.randn(k, n)
@@ -287,7 +308,8 @@ def child(name: str, rest: list[str]) -> None:
             attended_pairs=attended,
             rate_2048=rates,
             rate_trunk=mm_rate(8192, c.dim, c.ffn_dim),
-            rate_head=mm_rate(max(1, 64 * 2**20 // (4 * c.vocab_size)), c.dim, c.vocab_size),
+            rate_head=mm_rate(head_block(first_mbs, c)[0], c.dim, head_block(first_mbs, c)[1]),
+            head_block=head_block(first_mbs, c),
             profile=dict(
                 steps=k,
                 window_s=window / 1e9 / k,
@@ -296,6 +318,7 @@ def child(name: str, rest: list[str]) -> None:
                 profiler_flops=profiler_flops,
                 model=per_profiled_step(step_flops_parts),
                 executed=per_profiled_step(executed_flops),
+                addmm_=per_profiled_step(addmm_flops),
             ),
             attention=attention_variants(c, first_mbs),
             attention_shapes=[tuple(mb.tokens.shape) for mb in first_mbs],
@@ -433,8 +456,10 @@ def tables(results: dict[str, dict], args, load_before: float) -> list[str]:
         f"(8192 x {cfg['dim']} @ "
         f"{cfg['dim']} x {cfg['ffn']}) reaches "
         + ", ".join(f"{r['rate_trunk'] / 1e9:.1f}" for r in results.values())
-        + f"; a head-shaped one (a 64 MiB chunk of logits: rows x {cfg['dim']} @ {cfg['dim']} x {cfg['vocab']}) "
-        + ", ".join(f"{r['rate_head'] / 1e9:.1f}" for r in results.values())
+        + f"; a head-shaped one (a block of the chunked head: rows x {cfg['dim']} @ {cfg['dim']} x columns) "
+        + ", ".join(
+            f"{r['rate_head'] / 1e9:.1f} ({r['head_block'][0]} x {r['head_block'][1]})" for r in results.values()
+        )
         + " GFLOP/s.",
         "",
         "### MFU: model FLOPs / (step time x machine rate)",
@@ -461,8 +486,8 @@ def tables(results: dict[str, dict], args, load_before: float) -> list[str]:
         sdpa = pf["executed"]["attention"] * (1 + 4 / 14 * r["reference_forward"])
         by_shape = sum(x[4] for x in pf["ops"])
         outside = sum(pf["executed"].values()) - sdpa
-        # of those, what the profiler has no formula for: the LM head's weight gradient (aten::addmm_, 1 of its 4)
-        uncounted = pf["executed"]["head"] / 4 if r["head"] == "lm" else 0
+        # of those, what the profiler has no formula for: the LM head's weight gradient past a first row chunk
+        uncounted = pf["addmm_"]["head"]
         cpu = sum(r["cpu_times"]) / total_t
         if cpu < 0.8 * r["threads"]:
             starved.append(LABELS[name])
