@@ -608,6 +608,7 @@ def main():
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in the children")
     ap.add_argument("--out", help="write the tables to this markdown file (replacing it)")
+    ap.add_argument("--json", help="also write {benchmark: MFU} to this file (run_all.py's table)")
     args = ap.parse_args()
     if args.warmup < 1:
         raise SystemExit("--warmup must be >= 1 (the first step pays one-time costs)")
@@ -617,6 +618,12 @@ def main():
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n", encoding="utf-8")
+    if args.json:
+        mfu = {
+            n: sum(sum(m.values()) for m in r["model"]) / sum(r["times"]) / max(r["rate_2048"])
+            for n, r in results.items()
+        }
+        Path(args.json).write_text(json.dumps(mfu), encoding="utf-8")
 
 
 if __name__ == "__main__":

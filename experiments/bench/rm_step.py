@@ -38,6 +38,8 @@ from common import (
     OPTIM,
     _sentences,
     add_arguments,
+    add_summary_argument,
+    append_summary,
     counting_trainer,
     device_line,
     load_notes,
@@ -50,6 +52,7 @@ from common import (
     run_sides,
     setup_done,
     side_row,
+    step_summary,
     step_timer,
     table,
     time_our_steps,
@@ -170,6 +173,7 @@ def main():
     )
     ap.add_argument("--responses", type=int, default=4, help="ranked responses per prompt (k)")
     ap.add_argument("--no-separate", action="store_true", help="skip the 'ours, separate rows' side")
+    add_summary_argument(ap)
     args = ap.parse_args()
     if run_side(args, run_ours, run_trl):
         return
@@ -247,6 +251,11 @@ def main():
     ]
     rows = table(rows, rows[-1], device, {"records/s": "pairs/s"})
     write("\n".join(header + rows + notes), args.out)
+    append_summary(
+        args.summary,
+        "RM step",
+        [step_summary(SIDES[s], results[s], w, per_step, "pairs/s", peer=s == "trl") for s in sides],
+    )
 
 
 if __name__ == "__main__":
