@@ -36,6 +36,8 @@ def test_a_step_has_one_collective_and_one_host_read_whatever_its_micro_batches(
     trainer = loop.Trainer(
         cfg, s.d, s.model, sft_objective.make_objective(s.model, "torch"), s.train_loader, None, None
     )
+    assert trainer.read_every_step  # on the CPU a read costs no sync: the non-finite check reads every step
+    trainer.read_every_step = not fused  # as on CUDA
     batches = iter(s.train_loader)
     trainer.train_step(next(batches), 1, timed=False)  # first step: the optimizer's state is created
 
@@ -75,13 +77,14 @@ def test_a_step_has_one_collective_and_one_host_read_whatever_its_micro_batches(
 
 @pytest.mark.parametrize("log_every", [1, 3])
 def test_fused_optimizer_skips_non_finite_steps_on_the_device(tmp_path, one_rank, log_every):
-    """optim.fused=true: a non-finite step leaves the weights and the optimizer's state untouched
-    (AdamW's found_inf), is counted, and max_bad_steps in a row stop the run; the counters are read
-    at logged steps, so the stop comes at the first logged step after the limit is reached."""
+    """The fused optimizer (the default): a non-finite step leaves the weights and the optimizer's state untouched
+    (AdamW's found_inf), is counted, and max_bad_steps in a row stop the run. On the CPU the counters are
+    read every step (no sync to save): the stop comes at the limit; on CUDA (read_every_step False, set
+    here for log_every=3) at the first logged step after it."""
     from llama_posttrain.train import loop, sft_objective
 
     cfg, s = sft_setup(
-        tmp_path, "optim.fused=true", f"logging.log_every={log_every}", "train.steps=12", "train.max_bad_steps=3"
+        tmp_path, f"logging.log_every={log_every}", "train.steps=12", "train.max_bad_steps=3"
     )
     objective = sft_objective.make_objective(s.model, "torch")
     steps_seen = []
@@ -96,6 +99,8 @@ def test_fused_optimizer_skips_non_finite_steps_on_the_device(tmp_path, one_rank
     trainer = loop.Trainer(
         cfg, s.d, s.model, loop.Objective(loss, objective.ratios, objective.derive), s.train_loader, None, None
     )
+    assert trainer.fused and trainer.read_every_step  # the CPU's default
+    trainer.read_every_step = log_every == 1  # log_every=3: as on CUDA
     batches = iter(s.train_loader)
     trainer.train_step(next(batches), 1, timed=True)
     before = {k: v.clone() for k, v in s.model.state_dict().items()}

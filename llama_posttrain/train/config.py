@@ -107,7 +107,7 @@ class OptimSection:
     schedule: Literal["cosine", "linear", "constant"] = opt("cosine", "decay after warmup")
     min_lr_ratio: NonNegFloat = opt(0.1, "the decay ends at lr * min_lr_ratio")
     grad_clip: NonNegFloat = opt(1.0, "max global grad norm; 0 = off")
-    fused: bool | None = opt(None, "fused AdamW: non-finite steps skipped on the device (no host sync); None: on CUDA")
+    fused: bool | None = opt(None, "fused AdamW, a non-finite step skipped on the device; None: unless cpu_offload")
 
 
 @dataclass

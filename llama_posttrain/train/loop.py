@@ -163,7 +163,8 @@ class Trainer:
     scheduler: torch.optim.lr_scheduler.LambdaLR = field(init=False)
     start: int = 0  # the step resumed from
     # Non-finite steps: skipped so far, in a row now, the most in a row so far. 0-d int64 tensors on the device
-    # that decides a skip: the accelerator with the fused AdamW (read to the host on timed steps), else the CPU.
+    # that decides a skip (the fused AdamW's device; the CPU for the for-each one), read to the host on timed steps
+    # on CUDA, every step elsewhere (no sync to save).
     skipped: torch.Tensor = field(init=False)
     bad_in_a_row: torch.Tensor = field(init=False)
     worst: torch.Tensor = field(init=False)
@@ -172,20 +173,23 @@ class Trainer:
     def __post_init__(self):
         o = self.cfg.optim
         params = [p for p in self.model.parameters() if p.requires_grad]
-        on_device = self.d.device.type == "cuda" and not self.cfg.train.cpu_offload
-        self.fused = on_device if o.fused is None else o.fused
+        # fused by default: one kernel per parameter group, no parameter-sized temporaries (on the CPU the
+        # for-each AdamW makes two per 128k x d embedding matrix at the step: the process's peak memory);
+        # not with cpu_offload, whose parameters live off the device that decides a skip
+        self.fused = (not self.cfg.train.cpu_offload) if o.fused is None else o.fused
         self.optimizer = torch.optim.AdamW(
             params,
             lr=o.lr,
             betas=tuple(o.betas),
             eps=o.eps,
             weight_decay=o.weight_decay,
-            fused=True if self.fused else None,  # None: torch's default (foreach), as before the option
+            fused=True if self.fused else None,  # None: torch's default (foreach)
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(o, self.cfg.train.steps))
         self.run_dir = Path(self.cfg.train.run_dir)
         self.health = health.Health(self.d.is_main)  # skipped steps and explosions, said
         counters = self.d.device if self.fused else torch.device("cpu")
+        self.read_every_step = not self.fused or self.d.device.type != "cuda"
         self.skipped, self.bad_in_a_row, self.worst = (
             torch.zeros((), dtype=torch.long, device=counters) for _ in range(3)
         )
@@ -211,8 +215,8 @@ class Trainer:
         number, tests/test_host_sync.py; the signal flag is polled
         on a CPU group, `lifecycle.StopPoll`, also once after the update); per step, one all-reduce of
         the step's sums on the device, read to the host only on a timed step. The non-finite check: with a fused AdamW
-        (`optim.fused`, default on CUDA) the update is skipped on the device (`found_inf`) and the
-        skip counters stay there until a timed step; otherwise (CPU) the host decides.
+        (`optim.fused`, the default) the update is skipped on the device (`found_inf`) and on CUDA the
+        skip counters stay there until a timed step; with the for-each AdamW the host decides.
         timed: the step time (tokens/s, MFU) covers this step's GPU work, optimizer included: on CUDA
         a synchronize before the clock starts and before it is read; the metrics are read to the host.
         None: on the steps `run` logs (every logging.log_every and the last)."""
@@ -258,7 +262,7 @@ class Trainer:
         self.bad_in_a_row = (self.bad_in_a_row + bad) * bad
         self.worst = torch.maximum(self.worst, self.bad_in_a_row)
         self.signalled = self.stops.poll()  # a signal seen after the update: this step is saved
-        if not self.fused or timed:  # where the host reads anyway
+        if self.read_every_step or timed:  # where the host reads anyway
             bad_on_host = self.fused or not finite  # without fusing, `finite` is the one read of the step
             (self.health.read if bad_on_host else self.health.finite)()  # finite on the host: no 2nd read
             if bad_on_host:  # the counters grow only on a bad step
