@@ -445,12 +445,18 @@ def run_child(script: str, side: str, args, workdir: str, names: tuple[str, ...]
             cmd.append(f"--{name.replace('_', '-')}")
         elif value is not None and value is not False:
             cmd += [f"--{name.replace('_', '-')}", str(value)]
-    print(f"running {side} ...", flush=True)
+    return child_json(cmd, side, "side")
+
+
+def child_json(cmd: list[str], name: str, key: str) -> dict:
+    """Run a benchmark's child process from the repository root -> the last JSON line it printed that starts with
+    `{"key"`; exits with its output's tail if it failed or printed none."""
+    print(f"running {name} ...", flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith('{"side"')]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith('{"' + key + '"')]
     if proc.returncode or not lines:
         sys.stderr.write(proc.stdout[-5000:] + proc.stderr[-5000:])
-        raise SystemExit(f"{side} failed (exit code {proc.returncode})")
+        raise SystemExit(f"{name} failed (exit code {proc.returncode})")
     return json.loads(lines[-1])
 
 

@@ -36,7 +36,6 @@ import os
 import platform
 import runpy
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -369,13 +368,10 @@ def run_bench(name: str, args) -> dict:
         if args.threads:
             options += ["--threads", str(args.threads)]
         cmd = [sys.executable, __file__, "--child", name, *options, *BENCHES[name][1]]
-        print(f"running {name} ...", flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith('{"mfu"')]
-    if proc.returncode or not lines:
-        sys.stderr.write(proc.stdout[-5000:] + proc.stderr[-5000:])
-        raise SystemExit(f"{name} failed (exit code {proc.returncode})")
-    return json.loads(lines[-1])["mfu"]
+        sys.path.insert(0, str(HERE))
+        from common import child_json
+
+        return child_json(cmd, name, "mfu")["mfu"]
 
 
 def g(x: float) -> str:
