@@ -16,7 +16,7 @@ from test_recipe import files, recipe  # noqa: F401 (files: a fixture)
 from llama_posttrain.driver import preflight
 from llama_posttrain.driver.launch import ATTEMPT, Job, Launcher
 from llama_posttrain.driver.processes import ENDED
-from llama_posttrain.llama import get_preset, load_model, save_model
+from llama_posttrain.llama import Transformer, get_preset, load_model, save_model
 from llama_posttrain.llama.tokenizer import load_tokenizer
 
 # The variables torchrun --standalone --nproc_per_node=1 sets for its worker (torch 2.x, local_elastic_agent.py),
@@ -91,3 +91,40 @@ def test_a_one_rank_job_sees_what_a_torchrun_worker_sees(tmp_path):
     assert torchrun["TORCHELASTIC_RUN_ID"] and plain["TORCHELASTIC_RUN_ID"] is None
     same = set(KEYS) - {"MASTER_PORT", "TORCHELASTIC_RUN_ID"}
     assert {k: plain[k] for k in same} == {k: torchrun[k] for k in same}
+
+
+# What a sampling or evaluation process imports and builds before its first token: none of these (each costs a
+# fresh process 0.5-1 s here). torch._dynamo came with nn.Embedding's normal_ on the meta device (a Python meta
+# kernel that imports it), where load_model builds the model it loads weights into; the rest with the training
+# modules' FSDP and torch.distributed.checkpoint imports, which the jobs import for the process group and the loop.
+NOT_AT_A_JOB_START = ("torch._dynamo", "sympy", "torch.distributed.tensor", "torch.distributed.fsdp",
+                      "torch.distributed.checkpoint")  # fmt: skip
+
+
+def test_a_sampling_or_evaluation_process_loads_a_model_without_dynamo_fsdp_or_dcp(tmp_path):
+    save_model(random_model(get_preset("debug")), tmp_path / "m", tokenizer=load_tokenizer(), chat_template="llama3")
+    code = (
+        "import json, sys\n"
+        "import llama_posttrain.jobs.evaluation, llama_posttrain.jobs.sampling\n"
+        "from llama_posttrain.llama import load_model\n"
+        f"load_model({str(tmp_path / 'm')!r})\n"
+        f"print(json.dumps([m for m in {NOT_AT_A_JOB_START!r} if m in sys.modules]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert json.loads(out.splitlines()[-1]) == []
+
+
+def test_a_model_built_on_the_meta_device_draws_nothing_and_has_every_parameter(config):
+    """The meta model (load_model's, build_model's) skips the init's draws: the same names, shapes and dtypes as
+    one built on the CPU, and the CPU generator where it was; a model built on the CPU draws as before (the
+    quickstart's init: tests/test_model.py)."""
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    with torch.device("meta"):
+        meta = Transformer(config)
+    assert torch.equal(torch.get_rng_state(), before)
+    cpu = Transformer(config)
+    assert not torch.equal(torch.get_rng_state(), before)
+    shapes = {k: (v.shape, v.dtype) for k, v in cpu.state_dict().items()}
+    assert {k: (v.shape, v.dtype) for k, v in meta.state_dict().items()} == shapes
+    assert all(p.is_meta for p in meta.parameters())

@@ -20,11 +20,13 @@ import typing
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 import yaml
 from test_train import QUICK, ROOT, in_process
 from test_training_faults import fresh_group, read_metrics, sft_argv
 
 from llama_posttrain.llama.formats import native
+from llama_posttrain.llama.formats.dcp_metadata import SafeReader
 from llama_posttrain.train import loop, run_folder, run_lock, train_state
 from llama_posttrain.train.config import load_config
 from llama_posttrain.train.lifecycle import main_guard
@@ -208,7 +210,7 @@ def test_a_stray_tmp_file_among_the_checkpoints_is_left_alone(tmp_path, one_rank
 
 
 def test_a_full_disk_names_the_path_and_keeps_the_previous_checkpoint(tmp_path, one_rank, monkeypatch, capsys):
-    real_save, calls = train_state.dcp.save, []
+    real_save, calls = dcp.save, []
 
     def full_disk(state, checkpoint_id):
         calls.append(checkpoint_id)
@@ -216,7 +218,7 @@ def test_a_full_disk_names_the_path_and_keeps_the_previous_checkpoint(tmp_path, 
             raise OSError(28, "No space left on device")
         return real_save(state, checkpoint_id=checkpoint_id)
 
-    monkeypatch.setattr(train_state.dcp, "save", full_disk)
+    monkeypatch.setattr(dcp, "save", full_disk)
     with pytest.raises(SystemExit) as stopped:
         main_guard(lambda: in_process("sft", sft_argv(tmp_path, "train.steps=3", "train.save_every=1")))
     assert stopped.value.code == 1
@@ -487,7 +489,7 @@ def test_a_planted_metadata_in_a_folder_of_ours_is_refused_not_run(tmp_path, one
     in_process("sft", sft_argv(run, "train.steps=2", "train.save_every=1"))
     fresh_group()
     real = pickle.loads((run / "checkpoints" / "step_00000001" / ".metadata").read_bytes())  # ours: trusted here
-    safe = train_state.SafeReader(str(run / "checkpoints" / "step_00000001")).read_metadata()
+    safe = SafeReader(str(run / "checkpoints" / "step_00000001")).read_metadata()
     assert (safe.state_dict_metadata, safe.storage_data) == (real.state_dict_metadata, real.storage_data)
     shutil.rmtree(run / "checkpoints" / "step_00000002")
     shutil.rmtree(run / "checkpoints" / "step_00000001")
@@ -508,7 +510,7 @@ def test_the_metadata_reader_refuses_a_dotted_name_through_an_allowed_module(tmp
     marker.unlink()
     (tmp_path / ".metadata").write_bytes(payload)
     with pytest.raises(pickle.UnpicklingError, match=r"filesystem.os.system is not part of a DCP checkpoint"):
-        train_state.SafeReader(str(tmp_path)).read_metadata()
+        SafeReader(str(tmp_path)).read_metadata()
     assert not marker.exists()
 
 

@@ -83,9 +83,7 @@ def test_fused_optimizer_skips_non_finite_steps_on_the_device(tmp_path, one_rank
     here for log_every=3) at the first logged step after it."""
     from llama_posttrain.train import loop, sft_objective
 
-    cfg, s = sft_setup(
-        tmp_path, f"logging.log_every={log_every}", "train.steps=12", "train.max_bad_steps=3"
-    )
+    cfg, s = sft_setup(tmp_path, f"logging.log_every={log_every}", "train.steps=12", "train.max_bad_steps=3")
     objective = sft_objective.make_objective(s.model, "torch")
     steps_seen = []
 

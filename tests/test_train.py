@@ -152,12 +152,12 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous(tmp_path, one_rank,
             raise KeyboardInterrupt("simulated crash")
         return real_save(state, checkpoint_id=checkpoint_id)
 
-    monkeypatch.setattr(train_state.dcp, "save", crashing_save)
+    monkeypatch.setattr(dcp, "save", crashing_save)
     with pytest.raises(KeyboardInterrupt):
         in_process("sft", argv)
     assert [p.name for p in train_state.list_checkpoints(tmp_path)] == ["step_00000002"]
     assert (tmp_path / "checkpoints" / "step_00000004.tmp").exists()
-    monkeypatch.setattr(train_state.dcp, "save", real_save)
+    monkeypatch.setattr(dcp, "save", real_save)
     import torch.distributed as dist
 
     dist.destroy_process_group()

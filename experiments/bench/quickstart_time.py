@@ -136,6 +136,10 @@ AVERAGE = "average of one model: the averaging job (before)"
 COPY = "average of one model: the driver's copy (now)"
 TORCHRUN = ": torch, a process group"
 RANK_IMPORTS = "import llama_posttrain.train.distributed, llama_posttrain.train.loop, llama_posttrain.llama.generate"
+# An evaluation or sampling job's start: its modules, then the model it evaluates loaded (weights read into a
+# model built on the meta device), as evaluation.py and sampling.py do before their first token.
+JOB_IMPORTS = "import llama_posttrain.jobs.evaluation, llama_posttrain.jobs.sampling\nfrom llama_posttrain.llama import load_model"
+EVAL_START = "1 rank, plain process: + the evaluation job's modules, its model loaded"
 
 
 def _timed_call(fn) -> float:
@@ -161,6 +165,9 @@ def start_costs(repeat: int, folder: Path) -> list[tuple[str, float, float, floa
     bare, ranked = work / "bare.py", work / "ranked.py"
     bare.write_text(NOOP.format(imports=""))
     ranked.write_text(NOOP.format(imports=RANK_IMPORTS))
+    one = folder / "round_1" / "sft" / "variant_0" / "model"
+    job = work / "job.py"
+    job.write_text(NOOP.format(imports=f"{JOB_IMPORTS}\nload_model({str(one)!r})"))
     threads = {"OMP_NUM_THREADS": "1"}
     variants = {
         "python, nothing imported": lambda: timed([py, "-c", "pass"]),
@@ -176,8 +183,8 @@ def start_costs(repeat: int, folder: Path) -> list[tuple[str, float, float, floa
             [py, "-u", str(ranked)], {**single_rank_env(free_port()), **threads}
         ),
     }
-    one = folder / "round_1" / "sft" / "variant_0" / "model"
     if one.is_dir():
+        variants[EVAL_START] = lambda: timed([py, "-u", str(job)], {**single_rank_env(free_port()), **threads})
         average = [py, str(REPO / "llama_posttrain/jobs/average.py"), str(one)]
         variants[AVERAGE] = lambda: timed([*average, "--out", str(work / "average_job")], threads)
         variants[COPY] = lambda: _timed_call(lambda: copy_folder(one, work / "copy"))  # in the driver's process

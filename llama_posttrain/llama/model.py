@@ -276,7 +276,11 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig, head: str | Head = "lm"):
         super().__init__()
         self.config = config
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        # On the meta device (a model to load weights into, or to shard) no values are drawn: nn.Embedding's own
+        # normal_ there runs a Python meta kernel that imports torch._dynamo, ~1 s of every process's start.
+        meta = torch.empty(0).is_meta
+        weight = torch.empty(config.vocab_size, config.dim) if meta else None
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim, _weight=weight)
         self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.head, self.head_spec = None, None
@@ -299,7 +303,9 @@ class Transformer(nn.Module):
 
     def init_weights(self) -> None:
         """Normal(0, 0.02) weights, residual projections scaled by 1/sqrt(2 * n_layers), unit norms; the head's
-        as the head says (llama_posttrain/llama/heads.py)."""
+        as the head says (llama_posttrain/llama/heads.py). On the meta device: nothing (no values to draw)."""
+        if self.tok_embeddings.weight.is_meta:
+            return
         std = 0.02
         nn.init.normal_(self.tok_embeddings.weight, std=std)
         for layer in self.layers:

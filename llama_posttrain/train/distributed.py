@@ -18,15 +18,16 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from llama_posttrain.llama import Transformer, get_preset, load_model
 from llama_posttrain.llama.checkpoint import read_config
 from llama_posttrain.llama.tokenizer import Tokenizer, resolve_tokenizer
 from llama_posttrain.train.lifecycle import die_with_parent
+
+# FSDP2, activation checkpointing and torch.distributed.checkpoint's state dicts (with the DTensor and sympy
+# modules they load, ~0.7 s here) are imported in `parallelize` and `build_model`, not here: a sampling or
+# evaluation job (one process per rank, no sharding) imports this module for its process group only.
 
 
 @dataclass
@@ -112,6 +113,9 @@ def parallelize(
     device for its forward and backward. compile: torch.compile each block with `compile_backend`;
     static_shapes: how many (B, T) shapes the micro-batches take (llama_posttrain/data/loader.py `DataLoader.shapes`),
     each compiled once with dynamic=False; 0: shapes vary freely, compiled with torch's dynamic default."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+
     compute = param_dtype(mixed_precision, d.device)
     mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
     mesh = shard_mesh(d, shard_degree)
@@ -236,6 +240,8 @@ def build_model(
     model.to_empty(device="cpu" if cpu_offload else d.device)
     if d.is_main and trainable:
         print(f"model: {describe_layout(d, shard_degree, cpu_offload)}", flush=True)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_model_state_dict(model, full, options=options)
     return model

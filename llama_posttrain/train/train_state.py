@@ -29,17 +29,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_state_dict,
-)
 
 from llama_posttrain.llama import save_checkpoint
-from llama_posttrain.llama.formats.dcp_metadata import SafeReader
 from llama_posttrain.train import run_lock
+
+# torch.distributed.checkpoint (and the DTensor and sympy modules it loads, ~0.7 s here) is imported in the
+# functions that save, load and export, not here: the evaluation and sampling jobs import the training loop's
+# modules but never a checkpoint of this kind (experiments/bench/results/quickstart_time.md).
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 _EXTRA = re.compile(r"^extra_rank(\d+)\.pt$")
@@ -79,6 +75,8 @@ def check_world_size(path: Path, world_size: int) -> None:
 def checkpoint_problem(path: Path, world_size: int) -> str | None:
     """Why a renamed-into-place checkpoint cannot be loaded (truncated, files missing), or None.
     Every rank reads the same files, so every rank reaches the same verdict."""
+    from llama_posttrain.llama.formats.dcp_metadata import SafeReader
+
     try:
         metadata = SafeReader(str(path)).read_metadata()
     except Exception as e:  # noqa: BLE001 - any failure to read it means the same: unusable
@@ -129,6 +127,9 @@ def save(run_dir, step: int, model, optimizer, extra: dict, rank: int, keep_last
                     shutil.rmtree(stale)
             tmp.mkdir(parents=True)
         _barrier()
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
         model_sd, optim_sd = get_state_dict(model, optimizer)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
         torch.save({**extra, "rng": rng_state()}, tmp / f"extra_rank{rank}.pt")
@@ -172,6 +173,11 @@ def _naming_a_full_disk(path: Path, what: str, partial: Path | None = None, kept
 
 def load(path, model, optimizer, rank: int) -> dict:
     """Restore model + optimizer in place; return this rank's extra state (RNG already restored)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    from llama_posttrain.llama.formats.dcp_metadata import SafeReader
+
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(path), storage_reader=SafeReader(str(path)))
@@ -190,6 +196,8 @@ def export(
     template (`chat`, a llama.chat.ChatFormat), so that they are used on their own, and the generation
     defaults (do_sample, temperature, top_p, ...) of `source`'s generation_config.json (the run's
     model.checkpoint; the native folder keeps them too, for a later stage trained from it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         run_lock.check(Path(path).parent, f"the exported model {path}")
