@@ -51,7 +51,7 @@ def step_rows(summary: Path, command: str, load: tuple[float, float], mfu: dict[
     for r in rows:
         peer = peers[r["benchmark"]]
         vs = f"{peer['time_s'] / r['time_s']:.2f}x / {r['peak_gib'] / peer['peak_gib']:.2f}x"
-        m = mfu.get(r["benchmark"]) if not r["peer"] else None
+        m = mfu.get(r["benchmark"]) if r["side"].startswith("ours (") else None  # mfu.py runs our default side
         out.append(
             f"| {r['benchmark']} | {r['side']} | {r['time_s']:.3f} s/step, {r['throughput']:.2f} {r['unit']} "
             f"| {r['peak_gib']:.2f} GiB | {'-' if r['peer'] else vs} | {f'{m:.1%}' if m is not None else '-'} "
