@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_data_cache import HANG_AFTER_FIRST_WRITE
 
 from llama_posttrain.data import cache as cache_module
 from llama_posttrain.data import prepare as prepare_module
@@ -356,24 +357,6 @@ def test_an_empty_assistant_turn_is_refused_or_counted(tmp_path, capsys):
         load_examples(p, "dpo", CHAT, 64, verbose=False)
 
 
-BUILD_WITH_2_WORKERS = """
-import os, sys, time
-from llama_posttrain.data import prepare
-from llama_posttrain.data.rows import EncodeOptions
-from llama_posttrain.llama.chat import ChatFormat
-from llama_posttrain.llama.tokenizer import load_tokenizer
-
-add = prepare.Writer.add
-def add_then_hang(self, arrays):
-    add(self, arrays)
-    open(sys.argv[3], "w").close()
-    time.sleep(120)
-prepare.Writer.add = add_then_hang
-prepare.CHUNK_RECORDS = 16
-prepare.prepare(sys.argv[1], EncodeOptions("sft", 64), ChatFormat(load_tokenizer()), sys.argv[2], 2)
-"""
-
-
 def _descendants(pid):
     parent = {}
     for d in Path("/proc").iterdir():
@@ -402,7 +385,7 @@ def test_tokenizer_workers_exit_when_the_building_process_is_killed(tmp_path):
     tracker are gone within 5 s (they stayed for good: blocked on the pool's queues)."""
     data, flag = write(tmp_path / "d.jsonl", [dialog(i) for i in range(400)]), tmp_path / "written"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-c", BUILD_WITH_2_WORKERS, str(data), str(tmp_path / "c"), str(flag)]
+    cmd = [sys.executable, "-c", HANG_AFTER_FIRST_WRITE, str(data), str(tmp_path / "c"), str(flag), "2", "16"]
     proc = subprocess.Popen(cmd, env=env)
     children = []
     try:

@@ -174,7 +174,9 @@ def test_changed_tokenizer_max_len_template_or_data_is_a_new_cache(tmp_path, cap
     check(prepare(data, opts, CHAT, tmp_path / "c", 1), CHAT, 64)
 
 
-KILL_AFTER_FIRST_CHUNK = """
+# argv: data, cache root, a flag file touched after the first write, tokenizer processes, records per chunk
+# (0: prepare's own); the process then hangs, to be killed mid-build
+HANG_AFTER_FIRST_WRITE = """
 import sys, time
 from llama_posttrain.data import prepare
 from llama_posttrain.data.rows import EncodeOptions
@@ -187,7 +189,8 @@ def add_then_hang(self, arrays):
     open(sys.argv[3], "w").close()
     time.sleep(120)
 prepare.Writer.add = add_then_hang
-prepare.prepare(sys.argv[1], EncodeOptions("sft", 64), ChatFormat(load_tokenizer()), sys.argv[2], 1)
+prepare.CHUNK_RECORDS = int(sys.argv[5]) or prepare.CHUNK_RECORDS
+prepare.prepare(sys.argv[1], EncodeOptions("sft", 64), ChatFormat(load_tokenizer()), sys.argv[2], int(sys.argv[4]))
 """
 
 
@@ -195,7 +198,8 @@ prepare.prepare(sys.argv[1], EncodeOptions("sft", 64), ChatFormat(load_tokenizer
 def test_cache_killed_mid_write_is_never_read_and_is_rebuilt(tmp_path, capsys):
     data, root, flag = write(tmp_path / "d.jsonl", sft_lines(1500)), tmp_path / "c", tmp_path / "written"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", KILL_AFTER_FIRST_CHUNK, str(data), str(root), str(flag)], env=env)
+    cmd = [sys.executable, "-c", HANG_AFTER_FIRST_WRITE, str(data), str(root), str(flag), "1", "0"]
+    proc = subprocess.Popen(cmd, env=env)
     deadline = time.time() + 120
     while not flag.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)

@@ -79,7 +79,7 @@ def run_ours(args, device: torch.device) -> None:
 
     from llama_posttrain.train.dpo import DPOSection
     from llama_posttrain.train.dpo_objective import make_objective
-    from llama_posttrain.train.targets import LiveReference, Pairs, PrecomputedReference, reference_table, target_logps
+    from llama_posttrain.train.targets import LiveReference, PrecomputedReference, reference_table
 
     work = Path(args.workdir)
     model = load_model(args.checkpoint or work / "model", device=device)  # fp32, the weights TRL loads too
@@ -100,20 +100,23 @@ def run_ours(args, device: torch.device) -> None:
     optimizer = torch.optim.AdamW(params, **OPTIM)
     baseline = setup_done(device, model, ref)
     r = time_our_steps(objective, loader, params, optimizer, device, args.warmup + args.steps)
-    if ref is None:  # no reference model left to recompute the first step's loss with
-        report(
-            "ours", device, r["times"], r["cpu_times"], r["tokens"], r["padded"], r["first_loss"], baseline,
-            warmup=args.warmup, micro_batches=r["micro"], first_loss_trl_norm=None,
-        )  # fmt: skip
-        return
+    report(
+        "ours", device, r["times"], r["cpu_times"], r["tokens"], r["padded"], r["first_loss"], baseline,
+        warmup=args.warmup, micro_batches=r["micro"],
+        first_loss_trl_norm=None if ref is None else first_loss_trl_norm(ref, r["first_step"], device),
+    )  # fmt: skip
 
-    # The first step's loss as TRL normalizes it: policy == reference there, so the DPO term is log 2
-    # on both sides; TRL's NLL is the token mean over all chosen tokens of the batch, ours the mean of
-    # per-sequence means. `ref` still holds the initial weights.
+
+def first_loss_trl_norm(ref, first_step, device: torch.device) -> float:
+    """The first step's loss as TRL normalizes it: policy == reference there, so the DPO term is log 2
+    on both sides; TRL's NLL is the token mean over all chosen tokens of the batch, ours the mean of
+    per-sequence means. `ref` holds the initial weights (a live reference; a precomputed one was freed)."""
+    from llama_posttrain.train.targets import Pairs, target_logps
+
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     nll_sum, nll_count = 0.0, 0.0
     with torch.no_grad(), autocast:
-        for mb in r["first_step"].micro_batches:
+        for mb in first_step.micro_batches:
             mb = mb.to(device)
 
             def head(h, w, batch=mb):
@@ -123,11 +126,7 @@ def run_ours(args, device: torch.device) -> None:
             policy = Pairs(mb).policy(logps.float())
             nll, count = policy.chosen_nll, policy.chosen_nll_tokens
             nll_sum, nll_count = nll_sum + float(nll.sum()), nll_count + float(count.sum())
-    trl_style = math.log(2) + 0.2 * nll_sum / nll_count
-    report(
-        "ours", device, r["times"], r["cpu_times"], r["tokens"], r["padded"], r["first_loss"], baseline,
-        warmup=args.warmup, micro_batches=r["micro"], first_loss_trl_norm=trl_style,
-    )  # fmt: skip
+    return math.log(2) + 0.2 * nll_sum / nll_count
 
 
 # ----------------------------------------------------------------------------- TRL

@@ -368,7 +368,6 @@ def run_bench(name: str, args) -> dict:
         if args.threads:
             options += ["--threads", str(args.threads)]
         cmd = [sys.executable, __file__, "--child", name, *options, *BENCHES[name][1]]
-        sys.path.insert(0, str(HERE))
         from common import child_json
 
         return child_json(cmd, name, "mfu")["mfu"]

@@ -110,7 +110,6 @@ def main():
                     f"| - | `{' '.join(cmd)}` | {load[0]:.2f} / {load[1]:.2f} |"
                 )
     if args.quickstart:
-        sys.path.insert(0, str(HERE))
         from quickstart_time import run_wall
 
         t0, t1 = run_wall(
