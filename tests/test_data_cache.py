@@ -2,6 +2,7 @@
 and micro-batches step for step, its key, a cache killed mid-write, mixtures, Parquet / Arrow inputs."""
 
 import base64
+import dataclasses
 import hashlib
 import json
 import os
@@ -93,8 +94,8 @@ def reference_step(examples, dc, epoch, step, rank, world, pad_id, shuffle=True)
 def assert_same_batches(a, b):
     assert len(a) == len(b)
     for x, y in zip(a, b):
-        for name, value in vars(x).items():
-            assert torch.equal(value, getattr(y, name)), name
+        for f in dataclasses.fields(x):
+            assert torch.equal(getattr(x, f.name), getattr(y, f.name)), f.name
 
 
 QUICKSTART = [  # (entry point, config, encoding options its main() passes, tokenizer processes)
@@ -488,8 +489,10 @@ def test_collate_builds_the_tensors_torch_built(tmp_path):
         want = [grids[k] for k in ("tok", "pos", "doc", "br")]
         want += [torch.tensor(flat[k], dtype=torch.bool if k == "tf" else torch.long) for k in flat]
         assert any(ex.docs is not None and max(ex.docs) > 0 for r in rows for ex in r) or shape
-        for name, a, w in zip(vars(got), vars(got).values(), want):
-            assert a.dtype == w.dtype and a.shape == w.shape and torch.equal(a, w), name
+        assert len(dataclasses.fields(got)) == len(want)
+        for f, w in zip(dataclasses.fields(got), want):
+            a = getattr(got, f.name)
+            assert a.dtype == w.dtype and a.shape == w.shape and torch.equal(a, w), f.name
 
 
 def _rank_fails(rank, world, port, out):

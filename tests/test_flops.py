@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from llama_posttrain.data.rows import Batch
+from llama_posttrain.data.batch import Batch
 from llama_posttrain.llama import Transformer, get_preset
 from llama_posttrain.llama.model import PAD_DOC, structure_mask
 from llama_posttrain.train.flops import attended_keys, step_flops, step_flops_parts
@@ -104,7 +104,8 @@ def test_step_flops_against_the_profiler():
     # recorded shapes (addmm_ included) = the profiler's
     mfu, common = bench_module("mfu"), bench_module("common")
     executed = mfu.executed_flops(c, "lm", [mb], reference_forward=True)
-    scores = c.n_layers * c.n_heads * c.head_dim * positions * 10  # B x T x T dense scores
+    # what the CPU computes (llama/segments.py): row 0's doc 0 7 x 7, its doc 1 2 x 2, row 1's doc 4 x 4, 7 pads 1 each
+    scores = c.n_layers * c.n_heads * c.head_dim * (49 + 4 + 16 + 7)
     assert executed["attention"] == 14 * scores and executed["head"] == 4 * head_forward
     roots = prof.profiler.kineto_results.experimental_event_tree()
     by_shape = sum(f for *_, f in common._attribute(roots, 0, 1)["ops"])

@@ -81,10 +81,19 @@ class HostMethodRecorder(TorchFunctionMode):
 
 def syncs_of_steps(trainer, steps, monkeypatch) -> list:
     """(op, where) of every would-be sync in these unlogged steps."""
+    import dataclasses
+
     import llama_posttrain.llama.model as llama_model
 
     # a CPU-only check (trunk runs it on CPU tokens alone; on CUDA the ids are checked before they get there)
     monkeypatch.setattr(llama_model, "check_token_range", lambda tokens, vocab_size: None)
+    # the CPU's attention by documents reads the ids on the host by design (llama/segments.py); CUDA runs
+    # FlexAttention's block mask, not on the CPU here: the dense mask stands in for it, as before segments
+    monkeypatch.setattr(llama_model.Transformer, "attention_kind", "dense")
+    steps = list(steps)
+    for batch in steps:  # collate's arrays made tensors (torch.from_numpy, a lift_fresh on the host) as a loader's
+        for mb in batch.micro_batches:  # worker would: the step's own ops are what this test reads
+            [getattr(mb, f.name) for f in dataclasses.fields(mb)]
     recorder = SyncRecorder()
     with recorder, HostMethodRecorder(recorder.found):
         for i, batch in enumerate(steps, start=2):

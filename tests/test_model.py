@@ -26,9 +26,9 @@ def reward_row(prompt, responses, order):
     return torch.cat(toks)[None], torch.cat(pos)[None], torch.cat(branch)[None]
 
 
-@pytest.mark.parametrize("flex", [False, True])
+@pytest.mark.parametrize("kind", llama_model.MASK_KINDS)
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-def test_shared_prompt_row_equals_separate_rows(config, flex, monkeypatch):
+def test_shared_prompt_row_equals_separate_rows(config, kind, monkeypatch):
     monkeypatch.setattr(llama_model, "_compiled_flex", llama_model.flex_attention)  # eager flex on CPU
     model = random_model(config)
     V = config.vocab_size
@@ -36,8 +36,9 @@ def test_shared_prompt_row_equals_separate_rows(config, flex, monkeypatch):
     responses = [ids(5, V, 1), ids(3, V, 2), ids(6, V, 3)]
     order = [2, 0, 1]  # shuffled, as in the reward-model row
     tokens, positions, branch = reward_row(prompt, responses, order)
-    mask = attention_mask(torch.zeros_like(tokens), branch, flex=flex)
-    assert isinstance(mask, llama_model.BlockMask) if flex else mask.shape == (1, 1, 21, 21)
+    mask = attention_mask(torch.zeros_like(tokens), branch, kind=kind)
+    want = {"flex": llama_model.BlockMask, "segments": llama_model.Segments, "dense": torch.Tensor}[kind]
+    assert isinstance(mask, want) and (kind != "dense" or mask.shape == (1, 1, 21, 21))
     with torch.no_grad():
         h = model.trunk(tokens, positions, mask=mask)[0]
         start = len(prompt)
@@ -68,19 +69,20 @@ def test_attention_mask_is_built_by_the_caller_once_per_micro_batch(monkeypatch)
         with torch.no_grad():
             return policy(tokens, positions, mask=mask), reference(tokens, positions, mask=mask)
 
-    flex = both(attention_mask(doc, branch, flex=True))
+    flex = both(attention_mask(doc, branch, kind="flex"))
     assert len(built) == 1
-    dense = both(attention_mask(doc, branch, flex=False))
+    dense = both(attention_mask(doc, branch, kind="dense"))
+    segments = both(attention_mask(doc, branch, kind="segments"))
     assert len(built) == 1
     with torch.no_grad():
-        assert torch.equal(policy(tokens, positions, doc, branch), dense[0])  # built from the ids: dense on CPU
+        assert torch.equal(policy(tokens, positions, doc, branch), segments[0])  # built from the ids: on CPU
     branch[0, -1] = 0  # edited in place: the last token now counts as prompt
     with torch.no_grad():
         edited = policy(tokens, positions, doc, branch)
-    assert torch.equal(edited, both(attention_mask(doc, branch, flex=False))[0])
-    assert (edited - dense[0]).abs().max() > 1e-3  # the edit changed the attention
-    for a, b in zip(flex, dense):
-        assert (a - b).abs().max() <= 1e-5
+    assert torch.equal(edited, both(attention_mask(doc, branch, kind="segments"))[0])
+    assert (edited - segments[0]).abs().max() > 1e-3  # the edit changed the attention
+    for a, b, c in zip(flex, dense, segments):
+        assert (a - b).abs().max() <= 1e-5 and (c - b).abs().max() <= 1e-5
     assert attention_mask(None, None) is None  # plain causal rows: SDPA's causal kernel
 
 
@@ -206,6 +208,6 @@ def test_attend_makes_the_compiled_flex_attention_it_calls(monkeypatch):
     )
     q, k, v = (torch.randn(1, 4, 8, 16, generator=torch.Generator().manual_seed(s)) for s in range(3))
     k, v = k[:, :2], v[:, :2]  # GQA: 2 kv heads
-    dense = llama_model.attend(q, k, v, attention_mask(doc, branch, flex=False))
+    dense = llama_model.attend(q, k, v, attention_mask(doc, branch, kind="dense"))
     torch.testing.assert_close(llama_model.attend(q, k, v, block), dense, rtol=1e-5, atol=1e-5)
     assert llama_model._compiled_flex is llama_model.flex_attention

@@ -56,9 +56,9 @@ def test_pads_attend_only_themselves_in_the_dense_and_the_block_mask(monkeypatch
     monkeypatch.setattr(llama_model, "_compiled_create_block_mask", llama_model.create_block_mask)  # eager
     doc, branch, _ = rows()
     want = reference_mask(doc, branch)
-    dense = attention_mask(doc, branch, flex=False)
+    dense = attention_mask(doc, branch, kind="dense")
     assert torch.equal(dense, want)
-    block = attention_mask(doc, branch, flex=True)
+    block = attention_mask(doc, branch, kind="flex")
     assert torch.equal(dense_of(block, 4, T), want)
     pad = doc < 0
     assert int(dense[pad[:, None, :, None].expand_as(dense)].sum()) == int(pad.sum())  # one pair per pad: itself
@@ -67,9 +67,9 @@ def test_pads_attend_only_themselves_in_the_dense_and_the_block_mask(monkeypatch
     assert tiles[2, 0].tolist() == [1, 2]  # row 2's real tokens reach into tile 1: its tiles as before
 
 
-@pytest.mark.parametrize("flex", [False, True])
+@pytest.mark.parametrize("kind", llama_model.MASK_KINDS)
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-def test_real_outputs_equal_each_doc_alone_and_a_pad_sees_only_itself(flex, monkeypatch):
+def test_real_outputs_equal_each_doc_alone_and_a_pad_sees_only_itself(kind, monkeypatch):
     """float64: each real token's hidden state is its document's computed alone (the branches of row 1
     each with its prompt), and each pad's is the pad token's alone at its position, as one-token row."""
     monkeypatch.setattr(llama_model, "_compiled_flex", llama_model.flex_attention)  # eager flex on CPU
@@ -81,7 +81,7 @@ def test_real_outputs_equal_each_doc_alone_and_a_pad_sees_only_itself(flex, monk
     # they attend (any mix of equal values is that value)
     tokens = torch.randint(0, config.vocab_size, (4, T), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        h = model.trunk(tokens, pos, mask=attention_mask(doc, branch, flex=flex))
+        h = model.trunk(tokens, pos, mask=attention_mask(doc, branch, kind=kind))
 
         def alone(b, idx):  # the slots idx of row b, as a row of their own
             return model.trunk(tokens[b, idx][None], pos[b, idx][None])[0]

@@ -298,7 +298,7 @@ def test_block_mask_compiles_twice_over_all_buckets(monkeypatch):
     for T in bucket_lengths(1000, 128) + [128, 512]:
         doc = torch.zeros(2, T, dtype=torch.long)
         doc[:, T // 3 :] = 1
-        llama_model.attention_mask(doc, None, flex=True)
+        llama_model.attention_mask(doc, None, kind="flex")
     torch._dynamo.reset()
     assert len(frames) == 2
 

@@ -30,6 +30,8 @@ V, H = 512, 16  # the test tokenizer (tests/conftest.py) has fewer ids
 class StandIn:
     """model(tokens, positions, head_fn=, mask=) -> head_fn(hidden, weight), random float64 hidden states."""
 
+    attention_kind = None  # as llama.model.Transformer's: the mask kind its callers build
+
     def __init__(self, seed=0):
         self.g = torch.Generator().manual_seed(seed)
         self.weight = torch.randn(V, H, generator=self.g, dtype=torch.float64)

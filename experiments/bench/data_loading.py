@@ -15,7 +15,9 @@ N, two fresh processes: the first start (empty cache: tokenizing, writing it) an
 example once, in the shuffled order). B/token = (peak RSS - RSS right after the imports) / tokens,
 the peak as getrusage's ru_maxrss and /proc's VmHWM; also the total peak, and the anonymous and
 file-backed growth at the end. Beside them, in the same run, the baseline: the peak of a fresh process
-that only does `import torch` and then the pass's imports. A table section is appended to --out.
+that only does the pass's imports, then `import torch` (what a training process adds; the loader itself
+never imports torch: its batches become tensors when first read, and the pass checks it did not). A
+table section is appended to --out.
 
     python experiments/bench/data_loading.py                                # 10k and 100k dialogs, 2 processes
     python experiments/bench/data_loading.py --dialogs 10000 --workers 1 4 --tokenizer path/to/tokenizer.model
@@ -90,7 +92,7 @@ def phase(args) -> dict:
 
     chat = ChatFormat(load_tokenizer(args.tokenizer) if args.tokenizer else load_tokenizer())
     dc = data_config(Path(args.data), Path(args.cache_dir), args.workers[0], args.phase != "in-memory")
-    collate([[Example([1, 2], [0, 1], [0, 0])]])  # warm-up: torch's first allocations are not the data's
+    collate([[Example([1, 2], [0, 1], [0, 0])]])  # warm-up: numpy's first allocations are not the data's
     before = memory()
     t0 = time.perf_counter()
     if args.phase == "first":
@@ -112,25 +114,24 @@ def phase(args) -> dict:
 
 
 def loader_imports():
-    """What a run that only iterates the loader imports (the loader yields torch tensors: torch is one)."""
+    """What a run that only iterates the loader imports (torch is not one: llama_posttrain/data/rows.py Batch)."""
     from llama_posttrain.data.loader import build_loaders
     from llama_posttrain.llama.chat import ChatFormat
-    from llama_posttrain.llama.model import PAD_DOC
     from llama_posttrain.llama.tokenizer import load_tokenizer
 
-    return build_loaders, ChatFormat, PAD_DOC, load_tokenizer
+    return build_loaders, ChatFormat, load_tokenizer
 
 
 def imports_only(args) -> dict:
-    """The baseline, in this (fresh) process: peak resident bytes of `import torch` alone, then of the
-    loader's imports (full_pass's), nothing else."""
+    """The baseline, in this (fresh) process: peak resident bytes of the loader's imports (full_pass's), then
+    with `import torch` too (what a training process holds besides)."""
     import resource
 
+    loader_imports()
+    imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     import torch  # noqa: F401
 
-    torch_only = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    loader_imports()
-    return {"torch": torch_only, "imports": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    return {"imports": imports, "with_torch": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
 def full_pass(args) -> dict:
@@ -140,9 +141,7 @@ def full_pass(args) -> dict:
     the imports."""
     import resource
 
-    import numpy as np
-
-    build_loaders, ChatFormat, PAD_DOC, load_tokenizer = loader_imports()
+    build_loaders, ChatFormat, load_tokenizer = loader_imports()
     after_imports = memory()
     chat = ChatFormat(load_tokenizer(args.tokenizer) if args.tokenizer else load_tokenizer())
     dc = data_config(Path(args.data), Path(args.cache_dir), args.workers[0], True)
@@ -151,7 +150,7 @@ def full_pass(args) -> dict:
     start, cpu = time.perf_counter() - t0, time.process_time()
     steps, read = 0, 0
     for step in loader.eval_steps():  # every example once, in epoch 0's order (shuffled)
-        read += sum(int(np.count_nonzero(b.doc_ids.numpy() != PAD_DOC)) for b in step.micro_batches)  # no torch kernel
+        read += sum(b.num_tokens for b in step.micro_batches)  # counted on the arrays: no tensor made
         steps += 1
     end = memory()
     return {
@@ -162,6 +161,7 @@ def full_pass(args) -> dict:
         "examples": len(loader.data),
         "tokens": int(loader.data.lengths.sum()),
         "tokens_read": read,
+        "torch_imported": "torch" in sys.modules,
         "after_imports": after_imports["VmRSS"],
         "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "hwm": end["VmHWM"],
@@ -237,7 +237,7 @@ def full_pass_table(args) -> None:
                 r = run_phase("pass", data, cache_dir, args.workers[0], args.tokenizer)
                 cpu1 = os.times()
                 r.update(dialogs=n, start=start, wall=time.perf_counter() - t0, load=os.getloadavg()[0])
-                r.update(torch_only=base["torch"], imports_only=base["imports"])
+                r.update(imports_only=base["imports"], with_torch=base["with_torch"])
                 r["cpu"] = cpu1.children_user + cpu1.children_system - cpu0.children_user - cpu0.children_system
                 folder = next(p for p in cache_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
                 r["disk"] = sum(f.stat().st_size for f in folder.iterdir())
@@ -260,12 +260,13 @@ def full_pass_table(args) -> None:
         "(peak resident set - resident set right after the imports) / dataset tokens, the peak as ru_maxrss "
         "and as VmHWM; anon / file: the resident set's anonymous and file-backed parts at the end, less "
         "those after the imports. max RSS / tokens: the whole process's peak, the imports' included. "
-        "imports only: the peak of a fresh process, in the same run, that does `import torch` and then the "
-        "loader's imports (those of the pass) and nothing else: max RSS / tokens of that process against the "
-        "pass's (16 B/token of 14.78M tokens is 225.5 MiB).",
+        "imports only: the peak of a fresh process, in the same run, that does the loader's imports (those of the "
+        "pass) and nothing else, then `import torch` (+ torch: what a training process holds besides; the pass "
+        "never imports it, checked); max RSS / tokens: the pass's whole process (16 B/token of 14.78M tokens is "
+        "225.5 MiB).",
         "",
         "| dialogs | tokens | start | start (s) | pass: wall / CPU (s) | CPU / wall | load (1 min) "
-        "| imports only: torch / all (MiB) | imports only / tokens (B) | after imports (MiB) "
+        "| imports only: loader / + torch (MiB) | imports only / tokens (B) | after imports (MiB) "
         "| max RSS (MiB) | max RSS / tokens (B) | B/token (ru_maxrss) | B/token (VmHWM) | anon / file at end B/token "
         "| disk B/token |",
         "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -273,10 +274,11 @@ def full_pass_table(args) -> None:
     for r in rows:
         tokens, base, mib = r["tokens"], r["after_imports"], 2**20
         assert r["tokens_read"] == tokens, f"the pass read {r['tokens_read']} of {tokens} tokens"
+        assert not r["torch_imported"], "the loader's pass imported torch"
         cells = [f"{r['dialogs']:,}", f"{tokens:,}", r["start"], f"{r['start_s']:.1f}"]
         cells.append(f"{r['pass_s']:.1f} / {r['pass_cpu']:.1f}")
         cells += [f"{r['cpu'] / r['wall']:.2f}", f"{r['load']:.2f}"]
-        cells += [f"{r['torch_only'] / mib:.1f} / {r['imports_only'] / mib:.1f}", f"{r['imports_only'] / tokens:.2f}"]
+        cells += [f"{r['imports_only'] / mib:.1f} / {r['with_torch'] / mib:.1f}", f"{r['imports_only'] / tokens:.2f}"]
         cells += [f"{base / mib:.0f}", f"{r['ru_maxrss'] / mib:.1f}"]
         cells.append(f"{r['ru_maxrss'] / tokens:.2f}")
         cells += [f"{(r['ru_maxrss'] - base) / tokens:.2f}", f"{(r['hwm'] - base) / tokens:.2f}"]

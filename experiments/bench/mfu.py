@@ -9,18 +9,20 @@ with common.py's timed steps wrapped to also measure, in the same process and wi
                 the listed targets; RM: every position), x3 for forward + backward, + a live reference's
                 forward. What the trainer logs as MFU's numerator on a GPU.
   executed      what the CPU step runs (`executed_flops`): the trunk on every position (pads too), every
-                (query, key) score of the dense mask (SDPA on the CPU computes masked scores too; its flash
-                backward recomputes the scores: 5 matmuls), the chunked LM head's 4 matmuls (forward,
-                recomputed logits, grad of the hidden states, grad of the weight).
+                (query, key) score of the model's segments (llama_posttrain/llama/segments.py: one SDPA per batch
+                of similar-length documents, each document's L x L grid whole, masked pairs and a short
+                document's padded tail too; its flash backward recomputes the scores: 5 matmuls), the chunked
+                LM head's 4 matmuls (forward, recomputed logits, grad of the hidden states, grad of the weight).
   profiler      one more step (--profile-steps) under torch.profiler(with_flops=True, record_shapes=True):
                 its FLOP count (aten::mm/addmm/bmm and elementwise mul/add; not SDPA, not addmm_), and
                 common.py's attribution of every op's self time to where it ran, split by op kind.
   machine rate  a 2048^3 fp32 torch.mm (median of 5), before and after the timed steps; also the rate of
                 one trunk-shaped and one head-shaped matmul (what a GEMM of these shapes can reach here).
   MFU           model FLOPs / (step time x the 2048^3 rate, the faster of the two), over the timed steps.
-  padding       computed scores (B x T x T per micro-batch) against attended pairs, and SDPA's forward +
-                backward on the step's real shapes and masks, dense (as the model runs it) against one SDPA per
-                document segment of each row (pads skipped; causal kernel where a segment has one branch).
+  padding       computed scores (the dense mask's B x T x T per micro-batch, the segments' Segments.scores())
+                against attended pairs, and attention's forward + backward on the step's real shapes and masks:
+                segments (attention_mask(kind="segments"), as the model runs it) against the dense mask (kind=
+                "dense", the reference form: one SDPA over whole rows, every score computed).
 
     python experiments/bench/mfu.py --out experiments/bench/results/mfu.md
     python experiments/bench/mfu.py --benches dpo --warmup 1 --steps 2      # quicker
@@ -64,13 +66,24 @@ PARTS = ("trunk matmuls", "attention", "head", "reference forward")
 # ----------------------------------------------------------------------------- counting
 
 
+def executed_scores(mb) -> int:
+    """The (query, key) scores per head and layer the CPU model computes on a micro-batch: its attention mask's
+    Segments.scores() (each batch's n x L x L: masked pairs and a short document's padded tail too), or, for plain
+    causal rows (no ids: SDPA's causal kernel over whole rows), B x T x T, counted whole as scores() counts a
+    causal batch."""
+    from llama_posttrain.llama.model import attention_mask
+
+    seg = attention_mask(mb.doc_ids, mb.branch_ids, kind="segments")
+    return mb.tokens.numel() * mb.tokens.shape[1] if seg is None else seg.scores()
+
+
 def executed_flops(config, head: str, micro_batches, reference_forward: bool) -> dict[str, int]:
     """The FLOPs our CPU step executes, by the parts of step_flops_parts: the trunk's matmuls on every position
-    (pads too), x3; attention over every (query, key) score of the dense (B, 1, T, T) mask: forward QK^T and PV
-    (4 n_heads head_dim per score), flash backward 5 matmuls (recomputed QK^T, dV, dP, dQ, dK: 10); the LM head
+    (pads too), x3; attention over every score the model's segments compute (`executed_scores`): forward QK^T and
+    PV (4 n_heads head_dim per score), flash backward 5 matmuls (recomputed QK^T, dV, dP, dQ, dK: 10); the LM head
     chunked (llama_posttrain/kernels/chunked.py): 4 matmuls per listed target (forward, the backward's recomputed
     logits, grad of the hidden states, grad of the weight), the reward head 3 on every position; a live
-    reference's forward (trunk, dense attention, LM head) once."""
+    reference's forward (trunk, the same segments' attention, LM head) once."""
     from llama_posttrain.llama.heads import HEADS, get_head
 
     c, head = config, get_head(head)
@@ -81,7 +94,7 @@ def executed_flops(config, head: str, micro_batches, reference_forward: bool) ->
     for mb in micro_batches:
         B, T = mb.tokens.shape
         matmuls = 2 * c.n_layers * block * B * T
-        scores = c.n_layers * width * B * T * T
+        scores = c.n_layers * width * executed_scores(mb)
         out["trunk matmuls"] += 3 * matmuls
         out["attention"] += 14 * scores
         out["head"] += passes * head.flops(c, B * T, mb.target_token.numel())
@@ -126,85 +139,55 @@ def mm_rate(m: int, k: int, n: int, repeats: int = 5) -> float:
 # ----------------------------------------------------------------------------- attention over padding
 
 
-def segments(doc: torch.Tensor) -> list[tuple[int, int, int]]:
-    """(row, start, end) of each run of one doc id >= 0 in rows of doc ids (B, T)."""
-    out = []
-    for b, row in enumerate(doc.tolist()):
-        start = 0
-        for t in range(1, len(row) + 1):
-            if t == len(row) or row[t] != row[start]:
-                if row[start] >= 0:
-                    out.append((b, start, t))
-                start = t
-    return out
-
-
 def attention_variants(config, micro_batches, repeats: int = 3) -> dict:
-    """One layer's SDPA forward + backward on these micro-batches' shapes and masks (random q, k, v): dense, as
-    llama.model.attend runs it, against one attend per document segment (pads skipped; the causal kernel where
-    the segment is one branch). -> seconds per step for all layers (medians, the two alternated), and the largest
-    difference of the segment outputs from the dense ones on real tokens."""
+    """One layer's attention forward + backward on these micro-batches' shapes and masks (random q, k, v laid out
+    as the model's, (B, T, heads, head_dim) underneath): segments, attention_mask(kind="segments") as
+    llama.model.attend runs it on the CPU, against the dense mask (kind="dense", the reference form: one SDPA over
+    whole rows). -> seconds per step for all layers (medians, the two alternated), the SDPA calls of the segments
+    (batches), and the largest difference of the segments' outputs from the dense ones on real tokens."""
     g = torch.Generator().manual_seed(0)
     runs = [_attention_pair(config, mb, g, repeats) for mb in micro_batches]
     return {
         "dense_s": config.n_layers * sum(r[0] for r in runs),
-        "segmented_s": config.n_layers * sum(r[1] for r in runs),
+        "segments_s": config.n_layers * sum(r[1] for r in runs),
         "max_diff": max(r[2] for r in runs),
         "identical": all(r[3] for r in runs),
-        "segments": sum(r[4] for r in runs),
+        "batches": sum(r[4] for r in runs),
     }
 
 
 def _attention_pair(c, mb, g, repeats: int) -> tuple[float, float, float, bool, int]:
-    """attention_variants on one micro-batch: (dense s, per segment s, largest difference, bit-identical,
-    segments)."""
-    from llama_posttrain.llama.model import attend, attention_mask, structure_mask
+    """attention_variants on one micro-batch: (dense s, segments s, largest difference, bit-identical, batches)."""
+    from llama_posttrain.llama.model import attend, attention_mask
 
     B, T = mb.tokens.shape
-    q = torch.randn(B, c.n_heads, T, c.head_dim, generator=g).requires_grad_()
-    k = torch.randn(B, c.n_kv_heads, T, c.head_dim, generator=g).requires_grad_()
-    v = torch.randn(B, c.n_kv_heads, T, c.head_dim, generator=g).requires_grad_()
+    q = torch.randn(B, T, c.n_heads, c.head_dim, generator=g).requires_grad_()
+    k = torch.randn(B, T, c.n_kv_heads, c.head_dim, generator=g).requires_grad_()
+    v = torch.randn(B, T, c.n_kv_heads, c.head_dim, generator=g).requires_grad_()
     grad = torch.randn(B, c.n_heads, T, c.head_dim, generator=g)
-    mask = attention_mask(mb.doc_ids, mb.branch_ids, flex=False)
-    segs = segments(mb.doc_ids)
-    subs = []
-    for b, s, e in segs:
-        doc, branch = mb.doc_ids[b : b + 1, s:e], mb.branch_ids[b : b + 1, s:e]
-        slots = torch.arange(e - s)
-        one_branch = bool((branch == 0).all())  # one doc, one branch: plain causal
-        subs.append(None if one_branch else structure_mask(doc, branch, slots, doc, branch, slots))
-    rows = torch.tensor([b for b, s, e in segs for _ in range(s, e)], dtype=torch.long)
-    cols = torch.tensor([t for _, s, e in segs for t in range(s, e)], dtype=torch.long)
+    masks = {kind: attention_mask(mb.doc_ids, mb.branch_ids, kind=kind) for kind in ("dense", "segments")}
+    seg = masks["segments"]  # None for plain causal rows: both are SDPA's causal kernel, one call
 
-    def dense():
-        y = attend(q, k, v, mask)
+    def run(kind):
+        y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), masks[kind])
         (y * grad).sum().backward()
         return y.detach()
 
-    def segmented():  # the segments' outputs put back in place (pads 0), one backward as the model's
-        parts = [
-            attend(q[b : b + 1, :, s:e], k[b : b + 1, :, s:e], v[b : b + 1, :, s:e], sub)
-            for (b, s, e), sub in zip(segs, subs)
-        ]
-        y = torch.zeros(B, T, c.n_heads, c.head_dim).index_put((rows, cols), torch.cat(parts, 2)[0].transpose(0, 1))
-        y = y.transpose(1, 2)  # (B, nh, T, hd)
-        (y * grad).sum().backward()
-        return y.detach()
-
-    real = (mb.doc_ids >= 0)[:, None, :, None].expand(B, c.n_heads, T, c.head_dim)
-    times: dict = {dense: [], segmented: []}
+    real = torch.ones(B, T, dtype=torch.bool) if mb.doc_ids is None else mb.doc_ids >= 0
+    real = real[:, None, :, None].expand(B, c.n_heads, T, c.head_dim)
+    times: dict = {"dense": [], "segments": []}
     outputs = {}
     for _ in range(repeats):
-        for fn in (dense, segmented):
+        for kind in times:
             q.grad = k.grad = v.grad = None
             t0 = time.perf_counter()
-            outputs[fn] = fn()
-            times[fn].append(time.perf_counter() - t0)
-    y_dense, y_seg = outputs[dense][real], outputs[segmented][real]
+            outputs[kind] = run(kind)
+            times[kind].append(time.perf_counter() - t0)
+    y_dense, y_seg = outputs["dense"][real], outputs["segments"][real]
     diff = float((y_seg - y_dense).abs().max()) if y_dense.numel() else 0.0
     return (
-        statistics.median(times[dense]), statistics.median(times[segmented]), diff, torch.equal(y_seg, y_dense),
-        len(segs),
+        statistics.median(times["dense"]), statistics.median(times["segments"]), diff, torch.equal(y_seg, y_dense),
+        1 if seg is None else len(seg.batches),
     )  # fmt: skip
 
 
@@ -262,6 +245,7 @@ def child(name: str, rest: list[str]) -> None:
         model_parts = [step_flops_parts(c, head, s.micro_batches, ref) for s in timed]
         executed = [executed_flops(c, head, s.micro_batches, ref) for s in timed]
         computed = [sum(mb.tokens.numel() * mb.tokens.shape[1] for mb in s.micro_batches) for s in timed]
+        segment_scores = [sum(executed_scores(mb) for mb in s.micro_batches) for s in timed]
         attended = [sum(attended_keys(mb.doc_ids, mb.branch_ids) for mb in s.micro_batches) for s in timed]
 
         # the profiled steps: after the timed ones, with common.py's scopes
@@ -304,6 +288,7 @@ def child(name: str, rest: list[str]) -> None:
             model=model_parts,
             executed=executed,
             computed_scores=computed,
+            segment_scores=segment_scores,
             attended_pairs=attended,
             rate_2048=rates,
             rate_trunk=mm_rate(8192, c.dim, c.ffn_dim),
@@ -477,7 +462,7 @@ def tables(results: dict[str, dict], args, load_before: float) -> list[str]:
         pf = r["profile"]
         prof_total = sum(pf["profiler_flops"].values())
         prof_mm = sum(v for k, v in pf["profiler_flops"].items() if k in ("aten::mm", "aten::addmm", "aten::bmm"))
-        # the executed matmuls outside SDPA (the reference's dense scores, 4 of the policy's 14, are in its part)
+        # the executed matmuls outside SDPA (the reference's scores, 4 of the policy's 14, are in its part)
         sdpa = pf["executed"]["attention"] * (1 + 4 / 14 * r["reference_forward"])
         by_shape = sum(x[4] for x in pf["ops"])
         outside = sum(pf["executed"].values()) - sdpa
@@ -504,7 +489,8 @@ def tables(results: dict[str, dict], args, load_before: float) -> list[str]:
         "",
         "model FLOPs: llama_posttrain/train/flops.py step_flops_parts (what the trainer logs as MFU's numerator): "
         "trunk matmuls on real tokens, attention over attended pairs, the head at its positions, x3, + a live "
-        "reference's forward. executed: `executed_flops` in this script (pads, every dense score, flash backward's "
+        "reference's forward. executed: `executed_flops` in this script (pads, every score of the model's segments: "
+        "each batch's documents' L x L grids whole, masked pairs and padded tails too; flash backward's "
         "recomputed scores, the chunked head's recomputed logits). The profiler's count (torch.profiler "
         "with_flops=True on the profiled steps) has formulas for aten::mm/addmm/bmm and elementwise mul/add only: "
         "it leaves out SDPA (the CPU flash kernel) and the head's weight gradient (aten::addmm_), and adds the "
@@ -527,8 +513,8 @@ def tables(results: dict[str, dict], args, load_before: float) -> list[str]:
         "nodes' own time, other ops); framework Python: the steps' wall time outside any op plus each scope's own "
         "time between its ops (the loop, module calls, hooks: the profiler's own hooks inflate it). The profiler "
         "slows small ops: read shares. GFLOP/s: the matmul ops' FLOPs "
-        "from their recorded shapes (aten::addmm_ included) over their time; attention: the executed count's dense "
-        "scores over SDPA's time.",
+        "from their recorded shapes (aten::addmm_ included) over their time; attention: the executed count's "
+        "segment scores over SDPA's time.",
         "",
     ]
     names = list(results)
@@ -567,27 +553,33 @@ def tables(results: dict[str, dict], args, load_before: float) -> list[str]:
         "",
         "### attention over padding and masked pairs",
         "",
-        "On the CPU the model runs SDPA with a dense bool mask (B, 1, T, T): every (query, key) score of a row is "
-        "computed, masked or not (other documents of the row, later tokens, the other response, pads). Computed: "
-        "B x T x T per micro-batch and layer; attended: the pairs the row rule lets attend (flops.attended_keys). "
-        "dense / per segment: one layer's SDPA forward + backward on the first timed step's micro-batches (random q, "
-        "k, v of the real shapes, the real masks), x layers, median of 3 alternated; per segment: one SDPA per "
-        "document of each row (pads skipped; the causal kernel where the document has one branch).",
+        "On the CPU the model gathers each micro-batch's documents into padded batches of similar length and runs "
+        'one SDPA per batch (llama_posttrain/llama/segments.py; attention_mask(kind="segments")): every score '
+        "of a batch's documents' L x L grids is computed (later tokens, the other response, a short document's "
+        'padded tail). The dense mask (B, 1, T, T; kind="dense", the reference form) computes every score of a '
+        "row, masked or not (other documents of the row, pads too). Scores per step and layer: the dense mask's "
+        "B x T x T, the segments' Segments.scores(); attended: the pairs the row rule lets attend "
+        "(flops.attended_keys); wasted: the share of the segments' scores not attended. dense / segments: one "
+        "layer's attend forward + backward on the first timed step's micro-batches (random q, k, v of the real "
+        "shapes, the real masks), x layers, median of 3 alternated; batches: the segments' SDPA calls per layer.",
         "",
-        "| benchmark | micro-batch shapes (B x T) | computed scores / step | attended pairs / step | wasted share | "
-        "SDPA time share of the step (profiled) | dense SDPA fwd+bwd (s) | per segment (s) | segments | speed-up | "
-        "largest difference (real tokens) | bit-identical |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| benchmark | micro-batch shapes (B x T) | dense mask's scores / step | segments' scores / step | "
+        "attended pairs / step | segments' wasted share | SDPA time share of the step (profiled) | "
+        "dense SDPA fwd+bwd (s) | segments fwd+bwd (s) | batches | speed-up | largest difference (real tokens) | "
+        "bit-identical |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for n, r in results.items():
         a = r["attention"]
         computed, attended = statistics.mean(r["computed_scores"]), statistics.mean(r["attended_pairs"])
+        segment = statistics.mean(r["segment_scores"])
         sdpa = sum(s for comp, _p, kind, s, _f in r["profile"]["ops"] if kind == "attention kernel")
         shapes = ", ".join(f"{b}x{t}" for b, t in r["attention_shapes"])
         out.append(
-            f"| {LABELS[n]} | {shapes} | {computed:,.0f} | {attended:,.0f} | {1 - attended / computed:.0%} | "
-            f"{sdpa / totals[n]:.0%} | {a['dense_s']:.3f} | {a['segmented_s']:.3f} | {a['segments']} | "
-            f"{a['dense_s'] / a['segmented_s']:.2f}x | {a['max_diff']:.1e} | {'yes' if a['identical'] else 'no'} |"
+            f"| {LABELS[n]} | {shapes} | {computed:,.0f} | {segment:,.0f} | {attended:,.0f} | "
+            f"{1 - attended / segment:.0%} | {sdpa / totals[n]:.0%} | {a['dense_s']:.3f} | {a['segments_s']:.3f} | "
+            f"{a['batches']} | {a['dense_s'] / a['segments_s']:.2f}x | {a['max_diff']:.1e} | "
+            f"{'yes' if a['identical'] else 'no'} |"
         )
     return out
 

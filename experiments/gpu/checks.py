@@ -290,7 +290,7 @@ def flex(precisions=("bf16", "fp32"), modes=((False, False), (True, True)), max_
         torch.manual_seed(0)
         model = parallelize(Transformer(config), d, mixed_precision, activation_checkpointing=ac, compile=compile)
         t0 = time.perf_counter()
-        mask = attention_mask(batch.doc_ids, batch.branch_ids, flex=attention == "flex")
+        mask = attention_mask(batch.doc_ids, batch.branch_ids, kind="flex" if attention == "flex" else "dense")
         logp = model_logps(model, batch, backend="torch", mask=mask)
         (logp * torch.linspace(-1, 1, logp.numel(), device=d.device)).sum().backward()
         sync(d.device)

@@ -389,9 +389,11 @@ def on_rank0(fn, rank: int, world_size: int, what: str = "prepare the data"):
     The wait is a broadcast on a gloo group with a one-day timeout: tokenizing a large set takes
     longer than NCCL's default collective timeout. Without a process group (tests, a plain `python`
     run) every caller runs fn itself: the caches are written atomically, so that is only slower."""
+    if world_size == 1:  # (before importing torch: a process that only loads data has none)
+        return fn()
     import torch.distributed as dist
 
-    if world_size == 1 or not dist.is_initialized():
+    if not dist.is_initialized():
         return fn()
     from datetime import timedelta
 

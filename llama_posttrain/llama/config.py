@@ -10,6 +10,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+# The doc id of padding: real tokens' doc ids count up from 0, so no real token attends to a pad
+# (nor a pad to a real token) and `doc_ids >= 0` marks the real tokens. A pad attends only itself: were
+# the pads of a row one causal document, a fully padded row would cost a full causal attention.
+# Here, not in model.py, so that the data pipeline packs rows without importing torch.
+PAD_DOC = -1
+
 
 @dataclass(frozen=True)
 class RopeScaling:

@@ -8,8 +8,9 @@ Attention follows the row structure: per token a position, a `doc` id and a `bra
 Token i attends token j iff j <= i, doc_i == doc_j and (branch_j == 0 or branch_j == branch_i);
 a pad (doc PAD_DOC) attends only itself.
 Plain causal rows (no ids given) take SDPA's causal kernel; structured rows use a FlexAttention
-block mask on CUDA and a dense boolean mask elsewhere, built by `attention_mask` once per micro-batch
-by the caller and passed down (`mask=`); the model builds it from the ids only when none is passed.
+block mask on CUDA and, elsewhere, one SDPA per batch of documents gathered from the rows (segments.py;
+a dense boolean mask is the reference form), built by `attention_mask` once per micro-batch by the caller
+and passed down (`mask=`); the model builds it from the ids only when none is passed.
 """
 
 from __future__ import annotations
@@ -21,18 +22,14 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
-from llama_posttrain.llama.config import ModelConfig
+from llama_posttrain.llama.config import PAD_DOC, ModelConfig  # noqa: F401  (PAD_DOC: importable from here too)
 from llama_posttrain.llama.heads import HEADS, Head, get_head
+from llama_posttrain.llama.segments import Segments, attend_segments
 
 try:
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 except ImportError:  # torch without FlexAttention: dense masks everywhere
     BlockMask = create_block_mask = flex_attention = None
-
-# The doc id of padding: real tokens' doc ids count up from 0, so no real token attends to a pad
-# (nor a pad to a real token) and `doc_ids >= 0` marks the real tokens. A pad attends only itself: were
-# the pads of a row one causal document, a fully padded row would cost a full causal attention.
-PAD_DOC = -1
 
 
 # ----------------------------------------------------------------------------- RoPE
@@ -130,32 +127,43 @@ def flex_block_mask(doc: Tensor, branch: Tensor):
     return compiled_create_block_mask()(mask_mod, B, None, T, T, device=doc.device)
 
 
-def attention_mask(doc_ids: Tensor | None, branch_ids: Tensor | None = None, flex: bool | None = None):
+MASK_KINDS = ("flex", "segments", "dense")
+
+
+def attention_mask(doc_ids: Tensor | None, branch_ids: Tensor | None = None, kind: str | None = None):
     """The attention mask of a micro-batch's rows from their doc and branch ids (B, T) (one of them None: all 0).
 
     Built once per micro-batch where its forward starts, and passed to every forward on it (the policy's
     and the DPO reference's) and so to every layer. -> None for plain causal rows (both ids None: SDPA's
-    causal kernel), a FlexAttention BlockMask (`flex`; default: on CUDA) or a dense bool mask (B, 1, T, T).
+    causal kernel), else by `kind` (default: "flex" on CUDA, "segments" on the CPU, else "dense"): a FlexAttention
+    BlockMask, the rows' documents gathered for one SDPA per batch of them (segments.py), or a dense bool
+    mask (B, 1, T, T) for SDPA over whole rows (every score computed: the reference form).
     """
     if doc_ids is None and branch_ids is None:
         return None
     like = doc_ids if doc_ids is not None else branch_ids
     doc = torch.zeros_like(like) if doc_ids is None else doc_ids
     branch = torch.zeros_like(like) if branch_ids is None else branch_ids
-    if flex is None:
-        flex = like.is_cuda and create_block_mask is not None
-    if flex:
+    if kind is None:  # segments read the ids on the host: on the CPU only (no device to wait for)
+        kind = "flex" if like.is_cuda and create_block_mask is not None else "segments" if like.is_cpu else "dense"
+    if kind == "flex":
         if create_block_mask is None:
-            raise RuntimeError("flex=True needs FlexAttention (torch.nn.attention.flex_attention), absent here")
+            raise RuntimeError("kind='flex' needs FlexAttention (torch.nn.attention.flex_attention), absent here")
         return flex_block_mask(doc, branch)
+    if kind == "segments":
+        return Segments(doc, branch)
+    if kind != "dense":
+        raise ValueError(f"attention mask kind {kind!r}: one of {', '.join(MASK_KINDS)}")
     slots = torch.arange(like.shape[1], device=like.device)
     return structure_mask(doc, branch, slots, doc, branch, slots)
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask) -> Tensor:
-    """q (B, nh, Tq, hd), k/v (B, nkv, Tk, hd), mask None (causal) | bool (B, 1, Tq, Tk) | BlockMask."""
+    """q (B, nh, Tq, hd), k/v (B, nkv, Tk, hd), mask None (causal) | bool (B, 1, Tq, Tk) | BlockMask | Segments."""
     if BlockMask is not None and isinstance(mask, BlockMask):
         return compiled_flex()(q, k, v, block_mask=mask, enable_gqa=True)
+    if isinstance(mask, Segments):
+        return attend_segments(q, k, v, mask)
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     # GQA without copying k/v: query head h uses kv head g = h // r, so the r query heads of group g
@@ -273,6 +281,10 @@ class Transformer(nn.Module):
     """Llama 3 trunk with a swappable head (llama_posttrain/llama/heads.py): "lm" (logits, tied or untied) or
     "reward" (a scalar). `head` is its name, as checkpoints record it; `head_spec` the Head."""
 
+    # The attention_mask kind its callers build (None: the device's default). Blocks compiled on the CPU want
+    # "dense": one static mask per shape, where segments would make a graph per micro-batch's documents.
+    attention_kind: str | None = None
+
     def __init__(self, config: ModelConfig, head: str | Head = "lm"):
         super().__init__()
         self.config = config
@@ -352,7 +364,7 @@ class Transformer(nn.Module):
                 keys = torch.arange(start + T, device=slots.device)
                 mask = structure_mask(kd[:, start:], kb[:, start:], slots, kd, kb, keys)  # (B, 1, T, start + T)
         elif mask is None:
-            mask = attention_mask(doc_ids, branch_ids)
+            mask = attention_mask(doc_ids, branch_ids, kind=self.attention_kind)
         cos, sin = rope_cos_sin(positions, rope_inv_freq(self.config, tokens.device))
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for i, layer in enumerate(self.layers):

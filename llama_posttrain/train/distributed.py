@@ -138,6 +138,8 @@ def parallelize(
             block.compile(backend=compile_backend, dynamic=False if static_shapes else None)
         fully_shard(block, mesh=mesh, mp_policy=mp, **offload)
         model.layers[i] = block
+    if compile and d.device.type == "cpu":
+        model.attention_kind = "dense"  # (llama/model.py Transformer.attention_kind)
     if model.head_spec.fp32:  # its own unit, kept and gathered in fp32 (llama_posttrain/llama/heads.py)
         head = model.head_spec.module(model).float()
         fully_shard(head, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32), **offload)

@@ -41,7 +41,7 @@ def make_objective(model, reference: Reference | None, cfg, backend: str) -> loo
     hyper = dpo.Hyper(**{k: getattr(cfg, k) for k in dpo.Hyper._fields})
 
     def loss(batch, step):
-        mask = attention_mask(batch.doc_ids, batch.branch_ids)  # built once: the policy's and the reference's
+        mask = attention_mask(batch.doc_ids, batch.branch_ids, kind=model.attention_kind)  # the policy's, the ref's
         out = model_logps(model, batch, backend, mask, stats=True)  # (N,) each: log p, argmax hit, logit sum, entropy
         pairs = Pairs(batch, cfg.mask_format)  # the pairs' sequences: one device sort
         ref = None if reference is None else reference.logps(batch, pairs, mask)  # (P,) each

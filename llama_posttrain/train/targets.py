@@ -14,8 +14,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from llama_posttrain import kernels
+from llama_posttrain.data.batch import Batch
 from llama_posttrain.data.loader import DataLoader
-from llama_posttrain.data.rows import Batch
 from llama_posttrain.data.schema import STRENGTHS
 from llama_posttrain.llama.model import attention_mask
 from llama_posttrain.losses.common import sequence_sums
@@ -37,7 +37,7 @@ def model_logps(model, batch: Batch, backend: str = "auto", mask=None, stats: bo
     mask: the micro-batch's llama.model.attention_mask, built here unless given (built once by the
     caller for several models on one micro-batch: DPO's policy and reference)."""
     if mask is None:
-        mask = attention_mask(batch.doc_ids, batch.branch_ids)
+        mask = attention_mask(batch.doc_ids, batch.branch_ids, kind=model.attention_kind)
     return model(
         batch.tokens, batch.positions, head_fn=lambda h, w: target_logps(h, w, batch, backend, stats), mask=mask
     )
