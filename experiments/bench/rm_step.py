@@ -232,8 +232,8 @@ def main():
         f"{k * (k - 1)} rows per prompt); data tokens/s: the records' tokens (each prompt and each response once, "
         "ours' tokens/step) over each side's time, so its ratio is the throughput ratio.",
         f"- ours: rows of up to {args.max_len} tokens, {args.tokens_per_microbatch} tokens per micro-batch ({micro} "
-        "micro-batch(es) per step), a dense (B, 1, T, T) mask on the CPU (prompt branch 0, response j branch j: a "
-        "response sees the prompt and itself), responses shuffled within the row (seeded), the fp32 scalar head on "
+        "micro-batch(es) per step), attention one document at a time on the CPU (llama/segments.py; prompt branch 0, "
+        "response j branch j: a response sees the prompt and itself), responses shuffled within the row (seeded), the fp32 scalar head on "
         "every position, rewards read at each response's last token.",
         "- TRL: RewardTrainer, AutoModelForSequenceClassification (LlamaForSequenceClassification, num_labels 1, "
         "the same score weight), chosen rows then rejected rows padded to the longest of the step, the reward read at "

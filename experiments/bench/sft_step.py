@@ -228,7 +228,7 @@ def main():
         f"targets per step ours/TRL {sum(ours['targets'])}/{sum(theirs['targets'])} over all steps; the same dialogs "
         "in the same order each step (no shuffling). tokens/step: non-pad tokens through the forward, the same on both.",
         f"- ours: rows of up to {args.max_len} tokens, {args.tokens_per_microbatch} tokens per micro-batch ({micro} "
-        "micro-batch(es) per step), a dense block-diagonal causal mask (B, 1, T, T) on the CPU, log-probs projected "
+        "micro-batch(es) per step), attention one document at a time on the CPU (llama/segments.py), log-probs projected "
         f"through the {vocab_words(config)} vocabulary only at target positions (chunked, `kernels` torch backend).",
         "- TRL: padding_free=True (packing=False, max_length=None): one row of all the step's tokens, position ids "
         "restarting per dialog; transformers turns them into a block-diagonal mask for SDPA. Its fused LM head "
