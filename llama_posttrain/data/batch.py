@@ -46,13 +46,14 @@ class Batch:
 
     def __getattr__(self, name: str):
         """A field still held as a numpy array: made a tensor sharing its memory, once (only then is torch
-        imported). Called only when `name` is not an attribute (Python's normal lookup failed)."""
+        imported). Called only when `name` is not an attribute (Python's normal lookup failed). The array
+        stays in `_arrays` (no copy), so a shallow copy of the batch, sharing that dict, reads it too."""
         arrays = self.__dict__.get("_arrays", {})
         if name not in arrays:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         import torch
 
-        value = self.__dict__[name] = torch.from_numpy(arrays.pop(name))
+        value = self.__dict__[name] = torch.from_numpy(arrays[name])
         return value
 
     def _held(self, name: str):
